@@ -1,0 +1,119 @@
+"""Clocks: wall-clock time for the daemon, virtual time for tests and `simulate`.
+
+Everything that waits or reads the time takes a `Clock`, so the same engine runs
+a migration in minutes against a host and in milliseconds in a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds since the epoch (virtual clocks start at a fixed epoch)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class WallClock:
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class VirtualClock:
+    """Time moves only when `advance` or `run_until` moves it.
+
+    Sleepers wake in deadline order; between wake-ups every ready task runs, so
+    the order of events is the one wall-clock time would give.
+    """
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self._now = start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), future))
+        await future
+
+    @property
+    def next_wakeup(self) -> float | None:
+        self._drop_cancelled()
+        return self._sleepers[0][0] if self._sleepers else None
+
+    def _drop_cancelled(self) -> None:
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)
+
+    async def _settle(self) -> None:
+        """Let every task that can run without time passing do so."""
+        for _ in range(8):
+            await asyncio.sleep(0)
+
+    async def advance(self, seconds: float) -> None:
+        target = self._now + seconds
+        while True:
+            await self._settle()
+            wake = self.next_wakeup
+            if wake is None or wake > target:
+                break
+            self._wake_due(wake)
+        self._now = max(self._now, target)
+        await self._settle()
+
+    def _wake_due(self, at: float) -> None:
+        self._now = max(self._now, at)
+        while self._sleepers and self._sleepers[0][0] <= self._now:
+            _, _, future = heapq.heappop(self._sleepers)
+            if not future.done():
+                future.set_result(None)
+
+    async def run_until(
+        self,
+        condition: Callable[[], bool | Awaitable[bool]],
+        *,
+        limit: float = 24 * 3600.0,
+        idle_wait: float = 0.0005,
+        real_timeout: float = 30.0,
+    ) -> bool:
+        """Advance time sleeper by sleeper until `condition` holds or `limit` passes.
+
+        When nothing sleeps (a task is waiting on real I/O), wait a little real
+        time instead of jumping ahead. Returns whether the condition held.
+        """
+        end = self._now + limit
+        give_up = time.monotonic() + real_timeout
+        while True:
+            await self._settle()
+            result = condition()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return True
+            wake = self.next_wakeup
+            if wake is None:
+                if time.monotonic() > give_up:
+                    return False
+                await asyncio.sleep(idle_wait)
+                continue
+            if wake > end:
+                self._now = end
+                return False
+            self._wake_due(wake)

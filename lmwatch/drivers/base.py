@@ -1,0 +1,143 @@
+"""The one small interface every hypervisor driver implements.
+
+A driver speaks its hypervisor's language inside and the neutral vocabulary of
+`lmwatch.model` outside. Migrations are addressed by lmwatch's migration id; the
+driver keeps whatever handle it needs. Every method may raise `DriverError` (the
+hypervisor failed or went away) or, before start, a `Refused` subclass (the
+request cannot be carried out; the API turns these into 4xx answers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from lmwatch.model import (
+    Capabilities,
+    InstanceInfo,
+    JobResult,
+    MigrationRequest,
+    Sample,
+    StartPlan,
+)
+
+
+class DriverError(Exception):
+    """The hypervisor failed, refused an action mid-way, or could not be reached."""
+
+
+class Refused(Exception):
+    """A request that cannot be carried out; nothing was changed."""
+
+    status = 409
+    kind = "refused"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnknownHost(Refused):
+    status = 404
+    kind = "unknown-host"
+
+
+class UnknownInstance(Refused):
+    status = 404
+    kind = "unknown-instance"
+
+
+class NotOnSource(Refused):
+    status = 409
+    kind = "not-on-source"
+
+
+class AlreadyOnDestination(Refused):
+    status = 409
+    kind = "already-on-destination"
+
+
+class InsufficientResources(Refused):
+    status = 409
+    kind = "insufficient-resources"
+
+
+class Incompatible(Refused):
+    status = 409
+    kind = "incompatible"
+
+
+class HostUnreachable(Refused):
+    status = 503
+    kind = "host-unreachable"
+
+
+class ActionRefused(DriverError):
+    """The hypervisor cannot do this now (e.g. cancel after handover)."""
+
+
+@runtime_checkable
+class Driver(Protocol):
+    name: str
+
+    async def hosts(self) -> Sequence[str]:
+        """Names of the hosts this driver manages."""
+        ...
+
+    async def reachable(self) -> dict[str, bool]:
+        """Host name -> whether it answers right now (for readiness)."""
+        ...
+
+    async def describe(self, instance: str, host: str | None = None) -> InstanceInfo:
+        """Where an instance runs and what it is; raises UnknownInstance/UnknownHost."""
+        ...
+
+    async def preflight(self, request: MigrationRequest) -> InstanceInfo:
+        """Every check that can refuse the request before anything starts."""
+        ...
+
+    async def capabilities(self, source: str, destination: str) -> Capabilities: ...
+
+    async def measure_change_rate(self, instance: str, host: str) -> float | None:
+        """Bytes/s the guest rewrites, measured before start; None when unsupported."""
+        ...
+
+    async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
+        """Begin migrating; returns once the hypervisor has accepted the job."""
+        ...
+
+    async def sample(self, migration_id: str) -> Sample:
+        """Current progress; phase is terminal once the job has ended."""
+        ...
+
+    async def result(self, migration_id: str) -> JobResult:
+        """How an ended job finished. Only valid once `sample` shows a terminal phase."""
+        ...
+
+    async def set_blackout_budget(self, migration_id: str, seconds: float) -> None: ...
+
+    async def set_bandwidth(self, migration_id: str, bytes_per_second: float | None) -> None: ...
+
+    async def pause(self, migration_id: str) -> None: ...
+
+    async def handover(self, migration_id: str) -> None: ...
+
+    async def cancel(self, migration_id: str) -> None:
+        """Stop migrating; raises ActionRefused once handed over."""
+        ...
+
+    async def reattach(
+        self, migration_id: str, request: MigrationRequest, plan: StartPlan
+    ) -> JobResult | None:
+        """After a daemon restart: find the job again.
+
+        Returns None when it is still running (and now supervised again), or the
+        truthful result when it ended while nobody watched.
+        """
+        ...
+
+    async def wait_event(self, migration_id: str, timeout: float) -> None:
+        """Sleep up to `timeout`, returning early when the job changes phase or pass."""
+        ...
+
+    async def close(self) -> None: ...

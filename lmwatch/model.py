@@ -1,0 +1,184 @@
+"""The neutral data types shared by every layer.
+
+Nothing here names a hypervisor mechanism: drivers translate their own statistics
+into `Sample` and carry out `Action`s; policies read samples and return decisions.
+All values are immutable; sizes are bytes, durations seconds, rates bytes/second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+class State(StrEnum):
+    """Lifecycle of a migration as the API reports it."""
+
+    QUEUED = "queued"
+    STARTING = "starting"
+    COPYING = "copying"
+    COMPLETING = "completing"
+    HANDOVER = "handover"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (State.COMPLETED, State.CANCELLED, State.FAILED)
+
+
+class Phase(StrEnum):
+    """What the driver sees the hypervisor doing with a running migration."""
+
+    COPYING = "copying"  # memory copied while the instance runs
+    COMPLETING = "completing"  # instance stopped (blackout or pause), last bytes moving
+    HANDOVER = "handover"  # running on the destination, remainder fetched on demand
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.COMPLETED, Phase.CANCELLED, Phase.FAILED)
+
+
+class Action(StrEnum):
+    """What a decision asks the engine to do."""
+
+    CONTINUE = "continue"
+    RAISE_BLACKOUT = "raise-blackout"  # allow a longer final pause (up to max_blackout)
+    PAUSE = "pause"  # stop the instance until the rest is copied
+    HANDOVER = "handover"  # resume on the destination before all memory arrived
+    CANCEL = "cancel"  # stop migrating; the instance keeps running on the source
+
+
+class Method(StrEnum):
+    """How a migration ended."""
+
+    CONVERGED = "converged"
+    BLACKOUT_RAISED = "blackout-raised"
+    SLOWED = "slowed"
+    PAUSED = "paused"
+    HANDOVER = "handover"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRequest:
+    instance: str
+    source: str
+    destination: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    profile: str | None = None  # explicit profile name; overrides selection
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """What the driver knows about an instance before it moves."""
+
+    name: str
+    uuid: str
+    host: str
+    memory_bytes: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What the hypervisor on a source/destination pair can do."""
+
+    handover: bool = True
+    slow_down: bool = True
+    measure_change_rate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StartPlan:
+    """How a migration is started; chosen by `policies.plan_start`.
+
+    Handover and slow-down can only be used later when armed here.
+    """
+
+    arm_handover: bool
+    arm_slow_down: bool
+    blackout_budget: float  # seconds
+    slow_down_initial: float = 0.2  # fraction of guest CPU taken once slowing starts
+    slow_down_step: float = 0.1
+    bandwidth: float | None = None  # bytes/s cap; None = no cap
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One observation of a running migration."""
+
+    time: float  # clock seconds
+    memory_total: int
+    memory_remaining: int
+    memory_transferred: int
+    transfer_rate: float  # bytes/s, as last measured (0 when unknown)
+    change_rate: float  # bytes/s the guest rewrites (0 when unknown, e.g. first pass)
+    passes: int  # 1 during the first full pass, 2 during the second, ...
+    phase: Phase
+    blackout_budget: float = 0.0  # seconds currently allowed for the final pause
+    slowdown: float = 0.0  # fraction of guest CPU currently taken away (0..1)
+    expected_blackout: float | None = None  # hypervisor's own estimate, when it gives one
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Estimates behind a decision, reported on every migration."""
+
+    transfer_rate: float
+    change_rate: float
+    remaining: int
+    eta_seconds: float | None  # None when it will not finish on its own
+    blackout_seconds: float | None  # predicted final pause if completed now
+    converges: bool | None  # None before there is evidence
+    floor_bytes: int | None = None  # remainder copying settles at
+    confidence: float = 0.0  # 0..1, how much evidence the estimate has
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: str  # a sentence an operator understands
+    prediction: Prediction | None = None
+    blackout_budget: float | None = None  # for RAISE_BLACKOUT: the new budget, seconds
+    note: str | None = None  # e.g. a profile edit that cannot apply to this migration
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationContext:
+    """What the policy needs to know about a migration besides its samples."""
+
+    started_at: float
+    memory_bytes: int
+    plan: StartPlan
+    blackout_budget: float  # currently in force
+    deadline_at: float | None  # absolute clock time, None = no deadline
+    paused: bool = False
+    handed_over: bool = False
+    force: bool = False  # an operator asked to finish now
+    accept_pause: bool = False  # the operator accepts a pause beyond the profile
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """What the driver reports once a migration has ended."""
+
+    phase: Phase  # COMPLETED, CANCELLED or FAILED
+    blackout_seconds: float | None = None  # measured final pause
+    transferred: int = 0
+    passes: int = 0
+    paused: bool = False
+    handed_over: bool = False
+    slowdown: float = 0.0  # highest slow-down applied
+    error: str | None = None
+    running_on: str | None = None  # host the instance runs on afterwards, when known

@@ -1,0 +1,770 @@
+"""The supervisor: queues migrations, runs one task per migration, applies decisions.
+
+Each task polls its migration through the driver, asks `policies.decide` what to
+do, carries it out and records it. Nothing here decides; everything here is I/O.
+Clock, driver and store are injected, so tests run whole migrations in virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmwatch import policies
+from lmwatch.clock import Clock
+from lmwatch.drivers.base import ActionRefused, Driver, DriverError, Refused
+from lmwatch.errors import Conflict, Invalid, NotFound
+from lmwatch.logs import get_logger
+from lmwatch.metrics import Metrics
+from lmwatch.model import (
+    Action,
+    Decision,
+    JobResult,
+    Method,
+    MigrationContext,
+    MigrationRequest,
+    Phase,
+    Prediction,
+    Sample,
+    StartPlan,
+    State,
+)
+from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
+from lmwatch.profiles.schema import Profile
+from lmwatch.store import Event, MigrationRecord, Store
+
+log = get_logger("lmwatch.engine")
+
+_RUNNING = (State.STARTING, State.COPYING, State.COMPLETING, State.HANDOVER)
+_STATE_OF_PHASE = {
+    Phase.COPYING: State.COPYING,
+    Phase.COMPLETING: State.COMPLETING,
+    Phase.HANDOVER: State.HANDOVER,
+    Phase.COMPLETED: State.COMPLETED,
+    Phase.CANCELLED: State.CANCELLED,
+    Phase.FAILED: State.FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    poll_interval: float = 1.0  # seconds between samples of one migration
+    max_per_source: int = 2  # migrations leaving one host at once
+    max_per_destination: int = 2  # migrations arriving at one host at once
+    error_tolerance: float = 90.0  # seconds of failing driver calls before a migration fails
+    error_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0)
+    continue_log_interval: float = 30.0  # how often an unchanged "continue" is logged
+    history: int = 900  # samples kept per migration for the estimators
+    measure_change_rate: bool = True
+    policy: policies.PolicySettings = field(default_factory=policies.PolicySettings)
+
+
+@dataclass
+class _Supervision:
+    """Runtime state of one migration (owned by the engine, mutated in place)."""
+
+    record: MigrationRecord
+    profile: Profile
+    generation: int
+    history: deque[Sample]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    task: asyncio.Task[None] | None = None
+    last_logged: tuple[Action, str, float] | None = None
+    last_prediction: Prediction | None = None
+    first_error_at: float | None = None  # start of the current run of driver errors
+    failures: int = 0
+    progress_saved_at: float = 0.0
+
+
+def _fingerprint(request: MigrationRequest) -> str:
+    body = json.dumps(
+        {
+            "instance": request.instance,
+            "source": request.source,
+            "destination": request.destination,
+            "labels": dict(sorted(request.labels.items())),
+            "profile": request.profile,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _plan_from(record: MigrationRecord) -> StartPlan:
+    assert record.plan is not None
+    return StartPlan(**record.plan)
+
+
+def _method_of(result: JobResult, record: MigrationRecord) -> Method:
+    if result.phase is Phase.FAILED:
+        return Method.FAILED
+    if result.phase is Phase.CANCELLED:
+        return Method.CANCELLED
+    if result.handed_over or record.handed_over:
+        return Method.HANDOVER
+    if result.paused or record.paused:
+        return Method.PAUSED
+    if result.slowdown > 0:
+        return Method.SLOWED
+    initial = record.plan.get("blackout_budget") if record.plan else None
+    if initial is not None and (record.blackout_budget or 0) > initial + 1e-9:
+        return Method.BLACKOUT_RAISED
+    return Method.CONVERGED
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        driver: Driver,
+        store: Store,
+        profiles: ProfileRegistry,
+        clock: Clock,
+        metrics: Metrics | None = None,
+        settings: EngineSettings | None = None,
+    ) -> None:
+        self.driver = driver
+        self.store = store
+        self.profiles = profiles
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.settings = settings or EngineSettings()
+        self._supervisions: dict[str, _Supervision] = {}
+        self._submit_lock = asyncio.Lock()
+        self._started = False
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take back every migration the store holds as unfinished, then run the queue."""
+        self._started = True
+        for record in self.store.unfinished():
+            profile = Profile.model_validate(record.profile)
+            supervision = self._track(record, profile)
+            if record.state is not State.QUEUED:
+                log.info("reattaching", migration=record.id, instance=record.instance)
+                supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
+        self._schedule()
+
+    async def stop(self) -> None:
+        """Stop supervising (the migrations themselves go on; a new engine takes them back)."""
+        self._stopping = True
+        tasks = [s.task for s in self._supervisions.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._supervisions.clear()
+
+    def _track(self, record: MigrationRecord, profile: Profile) -> _Supervision:
+        supervision = _Supervision(
+            record=record,
+            profile=profile,
+            generation=self.profiles.generation,
+            history=deque(maxlen=self.settings.history),
+        )
+        self._supervisions[record.id] = supervision
+        return supervision
+
+    # -- queries --------------------------------------------------------------------
+
+    def get(self, migration_id: str) -> MigrationRecord:
+        supervision = self._supervisions.get(migration_id)
+        if supervision is not None:
+            return supervision.record
+        record = self.store.get(migration_id)
+        if record is None:
+            raise NotFound(f"no migration with id {migration_id!r}")
+        return record
+
+    def list(self, state: State | None = None) -> list[MigrationRecord]:
+        return self.store.list(state)
+
+    def events(self, migration_id: str) -> list[Event]:
+        self.get(migration_id)
+        return self.store.events(migration_id)
+
+    def prediction(self, migration_id: str) -> Prediction | None:
+        supervision = self._supervisions.get(migration_id)
+        return None if supervision is None else supervision.last_prediction
+
+    def active_count(self) -> int:
+        return len(self._supervisions)
+
+    # -- commands -------------------------------------------------------------------
+
+    async def submit(
+        self, request: MigrationRequest, idempotency_key: str | None = None
+    ) -> tuple[MigrationRecord, bool]:
+        """Accept a migration: checked, recorded durably, queued.
+
+        Returns the record and whether it is a replay of an earlier identical
+        request with the same Idempotency-Key. Nothing is recorded on refusal.
+        """
+        if request.source == request.destination:
+            raise Invalid("source and destination are the same host")
+        fingerprint = _fingerprint(request)
+        async with self._submit_lock:
+            if idempotency_key is not None:
+                earlier = self.store.by_idempotency_key(idempotency_key)
+                if earlier is not None:
+                    if earlier.request_fingerprint != fingerprint:
+                        raise Conflict(
+                            "this Idempotency-Key was used for a different request; "
+                            "use a new key"
+                        )
+                    return self.get(earlier.id), True
+            active = self.store.active_for_instance(request.instance)
+            if active is not None:
+                raise Conflict(
+                    f"instance {request.instance!r} is already migrating "
+                    f"(migration {active.id}, {active.state.value})"
+                )
+            info = await self.driver.preflight(request)
+            labels = {**info.labels, **request.labels}
+            try:
+                selection = self.profiles.explain(
+                    request.instance, info.uuid, labels, request.profile
+                )
+            except (UnknownProfile, NoProfile) as error:
+                raise Invalid(str(error)) from error
+            now = self.clock.now()
+            record = MigrationRecord(
+                id=str(uuid.uuid4()),
+                instance=request.instance,
+                source=request.source,
+                destination=request.destination,
+                labels=labels,
+                requested_profile=request.profile,
+                profile_name=selection.profile.name,
+                profile_reason=selection.reason,
+                profile=selection.profile.model_dump(mode="json"),
+                memory_bytes=info.memory_bytes,
+                state=State.QUEUED,
+                created_at=now,
+                idempotency_key=idempotency_key,
+                request_fingerprint=fingerprint,
+            )
+            self.store.insert(
+                record, f"accepted; profile {selection.profile.name!r}: {selection.reason}"
+            )
+            self._track(record, selection.profile)
+            log.info(
+                "accepted",
+                migration=record.id,
+                instance=record.instance,
+                source=record.source,
+                destination=record.destination,
+                profile=record.profile_name,
+            )
+        self._schedule()
+        return record, False
+
+    async def force_complete(self, migration_id: str, accept_pause: bool = False) -> Decision:
+        """Finish now in the least disruptive way the profile allows."""
+        supervision = self._running(migration_id, "force-complete")
+        async with supervision.lock:
+            record = supervision.record
+            if record.paused or record.handed_over or record.state is State.COMPLETING:
+                raise Conflict(f"migration {migration_id} is already completing")
+            if not supervision.history:
+                supervision.history.append(await self._sample(supervision))
+            try:
+                decision = policies.force_complete(
+                    supervision.profile,
+                    list(supervision.history),
+                    self._context(supervision),
+                    self.clock.now(),
+                    accept_pause,
+                    self.settings.policy,
+                )
+            except policies.ForceRefused as refused:
+                raise Conflict(refused.reason) from refused
+            await self._apply(supervision, decision, origin="operator")
+            return decision
+
+    async def cancel(self, migration_id: str) -> MigrationRecord:
+        supervision = self._supervisions.get(migration_id)
+        record = self.get(migration_id)
+        if record.state.finished or supervision is None:
+            raise Conflict(f"migration {migration_id} has already {record.state.value}")
+        async with supervision.lock:
+            record = supervision.record
+            if record.handed_over or record.state is State.HANDOVER:
+                raise Conflict(
+                    "the instance already runs on the destination (handover); "
+                    "it can no longer be cancelled"
+                )
+            if record.state is State.QUEUED and supervision.task is None:
+                await self._finish(
+                    supervision,
+                    JobResult(phase=Phase.CANCELLED, error=None),
+                    reason="cancelled by an operator before it started",
+                )
+                self._schedule()
+                return supervision.record
+            decision = Decision(Action.CANCEL, "cancelled by an operator")
+            await self._apply(supervision, decision, origin="operator")
+            return supervision.record
+
+    def _running(self, migration_id: str, what: str) -> _Supervision:
+        record = self.get(migration_id)
+        supervision = self._supervisions.get(migration_id)
+        if record.state.finished or supervision is None:
+            raise Conflict(f"cannot {what}: migration {migration_id} has {record.state.value}")
+        if record.state in (State.QUEUED, State.STARTING):
+            raise Conflict(f"cannot {what}: migration {migration_id} has not started copying yet")
+        return supervision
+
+    # -- queue ----------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Start queued migrations, oldest first, within the per-host limits."""
+        if not self._started or self._stopping:
+            return
+        busy_source: dict[str, int] = {}
+        busy_destination: dict[str, int] = {}
+        for supervision in self._supervisions.values():
+            if supervision.task is not None:
+                record = supervision.record
+                busy_source[record.source] = busy_source.get(record.source, 0) + 1
+                busy_destination[record.destination] = (
+                    busy_destination.get(record.destination, 0) + 1
+                )
+        queued = sorted(
+            (s for s in self._supervisions.values() if s.task is None),
+            key=lambda s: (s.record.created_at, s.record.id),
+        )
+        for supervision in queued:
+            record = supervision.record
+            if busy_source.get(record.source, 0) >= self.settings.max_per_source:
+                continue
+            if busy_destination.get(record.destination, 0) >= self.settings.max_per_destination:
+                continue
+            busy_source[record.source] = busy_source.get(record.source, 0) + 1
+            busy_destination[record.destination] = busy_destination.get(record.destination, 0) + 1
+            supervision.task = asyncio.create_task(self._run(supervision, reattach=False))
+        self.metrics.active.set(sum(1 for s in self._supervisions.values() if s.task))
+        self.metrics.queued.set(sum(1 for s in self._supervisions.values() if not s.task))
+
+    # -- one migration ----------------------------------------------------------------
+
+    async def _run(self, supervision: _Supervision, *, reattach: bool) -> None:
+        record = supervision.record
+        mlog = log.bind(migration=record.id, instance=record.instance)
+        try:
+            if reattach and record.plan is not None:
+                result = await self.driver.reattach(
+                    record.id, self._request(record), _plan_from(record)
+                )
+                if result is not None:
+                    await self._finish(
+                        supervision, result, reason="ended while lmwatch was not watching"
+                    )
+                    return
+                self._event(supervision, "note", "supervision resumed after a restart")
+            else:
+                if not await self._start(supervision):
+                    return
+            await self._supervise(supervision)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug must not leave the migration unaccounted for
+            mlog.exception("supervisor-crashed", error=repr(error))
+            if not supervision.record.state.finished:
+                await self._finish(
+                    supervision,
+                    JobResult(phase=Phase.FAILED, error=f"internal error: {error!r}"),
+                    reason=f"supervisor error: {error!r}",
+                )
+        finally:
+            if supervision.record.state.finished:
+                self._supervisions.pop(record.id, None)
+                self.metrics.forget(self._labels(record))
+            if not self._stopping:
+                self._schedule()
+
+    async def _start(self, supervision: _Supervision) -> bool:
+        record = supervision.record
+        now = self.clock.now()
+        self._update(supervision, "state", "starting", state=State.STARTING, started_at=now)
+        request = self._request(record)
+        try:
+            capabilities = await self.driver.capabilities(record.source, record.destination)
+            change_rate = None
+            if self.settings.measure_change_rate and capabilities.measure_change_rate:
+                change_rate = await self.driver.measure_change_rate(record.instance, record.source)
+            info = await self.driver.describe(record.instance, record.source)
+            plan = policies.plan_start(
+                supervision.profile, info, capabilities, change_rate, None, self.settings.policy
+            )
+            started_at = self.clock.now()
+            deadline = policies.deadline_at(supervision.profile, record.memory_bytes, started_at)
+            self._update(
+                supervision,
+                "decision",
+                plan.reason or "start planned",
+                action="start",
+                plan=dataclasses.asdict(plan),
+                blackout_budget=plan.blackout_budget,
+                deadline_at=deadline,
+                started_at=started_at,
+                data={"change_rate": change_rate},
+            )
+            await self.driver.start(record.id, request, plan)
+        except (DriverError, Refused) as error:
+            self.metrics.hypervisor_errors.labels("start").inc()
+            await self._finish(
+                supervision,
+                JobResult(phase=Phase.FAILED, error=str(error)),
+                reason=f"could not start: {error}",
+            )
+            return False
+        self.metrics.started.labels(record.profile_name).inc()
+        self._update(supervision, "state", "copying started", state=State.COPYING)
+        return True
+
+    async def _supervise(self, supervision: _Supervision) -> None:
+        settings = self.settings
+        while True:
+            scheduled = self.clock.now()
+            try:
+                sample = await self._sample(supervision)
+            except DriverError as error:
+                if await self._tolerate(supervision, error):
+                    continue
+                return
+            supervision.history.append(sample)
+            if sample.phase.finished:
+                async with supervision.lock:
+                    result = await self.driver.result(supervision.record.id)
+                    await self._finish(supervision, result)
+                return
+            async with supervision.lock:
+                self._follow_phase(supervision, sample)
+                self._refresh_profile(supervision)
+                decision = policies.decide(
+                    supervision.profile,
+                    list(supervision.history),
+                    self._context(supervision),
+                    self.clock.now(),
+                    settings.policy,
+                )
+                supervision.last_prediction = decision.prediction
+                self._publish(supervision, sample, decision.prediction)
+                await self._apply(supervision, decision, origin="policy")
+            await self.driver.wait_event(supervision.record.id, settings.poll_interval)
+            lag = self.clock.now() - scheduled - settings.poll_interval
+            self.metrics.poll_lag.observe(max(0.0, lag))
+
+    async def _sample(self, supervision: _Supervision) -> Sample:
+        sample = await self.driver.sample(supervision.record.id)
+        supervision.first_error_at = None
+        supervision.failures = 0
+        return sample
+
+    async def _tolerate(self, supervision: _Supervision, error: DriverError) -> bool:
+        """Keep trying through a hypervisor outage for a while; fail the migration after."""
+        self.metrics.hypervisor_errors.labels("sample").inc()
+        now = self.clock.now()
+        if supervision.first_error_at is None:
+            supervision.first_error_at = now
+            self._event(supervision, "error", f"hypervisor error, retrying: {error}")
+        first = supervision.first_error_at
+        supervision.failures += 1
+        failures = supervision.failures
+        if now - first >= self.settings.error_tolerance:
+            await self._finish(
+                supervision,
+                JobResult(phase=Phase.FAILED, error=str(error)),
+                reason=(
+                    f"the hypervisor did not answer for {now - first:.0f}s "
+                    f"(last error: {error}); the migration is recorded as failed"
+                ),
+            )
+            return False
+        backoff = self.settings.error_backoff
+        await self.clock.sleep(backoff[min(failures - 1, len(backoff) - 1)])
+        return True
+
+    def _follow_phase(self, supervision: _Supervision, sample: Sample) -> None:
+        state = _STATE_OF_PHASE[sample.phase]
+        if state is not supervision.record.state and state in _RUNNING:
+            changes: dict[str, Any] = {"state": state}
+            if state is State.HANDOVER:
+                changes["handed_over"] = True
+            self._update(supervision, "state", f"now {state.value}", **changes)
+
+    def _refresh_profile(self, supervision: _Supervision) -> None:
+        """Re-select the profile after a reload; say so when an edit cannot apply."""
+        if supervision.generation == self.profiles.generation:
+            return
+        supervision.generation = self.profiles.generation
+        record = supervision.record
+        try:
+            selection = self.profiles.explain(
+                record.instance, None, record.labels, record.requested_profile
+            )
+        except (UnknownProfile, NoProfile) as error:
+            self._event(
+                supervision,
+                "note",
+                f"profile reload: keeping profile {record.profile_name!r} ({error})",
+            )
+            return
+        new = selection.profile
+        if new == supervision.profile:
+            return
+        notes = policies.review_profile_change(supervision.profile, new, _plan_from(record))
+        old_name = supervision.profile.name
+        supervision.profile = new
+        deadline = (
+            policies.deadline_at(new, record.memory_bytes, record.started_at)
+            if record.started_at is not None
+            else record.deadline_at
+        )
+        reason = f"profile {old_name!r} replaced by edited profile {new.name!r}: {selection.reason}"
+        self._update(
+            supervision,
+            "note",
+            reason,
+            profile_name=new.name,
+            profile_reason=selection.reason,
+            profile=new.model_dump(mode="json"),
+            deadline_at=deadline,
+        )
+        for note in notes:
+            self._event(supervision, "note", note)
+
+    def _context(self, supervision: _Supervision) -> MigrationContext:
+        record = supervision.record
+        plan = _plan_from(record)
+        return MigrationContext(
+            started_at=record.started_at or record.created_at,
+            memory_bytes=record.memory_bytes,
+            plan=plan,
+            blackout_budget=record.blackout_budget or plan.blackout_budget,
+            deadline_at=record.deadline_at,
+            paused=record.paused,
+            handed_over=record.handed_over,
+        )
+
+    async def _apply(self, supervision: _Supervision, decision: Decision, *, origin: str) -> None:
+        record = supervision.record
+        action = decision.action
+        mlog = log.bind(migration=record.id, instance=record.instance, origin=origin)
+        self.metrics.decisions.labels(action.value).inc()
+        if action is Action.CONTINUE:
+            self._log_continue(supervision, decision)
+            return
+        data = {"origin": origin, "prediction": _prediction_json(decision.prediction)}
+        # Record the intent first: a crash after acting still leaves a trace.
+        changes: dict[str, Any] = {}
+        if action is Action.RAISE_BLACKOUT:
+            changes["blackout_budget"] = decision.blackout_budget
+        elif action is Action.PAUSE:
+            changes["paused"] = True
+        elif action is Action.HANDOVER:
+            changes["handed_over"] = True
+        self._update(supervision, "decision", decision.reason, action=action.value, data=data)
+        mlog.info("decision", action=action.value, reason=decision.reason)
+        try:
+            if action is Action.RAISE_BLACKOUT:
+                assert decision.blackout_budget is not None
+                await self.driver.set_blackout_budget(record.id, decision.blackout_budget)
+            elif action is Action.PAUSE:
+                await self.driver.pause(record.id)
+            elif action is Action.HANDOVER:
+                await self.driver.handover(record.id)
+            elif action is Action.CANCEL:
+                await self.driver.cancel(record.id)
+        except ActionRefused as refused:
+            self.metrics.hypervisor_errors.labels(action.value).inc()
+            self._event(supervision, "error", f"{action.value} refused: {refused}")
+            if origin == "operator":
+                raise Conflict(str(refused)) from refused
+            return
+        except DriverError as error:
+            self.metrics.hypervisor_errors.labels(action.value).inc()
+            self._event(supervision, "error", f"{action.value} failed: {error}")
+            if origin == "operator":
+                raise
+            return
+        if changes:
+            self._update(supervision, None, "", **changes)
+        if decision.note:
+            self._event(supervision, "note", decision.note)
+
+    def _log_continue(self, supervision: _Supervision, decision: Decision) -> None:
+        """Record 'continue' when its gist changes, or every so often."""
+        now = self.clock.now()
+        gist = decision.reason.split(":")[0]
+        last = supervision.last_logged
+        if (
+            last is not None
+            and last[0] is Action.CONTINUE
+            and last[1] == gist
+            and now - last[2] < self.settings.continue_log_interval
+        ):
+            return
+        supervision.last_logged = (Action.CONTINUE, gist, now)
+        self._event(
+            supervision,
+            "decision",
+            decision.reason,
+            action=Action.CONTINUE.value,
+            data={"prediction": _prediction_json(decision.prediction)},
+        )
+
+    async def _finish(
+        self, supervision: _Supervision, result: JobResult, reason: str | None = None
+    ) -> None:
+        record = supervision.record
+        now = self.clock.now()
+        method = _method_of(result, record)
+        state = {
+            Phase.COMPLETED: State.COMPLETED,
+            Phase.CANCELLED: State.CANCELLED,
+        }.get(result.phase, State.FAILED)
+        started = record.started_at or record.created_at
+        outcome = {
+            "method": method.value,
+            "total_seconds": now - started,
+            "blackout_seconds": result.blackout_seconds,
+            "passes": result.passes,
+            "transferred_bytes": result.transferred,
+            "error": result.error,
+            "running_on": result.running_on,
+        }
+        text = reason or {
+            State.COMPLETED: f"completed ({method.value})",
+            State.CANCELLED: "cancelled; the instance keeps running on the source",
+            State.FAILED: f"failed: {result.error}",
+        }[state]
+        self._update(
+            supervision,
+            "state",
+            text,
+            state=state,
+            finished_at=now,
+            outcome=outcome,
+            data=outcome,
+        )
+        self.metrics.finished.labels(state.value, method.value).inc()
+        self.metrics.duration.labels(method.value).observe(outcome["total_seconds"])
+        if result.blackout_seconds is not None:
+            self.metrics.blackout.labels(method.value).observe(result.blackout_seconds)
+        log.info(
+            "finished",
+            migration=record.id,
+            instance=record.instance,
+            state=state.value,
+            method=method.value,
+            blackout=result.blackout_seconds,
+        )
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _update(
+        self,
+        supervision: _Supervision,
+        kind: str | None,
+        reason: str,
+        *,
+        action: str | None = None,
+        data: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> None:
+        event = None if kind is None else (kind, reason, action)
+        supervision.record = self.store.update(
+            supervision.record, event=event, at=self.clock.now(), data=data, **changes
+        )
+
+    def _event(
+        self,
+        supervision: _Supervision,
+        kind: str,
+        reason: str,
+        *,
+        action: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.store.add_event(supervision.record.id, self.clock.now(), kind, reason, action, data)
+        if kind in ("note", "error"):
+            log.info(kind, migration=supervision.record.id, reason=reason)
+
+    def _publish(
+        self, supervision: _Supervision, sample: Sample, prediction: Prediction | None
+    ) -> None:
+        progress: dict[str, Any] = {
+            "time": sample.time,
+            "memory_total": sample.memory_total,
+            "memory_remaining": sample.memory_remaining,
+            "memory_transferred": sample.memory_transferred,
+            "transfer_rate": sample.transfer_rate,
+            "change_rate": sample.change_rate,
+            "passes": sample.passes,
+            "blackout_budget": sample.blackout_budget,
+            "slowdown": sample.slowdown,
+            "prediction": _prediction_json(prediction),
+        }
+        supervision.record = dataclasses.replace(supervision.record, progress=progress)
+        # Progress is persisted at most every few seconds; it is cheap to lose.
+        if sample.time - supervision.progress_saved_at >= 5.0:
+            supervision.progress_saved_at = sample.time
+            self._update(supervision, None, "", progress=progress)
+        labels = self._labels(supervision.record)
+        self.metrics.remaining.labels(*labels).set(sample.memory_remaining)
+        self.metrics.transfer_rate.labels(*labels).set(sample.transfer_rate)
+        self.metrics.change_rate.labels(*labels).set(sample.change_rate)
+        if prediction is not None:
+            eta = prediction.eta_seconds
+            self.metrics.eta.labels(*labels).set(float("nan") if eta is None else eta)
+            blackout = prediction.blackout_seconds
+            self.metrics.predicted_blackout.labels(*labels).set(
+                float("nan") if blackout is None else blackout
+            )
+
+    @staticmethod
+    def _labels(record: MigrationRecord) -> tuple[str, str, str, str]:
+        return (record.id, record.instance, record.source, record.destination)
+
+    @staticmethod
+    def _request(record: MigrationRecord) -> MigrationRequest:
+        return MigrationRequest(
+            instance=record.instance,
+            source=record.source,
+            destination=record.destination,
+            labels=dict(record.labels),
+            profile=record.requested_profile,
+        )
+
+    async def wait(self, migration_id: str) -> MigrationRecord:
+        """Until the migration has finished (tests and `simulate`)."""
+        while True:
+            record = self.get(migration_id)
+            if record.state.finished:
+                return record
+            supervision = self._supervisions.get(migration_id)
+            if supervision is None or supervision.task is None:
+                await asyncio.sleep(0)
+                continue
+            await asyncio.shield(supervision.task)
+
+    def finished(self, ids: Iterable[str]) -> bool:
+        return all(self.get(i).state.finished for i in ids)
+
+
+def _prediction_json(prediction: Prediction | None) -> dict[str, Any] | None:
+    return None if prediction is None else dataclasses.asdict(prediction)
+
+
+logging.getLogger("lmwatch").addHandler(logging.NullHandler())

@@ -1,0 +1,107 @@
+"""Prometheus metrics (DESIGN §6): names `lmwatch_*`, base units, neutral words only."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
+_BLACKOUT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, float("inf"))
+
+
+class Metrics:
+    """One set of metrics on its own registry (so tests and several engines never clash)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.started = Counter(
+            "lmwatch_migrations_started", "Migrations started, by profile.", ["profile"], registry=r
+        )
+        self.finished = Counter(
+            "lmwatch_migrations_finished",
+            "Migrations finished, by final state and completion method.",
+            ["state", "method"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "lmwatch_decisions", "Decisions taken, by action.", ["action"], registry=r
+        )
+        self.hypervisor_errors = Counter(
+            "lmwatch_hypervisor_errors",
+            "Errors from the hypervisor driver, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.profile_reload_failures = Counter(
+            "lmwatch_profile_reload_failures", "Profile reloads rejected as invalid.", registry=r
+        )
+        self.duration = Histogram(
+            "lmwatch_migration_duration_seconds",
+            "Total time of finished migrations, by method.",
+            ["method"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.blackout = Histogram(
+            "lmwatch_blackout_seconds",
+            "Measured final pause seen by instances, by method.",
+            ["method"],
+            buckets=_BLACKOUT_BUCKETS,
+            registry=r,
+        )
+        self.active = Gauge("lmwatch_migrations_active", "Migrations not finished.", registry=r)
+        self.queued = Gauge("lmwatch_migrations_queued", "Migrations waiting for a slot.", registry=r)
+        labels = ["migration", "instance", "source", "destination"]
+        self.remaining = Gauge(
+            "lmwatch_migration_remaining_bytes", "Memory still to copy.", labels, registry=r
+        )
+        self.transfer_rate = Gauge(
+            "lmwatch_migration_transfer_rate_bytes_per_second",
+            "Bytes per second moved to the destination.",
+            labels,
+            registry=r,
+        )
+        self.change_rate = Gauge(
+            "lmwatch_migration_change_rate_bytes_per_second",
+            "Bytes per second of memory the guest rewrites.",
+            labels,
+            registry=r,
+        )
+        self.eta = Gauge(
+            "lmwatch_migration_eta_seconds",
+            "Predicted time to completion (NaN when it will not finish on its own).",
+            labels,
+            registry=r,
+        )
+        self.predicted_blackout = Gauge(
+            "lmwatch_migration_predicted_blackout_seconds",
+            "Predicted final pause if completed now.",
+            labels,
+            registry=r,
+        )
+        self.poll_lag = Histogram(
+            "lmwatch_supervisor_poll_lag_seconds",
+            "How late the supervisor polled a migration compared with its schedule.",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, float("inf")),
+            registry=r,
+        )
+
+    def forget(self, labels: tuple[str, str, str, str]) -> None:
+        """Drop the per-migration series once it has finished."""
+        for gauge in (
+            self.remaining,
+            self.transfer_rate,
+            self.change_rate,
+            self.eta,
+            self.predicted_blackout,
+        ):
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

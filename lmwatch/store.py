@@ -1,0 +1,333 @@
+"""Durable record of every migration, its state changes and its decisions (SQLite, WAL).
+
+A request is committed before it is acknowledged and every transition is its own
+transaction, so a crash loses no accepted migration and no outcome. Calls are
+short and synchronous; the engine runs them on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lmwatch.model import State
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS migrations (
+    id TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    requested_profile TEXT,
+    profile_name TEXT NOT NULL,
+    profile_reason TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    memory_bytes INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    deadline_at REAL,
+    plan TEXT,
+    blackout_budget REAL,
+    paused INTEGER NOT NULL DEFAULT 0,
+    handed_over INTEGER NOT NULL DEFAULT 0,
+    progress TEXT,
+    outcome TEXT,
+    idempotency_key TEXT UNIQUE,
+    request_fingerprint TEXT
+);
+CREATE INDEX IF NOT EXISTS migrations_state ON migrations(state);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    migration_id TEXT NOT NULL REFERENCES migrations(id),
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    action TEXT,
+    state TEXT,
+    reason TEXT NOT NULL,
+    data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_migration ON events(migration_id, seq);
+"""
+
+_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome")
+_BOOL_FIELDS = ("paused", "handed_over")
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRecord:
+    id: str
+    instance: str
+    source: str
+    destination: str
+    labels: Mapping[str, str]
+    requested_profile: str | None
+    profile_name: str
+    profile_reason: str
+    profile: Mapping[str, Any]  # snapshot of the profile at acceptance (JSON form)
+    memory_bytes: int
+    state: State
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    deadline_at: float | None = None
+    plan: Mapping[str, Any] | None = None
+    blackout_budget: float | None = None
+    paused: bool = False
+    handed_over: bool = False
+    progress: Mapping[str, Any] | None = None  # last sample and prediction
+    outcome: Mapping[str, Any] | None = None
+    idempotency_key: str | None = None
+    request_fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    migration_id: str
+    at: float
+    kind: str  # state | decision | action | note | error
+    reason: str
+    action: str | None = None
+    state: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    def __init__(self, connection: sqlite3.Connection, path: str) -> None:
+        self._db = connection
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Store:
+        """Open (creating if new) the store; StoreError with a clear reason otherwise."""
+        text = str(path)
+        if text != ":memory:":
+            file = Path(text)
+            if not file.parent.is_dir():
+                raise StoreError(f"store directory {file.parent} does not exist")
+            # A file without write bits is read-only for us even when running as root.
+            if file.exists() and (
+                not os.access(file, os.W_OK) or not file.stat().st_mode & 0o222
+            ):
+                raise StoreError(f"store file {file} is not writable (read-only)")
+            if not file.exists() and not os.access(file.parent, os.W_OK):
+                raise StoreError(f"store directory {file.parent} is not writable")
+        try:
+            connection = sqlite3.connect(text, isolation_level=None, check_same_thread=False)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.execute("PRAGMA busy_timeout=5000")
+            store = cls(connection, text)
+            store._migrate()
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot use store {text}: {error}") from error
+        return store
+
+    def _migrate(self) -> None:
+        # executescript commits on its own; it runs outside an explicit transaction.
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row["value"]) > SCHEMA_VERSION:
+            raise StoreError(
+                f"store schema version {row['value']} is newer than this lmwatch "
+                f"({SCHEMA_VERSION}); refusing to touch it"
+            )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def healthy(self) -> bool:
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
+
+    # -- migrations -------------------------------------------------------------
+
+    def insert(self, record: MigrationRecord, reason: str) -> None:
+        """Persist a newly accepted migration and its first event, atomically."""
+        values = _to_row(record)
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        try:
+            with self._transaction():
+                self._db.execute(
+                    f"INSERT INTO migrations({columns}) VALUES({marks})", tuple(values.values())
+                )
+                self._add_event(record.id, record.created_at, "state", reason, None, record.state)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot record migration {record.id}: {error}") from error
+
+    def update(
+        self,
+        record: MigrationRecord,
+        *,
+        event: tuple[str, str, str | None] | None = None,
+        at: float | None = None,
+        data: Mapping[str, Any] | None = None,
+        **changes: Any,
+    ) -> MigrationRecord:
+        """Apply `changes` to a migration (and log `event` = (kind, reason, action)) atomically."""
+        updated = replace(record, **changes)
+        row = {key: value for key, value in _to_row(updated).items() if key in changes}
+        try:
+            with self._transaction():
+                if row:
+                    assignments = ", ".join(f"{key}=?" for key in row)
+                    self._db.execute(
+                        f"UPDATE migrations SET {assignments} WHERE id=?",
+                        (*row.values(), record.id),
+                    )
+                if event is not None:
+                    kind, reason, action = event
+                    state = changes.get("state")
+                    self._add_event(
+                        record.id,
+                        at if at is not None else updated.created_at,
+                        kind,
+                        reason,
+                        action,
+                        state,
+                        data,
+                    )
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot update migration {record.id}: {error}") from error
+        return updated
+
+    def add_event(
+        self,
+        migration_id: str,
+        at: float,
+        kind: str,
+        reason: str,
+        action: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        try:
+            with self._transaction():
+                self._add_event(migration_id, at, kind, reason, action, None, data)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot record event for {migration_id}: {error}") from error
+
+    def _add_event(
+        self,
+        migration_id: str,
+        at: float,
+        kind: str,
+        reason: str,
+        action: str | None,
+        state: str | None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO events(migration_id, at, kind, action, state, reason, data) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?)",
+            (migration_id, at, kind, action, state, reason, json.dumps(data or {})),
+        )
+
+    def get(self, migration_id: str) -> MigrationRecord | None:
+        row = self._db.execute("SELECT * FROM migrations WHERE id=?", (migration_id,)).fetchone()
+        return None if row is None else _from_row(row)
+
+    def by_idempotency_key(self, key: str) -> MigrationRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM migrations WHERE idempotency_key=?", (key,)
+        ).fetchone()
+        return None if row is None else _from_row(row)
+
+    def list(self, state: State | None = None) -> list[MigrationRecord]:
+        if state is None:
+            rows = self._db.execute("SELECT * FROM migrations ORDER BY created_at, id")
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM migrations WHERE state=? ORDER BY created_at, id", (state.value,)
+            )
+        return [_from_row(row) for row in rows.fetchall()]
+
+    def unfinished(self) -> list[MigrationRecord]:
+        finished = tuple(s.value for s in State if s.finished)
+        rows = self._db.execute(
+            "SELECT * FROM migrations WHERE state NOT IN (?, ?, ?) ORDER BY created_at, id",
+            finished,
+        )
+        return [_from_row(row) for row in rows.fetchall()]
+
+    def active_for_instance(self, instance: str) -> MigrationRecord | None:
+        return next((r for r in self.unfinished() if r.instance == instance), None)
+
+    def events(self, migration_id: str) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT * FROM events WHERE migration_id=? ORDER BY seq", (migration_id,)
+        ).fetchall()
+        return [
+            Event(
+                seq=row["seq"],
+                migration_id=row["migration_id"],
+                at=row["at"],
+                kind=row["kind"],
+                reason=row["reason"],
+                action=row["action"],
+                state=row["state"],
+                data=json.loads(row["data"] or "{}"),
+            )
+            for row in rows
+        ]
+
+
+def _to_row(record: MigrationRecord) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for name in MigrationRecord.__slots__:  # type: ignore[attr-defined]
+        value = getattr(record, name)
+        if name in _JSON_FIELDS:
+            value = None if value is None else json.dumps(dict(value), sort_keys=True)
+        elif name in _BOOL_FIELDS:
+            value = int(value)
+        elif name == "state":
+            value = value.value
+        row[name] = value
+    return row
+
+
+def _from_row(row: sqlite3.Row) -> MigrationRecord:
+    values: dict[str, Any] = dict(row)
+    for name in _JSON_FIELDS:
+        raw = values[name]
+        values[name] = None if raw is None else json.loads(raw)
+    for name in _BOOL_FIELDS:
+        values[name] = bool(values[name])
+    values["state"] = State(values["state"])
+    return MigrationRecord(**values)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything the tests need, then the tests: Python packages, the real two-host
+# rig where this machine allows it (root on Debian with apt), and pytest.
+# Without the rig the real-hypervisor tests skip with the reason; with CI=true
+# such a skip fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+rig_started=0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -r /etc/debian_version ] \
+    && [ "${LMWATCH_NO_RIG:-0}" != 1 ]; then
+    bash rig/setup.sh
+    bash rig/up.sh
+    rig_started=1
+else
+    echo "rig: not set up (needs root on Debian with apt, and LMWATCH_NO_RIG unset);" \
+         "real-hypervisor tests will skip" >&2
+fi
+cleanup() { if [ "$rig_started" = 1 ]; then bash rig/down.sh || true; fi; }
+trap cleanup EXIT
+
+python3 -m pytest "$@"

@@ -1,0 +1,22 @@
+"""The pure decision core: estimators, start plan, decide, force-complete, profile edits.
+
+No I/O, no clock, no randomness: every function depends only on its arguments.
+"""
+
+from lmwatch.policies.completion import decide
+from lmwatch.policies.estimators import DEFAULT, PolicySettings, estimate
+from lmwatch.policies.forcing import ForceRefused, force_complete
+from lmwatch.policies.review import review_profile_change
+from lmwatch.policies.start import deadline_at, plan_start
+
+__all__ = [
+    "DEFAULT",
+    "ForceRefused",
+    "PolicySettings",
+    "deadline_at",
+    "decide",
+    "estimate",
+    "force_complete",
+    "plan_start",
+    "review_profile_change",
+]

@@ -1,0 +1,186 @@
+"""Finishing a migration now: force-complete, and `on_deadline: complete`.
+
+The least disruptive method the profile allows, in this order: a blackout that
+fits `max_blackout`; a handover that fits `max_degraded`; a pause that fits
+`max_pause`; then, because someone asked to finish now, a handover or a pause
+longer than the profile's bound (reported as such); then a pause the operator
+explicitly accepted. Otherwise `ForceRefused`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lmwatch.model import Action, Decision, MigrationContext, Phase, Prediction, Sample
+from lmwatch.policies.estimators import (
+    DEFAULT,
+    Analysis,
+    PolicySettings,
+    analyse,
+    duration_text,
+)
+from lmwatch.profiles.schema import Profile
+from lmwatch.units import format_size
+
+
+class ForceRefused(Exception):
+    """The profile allows no way to finish now."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def handover_usable(profile: Profile, ctx: MigrationContext) -> bool:
+    """Handover needs the profile's permission *and* arming at start."""
+    return profile.handover_allowed and ctx.plan.arm_handover
+
+
+def already_finishing(history: Sequence[Sample], ctx: MigrationContext) -> str | None:
+    """Why there is nothing to do, when the migration is past copying."""
+    if ctx.handed_over:
+        return "it has been handed over; the rest of its memory is arriving"
+    if ctx.paused:
+        return "it is paused; the rest of its memory is being copied"
+    if history and history[-1].phase is not Phase.COPYING:
+        return f"it is {history[-1].phase.value}"
+    return None
+
+
+def finish_now(
+    profile: Profile,
+    analysis: Analysis,
+    ctx: MigrationContext,
+    accept_pause: bool,
+    why: str,
+    settings: PolicySettings = DEFAULT,
+) -> Decision | None:
+    """The least disruptive way to finish now, or None when the profile allows none.
+
+    `why` opens each reason, e.g. "finishing on request" or "deadline reached".
+    """
+    prediction = analysis.prediction(settings.device_state_seconds)
+    size = analysis.finish_remaining
+    copy = analysis.seconds_for(size)
+    blackout = None if copy is None else copy + settings.device_state_seconds
+    left = f"{format_size(size)} left"
+
+    if copy is not None and blackout is not None and blackout <= profile.max_blackout:
+        budget = min(profile.max_blackout, copy * settings.budget_margin)
+        if budget <= ctx.blackout_budget:
+            return Decision(
+                Action.CONTINUE,
+                f"{why}: the current blackout budget of {duration_text(ctx.blackout_budget)} "
+                f"already covers the {left}; it completes at the end of this pass "
+                f"with about {duration_text(blackout)} of blackout",
+                prediction,
+            )
+        return Decision(
+            Action.RAISE_BLACKOUT,
+            f"{why}: raising the blackout budget to {duration_text(budget)} finishes it, "
+            f"about {duration_text(blackout)} of blackout for the {left} "
+            f"(limit {duration_text(profile.max_blackout)})",
+            prediction,
+            blackout_budget=budget,
+        )
+
+    usable = handover_usable(profile, ctx)
+    if usable and copy is not None and copy * settings.handover_safety <= profile.max_degraded:
+        return _handover(why, left, copy, profile, prediction, within=True)
+    pause = blackout
+    if (
+        profile.may_pause
+        and pause is not None
+        and pause * settings.pause_safety <= profile.max_pause
+    ):
+        return _pause(why, left, pause, profile, prediction, within=True)
+    if usable:
+        return _handover(why, left, copy, profile, prediction, within=False)
+    if profile.may_pause:
+        return _pause(why, left, pause, profile, prediction, within=False)
+    if accept_pause:
+        return Decision(
+            Action.PAUSE,
+            f"{why}: the profile allows no way to finish now, but the operator accepted a "
+            f"pause; pausing for about {duration_text(pause)} to copy the {left}",
+            prediction,
+        )
+    return None
+
+
+def _handover(
+    why: str,
+    left: str,
+    copy: float | None,
+    profile: Profile,
+    prediction: Prediction,
+    within: bool,
+) -> Decision:
+    limit = f"limit {duration_text(profile.max_degraded)}"
+    bound = limit if within else f"above the profile's {limit}"
+    return Decision(
+        Action.HANDOVER,
+        f"{why}: handing over with {left}, about {duration_text(copy)} of degraded "
+        f"running on the destination ({bound})",
+        prediction,
+    )
+
+
+def _pause(
+    why: str,
+    left: str,
+    pause: float | None,
+    profile: Profile,
+    prediction: Prediction,
+    within: bool,
+) -> Decision:
+    limit = f"limit {duration_text(profile.max_pause)}"
+    bound = limit if within else f"above the profile's {limit}"
+    return Decision(
+        Action.PAUSE,
+        f"{why}: pausing the instance for about {duration_text(pause)} to copy the {left} "
+        f"({bound})",
+        prediction,
+    )
+
+
+def nothing_allowed(profile: Profile, ctx: MigrationContext) -> str:
+    """Which permissions are missing, as a phrase."""
+    parts = [f"a blackout of at most {duration_text(profile.max_blackout)} is too short"]
+    if profile.handover_allowed and not ctx.plan.arm_handover:
+        parts.append("handover was not armed when this migration started")
+    elif not profile.handover_allowed:
+        parts.append("handover is forbidden")
+    if not profile.may_pause:
+        parts.append("pausing is not allowed")
+    return ", ".join(parts)
+
+
+def force_complete(
+    profile: Profile,
+    history: Sequence[Sample],
+    ctx: MigrationContext,
+    now: float,
+    accept_pause: bool,
+    settings: PolicySettings = DEFAULT,
+) -> Decision:
+    """Finish now with the least disruptive method the profile allows.
+
+    Raises `ForceRefused` when the profile allows none and `accept_pause` is False.
+    """
+    analysis = analyse(history, ctx, settings)
+    done = already_finishing(history, ctx)
+    if done is not None:
+        return Decision(
+            Action.CONTINUE,
+            f"nothing to force: {done}",
+            analysis.prediction(settings.device_state_seconds),
+        )
+    decision = finish_now(profile, analysis, ctx, accept_pause, "finishing on request", settings)
+    if decision is None:
+        size = format_size(analysis.finish_remaining)
+        raise ForceRefused(
+            f"profile {profile.name!r} allows no way to finish now with {size} left: "
+            f"{nothing_allowed(profile, ctx)}; accept a pause to force it"
+        )
+    return decision

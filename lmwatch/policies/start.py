@@ -1,0 +1,75 @@
+"""`plan_start`: how to start a migration, and `deadline_at`.
+
+Handover and slow-down can only be used later when armed at start, so arm them
+whenever the profile allows them and the hosts can do them.
+"""
+
+from __future__ import annotations
+
+from lmwatch.model import Capabilities, InstanceInfo, StartPlan
+from lmwatch.policies.estimators import DEFAULT, PolicySettings, duration_text, rate_text
+from lmwatch.profiles.schema import Profile
+from lmwatch.units import format_size
+
+
+def deadline_at(profile: Profile, memory_bytes: int, started_at: float) -> float | None:
+    """Absolute clock time of the profile's deadline, or None when it has none."""
+    seconds = profile.deadline_seconds(memory_bytes)
+    return None if seconds is None else started_at + seconds
+
+
+def plan_start(
+    profile: Profile,
+    info: InstanceInfo,
+    capabilities: Capabilities,
+    change_rate: float | None,
+    bandwidth: float | None,
+    settings: PolicySettings = DEFAULT,
+) -> StartPlan:
+    """Arm what the profile allows and the hosts support; pick the first budget."""
+    arm_handover = profile.handover_allowed and capabilities.handover
+    arm_slow_down = profile.may_slow_down and capabilities.slow_down
+    budget = min(settings.initial_blackout, profile.max_blackout)
+    parts = [
+        f"{info.name} ({format_size(info.memory_bytes)}) starts with a "
+        f"{duration_text(budget)} blackout budget (limit {duration_text(profile.max_blackout)})"
+    ]
+
+    if arm_handover:
+        parts.append("handover armed")
+    elif profile.handover_allowed:
+        parts.append("handover allowed but not supported between these hosts")
+
+    stuck = (
+        change_rate is not None
+        and bandwidth is not None
+        and bandwidth > 0
+        and change_rate >= bandwidth * (1 - settings.convergence_margin)
+    )
+    initial = settings.slow_down_initial
+    if arm_slow_down:
+        if stuck:
+            assert change_rate is not None and bandwidth is not None
+            wanted = 1 - bandwidth * (1 - settings.convergence_margin) / change_rate
+            initial = round(min(settings.max_initial_slowdown, max(initial, wanted)), 2)
+            parts.append(
+                f"slow-down armed at {initial:.0%} from the start because the guest changes "
+                f"{rate_text(change_rate)} and the link moves {rate_text(bandwidth)}"
+            )
+        else:
+            parts.append("slow-down armed")
+    elif profile.may_slow_down:
+        parts.append("slow-down allowed but not supported between these hosts")
+    elif stuck:
+        parts.append(
+            f"copying is not expected to converge on its own (the guest changes "
+            f"{rate_text(change_rate)}, the link moves {rate_text(bandwidth)})"
+        )
+
+    return StartPlan(
+        arm_handover=arm_handover,
+        arm_slow_down=arm_slow_down,
+        blackout_budget=budget,
+        slow_down_initial=initial,
+        reason="; ".join(parts),
+    )

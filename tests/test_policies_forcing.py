@@ -1,0 +1,141 @@
+"""force_complete(): least disruptive method, refusal, accepted pause."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmwatch.model import Action
+from lmwatch.policies import DEFAULT, ForceRefused, force_complete
+from lmwatch.profiles.schema import Profile
+
+try:
+    from test_policies_support import context, history, plan, workload
+except ImportError:  # tests collected as a package
+    from tests.test_policies_support import (  # type: ignore[no-redef]
+        context,
+        history,
+        plan,
+        workload,
+    )
+
+STUCK = workload(2048, 150, 100, 1024)  # about 10s to copy the working set
+SMALL = workload(2048, 150, 100, 100)  # about 1s
+
+
+@pytest.mark.parametrize(
+    ("w", "profile", "arm_handover", "expected", "words"),
+    [
+        (SMALL, Profile(name="a", max_blackout=2.0), False, Action.RAISE_BLACKOUT, "raising"),
+        (
+            STUCK,
+            Profile(name="b", handover="allowed", max_degraded=30),
+            True,
+            Action.HANDOVER,
+            "limit 30.0s",
+        ),
+        (
+            STUCK,
+            Profile(name="c", may_pause=True, max_pause=30),
+            False,
+            Action.PAUSE,
+            "limit 30.0s",
+        ),
+        # handover beyond max_degraded is still preferred to refusing
+        (
+            STUCK,
+            Profile(name="d", handover="allowed", max_degraded=2),
+            True,
+            Action.HANDOVER,
+            "above the profile's limit",
+        ),
+        # pause beyond max_pause is reported as such
+        (
+            STUCK,
+            Profile(name="e", may_pause=True, max_pause=1),
+            False,
+            Action.PAUSE,
+            "above the profile's limit 1.0s",
+        ),
+        # a pause that fits beats a handover that does not
+        (
+            STUCK,
+            Profile(name="f", handover="allowed", max_degraded=2, may_pause=True, max_pause=30),
+            True,
+            Action.PAUSE,
+            "limit 30.0s",
+        ),
+    ],
+)
+def test_least_disruptive_method(w, profile, arm_handover, expected, words) -> None:  # type: ignore[no-untyped-def]
+    samples = history(w, max_passes=3)
+    decision = force_complete(
+        profile, samples, context(w, plan(handover=arm_handover)), samples[-1].time, False
+    )
+    assert decision.action is expected
+    assert words in decision.reason
+    assert decision.prediction is not None and decision.prediction.blackout_seconds is not None
+    if expected is Action.RAISE_BLACKOUT:
+        assert decision.blackout_budget is not None
+        assert 0.3 < decision.blackout_budget <= profile.max_blackout
+
+
+def test_refuses_when_nothing_is_allowed() -> None:
+    samples = history(STUCK, max_passes=3)
+    profile = Profile(name="strict", handover="allowed")
+    with pytest.raises(ForceRefused) as refused:
+        force_complete(profile, samples, context(STUCK, plan(handover=False)), 0.0, False)
+    assert "not armed" in refused.value.reason
+    assert "strict" in refused.value.reason
+
+
+def test_pauses_when_the_operator_accepts_it() -> None:
+    samples = history(STUCK, max_passes=3)
+    decision = force_complete(Profile(name="strict"), samples, context(STUCK), 0.0, True)
+    assert decision.action is Action.PAUSE
+    assert "operator accepted" in decision.reason
+    assert decision.prediction is not None
+
+
+def test_already_paused_needs_nothing() -> None:
+    samples = history(STUCK, max_passes=3)
+    decision = force_complete(Profile(name="p"), samples, context(STUCK, paused=True), 0.0, False)
+    assert decision.action is Action.CONTINUE
+
+
+def test_budget_already_enough() -> None:
+    samples = history(SMALL, max_passes=3)
+    ctx = context(SMALL, plan(budget=1.5))
+    decision = force_complete(Profile(name="p", max_blackout=2.0), samples, ctx, 0.0, False)
+    assert decision.action is Action.CONTINUE
+    assert "already covers" in decision.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.01, 5.0), st.booleans(), st.booleans(), st.booleans(), st.integers(1, 5))
+def test_force_never_exceeds_the_profile_silently(  # type: ignore[no-untyped-def]
+    max_blackout, handover, armed, accept, passes
+) -> None:
+    samples = history(STUCK, max_passes=passes)
+    profile = Profile(
+        name="p", max_blackout=max_blackout, handover="allowed" if handover else "forbidden"
+    )
+    try:
+        decision = force_complete(
+            profile, samples, context(STUCK, plan(handover=armed)), 0.0, accept
+        )
+    except ForceRefused as refused:
+        assert not accept and not (handover and armed)
+        assert refused.reason
+        return
+    assert decision.prediction is not None and decision.reason
+    if decision.action is Action.HANDOVER:
+        assert handover and armed
+    if decision.action is Action.PAUSE:
+        assert accept
+    if decision.action is Action.RAISE_BLACKOUT:
+        assert decision.blackout_budget is not None
+        assert decision.blackout_budget <= max_blackout
+        assert decision.prediction.blackout_seconds is not None
+    assert DEFAULT.device_state_seconds >= 0

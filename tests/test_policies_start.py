@@ -1,0 +1,66 @@
+"""plan_start() and deadline_at()."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmwatch.model import GIB, MIB, Capabilities, InstanceInfo
+from lmwatch.policies import DEFAULT, deadline_at, plan_start
+from lmwatch.profiles.schema import Deadline, Profile
+
+INFO = InstanceInfo(name="vm1", uuid="u", host="a", memory_bytes=4 * GIB)
+
+
+@pytest.mark.parametrize(
+    ("profile", "caps", "arm_h", "arm_s", "budget"),
+    [
+        (Profile(name="p"), Capabilities(), False, False, 0.3),
+        (Profile(name="p", handover="allowed"), Capabilities(), True, False, 0.3),
+        (Profile(name="p", handover="allowed"), Capabilities(handover=False), False, False, 0.3),
+        (Profile(name="p", may_slow_down=True), Capabilities(), False, True, 0.3),
+        (Profile(name="p", may_slow_down=True), Capabilities(slow_down=False), False, False, 0.3),
+        (Profile(name="p", max_blackout=0.1), Capabilities(), False, False, 0.1),
+    ],
+)
+def test_arming_table(profile, caps, arm_h, arm_s, budget) -> None:  # type: ignore[no-untyped-def]
+    plan = plan_start(profile, INFO, caps, None, None)
+    assert plan.arm_handover is arm_h
+    assert plan.arm_slow_down is arm_s
+    assert plan.blackout_budget == pytest.approx(budget)
+    assert plan.slow_down_initial == pytest.approx(DEFAULT.slow_down_initial)
+    assert plan.reason
+    if profile.handover_allowed and not caps.handover:
+        assert "not supported" in plan.reason
+
+
+def test_higher_initial_slowdown_when_start_estimate_says_stuck() -> None:
+    profile = Profile(name="p", may_slow_down=True)
+    plan = plan_start(profile, INFO, Capabilities(), 150 * MIB, 100 * MIB)
+    assert plan.arm_slow_down
+    assert DEFAULT.slow_down_initial < plan.slow_down_initial <= DEFAULT.max_initial_slowdown
+    assert 150 * (1 - plan.slow_down_initial) < 100  # enough to bring D below B
+    assert "150.0MiB/s" in plan.reason
+    capped = plan_start(profile, INFO, Capabilities(), 1500 * MIB, 100 * MIB)
+    assert capped.slow_down_initial == pytest.approx(DEFAULT.max_initial_slowdown)
+    calm = plan_start(profile, INFO, Capabilities(), 10 * MIB, 100 * MIB)
+    assert calm.slow_down_initial == pytest.approx(DEFAULT.slow_down_initial)
+
+
+def test_stuck_without_slowing_says_so() -> None:
+    plan = plan_start(Profile(name="p"), INFO, Capabilities(), 150 * MIB, 100 * MIB)
+    assert not plan.arm_slow_down
+    assert "not expected to converge" in plan.reason
+
+
+@pytest.mark.parametrize(
+    ("deadline", "memory", "expected"),
+    [
+        (None, 4 * GIB, None),
+        (Deadline(fixed=600), 4 * GIB, 1600.0),
+        (Deadline(per_gib=60, min=300), 4 * GIB, 1300.0),
+        (Deadline(per_gib=60, min=300), 1 * GIB, 1300.0),
+        (Deadline(per_gib=60, max=100), 4 * GIB, 1100.0),
+    ],
+)
+def test_deadline_at(deadline: Deadline | None, memory: int, expected: float | None) -> None:
+    assert deadline_at(Profile(name="p", deadline=deadline), memory, 1000.0) == expected

@@ -1,0 +1,218 @@
+"""Synthetic pass-by-pass migrations for the policy tests (no tests here).
+
+The model is DESIGN.md section 4: pass 1 copies all memory `M` at `B`; each later
+pass starts with what the guest dirtied during the previous one,
+`R(n+1) = min(W, D_eff * t_pass(n))`, and the hypervisor completes once
+`R <= B * budget`. Slowing (when armed) steps the throttle up every few passes
+while copying does not converge, and `D_eff = D * (1 - slowdown)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from lmwatch.model import (
+    MIB,
+    Action,
+    Decision,
+    MigrationContext,
+    Phase,
+    Sample,
+    StartPlan,
+)
+from lmwatch.profiles.schema import Profile
+
+
+@dataclass(frozen=True)
+class Workload:
+    memory: int
+    change: float  # bytes/s the guest rewrites when not slowed
+    bandwidth: float  # bytes/s
+    working_set: int  # bytes the guest keeps rewriting
+
+
+def plan(
+    handover: bool = False, slow_down: bool = False, budget: float = 0.3, **kw: float
+) -> StartPlan:
+    return StartPlan(arm_handover=handover, arm_slow_down=slow_down, blackout_budget=budget, **kw)
+
+
+def context(
+    workload: Workload,
+    start_plan: StartPlan | None = None,
+    budget: float | None = None,
+    deadline_at: float | None = None,
+    **kw: bool,
+) -> MigrationContext:
+    start_plan = start_plan or plan()
+    return MigrationContext(
+        started_at=0.0,
+        memory_bytes=workload.memory,
+        plan=start_plan,
+        blackout_budget=start_plan.blackout_budget if budget is None else budget,
+        deadline_at=deadline_at,
+        **kw,
+    )
+
+
+def history(
+    w: Workload,
+    max_passes: int = 6,
+    budget: float = 0.3,
+    slowdown: float = 0.0,
+    polls_per_pass: int = 3,
+    report_change: bool = True,
+    start: float = 0.0,
+) -> list[Sample]:
+    """Open loop: samples of `max_passes` passes (or fewer if it completes)."""
+    samples: list[Sample] = []
+    state = _State(time=start, remaining=w.memory, budget=budget, slowdown=slowdown)
+    for n in range(1, max_passes + 1):
+        for sample in _pass_samples(w, state, n, polls_per_pass, report_change):
+            samples.append(sample)
+        if _end_pass(w, state, n):
+            samples.append(_sample(w, state, n + 1, Phase.COMPLETING, report_change))
+            break
+    return samples
+
+
+@dataclass
+class _State:
+    time: float
+    remaining: float
+    budget: float
+    slowdown: float
+    transferred: float = 0.0
+    pass_start: float = 0.0
+    pass_size: float = 0.0
+
+
+def _effective_change(w: Workload, state: _State) -> float:
+    return w.change * (1 - state.slowdown)
+
+
+def _sample(w: Workload, state: _State, n: int, phase: Phase, report_change: bool) -> Sample:
+    return Sample(
+        time=state.time,
+        memory_total=w.memory,
+        memory_remaining=int(state.remaining),
+        memory_transferred=int(state.transferred),
+        transfer_rate=w.bandwidth,
+        change_rate=_effective_change(w, state) if (n >= 2 and report_change) else 0.0,
+        passes=n,
+        phase=phase,
+        blackout_budget=state.budget,
+        slowdown=state.slowdown,
+    )
+
+
+def _pass_samples(
+    w: Workload, state: _State, n: int, polls: int, report_change: bool
+) -> list[Sample]:
+    """Samples within pass `n`; leaves the state at the end of the pass."""
+    size = state.remaining
+    duration = size / w.bandwidth
+    base = state.transferred
+    state.pass_start = state.time
+    samples = []
+    for k in range(polls):
+        moved = size * k / polls
+        state.remaining = size - moved
+        state.time = state.pass_start + duration * k / polls
+        state.transferred = base + moved
+        samples.append(_sample(w, state, n, Phase.COPYING, report_change))
+    state.transferred = base + size
+    state.time = state.pass_start + duration
+    state.pass_size = duration
+    return samples
+
+
+def _end_pass(w: Workload, state: _State, n: int) -> bool:
+    """Start the next pass; True when the hypervisor completes instead."""
+    duration = state.pass_size
+    state.remaining = min(w.working_set, _effective_change(w, state) * duration)
+    return state.remaining <= w.bandwidth * state.budget
+
+
+@dataclass
+class Run:
+    samples: list[Sample] = field(default_factory=list)
+    decisions: list[tuple[float, Decision]] = field(default_factory=list)
+    budgets: list[float] = field(default_factory=list)
+    outcome: str = "running"  # completed | handover | pause | cancel | running
+    blackout: float | None = None
+    ended_at: float | None = None
+
+    @property
+    def actions(self) -> list[Action]:
+        return [d.action for _, d in self.decisions]
+
+    def first(self, action: Action) -> tuple[float, Decision] | None:
+        return next(((t, d) for t, d in self.decisions if d.action is action), None)
+
+
+DecideFn = Callable[[Profile, Sequence[Sample], MigrationContext, float], Decision]
+
+
+def simulate(
+    decide: DecideFn,
+    profile: Profile,
+    w: Workload,
+    start_plan: StartPlan,
+    deadline_at: float | None = None,
+    polls_per_pass: int = 3,
+    max_passes: int = 60,
+    slow_down_passes_per_step: int = 2,
+) -> Run:
+    """Closed loop: poll, decide, apply, until it ends or `max_passes` passes."""
+    run = Run()
+    ctx = context(w, start_plan, deadline_at=deadline_at)
+    state = _State(time=0.0, remaining=w.memory, budget=ctx.blackout_budget, slowdown=0.0)
+    run.budgets.append(state.budget)
+    for n in range(1, max_passes + 1):
+        size = state.remaining
+        duration = size / w.bandwidth
+        state.pass_start = state.time
+        base = state.transferred
+        for k in range(polls_per_pass):
+            state.time = state.pass_start + duration * k / polls_per_pass
+            state.remaining = size * (1 - k / polls_per_pass)
+            state.transferred = base + size * k / polls_per_pass
+            sample = _sample(w, state, n, Phase.COPYING, True)
+            run.samples.append(sample)
+            ctx = replace(ctx, blackout_budget=state.budget)
+            decision = decide(profile, run.samples, ctx, state.time)
+            run.decisions.append((state.time, decision))
+            if decision.action is Action.RAISE_BLACKOUT:
+                assert decision.blackout_budget is not None
+                state.budget = decision.blackout_budget
+                run.budgets.append(state.budget)
+            elif decision.action is not Action.CONTINUE:
+                run.outcome = decision.action.value
+                run.ended_at = state.time
+                return run
+        state.time = state.pass_start + duration
+        state.transferred = base + size
+        state.pass_size = duration
+        if _end_pass(w, state, n):
+            run.outcome = "completed"
+            run.blackout = state.remaining / w.bandwidth
+            run.ended_at = state.time
+            return run
+        converging = _effective_change(w, state) < w.bandwidth
+        if start_plan.arm_slow_down and not converging and n % slow_down_passes_per_step == 0:
+            if state.slowdown < start_plan.slow_down_initial:
+                state.slowdown = start_plan.slow_down_initial
+            else:
+                state.slowdown = min(0.99, state.slowdown + start_plan.slow_down_step)
+    return run
+
+
+def workload(memory_mib: float, change_mib: float, bandwidth_mib: float, ws_mib: float) -> Workload:
+    return Workload(
+        memory=int(memory_mib * MIB),
+        change=change_mib * MIB,
+        bandwidth=bandwidth_mib * MIB,
+        working_set=int(ws_mib * MIB),
+    )

@@ -22,7 +22,7 @@ kdir=$(ls -d "$CACHE"/kernel/linux-image-6.1.0-*-amd64 2>/dev/null | sort -V | t
 if [[ -z "$kdir" || ! -s "$kdir/vmlinuz" ]]; then
     pkg=$(apt-cache pkgnames linux-image-6.1.0- | grep -E '^linux-image-6\.1\.0-[0-9]+-amd64$' | sort -V | tail -1)
     [[ -n "$pkg" ]] || { echo "guest: no linux-image-6.1.0-*-amd64 known to apt (apt-get update?)" >&2; exit 1; }
-    tmp=$(mktemp -d)
+    tmp=$(mktemp -d); chmod 755 "$tmp"; chown _apt "$tmp" 2>/dev/null || true   # apt downloads as _apt
     echo "guest: downloading $pkg"
     (cd "$tmp" && apt-get download -q "$pkg" >/dev/null)
     dpkg-deb -x "$tmp"/linux-image-*.deb "$tmp/x"
@@ -54,4 +54,6 @@ cp "$tmp/initrd.img" "$out.tmp/initrd.img"
 basename "$kdir" > "$out.tmp/KERNEL"
 rm -rf "$out" && mv "$out.tmp" "$out"
 ln -sfn "guest-$hash" "$CACHE/current"
+# drop guests built from older sources (running rig guests keep their open files)
+find "$CACHE" -maxdepth 1 -name 'guest-*' ! -name "guest-$hash" -exec rm -rf {} +
 echo "guest: built $out ($(basename "$kdir"), initrd $(stat -c %s "$out/initrd.img") bytes)"

@@ -1,0 +1,491 @@
+"""rigctl — helpers for tests that use the real two-host libvirt + QEMU rig.
+
+Stdlib + libvirt-python only (no lmwatch imports), importable from tests:
+
+    import sys; sys.path.insert(0, "rig")      # or put rig/ on PYTHONPATH
+    import rigctl
+    ok, why = rigctl.rig_available()
+    dom = rigctl.define_guest("a", "vm1", write_mib=32, rate_mib=40, labels={"tier": "database"})
+    rigctl.wait_heartbeat("vm1", timeout=60)
+    dom.migrateToURI3(rigctl.host_uri("b"), rigctl.migrate_params(), rigctl.MIGRATE_FLAGS)
+
+The rig is brought up by rig/setup.sh (once) and rig/up.sh, and torn down by rig/down.sh.
+
+Serial logs (the guest's heartbeats): every guest's serial console goes to the file
+``/var/log/libvirt/qemu/<name>.serial.log`` *as seen by the host's libvirtd*; each host
+has its own /var/log/libvirt, so on the machine the files are
+``$LMWATCH_RIG_DIR/a/log/qemu/<name>.serial.log`` and ``.../b/log/...``.  After a
+migration the destination's QEMU opens (appends to) the file of the destination host:
+the source file ends with the last heartbeat before the switch, the destination file
+continues the same counter ``n``.  ``last_heartbeat`` reads the file of the host
+where the guest runs (newest file when it runs nowhere or on both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import time
+from xml.sax.saxutils import escape, quoteattr
+
+try:  # importable without libvirt-python, so that rig_available() can say why
+    import libvirt  # type: ignore
+except ImportError:  # pragma: no cover - reported by rig_available()
+    libvirt = None  # type: ignore
+
+HOSTS: tuple[str, str] = ("a", "b")
+RIG_DIR = os.environ.get("LMWATCH_RIG_DIR", "/run/lmwatch-rig")
+CACHE_DIR = os.environ.get("LMWATCH_RIG_CACHE", "/var/cache/lmwatch-rig")
+GUEST_DIR = os.path.join(CACHE_DIR, "current")
+KERNEL = os.path.join(GUEST_DIR, "vmlinuz")
+INITRD = os.path.join(GUEST_DIR, "initrd.img")
+RIG_SRC = os.path.dirname(os.path.abspath(__file__))
+LABELS_NS = "https://lmwatch.dev/xmlns/labels/1"
+EMULATOR = "/usr/bin/qemu-system-x86_64"
+# the path inside each host's view; bind-mounted to $RIG_DIR/<host>/log/qemu/
+GUEST_SERIAL_PATH = "/var/log/libvirt/qemu/{name}.serial.log"
+
+_HB_RE = re.compile(r"^hb ((?:\w+=\d+ ?)+)\s*$")
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+def host_dir(host: str) -> str:
+    if host not in HOSTS:
+        raise ValueError(f"unknown rig host {host!r} (expected 'a' or 'b')")
+    return os.path.join(RIG_DIR, host)
+
+
+def host_socket(host: str) -> str:
+    return os.path.join(host_dir(host), "sock", "libvirt-sock")
+
+
+def host_uri(host: str) -> str:
+    """libvirt URI of rig host "a" or "b"."""
+    return "qemu+unix:///system?socket=" + host_socket(host)
+
+
+URI_A = host_uri("a")
+URI_B = host_uri("b")
+
+
+def other_host(host: str) -> str:
+    _check_host(host)
+    return "b" if host == "a" else "a"
+
+
+def connect(host: str):
+    """A new read-write connection to rig host "a" or "b" (caller closes it)."""
+    _need_libvirt()
+    return libvirt.open(host_uri(host))
+
+
+def migrate_params(**extra) -> dict:
+    """migrateToURI3 parameters that keep QEMU's data on loopback (always pass these)."""
+    _need_libvirt()
+    p = {
+        libvirt.VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1",
+        libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS: "127.0.0.1",
+    }
+    p.update(extra)
+    return p
+
+
+def migrate_flags(postcopy: bool = False, auto_converge: bool = False) -> int:
+    """LIVE|PEER2PEER|PERSIST_DEST|UNDEFINE_SOURCE (+ POSTCOPY / AUTO_CONVERGE)."""
+    _need_libvirt()
+    f = (
+        libvirt.VIR_MIGRATE_LIVE
+        | libvirt.VIR_MIGRATE_PEER2PEER
+        | libvirt.VIR_MIGRATE_PERSIST_DEST
+        | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    )
+    if postcopy:
+        f |= libvirt.VIR_MIGRATE_POSTCOPY
+    if auto_converge:
+        f |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    return f
+
+
+def rig_available() -> tuple[bool, str]:
+    """(True, "") when tests can use the rig, else (False, why) — for pytest.skip."""
+    if libvirt is None:
+        return False, "libvirt-python is not importable (run rig/setup.sh)"
+    if os.geteuid() != 0:
+        return False, "the rig needs root"
+    if not (os.path.isfile(KERNEL) and os.path.isfile(INITRD)):
+        return False, f"rig guest not built ({GUEST_DIR}; run rig/setup.sh)"
+    for h in HOSTS:
+        if not os.path.exists(host_socket(h)):
+            return False, f"rig host {h} is not up (run rig/up.sh)"
+        try:
+            c = libvirt.open(host_uri(h))
+            c.getLibVersion()
+            c.close()
+        except libvirt.libvirtError as e:
+            return False, f"rig host {h} does not answer: {e}"
+    return True, ""
+
+
+def up() -> list[str]:
+    """Run rig/up.sh (idempotent); returns the two URIs."""
+    subprocess.run([os.path.join(RIG_SRC, "up.sh")], check=True, stdout=subprocess.DEVNULL)
+    return [host_uri(h) for h in HOSTS]
+
+
+def down() -> None:
+    subprocess.run([os.path.join(RIG_SRC, "down.sh")], check=True)
+
+
+def restart_host(host: str, what: str = "restart") -> None:
+    """SIGTERM the host's libvirtd and start it again ("stop"/"start" for one half).
+
+    Stopping waits for the daemon to exit: with a migration in flight that can take
+    up to ~30 s.  Running guests survive; the new daemon re-attaches to them."""
+    _check_host(host)
+    subprocess.run([os.path.join(RIG_SRC, "restart-host.sh"), host, what], check=True)
+
+
+# --------------------------------------------------------------------------- guests
+
+
+def domain_xml(
+    name: str,
+    mem_mib: int = 128,
+    write_mib: int = 0,
+    rate_mib: int = 0,
+    labels: dict[str, str] | None = None,
+    selftest: int = 0,
+    vcpus: int = 1,
+) -> str:
+    """Domain XML of a rig guest (type='qemu': TCG, kernel+initramfs, no disk)."""
+    cmdline = (
+        f"console=ttyS0 panic=-1 loglevel=4 mitigations=off "
+        f"lmw.mib={int(write_mib)} lmw.rate={int(rate_mib)} lmw.selftest={int(selftest)}"
+    )
+    meta = ""
+    if labels:
+        items = "".join(
+            f"<lmw:label name={quoteattr(str(k))}>{escape(str(v))}</lmw:label>"
+            for k, v in labels.items()
+        )
+        meta = f'<metadata><lmw:labels xmlns:lmw="{LABELS_NS}">{items}</lmw:labels></metadata>'
+    serial = GUEST_SERIAL_PATH.format(name=name)
+    return f"""<domain type='qemu'>
+  <name>{escape(name)}</name>
+  {meta}
+  <memory unit='MiB'>{int(mem_mib)}</memory>
+  <vcpu>{int(vcpus)}</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{KERNEL}</kernel>
+    <initrd>{INITRD}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{EMULATOR}</emulator>
+    <controller type='usb' model='none'/>
+    <serial type='file'>
+      <source path={quoteattr(serial)} append='on'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def define_guest(
+    host: str,
+    name: str,
+    mem_mib: int = 128,
+    write_mib: int = 0,
+    rate_mib: int = 0,
+    persistent: bool = True,
+    labels: dict[str, str] | None = None,
+    selftest: int = 0,
+    start: bool = True,
+    replace: bool = True,
+):
+    """Define (persistent) or create (transient) and start guest `name` on `host`.
+
+    write_mib/rate_mib: the guest rewrites write_mib MiB at rate_mib MiB/s (0 = idle,
+    memory stamped once and verified every second).  selftest=S flips one bit S s
+    after the writer started (its heartbeat must then show bad>0).  labels become
+    <metadata><lmw:labels xmlns:lmw="https://lmwatch.dev/xmlns/labels/1">.
+    replace=True first destroys/undefines a guest of that name on both hosts and
+    truncates its serial logs.  Returns the virDomain (its connection stays open)."""
+    _need_libvirt()
+    if replace:
+        destroy_everywhere(name)
+    for path in serial_log(name).values():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    xml = domain_xml(name, mem_mib, write_mib, rate_mib, labels, selftest)
+    conn = connect(host)
+    if persistent:
+        dom = conn.defineXML(xml)
+        if start:
+            dom.create()
+    else:
+        if not start:
+            raise ValueError("a transient guest is always started")
+        dom = conn.createXML(xml, 0)
+    return dom
+
+
+def _find(conn, name: str):
+    # listAllDomains instead of lookupByName: a miss must not print libvirt's default error
+    for dom in conn.listAllDomains(0):
+        if dom.name() == name:
+            return dom
+    return None
+
+
+def lookup(host: str, name: str):
+    """virDomain of `name` on `host` (on a new connection), or None."""
+    _need_libvirt()
+    conn = connect(host)
+    dom = _find(conn, name)
+    if dom is None:
+        conn.close()
+    return dom
+
+
+def domain_states(name: str) -> dict[str, tuple[int, int] | None]:
+    """{host: (state, reason) or None when not defined there} (libvirt VIR_DOMAIN_* codes)."""
+    _need_libvirt()
+    out: dict[str, tuple[int, int] | None] = {}
+    for h in HOSTS:
+        conn = connect(h)
+        try:
+            dom = _find(conn, name)
+            st = dom.state() if dom is not None else None
+            out[h] = (st[0], st[1]) if st is not None else None
+        except libvirt.libvirtError:
+            out[h] = None
+        finally:
+            conn.close()
+    return out
+
+
+def where_running(name: str) -> list[str]:
+    """Hosts on which `name` is in state RUNNING (normally zero or one)."""
+    _need_libvirt()
+    return [
+        h
+        for h, st in domain_states(name).items()
+        if st is not None and st[0] == libvirt.VIR_DOMAIN_RUNNING
+    ]
+
+
+def where_active(name: str) -> list[str]:
+    """Hosts on which `name` has a QEMU process (running, paused, incoming, ...)."""
+    _need_libvirt()
+    return [
+        h
+        for h, st in domain_states(name).items()
+        if st is not None and st[0] not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_NOSTATE)
+    ]
+
+
+def destroy_everywhere(name: str) -> None:
+    """Destroy and undefine `name` on both hosts (aborting a migration job first)."""
+    _need_libvirt()
+    for h in HOSTS:
+        try:
+            conn = connect(h)
+        except libvirt.libvirtError:
+            continue
+        dom = _find(conn, name)
+        if dom is None:
+            conn.close()
+            continue
+        try:
+            if dom.isActive():
+                try:
+                    if dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                        dom.abortJob()
+                except libvirt.libvirtError:
+                    pass
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+            if dom.isPersistent():
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.undefine()
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()
+
+
+# --------------------------------------------------------------------------- heartbeats
+
+
+def serial_log(name: str, host: str | None = None):
+    """Serial log path of `name` on `host`, or {host: path} for both hosts."""
+    if host is not None:
+        return os.path.join(host_dir(host), "log", "qemu", f"{name}.serial.log")
+    return {h: serial_log(name, h) for h in HOSTS}
+
+
+def qemu_log(name: str, host: str) -> str:
+    """QEMU's own stdout/stderr log of `name` on `host` (errors at start, migration)."""
+    return os.path.join(host_dir(host), "log", "qemu", f"{name}.log")
+
+
+def parse_heartbeat(line: str) -> dict[str, int] | None:
+    """'hb n=12 gen=3 bad=0 w=...' -> {'n': 12, 'gen': 3, 'bad': 0, ...} or None."""
+    m = _HB_RE.match(line.strip().replace("\r", ""))
+    if not m:
+        return None
+    return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+
+
+def heartbeats(name: str, host: str) -> list[dict[str, int]]:
+    """All heartbeats in `name`'s serial log on `host` (oldest first)."""
+    try:
+        with open(serial_log(name, host), errors="replace") as f:
+            return [hb for hb in map(parse_heartbeat, f) if hb]
+    except FileNotFoundError:
+        return []
+
+
+def _tail_heartbeat(path: str) -> dict[str, int] | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 8192))
+            data = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    for line in reversed(data.splitlines()):
+        hb = parse_heartbeat(line)
+        if hb:
+            return hb
+    return None
+
+
+def last_heartbeat(name: str, host: str | None = None) -> dict[str, int] | None:
+    """Latest heartbeat {'n','gen','bad','w','mib','rate', 'host'} of `name`, or None.
+
+    Without `host`: the serial log of the host where the guest runs; if it runs on
+    none or both (mid-migration), the most recently written log."""
+    if host is None:
+        try:
+            running = where_running(name) if libvirt is not None else []
+        except Exception:
+            running = []
+        if len(running) == 1:
+            host = running[0]
+        else:
+            paths = [
+                (os.stat(p).st_mtime_ns, h)
+                for h, p in serial_log(name).items()
+                if os.path.exists(p)
+            ]
+            if not paths:
+                return None
+            host = max(paths)[1]
+    hb = _tail_heartbeat(serial_log(name, host))
+    if hb is not None:
+        hb["host"] = host  # type: ignore[assignment]
+    return hb
+
+
+def wait_heartbeat(
+    name: str, timeout: float = 60.0, min_n: int = 1, host: str | None = None
+) -> dict[str, int]:
+    """Wait until a heartbeat with n >= min_n appears (guest booted); return it.
+
+    Raises TimeoutError with the tail of the serial log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        hb = last_heartbeat(name, host)
+        if hb is not None and hb["n"] >= min_n:
+            return hb
+        if time.monotonic() > deadline:
+            tails = {h: _tail_text(p) for h, p in serial_log(name).items()}
+            raise TimeoutError(
+                f"no heartbeat n>={min_n} from {name} within {timeout}s; serial tails: {tails}"
+            )
+        time.sleep(0.25)
+
+
+def heartbeats_continue(name: str, seconds: float = 3.0) -> bool:
+    """True if the guest's heartbeat counter advances during `seconds` (at least
+    half as many beats as seconds, and at least one): the guest is alive and running."""
+    first = last_heartbeat(name)
+    time.sleep(seconds)
+    last = last_heartbeat(name)
+    if first is None or last is None:
+        return False
+    return last["n"] - first["n"] >= max(1, int(seconds / 2))
+
+
+def _tail_text(path: str, n: int = 400) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return "<no file>"
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _check_host(host: str) -> None:
+    if host not in HOSTS:
+        raise ValueError(f"unknown rig host {host!r} (expected 'a' or 'b')")
+
+
+def _need_libvirt() -> None:
+    if libvirt is None:
+        raise RuntimeError("libvirt-python is not installed (run rig/setup.sh)")
+
+
+__all__ = [
+    "CACHE_DIR",
+    "GUEST_DIR",
+    "HOSTS",
+    "LABELS_NS",
+    "RIG_DIR",
+    "URI_A",
+    "URI_B",
+    "connect",
+    "define_guest",
+    "destroy_everywhere",
+    "domain_states",
+    "domain_xml",
+    "down",
+    "heartbeats",
+    "heartbeats_continue",
+    "host_dir",
+    "host_socket",
+    "host_uri",
+    "last_heartbeat",
+    "lookup",
+    "migrate_flags",
+    "migrate_params",
+    "other_host",
+    "parse_heartbeat",
+    "qemu_log",
+    "restart_host",
+    "rig_available",
+    "serial_log",
+    "up",
+    "wait_heartbeat",
+    "where_active",
+    "where_running",
+]

@@ -1,0 +1,289 @@
+"""The simulator's inventory: hosts, the links between them, and the instances.
+
+Written the way people write it (`256GiB`, `10Gbit/s`, `30s`) and stored in base
+units (bytes, bytes/second, seconds). The same file format describes the daemon's
+embedded default, the workloads `lmwatch simulate` replays, and test scenarios.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid as uuidlib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from lmwatch.units import parse_duration, parse_rate, parse_size
+
+# Stable uuids for instances that do not name one: uuid5(this namespace, name).
+UUID_NAMESPACE = uuidlib.UUID("6c6d7761-7463-4800-8000-73696d756c61")
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+PositiveSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+Rate = Annotated[float, BeforeValidator(parse_rate), Field(ge=0)]
+PositiveRate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0)]
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+def _canonical_uuid(value: str) -> str:
+    try:
+        return str(uuidlib.UUID(value))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a uuid") from exc
+
+
+class InventoryError(ValueError):
+    """The inventory file cannot be read or does not describe a usable setup."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ConstantRate(_Frozen):
+    """The guest rewrites memory at a steady rate."""
+
+    pattern: Literal["constant"] = "constant"
+    rate: Rate = 0.0
+
+    def at(self, t: float) -> float:
+        return self.rate
+
+    def amount(self, t0: float, t1: float) -> float:
+        """Bytes written between workload times t0 and t1."""
+        return self.rate * max(0.0, t1 - t0)
+
+    def next_change(self, t: float) -> float | None:
+        """Workload time of the next change of rate after t; None if it never changes."""
+        return None
+
+
+class BurstyRate(_Frozen):
+    """`peak` for the first `duty` fraction of every `period`, `base` the rest."""
+
+    pattern: Literal["bursty"]
+    base: Rate = 0.0
+    peak: Rate
+    period: Duration
+    duty: float = Field(default=0.2, ge=0.0, le=1.0)
+
+    def at(self, t: float) -> float:
+        return self.peak if (t % self.period) < self.duty * self.period else self.base
+
+    def _cumulative(self, t: float) -> float:
+        cycles, within = divmod(max(0.0, t), self.period)
+        burst = self.duty * self.period
+        per_cycle = self.peak * burst + self.base * (self.period - burst)
+        in_cycle = self.peak * min(within, burst) + self.base * max(0.0, within - burst)
+        return cycles * per_cycle + in_cycle
+
+    def amount(self, t0: float, t1: float) -> float:
+        return max(0.0, self._cumulative(t1) - self._cumulative(t0))
+
+    def next_change(self, t: float) -> float | None:
+        if self.duty in (0.0, 1.0) or self.peak == self.base:
+            return None
+        start = math.floor(t / self.period) * self.period
+        for edge in (start + self.duty * self.period, start + self.period):
+            if edge > t + 1e-9:
+                return edge
+        return start + self.period + self.duty * self.period
+
+
+class GrowingRate(_Frozen):
+    """Starts at `start` and grows by `per_minute` every minute, up to `max`."""
+
+    pattern: Literal["growing"]
+    start: Rate = 0.0
+    per_minute: Rate
+    max: Rate | None = None
+
+    def at(self, t: float) -> float:
+        value = self.start + self.per_minute * max(0.0, t) / 60.0
+        return value if self.max is None else min(self.max, value)
+
+    def _cumulative(self, t: float) -> float:
+        t = max(0.0, t)
+        slope = self.per_minute / 60.0
+        if self.max is not None and self.start >= self.max:
+            return self.max * t
+        if self.max is None or slope == 0:
+            return self.start * t + slope * t * t / 2
+        t_cap = (self.max - self.start) / slope
+        if t <= t_cap:
+            return self.start * t + slope * t * t / 2
+        return self.start * t_cap + slope * t_cap * t_cap / 2 + self.max * (t - t_cap)
+
+    def amount(self, t0: float, t1: float) -> float:
+        return max(0.0, self._cumulative(t1) - self._cumulative(t0))
+
+    def next_change(self, t: float) -> float | None:
+        if self.per_minute == 0 or (self.max is not None and self.at(t) >= self.max):
+            return None
+        return t  # changes continuously: callers step in small increments
+
+
+RatePattern = Annotated[ConstantRate | BurstyRate | GrowingRate, Field(discriminator="pattern")]
+
+
+def _rate_pattern(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value
+    if isinstance(value, dict):
+        return value if "pattern" in value else {"pattern": "constant", **value}
+    return {"pattern": "constant", "rate": value}
+
+
+class Host(_Frozen):
+    name: str = Field(min_length=1)
+    memory: Size  # free memory for incoming instances
+    handover: bool = True
+    slow_down: bool = True
+
+
+class Link(_Frozen):
+    between: tuple[str, str]
+    bandwidth: PositiveRate  # bytes/s, each direction
+
+
+class Instance(_Frozen):
+    name: str = Field(min_length=1)
+    uuid: Annotated[str, AfterValidator(_canonical_uuid)]
+    host: str
+    memory: PositiveSize
+    working_set: Size  # bytes the guest keeps rewriting (defaults to all of memory)
+    change_rate: Annotated[RatePattern, BeforeValidator(_rate_pattern)] = ConstantRate()
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = dict(value)
+            if value.get("uuid") is None and isinstance(value.get("name"), str):
+                value["uuid"] = str(uuidlib.uuid5(UUID_NAMESPACE, value["name"]))
+            if value.get("working_set") is None and "memory" in value:
+                try:
+                    value["working_set"] = parse_size(value["memory"])
+                except ValueError:
+                    value["working_set"] = 0  # the error about memory says it all
+        return value
+
+    @model_validator(mode="after")
+    def _working_set_fits(self) -> Instance:
+        if self.working_set > self.memory:
+            raise ValueError(
+                f"working_set ({self.working_set} bytes) is larger than memory "
+                f"({self.memory} bytes)"
+            )
+        return self
+
+
+class Inventory(_Frozen):
+    hosts: tuple[Host, ...] = Field(min_length=1)
+    links: tuple[Link, ...] = ()
+    default_bandwidth: PositiveRate = 1024**3
+    instances: tuple[Instance, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Inventory:
+        names = [h.name for h in self.hosts]
+        _no_duplicates("host name", names)
+        _no_duplicates("instance name", [i.name for i in self.instances])
+        _no_duplicates("instance uuid", [i.uuid for i in self.instances])
+        known = set(names)
+        pairs: set[frozenset[str]] = set()
+        for link in self.links:
+            a, b = link.between
+            for end in (a, b):
+                if end not in known:
+                    raise ValueError(f"link names unknown host {end!r}")
+            if a == b:
+                raise ValueError(f"link between {a!r} and itself")
+            pair = frozenset((a, b))
+            if pair in pairs:
+                raise ValueError(f"link between {a!r} and {b!r} is listed twice")
+            pairs.add(pair)
+        for instance in self.instances:
+            if instance.host not in known:
+                raise ValueError(
+                    f"instance {instance.name!r} runs on unknown host {instance.host!r}"
+                )
+        return self
+
+    def host(self, name: str) -> Host | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+    def instance(self, name_or_uuid: str) -> Instance | None:
+        return next(
+            (i for i in self.instances if name_or_uuid in (i.name, i.uuid)),
+            None,
+        )
+
+    def bandwidth(self, a: str, b: str) -> float:
+        """Bytes/s between two hosts (links are symmetric)."""
+        pair = {a, b}
+        for link in self.links:
+            if set(link.between) == pair:
+                return link.bandwidth
+        return self.default_bandwidth
+
+
+def _no_duplicates(what: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what} {value!r} is used twice")
+        seen.add(value)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def load_inventory_text(text: str, *, source: str = "<inventory>") -> Inventory:
+    """Parse and validate an inventory; raises InventoryError with a readable message."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InventoryError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InventoryError(f"{source}: expected a mapping with hosts, links and instances")
+    try:
+        return Inventory.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = _location(tuple(error["loc"]))
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+        raise InventoryError(f"{source}: " + "; ".join(problems)) from exc
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InventoryError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return load_inventory_text(text, source=str(path))
+
+
+def default_inventory() -> Inventory:
+    """The small inventory embedded in the package (lmwatch/data/inventory.yaml)."""
+    text = resources.files("lmwatch").joinpath("data/inventory.yaml").read_text(encoding="utf-8")
+    return load_inventory_text(text, source="lmwatch/data/inventory.yaml")

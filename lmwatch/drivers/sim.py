@@ -1,0 +1,452 @@
+"""The simulator driver: migrations modelled by `simphysics`, hosts from an inventory.
+
+The model is advanced lazily to `clock.now()` on every call, so the same driver
+runs in wall-clock time under the daemon and in virtual time in tests, with no
+background task. Jobs sharing a link (same source and destination) share its
+bandwidth. Instances move between hosts when their migrations complete; the
+inventory is only the starting point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmwatch.clock import Clock
+from lmwatch.drivers.base import (
+    ActionRefused,
+    AlreadyOnDestination,
+    DriverError,
+    HostUnreachable,
+    Incompatible,
+    InsufficientResources,
+    NotOnSource,
+    Refused,
+    UnknownHost,
+    UnknownInstance,
+)
+from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
+from lmwatch.drivers.simphysics import Migration, Side, Tuning
+from lmwatch.model import (
+    Capabilities,
+    InstanceInfo,
+    JobResult,
+    MigrationRequest,
+    Phase,
+    Sample,
+    StartPlan,
+)
+from lmwatch.units import format_size
+
+FAULTS = (
+    "link_break",
+    "link_restore",
+    "destination_refuses",
+    "source_gone",
+    "driver_error_on_sample",
+)
+_MEASURE_WINDOW = 10.0  # seconds a change-rate measurement before start covers
+_WAKE_MARGIN = 1e-3  # seconds past an expected event, so that it has happened
+
+
+@dataclass(slots=True)
+class _Job:
+    migration_id: str
+    request: MigrationRequest
+    instance: Instance
+    source: str
+    destination: str
+    model: Migration
+    settled: bool = False
+
+
+@dataclass(slots=True)
+class _Faults:
+    broken: set[frozenset[str]] = field(default_factory=set)
+    refusing: dict[str, str] = field(default_factory=dict)  # host -> "start" | "job"
+    gone_until: dict[str, float] = field(default_factory=dict)
+    sample_errors: dict[str | None, int] = field(default_factory=dict)  # None: any job
+
+
+class SimDriver:
+    """A Driver whose hypervisor is the migration model."""
+
+    name = "sim"
+
+    def __init__(
+        self,
+        inventory: Inventory,
+        clock: Clock,
+        *,
+        step: float = 0.1,
+        tuning: Tuning | None = None,
+    ) -> None:
+        self.inventory = inventory
+        self.clock = clock
+        self.step = step
+        self.tuning = tuning or Tuning(max_step=step)
+        self._jobs: dict[str, _Job] = {}
+        self._where: dict[str, str | None] = {i.name: i.host for i in inventory.instances}
+        self._free: dict[str, int] = {h.name: h.memory for h in inventory.hosts}
+        self._faults = _Faults()
+        self._last = clock.now()
+
+    # ------------------------------------------------------------ the model
+
+    def _sync(self) -> None:
+        """Advance every running job to the clock's now."""
+        now = self.clock.now()
+        while self._last < now - 1e-12:
+            active = [j for j in self._jobs.values() if not j.model.phase.finished]
+            if not active:
+                break
+            users: dict[tuple[str, str], int] = {}
+            for job in active:
+                if job.model.moving:
+                    key = (job.source, job.destination)
+                    users[key] = users.get(key, 0) + 1
+            for job in active:
+                share = users.get((job.source, job.destination), 1)
+                link = self.inventory.bandwidth(job.source, job.destination)
+                job.model.set_link_bandwidth(link / max(1, share))
+            dt = now - self._last
+            if any(count > 1 for count in users.values()):
+                # Shares change only when a job ends: advance to the next such moment.
+                upcoming = [e for j in active if (e := j.model.next_event_in()) is not None]
+                if upcoming:
+                    dt = min(dt, max(min(upcoming) + 1e-6, 1e-3))
+            for job in active:
+                job.model.advance(dt)
+            self._last += dt
+            self._settle()
+        self._last = max(self._last, now)
+        self._settle()
+
+    def _settle(self) -> None:
+        for job in self._jobs.values():
+            if job.settled or not job.model.phase.finished:
+                continue
+            job.settled = True
+            side = job.model.running_on
+            if side is Side.DESTINATION:
+                self._where[job.instance.name] = job.destination
+                self._free[job.destination] -= job.instance.memory
+                self._free[job.source] += job.instance.memory
+            elif side is Side.NOWHERE:
+                self._where[job.instance.name] = None
+
+    def _reserved(self, host: str) -> int:
+        return sum(
+            j.instance.memory
+            for j in self._jobs.values()
+            if j.destination == host and not j.model.phase.finished
+        )
+
+    def _active_job_of(self, instance: str) -> _Job | None:
+        return next(
+            (
+                j
+                for j in self._jobs.values()
+                if j.instance.name == instance and not j.model.phase.finished
+            ),
+            None,
+        )
+
+    def _host_up(self, host: str) -> bool:
+        return self.clock.now() >= self._faults.gone_until.get(host, float("-inf"))
+
+    def _job(self, migration_id: str) -> _Job:
+        self._sync()
+        job = self._jobs.get(migration_id)
+        if job is None:
+            raise DriverError(f"no migration {migration_id!r} is known to the simulator")
+        if not self._host_up(job.source):
+            raise DriverError(f"{job.source} does not answer")
+        return job
+
+    def _instance(self, name: str) -> Instance:
+        instance = self.inventory.instance(name)
+        if instance is None:
+            raise UnknownInstance(f"no instance named {name!r}")
+        return instance
+
+    def _known_host(self, host: str) -> None:
+        if self.inventory.host(host) is None:
+            raise UnknownHost(f"no host named {host!r}")
+
+    def _info(self, instance: Instance, host: str) -> InstanceInfo:
+        return InstanceInfo(
+            name=instance.name,
+            uuid=instance.uuid,
+            host=host,
+            memory_bytes=instance.memory,
+            labels=dict(instance.labels),
+        )
+
+    # ------------------------------------------------------- for tests / CLI
+
+    def where(self, instance: str) -> str | None:
+        """The host the instance runs on now; None when it was lost."""
+        self._sync()
+        found = self._instance(instance)
+        job = self._active_job_of(found.name)
+        if job is not None and job.model.running_on is Side.DESTINATION:
+            return job.destination
+        return self._where[found.name]
+
+    def instances(self) -> list[InstanceInfo]:
+        """Every instance that still runs somewhere, with its current host."""
+        self._sync()
+        result = []
+        for instance in self.inventory.instances:
+            host = self.where(instance.name)
+            if host is not None:
+                result.append(self._info(instance, host))
+        return result
+
+    def free_memory(self, host: str) -> int:
+        """Memory the host has left for incoming instances (not counting reservations)."""
+        self._sync()
+        self._known_host(host)
+        return self._free[host]
+
+    def inject_fault(self, kind: str, **params: Any) -> None:
+        """Make something go wrong, the way it goes wrong on real hosts.
+
+        - `link_break(between=(a, b))`: copying between a and b stalls; after the
+          link timeout the job fails (instance on the source) — or, when handed
+          over, the instance is lost. `link_restore(between=(a, b))` heals it.
+        - `destination_refuses(host=h, when="start"|"job")`: starting a migration
+          to h raises DriverError, or the job fails within a second. Lasts until
+          `clear_faults()`.
+        - `source_gone(host=h, duration=60)`: h stops answering for `duration`
+          seconds; its migrations go on for a grace period and then fail (or
+          complete on the destination when handed over or fast enough).
+        - `driver_error_on_sample(count=n, migration_id=None)`: the next n `sample`
+          calls raise DriverError (only for that migration when one is named).
+        """
+        self._sync()
+        if kind in ("link_break", "link_restore"):
+            a, b = params["between"]
+            self._known_host(a)
+            self._known_host(b)
+            pair = frozenset((a, b))
+            for job in self._jobs.values():
+                if frozenset((job.source, job.destination)) == pair:
+                    if kind == "link_break":
+                        job.model.break_link()
+                    else:
+                        job.model.restore_link()
+            if kind == "link_break":
+                self._faults.broken.add(pair)
+            else:
+                self._faults.broken.discard(pair)
+        elif kind == "destination_refuses":
+            host = params["host"]
+            self._known_host(host)
+            when = params.get("when", "start")
+            if when not in ("start", "job"):
+                raise ValueError("destination_refuses: when is 'start' or 'job'")
+            self._faults.refusing[host] = when
+        elif kind == "source_gone":
+            host = params["host"]
+            self._known_host(host)
+            duration = float(params.get("duration", 60.0))
+            self._faults.gone_until[host] = self.clock.now() + duration
+            for job in self._jobs.values():
+                if job.source == host:
+                    job.model.lose_source()
+        elif kind == "driver_error_on_sample":
+            target = params.get("migration_id")
+            errors = self._faults.sample_errors
+            errors[target] = errors.get(target, 0) + int(params.get("count", 1))
+        else:
+            raise ValueError(f"unknown fault {kind!r} (known: {', '.join(FAULTS)})")
+        self._sync()
+
+    def clear_faults(self) -> None:
+        """Heal every link, let every host answer and accept instances again."""
+        self._sync()
+        for pair in list(self._faults.broken):
+            a, b = sorted(pair)
+            self.inject_fault("link_restore", between=(a, b))
+        self._faults = _Faults()
+
+    # ------------------------------------------------------ Driver protocol
+
+    async def hosts(self) -> Sequence[str]:
+        return [h.name for h in self.inventory.hosts]
+
+    async def reachable(self) -> dict[str, bool]:
+        self._sync()
+        return {h.name: self._host_up(h.name) for h in self.inventory.hosts}
+
+    async def describe(self, instance: str, host: str | None = None) -> InstanceInfo:
+        self._sync()
+        if host is not None:
+            self._known_host(host)
+        found = self._instance(instance)
+        now_on = self.where(found.name)
+        if now_on is None:
+            raise UnknownInstance(f"instance {found.name!r} was lost and runs nowhere")
+        if not self._host_up(now_on):
+            raise HostUnreachable(f"{now_on} does not answer")
+        if host is not None and host != now_on:
+            raise UnknownInstance(f"instance {found.name!r} does not run on {host}")
+        return self._info(found, now_on)
+
+    async def preflight(self, request: MigrationRequest) -> InstanceInfo:
+        self._sync()
+        source, destination = request.source, request.destination
+        self._known_host(source)
+        self._known_host(destination)
+        if source == destination:
+            raise Refused(f"source and destination are the same host ({source})")
+        for host in (source, destination):
+            if not self._host_up(host):
+                raise HostUnreachable(f"{host} does not answer")
+        found = self._instance(request.instance)
+        now_on = self.where(found.name)
+        if now_on is None:
+            raise UnknownInstance(f"instance {found.name!r} was lost and runs nowhere")
+        if self._active_job_of(found.name) is not None:
+            raise Refused(f"instance {found.name!r} is already migrating")
+        if now_on == destination:
+            raise AlreadyOnDestination(f"instance {found.name!r} already runs on {destination}")
+        if now_on != source:
+            raise NotOnSource(f"instance {found.name!r} runs on {now_on}, not on {source}")
+        free = self._free[destination] - self._reserved(destination)
+        if free < found.memory:
+            raise InsufficientResources(
+                f"{destination} has {format_size(max(0, free))} free, "
+                f"{found.name} needs {format_size(found.memory)}"
+            )
+        return self._info(found, source)
+
+    async def capabilities(self, source: str, destination: str) -> Capabilities:
+        src, dst = self.inventory.host(source), self.inventory.host(destination)
+        if src is None or dst is None:
+            raise UnknownHost(f"no host named {source if src is None else destination!r}")
+        return Capabilities(
+            handover=src.handover and dst.handover,
+            slow_down=src.slow_down,
+            measure_change_rate=True,
+        )
+
+    async def measure_change_rate(self, instance: str, host: str) -> float | None:
+        """What a measurement of some seconds before start sees: the pattern's mean."""
+        self._sync()
+        self._known_host(host)
+        found = self._instance(instance)
+        if not self._host_up(host):
+            raise DriverError(f"{host} does not answer")
+        if self.where(found.name) != host:
+            raise NotOnSource(f"instance {found.name!r} does not run on {host}")
+        if self._active_job_of(found.name) is not None:
+            raise DriverError(f"cannot measure {found.name!r} while it migrates")
+        pattern = found.change_rate
+        window = pattern.period if isinstance(pattern, BurstyRate) else _MEASURE_WINDOW
+        return pattern.amount(0.0, window) / window
+
+    async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
+        self._sync()
+        if migration_id in self._jobs:
+            raise DriverError(f"migration {migration_id!r} was already started")
+        info = await self.preflight(request)
+        caps = await self.capabilities(request.source, request.destination)
+        if plan.arm_handover and not caps.handover:
+            raise Incompatible(f"{request.source} -> {request.destination} cannot hand over")
+        if plan.arm_slow_down and not caps.slow_down:
+            raise Incompatible(f"{request.source} cannot slow instances down")
+        pair = frozenset((request.source, request.destination))
+        if pair in self._faults.broken:
+            raise DriverError(f"cannot reach {request.destination} from {request.source}")
+        refusing = self._faults.refusing.get(request.destination)
+        if refusing == "start":
+            raise DriverError(f"{request.destination} refused the incoming instance")
+        instance = self._instance(info.name)
+        model = Migration(
+            memory=instance.memory,
+            working_set=instance.working_set,
+            change_rate=instance.change_rate,
+            bandwidth=self.inventory.bandwidth(request.source, request.destination),
+            plan=plan,
+            source=request.source,
+            destination=request.destination,
+            tuning=self.tuning,
+        )
+        if refusing == "job":
+            model.refuse()
+        self._jobs[migration_id] = _Job(
+            migration_id, request, instance, request.source, request.destination, model
+        )
+
+    async def sample(self, migration_id: str) -> Sample:
+        job = self._job(migration_id)
+        errors = self._faults.sample_errors
+        for target in (migration_id, None):
+            if errors.get(target, 0) > 0:
+                errors[target] -= 1
+                raise DriverError("the hypervisor did not answer (injected)")
+        return job.model.snapshot(self.clock.now())
+
+    async def result(self, migration_id: str) -> JobResult:
+        job = self._job(migration_id)
+        if not job.model.phase.finished:
+            raise DriverError(f"migration {migration_id!r} is still running")
+        return job.model.result()
+
+    async def set_blackout_budget(self, migration_id: str, seconds: float) -> None:
+        self._job(migration_id).model.set_budget(seconds)
+
+    async def set_bandwidth(self, migration_id: str, bytes_per_second: float | None) -> None:
+        self._job(migration_id).model.set_cap(bytes_per_second)
+
+    async def pause(self, migration_id: str) -> None:
+        self._job(migration_id).model.pause()
+        self._settle()
+
+    async def handover(self, migration_id: str) -> None:
+        self._job(migration_id).model.handover()
+        self._settle()
+
+    async def cancel(self, migration_id: str) -> None:
+        job = self._job(migration_id)
+        if job.model.phase is Phase.HANDOVER or job.model.handed_over:
+            raise ActionRefused("cannot cancel once handed over")
+        job.model.cancel()
+
+    async def reattach(
+        self, migration_id: str, request: MigrationRequest, plan: StartPlan
+    ) -> JobResult | None:
+        self._sync()
+        job = self._jobs.get(migration_id)
+        if job is None:
+            host = (
+                self.where(request.instance) if self.inventory.instance(request.instance) else None
+            )
+            place = f"instance runs on {host}" if host else "instance runs nowhere"
+            return JobResult(
+                phase=Phase.FAILED,
+                error=f"the migration is no longer known to the hypervisor; {place}",
+                running_on=host,
+            )
+        job = self._job(migration_id)
+        return job.model.result() if job.model.phase.finished else None
+
+    async def wait_event(self, migration_id: str, timeout: float) -> None:
+        self._sync()
+        job = self._jobs.get(migration_id)
+        delay = timeout
+        if job is not None:
+            if job.model.phase.finished:
+                delay = 0.0
+            else:
+                upcoming = job.model.next_event_in()
+                if upcoming is not None:
+                    delay = min(timeout, upcoming + _WAKE_MARGIN)
+        await self.clock.sleep(max(0.0, delay))
+
+    async def close(self) -> None:
+        return None

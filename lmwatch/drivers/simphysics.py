@@ -1,0 +1,513 @@
+"""A model of one live migration, advanced in time by `advance(dt)`. Pure: no clock, no I/O.
+
+The numbers follow DESIGN.md §4. Pass 1 copies all of memory M at bandwidth B
+while the guest rewrites pages at change rate D (distinct bytes bounded by its
+writable working set W). Each later pass starts with a short sync (nothing is
+sent, the guest keeps writing) and copies what the previous pass left dirty:
+R(n+1) ≈ min(W, D·(1-s)·t_pass(n)), s being the slow-down level. As soon as the
+remainder fits the blackout budget T (R/B + device state ≤ T) the guest stops and
+the rest is copied. Pause, handover, cancel and faults mirror what the real
+hypervisor was seen to do (shared/RIG.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from lmwatch.drivers.base import ActionRefused
+from lmwatch.model import JobResult, Phase, Sample, StartPlan
+
+_BYTE = 1.0  # tolerance on byte counts (floats)
+_TICK = 1e-9  # tolerance on times
+
+
+class RatePattern(Protocol):
+    """How fast the guest rewrites memory over workload time (seconds since start)."""
+
+    def at(self, t: float) -> float: ...
+
+    def amount(self, t0: float, t1: float) -> float: ...
+
+    def next_change(self, t: float) -> float | None: ...
+
+
+class Side(StrEnum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+    NOWHERE = "nowhere"  # lost: a broken link while handed over
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """Constants of the model; the defaults resemble what the real rig showed."""
+
+    device_state: float = 0.03  # seconds to move device state in the final stop
+    sync_time: float = 0.05  # seconds at each pass start when nothing is sent
+    cancel_delay: float = 0.2  # seconds from cancel to the instance running alone again
+    link_timeout: float = 30.0  # seconds a broken link stalls before the job fails
+    source_grace: float = 30.0  # seconds a vanished source host keeps migrating
+    refuse_delay: float = 0.5  # seconds until a refusing destination fails the job
+    slow_down_ratio: float = 0.5  # a pass is "bad" when it dirtied this share of what it sent
+    slow_down_passes: int = 2  # bad passes in a row before slowing starts
+    slow_down_max: float = 0.99
+    max_step: float = 0.1  # seconds per internal step while the change rate varies
+
+
+class Migration:
+    """One migration from `source` to `destination`, starting at elapsed time 0."""
+
+    def __init__(
+        self,
+        *,
+        memory: int,
+        working_set: int,
+        change_rate: RatePattern,
+        bandwidth: float,
+        plan: StartPlan,
+        source: str = "source",
+        destination: str = "destination",
+        tuning: Tuning | None = None,
+    ) -> None:
+        if memory <= 0 or bandwidth <= 0:
+            raise ValueError("memory and bandwidth must be positive")
+        self.memory = memory
+        self.working_set = min(working_set, memory)
+        self.pattern = change_rate
+        self.plan = plan
+        self.source = source
+        self.destination = destination
+        self.tuning = tuning or Tuning()
+
+        self.link_bandwidth = float(bandwidth)
+        self.cap: float | None = plan.bandwidth
+        self.budget = plan.blackout_budget
+        self.phase = Phase.COPYING
+        self.elapsed = 0.0
+        self.passes = 1
+        self.running_on = Side.SOURCE
+        self.error: str | None = None
+        self.finished_at: float | None = None  # elapsed time the job ended
+        self.pass_remainders: list[float] = [float(memory)]  # bytes to send, per pass
+
+        self._unsent = float(memory)  # bytes still to send in this pass
+        self._dirty = 0.0  # distinct bytes dirtied since this pass began
+        self._sync_left = 0.0
+        self._checked = False  # the early completion check was made in this pass
+        self._pass_started = 0.0
+        self._pass_size = float(memory)
+        self._left = 0.0  # bytes still to move while completing or handed over
+        self._device_left = 0.0
+        self.transferred = 0.0
+        self.measured_change = 0.0  # of the last completed pass
+        self.slowdown = 0.0
+        self.max_slowdown = 0.0
+        self._bad_passes = 0
+        self.paused = False
+        self.handed_over = False
+        self._stopped_at: float | None = None
+        self.blackout: float | None = None
+        self._blackout_known = True
+        self._cancel_at: float | None = None
+        self._refuse_at: float | None = None
+        self.link_up = True
+        self._link_broken_at: float | None = None
+        self._source_lost_at: float | None = None
+        self._frozen: tuple[float, float, float, float] | None = None  # stats at a break
+        self._last_rate = 0.0
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes/s actually available now (link share or cap, whichever is lower)."""
+        if not self.link_up:
+            return 0.0
+        if self.cap is None:
+            return self.link_bandwidth
+        return max(0.0, min(self.link_bandwidth, self.cap))
+
+    @property
+    def remaining(self) -> float:
+        if self.phase in (Phase.COMPLETING, Phase.HANDOVER):
+            return self._left
+        if self.phase is Phase.COMPLETED:
+            return 0.0
+        # Pages still unsent and pages rewritten overlap: the guest writes all over
+        # its domain (memory in pass 1, the working set later), so a rewritten page
+        # is still unsent with probability unsent/domain.
+        domain = float(self.memory if self.passes <= 1 else max(self.working_set, 1))
+        unsent = min(self._unsent, domain)
+        return min(domain, unsent + self._dirty * (1.0 - unsent / domain))
+
+    @property
+    def reported_remaining(self) -> float:
+        """What the hypervisor reports: while copying, only what this pass still has
+        to send (pages rewritten meanwhile are counted at the next pass boundary)."""
+        if self.phase is Phase.COPYING:
+            return self._unsent
+        return self.remaining
+
+    @property
+    def cancelling(self) -> bool:
+        return self._cancel_at is not None and not self.phase.finished
+
+    @property
+    def moving(self) -> bool:
+        """Whether the job uses its link now (for sharing bandwidth between jobs)."""
+        return (
+            not self.phase.finished
+            and self._cancel_at is None
+            and self._refuse_at is None
+            and self.link_up
+        )
+
+    def change_rate_now(self) -> float:
+        """Bytes/s the guest writes now (0 while it is stopped)."""
+        if self.phase is Phase.COMPLETING or self.phase.finished:
+            return 0.0
+        return self.pattern.at(self.elapsed) * (1.0 - self.slowdown)
+
+    def _threshold(self) -> float:
+        return self.bandwidth * max(0.0, self.budget - self.tuning.device_state)
+
+    # --------------------------------------------------------------- controls
+
+    def set_budget(self, seconds: float) -> None:
+        self._refuse_if_ended()
+        self.budget = max(0.0, seconds)
+        self._checked = False
+        self._settle()
+
+    def set_cap(self, bytes_per_second: float | None) -> None:
+        self._refuse_if_ended()
+        self.cap = bytes_per_second
+        self._checked = False
+        self._settle()
+
+    def set_link_bandwidth(self, bytes_per_second: float) -> None:
+        """The share of the link this job gets (the driver divides links between jobs)."""
+        self.link_bandwidth = max(0.0, bytes_per_second)
+
+    def pause(self) -> None:
+        """Stop the guest until the rest is copied; the blackout lasts until completion."""
+        self._refuse_if_ended()
+        if self.phase is Phase.HANDOVER:
+            raise ActionRefused("the instance already runs on the destination")
+        if self.phase is Phase.COMPLETING:
+            self.paused = True
+            return
+        self.paused = True
+        self._stop_and_copy()
+        self._settle()
+
+    def handover(self) -> None:
+        """Resume on the destination now; the rest is fetched while it runs."""
+        self._refuse_if_ended()
+        if not self.plan.arm_handover:
+            raise ActionRefused("handover was not armed when the migration started")
+        if self.phase is Phase.HANDOVER:
+            return
+        if self.phase is Phase.COMPLETING:
+            raise ActionRefused("the instance is already stopped for the final copy")
+        if not self.link_up:
+            raise ActionRefused("the link to the destination is down")
+        self._left = self.remaining
+        self.phase = Phase.HANDOVER
+        self.handed_over = True
+        self.running_on = Side.DESTINATION
+        self.blackout = self.tuning.device_state
+        self._settle()
+
+    def cancel(self) -> None:
+        """Stop migrating; the instance keeps running on the source shortly after."""
+        if self.phase is Phase.HANDOVER:
+            raise ActionRefused("cannot cancel once handed over")
+        self._refuse_if_ended()
+        if self._cancel_at is None:
+            self._cancel_at = self.elapsed + self.tuning.cancel_delay
+
+    # ----------------------------------------------------------------- faults
+
+    def break_link(self) -> None:
+        if self.link_up and not self.phase.finished:
+            self._frozen = (
+                self.reported_remaining,
+                self.transferred,
+                self.measured_change,
+                self._rate(),
+            )
+            self._link_broken_at = self.elapsed
+        self.link_up = False
+
+    def restore_link(self) -> None:
+        self.link_up = True
+        self._link_broken_at = None
+        self._frozen = None
+        self._settle()
+
+    def lose_source(self) -> None:
+        """The source host went away: the job goes on for a grace period, unwatched."""
+        if self._source_lost_at is None and not self.phase.finished:
+            self._source_lost_at = self.elapsed
+            self._blackout_known = False
+
+    def refuse(self) -> None:
+        """The destination refuses the incoming instance: the job fails shortly."""
+        if self._refuse_at is None and not self.phase.finished:
+            self._refuse_at = self.elapsed + self.tuning.refuse_delay
+
+    # ------------------------------------------------------------------- time
+
+    def advance(self, dt: float) -> None:
+        """Move the model forward by dt seconds."""
+        end = self.elapsed + max(0.0, dt)
+        self._settle()
+        while not self.phase.finished and self.elapsed < end - _TICK:
+            step = max(self._time_to_event(minor=True), 1e-6)  # always make progress
+            self._step(min(end - self.elapsed, step))
+            self._settle()
+        if self.phase.finished or self.elapsed < end:
+            self.elapsed = max(self.elapsed, end)
+
+    def next_event_in(self) -> float | None:
+        """Seconds until the next pass boundary or phase change, at current rates."""
+        if self.phase.finished:
+            return None
+        value = self._time_to_event(minor=False)
+        return None if math.isinf(value) else value
+
+    def _rate(self) -> float:
+        return self.bandwidth if self.moving else 0.0
+
+    def _time_to_event(self, *, minor: bool) -> float:
+        times = [math.inf]
+        for at in (self._cancel_at, self._refuse_at):
+            if at is not None:
+                times.append(at - self.elapsed)
+        if self._link_broken_at is not None:
+            times.append(self._link_broken_at + self.tuning.link_timeout - self.elapsed)
+        if self._source_lost_at is not None and self.phase is not Phase.HANDOVER:
+            times.append(self._source_lost_at + self.tuning.source_grace - self.elapsed)
+        if self._cancel_at is not None or self._refuse_at is not None:
+            return max(0.0, min(times))
+        rate = self._rate()
+        if self.phase is Phase.COPYING:
+            writes = self.change_rate_now()
+            if self._sync_left > 0:
+                if minor:
+                    times.append(self._sync_left)
+                elif rate > 0:
+                    times.append(self._sync_left + self._unsent / rate)  # the pass's end
+            elif rate > 0:
+                times.append(self._unsent / rate)
+                excess = self._unsent - self._threshold()
+                if minor and not self._checked and excess > 0:
+                    times.append(excess / rate)  # the early completion check
+            if minor:
+                if writes > 0 and self._dirty < self.working_set:
+                    times.append((self.working_set - self._dirty) / writes)
+                change = self.pattern.next_change(self.elapsed)
+                if change is not None:
+                    times.append(max(change - self.elapsed, 0.0) or self.tuning.max_step)
+        elif self.phase is Phase.COMPLETING:
+            if self._left > _BYTE:
+                if rate > 0:
+                    times.append(self._left / rate)
+            else:
+                times.append(self._device_left)
+        elif self.phase is Phase.HANDOVER and rate > 0:
+            times.append(self._left / rate)
+        return max(0.0, min(times))
+
+    def _step(self, h: float) -> None:
+        if h <= 0:
+            return
+        rate = self._rate()
+        start = self.elapsed
+        self.elapsed += h
+        if rate > 0:
+            self._last_rate = rate
+        if self._cancel_at is not None or self._refuse_at is not None:
+            return
+        if self.phase is Phase.COPYING:
+            if self._sync_left > 0:
+                self._sync_left = max(0.0, self._sync_left - h)
+            else:
+                sent = min(self._unsent, rate * h)
+                self._unsent -= sent
+                self.transferred += sent
+            written = self.pattern.amount(start, self.elapsed) * (1.0 - self.slowdown)
+            self._dirty = min(float(self.working_set), self._dirty + written)
+        elif self.phase in (Phase.COMPLETING, Phase.HANDOVER):
+            if self._left > _BYTE or self.phase is Phase.HANDOVER:
+                sent = min(self._left, rate * h)
+                self._left -= sent
+                self.transferred += sent
+            else:
+                self._device_left = max(0.0, self._device_left - h)
+
+    def _settle(self) -> None:
+        """Apply every discrete change that is due at the current elapsed time."""
+        if self.phase.finished:
+            return
+        now = self.elapsed + _TICK
+        if self._cancel_at is not None and self._cancel_at <= now:
+            self._end(Phase.CANCELLED, Side.SOURCE)
+            return
+        if self._refuse_at is not None and self._refuse_at <= now:
+            self._end(
+                Phase.FAILED,
+                Side.SOURCE,
+                f"{self.destination} refused the incoming instance; "
+                f"it keeps running on {self.source}",
+            )
+            return
+        if (
+            self._link_broken_at is not None
+            and self._link_broken_at + self.tuning.link_timeout <= now
+        ):
+            if self.phase is Phase.HANDOVER:
+                self._end(
+                    Phase.FAILED,
+                    Side.NOWHERE,
+                    f"the link between {self.source} and {self.destination} broke during "
+                    "handover; the instance was lost and runs on neither host",
+                )
+            else:
+                self._end(
+                    Phase.FAILED,
+                    Side.SOURCE,
+                    f"the link between {self.source} and {self.destination} broke; "
+                    f"the instance keeps running on {self.source}",
+                )
+            return
+        if (
+            self._source_lost_at is not None
+            and self.phase is not Phase.HANDOVER
+            and self._source_lost_at + self.tuning.source_grace <= now
+        ):
+            self._end(
+                Phase.FAILED,
+                Side.SOURCE,
+                f"{self.source} went away before the migration could finish; "
+                f"the instance keeps running on {self.source}",
+            )
+            return
+        if self._cancel_at is not None or self._refuse_at is not None:
+            return
+        if self.phase is Phase.COPYING and self._sync_left <= 0 and self.bandwidth > 0:
+            threshold = self._threshold()
+            if self._unsent <= _BYTE:
+                self._end_pass()
+                if self._unsent <= threshold + _BYTE:
+                    self._stop_and_copy()
+            elif not self._checked and self._unsent <= threshold + _BYTE:
+                # Like the hypervisor: once the pass's remainder looks small enough,
+                # count what was rewritten meanwhile and stop if all of it fits.
+                self._checked = True
+                if self.remaining <= threshold + _BYTE:
+                    self._stop_and_copy()
+        if self.phase is Phase.COMPLETING and self._left <= _BYTE and self._device_left <= _TICK:
+            assert self._stopped_at is not None
+            self.blackout = self.elapsed - self._stopped_at
+            self._end(Phase.COMPLETED, Side.DESTINATION)
+        elif self.phase is Phase.HANDOVER and self._left <= _BYTE:
+            self._end(Phase.COMPLETED, Side.DESTINATION)
+
+    def _end_pass(self) -> None:
+        took = self.elapsed - self._pass_started
+        dirtied = self._dirty
+        self.measured_change = dirtied / took if took > 0 else 0.0
+        if self.plan.arm_slow_down and dirtied >= self.tuning.slow_down_ratio * self._pass_size:
+            self._bad_passes += 1
+            if self._bad_passes >= self.tuning.slow_down_passes:
+                if self.slowdown == 0:
+                    self.slowdown = self.plan.slow_down_initial
+                else:
+                    self.slowdown += self.plan.slow_down_step
+                self.slowdown = min(self.tuning.slow_down_max, max(0.0, self.slowdown))
+                self.max_slowdown = max(self.max_slowdown, self.slowdown)
+        else:
+            self._bad_passes = 0
+        self.passes += 1
+        self._pass_started = self.elapsed
+        self._pass_size = dirtied
+        self.pass_remainders.append(dirtied)
+        self._unsent = dirtied
+        self._dirty = 0.0
+        self._sync_left = self.tuning.sync_time
+        self._checked = False
+
+    def _stop_and_copy(self) -> None:
+        self._left = self.remaining
+        self._device_left = self.tuning.device_state
+        self._sync_left = 0.0
+        self._stopped_at = self.elapsed
+        self.phase = Phase.COMPLETING
+
+    def _end(self, phase: Phase, side: Side, error: str | None = None) -> None:
+        self.phase = phase
+        self.finished_at = self.elapsed
+        self.running_on = side
+        self.error = error
+        self._cancel_at = None
+        self._refuse_at = None
+
+    def _refuse_if_ended(self) -> None:
+        if self.phase.finished:
+            raise ActionRefused(f"the migration has already ended ({self.phase.value})")
+        if self.cancelling:
+            raise ActionRefused("the migration is being cancelled")
+
+    # ---------------------------------------------------------------- reports
+
+    def snapshot(self, time: float) -> Sample:
+        remaining, transferred, change, rate = (
+            self._frozen
+            if self._frozen is not None and not self.phase.finished
+            else (
+                self.reported_remaining,
+                self.transferred,
+                self.measured_change,
+                self._current_rate(),
+            )
+        )
+        expected: float | None = None
+        if self.phase in (Phase.COPYING, Phase.COMPLETING) and self.bandwidth > 0:
+            expected = remaining / self.bandwidth
+        return Sample(
+            time=time,
+            memory_total=self.memory,
+            memory_remaining=round(remaining),
+            memory_transferred=round(transferred),
+            transfer_rate=rate,
+            change_rate=0.0 if self.passes <= 1 else change,
+            passes=self.passes,
+            phase=self.phase,
+            blackout_budget=self.budget,
+            slowdown=self.slowdown,
+            expected_blackout=expected,
+        )
+
+    def _current_rate(self) -> float:
+        if self.phase.finished:
+            return self._last_rate
+        return self._rate()
+
+    def result(self) -> JobResult:
+        hosts = {Side.SOURCE: self.source, Side.DESTINATION: self.destination}
+        known = self.phase is Phase.COMPLETED and self._blackout_known
+        return JobResult(
+            phase=self.phase,
+            blackout_seconds=self.blackout if known else None,
+            transferred=round(self.transferred),
+            passes=self.passes,
+            paused=self.paused,
+            handed_over=self.handed_over,
+            slowdown=self.max_slowdown,
+            error=self.error,
+            running_on=hosts.get(self.running_on),
+        )

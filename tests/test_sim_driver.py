@@ -1,0 +1,378 @@
+"""The simulator driver in virtual time: checks, moves, actions, faults, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lmwatch.clock import VirtualClock
+from lmwatch.drivers.base import (
+    ActionRefused,
+    AlreadyOnDestination,
+    Driver,
+    DriverError,
+    HostUnreachable,
+    Incompatible,
+    InsufficientResources,
+    NotOnSource,
+    Refused,
+    UnknownHost,
+    UnknownInstance,
+)
+from lmwatch.drivers.inventory import Inventory, default_inventory, load_inventory_text
+from lmwatch.drivers.sim import SimDriver
+from lmwatch.model import GIB, MIB, MigrationRequest, Phase, StartPlan
+
+INVENTORY = load_inventory_text("""
+hosts:
+  - {name: host-a, memory: 64GiB}
+  - {name: host-b, memory: 64GiB}
+  - {name: host-c, memory: 6GiB, handover: false, slow_down: false}
+links:
+  - {between: [host-a, host-b], bandwidth: 1GiB/s}
+default_bandwidth: 256MiB/s
+instances:
+  - {name: idle, host: host-a, memory: 4GiB, working_set: 64MiB, change_rate: 1MiB/s}
+  - {name: idle-2, host: host-a, memory: 4GiB, working_set: 64MiB, change_rate: 1MiB/s}
+  - {name: busy, host: host-a, memory: 4GiB, working_set: 1GiB, change_rate: 2GiB/s}
+  - {name: big, host: host-a, memory: 8GiB, working_set: 1GiB, change_rate: 1MiB/s}
+  - name: bursty
+    host: host-b
+    memory: 2GiB
+    change_rate: {pattern: bursty, base: 10MiB/s, peak: 110MiB/s, period: 20s, duty: 0.1}
+    labels: {tier: web}
+""")
+
+PLAIN = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+ARMED = StartPlan(arm_handover=True, arm_slow_down=True, blackout_budget=0.3)
+
+
+def request(instance: str, source: str = "host-a", destination: str = "host-b") -> MigrationRequest:
+    return MigrationRequest(instance=instance, source=source, destination=destination)
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+@pytest.fixture
+def driver(clock: VirtualClock) -> SimDriver:
+    return SimDriver(INVENTORY, clock)
+
+
+async def wait(driver: SimDriver, clock: VirtualClock, mid: str, timeout: float) -> float:
+    """Run wait_event in virtual time; returns the virtual seconds it slept."""
+    start = clock.now()
+    task = asyncio.ensure_future(driver.wait_event(mid, timeout))
+    assert await clock.run_until(task.done, limit=timeout + 1)
+    await task
+    return clock.now() - start
+
+
+def test_is_a_driver(driver: SimDriver) -> None:
+    assert isinstance(driver, Driver)
+    assert driver.name == "sim"
+
+
+async def test_idle_migration_moves_the_instance(driver: SimDriver, clock: VirtualClock) -> None:
+    info = await driver.preflight(request("idle"))
+    assert (info.host, info.memory_bytes) == ("host-a", 4 * GIB)
+    free_before = driver.free_memory("host-b")
+    await driver.start("m1", request("idle"), PLAIN)
+    sample = await driver.sample("m1")
+    assert (sample.phase, sample.passes, sample.change_rate) == (Phase.COPYING, 1, 0.0)
+    assert sample.memory_remaining == 4 * GIB
+    await clock.advance(2.0)
+    sample = await driver.sample("m1")
+    assert sample.memory_transferred == pytest.approx(2 * GIB, rel=0.01)
+    assert sample.transfer_rate == 1 * GIB
+    await clock.advance(3.0)
+    result = await driver.result("m1")
+    assert result.phase is Phase.COMPLETED and result.running_on == "host-b"
+    assert result.blackout_seconds is not None and result.blackout_seconds < 0.3
+    assert driver.where("idle") == "host-b"
+    assert driver.free_memory("host-b") == free_before - 4 * GIB
+    assert (await driver.describe("idle")).host == "host-b"
+    # and back again
+    await driver.start("m2", request("idle", "host-b", "host-a"), PLAIN)
+    await clock.advance(10.0)
+    assert driver.where("idle") == "host-a"
+
+
+@pytest.mark.parametrize(
+    ("req", "error", "message"),
+    [
+        (request("idle", "host-z"), UnknownHost, "host-z"),
+        (request("idle", destination="host-z"), UnknownHost, "host-z"),
+        (request("nobody"), UnknownInstance, "nobody"),
+        (request("bursty"), AlreadyOnDestination, "already runs on host-b"),
+        (request("bursty", "host-a", "host-c"), NotOnSource, "runs on host-b"),
+        (request("idle", "host-a", "host-a"), Refused, "same host"),
+        (request("big", "host-a", "host-c"), InsufficientResources, "host-c has"),
+    ],
+)
+async def test_preflight_refusals(
+    driver: SimDriver, req: MigrationRequest, error: type[Refused], message: str
+) -> None:
+    with pytest.raises(error, match=message) as caught:
+        await driver.preflight(req)
+    assert type(caught.value) is error
+    with pytest.raises(error):
+        await driver.start("m", req, PLAIN)
+
+
+async def test_second_migration_and_reserved_memory_are_refused(driver: SimDriver) -> None:
+    await driver.start("m1", request("idle", "host-a", "host-c"), PLAIN)
+    with pytest.raises(Refused, match="already migrating"):
+        await driver.preflight(request("idle", "host-a", "host-c"))
+    # host-c has 6 GiB: the first 4 GiB are reserved while copying
+    with pytest.raises(InsufficientResources):
+        await driver.preflight(request("idle-2", "host-a", "host-c"))
+
+
+async def test_instances_are_found_by_uuid(driver: SimDriver) -> None:
+    uuid = next(i.uuid for i in INVENTORY.instances if i.name == "bursty")
+    info = await driver.describe(uuid)
+    assert (info.name, info.host, dict(info.labels)) == ("bursty", "host-b", {"tier": "web"})
+    with pytest.raises(UnknownInstance):
+        await driver.describe("bursty", host="host-a")
+    assert {i.name for i in driver.instances()} == {i.name for i in INVENTORY.instances}
+
+
+async def test_capabilities_and_arming(driver: SimDriver) -> None:
+    caps = await driver.capabilities("host-a", "host-c")
+    assert not caps.handover and caps.slow_down
+    assert not (await driver.capabilities("host-c", "host-a")).slow_down
+    with pytest.raises(Incompatible):
+        await driver.start("m", request("idle", "host-a", "host-c"), ARMED)
+
+
+async def test_measure_change_rate(driver: SimDriver) -> None:
+    assert await driver.measure_change_rate("busy", "host-a") == 2 * GIB
+    # a burst of 110 MiB/s for 2 s in every 20 s, 10 MiB/s otherwise: mean 20 MiB/s
+    assert await driver.measure_change_rate("bursty", "host-b") == pytest.approx(20 * MIB)
+    with pytest.raises(NotOnSource):
+        await driver.measure_change_rate("busy", "host-b")
+
+
+async def test_never_converging_then_pause(driver: SimDriver, clock: VirtualClock) -> None:
+    await driver.start("m", request("busy"), PLAIN)
+    await clock.advance(600)
+    sample = await driver.sample("m")
+    assert sample.phase is Phase.COPYING and sample.passes > 50
+    assert sample.change_rate > 0 and sample.expected_blackout is not None
+    await driver.pause("m")
+    assert (await driver.sample("m")).phase is Phase.COMPLETING
+    await clock.advance(5)
+    result = await driver.result("m")
+    assert result.phase is Phase.COMPLETED and result.paused
+    assert result.blackout_seconds is not None
+    assert 0.03 < result.blackout_seconds <= 1.0 + 0.03 + 1e-6  # at most W/B + device state
+
+
+async def test_raising_the_budget_completes(driver: SimDriver, clock: VirtualClock) -> None:
+    await driver.start("m", request("busy"), PLAIN)
+    await clock.advance(60)
+    await driver.set_blackout_budget("m", 1.2)
+    assert (await driver.sample("m")).blackout_budget == 1.2
+    await clock.advance(5)
+    result = await driver.result("m")
+    assert result.phase is Phase.COMPLETED and not result.paused
+    assert result.blackout_seconds is not None and result.blackout_seconds <= 1.2
+
+
+async def test_handover_and_cancel_rules(driver: SimDriver, clock: VirtualClock) -> None:
+    await driver.start("plain", request("busy"), PLAIN)
+    await clock.advance(10)
+    with pytest.raises(ActionRefused, match="not armed"):
+        await driver.handover("plain")
+    await driver.cancel("plain")
+    await clock.advance(1)
+    assert (await driver.result("plain")).phase is Phase.CANCELLED
+    assert driver.where("busy") == "host-a"
+
+    await driver.start("armed", request("busy"), ARMED)
+    await clock.advance(10)
+    await driver.handover("armed")
+    assert driver.where("busy") == "host-b"
+    with pytest.raises(ActionRefused, match="cannot cancel once handed over"):
+        await driver.cancel("armed")
+    await clock.advance(5)
+    result = await driver.result("armed")
+    assert result.handed_over and result.blackout_seconds is not None
+    assert result.blackout_seconds < 0.1
+
+
+async def test_bandwidth_cap_and_sharing(driver: SimDriver, clock: VirtualClock) -> None:
+    await driver.start("alone", request("idle"), PLAIN)
+    await driver.set_bandwidth("alone", 512 * MIB)
+    await clock.advance(1)
+    assert (await driver.sample("alone")).transfer_rate == 512 * MIB
+    await driver.set_bandwidth("alone", None)
+    await driver.start("other", request("idle-2"), PLAIN)
+    await clock.advance(1)
+    rates = [(await driver.sample(m)).transfer_rate for m in ("alone", "other")]
+    assert rates == [pytest.approx(0.5 * GIB), pytest.approx(0.5 * GIB)]
+
+
+async def test_wait_event_wakes_at_the_next_pass(driver: SimDriver, clock: VirtualClock) -> None:
+    await driver.start("m", request("busy"), PLAIN)
+    assert await wait(driver, clock, "m", 60.0) == pytest.approx(4.0, abs=0.01)  # 4 GiB at 1 GiB/s
+    assert (await driver.sample("m")).passes == 2
+    assert await wait(driver, clock, "m", 0.5) == pytest.approx(0.5)
+    await driver.cancel("m")
+    assert await wait(driver, clock, "m", 60.0) == pytest.approx(0.2, abs=0.01)
+    assert (await driver.sample("m")).phase is Phase.CANCELLED
+
+
+async def test_reattach(driver: SimDriver, clock: VirtualClock) -> None:
+    await driver.start("m", request("idle"), PLAIN)
+    assert await driver.reattach("m", request("idle"), PLAIN) is None
+    await clock.advance(10)
+    result = await driver.reattach("m", request("idle"), PLAIN)
+    assert result is not None and result.phase is Phase.COMPLETED
+    lost = await driver.reattach("gone", request("busy"), PLAIN)
+    assert lost is not None and lost.phase is Phase.FAILED
+    assert lost.running_on == "host-a"
+    assert lost.error == (
+        "the migration is no longer known to the hypervisor; instance runs on host-a"
+    )
+
+
+async def test_unknown_migration_and_early_result(driver: SimDriver) -> None:
+    with pytest.raises(DriverError, match="no migration"):
+        await driver.sample("nope")
+    await driver.start("m", request("idle"), PLAIN)
+    with pytest.raises(DriverError, match="still running"):
+        await driver.result("m")
+
+
+# ----------------------------------------------------------------------- faults
+
+
+async def test_link_break_fails_after_timeout(driver: SimDriver, clock: VirtualClock) -> None:
+    await driver.start("m", request("big"), PLAIN)
+    await clock.advance(2)
+    driver.inject_fault("link_break", between=("host-b", "host-a"))
+    frozen = await driver.sample("m")
+    await clock.advance(20)
+    assert (await driver.sample("m")).memory_transferred == frozen.memory_transferred
+    await clock.advance(15)
+    result = await driver.result("m")
+    assert result.phase is Phase.FAILED and result.running_on == "host-a"
+    assert driver.where("big") == "host-a"
+    with pytest.raises(DriverError, match="cannot reach"):
+        await driver.start("again", request("big"), PLAIN)
+    driver.clear_faults()
+    await driver.start("again", request("big"), PLAIN)
+
+
+async def test_link_break_during_handover_loses_the_instance(
+    driver: SimDriver, clock: VirtualClock
+) -> None:
+    await driver.start("m", request("busy"), ARMED)
+    await clock.advance(10)
+    await driver.handover("m")
+    driver.inject_fault("link_break", between=("host-a", "host-b"))
+    await clock.advance(40)
+    result = await driver.result("m")
+    assert result.phase is Phase.FAILED and result.error is not None and "lost" in result.error
+    assert driver.where("busy") is None
+    assert "busy" not in {i.name for i in driver.instances()}
+    with pytest.raises(UnknownInstance, match="lost"):
+        await driver.preflight(request("busy"))
+
+
+@pytest.mark.parametrize("when", ["start", "job"])
+async def test_destination_refuses(driver: SimDriver, clock: VirtualClock, when: str) -> None:
+    driver.inject_fault("destination_refuses", host="host-b", when=when)
+    if when == "start":
+        with pytest.raises(DriverError, match="refused the incoming instance"):
+            await driver.start("m", request("idle"), PLAIN)
+        return
+    await driver.start("m", request("idle"), PLAIN)
+    await clock.advance(1)
+    result = await driver.result("m")
+    assert result.phase is Phase.FAILED and result.error is not None
+    assert "refused the incoming instance" in result.error
+    assert driver.where("idle") == "host-a"
+
+
+async def test_source_gone_fails_the_copy(driver: SimDriver, clock: VirtualClock) -> None:
+    await driver.start("m", request("busy"), PLAIN)
+    await clock.advance(5)
+    driver.inject_fault("source_gone", host="host-a", duration=60)
+    with pytest.raises(DriverError, match="host-a does not answer"):
+        await driver.sample("m")
+    assert (await driver.reachable())["host-a"] is False
+    with pytest.raises(HostUnreachable):
+        await driver.preflight(request("idle"))
+    await clock.advance(61)
+    result = await driver.result("m")
+    assert result.phase is Phase.FAILED and result.running_on == "host-a"
+
+
+async def test_source_gone_during_handover_completes(
+    driver: SimDriver, clock: VirtualClock
+) -> None:
+    await driver.start("m", request("busy"), ARMED)
+    await clock.advance(5)
+    await driver.handover("m")
+    driver.inject_fault("source_gone", host="host-a", duration=10)
+    await clock.advance(11)
+    result = await driver.result("m")
+    assert result.phase is Phase.COMPLETED and result.running_on == "host-b"
+    assert driver.where("busy") == "host-b"
+
+
+async def test_injected_sample_errors(driver: SimDriver) -> None:
+    await driver.start("m", request("idle"), PLAIN)
+    driver.inject_fault("driver_error_on_sample", count=2)
+    for _ in range(2):
+        with pytest.raises(DriverError):
+            await driver.sample("m")
+    assert (await driver.sample("m")).phase is Phase.COPYING
+    await driver.start("other", request("idle-2"), PLAIN)
+    driver.inject_fault("driver_error_on_sample", migration_id="m", count=1)
+    assert (await driver.sample("other")).phase is Phase.COPYING
+    with pytest.raises(DriverError):
+        await driver.sample("m")
+    assert (await driver.sample("m")).phase is Phase.COPYING
+    with pytest.raises(ValueError, match="unknown fault"):
+        driver.inject_fault("meteor")
+
+
+# ------------------------------------------------------------- default inventory
+
+
+async def test_default_inventory_is_watchable() -> None:
+    clock = VirtualClock()
+    driver = SimDriver(default_inventory(), clock)
+    inv: Inventory = driver.inventory
+    ends: dict[str, float | None] = {}
+    for instance in inv.instances:
+        source = instance.host
+        destination = "host-b" if source == "host-a" else "host-a"
+        await driver.start(instance.name, request(instance.name, source, destination), PLAIN)
+    await clock.advance(180)
+    for instance in inv.instances:
+        sample = await driver.sample(instance.name)
+        ends[instance.name] = sample.time if sample.phase.finished else None
+    assert ends["web-1"] is not None and ends["cache-1"] is not None
+    assert ends["db-1"] is None and ends["batch-1"] is None
+
+
+async def test_a_link_is_shared_until_one_job_ends(driver: SimDriver, clock: VirtualClock) -> None:
+    await driver.start("small", request("idle"), PLAIN)  # 4 GiB
+    await driver.start("large", request("big"), PLAIN)  # 8 GiB
+    await clock.advance(7.9)
+    assert not (await driver.sample("small")).phase.finished
+    await clock.advance(0.3)  # both at half of 1 GiB/s: the small one ends at ~8 s
+    assert (await driver.sample("small")).phase is Phase.COMPLETED
+    assert (await driver.sample("large")).transfer_rate == 1 * GIB
+    await clock.advance(3.7)
+    assert not (await driver.sample("large")).phase.finished
+    await clock.advance(0.5)  # then alone at full speed: ends at ~12 s
+    assert (await driver.sample("large")).phase is Phase.COMPLETED

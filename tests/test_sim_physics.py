@@ -1,0 +1,398 @@
+"""The migration model against the formulas of DESIGN.md §4 and the rig's observations."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmwatch.drivers.base import ActionRefused
+from lmwatch.drivers.inventory import BurstyRate, ConstantRate, GrowingRate
+from lmwatch.drivers.simphysics import Migration, Side, Tuning
+from lmwatch.model import GIB, MIB, Phase, StartPlan
+
+TUNING = Tuning()
+DEVICE = TUNING.device_state
+
+
+def make(
+    *,
+    memory: int = 4 * GIB,
+    working_set: int | None = None,
+    rate: float = 0.0,
+    bandwidth: float = 1 * GIB,
+    budget: float = 0.3,
+    handover: bool = False,
+    slow_down: bool = False,
+    pattern: ConstantRate | BurstyRate | GrowingRate | None = None,
+) -> Migration:
+    return Migration(
+        memory=memory,
+        working_set=memory if working_set is None else working_set,
+        change_rate=pattern or ConstantRate(rate=rate),
+        bandwidth=bandwidth,
+        plan=StartPlan(arm_handover=handover, arm_slow_down=slow_down, blackout_budget=budget),
+        source="host-a",
+        destination="host-b",
+    )
+
+
+def run(model: Migration, seconds: float, dt: float = 1.0) -> None:
+    end = model.elapsed + seconds
+    while model.elapsed < end - 1e-9 and not model.phase.finished:
+        model.advance(min(dt, end - model.elapsed))
+
+
+def run_to_pass(model: Migration, passes: int, limit: float = 3600.0) -> None:
+    end = model.elapsed + limit
+    while model.passes < passes and model.elapsed < end and not model.phase.finished:
+        model.advance(0.01)
+
+
+# ------------------------------------------------------------------ completion
+
+
+@pytest.mark.parametrize(
+    ("memory", "bandwidth"),
+    [(1 * GIB, 1 * GIB), (4 * GIB, 1 * GIB), (16 * GIB, 1250 * MIB), (2 * GIB, 238 * MIB)],
+)
+def test_idle_instance_completes_in_one_full_copy(memory: int, bandwidth: float) -> None:
+    model = make(memory=memory, working_set=64 * MIB, rate=1 * MIB, bandwidth=bandwidth)
+    run(model, 3600)
+    assert model.phase is Phase.COMPLETED
+    assert model.finished_at is not None
+    one_pass = memory / bandwidth
+    assert one_pass <= model.finished_at <= one_pass + 0.5
+    assert model.blackout is not None and DEVICE <= model.blackout <= 0.3
+    assert model.running_on is Side.DESTINATION
+    assert model.result().running_on == "host-b"
+    assert model.result().transferred >= memory
+
+
+def test_converging_remainder_shrinks_by_change_over_transfer_rate() -> None:
+    bandwidth, rate = 1 * GIB, 256 * MIB
+    model = make(memory=8 * GIB, rate=rate, bandwidth=bandwidth, budget=0.05)
+    run(model, 600)
+    remainders = model.pass_remainders
+    assert len(remainders) >= 4
+    assert remainders[1] == pytest.approx(rate * 8 * GIB / bandwidth, rel=0.01)
+    for before, after in itertools.pairwise(remainders[1:]):
+        # R(n+1) = D · t_pass(n), t_pass = sync + R(n)/B
+        assert after == pytest.approx(rate * (TUNING.sync_time + before / bandwidth), rel=0.01)
+        if before / bandwidth > 10 * TUNING.sync_time:  # far above the floor
+            assert after / before == pytest.approx(rate / bandwidth, abs=0.03)
+
+
+def test_converging_completes_once_remainder_fits_the_budget() -> None:
+    bandwidth, budget = 1 * GIB, 0.3
+    model = make(memory=8 * GIB, rate=256 * MIB, bandwidth=bandwidth, budget=budget)
+    run(model, 600)
+    assert model.phase is Phase.COMPLETED
+    assert model.blackout is not None and model.blackout <= budget + 1e-6
+    final = model.pass_remainders[-1]
+    assert final / bandwidth + DEVICE <= budget + 1e-6
+    # the pass before did not fit, or it would have stopped there
+    assert model.pass_remainders[-2] / bandwidth + DEVICE > budget
+
+
+def test_never_converging_does_not_finish_within_an_hour() -> None:
+    model = make(memory=8 * GIB, working_set=2 * GIB, rate=1500 * MIB, bandwidth=1 * GIB)
+    run(model, 3600, dt=5.0)
+    assert not model.phase.finished
+    assert model.passes > 100
+    # each pass has all of the working set to send again
+    assert all(r == pytest.approx(2 * GIB) for r in model.pass_remainders[1:])
+
+
+def test_raising_the_budget_finishes_a_floor_limited_instance() -> None:
+    working_set, bandwidth = 512 * MIB, 1 * GIB  # floor W/B = 0.5 s
+    model = make(memory=4 * GIB, working_set=working_set, rate=2 * GIB, bandwidth=bandwidth)
+    run(model, 120)
+    assert not model.phase.finished
+    model.set_budget(working_set / bandwidth + 0.1)
+    at = model.elapsed
+    run(model, 10, dt=0.1)
+    assert model.phase is Phase.COMPLETED
+    assert model.finished_at is not None and model.finished_at - at <= 2 * working_set / bandwidth
+    assert model.blackout is not None and model.blackout <= working_set / bandwidth + 0.1
+
+
+def test_change_rate_is_unknown_during_the_first_pass_then_measured() -> None:
+    model = make(memory=4 * GIB, working_set=4 * GIB, rate=100 * MIB, bandwidth=1 * GIB)
+    run(model, 2)
+    assert model.passes == 1
+    assert model.snapshot(2).change_rate == 0.0
+    run_to_pass(model, 2)
+    run(model, 0.01)
+    assert model.snapshot(0).change_rate == pytest.approx(100 * MIB, rel=0.02)
+
+
+def test_measured_change_rate_is_bounded_by_the_working_set() -> None:
+    # the rig: a 32 MiB writer at 40 MiB/s shows about 16 MiB/s
+    model = make(memory=128 * MIB, working_set=32 * MIB, rate=40 * MIB, bandwidth=16 * MIB)
+    run_to_pass(model, 3)
+    sample = model.snapshot(0)
+    t_pass = TUNING.sync_time + 32 * MIB / (16 * MIB)
+    assert sample.change_rate == pytest.approx(32 * MIB / t_pass, rel=0.02)
+    assert sample.change_rate < 40 * MIB
+
+
+def test_reported_remainder_falls_within_a_pass_and_jumps_at_its_end() -> None:
+    model = make(memory=4 * GIB, working_set=1 * GIB, rate=2 * GIB, bandwidth=1 * GIB)
+    first = model.snapshot(0).memory_remaining
+    run(model, 1)
+    assert model.snapshot(1).memory_remaining == pytest.approx(first - 1 * GIB, rel=0.01)
+    run_to_pass(model, 2)
+    assert model.snapshot(0).memory_remaining == pytest.approx(1 * GIB, rel=0.01)
+
+
+# -------------------------------------------------------------------- slow-down
+
+
+def test_slow_down_engages_in_steps_only_when_armed() -> None:
+    unarmed = make(memory=4 * GIB, working_set=2 * GIB, rate=2 * GIB, bandwidth=1 * GIB)
+    run(unarmed, 600)
+    assert unarmed.slowdown == 0.0 and not unarmed.phase.finished
+
+    armed = make(
+        memory=4 * GIB, working_set=2 * GIB, rate=2 * GIB, bandwidth=1 * GIB, slow_down=True
+    )
+    levels: list[float] = []
+    while not armed.phase.finished and armed.elapsed < 600:
+        armed.advance(0.05)
+        if not levels or armed.slowdown != levels[-1]:
+            levels.append(armed.slowdown)
+    assert levels[0] == 0.0
+    assert levels[1] == pytest.approx(armed.plan.slow_down_initial)
+    steps = [b - a for a, b in itertools.pairwise(levels[1:])]
+    assert steps and all(s == pytest.approx(armed.plan.slow_down_step) for s in steps)
+    assert armed.phase is Phase.COMPLETED
+    assert armed.result().slowdown == pytest.approx(levels[-1])
+
+
+def test_slow_down_scales_the_change_rate() -> None:
+    model = make(memory=8 * GIB, rate=1 * GIB, bandwidth=1 * GIB, slow_down=True)
+    run_to_pass(model, 6)
+    assert model.slowdown > 0
+    assert model.change_rate_now() == pytest.approx(1 * GIB * (1 - model.slowdown))
+
+
+# ---------------------------------------------------------- pause, handover, cancel
+
+
+def never_converging(*, handover: bool = False) -> Migration:
+    return make(
+        memory=4 * GIB, working_set=1 * GIB, rate=2 * GIB, bandwidth=1 * GIB, handover=handover
+    )
+
+
+def test_pause_completes_with_blackout_of_remainder_over_bandwidth() -> None:
+    model = never_converging()
+    run(model, 30)
+    remainder = model.remaining
+    model.pause()
+    paused_at = model.elapsed
+    assert model.phase is Phase.COMPLETING
+    assert model.change_rate_now() == 0.0
+    run(model, 30, dt=0.1)
+    assert model.phase is Phase.COMPLETED
+    expected = remainder / model.bandwidth + DEVICE
+    assert model.blackout == pytest.approx(expected, rel=0.01)
+    assert model.finished_at == pytest.approx(paused_at + expected, rel=0.01)
+    assert model.result().paused
+
+
+def test_handover_blackout_is_tens_of_ms_and_completes_after_remainder() -> None:
+    model = never_converging(handover=True)
+    run(model, 30)
+    remainder = model.remaining
+    model.handover()
+    at = model.elapsed
+    assert model.phase is Phase.HANDOVER and model.running_on is Side.DESTINATION
+    with pytest.raises(ActionRefused, match="handed over"):
+        model.cancel()
+    run(model, 30, dt=0.1)
+    result = model.result()
+    assert result.phase is Phase.COMPLETED and result.handed_over
+    assert result.blackout_seconds is not None and result.blackout_seconds < 0.1
+    assert model.finished_at == pytest.approx(at + remainder / model.bandwidth, rel=0.01)
+
+
+def test_handover_not_armed_is_refused() -> None:
+    model = never_converging()
+    run(model, 10)
+    with pytest.raises(ActionRefused, match="not armed"):
+        model.handover()
+    assert model.phase is Phase.COPYING
+
+
+def test_cancel_leaves_the_instance_on_the_source() -> None:
+    model = never_converging()
+    run(model, 10)
+    model.cancel()
+    at = model.elapsed
+    run(model, 0.1, dt=0.05)
+    assert model.phase is Phase.COPYING
+    run(model, 1, dt=0.05)
+    assert model.phase is Phase.CANCELLED
+    assert model.finished_at == pytest.approx(at + TUNING.cancel_delay)
+    assert model.result().running_on == "host-a"
+
+
+def test_actions_on_an_ended_migration_are_refused() -> None:
+    model = make(memory=1 * GIB, bandwidth=1 * GIB)
+    run(model, 10)
+    assert model.phase is Phase.COMPLETED
+    for action in (model.pause, model.cancel, lambda: model.set_budget(1.0)):
+        with pytest.raises(ActionRefused):
+            action()
+
+
+# ----------------------------------------------------------------------- faults
+
+
+def test_broken_link_stalls_then_fails_with_instance_on_source() -> None:
+    model = never_converging()
+    run(model, 5)
+    model.break_link()
+    frozen = model.snapshot(5)
+    run(model, TUNING.link_timeout - 1)
+    assert model.phase is Phase.COPYING
+    later = model.snapshot(30)
+    assert later.memory_transferred == frozen.memory_transferred
+    assert later.memory_remaining == frozen.memory_remaining
+    run(model, 2)
+    result = model.result()
+    assert result.phase is Phase.FAILED and result.running_on == "host-a"
+    assert result.error is not None and "broke" in result.error
+
+
+def test_link_restored_in_time_lets_the_migration_finish() -> None:
+    model = make(memory=8 * GIB, rate=1 * MIB, bandwidth=1 * GIB)
+    run(model, 2)
+    model.break_link()
+    run(model, 10)
+    model.restore_link()
+    run(model, 60)
+    assert model.phase is Phase.COMPLETED
+    assert model.finished_at == pytest.approx(8 + 10, abs=0.5)
+
+
+def test_broken_link_during_handover_loses_the_instance() -> None:
+    model = never_converging(handover=True)
+    run(model, 10)
+    model.handover()
+    model.break_link()
+    run(model, TUNING.link_timeout + 1)
+    result = model.result()
+    assert result.phase is Phase.FAILED
+    assert model.running_on is Side.NOWHERE and result.running_on is None
+    assert result.error is not None and "lost" in result.error
+
+
+def test_refusing_destination_fails_within_a_second() -> None:
+    model = make()
+    model.refuse()
+    run(model, 1, dt=0.1)
+    result = model.result()
+    assert result.phase is Phase.FAILED and result.running_on == "host-a"
+    assert result.error is not None and "refused the incoming instance" in result.error
+
+
+def test_source_gone_fails_a_long_copy_but_not_a_handover() -> None:
+    copying = never_converging()
+    run(copying, 5)
+    copying.lose_source()
+    run(copying, TUNING.source_grace + 1)
+    assert copying.phase is Phase.FAILED and copying.running_on is Side.SOURCE
+
+    handed = never_converging(handover=True)
+    run(handed, 5)
+    handed.handover()
+    handed.lose_source()
+    run(handed, 60)
+    result = handed.result()
+    assert result.phase is Phase.COMPLETED and result.running_on == "host-b"
+    assert result.blackout_seconds is None  # no statistics survive a vanished source
+
+
+# ----------------------------------------------------------------- properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    memory_gib=st.integers(1, 32),
+    ws_share=st.floats(0.05, 1.0),
+    rate_share=st.floats(0.0, 0.5),
+    bandwidth_mib=st.integers(100, 2000),
+)
+def test_converging_migrations_finish_within_budget(
+    memory_gib: int, ws_share: float, rate_share: float, bandwidth_mib: int
+) -> None:
+    bandwidth = bandwidth_mib * MIB
+    memory = memory_gib * GIB
+    model = make(
+        memory=memory,
+        working_set=max(1, int(memory * ws_share)),
+        rate=rate_share * bandwidth,
+        bandwidth=bandwidth,
+    )
+    last_transferred = 0
+    while not model.phase.finished and model.elapsed < 4 * memory / bandwidth + 60:
+        model.advance(2.0)
+        sample = model.snapshot(model.elapsed)
+        assert 0 <= sample.memory_remaining <= memory
+        assert sample.memory_transferred >= last_transferred
+        last_transferred = sample.memory_transferred
+    assert model.phase is Phase.COMPLETED
+    assert model.blackout is not None and model.blackout <= 0.3 + 1e-6
+    assert model.transferred >= memory - 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    t0=st.floats(0, 300),
+    length=st.floats(0, 200),
+    base=st.floats(0, 1e9),
+    peak=st.floats(0, 1e9),
+    period=st.floats(1, 60),
+    duty=st.floats(0, 1),
+    per_minute=st.floats(0, 1e9),
+)
+def test_pattern_amount_is_the_integral_of_the_rate(
+    t0: float,
+    length: float,
+    base: float,
+    peak: float,
+    period: float,
+    duty: float,
+    per_minute: float,
+) -> None:
+    patterns: list[BurstyRate | GrowingRate] = [
+        BurstyRate(pattern="bursty", base=base, peak=peak, period=period, duty=duty),
+        GrowingRate(pattern="growing", start=base, per_minute=per_minute, max=peak),
+        GrowingRate(pattern="growing", start=base, per_minute=per_minute),
+    ]
+    steps = 2000
+    h = length / steps
+    for pattern in patterns:
+        numeric = sum(pattern.at(t0 + (i + 0.5) * h) * h for i in range(steps))
+        # the midpoint rule errs by at most h·|jump| at each edge of the rate
+        edges = 2 * (length / period + 2) if isinstance(pattern, BurstyRate) else 1
+        jump = max(base, peak, pattern.at(t0 + length))
+        exact = pattern.amount(t0, t0 + length)
+        rounding = 1e-9 * (jump * (t0 + length) + 1)  # differences of cumulative amounts
+        assert abs(exact - numeric) <= edges * h * jump + rounding
+        middle = t0 + length / 3
+        split = pattern.amount(t0, middle) + pattern.amount(middle, t0 + length)
+        assert abs(exact - split) <= rounding
+
+
+def test_bursty_instance_reaches_full_rate_only_in_bursts() -> None:
+    pattern = BurstyRate(pattern="bursty", base=10 * MIB, peak=500 * MIB, period=30, duty=0.2)
+    model = make(memory=2 * GIB, rate=0, pattern=pattern)
+    assert model.change_rate_now() == 500 * MIB
+    run(model, 10, dt=0.5)
+    assert model.pattern.at(10) == 10 * MIB

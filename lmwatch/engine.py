@@ -8,9 +8,11 @@ Clock, driver and store are injected, so tests run whole migrations in virtual t
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import hashlib
 import json
+import re
 import logging
 import uuid
 from collections import deque
@@ -43,6 +45,7 @@ from lmwatch.store import Event, MigrationRecord, Store
 
 log = get_logger("lmwatch.engine")
 
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 _RUNNING = (State.STARTING, State.COPYING, State.COMPLETING, State.HANDOVER)
 _STATE_OF_PHASE = {
     Phase.COPYING: State.COPYING,
@@ -188,7 +191,7 @@ class Engine:
     def list(self, state: State | None = None) -> list[MigrationRecord]:
         return self.store.list(state)
 
-    def events(self, migration_id: str) -> list[Event]:
+    def events(self, migration_id: str) -> builtins.list[Event]:
         self.get(migration_id)
         return self.store.events(migration_id)
 
@@ -606,7 +609,7 @@ class Engine:
     def _log_continue(self, supervision: _Supervision, decision: Decision) -> None:
         """Record 'continue' when its gist changes, or every so often."""
         now = self.clock.now()
-        gist = decision.reason.split(":")[0]
+        gist = _NUMBERS.sub("#", decision.reason)
         last = supervision.last_logged
         if (
             last is not None
@@ -635,15 +638,22 @@ class Engine:
             Phase.CANCELLED: State.CANCELLED,
         }.get(result.phase, State.FAILED)
         started = record.started_at or record.created_at
+        total = now - started
         outcome = {
             "method": method.value,
-            "total_seconds": now - started,
+            "total_seconds": total,
             "blackout_seconds": result.blackout_seconds,
             "passes": result.passes,
             "transferred_bytes": result.transferred,
             "error": result.error,
             "running_on": result.running_on,
         }
+        progress = dict(record.progress) if record.progress else None
+        if progress is not None and state is State.COMPLETED:
+            progress["memory_remaining"] = 0
+            progress["memory_transferred"] = max(
+                result.transferred, int(progress.get("memory_transferred") or 0)
+            )
         text = reason or {
             State.COMPLETED: f"completed ({method.value})",
             State.CANCELLED: "cancelled; the instance keeps running on the source",
@@ -656,10 +666,11 @@ class Engine:
             state=state,
             finished_at=now,
             outcome=outcome,
+            progress=progress,
             data=outcome,
         )
         self.metrics.finished.labels(state.value, method.value).inc()
-        self.metrics.duration.labels(method.value).observe(outcome["total_seconds"])
+        self.metrics.duration.labels(method.value).observe(total)
         if result.blackout_seconds is not None:
             self.metrics.blackout.labels(method.value).observe(result.blackout_seconds)
         log.info(

@@ -7,6 +7,7 @@ short and synchronous; the engine runs them on the event loop thread.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import sqlite3
@@ -278,7 +279,7 @@ class Store:
             )
         return [_from_row(row) for row in rows.fetchall()]
 
-    def unfinished(self) -> list[MigrationRecord]:
+    def unfinished(self) -> builtins.list[MigrationRecord]:
         finished = tuple(s.value for s in State if s.finished)
         rows = self._db.execute(
             "SELECT * FROM migrations WHERE state NOT IN (?, ?, ?) ORDER BY created_at, id",
@@ -289,7 +290,7 @@ class Store:
     def active_for_instance(self, instance: str) -> MigrationRecord | None:
         return next((r for r in self.unfinished() if r.instance == instance), None)
 
-    def events(self, migration_id: str) -> list[Event]:
+    def events(self, migration_id: str) -> builtins.list[Event]:
         rows = self._db.execute(
             "SELECT * FROM events WHERE migration_id=? ORDER BY seq", (migration_id,)
         ).fetchall()
@@ -310,7 +311,7 @@ class Store:
 
 def _to_row(record: MigrationRecord) -> dict[str, Any]:
     row: dict[str, Any] = {}
-    for name in MigrationRecord.__slots__:  # type: ignore[attr-defined]
+    for name in MigrationRecord.__slots__:
         value = getattr(record, name)
         if name in _JSON_FIELDS:
             value = None if value is None else json.dumps(dict(value), sort_keys=True)

@@ -130,6 +130,14 @@ async def test_idle_instance_converges_without_any_forcing_decision(rig: Rig) ->
     assert rig.driver.where("idle") == "b"
     # 4 GiB over 1 GiB/s: about four seconds plus a short last pass.
     assert 3.5 < record.outcome["total_seconds"] < 15
+    assert record.progress is not None and record.progress["memory_remaining"] == 0
+
+
+async def test_unchanged_continue_decisions_are_not_logged_every_poll(rig: Rig) -> None:
+    mid = await rig.migrate("big")  # 8 GiB over 1 GiB/s: a first pass of eight polls
+    await rig.finish(mid)
+    continues = [e for e in rig.store.events(mid) if e.action == "continue"]
+    assert 1 <= len(continues) <= 3
 
 
 async def test_never_converging_database_is_handed_over(rig: Rig) -> None:

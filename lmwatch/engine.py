@@ -12,8 +12,8 @@ import builtins
 import dataclasses
 import hashlib
 import json
-import re
 import logging
+import re
 import uuid
 from collections import deque
 from collections.abc import Iterable
@@ -221,8 +221,7 @@ class Engine:
                 if earlier is not None:
                     if earlier.request_fingerprint != fingerprint:
                         raise Conflict(
-                            "this Idempotency-Key was used for a different request; "
-                            "use a new key"
+                            "this Idempotency-Key was used for a different request; use a new key"
                         )
                     return self.get(earlier.id), True
             active = self.store.active_for_instance(request.instance)
@@ -654,11 +653,14 @@ class Engine:
             progress["memory_transferred"] = max(
                 result.transferred, int(progress.get("memory_transferred") or 0)
             )
-        text = reason or {
-            State.COMPLETED: f"completed ({method.value})",
-            State.CANCELLED: "cancelled; the instance keeps running on the source",
-            State.FAILED: f"failed: {result.error}",
-        }[state]
+        text = (
+            reason
+            or {
+                State.COMPLETED: f"completed ({method.value})",
+                State.CANCELLED: "cancelled; the instance keeps running on the source",
+                State.FAILED: f"failed: {result.error}",
+            }[state]
+        )
         self._update(
             supervision,
             "state",

@@ -123,9 +123,7 @@ class Store:
             if not file.parent.is_dir():
                 raise StoreError(f"store directory {file.parent} does not exist")
             # A file without write bits is read-only for us even when running as root.
-            if file.exists() and (
-                not os.access(file, os.W_OK) or not file.stat().st_mode & 0o222
-            ):
+            if file.exists() and (not os.access(file, os.W_OK) or not file.stat().st_mode & 0o222):
                 raise StoreError(f"store file {file} is not writable (read-only)")
             if not file.exists() and not os.access(file.parent, os.W_OK):
                 raise StoreError(f"store directory {file.parent} is not writable")

@@ -198,7 +198,9 @@ async def test_restart_mid_migration_supervises_to_the_end_exactly_once(tmp_path
         for s in second.metrics.registry.collect()
         if s.name == "lmwatch_migrations_finished"
     }
-    total = sum(s.value for s in samples["lmwatch_migrations_finished"] if s.name.endswith("_total"))
+    total = sum(
+        s.value for s in samples["lmwatch_migrations_finished"] if s.name.endswith("_total")
+    )
     assert total == 1
     await second.stop()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -53,7 +55,9 @@ class Metrics:
             registry=r,
         )
         self.active = Gauge("lmwatch_migrations_active", "Migrations not finished.", registry=r)
-        self.queued = Gauge("lmwatch_migrations_queued", "Migrations waiting for a slot.", registry=r)
+        self.queued = Gauge(
+            "lmwatch_migrations_queued", "Migrations waiting for a slot.", registry=r
+        )
         labels = ["migration", "instance", "source", "destination"]
         self.remaining = Gauge(
             "lmwatch_migration_remaining_bytes", "Memory still to copy.", labels, registry=r
@@ -98,10 +102,8 @@ class Metrics:
             self.eta,
             self.predicted_blackout,
         ):
-            try:
+            with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
-            except KeyError:
-                pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,404 @@
+"""The HTTP API (DESIGN §5): aiohttp routes, bearer auth, problem+json errors.
+
+Handlers validate everything they are given before they call the engine, and the
+engine refuses before it records anything, so a bad request changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from lmwatch import schemas
+from lmwatch.drivers.base import DriverError, Refused
+from lmwatch.engine import Engine
+from lmwatch.errors import EngineError
+from lmwatch.logs import get_logger
+from lmwatch.metrics import CONTENT_TYPE_LATEST, Metrics
+from lmwatch.model import MigrationRequest, State
+from lmwatch.profiles import ProfileError, ProfileRegistry, SelectionError
+from lmwatch.store import StoreError
+
+log = get_logger("lmwatch.api")
+
+ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
+REGISTRY: web.AppKey[ProfileRegistry] = web.AppKey("registry", ProfileRegistry)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+TOKEN: web.AppKey[str] = web.AppKey("token", str)
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
+
+MAX_IDEMPOTENCY_KEY = 255
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An answer other than success; rendered as application/problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        *,
+        errors: list[schemas.FieldError] | None = None,
+        problems: list[schemas.ProblemLocation] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+        self.errors = errors
+        self.problems = problems
+        self.headers = headers or {}
+
+
+def problem_response(error: ApiError) -> web.Response:
+    body = schemas.Problem(
+        type=f"urn:lmwatch:problem:{error.kind}",
+        title=_TITLES.get(error.status, "Error"),
+        status=error.status,
+        detail=error.detail,
+        errors=error.errors,
+        problems=error.problems,
+    )
+    return web.Response(
+        status=error.status,
+        text=json.dumps(body.model_dump(mode="json", exclude_none=True)),
+        content_type=schemas.PROBLEM_JSON,
+        headers=error.headers,
+    )
+
+
+def _json(
+    model: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(schemas.dump(model), status=status, headers=headers)
+
+
+# --- middlewares ----------------------------------------------------------------------
+
+
+@web.middleware
+async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into problem+json; nothing else leaves as an error page."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return problem_response(error)
+    except (EngineError, Refused) as error:
+        return problem_response(ApiError(error.status, error.kind, error.message))
+    except DriverError as error:
+        return problem_response(
+            ApiError(503, "hypervisor-error", f"the hypervisor failed: {error}")
+        )
+    except StoreError as error:
+        log.error("store-error", path=request.path, error=str(error))
+        return problem_response(ApiError(503, "store-error", "the store cannot be written"))
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        headers = {k: v for k, v in error.headers.items() if k.lower() == "allow"}
+        detail = error.text if error.text and error.status != 404 else error.reason
+        if error.status == 404:
+            detail = f"no such resource: {request.path}"
+        return problem_response(
+            ApiError(error.status, error.reason.lower().replace(" ", "-"), detail, headers=headers)
+        )
+    except Exception as error:  # a bug: say so without leaking internals
+        log.exception("api-error", path=request.path, error=repr(error))
+        return problem_response(ApiError(500, "internal", "internal error; see the daemon log"))
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every mutating call needs `Authorization: Bearer <token>`."""
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        expected = request.app[TOKEN]
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), expected.encode()
+        )
+        if not ok:
+            detail = "a bearer token is required" if not header else "wrong bearer token"
+            raise ApiError(
+                401, "unauthorized", detail, headers={"WWW-Authenticate": 'Bearer realm="lmwatch"'}
+            )
+    return await handler(request)
+
+
+# --- input ------------------------------------------------------------------------------
+
+
+def _field_errors(error: ValidationError, where: str) -> list[schemas.FieldError]:
+    return [
+        schemas.FieldError(
+            loc=[where, *detail["loc"]],
+            message=detail["msg"].removeprefix("Value error, "),
+            type=detail["type"],
+        )
+        for detail in error.errors()
+    ]
+
+
+def _invalid(detail: str, errors: list[schemas.FieldError]) -> ApiError:
+    return ApiError(422, "invalid", detail, errors=errors)
+
+
+async def _body(request: web.Request, model: type[M], *, optional: bool) -> M:
+    """Parse and validate a JSON body: 400 when it is not JSON, 422 when it is wrong."""
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return model()
+        raise ApiError(400, "malformed", "a JSON body is required")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(400, "malformed", f"the body is not valid JSON: {error}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        errors = _field_errors(error, "body")
+        summary = "; ".join(
+            f"{'.'.join(map(str, e.loc[1:])) or 'body'}: {e.message}" for e in errors
+        )
+        raise _invalid(f"invalid request body: {summary}", errors) from None
+
+
+def _query_error(name: str, message: str) -> ApiError:
+    return _invalid(
+        f"query parameter {name!r}: {message}",
+        [schemas.FieldError(loc=["query", name], message=message, type="value_error")],
+    )
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise _query_error("labels", f"{part!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+async def create_migration(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        message = f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
+        raise _invalid(
+            f"Idempotency-Key {message}",
+            [
+                schemas.FieldError(
+                    loc=["header", "Idempotency-Key"], message=message, type="value_error"
+                )
+            ],
+        )
+    body = await _body(request, schemas.MigrationCreate, optional=False)
+    record, replayed = await engine.submit(
+        MigrationRequest(
+            instance=body.instance,
+            source=body.source,
+            destination=body.destination,
+            labels=dict(body.labels),
+            profile=body.profile,
+        ),
+        key,
+    )
+    headers = {"Location": f"/v1/migrations/{record.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    answer = schemas.migration(record, engine.events(record.id))
+    return _json(answer, 202, headers)
+
+
+async def list_migrations(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    wanted = request.query.get("state")
+    state: State | None = None
+    if wanted is not None:
+        try:
+            state = State(wanted)
+        except ValueError:
+            known = ", ".join(s.value for s in State)
+            raise _query_error("state", f"{wanted!r} is not a state (one of {known})") from None
+    records = engine.list(state)
+    # Running migrations hold fresher progress in memory than in the store.
+    fresh = [engine.get(record.id) if not record.state.finished else record for record in records]
+    return _json(schemas.MigrationList(migrations=[schemas.migration_summary(r) for r in fresh]))
+
+
+async def get_migration(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    migration_id = request.match_info["id"]
+    record = engine.get(migration_id)
+    return _json(schemas.migration(record, engine.events(migration_id)))
+
+
+async def force_complete(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    migration_id = request.match_info["id"]
+    engine.get(migration_id)  # 404 before looking at the body
+    body = await _body(request, schemas.ForceCompleteRequest, optional=True)
+    decision = await engine.force_complete(migration_id, accept_pause=body.accept_pause)
+    record = engine.get(migration_id)
+    blackout = None if decision.prediction is None else decision.prediction.blackout_seconds
+    answer = schemas.ForceCompleteResponse(
+        migration=schemas.migration(record, engine.events(migration_id)),
+        decision=schemas.DecisionOut(
+            action=decision.action, reason=decision.reason, predicted_blackout_seconds=blackout
+        ),
+    )
+    return _json(answer, 202)
+
+
+async def cancel_migration(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    migration_id = request.match_info["id"]
+    record = await engine.cancel(migration_id)
+    return _json(schemas.migration(record, engine.events(migration_id)), 202)
+
+
+async def list_profiles(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    answer = schemas.ProfilesOut(
+        source=registry.source,
+        generation=registry.generation,
+        loaded_at=schemas.timestamp(registry.loaded_at),
+        profiles=list(registry.current.profiles),
+    )
+    return _json(answer)
+
+
+async def explain_profile(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    registry = request.app[REGISTRY]
+    instance = request.match_info["instance"]
+    extra = _parse_labels(request.query.get("labels", ""))
+    requested = request.query.get("profile") or None
+    info = await engine.driver.describe(instance)
+    uuid = request.query.get("uuid") or info.uuid
+    labels = {**info.labels, **extra}
+    try:
+        selection = registry.explain(instance, uuid, labels, requested)
+    except SelectionError as error:
+        raise ApiError(422, "no-profile", error.message) from None
+    answer = schemas.ProfileSelectionOut(
+        instance=instance,
+        uuid=uuid,
+        labels=labels,
+        requested=requested,
+        profile=selection.profile,
+        reason=selection.reason,
+        candidates=[schemas.candidate(c) for c in selection.candidates],
+    )
+    return _json(answer)
+
+
+async def reload_profiles(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    try:
+        result = registry.reload()
+    except ProfileError as error:
+        request.app[METRICS].profile_reload_failures.inc()
+        count = len(error.problems)
+        raise ApiError(
+            422,
+            "invalid-profiles",
+            f"{registry.source} has {count} problem{'s' if count != 1 else ''}; "
+            f"the profiles of generation {registry.generation} stay in force",
+            problems=schemas.problems_out(error.problems),
+        ) from None
+    answer = schemas.ReloadOut(
+        source=registry.source,
+        generation=result.generation,
+        loaded_at=schemas.timestamp(registry.loaded_at),
+        profiles=[p.name for p in registry.current.profiles],
+    )
+    return _json(answer)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    response = web.Response(body=request.app[METRICS].render())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json(schemas.Health(status="ok"))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    store_ok = engine.store.healthy()
+    detail: str | None = None
+    try:
+        hosts = dict(await engine.driver.reachable())
+    except Exception as error:
+        hosts = {}
+        detail = f"cannot ask the hosts: {error}"
+    down = sorted(name for name, up in hosts.items() if not up)
+    if not store_ok:
+        detail = "the store does not answer"
+    elif down and detail is None:
+        detail = "unreachable: " + ", ".join(down)
+    ready = store_ok and detail is None
+    answer = schemas.Readiness(ready=ready, store=store_ok, hosts=hosts, detail=detail)
+    return _json(answer, 200 if ready else 503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+def create_app(
+    engine: Engine, registry: ProfileRegistry, metrics_: Metrics, token: str
+) -> web.Application:
+    """The API application; `token` guards every POST."""
+    if not token:
+        raise ValueError("an API token is required")
+    app = web.Application(middlewares=[_problems, _auth], client_max_size=1024**2)
+    app[ENGINE] = engine
+    app[REGISTRY] = registry
+    app[METRICS] = metrics_
+    app[TOKEN] = token
+    app[OPENAPI] = schemas.openapi_document()
+    app.router.add_post("/v1/migrations", create_migration)
+    app.router.add_get("/v1/migrations", list_migrations)
+    app.router.add_get("/v1/migrations/{id}", get_migration)
+    app.router.add_post("/v1/migrations/{id}/force-complete", force_complete)
+    app.router.add_post("/v1/migrations/{id}/cancel", cancel_migration)
+    app.router.add_get("/v1/profiles", list_profiles)
+    app.router.add_post("/v1/profiles/reload", reload_profiles)
+    app.router.add_get("/v1/instances/{instance}/profile", explain_profile)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)
+    return app

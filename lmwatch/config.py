@@ -1,0 +1,133 @@
+"""Daemon configuration: defaults < YAML config file < `LMWATCH_*` environment < explicit values.
+
+The config file is named by `--config` or `LMWATCH_CONFIG`. Durations and rates may be
+written with units (`1s`, `10Gbit/s`) and are stored in seconds and bytes/second.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from lmwatch.units import parse_duration, parse_rate
+
+CONFIG_ENV = "LMWATCH_CONFIG"
+TOKEN_FILE_NAME = "lmwatch.token"
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Rate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0)]
+
+
+class HostConfig(BaseModel):
+    """One hypervisor host the daemon manages (for the real driver)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str = Field(min_length=1, description="Connection URI of the host's hypervisor.")
+    peer_uri: str | None = Field(
+        default=None, description="URI a source host uses to reach this one (default: uri)."
+    )
+    migration_address: str | None = Field(
+        default=None, description="Address the destination listens on for migration traffic."
+    )
+    bandwidth: Rate | None = Field(default=None, description="Bytes/s cap for migrations.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LMWATCH_",
+        extra="forbid",
+        frozen=True,
+        env_nested_delimiter="__",
+    )
+
+    listen_host: str = "127.0.0.1"
+    port: int = Field(default=8787, ge=0, le=65535)
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    store_path: Path = Path("./lmwatch.db")
+    profiles_path: Path | None = None  # None: the profiles shipped with lmwatch
+    # "sim", or the name of a real driver (lmwatch/drivers/<name>_driver.py).
+    driver: str = Field(default="sim", pattern=r"^[a-z][a-z0-9]*$")
+    inventory_path: Path | None = None  # sim driver; None: the embedded inventory
+    hosts: dict[str, HostConfig] = Field(default_factory=dict)
+    poll_interval: Seconds = 1.0
+    max_per_source: int = Field(default=2, ge=1)
+    max_per_destination: int = Field(default=2, ge=1)
+    profile_check_interval: Seconds = 1.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError("token is empty")
+        if self.driver != "sim" and not self.hosts:
+            raise ValueError(f"driver {self.driver!r} needs at least one entry under hosts")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    def token_path(self) -> Path:
+        """Where a generated token is written: next to the store."""
+        if str(self.store_path) == ":memory:":
+            return Path.cwd() / TOKEN_FILE_NAME
+        return self.store_path.parent / TOKEN_FILE_NAME
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says why."""
+
+
+def load_settings(config: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Settings from defaults, the config file (argument or LMWATCH_CONFIG), the environment
+    and `overrides` (highest; None values are ignored). Raises ConfigError."""
+    from pydantic import ValidationError
+
+    path = config if config is not None else os.environ.get(CONFIG_ENV)
+    values = {key: value for key, value in overrides.items() if value is not None}
+    cls: type[Settings] = Settings
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        cls = type(
+            "FileSettings",
+            (Settings,),
+            {"model_config": SettingsConfigDict(**{**Settings.model_config, "yaml_file": file})},
+        )
+    try:
+        return cls(**values)
+    except ValidationError as error:
+        lines = [
+            f"  {'.'.join(map(str, e['loc'])) or 'config'}: "
+            + e["msg"].removeprefix("Value error, ")
+            for e in error.errors()
+        ]
+        where = f" ({path})" if path else ""
+        raise ConfigError("invalid configuration" + where + ":\n" + "\n".join(lines)) from None
+    except (OSError, ValueError, yaml.YAMLError) as error:  # unreadable or malformed YAML
+        raise ConfigError(f"cannot read config file {path}: {error}") from None

@@ -1,0 +1,682 @@
+"""The HTTP API's bodies (pydantic), their conversion from engine records, and the
+OpenAPI document built from them.
+
+Request models refuse unknown fields; response models declare exactly the fields
+they carry (`additionalProperties: false`), so the OpenAPI document is a contract
+the tests hold every real answer to. Times are RFC 3339 strings in UTC, sizes
+bytes, durations seconds, rates bytes/second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.json_schema import models_json_schema
+
+from lmwatch.model import Action, Method, State
+from lmwatch.profiles.schema import Profile
+from lmwatch.store import Event, MigrationRecord
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def _rfc3339(value: datetime) -> str:
+    """UTC with milliseconds always present, so that the strings sort like the times."""
+    text = value.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(_rfc3339, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- requests -----------------------------------------------------------------------
+
+
+class MigrationCreate(_Request):
+    """Ask lmwatch to migrate an instance."""
+
+    instance: str = Field(min_length=1, max_length=255, description="Instance name or uuid.")
+    source: str = Field(min_length=1, max_length=255, description="Host it runs on now.")
+    destination: str = Field(min_length=1, max_length=255, description="Host to move it to.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels added to the instance's own for profile selection.",
+    )
+    profile: str | None = Field(
+        default=None, min_length=1, description="Profile name; overrides selection."
+    )
+
+    @model_validator(mode="after")
+    def _two_hosts(self) -> MigrationCreate:
+        if self.source == self.destination:
+            raise ValueError("source and destination are the same host")
+        return self
+
+
+class ForceCompleteRequest(_Request):
+    """Finish now, in the least disruptive way the profile allows."""
+
+    accept_pause: StrictBool = Field(
+        default=False,
+        description="Accept a pause beyond the profile when it allows no other way.",
+    )
+
+
+# --- responses ----------------------------------------------------------------------
+
+
+class ProfileApplied(_Response):
+    name: str
+    reason: str = Field(description="Why this profile applies.")
+    requested: str | None = Field(description="Profile named in the request, if any.")
+
+
+class Progress(_Response):
+    memory_total_bytes: int
+    memory_remaining_bytes: int
+    memory_transferred_bytes: int
+    percent_copied: float = Field(ge=0, le=100)
+    passes: int
+    transfer_rate_bytes_per_second: float
+    change_rate_bytes_per_second: float
+    blackout_budget_seconds: float
+    slowdown: float = Field(description="Fraction of guest CPU taken away (0..1).")
+
+
+class PredictionOut(_Response):
+    eta_seconds: float | None = Field(description="Null when it will not finish on its own.")
+    blackout_seconds: float | None = Field(description="Predicted final pause if completed now.")
+    converges: bool | None = Field(description="Null before there is evidence.")
+    confidence: float = Field(ge=0, le=1)
+    floor_bytes: int | None = Field(description="Remainder copying settles at.")
+
+
+class TimelineEntry(_Response):
+    at: Timestamp
+    kind: str = Field(description="state, decision, note or error.")
+    action: str | None
+    state: State | None
+    reason: str
+
+
+class Outcome(_Response):
+    method: Method
+    total_seconds: float
+    blackout_seconds: float | None
+    passes: int
+    transferred_bytes: int
+    error: str | None
+
+
+class MigrationSummary(_Response):
+    """A migration without its decision timeline (as listed)."""
+
+    id: str
+    instance: str
+    source: str
+    destination: str
+    labels: dict[str, str]
+    state: State
+    profile: ProfileApplied
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    deadline_at: Timestamp | None
+    progress: Progress | None
+    prediction: PredictionOut | None
+    outcome: Outcome | None
+
+
+class Migration(MigrationSummary):
+    """A migration with its decision timeline."""
+
+    timeline: list[TimelineEntry]
+
+
+class MigrationList(_Response):
+    migrations: list[MigrationSummary]
+
+
+class DecisionOut(_Response):
+    action: Action
+    reason: str
+    predicted_blackout_seconds: float | None
+
+
+class ForceCompleteResponse(_Response):
+    migration: Migration
+    decision: DecisionOut
+
+
+class ProfilesOut(_Response):
+    source: str = Field(description="File the profiles were loaded from.")
+    generation: int = Field(description="Increases with every successful load.")
+    loaded_at: Timestamp | None
+    profiles: list[Profile]
+
+
+class Candidate(_Response):
+    name: str
+    reason: str
+
+
+class ProfileSelectionOut(_Response):
+    instance: str
+    uuid: str | None
+    labels: dict[str, str]
+    requested: str | None
+    profile: Profile
+    reason: str
+    candidates: list[Candidate] = Field(description="Profiles considered, best first.")
+
+
+class ReloadOut(_Response):
+    source: str
+    generation: int
+    loaded_at: Timestamp | None
+    profiles: list[str] = Field(description="Names of the loaded profiles, in file order.")
+
+
+class Health(_Response):
+    status: Literal["ok"]
+
+
+class Readiness(_Response):
+    ready: bool
+    store: bool = Field(description="The store answers.")
+    hosts: dict[str, bool] = Field(description="Host name -> whether it answers.")
+    detail: str | None = None
+
+
+class FieldError(_Response):
+    loc: list[str | int] = Field(description="Where: body/query/header, then field path.")
+    message: str
+    type: str
+
+
+class ProblemLocation(_Response):
+    file: str
+    line: int | None
+    column: int | None
+    path: str
+    message: str
+
+
+class Problem(_Response):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+    problems: list[ProblemLocation] | None = None
+
+
+# --- conversions --------------------------------------------------------------------
+
+
+def timestamp(value: float | datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _progress(data: Mapping[str, Any] | None) -> Progress | None:
+    if not data:
+        return None
+    total = int(data.get("memory_total") or 0)
+    remaining = int(data.get("memory_remaining") or 0)
+    percent = 0.0 if total <= 0 else min(100.0, max(0.0, 100.0 * (total - remaining) / total))
+    return Progress(
+        memory_total_bytes=total,
+        memory_remaining_bytes=remaining,
+        memory_transferred_bytes=int(data.get("memory_transferred") or 0),
+        percent_copied=percent,
+        passes=int(data.get("passes") or 0),
+        transfer_rate_bytes_per_second=float(data.get("transfer_rate") or 0.0),
+        change_rate_bytes_per_second=float(data.get("change_rate") or 0.0),
+        blackout_budget_seconds=float(data.get("blackout_budget") or 0.0),
+        slowdown=float(data.get("slowdown") or 0.0),
+    )
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if number == number and number not in (float("inf"), float("-inf")) else None
+
+
+def _prediction(data: Mapping[str, Any] | None) -> PredictionOut | None:
+    if not data:
+        return None
+    floor = data.get("floor_bytes")
+    return PredictionOut(
+        eta_seconds=_finite(data.get("eta_seconds")),
+        blackout_seconds=_finite(data.get("blackout_seconds")),
+        converges=data.get("converges"),
+        confidence=min(1.0, max(0.0, float(data.get("confidence") or 0.0))),
+        floor_bytes=None if floor is None else int(floor),
+    )
+
+
+def _outcome(data: Mapping[str, Any] | None) -> Outcome | None:
+    if not data:
+        return None
+    return Outcome(
+        method=Method(data["method"]),
+        total_seconds=float(data.get("total_seconds") or 0.0),
+        blackout_seconds=_finite(data.get("blackout_seconds")),
+        passes=int(data.get("passes") or 0),
+        transferred_bytes=int(data.get("transferred_bytes") or 0),
+        error=data.get("error"),
+    )
+
+
+def timeline_entry(event: Event) -> TimelineEntry:
+    return TimelineEntry(
+        at=datetime.fromtimestamp(event.at, UTC),
+        kind=event.kind,
+        action=event.action,
+        state=None if event.state is None else State(event.state),
+        reason=event.reason,
+    )
+
+
+def _summary_fields(record: MigrationRecord) -> dict[str, Any]:
+    progress = record.progress or {}
+    return {
+        "id": record.id,
+        "instance": record.instance,
+        "source": record.source,
+        "destination": record.destination,
+        "labels": dict(record.labels),
+        "state": record.state,
+        "profile": ProfileApplied(
+            name=record.profile_name,
+            reason=record.profile_reason,
+            requested=record.requested_profile,
+        ),
+        "created_at": timestamp(record.created_at),
+        "started_at": timestamp(record.started_at),
+        "finished_at": timestamp(record.finished_at),
+        "deadline_at": timestamp(record.deadline_at),
+        "progress": _progress(record.progress),
+        "prediction": _prediction(progress.get("prediction")),
+        "outcome": _outcome(record.outcome),
+    }
+
+
+def migration_summary(record: MigrationRecord) -> MigrationSummary:
+    return MigrationSummary(**_summary_fields(record))
+
+
+def migration(record: MigrationRecord, events: Iterable[Event]) -> Migration:
+    return Migration(
+        **_summary_fields(record), timeline=[timeline_entry(event) for event in events]
+    )
+
+
+def candidate(value: tuple[str, str]) -> Candidate:
+    """One entry of a selection's candidate list: (profile name, why it matched or not)."""
+    name, reason = value
+    return Candidate(name=name, reason=reason)
+
+
+# --- OpenAPI ------------------------------------------------------------------------
+
+_REQUEST_MODELS: tuple[type[BaseModel], ...] = (MigrationCreate, ForceCompleteRequest)
+_RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
+    Migration,
+    MigrationList,
+    ForceCompleteResponse,
+    ProfilesOut,
+    ProfileSelectionOut,
+    ReloadOut,
+    Health,
+    Readiness,
+    Problem,
+)
+_REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def component_schemas() -> dict[str, Any]:
+    """Every body schema, generated from the models, keyed by model name."""
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        *((model, "validation") for model in _REQUEST_MODELS),
+        *((model, "serialization") for model in _RESPONSE_MODELS),
+    ]
+    keyed, top = models_json_schema(models, ref_template=_REF)
+    schemas: dict[str, Any] = dict(top.get("$defs", {}))
+    for (model, _mode), schema in keyed.items():
+        if "$ref" not in schema:
+            schemas[model.__name__] = schema
+    missing = [m.__name__ for m, _ in models if m.__name__ not in schemas]
+    assert not missing, f"schemas not named after their models: {missing}"
+    return schemas
+
+
+def _json(model: type[BaseModel], description: str, **extra: Any) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(model)}},
+    }
+    answer.update(extra)
+    return answer
+
+
+def _problem(description: str, **extra: Any) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": _ref(Problem)}},
+    }
+    answer.update(extra)
+    return answer
+
+
+_UNAUTHORIZED = _problem(
+    "Missing or wrong bearer token.",
+    headers={"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+)
+_MALFORMED = _problem("The body is not JSON (malformed JSON is always 400, never 422).")
+_INVALID = _problem(
+    "The body or a parameter is invalid (unknown fields included); `errors` lists each "
+    "field with its location."
+)
+_NO_MIGRATION = _problem("No migration with this id.")
+_UNAVAILABLE = _problem("A host, the hypervisor or the store does not answer; nothing changed.")
+_MIGRATION_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "Migration id.",
+}
+_SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+def _body(model: type[BaseModel], required: bool) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _paths() -> dict[str, Any]:
+    states = [state.value for state in State]
+    return {
+        "/v1/migrations": {
+            "post": {
+                "operationId": "createMigration",
+                "summary": "Start supervising the migration of an instance.",
+                "security": _SECURED,
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "description": "The same key with the same body returns the same "
+                        "migration; with another body, 409.",
+                    }
+                ],
+                "requestBody": _body(MigrationCreate, True),
+                "responses": {
+                    "202": _json(
+                        Migration,
+                        "Accepted (or replayed for a known Idempotency-Key).",
+                        headers={
+                            "Location": {
+                                "schema": {"type": "string"},
+                                "description": "/v1/migrations/{id}",
+                            },
+                            "Idempotent-Replayed": {
+                                "schema": {"type": "string", "enum": ["true"]},
+                                "description": "Present when this answers an earlier request.",
+                            },
+                        },
+                    ),
+                    "400": _MALFORMED,
+                    "401": _UNAUTHORIZED,
+                    "404": _problem("Unknown instance or host."),
+                    "409": _problem(
+                        "The instance is already migrating, the Idempotency-Key was used for "
+                        "another body, or the hosts refuse the move."
+                    ),
+                    "422": _INVALID,
+                    "503": _UNAVAILABLE,
+                },
+            },
+            "get": {
+                "operationId": "listMigrations",
+                "summary": "List migrations, oldest first.",
+                "parameters": [
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": states},
+                    }
+                ],
+                "responses": {
+                    "200": _json(MigrationList, "Migrations (without their timelines)."),
+                    "422": _INVALID,
+                },
+            },
+        },
+        "/v1/migrations/{id}": {
+            "get": {
+                "operationId": "getMigration",
+                "summary": "State, progress, prediction, profile, timeline and outcome.",
+                "parameters": [_MIGRATION_ID],
+                "responses": {
+                    "200": _json(Migration, "The migration."),
+                    "404": _NO_MIGRATION,
+                },
+            }
+        },
+        "/v1/migrations/{id}/force-complete": {
+            "post": {
+                "operationId": "forceComplete",
+                "summary": "Finish now in the least disruptive way the profile allows.",
+                "security": _SECURED,
+                "parameters": [_MIGRATION_ID],
+                "requestBody": _body(ForceCompleteRequest, False),
+                "responses": {
+                    "202": _json(ForceCompleteResponse, "The decision taken."),
+                    "400": _MALFORMED,
+                    "401": _UNAUTHORIZED,
+                    "404": _NO_MIGRATION,
+                    "409": _problem(
+                        "The profile allows no way to finish now (see accept_pause), or the "
+                        "migration is not copying (finished, not started, already completing)."
+                    ),
+                    "422": _INVALID,
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/v1/migrations/{id}/cancel": {
+            "post": {
+                "operationId": "cancelMigration",
+                "summary": "Stop migrating; the instance keeps running on the source.",
+                "security": _SECURED,
+                "parameters": [_MIGRATION_ID],
+                "responses": {
+                    "202": _json(Migration, "Cancelling."),
+                    "401": _UNAUTHORIZED,
+                    "404": _NO_MIGRATION,
+                    "409": _problem("Finished, or past the point of no return (handover)."),
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/v1/profiles": {
+            "get": {
+                "operationId": "listProfiles",
+                "summary": "The loaded availability profiles (seconds and bytes).",
+                "responses": {"200": _json(ProfilesOut, "The profiles in force.")},
+            }
+        },
+        "/v1/profiles/reload": {
+            "post": {
+                "operationId": "reloadProfiles",
+                "summary": "Read the profiles file again.",
+                "security": _SECURED,
+                "responses": {
+                    "200": _json(ReloadOut, "Loaded."),
+                    "401": _UNAUTHORIZED,
+                    "422": _problem(
+                        "The file is invalid; `problems` lists each with file, line and "
+                        "column. The profiles loaded before stay in force."
+                    ),
+                },
+            }
+        },
+        "/v1/instances/{instance}/profile": {
+            "get": {
+                "operationId": "explainProfile",
+                "summary": "Which profile applies to an instance, and why.",
+                "parameters": [
+                    {
+                        "name": "instance",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "labels",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Extra labels, `k=v,k2=v2`.",
+                    },
+                    {
+                        "name": "uuid",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "profile",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "A profile name a request would name.",
+                    },
+                ],
+                "responses": {
+                    "200": _json(ProfileSelectionOut, "The selection."),
+                    "404": _problem("Unknown instance."),
+                    "422": _INVALID,
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus text format.",
+                "responses": {
+                    "200": {
+                        "description": "Metrics.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness.",
+                "responses": {"200": _json(Health, "Alive.")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readiness",
+                "summary": "Readiness: the store answers and every host is reachable.",
+                "responses": {
+                    "200": _json(Readiness, "Ready."),
+                    "503": _json(Readiness, "Not ready; the body says what is missing."),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document.",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1 document.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the whole API."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "lmwatch",
+            "version": version,
+            "description": (
+                "Supervises live migrations of virtual machines and finishes them within "
+                "each instance's availability profile. Errors are application/problem+json. "
+                "Every POST needs `Authorization: Bearer <token>`."
+            ),
+        },
+        "paths": _paths(),
+        "components": {
+            "schemas": component_schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+def problems_out(problems: Sequence[Any]) -> list[ProblemLocation]:
+    return [
+        ProblemLocation(
+            file=str(p.file),
+            line=p.line,
+            column=p.column,
+            path=str(p.path),
+            message=str(p.message),
+        )
+        for p in problems
+    ]

@@ -1,0 +1,251 @@
+"""The daemon entry point and its configuration: start-up failures, token handling,
+serving, SIGHUP reload and graceful SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import SMALL_PROFILES
+
+from lmwatch import daemon
+from lmwatch.clock import VirtualClock
+from lmwatch.config import ConfigError, Settings, load_settings
+from lmwatch.store import Store
+from lmwatch.units import parse_rate
+
+
+def lmwatch_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """`lmwatch serve ...` in a child process (only start-up failures: it must exit)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lmwatch.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def read_only_file(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "lmwatch.db"
+    Store.open(path).close()
+    path.chmod(0o444)
+    immutable = False
+    if os.geteuid() == 0:  # root writes read-only files; make it immutable instead
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+        if done.returncode != 0:
+            pytest.skip("running as root without chattr: cannot make a file read-only")
+        immutable = True
+    yield path
+    if immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def test_serve_exits_2_when_the_store_directory_is_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "lmwatch.db"
+    done = lmwatch_serve("--store", str(missing), "--port", "0")
+    assert done.returncode == 2, done.stderr
+    assert "cannot open the store" in done.stderr
+    assert str(missing.parent) in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_exits_2_when_the_store_is_read_only(read_only_file: Path) -> None:
+    done = lmwatch_serve("--store", str(read_only_file), "--port", "0")
+    assert done.returncode == 2, done.stderr
+    assert "not writable" in done.stderr
+    assert str(read_only_file) in done.stderr
+
+
+def test_invalid_profiles_at_start_name_line_and_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(SMALL_PROFILES.replace("max_blackout: 500ms", "max_blackout: 500"))
+    line = SMALL_PROFILES.splitlines().index("    max_blackout: 500ms") + 1
+    code = daemon.main({"store": str(tmp_path / "x.db"), "profiles": str(profiles), "port": 0})
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "invalid profiles file" in err
+    assert f"{profiles}:{line}:19" in err
+
+
+def test_invalid_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "lmwatch.yaml"
+    config.write_text("prot: 8080\n")
+    assert daemon.main({"config": str(config)}) == 2
+    assert "prot" in capsys.readouterr().err
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("LMWATCH_"):
+            monkeypatch.delenv(name)
+    settings = load_settings()
+    assert settings.listen_host == "127.0.0.1"
+    assert settings.port == 8787
+    assert settings.driver == "sim"
+    assert settings.token is None and settings.token_file is None
+    assert settings.store_path == Path("lmwatch.db")
+    assert settings.profiles_path is None
+
+
+def test_precedence_file_then_environment_then_explicit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "lmwatch.yaml"
+    config.write_text(
+        "port: 9000\nlisten_host: 0.0.0.0\npoll_interval: 2s\nmax_per_source: 3\n"
+        "hosts:\n  h1: {uri: 'x+ssh://h1/system', bandwidth: 10Gbit/s}\n"
+    )
+    monkeypatch.setenv("LMWATCH_CONFIG", str(config))
+    monkeypatch.setenv("LMWATCH_PORT", "9100")
+    monkeypatch.setenv("LMWATCH_TOKEN", "from-env")
+    settings = load_settings(max_per_source=None)
+    assert settings.port == 9100  # environment over file
+    assert settings.listen_host == "0.0.0.0"
+    assert settings.poll_interval == 2.0
+    assert settings.max_per_source == 3
+    assert settings.hosts["h1"].bandwidth == 1.25e9
+    assert settings.token is not None and settings.token.get_secret_value() == "from-env"
+    assert "from-env" not in repr(settings)
+    assert load_settings(port=9200).port == 9200  # explicit over environment
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"token": "t", "token_file": "/tmp/x"},
+        {"driver": "remote"},  # a real driver needs hosts
+        {"port": 70000},
+        {"poll_interval": "soon"},
+        {"driver": "Not a name"},
+    ],
+)
+def test_invalid_settings_are_refused(values: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(**values)
+
+
+def test_missing_config_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "absent.yaml")
+
+
+def test_an_unknown_driver_is_a_startup_error(tmp_path: Path) -> None:
+    settings = Settings(driver="teleport", hosts={"h1": {"uri": "x://h1"}})
+    with pytest.raises(daemon.StartupError, match=r"unknown driver 'teleport'.*sim"):
+        daemon._make_driver(settings, VirtualClock())
+
+
+def test_real_drivers_are_found_by_module_name() -> None:
+    names = daemon.real_drivers()
+    assert "sim" not in names
+    assert all(name.isidentifier() for name in names)
+
+
+def test_host_rates_reach_the_driver_in_bytes_per_second() -> None:
+    settings = Settings(driver="remote", hosts={"h1": {"uri": "x://h1", "bandwidth": "1Gbit/s"}})
+    options = daemon._host_options(settings)
+    assert options == {"h1": {"uri": "x://h1", "bandwidth": "125000000.0B/s"}}
+    assert parse_rate(options["h1"]["bandwidth"]) == 125e6
+
+
+def test_token_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("secret-from-file\n")
+    settings = Settings(token_file=path, store_path=tmp_path / "x.db")
+    assert daemon.resolve_token(settings) == "secret-from-file"
+
+
+def test_generated_token_is_written_0600_and_never_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(store_path=tmp_path / "x.db")
+    with caplog.at_level(logging.DEBUG):
+        token = daemon.resolve_token(settings)
+    path = tmp_path / "lmwatch.token"
+    assert path.read_text().strip() == token
+    assert len(token) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert str(path) in caplog.text
+    assert token not in caplog.text
+    assert daemon.resolve_token(settings) != token  # a new one each start
+
+
+# --- serving ---------------------------------------------------------------------------
+
+
+async def test_the_daemon_serves_reloads_on_sighup_and_stops_on_sigterm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(SMALL_PROFILES)
+    settings = Settings(
+        port=0,
+        store_path=tmp_path / "lmwatch.db",
+        profiles_path=profiles,
+        profile_check_interval=3600,
+    )
+    ready: asyncio.Queue[list[tuple[str, int]]] = asyncio.Queue()
+    with caplog.at_level(logging.INFO):
+        task = asyncio.create_task(daemon.run(settings, on_ready=ready.put_nowait))
+        host, port = (await asyncio.wait_for(ready.get(), 30))[0]
+        token = (tmp_path / "lmwatch.token").read_text().strip()
+        base = f"http://{host}:{port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/healthz") as response:
+                assert response.status == 200
+            body = {"instance": "web-1", "source": "host-a", "destination": "host-b"}
+            async with session.post(f"{base}/v1/migrations", json=body) as response:
+                assert response.status == 401
+            headers = {"Authorization": f"Bearer {token}"}
+            async with session.post(f"{base}/v1/migrations", json=body, headers=headers) as r:
+                assert r.status == 202, await r.text()
+                migration_id = (await r.json())["id"]
+            profiles.write_text(SMALL_PROFILES.replace("max_pause: 3s", "max_pause: 4s"))
+            os.kill(os.getpid(), signal.SIGHUP)
+            generation = 1
+            for _ in range(1000):  # loop turns, not time: the handler runs on the loop
+                async with session.get(f"{base}/v1/profiles") as response:
+                    generation = (await response.json())["generation"]
+                if generation == 2:
+                    break
+            assert generation == 2
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(task, 30)
+    assert token not in caplog.text
+    store = Store.open(tmp_path / "lmwatch.db")
+    try:
+        record = store.get(migration_id)
+        assert record is not None
+        assert record.state.value != "cancelled"  # a daemon stop does not cancel migrations
+        assert [e for e in store.events(migration_id) if e.action == "cancel"] == []
+    finally:
+        store.close()
+
+
+async def test_a_busy_port_is_a_startup_error(tmp_path: Path) -> None:
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        settings = Settings(port=port, store_path=tmp_path / "lmwatch.db", token="t")
+        with pytest.raises(daemon.StartupError, match="cannot listen"):
+            await daemon.run(settings, handle_signals=False)
+    finally:
+        blocker.close()
+        await blocker.wait_closed()

@@ -1,0 +1,426 @@
+"""Showing migrations to people: tables, progress, timelines, outcomes.
+
+Everything takes the API's JSON shape (plain dicts). On a terminal the output is
+drawn with rich; otherwise it is plain lines, so logs and tests read well.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import IO, Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from lmwatch.units import format_duration, format_size
+
+Json = Mapping[str, Any]
+
+
+class Output:
+    """Where the CLI writes: a rich console when it is a terminal, plain lines otherwise."""
+
+    def __init__(
+        self,
+        file: IO[str] | None = None,
+        *,
+        err: IO[str] | None = None,
+        terminal: bool | None = None,
+    ) -> None:
+        self.console = Console(file=file, force_terminal=terminal, highlight=False, soft_wrap=True)
+        self._err = err
+        if file is not None and terminal is None:
+            # An explicit file that is not a terminal (tests, pipes) gets plain lines.
+            self.rich = bool(getattr(file, "isatty", lambda: False)())
+        else:
+            self.rich = self.console.is_terminal
+        self._file = file
+
+    def line(self, text: str = "") -> None:
+        if self.rich:
+            self.console.print(text, markup=False)
+        else:
+            stream = self._file or self.console.file
+            stream.write(text + "\n")
+            stream.flush()
+
+    def lines(self, texts: Iterable[str]) -> None:
+        for text in texts:
+            self.line(text)
+
+    def error(self, text: str) -> None:
+        """An error message on stderr (looked up at call time, so captures see it)."""
+        stream = self._err or sys.stderr
+        stream.write(f"error: {text}\n")
+        stream.flush()
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        if self.rich:
+            table = Table(*headers, show_edge=False, header_style="bold")
+            for row in rows:
+                table.add_row(*row)
+            self.console.print(table)
+        else:
+            self.lines(plain_table(headers, rows))
+
+
+def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns aligned with spaces; the last column is not padded."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for index, cell in enumerate(row):
+            widths[index] = max(widths[index], len(cell))
+    out = []
+    for row in (headers, *rows):
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+# -- values ---------------------------------------------------------------------------
+
+
+def seconds_of(at: Any) -> float | None:
+    """Clock seconds from an RFC 3339 string or a number."""
+    if at is None:
+        return None
+    if isinstance(at, int | float):
+        return float(at)
+    try:
+        return datetime.fromisoformat(str(at).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def rate(value: float | None) -> str:
+    return "-" if value is None else f"{format_size(value)}/s"
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def offset(seconds: float) -> str:
+    return f"+{seconds:.1f}s"
+
+
+def short_id(migration_id: str) -> str:
+    return migration_id[:8]
+
+
+def route(migration: Json) -> str:
+    return f"{migration.get('source', '?')} -> {migration.get('destination', '?')}"
+
+
+def _progress(migration: Json) -> Json:
+    return migration.get("progress") or {}
+
+
+def _prediction(migration: Json) -> Json:
+    return migration.get("prediction") or {}
+
+
+def eta_text(migration: Json) -> str:
+    state = migration.get("state")
+    if state in ("completed", "cancelled", "failed"):
+        return "-"
+    prediction = _prediction(migration)
+    if not prediction:
+        return "-"
+    eta = prediction.get("eta_seconds")
+    if eta is None:
+        return "never on its own" if prediction.get("converges") is False else "-"
+    return format_duration(eta)
+
+
+def method_text(migration: Json) -> str:
+    outcome = migration.get("outcome") or {}
+    return str(outcome.get("method") or "-")
+
+
+# -- lines ----------------------------------------------------------------------------
+
+
+def progress_line(migration: Json) -> str:
+    """One line: state, % copied, pass, rates, ETA, predicted blackout."""
+    progress = _progress(migration)
+    prediction = _prediction(migration)
+    parts = [str(migration.get("state", "?"))]
+    if progress:
+        parts += [
+            f"{percent(progress.get('percent_copied'))} copied",
+            f"pass {progress.get('passes', '-')}",
+            f"transfer {rate(progress.get('transfer_rate_bytes_per_second'))}",
+            f"change {rate(progress.get('change_rate_bytes_per_second'))}",
+        ]
+    parts.append(f"ETA {eta_text(migration)}")
+    if prediction:
+        blackout = format_duration(prediction.get("blackout_seconds"))
+        parts.append(f"predicted blackout {blackout}")
+    return "  ".join(parts)
+
+
+def timeline_entry(entry: Json, origin: float | None) -> str:
+    """`+12.3s decision raise-blackout: reason` with the time since `origin`."""
+    at = seconds_of(entry.get("at"))
+    when = offset(at - origin) if at is not None and origin is not None else str(entry.get("at"))
+    label = entry.get("action") or entry.get("state") or ""
+    kind = entry.get("kind", "")
+    head = f"{when} {kind}" + (f" {label}" if label else "")
+    return f"{head}: {entry.get('reason', '')}"
+
+
+def timeline_lines(
+    entries: Sequence[Json], origin: float | None, *, collapse: bool = False
+) -> list[str]:
+    """Timeline entries as lines; with `collapse`, a run of unchanged-course
+    ("continue") decisions shows only its first and last entry."""
+    if not collapse:
+        return [timeline_entry(entry, origin) for entry in entries]
+    lines: list[str] = []
+    index = 0
+    while index < len(entries):
+        end = index
+        while (
+            end + 1 < len(entries)
+            and _is_continue(entries[end + 1])
+            and _is_continue(entries[index])
+        ):
+            end += 1
+        lines.append(timeline_entry(entries[index], origin))
+        if end - index > 1:
+            lines.append(f"  ... {end - index - 1} more like it")
+        if end > index:
+            lines.append(timeline_entry(entries[end], origin))
+        index = end + 1
+    return lines
+
+
+def _is_continue(entry: Json) -> bool:
+    return entry.get("kind") == "decision" and entry.get("action") == "continue"
+
+
+def timeline_origin(migration: Json) -> float | None:
+    return seconds_of(migration.get("created_at"))
+
+
+def outcome_line(migration: Json) -> str:
+    outcome = migration.get("outcome") or {}
+    state = migration.get("state", "?")
+    if not outcome:
+        return f"{state}"
+    parts = [
+        f"{state} ({outcome.get('method', '-')})",
+        f"total {format_duration(outcome.get('total_seconds'))}",
+        f"blackout {format_duration(outcome.get('blackout_seconds'))}",
+        f"passes {outcome.get('passes', '-')}",
+        f"transferred {format_size(outcome.get('transferred_bytes'))}",
+    ]
+    if outcome.get("error"):
+        parts.append(f"error: {outcome['error']}")
+    return "  ".join(parts)
+
+
+def _finished(migration: Json) -> bool:
+    return migration.get("state") in ("completed", "cancelled", "failed")
+
+
+def copied_text(migration: Json) -> str:
+    """% copied while running; after the end the outcome says more than the last sample."""
+    if _finished(migration):
+        return "-"
+    return percent(_progress(migration).get("percent_copied"))
+
+
+def migration_row(migration: Json) -> list[str]:
+    return [
+        short_id(str(migration.get("id", ""))),
+        str(migration.get("instance", "")),
+        route(migration),
+        str(migration.get("state", "")),
+        copied_text(migration),
+        eta_text(migration),
+        method_text(migration),
+    ]
+
+
+MIGRATION_HEADERS = ("ID", "INSTANCE", "ROUTE", "STATE", "COPIED", "ETA", "METHOD")
+
+
+def migration_detail(migration: Json) -> list[str]:
+    """Everything about one migration, line by line, timeline last."""
+    profile = migration.get("profile") or {}
+    lines = [
+        f"migration  {migration.get('id')}",
+        f"instance   {migration.get('instance')}  ({route(migration)})",
+        f"state      {migration.get('state')}",
+        f"profile    {profile.get('name', '-')}: {profile.get('reason', '')}",
+    ]
+    labels = migration.get("labels") or {}
+    if labels:
+        lines.append("labels     " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())))
+    for field in ("created_at", "started_at", "finished_at", "deadline_at"):
+        if migration.get(field):
+            lines.append(f"{field.removesuffix('_at'):<10} {migration[field]}")
+    if migration.get("progress") and not _finished(migration):
+        lines.append(f"progress   {progress_line(migration)}")
+    prediction = _prediction(migration)
+    if prediction and not _finished(migration):
+        converges = prediction.get("converges")
+        verdict = {True: "yes", False: "no", None: "not known yet"}[converges]
+        lines.append(
+            f"predicted  ETA {eta_text(migration)}, blackout "
+            f"{format_duration(prediction.get('blackout_seconds'))}, converges {verdict} "
+            f"(confidence {float(prediction.get('confidence') or 0):.0%})"
+        )
+    if migration.get("outcome"):
+        lines.append(f"outcome    {outcome_line(migration)}")
+    timeline = migration.get("timeline") or []
+    if timeline:
+        lines.append("timeline")
+        origin = timeline_origin(migration)
+        lines += [f"  {timeline_entry(entry, origin)}" for entry in timeline]
+    return lines
+
+
+def decision_lines(result: Json) -> list[str]:
+    """The answer to force-complete: the action taken and why."""
+    decision = result.get("decision") or {}
+    migration = result.get("migration") or {}
+    lines = [f"{decision.get('action', '?')}: {decision.get('reason', '')}"]
+    blackout = decision.get("predicted_blackout_seconds")
+    if blackout is not None:
+        lines.append(f"predicted blackout {format_duration(blackout)}")
+    if migration:
+        lines.append(f"migration {migration.get('id')} is {migration.get('state')}")
+    return lines
+
+
+def explain_lines(answer: Json) -> list[str]:
+    profile = answer.get("profile") or {}
+    name = profile.get("name", "-") if isinstance(profile, Mapping) else str(profile)
+    lines = [f"{answer.get('instance')}: profile {name!r}", f"  why: {answer.get('reason', '')}"]
+    candidates = answer.get("candidates") or []
+    if candidates:
+        lines.append("  candidates:")
+        for candidate in candidates:
+            lines.append(f"    {_candidate(candidate)}")
+    return lines
+
+
+def _candidate(candidate: Any) -> str:
+    if not isinstance(candidate, Mapping):
+        return str(candidate)
+    name = candidate.get("name") or candidate.get("profile") or "?"
+    if isinstance(name, Mapping):
+        name = name.get("name", "?")
+    verdict = candidate.get("matches", candidate.get("matched"))
+    mark = {True: "matches", False: "no match", None: ""}.get(verdict, str(verdict))
+    why = candidate.get("reason") or candidate.get("why") or ""
+    text = f"{name}"
+    if mark:
+        text += f" ({mark})"
+    return f"{text}: {why}" if why else text
+
+
+def profile_rows(profiles: Iterable[Json]) -> list[list[str]]:
+    rows = []
+    for profile in profiles:
+        match = profile.get("match") or {}
+        parts = []
+        for key in ("labels", "names", "uuids"):
+            value = match.get(key)
+            if value:
+                if isinstance(value, Mapping):
+                    parts.append(",".join(f"{k}={v}" for k, v in value.items()))
+                else:
+                    parts.append(",".join(str(v) for v in value))
+        rows.append(
+            [
+                str(profile.get("name", "")),
+                " ".join(parts) or "(any)",
+                _duration_field(profile.get("max_blackout")),
+                str(profile.get("handover", "-")),
+                _yes(profile.get("may_slow_down")),
+                _yes(profile.get("may_pause")),
+                str(profile.get("on_deadline", "-")),
+            ]
+        )
+    return rows
+
+
+PROFILE_HEADERS = ("NAME", "MATCH", "MAX BLACKOUT", "HANDOVER", "SLOW DOWN", "PAUSE", "DEADLINE")
+
+
+def _duration_field(value: Any) -> str:
+    return format_duration(value) if isinstance(value, int | float) else str(value or "-")
+
+
+def _yes(value: Any) -> str:
+    return {True: "yes", False: "no"}.get(value, "-") if isinstance(value, bool) else "-"
+
+
+# -- live display -----------------------------------------------------------------------
+
+
+class LiveProgress:
+    """The `migrate --follow` display: a bar on a terminal, change-only lines otherwise."""
+
+    def __init__(self, output: Output) -> None:
+        self.output = output
+        self._live: Live | None = None
+        self._last_plain: tuple[Any, ...] | None = None
+
+    def __enter__(self) -> LiveProgress:
+        if self.output.rich:
+            self._live = Live(
+                Text("waiting for the first sample"),
+                console=self.output.console,
+                auto_refresh=False,
+                transient=False,
+            )
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def say(self, text: str) -> None:
+        if self._live is not None:
+            self._live.console.print(text, markup=False, highlight=False)
+        else:
+            self.output.line(text)
+
+    def update(self, migration: Json) -> None:
+        if self._live is not None:
+            if _finished(migration):
+                self._live.update(Text(""), refresh=True)
+            else:
+                self._live.update(live_view(migration), refresh=True)
+            return
+        if _finished(migration):
+            return  # the outcome line follows
+        key = (migration.get("state"), _progress(migration).get("passes"))
+        if key != self._last_plain:
+            self._last_plain = key
+            self.output.line(progress_line(migration))
+
+
+def live_view(migration: Json) -> Group:
+    """Two lines: state, bar and percent; then pass, rates, ETA and predicted blackout."""
+    progress = _progress(migration)
+    copied = float(progress.get("percent_copied") or 0.0)
+    top = Table.grid(padding=(0, 1))
+    top.add_row(
+        Text(str(migration.get("state", "?")), style="bold"),
+        ProgressBar(total=100.0, completed=copied, width=30),
+        Text(f"{copied:5.1f}%"),
+    )
+    details = progress_line(migration).split("  ", 2)[-1] if progress else ""
+    return Group(top, Text(details))

@@ -1,0 +1,353 @@
+"""The CLI against a real API server (aiohttp) over the real engine, in virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from lmwatch import cli
+from lmwatch.api import create_app
+from lmwatch.clock import VirtualClock
+from lmwatch.drivers.inventory import load_inventory_text
+from lmwatch.drivers.sim import SimDriver
+from lmwatch.engine import Engine, EngineSettings
+from lmwatch.metrics import Metrics
+from lmwatch.model import State
+from lmwatch.profiles import ProfileRegistry
+from lmwatch.store import Store
+
+TOKEN = "test-token"
+
+INVENTORY = """
+hosts:
+  - {name: a, memory: 512GiB}
+  - {name: b, memory: 512GiB}
+links:
+  - {between: [a, b], bandwidth: 1GiB/s}
+instances:
+  - {name: idle, host: a, memory: 4GiB, working_set: 64MiB, change_rate: 1MiB/s}
+  - name: busy-db
+    host: a
+    memory: 16GiB
+    working_set: 4GiB
+    change_rate: 1500MiB/s
+    labels: {tier: database}
+  - {name: busy-plain, host: a, memory: 16GiB, working_set: 4GiB, change_rate: 1500MiB/s}
+  - {name: busy-strict, host: a, memory: 16GiB, working_set: 4GiB, change_rate: 1500MiB/s,
+     labels: {tier: strict}}
+"""
+
+PROFILES = """
+profiles:
+  - name: db
+    match: {labels: {tier: database}}
+    max_blackout: 300ms
+    handover: allowed
+    max_degraded: 60s
+    deadline: 20m
+    on_deadline: complete
+  - name: strict
+    match: {labels: {tier: strict}}
+    max_blackout: 300ms
+    deadline: 1h
+    on_deadline: cancel
+  - name: default
+    max_blackout: 500ms
+    may_pause: true
+    max_pause: 10s
+    deadline: 1h
+    on_deadline: cancel
+"""
+
+HYPERVISOR_WORDS = re.compile(
+    r"post-?copy|suspend|downtime|auto-?converge|libvirt|qemu|xbzrle", re.IGNORECASE
+)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class Api:
+    clock: VirtualClock
+    engine: Engine
+    url: str
+
+    async def run(self, *argv: str, token: str | None = TOKEN) -> Result:
+        out, err = io.StringIO(), io.StringIO()
+        auth = ["--token", token] if token else []
+        code = await cli.run(
+            ["--url", self.url, *auth, *argv], stdout=out, stderr=err, clock=self.clock
+        )
+        return Result(code, out.getvalue(), err.getvalue())
+
+    async def run_with_time(self, *argv: str, limit: float = 4 * 3600) -> Result:
+        """Run a command while virtual time moves (for `--follow`)."""
+        task = asyncio.create_task(self.run(*argv))
+        assert await self.clock.run_until(task.done, limit=limit)
+        return await task
+
+    async def until_state(self, migration_id: str, *states: State, limit: float = 3600) -> None:
+        ok = await self.clock.run_until(
+            lambda: self.engine.get(migration_id).state in states, limit=limit
+        )
+        assert ok, self.engine.get(migration_id).state
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    clock = VirtualClock()
+    driver = SimDriver(load_inventory_text(INVENTORY), clock)
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(PROFILES)
+    registry = ProfileRegistry(profiles, clock=clock)
+    metrics = Metrics()
+    engine = Engine(
+        driver=driver,
+        store=Store.open(tmp_path / "lmwatch.db"),
+        profiles=registry,
+        clock=clock,
+        metrics=metrics,
+        settings=EngineSettings(poll_interval=1.0),
+    )
+    await engine.start()
+    server = TestServer(create_app(engine, registry, metrics, TOKEN))
+    await server.start_server()
+    try:
+        yield Api(clock, engine, str(server.make_url("")).rstrip("/"))
+    finally:
+        await server.close()
+        await engine.stop()
+        await driver.close()
+
+
+def _id(result: Result) -> str:
+    first = result.out.splitlines()[0].strip()
+    assert re.fullmatch(r"[0-9a-f-]{36}", first), result.out
+    return first
+
+
+async def test_migrate_prints_the_accepted_id(api: Api) -> None:
+    result = await api.run("migrate", "idle", "--from", "a", "--to", "b")
+    assert result.code == 0, result.err
+    migration_id = _id(result)
+    assert api.engine.get(migration_id).instance == "idle"
+    assert len(result.out.splitlines()) == 1
+
+
+async def test_migrate_follow_runs_to_completion_and_exits_zero(api: Api) -> None:
+    result = await api.run_with_time("migrate", "idle", "--from", "a", "--to", "b", "--follow")
+    assert result.code == 0, result.out + result.err
+    migration_id = _id(result)
+    lines = result.out.splitlines()
+    assert lines[1].startswith("profile default:")
+    assert lines[-1].startswith("completed (converged)")
+    assert "blackout" in lines[-1] and "passes" in lines[-1]
+    # Timeline entries appear once each, with offsets since creation.
+    entries = [line for line in lines if re.match(r"\+\d+\.\d+s ", line)]
+    events = api.engine.events(migration_id)
+    assert len(entries) == len(events)
+    assert entries[0].startswith("+0.0s state queued")
+    assert entries[-1].split(": ")[0].endswith("state completed")
+
+
+async def test_follow_of_a_cancelled_migration_exits_non_zero(api: Api) -> None:
+    result = await api.run_with_time(
+        "migrate", "busy-strict", "--from", "a", "--to", "b", "--follow"
+    )
+    assert result.code == 1, result.out + result.err
+    assert result.out.splitlines()[-1].startswith("cancelled (cancelled)")
+    assert any(" decision cancel: " in line for line in result.out.splitlines())
+
+
+async def test_follow_shows_progress_lines_as_they_change(api: Api) -> None:
+    result = await api.run_with_time("migrate", "busy-db", "--from", "a", "--to", "b", "--follow")
+    assert result.code == 0, result.out + result.err
+    progress = [line for line in result.out.splitlines() if " copied  pass " in line]
+    assert progress, result.out
+    assert all("ETA" in line and "transfer" in line for line in progress)
+    assert result.out.splitlines()[-1].startswith("completed (handover)")
+
+
+async def test_status_lists_migrations_and_shows_one_in_detail(api: Api) -> None:
+    migration_id = _id(await api.run("migrate", "idle", "--from", "a", "--to", "b"))
+    await api.until_state(migration_id, State.COMPLETED)
+
+    listing = await api.run("status")
+    assert listing.code == 0, listing.err
+    header, row = listing.out.splitlines()[:2]
+    assert header.split() == ["ID", "INSTANCE", "ROUTE", "STATE", "COPIED", "ETA", "METHOD"]
+    assert row.split()[:6] == [migration_id[:8], "idle", "a", "->", "b", "completed"]
+    assert row.split()[-1] == "converged"
+
+    detail = await api.run("status", migration_id[:8])
+    assert detail.code == 0, detail.err
+    assert f"migration  {migration_id}" in detail.out
+    assert "timeline" in detail.out
+    assert re.search(r"\+\d+\.\ds state completed: completed \(converged\)", detail.out)
+
+
+async def test_status_with_an_empty_filter(api: Api) -> None:
+    result = await api.run("status", "--state", "failed")
+    assert (result.code, result.out.strip()) == (0, "no migrations in state failed")
+
+
+async def test_force_complete_prints_the_decision(api: Api) -> None:
+    migration_id = _id(await api.run("migrate", "busy-db", "--from", "a", "--to", "b"))
+    await api.until_state(migration_id, State.COPYING)
+    await api.clock.advance(3)
+    result = await api.run("force-complete", migration_id)
+    assert result.code == 0, result.err
+    action, _, reason = result.out.splitlines()[0].partition(": ")
+    assert action == "handover"
+    assert reason
+    assert f"migration {migration_id} is " in result.out
+
+
+async def test_force_complete_refused_reports_the_problem(api: Api) -> None:
+    migration_id = _id(await api.run("migrate", "busy-strict", "--from", "a", "--to", "b"))
+    await api.until_state(migration_id, State.COPYING)
+    await api.clock.advance(3)
+    result = await api.run("force-complete", migration_id)
+    assert result.code == 1
+    assert result.err.lower().startswith("error: conflict: ")
+    assert "profile 'strict'" in result.err
+    assert result.out == ""
+
+    accepted = await api.run("force-complete", migration_id, "--accept-pause")
+    assert accepted.code == 0, accepted.err
+    assert accepted.out.splitlines()[0].startswith("pause: ")
+    assert "predicted blackout " in accepted.out
+
+
+async def test_cancel_stops_a_running_migration(api: Api) -> None:
+    migration_id = _id(await api.run("migrate", "busy-plain", "--from", "a", "--to", "b"))
+    await api.until_state(migration_id, State.COPYING)
+    result = await api.run("cancel", migration_id)
+    assert result.code == 0, result.err
+    assert migration_id in result.out
+    assert "cancelled by an operator" in result.out
+    await api.until_state(migration_id, State.CANCELLED)
+
+
+async def test_cancel_after_it_finished_is_refused(api: Api) -> None:
+    migration_id = _id(await api.run("migrate", "idle", "--from", "a", "--to", "b"))
+    await api.until_state(migration_id, State.COMPLETED)
+    result = await api.run("cancel", migration_id)
+    assert result.code == 1
+    assert "completed" in result.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("status", "0000000-no-such-id"),
+        ("cancel", "0000000-no-such-id"),
+        ("force-complete", "0000000-no-such-id"),
+    ],
+)
+async def test_unknown_id_is_an_error_with_the_message(api: Api, argv: tuple[str, ...]) -> None:
+    result = await api.run(*argv)
+    assert result.code == 1
+    assert "no migration with id '0000000-no-such-id'" in result.err
+
+
+async def test_refused_request_shows_the_problem_detail(api: Api) -> None:
+    result = await api.run("migrate", "nobody", "--from", "a", "--to", "b")
+    assert result.code == 1
+    assert "nobody" in result.err
+
+
+async def test_missing_token_is_refused(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LMWATCH_TOKEN", raising=False)
+    result = await api.run("migrate", "idle", "--from", "a", "--to", "b", token=None)
+    assert result.code == 1
+    assert "a bearer token is required" in result.err
+
+
+async def test_token_from_file_and_environment(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    result = await api.run(
+        "migrate", "idle", "--from", "a", "--to", "b", "--token-file", str(token_file), token=None
+    )
+    assert result.code == 0, result.err
+    await api.until_state(_id(result), State.COMPLETED)
+    monkeypatch.setenv("LMWATCH_TOKEN", TOKEN)
+    again = await api.run("migrate", "idle", "--from", "b", "--to", "a", token=None)
+    assert again.code == 0, again.err
+
+
+async def test_unreachable_daemon_is_a_clear_error() -> None:
+    err = io.StringIO()
+    code = await cli.run(
+        ["--url", "http://127.0.0.1:9", "status"], stdout=io.StringIO(), stderr=err
+    )
+    assert code == 1
+    assert "cannot reach lmwatch at http://127.0.0.1:9" in err.getvalue()
+
+
+async def test_profiles_explain_names_the_profile_and_every_candidate(api: Api) -> None:
+    result = await api.run("profiles", "explain", "busy-plain", "--label", "tier=database")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0] == "busy-plain: profile 'db'"
+    assert lines[1].startswith("  why: ")
+    candidates = [line.strip() for line in lines[3:]]
+    assert sorted(c.split(":")[0] for c in candidates) == ["db", "default", "strict"]
+
+    plain = await api.run("profiles", "explain", "busy-plain")
+    assert plain.out.splitlines()[0] == "busy-plain: profile 'default'"
+
+
+async def test_profiles_list_shows_the_loaded_profiles(api: Api) -> None:
+    result = await api.run("profiles", "list")
+    assert result.code == 0, result.err
+    names = [line.split()[0] for line in result.out.splitlines()[2:]]
+    assert names == ["db", "strict", "default"]
+    assert "tier=database" in result.out
+
+
+async def test_no_output_uses_hypervisor_words(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outputs: list[str] = []
+    for argv in (
+        ("migrate", "busy-db", "--from", "a", "--to", "b", "--follow"),
+        ("migrate", "busy-strict", "--from", "a", "--to", "b", "--follow"),
+        ("migrate", "idle", "--from", "a", "--to", "b", "--follow"),
+    ):
+        result = await api.run_with_time(*argv)
+        outputs += [result.out, result.err]
+    for migration in api.engine.list():
+        result = await api.run("status", migration.id)
+        outputs += [result.out, result.err]
+    for argv in (("status",), ("profiles", "list"), ("profiles", "explain", "busy-db")):
+        result = await api.run(*argv)
+        outputs += [result.out, result.err]
+    for argv in (
+        ("--help",),
+        ("migrate", "--help"),
+        ("force-complete", "--help"),
+        ("simulate", "--help"),
+        ("profiles", "explain", "--help"),
+    ):
+        assert await cli.run(argv) == 0
+    captured = capsys.readouterr()
+    outputs += [captured.out, captured.err]
+    text = "\n".join(outputs)
+    assert "handover" in text  # the check reads real output
+    assert HYPERVISOR_WORDS.search(text) is None, HYPERVISOR_WORDS.search(text)

@@ -1,7 +1,11 @@
 # lmwatch daemon image. Profiles, configuration and the store are mounted:
 #   docker run -v ./profiles.yaml:/etc/lmwatch/profiles.yaml:ro \
 #              -v ./config.yaml:/etc/lmwatch/config.yaml:ro \
+#              -e LMWATCH_CONFIG=/etc/lmwatch/config.yaml \
+#              -e LMWATCH_PROFILES_PATH=/etc/lmwatch/profiles.yaml \
+#              -e LMWATCH_TOKEN_FILE=/run/secrets/lmwatch-token \
 #              -v lmwatch-state:/var/lib/lmwatch -p 8787:8787 lmwatch
+# Without a config it runs the simulator on its embedded inventory and profiles.
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc pkg-config libvirt-dev \
@@ -21,10 +25,8 @@ RUN apt-get update \
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 10001:10001
-ENV LMWATCH_CONFIG=/etc/lmwatch/config.yaml \
-    LMWATCH_PROFILES=/etc/lmwatch/profiles.yaml \
-    LMWATCH_STORE=/var/lib/lmwatch/lmwatch.db \
-    LMWATCH_HOST=0.0.0.0 \
+ENV LMWATCH_STORE_PATH=/var/lib/lmwatch/lmwatch.db \
+    LMWATCH_LISTEN_HOST=0.0.0.0 \
     LMWATCH_PORT=8787
 VOLUME ["/var/lib/lmwatch"]
 EXPOSE 8787

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install lmwatch and run the daemon on its embedded default: the simulator
-# driver with a small simulated inventory and the example profiles.
+# driver with a small simulated inventory and the example profiles. The store
+# (lmwatch.db) and the generated API token (lmwatch.token) go to the current
+# directory unless configured otherwise (see README: Configuration).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e .
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+python3 -m pip install --quiet --disable-pip-version-check -e "$repo"
 exec lmwatch serve "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -409,3 +410,16 @@ def test_handover_never_without_arming(case) -> None:  # type: ignore[no-untyped
         for now in (samples[cut - 1].time, -1.0):
             decision = decide(profile, samples[:cut], ctx, now)
             assert decision.action is not Action.HANDOVER
+
+
+def test_slowing_reason_never_asks_for_less_than_the_current_level() -> None:
+    """Readings capped by what a pass sees can say "enough" while copying still stalls."""
+    profile = Profile(name="p", may_slow_down=True)
+    w = workload(1024, 400, 100, 512)
+    samples = history(w, max_passes=4, slowdown=0.4)
+    capped = [replace(s, change_rate=min(s.change_rate, 30 * MIB)) for s in samples]
+    ctx = context(w, plan(slow_down=True), deadline_at=10_000.0)
+    decision = decide(profile, capped, ctx, capped[-1].time)
+    assert decision.action is Action.CONTINUE
+    levels = [int(x) for x in re.findall(r"reaches about (-?\d+)%", decision.reason)]
+    assert levels and all(level > 40 for level in levels), decision.reason

@@ -182,6 +182,11 @@ def _slowing(
     unslowed = change / (1 - level)
     target_change = rate * (1 - settings.convergence_margin)
     needed = 1 - target_change / unslowed
+    if needed <= level:
+        # The readings say the current level should do, yet copying does not converge: a
+        # pass only sees the pages it can re-send, so the change rate reads low. Expect
+        # at least one more step.
+        needed = level + (plan.slow_down_step or settings.slow_down_initial)
     if needed > settings.max_slowdown:
         return None
     steps = 0

@@ -15,9 +15,9 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from lmwatch import schemas
-from lmwatch.drivers.base import DriverError, Refused
+from lmwatch.drivers.base import DriverError
 from lmwatch.engine import Engine
-from lmwatch.errors import EngineError
+from lmwatch.errors import ProblemError
 from lmwatch.logs import get_logger
 from lmwatch.metrics import CONTENT_TYPE_LATEST, Metrics
 from lmwatch.model import MigrationRequest, State
@@ -104,7 +104,7 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     except ApiError as error:
         return problem_response(error)
-    except (EngineError, Refused) as error:
+    except ProblemError as error:
         return problem_response(ApiError(error.status, error.kind, error.message))
     except DriverError as error:
         return problem_response(

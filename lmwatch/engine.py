@@ -364,9 +364,9 @@ class Engine:
         mlog = log.bind(migration=record.id, instance=record.instance)
         try:
             if reattach and record.plan is not None:
-                result = await self.driver.reattach(
-                    record.id, self._request(record), _plan_from(record)
-                )
+                result = await self._reattach(supervision)
+                if supervision.record.state.finished:
+                    return  # the hypervisor stayed away too long; recorded as failed
                 if result is not None:
                     await self._finish(
                         supervision, result, reason="ended while lmwatch was not watching"
@@ -393,6 +393,18 @@ class Engine:
                 self.metrics.forget(self._labels(record))
             if not self._stopping:
                 self._schedule()
+
+    async def _reattach(self, supervision: _Supervision) -> JobResult | None:
+        """Find the job again after a restart, retrying while the hypervisor is away."""
+        record = supervision.record
+        while True:
+            try:
+                return await self.driver.reattach(
+                    record.id, self._request(record), _plan_from(record)
+                )
+            except DriverError as error:
+                if not await self._tolerate(supervision, error, operation="reattach"):
+                    return None
 
     async def _start(self, supervision: _Supervision) -> bool:
         record = supervision.record
@@ -473,9 +485,11 @@ class Engine:
         supervision.failures = 0
         return sample
 
-    async def _tolerate(self, supervision: _Supervision, error: DriverError) -> bool:
+    async def _tolerate(
+        self, supervision: _Supervision, error: DriverError, operation: str = "sample"
+    ) -> bool:
         """Keep trying through a hypervisor outage for a while; fail the migration after."""
-        self.metrics.hypervisor_errors.labels("sample").inc()
+        self.metrics.hypervisor_errors.labels(operation).inc()
         now = self.clock.now()
         if supervision.first_error_at is None:
             supervision.first_error_at = now
@@ -671,6 +685,8 @@ class Engine:
             progress=progress,
             data=outcome,
         )
+        if result.note:
+            self._event(supervision, "note", result.note)
         self.metrics.finished.labels(state.value, method.value).inc()
         self.metrics.duration.labels(method.value).observe(total)
         if result.blackout_seconds is not None:

@@ -1,15 +1,21 @@
-"""Errors the engine raises to its callers (the API maps them to problem+json)."""
+"""Errors that reach callers as problem+json: each carries its HTTP status and kind."""
 
 from __future__ import annotations
 
 
-class EngineError(Exception):
+class ProblemError(Exception):
+    """An error with a clear message that the API answers with `status`."""
+
     status = 500
     kind = "error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class EngineError(ProblemError):
+    """Raised by the engine to its callers."""
 
 
 class NotFound(EngineError):

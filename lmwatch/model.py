@@ -182,3 +182,4 @@ class JobResult:
     slowdown: float = 0.0  # highest slow-down applied
     error: str | None = None
     running_on: str | None = None  # host the instance runs on afterwards, when known
+    note: str | None = None  # something the driver did or found that the log should say

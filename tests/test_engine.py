@@ -379,3 +379,32 @@ async def test_engine_keeps_running_when_one_supervisor_crashes(
     await rig.finish(second)
     assert rig.engine.get(second).state is State.COMPLETED
     await asyncio.sleep(0)
+
+
+async def test_reattach_retries_while_the_hypervisor_is_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmwatch.drivers.base import DriverError
+
+    rig = Rig(tmp_path)
+    await rig.engine.start()
+    mid = await rig.migrate("big")
+    await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    await rig.engine.stop()
+    original = rig.driver.reattach
+    failures = {"left": 3}
+
+    async def flaky(*args: object) -> object:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise DriverError("connection refused")
+        return await original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rig.driver, "reattach", flaky)
+    second = rig.new_engine()
+    await second.start()
+    await rig.clock.run_until(lambda: second.get(mid).state.finished)
+    assert second.get(mid).state is State.COMPLETED
+    reasons = [e.reason for e in rig.store.events(mid)]
+    assert any("retrying" in r for r in reasons)
+    await second.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from lmwatch.errors import ProblemError
 from lmwatch.model import (
     Capabilities,
     InstanceInfo,
@@ -26,15 +27,11 @@ class DriverError(Exception):
     """The hypervisor failed, refused an action mid-way, or could not be reached."""
 
 
-class Refused(Exception):
+class Refused(ProblemError):
     """A request that cannot be carried out; nothing was changed."""
 
     status = 409
     kind = "refused"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class UnknownHost(Refused):

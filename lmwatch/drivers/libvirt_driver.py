@@ -1,0 +1,987 @@
+"""The real driver: live migration through libvirt (QEMU), peer to peer.
+
+- One `HostLink` per host (lazy, keepalive, reconnect with backoff); blocking calls
+  in worker threads; events (pass finished, job completed, lifecycle) through
+  `libvirtaio`, so `wait_event` returns as soon as a migration changes phase.
+- `start` runs `migrateToURI3` in a thread of its own (it blocks until the
+  migration ends); its exception is the failure cause. Progress comes from
+  `jobStats()` on the source.
+- How a migration ended is decided from where the instance actually runs (both
+  hosts are asked), not from what the migrate call said: a daemon can go away
+  while its migration still completes.
+- Everything libvirt-specific (flags, statistics keys, XML) is translated in
+  `libvirt_mapping`; `import libvirt` happens on first use, so lmwatch imports
+  without libvirt-python installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import importlib
+import uuid as uuidlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from lmwatch.clock import Clock
+from lmwatch.drivers.base import (
+    ActionRefused,
+    AlreadyOnDestination,
+    DriverError,
+    HostUnreachable,
+    Incompatible,
+    InsufficientResources,
+    NotOnSource,
+    Refused,
+    UnknownHost,
+    UnknownInstance,
+)
+from lmwatch.drivers.libvirt_conn import HostLink, HostLost, HypervisorError
+from lmwatch.drivers.libvirt_mapping import (
+    DIRTYRATE_MEASURED,
+    LABELS_NS,
+    UNLIMITED_MIB_S,
+    Where,
+    bandwidth_mib_s,
+    decide_outcome,
+    domain_facts,
+    downtime_ms,
+    host_cpu_xml,
+    measured_blackout,
+    migrate_call,
+    parse_labels,
+    slowdown_from,
+    stats_to_sample,
+    transferred_from,
+    where_from_state,
+)
+from lmwatch.logs import get_logger
+from lmwatch.model import (
+    MIB,
+    Capabilities,
+    InstanceInfo,
+    JobResult,
+    MigrationRequest,
+    Phase,
+    Sample,
+    StartPlan,
+)
+from lmwatch.units import parse_rate
+
+T = TypeVar("T")
+log = get_logger("lmwatch.drivers.libvirt")
+
+# Minimum versions (libvirt, hypervisor) for each capability, as libvirt encodes them.
+HANDOVER_VERSIONS = (1_003_003, 2_006_000)  # post-copy: libvirt 1.3.3, QEMU 2.6
+SLOW_DOWN_VERSIONS = (2_000_000, 2_007_000)  # auto-converge initial/increment parameters
+CHANGE_RATE_VERSIONS = (7_002_000, 5_002_000)  # startDirtyRateCalc: libvirt 7.2, QEMU 5.2
+START_ACCEPT_TIMEOUT = 15.0  # seconds to wait for the source to show the job
+REACHABLE_TIMEOUT = 2.0
+POLL = 0.1  # seconds between polls while waiting for the hypervisor
+
+
+class HostConfig(BaseModel):
+    """How to reach one host.
+
+    `uri`: any libvirt URI (qemu+unix, qemu+tcp, qemu+ssh, qemu+tls).
+    `peer_uri`: the URI the *source host's daemon* uses to reach this host as a
+    destination (peer to peer); defaults to `uri`.
+    `migration_address`: where memory is sent when this host is the destination,
+    e.g. "tcp://10.0.0.2" (also its listen address).
+    `bandwidth`: a cap for migrations to this host, e.g. "100MiB/s".
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str
+    peer_uri: str | None = None
+    migration_address: str | None = None
+    bandwidth: float | None = None  # bytes/s
+
+    @field_validator("bandwidth", mode="before")
+    @classmethod
+    def _rate(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, int | float):
+            return float(value) * MIB  # a bare number is MiB/s
+        return parse_rate(value)
+
+
+def build_libvirt_driver(
+    hosts_config: Mapping[str, Mapping[str, Any]], clock: Clock
+) -> LibvirtDriver:
+    """The daemon's entry point: `hosts: {name: {uri, migration_address?, bandwidth?}}`."""
+    hosts = {name: HostConfig.model_validate(dict(conf)) for name, conf in hosts_config.items()}
+    return LibvirtDriver(hosts, clock)
+
+
+@dataclass
+class _Job:
+    """What the driver follows about one migration."""
+
+    id: str
+    request: MigrationRequest
+    plan: StartPlan
+    name: str
+    blackout_budget: float
+    started_at: float
+    adopted: bool = False  # found running after a restart: no migrate call of ours
+    after_restart: bool = False
+    task: asyncio.Future[None] | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    paused: bool = False
+    paused_at: float | None = None
+    handed_over: bool = False
+    final_stop: bool = False  # the source stopped the instance for the last copy
+    ended_at: float | None = None
+    completed_stats: dict[str, Any] | None = None
+    last_stats: dict[str, Any] = field(default_factory=dict)
+    passes_seen: int = 0
+    memory_bytes: int = 0
+    transferred_seen: int = 0
+    max_slowdown: float = 0.0
+    result: JobResult | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def source(self) -> str:
+        return self.request.source
+
+    @property
+    def destination(self) -> str:
+        return self.request.destination
+
+    def running_phase(self) -> Phase:
+        if self.handed_over:
+            return Phase.HANDOVER
+        if self.paused or self.final_stop:
+            return Phase.COMPLETING
+        return Phase.COPYING
+
+
+class LibvirtDriver:
+    """`lmwatch.drivers.base.Driver` for libvirt hosts."""
+
+    name = "libvirt"
+
+    def __init__(
+        self,
+        hosts: Mapping[str, HostConfig],
+        clock: Clock,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        change_rate_readings: int = 2,
+        change_rate_period: int = 1,
+    ) -> None:
+        self._hosts = dict(hosts)
+        self._clock = clock
+        self._loop = loop
+        self._readings = max(1, change_rate_readings)
+        self._period = max(1, change_rate_period)
+        self._mods: tuple[Any, Any | None] | None = None
+        self._links: dict[str, HostLink] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._caps: dict[tuple[str, str], Capabilities] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="lmw-migrate")
+
+    # -- modules and hosts --------------------------------------------------------
+
+    @property
+    def _lv(self) -> Any:
+        return self._modules()[0]
+
+    def _modules(self) -> tuple[Any, Any | None]:
+        if self._mods is None:
+            try:
+                lv = importlib.import_module("libvirt")
+            except ImportError as error:
+                raise DriverError(
+                    "libvirt-python is not installed (pip install lmwatch[libvirt])"
+                ) from error
+            try:
+                aio: Any | None = importlib.import_module("libvirtaio")
+            except ImportError:
+                aio = None
+                log.warning("events-unavailable", why="libvirtaio missing; polling only")
+            # libvirt's default handler prints every error (e.g. a lookup miss) to
+            # stderr; errors reach us as exceptions anyway.
+            with contextlib.suppress(Exception):
+                lv.registerErrorHandler(_ignore_error, None)
+            self._mods = (lv, aio)
+        return self._mods
+
+    def _link(self, host: str) -> HostLink:
+        if host not in self._hosts:
+            raise UnknownHost(
+                f"unknown host {host!r}; known hosts: {', '.join(sorted(self._hosts))}"
+            )
+        link = self._links.get(host)
+        if link is None:
+            lv, aio = self._modules()
+            link = HostLink(
+                host, self._hosts[host].uri, lv, aio, self._clock, self._setup_events, self._loop
+            )
+            self._links[host] = link
+        return link
+
+    async def _on_domain(self, host: str, name: str, fn: Callable[[Any], T], *, what: str) -> T:
+        """Run `fn(domain)` in a thread, the domain looked up by name on `host`."""
+        return await self._link(host).call(lambda conn: fn(conn.lookupByName(name)), what=what)
+
+    def _absent(self, error: DriverError) -> bool:
+        return isinstance(error, HypervisorError) and error.code == self._lv.VIR_ERR_NO_DOMAIN
+
+    # -- Driver: hosts --------------------------------------------------------------
+
+    async def hosts(self) -> Sequence[str]:
+        return list(self._hosts)
+
+    async def reachable(self) -> dict[str, bool]:
+        async def one(host: str) -> bool:
+            try:
+                await asyncio.wait_for(
+                    self._link(host).call(lambda c: c.getLibVersion(), what="version check"),
+                    REACHABLE_TIMEOUT,
+                )
+                return True
+            except (DriverError, TimeoutError):
+                return False
+
+        names = list(self._hosts)
+        answers = await asyncio.gather(*(one(h) for h in names))
+        return dict(zip(names, answers, strict=True))
+
+    async def _require_reachable(self, host: str) -> None:
+        try:
+            await self._link(host).call(
+                lambda c: c.getLibVersion(), what="version check", timeout=10
+            )
+        except DriverError as error:
+            raise HostUnreachable(f"host {host} does not answer: {error}") from error
+
+    # -- Driver: instances ----------------------------------------------------------
+
+    def _read_domain(self, conn: Any, instance: str) -> dict[str, Any] | None:
+        """Name, uuid, state, memory, XML and labels of `instance` (thread side)."""
+        lv = self._lv
+        try:
+            dom = conn.lookupByName(instance)
+        except lv.libvirtError as error:
+            if error.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
+                raise
+            if not _looks_like_uuid(instance):
+                return None
+            try:
+                dom = conn.lookupByUUIDString(instance)
+            except lv.libvirtError as again:
+                if again.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
+                    raise
+                return None
+        state, reason = dom.state()
+        try:
+            labels_xml = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, LABELS_NS, 0)
+        except lv.libvirtError:
+            labels_xml = None
+        return {
+            "name": dom.name(),
+            "uuid": dom.UUIDString(),
+            "state": state,
+            "reason": reason,
+            "max_kib": dom.maxMemory(),
+            "xml": dom.XMLDesc(0),
+            "labels": parse_labels(labels_xml),
+        }
+
+    async def _domain_on(self, host: str, instance: str) -> dict[str, Any] | None:
+        return await self._link(host).call(
+            lambda c: self._read_domain(c, instance), what=f"lookup of {instance}"
+        )
+
+    def _info(self, host: str, dom: Mapping[str, Any]) -> InstanceInfo:
+        return InstanceInfo(
+            name=dom["name"],
+            uuid=dom["uuid"],
+            host=host,
+            memory_bytes=int(dom["max_kib"]) * 1024,
+            labels=dom["labels"],
+        )
+
+    async def describe(self, instance: str, host: str | None = None) -> InstanceInfo:
+        if host is not None:
+            dom = await self._domain_on(host, instance)
+            if dom is None:
+                raise UnknownInstance(f"instance {instance!r} is not on host {host}")
+            return self._info(host, dom)
+        found: list[tuple[str, dict[str, Any]]] = []
+        for name in self._hosts:
+            try:
+                dom = await self._domain_on(name, instance)
+            except DriverError:
+                continue
+            if dom is not None:
+                found.append((name, dom))
+        running = [(h, d) for h, d in found if d["state"] == self._lv.VIR_DOMAIN_RUNNING]
+        for h, d in running or found:
+            return self._info(h, d)
+        raise UnknownInstance(f"instance {instance!r} is not on any host")
+
+    async def preflight(self, request: MigrationRequest) -> InstanceInfo:
+        lv = self._lv
+        src, dst = request.source, request.destination
+        self._link(src)
+        self._link(dst)
+        if src == dst:
+            raise Refused(f"source and destination are the same host ({src})")
+        await self._require_reachable(src)
+        await self._require_reachable(dst)
+        dom = await self._domain_on(src, request.instance)
+        there = await self._domain_on(dst, request.instance)
+        if there is not None and there["state"] in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_PAUSED):
+            raise AlreadyOnDestination(f"instance {request.instance!r} already runs on {dst}")
+        if dom is None:
+            raise UnknownInstance(f"instance {request.instance!r} is not on host {src}")
+        if dom["state"] not in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_PAUSED):
+            raise NotOnSource(f"instance {request.instance!r} is defined on {src} but not running")
+        facts = domain_facts(dom["xml"])
+        if facts.hostdevs:
+            raise Incompatible(
+                f"instance {request.instance!r} has passed-through host devices that cannot "
+                f"move: {', '.join(facts.hostdevs)}"
+            )
+        need = int(dom["max_kib"]) * 1024
+        free = await self._link(dst).call(lambda c: c.getFreeMemory(), what="free memory")
+        if free < need:
+            raise InsufficientResources(
+                f"{dst} has {free // MIB} MiB free; "
+                f"instance {request.instance!r} needs {need // MIB} MiB"
+            )
+        await self._check_cpu(request, facts)
+        return self._info(src, dom)
+
+    async def _check_cpu(self, request: MigrationRequest, facts: Any) -> None:
+        """The destination must run the instance's CPU model.
+
+        Skipped for software-emulated guests (`type='qemu'`): the emulator provides
+        the same virtual CPU on any host. For host-passthrough the source host's CPU
+        is compared against the destination's.
+        """
+        lv = self._lv
+        if facts.virt_type == "qemu":
+            return
+        cpu_xml = facts.cpu_xml
+        if facts.cpu_mode == "host-passthrough" or cpu_xml is None:
+            caps = await self._link(request.source).call(
+                lambda c: c.getCapabilities(), what="capabilities"
+            )
+            cpu_xml = host_cpu_xml(caps)
+        if cpu_xml is None:
+            return
+        xml = cpu_xml
+
+        def compare(conn: Any) -> int:
+            if facts.cpu_mode in ("custom", None) and hasattr(conn, "compareHypervisorCPU"):
+                return int(
+                    conn.compareHypervisorCPU(
+                        None, facts.arch, facts.machine, facts.virt_type, xml, 0
+                    )
+                )
+            return int(conn.compareCPU(xml, 0))
+
+        try:
+            result = await self._link(request.destination).call(compare, what="CPU comparison")
+        except HostLost:
+            raise
+        except DriverError as error:
+            log.warning("cpu-check-skipped", instance=request.instance, error=str(error))
+            return
+        if result == lv.VIR_CPU_COMPARE_INCOMPATIBLE:
+            raise Incompatible(
+                f"the CPU of instance {request.instance!r} "
+                f"is not available on {request.destination}"
+            )
+
+    async def capabilities(self, source: str, destination: str) -> Capabilities:
+        key = (source, destination)
+        if key in self._caps:
+            return self._caps[key]
+        versions = []
+        for host in (source, destination):
+            try:
+                versions.append(
+                    await self._link(host).call(
+                        lambda c: (int(c.getLibVersion()), int(c.getVersion())),
+                        what="version check",
+                    )
+                )
+            except DriverError as error:
+                raise HostUnreachable(f"host {host} does not answer: {error}") from error
+
+        def both(minimum: tuple[int, int]) -> bool:
+            return all(lib >= minimum[0] and hv >= minimum[1] for lib, hv in versions)
+
+        lib_src, hv_src = versions[0]
+        caps = Capabilities(
+            handover=both(HANDOVER_VERSIONS),
+            slow_down=both(SLOW_DOWN_VERSIONS),
+            measure_change_rate=(
+                lib_src >= CHANGE_RATE_VERSIONS[0]
+                and hv_src >= CHANGE_RATE_VERSIONS[1]
+                and hasattr(self._lv.virDomain, "startDirtyRateCalc")
+            ),
+        )
+        self._caps[key] = caps
+        return caps
+
+    async def measure_change_rate(self, instance: str, host: str) -> float | None:
+        """Mean of a few short page-sampling readings, bytes/s; None when unsupported."""
+        lv = self._lv
+        unsupported = {
+            getattr(lv, name)
+            for name in (
+                "VIR_ERR_NO_SUPPORT",
+                "VIR_ERR_OPERATION_UNSUPPORTED",
+                "VIR_ERR_ARGUMENT_UNSUPPORTED",
+            )
+            if hasattr(lv, name)
+        }
+        readings: list[float] = []
+        try:
+            for _ in range(self._readings):
+                value = await self._one_change_rate(instance, host)
+                if value is None:
+                    return None
+                readings.append(value)
+        except AttributeError:
+            return None
+        except HypervisorError as error:
+            if error.code in unsupported:
+                return None
+            raise
+        return sum(readings) / len(readings) * MIB
+
+    async def _one_change_rate(self, instance: str, host: str) -> float | None:
+        lv = self._lv
+        period = self._period
+        await self._on_domain(
+            host,
+            instance,
+            lambda d: d.startDirtyRateCalc(period, 0),
+            what="change-rate measurement",
+        )
+
+        def read(conn: Any) -> Mapping[str, Any]:
+            dom = conn.lookupByName(instance)
+            stats = conn.domainListGetStats([dom], lv.VIR_DOMAIN_STATS_DIRTYRATE, 0)
+            return stats[0][1] if stats else {}
+
+        await self._clock.sleep(period)
+        for _ in range(int(10 / POLL)):
+            stats = await self._link(host).call(read, what="change-rate reading")
+            if stats.get("dirtyrate.calc_status") == DIRTYRATE_MEASURED:
+                value = stats.get("dirtyrate.megabytes_per_second")
+                return float(value) if isinstance(value, int | float) else None
+            await self._clock.sleep(POLL)
+        raise DriverError(f"host {host}: the change-rate measurement of {instance} did not finish")
+
+    # -- events ------------------------------------------------------------------------
+
+    def _setup_events(self, host: str, conn: Any) -> list[int]:
+        """Register domain event callbacks on a new connection (thread side)."""
+        lv = self._lv
+        ids = []
+        handlers: list[tuple[int, Callable[..., None]]] = [
+            (lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+            (lv.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, self._on_iteration),
+            (lv.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed),
+        ]
+        for event_id, handler in handlers:
+            try:
+                ids.append(conn.domainEventRegisterAny(None, event_id, handler, host))
+            except lv.libvirtError as error:
+                log.warning("event-unavailable", host=host, event_id=event_id, error=str(error))
+        return ids
+
+    def _jobs_for(self, dom: Any) -> list[_Job]:
+        try:
+            name = dom.name()
+        except Exception:
+            return []
+        return [j for j in self._jobs.values() if j.name == name and j.result is None]
+
+    def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, host: str) -> None:
+        lv = self._lv
+        for job in self._jobs_for(dom):
+            if event == lv.VIR_DOMAIN_EVENT_SUSPENDED and host == job.source:
+                if detail == lv.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED:
+                    job.final_stop = True
+                elif detail == lv.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY:
+                    job.handed_over = True
+            elif (
+                event == lv.VIR_DOMAIN_EVENT_RESUMED
+                and detail == lv.VIR_DOMAIN_EVENT_RESUMED_POSTCOPY
+            ):
+                job.handed_over = True
+            elif (
+                event == lv.VIR_DOMAIN_EVENT_STOPPED and host == job.source and job.ended_at is None
+            ):
+                job.ended_at = self._clock.now()
+            job.changed.set()
+
+    def _on_iteration(self, conn: Any, dom: Any, iteration: int, host: str) -> None:
+        for job in self._jobs_for(dom):
+            job.passes_seen = max(job.passes_seen, int(iteration))
+            job.changed.set()
+
+    def _on_job_completed(self, conn: Any, dom: Any, params: Mapping[str, Any], host: str) -> None:
+        for job in self._jobs_for(dom):
+            if host == job.source and job.completed_stats is None:
+                job.completed_stats = dict(params)
+                if job.ended_at is None:
+                    job.ended_at = self._clock.now()
+            job.changed.set()
+
+    async def wait_event(self, migration_id: str, timeout: float) -> None:
+        job = self._jobs.get(migration_id)
+        if job is None or job.result is not None or (job.task is not None and job.task.done()):
+            return
+        waiter = asyncio.ensure_future(job.changed.wait())
+        sleeper = asyncio.ensure_future(self._clock.sleep(timeout))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
+
+    # -- start -------------------------------------------------------------------------
+
+    async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
+        lv = self._lv
+        dest = self._hosts.get(request.destination)
+        self._link(request.source)
+        if dest is None:
+            raise UnknownHost(f"unknown host {request.destination!r}")
+        caps = await self.capabilities(request.source, request.destination)
+        if plan.arm_handover and not caps.handover:
+            raise Incompatible(
+                f"the hypervisors on {request.source} and {request.destination} cannot hand over"
+            )
+        if plan.arm_slow_down and not caps.slow_down:
+            raise Incompatible(
+                f"the hypervisors on {request.source} and {request.destination} "
+                "cannot slow the guest"
+            )
+        call = migrate_call(
+            lv,
+            plan,
+            instance=request.instance,
+            migration_address=dest.migration_address,
+            link_bandwidth=dest.bandwidth,
+        )
+
+        def prepare(dom: Any) -> int:
+            dom.migrateSetMaxDowntime(call.max_downtime_ms, 0)
+            return int(dom.maxMemory()) * 1024
+
+        memory_bytes = await self._on_domain(
+            request.source, request.instance, prepare, what="setting the blackout budget"
+        )
+        job = _Job(
+            id=migration_id,
+            request=request,
+            plan=plan,
+            name=request.instance,
+            blackout_budget=plan.blackout_budget,
+            started_at=self._clock.now(),
+            memory_bytes=memory_bytes,
+        )
+        self._jobs[migration_id] = job
+        peer_uri = dest.peer_uri or dest.uri
+        link = self._link(request.source)
+        conn = await link.connection()
+
+        def migrate() -> None:
+            dom = conn.lookupByName(request.instance)
+            dom.migrateToURI3(peer_uri, dict(call.params), call.flags)
+
+        loop = asyncio.get_running_loop()
+        job.task = loop.run_in_executor(self._executor, migrate)
+        job.task.add_done_callback(lambda fut: self._migrate_done(job, fut, link))
+        log.info(
+            "migration-started",
+            migration=migration_id,
+            instance=request.instance,
+            source=request.source,
+            destination=request.destination,
+            flags=call.flags,
+        )
+        await self._wait_accepted(job)
+
+    def _migrate_done(self, job: _Job, fut: asyncio.Future[None], link: HostLink) -> None:
+        if job.ended_at is None:
+            job.ended_at = self._clock.now()
+        if not fut.cancelled() and fut.exception() is not None:
+            error = fut.exception()
+            if isinstance(error, self._lv.libvirtError):
+                job.error = str(link.translate(error, "the migration"))
+            else:
+                job.error = f"the migration failed: {error!r}"
+        job.changed.set()
+
+    async def _wait_accepted(self, job: _Job) -> None:
+        """Return once the source shows the job (or the migrate call already ended)."""
+        waited = 0.0
+        while waited < START_ACCEPT_TIMEOUT:
+            assert job.task is not None
+            if job.task.done():
+                if job.error is not None and not await self._still_migrating(job):
+                    self._jobs.pop(job.id, None)
+                    raise DriverError(job.error)
+                return
+            try:
+                stats = await self._job_stats(job)
+            except DriverError:
+                stats = {}
+            if stats.get("type", self._lv.VIR_DOMAIN_JOB_NONE) != self._lv.VIR_DOMAIN_JOB_NONE:
+                job.last_stats = dict(stats)
+                return
+            await asyncio.sleep(POLL)  # the migrate thread is real: wait real time for it
+            waited += POLL
+
+    # -- progress ----------------------------------------------------------------------
+
+    async def _job_stats(
+        self, job: _Job, flags: int = 0, host: str | None = None
+    ) -> dict[str, Any]:
+        return dict(
+            await self._on_domain(
+                host or job.source, job.name, lambda d: d.jobStats(flags), what="job statistics"
+            )
+        )
+
+    async def _still_migrating(self, job: _Job) -> bool:
+        """Whether the source still runs an outgoing migration job for the instance."""
+        lv = self._lv
+        try:
+            stats = await self._job_stats(job)
+        except DriverError as error:
+            if isinstance(error, HostLost):
+                raise
+            return False
+        if stats.get("type", lv.VIR_DOMAIN_JOB_NONE) in (
+            lv.VIR_DOMAIN_JOB_NONE,
+            lv.VIR_DOMAIN_JOB_COMPLETED,
+        ):
+            return False
+        operation = stats.get("operation")
+        return operation is None or operation == lv.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
+
+    def _job(self, migration_id: str) -> _Job:
+        job = self._jobs.get(migration_id)
+        if job is None:
+            raise DriverError(f"no migration {migration_id} is known to this driver")
+        return job
+
+    async def sample(self, migration_id: str) -> Sample:
+        job = self._job(migration_id)
+        job.changed.clear()
+        if job.result is None and self._ended(job):
+            await self._conclude(job)
+        if job.result is not None:
+            return self._terminal_sample(job)
+        lv = self._lv
+        try:
+            stats = await self._job_stats(job)
+        except HostLost:
+            if job.task is None:  # nobody's migrate call will tell: ask where it runs
+                await self._conclude(job)
+                if job.result is not None:
+                    return self._terminal_sample(job)
+            raise
+        except HypervisorError:
+            stats = {}  # "domain is not running" / gone: the job has just ended
+        if stats.get("type", lv.VIR_DOMAIN_JOB_NONE) == lv.VIR_DOMAIN_JOB_NONE:
+            if job.adopted:
+                await self._conclude(job)
+                if job.result is not None:
+                    return self._terminal_sample(job)
+            return self._sample_from(job, job.last_stats, Phase.COMPLETING)
+        job.last_stats = {**job.last_stats, **stats}  # early or late readings lack keys
+        job.max_slowdown = max(job.max_slowdown, slowdown_from(stats))
+        processed = stats.get("memory_processed")
+        if isinstance(processed, int | float):
+            job.transferred_seen = max(job.transferred_seen, int(processed))
+        return self._sample_from(job, job.last_stats, job.running_phase())
+
+    def _ended(self, job: _Job) -> bool:
+        if job.task is not None:
+            return job.task.done()
+        return job.completed_stats is not None or job.ended_at is not None
+
+    def _sample_from(self, job: _Job, stats: Mapping[str, Any], phase: Phase) -> Sample:
+        return stats_to_sample(
+            stats,
+            now=self._clock.now(),
+            phase=phase,
+            blackout_budget=job.blackout_budget,
+            passes_seen=job.passes_seen,
+            memory_bytes=job.memory_bytes,
+        )
+
+    def _terminal_sample(self, job: _Job) -> Sample:
+        assert job.result is not None
+        base = self._sample_from(job, job.completed_stats or job.last_stats, job.result.phase)
+        remaining = 0 if job.result.phase is Phase.COMPLETED else base.memory_remaining
+        return Sample(
+            time=base.time,
+            memory_total=base.memory_total,
+            memory_remaining=remaining,
+            memory_transferred=job.result.transferred or base.memory_transferred,
+            transfer_rate=0.0,
+            change_rate=0.0,
+            passes=max(base.passes, job.result.passes),
+            phase=job.result.phase,
+            blackout_budget=job.blackout_budget,
+            slowdown=0.0,
+            expected_blackout=None,
+        )
+
+    async def result(self, migration_id: str) -> JobResult:
+        job = self._job(migration_id)
+        if job.result is None:
+            if not self._ended(job):
+                raise DriverError(f"migration {migration_id} has not ended")
+            await self._conclude(job)
+        if job.result is None:
+            raise DriverError(f"migration {migration_id} is still running")
+        return job.result
+
+    # -- outcome -------------------------------------------------------------------------
+
+    async def _where(self, host: str, name: str) -> tuple[Where, int | None]:
+        try:
+            state = await self._on_domain(host, name, lambda d: d.state(), what="state")
+        except UnknownHost:
+            return Where.UNKNOWN, None
+        except DriverError as error:
+            if self._absent(error):
+                return Where.ABSENT, None
+            return Where.UNKNOWN, None
+        return where_from_state(self._lv, state[0]), int(state[1])
+
+    async def _completed_stats(self, job: _Job) -> dict[str, Any] | None:
+        if job.completed_stats:
+            return job.completed_stats
+        lv = self._lv
+        for host in (job.source, job.destination):
+            with contextlib.suppress(DriverError):
+                stats = await self._job_stats(job, lv.VIR_DOMAIN_JOB_STATS_COMPLETED, host)
+                if stats and stats.get("type", lv.VIR_DOMAIN_JOB_NONE) != lv.VIR_DOMAIN_JOB_NONE:
+                    job.completed_stats = stats
+                    return stats
+        return None
+
+    async def _conclude(self, job: _Job) -> None:
+        """Decide how an ended job finished, from where the instance runs now.
+
+        Leaves `job.result` unset (and adopts the job) when the source still runs the
+        migration, e.g. after our connection dropped; raises DriverError when a host
+        cannot be asked and the answer depends on it.
+        """
+        lv = self._lv
+        at_src, _ = await self._where(job.source, job.name)
+        if at_src in (Where.RUNNING, Where.PAUSED) and await self._still_migrating(job):
+            if not job.adopted:
+                log.warning("migration-adopted", migration=job.id, why=job.error)
+            job.adopted, job.task, job.error, job.ended_at = True, None, None, None
+            return
+        at_dst, dst_reason = await self._where(job.destination, job.name)
+        outcome = decide_outcome(
+            job.source,
+            job.destination,
+            at_src,
+            at_dst,
+            error=job.error,
+            cancel_requested=job.cancel_requested,
+            we_paused=job.paused,
+            after_restart=job.after_restart,
+        )
+        if outcome.undecided:
+            raise DriverError(
+                f"migration {job.id} ended but where {job.name} runs cannot be told yet "
+                f"({job.source}: {at_src}, {job.destination}: {at_dst})"
+            )
+        if (
+            outcome.resume_on == job.destination and dst_reason == lv.VIR_DOMAIN_PAUSED_MIGRATION
+        ):  # an incoming instance, not a paused one: libvirt finishes or discards it
+            raise DriverError(
+                f"migration {job.id}: {job.name} is still arriving on {job.destination}"
+            )
+        note = None
+        if outcome.resume_on is not None:
+            await self._on_domain(
+                outcome.resume_on, job.name, lambda d: d.resume(), what="resuming the instance"
+            )
+            note = (
+                f"the instance was paused on {outcome.resume_on} afterwards and was resumed there"
+            )
+            log.warning("instance-resumed", migration=job.id, host=outcome.resume_on)
+        completed = await self._completed_stats(job) if outcome.phase is Phase.COMPLETED else None
+        blackout = measured_blackout(completed)
+        if outcome.phase is Phase.COMPLETED and job.paused and job.paused_at is not None:
+            ended = job.ended_at if job.ended_at is not None else self._clock.now()
+            blackout = max(blackout or 0.0, ended - job.paused_at)
+        passes = max(
+            job.passes_seen,
+            int((completed or {}).get("memory_iteration", 0) or 0),
+            int(job.last_stats.get("memory_iteration", 0) or 0),
+        )
+        error = outcome.error
+        job.result = JobResult(
+            phase=outcome.phase,
+            blackout_seconds=blackout,
+            transferred=transferred_from(completed, {"memory_processed": job.transferred_seen}),
+            passes=passes,
+            paused=job.paused,
+            handed_over=job.handed_over or (dst_reason == lv.VIR_DOMAIN_RUNNING_POSTCOPY),
+            slowdown=max(job.max_slowdown, slowdown_from(completed or {})),
+            error=error,
+            running_on=outcome.running_on,
+            note=note,
+        )
+        log.info(
+            "migration-ended",
+            migration=job.id,
+            phase=outcome.phase.value,
+            running_on=outcome.running_on,
+            blackout=blackout,
+            error=error,
+        )
+        job.changed.set()
+
+    # -- actions -----------------------------------------------------------------------
+
+    async def _act(self, job: _Job, fn: Callable[[Any], Any], what: str) -> None:
+        lv = self._lv
+        try:
+            await self._on_domain(job.source, job.name, fn, what=what)
+        except HypervisorError as error:
+            refusals = {
+                lv.VIR_ERR_OPERATION_INVALID,
+                getattr(lv, "VIR_ERR_OPERATION_UNSUPPORTED", -1),
+            }
+            if error.code in refusals:
+                raise ActionRefused(str(error)) from error
+            raise
+
+    async def set_blackout_budget(self, migration_id: str, seconds: float) -> None:
+        job = self._job(migration_id)
+        ms = downtime_ms(seconds)
+        await self._act(
+            job, lambda d: d.migrateSetMaxDowntime(ms, 0), "setting the blackout budget"
+        )
+        job.blackout_budget = seconds
+
+    async def set_bandwidth(self, migration_id: str, bytes_per_second: float | None) -> None:
+        job = self._job(migration_id)
+        mib = bandwidth_mib_s(bytes_per_second, self._hosts[job.destination].bandwidth)
+        speed = UNLIMITED_MIB_S if mib is None else mib
+        await self._act(job, lambda d: d.migrateSetMaxSpeed(speed, 0), "setting the bandwidth")
+
+    async def pause(self, migration_id: str) -> None:
+        job = self._job(migration_id)
+        if job.handed_over:
+            raise ActionRefused("the instance already runs on the destination (handed over)")
+        await self._act(job, lambda d: d.suspend(), "pausing the instance")
+        job.paused = True
+        job.paused_at = self._clock.now()
+        job.changed.set()
+
+    async def handover(self, migration_id: str) -> None:
+        job = self._job(migration_id)
+        if not job.plan.arm_handover:
+            raise ActionRefused("handover was not armed when this migration started")
+        if job.handed_over:
+            return
+        await self._act(job, lambda d: d.migrateStartPostCopy(0), "handing over")
+        job.handed_over = True
+        job.changed.set()
+
+    async def cancel(self, migration_id: str) -> None:
+        job = self._job(migration_id)
+        if job.handed_over:
+            raise ActionRefused("cannot cancel: the instance already runs on the destination")
+        job.cancel_requested = True
+        try:
+            await self._act(job, lambda d: d.abortJob(), "cancelling")
+        except DriverError:
+            job.cancel_requested = False
+            raise
+
+    # -- restart -------------------------------------------------------------------------
+
+    async def reattach(
+        self, migration_id: str, request: MigrationRequest, plan: StartPlan
+    ) -> JobResult | None:
+        lv = self._lv
+        self._link(request.source)
+        self._link(request.destination)
+        job = _Job(
+            id=migration_id,
+            request=request,
+            plan=plan,
+            name=request.instance,
+            blackout_budget=plan.blackout_budget,
+            started_at=self._clock.now(),
+            adopted=True,
+            after_restart=True,
+        )
+        self._jobs[migration_id] = job
+        at_src, reason = await self._where(request.source, request.instance)
+        if at_src is Where.UNKNOWN:
+            self._jobs.pop(migration_id, None)
+            raise DriverError(
+                f"host {request.source} does not answer; cannot find migration {migration_id}"
+            )
+        if at_src in (Where.RUNNING, Where.PAUSED) and await self._still_migrating(job):
+            job.handed_over = at_src is Where.PAUSED and reason == lv.VIR_DOMAIN_PAUSED_POSTCOPY
+            job.paused = at_src is Where.PAUSED and reason == lv.VIR_DOMAIN_PAUSED_USER
+            with contextlib.suppress(DriverError):
+                job.memory_bytes = await self._on_domain(
+                    job.source, job.name, lambda d: int(d.maxMemory()) * 1024, what="memory size"
+                )
+            with contextlib.suppress(DriverError):
+                job.last_stats = await self._job_stats(job)
+                job.transferred_seen = int(job.last_stats.get("memory_processed", 0) or 0)
+            log.info("migration-reattached", migration=migration_id, handed_over=job.handed_over)
+            return None
+        try:
+            await self._conclude(job)
+        except DriverError:
+            self._jobs.pop(migration_id, None)
+            raise
+        return job.result
+
+    async def close(self) -> None:
+        for link in self._links.values():
+            with contextlib.suppress(Exception):
+                await link.close()
+        self._links.clear()
+        self._executor.shutdown(wait=False)
+
+
+def _ignore_error(context: Any, error: Any) -> None:
+    """libvirt error handler that keeps quiet."""
+
+
+def _looks_like_uuid(text: str) -> bool:
+    try:
+        uuidlib.UUID(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,321 @@
+"""Pure translations between libvirt's vocabulary and lmwatch's neutral model.
+
+No connections and no I/O here: job statistics become `Sample`s, a `StartPlan`
+becomes migrateToURI3 flags and parameters, domain XML becomes labels and
+migration blockers, and the states of an instance on both hosts become the
+outcome of a migration. The libvirt module is passed in (as `lv`) only to read
+its constants, so everything here runs against a fake module in tests.
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from lmwatch.model import MIB, Phase, Sample, StartPlan
+
+LABELS_NS = "https://lmwatch.dev/xmlns/labels/1"
+DEFAULT_PAGE_SIZE = 4096
+# libvirt's own "no limit" for migrateSetMaxSpeed: INT64_MAX bytes expressed in MiB/s.
+UNLIMITED_MIB_S = (2**63 - 1) >> 20
+DIRTYRATE_MEASURED = 2  # VIR_DOMAIN_DIRTYRATE_MEASURED
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _num(stats: Mapping[str, Any], key: str, default: float = 0) -> float:
+    value = stats.get(key, default)
+    return float(value) if isinstance(value, int | float) else float(default)
+
+
+def passes_from(stats: Mapping[str, Any]) -> int:
+    """1 during the first pass: QEMU counts its first bitmap sync at setup."""
+    return max(1, int(_num(stats, "memory_iteration")))
+
+
+def change_rate_from(stats: Mapping[str, Any]) -> float:
+    """Bytes/s rewritten: pages/s × page size (0 during the first pass)."""
+    page = _num(stats, "memory_page_size", DEFAULT_PAGE_SIZE) or DEFAULT_PAGE_SIZE
+    return _num(stats, "memory_dirty_rate") * page
+
+
+def stats_to_sample(
+    stats: Mapping[str, Any],
+    *,
+    now: float,
+    phase: Phase,
+    blackout_budget: float,
+    passes_seen: int = 0,
+    memory_bytes: int = 0,
+) -> Sample:
+    """Map a `jobStats()` dictionary to a neutral `Sample`.
+
+    While the job sets up, the statistics carry no sizes yet (all zero): the
+    instance's memory then counts as all remaining, not as nothing left.
+    """
+    total = int(_num(stats, "memory_total"))
+    remaining = int(_num(stats, "memory_remaining"))
+    if total == 0 and memory_bytes > 0:
+        total = remaining = memory_bytes
+    downtime_ms = stats.get("downtime")
+    return Sample(
+        time=now,
+        memory_total=total,
+        memory_remaining=min(remaining, total) if total else remaining,
+        memory_transferred=int(_num(stats, "memory_processed")),
+        transfer_rate=_num(stats, "memory_bps"),
+        change_rate=change_rate_from(stats),
+        passes=max(passes_from(stats), passes_seen),
+        phase=phase,
+        blackout_budget=blackout_budget,
+        slowdown=slowdown_from(stats),
+        expected_blackout=(
+            float(downtime_ms) / 1000.0 if isinstance(downtime_ms, int | float) else None
+        ),
+    )
+
+
+def slowdown_from(stats: Mapping[str, Any]) -> float:
+    return min(1.0, max(0.0, _num(stats, "auto_converge_throttle") / 100.0))
+
+
+def measured_blackout(completed: Mapping[str, Any] | None) -> float | None:
+    """Seconds of the final stop from completed statistics (`downtime`, ms)."""
+    if not completed:
+        return None
+    value = completed.get("downtime")
+    return float(value) / 1000.0 if isinstance(value, int | float) else None
+
+
+def transferred_from(completed: Mapping[str, Any] | None, last: Mapping[str, Any]) -> int:
+    for stats in (completed or {}, last):
+        value = stats.get("memory_processed")
+        if isinstance(value, int | float) and value > 0:
+            return int(value)
+    return 0
+
+
+# --------------------------------------------------------------------------- starting
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateCall:
+    """Everything migrateToURI3 is called with, chosen before the call."""
+
+    flags: int
+    params: Mapping[str, Any]
+    max_downtime_ms: int
+
+
+def bandwidth_mib_s(*caps: float | None) -> int | None:
+    """The tightest of several bytes/s caps, in whole MiB/s (at least 1); None = no cap."""
+    given = [c for c in caps if c is not None and c > 0]
+    if not given:
+        return None
+    return max(1, math.floor(min(given) / MIB))
+
+
+def migrate_call(
+    lv: Any,
+    plan: StartPlan,
+    *,
+    instance: str,
+    migration_address: str | None,
+    link_bandwidth: float | None,
+) -> MigrateCall:
+    """Flags and parameters for a peer-to-peer live migration under `plan`."""
+    flags = (
+        lv.VIR_MIGRATE_LIVE
+        | lv.VIR_MIGRATE_PEER2PEER
+        | lv.VIR_MIGRATE_PERSIST_DEST
+        | lv.VIR_MIGRATE_UNDEFINE_SOURCE
+    )
+    params: dict[str, Any] = {lv.VIR_MIGRATE_PARAM_DEST_NAME: instance}
+    if plan.arm_handover:
+        flags |= lv.VIR_MIGRATE_POSTCOPY
+    if plan.arm_slow_down:
+        flags |= lv.VIR_MIGRATE_AUTO_CONVERGE
+        params[lv.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = _percent(plan.slow_down_initial)
+        params[lv.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = _percent(plan.slow_down_step)
+    if migration_address:
+        params[lv.VIR_MIGRATE_PARAM_URI] = migration_address
+        host = listen_host(migration_address)
+        if host:
+            params[lv.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = host
+    mib = bandwidth_mib_s(plan.bandwidth, link_bandwidth)
+    if mib is not None:
+        params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = mib
+    return MigrateCall(
+        flags=flags, params=params, max_downtime_ms=downtime_ms(plan.blackout_budget)
+    )
+
+
+def _percent(fraction: float) -> int:
+    return min(100, max(1, round(fraction * 100)))
+
+
+def downtime_ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def listen_host(migration_address: str) -> str | None:
+    """'tcp://127.0.0.1:49152' -> '127.0.0.1'; '[::1]' keeps its address."""
+    rest = migration_address.split("://", 1)[-1]
+    if rest.startswith("["):
+        return rest[1:].split("]", 1)[0] or None
+    return rest.split(":", 1)[0].split("/", 1)[0] or None
+
+
+# --------------------------------------------------------------------------- domain XML
+
+
+@dataclass(frozen=True, slots=True)
+class DomainFacts:
+    """What preflight needs from a domain's XML."""
+
+    virt_type: str  # 'kvm', 'qemu' (software emulation), ...
+    hostdevs: tuple[str, ...]  # passthrough devices that cannot migrate
+    cpu_xml: str | None  # the <cpu> element, when it names a model
+    cpu_mode: str | None
+    arch: str | None
+    machine: str | None
+
+
+def domain_facts(xml: str) -> DomainFacts:
+    root = ET.fromstring(xml)
+    hostdevs = []
+    for dev in root.findall("./devices/hostdev"):
+        address = dev.find("./source/address")
+        where = " ".join(
+            f"{k}={v}" for k, v in (address.attrib if address is not None else {}).items()
+        )
+        hostdevs.append(f"{dev.get('type', 'hostdev')} {where}".strip())
+    cpu = root.find("./cpu")
+    os_type = root.find("./os/type")
+    cpu_mode = cpu.get("mode", "custom") if cpu is not None else None
+    cpu_xml = None
+    if cpu is not None and (cpu.find("./model") is not None or cpu_mode != "custom"):
+        cpu_xml = ET.tostring(cpu, encoding="unicode")
+    return DomainFacts(
+        virt_type=root.get("type", ""),
+        hostdevs=tuple(hostdevs),
+        cpu_xml=cpu_xml,
+        cpu_mode=cpu_mode,
+        arch=os_type.get("arch") if os_type is not None else None,
+        machine=os_type.get("machine") if os_type is not None else None,
+    )
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def parse_labels(xml: str | None) -> dict[str, str]:
+    """Labels from `<lmw:labels><lmw:label name="k">v</lmw:label></lmw:labels>`.
+
+    Accepts the element alone (what metadata() returns) or a whole domain XML.
+    Malformed XML or foreign elements give no labels rather than an error.
+    """
+    if not xml:
+        return {}
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return {}
+    labels: dict[str, str] = {}
+    containers = [root] if _local(root.tag) == "labels" else []
+    containers += [el for el in root.iter(f"{{{LABELS_NS}}}labels") if el is not root]
+    for container in containers:
+        if container.tag not in (f"{{{LABELS_NS}}}labels", "labels"):
+            continue
+        for el in container:
+            name = el.get("name")
+            if _local(el.tag) == "label" and name:
+                labels[name] = (el.text or "").strip()
+    return labels
+
+
+def host_cpu_xml(capabilities_xml: str) -> str | None:
+    """The host's <cpu> element from getCapabilities()."""
+    cpu = ET.fromstring(capabilities_xml).find("./host/cpu")
+    return ET.tostring(cpu, encoding="unicode") if cpu is not None else None
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+class Where(StrEnum):
+    """An instance's state on one host, as far as migration outcomes care."""
+
+    RUNNING = "running"
+    PAUSED = "paused"  # exists and is active but stopped
+    OFF = "off"  # defined but not active
+    ABSENT = "absent"
+    UNKNOWN = "unknown"  # the host did not answer
+
+
+def where_from_state(lv: Any, state: int | None) -> Where:
+    if state is None:
+        return Where.ABSENT
+    if state == lv.VIR_DOMAIN_RUNNING:
+        return Where.RUNNING
+    if state in (lv.VIR_DOMAIN_PAUSED, getattr(lv, "VIR_DOMAIN_PMSUSPENDED", 7)):
+        return Where.PAUSED
+    if state in (getattr(lv, "VIR_DOMAIN_BLOCKED", 2),):
+        return Where.RUNNING
+    return Where.OFF
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    phase: Phase
+    running_on: str | None
+    error: str | None = None
+    resume_on: str | None = None  # host where a paused instance must be resumed
+    undecided: bool = False  # a host did not answer; ask again later
+
+
+def decide_outcome(
+    source: str,
+    destination: str,
+    at_source: Where,
+    at_destination: Where,
+    *,
+    error: str | None,
+    cancel_requested: bool,
+    we_paused: bool,
+    after_restart: bool = False,
+) -> Outcome:
+    """Where the instance runs decides how an ended migration finished."""
+    suffix = " (outcome read back after a restart)" if after_restart else ""
+    if at_destination is Where.RUNNING:
+        return Outcome(Phase.COMPLETED, destination)
+    if at_destination is Where.PAUSED and at_source in (Where.OFF, Where.ABSENT):
+        return Outcome(Phase.COMPLETED, destination, resume_on=destination)
+    if at_source in (Where.RUNNING, Where.PAUSED):
+        resume = source if (at_source is Where.PAUSED and we_paused) else None
+        if cancel_requested:
+            note = f"cancelled; the instance keeps running on {source}{suffix}"
+            return Outcome(
+                Phase.CANCELLED, source, error=note if after_restart else None, resume_on=resume
+            )
+        why = error or "the migration ended without moving the instance"
+        return Outcome(
+            Phase.FAILED,
+            source,
+            error=f"{why}; the instance is still on {source}{suffix}",
+            resume_on=resume,
+        )
+    if Where.UNKNOWN in (at_source, at_destination):
+        return Outcome(Phase.FAILED, None, error=error, undecided=True)
+    why = error or "the migration ended"
+    return Outcome(
+        Phase.FAILED,
+        None,
+        error=f"{why}; the instance runs on neither {source} nor {destination}{suffix}",
+    )

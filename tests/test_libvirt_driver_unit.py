@@ -1,0 +1,847 @@
+"""The libvirt driver against a fake libvirt module (tests/fakelibvirt.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lmwatch.clock import VirtualClock
+from lmwatch.drivers import libvirt_events
+from lmwatch.drivers.base import (
+    ActionRefused,
+    AlreadyOnDestination,
+    DriverError,
+    HostUnreachable,
+    Incompatible,
+    InsufficientResources,
+    NotOnSource,
+    UnknownHost,
+    UnknownInstance,
+)
+from lmwatch.drivers.libvirt_conn import backoff_delay
+from lmwatch.drivers.libvirt_driver import HostConfig, LibvirtDriver, build_libvirt_driver
+from lmwatch.drivers.libvirt_mapping import (
+    UNLIMITED_MIB_S,
+    Where,
+    decide_outcome,
+    domain_facts,
+    listen_host,
+    migrate_call,
+    parse_labels,
+    stats_to_sample,
+)
+from lmwatch.model import MIB, MigrationRequest, Phase, StartPlan
+
+sys.path.insert(0, str(Path(__file__).parent))
+import itertools
+
+from fakelibvirt import ABORTED, C, FakeCloud, domain_xml
+
+NS = "https://lmwatch.dev/xmlns/labels/1"
+LABELS = (
+    f'<lmw:labels xmlns:lmw="{NS}"><lmw:label name="tier">database</lmw:label>'
+    f'<lmw:label name="team">pay</lmw:label></lmw:labels>'
+)
+PLAN = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+REQ = MigrationRequest(instance="vm1", source="a", destination="b")
+RUNNING_STATS = {
+    "type": C.VIR_DOMAIN_JOB_UNBOUNDED,
+    "operation": C.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT,
+    "memory_total": 128 * MIB,
+    "memory_remaining": 40 * MIB,
+    "memory_processed": 100 * MIB,
+    "memory_bps": 16 * MIB,
+    "memory_dirty_rate": 2048,
+    "memory_page_size": 4096,
+    "memory_iteration": 3,
+    "downtime": 250,
+    "auto_converge_throttle": 30,
+}
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+@pytest.mark.parametrize(
+    ("stats", "passes", "change_rate", "expected_blackout", "slowdown"),
+    [
+        ({"memory_iteration": 0, "memory_dirty_rate": 0}, 1, 0.0, None, 0.0),
+        ({"memory_iteration": 1, "memory_dirty_rate": 0, "downtime": 300}, 1, 0.0, 0.3, 0.0),
+        (RUNNING_STATS, 3, 8 * MIB, 0.25, 0.3),
+        (
+            {"memory_iteration": 5, "memory_dirty_rate": 10, "auto_converge_throttle": 99},
+            5,
+            40960,
+            None,
+            0.99,
+        ),
+        ({"memory_dirty_rate": 10, "memory_page_size": 65536}, 1, 655360, None, 0.0),
+    ],
+)
+def test_stats_to_sample(
+    stats: dict[str, Any],
+    passes: int,
+    change_rate: float,
+    expected_blackout: float | None,
+    slowdown: float,
+) -> None:
+    sample = stats_to_sample(stats, now=5.0, phase=Phase.COPYING, blackout_budget=0.5)
+    assert sample.passes == passes
+    assert sample.change_rate == change_rate
+    assert sample.expected_blackout == expected_blackout
+    assert sample.slowdown == pytest.approx(slowdown)
+    assert (sample.time, sample.blackout_budget) == (5.0, 0.5)
+
+
+def test_setup_sample_counts_all_memory_as_remaining() -> None:
+    setup = {"type": 2, "memory_iteration": 0, "memory_total": 0, "memory_remaining": 0}
+    sample = stats_to_sample(
+        setup, now=0, phase=Phase.COPYING, blackout_budget=0.3, memory_bytes=128 * MIB
+    )
+    assert (sample.memory_total, sample.memory_remaining, sample.passes) == (
+        128 * MIB,
+        128 * MIB,
+        1,
+    )
+
+
+async def test_first_sample_during_setup(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.job = {"type": C.VIR_DOMAIN_JOB_UNBOUNDED, "operation": 5, "memory_iteration": 0}
+    await driver.start("m1", REQ, PLAN)
+    sample = await driver.sample("m1")
+    assert sample.memory_remaining == 128 * MIB
+    assert sample.passes == 1
+
+
+def test_stats_to_sample_sizes() -> None:
+    sample = stats_to_sample(RUNNING_STATS, now=0, phase=Phase.HANDOVER, blackout_budget=0.1)
+    assert (sample.memory_total, sample.memory_remaining, sample.memory_transferred) == (
+        128 * MIB,
+        40 * MIB,
+        100 * MIB,
+    )
+    assert sample.transfer_rate == 16 * MIB
+    assert sample.phase is Phase.HANDOVER
+
+
+@given(
+    total=st.integers(0, 2**40),
+    remaining=st.integers(0, 2**41),
+    iteration=st.integers(0, 1000),
+    seen=st.integers(0, 1000),
+    throttle=st.integers(-5, 200),
+)
+def test_sample_invariants(
+    total: int, remaining: int, iteration: int, seen: int, throttle: int
+) -> None:
+    stats = {
+        "memory_total": total,
+        "memory_remaining": remaining,
+        "memory_iteration": iteration,
+        "auto_converge_throttle": throttle,
+    }
+    sample = stats_to_sample(
+        stats, now=0, phase=Phase.COPYING, blackout_budget=0.3, passes_seen=seen
+    )
+    assert sample.passes >= 1
+    assert sample.passes >= seen
+    assert 0.0 <= sample.slowdown <= 1.0
+    if total:
+        assert sample.memory_remaining <= total
+
+
+BASE = (
+    C.VIR_MIGRATE_LIVE
+    | C.VIR_MIGRATE_PEER2PEER
+    | C.VIR_MIGRATE_PERSIST_DEST
+    | C.VIR_MIGRATE_UNDEFINE_SOURCE
+)
+
+
+@pytest.mark.parametrize(
+    ("plan", "flags"),
+    [
+        (PLAN, BASE),
+        (
+            StartPlan(arm_handover=True, arm_slow_down=False, blackout_budget=0.3),
+            BASE | C.VIR_MIGRATE_POSTCOPY,
+        ),
+        (
+            StartPlan(arm_handover=False, arm_slow_down=True, blackout_budget=0.3),
+            BASE | C.VIR_MIGRATE_AUTO_CONVERGE,
+        ),
+        (
+            StartPlan(arm_handover=True, arm_slow_down=True, blackout_budget=0.3),
+            BASE | C.VIR_MIGRATE_POSTCOPY | C.VIR_MIGRATE_AUTO_CONVERGE,
+        ),
+    ],
+)
+def test_flags_follow_the_plan(plan: StartPlan, flags: int) -> None:
+    call = migrate_call(C, plan, instance="vm1", migration_address=None, link_bandwidth=None)
+    assert call.flags == flags
+    assert (C.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL in call.params) == plan.arm_slow_down
+    assert C.VIR_MIGRATE_PARAM_URI not in call.params
+
+
+def test_params_from_plan_and_host() -> None:
+    plan = StartPlan(
+        arm_handover=False,
+        arm_slow_down=True,
+        blackout_budget=0.25,
+        slow_down_initial=0.4,
+        slow_down_step=0.15,
+        bandwidth=50 * MIB,
+    )
+    call = migrate_call(
+        C, plan, instance="vm1", migration_address="tcp://127.0.0.1", link_bandwidth=16.5 * MIB
+    )
+    assert call.params == {
+        "destination_name": "vm1",
+        "auto_converge.initial": 40,
+        "auto_converge.increment": 15,
+        "migrate_uri": "tcp://127.0.0.1",
+        "listen_address": "127.0.0.1",
+        "bandwidth": 16,
+    }
+    assert call.max_downtime_ms == 250
+
+
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [
+        ("tcp://127.0.0.1", "127.0.0.1"),
+        ("tcp://10.0.0.2:49152", "10.0.0.2"),
+        ("tcp://[::1]:49152", "::1"),
+        ("rdma://host-b", "host-b"),
+    ],
+)
+def test_listen_host(address: str, host: str) -> None:
+    assert listen_host(address) == host
+
+
+@pytest.mark.parametrize(
+    ("xml", "labels"),
+    [
+        (LABELS, {"tier": "database", "team": "pay"}),
+        (f'<labels xmlns="{NS}"><label name="tier">web</label></labels>', {"tier": "web"}),
+        (f"<domain><metadata>{LABELS}</metadata></domain>", {"tier": "database", "team": "pay"}),
+        ('<x:labels xmlns:x="urn:other"><x:label name="tier">no</x:label></x:labels>', {}),
+        ("<lmw:labels", {}),
+        (None, {}),
+        (f'<lmw:labels xmlns:lmw="{NS}"><lmw:label>unnamed</lmw:label></lmw:labels>', {}),
+    ],
+)
+def test_parse_labels(xml: str | None, labels: dict[str, str]) -> None:
+    assert parse_labels(xml) == labels
+
+
+def test_domain_facts() -> None:
+    hostdev = (
+        "<hostdev mode='subsystem' type='pci'>"
+        "<source><address bus='0x01' slot='0x00'/></source></hostdev>"
+    )
+    facts = domain_facts(
+        domain_xml("vm1", virt="kvm", devices=hostdev, cpu="<cpu mode='host-model'/>")
+    )
+    assert facts.virt_type == "kvm"
+    assert facts.hostdevs == ("pci bus=0x01 slot=0x00",)
+    assert facts.cpu_mode == "host-model"
+    assert domain_facts(domain_xml("vm1")).hostdevs == ()
+
+
+S, D = "a", "b"
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "cancel", "error", "phase", "running_on", "resume_on"),
+    [
+        (Where.ABSENT, Where.RUNNING, False, None, Phase.COMPLETED, D, None),
+        (Where.UNKNOWN, Where.RUNNING, False, "End of file", Phase.COMPLETED, D, None),
+        (Where.OFF, Where.PAUSED, False, None, Phase.COMPLETED, D, D),
+        (Where.RUNNING, Where.ABSENT, True, ABORTED, Phase.CANCELLED, S, None),
+        (Where.RUNNING, Where.ABSENT, False, "Lost connection", Phase.FAILED, S, None),
+        (Where.PAUSED, Where.ABSENT, False, "Lost connection", Phase.FAILED, S, S),
+        (Where.ABSENT, Where.ABSENT, False, None, Phase.FAILED, None, None),
+        (Where.OFF, Where.OFF, False, None, Phase.FAILED, None, None),
+    ],
+)
+def test_outcome_from_where_it_runs(
+    src: Where,
+    dst: Where,
+    cancel: bool,
+    error: str | None,
+    phase: Phase,
+    running_on: str | None,
+    resume_on: str | None,
+) -> None:
+    outcome = decide_outcome(S, D, src, dst, error=error, cancel_requested=cancel, we_paused=True)
+    assert (outcome.phase, outcome.running_on, outcome.resume_on) == (phase, running_on, resume_on)
+    assert not outcome.undecided
+    if phase is Phase.FAILED:
+        assert outcome.error
+        if error:
+            assert error in outcome.error
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [(Where.UNKNOWN, Where.ABSENT), (Where.ABSENT, Where.UNKNOWN), (Where.OFF, Where.UNKNOWN)],
+)
+def test_outcome_undecided_when_a_host_is_silent(src: Where, dst: Where) -> None:
+    outcome = decide_outcome(S, D, src, dst, error=None, cancel_requested=False, we_paused=False)
+    assert outcome.undecided
+
+
+def test_backoff_grows_and_caps() -> None:
+    delays = [backoff_delay(n) for n in range(1, 10)]
+    assert delays[0] == 0.5
+    assert all(b >= a for a, b in itertools.pairwise(delays))
+    assert delays[-1] == 30.0
+
+
+def test_build_from_daemon_config() -> None:
+    driver = build_libvirt_driver(
+        {
+            "a": {"uri": "qemu+unix:///system?socket=/x/a"},
+            "b": {
+                "uri": "qemu+tcp://b/system",
+                "migration_address": "tcp://10.0.0.2",
+                "bandwidth": "16MiB/s",
+            },
+        },
+        VirtualClock(),
+    )
+    assert driver._hosts["b"] == HostConfig(
+        uri="qemu+tcp://b/system", migration_address="tcp://10.0.0.2", bandwidth=16
+    )
+    assert driver._hosts["b"].bandwidth == 16 * MIB
+    assert HostConfig(uri="x", bandwidth=8).bandwidth == 8 * MIB
+    with pytest.raises(ValueError):
+        HostConfig.model_validate({"url": "oops"})
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@pytest.fixture
+def cloud(monkeypatch: pytest.MonkeyPatch) -> FakeCloud:
+    fake = FakeCloud("a", "b")
+    monkeypatch.setitem(sys.modules, "libvirt", fake.libvirt)
+    monkeypatch.setitem(sys.modules, "libvirtaio", fake.libvirtaio)
+    monkeypatch.setattr(libvirt_events, "_registered", {})
+    fake.hosts["a"].add("vm1", labels_xml=LABELS)
+    return fake
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+@pytest.fixture
+async def driver(cloud: FakeCloud, clock: VirtualClock) -> AsyncIterator[LibvirtDriver]:
+    hosts = {
+        name: HostConfig(uri=host.uri, migration_address="tcp://127.0.0.1")
+        for name, host in cloud.hosts.items()
+    }
+    drv = LibvirtDriver(hosts, clock)
+    yield drv
+    for host in cloud.hosts.values():
+        for dom in host.domains.values():
+            dom.release.set()
+    await drv.close()
+
+
+async def until(clock: VirtualClock, condition: Callable[[], Any]) -> None:
+    assert await clock.run_until(condition, limit=120, real_timeout=10)
+
+
+async def run(clock: VirtualClock, coro: Any) -> Any:
+    """Drive a coroutine that sleeps on the virtual clock."""
+    task = asyncio.ensure_future(coro)
+    await until(clock, task.done)
+    return task.result()
+
+
+async def started(cloud: FakeCloud, driver: LibvirtDriver, plan: StartPlan = PLAN) -> Any:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.job = dict(RUNNING_STATS)
+    await driver.start("m1", REQ, plan)
+    return dom
+
+
+async def finished(driver: LibvirtDriver, clock: VirtualClock) -> Any:
+    async def done() -> bool:
+        return (await driver.sample("m1")).phase.finished
+
+    await until(clock, done)
+    return await driver.result("m1")
+
+
+async def test_describe_reads_labels_and_memory(driver: LibvirtDriver) -> None:
+    info = await driver.describe("vm1")
+    assert (info.host, info.memory_bytes) == ("a", 128 * MIB)
+    assert info.labels == {"tier": "database", "team": "pay"}
+    with pytest.raises(UnknownInstance):
+        await driver.describe("nope")
+    with pytest.raises(UnknownInstance):
+        await driver.describe("vm1", "b")
+
+
+async def test_preflight_passes(driver: LibvirtDriver) -> None:
+    info = await driver.preflight(REQ)
+    assert info.name == "vm1"
+    assert info.labels["tier"] == "database"
+
+
+def _down(c: FakeCloud) -> None:
+    c.hosts["b"].up = False
+
+
+def _too_small(c: FakeCloud) -> None:
+    c.hosts["b"].free = 64 * MIB
+
+
+def _on_destination(c: FakeCloud) -> None:
+    c.hosts["b"].add("vm1")
+
+
+def _moved(c: FakeCloud) -> None:
+    c.hosts["b"].domains["vm1"] = c.hosts["a"].domains.pop("vm1")
+    c.hosts["b"].domains["vm1"].host = c.hosts["b"]
+
+
+def _shut_off(c: FakeCloud) -> None:
+    c.hosts["a"].domains["vm1"].state = (C.VIR_DOMAIN_SHUTOFF, 1)
+
+
+def _hostdev(c: FakeCloud) -> None:
+    c.hosts["a"].domains["vm1"].xml = domain_xml(
+        "vm1", devices="<hostdev type='pci'><source><address bus='0x3'/></source></hostdev>"
+    )
+
+
+def _cpu(c: FakeCloud) -> None:
+    c.hosts["a"].domains["vm1"].xml = domain_xml(
+        "vm1", virt="kvm", cpu="<cpu mode='custom'><model>Icelake-Server</model></cpu>"
+    )
+    c.hosts["b"].cpu_compare = C.VIR_CPU_COMPARE_INCOMPATIBLE
+
+
+def _cpu_tcg(c: FakeCloud) -> None:
+    c.hosts["a"].domains["vm1"].xml = domain_xml(
+        "vm1", virt="qemu", cpu="<cpu mode='custom'><model>Icelake-Server</model></cpu>"
+    )
+    c.hosts["b"].cpu_compare = C.VIR_CPU_COMPARE_INCOMPATIBLE
+
+
+@pytest.mark.parametrize(
+    ("arrange", "request_", "refusal"),
+    [
+        (None, MigrationRequest("vm1", "a", "z"), UnknownHost),
+        (None, MigrationRequest("vm1", "z", "b"), UnknownHost),
+        (None, MigrationRequest("ghost", "a", "b"), UnknownInstance),
+        (_down, REQ, HostUnreachable),
+        (_too_small, REQ, InsufficientResources),
+        (_on_destination, REQ, AlreadyOnDestination),
+        (_moved, REQ, AlreadyOnDestination),
+        (_shut_off, REQ, NotOnSource),
+        (_hostdev, REQ, Incompatible),
+        (_cpu, REQ, Incompatible),
+        (_cpu_tcg, REQ, None),
+    ],
+)
+async def test_preflight_refusals(
+    cloud: FakeCloud,
+    driver: LibvirtDriver,
+    arrange: Callable[[FakeCloud], None] | None,
+    request_: MigrationRequest,
+    refusal: type[Exception] | None,
+) -> None:
+    if arrange:
+        arrange(cloud)
+    if refusal is None:
+        await driver.preflight(request_)
+        return
+    with pytest.raises(refusal) as caught:
+        await driver.preflight(request_)
+    assert str(caught.value)
+
+
+async def test_capabilities_from_versions(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    caps = await driver.capabilities("a", "b")
+    assert (caps.handover, caps.slow_down, caps.measure_change_rate) == (True, True, True)
+    cloud.hosts["b"].hv_version = 2_005_000
+    fresh = LibvirtDriver(driver._hosts, VirtualClock())
+    caps = await fresh.capabilities("a", "b")
+    assert (caps.handover, caps.slow_down, caps.measure_change_rate) == (False, False, True)
+    await fresh.close()
+
+
+async def test_start_refuses_unsupported_handover(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    cloud.hosts["b"].hv_version = 2_005_000
+    with pytest.raises(Incompatible, match="hand over"):
+        await driver.start(
+            "m1", REQ, StartPlan(arm_handover=True, arm_slow_down=False, blackout_budget=0.3)
+        )
+    assert not any(c[0] == "migrateToURI3" for c in cloud.hosts["a"].domains["vm1"].calls)
+
+
+async def test_start_sets_budget_then_migrates(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    plan = StartPlan(
+        arm_handover=True, arm_slow_down=False, blackout_budget=0.3, bandwidth=16 * MIB
+    )
+    dom = await started(cloud, driver, plan)
+    names = [c[0] for c in dom.calls]
+    assert names.index("migrateSetMaxDowntime") < names.index("migrateToURI3")
+    assert ("migrateSetMaxDowntime", 300) in dom.calls
+    _, uri, params, flags = next(c for c in dom.calls if c[0] == "migrateToURI3")
+    assert uri == cloud.hosts["b"].uri
+    assert flags == BASE | C.VIR_MIGRATE_POSTCOPY
+    assert params["migrate_uri"] == "tcp://127.0.0.1"
+    assert params["bandwidth"] == 16
+
+
+async def test_sample_while_copying(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    await started(cloud, driver)
+    sample = await driver.sample("m1")
+    assert sample.phase is Phase.COPYING
+    assert (sample.passes, sample.memory_remaining, sample.transfer_rate) == (3, 40 * MIB, 16 * MIB)
+    assert sample.change_rate == 2048 * 4096
+    assert sample.blackout_budget == 0.3
+    assert sample.time == clock.now()
+
+
+async def test_actions_map_to_calls(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    dom = await started(cloud, driver)
+    await driver.set_blackout_budget("m1", 1.25)
+    await driver.set_bandwidth("m1", 32 * MIB)
+    await driver.set_bandwidth("m1", None)
+    assert ("migrateSetMaxDowntime", 1250) in dom.calls
+    assert ("migrateSetMaxSpeed", 32) in dom.calls
+    assert ("migrateSetMaxSpeed", UNLIMITED_MIB_S) in dom.calls
+    assert (await driver.sample("m1")).blackout_budget == 1.25
+    with pytest.raises(ActionRefused, match="not armed"):
+        await driver.handover("m1")
+    await driver.pause("m1")
+    assert ("suspend",) in dom.calls
+    assert (await driver.sample("m1")).phase is Phase.COMPLETING
+
+
+async def test_link_cap_bounds_bandwidth(cloud: FakeCloud, clock: VirtualClock) -> None:
+    hosts = {n: HostConfig(uri=h.uri, bandwidth="16MiB/s") for n, h in cloud.hosts.items()}
+    drv = LibvirtDriver(hosts, clock)
+    dom = await started(cloud, drv)
+    await drv.set_bandwidth("m1", None)
+    await drv.set_bandwidth("m1", 100 * MIB)
+    assert [c for c in dom.calls if c[0] == "migrateSetMaxSpeed"] == [
+        ("migrateSetMaxSpeed", 16)
+    ] * 2
+    dom.release.set()
+    await drv.close()
+
+
+async def test_handover_then_cancel_refused(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    plan = StartPlan(arm_handover=True, arm_slow_down=False, blackout_budget=0.3)
+    dom = await started(cloud, driver, plan)
+    await driver.handover("m1")
+    assert ("migrateStartPostCopy",) in dom.calls
+    assert (await driver.sample("m1")).phase is Phase.HANDOVER
+    with pytest.raises(ActionRefused):
+        await driver.cancel("m1")
+    with pytest.raises(ActionRefused):
+        await driver.pause("m1")
+    cloud.complete("vm1", "a", "b", {"type": C.VIR_DOMAIN_JOB_COMPLETED, "downtime": 12})
+    result = await finished(driver, clock)
+    assert result.phase is Phase.COMPLETED
+    assert result.handed_over
+    assert result.blackout_seconds == pytest.approx(0.012)
+
+
+async def test_hypervisor_refusal_is_action_refused(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    dom = await started(cloud, driver)
+    dom.fail_with["abortJob"] = cloud.libvirt.libvirtError(
+        "operation invalid: no job", C.VIR_ERR_OPERATION_INVALID
+    )
+    with pytest.raises(ActionRefused):
+        await driver.cancel("m1")
+
+
+async def test_completion_uses_completed_stats(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    await started(cloud, driver)
+    await driver.sample("m1")
+    completed = {
+        "type": C.VIR_DOMAIN_JOB_COMPLETED,
+        "downtime": 240,
+        "memory_processed": 130 * MIB,
+        "memory_iteration": 4,
+    }
+    cloud.complete("vm1", "a", "b", completed)
+    result = await finished(driver, clock)
+    assert result.phase is Phase.COMPLETED
+    assert result.running_on == "b"
+    assert result.blackout_seconds == pytest.approx(0.24)
+    assert (result.transferred, result.passes) == (130 * MIB, 4)
+    assert not result.paused and result.error is None
+    sample = await driver.sample("m1")
+    assert (sample.phase, sample.memory_remaining) == (Phase.COMPLETED, 0)
+
+
+async def test_job_completed_event_keeps_stats(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = await started(cloud, driver)
+    cloud.fire("a", C.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, dom, 7)
+    assert (await driver.sample("m1")).passes == 7
+    cloud.fire(
+        "a",
+        C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+        dom,
+        C.VIR_DOMAIN_EVENT_SUSPENDED,
+        C.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED,
+    )
+    assert (await driver.sample("m1")).phase is Phase.COMPLETING
+    cloud.fire("a", C.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, dom, {"type": 3, "downtime": 180})
+    cloud.complete("vm1", "a", "b", None)  # completed stats not readable afterwards
+    result = await finished(driver, clock)
+    assert result.blackout_seconds == pytest.approx(0.18)
+    assert result.passes == 7
+
+
+async def test_forced_pause_completion_resumes_paused_destination(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    await started(cloud, driver)
+    await driver.pause("m1")
+    await clock.advance(3.0)
+    moved = cloud.complete("vm1", "a", "b", {"type": 3, "downtime": 900})
+    moved.state = (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_USER)
+    result = await finished(driver, clock)
+    assert result.phase is Phase.COMPLETED and result.paused
+    assert ("resume",) in moved.calls
+    assert result.blackout_seconds is not None and result.blackout_seconds >= 3.0
+    assert any("instance-resumed" in r.getMessage() for r in caplog.records)
+
+
+async def test_cancel_leaves_instance_on_source(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = await started(cloud, driver)
+    await driver.sample("m1")
+    await driver.cancel("m1")
+    assert ("abortJob",) in dom.calls
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.CANCELLED, "a")
+    assert result.transferred == 100 * MIB  # the most seen, not the reset statistics
+
+
+async def test_failure_keeps_the_error(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    await started(cloud, driver)
+    cloud.fail("vm1", "a", "operation failed: Lost connection to destination host")
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.FAILED, "a")
+    assert "Lost connection to destination host" in (result.error or "")
+
+
+async def test_failed_pause_resumes_the_source(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = await started(cloud, driver)
+    await driver.pause("m1")
+    cloud.fail("vm1", "a", "operation failed: migration failed")
+    result = await finished(driver, clock)
+    assert result.phase is Phase.FAILED
+    assert ("resume",) in dom.calls
+    assert dom.state[0] == C.VIR_DOMAIN_RUNNING
+
+
+async def test_start_failure_raises(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.fail_with["migrateToURI3"] = cloud.libvirt.libvirtError(
+        "internal error: unable to execute QEMU command", 1
+    )
+    with pytest.raises(DriverError, match="unable to execute"):
+        await driver.start("m1", REQ, PLAN)
+
+
+async def test_wait_event_returns_early_on_event(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = await started(cloud, driver)
+    await driver.sample("m1")
+    waiter = asyncio.ensure_future(driver.wait_event("m1", 30.0))
+    await clock.advance(1.0)
+    assert not waiter.done()
+    cloud.fire("a", C.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, dom, 4)
+    await clock.advance(0)
+    assert waiter.done()
+    await driver.sample("m1")
+    waiter = asyncio.ensure_future(driver.wait_event("m1", 5.0))
+    await clock.advance(5.0)
+    assert waiter.done()
+
+
+async def test_lost_host_is_driver_error_then_backoff(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    await started(cloud, driver)
+    cloud.hosts["a"].up = False
+    with pytest.raises(DriverError, match="lost the connection"):
+        await driver.sample("m1")
+    opens = cloud.hosts["a"].opens
+    with pytest.raises(DriverError, match="unreachable"):
+        await driver.sample("m1")
+    with pytest.raises(DriverError, match="next attempt"):
+        await driver.sample("m1")
+    assert cloud.hosts["a"].opens == opens + 1  # the second failure waits out the backoff
+    cloud.hosts["a"].up = True
+    await clock.advance(5.0)
+    assert (await driver.sample("m1")).phase is Phase.COPYING
+    assert cloud.hosts["a"].opens == opens + 2
+    assert await driver.reachable() == {"a": True, "b": True}
+    cloud.hosts["b"].up = False
+    assert (await driver.reachable())["b"] is False
+
+
+async def test_measure_change_rate(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.dirty_readings = [10.0, 30.0]
+    rate = await run(clock, driver.measure_change_rate("vm1", "a"))
+    assert rate == 20.0 * MIB
+    assert [c for c in dom.calls if c[0] == "startDirtyRateCalc"] == [("startDirtyRateCalc", 1)] * 2
+
+
+async def test_measure_change_rate_unsupported(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.fail_with["startDirtyRateCalc"] = cloud.libvirt.libvirtError(
+        "unsupported", C.VIR_ERR_OPERATION_UNSUPPORTED
+    )
+    assert await run(clock, driver.measure_change_rate("vm1", "a")) is None
+
+
+# --------------------------------------------------------------------------- reattach
+
+
+async def test_reattach_adopts_a_running_job(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.job = dict(RUNNING_STATS)
+    assert await driver.reattach("m1", REQ, PLAN) is None
+    assert (await driver.sample("m1")).phase is Phase.COPYING
+    await driver.set_blackout_budget("m1", 2.0)
+    assert ("migrateSetMaxDowntime", 2000) in dom.calls
+    cloud.complete("vm1", "a", "b", {"type": 3, "downtime": 300})
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.COMPLETED, "b")
+    assert result.blackout_seconds == pytest.approx(0.3)
+
+
+async def test_reattach_sees_handover_in_progress(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.job = dict(RUNNING_STATS)
+    dom.state = (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_POSTCOPY)
+    assert await driver.reattach("m1", REQ, PLAN) is None
+    assert (await driver.sample("m1")).phase is Phase.HANDOVER
+    with pytest.raises(ActionRefused):
+        await driver.cancel("m1")
+
+
+def _ended_on_destination(c: FakeCloud) -> None:
+    c.complete("vm1", "a", "b", {"type": 3, "downtime": 222})
+
+
+def _ended_on_source(c: FakeCloud) -> None:
+    pass
+
+
+def _source_shut_off_destination_runs(c: FakeCloud) -> None:
+    c.complete("vm1", "a", "b", None)
+    c.hosts["a"].add("vm1").state = (C.VIR_DOMAIN_SHUTOFF, 0)
+
+
+def _runs_nowhere(c: FakeCloud) -> None:
+    c.hosts["a"].domains["vm1"].state = (C.VIR_DOMAIN_SHUTOFF, 2)
+
+
+def _source_gone_destination_runs(c: FakeCloud) -> None:
+    c.complete("vm1", "a", "b", None)
+    c.hosts["a"].up = False
+
+
+@pytest.mark.parametrize(
+    ("arrange", "phase", "running_on", "blackout"),
+    [
+        (_ended_on_destination, Phase.COMPLETED, "b", 0.222),
+        (_source_shut_off_destination_runs, Phase.COMPLETED, "b", None),
+        (_source_gone_destination_runs, None, None, None),
+        (_ended_on_source, Phase.FAILED, "a", None),
+        (_runs_nowhere, Phase.FAILED, None, None),
+    ],
+)
+async def test_reattach_decision_table(
+    cloud: FakeCloud,
+    driver: LibvirtDriver,
+    arrange: Callable[[FakeCloud], None],
+    phase: Phase | None,
+    running_on: str | None,
+    blackout: float | None,
+) -> None:
+    arrange(cloud)
+    if phase is None:  # the source does not answer: no truthful answer yet
+        with pytest.raises(DriverError, match="does not answer"):
+            await driver.reattach("m1", REQ, PLAN)
+        return
+    result = await driver.reattach("m1", REQ, PLAN)
+    assert result is not None
+    assert (result.phase, result.running_on) == (phase, running_on)
+    if blackout is None:
+        assert result.blackout_seconds is None
+    else:
+        assert result.blackout_seconds == pytest.approx(blackout)
+    if phase is Phase.FAILED:
+        assert "read back after a restart" in (result.error or "")
+
+
+async def test_unknown_migration_is_driver_error(driver: LibvirtDriver) -> None:
+    with pytest.raises(DriverError):
+        await driver.sample("nope")
+    await driver.wait_event("nope", 1.0)  # nothing to wait for: returns at once
+
+
+async def test_incoming_instance_is_not_resumed(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    await started(cloud, driver)
+    moved = cloud.complete("vm1", "a", "b", None)
+    moved.state = (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_MIGRATION)
+    await until(
+        clock, lambda: driver._jobs["m1"].task is not None and driver._jobs["m1"].task.done()
+    )
+    with pytest.raises(DriverError, match="still arriving"):
+        await driver.sample("m1")
+    assert ("resume",) not in moved.calls
+    moved.state = (C.VIR_DOMAIN_RUNNING, C.VIR_DOMAIN_RUNNING_MIGRATED)
+    assert (await driver.sample("m1")).phase is Phase.COMPLETED

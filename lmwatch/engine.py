@@ -313,6 +313,10 @@ class Engine:
                 )
                 self._schedule()
                 return supervision.record
+            if record.state is State.STARTING:
+                raise Conflict(
+                    f"migration {migration_id} is starting; cancel it again once it is copying"
+                )
             decision = Decision(Action.CANCEL, "cancelled by an operator")
             await self._apply(supervision, decision, origin="operator")
             return supervision.record

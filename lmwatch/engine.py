@@ -85,6 +85,7 @@ class _Supervision:
     first_error_at: float | None = None  # start of the current run of driver errors
     failures: int = 0
     progress_saved_at: float = 0.0
+    cancelling: bool = False  # a cancel reached the hypervisor; wait for it to end
 
 
 def _fingerprint(request: MigrationRequest) -> str:
@@ -313,6 +314,8 @@ class Engine:
                 )
                 self._schedule()
                 return supervision.record
+            if supervision.cancelling:
+                return record  # already being cancelled
             if record.state is State.STARTING:
                 raise Conflict(
                     f"migration {migration_id} is starting; cancel it again once it is copying"
@@ -581,6 +584,8 @@ class Engine:
         record = supervision.record
         action = decision.action
         mlog = log.bind(migration=record.id, instance=record.instance, origin=origin)
+        if supervision.cancelling and action is not Action.CONTINUE:
+            return  # a cancel is under way; nothing else applies
         self.metrics.decisions.labels(action.value).inc()
         if action is Action.CONTINUE:
             self._log_continue(supervision, decision)
@@ -606,6 +611,7 @@ class Engine:
                 await self.driver.handover(record.id)
             elif action is Action.CANCEL:
                 await self.driver.cancel(record.id)
+                supervision.cancelling = True
         except ActionRefused as refused:
             self.metrics.hypervisor_errors.labels(action.value).inc()
             self._event(supervision, "error", f"{action.value} refused: {refused}")

@@ -408,3 +408,13 @@ async def test_reattach_retries_while_the_hypervisor_is_away(
     reasons = [e.reason for e in rig.store.events(mid)]
     assert any("retrying" in r for r in reasons)
     await second.stop()
+
+
+async def test_a_cancel_under_way_is_not_repeated_at_every_poll(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, poll_interval=0.05)  # polls faster than the cancel takes
+    await rig.engine.start()
+    mid = await rig.migrate("busy-plain")
+    await rig.finish(mid)
+    assert rig.engine.get(mid).state is State.CANCELLED
+    assert rig.actions(mid).count("cancel") == 1
+    await rig.engine.stop()

@@ -128,3 +128,23 @@ def test_estimate_is_sane_on_any_history(
         assert p.eta_seconds is None or p.eta_seconds >= 0
         if p.converges is not None:
             assert p.floor_bytes is not None and p.floor_bytes >= 0
+
+
+def test_a_remainder_stuck_above_the_budget_is_not_called_converging() -> None:
+    """Rates say 'converges' (D << B) but every pass leaves ~6 MiB: the floor is observed."""
+    from lmwatch.model import MIB, Phase, Sample
+
+    rate = 16 * MIB
+    samples = [
+        Sample(0.0, 128 * MIB, 128 * MIB, 0, rate, 0.0, 1, Phase.COPYING),
+        Sample(8.0, 128 * MIB, 10 * MIB, 118 * MIB, rate, 0.0, 1, Phase.COPYING),
+    ]
+    t, moved = 9.0, 128 * MIB
+    for n, left in enumerate([6.3, 5.0, 6.4, 5.1, 6.2, 5.0, 6.3, 5.2], start=2):
+        remaining = int(left * MIB)
+        samples.append(Sample(t, 128 * MIB, remaining, moved, rate, 3 * MIB, n, Phase.COPYING))
+        t, moved = t + 0.4, moved + remaining
+    w = workload(128, 3, 16, 6)
+    p = estimate(samples, context(w))
+    assert p.converges is False
+    assert p.floor_bytes is not None and p.floor_bytes >= 4.9 * MIB

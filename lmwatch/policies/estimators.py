@@ -127,6 +127,23 @@ def _pass_starts(history: Sequence[Sample], memory: int) -> tuple[list[int], lis
     return [starts[n] for n in ordered], [times[n] for n in ordered]
 
 
+_STALL_WINDOW = 3  # recent passes whose remainders are compared with the ones before
+
+
+def _stalled(starts: Sequence[int], ratio: float) -> bool:
+    """The remainder has stopped shrinking over several passes (noise tolerated).
+
+    Rates can say copying converges while every pass leaves the same few megabytes
+    behind (the hypervisor cannot make a pass shorter than its bookkeeping); then
+    the observed remainders, not the rates, tell the floor.
+    """
+    if len(starts) < 2 * _STALL_WINDOW + 1:  # pass 1 (all memory) is never compared
+        return False
+    recent = min(starts[-_STALL_WINDOW:])
+    before = min(starts[-2 * _STALL_WINDOW : -_STALL_WINDOW])
+    return recent >= ratio * before
+
+
 def _transfer_rate(history: Sequence[Sample], alpha: float) -> float | None:
     readings = [s.transfer_rate for s in history if s.transfer_rate > 0]
     rate = _ewma(readings, alpha)
@@ -183,6 +200,7 @@ def analyse(
     pass_seconds = times[-1] - times[-2] if len(times) >= 2 else None
     shrinking = len(starts) >= 2 and starts[-1] < settings.plateau_ratio * starts[-2]
     plateau = len(starts) >= 3 and not shrinking
+    stalled = _stalled(starts, settings.plateau_ratio)
 
     floor: int | None = None
     converges: bool | None = None
@@ -192,6 +210,8 @@ def analyse(
             value = change * settings.min_pass_seconds
             if plateau:  # the samples say it stopped shrinking, whatever the rates say
                 value = max(value, min(starts[-1], starts[-2]))
+            if stalled:  # passes keep leaving about the same remainder behind
+                value = max(value, min(starts[-_STALL_WINDOW:]))
         else:  # it will not shrink: the remainder stays at (or grows to) the working set
             value = max(starts[-1], remaining)
         floor = int(value)

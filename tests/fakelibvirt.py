@@ -368,15 +368,25 @@ class FakeCloud:
                 cb(None, DomainHandle(dom), *args, opaque)
 
     def complete(
-        self, name: str, src: str, dst: str, completed: dict[str, Any] | None = None
+        self,
+        name: str,
+        src: str,
+        dst: str,
+        completed: dict[str, Any] | None = None,
+        *,
+        release: bool = True,
     ) -> FakeDomain:
-        """Finish a migration: the instance moves and runs on `dst`."""
+        """Finish a migration: the instance moves and runs on `dst`.
+
+        `release=False` leaves the migrate call blocked (a call whose connection died).
+        """
         dom = self.hosts[src].domains.pop(name)
         moved = self.hosts[dst].add(name, uuid=dom.uuid, xml=dom.xml, labels_xml=dom.labels_xml)
         moved.state = (C.VIR_DOMAIN_RUNNING, C.VIR_DOMAIN_RUNNING_MIGRATED)
         moved.completed = completed
         dom.job = {"type": 0}
-        dom.release.set()
+        if release:
+            dom.release.set()
         return moved
 
     def fail(self, name: str, src: str, message: str, code: int = 9) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
@@ -25,7 +27,7 @@ from lmwatch.drivers.base import (
     UnknownHost,
     UnknownInstance,
 )
-from lmwatch.drivers.libvirt_conn import backoff_delay
+from lmwatch.drivers.libvirt_conn import backoff_delay, in_daemon_thread
 from lmwatch.drivers.libvirt_driver import HostConfig, LibvirtDriver, build_libvirt_driver
 from lmwatch.drivers.libvirt_mapping import (
     UNLIMITED_MIB_S,
@@ -386,6 +388,17 @@ async def finished(driver: LibvirtDriver, clock: VirtualClock) -> Any:
     return await driver.result("m1")
 
 
+async def finished_through_errors(driver: LibvirtDriver, clock: VirtualClock) -> Any:
+    """Like `finished`, but samples through hypervisor errors, a second apart (as the
+    engine does)."""
+    for _ in range(60):
+        with contextlib.suppress(DriverError):
+            if (await driver.sample("m1")).phase.finished:
+                return await driver.result("m1")
+        await clock.advance(1.0)
+    raise AssertionError("the migration did not end within a minute")
+
+
 async def test_describe_reads_labels_and_memory(driver: LibvirtDriver) -> None:
     info = await driver.describe("vm1")
     assert (info.host, info.memory_bytes) == ("a", 128 * MIB)
@@ -711,11 +724,13 @@ async def test_lost_host_is_driver_error_then_backoff(
         await driver.sample("m1")
     with pytest.raises(DriverError, match="next attempt"):
         await driver.sample("m1")
-    assert cloud.hosts["a"].opens == opens + 1  # the second failure waits out the backoff
+    # the first sample tried to reconnect once (to ask where the instance runs); the
+    # later failures wait out the backoff
+    assert cloud.hosts["a"].opens == opens
     cloud.hosts["a"].up = True
     await clock.advance(5.0)
-    assert (await driver.sample("m1")).phase is Phase.COPYING
-    assert cloud.hosts["a"].opens == opens + 2
+    assert (await driver.sample("m1")).phase is Phase.COPYING  # followed on a new connection
+    assert cloud.hosts["a"].opens == opens + 1
     assert await driver.reachable() == {"a": True, "b": True}
     cloud.hosts["b"].up = False
     assert (await driver.reachable())["b"] is False
@@ -845,3 +860,253 @@ async def test_incoming_instance_is_not_resumed(
     assert ("resume",) not in moved.calls
     moved.state = (C.VIR_DOMAIN_RUNNING, C.VIR_DOMAIN_RUNNING_MIGRATED)
     assert (await driver.sample("m1")).phase is Phase.COMPLETED
+
+
+# --------------------------------------------------------------------------- cancel twice
+
+
+def _no_job() -> Exception:
+    return cast(
+        Exception,
+        FakeCloud("x").libvirt.libvirtError(
+            "Requested operation is not valid: no job is active on the domain",
+            C.VIR_ERR_OPERATION_INVALID,
+        ),
+    )
+
+
+async def test_refused_second_cancel_keeps_the_first(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = await started(cloud, driver)
+    await driver.sample("m1")
+    await driver.cancel("m1")
+    dom.fail_with["abortJob"] = _no_job()  # the first abort is already ending the job
+    await driver.cancel("m1")  # not an error
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on, result.error) == (Phase.CANCELLED, "a", None)
+    await driver.cancel("m1")  # after the end: still nothing to report
+
+
+async def test_concurrent_cancels_count_once(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = await started(cloud, driver)
+    aborts: list[int] = []
+    first_abort = dom.abortJob
+
+    def abort_once() -> int:
+        aborts.append(1)
+        if len(aborts) > 1:
+            raise _no_job()
+        return first_abort()
+
+    dom.abortJob = abort_once
+    answers = await asyncio.gather(driver.cancel("m1"), driver.cancel("m1"), return_exceptions=True)
+    assert answers == [None, None]
+    assert len(aborts) == 2
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.CANCELLED, "a")
+
+
+async def test_refused_first_cancel_is_no_cancel(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = await started(cloud, driver)
+    dom.fail_with["abortJob"] = _no_job()
+    with pytest.raises(ActionRefused):
+        await driver.cancel("m1")
+    cloud.fail("vm1", "a", "operation failed: Lost connection to destination host")
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.FAILED, "a")
+
+
+# --------------------------------------------------------------------------- source restart
+
+
+def _job_died_with_the_daemon(c: FakeCloud) -> None:
+    c.hosts["a"].domains["vm1"].job = {"type": 0}
+
+
+def _finished_source_shut_off(c: FakeCloud) -> None:
+    c.complete("vm1", "a", "b", None, release=False)
+    c.hosts["a"].add("vm1").state = (C.VIR_DOMAIN_SHUTOFF, 0)  # reason UNKNOWN
+
+
+def _finished_while_source_down(c: FakeCloud) -> None:
+    c.complete("vm1", "a", "b", None, release=False)
+
+
+@pytest.mark.parametrize(
+    ("arrange", "paused", "back_up", "phase", "running_on"),
+    [
+        (_job_died_with_the_daemon, False, True, Phase.FAILED, "a"),
+        (_job_died_with_the_daemon, True, True, Phase.FAILED, "a"),
+        (_finished_source_shut_off, False, True, Phase.COMPLETED, "b"),
+        (_finished_source_shut_off, True, True, Phase.COMPLETED, "b"),
+        (_finished_while_source_down, False, False, Phase.COMPLETED, "b"),
+    ],
+)
+async def test_source_daemon_restart_with_a_stuck_migrate_call(
+    cloud: FakeCloud,
+    driver: LibvirtDriver,
+    clock: VirtualClock,
+    arrange: Callable[[FakeCloud], None],
+    paused: bool,
+    back_up: bool,
+    phase: Phase,
+    running_on: str,
+) -> None:
+    dom = await started(cloud, driver)
+    await driver.sample("m1")
+    if paused:
+        await driver.pause("m1")
+    cloud.hosts["a"].up = False  # the source daemon stops; the migrate call never returns
+    with pytest.raises(DriverError):
+        await driver.sample("m1")
+    arrange(cloud)
+    cloud.hosts["a"].up = back_up
+    result = await finished_through_errors(driver, clock)
+    assert (result.phase, result.running_on) == (phase, running_on)
+    assert not dom.release.is_set()  # decided without the migrate call
+    if phase is Phase.FAILED:
+        assert "connection was lost" in (result.error or "")
+        assert (("resume",) in dom.calls) == paused
+        assert dom.state[0] == C.VIR_DOMAIN_RUNNING
+
+
+async def test_lost_connection_keeps_following_a_running_job(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = await started(cloud, driver)
+    cloud.hosts["a"].up = False
+    with pytest.raises(DriverError):
+        await driver.sample("m1")
+    cloud.hosts["a"].up = True  # the job survived: follow it on the new connection
+    await clock.advance(5.0)
+    assert (await driver.sample("m1")).phase is Phase.COPYING
+    await driver.pause("m1")  # actions reach the job through the new connection
+    assert dom.calls.count(("suspend",)) == 1
+    cloud.complete("vm1", "a", "b", {"type": 3, "downtime": 400}, release=False)
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.COMPLETED, "b")
+
+
+async def test_migrate_call_runs_in_a_daemon_thread(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    await started(cloud, driver)
+    threads = [t for t in threading.enumerate() if t.name.startswith("lmw-migrate")]
+    assert threads
+    assert all(t.daemon for t in threads)  # a stuck call never holds up the exit
+
+
+async def test_in_daemon_thread_delivers_results_and_errors() -> None:
+    def fail() -> None:
+        raise ValueError("boom")
+
+    assert await in_daemon_thread(lambda: 42) == 42
+    with pytest.raises(ValueError, match="boom"):
+        await in_daemon_thread(fail)
+    gate = threading.Event()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(in_daemon_thread(gate.wait), 0.05)
+    gate.set()
+
+
+# --------------------------------------------------------------------------- pause blackout
+
+
+@pytest.mark.parametrize(
+    ("resumed_at", "elapsed_ms", "downtime_ms", "blackout"),
+    [
+        (3.0, 3200, 1900, 2.0),  # the destination's resume event
+        (None, 3200, 1900, 2.2),  # the job's end by its completed statistics
+        (None, None, 1900, 3.5),  # the source's job-completed event
+        (3.0, 3200, 2600, 2.6),  # never below the hypervisor's own figure
+    ],
+)
+async def test_pause_blackout_ends_when_the_instance_resumes(
+    cloud: FakeCloud,
+    driver: LibvirtDriver,
+    clock: VirtualClock,
+    resumed_at: float | None,
+    elapsed_ms: int | None,
+    downtime_ms: int,
+    blackout: float,
+) -> None:
+    dom = await started(cloud, driver)
+    await clock.advance(1.0)
+    await driver.pause("m1")  # t = 1
+    completed: dict[str, Any] = {"type": C.VIR_DOMAIN_JOB_COMPLETED, "downtime": downtime_ms}
+    if elapsed_ms is not None:
+        completed["time_elapsed"] = elapsed_ms
+    await clock.advance(2.0)  # t = 3
+    moved = cloud.complete("vm1", "a", "b", completed, release=False)
+    if resumed_at is not None:
+        cloud.fire(
+            "b",
+            C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            moved,
+            C.VIR_DOMAIN_EVENT_RESUMED,
+            C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED,
+        )
+    await clock.advance(1.5)  # t = 4.5: the source confirms; the migrate call returns later
+    cloud.fire("a", C.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, dom, completed)
+    cloud.fire(
+        "a",
+        C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+        dom,
+        C.VIR_DOMAIN_EVENT_STOPPED,
+        C.VIR_DOMAIN_EVENT_STOPPED_MIGRATED,
+    )
+    await clock.advance(1.0)
+    dom.release.set()
+    result = await finished(driver, clock)
+    assert result.phase is Phase.COMPLETED and result.paused
+    assert result.blackout_seconds == pytest.approx(blackout)
+
+
+@pytest.mark.parametrize("resume_event", [True, False])
+async def test_pause_blackout_of_a_reattached_job(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock, resume_event: bool
+) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.job = {**RUNNING_STATS, "time_elapsed": 5000}  # the job started 5 s before we came
+    assert await driver.reattach("m1", REQ, PLAN) is None
+    await clock.advance(1.0)
+    await driver.pause("m1")  # t = 1
+    await clock.advance(1.0)  # t = 2: the instance resumes on the destination
+    completed = {"type": C.VIR_DOMAIN_JOB_COMPLETED, "downtime": 700, "time_elapsed": 7000}
+    moved = cloud.complete("vm1", "a", "b", completed)
+    if resume_event:
+        cloud.fire(
+            "b",
+            C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            moved,
+            C.VIR_DOMAIN_EVENT_RESUMED,
+            C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED,
+        )
+    await clock.advance(1.5)  # t = 3.5: the source confirms
+    cloud.fire("a", C.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, dom, completed)
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.COMPLETED, "b")
+    assert result.blackout_seconds == pytest.approx(1.0)
+
+
+async def test_a_job_ending_by_our_abort_is_not_completing(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = await started(cloud, driver)
+
+    def abort_slowly() -> int:  # the job is gone; the migrate call has not returned yet
+        dom.job = {"type": 0}
+        return 0
+
+    dom.abortJob = abort_slowly
+    await driver.cancel("m1")
+    assert (await driver.sample("m1")).phase is Phase.COPYING
+    dom.outcome = cloud.libvirt.libvirtError(ABORTED, C.VIR_ERR_OPERATION_ABORTED)
+    dom.release.set()
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.CANCELLED, "a")

@@ -1,15 +1,18 @@
 """One connection per libvirt host: opened lazily, kept alive, reopened with backoff.
 
-Every blocking libvirt call runs in a worker thread (libvirt-python releases the
-GIL and a connection may be used from several threads at once). libvirt errors
-become `DriverError`s; an error that means the daemon went away also drops the
-connection, and the next call reopens it once the backoff delay has passed.
+Every blocking libvirt call runs in a daemon thread of its own (libvirt-python
+releases the GIL and a connection may be used from several threads at once); a
+call stuck on a dead connection therefore never holds up the process's exit, as
+a thread-pool worker would. libvirt errors become `DriverError`s; an error that
+means the daemon went away also drops the connection, and the next call reopens
+it once the backoff delay has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,6 +41,38 @@ class HypervisorError(DriverError):
 
 class HostLost(HypervisorError):
     """The connection to the host's hypervisor daemon is gone."""
+
+
+def in_daemon_thread(
+    fn: Callable[..., T], *args: Any, name: str = "lmw-libvirt"
+) -> asyncio.Future[T]:
+    """Run `fn(*args)` in a new daemon thread; the future gets its result or exception.
+
+    Unlike `asyncio.to_thread`, a call that never returns (a libvirt call on a
+    connection whose daemon went away) does not keep the process from exiting.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(ok: bool, value: Any) -> None:
+        if future.done():  # cancelled by a timeout meanwhile
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def body() -> None:
+        value: Any
+        try:
+            ok, value = True, fn(*args)
+        except BaseException as error:  # handed to the awaiting side
+            ok, value = False, error
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(deliver, ok, value)
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+    return future
 
 
 def backoff_delay(failures: int) -> float:
@@ -96,7 +131,7 @@ class HostLink:
             if self._aio is not None:
                 ensure_event_loop(self._aio, loop)
             try:
-                conn, ids = await asyncio.to_thread(self._open)
+                conn, ids = await in_daemon_thread(self._open)
             except self._lv.libvirtError as error:
                 self._failures += 1
                 self._last_error = _message(error)
@@ -121,6 +156,11 @@ class HostLink:
         ids = self._setup_events(self.name, conn) if self._setup_events else []
         return conn, ids
 
+    @property
+    def current(self) -> Any | None:
+        """The open connection, or None while there is none (lost or not yet opened)."""
+        return self._conn
+
     def _closed(self, conn: Any, reason: int, opaque: Any) -> None:
         if conn is self._conn:
             log.warning("host-connection-closed", host=self.name, reason=reason)
@@ -141,7 +181,7 @@ class HostLink:
         conn, ids = self._conn, self._callback_ids
         self._conn, self._callback_ids = None, []
         if conn is not None:
-            await asyncio.to_thread(_close, conn, ids, self._lv)
+            await in_daemon_thread(_close, conn, ids, self._lv)
 
     # -- calls --------------------------------------------------------------------
 
@@ -151,7 +191,7 @@ class HostLink:
         """Run `fn(connection)` in a worker thread; libvirt errors become DriverErrors."""
         conn = await self.connection()
         try:
-            job = asyncio.to_thread(fn, conn)
+            job = in_daemon_thread(fn, conn)
             return await (asyncio.wait_for(job, timeout) if timeout else job)
         except TimeoutError as error:
             self.drop(f"{what} did not answer within {timeout:.0f} s")
@@ -218,9 +258,4 @@ def _close(conn: Any, ids: list[int], lv: Any) -> None:
 
 def threading_close(conn: Any, ids: list[int], lv: Any) -> None:
     """Close a failed connection in the background (it may block on a dead socket)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        _close(conn, ids, lv)
-        return
-    loop.run_in_executor(None, _close, conn, ids, lv)
+    threading.Thread(target=_close, args=(conn, ids, lv), name="lmw-close", daemon=True).start()

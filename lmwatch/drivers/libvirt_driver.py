@@ -3,9 +3,12 @@
 - One `HostLink` per host (lazy, keepalive, reconnect with backoff); blocking calls
   in worker threads; events (pass finished, job completed, lifecycle) through
   `libvirtaio`, so `wait_event` returns as soon as a migration changes phase.
-- `start` runs `migrateToURI3` in a thread of its own (it blocks until the
+- `start` runs `migrateToURI3` in a daemon thread of its own (it blocks until the
   migration ends); its exception is the failure cause. Progress comes from
-  `jobStats()` on the source.
+  `jobStats()` on the source. When the connection that call runs on is lost, the
+  driver stops waiting for the call (it may never return) and follows the job
+  like an adopted one: through statistics and events on a new connection, and,
+  once the source shows no job, from where the instance runs.
 - How a migration ended is decided from where the instance actually runs (both
   hosts are asked), not from what the migrate call said: a daemon can go away
   while its migration still completes.
@@ -17,7 +20,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import importlib
 import uuid as uuidlib
@@ -40,7 +42,7 @@ from lmwatch.drivers.base import (
     UnknownHost,
     UnknownInstance,
 )
-from lmwatch.drivers.libvirt_conn import HostLink, HostLost, HypervisorError
+from lmwatch.drivers.libvirt_conn import HostLink, HostLost, HypervisorError, in_daemon_thread
 from lmwatch.drivers.libvirt_mapping import (
     DIRTYRATE_MEASURED,
     LABELS_NS,
@@ -129,17 +131,23 @@ class _Job:
     plan: StartPlan
     name: str
     blackout_budget: float
-    started_at: float
-    adopted: bool = False  # found running after a restart: no migrate call of ours
+    started_at: float  # when the job started (estimated from its statistics when adopted)
+    adopted: bool = False  # no migrate call of ours to wait for (restart, lost connection)
     after_restart: bool = False
     task: asyncio.Future[None] | None = None
+    migrate_conn: Any | None = None  # the connection the migrate call runs on
     error: str | None = None
     cancel_requested: bool = False
+    aborted: bool = False  # an abort of ours was accepted: the job is being cancelled
+    cancelling: asyncio.Lock = field(default_factory=asyncio.Lock)
     paused: bool = False
     paused_at: float | None = None
     handed_over: bool = False
     final_stop: bool = False  # the source stopped the instance for the last copy
-    ended_at: float | None = None
+    ended_at: float | None = None  # when we learned that the job ended (event or call)
+    resumed_at: float | None = None  # the instance resumed on the destination (event)
+    end_event_at: float | None = None  # first job-completed / stopped event from the source
+    returned_at: float | None = None  # the migrate call returned
     completed_stats: dict[str, Any] | None = None
     last_stats: dict[str, Any] = field(default_factory=dict)
     passes_seen: int = 0
@@ -188,7 +196,6 @@ class LibvirtDriver:
         self._links: dict[str, HostLink] = {}
         self._jobs: dict[str, _Job] = {}
         self._caps: dict[tuple[str, str], Capabilities] = {}
-        self._executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="lmw-migrate")
 
     # -- modules and hosts --------------------------------------------------------
 
@@ -522,15 +529,15 @@ class LibvirtDriver:
                     job.final_stop = True
                 elif detail == lv.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY:
                     job.handed_over = True
-            elif (
-                event == lv.VIR_DOMAIN_EVENT_RESUMED
-                and detail == lv.VIR_DOMAIN_EVENT_RESUMED_POSTCOPY
-            ):
-                job.handed_over = True
-            elif (
-                event == lv.VIR_DOMAIN_EVENT_STOPPED and host == job.source and job.ended_at is None
-            ):
-                job.ended_at = self._clock.now()
+            elif event == lv.VIR_DOMAIN_EVENT_RESUMED:
+                if detail == lv.VIR_DOMAIN_EVENT_RESUMED_POSTCOPY:
+                    job.handed_over = True
+                if host == job.destination and job.resumed_at is None:
+                    job.resumed_at = self._clock.now()
+            elif event == lv.VIR_DOMAIN_EVENT_STOPPED and host == job.source:
+                now = self._clock.now()
+                job.ended_at = now if job.ended_at is None else job.ended_at
+                job.end_event_at = now if job.end_event_at is None else job.end_event_at
             job.changed.set()
 
     def _on_iteration(self, conn: Any, dom: Any, iteration: int, host: str) -> None:
@@ -542,8 +549,9 @@ class LibvirtDriver:
         for job in self._jobs_for(dom):
             if host == job.source and job.completed_stats is None:
                 job.completed_stats = dict(params)
-                if job.ended_at is None:
-                    job.ended_at = self._clock.now()
+                now = self._clock.now()
+                job.ended_at = now if job.ended_at is None else job.ended_at
+                job.end_event_at = now if job.end_event_at is None else job.end_event_at
             job.changed.set()
 
     async def wait_event(self, migration_id: str, timeout: float) -> None:
@@ -602,6 +610,8 @@ class LibvirtDriver:
         )
         self._jobs[migration_id] = job
         peer_uri = dest.peer_uri or dest.uri
+        with contextlib.suppress(DriverError):  # for its events (the instance resumed there)
+            await self._link(request.destination).connection()
         link = self._link(request.source)
         conn = await link.connection()
 
@@ -609,8 +619,8 @@ class LibvirtDriver:
             dom = conn.lookupByName(request.instance)
             dom.migrateToURI3(peer_uri, dict(call.params), call.flags)
 
-        loop = asyncio.get_running_loop()
-        job.task = loop.run_in_executor(self._executor, migrate)
+        job.migrate_conn = conn
+        job.task = in_daemon_thread(migrate, name=f"lmw-migrate-{migration_id}")
         job.task.add_done_callback(lambda fut: self._migrate_done(job, fut, link))
         log.info(
             "migration-started",
@@ -623,10 +633,15 @@ class LibvirtDriver:
         await self._wait_accepted(job)
 
     def _migrate_done(self, job: _Job, fut: asyncio.Future[None], link: HostLink) -> None:
+        error = None if fut.cancelled() else fut.exception()
+        if job.task is not fut:  # detached: the job is followed on a new connection
+            log.info("migrate-call-returned-late", migration=job.id, error=str(error))
+            return
+        now = self._clock.now()
+        job.returned_at = now
         if job.ended_at is None:
-            job.ended_at = self._clock.now()
-        if not fut.cancelled() and fut.exception() is not None:
-            error = fut.exception()
+            job.ended_at = now
+        if error is not None:
             if isinstance(error, self._lv.libvirtError):
                 job.error = str(link.translate(error, "the migration"))
             else:
@@ -690,6 +705,7 @@ class LibvirtDriver:
     async def sample(self, migration_id: str) -> Sample:
         job = self._job(migration_id)
         job.changed.clear()
+        self._detach_if_lost(job)
         if job.result is None and self._ended(job):
             await self._conclude(job)
         if job.result is not None:
@@ -698,8 +714,10 @@ class LibvirtDriver:
         try:
             stats = await self._job_stats(job)
         except HostLost:
+            self._detach_if_lost(job)
             if job.task is None:  # nobody's migrate call will tell: ask where it runs
-                await self._conclude(job)
+                with contextlib.suppress(DriverError):  # undecided: say the host is lost
+                    await self._conclude(job)
                 if job.result is not None:
                     return self._terminal_sample(job)
             raise
@@ -710,7 +728,9 @@ class LibvirtDriver:
                 await self._conclude(job)
                 if job.result is not None:
                     return self._terminal_sample(job)
-            return self._sample_from(job, job.last_stats, Phase.COMPLETING)
+            # the job is ending: completing, unless our abort is ending it
+            phase = job.running_phase() if job.aborted else Phase.COMPLETING
+            return self._sample_from(job, job.last_stats, phase)
         job.last_stats = {**job.last_stats, **stats}  # early or late readings lack keys
         job.max_slowdown = max(job.max_slowdown, slowdown_from(stats))
         processed = stats.get("memory_processed")
@@ -722,6 +742,24 @@ class LibvirtDriver:
         if job.task is not None:
             return job.task.done()
         return job.completed_stats is not None or job.ended_at is not None
+
+    def _detach_if_lost(self, job: _Job) -> None:
+        """Stop waiting for a migrate call whose connection is gone; follow the job instead.
+
+        A call on a connection whose daemon went away may never return. The job itself
+        lives on (or ends) in the source's daemon: it is followed from then on like an
+        adopted one, through statistics and events on a new connection and, once the
+        source shows no job, from where the instance runs.
+        """
+        if job.task is None or job.task.done() or job.migrate_conn is None:
+            return
+        link = self._links.get(job.source)
+        if link is not None and link.current is job.migrate_conn:
+            return
+        log.warning("migration-detached", migration=job.id, host=job.source)
+        job.task, job.migrate_conn, job.adopted = None, None, True
+        if job.error is None:
+            job.error = f"host {job.source}: the connection was lost during the migration"
 
     def _sample_from(self, job: _Job, stats: Mapping[str, Any], phase: Phase) -> Sample:
         return stats_to_sample(
@@ -753,6 +791,7 @@ class LibvirtDriver:
 
     async def result(self, migration_id: str) -> JobResult:
         job = self._job(migration_id)
+        self._detach_if_lost(job)
         if job.result is None:
             if not self._ended(job):
                 raise DriverError(f"migration {migration_id} has not ended")
@@ -834,8 +873,7 @@ class LibvirtDriver:
         completed = await self._completed_stats(job) if outcome.phase is Phase.COMPLETED else None
         blackout = measured_blackout(completed)
         if outcome.phase is Phase.COMPLETED and job.paused and job.paused_at is not None:
-            ended = job.ended_at if job.ended_at is not None else self._clock.now()
-            blackout = max(blackout or 0.0, ended - job.paused_at)
+            blackout = max(blackout or 0.0, self._resumed_at(job, completed) - job.paused_at)
         passes = max(
             job.passes_seen,
             int((completed or {}).get("memory_iteration", 0) or 0),
@@ -863,6 +901,22 @@ class LibvirtDriver:
             error=error,
         )
         job.changed.set()
+
+    def _resumed_at(self, job: _Job, completed: Mapping[str, Any] | None) -> float:
+        """When the instance ran again on the destination (the end of a pause's blackout).
+
+        The destination's resume event says it exactly. Without it: the earliest of
+        the job's end by its completed statistics (start + elapsed time), the source's
+        job-completed or stopped event, and the migrate call's return; the last two
+        come a second or more after the resume (the source confirms afterwards).
+        """
+        if job.resumed_at is not None:
+            return job.resumed_at
+        candidates = [t for t in (job.end_event_at, job.returned_at) if t is not None]
+        elapsed = (completed or {}).get("time_elapsed")
+        if isinstance(elapsed, int | float) and elapsed > 0:
+            candidates.append(job.started_at + float(elapsed) / 1000.0)
+        return min(candidates) if candidates else (job.ended_at or self._clock.now())
 
     # -- actions -----------------------------------------------------------------------
 
@@ -913,15 +967,26 @@ class LibvirtDriver:
         job.changed.set()
 
     async def cancel(self, migration_id: str) -> None:
+        """Abort the job. Once an abort of ours was accepted, the job counts as cancelled:
+        a later cancel that is refused (the job is already ending) changes nothing."""
         job = self._job(migration_id)
         if job.handed_over:
             raise ActionRefused("cannot cancel: the instance already runs on the destination")
-        job.cancel_requested = True
-        try:
-            await self._act(job, lambda d: d.abortJob(), "cancelling")
-        except DriverError:
-            job.cancel_requested = False
-            raise
+        async with job.cancelling:  # one abort at a time; a second sees the first's answer
+            if job.result is not None:
+                if job.result.phase is Phase.CANCELLED:
+                    return
+                raise ActionRefused(f"the migration has already ended ({job.result.phase.value})")
+            job.cancel_requested = True
+            try:
+                await self._act(job, lambda d: d.abortJob(), "cancelling")
+            except DriverError as error:
+                if job.aborted:
+                    log.info("cancel-under-way", migration=job.id, error=str(error))
+                    return
+                job.cancel_requested = False
+                raise
+            job.aborted = True
 
     # -- restart -------------------------------------------------------------------------
 
@@ -958,6 +1023,11 @@ class LibvirtDriver:
             with contextlib.suppress(DriverError):
                 job.last_stats = await self._job_stats(job)
                 job.transferred_seen = int(job.last_stats.get("memory_processed", 0) or 0)
+                elapsed = job.last_stats.get("time_elapsed")
+                if isinstance(elapsed, int | float):  # when the job itself started
+                    job.started_at = self._clock.now() - float(elapsed) / 1000.0
+            with contextlib.suppress(DriverError):  # for its events (the instance resumed there)
+                await self._link(job.destination).connection()
             log.info("migration-reattached", migration=migration_id, handed_over=job.handed_over)
             return None
         try:
@@ -972,7 +1042,6 @@ class LibvirtDriver:
             with contextlib.suppress(Exception):
                 await link.close()
         self._links.clear()
-        self._executor.shutdown(wait=False)
 
 
 def _ignore_error(context: Any, error: Any) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from lmwatch.clock import WallClock
-from lmwatch.drivers.base import ActionRefused
+from lmwatch.drivers.base import ActionRefused, DriverError
 from lmwatch.drivers.libvirt_driver import HostConfig, LibvirtDriver
 from lmwatch.model import MIB, JobResult, MigrationRequest, Phase, Sample, StartPlan
 
@@ -250,3 +251,34 @@ async def test_reattach_with_a_second_driver() -> None:
                 again = await third.reattach("m-re", request, plan)
                 assert again is not None and again.phase is Phase.COMPLETED
                 assert again.running_on == "b"
+
+
+async def test_source_daemon_restart_mid_migration() -> None:
+    """The source's libvirtd restarts while it migrates: the outcome is where the guest runs."""
+    async with guest("lmw-drv-restart", write_mib=32, rate_mib=40) as name, opened() as driver:
+        started = time.monotonic()
+        await start_busy(driver, name, "m-restart", busy_plan())
+        assert all(t.daemon for t in threading.enumerate() if t.name.startswith("lmw-migrate"))
+        restart = asyncio.ensure_future(asyncio.to_thread(rigctl.restart_host, "a"))
+        errors = 0
+        deadline = time.monotonic() + 150.0
+        while time.monotonic() < deadline:
+            try:
+                if (await driver.sample("m-restart")).phase.finished:
+                    break
+            except DriverError:  # the source does not answer yet: ask again (as the engine does)
+                errors += 1
+                await asyncio.sleep(0.5)
+                continue
+            await driver.wait_event("m-restart", 0.5)
+        result = await driver.result("m-restart")
+        await restart
+        record(name, result, started, sample_errors=errors)
+        where = await asyncio.to_thread(rigctl.where_running, name)
+        if result.phase is Phase.COMPLETED:
+            assert result.running_on == "b" and where == ["b"], (result, where)
+        else:
+            assert result.phase is Phase.FAILED, result
+            assert result.running_on == "a" and where == ["a"], (result, where)
+        assert result.running_on is not None
+        await assert_runs_healthy(name, result.running_on)

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import SMALL_PROFILES
+from apitools import SMALL_PROFILES
 
 from lmwatch import daemon
 from lmwatch.clock import VirtualClock

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import pytest
-from conftest import Api
+from apitools import Api
 
 from lmwatch.clock import VirtualClock
 from lmwatch.drivers.base import DriverError

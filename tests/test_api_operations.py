@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import Api
+from apitools import Api
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 

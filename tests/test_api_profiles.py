@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_PROFILES, Api
+from apitools import SMALL_PROFILES, Api
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmwatch.drivers.sim import SimDriver

@@ -154,6 +154,7 @@ class Engine:
         for record in self.store.unfinished():
             profile = Profile.model_validate(record.profile)
             supervision = self._track(record, profile)
+            supervision.generation = -1  # the file may have changed while we were away
             if record.state is not State.QUEUED:
                 log.info("reattaching", migration=record.id, instance=record.instance)
                 supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
@@ -190,7 +191,9 @@ class Engine:
         return record
 
     def list(self, state: State | None = None) -> list[MigrationRecord]:
-        return self.store.list(state)
+        """Stored migrations, with the live progress of those being supervised."""
+        live = self._supervisions
+        return [live[r.id].record if r.id in live else r for r in self.store.list(state)]
 
     def events(self, migration_id: str) -> builtins.list[Event]:
         self.get(migration_id)

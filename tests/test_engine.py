@@ -418,3 +418,27 @@ async def test_a_cancel_under_way_is_not_repeated_at_every_poll(tmp_path: Path) 
     assert rig.engine.get(mid).state is State.CANCELLED
     assert rig.actions(mid).count("cancel") == 1
     await rig.engine.stop()
+
+
+async def test_a_profile_edited_while_lmwatch_was_down_applies_after_restart(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    await rig.engine.start()
+    mid = await rig.migrate("busy-plain")  # fallback 'strict': nothing allowed
+    await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    await rig.engine.stop()
+    rig.profile_file.write_text(
+        PROFILES.replace(
+            "  - name: strict\n    max_blackout: 300ms\n",
+            "  - name: strict\n    max_blackout: 300ms\n    may_pause: true\n    max_pause: 10s\n",
+        )
+    )
+    rig.registry = ProfileRegistry(rig.profile_file)  # a new daemon reads the file afresh
+    second = rig.new_engine()
+    await second.start()
+    await rig.clock.run_until(lambda: second.get(mid).state.finished)
+    record = second.get(mid)
+    assert record.outcome is not None and record.outcome["method"] == "paused"
+    assert any("edited profile" in e.reason for e in rig.store.events(mid))
+    await second.stop()

@@ -219,22 +219,15 @@ class Engine:
         if request.source == request.destination:
             raise Invalid("source and destination are the same host")
         fingerprint = _fingerprint(request)
+        earlier = self._admission(request, idempotency_key, fingerprint)
+        if earlier is not None:
+            return earlier, True
+        # Asking the hypervisor may take a while: other submissions go on meanwhile.
+        info = await self.driver.preflight(request)
         async with self._submit_lock:
-            if idempotency_key is not None:
-                earlier = self.store.by_idempotency_key(idempotency_key)
-                if earlier is not None:
-                    if earlier.request_fingerprint != fingerprint:
-                        raise Conflict(
-                            "this Idempotency-Key was used for a different request; use a new key"
-                        )
-                    return self.get(earlier.id), True
-            active = self.store.active_for_instance(request.instance)
-            if active is not None:
-                raise Conflict(
-                    f"instance {request.instance!r} is already migrating "
-                    f"(migration {active.id}, {active.state.value})"
-                )
-            info = await self.driver.preflight(request)
+            earlier = self._admission(request, idempotency_key, fingerprint)
+            if earlier is not None:
+                return earlier, True
             labels = {**info.labels, **request.labels}
             try:
                 selection = self.profiles.explain(
@@ -254,6 +247,7 @@ class Engine:
                 profile_reason=selection.reason,
                 profile=selection.profile.model_dump(mode="json"),
                 memory_bytes=info.memory_bytes,
+                uuid=info.uuid,
                 state=State.QUEUED,
                 created_at=now,
                 idempotency_key=idempotency_key,
@@ -274,11 +268,37 @@ class Engine:
         self._schedule()
         return record, False
 
+    def _admission(
+        self, request: MigrationRequest, idempotency_key: str | None, fingerprint: str
+    ) -> MigrationRecord | None:
+        """The earlier migration this request replays, or None; Conflict when refused."""
+        if idempotency_key is not None:
+            earlier = self.store.by_idempotency_key(idempotency_key)
+            if earlier is not None:
+                if earlier.request_fingerprint != fingerprint:
+                    raise Conflict(
+                        "this Idempotency-Key was used for a different request; use a new key"
+                    )
+                return self.get(earlier.id)
+        active = self.store.active_for_instance(request.instance)
+        if active is not None:
+            raise Conflict(
+                f"instance {request.instance!r} is already migrating "
+                f"(migration {active.id}, {active.state.value})"
+            )
+        return None
+
     async def force_complete(self, migration_id: str, accept_pause: bool = False) -> Decision:
         """Finish now in the least disruptive way the profile allows."""
         supervision = self._running(migration_id, "force-complete")
         async with supervision.lock:
             record = supervision.record
+            if record.state.finished:
+                raise Conflict(
+                    f"cannot force-complete: migration {migration_id} has {record.state.value}"
+                )
+            if supervision.cancelling:
+                raise Conflict(f"migration {migration_id} is being cancelled")
             if record.paused or record.handed_over or record.state is State.COMPLETING:
                 raise Conflict(f"migration {migration_id} is already completing")
             if not supervision.history:
@@ -302,27 +322,27 @@ class Engine:
         record = self.get(migration_id)
         if record.state.finished or supervision is None:
             raise Conflict(f"migration {migration_id} has already {record.state.value}")
-        async with supervision.lock:
+        async with supervision.lock:  # the start holds it too: never cancel half-started
             record = supervision.record
+            if record.state.finished:
+                raise Conflict(f"migration {migration_id} has already {record.state.value}")
             if record.handed_over or record.state is State.HANDOVER:
                 raise Conflict(
                     "the instance already runs on the destination (handover); "
                     "it can no longer be cancelled"
                 )
-            if record.state is State.QUEUED and supervision.task is None:
+            if record.state is State.QUEUED:  # its start, if due, sees it finished
                 await self._finish(
                     supervision,
                     JobResult(phase=Phase.CANCELLED, error=None),
                     reason="cancelled by an operator before it started",
                 )
+                if supervision.task is None:
+                    self._supervisions.pop(migration_id, None)
                 self._schedule()
                 return supervision.record
             if supervision.cancelling:
                 return record  # already being cancelled
-            if record.state is State.STARTING:
-                raise Conflict(
-                    f"migration {migration_id} is starting; cancel it again once it is copying"
-                )
             decision = Decision(Action.CANCEL, "cancelled by an operator")
             await self._apply(supervision, decision, origin="operator")
             return supervision.record
@@ -352,7 +372,11 @@ class Engine:
                     busy_destination.get(record.destination, 0) + 1
                 )
         queued = sorted(
-            (s for s in self._supervisions.values() if s.task is None),
+            (
+                s
+                for s in self._supervisions.values()
+                if s.task is None and not s.record.state.finished
+            ),
             key=lambda s: (s.record.created_at, s.record.id),
         )
         for supervision in queued:
@@ -392,11 +416,14 @@ class Engine:
         except Exception as error:  # a bug must not leave the migration unaccounted for
             mlog.exception("supervisor-crashed", error=repr(error))
             if not supervision.record.state.finished:
-                await self._finish(
-                    supervision,
-                    JobResult(phase=Phase.FAILED, error=f"internal error: {error!r}"),
-                    reason=f"supervisor error: {error!r}",
-                )
+                try:
+                    await self._finish(
+                        supervision,
+                        JobResult(phase=Phase.FAILED, error=f"internal error: {error!r}"),
+                        reason=f"supervisor error: {error!r}",
+                    )
+                except Exception as second:  # e.g. the store is full: a restart re-attaches
+                    mlog.exception("cannot-record-failure", error=repr(second))
         finally:
             if supervision.record.state.finished:
                 self._supervisions.pop(record.id, None)
@@ -417,6 +444,12 @@ class Engine:
                     return None
 
     async def _start(self, supervision: _Supervision) -> bool:
+        async with supervision.lock:
+            if supervision.record.state.finished:  # cancelled while queued
+                return False
+            return await self._start_locked(supervision)
+
+    async def _start_locked(self, supervision: _Supervision) -> bool:
         record = supervision.record
         now = self.clock.now()
         self._update(supervision, "state", "starting", state=State.STARTING, started_at=now)
@@ -428,7 +461,12 @@ class Engine:
                 change_rate = await self.driver.measure_change_rate(record.instance, record.source)
             info = await self.driver.describe(record.instance, record.source)
             plan = policies.plan_start(
-                supervision.profile, info, capabilities, change_rate, None, self.settings.policy
+                supervision.profile,
+                info,
+                capabilities,
+                change_rate,
+                capabilities.bandwidth,
+                self.settings.policy,
             )
             started_at = self.clock.now()
             deadline = policies.deadline_at(supervision.profile, record.memory_bytes, started_at)
@@ -508,12 +546,23 @@ class Engine:
         supervision.failures += 1
         failures = supervision.failures
         if now - first >= self.settings.error_tolerance:
+            # Give up supervising, but first ask the hypervisor to stop the job, so that
+            # a migration we no longer watch does not go on to finish by itself.
+            try:
+                await self.driver.cancel(supervision.record.id)
+                stopped = "lmwatch asked the hypervisor to stop it"
+            except DriverError as cancel_error:
+                stopped = f"stopping it failed too ({cancel_error})"
             await self._finish(
                 supervision,
-                JobResult(phase=Phase.FAILED, error=str(error)),
+                JobResult(
+                    phase=Phase.FAILED,
+                    error=f"the hypervisor did not answer (last error: {error})",
+                ),
                 reason=(
                     f"the hypervisor did not answer for {now - first:.0f}s "
-                    f"(last error: {error}); the migration is recorded as failed"
+                    f"(last error: {error}); {stopped}; where the instance runs could not "
+                    "be confirmed: check both hosts"
                 ),
             )
             return False
@@ -537,7 +586,7 @@ class Engine:
         record = supervision.record
         try:
             selection = self.profiles.explain(
-                record.instance, None, record.labels, record.requested_profile
+                record.instance, record.uuid, record.labels, record.requested_profile
             )
         except (UnknownProfile, NoProfile) as error:
             self._event(

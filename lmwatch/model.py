@@ -96,6 +96,7 @@ class Capabilities:
     handover: bool = True
     slow_down: bool = True
     measure_change_rate: bool = True
+    bandwidth: float | None = None  # bytes/s a migration between them can expect, if known
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 from lmwatch.model import State
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS migrations (
     profile_reason TEXT NOT NULL,
     profile TEXT NOT NULL,
     memory_bytes INTEGER NOT NULL,
+    uuid TEXT,
     state TEXT NOT NULL,
     created_at REAL NOT NULL,
     started_at REAL,
@@ -84,6 +85,7 @@ class MigrationRecord:
     memory_bytes: int
     state: State
     created_at: float
+    uuid: str | None = None  # the instance's, as the hypervisor reported it at acceptance
     started_at: float | None = None
     finished_at: float | None = None
     deadline_at: float | None = None
@@ -144,14 +146,18 @@ class Store:
         # executescript commits on its own; it runs outside an explicit transaction.
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            self._db.execute(
-                "INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-        elif int(row["value"]) > SCHEMA_VERSION:
+        version = SCHEMA_VERSION if row is None else int(row["value"])
+        if version > SCHEMA_VERSION:
             raise StoreError(
-                f"store schema version {row['value']} is newer than this lmwatch "
+                f"store schema version {version} is newer than this lmwatch "
                 f"({SCHEMA_VERSION}); refusing to touch it"
+            )
+        with self._transaction():
+            if version < 2:  # version 1 had no instance uuid
+                self._db.execute("ALTER TABLE migrations ADD COLUMN uuid TEXT")
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
             )
 
     @contextmanager

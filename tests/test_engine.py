@@ -13,7 +13,7 @@ from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.errors import Conflict, Invalid
 from lmwatch.metrics import Metrics
-from lmwatch.model import Method, MigrationRequest, State
+from lmwatch.model import Method, MigrationRequest, Phase, State
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import Store, StoreError
 
@@ -442,3 +442,102 @@ async def test_a_profile_edited_while_lmwatch_was_down_applies_after_restart(
     assert record.outcome is not None and record.outcome["method"] == "paused"
     assert any("edited profile" in e.reason for e in rig.store.events(mid))
     await second.stop()
+
+
+async def test_a_migration_cancelled_while_queued_never_starts(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, max_per_source=1)
+    await rig.engine.start()
+    first = await rig.migrate("idle")
+    second = await rig.migrate("idle2")
+    assert rig.engine.get(second).state is State.QUEUED
+    await rig.engine.cancel(second)
+    await rig.finish(first)
+    await rig.clock.advance(60)
+    assert rig.engine.get(second).state is State.CANCELLED
+    assert [e.state for e in rig.store.events(second) if e.kind == "state"] == [
+        "queued",
+        "cancelled",
+    ]
+    assert rig.driver.where("idle2") == "a"
+    assert rig.engine.active_count() == 0
+    await rig.engine.stop()
+
+
+async def test_a_profile_matched_by_uuid_survives_a_reload(tmp_path: Path) -> None:
+    import uuid as uuidlib
+
+    from lmwatch.drivers.inventory import UUID_NAMESPACE
+
+    instance_uuid = str(uuidlib.uuid5(UUID_NAMESPACE, "busy-plain"))
+    by_uuid = PROFILES.replace(
+        "profiles:\n",
+        f"profiles:\n  - name: pinned\n    match: {{uuids: ['{instance_uuid}']}}\n"
+        "    max_blackout: 300ms\n    deadline: 2h\n    on_deadline: cancel\n",
+    ).replace(
+        "  - name: strict\n    max_blackout: 300ms\n",
+        "  - name: strict\n    max_blackout: 300ms\n    may_pause: true\n    max_pause: 10s\n",
+    )
+    rig = Rig(tmp_path, profiles=by_uuid)
+    await rig.engine.start()
+    mid = await rig.migrate("busy-plain")
+    assert rig.engine.get(mid).profile_name == "pinned"
+    rig.registry.reload()  # unchanged file: the uuid match must still hold
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.profile_name == "pinned"
+    assert record.state is State.CANCELLED  # 'pinned' allows no pause
+    await rig.engine.stop()
+
+
+async def test_giving_up_on_a_silent_hypervisor_stops_the_job(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, error_tolerance=20.0)
+    await rig.engine.start()
+    mid = await rig.migrate("busy-plain")
+    await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    rig.driver.inject_fault("driver_error_on_sample", migration_id=mid, count=10_000)
+    await rig.finish(mid)
+    assert rig.engine.get(mid).state is State.FAILED
+    rig.driver.clear_faults()
+    await rig.clock.advance(5)
+    job = await rig.driver.sample(mid)
+    assert job.phase is Phase.CANCELLED  # not left copying with nobody watching
+    assert rig.driver.where("busy-plain") == "a"
+    assert any("asked the hypervisor to stop it" in e.reason for e in rig.store.events(mid))
+    await rig.engine.stop()
+
+
+async def test_force_complete_while_cancelling_is_refused(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, poll_interval=0.05)
+    await rig.engine.start()
+    mid = await rig.migrate("busy-db")
+    await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    await rig.clock.advance(3.0)
+    await rig.engine.cancel(mid)
+    with pytest.raises(Conflict):
+        await rig.engine.force_complete(mid)
+    await rig.finish(mid)
+    assert rig.engine.get(mid).state is State.CANCELLED
+    await rig.engine.stop()
+
+
+async def test_the_start_plan_knows_the_link_speed(rig: Rig) -> None:
+    mid = await rig.migrate("busy-batch")
+    await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    start = next(e for e in rig.store.events(mid) if e.action == "start")
+    assert "not expected to converge" in start.reason
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    Store.open(path).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE migrations DROP COLUMN uuid")
+    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    store = Store.open(path)
+    version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert version["value"] == "2"
+    assert "uuid" in [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]

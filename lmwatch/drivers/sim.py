@@ -332,6 +332,7 @@ class SimDriver:
             handover=src.handover and dst.handover,
             slow_down=src.slow_down,
             measure_change_rate=True,
+            bandwidth=self.inventory.bandwidth(source, destination),
         )
 
     async def measure_change_rate(self, instance: str, host: str) -> float | None:

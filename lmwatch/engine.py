@@ -416,11 +416,12 @@ class Engine:
         except Exception as error:  # a bug must not leave the migration unaccounted for
             mlog.exception("supervisor-crashed", error=repr(error))
             if not supervision.record.state.finished:
+                kind = type(error).__name__
                 try:
                     await self._finish(
                         supervision,
-                        JobResult(phase=Phase.FAILED, error=f"internal error: {error!r}"),
-                        reason=f"supervisor error: {error!r}",
+                        JobResult(phase=Phase.FAILED, error=f"internal error ({kind})"),
+                        reason=f"lmwatch failed internally ({kind}); see the daemon log",
                     )
                 except Exception as second:  # e.g. the store is full: a restart re-attaches
                     mlog.exception("cannot-record-failure", error=repr(second))

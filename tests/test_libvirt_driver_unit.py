@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -31,11 +32,14 @@ from lmwatch.drivers.libvirt_conn import backoff_delay, in_daemon_thread
 from lmwatch.drivers.libvirt_driver import HostConfig, LibvirtDriver, build_libvirt_driver
 from lmwatch.drivers.libvirt_mapping import (
     UNLIMITED_MIB_S,
+    ErrorCause,
     Where,
     decide_outcome,
     domain_facts,
+    error_cause,
     listen_host,
     migrate_call,
+    neutral_text,
     parse_labels,
     stats_to_sample,
 )
@@ -43,6 +47,7 @@ from lmwatch.model import MIB, MigrationRequest, Phase, StartPlan
 
 sys.path.insert(0, str(Path(__file__).parent))
 import itertools
+import re
 
 from fakelibvirt import ABORTED, C, FakeCloud, domain_xml
 
@@ -497,6 +502,17 @@ async def test_capabilities_from_versions(cloud: FakeCloud, driver: LibvirtDrive
     caps = await fresh.capabilities("a", "b")
     assert (caps.handover, caps.slow_down, caps.measure_change_rate) == (False, False, True)
     await fresh.close()
+
+
+async def test_capabilities_report_the_destination_cap(cloud: FakeCloud) -> None:
+    hosts = {
+        name: HostConfig(uri=host.uri, bandwidth="16MiB/s" if name == "b" else None)
+        for name, host in cloud.hosts.items()
+    }
+    drv = LibvirtDriver(hosts, VirtualClock())
+    assert (await drv.capabilities("a", "b")).bandwidth == 16 * MIB
+    assert (await drv.capabilities("b", "a")).bandwidth is None
+    await drv.close()
 
 
 async def test_start_refuses_unsupported_handover(cloud: FakeCloud, driver: LibvirtDriver) -> None:
@@ -1110,3 +1126,173 @@ async def test_a_job_ending_by_our_abort_is_not_completing(
     dom.release.set()
     result = await finished(driver, clock)
     assert (result.phase, result.running_on) == (Phase.CANCELLED, "a")
+
+
+# --------------------------------------------------------------------------- neutral error text
+
+# The vocabulary contract's pattern (tests/test_vocabulary.py), repeated on purpose:
+# the driver's own `UNSAID` must not be the thing that checks itself.
+FORBIDDEN = re.compile(
+    r"post.?copy|suspend|downtime|auto.?converge|xbzrle|libvirt|qemu|virDomain", re.IGNORECASE
+)
+POSTCOPY_FAILED = "unable to execute QEMU command 'migrate-start-postcopy'"
+
+
+@pytest.mark.parametrize(
+    ("raw", "neutral"),
+    [
+        (POSTCOPY_FAILED, "unable to execute hypervisor command 'migrate-start-handover'"),
+        (ABORTED, ABORTED),
+        (
+            "Requested operation is not valid: domain is not running",
+            "Requested operation is not valid: domain is not running",
+        ),
+        (
+            "internal error: migration was active, but no RAM info was set",
+            "internal error: migration was active, but no RAM info was set",
+        ),
+        (
+            "Requested operation is not valid: cannot abort migration in post-copy mode",
+            "Requested operation is not valid: cannot abort migration in handover mode",
+        ),
+        (
+            "argument unsupported: post-copy migration is not supported by the destination",
+            "argument unsupported: handover migration is not supported by the destination",
+        ),
+        (
+            "Timed out during operation: cannot acquire state change lock "
+            "(held by monitor=remoteDispatchDomainMigratePerform3Params)",
+            "Timed out during operation: cannot acquire state change lock "
+            "(held by monitor=remoteDispatchDomainMigratePerform3Params)",
+        ),
+        (
+            "operation failed: job 'migration out' failed: Postcopy is not supported",
+            "operation failed: job 'migration out' failed: Handover is not supported",
+        ),
+        (
+            "Requested operation is not valid: domain is already suspended",
+            "Requested operation is not valid: domain is already paused",
+        ),
+        (
+            "Unable to set downtime: QEMU does not support auto-converge or xbzrle",
+            "Unable to set blackout: hypervisor does not support slow-down or page compression",
+        ),
+        (
+            "Failed to connect socket to '/var/run/libvirt/libvirt-sock': No such file",
+            "Failed to connect socket to '/var/run/hypervisor/hypervisor-sock': No such file",
+        ),
+        (
+            "libvirtd QEMU process exited while suspending",
+            "hypervisor process exited while pausing",
+        ),
+        (
+            "virDomainMigrateToURI3() failed: POSTCOPY_ACTIVE",
+            "failed: HANDOVER_ACTIVE",
+        ),
+        ("QEMU guest agent is not connected", "Hypervisor guest agent is not connected"),
+    ],
+)
+def test_neutral_text_translates_real_messages(raw: str, neutral: str) -> None:
+    assert neutral_text(raw) == neutral
+    assert not FORBIDDEN.search(neutral_text(raw))
+
+
+FRAGMENTS = st.sampled_from(
+    ["post", "copy", "-", "_", " ", "Post-Copy", "suspend", "SUSPENDED", "down", "time",
+     "auto", "converge", "xbzrle", "lib", "virt", "libvirtd", "QEMU", "qemu", "vir",
+     "Domain", "virDomainFoo()", "x", "(", ")", "\n", ":"]
+)  # fmt: skip
+
+
+@given(st.lists(FRAGMENTS, max_size=12).map("".join))
+def test_neutral_text_never_says_a_forbidden_word(raw: str) -> None:
+    assert not FORBIDDEN.search(neutral_text(raw)), raw
+
+
+@given(st.from_regex(r"[A-Za-z0-9ÄéΩ_/ -]{0,40}", fullmatch=True))
+def test_neutral_text_leaves_neutral_text_alone(raw: str) -> None:
+    """Words and single spaces pass unchanged (punctuation spacing is tidied, by design)."""
+    neutral = " ".join(raw.split())
+    if FORBIDDEN.search(neutral) or re.search(r"vir[A-Z]|hypervisor", neutral, re.IGNORECASE):
+        return
+    assert neutral_text(neutral) == neutral.strip()
+
+
+@pytest.mark.parametrize(
+    ("code", "domain", "cause"),
+    [
+        (C.VIR_ERR_OPERATION_INVALID, C.VIR_FROM_QEMU, ErrorCause.INVALID_STATE),
+        (C.VIR_ERR_NO_DOMAIN, C.VIR_FROM_QEMU, ErrorCause.NO_INSTANCE),
+        (C.VIR_ERR_OPERATION_ABORTED, C.VIR_FROM_QEMU, ErrorCause.ABORTED),
+        (C.VIR_ERR_OPERATION_UNSUPPORTED, C.VIR_FROM_QEMU, ErrorCause.UNSUPPORTED),
+        (C.VIR_ERR_ARGUMENT_UNSUPPORTED, C.VIR_FROM_QEMU, ErrorCause.UNSUPPORTED),
+        (C.VIR_ERR_SYSTEM_ERROR, C.VIR_FROM_RPC, ErrorCause.CONNECTION_LOST),
+        (C.VIR_ERR_OPERATION_FAILED, C.VIR_FROM_RPC, ErrorCause.CONNECTION_LOST),
+        (C.VIR_ERR_OPERATION_FAILED, C.VIR_FROM_QEMU, ErrorCause.FAILED),
+        (1, C.VIR_FROM_QEMU, ErrorCause.INTERNAL),
+        (None, None, ErrorCause.FAILED),
+    ],
+)
+def test_error_cause_from_code_and_domain(
+    code: int | None, domain: int | None, cause: ErrorCause
+) -> None:
+    assert error_cause(C, code, domain) is cause
+
+
+def _neutral(message: str) -> str:
+    assert not FORBIDDEN.search(message), message
+    return message
+
+
+async def test_failed_migration_reports_neutral_text(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    await started(cloud, driver)
+    cloud.fail("vm1", "a", POSTCOPY_FAILED, code=1)
+    result = await finished(driver, clock)
+    assert result.phase is Phase.FAILED
+    error = _neutral(result.error or "")
+    assert "internal hypervisor error" in error
+    assert "migrate-start-handover" in error
+    raw_lines = [r.getMessage() for r in caplog.records if "hypervisor-error" in r.getMessage()]
+    assert any("migrate-start-postcopy" in line and "m1" in line for line in raw_lines)
+
+
+async def test_refused_action_reports_neutral_text(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    dom = await started(cloud, driver, dataclasses.replace(PLAN, arm_handover=True))
+    dom.fail_with["migrateStartPostCopy"] = cloud.libvirt.libvirtError(
+        "Requested operation is not valid: post-copy migration is not supported by the destination",
+        C.VIR_ERR_OPERATION_INVALID,
+    )
+    with pytest.raises(ActionRefused) as refused:
+        await driver.handover("m1")
+    message = _neutral(str(refused.value))
+    assert "handing over failed" in message and str(ErrorCause.INVALID_STATE) in message
+
+
+async def test_start_failure_reports_neutral_text(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.fail_with["migrateToURI3"] = cloud.libvirt.libvirtError(
+        "Timed out during operation: cannot acquire state change lock "
+        "(held by monitor=remoteDispatchDomainMigratePerform3Params) virDomainSuspend",
+        68,
+    )
+    with pytest.raises(DriverError) as failed:
+        await driver.start("m1", REQ, PLAN)
+    assert "state change lock" in _neutral(str(failed.value))
+
+
+async def test_unreachable_host_reports_neutral_text(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    def refuse(uri: str) -> Any:
+        raise cloud.libvirt.libvirtError(
+            "Failed to connect socket to '/var/run/libvirt/virtqemud-sock': Connection refused",
+            38,
+            7,
+        )
+
+    cloud.libvirt.open = refuse  # type: ignore[attr-defined]
+    with pytest.raises(HostUnreachable) as unreachable:
+        await driver.preflight(REQ)
+    assert "Connection refused" in _neutral(str(unreachable.value))

@@ -3,7 +3,9 @@
 Every blocking libvirt call runs in a daemon thread of its own (libvirt-python
 releases the GIL and a connection may be used from several threads at once); a
 call stuck on a dead connection therefore never holds up the process's exit, as
-a thread-pool worker would. libvirt errors become `DriverError`s; an error that
+a thread-pool worker would. libvirt errors become `DriverError`s whose message is
+neutral (a classified cause plus the text through `neutral_text`; the raw text is
+only logged); an error that
 means the daemon went away also drops the connection, and the next call reopens
 it once the backoff delay has passed.
 """
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import DriverError
 from lmwatch.drivers.libvirt_events import ensure_event_loop
+from lmwatch.drivers.libvirt_mapping import ErrorCause, error_cause, neutral_text
 from lmwatch.logs import get_logger
 
 T = TypeVar("T")
@@ -134,10 +137,13 @@ class HostLink:
                 conn, ids = await in_daemon_thread(self._open)
             except self._lv.libvirtError as error:
                 self._failures += 1
-                self._last_error = _message(error)
+                raw = _message(error)
+                self._last_error = neutral_text(raw)
                 self._retry_at = self._clock.now() + backoff_delay(self._failures)
-                log.warning("host-unreachable", host=self.name, error=self._last_error)
-                raise HostLost(f"host {self.name} is unreachable: {self._last_error}") from error
+                log.warning("host-unreachable", host=self.name, code=_code(error), error=raw)
+                raise HostLost(
+                    f"host {self.name} is unreachable: {self._last_error}", _code(error)
+                ) from error
             self._conn, self._callback_ids = conn, ids
             self._failures = 0
             self._retry_at = 0.0
@@ -169,7 +175,7 @@ class HostLink:
     def _forget(self, why: str) -> None:
         conn, ids = self._conn, self._callback_ids
         self._conn, self._callback_ids = None, []
-        self._last_error = why
+        self._last_error = neutral_text(why)
         if conn is not None:
             threading_close(conn, ids, self._lv)
 
@@ -186,9 +192,18 @@ class HostLink:
     # -- calls --------------------------------------------------------------------
 
     async def call(
-        self, fn: Callable[[Any], T], *, what: str, timeout: float | None = CALL_TIMEOUT
+        self,
+        fn: Callable[[Any], T],
+        *,
+        what: str,
+        timeout: float | None = CALL_TIMEOUT,
+        migration: str | None = None,
     ) -> T:
-        """Run `fn(connection)` in a worker thread; libvirt errors become DriverErrors."""
+        """Run `fn(connection)` in a worker thread; libvirt errors become DriverErrors.
+
+        `what` names the operation in lmwatch's words; `migration` (an id) goes into
+        the log line that keeps libvirt's raw message.
+        """
         conn = await self.connection()
         try:
             job = in_daemon_thread(fn, conn)
@@ -197,13 +212,17 @@ class HostLink:
             self.drop(f"{what} did not answer within {timeout:.0f} s")
             raise HostLost(f"host {self.name}: {what} did not answer in time") from error
         except self._lv.libvirtError as error:
-            raise self.translate(error, what, conn) from error
+            raise self.translate(error, what, conn, migration=migration) from error
 
-    def translate(self, error: Any, what: str, conn: Any | None = None) -> HypervisorError:
-        """A libvirt error as a DriverError; drops the connection when it is gone."""
+    def translate(
+        self, error: Any, what: str, conn: Any | None = None, *, migration: str | None = None
+    ) -> HypervisorError:
+        """A libvirt error as a DriverError with a neutral message; drops the connection
+        when it is gone. The raw message is logged (with the migration id, if any)."""
         lv = self._lv
         code = _code(error)
-        message = _message(error)
+        raw = _message(error)
+        message = neutral_text(raw)
         alive = True
         if conn is not None:
             try:
@@ -215,13 +234,25 @@ class HostLink:
             or _domain(error) == lv.VIR_FROM_RPC
             or not alive
         )
+        cause = ErrorCause.CONNECTION_LOST if lost else error_cause(lv, code, _domain(error))
+        quiet = cause is ErrorCause.NO_INSTANCE  # lookups miss routinely
+        (log.info if quiet else log.warning)(
+            "hypervisor-error",
+            host=self.name,
+            operation=what,
+            migration=migration,
+            code=code,
+            domain=_domain(error),
+            cause=cause.name.lower(),
+            error=raw,
+        )
         if lost:
             self.drop(message)
             return HostLost(
                 f"host {self.name}: lost the connection to the hypervisor during {what}: {message}",
                 code,
             )
-        return HypervisorError(f"host {self.name}: {what} failed: {message}", code)
+        return HypervisorError(f"host {self.name}: {what} failed ({cause}): {message}", code)
 
 
 def _code(error: Any) -> int | None:

@@ -12,6 +12,9 @@
 - How a migration ended is decided from where the instance actually runs (both
   hosts are asked), not from what the migrate call said: a daemon can go away
   while its migration still completes.
+- Every message that leaves the driver (exceptions, `JobResult.error`/`note`) is
+  neutral: lmwatch's words for the operation, a classified cause and libvirt's text
+  through `neutral_text`; the raw text goes only to the driver's log.
 - Everything libvirt-specific (flags, statistics keys, XML) is translated in
   `libvirt_mapping`; `import libvirt` happens on first use, so lmwatch imports
   without libvirt-python installed.
@@ -55,6 +58,7 @@ from lmwatch.drivers.libvirt_mapping import (
     host_cpu_xml,
     measured_blackout,
     migrate_call,
+    neutral_text,
     parse_labels,
     slowdown_from,
     stats_to_sample,
@@ -208,8 +212,10 @@ class LibvirtDriver:
             try:
                 lv = importlib.import_module("libvirt")
             except ImportError as error:
+                log.error("bindings-missing", hint="pip install lmwatch[libvirt]")
                 raise DriverError(
-                    "libvirt-python is not installed (pip install lmwatch[libvirt])"
+                    "the hypervisor's Python bindings are not installed "
+                    "(see the driver's optional extra in the installation guide)"
                 ) from error
             try:
                 aio: Any | None = importlib.import_module("libvirtaio")
@@ -237,9 +243,19 @@ class LibvirtDriver:
             self._links[host] = link
         return link
 
-    async def _on_domain(self, host: str, name: str, fn: Callable[[Any], T], *, what: str) -> T:
+    async def _on_domain(
+        self,
+        host: str,
+        name: str,
+        fn: Callable[[Any], T],
+        *,
+        what: str,
+        migration: str | None = None,
+    ) -> T:
         """Run `fn(domain)` in a thread, the domain looked up by name on `host`."""
-        return await self._link(host).call(lambda conn: fn(conn.lookupByName(name)), what=what)
+        return await self._link(host).call(
+            lambda conn: fn(conn.lookupByName(name)), what=what, migration=migration
+        )
 
     def _absent(self, error: DriverError) -> bool:
         return isinstance(error, HypervisorError) and error.code == self._lv.VIR_ERR_NO_DOMAIN
@@ -270,7 +286,9 @@ class LibvirtDriver:
                 lambda c: c.getLibVersion(), what="version check", timeout=10
             )
         except DriverError as error:
-            raise HostUnreachable(f"host {host} does not answer: {error}") from error
+            raise HostUnreachable(
+                f"host {host} does not answer: {neutral_text(str(error))}"
+            ) from error
 
     # -- Driver: instances ----------------------------------------------------------
 
@@ -427,7 +445,9 @@ class LibvirtDriver:
                     )
                 )
             except DriverError as error:
-                raise HostUnreachable(f"host {host} does not answer: {error}") from error
+                raise HostUnreachable(
+                    f"host {host} does not answer: {neutral_text(str(error))}"
+                ) from error
 
         def both(minimum: tuple[int, int]) -> bool:
             return all(lib >= minimum[0] and hv >= minimum[1] for lib, hv in versions)
@@ -441,6 +461,9 @@ class LibvirtDriver:
                 and hv_src >= CHANGE_RATE_VERSIONS[1]
                 and hasattr(self._lv.virDomain, "startDirtyRateCalc")
             ),
+            # The configured cap is what a migration can expect at most; the network
+            # itself is not measured before start.
+            bandwidth=self._hosts[destination].bandwidth,
         )
         self._caps[key] = caps
         return caps
@@ -643,9 +666,12 @@ class LibvirtDriver:
             job.ended_at = now
         if error is not None:
             if isinstance(error, self._lv.libvirtError):
-                job.error = str(link.translate(error, "the migration"))
+                job.error = str(link.translate(error, "the migration", migration=job.id))
             else:
-                job.error = f"the migration failed: {error!r}"
+                log.warning("migrate-call-failed", migration=job.id, error=repr(error))
+                job.error = (
+                    f"the migration failed: {neutral_text(str(error) or type(error).__name__)}"
+                )
         job.changed.set()
 
     async def _wait_accepted(self, job: _Job) -> None:
@@ -675,7 +701,11 @@ class LibvirtDriver:
     ) -> dict[str, Any]:
         return dict(
             await self._on_domain(
-                host or job.source, job.name, lambda d: d.jobStats(flags), what="job statistics"
+                host or job.source,
+                job.name,
+                lambda d: d.jobStats(flags),
+                what="job statistics",
+                migration=job.id,
             )
         )
 
@@ -864,7 +894,11 @@ class LibvirtDriver:
         note = None
         if outcome.resume_on is not None:
             await self._on_domain(
-                outcome.resume_on, job.name, lambda d: d.resume(), what="resuming the instance"
+                outcome.resume_on,
+                job.name,
+                lambda d: d.resume(),
+                what="resuming the instance",
+                migration=job.id,
             )
             note = (
                 f"the instance was paused on {outcome.resume_on} afterwards and was resumed there"
@@ -879,7 +913,8 @@ class LibvirtDriver:
             int((completed or {}).get("memory_iteration", 0) or 0),
             int(job.last_stats.get("memory_iteration", 0) or 0),
         )
-        error = outcome.error
+        error = neutral_text(outcome.error) if outcome.error else None
+        note = neutral_text(note) if note else None
         job.result = JobResult(
             phase=outcome.phase,
             blackout_seconds=blackout,
@@ -923,14 +958,14 @@ class LibvirtDriver:
     async def _act(self, job: _Job, fn: Callable[[Any], Any], what: str) -> None:
         lv = self._lv
         try:
-            await self._on_domain(job.source, job.name, fn, what=what)
+            await self._on_domain(job.source, job.name, fn, what=what, migration=job.id)
         except HypervisorError as error:
             refusals = {
                 lv.VIR_ERR_OPERATION_INVALID,
                 getattr(lv, "VIR_ERR_OPERATION_UNSUPPORTED", -1),
             }
             if error.code in refusals:
-                raise ActionRefused(str(error)) from error
+                raise ActionRefused(neutral_text(str(error))) from error
             raise
 
     async def set_blackout_budget(self, migration_id: str, seconds: float) -> None:

@@ -3,15 +3,17 @@
 No connections and no I/O here: job statistics become `Sample`s, a `StartPlan`
 becomes migrateToURI3 flags and parameters, domain XML becomes labels and
 migration blockers, and the states of an instance on both hosts become the
-outcome of a migration. The libvirt module is passed in (as `lv`) only to read
-its constants, so everything here runs against a fake module in tests.
+outcome of a migration; libvirt's error text becomes neutral words. The libvirt
+module is passed in (as `lv`) only to read its constants, so everything here runs
+against a fake module in tests.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -319,3 +321,131 @@ def decide_outcome(
         None,
         error=f"{why}; the instance runs on neither {source} nor {destination}{suffix}",
     )
+
+
+# --------------------------------------------------------------------------- error text
+
+# Words lmwatch never shows its users (the vocabulary contract), as one pattern.
+UNSAID = re.compile(
+    r"post.?copy|suspend|downtime|auto.?converge|xbzrle|libvirt|qemu|virDomain", re.IGNORECASE
+)
+
+
+def _keep_case(word: str) -> Callable[[re.Match[str]], str]:
+    """A replacement that follows the matched text's case (lower, Capital, UPPER)."""
+
+    def replace(match: re.Match[str]) -> str:
+        found = match.group(0)
+        letters = [c for c in found if c.isalpha()]
+        if len(letters) > 1 and all(c.isupper() for c in letters):
+            return word.upper()
+        if found[:1].isupper():
+            return word[:1].upper() + word[1:]
+        return word
+
+    return replace
+
+
+def _pause(match: re.Match[str]) -> str:
+    word = {"": "pause", "ed": "paused", "ing": "pausing", "s": "pauses"}[
+        (match.group(1) or "").lower()
+    ]
+    return _keep_case(word)(match)
+
+
+def _hypervisor(match: re.Match[str]) -> str:
+    """'hypervisor', capitalised only where it opens the text."""
+    return "Hypervisor" if match.start() == 0 and match.group(0)[0].isupper() else "hypervisor"
+
+
+_IGNORE = re.IGNORECASE
+# Order matters: API names go first, so removing one cannot leave a word behind.
+_TRANSLATIONS: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
+    (re.compile(r"\w*virdomain\w*(?:\(\))?", _IGNORE), ""),
+    (re.compile(r"\bvir[A-Z]\w*(?:\(\))?"), ""),
+    (re.compile(r"post.?copy", _IGNORE), _keep_case("handover")),
+    (re.compile(r"suspend(ed|ing|s)?", _IGNORE), _pause),
+    (re.compile(r"downtime", _IGNORE), _keep_case("blackout")),
+    (re.compile(r"auto.?converge", _IGNORE), _keep_case("slow-down")),
+    (re.compile(r"xbzrle", _IGNORE), _keep_case("page compression")),
+    (re.compile(r"libvirtd?|qemu", _IGNORE), _hypervisor),
+    (re.compile(r"\b(hypervisor)(?:[ -]+hypervisor\b)+", _IGNORE), r"\1"),
+    (re.compile(r"[ \t]{2,}"), " "),
+    (re.compile(r"[ \t]+([,.:;)])"), r"\1"),
+)
+
+
+def neutral_text(raw: str) -> str:
+    """Hypervisor text in lmwatch's words: post-copy -> handover, suspend -> pause,
+    downtime -> blackout, auto-converge -> slow-down, QEMU/libvirt -> hypervisor; the
+    API's function names (virDomain...) are dropped. No result matches `UNSAID`."""
+    text = raw
+    for _ in range(8):  # removals can join fragments into a new word: repeat until stable
+        before = text
+        for pattern, replacement in _TRANSLATIONS:
+            text = pattern.sub(replacement, text)
+        if text == before:
+            break
+    return UNSAID.sub("hypervisor", text).strip()
+
+
+class ErrorCause(StrEnum):
+    """Why a hypervisor call failed, classified from libvirt's error code and domain."""
+
+    CONNECTION_LOST = "the connection to the host was lost"
+    UNREACHABLE = "the host is unreachable"
+    INVALID_STATE = "not possible in the instance's current state"
+    NO_INSTANCE = "no such instance"
+    TIMED_OUT = "timed out"
+    REFUSED = "refused by the hypervisor"
+    UNSUPPORTED = "not supported by the hypervisor"
+    ABORTED = "cancelled on request"
+    INTERNAL = "internal hypervisor error"
+    FAILED = "the hypervisor reported a failure"
+
+
+_CAUSES: tuple[tuple[ErrorCause, tuple[str, ...]], ...] = (
+    (ErrorCause.CONNECTION_LOST, ("VIR_ERR_SYSTEM_ERROR", "VIR_ERR_RPC")),
+    (
+        ErrorCause.UNREACHABLE,
+        ("VIR_ERR_NO_CONNECT", "VIR_ERR_UNKNOWN_HOST", "VIR_ERR_AUTH_FAILED", "VIR_ERR_NO_SERVER"),
+    ),
+    (ErrorCause.NO_INSTANCE, ("VIR_ERR_NO_DOMAIN",)),
+    (ErrorCause.INVALID_STATE, ("VIR_ERR_OPERATION_INVALID",)),
+    (
+        ErrorCause.TIMED_OUT,
+        ("VIR_ERR_OPERATION_TIMEOUT", "VIR_ERR_AGENT_UNRESPONSIVE", "VIR_ERR_RESOURCE_BUSY"),
+    ),
+    (ErrorCause.ABORTED, ("VIR_ERR_OPERATION_ABORTED", "VIR_ERR_AUTH_CANCELLED")),
+    (
+        ErrorCause.UNSUPPORTED,
+        (
+            "VIR_ERR_NO_SUPPORT",
+            "VIR_ERR_OPERATION_UNSUPPORTED",
+            "VIR_ERR_ARGUMENT_UNSUPPORTED",
+            "VIR_ERR_CONFIG_UNSUPPORTED",
+        ),
+    ),
+    (
+        ErrorCause.REFUSED,
+        (
+            "VIR_ERR_OPERATION_DENIED",
+            "VIR_ERR_ACCESS_DENIED",
+            "VIR_ERR_MIGRATE_UNSAFE",
+            "VIR_ERR_CPU_INCOMPATIBLE",
+        ),
+    ),
+    (ErrorCause.INTERNAL, ("VIR_ERR_INTERNAL_ERROR",)),
+)
+
+
+def error_cause(lv: Any, code: int | None, domain: int | None = None) -> ErrorCause:
+    """The cause of a libvirt error by its code (and the RPC domain: a lost link)."""
+    for cause, names in _CAUSES:
+        if code is not None and code in {getattr(lv, n) for n in names if hasattr(lv, n)}:
+            return cause
+    if domain is not None and domain == getattr(lv, "VIR_FROM_RPC", None):
+        return ErrorCause.CONNECTION_LOST
+    if code == 1:  # VIR_ERR_INTERNAL_ERROR, also when the module lacks the name
+        return ErrorCause.INTERNAL
+    return ErrorCause.FAILED

@@ -459,7 +459,7 @@ class Engine:
             capabilities = await self.driver.capabilities(record.source, record.destination)
             change_rate = None
             if self.settings.measure_change_rate and capabilities.measure_change_rate:
-                change_rate = await self.driver.measure_change_rate(record.instance, record.source)
+                change_rate = await self._measure_change_rate(supervision)
             info = await self.driver.describe(record.instance, record.source)
             plan = policies.plan_start(
                 supervision.profile,
@@ -494,6 +494,21 @@ class Engine:
         self.metrics.started.labels(record.profile_name).inc()
         self._update(supervision, "state", "copying started", state=State.COPYING)
         return True
+
+    async def _measure_change_rate(self, supervision: _Supervision) -> float | None:
+        """The guest's change rate before start; a failed measurement is not fatal."""
+        record = supervision.record
+        try:
+            return await self.driver.measure_change_rate(record.instance, record.source)
+        except DriverError as error:
+            self.metrics.hypervisor_errors.labels("measure").inc()
+            self._event(
+                supervision,
+                "note",
+                f"the change rate could not be measured before start ({error}); "
+                "deciding from the first passes instead",
+            )
+            return None
 
     async def _supervise(self, supervision: _Supervision) -> None:
         settings = self.settings

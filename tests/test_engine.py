@@ -541,3 +541,18 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     assert version["value"] == "2"
     assert "uuid" in [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
+
+
+async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmwatch.drivers.base import DriverError
+
+    async def broken(instance: str, host: str) -> float | None:
+        raise DriverError("measurement timed out")
+
+    monkeypatch.setattr(rig.driver, "measure_change_rate", broken)
+    mid = await rig.migrate("idle")
+    await rig.finish(mid)
+    assert rig.engine.get(mid).state is State.COMPLETED
+    assert any("could not be measured" in e.reason for e in rig.store.events(mid))

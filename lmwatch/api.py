@@ -326,7 +326,6 @@ async def reload_profiles(request: web.Request) -> web.Response:
     try:
         result = registry.reload()
     except ProfileError as error:
-        request.app[METRICS].profile_reload_failures.inc()
         count = len(error.problems)
         raise ApiError(
             422,
@@ -380,9 +379,14 @@ async def openapi(request: web.Request) -> web.Response:
 def create_app(
     engine: Engine, registry: ProfileRegistry, metrics_: Metrics, token: str
 ) -> web.Application:
-    """The API application; `token` guards every POST."""
+    """The API application; `token` guards every POST.
+
+    Rejected profile reloads are counted in `metrics_` from here on, whatever
+    triggers them (this endpoint, a file change, SIGHUP).
+    """
     if not token:
         raise ValueError("an API token is required")
+    metrics_.count_reload_failures(registry)
     app = web.Application(middlewares=[_problems, _auth], client_max_size=1024**2)
     app[ENGINE] = engine
     app[REGISTRY] = registry

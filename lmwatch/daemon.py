@@ -199,26 +199,8 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
     await engine.start()
     app = create_app(engine, registry, metrics, token)
     daemon = Daemon(settings, store, registry, driver, engine, metrics, token, clock, app)
-    daemon.tasks.append(asyncio.create_task(_watch_profiles(daemon)))
+    daemon.tasks.append(asyncio.create_task(registry.watch(clock, settings.profile_check_interval)))
     return daemon
-
-
-def reload_profiles(registry: ProfileRegistry, metrics: Metrics, *, changed_only: bool) -> None:
-    """Reload (or, with changed_only, reload if the file changed); count failures."""
-    result = registry.poll() if changed_only else registry.try_reload()
-    if result is not None and not result.ok:
-        metrics.profile_reload_failures.inc()
-
-
-async def _watch_profiles(daemon: Daemon) -> None:
-    if daemon.registry.path is None:
-        return
-    while True:
-        await daemon.clock.sleep(daemon.settings.profile_check_interval)
-        try:
-            reload_profiles(daemon.registry, daemon.metrics, changed_only=True)
-        except Exception as error:  # keep watching whatever one check met
-            log.error("profile-check-failed", error=repr(error))
 
 
 async def run(
@@ -233,16 +215,12 @@ async def run(
     daemon = await build(settings)
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
+    sighup = False
     if handle_signals:
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(number, stop.set)
             installed.append(number)
-        if hasattr(signal, "SIGHUP"):
-            loop.add_signal_handler(
-                signal.SIGHUP,
-                lambda: reload_profiles(daemon.registry, daemon.metrics, changed_only=False),
-            )
-            installed.append(signal.SIGHUP)
+        sighup = daemon.registry.install_sighup(loop)
     runner = web.AppRunner(daemon.app, access_log=None, handle_signals=False)
     try:
         await runner.setup()
@@ -270,6 +248,8 @@ async def run(
     finally:
         for number in installed:
             loop.remove_signal_handler(number)
+        if sighup:
+            daemon.registry.remove_sighup(loop)
         await runner.cleanup()
         await daemon.close()
 

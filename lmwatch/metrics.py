@@ -7,6 +7,8 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from lmwatch.profiles import ProfileRegistry
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
@@ -92,6 +94,10 @@ class Metrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, float("inf")),
             registry=r,
         )
+
+    def count_reload_failures(self, profiles: ProfileRegistry) -> None:
+        """Count every rejected reload of `profiles`, however it was triggered."""
+        profiles.on_failure(lambda _error: self.profile_reload_failures.inc())
 
     def forget(self, labels: tuple[str, str, str, str]) -> None:
         """Drop the per-migration series once it has finished."""

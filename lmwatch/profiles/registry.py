@@ -61,6 +61,7 @@ class ProfileRegistry:
         self._default_text = default_text
         self._clock: Clock = clock or WallClock()
         self._subscribers: list[Subscriber] = []
+        self._failure_listeners: list[Callable[[ProfileError], None]] = []
         self._seen_stat: _Fingerprint | None = None
         self._seen_digest: str | None = None
         self.failures = 0
@@ -105,6 +106,10 @@ class ProfileRegistry:
                 self._subscribers.remove(callback)
 
         return unsubscribe
+
+    def on_failure(self, callback: Callable[[ProfileError], None]) -> None:
+        """Call `callback(error)` whenever a reload is rejected (file change, SIGHUP or API)."""
+        self._failure_listeners.append(callback)
 
     def reload(self) -> ReloadResult:
         """Load the source again; raise `ProfileError` (keeping the old set) if invalid."""
@@ -166,6 +171,11 @@ class ProfileRegistry:
         except ProfileError as error:
             self.failures += 1
             self.last_problems = tuple(error.problems)
+            for listener in list(self._failure_listeners):
+                try:
+                    listener(error)
+                except Exception:
+                    log.exception("a reload-failure listener failed")
             log.warning(
                 "profiles in %s not loaded, keeping generation %d:\n%s",
                 self.source,

@@ -12,7 +12,6 @@ import builtins
 import dataclasses
 import hashlib
 import json
-import logging
 import re
 import uuid
 from collections import deque
@@ -854,24 +853,10 @@ class Engine:
             profile=record.requested_profile,
         )
 
-    async def wait(self, migration_id: str) -> MigrationRecord:
-        """Until the migration has finished (tests and `simulate`)."""
-        while True:
-            record = self.get(migration_id)
-            if record.state.finished:
-                return record
-            supervision = self._supervisions.get(migration_id)
-            if supervision is None or supervision.task is None:
-                await asyncio.sleep(0)
-                continue
-            await asyncio.shield(supervision.task)
-
     def finished(self, ids: Iterable[str]) -> bool:
+        """Whether every one of these migrations has ended (tests and `simulate`)."""
         return all(self.get(i).state.finished for i in ids)
 
 
 def _prediction_json(prediction: Prediction | None) -> dict[str, Any] | None:
     return None if prediction is None else dataclasses.asdict(prediction)
-
-
-logging.getLogger("lmwatch").addHandler(logging.NullHandler())

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install lmwatch and run the daemon on its embedded default: the simulator
+# Install lmwatch (into the project's .venv) and run the daemon on its embedded default: the simulator
 # driver with a small simulated inventory and the example profiles. The store
 # (lmwatch.db) and the generated API token (lmwatch.token) go to the current
 # directory unless configured otherwise (see README: Configuration).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-python3 -m pip install --quiet --disable-pip-version-check -e "$repo"
+# shellcheck source=venv.sh
+. "$repo/scripts/venv.sh"
+venv_install
 exec lmwatch serve "$@"

@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# shellcheck source=venv.sh
+. scripts/venv.sh
+venv_install test
 
 rig_started=0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -r /etc/debian_version ] \
@@ -21,4 +23,4 @@ fi
 cleanup() { if [ "$rig_started" = 1 ]; then bash rig/down.sh || true; fi; }
 trap cleanup EXIT
 
-python3 -m pytest "$@"
+python -m pytest "$@"

@@ -1,0 +1,81 @@
+"""The contract between the benchmark runner and whatever decides during a migration.
+
+A controller is built once per run (`ControllerFactory(setting)`), plans the start,
+then sees one `Sample` every `poll_interval` seconds of virtual time and answers
+with commands, which the runner applies to the simulated migration in order.
+Controllers never see the workload's hidden parameters (working set, writer kind,
+rate pattern, link events): only what a real system sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from lmwatch.model import JobResult, Sample, StartPlan
+from lmwatch.profiles.schema import Profile
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """What a controller knows before the migration starts."""
+
+    workload: str  # the workload's name (for logs only; never to look anything up)
+    memory: int  # bytes of guest memory
+    bandwidth: float  # bytes/s the link between the hosts is known to carry
+    change_rate: float | None  # bytes/s measured before start (as the driver would), or None
+    profile: Profile  # the availability profile the run is judged against
+    switchover: float  # seconds of switchover cost learned so far for this host pair
+
+
+@dataclass(frozen=True, slots=True)
+class SetBudget:
+    """Allow a final pause of this many seconds (the hypervisor's own completion test)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SetCap:
+    """Cap the transfer at this many bytes/s (None removes the cap)."""
+
+    bytes_per_second: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Stop the guest until the rest is copied."""
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Resume on the destination now; the rest is fetched on demand (needs arming at start)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Stop migrating; the guest keeps running on the source."""
+
+
+Command = SetBudget | SetCap | Pause | Handover | Cancel
+
+
+class Controller(Protocol):
+    name: str
+    poll_interval: float  # seconds of virtual time between samples
+
+    def start(self) -> StartPlan:
+        """How the migration starts (what is armed, the first blackout budget)."""
+        ...
+
+    def step(self, sample: Sample, now: float) -> Sequence[Command]:
+        """Commands to apply now; `now` is seconds since the migration started."""
+        ...
+
+    def finished(self, result: JobResult) -> None:
+        """The migration ended (controllers that learn across runs may keep something)."""
+        ...
+
+
+ControllerFactory = Callable[[Setting], Controller]

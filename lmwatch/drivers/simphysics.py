@@ -1,13 +1,24 @@
 """A model of one live migration, advanced in time by `advance(dt)`. Pure: no clock, no I/O.
 
 The numbers follow DESIGN.md §4. Pass 1 copies all of memory M at bandwidth B
-while the guest rewrites pages at change rate D (distinct bytes bounded by its
-writable working set W). Each later pass starts with a short sync (nothing is
-sent, the guest keeps writing) and copies what the previous pass left dirty:
-R(n+1) ≈ min(W, D·(1-s)·t_pass(n)), s being the slow-down level. As soon as the
-remainder fits the blackout budget T (R/B + device state ≤ T) the guest stops and
-the rest is copied. Pause, handover, cancel and faults mirror what the real
-hypervisor was seen to do (shared/RIG.md).
+while the guest writes at rate D over its writable working set W. What the next
+pass must send is the *distinct* bytes dirtied since the pass began, which depends
+on how the guest writes (`Writer`): after writing X bytes,
+
+- sequential: d = min(W, X) — grows linearly up to the working set;
+- random (uniform over W): d = W·(1 − e^(−X/W)) — saturates, never quite reaching W.
+
+Each later pass starts with a short sync (nothing is sent, the guest keeps
+writing) and copies what the previous pass left dirty: R(n+1) = d(D·(1-s)·t_pass(n)),
+s being the slow-down level. What the hypervisor reports as the change rate is
+d / t_pass, which for a random writer falls far below D over long passes.
+
+Like QEMU, the migration completes as soon as the remainder fits the blackout
+budget T at the current bandwidth (R ≤ B·T); the guest then stops, the rest is
+copied and the device state moved, so the blackout is R/B plus the switchover
+cost (`Tuning.device_state`) and may exceed T by up to that cost. Pause,
+handover, cancel and faults mirror what the real hypervisor was seen to do
+(shared/RIG.md).
 """
 
 from __future__ import annotations
@@ -34,6 +45,46 @@ class RatePattern(Protocol):
     def next_change(self, t: float) -> float | None: ...
 
 
+class Writer(StrEnum):
+    """How the guest spreads its writes over its working set."""
+
+    SEQUENTIAL = "sequential"  # sweeps through it: distinct bytes grow linearly up to W
+    RANDOM = "random"  # uniformly at random: distinct bytes saturate towards W
+
+
+def grow_dirty(writer: Writer, dirty: float, written: float, working_set: float) -> float:
+    """Distinct bytes dirtied after `written` more bytes, starting from `dirty` distinct.
+
+    Exact for any split of the writes (it depends only on how much was written), so
+    a model may apply it per step of any length.
+    """
+    cap = max(0.0, float(working_set))
+    dirty = min(max(0.0, dirty), cap)
+    if written <= 0 or cap <= 0:
+        return dirty
+    if writer is Writer.RANDOM:
+        return cap - (cap - dirty) * math.exp(-written / cap)
+    return min(cap, dirty + written)
+
+
+def measured_change_rate(
+    pattern: RatePattern,
+    working_set: int,
+    writer: Writer,
+    seconds: float,
+    start: float = 0.0,
+) -> float:
+    """What a change-rate measurement over `seconds` from workload time `start` reports.
+
+    Like the hypervisor's dirty-rate measurement: distinct bytes dirtied in the window
+    divided by its length (a random writer saturates; a sequential one caps at W).
+    """
+    if seconds <= 0:
+        return 0.0
+    written = pattern.amount(start, start + seconds)
+    return grow_dirty(writer, 0.0, written, working_set) / seconds
+
+
 class Side(StrEnum):
     SOURCE = "source"
     DESTINATION = "destination"
@@ -44,7 +95,10 @@ class Side(StrEnum):
 class Tuning:
     """Constants of the model; the defaults resemble what the real rig showed."""
 
-    device_state: float = 0.03  # seconds to move device state in the final stop
+    # The switchover cost: seconds of the final stop spent on top of copying the
+    # remainder (stop the guest, move device state, resume on the destination). The
+    # blackout is remainder/bandwidth + this, so it may exceed the budget by this much.
+    device_state: float = 0.03
     sync_time: float = 0.05  # seconds at each pass start when nothing is sent
     cancel_delay: float = 0.2  # seconds from cancel to the instance running alone again
     link_timeout: float = 30.0  # seconds a broken link stalls before the job fails
@@ -70,6 +124,7 @@ class Migration:
         source: str = "source",
         destination: str = "destination",
         tuning: Tuning | None = None,
+        writer: Writer = Writer.SEQUENTIAL,
     ) -> None:
         if memory <= 0 or bandwidth <= 0:
             raise ValueError("memory and bandwidth must be positive")
@@ -80,6 +135,7 @@ class Migration:
         self.source = source
         self.destination = destination
         self.tuning = tuning or Tuning()
+        self.writer = Writer(writer)
 
         self.link_bandwidth = float(bandwidth)
         self.cap: float | None = plan.bandwidth
@@ -143,6 +199,11 @@ class Migration:
         return min(domain, unsent + self._dirty * (1.0 - unsent / domain))
 
     @property
+    def dirtied(self) -> float:
+        """Distinct bytes the guest has dirtied since the current pass began."""
+        return self._dirty
+
+    @property
     def reported_remaining(self) -> float:
         """What the hypervisor reports: while copying, only what this pass still has
         to send (pages rewritten meanwhile are counted at the next pass boundary)."""
@@ -171,7 +232,9 @@ class Migration:
         return self.pattern.at(self.elapsed) * (1.0 - self.slowdown)
 
     def _threshold(self) -> float:
-        return self.bandwidth * max(0.0, self.budget - self.tuning.device_state)
+        # Like QEMU: the remainder must fit bandwidth × downtime limit; the switchover
+        # cost comes on top of it in the measured blackout.
+        return self.bandwidth * max(0.0, self.budget)
 
     # --------------------------------------------------------------- controls
 
@@ -307,7 +370,13 @@ class Migration:
                 if minor and not self._checked and excess > 0:
                     times.append(excess / rate)  # the early completion check
             if minor:
-                if writes > 0 and self._dirty < self.working_set:
+                if (
+                    self.writer is Writer.SEQUENTIAL
+                    and writes > 0
+                    and self._dirty < self.working_set
+                ):
+                    # The dirty set fills up (a random writer only approaches W, and
+                    # its growth is exact per step: no event is needed).
                     times.append((self.working_set - self._dirty) / writes)
                 change = self.pattern.next_change(self.elapsed)
                 if change is not None:
@@ -340,7 +409,7 @@ class Migration:
                 self._unsent -= sent
                 self.transferred += sent
             written = self.pattern.amount(start, self.elapsed) * (1.0 - self.slowdown)
-            self._dirty = min(float(self.working_set), self._dirty + written)
+            self._dirty = grow_dirty(self.writer, self._dirty, written, self.working_set)
         elif self.phase in (Phase.COMPLETING, Phase.HANDOVER):
             if self._left > _BYTE or self.phase is Phase.HANDOVER:
                 sent = min(self._left, rate * h)

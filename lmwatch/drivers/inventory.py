@@ -164,6 +164,10 @@ class Instance(_Frozen):
     memory: PositiveSize
     working_set: Size  # bytes the guest keeps rewriting (defaults to all of memory)
     change_rate: Annotated[RatePattern, BeforeValidator(_rate_pattern)] = ConstantRate()
+    # How the guest spreads its writes over the working set: "sequential" dirties
+    # distinct bytes as fast as it writes (up to the working set); "random" dirties
+    # W·(1 - e^(-written/W)), so what the hypervisor reports saturates (DESIGN.md §4).
+    writer: Literal["sequential", "random"] = "sequential"
     labels: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="before")

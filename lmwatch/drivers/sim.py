@@ -27,7 +27,7 @@ from lmwatch.drivers.base import (
     UnknownInstance,
 )
 from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
-from lmwatch.drivers.simphysics import Migration, Side, Tuning
+from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
 from lmwatch.model import (
     Capabilities,
     InstanceInfo,
@@ -336,7 +336,8 @@ class SimDriver:
         )
 
     async def measure_change_rate(self, instance: str, host: str) -> float | None:
-        """What a measurement of some seconds before start sees: the pattern's mean."""
+        """What a measurement of some seconds before start sees: distinct bytes dirtied
+        in the window over its length (a random writer saturates)."""
         self._sync()
         self._known_host(host)
         found = self._instance(instance)
@@ -348,7 +349,9 @@ class SimDriver:
             raise DriverError(f"cannot measure {found.name!r} while it migrates")
         pattern = found.change_rate
         window = pattern.period if isinstance(pattern, BurstyRate) else _MEASURE_WINDOW
-        return pattern.amount(0.0, window) / window
+        return measured_change_rate(
+            pattern, found.working_set, Writer(found.writer), window, start=0.0
+        )
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
         self._sync()
@@ -376,6 +379,7 @@ class SimDriver:
             source=request.source,
             destination=request.destination,
             tuning=self.tuning,
+            writer=Writer(instance.writer),
         )
         if refusing == "job":
             model.refuse()

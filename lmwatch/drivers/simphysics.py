@@ -13,12 +13,12 @@ writing) and copies what the previous pass left dirty: R(n+1) = d(D·(1-s)·t_pa
 s being the slow-down level. What the hypervisor reports as the change rate is
 d / t_pass, which for a random writer falls far below D over long passes.
 
-Like QEMU, the migration completes as soon as the remainder fits the blackout
-budget T at the current bandwidth (R ≤ B·T); the guest then stops, the rest is
-copied and the device state moved, so the blackout is R/B plus the switchover
-cost (`Tuning.device_state`) and may exceed T by up to that cost. Pause,
-handover, cancel and faults mirror what the real hypervisor was seen to do
-(shared/RIG.md).
+Like the real hypervisor, the migration completes as soon as the remainder fits
+the blackout budget T at the current bandwidth (R ≤ B·T); the guest then stops,
+the rest is copied and the device state moved, so the blackout is R/B plus the
+switchover cost (`Tuning.device_state`) and may exceed T by up to that cost.
+Pause, handover, cancel and faults mirror what the real hypervisor was seen to
+do (shared/RIG.md).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class Migration:
         return self.pattern.at(self.elapsed) * (1.0 - self.slowdown)
 
     def _threshold(self) -> float:
-        # Like QEMU: the remainder must fit bandwidth × downtime limit; the switchover
+        # Like the hypervisor: the remainder must fit bandwidth × budget; the switchover
         # cost comes on top of it in the measured blackout.
         return self.bandwidth * max(0.0, self.budget)
 

@@ -134,7 +134,86 @@ class GrowingRate(_Frozen):
         return t  # changes continuously: callers step in small increments
 
 
-RatePattern = Annotated[ConstantRate | BurstyRate | GrowingRate, Field(discriminator="pattern")]
+class Phase(_Frozen):
+    """One phase of a phased workload: `rate` for `duration`."""
+
+    rate: Rate
+    duration: Duration
+
+
+class PhasedRate(_Frozen):
+    """Phases in turn; after the last one it starts over from the first, or (with
+    `repeat: false`) stays at the last phase's rate for ever."""
+
+    pattern: Literal["phased"]
+    phases: tuple[Phase, ...] = Field(min_length=1)
+    repeat: bool = True
+
+    @property
+    def _cycle(self) -> float:
+        return sum(p.duration for p in self.phases)
+
+    def _within(self, t: float) -> tuple[int, float]:
+        """(completed cycles, time into the current cycle); cycles stay 0 without repeat."""
+        t = max(0.0, t)
+        if not self.repeat:
+            return 0, t
+        cycles, within = divmod(t, self._cycle)
+        return int(cycles), within
+
+    def at(self, t: float) -> float:
+        _, within = self._within(t)
+        for phase in self.phases:
+            if within < phase.duration:
+                return phase.rate
+            within -= phase.duration
+        return self.phases[-1].rate
+
+    def _partial(self, within: float) -> float:
+        """Bytes written from a cycle's start to `within` into it (past the end of
+        the phases: the last phase's rate goes on)."""
+        total = 0.0
+        for phase in self.phases:
+            if within <= phase.duration:
+                return total + phase.rate * within
+            total += phase.rate * phase.duration
+            within -= phase.duration
+        return total + self.phases[-1].rate * within
+
+    def _cumulative(self, t: float) -> float:
+        cycles, within = self._within(t)
+        per_cycle = sum(p.rate * p.duration for p in self.phases)
+        return cycles * per_cycle + self._partial(within)
+
+    def amount(self, t0: float, t1: float) -> float:
+        return max(0.0, self._cumulative(t1) - self._cumulative(t0))
+
+    def next_change(self, t: float) -> float | None:
+        rates = [p.rate for p in self.phases]
+        if all(r == rates[0] for r in rates):
+            return None
+        edges: list[float] = []  # times into a cycle where the rate changes
+        into = 0.0
+        for before, after in zip(self.phases, self.phases[1:], strict=False):
+            into += before.duration
+            if after.rate != before.rate:
+                edges.append(into)
+        if self.repeat and self.phases[-1].rate != self.phases[0].rate:
+            edges.append(self._cycle)
+        if not self.repeat:
+            return next((e for e in edges if e > t + 1e-9), None)
+        if not edges:
+            return None
+        start = math.floor(max(0.0, t) / self._cycle) * self._cycle
+        for edge in edges:
+            if start + edge > t + 1e-9:
+                return start + edge
+        return start + self._cycle + edges[0]
+
+
+RatePattern = Annotated[
+    ConstantRate | BurstyRate | GrowingRate | PhasedRate, Field(discriminator="pattern")
+]
 
 
 def _rate_pattern(value: Any) -> Any:
@@ -155,6 +234,9 @@ class Host(_Frozen):
 class Link(_Frozen):
     between: tuple[str, str]
     bandwidth: PositiveRate  # bytes/s, each direction
+    # Seconds of switchover cost (stop, device state, resume) between these hosts;
+    # None: the simulator's global default (Tuning.device_state).
+    switchover: Duration | None = None
 
 
 class Instance(_Frozen):
@@ -235,13 +317,20 @@ class Inventory(_Frozen):
             None,
         )
 
+    def link(self, a: str, b: str) -> Link | None:
+        """The link listed between two hosts (links are symmetric), if any."""
+        pair = {a, b}
+        return next((link for link in self.links if set(link.between) == pair), None)
+
     def bandwidth(self, a: str, b: str) -> float:
         """Bytes/s between two hosts (links are symmetric)."""
-        pair = {a, b}
-        for link in self.links:
-            if set(link.between) == pair:
-                return link.bandwidth
-        return self.default_bandwidth
+        link = self.link(a, b)
+        return self.default_bandwidth if link is None else link.bandwidth
+
+    def switchover(self, a: str, b: str) -> float | None:
+        """Seconds of switchover cost between two hosts; None when not given."""
+        link = self.link(a, b)
+        return None if link is None else link.switchover
 
 
 def _no_duplicates(what: str, values: list[str]) -> None:

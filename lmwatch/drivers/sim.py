@@ -9,6 +9,7 @@ inventory is only the starting point.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -370,6 +371,10 @@ class SimDriver:
         if refusing == "start":
             raise DriverError(f"{request.destination} refused the incoming instance")
         instance = self._instance(info.name)
+        tuning = self.tuning
+        switchover = self.inventory.switchover(request.source, request.destination)
+        if switchover is not None:
+            tuning = dataclasses.replace(tuning, device_state=switchover)
         model = Migration(
             memory=instance.memory,
             working_set=instance.working_set,
@@ -378,7 +383,7 @@ class SimDriver:
             plan=plan,
             source=request.source,
             destination=request.destination,
-            tuning=self.tuning,
+            tuning=tuning,
             writer=Writer(instance.writer),
         )
         if refusing == "job":

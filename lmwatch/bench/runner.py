@@ -1,0 +1,407 @@
+"""Running one workload under one profile and one controller, in virtual time.
+
+`Simulation` wraps the simulator's migration model (`simphysics.Migration`) for one
+workload: it applies the workload's link events on time, carries out controller
+commands (a command the model refuses is a no-op, counted in `refused`), and keeps
+what the judge needs. It can be copied, so a search (the hindsight bound) can branch.
+
+`run()` is the loop: the controller plans the start, then sees a sample every
+`poll_interval` seconds and answers with commands, until the migration ends or the
+time limit comes (then the run is "unfinished").
+"""
+
+from __future__ import annotations
+
+import copy as copylib
+import multiprocessing
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lmwatch.bench.controller import (
+    Cancel,
+    Command,
+    ControllerFactory,
+    Handover,
+    Pause,
+    SetBudget,
+    SetCap,
+    Setting,
+)
+from lmwatch.bench.corpus import LinkEvent, Workload
+from lmwatch.drivers.base import ActionRefused
+from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
+from lmwatch.model import JobResult, Phase, Sample, StartPlan
+from lmwatch.profiles.schema import Profile
+
+DEFAULT_SWITCHOVER = 0.05  # seconds: what a controller knows of a host pair it has not seen
+MEASURE_SECONDS = 2.0  # the change-rate measurement before start covers this long
+NO_DEADLINE_LIMIT = 2 * 3600.0  # seconds a run may take when its profile has no deadline
+HARD_LIMIT = 4 * 3600.0  # seconds no run goes past, whatever the caller asks
+LIMIT_MARGIN = 1.1  # a run is stopped at its deadline plus 10 %
+UNFINISHED = "unfinished"
+OUTCOMES = ("completed", "cancelled", "failed", UNFINISHED)
+_EPS = 1e-9
+
+
+def default_limit(profile: Profile, workload: Workload) -> float:
+    """When a run is stopped: the profile's deadline plus 10 %, or 2 h without one."""
+    deadline = profile.deadline_seconds(workload.memory)
+    limit = NO_DEADLINE_LIMIT if deadline is None else deadline * LIMIT_MARGIN
+    return min(limit, HARD_LIMIT)
+
+
+def setting_for(
+    workload: Workload, profile: Profile, switchover: float = DEFAULT_SWITCHOVER
+) -> Setting:
+    """What a controller may know before the start: no hidden workload parameter."""
+    measured = measured_change_rate(
+        workload.change_rate, workload.working_set, Writer(workload.writer), MEASURE_SECONDS
+    )
+    return Setting(
+        workload=workload.name,
+        memory=workload.memory,
+        bandwidth=workload.bandwidth,
+        change_rate=measured,
+        profile=profile,
+        switchover=switchover,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """What happened in one run; everything the judge and the report need."""
+
+    workload: str
+    profile: str
+    controller: str
+    outcome: str  # completed | cancelled | failed | unfinished
+    total_seconds: float  # start to end (to the limit when unfinished)
+    blackout_seconds: float | None  # measured final stop; a pause's length when paused
+    paused: bool
+    pause_seconds: float | None
+    handed_over: bool
+    degraded_seconds: float | None  # handover to end
+    max_slowdown: float
+    passes: int = 0
+    decisions: int = 0  # samples the controller answered
+    commands: int = 0  # commands it gave
+    refused: int = 0  # commands the migration refused (no-ops)
+    lost: bool = False  # the instance ended up on neither host
+    note: str | None = None  # why it failed, when it did
+    eta_at: float | None = None  # when the ETA used for accuracy was made
+    eta_predicted: float | None = None  # seconds to completion it predicted
+    eta_actual: float | None = None  # seconds it actually took from then (completed runs)
+
+    @property
+    def eta_ratio(self) -> float | None:
+        """Actual over predicted time to completion (1 is perfect), when both are known."""
+        if self.eta_predicted is None or self.eta_actual is None or self.eta_predicted <= 0:
+            return None
+        return self.eta_actual / self.eta_predicted
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Run:
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+class Simulation:
+    """One workload's migration in virtual time, started with `plan`."""
+
+    def __init__(self, workload: Workload, plan: StartPlan) -> None:
+        self.workload = workload
+        self.plan = plan
+        self.migration = Migration(
+            memory=workload.memory,
+            working_set=workload.working_set,
+            change_rate=workload.change_rate,
+            bandwidth=workload.bandwidth,
+            plan=plan,
+            tuning=Tuning(device_state=workload.switchover),
+            writer=Writer(workload.writer),
+        )
+        self._events: tuple[LinkEvent, ...] = tuple(workload.link_events)
+        self._next_event = 0
+        self.commands = 0  # commands applied or tried
+        self.refused = 0  # commands the model refused
+        self.paused_at: float | None = None
+        self.handed_over_at: float | None = None
+        self.cancelled_at: float | None = None
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def now(self) -> float:
+        """Seconds since the migration started."""
+        return self.migration.elapsed
+
+    @property
+    def finished(self) -> bool:
+        return self.migration.phase.finished
+
+    @property
+    def phase(self) -> Phase:
+        return self.migration.phase
+
+    @property
+    def ended_at(self) -> float | None:
+        return self.migration.finished_at
+
+    @property
+    def max_slowdown(self) -> float:
+        return self.migration.max_slowdown
+
+    @property
+    def paused(self) -> bool:
+        return self.migration.paused
+
+    @property
+    def handed_over(self) -> bool:
+        return self.migration.handed_over
+
+    @property
+    def blackout(self) -> float | None:
+        """The measured final stop (a pause's whole length when paused), once completed."""
+        return self.migration.blackout if self.phase is Phase.COMPLETED else None
+
+    def sample(self) -> Sample:
+        return self.migration.snapshot(self.now)
+
+    def result(self) -> JobResult:
+        return self.migration.result()
+
+    # -- time ----------------------------------------------------------------------------
+
+    def advance_to(self, t: float) -> None:
+        """Move to `t` seconds since start, applying link events due on the way."""
+        migration = self.migration
+        while self._next_event < len(self._events) and self._events[self._next_event].at <= t:
+            event = self._events[self._next_event]
+            if migration.phase.finished:
+                break
+            if event.at > migration.elapsed:
+                migration.advance(event.at - migration.elapsed)
+            if not migration.phase.finished:
+                self._apply_event(event)
+            self._next_event += 1
+        if t > migration.elapsed:
+            migration.advance(t - migration.elapsed)
+
+    def _apply_event(self, event: LinkEvent) -> None:
+        if event.kind == "bandwidth":
+            assert event.value is not None
+            self.migration.set_link_bandwidth(event.value * self.workload.bandwidth)
+        elif event.kind == "break":
+            self.migration.break_link()
+        elif event.kind == "restore":
+            self.migration.restore_link()
+
+    # -- commands --------------------------------------------------------------------------
+
+    def apply(self, command: Command) -> bool:
+        """Carry out one command; False (and counted in `refused`) when the model refuses."""
+        migration = self.migration
+        self.commands += 1
+        try:
+            if isinstance(command, SetBudget):
+                migration.set_budget(command.seconds)
+            elif isinstance(command, SetCap):
+                migration.set_cap(command.bytes_per_second)
+            elif isinstance(command, Pause):
+                was = migration.paused
+                migration.pause()
+                if not was and migration.paused:
+                    self.paused_at = migration.elapsed
+            elif isinstance(command, Handover):
+                was = migration.handed_over
+                migration.handover()
+                if not was and migration.handed_over:
+                    self.handed_over_at = migration.elapsed
+            elif isinstance(command, Cancel):
+                migration.cancel()
+                if self.cancelled_at is None:
+                    self.cancelled_at = migration.elapsed
+            else:  # pragma: no cover - the Command union is closed
+                raise TypeError(f"not a command: {command!r}")
+        except ActionRefused:
+            self.refused += 1
+            return False
+        return True
+
+    # -- branching -------------------------------------------------------------------------
+
+    def copy(self) -> Simulation:
+        """An independent copy (the immutable workload, plan and pattern are shared)."""
+        migration = self.migration
+        memo: dict[int, Any] = {
+            id(self.workload): self.workload,
+            id(self.plan): self.plan,
+            id(migration.plan): migration.plan,
+            id(migration.pattern): migration.pattern,
+            id(migration.tuning): migration.tuning,
+            id(self._events): self._events,
+        }
+        return copylib.deepcopy(self, memo)
+
+    # -- the record ------------------------------------------------------------------------
+
+    def record(
+        self,
+        *,
+        profile: str,
+        controller: str,
+        decisions: int = 0,
+        eta: tuple[float, float] | None = None,
+    ) -> Run:
+        """This simulation as a `Run` (at its end, or now when it has not finished)."""
+        migration = self.migration
+        finished = self.finished
+        end = migration.finished_at if finished and migration.finished_at is not None else self.now
+        outcome = migration.phase.value if finished else UNFINISHED
+        completed = migration.phase is Phase.COMPLETED
+        blackout = migration.blackout if completed else None
+        pause_seconds: float | None = None
+        if migration.paused:
+            if completed and blackout is not None:
+                pause_seconds = blackout
+            elif self.paused_at is not None:
+                pause_seconds = end - self.paused_at
+        degraded: float | None = None
+        if migration.handed_over and self.handed_over_at is not None:
+            degraded = end - self.handed_over_at
+        eta_at, eta_predicted = eta if eta is not None else (None, None)
+        eta_actual = end - eta_at if completed and eta_at is not None else None
+        return Run(
+            workload=self.workload.name,
+            profile=profile,
+            controller=controller,
+            outcome=outcome,
+            total_seconds=end,
+            blackout_seconds=blackout,
+            paused=migration.paused,
+            pause_seconds=pause_seconds,
+            handed_over=migration.handed_over,
+            degraded_seconds=degraded,
+            max_slowdown=migration.max_slowdown,
+            passes=migration.passes,
+            decisions=decisions,
+            commands=self.commands,
+            refused=self.refused,
+            lost=finished and migration.running_on is Side.NOWHERE,
+            note=migration.error,
+            eta_at=eta_at,
+            eta_predicted=eta_predicted,
+            eta_actual=eta_actual,
+        )
+
+
+def _first_eta(controller: object, after: float | None) -> tuple[float, float] | None:
+    """The controller's first ETA made once the first pass had ended (if it predicts)."""
+    predictions = getattr(controller, "predictions", None)
+    if after is None or not predictions:
+        return None
+    for at, seconds in predictions:
+        if at >= after - _EPS and seconds is not None:
+            return float(at), float(seconds)
+    return None
+
+
+def run(
+    workload: Workload,
+    profile: Profile,
+    factory: ControllerFactory,
+    *,
+    switchover: float = DEFAULT_SWITCHOVER,
+    limit: float | None = None,
+) -> Run:
+    """One migration of `workload` decided by the controller `factory` builds."""
+    controller = factory(setting_for(workload, profile, switchover))
+    poll = float(controller.poll_interval)
+    if not poll > 0:
+        raise ValueError(f"controller {controller.name!r} has poll_interval {poll!r}")
+    simulation = Simulation(workload, controller.start())
+    end = default_limit(profile, workload) if limit is None else limit
+    decisions = 0
+    first_pass_ended: float | None = None
+    step = controller.step
+    apply = simulation.apply
+    migration = simulation.migration
+    while True:
+        simulation.advance_to(min(migration.elapsed + poll, end))
+        if migration.phase.finished or migration.elapsed >= end - _EPS:
+            break
+        sample = simulation.sample()
+        now = migration.elapsed
+        if first_pass_ended is None and sample.passes >= 2:
+            first_pass_ended = now
+        decisions += 1
+        for command in step(sample, now):
+            apply(command)
+    if simulation.finished:
+        controller.finished(simulation.result())
+    return simulation.record(
+        profile=profile.name,
+        controller=controller.name,
+        decisions=decisions,
+        eta=_first_eta(controller, first_pass_ended),
+    )
+
+
+# -- many runs -------------------------------------------------------------------------------
+
+_JOB: dict[str, Any] = {}  # what the forked workers read (set before the pool forks)
+
+
+def _chunk(task: tuple[int, int]) -> list[Run]:
+    workload_index, profile_index = task
+    workload = _JOB["workloads"][workload_index]
+    profile = _JOB["profiles"][profile_index]
+    runs = []
+    for factory in _JOB["factories"]:
+        try:
+            runs.append(
+                run(workload, profile, factory, switchover=_JOB["switchover"], limit=_JOB["limit"])
+            )
+        except Exception as error:
+            raise RuntimeError(
+                f"run of {workload.name!r} under {profile.name!r} with "
+                f"{getattr(factory, '__name__', factory)!r} failed: {error!r}"
+            ) from error
+    return runs
+
+
+def run_many(
+    workloads: Sequence[Workload],
+    profiles: Sequence[Profile],
+    factories: Sequence[ControllerFactory],
+    processes: int = 2,
+    *,
+    switchover: float = DEFAULT_SWITCHOVER,
+    limit: float | None = None,
+) -> list[Run]:
+    """Every (workload, profile, controller) run, in that nesting order.
+
+    Work is split into (workload, profile) chunks over `processes` forked workers;
+    the result order does not depend on how many there are.
+    """
+    tasks = [(w, p) for w in range(len(workloads)) for p in range(len(profiles))]
+    _JOB.update(
+        workloads=list(workloads),
+        profiles=list(profiles),
+        factories=list(factories),
+        switchover=switchover,
+        limit=limit,
+    )
+    try:
+        if processes <= 1 or len(tasks) <= 1:
+            chunks = [_chunk(task) for task in tasks]
+        else:
+            context = multiprocessing.get_context("fork")
+            with context.Pool(processes) as pool:
+                chunks = list(pool.imap(_chunk, tasks, chunksize=1))
+    finally:
+        _JOB.clear()
+    return [result for chunk in chunks for result in chunk]

@@ -1,0 +1,237 @@
+"""The benchmark runner: the simulation wrapper, the run loop and running many."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import pytest
+
+from lmwatch.bench.controller import (
+    Cancel,
+    Command,
+    Handover,
+    Pause,
+    SetBudget,
+    SetCap,
+    Setting,
+)
+from lmwatch.bench.corpus import GBIT, GIB, MIB, LinkEvent, Workload, generate
+from lmwatch.bench.runner import (
+    NO_DEADLINE_LIMIT,
+    Run,
+    Simulation,
+    default_limit,
+    run,
+    run_many,
+    setting_for,
+)
+from lmwatch.drivers.inventory import ConstantRate
+from lmwatch.model import JobResult, Phase, Sample, StartPlan
+from lmwatch.profiles.schema import Profile
+
+PLAN = StartPlan(arm_handover=True, arm_slow_down=False, blackout_budget=0.3)
+LENIENT = Profile(name="lenient", max_blackout=1.0, deadline=600.0)
+OPEN = Profile(name="open")
+
+
+def workload(
+    *,
+    rate: float = 0.0,
+    memory: int = 4 * GIB,
+    working_set: int = 1 * GIB,
+    bandwidth: float = 10 * GBIT,
+    writer: str = "random",
+    events: tuple[LinkEvent, ...] = (),
+    name: str = "w",
+) -> Workload:
+    return Workload(
+        name=name,
+        memory=memory,
+        working_set=working_set,
+        writer=writer,  # type: ignore[arg-type]
+        change_rate=ConstantRate(rate=rate),
+        bandwidth=bandwidth,
+        switchover=0.02,
+        link_events=events,
+    )
+
+
+class Idle:
+    """Never acts."""
+
+    name = "idle"
+    poll_interval = 1.0
+
+    def __init__(self, setting: Setting) -> None:
+        self.setting = setting
+        self.results: list[JobResult] = []
+
+    def start(self) -> StartPlan:
+        return StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+
+    def step(self, sample: Sample, now: float) -> Sequence[Command]:
+        return ()
+
+    def finished(self, result: JobResult) -> None:
+        self.results.append(result)
+
+
+class Scripted(Idle):
+    """Gives fixed commands at fixed times, and predicts a constant ETA."""
+
+    name = "scripted"
+    script: ClassVar[dict[float, Sequence[Command]]] = {}
+    arm_handover = True
+
+    def __init__(self, setting: Setting) -> None:
+        super().__init__(setting)
+        self.predictions: list[tuple[float, float | None]] = []
+
+    def start(self) -> StartPlan:
+        return StartPlan(arm_handover=self.arm_handover, arm_slow_down=False, blackout_budget=0.3)
+
+    def step(self, sample: Sample, now: float) -> Sequence[Command]:
+        self.predictions.append((now, None if sample.passes < 3 else 4.0))
+        return self.script.get(round(now), ())
+
+
+def scripted(script: dict[float, Sequence[Command]], *, arm: bool = True) -> type[Scripted]:
+    return type("S", (Scripted,), {"script": script, "arm_handover": arm})
+
+
+# -- Simulation --------------------------------------------------------------------------
+
+
+def test_simulation_advances_and_applies_link_events_in_order() -> None:
+    events = (LinkEvent(2.0, "bandwidth", 0.5), LinkEvent(3.0, "break"), LinkEvent(4.0, "restore"))
+    sim = Simulation(workload(memory=64 * GIB, events=events), PLAN)
+    sim.advance_to(1.0)
+    assert sim.now == pytest.approx(1.0)
+    assert sim.migration.bandwidth == pytest.approx(10 * GBIT)
+    sim.advance_to(2.5)
+    assert sim.migration.bandwidth == pytest.approx(5 * GBIT)
+    sim.advance_to(3.5)
+    assert sim.migration.bandwidth == 0.0
+    sent = sim.sample().memory_transferred
+    sim.advance_to(4.5)
+    assert sim.migration.bandwidth == pytest.approx(5 * GBIT)
+    assert sim.sample().memory_transferred > sent
+
+
+def test_refused_commands_are_counted_no_ops() -> None:
+    sim = Simulation(workload(memory=64 * GIB), StartPlan(False, False, 0.3))
+    sim.advance_to(1.0)
+    assert sim.apply(Handover()) is False  # not armed at start
+    assert sim.apply(SetCap(1 * GBIT)) is True
+    assert sim.migration.bandwidth == pytest.approx(1 * GBIT)
+    assert sim.apply(SetBudget(0.5)) is True
+    assert sim.apply(Cancel()) is True
+    assert sim.apply(Pause()) is False  # being cancelled
+    assert (sim.commands, sim.refused) == (5, 2)
+    sim.advance_to(2.0)
+    assert sim.finished and sim.phase is Phase.CANCELLED
+
+
+def test_copy_is_independent() -> None:
+    sim = Simulation(workload(rate=2 * GIB, memory=16 * GIB), PLAN)
+    sim.advance_to(5.0)
+    branch = sim.copy()
+    assert branch.workload is sim.workload
+    branch.apply(Handover())
+    branch.advance_to(30.0)
+    assert branch.finished and branch.handed_over
+    assert branch.handed_over_at == pytest.approx(5.0)
+    assert not sim.finished and not sim.handed_over and sim.now == pytest.approx(5.0)
+    assert sim.commands == 0 and sim.handed_over_at is None
+    sim.apply(Pause())
+    sim.advance_to(30.0)
+    assert sim.paused and not branch.paused
+
+
+def test_record_of_a_pause_and_of_a_handover() -> None:
+    sim = Simulation(workload(rate=20 * GIB, memory=8 * GIB), PLAN)
+    sim.advance_to(10.0)
+    handover = sim.copy()
+    sim.apply(Pause())
+    sim.advance_to(60.0)
+    paused = sim.record(profile="p", controller="c")
+    assert paused.outcome == "completed" and paused.paused
+    assert paused.pause_seconds == paused.blackout_seconds
+    assert paused.pause_seconds == pytest.approx(1 * GIB / (10 * GBIT) + 0.02, rel=0.05)
+    handover.apply(Handover())
+    handover.advance_to(60.0)
+    handed = handover.record(profile="p", controller="c")
+    assert handed.handed_over and handed.blackout_seconds == pytest.approx(0.02)
+    assert handed.degraded_seconds == pytest.approx(handed.total_seconds - 10.0)
+    assert handed.degraded_seconds == pytest.approx(1 * GIB / (10 * GBIT), rel=0.05)
+
+
+# -- run ---------------------------------------------------------------------------------
+
+
+def test_setting_hides_the_workload_but_measures_the_change_rate() -> None:
+    setting = setting_for(workload(rate=100 * MIB), LENIENT, switchover=0.07)
+    assert setting.memory == 4 * GIB and setting.bandwidth == 10 * GBIT
+    assert setting.switchover == 0.07 and setting.profile is LENIENT
+    assert setting.change_rate is not None and 0 < setting.change_rate <= 100 * MIB
+
+
+def test_a_converging_workload_completes_without_any_decision() -> None:
+    result = run(workload(rate=100 * MIB), LENIENT, Idle)
+    assert result.outcome == "completed"
+    assert result.controller == "idle" and result.profile == "lenient"
+    assert result.blackout_seconds is not None and result.blackout_seconds <= 0.3 + 0.02 + 1e-6
+    assert not result.paused and not result.handed_over and result.commands == 0
+    assert result.total_seconds == pytest.approx(4 * GIB / (10 * GBIT), rel=0.2)
+    assert result.eta_predicted is None  # Idle predicts nothing
+
+
+def test_a_hopeless_workload_is_unfinished_at_the_limit() -> None:
+    hopeless = workload(rate=40 * GIB, working_set=4 * GIB)
+    result = run(hopeless, LENIENT, Idle)
+    assert result.outcome == "unfinished"
+    assert result.total_seconds == pytest.approx(default_limit(LENIENT, hopeless)) == 660.0
+    assert result.decisions == pytest.approx(660, abs=1)
+    assert default_limit(OPEN, hopeless) == NO_DEADLINE_LIMIT
+    assert run(hopeless, LENIENT, Idle, limit=30.0).total_seconds == pytest.approx(30.0)
+
+
+def test_commands_reach_the_migration_and_the_eta_is_recorded() -> None:
+    busy = workload(rate=20 * GIB, memory=8 * GIB)
+    result = run(busy, LENIENT, scripted({12: [Handover()]}))
+    assert result.outcome == "completed" and result.handed_over
+    assert result.commands == 1 and result.refused == 0
+    # First non-empty prediction after the first pass ended (passes >= 3 here).
+    assert result.eta_predicted == 4.0 and result.eta_at is not None
+    assert result.eta_actual == pytest.approx(result.total_seconds - result.eta_at)
+    refused = run(busy, LENIENT, scripted({12: [Handover()]}, arm=False), limit=20.0)
+    assert refused.outcome == "unfinished" and refused.refused == 1
+    cancelled = run(busy, LENIENT, scripted({5: [Cancel()]}))
+    assert cancelled.outcome == "cancelled" and cancelled.total_seconds < 6.0
+
+
+def test_a_link_that_stays_broken_fails_the_run() -> None:
+    broken = workload(memory=64 * GIB, events=(LinkEvent(5.0, "break"),))
+    result = run(broken, LENIENT, Idle)
+    assert result.outcome == "failed" and result.note and not result.lost
+
+
+def test_run_dict_round_trip() -> None:
+    result = run(workload(rate=100 * MIB), LENIENT, Idle)
+    assert Run.from_dict(result.as_dict()) == result
+
+
+def test_run_many_keeps_order_whatever_the_processes() -> None:
+    workloads = generate(3, 4)
+    profiles = [LENIENT, Profile(name="short", deadline=60.0)]
+    serial = run_many(workloads, profiles, [Idle, scripted({3: [Cancel()]})], processes=1)
+    forked = run_many(workloads, profiles, [Idle, scripted({3: [Cancel()]})], processes=2)
+    assert serial == forked
+    assert [(r.workload, r.profile, r.controller) for r in serial[:4]] == [
+        (workloads[0].name, "lenient", "idle"),
+        (workloads[0].name, "lenient", "scripted"),
+        (workloads[0].name, "short", "idle"),
+        (workloads[0].name, "short", "scripted"),
+    ]
+    assert len(serial) == 16

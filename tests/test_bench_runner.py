@@ -235,3 +235,24 @@ def test_run_many_keeps_order_whatever_the_processes() -> None:
         (workloads[0].name, "short", "scripted"),
     ]
     assert len(serial) == 16
+
+
+def test_the_benchmark_profiles_copy_the_examples_and_add_strict() -> None:
+    from pathlib import Path
+
+    from lmwatch.bench.runner import bench_profiles
+    from lmwatch.profiles.loader import load_profiles
+
+    shipped = {p.name: p for p in bench_profiles()}
+    assert list(shipped) == ["latency-critical", "batch", "strict"]
+    examples = load_profiles(Path(__file__).resolve().parent.parent / "profiles.yaml")
+    for name in ("latency-critical", "batch"):
+        assert shipped[name] == examples.by_name(name)
+    strict = shipped["strict"]
+    assert (strict.max_blackout, strict.may_slow_down, strict.handover_allowed) == (
+        0.5,
+        False,
+        False,
+    )
+    assert (strict.may_pause, strict.max_pause, strict.on_deadline.value) == (False, 0.0, "cancel")
+    assert strict.deadline_seconds(GIB) == 600.0

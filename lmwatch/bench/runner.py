@@ -16,6 +16,8 @@ import copy as copylib
 import multiprocessing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from lmwatch.bench.controller import (
@@ -32,6 +34,7 @@ from lmwatch.bench.corpus import LinkEvent, Workload
 from lmwatch.drivers.base import ActionRefused
 from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
+from lmwatch.profiles.loader import load_profiles, load_profiles_text
 from lmwatch.profiles.schema import Profile
 
 DEFAULT_SWITCHOVER = 0.05  # seconds: what a controller knows of a host pair it has not seen
@@ -42,6 +45,15 @@ LIMIT_MARGIN = 1.1  # a run is stopped at its deadline plus 10 %
 UNFINISHED = "unfinished"
 OUTCOMES = ("completed", "cancelled", "failed", UNFINISHED)
 _EPS = 1e-9
+
+
+def bench_profiles(path: str | Path | None = None) -> list[Profile]:
+    """The profiles to benchmark: a profiles file, or the shipped benchmark profiles
+    (lmwatch/bench/profiles.yaml). Raises `ProfileError` with line and column."""
+    if path is not None:
+        return list(load_profiles(path).profiles)
+    text = resources.files("lmwatch.bench").joinpath("profiles.yaml").read_text("utf-8")
+    return list(load_profiles_text(text, source="lmwatch/bench/profiles.yaml").profiles)
 
 
 def default_limit(profile: Profile, workload: Workload) -> float:

@@ -217,7 +217,8 @@ def test_the_switchover_cost_is_the_tuning_constant() -> None:
     ws_share=st.floats(0.05, 1.0),
     rate_share=st.floats(0.0, 0.5),
     bandwidth_mib=st.integers(100, 2000),
-    budget=st.floats(0.01, 1.0),
+    # above the floor set by the sync time: D·sync/(B - D) <= sync for D <= B/2
+    budget=st.floats(1.2 * SYNC, 1.0),
 )
 def test_blackout_never_passes_budget_plus_switchover(
     writer: Writer,

@@ -168,6 +168,10 @@ class MigrationContext:
     handed_over: bool = False
     force: bool = False  # an operator asked to finish now
     accept_pause: bool = False  # the operator accepts a pause beyond the profile
+    # Seconds the final stop costs beyond copying the remainder (stop, device state,
+    # resume), as learned for this host pair; budgets leave room for it.
+    switchover: float = 0.05
+    change_rate_before_start: float | None = None  # bytes/s, measured before start
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,34 +4,45 @@ The rules, in order (DESIGN.md section 4):
 
 1. past copying (paused, handed over, completing, ended) -> continue;
 2. an operator asked to finish now -> as force-complete, when the profile allows it;
-3. the deadline has passed -> `on_deadline` (complete the least disruptive way, or cancel);
-4. before the first full pass ends -> continue;
-5. converging within the blackout budget -> continue;
-6. the remainder's floor fits `max_blackout` -> raise the budget one step;
-7. slowing the guest is armed and will be enough in time -> continue;
-8. handover fits `max_degraded` (armed at start) -> hand over;
-9. a pause fits `max_pause` -> pause;
-10. still shrinking, or rates too unsteady to judge -> continue;
-11. otherwise cancel now, saying why: waiting cannot help.
+3. the budget is above what `max_blackout` leaves after the switchover -> lower it;
+4. the deadline has come, or is as close as finishing takes -> `on_deadline`
+   (complete within the profile, or cancel);
+5. no evidence yet (first pass, or passes not yet seen again after a restart) ->
+   continue, unless even the first pass cannot end before the deadline and nothing
+   else could finish it -> cancel;
+6. copying converges within the blackout budget -> continue;
+7. the floor fits `max_blackout` after the switchover -> raise the budget;
+8. the only evidence is one pass and its most hopeful reading still converges ->
+   continue (one more pass decides; it is short);
+9. handover fits `max_degraded` (armed at start) -> hand over;
+10. a pause fits `max_pause` -> pause;
+11. slowing the guest is armed and finishes before the deadline -> continue;
+12. the remainder still shrinks, the rates vary, or quieter phases were seen, and
+    the deadline leaves time -> continue;
+13. otherwise cancel, saying why: waiting has stopped paying.
+
+Handover and pause come before slowing because each finishes now within a bound
+the operator set, while slowing degrades the guest for many passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from lmwatch.model import Action, Decision, MigrationContext, Prediction, Sample
 from lmwatch.policies.estimators import (
     DEFAULT,
     Analysis,
+    DirtyModel,
     PolicySettings,
     analyse,
     duration_text,
-    eta_seconds,
+    project,
     rate_text,
 )
 from lmwatch.policies.forcing import (
     ForceRefused,
     already_finishing,
+    blackout_limit,
     finish_now,
     force_complete,
     handover_usable,
@@ -50,7 +61,7 @@ def decide(
 ) -> Decision:
     """The next step for a running migration; pure, never raises on valid input."""
     a = analyse(history, ctx, settings)
-    prediction = a.prediction(settings.device_state_seconds)
+    prediction = a.prediction()
 
     done = already_finishing(history, ctx)
     if done is not None:
@@ -62,106 +73,180 @@ def decide(
         except ForceRefused:
             pass  # the refusal was reported to the caller; keep supervising
 
-    if ctx.deadline_at is not None and now >= ctx.deadline_at:
-        return _on_deadline(profile, a, ctx, now, prediction, settings)
-
-    if ctx.blackout_budget > profile.max_blackout:
+    limit = blackout_limit(profile, ctx)
+    if ctx.blackout_budget > limit + 1e-9:
         return Decision(
             Action.RAISE_BLACKOUT,
-            f"the profile now allows at most {duration_text(profile.max_blackout)} of blackout; "
-            f"lowering the budget from {duration_text(ctx.blackout_budget)}",
+            f"the profile allows at most {duration_text(profile.max_blackout)} of blackout, "
+            f"{duration_text(ctx.switchover)} of which the switchover takes; lowering the "
+            f"budget from {duration_text(ctx.blackout_budget)} to {duration_text(limit)}",
             prediction,
-            blackout_budget=profile.max_blackout,
+            blackout_budget=limit,
         )
+
+    if ctx.deadline_at is not None and now >= ctx.deadline_at - _deadline_lead(
+        profile, a, history, settings
+    ):
+        return _on_deadline(profile, a, ctx, now, prediction, settings)
 
     if a.latest is None:
         return Decision(Action.CONTINUE, "waiting for the first progress report", prediction)
 
-    if a.passes < 2:
-        return Decision(Action.CONTINUE, _first_pass(a), prediction)
-
-    rate, change, floor = a.transfer_rate, a.change_rate, a.floor
-    if not rate or change is None or floor is None:
-        return Decision(
-            Action.CONTINUE,
-            f"pass {a.passes}: still measuring the transfer and change rates",
-            prediction,
-        )
+    rate = a.transfer_rate
+    if a.model is None or not rate or a.floor is None:
+        hopeless = _first_pass_too_long(profile, a, ctx, now, settings)
+        if hopeless is not None:
+            return Decision(Action.CANCEL, hopeless, prediction)
+        return Decision(Action.CONTINUE, _gathering(a), prediction)
 
     if a.converges:
-        return Decision(Action.CONTINUE, _converging(a, ctx, now, settings), prediction)
+        return Decision(Action.CONTINUE, _converging(a, ctx, now), prediction)
 
-    rates = (
-        f"the guest changes {rate_text(change)}, the link moves {rate_text(rate)}, "
-        f"the remainder settles near {format_size(floor)}"
-    )
-
-    raised = _raise_step(profile, a, ctx, rates, prediction, settings)
+    rates = _rates_text(a)
+    raised = _raise_step(profile, a, ctx, limit, rates, prediction, settings)
     if raised is not None:
         return raised
 
-    slowing = _slowing(profile, a, ctx, now, settings)
-    if slowing is not None:
-        return Decision(Action.CONTINUE, slowing, prediction)
+    head = f"copying cannot converge: {rates}"
+    finishing = _finish_within(profile, a, ctx, head, prediction, settings)
+    if finishing is not None:
+        return finishing
 
-    if a.passes_done < settings.min_passes_for_verdict:
+    if a.pairs < 2 and _hopeful_reading_converges(a, ctx, limit, settings):
         return Decision(
             Action.CONTINUE,
-            f"copying is not converging yet ({rates}); pass {a.passes}, "
-            f"waiting for {settings.min_passes_for_verdict} full passes before judging",
+            f"after one pass copying looks unlikely to converge ({rates}), but one pass is "
+            "not enough to tell a saturated working set from a steady writer; the next pass "
+            f"(about {duration_text(a.seconds_for(a.remaining))}) decides",
             prediction,
         )
 
-    return _beyond_blackout(profile, a, ctx, rates, prediction, settings)
+    return _beyond_blackout(profile, a, ctx, now, head, prediction, settings)
 
 
-def _first_pass(a: Analysis) -> str:
-    copied = 0.0 if a.memory <= 0 else 100.0 * (1 - a.remaining / a.memory)
-    left = a.seconds_for(a.remaining)
-    tail = "" if left is None else f", about {duration_text(left)} to go"
-    return f"first pass, {copied:.0f}% copied{tail}; nothing to decide before it ends"
+def _deadline_lead(
+    profile: Profile, a: Analysis, history: Sequence[Sample], settings: PolicySettings
+) -> float:
+    """How long before the deadline `on_deadline: complete` must act to finish in time."""
+    if profile.on_deadline is not OnDeadline.COMPLETE:
+        return 0.0
+    poll = history[-1].time - history[-2].time if len(history) >= 2 else 1.0
+    stop = a.stop_seconds() or 0.0
+    return stop * max(settings.pause_safety, settings.handover_safety) + 2 * max(poll, 0.0)
 
 
-def _converging(a: Analysis, ctx: MigrationContext, now: float, settings: PolicySettings) -> str:
+def _gathering(a: Analysis) -> str:
+    if a.passes <= 1:
+        copied = 0.0 if a.memory <= 0 else 100.0 * (1 - a.remaining / a.memory)
+        left = a.seconds_for(a.remaining)
+        tail = "" if left is None else f", about {duration_text(left)} to go"
+        return f"first pass, {copied:.0f}% copied{tail}; nothing to decide before it ends"
+    return (
+        f"pass {a.passes}: gathering evidence (a full pass must be seen from its start to "
+        "its end, e.g. after lmwatch restarted) before deciding"
+    )
+
+
+def _rates_text(a: Analysis) -> str:
+    assert a.model is not None and a.floor is not None
+    return (
+        f"the guest writes about {rate_text(a.model.rate)} over a working set of about "
+        f"{format_size(a.model.working_set)}, the link moves {rate_text(a.transfer_rate)}, "
+        f"the remainder settles near {format_size(a.floor)}"
+    )
+
+
+def _converging(a: Analysis, ctx: MigrationContext, now: float) -> str:
     text = (
-        f"copying finishes on its own: the remainder ({format_size(a.remaining)} now, "
-        f"settling near {format_size(a.floor)}) fits the {duration_text(ctx.blackout_budget)} "
-        f"blackout budget at {rate_text(a.transfer_rate)}; expected to finish in "
-        f"{duration_text(a.eta)}"
+        f"copying finishes on its own: the remainder ({format_size(a.remaining)} now) "
+        f"shrinks to fit the {duration_text(ctx.blackout_budget)} blackout budget at "
+        f"{rate_text(a.transfer_rate)}; expected to finish in {duration_text(a.eta)}"
     )
     if ctx.deadline_at is not None and a.eta is not None and now + a.eta > ctx.deadline_at:
         text += f", after the deadline in {duration_text(ctx.deadline_at - now)}"
     return text
 
 
+def _first_pass_too_long(
+    profile: Profile, a: Analysis, ctx: MigrationContext, now: float, settings: PolicySettings
+) -> str | None:
+    """Why even the current pass ends after the deadline with nothing else to finish it."""
+    if ctx.deadline_at is None or not a.transfer_rate or a.passes > 1:
+        return None
+    left = ctx.deadline_at - now
+    rest = a.remaining / a.transfer_rate
+    if rest <= left:
+        return None
+    # At the deadline the pass still has this much to send, plus what the guest dirtied.
+    behind = a.remaining - a.transfer_rate * max(left, 0.0)
+    copy = behind / a.transfer_rate
+    if handover_usable(profile, ctx) and copy * settings.handover_safety <= profile.max_degraded:
+        return None
+    stop = copy + ctx.switchover
+    if profile.may_pause and stop * settings.pause_safety <= profile.max_pause:
+        return None
+    return (
+        f"the first pass alone needs {duration_text(rest)} more, past the deadline in "
+        f"{duration_text(left)}, and nothing the profile allows could finish it by then "
+        f"({nothing_allowed(profile, ctx)}); cancelling now rather than at the deadline"
+    )
+
+
 def _raise_step(
     profile: Profile,
     a: Analysis,
     ctx: MigrationContext,
+    limit: float,
     rates: str,
     prediction: Prediction,
     settings: PolicySettings,
 ) -> Decision | None:
-    """One step up the blackout budget, when the floor fits `max_blackout`."""
+    """Raise the budget toward what the floor needs, when that fits after the switchover."""
     assert a.floor is not None and a.transfer_rate
     need = a.floor / a.transfer_rate
-    blackout = need + settings.device_state_seconds
+    blackout = need + ctx.switchover
     current = ctx.blackout_budget
-    if blackout > profile.max_blackout or current >= profile.max_blackout:
+    if need > limit or current >= limit:
         return None
     step = max(current * settings.blackout_step_factor, current + settings.blackout_min_step)
-    target = max(min(profile.max_blackout, need * settings.budget_margin), current)
-    new = min(profile.max_blackout, step, max(target, current + settings.blackout_min_step))
+    target = min(limit, need * settings.budget_margin)
+    new = min(limit, max(target, min(step, limit)))
     if new <= current:
         return None
     return Decision(
         Action.RAISE_BLACKOUT,
-        f"{rates}, about {duration_text(blackout)} of blackout, above the current budget of "
-        f"{duration_text(current)}; raising the budget to {duration_text(new)} "
-        f"(limit {duration_text(profile.max_blackout)})",
+        f"{rates}: about {duration_text(blackout)} of blackout with the switchover, above "
+        f"the current budget of {duration_text(current)}; raising the budget to "
+        f"{duration_text(new)} (limit {duration_text(profile.max_blackout)} including "
+        f"{duration_text(ctx.switchover)} of switchover)",
         prediction,
         blackout_budget=new,
     )
+
+
+def _hopeful_reading_converges(
+    a: Analysis, ctx: MigrationContext, limit: float, settings: PolicySettings
+) -> bool:
+    """Would a straight-line (unsaturated) reading of the one pair seen converge?"""
+    assert a.transfer_rate and a.latest is not None
+    first = next((r for r in a.records if r.duration is not None), None)
+    if first is None or first.duration is None:
+        return False
+    nxt = next((r for r in a.records if r.number == first.number + 1), None)
+    if nxt is None:
+        return False
+    hopeful = DirtyModel(nxt.size / first.duration, float(a.memory))
+    in_pass = max(0.0, a.latest.time - a.records[-1].started)
+    return project(
+        hopeful,
+        a.transfer_rate,
+        limit,
+        unsent=float(a.remaining),
+        elapsed_in_pass=in_pass,
+        overhead=a.overhead,
+        switchover=ctx.switchover,
+        settings=settings,
+    ).converges
 
 
 def _slowing(
@@ -171,100 +256,137 @@ def _slowing(
     now: float,
     settings: PolicySettings,
 ) -> str | None:
-    """Why waiting for the guest to be slowed will finish it, or None when it will not."""
+    """Why waiting for the guest to be slowed will finish it in time, or None."""
     plan = ctx.plan
     if not (plan.arm_slow_down and profile.may_slow_down) or a.latest is None:
         return None
+    if a.model is None or not a.transfer_rate or a.eta is None:
+        return None
+    if ctx.deadline_at is not None and now + a.eta > ctx.deadline_at:
+        return None
     level = min(max(a.latest.slowdown, 0.0), 1.0)
-    rate, change = a.transfer_rate, a.change_rate
-    if level >= settings.max_slowdown or not rate or not change or level >= 1.0:
-        return None
-    unslowed = change / (1 - level)
-    target_change = rate * (1 - settings.convergence_margin)
-    needed = 1 - target_change / unslowed
-    if needed <= level:
-        # The readings say the current level should do, yet copying does not converge: a
-        # pass only sees the pages it can re-send, so the change rate reads low. Expect
-        # at least one more step.
-        needed = level + (plan.slow_down_step or settings.slow_down_initial)
-    if needed > settings.max_slowdown:
-        return None
-    steps = 0
-    reached = level
-    while reached < needed:
-        if reached < plan.slow_down_initial:
-            reached = plan.slow_down_initial
-        elif plan.slow_down_step > 0:
-            reached += plan.slow_down_step
-        else:
-            return None
-        steps += 1
-    pass_time = a.finish_remaining / rate
-    slowed_change = unslowed * (1 - needed)
-    seconds = steps * settings.slow_down_passes_per_step * pass_time + eta_seconds(
-        a.finish_remaining,
-        rate,
-        slowed_change,
-        max(ctx.blackout_budget, 1e-6),
-        slowed_change * settings.min_pass_seconds,
-        settings.device_state_seconds,
-    )
-    if ctx.deadline_at is not None and now + seconds > ctx.deadline_at:
-        return None
     return (
-        f"the guest is being slowed ({level:.0%} now): it changes {rate_text(change)} "
-        f"while the link moves {rate_text(rate)}; copying should converge once the "
-        f"slow-down reaches about {needed:.0%}, in about {duration_text(seconds)}"
+        f"the guest is being slowed ({level:.0%} now): it writes about "
+        f"{rate_text(a.model.rate * (1 - level))} while the link moves "
+        f"{rate_text(a.transfer_rate)}; as the slow-down rises copying should converge, "
+        f"in about {duration_text(a.eta)}"
     )
 
 
-def _beyond_blackout(
+def _hope(
+    profile: Profile, a: Analysis, ctx: MigrationContext, now: float, settings: PolicySettings
+) -> str | None:
+    """Why waiting may still pay: the reason, or None when it has stopped paying."""
+    assert a.transfer_rate
+    limit = blackout_limit(profile, ctx)
+    if a.best_model is not None and a.latest is not None and a.best_model != a.model:
+        quiet = project(
+            a.best_model,
+            a.transfer_rate,
+            limit,
+            unsent=float(a.remaining),
+            elapsed_in_pass=0.0,
+            overhead=a.overhead,
+            switchover=ctx.switchover,
+            settings=settings,
+        )
+        if quiet.converges or _fits_somehow(profile, ctx, quiet.floor, a, settings):
+            return (
+                f"passes have been seen with the guest writing only "
+                f"{rate_text(a.best_model.rate)}, at which copying would finish: "
+                "waiting for a quieter phase"
+            )
+    if a.shrinking:
+        starts = a.pass_starts
+        return (
+            f"the remainder is still shrinking ({format_size(starts[-2])} -> "
+            f"{format_size(starts[-1])} a pass); waiting"
+        )
+    if not a.steady:
+        return "the rates still vary from pass to pass; waiting for steadier readings"
+    elapsed = now - ctx.started_at
+    if ctx.deadline_at is not None:
+        window = max(ctx.deadline_at - ctx.started_at, 0.0)
+        if elapsed < settings.patience * window:
+            return (
+                f"nothing seen so far would finish it, but the deadline is "
+                f"{duration_text(ctx.deadline_at - now)} away and workloads change; waiting "
+                f"until {settings.patience:.0%} of it has passed"
+            )
+    elif elapsed < settings.min_patience:
+        return "nothing seen so far would finish it; waiting a little longer for a change"
+    return None
+
+
+def _fits_somehow(
+    profile: Profile, ctx: MigrationContext, size: float, a: Analysis, settings: PolicySettings
+) -> bool:
+    """Whether a remainder of `size` could be finished by handover or a pause in bounds."""
+    assert a.transfer_rate
+    copy = size / a.transfer_rate
+    if handover_usable(profile, ctx) and copy * settings.handover_safety <= profile.max_degraded:
+        return True
+    stop = copy + ctx.switchover
+    return profile.may_pause and stop * settings.pause_safety <= profile.max_pause
+
+
+def _finish_within(
     profile: Profile,
     a: Analysis,
     ctx: MigrationContext,
-    rates: str,
+    head: str,
     prediction: Prediction,
     settings: PolicySettings,
-) -> Decision:
-    """Raising the blackout cannot finish it: handover, pause, wait, or cancel."""
-    assert a.transfer_rate
-    size = a.finish_remaining
-    copy = size / a.transfer_rate
-    degraded = copy * settings.handover_safety
-    pause = (copy + settings.device_state_seconds) * settings.pause_safety
-    head = f"copying cannot converge: {rates}"
+) -> Decision | None:
+    """Hand over or pause now, when either fits the profile's bound.
 
-    if handover_usable(profile, ctx) and degraded <= profile.max_degraded:
+    Only near the start of a pass: what the guest dirtied since is reported only when
+    the pass ends, so later in a pass the remainder is a guess.
+    """
+    assert a.transfer_rate
+    if not a.fresh:
+        return None
+    copy = a.finish_bound / a.transfer_rate
+    stop = copy + ctx.switchover
+    if handover_usable(profile, ctx) and copy * settings.handover_safety <= profile.max_degraded:
         return Decision(
             Action.HANDOVER,
             f"{head}; handing over now, about {duration_text(copy)} of degraded running "
             f"(limit {duration_text(profile.max_degraded)})",
             prediction,
         )
-    if profile.may_pause and pause <= profile.max_pause:
+    if profile.may_pause and stop * settings.pause_safety <= profile.max_pause:
         return Decision(
             Action.PAUSE,
-            f"{head}; pausing now, about "
-            f"{duration_text(copy + settings.device_state_seconds)} paused "
+            f"{head}; pausing now, about {duration_text(stop)} paused "
             f"(limit {duration_text(profile.max_pause)})",
             prediction,
         )
-    if a.shrinking:
-        starts = a.pass_starts
-        return Decision(
-            Action.CONTINUE,
-            f"{head}, but the remainder is still shrinking "
-            f"({format_size(starts[-2])} -> {format_size(starts[-1])} a pass); waiting",
-            prediction,
-        )
-    if a.confidence < settings.hope_confidence and a.passes_done < settings.max_hope_passes:
-        return Decision(
-            Action.CONTINUE,
-            f"{head}, but the rates are still unsteady (confidence {a.confidence:.0%}); "
-            "waiting for steadier readings before giving up",
-            prediction,
-        )
-    return Decision(Action.CANCEL, _cancel_reason(profile, ctx, head, copy, settings), prediction)
+    return None
+
+
+def _beyond_blackout(
+    profile: Profile,
+    a: Analysis,
+    ctx: MigrationContext,
+    now: float,
+    head: str,
+    prediction: Prediction,
+    settings: PolicySettings,
+) -> Decision:
+    """Neither blackout, handover nor pause finishes it now: slow, wait, or cancel."""
+    assert a.transfer_rate
+    copy = a.finish_bound / a.transfer_rate
+    stop = copy + ctx.switchover
+    slowing = _slowing(profile, a, ctx, now, settings)
+    if slowing is not None:
+        return Decision(Action.CONTINUE, slowing, prediction)
+    hope = _hope(profile, a, ctx, now, settings)
+    if hope is not None:
+        return Decision(Action.CONTINUE, f"{head}; {hope}", prediction)
+    return Decision(
+        Action.CANCEL, _cancel_reason(profile, ctx, head, copy, stop, settings), prediction
+    )
 
 
 def _cancel_reason(
@@ -272,11 +394,11 @@ def _cancel_reason(
     ctx: MigrationContext,
     head: str,
     copy: float,
+    stop: float,
     settings: PolicySettings,
 ) -> str:
-    blackout = copy + settings.device_state_seconds
     parts = [
-        f"a blackout would last about {duration_text(blackout)} "
+        f"a blackout would last about {duration_text(stop)} "
         f"(limit {duration_text(profile.max_blackout)})"
     ]
     if handover_usable(profile, ctx):
@@ -290,7 +412,7 @@ def _cancel_reason(
         parts.append("handover is forbidden")
     if profile.may_pause:
         parts.append(
-            f"a pause would last about {duration_text(blackout)} "
+            f"a pause would last about {duration_text(stop)} "
             f"(limit {duration_text(profile.max_pause)})"
         )
     else:
@@ -301,6 +423,7 @@ def _cancel_reason(
         parts.append("slowing the guest was not armed at start")
     else:
         parts.append("slowing the guest cannot bring it down in time")
+    parts.append("the rates have been steady long enough that waiting will not change this")
     return f"{head}; nothing this profile allows can finish it: {'; '.join(parts)}; cancelling"
 
 
@@ -314,7 +437,13 @@ def _on_deadline(
 ) -> Decision:
     assert ctx.deadline_at is not None
     took = duration_text(max(0.0, now - ctx.started_at))
-    why = f"deadline reached after {took}"
+    if now >= ctx.deadline_at:
+        why = f"deadline reached after {took}"
+    else:
+        why = (
+            f"the deadline is {duration_text(ctx.deadline_at - now)} away, about as long as "
+            "finishing takes"
+        )
     if profile.on_deadline is OnDeadline.CANCEL:
         return Decision(
             Action.CANCEL,
@@ -322,7 +451,13 @@ def _on_deadline(
             f"({format_size(a.remaining)} still to copy)",
             prediction,
         )
-    decision = finish_now(profile, a, ctx, False, why, settings)
+    if a.converges and a.eta is not None and now + a.eta <= ctx.deadline_at:
+        return Decision(
+            Action.CONTINUE,
+            f"{why}, but copying finishes on its own in {duration_text(a.eta)}, in time",
+            prediction,
+        )
+    decision = finish_now(profile, a, ctx, False, why, settings, within_only=True)
     if decision is not None:
         return decision
     return Decision(

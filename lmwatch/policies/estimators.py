@@ -1,9 +1,20 @@
-"""Estimates from a migration's samples: rates, remainder floor, ETA, blackout.
+"""Estimates from a migration's samples: passes, the dirtying model, floor, ETA, blackout.
 
-Section 4 of DESIGN.md in code. With transfer rate `B`, change rate `D` and the
-remainder `R(n)` at the start of pass `n`, copying shrinks the remainder by about
-`D / B` a pass (capped by the writable working set); the hypervisor completes on
-its own once `R <= B * budget`. Everything here is a pure function of its inputs.
+Section 4 of DESIGN.md in code. Everything here is a pure function of its inputs.
+
+The change rate a hypervisor reports is the number of *distinct* bytes dirtied
+during a pass divided by the pass's duration. A guest rewriting the same working
+set saturates it, so `remainder ≈ reported rate × pass time` is circular. Instead,
+each pair (duration of pass n, remainder at the start of pass n+1) observed is a
+point of the function `f(t)` = distinct bytes dirtied in `t` seconds, modelled as
+
+    f(t) = W · (1 − exp(−D·t / W))
+
+(`D` the write rate, `W` the working set; a large `W` makes it linear, `D·t`). The
+model is fitted to the recent pairs; a pass of `R / B` seconds leaves `f(R / B)`,
+so projecting pass after pass tells whether copying converges, the floor it
+settles at, and when it finishes. The final stop lasts the remainder's copy time
+plus the host pair's switchover cost.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lmwatch.model import MigrationContext, Prediction, Sample
+from lmwatch.model import MigrationContext, Phase, Prediction, Sample
 from lmwatch.units import format_duration, format_size
 
 
@@ -23,25 +34,118 @@ class PolicySettings:
 
     blackout_step_factor: float = 2.0  # each raise multiplies the budget...
     blackout_min_step: float = 0.05  # ...by at least this many seconds
-    initial_blackout: float = 0.3  # seconds; never above profile.max_blackout
+    initial_blackout: float = 0.3  # seconds; never above what max_blackout leaves
     ewma_alpha: float = 0.3
-    min_passes_for_verdict: int = 2  # completed passes before "never converges"
     max_slowdown: float = 0.99
     handover_safety: float = 1.2  # predicted degraded time * this must fit max_degraded
     pause_safety: float = 1.2  # predicted pause * this must fit max_pause
-    device_state_seconds: float = 0.05  # fixed part of any blackout
+    switchover_seconds: float = 0.05  # assumed switchover cost when nothing was measured
     budget_margin: float = 1.1  # a budget is set this much above the bare need
-    convergence_margin: float = 0.1  # D must stay below B * (1 - margin) to shrink
     plateau_ratio: float = 0.9  # a pass-start remainder above ratio * previous = no shrink
-    min_pass_seconds: float = 0.0  # shortest pass the hypervisor makes (sets a floor)
     slow_down_passes_per_step: int = 2  # the hypervisor raises the throttle this often
+    slow_down_bad_ratio: float = 0.5  # a pass is "bad" when it dirtied this share of its size
     slow_down_initial: float = 0.2  # start level when nothing says more is needed
     max_initial_slowdown: float = 0.6  # cap on a higher start level chosen at start
-    hope_confidence: float = 0.5  # below this, unstable rates still leave hope
-    max_hope_passes: int = 6  # completed passes after which instability is no excuse
+    fit_pairs: int = 4  # most recent (pass duration, remainder) pairs the model is fitted to
+    steady_variation: float = 0.15  # pass rates varying less than this are steady
+    steady_pairs: int = 4  # pairs needed before steadiness counts as evidence
+    patience: float = 0.5  # share of the deadline window waited before giving up early
+    min_patience: float = 300.0  # seconds waited before giving up when there is no deadline
+    convergence_margin: float = 0.1  # start plan: D above B * (1 - margin) will not converge
 
 
 DEFAULT = PolicySettings()
+
+_MAX_PROJECTED_PASSES = 400
+
+
+@dataclass(frozen=True, slots=True)
+class PassRecord:
+    """One pass whose start was observed."""
+
+    number: int
+    started: float  # clock seconds (estimated from the samples around the boundary)
+    size: float  # bytes it had to send
+    duration: float | None  # seconds, once the next pass has started
+    slowdown: float  # guest slow-down while it ran
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyModel:
+    """Distinct bytes the guest dirties in `t` seconds: `W·(1 − exp(−D·t/W))`."""
+
+    rate: float  # D, bytes/s (unslowed)
+    working_set: float  # W, bytes
+
+    def dirtied(self, seconds: float, slowdown: float = 0.0) -> float:
+        written = self.rate * max(0.0, 1.0 - slowdown) * max(0.0, seconds)
+        if self.working_set <= 0:
+            return 0.0
+        return self.working_set * -math.expm1(-written / self.working_set)
+
+    def with_rate(self, rate: float) -> DirtyModel:
+        return DirtyModel(rate=rate, working_set=self.working_set)
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """Passes projected from now on with a model, a bandwidth and a budget."""
+
+    converges: bool
+    seconds: float | None  # until the job completes (final stop included); None if never
+    floor: float  # remainder copying settles at (0 when it converges)
+    passes: int
+
+
+def project(
+    model: DirtyModel,
+    bandwidth: float,
+    budget: float,
+    *,
+    unsent: float,
+    elapsed_in_pass: float,
+    overhead: float,
+    switchover: float,
+    slowdown: float = 0.0,
+    slow_step: float = 0.0,
+    slow_initial: float = 0.0,
+    slow_armed: bool = False,
+    settings: PolicySettings | None = None,
+) -> Projection:
+    """Follow passes until the remainder fits `bandwidth * budget` or stops shrinking.
+
+    With slowing armed, the throttle rises like the hypervisor raises it: after
+    `slow_down_passes_per_step` passes in a row that dirtied at least
+    `slow_down_bad_ratio` of what they sent.
+    """
+    s = settings or DEFAULT
+    capacity = bandwidth * budget
+    seconds = unsent / bandwidth  # the rest of the current pass
+    duration = elapsed_in_pass + seconds
+    size = unsent + bandwidth * elapsed_in_pass
+    level = slowdown
+    bad = 0
+    previous = math.inf
+    for n in range(1, _MAX_PROJECTED_PASSES + 1):
+        left = model.dirtied(duration, level)
+        if left <= capacity:
+            return Projection(True, seconds + left / bandwidth + switchover, 0.0, n)
+        if slow_armed:
+            bad = bad + 1 if left >= s.slow_down_bad_ratio * size else 0
+            if bad >= s.slow_down_passes_per_step:
+                bad = 0
+                level = slow_initial if level <= 0 else level + slow_step
+                level = min(s.max_slowdown, level)
+        settled = abs(left - previous) <= 0.005 * previous and (
+            not slow_armed or level >= s.max_slowdown
+        )
+        if settled:
+            return Projection(False, None, left, n)
+        previous = left
+        size = left
+        duration = left / bandwidth + overhead
+        seconds += duration
+    return Projection(False, None, previous, _MAX_PROJECTED_PASSES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,26 +154,29 @@ class Analysis:
 
     latest: Sample | None
     transfer_rate: float | None  # B, bytes/s; None when never measured
-    change_rate: float | None  # D as measured (already slowed), None when unknown
-    remaining: int  # R now
+    change_rate: float | None  # what the hypervisor reports (distinct bytes per pass second)
+    remaining: int  # R now: bytes the current pass still has to send
     memory: int  # M
-    passes: int  # pass in progress (1 = first full pass)
-    pass_starts: tuple[int, ...]  # remainder at the start of each observed pass
-    pass_seconds: float | None  # duration of the latest completed pass
-    floor: int | None  # remainder copying settles at
+    passes: int  # pass in progress, as the hypervisor counts (1 = first full pass)
+    records: tuple[PassRecord, ...]  # passes whose start was observed
+    model: DirtyModel | None  # fitted to the recent pairs; None before there is evidence
+    best_model: DirtyModel | None  # the quietest rate observed, for "is there hope"
+    pairs: int  # (pass duration, next remainder) pairs observed
+    overhead: float  # seconds per pass when nothing is sent (bitmap sync and the like)
+    floor: int | None  # remainder copying settles at with the current budget
     converges: bool | None  # finishes on its own with the current budget
     eta: float | None
     confidence: float
-    shrinking: bool  # remainder still shrinking from pass to pass
+    shrinking: bool  # pass-start remainders still shrinking
+    steady: bool  # pass rates steady enough that waiting will not change them
+    finish_remaining: int  # bytes left to move if the guest stopped now (expected)
+    finish_bound: int  # the same, assuming the fastest writing seen (for acting on it)
+    fresh: bool  # the current pass began moments ago, so what it left is well known
+    switchover: float
 
     @property
-    def passes_done(self) -> int:
-        return max(0, self.passes - 1)
-
-    @property
-    def finish_remaining(self) -> int:
-        """Remainder to move if finished now (pages dirtied this pass included)."""
-        return max(self.remaining, self.floor or 0)
+    def pass_starts(self) -> tuple[int, ...]:
+        return tuple(int(r.size) for r in self.records)
 
     def seconds_for(self, size: float) -> float | None:
         """Time to move `size` bytes at the transfer rate."""
@@ -77,14 +184,18 @@ class Analysis:
             return None
         return size / self.transfer_rate
 
-    def prediction(self, device_state_seconds: float) -> Prediction:
-        seconds = self.seconds_for(self.remaining)
+    def stop_seconds(self) -> float | None:
+        """A final stop now: copying what is left (at most) plus the switchover cost."""
+        copy = self.seconds_for(self.finish_bound)
+        return None if copy is None else copy + self.switchover
+
+    def prediction(self) -> Prediction:
         return Prediction(
             transfer_rate=self.transfer_rate or 0.0,
             change_rate=self.change_rate or 0.0,
             remaining=self.remaining,
             eta_seconds=self.eta,
-            blackout_seconds=None if seconds is None else seconds + device_state_seconds,
+            blackout_seconds=self.stop_seconds(),
             converges=self.converges,
             floor_bytes=self.floor,
             confidence=self.confidence,
@@ -101,51 +212,17 @@ def _ewma(values: Sequence[float], alpha: float) -> float | None:
 
 
 def _variation(values: Sequence[float]) -> float:
-    """Coefficient of variation of the last few readings (0 = perfectly steady)."""
-    recent = list(values[-5:])
-    if len(recent) < 2:
+    """Coefficient of variation (0 = perfectly steady)."""
+    if len(values) < 2:
         return 0.0
-    mean = statistics.fmean(recent)
+    mean = statistics.fmean(values)
     if mean <= 0:
         return 0.0
-    return statistics.pstdev(recent) / mean
-
-
-def _pass_starts(history: Sequence[Sample], memory: int) -> tuple[list[int], list[float]]:
-    """Remainder at the start of each observed pass and the time each started."""
-    starts: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for sample in history:
-        n = sample.passes
-        if n < 1:
-            continue
-        starts[n] = max(starts.get(n, 0), sample.memory_remaining)
-        times.setdefault(n, sample.time)
-    if 1 in starts:
-        starts[1] = max(starts[1], memory)
-    ordered = sorted(starts)
-    return [starts[n] for n in ordered], [times[n] for n in ordered]
-
-
-_STALL_WINDOW = 3  # recent passes whose remainders are compared with the ones before
-
-
-def _stalled(starts: Sequence[int], ratio: float) -> bool:
-    """The remainder has stopped shrinking over several passes (noise tolerated).
-
-    Rates can say copying converges while every pass leaves the same few megabytes
-    behind (the hypervisor cannot make a pass shorter than its bookkeeping); then
-    the observed remainders, not the rates, tell the floor.
-    """
-    if len(starts) < 2 * _STALL_WINDOW + 1:  # pass 1 (all memory) is never compared
-        return False
-    recent = min(starts[-_STALL_WINDOW:])
-    before = min(starts[-2 * _STALL_WINDOW : -_STALL_WINDOW])
-    return recent >= ratio * before
+    return statistics.pstdev(values) / mean
 
 
 def _transfer_rate(history: Sequence[Sample], alpha: float) -> float | None:
-    readings = [s.transfer_rate for s in history if s.transfer_rate > 0]
+    readings = [s.transfer_rate for s in history[-30:] if s.transfer_rate > 0]
     rate = _ewma(readings, alpha)
     if rate is not None:
         return rate
@@ -157,82 +234,244 @@ def _transfer_rate(history: Sequence[Sample], alpha: float) -> float | None:
     return None
 
 
-def _change_rate(
-    history: Sequence[Sample], starts: Sequence[int], times: Sequence[float], alpha: float
-) -> float | None:
-    """EWMA of measured change rates; inferred from pass remainders when unmeasured."""
-    readings = [s.change_rate for s in history if s.passes >= 2 and s.change_rate > 0]
-    rate = _ewma(readings, alpha)
-    if rate is not None:
-        return rate
-    # What a pass leaves behind was dirtied while the previous pass ran.
-    if len(starts) >= 2 and times[-1] > times[-2]:
-        return starts[-1] / (times[-1] - times[-2])
-    return None
+def observe_passes(
+    history: Sequence[Sample], ctx: MigrationContext, bandwidth: float | None
+) -> list[PassRecord]:
+    """Passes whose start the samples show, with their sizes and durations.
+
+    A pass's start is known when the samples show the pass before it (the boundary
+    lies between the last sample of one and the first of the next), or for pass 1,
+    which starts with the migration. After a restart the samples begin mid-pass:
+    that pass is not counted, so evidence is rebuilt from what is seen, never
+    guessed from a single sample.
+    """
+    first: dict[int, Sample] = {}
+    last: dict[int, Sample] = {}
+    peak: dict[int, int] = {}
+    order: list[int] = []
+    for sample in history:
+        n = sample.passes
+        if n < 1:
+            continue
+        if n not in first:
+            first[n] = sample
+            order.append(n)
+            peak[n] = sample.memory_remaining
+        else:
+            peak[n] = max(peak[n], sample.memory_remaining)
+        last[n] = sample
+    starts: list[tuple[int, float, float, float]] = []  # number, start, size, slowdown
+    previous: int | None = None
+    for n in order:
+        head = first[n]
+        start: float | None = None
+        if n == 1:
+            start = ctx.started_at
+            size = float(max(peak[n], head.memory_total or ctx.memory_bytes))
+        elif previous == n - 1 and bandwidth:
+            tail = last[n - 1]
+            end = tail.time + tail.memory_remaining / bandwidth
+            start = min(max(end, tail.time), head.time)
+            size = max(float(peak[n]), head.memory_remaining + bandwidth * (head.time - start))
+        if start is not None:
+            starts.append((n, start, size, head.slowdown))
+        previous = n
+    records: list[PassRecord] = []
+    for i, (n, start, size, slow) in enumerate(starts):
+        duration = None
+        if i + 1 < len(starts) and starts[i + 1][0] == n + 1:
+            duration = max(starts[i + 1][1] - start, 1e-6)
+        records.append(PassRecord(n, start, size, duration, slow))
+    return records
 
 
-def eta_seconds(
-    remaining: float, rate: float, change: float, budget: float, floor: float, device: float
-) -> float:
-    """Seconds until completion, simulating passes until the remainder fits the budget."""
-    seconds = remaining / rate
-    left = max(floor, change * seconds)
-    for _ in range(1000):
-        if left <= rate * budget:
-            break
-        pass_time = left / rate
-        seconds += pass_time
-        left = max(floor, change * pass_time)
-    return seconds + left / rate + device
+def _pairs(
+    records: Sequence[PassRecord], history: Sequence[Sample]
+) -> list[tuple[float, float, float]]:
+    """(duration of pass n, slow-down during it, size of pass n+1), oldest first.
+
+    From consecutive passes whose boundaries the samples show; and where passes are
+    shorter than the time between samples (several passes between two samples), from
+    their average: k passes in `dt` seconds that sent `moved` bytes each lasted about
+    `dt / k` and left about `moved / k` for the next.
+    """
+    timed: list[tuple[float, tuple[float, float, float]]] = []
+    for a, b in zip(records, records[1:], strict=False):
+        if a.duration is not None and b.number == a.number + 1:
+            timed.append((b.started, (a.duration, a.slowdown, b.size)))
+    for a, b in zip(history, history[1:], strict=False):
+        jump = b.passes - a.passes
+        if jump < 2 or a.passes < 2 or b.phase is not Phase.COPYING:
+            continue
+        moved = b.memory_transferred - a.memory_transferred
+        elapsed = b.time - a.time
+        if moved >= 0 and elapsed > 0:
+            timed.append((b.time, (elapsed / jump, b.slowdown, moved / jump)))
+    timed.sort(key=lambda item: item[0])
+    return [pair for _, pair in timed]
+
+
+def _solve_working_set(rate: float, seconds: float, dirtied: float, cap: float) -> float:
+    """W with W·(1 − exp(−rate·seconds/W)) = dirtied (W in [dirtied, cap])."""
+    written = rate * seconds
+    if written <= dirtied * 1.001:
+        return cap
+    lo, hi = dirtied, cap
+    if hi * -math.expm1(-written / hi) <= dirtied:
+        return cap
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mid * -math.expm1(-written / mid) < dirtied:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def fit_model(
+    pairs: Sequence[tuple[float, float, float]],
+    memory: float,
+    measured_rate: float | None = None,
+) -> DirtyModel | None:
+    """The dirtying model that best explains the pairs (least squares in log space).
+
+    One pair fixes one point of `f`: a change rate measured before the start (over a
+    short window it is close to the write rate) then tells how saturated it is;
+    without it the straight line through the point is taken, the most hopeful
+    reading, which the next pair corrects.
+    """
+    points = [(t * (1 - slow), r) for t, slow, r in pairs if t > 0 and r > 0 and slow < 1]
+    if not pairs:
+        return None
+    if not points:  # passes left nothing behind: the guest does not write
+        return DirtyModel(rate=0.0, working_set=max(memory, 1.0))
+    cap = max(memory, max(r for _, r in points) * 1.0001)
+    if len(points) == 1:
+        t, r = points[0]
+        linear = r / t
+        if measured_rate is not None and measured_rate > linear * 1.2:
+            return DirtyModel(measured_rate, _solve_working_set(measured_rate, t, r, cap))
+        return DirtyModel(linear, cap)
+    top = max(r for _, r in points)
+    best: tuple[float, DirtyModel] | None = None
+    for k in range(41):
+        w = top * 1.0005 * (cap / (top * 1.0005)) ** (k / 40) if cap > top * 1.0005 else cap
+        ys = [-w * math.log1p(-min(r / w, 0.999999)) for _, r in points]
+        d = sum(y * t for y, (t, _) in zip(ys, points, strict=True)) / sum(t * t for t, _ in points)
+        if d <= 0:
+            continue
+        model = DirtyModel(d, w)
+        error = 0.0
+        for t, r in points:
+            predicted = max(model.dirtied(t), 1.0)
+            error += math.log(predicted / r) ** 2
+        if best is None or error < best[0] - 1e-12:
+            best = (error, model)
+    return None if best is None else best[1]
+
+
+def _pair_rates(pairs: Sequence[tuple[float, float, float]], model: DirtyModel) -> list[float]:
+    """The write rate each pair implies, given the fitted working set."""
+    w = model.working_set
+    rates = []
+    for t, slow, r in pairs:
+        effective = t * (1 - slow)
+        if effective <= 0 or r <= 0:
+            rates.append(0.0)
+            continue
+        rates.append(-w * math.log1p(-min(r / w, 0.999999)) / effective)
+    return rates
 
 
 def analyse(
     history: Sequence[Sample], ctx: MigrationContext, settings: PolicySettings = DEFAULT
 ) -> Analysis:
-    """Derive rates, floor, convergence and ETA from the samples so far."""
+    """Derive rates, the dirtying model, floor, convergence and ETA from the samples."""
+    if not isinstance(history, list | tuple):
+        history = tuple(history)
     latest = history[-1] if history else None
     memory = latest.memory_total if latest and latest.memory_total > 0 else ctx.memory_bytes
     remaining = latest.memory_remaining if latest else memory
     passes = latest.passes if latest else 0
-    starts, times = _pass_starts(history, memory)
     rate = _transfer_rate(history, settings.ewma_alpha)
-    change = _change_rate(history, starts, times, settings.ewma_alpha) if passes >= 2 else None
-    pass_seconds = times[-1] - times[-2] if len(times) >= 2 else None
-    shrinking = len(starts) >= 2 and starts[-1] < settings.plateau_ratio * starts[-2]
-    plateau = len(starts) >= 3 and not shrinking
-    stalled = _stalled(starts, settings.plateau_ratio)
+    records = observe_passes(history, ctx, rate)
+    pairs = _pairs(records, history)
+    recent = pairs[-settings.fit_pairs :]
+    model = fit_model(recent, memory, ctx.change_rate_before_start)
+    overheads = [
+        max(0.0, d - a.size / rate)
+        for a in records
+        if rate and (d := a.duration) is not None and a.number >= 2
+    ]
+    overhead = statistics.median(overheads[-5:]) if overheads else 0.0
+    reported = [s.change_rate for s in history[-30:] if s.passes >= 2 and s.change_rate > 0]
+    change = _ewma(reported, settings.ewma_alpha)
+
+    level = latest.slowdown if latest else 0.0
+    current = records[-1] if records and records[-1].number == passes else None
+    in_pass = max(0.0, latest.time - current.started) if latest and current else 0.0
+    poll = history[-1].time - history[-2].time if len(history) >= 2 else 1.0
+    fresh = current is None or in_pass <= max(2.0 * poll, 0.1 * current.size / (rate or 1.0))
+    if len(history) >= 2 and history[-1].passes - history[-2].passes >= 2:
+        fresh = True  # passes are shorter than the time between samples
+    finish = float(remaining)
+    if model is not None:
+        dirtied = model.dirtied(in_pass, level)
+        finish = min(max(model.working_set, remaining), remaining + dirtied)
+    elif passes <= 1 and ctx.change_rate_before_start and latest is not None:
+        finish = min(memory, remaining + ctx.change_rate_before_start * in_pass)
+    # What the guest dirtied since the pass began is not reported until it ends: for
+    # acting on it, assume it wrote up to twice the fastest rate seen so far.
+    fastest = max(
+        [model.rate * (1 - level) if model else 0.0, ctx.change_rate_before_start or 0.0]
+        + reported[-5:]
+    )
+    bound = remaining + (2 * fastest * in_pass if latest is not None and current else 0.0)
+    if latest is not None and current is None:  # the pass's start was not seen
+        bound = float(max(remaining, memory if passes <= 1 else remaining))
+    finish_bound = max(finish, min(float(memory), bound))
+
+    best_model: DirtyModel | None = None
+    steady = False
+    if model is not None and pairs:
+        rates = _pair_rates(pairs, model)
+        positive = [r for r in rates if r > 0]
+        best_model = model.with_rate(min(positive)) if positive else model
+        window = rates[-settings.steady_pairs :]
+        steady = (
+            len(window) >= settings.steady_pairs and _variation(window) < settings.steady_variation
+        )
 
     floor: int | None = None
     converges: bool | None = None
     eta: float | None = None
-    if rate and change is not None and passes >= 2:
-        if change < rate * (1 - settings.convergence_margin):
-            value = change * settings.min_pass_seconds
-            if plateau:  # the samples say it stopped shrinking, whatever the rates say
-                value = max(value, min(starts[-1], starts[-2]))
-            if stalled:  # passes keep leaving about the same remainder behind
-                value = max(value, min(starts[-_STALL_WINDOW:]))
-        else:  # it will not shrink: the remainder stays at (or grows to) the working set
-            value = max(starts[-1], remaining)
-        floor = int(value)
-        converges = floor <= rate * ctx.blackout_budget
-        if converges:
-            eta = eta_seconds(
-                remaining,
-                rate,
-                change,
-                ctx.blackout_budget,
-                floor,
-                settings.device_state_seconds,
-            )
+    if model is not None and rate and latest is not None:
+        plan = ctx.plan
+        outlook = project(
+            model,
+            rate,
+            ctx.blackout_budget,
+            unsent=float(remaining),
+            elapsed_in_pass=in_pass,
+            overhead=overhead,
+            switchover=ctx.switchover,
+            slowdown=level,
+            slow_step=plan.slow_down_step,
+            slow_initial=plan.slow_down_initial,
+            slow_armed=plan.arm_slow_down,
+            settings=settings,
+        )
+        converges = outlook.converges
+        floor = int(outlook.floor)
+        eta = outlook.seconds
 
+    sizes = [r.size for r in records if r.number >= 2]
+    shrinking = len(sizes) >= 2 and sizes[-1] < settings.plateau_ratio * sizes[-2]
     confidence = 0.0
-    if passes >= 2 and rate:
-        evidence = min(1.0, (passes - 1) / max(1, settings.min_passes_for_verdict))
-        rates = [s.transfer_rate for s in history if s.transfer_rate > 0]
-        changes = [s.change_rate for s in history if s.passes >= 2 and s.change_rate > 0]
-        steadiness = 1.0 - min(1.0, max(_variation(rates), _variation(changes)))
-        confidence = round(evidence * steadiness, 3)
+    if model is not None and len(recent) >= 1:
+        evidence = min(1.0, len(recent) / 3)
+        variation = _variation(_pair_rates(recent, model)) if len(recent) >= 2 else 0.5
+        confidence = round(evidence * (1.0 - min(1.0, variation)), 3)
 
     return Analysis(
         latest=latest,
@@ -241,13 +480,21 @@ def analyse(
         remaining=remaining,
         memory=memory,
         passes=passes,
-        pass_starts=tuple(starts),
-        pass_seconds=pass_seconds,
+        records=tuple(records),
+        model=model,
+        best_model=best_model,
+        pairs=len(pairs),
+        overhead=overhead,
         floor=floor,
         converges=converges,
         eta=eta,
         confidence=confidence,
         shrinking=shrinking,
+        steady=steady,
+        finish_remaining=int(finish),
+        finish_bound=int(finish_bound),
+        fresh=fresh,
+        switchover=ctx.switchover,
     )
 
 
@@ -255,7 +502,7 @@ def estimate(
     history: Sequence[Sample], ctx: MigrationContext, settings: PolicySettings = DEFAULT
 ) -> Prediction:
     """The prediction reported on every migration (ETA, blackout, convergence)."""
-    return analyse(history, ctx, settings).prediction(settings.device_state_seconds)
+    return analyse(history, ctx, settings).prediction()
 
 
 def rate_text(rate: float | None) -> str:

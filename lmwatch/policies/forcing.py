@@ -31,6 +31,15 @@ class ForceRefused(Exception):
         self.reason = reason
 
 
+def blackout_limit(profile: Profile, ctx: MigrationContext) -> float:
+    """The largest budget to hand the hypervisor: `max_blackout` less the switchover.
+
+    The hypervisor stops the guest once the remainder's copy fits the budget; the
+    switchover (stopping, moving device state, resuming) comes on top of it.
+    """
+    return max(0.0, profile.max_blackout - ctx.switchover)
+
+
 def handover_usable(profile: Profile, ctx: MigrationContext) -> bool:
     """Handover needs the profile's permission *and* arming at start."""
     return profile.handover_allowed and ctx.plan.arm_handover
@@ -54,20 +63,33 @@ def finish_now(
     accept_pause: bool,
     why: str,
     settings: PolicySettings = DEFAULT,
+    *,
+    within_only: bool = False,
 ) -> Decision | None:
     """The least disruptive way to finish now, or None when the profile allows none.
 
     `why` opens each reason, e.g. "finishing on request" or "deadline reached".
+    `within_only` keeps to the profile's bounds (no handover or pause beyond them).
     """
-    prediction = analysis.prediction(settings.device_state_seconds)
-    size = analysis.finish_remaining
+    prediction = analysis.prediction()
+    size = analysis.finish_bound
     copy = analysis.seconds_for(size)
-    blackout = None if copy is None else copy + settings.device_state_seconds
+    blackout = None if copy is None else copy + ctx.switchover
     left = f"{format_size(size)} left"
+    limit = blackout_limit(profile, ctx)
 
     if copy is not None and blackout is not None and blackout <= profile.max_blackout:
-        budget = min(profile.max_blackout, copy * settings.budget_margin)
-        if budget <= ctx.blackout_budget:
+        budget = min(limit, copy * settings.budget_margin)
+        if budget > ctx.blackout_budget:
+            return Decision(
+                Action.RAISE_BLACKOUT,
+                f"{why}: raising the blackout budget to {duration_text(budget)} finishes it, "
+                f"about {duration_text(blackout)} of blackout for the {left} "
+                f"(limit {duration_text(profile.max_blackout)})",
+                prediction,
+                blackout_budget=budget,
+            )
+        if not within_only:  # at a deadline the budget has evidently not finished it
             return Decision(
                 Action.CONTINUE,
                 f"{why}: the current blackout budget of {duration_text(ctx.blackout_budget)} "
@@ -75,14 +97,6 @@ def finish_now(
                 f"with about {duration_text(blackout)} of blackout",
                 prediction,
             )
-        return Decision(
-            Action.RAISE_BLACKOUT,
-            f"{why}: raising the blackout budget to {duration_text(budget)} finishes it, "
-            f"about {duration_text(blackout)} of blackout for the {left} "
-            f"(limit {duration_text(profile.max_blackout)})",
-            prediction,
-            blackout_budget=budget,
-        )
 
     usable = handover_usable(profile, ctx)
     if usable and copy is not None and copy * settings.handover_safety <= profile.max_degraded:
@@ -94,6 +108,8 @@ def finish_now(
         and pause * settings.pause_safety <= profile.max_pause
     ):
         return _pause(why, left, pause, profile, prediction, within=True)
+    if within_only:
+        return None
     if usable:
         return _handover(why, left, copy, profile, prediction, within=False)
     if profile.may_pause:
@@ -174,11 +190,11 @@ def force_complete(
         return Decision(
             Action.CONTINUE,
             f"nothing to force: {done}",
-            analysis.prediction(settings.device_state_seconds),
+            analysis.prediction(),
         )
     decision = finish_now(profile, analysis, ctx, accept_pause, "finishing on request", settings)
     if decision is None:
-        size = format_size(analysis.finish_remaining)
+        size = format_size(analysis.finish_bound)
         raise ForceRefused(
             f"profile {profile.name!r} allows no way to finish now with {size} left: "
             f"{nothing_allowed(profile, ctx)}; accept a pause to force it"

@@ -25,14 +25,21 @@ def plan_start(
     change_rate: float | None,
     bandwidth: float | None,
     settings: PolicySettings = DEFAULT,
+    switchover: float | None = None,
 ) -> StartPlan:
-    """Arm what the profile allows and the hosts support; pick the first budget."""
+    """Arm what the profile allows and the hosts support; pick the first budget.
+
+    The budget leaves room for the switchover cost (learned for the host pair, or
+    the conservative default), so that the blackout stays within `max_blackout`.
+    """
     arm_handover = profile.handover_allowed and capabilities.handover
     arm_slow_down = profile.may_slow_down and capabilities.slow_down
-    budget = min(settings.initial_blackout, profile.max_blackout)
+    switch = settings.switchover_seconds if switchover is None else switchover
+    budget = min(settings.initial_blackout, max(0.0, profile.max_blackout - switch))
     parts = [
         f"{info.name} ({format_size(info.memory_bytes)}) starts with a "
-        f"{duration_text(budget)} blackout budget (limit {duration_text(profile.max_blackout)})"
+        f"{duration_text(budget)} blackout budget (limit {duration_text(profile.max_blackout)}, "
+        f"{duration_text(switch)} of it for the switchover)"
     ]
 
     if arm_handover:

@@ -1,0 +1,105 @@
+"""lmwatch's own policy as a benchmark controller.
+
+It does what the engine does for one migration, without the I/O: `plan_start`
+with the hosts' capabilities, the pre-start change-rate measurement and the
+switchover cost learned for the host pair, then `decide` on every sample, with
+decisions turned into commands exactly as the engine applies them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+
+from lmwatch import policies
+from lmwatch.bench.controller import (
+    Cancel,
+    Command,
+    Controller,
+    Handover,
+    Pause,
+    SetBudget,
+    Setting,
+)
+from lmwatch.model import (
+    Action,
+    Capabilities,
+    InstanceInfo,
+    JobResult,
+    MigrationContext,
+    Sample,
+    StartPlan,
+)
+
+HISTORY = 900  # samples kept, as the engine keeps them
+
+
+class LmwatchController:
+    """Plans with `policies.plan_start` and decides with `policies.decide`."""
+
+    name = "lmwatch"
+    poll_interval = 1.0  # the engine's default
+
+    def __init__(self, setting: Setting, settings: policies.PolicySettings | None = None) -> None:
+        self.setting = setting
+        self.settings = settings or policies.DEFAULT
+        self.history: deque[Sample] = deque(maxlen=HISTORY)
+        self.ctx: MigrationContext | None = None
+        self.predictions: list[tuple[float, float | None]] = []
+        self.reasons: list[tuple[float, str, str]] = []
+
+    def start(self) -> StartPlan:
+        s = self.setting
+        info = InstanceInfo(name=s.workload, uuid=s.workload, host="a", memory_bytes=s.memory)
+        capabilities = Capabilities(handover=True, slow_down=True, bandwidth=s.bandwidth)
+        plan = policies.plan_start(
+            s.profile,
+            info,
+            capabilities,
+            s.change_rate,
+            s.bandwidth,
+            self.settings,
+            switchover=s.switchover,
+        )
+        self.ctx = MigrationContext(
+            started_at=0.0,
+            memory_bytes=s.memory,
+            plan=plan,
+            blackout_budget=plan.blackout_budget,
+            deadline_at=policies.deadline_at(s.profile, s.memory, 0.0),
+            switchover=s.switchover,
+            change_rate_before_start=s.change_rate,
+        )
+        return plan
+
+    def step(self, sample: Sample, now: float) -> Sequence[Command]:
+        assert self.ctx is not None, "start() first"
+        self.history.append(sample)
+        decision = policies.decide(self.setting.profile, self.history, self.ctx, now, self.settings)
+        prediction = decision.prediction
+        if prediction is not None and sample.passes >= 2:
+            self.predictions.append((now, prediction.eta_seconds))
+        action = decision.action
+        if action is not Action.CONTINUE:
+            self.reasons.append((now, action.value, decision.reason))
+        if action is Action.RAISE_BLACKOUT:
+            assert decision.blackout_budget is not None
+            self.ctx = replace(self.ctx, blackout_budget=decision.blackout_budget)
+            return [SetBudget(decision.blackout_budget)]
+        if action is Action.PAUSE:
+            self.ctx = replace(self.ctx, paused=True)
+            return [Pause()]
+        if action is Action.HANDOVER:
+            self.ctx = replace(self.ctx, handed_over=True)
+            return [Handover()]
+        if action is Action.CANCEL:
+            return [Cancel()]
+        return []
+
+    def finished(self, result: JobResult) -> None:
+        return None
+
+
+def lmwatch_factory(setting: Setting) -> Controller:
+    return LmwatchController(setting)

@@ -28,6 +28,7 @@ the operator set, while slowing degrades the guest for many passes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 from lmwatch.model import Action, Decision, MigrationContext, Prediction, Sample
 from lmwatch.policies.estimators import (
     DEFAULT,

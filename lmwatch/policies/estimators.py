@@ -19,6 +19,7 @@ plus the host pair's switchover cost.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -296,10 +297,10 @@ def _pairs(
     `dt / k` and left about `moved / k` for the next.
     """
     timed: list[tuple[float, tuple[float, float, float]]] = []
-    for a, b in zip(records, records[1:], strict=False):
-        if a.duration is not None and b.number == a.number + 1:
-            timed.append((b.started, (a.duration, a.slowdown, b.size)))
-    for a, b in zip(history, history[1:], strict=False):
+    for rec_a, rec_b in itertools.pairwise(records):
+        if rec_a.duration is not None and rec_b.number == rec_a.number + 1:
+            timed.append((rec_b.started, (rec_a.duration, rec_a.slowdown, rec_b.size)))
+    for a, b in itertools.pairwise(history):
         jump = b.passes - a.passes
         if jump < 2 or a.passes < 2 or b.phase is not Phase.COPYING:
             continue
@@ -423,8 +424,11 @@ def analyse(
     # What the guest dirtied since the pass began is not reported until it ends: for
     # acting on it, assume it wrote up to twice the fastest rate seen so far.
     fastest = max(
-        [model.rate * (1 - level) if model else 0.0, ctx.change_rate_before_start or 0.0]
-        + reported[-5:]
+        [
+            model.rate * (1 - level) if model else 0.0,
+            ctx.change_rate_before_start or 0.0,
+            *reported[-5:],
+        ]
     )
     bound = remaining + (2 * fastest * in_pass if latest is not None and current else 0.0)
     if latest is not None and current is None:  # the pass's start was not seen

@@ -197,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--verbose", action="store_true", help="show every timeline entry (no folding)"
     )
+
+    from lmwatch.bench.__main__ import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="decision benchmark in virtual time: lmwatch against other systems' policies",
+    )
+    add_bench_arguments(bench)
     return parser
 
 
@@ -255,6 +263,10 @@ async def dispatch(
         return profiles_check(out, args.file)
     if args.command == "simulate":
         return await simulate_command(out, args)
+    if args.command == "bench":
+        from lmwatch.bench.__main__ import bench_command
+
+        return bench_command(out, args)
     from lmwatch.client import ApiError, Client, resolve_token, resolve_url
 
     handler = _API_COMMANDS[

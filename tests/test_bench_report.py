@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from lmwatch.bench.corpus import GBIT, GIB, Workload
+from lmwatch import cli
+from lmwatch.bench.corpus import GBIT, GIB, Workload, generate, load_corpus
 from lmwatch.bench.report import (
     BOUND,
     HEADERS,
@@ -21,8 +26,12 @@ from lmwatch.bench.report import (
 )
 from lmwatch.bench.runner import Run
 from lmwatch.drivers.inventory import ConstantRate
+from lmwatch.model import StartPlan
 from lmwatch.profiles.schema import Profile
 
+HYPERVISOR_WORDS = re.compile(
+    r"post-?copy|suspend|downtime|auto-?converge|libvirt|qemu|xbzrle", re.IGNORECASE
+)
 PROFILE = Profile.model_validate(
     {"name": "p", "max_blackout": "300ms", "deadline": "20m", "on_deadline": "cancel"}
 )
@@ -145,3 +154,99 @@ def test_files_are_written(tmp_path: Path) -> None:
     alone = summarize([r for r in runs() if r.controller != BOUND], WORKLOADS, [PROFILE])
     _, empty = write_report(tmp_path / "alone", alone)
     assert empty.stat().st_size > 1000
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+class _Idle:
+    name = "idle"
+    poll_interval = 2.0
+
+    def __init__(self, setting: Any) -> None:
+        self.setting = setting
+
+    def start(self) -> StartPlan:
+        return StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+
+    def step(self, sample: Any, now: float) -> list[Any]:
+        return []
+
+    def finished(self, result: Any) -> None:
+        return None
+
+
+def _bound_runs(workloads: Any, profiles: Any, *, processes: int = 1) -> list[Run]:
+    return [
+        replace(BASE, workload=w.name, profile=p.name, controller=BOUND, total_seconds=1.0)
+        for w in workloads
+        for p in profiles
+    ]
+
+
+@pytest.fixture
+def fake_controllers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmwatch.bench import __main__ as command
+
+    bound = SimpleNamespace(bound_runs=_bound_runs)
+    monkeypatch.setattr(
+        command,
+        "available_controllers",
+        lambda: ({"lmwatch": _Idle, "idle": _Idle}, ["a baseline"], bound),
+    )
+
+
+async def _cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    status = await cli.run(argv, stdout=out, stderr=err)
+    return status, out.getvalue(), err.getvalue()
+
+
+async def test_bench_command_writes_results_and_gates(
+    tmp_path: Path, fake_controllers: None
+) -> None:
+    status, out, err = await _cli(
+        "bench", "--seed", "1", "--count", "3", "--out", str(tmp_path), "--processes", "1"
+    )
+    assert status == 0, err
+    assert "not available: a baseline" in out
+    assert "latency-critical  lmwatch" in out and BOUND in out
+    assert {p.name for p in tmp_path.iterdir()} == {"results.json", "report.png", "corpus.yaml"}
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["seed"] == 1 and data["meta"]["count"] == 3
+    assert len(data["runs"]) == 3 * 3 * 3
+    assert load_corpus(tmp_path / "corpus.yaml") == generate(1, 3)
+    # The idle controller breaks promises on some of these: the gate says which.
+    status, out, _ = await _cli(
+        "bench",
+        "--corpus",
+        str(tmp_path / "corpus.yaml"),
+        "--controllers",
+        "lmwatch,bound",
+        "--out",
+        str(tmp_path / "gate"),
+        "--processes",
+        "1",
+        "--gate",
+    )
+    assert status == 1
+    assert "gate: FAILED" in out and "runs with violations" in out
+    assert not HYPERVISOR_WORDS.search(out)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--controllers", "lmwatch,nobody"], "unknown controller nobody"),
+        (["--corpus", "x.yaml", "--seed", "2"], "cannot be combined"),
+        (["--corpus", "/nonexistent.yaml"], "cannot read"),
+        (["--controllers", "idle", "--gate"], "--gate needs the lmwatch controller"),
+        (["--count", "0"], "at least 1"),
+    ],
+)
+async def test_bench_command_usage_errors(
+    argv: list[str], message: str, fake_controllers: None, tmp_path: Path
+) -> None:
+    status, _, err = await _cli("bench", "--out", str(tmp_path), *argv)
+    assert status == 2
+    assert message in err

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy as copylib
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -190,6 +190,10 @@ class Simulation:
     def advance_to(self, t: float) -> None:
         """Move to `t` seconds since start, applying link events due on the way."""
         migration = self.migration
+        if self._next_event >= len(self._events):  # the common case: no event left
+            if t > migration.elapsed:
+                migration.advance(t - migration.elapsed)
+            return
         while self._next_event < len(self._events) and self._events[self._next_event].at <= t:
             event = self._events[self._next_event]
             if migration.phase.finished:
@@ -328,8 +332,11 @@ def run(
     *,
     switchover: float = DEFAULT_SWITCHOVER,
     limit: float | None = None,
+    name: str | None = None,
 ) -> Run:
-    """One migration of `workload` decided by the controller `factory` builds."""
+    """One migration of `workload` decided by the controller `factory` builds.
+
+    The run is recorded under `name`, or the controller's own name."""
     controller = factory(setting_for(workload, profile, switchover))
     poll = float(controller.poll_interval)
     if not poll > 0:
@@ -343,7 +350,7 @@ def run(
     migration = simulation.migration
     while True:
         simulation.advance_to(min(migration.elapsed + poll, end))
-        if migration.phase.finished or migration.elapsed >= end - _EPS:
+        if migration.finished_at is not None or migration.elapsed >= end - _EPS:
             break
         sample = simulation.sample()
         now = migration.elapsed
@@ -356,7 +363,7 @@ def run(
         controller.finished(simulation.result())
     return simulation.record(
         profile=profile.name,
-        controller=controller.name,
+        controller=controller.name if name is None else name,
         decisions=decisions,
         eta=_first_eta(controller, first_pass_ended),
     )
@@ -372,10 +379,17 @@ def _chunk(task: tuple[int, int]) -> list[Run]:
     workload = _JOB["workloads"][workload_index]
     profile = _JOB["profiles"][profile_index]
     runs = []
-    for factory in _JOB["factories"]:
+    for name, factory in _JOB["factories"]:
         try:
             runs.append(
-                run(workload, profile, factory, switchover=_JOB["switchover"], limit=_JOB["limit"])
+                run(
+                    workload,
+                    profile,
+                    factory,
+                    switchover=_JOB["switchover"],
+                    limit=_JOB["limit"],
+                    name=name,
+                )
             )
         except Exception as error:
             raise RuntimeError(
@@ -388,7 +402,7 @@ def _chunk(task: tuple[int, int]) -> list[Run]:
 def run_many(
     workloads: Sequence[Workload],
     profiles: Sequence[Profile],
-    factories: Sequence[ControllerFactory],
+    factories: Sequence[ControllerFactory] | Mapping[str, ControllerFactory],
     processes: int = 2,
     *,
     switchover: float = DEFAULT_SWITCHOVER,
@@ -397,13 +411,19 @@ def run_many(
     """Every (workload, profile, controller) run, in that nesting order.
 
     Work is split into (workload, profile) chunks over `processes` forked workers;
-    the result order does not depend on how many there are.
+    the result order does not depend on how many there are. Runs are recorded
+    under the factories' keys when given a mapping, else under the controllers' names.
     """
+    named: list[tuple[str | None, ControllerFactory]] = (
+        list(factories.items())
+        if isinstance(factories, Mapping)
+        else [(None, factory) for factory in factories]
+    )
     tasks = [(w, p) for w in range(len(workloads)) for p in range(len(profiles))]
     _JOB.update(
         workloads=list(workloads),
         profiles=list(profiles),
-        factories=list(factories),
+        factories=named,
         switchover=switchover,
         limit=limit,
     )

@@ -54,6 +54,7 @@ WRITERS: tuple[WriterName, WriterName] = ("sequential", "random")
 DEV_SEEDS = (1, 2, 3)
 REPORT_SEED = 20261202
 MAX_FIRST_PASS = 900.0  # seconds: the generator keeps one full copy of memory below this
+MAX_WRITE_RATE = 32.0 * GIB  # bytes/s: the generator's typical change rate stays below this
 
 
 class CorpusError(ValueError):
@@ -435,7 +436,8 @@ def draw(seed: int, index: int) -> Workload:
     if memory / (gbits * GBIT) > MAX_FIRST_PASS:  # one full copy must fit in 15 minutes
         gbits = _log_uniform(rng, memory / MAX_FIRST_PASS / GBIT, 100.0)
     bandwidth = parse_rate(f"{_number(_sig(gbits))}Gbit/s")
-    level = bandwidth * _log_uniform(rng, 0.1, 10.0)  # change rate relative to the link
+    # The change rate relative to the link, no faster than a guest can write memory.
+    level = min(bandwidth * _log_uniform(rng, 0.5, 50.0), MAX_WRITE_RATE)
     pattern = _change_rate(rng, shape, level)
     switchover = parse_duration(f"{round(_log_uniform(rng, 10.0, 300.0))}ms")
     first_pass = memory / bandwidth

@@ -27,6 +27,7 @@ from lmwatch.logs import get_logger
 from lmwatch.metrics import Metrics
 from lmwatch.model import (
     Action,
+    Capabilities,
     Decision,
     JobResult,
     Method,
@@ -66,6 +67,8 @@ class EngineSettings:
     continue_log_interval: float = 30.0  # how often an unchanged "continue" is logged
     history: int = 900  # samples kept per migration for the estimators
     measure_change_rate: bool = True
+    change_rate_max_age: float = 600.0  # seconds a pre-start measurement is reused for
+    switchover_memory: int = 20  # measured switchover costs kept per host pair
     policy: policies.PolicySettings = field(default_factory=policies.PolicySettings)
 
 
@@ -85,6 +88,8 @@ class _Supervision:
     failures: int = 0
     progress_saved_at: float = 0.0
     cancelling: bool = False  # a cancel reached the hypervisor; wait for it to end
+    change_rate: float | None = None  # measured (or reused) before start
+    handed_over_at: float | None = None  # clock time the instance resumed on the destination
 
 
 def _fingerprint(request: MigrationRequest) -> str:
@@ -141,6 +146,10 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.settings = settings or EngineSettings()
         self._supervisions: dict[str, _Supervision] = {}
+        # Switchover costs measured on completed migrations, per (source, destination).
+        self._switchovers: dict[tuple[str, str], deque[float]] = {}
+        # Change rates measured before start, per instance: (clock time, bytes/s).
+        self._change_rates: dict[str, tuple[float, float]] = {}
         self._submit_lock = asyncio.Lock()
         self._started = False
         self._stopping = False
@@ -150,6 +159,8 @@ class Engine:
     async def start(self) -> None:
         """Take back every migration the store holds as unfinished, then run the queue."""
         self._started = True
+        for record in self.store.list(State.COMPLETED):
+            self._learn_switchover(record)
         for record in self.store.unfinished():
             profile = Profile.model_validate(record.profile)
             supervision = self._track(record, profile)
@@ -456,9 +467,8 @@ class Engine:
         request = self._request(record)
         try:
             capabilities = await self.driver.capabilities(record.source, record.destination)
-            change_rate = None
-            if self.settings.measure_change_rate and capabilities.measure_change_rate:
-                change_rate = await self._measure_change_rate(supervision)
+            change_rate = await self._change_rate_for_start(supervision, capabilities)
+            supervision.change_rate = change_rate
             info = await self.driver.describe(record.instance, record.source)
             plan = policies.plan_start(
                 supervision.profile,
@@ -467,6 +477,7 @@ class Engine:
                 change_rate,
                 capabilities.bandwidth,
                 self.settings.policy,
+                switchover=self.switchover(record.source, record.destination),
             )
             started_at = self.clock.now()
             deadline = policies.deadline_at(supervision.profile, record.memory_bytes, started_at)
@@ -493,6 +504,49 @@ class Engine:
         self.metrics.started.labels(record.profile_name).inc()
         self._update(supervision, "state", "copying started", state=State.COPYING)
         return True
+
+    async def _change_rate_for_start(
+        self, supervision: _Supervision, capabilities: Capabilities
+    ) -> float | None:
+        """The change rate for the start plan: reused when recent, skipped when it cannot
+        change the plan (the profile does not allow slowing), measured otherwise."""
+        record = supervision.record
+        if not (self.settings.measure_change_rate and capabilities.measure_change_rate):
+            return None
+        if not (supervision.profile.may_slow_down and capabilities.slow_down):
+            return None  # only the slow-down level depends on it; the passes will tell
+        recent = self._change_rates.get(record.instance)
+        now = self.clock.now()
+        if recent is not None and now - recent[0] <= self.settings.change_rate_max_age:
+            return recent[1]
+        rate = await self._measure_change_rate(supervision)
+        if rate is not None:
+            self._change_rates[record.instance] = (self.clock.now(), rate)
+        return rate
+
+    def switchover(self, source: str, destination: str) -> float:
+        """Seconds of switchover to plan with between two hosts (learned, or the default)."""
+        measured = self._switchovers.get((source, destination), ())
+        return policies.learned_switchover(measured, self.settings.policy.switchover_seconds)
+
+    def _learn_switchover(self, record: MigrationRecord) -> None:
+        outcome = record.outcome or {}
+        blackout = outcome.get("blackout_seconds")
+        if record.state is not State.COMPLETED or not isinstance(blackout, int | float):
+            return
+        if record.paused or outcome.get("method") == Method.PAUSED.value:
+            return  # a pause's length depends on what was left, not on the hosts
+        progress = record.progress or {}
+        measured = policies.measured_switchover(
+            float(blackout),
+            handed_over=record.handed_over,
+            budget=float(record.blackout_budget or 0.0),
+            remaining=float(progress.get("memory_remaining_seen") or 0.0),
+            rate=float(progress.get("transfer_rate") or 0.0),
+        )
+        key = (record.source, record.destination)
+        kept = self._switchovers.setdefault(key, deque(maxlen=self.settings.switchover_memory))
+        kept.append(measured)
 
     async def _measure_change_rate(self, supervision: _Supervision) -> float | None:
         """The guest's change rate before start; a failed measurement is not fatal."""
@@ -591,6 +645,8 @@ class Engine:
             changes: dict[str, Any] = {"state": state}
             if state is State.HANDOVER:
                 changes["handed_over"] = True
+                if supervision.handed_over_at is None:
+                    supervision.handed_over_at = self.clock.now()
             self._update(supervision, "state", f"now {state.value}", **changes)
 
     def _refresh_profile(self, supervision: _Supervision) -> None:
@@ -645,6 +701,8 @@ class Engine:
             deadline_at=record.deadline_at,
             paused=record.paused,
             handed_over=record.handed_over,
+            switchover=self.switchover(record.source, record.destination),
+            change_rate_before_start=supervision.change_rate,
         )
 
     async def _apply(self, supervision: _Supervision, decision: Decision, *, origin: str) -> None:
@@ -676,6 +734,7 @@ class Engine:
                 await self.driver.pause(record.id)
             elif action is Action.HANDOVER:
                 await self.driver.handover(record.id)
+                supervision.handed_over_at = self.clock.now()
             elif action is Action.CANCEL:
                 await self.driver.cancel(record.id)
                 supervision.cancelling = True
@@ -764,6 +823,9 @@ class Engine:
         )
         if result.note:
             self._event(supervision, "note", result.note)
+        if state is State.COMPLETED:
+            self._check_profile(supervision, result, total)
+            self._learn_switchover(supervision.record)
         self.metrics.finished.labels(state.value, method.value).inc()
         self.metrics.duration.labels(method.value).observe(total)
         if result.blackout_seconds is not None:
@@ -776,6 +838,40 @@ class Engine:
             method=method.value,
             blackout=result.blackout_seconds,
         )
+
+    def _check_profile(self, supervision: _Supervision, result: JobResult, total: float) -> None:
+        """Record every way the completed migration exceeded its profile."""
+        record = supervision.record
+        profile = supervision.profile
+        degraded = None
+        if supervision.handed_over_at is not None and record.finished_at is not None:
+            degraded = max(0.0, record.finished_at - supervision.handed_over_at)
+        finish = policies.Finish(
+            blackout=result.blackout_seconds,
+            paused=result.paused or record.paused,
+            handed_over=result.handed_over or record.handed_over,
+            degraded=degraded,
+            slowdown=result.slowdown,
+            total=total,
+            deadline=profile.deadline_seconds(record.memory_bytes),
+        )
+        for violation in policies.violations(profile, finish):
+            self.metrics.violations.labels(profile.name, violation.kind).inc()
+            self._event(
+                supervision,
+                "violation",
+                f"profile {profile.name!r} exceeded: {violation.text}",
+                data={"kind": violation.kind},
+            )
+            log.warning(
+                "profile-violation",
+                migration=record.id,
+                instance=record.instance,
+                source=record.source,
+                destination=record.destination,
+                kind=violation.kind,
+                reason=violation.text,
+            )
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -810,8 +906,12 @@ class Engine:
     def _publish(
         self, supervision: _Supervision, sample: Sample, prediction: Prediction | None
     ) -> None:
+        seen = sample.memory_remaining
+        if sample.phase is not Phase.COPYING and supervision.record.progress:
+            seen = int(supervision.record.progress.get("memory_remaining_seen") or seen)
         progress: dict[str, Any] = {
             "time": sample.time,
+            "memory_remaining_seen": seen,  # last remainder seen while copying
             "memory_total": sample.memory_total,
             "memory_remaining": sample.memory_remaining,
             "memory_transferred": sample.memory_transferred,

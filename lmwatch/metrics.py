@@ -39,6 +39,13 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.violations = Counter(
+            "lmwatch_profile_violations",
+            "Completed migrations that exceeded their profile, by profile and kind "
+            "(blackout, pause, handover, slow-down, deadline).",
+            ["profile", "kind"],
+            registry=r,
+        )
         self.profile_reload_failures = Counter(
             "lmwatch_profile_reload_failures", "Profile reloads rejected as invalid.", registry=r
         )

@@ -116,7 +116,9 @@ class PredictionOut(_Response):
 
 class TimelineEntry(_Response):
     at: Timestamp
-    kind: str = Field(description="state, decision, note or error.")
+    kind: str = Field(
+        description="state, decision, note, error, or violation (the profile was exceeded)."
+    )
     action: str | None
     state: State | None
     reason: str

@@ -8,15 +8,27 @@ from lmwatch.policies.estimators import DEFAULT, PolicySettings, estimate
 from lmwatch.policies.forcing import ForceRefused, force_complete
 from lmwatch.policies.review import review_profile_change
 from lmwatch.policies.start import deadline_at, plan_start
+from lmwatch.policies.violations import (
+    Finish,
+    Violation,
+    learned_switchover,
+    measured_switchover,
+    violations,
+)
 
 __all__ = [
     "DEFAULT",
+    "Finish",
     "ForceRefused",
     "PolicySettings",
+    "Violation",
     "deadline_at",
     "decide",
     "estimate",
     "force_complete",
+    "learned_switchover",
+    "measured_switchover",
     "plan_start",
     "review_profile_change",
+    "violations",
 ]

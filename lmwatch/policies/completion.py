@@ -308,11 +308,12 @@ def _hope(
     elapsed = now - ctx.started_at
     if ctx.deadline_at is not None:
         window = max(ctx.deadline_at - ctx.started_at, 0.0)
-        if elapsed < settings.patience * window:
+        wait = min(0.5 * window, max(settings.min_patience, settings.patience * window))
+        if elapsed < wait:
             return (
                 f"nothing seen so far would finish it, but the deadline is "
-                f"{duration_text(ctx.deadline_at - now)} away and workloads change; waiting "
-                f"until {settings.patience:.0%} of it has passed"
+                f"{duration_text(ctx.deadline_at - now)} away and workloads change phase; "
+                f"waiting {duration_text(wait - elapsed)} more before giving up"
             )
     elif elapsed < settings.min_patience:
         return "nothing seen so far would finish it; waiting a little longer for a change"

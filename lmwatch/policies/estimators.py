@@ -50,8 +50,10 @@ class PolicySettings:
     fit_pairs: int = 4  # most recent (pass duration, remainder) pairs the model is fitted to
     steady_variation: float = 0.15  # pass rates varying less than this are steady
     steady_pairs: int = 4  # pairs needed before steadiness counts as evidence
-    patience: float = 0.5  # share of the deadline window waited before giving up early
-    min_patience: float = 300.0  # seconds waited before giving up when there is no deadline
+    # Giving up early on steady, hopeless readings waits this share of the deadline
+    # window, at least `min_patience` seconds, and never more than half the window.
+    patience: float = 0.25
+    min_patience: float = 300.0
     convergence_margin: float = 0.1  # start plan: D above B * (1 - margin) will not converge
 
 

@@ -1,4 +1,4 @@
-"""Estimators: rates, floor, convergence, ETA, blackout and confidence."""
+"""Estimators: rates, the dirtying model, floor, convergence, ETA, blackout and confidence."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmwatch.model import MIB
-from lmwatch.policies import DEFAULT, estimate
+from lmwatch.policies import estimate
+from lmwatch.policies.estimators import DirtyModel, analyse, fit_model, project
 
 try:
     from test_policies_support import Workload, context, history, workload
@@ -21,50 +22,110 @@ except ImportError:  # tests collected as a package
         workload,
     )
 
+SWITCHOVER = 0.04  # unlike the support's default, so the tests see which one is used
+
+# Known defects of the policy (reported to its owner); the tests below state the
+# intended behaviour and are expected to fail until the defect is fixed.
+PROJECT_STOPS_AFTER_ONE_PASS = (
+    "estimators.project(): `previous` starts at math.inf, so `abs(left - previous) <= "
+    "0.005 * previous` is inf <= inf on the first projected pass: any remainder that "
+    "does not fit the budget after one more pass is reported as a floor"
+)
+FIT_UNDERESTIMATES_SATURATED_RATE = (
+    "estimators.fit_model(): the write rate comes from a regression through the origin "
+    "of y = -W ln(1 - r/W) on t; pairs at the working set all have the same capped y, "
+    "so long passes pull D down (pairs 20.48s->100MiB, 1s->100MiB give D ~ 39MiB/s, "
+    "f(1s) ~ 32MiB instead of 100MiB)"
+)
+
+
+def _at_pass_start(samples: list, passes: int) -> list:  # type: ignore[type-arg]
+    """The samples up to the first one of pass `passes` (a fresh pass start)."""
+    first = next(i for i, s in enumerate(samples) if s.passes == passes)
+    return samples[: first + 1]
+
 
 @pytest.mark.parametrize(
     ("w", "passes", "converges", "floor_mib"),
     [
-        (workload(4096, 0, 100, 1024), 2, True, 0),  # idle
-        (workload(2048, 30, 100, 512), 3, True, 0),  # busy, converging
-        (workload(2048, 150, 100, 1024), 3, False, 1024),  # stuck at the working set
-        (workload(2048, 150, 100, 100), 3, False, 100),  # small working set, needs ~1s
-        (workload(2048, 95, 100, 2048), 2, False, None),  # D within the margin of B
+        pytest.param(workload(4096, 0, 100, 1024), 2, True, 0, id="idle"),
+        pytest.param(
+            workload(2048, 30, 100, 512),
+            3,
+            True,
+            0,
+            id="busy-converging",
+            marks=pytest.mark.xfail(strict=True, reason=PROJECT_STOPS_AFTER_ONE_PASS),
+        ),
+        pytest.param(workload(2048, 30, 100, 512), 4, True, 0, id="busy-converging-later"),
+        pytest.param(workload(2048, 150, 100, 1024), 3, False, 1024, id="stuck-at-working-set"),
+        pytest.param(
+            workload(2048, 150, 100, 100),
+            3,
+            False,
+            100,
+            id="small-working-set-needs-1s",
+            marks=pytest.mark.xfail(strict=True, reason=FIT_UNDERESTIMATES_SATURATED_RATE),
+        ),
+        # Random writers: the reported rate saturates (distinct pages per pass second)
+        pytest.param(workload(2048, 30, 100, 512, "random"), 3, True, 0, id="random-converging"),
+        # D = 3 B over 1 GiB: settles at the fixed point R = W (1 - exp(-3 R / W)), 0.94 W
+        pytest.param(workload(2048, 300, 100, 1024, "random"), 3, False, 963, id="random-stuck"),
     ],
 )
 def test_convergence_table(
     w: Workload, passes: int, converges: bool, floor_mib: int | None
 ) -> None:
-    samples = history(w, max_passes=passes, polls_per_pass=2)
+    samples = _at_pass_start(history(w, max_passes=passes + 1, polls_per_pass=2), passes)
     assert samples[-1].passes == passes
-    p = estimate(samples, context(w))
+    p = estimate(samples, context(w, switchover=SWITCHOVER))
     assert p.converges is converges
     assert p.transfer_rate == pytest.approx(w.bandwidth)
-    assert p.change_rate == pytest.approx(w.change)
+    # The change rate is what the hypervisor reported (distinct bytes per pass
+    # second): never above what the guest writes.
+    assert 0 <= p.change_rate <= w.change * 1.001
     if floor_mib is not None:
-        assert p.floor_bytes == pytest.approx(floor_mib * MIB, rel=0.01)
+        assert p.floor_bytes == pytest.approx(floor_mib * MIB, rel=0.04)
     assert (p.eta_seconds is not None) is converges
+    # At a pass start the remainder is known exactly: its copy plus the switchover.
     assert p.blackout_seconds == pytest.approx(
-        samples[-1].memory_remaining / w.bandwidth + DEFAULT.device_state_seconds
+        samples[-1].memory_remaining / w.bandwidth + SWITCHOVER
     )
+
+
+def test_reported_change_rate_is_not_the_write_rate() -> None:
+    """A guest writing 3x the link's rate over 1 GiB is reported far slower than it writes;
+    the model recovers the write rate and the working set from the pass remainders."""
+    w = workload(2048, 300, 100, 1024, "random")
+    samples = _at_pass_start(history(w, max_passes=4, polls_per_pass=2), 3)
+    a = analyse(samples, context(w))
+    assert a.change_rate is not None and a.change_rate < 0.35 * w.change
+    assert a.model is not None
+    assert a.model.rate > w.bandwidth  # faster than the link: no hope of converging
+    assert a.model.working_set == pytest.approx(w.working_set, rel=0.05)
 
 
 def test_first_pass_has_no_verdict_and_ignores_zero_change_rate() -> None:
     w = workload(2048, 150, 100, 1024)
     samples = history(w, max_passes=1)[:1]
-    p = estimate(samples, context(w))
+    p = estimate(samples, context(w, switchover=SWITCHOVER))
     assert p.converges is None
     assert p.change_rate == 0.0
     assert p.confidence == 0.0
     assert p.eta_seconds is None
-    assert p.blackout_seconds == pytest.approx(20.48 + DEFAULT.device_state_seconds)
+    assert p.blackout_seconds == pytest.approx(20.48 + SWITCHOVER)
 
 
-def test_change_rate_inferred_from_pass_remainders_when_not_reported() -> None:
-    w = workload(2048, 40, 100, 2048)
+def test_write_rate_inferred_from_pass_remainders_when_not_reported() -> None:
+    """The hypervisor reports no change rate: the prediction does not invent one, but
+    the model still reads the guest's writing from what each pass left behind."""
+    w = workload(2048, 40, 100, 2048, "random")
     samples = history(w, max_passes=3, report_change=False)
-    p = estimate(samples, context(w))
-    assert p.change_rate == pytest.approx(w.change, rel=0.05)
+    a = analyse(samples, context(w))
+    assert a.prediction().change_rate == 0.0
+    assert a.model is not None
+    assert a.model.rate == pytest.approx(w.change, rel=0.05)
+    assert a.converges is not None
 
 
 def test_transfer_rate_from_bytes_moved_when_not_reported() -> None:
@@ -74,31 +135,51 @@ def test_transfer_rate_from_bytes_moved_when_not_reported() -> None:
     assert p.transfer_rate == pytest.approx(w.bandwidth)
 
 
-@pytest.mark.parametrize("change_mib", [10, 30, 60])
-def test_eta_matches_when_the_model_completes(change_mib: float) -> None:
-    w = workload(2048, change_mib, 100, 1024)
+def _eta_case(change: float, writer: str, seen: int, tolerance: float, bug: bool = False):  # type: ignore[no-untyped-def]
+    marks = [pytest.mark.xfail(strict=True, reason=PROJECT_STOPS_AFTER_ONE_PASS)] if bug else []
+    return pytest.param(
+        change, writer, seen, tolerance, id=f"{writer}-{change}-pass{seen}", marks=marks
+    )
+
+
+@pytest.mark.parametrize(
+    ("change_mib", "writer", "seen", "tolerance"),
+    [
+        # Finishing at the end of pass 2: one pass of evidence is enough.
+        _eta_case(10, "sequential", 2, 0.2),
+        _eta_case(10, "random", 2, 0.2),
+        # Longer: after two passes the model knows how saturated the writing is. The
+        # saturating model only approximates a sequential writer's hard cap at W.
+        _eta_case(30, "sequential", 3, 0.2, bug=True),
+        _eta_case(60, "sequential", 3, 0.3, bug=True),
+        _eta_case(30, "random", 3, 0.2, bug=True),
+        _eta_case(60, "random", 3, 0.2, bug=True),
+    ],
+)
+def test_eta_matches_when_the_model_completes(
+    change_mib: float, writer: str, seen: int, tolerance: float
+) -> None:
+    w = workload(2048, change_mib, 100, 1024, writer)
     samples = history(w, max_passes=40)
+    assert samples[-1].phase.value == "completing"
     finished = samples[-1].time + samples[-1].memory_remaining / w.bandwidth
-    second = next(i for i, s in enumerate(samples) if s.passes == 2)
-    if samples[second].phase.finished or samples[second].phase.value != "copying":
-        pytest.skip("completed at the end of the first pass")
-    p = estimate(samples[: second + 1], context(w))
+    start = next(i for i, s in enumerate(samples) if s.passes == seen)
+    assert samples[start].phase.value == "copying"
+    p = estimate(samples[: start + 1], context(w, switchover=SWITCHOVER))
     assert p.converges is True and p.eta_seconds is not None
-    expected = finished - samples[second].time + DEFAULT.device_state_seconds
-    assert p.eta_seconds == pytest.approx(expected, rel=0.2, abs=0.2)
+    expected = finished - samples[start].time + SWITCHOVER
+    assert p.eta_seconds == pytest.approx(expected, rel=tolerance, abs=0.2)
 
 
 def test_confidence_grows_with_passes_and_drops_with_unsteady_rates() -> None:
-    w = workload(2048, 150, 100, 1024)
+    w = workload(2048, 150, 100, 1024, "random")
     samples = history(w, max_passes=5)
     values = [estimate(samples[:cut], context(w)).confidence for cut in range(1, len(samples) + 1)]
     assert values == sorted(values)
-    assert values[-1] == pytest.approx(1.0)
-    noisy = [
-        replace(s, transfer_rate=s.transfer_rate * (0.3 if i % 2 else 1.7))
-        for i, s in enumerate(samples)
-    ]
-    assert estimate(noisy, context(w)).confidence < 0.6
+    assert values[-1] == pytest.approx(1.0, abs=0.02)
+    # The guest's writing changes from pass to pass: the model explains it poorly.
+    unsteady = history(w, max_passes=5, changes=[150 * MIB, 40 * MIB, 300 * MIB, 60 * MIB])
+    assert estimate(unsteady, context(w)).confidence < 0.6
 
 
 def test_empty_history() -> None:
@@ -148,3 +229,85 @@ def test_a_remainder_stuck_above_the_budget_is_not_called_converging() -> None:
     p = estimate(samples, context(w))
     assert p.converges is False
     assert p.floor_bytes is not None and p.floor_bytes >= 4.9 * MIB
+
+
+# --- the dirtying model and the projection ---------------------------------------------
+
+
+def _random_passes(rate: float, working_set: float, passes: int):  # type: ignore[no-untyped-def]
+    """(duration, slow-down, next remainder) of the passes a random writer makes at 100 MiB/s."""
+    model = DirtyModel(rate, working_set)
+    pairs = []
+    duration = 20.48  # pass 1: 2 GiB
+    for _ in range(passes):
+        left = model.dirtied(duration)
+        pairs.append((duration, 0.0, left))
+        duration = left / (100 * MIB)
+    return pairs
+
+
+@pytest.mark.parametrize(
+    ("rate_mib", "tolerance"),
+    # Once D*t is several times W, f hardly depends on D: the rate is loosely determined.
+    [(150, 0.05), (300, 0.2)],
+)
+def test_fit_recovers_a_random_writer_from_its_pass_remainders(
+    rate_mib: float, tolerance: float
+) -> None:
+    model = fit_model(_random_passes(rate_mib * MIB, 1024 * MIB, 4), 2048 * MIB)
+    assert model is not None
+    assert model.rate == pytest.approx(rate_mib * MIB, rel=tolerance)
+    assert model.working_set == pytest.approx(1024 * MIB, rel=0.02)
+
+
+def test_fit_of_one_pair_is_the_hopeful_straight_line_unless_measured_faster() -> None:
+    (pair,) = _random_passes(300 * MIB, 1024 * MIB, 1)
+    hopeful = fit_model([pair], 2048 * MIB)
+    assert hopeful is not None
+    assert hopeful.rate == pytest.approx(pair[2] / 20.48)  # 50 MiB/s: looks like it converges
+    measured = fit_model([pair], 2048 * MIB, measured_rate=300 * MIB)
+    assert measured is not None
+    assert measured.rate == pytest.approx(300 * MIB)
+    assert measured.working_set == pytest.approx(1024 * MIB, rel=0.01)
+
+
+@pytest.mark.xfail(strict=True, reason=FIT_UNDERESTIMATES_SATURATED_RATE)
+def test_fit_explains_passes_that_all_left_the_working_set() -> None:
+    pairs = [(20.48, 0.0, 100.0 * MIB), (1.0, 0.0, 100.0 * MIB), (1.0, 0.0, 100.0 * MIB)]
+    model = fit_model(pairs, 2048 * MIB)
+    assert model is not None
+    assert model.dirtied(1.0) >= 0.9 * 100 * MIB
+
+
+@pytest.mark.xfail(strict=True, reason=PROJECT_STOPS_AFTER_ONE_PASS)
+def test_projection_follows_passes_until_the_remainder_fits() -> None:
+    """D = 30 % of B: each pass leaves under a third of the last; 500 MiB fits 0.3 s after
+    a few passes."""
+    outlook = project(
+        DirtyModel(30 * MIB, 1024 * MIB),
+        100 * MIB,
+        0.3,
+        unsent=500 * MIB,
+        elapsed_in_pass=0.0,
+        overhead=0.0,
+        switchover=0.05,
+    )
+    assert outlook.converges and outlook.passes >= 2
+    assert outlook.seconds is not None and 5.0 < outlook.seconds < 8.0
+
+
+@pytest.mark.xfail(strict=True, reason=PROJECT_STOPS_AFTER_ONE_PASS)
+def test_projection_settles_at_the_fixed_point() -> None:
+    """D = 3 B over 1 GiB settles where R = W (1 - exp(-3 R / W)), about 0.94 W, whatever
+    the remainder projected from."""
+    outlook = project(
+        DirtyModel(300 * MIB, 1024 * MIB),
+        100 * MIB,
+        0.3,
+        unsent=200 * MIB,
+        elapsed_in_pass=0.0,
+        overhead=0.0,
+        switchover=0.05,
+    )
+    assert not outlook.converges and outlook.seconds is None
+    assert outlook.floor == pytest.approx(0.9405 * 1024 * MIB, rel=0.01)

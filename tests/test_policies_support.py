@@ -1,14 +1,20 @@
 """Synthetic pass-by-pass migrations for the policy tests (no tests here).
 
 The model is DESIGN.md section 4: pass 1 copies all memory `M` at `B`; each later
-pass starts with what the guest dirtied during the previous one,
-`R(n+1) = min(W, D_eff * t_pass(n))`, and the hypervisor completes once
-`R <= B * budget`. Slowing (when armed) steps the throttle up every few passes
-while copying does not converge, and `D_eff = D * (1 - slowdown)`.
+pass starts with the distinct bytes the guest dirtied during the previous one,
+`R(n+1) = f(t_pass(n))` with `f(t) = min(W, D_eff * t)` for a sequential writer and
+`f(t) = W * (1 - exp(-D_eff * t / W))` for a random one, and the hypervisor
+completes once `R <= B * budget`; the blackout is then `R / B` plus the switchover
+cost. The change rate reported from pass 2 on is what a hypervisor reports:
+distinct bytes dirtied during the previous pass over its duration, `f(t) / t`,
+which falls below `D` once the working set saturates. Slowing (when armed) steps
+the throttle up like the hypervisor: after a few passes in a row that each
+dirtied at least half of what they sent; `D_eff = D * (1 - slowdown)`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -30,6 +36,20 @@ class Workload:
     change: float  # bytes/s the guest rewrites when not slowed
     bandwidth: float  # bytes/s
     working_set: int  # bytes the guest keeps rewriting
+    writer: str = "sequential"  # sequential: distinct bytes grow linearly to W; random: saturate
+
+    def dirtied(self, seconds: float, slowdown: float = 0.0) -> float:
+        """Distinct bytes dirtied in `seconds` of writing at `D * (1 - slowdown)`."""
+        written = self.change * (1 - slowdown) * max(0.0, seconds)
+        if self.working_set <= 0:
+            return 0.0
+        if self.writer == "random":
+            return self.working_set * -math.expm1(-written / self.working_set)
+        return min(float(self.working_set), written)
+
+
+SWITCHOVER = 0.05  # seconds: the switchover cost the contexts carry unless told otherwise
+SLOW_DOWN_BAD_RATIO = 0.5  # the hypervisor counts a pass as bad when it dirtied this share
 
 
 def plan(
@@ -43,6 +63,8 @@ def context(
     start_plan: StartPlan | None = None,
     budget: float | None = None,
     deadline_at: float | None = None,
+    switchover: float = SWITCHOVER,
+    change_rate_before_start: float | None = None,
     **kw: bool,
 ) -> MigrationContext:
     start_plan = start_plan or plan()
@@ -52,6 +74,8 @@ def context(
         plan=start_plan,
         blackout_budget=start_plan.blackout_budget if budget is None else budget,
         deadline_at=deadline_at,
+        switchover=switchover,
+        change_rate_before_start=change_rate_before_start,
         **kw,
     )
 
@@ -64,14 +88,20 @@ def history(
     polls_per_pass: int = 3,
     report_change: bool = True,
     start: float = 0.0,
+    changes: Sequence[float] | None = None,
 ) -> list[Sample]:
-    """Open loop: samples of `max_passes` passes (or fewer if it completes)."""
+    """Open loop: samples of `max_passes` passes (or fewer if it completes).
+
+    `changes` (bytes/s) overrides the write rate pass by pass (the last one holds
+    for the passes after it), for phased or unsteady guests.
+    """
     samples: list[Sample] = []
     state = _State(time=start, remaining=w.memory, budget=budget, slowdown=slowdown)
     for n in range(1, max_passes + 1):
         for sample in _pass_samples(w, state, n, polls_per_pass, report_change):
             samples.append(sample)
-        if _end_pass(w, state, n):
+        writing = w if not changes else replace(w, change=changes[min(n, len(changes)) - 1])
+        if _end_pass(writing, state, n):
             samples.append(_sample(w, state, n + 1, Phase.COMPLETING, report_change))
             break
     return samples
@@ -85,11 +115,9 @@ class _State:
     slowdown: float
     transferred: float = 0.0
     pass_start: float = 0.0
-    pass_size: float = 0.0
-
-
-def _effective_change(w: Workload, state: _State) -> float:
-    return w.change * (1 - state.slowdown)
+    pass_size: float = 0.0  # seconds the pass just ended took
+    reported: float = 0.0  # change rate reported for that pass (distinct bytes / seconds)
+    bad_passes: int = 0  # passes in a row that dirtied half of what they sent or more
 
 
 def _sample(w: Workload, state: _State, n: int, phase: Phase, report_change: bool) -> Sample:
@@ -99,7 +127,7 @@ def _sample(w: Workload, state: _State, n: int, phase: Phase, report_change: boo
         memory_remaining=int(state.remaining),
         memory_transferred=int(state.transferred),
         transfer_rate=w.bandwidth,
-        change_rate=_effective_change(w, state) if (n >= 2 and report_change) else 0.0,
+        change_rate=state.reported if (n >= 2 and report_change) else 0.0,
         passes=n,
         phase=phase,
         blackout_budget=state.budget,
@@ -131,7 +159,10 @@ def _pass_samples(
 def _end_pass(w: Workload, state: _State, n: int) -> bool:
     """Start the next pass; True when the hypervisor completes instead."""
     duration = state.pass_size
-    state.remaining = min(w.working_set, _effective_change(w, state) * duration)
+    state.remaining = w.dirtied(duration, state.slowdown)
+    state.reported = state.remaining / duration if duration > 0 else 0.0
+    bad = state.remaining >= SLOW_DOWN_BAD_RATIO * duration * w.bandwidth  # of what it sent
+    state.bad_passes = state.bad_passes + 1 if bad else 0
     return state.remaining <= w.bandwidth * state.budget
 
 
@@ -141,8 +172,10 @@ class Run:
     decisions: list[tuple[float, Decision]] = field(default_factory=list)
     budgets: list[float] = field(default_factory=list)
     outcome: str = "running"  # completed | handover | pause | cancel | running
-    blackout: float | None = None
+    blackout: float | None = None  # completed or paused: the final stop, switchover included
+    degraded: float | None = None  # handed over: seconds running while memory arrives
     ended_at: float | None = None
+    slowdown: float = 0.0  # highest slow-down level applied
 
     @property
     def actions(self) -> list[Action]:
@@ -164,10 +197,16 @@ def simulate(
     polls_per_pass: int = 3,
     max_passes: int = 60,
     slow_down_passes_per_step: int = 2,
+    switchover: float = SWITCHOVER,
 ) -> Run:
-    """Closed loop: poll, decide, apply, until it ends or `max_passes` passes."""
+    """Closed loop: poll, decide, apply, until it ends or `max_passes` passes.
+
+    A pause's blackout is what the guest really had left when it stopped (the pass's
+    unsent bytes and what it dirtied since the pass began) over `B`, plus the
+    switchover; a handover's `degraded` is the same bytes over `B`.
+    """
     run = Run()
-    ctx = context(w, start_plan, deadline_at=deadline_at)
+    ctx = context(w, start_plan, deadline_at=deadline_at, switchover=switchover)
     state = _State(time=0.0, remaining=w.memory, budget=ctx.blackout_budget, slowdown=0.0)
     run.budgets.append(state.budget)
     for n in range(1, max_passes + 1):
@@ -191,28 +230,45 @@ def simulate(
             elif decision.action is not Action.CONTINUE:
                 run.outcome = decision.action.value
                 run.ended_at = state.time
+                domain = w.memory if n == 1 else max(w.working_set, 1)
+                left = min(
+                    float(domain),
+                    state.remaining + w.dirtied(state.time - state.pass_start, state.slowdown),
+                )
+                if decision.action is Action.PAUSE:
+                    run.blackout = left / w.bandwidth + switchover
+                elif decision.action is Action.HANDOVER:
+                    run.degraded = left / w.bandwidth
                 return run
         state.time = state.pass_start + duration
         state.transferred = base + size
         state.pass_size = duration
         if _end_pass(w, state, n):
             run.outcome = "completed"
-            run.blackout = state.remaining / w.bandwidth
+            run.blackout = state.remaining / w.bandwidth + switchover
             run.ended_at = state.time
             return run
-        converging = _effective_change(w, state) < w.bandwidth
-        if start_plan.arm_slow_down and not converging and n % slow_down_passes_per_step == 0:
-            if state.slowdown < start_plan.slow_down_initial:
+        if start_plan.arm_slow_down and state.bad_passes >= slow_down_passes_per_step:
+            state.bad_passes = 0
+            if state.slowdown <= 0:
                 state.slowdown = start_plan.slow_down_initial
             else:
                 state.slowdown = min(0.99, state.slowdown + start_plan.slow_down_step)
+            run.slowdown = max(run.slowdown, state.slowdown)
     return run
 
 
-def workload(memory_mib: float, change_mib: float, bandwidth_mib: float, ws_mib: float) -> Workload:
+def workload(
+    memory_mib: float,
+    change_mib: float,
+    bandwidth_mib: float,
+    ws_mib: float,
+    writer: str = "sequential",
+) -> Workload:
     return Workload(
         memory=int(memory_mib * MIB),
         change=change_mib * MIB,
         bandwidth=bandwidth_mib * MIB,
         working_set=int(ws_mib * MIB),
+        writer=writer,
     )

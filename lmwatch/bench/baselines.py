@@ -18,7 +18,9 @@ not set its own): a 300 ms downtime limit, auto-converge throttling that starts 
 downtime limit of at most 2000 s. The simulator's slow-down model raises the
 throttle after two bad passes, as QEMU does.
 
-Sources read (snapshots of August 2026; paths in each class):
+Sources read (the newest public snapshots at hand: nova 00a03040, kubevirt d923fdb8,
+vdsm fd4b0df2, ovirt-engine 0111fc63, qemu-server e6352be6, libvirt's
+`tools/virsh-domain.c` at 880b1a2e; paths repeated in each class):
 
 - OpenStack Nova: `nova/virt/libvirt/driver.py` (`_live_migration_monitor`,
   `_live_migration_data_gb`), `nova/virt/libvirt/migration.py` (`downtime_steps`,
@@ -279,8 +281,8 @@ class KubeVirt(_Baseline):
       when the last progress is more than `progressTimeout` (150 s) old: abort; else,
       past the acceptable completion time: abort.
 
-    So with post-copy allowed, a stall before the completion timeout still aborts:
-    the progress check comes first only once the timeout has not yet passed.
+    So with post-copy allowed, 150 s without progress before the completion timeout
+    still abort: the switch to post-copy is only tried once that timeout has passed.
     KubeVirt sets no downtime on this path (the hypervisor's 300 ms stays; its
     `maxDowntimeMs` feeds only the experimental downtime tuning and the alpha stall
     detector, both off by default), no bandwidth cap ("0Mi"), and neither post-copy

@@ -6,14 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmwatch.model import Action
-from lmwatch.policies import DEFAULT, ForceRefused, force_complete
+from lmwatch.model import MIB, Action
+from lmwatch.policies import ForceRefused, force_complete
 from lmwatch.profiles.schema import Profile
 
 try:
-    from test_policies_support import context, history, plan, workload
+    from test_policies_support import SWITCHOVER, context, history, plan, workload
 except ImportError:  # tests collected as a package
     from tests.test_policies_support import (  # type: ignore[no-redef]
+        SWITCHOVER,
         context,
         history,
         plan,
@@ -105,11 +106,29 @@ def test_already_paused_needs_nothing() -> None:
 
 
 def test_budget_already_enough() -> None:
+    # At the start of pass 3 the remainder (100 MiB, 1s) is known: 1.5s covers it.
     samples = history(SMALL, max_passes=3)
+    start = next(i for i, s in enumerate(samples) if s.passes == 3)
     ctx = context(SMALL, plan(budget=1.5))
-    decision = force_complete(Profile(name="p", max_blackout=2.0), samples, ctx, 0.0, False)
+    profile = Profile(name="p", max_blackout=2.0)
+    decision = force_complete(profile, samples[: start + 1], ctx, 0.0, False)
     assert decision.action is Action.CONTINUE
     assert "already covers" in decision.reason
+
+
+def test_budget_covers_what_the_guest_may_have_dirtied_since_the_pass_began() -> None:
+    # Later in the pass, the guest may have dirtied more than the pass still has to
+    # send: the budget is sized for that (up to twice the fastest writing seen).
+    samples = history(SMALL, max_passes=3)
+    ctx = context(SMALL, plan(budget=1.5))
+    profile = Profile(name="p", max_blackout=2.0)
+    decision = force_complete(profile, samples, ctx, 0.0, False)
+    assert samples[-1].passes == 3 and samples[-1].memory_remaining < 100 * MIB
+    assert decision.action is Action.RAISE_BLACKOUT
+    assert decision.blackout_budget is not None
+    assert 1.5 < decision.blackout_budget <= profile.max_blackout - ctx.switchover
+    assert decision.prediction is not None and decision.prediction.blackout_seconds is not None
+    assert decision.prediction.blackout_seconds <= profile.max_blackout
 
 
 @settings(max_examples=200, deadline=None)
@@ -135,7 +154,8 @@ def test_force_never_exceeds_the_profile_silently(  # type: ignore[no-untyped-de
     if decision.action is Action.PAUSE:
         assert accept
     if decision.action is Action.RAISE_BLACKOUT:
+        # the budget leaves room for the switchover; blackout = copy + switchover fits
         assert decision.blackout_budget is not None
-        assert decision.blackout_budget <= max_blackout
+        assert decision.blackout_budget <= max_blackout - SWITCHOVER + 1e-9
         assert decision.prediction.blackout_seconds is not None
-    assert DEFAULT.device_state_seconds >= 0
+        assert decision.prediction.blackout_seconds <= max_blackout + 1e-9

@@ -19,7 +19,8 @@ INFO = InstanceInfo(name="vm1", uuid="u", host="a", memory_bytes=4 * GIB)
         (Profile(name="p", handover="allowed"), Capabilities(handover=False), False, False, 0.3),
         (Profile(name="p", may_slow_down=True), Capabilities(), False, True, 0.3),
         (Profile(name="p", may_slow_down=True), Capabilities(slow_down=False), False, False, 0.3),
-        (Profile(name="p", max_blackout=0.1), Capabilities(), False, False, 0.1),
+        # 0.1s less the default 50ms switchover
+        (Profile(name="p", max_blackout=0.1), Capabilities(), False, False, 0.05),
     ],
 )
 def test_arming_table(profile, caps, arm_h, arm_s, budget) -> None:  # type: ignore[no-untyped-def]
@@ -31,6 +32,31 @@ def test_arming_table(profile, caps, arm_h, arm_s, budget) -> None:  # type: ign
     assert plan.reason
     if profile.handover_allowed and not caps.handover:
         assert "not supported" in plan.reason
+
+
+@pytest.mark.parametrize(
+    ("max_blackout", "switchover", "budget"),
+    [
+        (0.5, 0.04, 0.3),  # the initial budget fits: unchanged
+        (0.3, 0.04, 0.26),  # 300ms of blackout, 40ms of it switching over
+        (0.5, 0.3, 0.2),
+        (0.1, 0.2, 0.0),  # the switchover alone exceeds the profile
+    ],
+)
+def test_first_budget_leaves_room_for_the_switchover(
+    max_blackout: float, switchover: float, budget: float
+) -> None:
+    profile = Profile(name="p", max_blackout=max_blackout)
+    plan = plan_start(profile, INFO, Capabilities(), None, None, switchover=switchover)
+    assert plan.blackout_budget == pytest.approx(budget)
+    assert plan.blackout_budget + switchover <= max_blackout or plan.blackout_budget == 0.0
+    assert "for the switchover" in plan.reason
+
+
+def test_unknown_switchover_assumes_the_default() -> None:
+    profile = Profile(name="p", max_blackout=0.3)
+    plan = plan_start(profile, INFO, Capabilities(), None, None)
+    assert plan.blackout_budget == pytest.approx(0.3 - DEFAULT.switchover_seconds)
 
 
 def test_higher_initial_slowdown_when_start_estimate_says_stuck() -> None:

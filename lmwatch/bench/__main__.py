@@ -62,9 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--switchover",
-        default="50ms",
+        default="learned",
         metavar="DURATION",
-        help="switchover cost the controllers are told (learned per host pair; 50ms)",
+        help="switchover cost the controllers are told: 'learned' (default: each host "
+        "pair's own, as measured on earlier migrations) or a duration for all",
     )
 
 
@@ -134,7 +135,7 @@ def bench_command(out: Output, args: argparse.Namespace) -> int:
     try:
         workloads, origin = _workloads(args)
         profiles: list[Profile] = bench_profiles(args.profiles)
-        switchover = parse_duration(args.switchover)
+        switchover = None if args.switchover == "learned" else parse_duration(args.switchover)
     except (CorpusError, ValueError) as error:
         out.error(str(error))
         return EXIT_USAGE

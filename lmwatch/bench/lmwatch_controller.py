@@ -52,12 +52,15 @@ class LmwatchController:
     def start(self) -> StartPlan:
         s = self.setting
         info = InstanceInfo(name=s.workload, uuid=s.workload, host="a", memory_bytes=s.memory)
+        # The engine measures the change rate before start only where it can change the
+        # plan (the profile allows slowing); the controller sees what the engine would.
+        measured = s.change_rate if s.profile.may_slow_down else None
         capabilities = Capabilities(handover=True, slow_down=True, bandwidth=s.bandwidth)
         plan = policies.plan_start(
             s.profile,
             info,
             capabilities,
-            s.change_rate,
+            measured,
             s.bandwidth,
             self.settings,
             switchover=s.switchover,
@@ -69,7 +72,7 @@ class LmwatchController:
             blackout_budget=plan.blackout_budget,
             deadline_at=policies.deadline_at(s.profile, s.memory, 0.0),
             switchover=s.switchover,
-            change_rate_before_start=s.change_rate,
+            change_rate_before_start=measured,
         )
         return plan
 

@@ -63,10 +63,15 @@ def default_limit(profile: Profile, workload: Workload) -> float:
     return min(limit, HARD_LIMIT)
 
 
-def setting_for(
-    workload: Workload, profile: Profile, switchover: float = DEFAULT_SWITCHOVER
-) -> Setting:
-    """What a controller may know before the start: no hidden workload parameter."""
+def setting_for(workload: Workload, profile: Profile, switchover: float | None = None) -> Setting:
+    """What a controller may know before the start: no hidden workload parameter.
+
+    The switchover cost is the one thing learned from earlier migrations: lmwatch
+    measures it on every completed migration between two hosts, so a host pair that
+    has seen migrations before is known. By default the bench assumes every pair has
+    (`switchover=None`: the workload's own cost); a number tells every controller that
+    value instead, e.g. 50ms for pairs never seen.
+    """
     measured = measured_change_rate(
         workload.change_rate, workload.working_set, Writer(workload.writer), MEASURE_SECONDS
     )
@@ -76,7 +81,7 @@ def setting_for(
         bandwidth=workload.bandwidth,
         change_rate=measured,
         profile=profile,
-        switchover=switchover,
+        switchover=workload.switchover if switchover is None else switchover,
     )
 
 
@@ -330,7 +335,7 @@ def run(
     profile: Profile,
     factory: ControllerFactory,
     *,
-    switchover: float = DEFAULT_SWITCHOVER,
+    switchover: float | None = None,
     limit: float | None = None,
     name: str | None = None,
 ) -> Run:
@@ -405,7 +410,7 @@ def run_many(
     factories: Sequence[ControllerFactory] | Mapping[str, ControllerFactory],
     processes: int = 2,
     *,
-    switchover: float = DEFAULT_SWITCHOVER,
+    switchover: float | None = None,
     limit: float | None = None,
 ) -> list[Run]:
     """Every (workload, profile, controller) run, in that nesting order.

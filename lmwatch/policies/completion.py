@@ -8,8 +8,10 @@ The rules, in order (DESIGN.md section 4):
 4. the deadline has come, or is as close as finishing takes -> `on_deadline`
    (complete within the profile, or cancel);
 5. no evidence yet (first pass, or passes not yet seen again after a restart) ->
-   continue, unless even the first pass cannot end before the deadline and nothing
-   else could finish it -> cancel;
+   in the first pass, when the change rate measured before the start already
+   outruns the link, hand over or pause if that fits now; cancel when even the
+   first pass cannot end before the deadline and nothing else could finish it;
+   otherwise continue;
 6. copying converges within the blackout budget -> continue;
 7. the floor fits `max_blackout` after the switchover -> raise the budget;
 8. the only evidence is one pass and its most hopeful reading still converges ->
@@ -86,7 +88,7 @@ def decide(
         )
 
     if ctx.deadline_at is not None and now >= ctx.deadline_at - _deadline_lead(
-        profile, a, history, settings
+        profile, a, ctx, history, settings
     ):
         return _on_deadline(profile, a, ctx, now, prediction, settings)
 
@@ -95,6 +97,9 @@ def decide(
 
     rate = a.transfer_rate
     if a.model is None or not rate or a.floor is None:
+        early = _early_finish(profile, a, ctx, prediction, settings)
+        if early is not None:
+            return early
         hopeless = _first_pass_too_long(profile, a, ctx, now, settings)
         if hopeless is not None:
             return Decision(Action.CANCEL, hopeless, prediction)
@@ -126,11 +131,17 @@ def decide(
 
 
 def _deadline_lead(
-    profile: Profile, a: Analysis, history: Sequence[Sample], settings: PolicySettings
+    profile: Profile,
+    a: Analysis,
+    ctx: MigrationContext,
+    history: Sequence[Sample],
+    settings: PolicySettings,
 ) -> float:
     """How long before the deadline `on_deadline: complete` must act to finish in time."""
     if profile.on_deadline is not OnDeadline.COMPLETE:
         return 0.0
+    if not (handover_usable(profile, ctx) or profile.may_pause):
+        return 0.0  # only copying itself can finish it: nothing to start early
     poll = history[-1].time - history[-2].time if len(history) >= 2 else 1.0
     stop = a.stop_seconds() or 0.0
     return stop * max(settings.pause_safety, settings.handover_safety) + 2 * max(poll, 0.0)
@@ -166,6 +177,32 @@ def _converging(a: Analysis, ctx: MigrationContext, now: float) -> str:
     if ctx.deadline_at is not None and a.eta is not None and now + a.eta > ctx.deadline_at:
         text += f", after the deadline in {duration_text(ctx.deadline_at - now)}"
     return text
+
+
+def _early_finish(
+    profile: Profile,
+    a: Analysis,
+    ctx: MigrationContext,
+    prediction: Prediction,
+    settings: PolicySettings,
+) -> Decision | None:
+    """In the first pass: hand over or pause now when the change rate measured before
+    the start already says copying cannot converge and what is left fits the bound.
+
+    The measured rate counts distinct pages over a short window, so it is at most
+    the guest's real write rate: if even it outruns the link, waiting cannot help.
+    """
+    measured = ctx.change_rate_before_start
+    rate = a.transfer_rate
+    if a.passes > 1 or not measured or not rate or a.latest is None:
+        return None
+    if measured < rate * (1 - settings.convergence_margin):
+        return None
+    head = (
+        f"copying cannot converge: before the start the guest changed at least "
+        f"{rate_text(measured)}, the link moves {rate_text(rate)}"
+    )
+    return _finish_within(profile, a, ctx, head, prediction, settings)
 
 
 def _first_pass_too_long(
@@ -308,7 +345,7 @@ def _hope(
     elapsed = now - ctx.started_at
     if ctx.deadline_at is not None:
         window = max(ctx.deadline_at - ctx.started_at, 0.0)
-        wait = min(0.5 * window, max(settings.min_patience, settings.patience * window))
+        wait = min(0.75 * window, max(settings.min_patience, settings.patience * window))
         if elapsed < wait:
             return (
                 f"nothing seen so far would finish it, but the deadline is "

@@ -38,8 +38,8 @@ class PolicySettings:
     initial_blackout: float = 0.3  # seconds; never above what max_blackout leaves
     ewma_alpha: float = 0.3
     max_slowdown: float = 0.99
-    handover_safety: float = 1.2  # predicted degraded time * this must fit max_degraded
-    pause_safety: float = 1.2  # predicted pause * this must fit max_pause
+    handover_safety: float = 1.1  # predicted degraded time * this must fit max_degraded
+    pause_safety: float = 1.1  # predicted pause * this must fit max_pause
     switchover_seconds: float = 0.05  # assumed switchover cost when nothing was measured
     budget_margin: float = 1.1  # a budget is set this much above the bare need
     plateau_ratio: float = 0.9  # a pass-start remainder above ratio * previous = no shrink
@@ -51,8 +51,8 @@ class PolicySettings:
     steady_variation: float = 0.15  # pass rates varying less than this are steady
     steady_pairs: int = 4  # pairs needed before steadiness counts as evidence
     # Giving up early on steady, hopeless readings waits this share of the deadline
-    # window, at least `min_patience` seconds, and never more than half the window.
-    patience: float = 0.25
+    # window, at least `min_patience` seconds, and never more than 3/4 of the window.
+    patience: float = 0.5
     min_patience: float = 300.0
     convergence_margin: float = 0.1  # start plan: D above B * (1 - margin) will not converge
 
@@ -432,7 +432,10 @@ def analyse(
             *reported[-5:],
         ]
     )
-    bound = remaining + (2 * fastest * in_pass if latest is not None and current else 0.0)
+    written = 2 * fastest * in_pass if latest is not None and current else 0.0
+    if model is not None and len(recent) >= 2:  # a fitted working set bounds it too
+        written = min(written, model.working_set)
+    bound = remaining + written
     if latest is not None and current is None:  # the pass's start was not seen
         bound = float(max(remaining, memory if passes <= 1 else remaining))
     finish_bound = max(finish, min(float(memory), bound))

@@ -120,15 +120,21 @@ def test_budget_covers_what_the_guest_may_have_dirtied_since_the_pass_began() ->
     # Later in the pass, the guest may have dirtied more than the pass still has to
     # send: the budget is sized for that (up to twice the fastest writing seen).
     samples = history(SMALL, max_passes=3)
-    ctx = context(SMALL, plan(budget=1.5))
+    start = next(i for i, s in enumerate(samples) if s.passes == 3)
+    ctx = context(SMALL, plan(budget=1.2))  # covers the 100 MiB the pass began with
     profile = Profile(name="p", max_blackout=2.0)
+    at_start = force_complete(profile, samples[: start + 1], ctx, 0.0, False)
+    assert at_start.action is Action.CONTINUE
     decision = force_complete(profile, samples, ctx, 0.0, False)
     assert samples[-1].passes == 3 and samples[-1].memory_remaining < 100 * MIB
     assert decision.action is Action.RAISE_BLACKOUT
     assert decision.blackout_budget is not None
-    assert 1.5 < decision.blackout_budget <= profile.max_blackout - ctx.switchover
-    assert decision.prediction is not None and decision.prediction.blackout_seconds is not None
-    assert decision.prediction.blackout_seconds <= profile.max_blackout
+    assert 1.2 < decision.blackout_budget <= profile.max_blackout - ctx.switchover
+    p = decision.prediction
+    assert p is not None and p.blackout_seconds is not None
+    # more than the pass's unsent bytes, within the profile
+    assert samples[-1].memory_remaining / SMALL.bandwidth + SWITCHOVER < p.blackout_seconds
+    assert p.blackout_seconds <= profile.max_blackout
 
 
 @settings(max_examples=200, deadline=None)

@@ -198,15 +198,24 @@ def simulate(
     max_passes: int = 60,
     slow_down_passes_per_step: int = 2,
     switchover: float = SWITCHOVER,
+    measured: float | None = None,
 ) -> Run:
     """Closed loop: poll, decide, apply, until it ends or `max_passes` passes.
+
+    `measured` is the change rate measured before the start (bytes/s), when there was one.
 
     A pause's blackout is what the guest really had left when it stopped (the pass's
     unsent bytes and what it dirtied since the pass began) over `B`, plus the
     switchover; a handover's `degraded` is the same bytes over `B`.
     """
     run = Run()
-    ctx = context(w, start_plan, deadline_at=deadline_at, switchover=switchover)
+    ctx = context(
+        w,
+        start_plan,
+        deadline_at=deadline_at,
+        switchover=switchover,
+        change_rate_before_start=measured,
+    )
     state = _State(time=0.0, remaining=w.memory, budget=ctx.blackout_budget, slowdown=0.0)
     run.budgets.append(state.budget)
     for n in range(1, max_passes + 1):

@@ -24,6 +24,7 @@ from lmwatch.bench.runner import Run
 from lmwatch.profiles.schema import Profile
 
 BOUND = "hindsight bound"
+LMWATCH = "lmwatch"
 HEADERS = (
     "profile",
     "controller",
@@ -275,15 +276,23 @@ def write_png(path: str | Path, summary: Summary, *, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     profiles = summary.profiles or ["-"]
     controllers = summary.controllers
+    others = [c for c in controllers if c not in (LMWATCH, BOUND)]
+    palette = plt.get_cmap("tab20")
+    styles: dict[str, dict[str, Any]] = {
+        name: {"color": palette(index % 20), "linewidth": 1.0} for index, name in enumerate(others)
+    }
+    styles[LMWATCH] = {"color": "black", "linewidth": 2.2}
     columns = len(profiles)
-    height = max(3.0, 0.32 * len(controllers) + 1.5)
+    height = max(3.0, 0.3 * len(controllers) + 1.2)
     figure, axes = plt.subplots(
         2,
         columns,
-        figsize=(5.2 * columns, height + 3.4),
+        figsize=(5.2 * columns, height + 4.6),
         squeeze=False,
         gridspec_kw={"height_ratios": [height, 3.4]},
     )
@@ -297,15 +306,15 @@ def write_png(path: str | Path, summary: Summary, *, title: str = "") -> None:
                 row = summary.row(profile, name)
                 assert row is not None
                 widths.append(row.outcome_shares[outcome])
-            bars.barh(names, widths, left=left, color=colour, label=outcome)
+            bars.barh(names, widths, left=left, color=colour)
             left = [a + b for a, b in zip(left, widths, strict=True)]
         bars.set_xlim(0, 100)
         bars.invert_yaxis()
         bars.set_title(profile)
         bars.set_xlabel("% of runs")
         bars.tick_params(axis="y", labelsize=8)
-        if column == 0:
-            bars.legend(loc="lower right", fontsize=7, framealpha=0.8)
+        if column:
+            bars.set_yticklabels([])
         cdf = axes[1][column]
         for name in names:
             row = summary.row(profile, name)
@@ -314,7 +323,7 @@ def write_png(path: str | Path, summary: Summary, *, title: str = "") -> None:
             if not values or name == BOUND:
                 continue
             ys = [(i + 1) / len(values) for i in range(len(values))]
-            cdf.step(values, ys, where="post", label=name, linewidth=1.2)
+            cdf.step(values, ys, where="post", **styles.get(name, {}))
         if not cdf.lines:
             cdf.text(
                 0.5,
@@ -328,15 +337,33 @@ def write_png(path: str | Path, summary: Summary, *, title: str = "") -> None:
             )
         else:
             cdf.set_xscale("log")
-        cdf.set_xlabel("total time / hindsight bound (both clean)")
-        cdf.set_ylabel("share of workloads")
+        cdf.set_xlabel("total time / hindsight bound (where both were clean)")
+        if column == 0:
+            cdf.set_ylabel("share of those workloads")
         cdf.set_ylim(0, 1.02)
         cdf.grid(True, alpha=0.3)
-        if column == columns - 1 and cdf.get_legend_handles_labels()[0]:
-            cdf.legend(fontsize=6, loc="lower right")
+    figure.legend(
+        handles=[Patch(color=colour, label=outcome) for outcome, colour in OUTCOME_COLOURS.items()],
+        loc="upper center",
+        ncol=len(OUTCOME_COLOURS),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.965),
+    )
+    lines = [name for name in controllers if name != BOUND]
+    if lines:
+        figure.legend(
+            handles=[
+                Line2D([], [], label=name, **styles[name]) for name in lines if name in styles
+            ],
+            loc="lower center",
+            ncol=min(len(lines), 7),
+            fontsize=7,
+            frameon=False,
+        )
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.06, 1, 0.95))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -27,6 +27,7 @@ import contextlib
 import os
 import re
 import subprocess
+import threading
 import time
 from xml.sax.saxutils import escape, quoteattr
 
@@ -47,7 +48,8 @@ EMULATOR = "/usr/bin/qemu-system-x86_64"
 # the path inside each host's view; bind-mounted to $RIG_DIR/<host>/log/qemu/
 GUEST_SERIAL_PATH = "/var/log/libvirt/qemu/{name}.serial.log"
 
-_HB_RE = re.compile(r"^hb ((?:\w+=\d+ ?)+)\s*$")
+_HB_RE = re.compile(r"^hb ((?:\w+=\w+ ?)+)\s*$")
+WRITER_MODES = ("seq", "random")  # lmw.mode: sweep pages in order, or pick them at random
 
 
 # --------------------------------------------------------------------------- hosts
@@ -160,11 +162,18 @@ def domain_xml(
     labels: dict[str, str] | None = None,
     selftest: int = 0,
     vcpus: int = 1,
+    mode: str = "seq",
 ) -> str:
-    """Domain XML of a rig guest (type='qemu': TCG, kernel+initramfs, no disk)."""
+    """Domain XML of a rig guest (type='qemu': TCG, kernel+initramfs, no disk).
+
+    mode: how the writer picks pages, "seq" (in order, wrapping around) or "random"
+    (uniformly over write_mib)."""
+    if mode not in WRITER_MODES:
+        raise ValueError(f"unknown writer mode {mode!r} (expected one of {WRITER_MODES})")
     cmdline = (
         f"console=ttyS0 panic=-1 loglevel=4 mitigations=off "
-        f"lmw.mib={int(write_mib)} lmw.rate={int(rate_mib)} lmw.selftest={int(selftest)}"
+        f"lmw.mib={int(write_mib)} lmw.rate={int(rate_mib)} lmw.selftest={int(selftest)} "
+        f"lmw.mode={mode}"
     )
     meta = ""
     if labels:
@@ -214,12 +223,15 @@ def define_guest(
     selftest: int = 0,
     start: bool = True,
     replace: bool = True,
+    mode: str = "seq",
 ):
     """Define (persistent) or create (transient) and start guest `name` on `host`.
 
     write_mib/rate_mib: the guest rewrites write_mib MiB at rate_mib MiB/s (0 = idle,
-    memory stamped once and verified every second).  selftest=S flips one bit S s
-    after the writer started (its heartbeat must then show bad>0).  labels become
+    memory stamped once and verified every second).  mode: "seq" sweeps the pages in
+    order, "random" picks each written page at random (see `domain_xml`).
+    selftest=S flips one bit S s after the writer started (its heartbeat must then
+    show bad>0).  labels become
     <metadata><lmw:labels xmlns:lmw="https://lmwatch.dev/xmlns/labels/1">.
     replace=True first destroys/undefines a guest of that name on both hosts and
     truncates its serial logs.  Returns the virDomain (its connection stays open)."""
@@ -229,7 +241,7 @@ def define_guest(
     for path in serial_log(name).values():
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    xml = domain_xml(name, mem_mib, write_mib, rate_mib, labels, selftest)
+    xml = domain_xml(name, mem_mib, write_mib, rate_mib, labels, selftest, mode=mode)
     conn = connect(host)
     if persistent:
         dom = conn.defineXML(xml)
@@ -342,12 +354,15 @@ def qemu_log(name: str, host: str) -> str:
     return os.path.join(host_dir(host), "log", "qemu", f"{name}.log")
 
 
-def parse_heartbeat(line: str) -> dict[str, int] | None:
-    """'hb n=12 gen=3 bad=0 w=...' -> {'n': 12, 'gen': 3, 'bad': 0, ...} or None."""
+def parse_heartbeat(line: str) -> dict | None:
+    """'hb n=12 gen=3 bad=0 w=... mode=seq' -> {'n': 12, 'gen': 3, 'bad': 0, ..., 'mode': 'seq'}
+    or None.  Numbers become ints, words (mode) stay strings."""
     m = _HB_RE.match(line.strip().replace("\r", ""))
     if not m:
         return None
-    return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+    return {
+        k: int(v) if v.isdigit() else v for k, v in (kv.split("=") for kv in m.group(1).split())
+    }
 
 
 def heartbeats(name: str, host: str) -> list[dict[str, int]]:
@@ -442,6 +457,148 @@ def _tail_text(path: str, n: int = 400) -> str:
         return "<no file>"
 
 
+# --------------------------------------------------------------------------- direct migrations
+
+
+class DirectMigration:
+    """One migration started directly with libvirt, for tests that measure the rig.
+
+    ``migrateToURI3`` runs in a thread of its own (it blocks until the migration
+    ends); ``run`` polls ``jobStats()`` on a second connection every ``interval``
+    seconds and keeps every sample as ``(seconds since start, stats)``.  No libvirt
+    event loop is registered (an in-process driver may own it).
+
+        m = DirectMigration("vm1", "a", "b", max_speed_mib=16, max_downtime_ms=300)
+        m.start(); m.run(timeout=60, abort_after=20)
+        m.error, m.aborted, m.elapsed, m.samples, m.completed
+
+    ``max_speed_mib``/``max_downtime_ms`` are set on the domain before the start
+    (``migrateSetMaxSpeed``/``migrateSetMaxDowntime``).  ``flags`` default to
+    `migrate_flags()`, ``params`` to `migrate_params()`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        src: str,
+        dst: str,
+        *,
+        flags: int | None = None,
+        params: dict | None = None,
+        max_speed_mib: int | None = None,
+        max_downtime_ms: int | None = None,
+    ) -> None:
+        _need_libvirt()
+        self.name, self.src, self.dst = name, src, dst
+        self.flags = migrate_flags() if flags is None else flags
+        self.params = migrate_params() if params is None else dict(params)
+        self.samples: list[tuple[float, dict]] = []
+        self.error: Exception | None = None
+        self.aborted = False
+        self.completed: dict = {}  # completed job statistics (destination, else source)
+        self.t_start = 0.0
+        self.t_end: float | None = None
+        self._conn = connect(src)
+        self._dom = self._conn.lookupByName(name)
+        self._poll_conn = connect(src)
+        self._poll_dom = self._poll_conn.lookupByName(name)
+        if max_speed_mib is not None:
+            self._dom.migrateSetMaxSpeed(int(max_speed_mib), 0)
+        if max_downtime_ms is not None:
+            self._dom.migrateSetMaxDowntime(int(max_downtime_ms), 0)
+        self._thread = threading.Thread(target=self._migrate, daemon=True, name=f"mig-{name}")
+
+    def _migrate(self) -> None:
+        try:
+            self._dom.migrateToURI3(host_uri(self.dst), self.params, self.flags)
+        except libvirt.libvirtError as e:
+            self.error = e
+        finally:
+            self.t_end = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from start to the return of the migrate call (so far, if running)."""
+        end = self.t_end if self.t_end is not None else time.monotonic()
+        return end - self.t_start
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> DirectMigration:
+        self.t_start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def poll(self) -> dict | None:
+        """One jobStats sample (kept in ``samples``), or None when there is no job."""
+        try:
+            st = self._poll_dom.jobStats()
+        except libvirt.libvirtError:
+            return None
+        if st.get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return None
+        self.samples.append((time.monotonic() - self.t_start, st))
+        return st
+
+    def abort(self) -> None:
+        """abortJob() on the source (pre-copy: the guest stays there)."""
+        with contextlib.suppress(libvirt.libvirtError):
+            self._poll_dom.abortJob()
+            self.aborted = True
+
+    def run(
+        self,
+        timeout: float,
+        interval: float = 0.1,
+        abort_after: float | None = None,
+        on_sample=None,
+    ) -> float:
+        """Poll until the migrate call returns; abort once ``abort_after`` s have
+        passed.  Returns ``elapsed``; raises TimeoutError after ``timeout`` s."""
+        if not self.t_start:
+            self.start()
+        deadline = self.t_start + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            st = self.poll()
+            if st is not None and on_sample is not None:
+                on_sample(st)
+            if (
+                abort_after is not None
+                and not self.aborted
+                and time.monotonic() - self.t_start >= abort_after
+            ):
+                self.abort()
+            self._thread.join(max(0.0, min(interval, deadline - time.monotonic())))
+        if self._thread.is_alive():
+            raise TimeoutError(f"migration of {self.name} did not return within {timeout}s")
+        self.completed = self.read_completed()
+        return self.elapsed
+
+    def read_completed(self) -> dict:
+        """The completed job's statistics (``downtime`` is the measured blackout)."""
+        for host in (self.dst, self.src):
+            conn = connect(host)
+            try:
+                dom = _find(conn, self.name)
+                if dom is None:
+                    continue
+                st = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+                if st and st.get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
+                    return st
+            except libvirt.libvirtError:
+                continue
+            finally:
+                conn.close()
+        return {}
+
+    def close(self) -> None:
+        for conn in (self._conn, self._poll_conn):
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+
 # --------------------------------------------------------------------------- internals
 
 
@@ -463,6 +620,8 @@ __all__ = [
     "RIG_DIR",
     "URI_A",
     "URI_B",
+    "WRITER_MODES",
+    "DirectMigration",
     "connect",
     "define_guest",
     "destroy_everywhere",

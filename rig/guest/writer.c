@@ -5,6 +5,9 @@
  *   lmw.mib=N       MiB of memory to allocate and stamp (default 16)
  *   lmw.rate=R      MiB/s of pages to rewrite (0 = idle: stamp once, only verify)
  *   lmw.selftest=S  after S seconds, flip one bit in one page (proves bad= works)
+ *   lmw.mode=M      how pages are chosen: seq (default) sweeps them in order and
+ *                   wraps around; random picks each written page uniformly at
+ *                   random over the N MiB (xorshift64*), at the same R MiB/s
  *
  * Every 4 KiB page carries a stamp: its index and its generation (how many times
  * it was written), plus a checksum of both, at several offsets in the page.  The
@@ -14,7 +17,8 @@
  * and the page is repaired so that one loss is counted once.
  *
  * Once a second a heartbeat goes to stdout (the serial console):
- *   hb n=<seconds> gen=<full passes> bad=<pages found wrong> w=<pages written> mib=N rate=R
+ *   hb n=<seconds> gen=<passes> bad=<pages found wrong> w=<pages written> mib=N rate=R mode=M
+ * gen is 1 + w / pages: full sweeps in seq mode, pages-worth of writes in random mode.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -60,6 +64,32 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* the value of key=word on the command line (copied into out), or dflt */
+static const char *word_param(const char *cmdline, const char *key, const char *dflt,
+                              char *out, size_t outlen) {
+    const char *p = cmdline;
+    size_t kl = strlen(key);
+    while ((p = strstr(p, key)) != NULL) {
+        if ((p == cmdline || p[-1] == ' ') && p[kl] == '=') {
+            size_t n = strcspn(p + kl + 1, " \t\n");
+            if (n >= outlen) n = outlen - 1;
+            memcpy(out, p + kl + 1, n);
+            out[n] = 0;
+            return out;
+        }
+        p += kl;
+    }
+    return dflt;
+}
+
+/* xorshift64* (Vigna): fast, full period over non-zero states */
+static uint64_t xorshift64s(uint64_t *s) {
+    uint64_t x = *s;
+    x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+    *s = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
 static long param(const char *cmdline, const char *key, long dflt) {
     const char *p = cmdline;
     size_t kl = strlen(key);
@@ -77,6 +107,10 @@ int main(int argc, char **argv) {
     long mib = param(cmdline, "lmw.mib", 16);
     long rate = param(cmdline, "lmw.rate", 0);
     long selftest = param(cmdline, "lmw.selftest", 0);
+    char modebuf[16];
+    const char *mode = word_param(cmdline, "lmw.mode", "seq", modebuf, sizeof(modebuf));
+    int random_mode = strcmp(mode, "random") == 0;
+    if (!random_mode) mode = "seq";   /* anything else: the default */
     if (mib < 1) mib = 1;
     if (rate < 0) rate = 0;
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -93,10 +127,11 @@ int main(int argc, char **argv) {
         expect[i] = 1;
         stamp(p, i, 1);
     }
-    printf("lmw: ready mib=%ld rate=%ld selftest=%ld pages=%llu\n", mib, rate, selftest,
-           (unsigned long long)npages);
+    printf("lmw: ready mib=%ld rate=%ld selftest=%ld mode=%s pages=%llu\n", mib, rate, selftest,
+           mode, (unsigned long long)npages);
 
     uint64_t bad = 0, written = 0, cursor = 0, passes = 1, hb = 0;
+    uint64_t rng = 0x9E3779B97F4A7C15ULL ^ (uint64_t)npages;  /* never 0 */
     int flipped = 0;
     const double tick = 0.01;                       /* 100 write slices a second */
     double per_tick = (double)rate * (1024 * 1024 / PAGE) * tick, credit = 0;
@@ -112,6 +147,7 @@ int main(int argc, char **argv) {
             next_tick += ticks * tick;
             if (next_tick < t - 1) next_tick = t;
             while (credit >= 1) {
+                if (random_mode) cursor = xorshift64s(&rng) % npages;
                 uint64_t *p = (uint64_t *)(mem + cursor * PAGE);
                 if (!check(p, cursor, expect[cursor])) {
                     bad++;
@@ -123,7 +159,12 @@ int main(int argc, char **argv) {
                 stamp(p, cursor, expect[cursor]);
                 written++;
                 credit -= 1;
-                if (++cursor == npages) { cursor = 0; passes++; }
+                if (random_mode) {
+                    passes = 1 + written / npages;
+                } else if (++cursor == npages) {
+                    cursor = 0;
+                    passes++;
+                }
             }
         }
         if (selftest > 0 && !flipped && t - start >= selftest) {
@@ -145,9 +186,9 @@ int main(int argc, char **argv) {
                 }
             }
             hb++;
-            printf("hb n=%llu gen=%llu bad=%llu w=%llu mib=%ld rate=%ld\n",
+            printf("hb n=%llu gen=%llu bad=%llu w=%llu mib=%ld rate=%ld mode=%s\n",
                    (unsigned long long)hb, (unsigned long long)passes, (unsigned long long)bad,
-                   (unsigned long long)written, mib, rate);
+                   (unsigned long long)written, mib, rate, mode);
             next_hb += 1;
             if (next_hb < t) next_hb = t + 1;       /* after a long pause: no burst of beats */
         }

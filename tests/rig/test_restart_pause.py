@@ -1,0 +1,181 @@
+"""A daemon restarted mid-migration decides from fresh evidence, not its first sample.
+
+Through the real daemon: a busy guest (32 MiB rewritten at 40 MiB/s) that never
+converges over the 16 MiB/s link migrates under a profile that may pause for at most
+1200 ms (no handover, no slow-down). Once its first pass has ended the daemon is
+killed (SIGKILL) and started again; it re-attaches and takes the migration to its
+end.
+
+Before the fix, the restarted daemon paused on its very first sample, predicting a
+0.74 s pause; the pause lasted 2.18 s. Now: the migration ends exactly once, completed
+or cancelled, the guest is intact where it runs, a pause (if any) stays within
+max_pause, and after the restart the timeline shows lmwatch gathering evidence (a
+continue) before any pause decision.
+
+This guest needs about 2 s of pause, so the right outcome is no pause: the policy then
+waits for a quieter phase until its patience runs out (min(3/4 of the deadline window,
+max(300 s, half of it))) before cancelling. To keep CI short the test watches the
+restarted daemon for WATCH_PASSES passes; if it is still copying then (without having
+paused), the migration is cancelled through the API, which the daemon finishes. The
+deadline is long on purpose: with a short one (60 s) the daemon cancelled in the first
+pass from the first sample's transfer rate ("the first pass alone needs 70.1s more").
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
+import rigctl
+
+pytestmark = pytest.mark.rig
+
+Daemon = Any  # tests/rig/conftest.py: Daemon (the real daemon, over HTTP)
+JsonDict = dict[str, Any]
+FINISHED = ("completed", "cancelled", "failed")
+
+BUSY = "rp-busy"
+BUSY_WRITE = (32, 40)  # MiB rewritten, MiB/s: never converges over the 16 MiB/s link
+MAX_PAUSE = 1.2  # seconds
+RESTARTED = "supervision resumed after a restart"
+WATCH_PASSES = 4  # passes the restarted daemon is watched for before the test cancels
+
+PROFILES = f"""
+version: 1
+profiles:
+  - name: rp-pause
+    description: may pause briefly; never handed over, never slowed
+    max_blackout: 300ms
+    may_slow_down: false
+    handover: forbidden
+    may_pause: true
+    max_pause: {MAX_PAUSE * 1000:.0f}ms
+    deadline: 10m
+    on_deadline: cancel
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_factory: Any) -> Daemon:
+    d: Daemon = daemon_factory(PROFILES)
+    return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def guest() -> Iterator[None]:
+    rigctl.define_guest("a", BUSY, write_mib=BUSY_WRITE[0], rate_mib=BUSY_WRITE[1])
+    yield
+    rigctl.destroy_everywhere(BUSY)
+
+
+def timeline_text(migration: JsonDict) -> str:
+    return "\n".join(
+        f"  {e['at']} {e['kind']:<8} {e['action'] or e['state'] or '':<14} {e['reason']}"
+        for e in migration.get("timeline", [])
+    )
+
+
+def explain(migration: JsonDict) -> str:
+    return (
+        f"state {migration['state']}, outcome {migration['outcome']}\n"
+        f"timeline:\n{timeline_text(migration)}"
+    )
+
+
+def assert_intact_on(name: str, host: str) -> None:
+    other = rigctl.other_host(host)
+    assert rigctl.where_running(name) == [host], rigctl.domain_states(name)
+    state = rigctl.domain_states(name)[other]
+    assert state is None or state[0] == rigctl.libvirt.VIR_DOMAIN_SHUTOFF, state
+    assert rigctl.heartbeats_continue(name, 2.0), f"{name}: heartbeats stopped on {host}"
+    hb = rigctl.last_heartbeat(name)
+    assert hb is not None and hb["host"] == host, hb
+    assert hb["bad"] == 0, f"{name} lost memory: {hb}"
+
+
+@pytest.mark.scenario("restart, then pause only on evidence")
+def test_restarted_daemon_gathers_evidence_before_pausing(daemon: Daemon, summary: Any) -> None:
+    name = "restart, then pause only on evidence"
+    rigctl.wait_heartbeat(BUSY, 90, 3)  # booted, and the writer has swept its memory
+    src = rigctl.where_running(BUSY)[0]
+    dst = rigctl.other_host(src)
+    m = daemon.submit(BUSY, src, dst, profile="rp-pause")
+    mid = m["id"]
+    # kill it during copying, once the first pass has ended
+    m = daemon.wait_until(
+        mid,
+        lambda m: m["state"] == "copying" and (m["progress"] or {}).get("passes", 0) >= 2,
+        60,
+        "copying pass 2",
+    )
+    assert m["state"] == "copying", explain(m)
+    passes_at_kill = m["progress"]["passes"]
+    daemon.kill()
+    killed_at = time.monotonic()
+    time.sleep(1.0)
+    daemon.start()
+    summary.note(
+        name,
+        f"SIGKILL in pass {passes_at_kill}, answering again "
+        f"{time.monotonic() - killed_at:.1f}s later",
+    )
+
+    try:
+        m = daemon.wait_until(
+            mid,
+            lambda m: (m["progress"] or {}).get("passes", 0) >= passes_at_kill + WATCH_PASSES,
+            60,
+            f"{WATCH_PASSES} more passes after the restart",
+        )
+        if m["state"] not in FINISHED and m["state"] == "copying":
+            summary.note(
+                name,
+                f"still copying in pass {m['progress']['passes']} without a pause: "
+                "cancelled through the API",
+            )
+            daemon.cancel(mid)
+        m = daemon.wait_finished(mid, 60)
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\nwhere {BUSY} runs: {rigctl.domain_states(BUSY)}") from None
+    summary.outcome(name, m)
+
+    # ended exactly once, completed or cancelled, and the guest is intact where it runs
+    ends = [e for e in m["timeline"] if e["kind"] == "state" and e["state"] in FINISHED]
+    assert len(ends) == 1, explain(m)
+    assert [x["id"] for x in daemon.list()].count(mid) == 1
+    assert m["state"] in ("completed", "cancelled"), explain(m)
+    assert_intact_on(BUSY, dst if m["state"] == "completed" else src)
+
+    # after the restart: evidence first (a continue), then any pause
+    timeline = m["timeline"]
+    resumed = [i for i, e in enumerate(timeline) if RESTARTED in e["reason"]]
+    assert resumed, f"no {RESTARTED!r} in the timeline\n" + explain(m)
+    after = timeline[resumed[-1] + 1 :]
+    decisions = [e for e in after if e["kind"] == "decision"]
+    assert decisions, explain(m)
+    pauses = [i for i, e in enumerate(decisions) if e["action"] == "pause"]
+    first_pause = pauses[0] if pauses else len(decisions)
+    evidence = [
+        e
+        for e in decisions[:first_pause]
+        if e["action"] == "continue" or "gathering evidence" in e["reason"]
+    ]
+    assert evidence, "the restarted daemon acted before gathering evidence\n" + explain(m)
+    summary.note(name, f"first decision after the restart: {decisions[0]['reason'][:100]}")
+
+    # a pause, if there was one, stayed within max_pause
+    paused = bool(pauses) or (m["outcome"] or {}).get("method") == "paused"
+    if paused:
+        blackout = m["outcome"]["blackout_seconds"]
+        assert blackout is not None, explain(m)
+        assert blackout <= MAX_PAUSE, f"paused {blackout:.2f}s > {MAX_PAUSE}s\n" + explain(m)
+
+    # still accounted once a little later (nothing finishes it again)
+    time.sleep(1.0)
+    assert len([e for e in daemon.get(mid)["timeline"] if e["state"] in FINISHED]) == 1

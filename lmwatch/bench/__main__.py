@@ -205,7 +205,7 @@ def bench_command(out: Output, args: argparse.Namespace) -> int:
         "profiles": [p.name for p in profiles],
         "controllers": chosen + ([BOUND] if with_bound else []),
         "missing": missing,
-        "switchover_seconds": switchover,
+        "switchover": "learned" if switchover is None else switchover,
         "processes": processes,
         "runs": len(runs),
         "timings": timings,

@@ -40,6 +40,7 @@ class LmwatchController:
 
     name = "lmwatch"
     poll_interval = 1.0  # the engine's default
+    wake_on_pass = True  # the engine's driver wakes it when a new pass begins
 
     def __init__(self, setting: Setting, settings: policies.PolicySettings | None = None) -> None:
         self.setting = setting

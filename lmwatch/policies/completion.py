@@ -30,6 +30,7 @@ the operator set, while slowing degrades the guest for many passes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lmwatch.model import Action, Decision, MigrationContext, Prediction, Sample
 from lmwatch.policies.estimators import (
@@ -251,6 +252,9 @@ def _raise_step(
     new = min(limit, max(target, min(step, limit)))
     if new <= current:
         return None
+    outlook = a.project_with(ctx, new, settings)
+    if outlook is not None:
+        prediction = replace(prediction, eta_seconds=outlook.seconds)
     return Decision(
         Action.RAISE_BLACKOUT,
         f"{rates}: about {duration_text(blackout)} of blackout with the switchover, above "
@@ -392,14 +396,14 @@ def _finish_within(
             Action.HANDOVER,
             f"{head}; handing over now, about {duration_text(copy)} of degraded running "
             f"(limit {duration_text(profile.max_degraded)})",
-            prediction,
+            replace(prediction, eta_seconds=copy),
         )
     if profile.may_pause and stop * settings.pause_safety <= profile.max_pause:
         return Decision(
             Action.PAUSE,
             f"{head}; pausing now, about {duration_text(stop)} paused "
             f"(limit {duration_text(profile.max_pause)})",
-            prediction,
+            replace(prediction, eta_seconds=stop),
         )
     return None
 

@@ -23,7 +23,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lmwatch.model import MigrationContext, Phase, Prediction, Sample
 from lmwatch.units import format_duration, format_size
@@ -176,6 +176,38 @@ class Analysis:
     finish_bound: int  # the same, assuming the fastest writing seen (for acting on it)
     fresh: bool  # the current pass began moments ago, so what it left is well known
     switchover: float
+    in_pass: float = 0.0  # seconds since the current pass began (0 when not seen)
+
+    def project_with(
+        self,
+        ctx: MigrationContext,
+        budget: float,
+        settings: PolicySettings,
+        *,
+        slowing: bool = True,
+    ) -> Projection | None:
+        """Passes from now on with a blackout budget (None without a model).
+
+        With `slowing`, the throttle keeps rising as the hypervisor raises it when the
+        migration started with slowing armed; without, it stays where it is.
+        """
+        if self.model is None or not self.transfer_rate or self.latest is None:
+            return None
+        plan = ctx.plan
+        return project(
+            self.model,
+            self.transfer_rate,
+            budget,
+            unsent=float(self.remaining),
+            elapsed_in_pass=self.in_pass,
+            overhead=self.overhead,
+            switchover=ctx.switchover,
+            slowdown=self.latest.slowdown,
+            slow_step=plan.slow_down_step,
+            slow_initial=plan.slow_down_initial,
+            slow_armed=plan.arm_slow_down and slowing,
+            settings=settings,
+        )
 
     @property
     def pass_starts(self) -> tuple[int, ...]:
@@ -454,25 +486,6 @@ def analyse(
     floor: int | None = None
     converges: bool | None = None
     eta: float | None = None
-    if model is not None and rate and latest is not None:
-        plan = ctx.plan
-        outlook = project(
-            model,
-            rate,
-            ctx.blackout_budget,
-            unsent=float(remaining),
-            elapsed_in_pass=in_pass,
-            overhead=overhead,
-            switchover=ctx.switchover,
-            slowdown=level,
-            slow_step=plan.slow_down_step,
-            slow_initial=plan.slow_down_initial,
-            slow_armed=plan.arm_slow_down,
-            settings=settings,
-        )
-        converges = outlook.converges
-        floor = int(outlook.floor)
-        eta = outlook.seconds
 
     sizes = [r.size for r in records if r.number >= 2]
     shrinking = len(sizes) >= 2 and sizes[-1] < settings.plateau_ratio * sizes[-2]
@@ -482,7 +495,7 @@ def analyse(
         variation = _variation(_pair_rates(recent, model)) if len(recent) >= 2 else 0.5
         confidence = round(evidence * (1.0 - min(1.0, variation)), 3)
 
-    return Analysis(
+    analysis = Analysis(
         latest=latest,
         transfer_rate=rate,
         change_rate=change,
@@ -504,7 +517,18 @@ def analyse(
         finish_bound=int(finish_bound),
         fresh=fresh,
         switchover=ctx.switchover,
+        in_pass=in_pass,
     )
+    # "Converges" means on its own at the current slow-down; the ETA counts the
+    # slow-down the hypervisor will add when it was armed at start.
+    alone = analysis.project_with(ctx, ctx.blackout_budget, settings, slowing=False)
+    if alone is None:
+        return analysis
+    eta = alone.seconds
+    if not alone.converges and ctx.plan.arm_slow_down:
+        slowed = analysis.project_with(ctx, ctx.blackout_budget, settings)
+        eta = None if slowed is None else slowed.seconds
+    return replace(analysis, converges=alone.converges, floor=int(alone.floor), eta=eta)
 
 
 def estimate(

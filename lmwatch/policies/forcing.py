@@ -10,6 +10,7 @@ explicitly accepted. Otherwise `ForceRefused`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lmwatch.model import Action, Decision, MigrationContext, Phase, Prediction, Sample
 from lmwatch.policies.estimators import (
@@ -138,7 +139,7 @@ def _handover(
         Action.HANDOVER,
         f"{why}: handing over with {left}, about {duration_text(copy)} of degraded "
         f"running on the destination ({bound})",
-        prediction,
+        replace(prediction, eta_seconds=copy),
     )
 
 
@@ -156,7 +157,7 @@ def _pause(
         Action.PAUSE,
         f"{why}: pausing the instance for about {duration_text(pause)} to copy the {left} "
         f"({bound})",
-        prediction,
+        replace(prediction, eta_seconds=pause),
     )
 
 

@@ -1,0 +1,220 @@
+"""What supervising costs: round trips through lmwatch against the same done with libvirt.
+
+An idle guest goes a -> b -> a five times through lmwatch (POST /v1/migrations, wait
+until the API says completed, then back) and five times directly with libvirt, the
+two kinds alternating (and which goes first alternating too). The direct migrations
+use what the daemon's libvirt driver uses: the flags the daemon logged when it started
+its first migration (`migration-started ... flags=`), the parameters
+`libvirt_mapping.migrate_call` builds from the same plan, and the blackout budget of
+its start decision set with migrateSetMaxDowntime. The profile is whatever the
+daemon's default selection gives (the shipped profiles; the guest has no labels).
+
+The daemon runs without a bandwidth cap here (the other rig tests cap the link at
+16 MiB/s): the guest's memory then moves in well under a second, so the figure shows
+what lmwatch adds, and the test stays short.
+
+This is a benchmark printout, not a timed assertion: it asserts only that every
+migration completed and the guest is intact, and prints
+
+    start overhead: lmwatch X.XXs vs direct Y.YYs per round trip, ratio Z.ZZ
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmwatch.drivers.libvirt_mapping import migrate_call
+from lmwatch.model import StartPlan
+from lmwatch.profiles import default_profiles_text
+from lmwatch.units import parse_duration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
+import rigctl
+
+pytestmark = pytest.mark.rig
+
+Daemon = Any  # tests/rig/conftest.py: Daemon (the real daemon, over HTTP)
+JsonDict = dict[str, Any]
+FINISHED = ("completed", "cancelled", "failed")
+
+GUEST = "so-idle"
+PAIRS = 5
+POLL = 0.05  # seconds between GETs while waiting for lmwatch to say completed
+MIGRATION_ADDRESS = "tcp://127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_factory: Any) -> Daemon:
+    """The daemon with the shipped profiles, restarted without the link cap."""
+    d: Daemon = daemon_factory(default_profiles_text())
+    d.stop()
+    config = json.loads(d.config_path.read_text())
+    for host in config["hosts"].values():
+        host.pop("bandwidth", None)
+    d.config_path.write_text(json.dumps(config, indent=2))
+    d.start()
+    return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def guest() -> Iterator[None]:
+    rigctl.define_guest("a", GUEST)
+    yield
+    rigctl.destroy_everywhere(GUEST)
+
+
+def _at(entry: JsonDict) -> float:
+    return dt.datetime.fromisoformat(entry["at"].replace("Z", "+00:00")).timestamp()
+
+
+def through_lmwatch(d: Daemon, src: str, dst: str) -> tuple[float, JsonDict]:
+    """POST the migration and wait (polling every 50 ms) until it is completed."""
+    t0 = time.monotonic()
+    mid = d.submit(GUEST, src, dst)["id"]
+    while True:
+        m: JsonDict = d.get(mid)
+        if m["state"] in FINISHED:
+            break
+        if time.monotonic() - t0 > 120:
+            raise AssertionError(f"lmwatch migration {src}->{dst} still {m['state']} after 120s")
+        time.sleep(POLL)
+    took = time.monotonic() - t0
+    assert m["state"] == "completed", m
+    return took, m
+
+
+def start_plan_of(d: Daemon, m: JsonDict) -> tuple[int, StartPlan]:
+    """The flags the daemon's driver used and the plan of its start decision."""
+    found = re.search(rf"migration-started migration={m['id']} .*?flags=(\d+)", d.log())
+    assert found, f"no migration-started line for {m['id']} in the daemon log"
+    flags = int(found.group(1))
+    start = next(e for e in m["timeline"] if e["kind"] == "decision" and e["action"] == "start")
+    budget = re.search(r"starts with a (\S+) blackout budget", start["reason"])
+    assert budget, start["reason"]
+    slow = re.search(r"slow-down armed at (\d+)%", start["reason"])
+    lv = rigctl.libvirt
+    plan = StartPlan(
+        arm_handover=bool(flags & lv.VIR_MIGRATE_POSTCOPY),
+        arm_slow_down=bool(flags & lv.VIR_MIGRATE_AUTO_CONVERGE),
+        blackout_budget=parse_duration(budget.group(1)),
+    )
+    if slow:
+        plan = dataclasses.replace(plan, slow_down_initial=int(slow.group(1)) / 100)
+    return flags, plan
+
+
+def direct(src: str, dst: str, plan: StartPlan, flags: int) -> tuple[float, float]:
+    """One migration with libvirt as the driver would start it: (call seconds, job seconds)."""
+    call = migrate_call(
+        rigctl.libvirt,
+        plan,
+        instance=GUEST,
+        migration_address=MIGRATION_ADDRESS,
+        link_bandwidth=None,
+    )
+    assert call.flags == flags, f"driver flags {flags} != rebuilt {call.flags}"
+    m = rigctl.DirectMigration(
+        GUEST, src, dst, flags=call.flags, params=call.params, max_downtime_ms=call.max_downtime_ms
+    )
+    try:
+        took = m.run(120)
+    finally:
+        m.close()
+    assert m.error is None, f"direct migration {src}->{dst} failed: {m.error}"
+    assert rigctl.where_running(GUEST) == [dst], rigctl.domain_states(GUEST)
+    job = float(m.completed.get("time_elapsed", 0)) / 1000
+    return took, job
+
+
+@pytest.mark.scenario("start overhead")
+def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summary: Any) -> None:
+    rigctl.libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    rigctl.wait_heartbeat(GUEST, 90, 2)
+    assert rigctl.where_running(GUEST) == ["a"]
+
+    lm_trips: list[float] = []
+    direct_trips: list[float] = []
+    lm_to_copying: list[float] = []  # POST accepted -> copying started, from the timeline
+    lm_after_job: list[float] = []  # lmwatch's total - the job's own time
+    direct_jobs: list[float] = []
+    flags_plan: tuple[int, StartPlan] | None = None
+    profiles: set[str] = set()
+    rows: list[str] = []
+
+    def lmwatch_trip() -> float:
+        nonlocal flags_plan
+        t0 = time.monotonic()
+        for src, dst in (("a", "b"), ("b", "a")):
+            _, m = through_lmwatch(daemon, src, dst)
+            profiles.add(m["profile"]["name"])
+            if flags_plan is None:
+                flags_plan = start_plan_of(daemon, m)
+            states = {e["state"]: _at(e) for e in m["timeline"] if e["kind"] == "state"}
+            lm_to_copying.append(states["copying"] - states["queued"])
+            lm_after_job.append(m["outcome"]["total_seconds"])
+        return time.monotonic() - t0
+
+    def direct_trip() -> float:
+        assert flags_plan is not None
+        t0 = time.monotonic()
+        for src, dst in (("a", "b"), ("b", "a")):
+            _, job = direct(src, dst, flags_plan[1], flags_plan[0])
+            direct_jobs.append(job)
+        return time.monotonic() - t0
+
+    for i in range(PAIRS):
+        # lmwatch goes first in even pairs (and always in the first: it tells the flags)
+        order = ("lmwatch", "direct") if i % 2 == 0 else ("direct", "lmwatch")
+        for kind in order:
+            if kind == "lmwatch":
+                lm_trips.append(lmwatch_trip())
+            else:
+                direct_trips.append(direct_trip())
+        rows.append(
+            f"  pair {i + 1} ({order[0]} first): lmwatch {lm_trips[-1]:.2f}s, "
+            f"direct {direct_trips[-1]:.2f}s"
+        )
+
+    hb = rigctl.wait_heartbeat(GUEST, 20, rigctl.last_heartbeat(GUEST)["n"] + 1, host="a")
+    assert rigctl.where_running(GUEST) == ["a"] and hb["bad"] == 0, hb
+
+    lm, dr = statistics.median(lm_trips), statistics.median(direct_trips)
+    assert flags_plan is not None
+    flags, plan = flags_plan
+    headline = (
+        f"start overhead: lmwatch {lm:.2f}s vs direct {dr:.2f}s per round trip, ratio {lm / dr:.2f}"
+    )
+    text = "\n".join(
+        [
+            f"start overhead ({PAIRS} alternating pairs of round trips a->b->a, idle 128 MiB "
+            f"guest, no link cap, profile {', '.join(sorted(profiles))}, flags {flags}, "
+            f"budget {plan.blackout_budget * 1000:.0f} ms, slow-down "
+            f"{'armed' if plan.arm_slow_down else 'not armed'}):",
+            *rows,
+            f"  lmwatch per migration: POST -> copying started median "
+            f"{statistics.median(lm_to_copying):.2f}s (max {max(lm_to_copying):.2f}s), "
+            f"outcome total median {statistics.median(lm_after_job):.2f}s",
+            f"  direct per migration: job time_elapsed median "
+            f"{statistics.median(direct_jobs):.2f}s",
+            headline,
+        ]
+    )
+    with capsys.disabled():
+        print("\n" + text, file=sys.stderr)
+    summary.note("start overhead", headline)
+    summary.note(
+        "start overhead",
+        f"POST -> copying started: median {statistics.median(lm_to_copying):.2f}s, "
+        f"max {max(lm_to_copying):.2f}s",
+    )

@@ -508,13 +508,16 @@ class Engine:
     async def _change_rate_for_start(
         self, supervision: _Supervision, capabilities: Capabilities
     ) -> float | None:
-        """The change rate for the start plan: reused when recent, skipped when it cannot
-        change the plan (the profile does not allow slowing), measured otherwise."""
+        """The change rate before start: reused when recent, measured otherwise.
+
+        It sets the first slow-down level, tells a saturated first pass from a steady
+        writer, and shows whether the guest had quieter phases; but measuring takes
+        seconds on real hosts, so one measurement serves an instance for a while
+        (a round trip does not measure twice).
+        """
         record = supervision.record
         if not (self.settings.measure_change_rate and capabilities.measure_change_rate):
             return None
-        if not (supervision.profile.may_slow_down and capabilities.slow_down):
-            return None  # only the slow-down level depends on it; the passes will tell
         recent = self._change_rates.get(record.instance)
         now = self.clock.now()
         if recent is not None and now - recent[0] <= self.settings.change_rate_max_age:

@@ -53,9 +53,7 @@ class LmwatchController:
     def start(self) -> StartPlan:
         s = self.setting
         info = InstanceInfo(name=s.workload, uuid=s.workload, host="a", memory_bytes=s.memory)
-        # The engine measures the change rate before start only where it can change the
-        # plan (the profile allows slowing); the controller sees what the engine would.
-        measured = s.change_rate if s.profile.may_slow_down else None
+        measured = s.change_rate  # the engine measures before start (or reuses a recent one)
         capabilities = Capabilities(handover=True, slow_down=True, bandwidth=s.bandwidth)
         plan = policies.plan_start(
             s.profile,

@@ -321,6 +321,25 @@ def _hope(
     """Why waiting may still pay: the reason, or None when it has stopped paying."""
     assert a.transfer_rate
     limit = blackout_limit(profile, ctx)
+    before = ctx.change_rate_before_start
+    if before is not None and a.model is not None and before < a.model.rate:
+        # Measured over a short window, it is close to the write rate at the time: a
+        # guest that was that quiet before the start may well be again.
+        calm = project(
+            a.model.with_rate(before),
+            a.transfer_rate,
+            limit,
+            unsent=float(a.remaining),
+            elapsed_in_pass=0.0,
+            overhead=a.overhead,
+            switchover=ctx.switchover,
+            settings=settings,
+        )
+        if calm.converges or _fits_somehow(profile, ctx, calm.floor, a, settings):
+            return (
+                f"before the start the guest changed only {rate_text(before)}, at which "
+                "copying would finish: waiting for a quieter phase"
+            )
     if a.best_model is not None and a.latest is not None and a.best_model != a.model:
         quiet = project(
             a.best_model,

@@ -139,8 +139,10 @@ def project(
                 bad = 0
                 level = slow_initial if level <= 0 else level + slow_step
                 level = min(s.max_slowdown, level)
-        settled = abs(left - previous) <= 0.005 * previous and (
-            not slow_armed or level >= s.max_slowdown
+        settled = (
+            not math.isinf(previous)
+            and abs(left - previous) <= 0.005 * previous
+            and (not slow_armed or level >= s.max_slowdown)
         )
         if settled:
             return Projection(False, None, left, n)
@@ -307,7 +309,12 @@ def observe_passes(
             tail = last[n - 1]
             end = tail.time + tail.memory_remaining / bandwidth
             start = min(max(end, tail.time), head.time)
-            size = max(float(peak[n]), head.memory_remaining + bandwidth * (head.time - start))
+            # Bytes sent of this pass before its first sample: what was moved between
+            # the two samples beyond the rest of the previous pass (no more than the
+            # link could move; nothing is sent while the pass starts up).
+            moved = head.memory_transferred - tail.memory_transferred - tail.memory_remaining
+            sent = min(max(0.0, float(moved)), bandwidth * (head.time - start))
+            size = max(float(peak[n]), head.memory_remaining + sent)
         if start is not None:
             starts.append((n, start, size, head.slowdown))
         previous = n

@@ -322,9 +322,15 @@ def _hope(
     assert a.transfer_rate
     limit = blackout_limit(profile, ctx)
     before = ctx.change_rate_before_start
-    if before is not None and a.model is not None and before < a.model.rate:
-        # Measured over a short window, it is close to the write rate at the time: a
-        # guest that was that quiet before the start may well be again.
+    if (
+        before is not None
+        and a.model is not None
+        and before < a.model.rate
+        and before * settings.measure_window < 0.5 * a.model.working_set
+    ):
+        # Measured over a short window, it is close to the write rate at the time
+        # unless that window could have filled the working set (then it only says the
+        # working set is small): a guest that was that quiet may well be again.
         calm = project(
             a.model.with_rate(before),
             a.transfer_rate,

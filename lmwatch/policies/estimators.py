@@ -55,6 +55,7 @@ class PolicySettings:
     patience: float = 0.5
     min_patience: float = 300.0
     convergence_margin: float = 0.1  # start plan: D above B * (1 - margin) will not converge
+    measure_window: float = 10.0  # longest window a measurement before start covers, seconds
 
 
 DEFAULT = PolicySettings()

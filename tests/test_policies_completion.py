@@ -39,22 +39,6 @@ STUCK = workload(memory_mib=2048, change_mib=150, bandwidth_mib=100, ws_mib=1024
 # written, all of it distinct (a sequential writer, under the working set).
 STUCK_MEASURED = 150 * MIB
 
-# Known defects of the policy (reported to its owner); these tests state the intended
-# behaviour and are expected to fail until the defect is fixed.
-PROJECT_STOPS_AFTER_ONE_PASS = (
-    "estimators.project() reports a floor whenever the next projected pass does not fit "
-    "the budget (previous = inf, inf <= inf), so after pass 1 the straight-line reading "
-    "(50 MiB/s < 100 MiB/s) is called non-converging and the policy acts a pass early"
-)
-
-
-def _first_forcing(run):  # type: ignore[no-untyped-def]
-    """(index into run.samples, decision) of the first decision other than continue."""
-    for index, (_, decision) in enumerate(run.decisions):
-        if decision.action is not Action.CONTINUE:
-            return index, decision
-    return None
-
 
 def test_idle_instance_finishes_with_no_action() -> None:
     run = simulate(decide, Profile(name="p"), workload(4096, 0, 100, 1024), plan())
@@ -123,7 +107,6 @@ def test_handed_over_at_once_when_the_prestart_rate_outruns_the_link_and_it_fits
     assert run.degraded is not None and run.degraded <= profile.max_degraded
 
 
-@pytest.mark.xfail(strict=True, reason=PROJECT_STOPS_AFTER_ONE_PASS)
 def test_without_a_prestart_measurement_exactly_one_more_pass_decides() -> None:
     # Pass 1 alone reads as 50 MiB/s over all memory (it could converge); pass 2 lasts
     # half as long and leaves as much behind: saturated. The handover comes then, not
@@ -235,6 +218,8 @@ def test_handover_never_chosen_when_not_armed_at_start() -> None:
     assert "not armed" in run.decisions[-1][1].reason
 
 
+# A known defect of the policy (reported to its owner): the row marked with it states
+# the intended behaviour and is expected to fail until the defect is fixed.
 FIRST_PASS_CANCEL_IGNORES_BLACKOUT = (
     "completion._first_pass_too_long() only asks whether a handover or a pause could "
     "finish the first pass by the deadline, not a blackout budget the profile allows: "

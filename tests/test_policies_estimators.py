@@ -24,13 +24,8 @@ except ImportError:  # tests collected as a package
 
 SWITCHOVER = 0.04  # unlike the support's default, so the tests see which one is used
 
-# Known defects of the policy (reported to its owner); the tests below state the
-# intended behaviour and are expected to fail until the defect is fixed.
-PROJECT_STOPS_AFTER_ONE_PASS = (
-    "estimators.project(): `previous` starts at math.inf, so `abs(left - previous) <= "
-    "0.005 * previous` is inf <= inf on the first projected pass: any remainder that "
-    "does not fit the budget after one more pass is reported as a floor"
-)
+# A known defect of the policy (reported to its owner); the tests marked with it state
+# the intended behaviour and are expected to fail until the defect is fixed.
 FIT_UNDERESTIMATES_SATURATED_RATE = (
     "estimators.fit_model(): the write rate comes from a regression through the origin "
     "of y = -W ln(1 - r/W) on t; pairs at the working set all have the same capped y, "
@@ -49,14 +44,7 @@ def _at_pass_start(samples: list, passes: int) -> list:  # type: ignore[type-arg
     ("w", "passes", "converges", "floor_mib"),
     [
         pytest.param(workload(4096, 0, 100, 1024), 2, True, 0, id="idle"),
-        pytest.param(
-            workload(2048, 30, 100, 512),
-            3,
-            True,
-            0,
-            id="busy-converging",
-            marks=pytest.mark.xfail(strict=True, reason=PROJECT_STOPS_AFTER_ONE_PASS),
-        ),
+        pytest.param(workload(2048, 30, 100, 512), 3, True, 0, id="busy-converging"),
         pytest.param(workload(2048, 30, 100, 512), 4, True, 0, id="busy-converging-later"),
         pytest.param(workload(2048, 150, 100, 1024), 3, False, 1024, id="stuck-at-working-set"),
         pytest.param(
@@ -135,11 +123,8 @@ def test_transfer_rate_from_bytes_moved_when_not_reported() -> None:
     assert p.transfer_rate == pytest.approx(w.bandwidth)
 
 
-def _eta_case(change: float, writer: str, seen: int, tolerance: float, bug: bool = False):  # type: ignore[no-untyped-def]
-    marks = [pytest.mark.xfail(strict=True, reason=PROJECT_STOPS_AFTER_ONE_PASS)] if bug else []
-    return pytest.param(
-        change, writer, seen, tolerance, id=f"{writer}-{change}-pass{seen}", marks=marks
-    )
+def _eta_case(change: float, writer: str, seen: int, tolerance: float):  # type: ignore[no-untyped-def]
+    return pytest.param(change, writer, seen, tolerance, id=f"{writer}-{change}-pass{seen}")
 
 
 @pytest.mark.parametrize(
@@ -150,10 +135,10 @@ def _eta_case(change: float, writer: str, seen: int, tolerance: float, bug: bool
         _eta_case(10, "random", 2, 0.2),
         # Longer: after two passes the model knows how saturated the writing is. The
         # saturating model only approximates a sequential writer's hard cap at W.
-        _eta_case(30, "sequential", 3, 0.2, bug=True),
-        _eta_case(60, "sequential", 3, 0.3, bug=True),
-        _eta_case(30, "random", 3, 0.2, bug=True),
-        _eta_case(60, "random", 3, 0.2, bug=True),
+        _eta_case(30, "sequential", 3, 0.2),
+        _eta_case(60, "sequential", 3, 0.3),
+        _eta_case(30, "random", 3, 0.2),
+        _eta_case(60, "random", 3, 0.2),
     ],
 )
 def test_eta_matches_when_the_model_completes(
@@ -279,7 +264,6 @@ def test_fit_explains_passes_that_all_left_the_working_set() -> None:
     assert model.dirtied(1.0) >= 0.9 * 100 * MIB
 
 
-@pytest.mark.xfail(strict=True, reason=PROJECT_STOPS_AFTER_ONE_PASS)
 def test_projection_follows_passes_until_the_remainder_fits() -> None:
     """D = 30 % of B: each pass leaves under a third of the last; 500 MiB fits 0.3 s after
     a few passes."""
@@ -296,7 +280,6 @@ def test_projection_follows_passes_until_the_remainder_fits() -> None:
     assert outlook.seconds is not None and 5.0 < outlook.seconds < 8.0
 
 
-@pytest.mark.xfail(strict=True, reason=PROJECT_STOPS_AFTER_ONE_PASS)
 def test_projection_settles_at_the_fixed_point() -> None:
     """D = 3 B over 1 GiB settles where R = W (1 - exp(-3 R / W)), about 0.94 W, whatever
     the remainder projected from."""

@@ -31,6 +31,14 @@ How the rig's figures are read (QEMU 10 as driven by libvirt 11):
   which QEMU sends as headers only. The simulator's memory is therefore the memory that
   costs bandwidth in pass 1 (`memory_total` minus the zero pages of pass 1); the
   literal run with `memory_total` is printed next to it for comparison, not checked.
+
+What this test found: QEMU counts the dirty pages again as soon as a pass's remainder
+falls below bandwidth x budget (and every 100 ms burst while it stays below), merging
+the unsent rest into the next pass; simphysics ends a pass only once it is fully sent.
+The rig therefore makes more, shorter passes (sequential writer: 12-13 against 9) and
+finishes its copying sooner (+18..+24 % in the simulator). Figures tied to that
+difference carry it as `known`: when only such figures are beyond +-25 % the test is an
+xfail whose reason gives the numbers; any other figure beyond +-25 % fails it.
 """
 
 from __future__ import annotations
@@ -74,6 +82,11 @@ PASS_COUNT_DIFFERENCE = (
     "bandwidth x budget (and again every 100 ms burst while it stays below), while "
     "simphysics ends a pass only when it is fully sent (plus one check below the "
     "threshold): the rig makes more, shorter passes"
+)
+COPY_TIME_DIFFERENCE = (
+    "the same difference shortens the rig's copying: each of its passes ends at the "
+    "threshold and the unsent rest is merged into the next pass (pages rewritten "
+    "meanwhile go once), where simphysics sends every pass to the end"
 )
 
 
@@ -322,6 +335,7 @@ def compare(obs: Observed, sim: Simulated) -> list[Check]:
                 obs.copy_time if obs.converged else None,
                 sim.copy_time if sim.converged else None,
                 note="" if obs.converged == sim.converged else "only one side converged",
+                known=COPY_TIME_DIFFERENCE if obs.converged and sim.converged else "",
             )
         )
     else:

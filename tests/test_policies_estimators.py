@@ -24,16 +24,9 @@ except ImportError:  # tests collected as a package
 
 SWITCHOVER = 0.04  # unlike the support's default, so the tests see which one is used
 
+
 # A known defect of the policy (reported to its owner); the tests marked with it state
 # the intended behaviour and are expected to fail until the defect is fixed.
-FIT_UNDERESTIMATES_SATURATED_RATE = (
-    "estimators.fit_model(): the write rate comes from a regression through the origin "
-    "of y = -W ln(1 - r/W) on t; pairs at the working set all have the same capped y, "
-    "so long passes pull D down (pairs 20.48s->100MiB, 1s->100MiB give D ~ 39MiB/s, "
-    "f(1s) ~ 32MiB instead of 100MiB)"
-)
-
-
 def _at_pass_start(samples: list, passes: int) -> list:  # type: ignore[type-arg]
     """The samples up to the first one of pass `passes` (a fresh pass start)."""
     first = next(i for i, s in enumerate(samples) if s.passes == passes)
@@ -53,7 +46,6 @@ def _at_pass_start(samples: list, passes: int) -> list:  # type: ignore[type-arg
             False,
             100,
             id="small-working-set-needs-1s",
-            marks=pytest.mark.xfail(strict=True, reason=FIT_UNDERESTIMATES_SATURATED_RATE),
         ),
         # Random writers: the reported rate saturates (distinct pages per pass second)
         pytest.param(workload(2048, 30, 100, 512, "random"), 3, True, 0, id="random-converging"),
@@ -256,7 +248,6 @@ def test_fit_of_one_pair_is_the_hopeful_straight_line_unless_measured_faster() -
     assert measured.working_set == pytest.approx(1024 * MIB, rel=0.01)
 
 
-@pytest.mark.xfail(strict=True, reason=FIT_UNDERESTIMATES_SATURATED_RATE)
 def test_fit_explains_passes_that_all_left_the_working_set() -> None:
     pairs = [(20.48, 0.0, 100.0 * MIB), (1.0, 0.0, 100.0 * MIB), (1.0, 0.0, 100.0 * MIB)]
     model = fit_model(pairs, 2048 * MIB)

@@ -219,6 +219,8 @@ def _first_pass_too_long(
     # At the deadline the pass still has this much to send, plus what the guest dirtied.
     behind = a.remaining - a.transfer_rate * max(left, 0.0)
     copy = behind / a.transfer_rate
+    if copy + ctx.switchover <= profile.max_blackout:
+        return None  # a raised blackout budget could still finish it
     if handover_usable(profile, ctx) and copy * settings.handover_safety <= profile.max_degraded:
         return None
     stop = copy + ctx.switchover
@@ -320,6 +322,8 @@ def _hope(
 ) -> str | None:
     """Why waiting may still pay: the reason, or None when it has stopped paying."""
     assert a.transfer_rate
+    if ctx.deadline_at is None and now - ctx.started_at >= settings.max_wait:
+        return None  # without a deadline, quiet phases that never finish it stop counting
     limit = blackout_limit(profile, ctx)
     before = ctx.change_rate_before_start
     if (

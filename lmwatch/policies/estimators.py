@@ -54,6 +54,7 @@ class PolicySettings:
     # window, at least `min_patience` seconds, and never more than 3/4 of the window.
     patience: float = 0.5
     min_patience: float = 300.0
+    max_wait: float = 3600.0  # without a deadline, no hope keeps a migration waiting longer
     convergence_margin: float = 0.1  # start plan: D above B * (1 - margin) will not converge
     measure_window: float = 10.0  # longest window a measurement before start covers, seconds
 
@@ -400,16 +401,22 @@ def fit_model(
     for k in range(41):
         w = top * 1.0005 * (cap / (top * 1.0005)) ** (k / 40) if cap > top * 1.0005 else cap
         ys = [-w * math.log1p(-min(r / w, 0.999999)) for _, r in points]
-        d = sum(y * t for y, (t, _) in zip(ys, points, strict=True)) / sum(t * t for t, _ in points)
-        if d <= 0:
-            continue
-        model = DirtyModel(d, w)
-        error = 0.0
-        for t, r in points:
-            predicted = max(model.dirtied(t), 1.0)
-            error += math.log(predicted / r) ** 2
-        if best is None or error < best[0] - 1e-12:
-            best = (error, model)
+        # Candidate rates: the least-squares line through the origin, and the rate each
+        # pair implies on its own (a saturated pair says little; a short pass says most).
+        slope = sum(y * t for y, (t, _) in zip(ys, points, strict=True)) / sum(
+            t * t for t, _ in points
+        )
+        candidates = {slope, *(y / t for y, (t, _) in zip(ys, points, strict=True))}
+        for d in candidates:
+            if d <= 0:
+                continue
+            model = DirtyModel(d, w)
+            error = 0.0
+            for t, r in points:
+                predicted = max(model.dirtied(t), 1.0)
+                error += math.log(predicted / r) ** 2
+            if best is None or error < best[0] - 1e-12:
+                best = (error, model)
     return None if best is None else best[1]
 
 

@@ -29,7 +29,7 @@ class State(StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (State.COMPLETED, State.CANCELLED, State.FAILED)
+        return self in _STATES_FINISHED
 
 
 class Phase(StrEnum):
@@ -44,7 +44,11 @@ class Phase(StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (Phase.COMPLETED, Phase.CANCELLED, Phase.FAILED)
+        return self in _PHASES_FINISHED
+
+
+_STATES_FINISHED = frozenset((State.COMPLETED, State.CANCELLED, State.FAILED))
+_PHASES_FINISHED = frozenset((Phase.COMPLETED, Phase.CANCELLED, Phase.FAILED))
 
 
 class Action(StrEnum):

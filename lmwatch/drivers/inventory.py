@@ -7,6 +7,7 @@ embedded default, the workloads `lmwatch simulate` replays, and test scenarios.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid as uuidlib
 from importlib import resources
@@ -149,7 +150,7 @@ class PhasedRate(_Frozen):
     phases: tuple[Phase, ...] = Field(min_length=1)
     repeat: bool = True
 
-    @property
+    @functools.cached_property
     def _cycle(self) -> float:
         return sum(p.duration for p in self.phases)
 

@@ -212,6 +212,9 @@ def _first_pass_too_long(
     """Why even the current pass ends after the deadline with nothing else to finish it."""
     if ctx.deadline_at is None or not a.transfer_rate or a.passes > 1:
         return None
+    copied = a.memory - a.remaining
+    if copied < 0.05 * a.memory or now - ctx.started_at < 5.0:
+        return None  # the transfer rate of the first moments is no evidence yet
     left = ctx.deadline_at - now
     rest = a.remaining / a.transfer_rate
     if rest <= left:

@@ -13,12 +13,8 @@ max_pause, and after the restart the timeline shows lmwatch gathering evidence (
 continue) before any pause decision.
 
 This guest needs about 2 s of pause, so the right outcome is no pause: the policy then
-waits for a quieter phase until its patience runs out (min(3/4 of the deadline window,
-max(300 s, half of it))) before cancelling. To keep CI short the test watches the
-restarted daemon for WATCH_PASSES passes; if it is still copying then (without having
-paused), the migration is cancelled through the API, which the daemon finishes. The
-deadline is long on purpose: with a short one (60 s) the daemon cancelled in the first
-pass from the first sample's transfer rate ("the first pass alone needs 70.1s more").
+waits for a quieter phase until its patience runs out or the deadline comes, and
+cancels. The profile's 60 s deadline (on_deadline: cancel) bounds the test.
 """
 
 from __future__ import annotations
@@ -44,7 +40,6 @@ BUSY = "rp-busy"
 BUSY_WRITE = (32, 40)  # MiB rewritten, MiB/s: never converges over the 16 MiB/s link
 MAX_PAUSE = 1.2  # seconds
 RESTARTED = "supervision resumed after a restart"
-WATCH_PASSES = 4  # passes the restarted daemon is watched for before the test cancels
 
 PROFILES = f"""
 version: 1
@@ -56,7 +51,7 @@ profiles:
     handover: forbidden
     may_pause: true
     max_pause: {MAX_PAUSE * 1000:.0f}ms
-    deadline: 10m
+    deadline: 60s
     on_deadline: cancel
 """
 
@@ -127,20 +122,7 @@ def test_restarted_daemon_gathers_evidence_before_pausing(daemon: Daemon, summar
     )
 
     try:
-        m = daemon.wait_until(
-            mid,
-            lambda m: (m["progress"] or {}).get("passes", 0) >= passes_at_kill + WATCH_PASSES,
-            60,
-            f"{WATCH_PASSES} more passes after the restart",
-        )
-        if m["state"] not in FINISHED and m["state"] == "copying":
-            summary.note(
-                name,
-                f"still copying in pass {m['progress']['passes']} without a pause: "
-                "cancelled through the API",
-            )
-            daemon.cancel(mid)
-        m = daemon.wait_finished(mid, 60)
+        m = daemon.wait_finished(mid, 90)
     except TimeoutError as error:
         raise AssertionError(f"{error}\nwhere {BUSY} runs: {rigctl.domain_states(BUSY)}") from None
     summary.outcome(name, m)

@@ -712,8 +712,8 @@ class Engine:
         record = supervision.record
         action = decision.action
         mlog = log.bind(migration=record.id, instance=record.instance, origin=origin)
-        if supervision.cancelling and action is not Action.CONTINUE:
-            return  # a cancel is under way; nothing else applies
+        if supervision.cancelling:
+            return  # a cancel is under way; nothing else applies or needs recording
         self.metrics.decisions.labels(action.value).inc()
         if action is Action.CONTINUE:
             self._log_continue(supervision, decision)

@@ -49,8 +49,10 @@ from lmwatch.policies.forcing import (
     blackout_limit,
     finish_now,
     force_complete,
+    handover_fits,
     handover_usable,
     nothing_allowed,
+    pause_fits,
 )
 from lmwatch.profiles.schema import OnDeadline, Profile
 from lmwatch.units import format_size
@@ -144,8 +146,16 @@ def _deadline_lead(
     if not (handover_usable(profile, ctx) or profile.may_pause):
         return 0.0  # only copying itself can finish it: nothing to start early
     poll = history[-1].time - history[-2].time if len(history) >= 2 else 1.0
-    stop = a.stop_seconds() or 0.0
-    return stop * max(settings.pause_safety, settings.handover_safety) + 2 * max(poll, 0.0)
+    stop = (a.stop_seconds() or 0.0) * a.margin(
+        max(settings.pause_safety, settings.handover_safety), settings
+    )
+    # Starting early helps only a finish that fits its bound: no longer than the longest
+    # degraded running or pause the profile allows.
+    longest = max(
+        profile.max_degraded if handover_usable(profile, ctx) else 0.0,
+        profile.max_pause if profile.may_pause else 0.0,
+    )
+    return min(stop, longest) + 2 * max(poll, 0.0)
 
 
 def _gathering(a: Analysis) -> str:
@@ -224,10 +234,10 @@ def _first_pass_too_long(
     copy = behind / a.transfer_rate
     if copy + ctx.switchover <= profile.max_blackout:
         return None  # a raised blackout budget could still finish it
-    if handover_usable(profile, ctx) and copy * settings.handover_safety <= profile.max_degraded:
+    if handover_fits(profile, ctx, a, copy, settings):
         return None
     stop = copy + ctx.switchover
-    if profile.may_pause and stop * settings.pause_safety <= profile.max_pause:
+    if pause_fits(profile, a, stop, settings):
         return None
     return (
         f"the first pass alone needs {duration_text(rest)} more, past the deadline in "
@@ -399,10 +409,10 @@ def _fits_somehow(
     """Whether a remainder of `size` could be finished by handover or a pause in bounds."""
     assert a.transfer_rate
     copy = size / a.transfer_rate
-    if handover_usable(profile, ctx) and copy * settings.handover_safety <= profile.max_degraded:
+    if handover_fits(profile, ctx, a, copy, settings):
         return True
     stop = copy + ctx.switchover
-    return profile.may_pause and stop * settings.pause_safety <= profile.max_pause
+    return pause_fits(profile, a, stop, settings)
 
 
 def _finish_within(
@@ -423,14 +433,14 @@ def _finish_within(
         return None
     copy = a.finish_bound / a.transfer_rate
     stop = copy + ctx.switchover
-    if handover_usable(profile, ctx) and copy * settings.handover_safety <= profile.max_degraded:
+    if handover_fits(profile, ctx, a, copy, settings):
         return Decision(
             Action.HANDOVER,
             f"{head}; handing over now, about {duration_text(copy)} of degraded running "
             f"(limit {duration_text(profile.max_degraded)})",
             replace(prediction, eta_seconds=copy),
         )
-    if profile.may_pause and stop * settings.pause_safety <= profile.max_pause:
+    if pause_fits(profile, a, stop, settings):
         return Decision(
             Action.PAUSE,
             f"{head}; pausing now, about {duration_text(stop)} paused "

@@ -38,8 +38,12 @@ class PolicySettings:
     initial_blackout: float = 0.3  # seconds; never above what max_blackout leaves
     ewma_alpha: float = 0.3
     max_slowdown: float = 0.99
-    handover_safety: float = 1.1  # predicted degraded time * this must fit max_degraded
-    pause_safety: float = 1.1  # predicted pause * this must fit max_pause
+    # A predicted degraded time or pause, times a margin, must fit its bound; the margin
+    # is at least these and grows with how much the transfer rate has varied (a pass
+    # start's remainder is known; what the link will carry meanwhile is the doubt).
+    handover_safety: float = 1.03
+    pause_safety: float = 1.03
+    rate_variation_weight: float = 2.0
     switchover_seconds: float = 0.05  # assumed switchover cost when nothing was measured
     budget_margin: float = 1.1  # a budget is set this much above the bare need
     plateau_ratio: float = 0.9  # a pass-start remainder above ratio * previous = no shrink
@@ -181,6 +185,11 @@ class Analysis:
     fresh: bool  # the current pass began moments ago, so what it left is well known
     switchover: float
     in_pass: float = 0.0  # seconds since the current pass began (0 when not seen)
+    rate_variation: float = 0.0  # coefficient of variation of recent transfer rates
+
+    def margin(self, minimum: float, settings: PolicySettings) -> float:
+        """Factor a predicted duration is multiplied by before it is held to a bound."""
+        return max(minimum, 1.0 + settings.rate_variation_weight * self.rate_variation)
 
     def project_with(
         self,
@@ -533,6 +542,7 @@ def analyse(
         fresh=fresh,
         switchover=ctx.switchover,
         in_pass=in_pass,
+        rate_variation=_variation([s.transfer_rate for s in history[-30:] if s.transfer_rate > 0]),
     )
     # "Converges" means on its own at the current slow-down; the ETA counts the
     # slow-down the hypervisor will add when it was armed at start.

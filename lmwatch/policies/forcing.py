@@ -46,6 +46,28 @@ def handover_usable(profile: Profile, ctx: MigrationContext) -> bool:
     return profile.handover_allowed and ctx.plan.arm_handover
 
 
+def handover_fits(
+    profile: Profile,
+    ctx: MigrationContext,
+    analysis: Analysis,
+    copy: float | None,
+    settings: PolicySettings,
+) -> bool:
+    """A handover now, `copy` seconds of degraded running, fits `max_degraded`."""
+    if copy is None or not handover_usable(profile, ctx):
+        return False
+    return copy * analysis.margin(settings.handover_safety, settings) <= profile.max_degraded
+
+
+def pause_fits(
+    profile: Profile, analysis: Analysis, stop: float | None, settings: PolicySettings
+) -> bool:
+    """A pause now, lasting `stop` seconds, fits `max_pause`."""
+    if stop is None or not profile.may_pause:
+        return False
+    return stop * analysis.margin(settings.pause_safety, settings) <= profile.max_pause
+
+
 def already_finishing(history: Sequence[Sample], ctx: MigrationContext) -> str | None:
     """Why there is nothing to do, when the migration is past copying."""
     if ctx.handed_over:
@@ -100,14 +122,10 @@ def finish_now(
             )
 
     usable = handover_usable(profile, ctx)
-    if usable and copy is not None and copy * settings.handover_safety <= profile.max_degraded:
+    if handover_fits(profile, ctx, analysis, copy, settings):
         return _handover(why, left, copy, profile, prediction, within=True)
     pause = blackout
-    if (
-        profile.may_pause
-        and pause is not None
-        and pause * settings.pause_safety <= profile.max_pause
-    ):
+    if pause_fits(profile, analysis, pause, settings):
         return _pause(why, left, pause, profile, prediction, within=True)
     if within_only:
         return None

@@ -31,7 +31,7 @@ from lmwatch.engine import Engine, EngineSettings
 from lmwatch.logs import configure, get_logger
 from lmwatch.metrics import Metrics
 from lmwatch.profiles import ProfileError, ProfileRegistry
-from lmwatch.store import Store, StoreError
+from lmwatch.store import Store, StoreError, StoreLock, StoreLocked
 
 log = get_logger("lmwatch.daemon")
 
@@ -67,6 +67,7 @@ class Daemon:
     token: str
     clock: Clock
     app: web.Application
+    lock: StoreLock | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -77,6 +78,8 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.driver.close()
         self.store.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def resolve_token(settings: Settings) -> str:
@@ -165,6 +168,22 @@ def _open_profiles(settings: Settings, clock: Clock) -> ProfileRegistry:
         raise StartupError(f"invalid profiles file:\n{lines}") from None
 
 
+def _lock_store(settings: Settings) -> StoreLock | None:
+    """The store's lock, taken before anything touches the store, the token or a host.
+
+    A second daemon on the same store stops here with nothing changed; an
+    in-memory store belongs to its process alone and needs no lock.
+    """
+    if str(settings.store_path) == ":memory:":
+        return None
+    try:
+        return StoreLock.acquire(settings.store_path)
+    except StoreLocked as error:
+        raise StartupError(str(error)) from None
+    except StoreError as error:
+        raise StartupError(f"cannot open the store: {error}") from None
+
+
 def _open_store(settings: Settings) -> Store:
     try:
         return Store.open(settings.store_path)
@@ -175,30 +194,42 @@ def _open_store(settings: Settings) -> Store:
 async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
     """Open everything and start the engine (not yet listening)."""
     clock = clock or WallClock()
-    store = _open_store(settings)
+    lock = _lock_store(settings)  # first: a second daemon must change nothing
+    store: Store | None = None
+    driver: Driver | None = None
+    engine: Engine | None = None
     try:
+        store = _open_store(settings)
         registry = _open_profiles(settings, clock)
         token = resolve_token(settings)
         driver = _make_driver(settings, clock)
+        metrics = Metrics()
+        engine = Engine(
+            driver=driver,
+            store=store,
+            profiles=registry,
+            clock=clock,
+            metrics=metrics,
+            settings=EngineSettings(
+                poll_interval=settings.poll_interval,
+                max_per_source=settings.max_per_source,
+                max_per_destination=settings.max_per_destination,
+            ),
+        )
+        await engine.start()
     except BaseException:
-        store.close()
+        if engine is not None:
+            await engine.stop()
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                await driver.close()
+        if store is not None:
+            store.close()
+        if lock is not None:
+            lock.release()
         raise
-    metrics = Metrics()
-    engine = Engine(
-        driver=driver,
-        store=store,
-        profiles=registry,
-        clock=clock,
-        metrics=metrics,
-        settings=EngineSettings(
-            poll_interval=settings.poll_interval,
-            max_per_source=settings.max_per_source,
-            max_per_destination=settings.max_per_destination,
-        ),
-    )
-    await engine.start()
     app = create_app(engine, registry, metrics, token)
-    daemon = Daemon(settings, store, registry, driver, engine, metrics, token, clock, app)
+    daemon = Daemon(settings, store, registry, driver, engine, metrics, token, clock, app, lock)
     daemon.tasks.append(asyncio.create_task(registry.watch(clock, settings.profile_check_interval)))
     return daemon
 

@@ -8,6 +8,8 @@ short and synchronous; the engine runs them on the event loop thread.
 from __future__ import annotations
 
 import builtins
+import errno
+import fcntl
 import json
 import os
 import sqlite3
@@ -69,6 +71,78 @@ _BOOL_FIELDS = ("paused", "handed_over")
 
 class StoreError(Exception):
     """The store cannot be opened or written."""
+
+
+class StoreLocked(StoreError):
+    """Another daemon holds the store's lock."""
+
+
+class StoreLock:
+    """An exclusive claim on one store file for the lifetime of one daemon.
+
+    Two daemons on one store would both supervise the same migrations: the second
+    re-attaches to the first one's jobs, records them as failed when its own driver
+    does not know them, and rewrites the token file. So a daemon takes this lock
+    before it touches anything, and a second one stops at once, having changed
+    nothing. It is `flock` on `<store>.lock` next to the store file, held through an
+    open descriptor: the kernel releases it when the process ends, however it ends,
+    so a stale lock file left by a crash never blocks a restart. The file holds the
+    holder's pid for the message; it is never removed (removing it would let two
+    daemons hold locks on two different files of the same name).
+    """
+
+    def __init__(self, path: Path, descriptor: int) -> None:
+        self.path = path
+        self._descriptor: int | None = descriptor
+
+    @staticmethod
+    def lock_path(store_path: str | os.PathLike[str]) -> Path:
+        """Where the lock of a store lives: `<store>.lock`, next to the real file."""
+        file = Path(store_path).resolve()
+        return file.with_name(file.name + ".lock")
+
+    @classmethod
+    def acquire(cls, store_path: str | os.PathLike[str]) -> StoreLock:
+        """Take the lock without waiting; StoreLocked when another daemon holds it."""
+        store = Path(store_path)
+        if not store.parent.is_dir():
+            raise StoreError(f"store directory {store.parent} does not exist")
+        path = cls.lock_path(store)
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise StoreError(f"cannot create the lock file {path}: {error.strerror}") from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = _read_pid(descriptor)
+            os.close(descriptor)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                who = f"pid {holder}" if holder is not None else "pid unknown"
+                raise StoreLocked(
+                    f"another lmwatch daemon ({who}) is using the store {store}; "
+                    f"stop it first or give this one another store (lock: {path})"
+                ) from None
+            raise StoreError(f"cannot lock {path}: {error.strerror}") from None
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the pid is only for the message; the lock is what counts
+        return cls(path, descriptor)
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)  # closing the descriptor releases the flock
+            self._descriptor = None
+
+
+def _read_pid(descriptor: int) -> int | None:
+    try:
+        text = os.pread(descriptor, 64, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)

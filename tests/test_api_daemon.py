@@ -243,3 +243,126 @@ async def test_a_busy_port_is_a_startup_error(tmp_path: Path) -> None:
     finally:
         blocker.close()
         await blocker.wait_closed()
+
+
+# --- one daemon per store ------------------------------------------------------------------
+
+# One instance whose first pass alone takes minutes (64 GiB over 1 Gbit/s): it is
+# still copying whenever the test looks.
+SLOW_INVENTORY = """
+hosts:
+  - {name: a, memory: 256GiB}
+  - {name: b, memory: 256GiB}
+links:
+  - {between: [a, b], bandwidth: 1Gbit/s}
+default_bandwidth: 1Gbit/s
+instances:
+  - {name: slow, host: a, memory: 64GiB, working_set: 64MiB, change_rate: 1MiB/s}
+"""
+
+
+def _wait_for(what: str, condition: Any, timeout: float = 60.0) -> Any:
+    import time
+
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _http(method: str, url: str, token: str | None = None, body: Any = None) -> Any:
+    import json
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_second_daemon_on_the_same_store_exits_and_changes_nothing(tmp_path: Path) -> None:
+    import re
+
+    store = tmp_path / "lmwatch.db"
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(SLOW_INVENTORY)
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(SMALL_PROFILES)
+    options = ["--store", str(store), "--profiles", str(profiles), "--inventory", str(inventory)]
+    log = tmp_path / "first.log"
+    with log.open("w") as output:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "lmwatch.cli", "serve", "--port", "0", *options],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        listening = _wait_for(
+            "the first daemon to listen",
+            lambda: re.search(r"listening addresses=([\d.]+):(\d+)", log.read_text()),
+        )
+        base = f"http://{listening.group(1)}:{listening.group(2)}"
+        token_file = tmp_path / "lmwatch.token"
+        token = token_file.read_text().strip()
+        body = {"instance": "slow", "source": "a", "destination": "b"}
+        migration_id = _http("POST", f"{base}/v1/migrations", token, body)["id"]
+        _wait_for(
+            "the migration to copy",
+            lambda: _http("GET", f"{base}/v1/migrations/{migration_id}")["state"] == "copying",
+        )
+        events_before = _http("GET", f"{base}/v1/migrations/{migration_id}")["timeline"]
+
+        # As an operator would: the same store and port (before the lock, this one
+        # re-attached to the first one's migration and rewrote the token, and only
+        # then failed to bind).
+        second = lmwatch_serve("--port", listening.group(2), *options)
+
+        assert token_file.read_text().strip() == token  # not overwritten
+        on_disk = Store.open(store)  # what a restart of the first daemon would find
+        try:
+            record = on_disk.get(migration_id)
+            assert record is not None and record.state.value == "copying"
+            assert not [e for e in on_disk.events(migration_id) if e.state == "failed"]
+        finally:
+            on_disk.close()
+        assert first.poll() is None  # the first one serves on
+        migration = _http("GET", f"{base}/v1/migrations/{migration_id}")
+        assert migration["state"] == "copying"
+        timeline = migration["timeline"]
+        assert timeline[: len(events_before)] == events_before
+        assert not [e for e in timeline if "restart" in e["reason"]]
+        assert second.returncode == 2, second.stderr
+        assert "Traceback" not in second.stderr
+        assert (
+            f"another lmwatch daemon (pid {first.pid}) is using the store {store}" in second.stderr
+        )
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+    # The lock went with the first daemon: the store is usable again.
+    from lmwatch.store import StoreLock
+
+    StoreLock.acquire(store).release()
+
+
+def test_the_store_lock_is_exclusive_follows_links_and_is_released(tmp_path: Path) -> None:
+    from lmwatch.store import StoreLock, StoreLocked
+
+    store = tmp_path / "lmwatch.db"
+    link = tmp_path / "alias.db"
+    link.symlink_to(store)
+    held = StoreLock.acquire(store)
+    try:
+        assert held.path == tmp_path / "lmwatch.db.lock"
+        for path in (store, link):
+            with pytest.raises(StoreLocked, match=f"pid {os.getpid()}"):
+                StoreLock.acquire(path)
+    finally:
+        held.release()
+    StoreLock.acquire(link).release()

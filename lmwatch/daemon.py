@@ -216,7 +216,10 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
                 max_per_destination=settings.max_per_destination,
             ),
         )
-        await engine.start()
+        try:
+            await engine.start()
+        except StoreError as error:
+            raise StartupError(str(error)) from None
     except BaseException:
         if engine is not None:
             await engine.stop()

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import ActionRefused, Driver, DriverError, Refused
@@ -41,7 +43,7 @@ from lmwatch.model import (
 )
 from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
 from lmwatch.profiles.schema import Profile
-from lmwatch.store import Event, MigrationRecord, Store
+from lmwatch.store import CorruptRecord, Event, MigrationRecord, Store, UnreadableStore
 
 log = get_logger("lmwatch.engine")
 
@@ -106,6 +108,14 @@ def _fingerprint(request: MigrationRequest) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def _first(error: ValidationError) -> str:
+    """The first problem pydantic found, on one line."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "profile"
+    more = error.error_count() - 1
+    return f"{where}: {first['msg']}" + (f" (and {more} more)" if more else "")
+
+
 def _plan_from(record: MigrationRecord) -> StartPlan:
     assert record.plan is not None
     return StartPlan(**record.plan)
@@ -157,12 +167,34 @@ class Engine:
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Take back every migration the store holds as unfinished, then run the queue."""
+        """Take back every migration the store holds as unfinished, then run the queue.
+
+        A stored migration that cannot be read stops the start with UnreadableStore,
+        before anything is tracked, started or written. Refusing is deliberate:
+        skipping the row would forget an accepted migration whose job may still be
+        running on a host, and nothing would then finish, cancel or record it. The
+        operator is told which row and how to look at it, and repairs or removes it.
+        """
+        problems = self.store.unreadable()
+        unfinished = [] if problems else self.store.unfinished()
+        profiles: dict[str, Profile] = {}
+        for record in unfinished:
+            try:
+                profiles[record.id] = Profile.model_validate(record.profile)
+            except ValidationError as error:
+                problems.append(CorruptRecord(record.id, f"column profile: {_first(error)}"))
+            if record.plan is not None:
+                try:
+                    _plan_from(record)
+                except TypeError as error:
+                    problems.append(CorruptRecord(record.id, f"column plan: {error}"))
+        if problems:
+            raise UnreadableStore(self.store.path, problems)
         self._started = True
         for record in self.store.list(State.COMPLETED):
             self._learn_switchover(record)
-        for record in self.store.unfinished():
-            profile = Profile.model_validate(record.profile)
+        for record in unfinished:
+            profile = profiles[record.id]
             supervision = self._track(record, profile)
             supervision.generation = -1  # the file may have changed while we were away
             if record.state is not State.QUEUED:

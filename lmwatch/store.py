@@ -73,6 +73,31 @@ class StoreError(Exception):
     """The store cannot be opened or written."""
 
 
+class CorruptRecord(StoreError):
+    """A stored migration row that cannot be decoded (a hand edit, a disk fault)."""
+
+    def __init__(self, migration_id: str, reason: str) -> None:
+        self.migration_id = migration_id
+        self.reason = reason
+        super().__init__(f"store row for migration {migration_id} cannot be read: {reason}")
+
+
+class UnreadableStore(StoreError):
+    """Rows the engine cannot start without; one line per row, each saying how to look."""
+
+    def __init__(self, path: str, problems: list[CorruptRecord]) -> None:
+        self.problems = problems
+        super().__init__(
+            "\n".join(
+                f"{problem}; lmwatch refuses to start rather than forget an accepted "
+                f"migration; inspect it with: sqlite3 {path} "
+                f"\"SELECT * FROM migrations WHERE id='{problem.migration_id}'\", "
+                "then repair or delete the row"
+                for problem in problems
+            )
+        )
+
+
 class StoreLocked(StoreError):
     """Another daemon holds the store's lock."""
 
@@ -357,6 +382,16 @@ class Store:
             )
         return [_from_row(row) for row in rows.fetchall()]
 
+    def unreadable(self) -> builtins.list[CorruptRecord]:
+        """Every migration row that cannot be decoded, each with its id and why."""
+        problems: builtins.list[CorruptRecord] = []
+        for row in self._db.execute("SELECT * FROM migrations ORDER BY created_at, id"):
+            try:
+                _from_row(row)
+            except CorruptRecord as problem:
+                problems.append(problem)
+        return problems
+
     def unfinished(self) -> builtins.list[MigrationRecord]:
         finished = tuple(s.value for s in State if s.finished)
         rows = self._db.execute(
@@ -402,11 +437,20 @@ def _to_row(record: MigrationRecord) -> dict[str, Any]:
 
 
 def _from_row(row: sqlite3.Row) -> MigrationRecord:
+    """The record a row holds; CorruptRecord naming the row and column otherwise."""
     values: dict[str, Any] = dict(row)
-    for name in _JSON_FIELDS:
-        raw = values[name]
-        values[name] = None if raw is None else json.loads(raw)
-    for name in _BOOL_FIELDS:
-        values[name] = bool(values[name])
-    values["state"] = State(values["state"])
-    return MigrationRecord(**values)
+    column = "id"
+    try:
+        for column in _JSON_FIELDS:
+            raw = values[column]
+            values[column] = None if raw is None else json.loads(raw)
+            if values[column] is not None and not isinstance(values[column], dict):
+                raise ValueError(f"a JSON {type(values[column]).__name__}, not an object")
+        for column in _BOOL_FIELDS:
+            values[column] = bool(values[column])
+        column = "state"
+        values["state"] = State(values["state"])
+        column = "record"
+        return MigrationRecord(**values)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CorruptRecord(str(values.get("id")), f"column {column}: {error}") from None

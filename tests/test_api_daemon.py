@@ -366,3 +366,40 @@ def test_the_store_lock_is_exclusive_follows_links_and_is_released(tmp_path: Pat
     finally:
         held.release()
     StoreLock.acquire(link).release()
+
+
+def test_a_corrupt_store_row_is_a_clear_startup_error(tmp_path: Path) -> None:
+    import sqlite3
+
+    from lmwatch.model import State
+    from lmwatch.store import MigrationRecord
+
+    store_path = tmp_path / "lmwatch.db"
+    store = Store.open(store_path)
+    record = MigrationRecord(
+        id="m-1",
+        instance="web-1",
+        source="host-a",
+        destination="host-b",
+        labels={},
+        requested_profile=None,
+        profile_name="default",
+        profile_reason="fallback",
+        profile={"name": "default"},
+        memory_bytes=1 << 30,
+        state=State.QUEUED,
+        created_at=1_800_000_000.0,
+    )
+    store.insert(record, "accepted")
+    store.close()
+    db = sqlite3.connect(store_path)
+    db.execute("UPDATE migrations SET labels='{\"tier\": ' WHERE id='m-1'")
+    db.commit()
+    db.close()
+    done = lmwatch_serve("--store", str(store_path), "--port", "0")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "lmwatch: store row for migration m-1 cannot be read: column labels:" in done.stderr
+    assert "refuses to start" in done.stderr
+    assert f"sqlite3 {store_path} \"SELECT * FROM migrations WHERE id='m-1'\"" in done.stderr
+    assert "listening" not in done.stderr

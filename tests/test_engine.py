@@ -647,3 +647,45 @@ async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(
     await rig.finish(mid)
     assert rig.engine.get(mid).state is State.COMPLETED
     assert any("could not be measured" in e.reason for e in rig.store.events(mid))
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("labels", "{not json", "column labels: Expecting property name"),
+        ("plan", "[1, 2]", "column plan: a JSON list, not an object"),
+        ("plan", '{"arm_handover": true}', "column plan: StartPlan.__init__() missing"),
+        ("state", "copyng", "column state: 'copyng' is not a valid State"),
+        ("profile", '{"name": "x", "max_blackout": "soon"}', "column profile: max_blackout: Value"),
+    ],
+)
+async def test_a_corrupt_row_stops_the_start_naming_it_and_changing_nothing(
+    tmp_path: Path, column: str, value: str, reason: str
+) -> None:
+    import sqlite3
+
+    from lmwatch.store import UnreadableStore
+
+    rig = Rig(tmp_path)
+    await rig.engine.start()
+    mid = await rig.migrate("big")
+    await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    await rig.engine.stop()
+    db = sqlite3.connect(tmp_path / "lmwatch.db")
+    db.execute(f"UPDATE migrations SET {column}=? WHERE id=?", (value, mid))
+    db.commit()
+    db.close()
+    events = len(rig.store.events(mid))
+    second = rig.new_engine()
+    with pytest.raises(UnreadableStore) as refused:
+        await second.start()
+    message = str(refused.value)
+    assert f"store row for migration {mid} cannot be read: {reason}" in message
+    assert "refuses to start" in message
+    assert f"sqlite3 {tmp_path / 'lmwatch.db'} \"SELECT * FROM migrations WHERE id='{mid}'\"" in (
+        message
+    )
+    assert "\n" not in message  # one line per unreadable row
+    assert second.active_count() == 0
+    assert len(rig.store.events(mid)) == events  # nothing was written
+    await second.stop()

@@ -493,6 +493,7 @@ class Engine:
             return await self._start_locked(supervision)
 
     async def _start_locked(self, supervision: _Supervision) -> bool:
+        self._refresh_profile(supervision)  # plan with the profile in force now
         record = supervision.record
         now = self.clock.now()
         self._update(supervision, "state", "starting", state=State.STARTING, started_at=now)
@@ -685,7 +686,12 @@ class Engine:
             self._update(supervision, "state", f"now {state.value}", **changes)
 
     def _refresh_profile(self, supervision: _Supervision) -> None:
-        """Re-select the profile after a reload; say so when an edit cannot apply."""
+        """Re-select the profile after a reload; say so when an edit cannot apply.
+
+        Before the start (no plan yet) the new profile simply replaces the old one, so
+        a queued migration starts with the profile in force when it starts, not with
+        the one chosen when it was accepted.
+        """
         if supervision.generation == self.profiles.generation:
             return
         supervision.generation = self.profiles.generation
@@ -704,15 +710,25 @@ class Engine:
         new = selection.profile
         if new == supervision.profile:
             return
-        notes = policies.review_profile_change(supervision.profile, new, _plan_from(record))
         old_name = supervision.profile.name
+        if record.plan is None:
+            notes: list[str] = []
+            deadline = record.deadline_at
+            reason = (
+                f"profiles reloaded while queued: starting with profile {new.name!r} "
+                f"instead of {old_name!r}: {selection.reason}"
+            )
+        else:
+            notes = policies.review_profile_change(supervision.profile, new, _plan_from(record))
+            deadline = (
+                policies.deadline_at(new, record.memory_bytes, record.started_at)
+                if record.started_at is not None
+                else record.deadline_at
+            )
+            reason = (
+                f"profile {old_name!r} replaced by edited profile {new.name!r}: {selection.reason}"
+            )
         supervision.profile = new
-        deadline = (
-            policies.deadline_at(new, record.memory_bytes, record.started_at)
-            if record.started_at is not None
-            else record.deadline_at
-        )
-        reason = f"profile {old_name!r} replaced by edited profile {new.name!r}: {selection.reason}"
         self._update(
             supervision,
             "note",

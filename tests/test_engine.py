@@ -689,3 +689,34 @@ async def test_a_corrupt_row_stops_the_start_naming_it_and_changing_nothing(
     assert second.active_count() == 0
     assert len(rig.store.events(mid)) == events  # nothing was written
     await second.stop()
+
+
+async def test_a_queued_migration_starts_with_the_profile_in_force_when_it_starts(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path, max_per_source=1)
+    await rig.engine.start()
+    first = await rig.migrate("big")
+    queued = await rig.migrate("busy-plain")  # fallback 'strict': nothing allowed
+    assert rig.engine.get(queued).state is State.QUEUED
+    # While it waits, the operator grants handover to its profile.
+    rig.profile_file.write_text(
+        PROFILES.replace(
+            "  - name: strict\n    max_blackout: 300ms\n",
+            "  - name: strict\n    max_blackout: 300ms\n    handover: allowed\n"
+            "    max_degraded: 60s\n",
+        )
+    )
+    rig.registry.reload()
+    assert rig.engine.get(queued).state is State.QUEUED
+    await rig.finish(first, queued)
+    record = rig.engine.get(queued)
+    assert record.plan is not None and record.plan["arm_handover"] is True
+    assert record.profile["handover"] == "allowed"
+    events = rig.store.events(queued)
+    changed = [i for i, e in enumerate(events) if "reloaded while queued" in e.reason]
+    started = [i for i, e in enumerate(events) if e.action == "start"]
+    assert changed and started and changed[0] < started[0]
+    assert record.state is State.COMPLETED
+    assert record.outcome is not None and record.outcome["method"] == "handover"
+    await rig.engine.stop()

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONSTANTS: dict[str, Any] = {
+    "VIR_ERR_INTERNAL_ERROR": 1,
     "VIR_ERR_NO_SUPPORT": 3,
     "VIR_ERR_OPERATION_FAILED": 9,
     "VIR_ERR_SYSTEM_ERROR": 38,
     "VIR_ERR_RPC": 39,
     "VIR_ERR_NO_DOMAIN": 42,
     "VIR_ERR_OPERATION_INVALID": 55,
+    "VIR_ERR_OPERATION_TIMEOUT": 68,
     "VIR_ERR_OPERATION_ABORTED": 78,
     "VIR_ERR_OPERATION_UNSUPPORTED": 84,
     "VIR_ERR_ARGUMENT_UNSUPPORTED": 74,

@@ -1296,3 +1296,117 @@ async def test_unreachable_host_reports_neutral_text(
     with pytest.raises(HostUnreachable) as unreachable:
         await driver.preflight(REQ)
     assert "Connection refused" in _neutral(str(unreachable.value))
+
+
+# --------------------------------------------------------------------------- transient errors
+
+
+def test_only_not_running_or_gone_means_the_job_ended() -> None:
+    from lmwatch.drivers.libvirt_mapping import job_has_ended
+
+    assert job_has_ended(C, C.VIR_ERR_OPERATION_INVALID)
+    assert job_has_ended(C, C.VIR_ERR_NO_DOMAIN)
+    for code in (
+        C.VIR_ERR_INTERNAL_ERROR,
+        C.VIR_ERR_OPERATION_FAILED,
+        C.VIR_ERR_OPERATION_TIMEOUT,
+        C.VIR_ERR_SYSTEM_ERROR,
+        C.VIR_ERR_RPC,
+        None,
+    ):
+        assert not job_has_ended(C, code), code
+
+
+TRANSIENT = [
+    ("internal error: cannot read job statistics", C.VIR_ERR_INTERNAL_ERROR),
+    ("operation failed: job statistics unavailable", C.VIR_ERR_OPERATION_FAILED),
+    ("Timed out during operation: cannot acquire state change lock", C.VIR_ERR_OPERATION_TIMEOUT),
+]
+
+
+@pytest.mark.parametrize(("message", "code"), TRANSIENT)
+async def test_a_transient_statistics_error_is_an_error_not_the_end(
+    cloud: FakeCloud, driver: LibvirtDriver, message: str, code: int
+) -> None:
+    dom = await started(cloud, driver)
+    dom.fail_with["jobStats"] = cloud.libvirt.libvirtError(message, code)
+    with pytest.raises(DriverError, match="job statistics failed"):
+        await driver.sample("m1")
+    del dom.fail_with["jobStats"]
+    assert (await driver.sample("m1")).phase is Phase.COPYING
+    await driver.pause("m1")
+    assert ("suspend",) in dom.calls
+
+
+async def test_the_job_still_ends_when_the_instance_stops_running(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    dom = await started(cloud, driver)
+    dom.fail_with["jobStats"] = cloud.libvirt.libvirtError(
+        "Requested operation is not valid: domain is not running", C.VIR_ERR_OPERATION_INVALID
+    )
+    assert (await driver.sample("m1")).phase is Phase.COMPLETING
+
+
+async def test_a_transient_error_while_reattaching_is_retried_not_concluded(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.job = dict(RUNNING_STATS)
+    dom.fail_with["jobStats"] = cloud.libvirt.libvirtError(
+        "internal error", C.VIR_ERR_INTERNAL_ERROR
+    )
+    with pytest.raises(DriverError, match="job statistics failed"):
+        await driver.reattach("m1", REQ, PLAN)
+    del dom.fail_with["jobStats"]
+    assert await driver.reattach("m1", REQ, PLAN) is None  # adopted: still migrating
+    assert (await driver.sample("m1")).phase is Phase.COPYING
+
+
+@pytest.mark.parametrize(("message", "code"), TRANSIENT[:1])
+async def test_the_engine_rides_out_a_transient_statistics_error_and_can_force_complete(
+    cloud: FakeCloud,
+    driver: LibvirtDriver,
+    clock: VirtualClock,
+    tmp_path: Path,
+    message: str,
+    code: int,
+) -> None:
+    from lmwatch.engine import Engine, EngineSettings
+    from lmwatch.model import State
+    from lmwatch.profiles import ProfileRegistry
+    from lmwatch.store import Store
+
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(
+        "profiles:\n  - name: pausable\n    max_blackout: 300ms\n    may_pause: true\n"
+        "    max_pause: 10s\n    deadline: 1h\n    on_deadline: cancel\n"
+    )
+    store = Store.open(tmp_path / "lmwatch.db")
+    engine = Engine(
+        driver=driver,
+        store=store,
+        profiles=ProfileRegistry(profiles),
+        clock=clock,
+        settings=EngineSettings(measure_change_rate=False),
+    )
+    await engine.start()
+    try:
+        dom = cloud.hosts["a"].domains["vm1"]
+        dom.job = dict(RUNNING_STATS)
+        record, _ = await engine.submit(REQ)
+        await until(clock, lambda: engine.get(record.id).state is State.COPYING)
+        dom.fail_with["jobStats"] = cloud.libvirt.libvirtError(message, code)
+        await clock.advance(3.0)  # a few samples fail
+        assert engine.get(record.id).state is State.COPYING
+        del dom.fail_with["jobStats"]
+        await clock.advance(3.0)
+        assert engine.get(record.id).state is State.COPYING
+        reasons = [e.reason for e in store.events(record.id)]
+        assert any("hypervisor error, retrying" in r for r in reasons)
+        decision = await engine.force_complete(record.id)
+        assert decision.action.value == "pause"
+        assert ("suspend",) in dom.calls
+    finally:
+        await engine.stop()
+        store.close()

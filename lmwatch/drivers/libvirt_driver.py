@@ -56,6 +56,7 @@ from lmwatch.drivers.libvirt_mapping import (
     domain_facts,
     downtime_ms,
     host_cpu_xml,
+    job_has_ended,
     measured_blackout,
     migrate_call,
     neutral_text,
@@ -680,9 +681,16 @@ class LibvirtDriver:
         while waited < START_ACCEPT_TIMEOUT:
             assert job.task is not None
             if job.task.done():
-                if job.error is not None and not await self._still_migrating(job):
-                    self._jobs.pop(job.id, None)
-                    raise DriverError(job.error)
+                if job.error is not None:
+                    try:
+                        migrating = await self._still_migrating(job)
+                    except HostLost:
+                        raise
+                    except DriverError:
+                        migrating = False  # the call failed; report its error, not this one
+                    if not migrating:
+                        self._jobs.pop(job.id, None)
+                        raise DriverError(job.error)
                 return
             try:
                 stats = await self._job_stats(job)
@@ -714,9 +722,9 @@ class LibvirtDriver:
         lv = self._lv
         try:
             stats = await self._job_stats(job)
-        except DriverError as error:
-            if isinstance(error, HostLost):
-                raise
+        except HypervisorError as error:
+            if isinstance(error, HostLost) or not job_has_ended(lv, error.code):
+                raise  # cannot tell now; the caller asks again later
             return False
         if stats.get("type", lv.VIR_DOMAIN_JOB_NONE) in (
             lv.VIR_DOMAIN_JOB_NONE,
@@ -751,7 +759,9 @@ class LibvirtDriver:
                 if job.result is not None:
                     return self._terminal_sample(job)
             raise
-        except HypervisorError:
+        except HypervisorError as error:
+            if not job_has_ended(lv, error.code):
+                raise  # the statistics could not be read, not "the job ended": retried
             stats = {}  # "domain is not running" / gone: the job has just ended
         if stats.get("type", lv.VIR_DOMAIN_JOB_NONE) == lv.VIR_DOMAIN_JOB_NONE:
             if job.adopted:
@@ -1048,7 +1058,12 @@ class LibvirtDriver:
             raise DriverError(
                 f"host {request.source} does not answer; cannot find migration {migration_id}"
             )
-        if at_src in (Where.RUNNING, Where.PAUSED) and await self._still_migrating(job):
+        try:
+            migrating = at_src in (Where.RUNNING, Where.PAUSED) and await self._still_migrating(job)
+        except DriverError:
+            self._jobs.pop(migration_id, None)  # asked again when the engine retries
+            raise
+        if migrating:
             job.handed_over = at_src is Where.PAUSED and reason == lv.VIR_DOMAIN_PAUSED_POSTCOPY
             job.paused = at_src is Where.PAUSED and reason == lv.VIR_DOMAIN_PAUSED_USER
             with contextlib.suppress(DriverError):

@@ -449,3 +449,15 @@ def error_cause(lv: Any, code: int | None, domain: int | None = None) -> ErrorCa
     if code == 1:  # VIR_ERR_INTERNAL_ERROR, also when the module lacks the name
         return ErrorCause.INTERNAL
     return ErrorCause.FAILED
+
+
+def job_has_ended(lv: Any, code: int | None) -> bool:
+    """Whether an error while reading a job's statistics says the job has ended.
+
+    Only two answers mean that: the instance is no longer running where the job
+    ran ("domain is not running", no active job: VIR_ERR_OPERATION_INVALID) or it
+    is gone from that host (VIR_ERR_NO_DOMAIN). Every other error (an internal
+    error, a timeout, a busy daemon, a lost connection) says only that the
+    statistics could not be read this time; the job may well go on.
+    """
+    return error_cause(lv, code) in (ErrorCause.INVALID_STATE, ErrorCause.NO_INSTANCE)

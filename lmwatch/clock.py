@@ -16,15 +16,35 @@ from typing import Protocol
 
 class Clock(Protocol):
     def now(self) -> float:
-        """Seconds since the epoch (virtual clocks start at a fixed epoch)."""
+        """Seconds on an epoch scale that never jumps (virtual clocks start at a fixed
+        epoch). Differences of two readings are true durations."""
         ...
 
     async def sleep(self, seconds: float) -> None: ...
 
 
 class WallClock:
+    """Real time for the daemon: the wall clock as it read at start, moved on by the
+    monotonic clock.
+
+    Everything lmwatch times is a duration: deadlines, how long the hypervisor has
+    not answered, back-off, poll lag, how old a change-rate measurement is, the
+    rates between samples, the simulator's physics, a measured pause. Reading
+    `time.time()` for them let a step of the system clock (a manual change, NTP
+    correcting a badly set clock) fire a deadline or give up on a hypervisor at
+    once. A monotonic clock never steps, but counts from boot, so it cannot be
+    stored or shown; anchoring it to the wall clock once gives both: readings are
+    epoch seconds (stored, shown as timestamps, read back after a restart or a
+    reboot as wall-clock times) and their differences are monotonic durations. A
+    step while the daemon runs is not followed: timestamps stay on the scale set at
+    start until the next start re-anchors it.
+    """
+
+    def __init__(self) -> None:
+        self._epoch = time.time() - time.monotonic()
+
     def now(self) -> float:
-        return time.time()
+        return self._epoch + time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib
 import os
 import pkgutil
 import secrets
 import signal
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -79,33 +82,135 @@ class Daemon:
         self.store.close()
 
 
-def resolve_token(settings: Settings) -> str:
-    """The API token: configured, read from token_file, or generated and written (0600)."""
-    if settings.token is not None:
-        return settings.token.get_secret_value().strip()
-    if settings.token_file is not None:
-        try:
-            token = settings.token_file.read_text(encoding="utf-8").strip()
-        except OSError as error:
+def _mode(mode: int) -> str:
+    return f"{stat.S_IMODE(mode):04o}"
+
+
+def _read_own_token(path: Path) -> str:
+    """The token the daemon wrote on an earlier start, checked before it is trusted.
+
+    Refused: a symbolic link at the path, anything but a regular file, a file not owned
+    by the daemon's user, or one that group or others may read or write.
+    Raises FileNotFoundError when there is nothing at the path."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno == errno.ELOOP:
             raise StartupError(
-                f"cannot read token file {settings.token_file}: {error.strerror}"
+                f"token file {path} is a symbolic link; refusing to use it "
+                "(remove the link, or set token_file to the file you mean)"
             ) from None
-        if not token:
-            raise StartupError(f"token file {settings.token_file} is empty")
+        raise StartupError(f"cannot read token file {path}: {error.strerror}") from None
+    with os.fdopen(descriptor, "r", encoding="utf-8") as file:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise StartupError(f"token file {path} is not a regular file; refusing to use it")
+        if info.st_uid != os.geteuid():
+            raise StartupError(
+                f"token file {path} is owned by uid {info.st_uid}, not by the daemon's user "
+                f"(uid {os.geteuid()}); refusing to use it"
+            )
+        if info.st_mode & 0o077:
+            raise StartupError(
+                f"token file {path} is readable or writable by group or others "
+                f"(mode {_mode(info.st_mode)}); refusing to use it "
+                f"(chmod 600 {path}, or delete it to generate a new token)"
+            )
+        try:
+            token = file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise StartupError(f"cannot read token file {path}: {error}") from None
+    if not token:
+        raise StartupError(f"token file {path} is empty (delete it to generate a new token)")
+    return token
+
+
+def _read_configured_secret(path: Path, what: str) -> str:
+    """A token from a file the operator named (token_file, read_token_file).
+
+    The daemon never writes it. It may be reached through symbolic links (as mounted
+    secrets are), but the file itself must be regular, owned by the daemon's user or
+    root, not readable by others and not writable by group or others. Group read is
+    allowed: that is how container platforms hand a secret to a non-root user."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise StartupError(f"cannot read {what} {path}: {error.strerror}") from None
+    with os.fdopen(descriptor, "r", encoding="utf-8") as file:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise StartupError(f"{what} {path} is not a regular file; refusing to use it")
+        if info.st_uid not in (os.geteuid(), 0):
+            raise StartupError(
+                f"{what} {path} is owned by uid {info.st_uid}, neither the daemon's user "
+                f"(uid {os.geteuid()}) nor root; refusing to use it"
+            )
+        if info.st_mode & 0o026:
+            raise StartupError(
+                f"{what} {path} is readable by others or writable by group or others "
+                f"(mode {_mode(info.st_mode)}); refusing to use it (chmod 600 {path})"
+            )
+        try:
+            token = file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise StartupError(f"cannot read {what} {path}: {error}") from None
+    if not token:
+        raise StartupError(f"{what} {path} is empty")
+    return token
+
+
+def _generated_token(path: Path) -> str:
+    """The daemon's own token: kept from an earlier start, or created once (0600).
+
+    The file is created with O_EXCL and O_NOFOLLOW, so nothing already at the path
+    (a symbolic link included) is ever written through or changed."""
+    try:
+        token = _read_own_token(path)
+    except FileNotFoundError:
+        pass
+    else:
+        log.info("token-loaded", path=str(path), note="kept the token of an earlier start")
         return token
     token = secrets.token_urlsafe(32)
-    path = settings.token_path()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            os.fchmod(file.fileno(), 0o600)
-            file.write(token + "\n")
+        descriptor = os.open(path, flags, 0o600)
+    except FileExistsError:  # appeared since we looked: use it, with the same checks
+        try:
+            return _read_own_token(path)
+        except FileNotFoundError:
+            raise StartupError(f"token file {path} keeps changing; refusing to start") from None
     except OSError as error:
+        raise StartupError(
+            f"cannot write the generated token to {path}: {error.strerror}"
+        ) from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            os.fchmod(file.fileno(), 0o600)  # whatever the umask; it is our own new file
+            file.write(token + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         raise StartupError(
             f"cannot write the generated token to {path}: {error.strerror}"
         ) from None
     log.info("token-generated", path=str(path), note="no token configured; wrote a new one")
     return token
+
+
+def resolve_token(settings: Settings) -> str:
+    """The API token: configured, read from token_file, or the daemon's own token file
+    next to the store (kept across restarts; generated and written 0600 the first time)."""
+    if settings.token is not None:
+        return settings.token.get_secret_value().strip()
+    if settings.token_file is not None:
+        return _read_configured_secret(settings.token_file, "token file")
+    return _generated_token(settings.token_path())
 
 
 def real_drivers() -> list[str]:

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
         return self.store_path.parent / TOKEN_FILE_NAME
 
 
+_EXCLUSIVE = (("token", "token_file"), ("token_file", "token"))
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says why."""
 
@@ -109,6 +112,11 @@ def load_settings(config: str | os.PathLike[str] | None = None, **overrides: Any
 
     path = config if config is not None else os.environ.get(CONFIG_ENV)
     values = {key: value for key, value in overrides.items() if value is not None}
+    # A token given here replaces a token file from the file or environment, and the
+    # other way round (both given here is still refused).
+    for one, other in _EXCLUSIVE:
+        if one in values and other not in values:
+            values[other] = None
     cls: type[Settings] = Settings
     if path:
         file = Path(path)

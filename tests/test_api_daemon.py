@@ -264,6 +264,57 @@ def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
         daemon.resolve_token(Settings(store_path=tmp_path / "x.db"))
 
 
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """The settings `lmwatch serve` would run the daemon with (nothing is served)."""
+    for name in list(os.environ):
+        if name.startswith("LMWATCH_"):
+            monkeypatch.delenv(name)
+    seen: list[Settings] = []
+
+    def fake_serve(settings: Settings) -> int:
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(daemon, "serve", fake_serve)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--token", "from-the-command-line", "serve", "--port", "0"],
+        ["serve", "--port", "0", "--token", "from-the-command-line"],
+    ],
+)
+def test_serve_uses_the_token_given_on_the_command_line(
+    argv: list[str], served: list[Settings]
+) -> None:
+    from lmwatch import cli
+
+    assert cli.main(argv) == 0
+    (settings,) = served
+    assert settings.token is not None
+    assert settings.token.get_secret_value() == "from-the-command-line"
+    assert daemon.resolve_token(settings) == "from-the-command-line"
+
+
+def test_serve_token_file_on_the_command_line_replaces_the_configured_token(
+    tmp_path: Path, served: list[Settings]
+) -> None:
+    from lmwatch import cli
+
+    config = tmp_path / "lmwatch.yaml"
+    config.write_text("token: from-the-config\n")
+    path = tmp_path / "token"
+    path.write_text("from-a-file\n")
+    path.chmod(0o600)
+    assert cli.main(["--token-file", str(path), "serve", "--config", str(config)]) == 0
+    (settings,) = served
+    assert settings.token is None
+    assert daemon.resolve_token(settings) == "from-a-file"
+
+
 # --- serving ---------------------------------------------------------------------------
 
 

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8787, ge=0, le=65535)
     token: SecretStr | None = None
     token_file: Path | None = None
+    # HTTPS: both or neither. Without them, a non-loopback listen_host needs allow_insecure.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_insecure: bool = False
     store_path: Path = Path("./lmwatch.db")
     profiles_path: Path | None = None  # None: the profiles shipped with lmwatch
     # "sim", or the name of a real driver (lmwatch/drivers/<name>_driver.py).
@@ -73,6 +77,8 @@ class Settings(BaseSettings):
             raise ValueError("set token or token_file, not both")
         if self.token is not None and not self.token.get_secret_value().strip():
             raise ValueError("token is empty")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
         if self.driver != "sim" and not self.hosts:
             raise ValueError(f"driver {self.driver!r} needs at least one entry under hosts")
         return self
@@ -98,7 +104,10 @@ class Settings(BaseSettings):
         return self.store_path.parent / TOKEN_FILE_NAME
 
 
-_EXCLUSIVE = (("token", "token_file"), ("token_file", "token"))
+_EXCLUSIVE = (
+    ("token", "token_file"),
+    ("token_file", "token"),
+)
 
 
 class ConfigError(Exception):

@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import errno
 import importlib
+import ipaddress
 import os
 import pkgutil
 import secrets
 import signal
+import socket
+import ssl
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -71,6 +74,7 @@ class Daemon:
     clock: Clock
     app: web.Application
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    ssl_context: ssl.SSLContext | None = None
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -213,6 +217,62 @@ def resolve_token(settings: Settings) -> str:
     return _generated_token(settings.token_path())
 
 
+def is_loopback(host: str) -> bool | None:
+    """Whether `host` names loopback addresses only; None when it does not resolve
+    (listening will then fail with its own message)."""
+    if not host.strip():
+        return False  # every interface
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return None
+    addresses = {str(info[4][0]).split("%", 1)[0] for info in found}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve plain HTTP beyond loopback unless allow_insecure says so."""
+    if is_loopback(settings.listen_host) is not False:
+        return
+    where = settings.listen_host or "every interface"
+    if settings.tls_cert is None:
+        if not settings.allow_insecure:
+            raise StartupError(
+                f"refusing to listen on {where}: it is not a loopback address and no TLS is "
+                "configured, so bearer tokens (and every answer) would cross the network in "
+                "clear text. Set tls_cert and tls_key, or set allow_insecure: true if a "
+                "TLS proxy or a private network protects the port"
+            )
+        log.warning(
+            "insecure-listen",
+            host=where,
+            note="plain HTTP beyond loopback (allow_insecure); tokens travel in clear text",
+        )
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context when tls_cert and tls_key are set."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    files = f"{settings.tls_cert}, {settings.tls_key}"
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as error:
+        reason = error.reason or str(error)
+        raise StartupError(f"invalid TLS certificate or key ({files}): {reason}") from None
+    except OSError as error:
+        raise StartupError(
+            f"cannot read the TLS certificate or key ({files}): {error.strerror or error}"
+        ) from None
+    return context
+
+
 def real_drivers() -> list[str]:
     """Names of the real drivers shipped: modules `lmwatch/drivers/<name>_driver.py`,
     each with `build_<name>_driver(hosts, clock)`."""
@@ -280,6 +340,8 @@ def _open_store(settings: Settings) -> Store:
 async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
     """Open everything and start the engine (not yet listening)."""
     clock = clock or WallClock()
+    check_exposure(settings)
+    context = tls_context(settings)
     store = _open_store(settings)
     try:
         registry = _open_profiles(settings, clock)
@@ -304,6 +366,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
     await engine.start()
     app = create_app(engine, registry, metrics, token)
     daemon = Daemon(settings, store, registry, driver, engine, metrics, token, clock, app)
+    daemon.ssl_context = context
     daemon.tasks.append(asyncio.create_task(registry.watch(clock, settings.profile_check_interval)))
     return daemon
 
@@ -329,7 +392,9 @@ async def run(
     runner = web.AppRunner(daemon.app, access_log=None, handle_signals=False)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.listen_host, settings.port)
+        site = web.TCPSite(
+            runner, settings.listen_host, settings.port, ssl_context=daemon.ssl_context
+        )
         try:
             await site.start()
         except OSError as error:
@@ -340,6 +405,7 @@ async def run(
         log.info(
             "listening",
             addresses=" ".join(f"{host}:{port}" for host, port in addresses),
+            scheme="https" if daemon.ssl_context is not None else "http",
             store=str(settings.store_path),
             profiles=daemon.registry.source,
             driver=daemon.driver.name,

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8787, ge=0, le=65535)
     token: SecretStr | None = None
     token_file: Path | None = None
+    # A second token that allows reads only; when set, reads need either token.
+    read_token: SecretStr | None = None
+    read_token_file: Path | None = None
     # HTTPS: both or neither. Without them, a non-loopback listen_host needs allow_insecure.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -77,6 +80,10 @@ class Settings(BaseSettings):
             raise ValueError("set token or token_file, not both")
         if self.token is not None and not self.token.get_secret_value().strip():
             raise ValueError("token is empty")
+        if self.read_token is not None and self.read_token_file is not None:
+            raise ValueError("set read_token or read_token_file, not both")
+        if self.read_token is not None and not self.read_token.get_secret_value().strip():
+            raise ValueError("read_token is empty")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("set both tls_cert and tls_key, or neither")
         if self.driver != "sim" and not self.hosts:
@@ -107,6 +114,8 @@ class Settings(BaseSettings):
 _EXCLUSIVE = (
     ("token", "token_file"),
     ("token_file", "token"),
+    ("read_token", "read_token_file"),
+    ("read_token_file", "read_token"),
 )
 
 

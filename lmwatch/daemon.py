@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hmac
 import importlib
 import ipaddress
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "build",
     "create_app",
     "main",
+    "resolve_read_token",
     "resolve_token",
     "run",
     "serve",
@@ -217,6 +219,17 @@ def resolve_token(settings: Settings) -> str:
     return _generated_token(settings.token_path())
 
 
+def resolve_read_token(settings: Settings) -> str | None:
+    """The token that allows reads only, if one is configured (never generated)."""
+    if settings.read_token is not None:
+        token = settings.read_token.get_secret_value().strip()
+    elif settings.read_token_file is not None:
+        token = _read_configured_secret(settings.read_token_file, "read token file")
+    else:
+        return None
+    return token
+
+
 def is_loopback(host: str) -> bool | None:
     """Whether `host` names loopback addresses only; None when it does not resolve
     (listening will then fail with its own message)."""
@@ -251,6 +264,12 @@ def check_exposure(settings: Settings) -> None:
             "insecure-listen",
             host=where,
             note="plain HTTP beyond loopback (allow_insecure); tokens travel in clear text",
+        )
+    if settings.read_token is None and settings.read_token_file is None:
+        log.warning(
+            "reads-open",
+            host=where,
+            note="anyone who can connect may read migrations and profiles; set read_token_file",
         )
 
 
@@ -346,6 +365,9 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
     try:
         registry = _open_profiles(settings, clock)
         token = resolve_token(settings)
+        read_token = resolve_read_token(settings)
+        if read_token is not None and hmac.compare_digest(read_token, token):
+            raise StartupError("read_token is the same as token; give reads a token of their own")
         driver = _make_driver(settings, clock)
     except BaseException:
         store.close()
@@ -364,7 +386,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
         ),
     )
     await engine.start()
-    app = create_app(engine, registry, metrics, token)
+    app = create_app(engine, registry, metrics, token, read_token=read_token)
     daemon = Daemon(settings, store, registry, driver, engine, metrics, token, clock, app)
     daemon.ssl_context = context
     daemon.tasks.append(asyncio.create_task(registry.watch(clock, settings.profile_check_interval)))

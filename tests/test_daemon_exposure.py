@@ -1,5 +1,6 @@
 """What the daemon exposes beyond its own machine: HTTPS (tls_cert / tls_key), the
-refusal to serve plain HTTP beyond loopback (allow_insecure)."""
+refusal to serve plain HTTP beyond loopback (allow_insecure), and reads that need a
+token (read_token)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ import logging
 import shutil
 import ssl
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from apitools import SMALL_PROFILES
+from aiohttp.test_utils import TestClient
+from apitools import SMALL_PROFILES, Api, OpenApiChecker
 
 from lmwatch import daemon
-from lmwatch.config import Settings
+from lmwatch.api import READ_TOKEN as READ_TOKEN_KEY
+from lmwatch.api import create_app
+from lmwatch.config import ConfigError, Settings, load_settings
+from lmwatch.engine import Engine
+from lmwatch.metrics import Metrics
+from lmwatch.profiles import ProfileRegistry
 
 TOKEN = "exposure-test-token"
 
@@ -95,8 +103,6 @@ async def test_the_daemon_serves_https_with_the_configured_certificate(
 
 
 def test_tls_needs_both_certificate_and_key(tmp_path: Path) -> None:
-    from lmwatch.config import ConfigError, load_settings
-
     with pytest.raises(ConfigError, match="both tls_cert and tls_key"):
         load_settings(tls_cert=tmp_path / "cert.pem")
 
@@ -164,6 +170,7 @@ def test_allow_insecure_starts_with_a_warning(
     with caplog.at_level(logging.WARNING):
         daemon.check_exposure(settings)
     assert "insecure-listen" in caplog.text
+    assert "reads-open" in caplog.text
 
 
 def test_tls_beyond_loopback_is_accepted(
@@ -181,3 +188,96 @@ def test_loopback_needs_no_tls(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     with caplog.at_level(logging.WARNING):
         daemon.check_exposure(settings_for(tmp_path))
     assert caplog.text == ""
+
+
+# --- reads with a token ---------------------------------------------------------------
+
+READ_TOKEN = "read-only-token-abcdef"
+GUARDED_READS = [
+    "/v1/migrations",
+    "/v1/migrations/m-nonexistent",
+    "/v1/profiles",
+    "/v1/instances/quiet/profile",
+    "/metrics",
+]
+
+
+@pytest.fixture
+async def guarded(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    engine: Engine,
+    registry: ProfileRegistry,
+    metrics: Metrics,
+    checker: OpenApiChecker,
+) -> Api:
+    app = create_app(engine, registry, metrics, TOKEN, read_token=READ_TOKEN)
+    return Api(await aiohttp_client(app), TOKEN, checker)
+
+
+@pytest.mark.parametrize("path", GUARDED_READS)
+async def test_with_a_read_token_reads_need_a_token(guarded: Api, path: str) -> None:
+    anonymous = await guarded.get(path, auth=False)
+    assert anonymous.status == 401
+    assert anonymous.body["detail"] == "a bearer token is required"
+    assert "WWW-Authenticate" in anonymous.headers
+    wrong = await guarded.get(path, auth="Bearer not-the-token")
+    assert wrong.status == 401
+    for token in (READ_TOKEN, TOKEN):
+        answer = await guarded.get(path, auth=f"Bearer {token}")
+        assert answer.status in (200, 404), answer.text  # 404: the unknown migration
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/openapi.json"])
+async def test_health_readiness_and_the_api_description_stay_open(guarded: Api, path: str) -> None:
+    assert (await guarded.get(path, auth=False)).status == 200
+
+
+async def test_the_read_token_cannot_change_anything(guarded: Api, engine: Engine) -> None:
+    body = {"instance": "quiet", "source": "a", "destination": "b"}
+    refused = await guarded.post("/v1/migrations", body, auth=f"Bearer {READ_TOKEN}")
+    assert refused.status == 403
+    assert refused.body["detail"] == "the read token does not allow changes"
+    assert (await guarded.get("/v1/migrations")).body["migrations"] == []
+    accepted = await guarded.post("/v1/migrations", body)
+    assert accepted.status == 202
+
+
+async def test_without_a_read_token_reads_stay_open(api: Api) -> None:
+    assert (await api.get("/v1/migrations", auth=False)).status == 200
+    assert (await api.get("/metrics", auth=False)).status == 200
+
+
+def test_read_token_from_a_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "read-token"
+    path.write_text(READ_TOKEN + "\n")
+    path.chmod(0o600)
+    settings = settings_for(tmp_path, read_token_file=path)
+    assert daemon.resolve_read_token(settings) == READ_TOKEN
+    monkeypatch.setenv("LMWATCH_READ_TOKEN", "from-env")
+    assert daemon.resolve_read_token(load_settings()) == "from-env"
+    monkeypatch.delenv("LMWATCH_READ_TOKEN")
+    assert daemon.resolve_read_token(settings_for(tmp_path)) is None
+    path.chmod(0o604)
+    with pytest.raises(daemon.StartupError, match=r"read token file .* readable by others"):
+        daemon.resolve_read_token(settings)
+
+
+def test_read_token_and_read_token_file_are_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="read_token or read_token_file"):
+        load_settings(read_token="x", read_token_file=tmp_path / "f")
+
+
+async def test_a_read_token_equal_to_the_token_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(daemon.StartupError, match="read_token is the same as token"):
+        await daemon.build(settings_for(tmp_path, read_token=TOKEN))
+
+
+async def test_the_daemon_guards_reads_with_its_read_token(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, read_token=READ_TOKEN)
+    built = await daemon.build(settings)
+    try:
+        assert built.app[READ_TOKEN_KEY] == READ_TOKEN
+    finally:
+        await built.close()

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     max_per_destination: int = Field(default=2, ge=1)
     profile_check_interval: Seconds = 1.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

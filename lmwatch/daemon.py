@@ -464,7 +464,7 @@ def settings_from(options: Mapping[str, Any]) -> Settings:
 
 def serve(settings: Settings) -> int:
     """Run the daemon in its own event loop; the process exit code."""
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
     except StartupError as error:

@@ -4,8 +4,12 @@
 #              -e LMWATCH_CONFIG=/etc/lmwatch/config.yaml \
 #              -e LMWATCH_PROFILES_PATH=/etc/lmwatch/profiles.yaml \
 #              -e LMWATCH_TOKEN_FILE=/run/secrets/lmwatch-token \
-#              -v lmwatch-state:/var/lib/lmwatch -p 8787:8787 lmwatch
+#              -v lmwatch-state:/var/lib/lmwatch -p 127.0.0.1:8787:8787 lmwatch
 # Without a config it runs the simulator on its embedded inventory and profiles.
+# Inside the container the daemon must listen on 0.0.0.0 to be reachable at all, so the
+# image sets LMWATCH_ALLOW_INSECURE: publish the port on loopback as above, or mount a
+# certificate and key and set LMWATCH_TLS_CERT / LMWATCH_TLS_KEY (README: Deploying).
+# With TLS, point the HEALTHCHECK at https (or override it).
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc pkg-config libvirt-dev \
@@ -27,6 +31,7 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 10001:10001
 ENV LMWATCH_STORE_PATH=/var/lib/lmwatch/lmwatch.db \
     LMWATCH_LISTEN_HOST=0.0.0.0 \
+    LMWATCH_ALLOW_INSECURE=true \
     LMWATCH_PORT=8787
 VOLUME ["/var/lib/lmwatch"]
 EXPOSE 8787

@@ -30,12 +30,14 @@ ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
 REGISTRY: web.AppKey[ProfileRegistry] = web.AppKey("registry", ProfileRegistry)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 TOKEN: web.AppKey[str] = web.AppKey("token", str)
+READ_TOKEN: web.AppKey[str] = web.AppKey("read_token", str)  # "": reads are open
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
 
 MAX_IDEMPOTENCY_KEY = 255
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
@@ -128,22 +130,34 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         return problem_response(ApiError(500, "internal", "internal error; see the daemon log"))
 
 
+READS = ("GET", "HEAD", "OPTIONS")
+
+
+def _same(given: str, expected: str) -> bool:
+    return bool(given) and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every mutating call needs `Authorization: Bearer <token>`."""
-    if request.method not in ("GET", "HEAD", "OPTIONS"):
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        expected = request.app[TOKEN]
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode(), expected.encode()
-        )
-        if not ok:
-            detail = "a bearer token is required" if not header else "wrong bearer token"
-            raise ApiError(
-                401, "unauthorized", detail, headers={"WWW-Authenticate": 'Bearer realm="lmwatch"'}
-            )
-    return await handler(request)
+    """Every mutating call needs `Authorization: Bearer <token>`. With a read token
+    configured, reads need either token too, except health, readiness and this API's
+    description (schemas.OPEN_READS)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    given = given.strip() if scheme.lower() == "bearer" else ""
+    token, read_token = request.app[TOKEN], request.app[READ_TOKEN]
+    is_token, is_read_token = _same(given, token), _same(given, read_token)
+    if request.method in READS:
+        if not read_token or request.path in schemas.OPEN_READS or is_token or is_read_token:
+            return await handler(request)
+    elif is_token:
+        return await handler(request)
+    elif is_read_token:
+        raise ApiError(403, "forbidden", "the read token does not allow changes")
+    detail = "a bearer token is required" if not header else "wrong bearer token"
+    raise ApiError(
+        401, "unauthorized", detail, headers={"WWW-Authenticate": 'Bearer realm="lmwatch"'}
+    )
 
 
 # --- input ------------------------------------------------------------------------------
@@ -377,9 +391,15 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def create_app(
-    engine: Engine, registry: ProfileRegistry, metrics_: Metrics, token: str
+    engine: Engine,
+    registry: ProfileRegistry,
+    metrics_: Metrics,
+    token: str,
+    *,
+    read_token: str | None = None,
 ) -> web.Application:
-    """The API application; `token` guards every POST.
+    """The API application; `token` guards every POST, and with `read_token` every
+    read but health, readiness and /openapi.json needs one of the two.
 
     Rejected profile reloads are counted in `metrics_` from here on, whatever
     triggers them (this endpoint, a file change, SIGHUP).
@@ -392,6 +412,7 @@ def create_app(
     app[REGISTRY] = registry
     app[METRICS] = metrics_
     app[TOKEN] = token
+    app[READ_TOKEN] = read_token or ""
     app[OPENAPI] = schemas.openapi_document()
     app.router.add_post("/v1/migrations", create_migration)
     app.router.add_get("/v1/migrations", list_migrations)

@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--profiles", help="profiles file")
     serve.add_argument("--store", help="store file")
     serve.add_argument("--inventory", help="simulator inventory file")
+    # Also accepted before the command (`lmwatch --token X serve`); prefer a file or
+    # $LMWATCH_TOKEN on shared machines: other users can see command lines.
+    serve.add_argument(
+        "--token", default=argparse.SUPPRESS, help="the daemon's bearer token for changes"
+    )
+    serve.add_argument(
+        "--token-file", default=argparse.SUPPRESS, help="file holding the daemon's token"
+    )
 
     migrate = commands.add_parser("migrate", parents=[api], help="start a migration")
     migrate.add_argument("instance")
@@ -294,6 +302,8 @@ def _serve(args: argparse.Namespace) -> int:
             "profiles": args.profiles,
             "store": args.store,
             "inventory": args.inventory,
+            "token": args.token,
+            "token_file": args.token_file,
         }.items()
         if value is not None
     }

@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     port: int = Field(default=8787, ge=0, le=65535)
     token: SecretStr | None = None
     token_file: Path | None = None
+    # A second token that allows reads only; when set, reads need either token.
+    read_token: SecretStr | None = None
+    read_token_file: Path | None = None
+    # HTTPS: both or neither. Without them, a non-loopback listen_host needs allow_insecure.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_insecure: bool = False
     store_path: Path = Path("./lmwatch.db")
     profiles_path: Path | None = None  # None: the profiles shipped with lmwatch
     # "sim", or the name of a real driver (lmwatch/drivers/<name>_driver.py).
@@ -66,6 +73,7 @@ class Settings(BaseSettings):
     max_per_destination: int = Field(default=2, ge=1)
     profile_check_interval: Seconds = 1.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -73,6 +81,12 @@ class Settings(BaseSettings):
             raise ValueError("set token or token_file, not both")
         if self.token is not None and not self.token.get_secret_value().strip():
             raise ValueError("token is empty")
+        if self.read_token is not None and self.read_token_file is not None:
+            raise ValueError("set read_token or read_token_file, not both")
+        if self.read_token is not None and not self.read_token.get_secret_value().strip():
+            raise ValueError("read_token is empty")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
         if self.driver != "sim" and not self.hosts:
             raise ValueError(f"driver {self.driver!r} needs at least one entry under hosts")
         return self
@@ -98,6 +112,14 @@ class Settings(BaseSettings):
         return self.store_path.parent / TOKEN_FILE_NAME
 
 
+_EXCLUSIVE = (
+    ("token", "token_file"),
+    ("token_file", "token"),
+    ("read_token", "read_token_file"),
+    ("read_token_file", "read_token"),
+)
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says why."""
 
@@ -109,6 +131,11 @@ def load_settings(config: str | os.PathLike[str] | None = None, **overrides: Any
 
     path = config if config is not None else os.environ.get(CONFIG_ENV)
     values = {key: value for key, value in overrides.items() if value is not None}
+    # A token given here replaces a token file from the file or environment, and the
+    # other way round (both given here is still refused).
+    for one, other in _EXCLUSIVE:
+        if one in values and other not in values:
+            values[other] = None
     cls: type[Settings] = Settings
     if path:
         file = Path(path)

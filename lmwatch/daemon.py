@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import hmac
 import importlib
+import ipaddress
 import os
 import pkgutil
 import secrets
 import signal
+import socket
+import ssl
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +51,7 @@ __all__ = [
     "build",
     "create_app",
     "main",
+    "resolve_read_token",
     "resolve_token",
     "run",
     "serve",
@@ -69,6 +77,7 @@ class Daemon:
     app: web.Application
     lock: StoreLock | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    ssl_context: ssl.SSLContext | None = None
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -82,33 +91,208 @@ class Daemon:
             self.lock.release()
 
 
-def resolve_token(settings: Settings) -> str:
-    """The API token: configured, read from token_file, or generated and written (0600)."""
-    if settings.token is not None:
-        return settings.token.get_secret_value().strip()
-    if settings.token_file is not None:
-        try:
-            token = settings.token_file.read_text(encoding="utf-8").strip()
-        except OSError as error:
+def _mode(mode: int) -> str:
+    return f"{stat.S_IMODE(mode):04o}"
+
+
+def _read_own_token(path: Path) -> str:
+    """The token the daemon wrote on an earlier start, checked before it is trusted.
+
+    Refused: a symbolic link at the path, anything but a regular file, a file not owned
+    by the daemon's user, or one that group or others may read or write.
+    Raises FileNotFoundError when there is nothing at the path."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno == errno.ELOOP:
             raise StartupError(
-                f"cannot read token file {settings.token_file}: {error.strerror}"
+                f"token file {path} is a symbolic link; refusing to use it "
+                "(remove the link, or set token_file to the file you mean)"
             ) from None
-        if not token:
-            raise StartupError(f"token file {settings.token_file} is empty")
+        raise StartupError(f"cannot read token file {path}: {error.strerror}") from None
+    with os.fdopen(descriptor, "r", encoding="utf-8") as file:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise StartupError(f"token file {path} is not a regular file; refusing to use it")
+        if info.st_uid != os.geteuid():
+            raise StartupError(
+                f"token file {path} is owned by uid {info.st_uid}, not by the daemon's user "
+                f"(uid {os.geteuid()}); refusing to use it"
+            )
+        if info.st_mode & 0o077:
+            raise StartupError(
+                f"token file {path} is readable or writable by group or others "
+                f"(mode {_mode(info.st_mode)}); refusing to use it "
+                f"(chmod 600 {path}, or delete it to generate a new token)"
+            )
+        try:
+            token = file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise StartupError(f"cannot read token file {path}: {error}") from None
+    if not token:
+        raise StartupError(f"token file {path} is empty (delete it to generate a new token)")
+    return token
+
+
+def _read_configured_secret(path: Path, what: str) -> str:
+    """A token from a file the operator named (token_file, read_token_file).
+
+    The daemon never writes it. It may be reached through symbolic links (as mounted
+    secrets are), but the file itself must be regular, owned by the daemon's user or
+    root, not readable by others and not writable by group or others. Group read is
+    allowed: that is how container platforms hand a secret to a non-root user."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise StartupError(f"cannot read {what} {path}: {error.strerror}") from None
+    with os.fdopen(descriptor, "r", encoding="utf-8") as file:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise StartupError(f"{what} {path} is not a regular file; refusing to use it")
+        if info.st_uid not in (os.geteuid(), 0):
+            raise StartupError(
+                f"{what} {path} is owned by uid {info.st_uid}, neither the daemon's user "
+                f"(uid {os.geteuid()}) nor root; refusing to use it"
+            )
+        if info.st_mode & 0o026:
+            raise StartupError(
+                f"{what} {path} is readable by others or writable by group or others "
+                f"(mode {_mode(info.st_mode)}); refusing to use it (chmod 600 {path})"
+            )
+        try:
+            token = file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise StartupError(f"cannot read {what} {path}: {error}") from None
+    if not token:
+        raise StartupError(f"{what} {path} is empty")
+    return token
+
+
+def _generated_token(path: Path) -> str:
+    """The daemon's own token: kept from an earlier start, or created once (0600).
+
+    The file is created with O_EXCL and O_NOFOLLOW, so nothing already at the path
+    (a symbolic link included) is ever written through or changed."""
+    try:
+        token = _read_own_token(path)
+    except FileNotFoundError:
+        pass
+    else:
+        log.info("token-loaded", path=str(path), note="kept the token of an earlier start")
         return token
     token = secrets.token_urlsafe(32)
-    path = settings.token_path()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            os.fchmod(file.fileno(), 0o600)
-            file.write(token + "\n")
+        descriptor = os.open(path, flags, 0o600)
+    except FileExistsError:  # appeared since we looked: use it, with the same checks
+        try:
+            return _read_own_token(path)
+        except FileNotFoundError:
+            raise StartupError(f"token file {path} keeps changing; refusing to start") from None
     except OSError as error:
+        raise StartupError(
+            f"cannot write the generated token to {path}: {error.strerror}"
+        ) from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            os.fchmod(file.fileno(), 0o600)  # whatever the umask; it is our own new file
+            file.write(token + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         raise StartupError(
             f"cannot write the generated token to {path}: {error.strerror}"
         ) from None
     log.info("token-generated", path=str(path), note="no token configured; wrote a new one")
     return token
+
+
+def resolve_token(settings: Settings) -> str:
+    """The API token: configured, read from token_file, or the daemon's own token file
+    next to the store (kept across restarts; generated and written 0600 the first time)."""
+    if settings.token is not None:
+        return settings.token.get_secret_value().strip()
+    if settings.token_file is not None:
+        return _read_configured_secret(settings.token_file, "token file")
+    return _generated_token(settings.token_path())
+
+
+def resolve_read_token(settings: Settings) -> str | None:
+    """The token that allows reads only, if one is configured (never generated)."""
+    if settings.read_token is not None:
+        token = settings.read_token.get_secret_value().strip()
+    elif settings.read_token_file is not None:
+        token = _read_configured_secret(settings.read_token_file, "read token file")
+    else:
+        return None
+    return token
+
+
+def is_loopback(host: str) -> bool | None:
+    """Whether `host` names loopback addresses only; None when it does not resolve
+    (listening will then fail with its own message)."""
+    if not host.strip():
+        return False  # every interface
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return None
+    addresses = {str(info[4][0]).split("%", 1)[0] for info in found}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve plain HTTP beyond loopback unless allow_insecure says so."""
+    if is_loopback(settings.listen_host) is not False:
+        return
+    where = settings.listen_host or "every interface"
+    if settings.tls_cert is None:
+        if not settings.allow_insecure:
+            raise StartupError(
+                f"refusing to listen on {where}: it is not a loopback address and no TLS is "
+                "configured, so bearer tokens (and every answer) would cross the network in "
+                "clear text. Set tls_cert and tls_key, or set allow_insecure: true if a "
+                "TLS proxy or a private network protects the port"
+            )
+        log.warning(
+            "insecure-listen",
+            host=where,
+            note="plain HTTP beyond loopback (allow_insecure); tokens travel in clear text",
+        )
+    if settings.read_token is None and settings.read_token_file is None:
+        log.warning(
+            "reads-open",
+            host=where,
+            note="anyone who can connect may read migrations and profiles; set read_token_file",
+        )
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context when tls_cert and tls_key are set."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    files = f"{settings.tls_cert}, {settings.tls_key}"
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as error:
+        reason = error.reason or str(error)
+        raise StartupError(f"invalid TLS certificate or key ({files}): {reason}") from None
+    except OSError as error:
+        raise StartupError(
+            f"cannot read the TLS certificate or key ({files}): {error.strerror or error}"
+        ) from None
+    return context
 
 
 def real_drivers() -> list[str]:
@@ -194,7 +378,9 @@ def _open_store(settings: Settings) -> Store:
 async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
     """Open everything and start the engine (not yet listening)."""
     clock = clock or WallClock()
-    lock = _lock_store(settings)  # first: a second daemon must change nothing
+    check_exposure(settings)  # configuration errors first: nothing is touched yet
+    context = tls_context(settings)
+    lock = _lock_store(settings)  # then the lock: a second daemon must change nothing
     store: Store | None = None
     driver: Driver | None = None
     engine: Engine | None = None
@@ -202,6 +388,9 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
         store = _open_store(settings)
         registry = _open_profiles(settings, clock)
         token = resolve_token(settings)
+        read_token = resolve_read_token(settings)
+        if read_token is not None and hmac.compare_digest(read_token, token):
+            raise StartupError("read_token is the same as token; give reads a token of their own")
         driver = _make_driver(settings, clock)
         metrics = Metrics()
         engine = Engine(
@@ -231,8 +420,9 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
         if lock is not None:
             lock.release()
         raise
-    app = create_app(engine, registry, metrics, token)
+    app = create_app(engine, registry, metrics, token, read_token=read_token)
     daemon = Daemon(settings, store, registry, driver, engine, metrics, token, clock, app, lock)
+    daemon.ssl_context = context
     daemon.tasks.append(asyncio.create_task(registry.watch(clock, settings.profile_check_interval)))
     return daemon
 
@@ -258,7 +448,9 @@ async def run(
     runner = web.AppRunner(daemon.app, access_log=None, handle_signals=False)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.listen_host, settings.port)
+        site = web.TCPSite(
+            runner, settings.listen_host, settings.port, ssl_context=daemon.ssl_context
+        )
         try:
             await site.start()
         except OSError as error:
@@ -269,6 +461,7 @@ async def run(
         log.info(
             "listening",
             addresses=" ".join(f"{host}:{port}" for host, port in addresses),
+            scheme="https" if daemon.ssl_context is not None else "http",
             store=str(settings.store_path),
             profiles=daemon.registry.source,
             driver=daemon.driver.name,
@@ -305,7 +498,7 @@ def settings_from(options: Mapping[str, Any]) -> Settings:
 
 def serve(settings: Settings) -> int:
     """Run the daemon in its own event loop; the process exit code."""
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
     except StartupError as error:

@@ -410,6 +410,13 @@ _UNAUTHORIZED = _problem(
     "Missing or wrong bearer token.",
     headers={"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
 )
+_UNAUTHORIZED_READ = _problem(
+    "Missing or wrong bearer token (only when the daemon has a read token).",
+    headers={"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+)
+_FORBIDDEN = _problem("The read token was given: it allows reads only.")
+# Reads that never need a token, even when the daemon has a read token.
+OPEN_READS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 _MALFORMED = _problem("The body is not JSON (malformed JSON is always 400, never 422).")
 _INVALID = _problem(
     "The body or a parameter is invalid (unknown fields included); `errors` lists each "
@@ -646,6 +653,22 @@ def _paths() -> dict[str, Any]:
     }
 
 
+def _with_auth(paths: dict[str, Any]) -> dict[str, Any]:
+    """Each operation with the tokens it needs: changes the token; reads (but
+    OPEN_READS) either token when the daemon has a read token."""
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if method == "get":
+                if path in OPEN_READS:
+                    continue
+                operation["security"] = [{}, {"bearer": []}]
+                operation["responses"].setdefault("401", _UNAUTHORIZED_READ)
+            else:
+                operation["security"] = [{"bearer": []}]
+                operation["responses"].setdefault("403", _FORBIDDEN)
+    return paths
+
+
 def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
     """The OpenAPI 3.1 description of the whole API."""
     return {
@@ -656,10 +679,12 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "description": (
                 "Supervises live migrations of virtual machines and finishes them within "
                 "each instance's availability profile. Errors are application/problem+json. "
-                "Every POST needs `Authorization: Bearer <token>`."
+                "Every POST needs `Authorization: Bearer <token>`. When the daemon has a "
+                "read token, every GET but /healthz, /readyz and /openapi.json needs "
+                "either token; the read token is refused (403) for changes."
             ),
         },
-        "paths": _paths(),
+        "paths": _with_auth(_paths()),
         "components": {
             "schemas": component_schemas(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -162,8 +162,20 @@ def test_host_rates_reach_the_driver_in_bytes_per_second() -> None:
 def test_token_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("secret-from-file\n")
+    path.chmod(0o600)
     settings = Settings(token_file=path, store_path=tmp_path / "x.db")
     assert daemon.resolve_token(settings) == "secret-from-file"
+    path.chmod(0o640)  # group read: how container platforms hand secrets to a non-root user
+    assert daemon.resolve_token(settings) == "secret-from-file"
+
+
+def test_a_configured_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("secret-from-file\n")
+    path.chmod(0o644)
+    settings = Settings(token_file=path, store_path=tmp_path / "x.db")
+    with pytest.raises(daemon.StartupError, match=r"readable by others.*mode 0644.*chmod 600"):
+        daemon.resolve_token(settings)
 
 
 def test_generated_token_is_written_0600_and_never_logged(
@@ -178,7 +190,129 @@ def test_generated_token_is_written_0600_and_never_logged(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert str(path) in caplog.text
     assert token not in caplog.text
-    assert daemon.resolve_token(settings) != token  # a new one each start
+
+
+def test_generated_token_is_kept_across_restarts(tmp_path: Path) -> None:
+    settings = Settings(store_path=tmp_path / "x.db")
+    first = daemon.resolve_token(settings)
+    assert daemon.resolve_token(settings) == first
+    assert (tmp_path / "lmwatch.token").read_text().strip() == first
+
+
+def test_generated_token_is_kept_when_the_umask_is_loose(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        token = daemon.resolve_token(Settings(store_path=tmp_path / "x.db"))
+    finally:
+        os.umask(old)
+    path = tmp_path / "lmwatch.token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert daemon.resolve_token(Settings(store_path=tmp_path / "x.db")) == token
+
+
+def test_a_symlink_at_the_token_path_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "precious"
+    target.write_text("do not overwrite\n")
+    target.chmod(0o644)
+    (tmp_path / "lmwatch.token").symlink_to(target)
+    settings = Settings(store_path=tmp_path / "x.db")
+    with pytest.raises(daemon.StartupError, match="is a symbolic link"):
+        daemon.resolve_token(settings)
+    assert target.read_text() == "do not overwrite\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+def test_a_dangling_symlink_at_the_token_path_creates_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    (tmp_path / "lmwatch.token").symlink_to(target)
+    with pytest.raises(daemon.StartupError, match="is a symbolic link"):
+        daemon.resolve_token(Settings(store_path=tmp_path / "x.db"))
+    assert not target.exists()
+
+
+def test_a_token_file_group_or_others_can_read_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lmwatch.token"
+    path.write_text("someone-else-knows-this\n")
+    path.chmod(0o644)
+    with pytest.raises(daemon.StartupError) as caught:
+        daemon.resolve_token(Settings(store_path=tmp_path / "x.db"))
+    message = str(caught.value)
+    assert "readable or writable by group or others (mode 0644)" in message
+    assert f"chmod 600 {path}" in message
+    assert path.read_text() == "someone-else-knows-this\n"  # not replaced either
+
+
+def test_a_token_file_owned_by_another_user_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "lmwatch.token"
+    path.write_text("planted\n")
+    path.chmod(0o600)
+    owner = path.stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    with pytest.raises(daemon.StartupError, match=f"owned by uid {owner}, not by the daemon"):
+        daemon.resolve_token(Settings(store_path=tmp_path / "x.db"))
+
+
+def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lmwatch.token"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    with pytest.raises(daemon.StartupError, match="is empty"):
+        daemon.resolve_token(Settings(store_path=tmp_path / "x.db"))
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """The settings `lmwatch serve` would run the daemon with (nothing is served)."""
+    for name in list(os.environ):
+        if name.startswith("LMWATCH_"):
+            monkeypatch.delenv(name)
+    seen: list[Settings] = []
+
+    def fake_serve(settings: Settings) -> int:
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(daemon, "serve", fake_serve)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--token", "from-the-command-line", "serve", "--port", "0"],
+        ["serve", "--port", "0", "--token", "from-the-command-line"],
+    ],
+)
+def test_serve_uses_the_token_given_on_the_command_line(
+    argv: list[str], served: list[Settings]
+) -> None:
+    from lmwatch import cli
+
+    assert cli.main(argv) == 0
+    (settings,) = served
+    assert settings.token is not None
+    assert settings.token.get_secret_value() == "from-the-command-line"
+    assert daemon.resolve_token(settings) == "from-the-command-line"
+
+
+def test_serve_token_file_on_the_command_line_replaces_the_configured_token(
+    tmp_path: Path, served: list[Settings]
+) -> None:
+    from lmwatch import cli
+
+    config = tmp_path / "lmwatch.yaml"
+    config.write_text("token: from-the-config\n")
+    path = tmp_path / "token"
+    path.write_text("from-a-file\n")
+    path.chmod(0o600)
+    assert cli.main(["--token-file", str(path), "serve", "--config", str(config)]) == 0
+    (settings,) = served
+    assert settings.token is None
+    assert daemon.resolve_token(settings) == "from-a-file"
 
 
 # --- serving ---------------------------------------------------------------------------

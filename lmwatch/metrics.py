@@ -110,6 +110,13 @@ class Metrics:
             labels,
             registry=r,
         )
+        self.profile_limits = Gauge(
+            "lmwatch_profile_limit_seconds",
+            "Limits of the profiles in force, by profile and limit (max_blackout, and "
+            "max_pause / max_degraded where the profile allows a pause / a handover).",
+            ["profile", "limit"],
+            registry=r,
+        )
         self.poll_lag = Histogram(
             "lmwatch_supervisor_poll_lag_seconds",
             "How late the supervisor polled a migration compared with its schedule.",
@@ -133,6 +140,24 @@ class Metrics:
 
         zero(profiles.current)
         profiles.subscribe(zero)
+
+    def publish_profile_limits(self, profiles: ProfileRegistry) -> None:
+        """Expose the limits of the profiles in force (replaced on each reload), for
+        dashboards that draw blackouts against them."""
+
+        def publish(profile_set: ProfileSet) -> None:
+            self.profile_limits.clear()
+            for profile in profile_set.profiles:
+                self.profile_limits.labels(profile.name, "max_blackout").set(profile.max_blackout)
+                if profile.may_pause:
+                    self.profile_limits.labels(profile.name, "max_pause").set(profile.max_pause)
+                if profile.handover_allowed:
+                    self.profile_limits.labels(profile.name, "max_degraded").set(
+                        profile.max_degraded
+                    )
+
+        publish(profiles.current)
+        profiles.subscribe(publish)
 
     def forget(self, labels: tuple[str, str, str, str]) -> None:
         """Drop the per-migration series once it has finished."""

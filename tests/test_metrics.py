@@ -61,3 +61,35 @@ def test_the_violation_kinds_are_those_the_policy_reports() -> None:
     module = importlib.import_module("lmwatch.policies.violations")
     source = Path(str(module.__file__)).read_text(encoding="utf-8")
     assert set(re.findall(r'Violation\(\s*"([a-z-]+)"', source)) == set(VIOLATION_KINDS)
+
+
+def test_the_limits_of_the_profiles_in_force_are_exposed_and_replaced_on_reload(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        "profiles:\n  - name: db\n    max_blackout: 300ms\n    handover: allowed\n"
+        "    max_degraded: 60s\n  - name: default\n    max_blackout: 500ms\n"
+        "    may_pause: true\n    max_pause: 3s\n"
+    )
+    registry = ProfileRegistry(path)
+    metrics = Metrics()
+    metrics.publish_profile_limits(registry)
+
+    def limits() -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["profile"], s.labels["limit"]): s.value
+            for family in metrics.registry.collect()
+            if family.name == "lmwatch_profile_limit_seconds"
+            for s in family.samples
+        }
+
+    assert limits() == {
+        ("db", "max_blackout"): 0.3,
+        ("db", "max_degraded"): 60.0,
+        ("default", "max_blackout"): 0.5,
+        ("default", "max_pause"): 3.0,
+    }
+    path.write_text(GOOD)
+    assert registry.try_reload().ok
+    assert limits() == {("default", "max_blackout"): 0.3}

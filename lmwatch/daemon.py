@@ -109,6 +109,9 @@ def resolve_token(settings: Settings) -> str:
     return token
 
 
+STALL_AFTER = 120.0  # seconds without a supervision round before the watchdog is withheld
+
+
 def supervisor_problem(daemon: Daemon) -> str | None:
     """What keeps the systemd watchdog from being fed: a migration whose supervision
     has not come round for a while (None: alive). The watchdog task itself runs on the
@@ -118,9 +121,6 @@ def supervisor_problem(daemon: Daemon) -> str | None:
     if stalled:
         return f"supervision of {', '.join(stalled)} stalled for over {stall_after:.0f}s"
     return None
-
-
-STALL_AFTER = 120.0  # seconds without a supervision round before the watchdog is withheld
 
 
 def real_drivers() -> list[str]:

@@ -407,6 +407,8 @@ def create_app(
     if not token:
         raise ValueError("an API token is required")
     metrics_.count_reload_failures(registry)
+    metrics_.count_violations_from_zero(registry)
+    metrics_.publish_profile_limits(registry)
     app = web.Application(middlewares=[_problems, _auth], client_max_size=1024**2)
     app[ENGINE] = engine
     app[REGISTRY] = registry

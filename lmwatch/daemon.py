@@ -38,6 +38,7 @@ from lmwatch.engine import Engine, EngineSettings
 from lmwatch.logs import configure, get_logger
 from lmwatch.metrics import Metrics
 from lmwatch.profiles import ProfileError, ProfileRegistry
+from lmwatch.sdnotify import Notifier
 from lmwatch.store import Store, StoreError, StoreLock, StoreLocked
 
 log = get_logger("lmwatch.daemon")
@@ -295,6 +296,20 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+STALL_AFTER = 120.0  # seconds without a supervision round before the watchdog is withheld
+
+
+def supervisor_problem(daemon: Daemon) -> str | None:
+    """What keeps the systemd watchdog from being fed: a migration whose supervision
+    has not come round for a while (None: alive). The watchdog task itself runs on the
+    event loop, so a blocked loop stops the pings too."""
+    stall_after = max(STALL_AFTER, 20 * daemon.settings.poll_interval)
+    stalled = daemon.engine.stalled(stall_after)
+    if stalled:
+        return f"supervision of {', '.join(stalled)} stalled for over {stall_after:.0f}s"
+    return None
+
+
 def real_drivers() -> list[str]:
     """Names of the real drivers shipped: modules `lmwatch/drivers/<name>_driver.py`,
     each with `build_<name>_driver(hosts, clock)`."""
@@ -466,11 +481,16 @@ async def run(
             profiles=daemon.registry.source,
             driver=daemon.driver.name,
         )
+        systemd = Notifier()
+        listening = " ".join(f"{host}:{port}" for host, port in addresses)
+        systemd.ready(f"listening on {listening}; supervising")
+        daemon.tasks.append(asyncio.create_task(systemd.feed(lambda: supervisor_problem(daemon))))
         if on_ready is not None:
             maybe = on_ready(addresses)
             if maybe is not None:
                 await maybe
         await stop.wait()
+        systemd.stopping()
         log.info("stopping", note="migrations in flight continue; a restart takes them back")
     finally:
         for number in installed:

@@ -92,6 +92,7 @@ class _Supervision:
     cancelling: bool = False  # a cancel reached the hypervisor; wait for it to end
     change_rate: float | None = None  # measured (or reused) before start
     handed_over_at: float | None = None  # clock time the instance resumed on the destination
+    beat: float | None = None  # clock time its supervision last came round (watchdog)
 
 
 def _fingerprint(request: MigrationRequest) -> str:
@@ -247,6 +248,19 @@ class Engine:
 
     def active_count(self) -> int:
         return len(self._supervisions)
+
+    def stalled(self, max_age: float) -> builtins.list[str]:
+        """Migrations whose supervision has not come round for more than `max_age`
+        seconds (a hung hypervisor call, say); the systemd watchdog goes by this."""
+        now = self.clock.now()
+        return [
+            migration_id
+            for migration_id, s in self._supervisions.items()
+            if s.task is not None
+            and not s.task.done()
+            and s.beat is not None
+            and now - s.beat > max_age
+        ]
 
     # -- commands -------------------------------------------------------------------
 
@@ -438,6 +452,7 @@ class Engine:
     async def _run(self, supervision: _Supervision, *, reattach: bool) -> None:
         record = supervision.record
         mlog = log.bind(migration=record.id, instance=record.instance)
+        supervision.beat = self.clock.now()
         try:
             if reattach and record.plan is not None:
                 result = await self._reattach(supervision)
@@ -603,6 +618,7 @@ class Engine:
         settings = self.settings
         while True:
             scheduled = self.clock.now()
+            supervision.beat = scheduled
             try:
                 sample = await self._sample(supervision)
             except DriverError as error:
@@ -644,6 +660,7 @@ class Engine:
         """Keep trying through a hypervisor outage for a while; fail the migration after."""
         self.metrics.hypervisor_errors.labels(operation).inc()
         now = self.clock.now()
+        supervision.beat = now
         if supervision.first_error_at is None:
             supervision.first_error_at = now
             self._event(supervision, "error", f"hypervisor error, retrying: {error}")

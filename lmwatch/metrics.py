@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lmwatch.profiles import ProfileRegistry
+from lmwatch.profiles.schema import ProfileSet
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "VIOLATION_KINDS", "Metrics"]
+
+# No `*_created` series: one more series per counter and histogram child that no
+# dashboard or rule uses (process-wide in prometheus-client; lmwatch is the process).
+disable_created_metrics()
+
+# The kinds `lmwatch.policies.violations` reports.
+VIOLATION_KINDS = ("blackout", "pause", "handover", "slow-down", "deadline")
 
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
 _BLACKOUT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, float("inf"))
@@ -95,6 +110,13 @@ class Metrics:
             labels,
             registry=r,
         )
+        self.profile_limits = Gauge(
+            "lmwatch_profile_limit_seconds",
+            "Limits of the profiles in force, by profile and limit (max_blackout, and "
+            "max_pause / max_degraded where the profile allows a pause / a handover).",
+            ["profile", "limit"],
+            registry=r,
+        )
         self.poll_lag = Histogram(
             "lmwatch_supervisor_poll_lag_seconds",
             "How late the supervisor polled a migration compared with its schedule.",
@@ -105,6 +127,37 @@ class Metrics:
     def count_reload_failures(self, profiles: ProfileRegistry) -> None:
         """Count every rejected reload of `profiles`, however it was triggered."""
         profiles.on_failure(lambda _error: self.profile_reload_failures.inc())
+
+    def count_violations_from_zero(self, profiles: ProfileRegistry) -> None:
+        """Expose every profile's violation counters at 0 before the first violation, for
+        the profiles loaded now and after each reload: a rule on their increase then sees
+        the first one too (a counter that appears at 1 shows no increase)."""
+
+        def zero(profile_set: ProfileSet) -> None:
+            for profile in profile_set.profiles:
+                for kind in VIOLATION_KINDS:
+                    self.violations.labels(profile.name, kind)
+
+        zero(profiles.current)
+        profiles.subscribe(zero)
+
+    def publish_profile_limits(self, profiles: ProfileRegistry) -> None:
+        """Expose the limits of the profiles in force (replaced on each reload), for
+        dashboards that draw blackouts against them."""
+
+        def publish(profile_set: ProfileSet) -> None:
+            self.profile_limits.clear()
+            for profile in profile_set.profiles:
+                self.profile_limits.labels(profile.name, "max_blackout").set(profile.max_blackout)
+                if profile.may_pause:
+                    self.profile_limits.labels(profile.name, "max_pause").set(profile.max_pause)
+                if profile.handover_allowed:
+                    self.profile_limits.labels(profile.name, "max_degraded").set(
+                        profile.max_degraded
+                    )
+
+        publish(profiles.current)
+        profiles.subscribe(publish)
 
     def forget(self, labels: tuple[str, str, str, str]) -> None:
         """Drop the per-migration series once it has finished."""

@@ -339,47 +339,31 @@ def _hope(
         return None  # without a deadline, quiet phases that never finish it stop counting
     limit = blackout_limit(profile, ctx)
     before = ctx.change_rate_before_start
+    # Measured over a short window, the rate before the start is close to the write
+    # rate at the time, unless that window could have filled the working set (then it
+    # only says the working set is small): a guest that was that quiet may be again.
     if (
         before is not None
         and a.model is not None
         and before < a.model.rate
         and before * settings.measure_window < 0.5 * a.model.working_set
+        and _would_finish(a.model.with_rate(before), profile, a, ctx, limit, settings)
     ):
-        # Measured over a short window, it is close to the write rate at the time
-        # unless that window could have filled the working set (then it only says the
-        # working set is small): a guest that was that quiet may well be again.
-        calm = project(
-            a.model.with_rate(before),
-            a.transfer_rate,
-            limit,
-            unsent=float(a.remaining),
-            elapsed_in_pass=0.0,
-            overhead=a.overhead,
-            switchover=ctx.switchover,
-            settings=settings,
+        return (
+            f"before the start the guest changed only {rate_text(before)}, at which "
+            "copying would finish: waiting for a quieter phase"
         )
-        if calm.converges or _fits_somehow(profile, ctx, calm.floor, a, settings):
-            return (
-                f"before the start the guest changed only {rate_text(before)}, at which "
-                "copying would finish: waiting for a quieter phase"
-            )
-    if a.best_model is not None and a.latest is not None and a.best_model != a.model:
-        quiet = project(
-            a.best_model,
-            a.transfer_rate,
-            limit,
-            unsent=float(a.remaining),
-            elapsed_in_pass=0.0,
-            overhead=a.overhead,
-            switchover=ctx.switchover,
-            settings=settings,
+    if (
+        a.best_model is not None
+        and a.latest is not None
+        and a.best_model != a.model
+        and _would_finish(a.best_model, profile, a, ctx, limit, settings)
+    ):
+        return (
+            f"passes have been seen with the guest writing only "
+            f"{rate_text(a.best_model.rate)}, at which copying would finish: "
+            "waiting for a quieter phase"
         )
-        if quiet.converges or _fits_somehow(profile, ctx, quiet.floor, a, settings):
-            return (
-                f"passes have been seen with the guest writing only "
-                f"{rate_text(a.best_model.rate)}, at which copying would finish: "
-                "waiting for a quieter phase"
-            )
     if a.shrinking:
         starts = a.pass_starts
         return (
@@ -401,6 +385,30 @@ def _hope(
     elif elapsed < settings.min_patience:
         return "nothing seen so far would finish it; waiting a little longer for a change"
     return None
+
+
+def _would_finish(
+    model: DirtyModel,
+    profile: Profile,
+    a: Analysis,
+    ctx: MigrationContext,
+    limit: float,
+    settings: PolicySettings,
+) -> bool:
+    """Whether copying would finish (alone, or by a handover or pause in bounds) if the
+    guest wrote as `model` says, from the start of a pass with what is left now."""
+    assert a.transfer_rate
+    outlook = project(
+        model,
+        a.transfer_rate,
+        limit,
+        unsent=float(a.remaining),
+        elapsed_in_pass=0.0,
+        overhead=a.overhead,
+        switchover=ctx.switchover,
+        settings=settings,
+    )
+    return outlook.converges or _fits_somehow(profile, ctx, outlook.floor, a, settings)
 
 
 def _fits_somehow(

@@ -19,7 +19,7 @@ from lmwatch import schemas
 from lmwatch.drivers.base import DriverError
 from lmwatch.engine import Engine
 from lmwatch.errors import ProblemError
-from lmwatch.events import RESYNC, EventHub
+from lmwatch.events import RESYNC, EventHub, HubEvent
 from lmwatch.logs import get_logger
 from lmwatch.metrics import CONTENT_TYPE_LATEST, Metrics
 from lmwatch.model import MigrationRequest, State
@@ -401,6 +401,15 @@ def _last_event_id(request: web.Request) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _encoded(event: HubEvent) -> bytes:
+    """The event's bytes; an event that cannot be built is left out (and logged)."""
+    try:
+        return event.encode()
+    except Exception as error:  # a bug: the stream goes on without this event
+        log.exception("event-not-sent", id=event.id, type=event.type, error=repr(error))
+        return b""
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     """GET /v1/events: the hub's events as text/event-stream, until the client goes."""
     hub = request.app[HUB]
@@ -427,7 +436,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             if not taken:
                 await response.write(b": keep-alive\n\n")
                 continue
-            await response.write(b"".join(event.encode() for event in taken))
+            await response.write(b"".join(_encoded(event) for event in taken))
     except ConnectionResetError:
         pass  # the client went away
     finally:

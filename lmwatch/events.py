@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,15 +34,36 @@ TIMELINE_KINDS = ("state", "decision", "note", "error", "violation")
 TYPES = (*TIMELINE_KINDS, PROGRESS, "profiles", RESYNC)
 
 
-@dataclass(frozen=True, slots=True)
+def _finite(value: Any) -> Any:
+    """JSON without NaN or infinities (which JSON.parse refuses): null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+@dataclass(eq=False, slots=True)
 class HubEvent:
+    """One event. Its data is built when first sent, not when published: the engine
+    only hands over what it already has, and pays nothing while nobody listens."""
+
     id: int
     type: str
-    data: Mapping[str, Any]
+    build: Callable[[], Mapping[str, Any]]
+    _data: Mapping[str, Any] | None = None
+
+    @property
+    def data(self) -> Mapping[str, Any]:
+        if self._data is None:
+            self._data = self.build()
+        return self._data
 
     def encode(self) -> bytes:
         """The event in text/event-stream framing (the JSON is one line)."""
-        text = json.dumps(self.data, separators=(",", ":"), allow_nan=False)
+        text = json.dumps(_finite(self.data), separators=(",", ":"), allow_nan=False)
         return f"id: {self.id}\nevent: {self.type}\ndata: {text}\n\n".encode()
 
 
@@ -104,9 +126,13 @@ class EventHub:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def publish(self, type_: str, data: Mapping[str, Any]) -> HubEvent:
+    def publish(
+        self, type_: str, data: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
+    ) -> HubEvent:
+        """Queue an event for every subscriber; `data` may be a function building it."""
         self._last_id += 1
-        event = HubEvent(self._last_id, type_, data)
+        build = data if callable(data) else (lambda: data)
+        event = HubEvent(self._last_id, type_, build)
         self._recent.append(event)
         for subscription in self._subscribers:
             subscription.offer(event)
@@ -148,35 +174,44 @@ class EventHub:
         action: str | None = None,
         data: Mapping[str, Any] | None = None,
     ) -> None:
-        data = data or {}
-        origin = data.get("origin")
-        body = schemas.MigrationEventData(
-            migration=record.id,
-            instance=record.instance,
-            at=datetime.fromtimestamp(at, UTC),
-            kind=kind,
-            state=record.state,
-            action=action,
-            reason=reason,
-            origin=origin if isinstance(origin, str) else None,
-            prediction=schemas.prediction_out(data.get("prediction")),
-        )
-        self.publish(kind, schemas.dump(body))
+        """A timeline entry of `record` (as it is after the entry), recorded at `at`."""
+
+        def build() -> dict[str, Any]:
+            details = data or {}
+            origin = details.get("origin")
+            body = schemas.MigrationEventData(
+                migration=record.id,
+                instance=record.instance,
+                at=datetime.fromtimestamp(at, UTC),
+                kind=kind,
+                state=record.state,
+                action=action,
+                reason=reason,
+                origin=origin if isinstance(origin, str) else None,
+                prediction=schemas.prediction_out(details.get("prediction")),
+            )
+            return schemas.dump(body)
+
+        self.publish(kind, build)
 
     def progress(self, record: MigrationRecord, at: float) -> None:
-        progress = schemas.progress_out(record.progress)
-        if progress is None or not record.progress:
+        """The progress `record` holds (a fresh dict each sample: never changed after)."""
+        if not record.progress:
             return
-        prediction = schemas.prediction_out(record.progress.get("prediction"))
-        body = schemas.ProgressEventData(
-            migration=record.id,
-            instance=record.instance,
-            at=datetime.fromtimestamp(at, UTC),
-            state=record.state,
-            progress=progress,
-            prediction=prediction,
-        )
-        self.publish(PROGRESS, schemas.dump(body))
+        progress = record.progress
+
+        def build() -> dict[str, Any]:
+            body = schemas.ProgressEventData(
+                migration=record.id,
+                instance=record.instance,
+                at=datetime.fromtimestamp(at, UTC),
+                state=record.state,
+                progress=schemas.progress_out(progress),
+                prediction=schemas.prediction_out(progress.get("prediction")),
+            )
+            return schemas.dump(body)
+
+        self.publish(PROGRESS, build)
 
     def profiles(
         self,

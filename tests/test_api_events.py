@@ -243,3 +243,20 @@ def _hub(api: Api) -> EventHub:
     from lmwatch.api import HUB
 
     return api.client.app[HUB]
+
+
+def test_events_are_built_when_sent_and_are_always_valid_json() -> None:
+    hub = EventHub()
+    built: list[int] = []
+
+    def build() -> dict[str, Any]:
+        built.append(1)
+        return {"eta": float("inf"), "rates": [1.5, float("nan")]}
+
+    event = hub.publish(PROGRESS, build)
+    assert built == []  # publishing costs the engine nothing more
+    text = event.encode().decode()
+    assert text.startswith(f"id: {event.id}\nevent: progress\ndata: ")
+    assert json.loads(text.split("data: ", 1)[1]) == {"eta": None, "rates": [1.5, None]}
+    event.encode()
+    assert built == [1]

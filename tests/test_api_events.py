@@ -260,3 +260,15 @@ def test_events_are_built_when_sent_and_are_always_valid_json() -> None:
     assert json.loads(text.split("data: ", 1)[1]) == {"eta": None, "rates": [1.5, None]}
     event.encode()
     assert built == [1]
+
+
+async def test_open_streams_end_when_the_daemon_stops(api: Api) -> None:
+    stream = await subscribe(api)
+    try:
+        await asyncio.sleep(0.02)
+        assert _hub(api).subscribers == 1
+        await api.client.app.shutdown()  # what the daemon's runner does on SIGTERM
+        await asyncio.wait_for(stream.task, 5)
+    finally:
+        await stream.close()
+    assert _hub(api).subscribers == 0

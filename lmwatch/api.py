@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from lmwatch import schemas
 from lmwatch.drivers.base import DriverError
 from lmwatch.engine import Engine
 from lmwatch.errors import ProblemError
+from lmwatch.events import RESYNC, EventHub, HubEvent
 from lmwatch.logs import get_logger
 from lmwatch.metrics import CONTENT_TYPE_LATEST, Metrics
 from lmwatch.model import MigrationRequest, State
@@ -32,6 +34,7 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 TOKEN: web.AppKey[str] = web.AppKey("token", str)
 READ_TOKEN: web.AppKey[str] = web.AppKey("read_token", str)  # "": reads are open
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
+HUB: web.AppKey[EventHub] = web.AppKey("hub", EventHub)
 
 MAX_IDEMPOTENCY_KEY = 255
 _TITLES = {
@@ -390,6 +393,102 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
 
+# --- events and the status page -----------------------------------------------------------
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    text = request.headers.get("Last-Event-ID", "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _encoded(event: HubEvent) -> bytes:
+    """The event's bytes; an event that cannot be built is left out (and logged)."""
+    try:
+        return event.encode()
+    except Exception as error:  # a bug: the stream goes on without this event
+        log.exception("event-not-sent", id=event.id, type=event.type, error=repr(error))
+        return b""
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """GET /v1/events: the hub's events as text/event-stream, until the client goes."""
+    hub = request.app[HUB]
+    subscription = hub.subscribe(_last_event_id(request))
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    try:
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n\n")
+        while True:
+            if subscription.lost:
+                subscription.lost = False
+                reason = "events were lost; reload GET /v1/migrations"
+                data = json.dumps(schemas.dump(schemas.ResyncEventData(reason=reason)))
+                await response.write(f"event: {RESYNC}\ndata: {data}\n\n".encode())
+            taken = await subscription.take(hub.keepalive)
+            if taken is None:
+                break  # the daemon is stopping
+            if not taken:
+                await response.write(b": keep-alive\n\n")
+                continue
+            await response.write(b"".join(_encoded(event) for event in taken))
+    except ConnectionResetError:
+        pass  # the client went away
+    finally:
+        hub.unsubscribe(subscription)
+    return response
+
+
+_STATUS_PAGE: bytes | None = None
+
+
+async def status_page(request: web.Request) -> web.Response:
+    global _STATUS_PAGE
+    if _STATUS_PAGE is None:
+        _STATUS_PAGE = resources.files("lmwatch").joinpath("data/status.html").read_bytes()
+    return web.Response(
+        body=_STATUS_PAGE,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+def _publish_reloads(registry: ProfileRegistry, hub: EventHub, engine: Engine) -> None:
+    """Profile reloads, however triggered, go out as `profiles` events."""
+
+    def names() -> list[str]:
+        return [p.name for p in registry.current.profiles]
+
+    def loaded(_new: object) -> None:
+        hub.profiles(
+            engine.clock.now(),
+            loaded=True,
+            source=registry.source,
+            generation=registry.generation,
+            profiles=names(),
+        )
+
+    def rejected(error: ProfileError) -> None:
+        count = len(error.problems)
+        hub.profiles(
+            engine.clock.now(),
+            loaded=False,
+            source=registry.source,
+            generation=registry.generation,
+            profiles=names(),
+            detail=f"{count} problem{'s' if count != 1 else ''}; the profiles in force stay",
+        )
+
+    registry.subscribe(loaded)
+    registry.on_failure(rejected)
+
+
 def create_app(
     engine: Engine,
     registry: ProfileRegistry,
@@ -416,6 +515,13 @@ def create_app(
     app[TOKEN] = token
     app[READ_TOKEN] = read_token or ""
     app[OPENAPI] = schemas.openapi_document()
+    app[HUB] = engine.hub
+    _publish_reloads(registry, engine.hub, engine)
+
+    async def _close_streams(_app: web.Application) -> None:
+        engine.hub.close()  # open event streams end, so that shutdown does not wait
+
+    app.on_shutdown.append(_close_streams)
     app.router.add_post("/v1/migrations", create_migration)
     app.router.add_get("/v1/migrations", list_migrations)
     app.router.add_get("/v1/migrations/{id}", get_migration)
@@ -428,4 +534,6 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/v1/events", events)
+    app.router.add_get("/", status_page)
     return app

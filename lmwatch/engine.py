@@ -25,6 +25,7 @@ from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import ActionRefused, Driver, DriverError, Refused
 from lmwatch.errors import Conflict, Invalid, NotFound
+from lmwatch.events import EventHub
 from lmwatch.logs import get_logger
 from lmwatch.metrics import Metrics
 from lmwatch.model import (
@@ -149,6 +150,7 @@ class Engine:
         clock: Clock,
         metrics: Metrics | None = None,
         settings: EngineSettings | None = None,
+        hub: EventHub | None = None,
     ) -> None:
         self.driver = driver
         self.store = store
@@ -156,6 +158,8 @@ class Engine:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.settings = settings or EngineSettings()
+        # Timeline entries and progress go out here too (GET /v1/events); never blocks.
+        self.hub = hub if hub is not None else EventHub()
         self._supervisions: dict[str, _Supervision] = {}
         # Switchover costs measured on completed migrations, per (source, destination).
         self._switchovers: dict[tuple[str, str], deque[float]] = {}
@@ -309,10 +313,10 @@ class Engine:
                 idempotency_key=idempotency_key,
                 request_fingerprint=fingerprint,
             )
-            self.store.insert(
-                record, f"accepted; profile {selection.profile.name!r}: {selection.reason}"
-            )
+            accepted = f"accepted; profile {selection.profile.name!r}: {selection.reason}"
+            self.store.insert(record, accepted)
             self._track(record, selection.profile)
+            self.hub.timeline(record, now, "state", accepted)
             log.info(
                 "accepted",
                 migration=record.id,
@@ -954,9 +958,12 @@ class Engine:
         **changes: Any,
     ) -> None:
         event = None if kind is None else (kind, reason, action)
+        now = self.clock.now()
         supervision.record = self.store.update(
-            supervision.record, event=event, at=self.clock.now(), data=data, **changes
+            supervision.record, event=event, at=now, data=data, **changes
         )
+        if kind is not None:
+            self.hub.timeline(supervision.record, now, kind, reason, action, data)
 
     def _event(
         self,
@@ -967,7 +974,9 @@ class Engine:
         action: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
-        self.store.add_event(supervision.record.id, self.clock.now(), kind, reason, action, data)
+        now = self.clock.now()
+        self.store.add_event(supervision.record.id, now, kind, reason, action, data)
+        self.hub.timeline(supervision.record, now, kind, reason, action, data)
         if kind in ("note", "error"):
             log.info(kind, migration=supervision.record.id, reason=reason)
 
@@ -991,6 +1000,7 @@ class Engine:
             "prediction": _prediction_json(prediction),
         }
         supervision.record = dataclasses.replace(supervision.record, progress=progress)
+        self.hub.progress(supervision.record, sample.time)
         # Progress is persisted at most every few seconds; it is cheap to lose.
         if sample.time - supervision.progress_saved_at >= 5.0:
             supervision.progress_saved_at = sample.time

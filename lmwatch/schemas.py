@@ -213,6 +213,49 @@ class Readiness(_Response):
     detail: str | None = None
 
 
+class MigrationEventData(_Response):
+    """The data of a `state`, `decision`, `note`, `error` or `violation` event: one
+    entry of a migration's timeline, as it is recorded."""
+
+    migration: str = Field(description="Migration id.")
+    instance: str
+    at: Timestamp
+    kind: str = Field(description="The event type again: state, decision, note, error, violation.")
+    state: State = Field(description="The migration's state after this entry.")
+    action: str | None = Field(description="Decisions: the action taken (start, continue, ...).")
+    reason: str
+    origin: str | None = Field(description="Decisions: `policy` or `operator`.")
+    prediction: PredictionOut | None = Field(description="Decisions: the prediction behind it.")
+
+
+class ProgressEventData(_Response):
+    """The data of a `progress` event: one sample of a running migration."""
+
+    migration: str = Field(description="Migration id.")
+    instance: str
+    at: Timestamp
+    state: State
+    progress: Progress
+    prediction: PredictionOut | None = Field(description="ETA and predicted final pause.")
+
+
+class ProfilesEventData(_Response):
+    """The data of a `profiles` event: the profiles file was (or failed to be) reloaded."""
+
+    at: Timestamp
+    loaded: bool = Field(description="False: the file was rejected; the old set stays.")
+    source: str
+    generation: int = Field(description="Generation in force after this reload.")
+    profiles: list[str] = Field(description="Names of the profiles in force.")
+    detail: str | None = Field(description="Why the file was rejected.")
+
+
+class ResyncEventData(_Response):
+    """The data of a `resync` event: events were lost; reload GET /v1/migrations."""
+
+    reason: str
+
+
 class FieldError(_Response):
     loc: list[str | int] = Field(description="Where: body/query/header, then field path.")
     message: str
@@ -268,6 +311,10 @@ def _progress(data: Mapping[str, Any] | None) -> Progress | None:
     )
 
 
+def progress_out(data: Mapping[str, Any] | None) -> Progress | None:
+    return _progress(data)
+
+
 def _finite(value: Any) -> float | None:
     if value is None:
         return None
@@ -286,6 +333,10 @@ def _prediction(data: Mapping[str, Any] | None) -> PredictionOut | None:
         confidence=min(1.0, max(0.0, float(data.get("confidence") or 0.0))),
         floor_bytes=None if floor is None else int(floor),
     )
+
+
+def prediction_out(data: Mapping[str, Any] | None) -> PredictionOut | None:
+    return _prediction(data)
 
 
 def _outcome(data: Mapping[str, Any] | None) -> Outcome | None:
@@ -364,6 +415,10 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Health,
     Readiness,
     Problem,
+    MigrationEventData,
+    ProgressEventData,
+    ProfilesEventData,
+    ResyncEventData,
 )
 _REF = "#/components/schemas/{model}"
 
@@ -416,7 +471,8 @@ _UNAUTHORIZED_READ = _problem(
 )
 _FORBIDDEN = _problem("The read token was given: it allows reads only.")
 # Reads that never need a token, even when the daemon has a read token.
-OPEN_READS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+# The status page is static (its data comes from the API, with the token it is given).
+OPEN_READS = frozenset({"/", "/healthz", "/readyz", "/openapi.json"})
 _MALFORMED = _problem("The body is not JSON (malformed JSON is always 400, never 422).")
 _INVALID = _problem(
     "The body or a parameter is invalid (unknown fields included); `errors` lists each "
@@ -609,6 +665,57 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/events": {
+            "get": {
+                "operationId": "events",
+                "summary": "Server-sent events: migrations' timelines and progress, reloads.",
+                "description": _EVENTS_DESCRIPTION,
+                "parameters": [
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Resume after this event id (events still buffered "
+                        "are sent first; a `resync` event says when some are not).",
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "An endless text/event-stream.",
+                        "content": {
+                            "text/event-stream": {
+                                "schema": {"type": "string"},
+                                "x-event-data": {
+                                    "state": _ref(MigrationEventData),
+                                    "decision": _ref(MigrationEventData),
+                                    "note": _ref(MigrationEventData),
+                                    "error": _ref(MigrationEventData),
+                                    "violation": _ref(MigrationEventData),
+                                    "progress": _ref(ProgressEventData),
+                                    "profiles": _ref(ProfilesEventData),
+                                    "resync": _ref(ResyncEventData),
+                                },
+                            }
+                        },
+                    }
+                },
+            }
+        },
+        "/": {
+            "get": {
+                "operationId": "statusPage",
+                "summary": "Read-only status page (HTML; live from /v1/events).",
+                "description": "Needs no token itself. When the daemon has a read token, "
+                "open it as `/?token=<token>`; the page then sends it with its requests.",
+                "responses": {
+                    "200": {
+                        "description": "The page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/metrics": {
             "get": {
                 "operationId": "metrics",
@@ -651,6 +758,29 @@ def _paths() -> dict[str, Any]:
             }
         },
     }
+
+
+_EVENTS_DESCRIPTION = """\
+A `text/event-stream` (server-sent events) that never ends. Each event has an `id:`
+(increasing; send it back as `Last-Event-ID` to resume), an `event:` type and one
+line of JSON `data:`; the schema of each type's data is under `x-event-data`. An idle
+stream gets a `: keep-alive` comment every 15 seconds.
+
+- `state`: a migration changed state (queued, starting, copying, completing,
+  handover, completed, cancelled, failed), with the reason.
+- `decision`: lmwatch (origin `policy`) or an operator (`operator`) decided: the
+  `action` (start, continue, raise-blackout, pause, handover, cancel), with
+  the `reason` and the `prediction` behind it. An unchanged `continue` is sent when
+  its gist changes or every 30 seconds.
+- `note`, `error`, `violation`: other timeline entries (a violation: the completed
+  migration exceeded its profile).
+- `progress`: one sample of a running migration, every poll: remaining and copied
+  bytes, rates, passes, and the prediction (ETA, predicted final pause).
+- `profiles`: the profiles file was reloaded (`loaded` true) or rejected (false).
+- `resync`: events were lost (the client was too slow, or resumed from an id no
+  longer buffered): reload `GET /v1/migrations`. A slow client loses old `progress`
+  events first; they are superseded by the next ones anyway.
+"""
 
 
 def _with_auth(paths: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,13 @@ from lmwatch.profiles.schema import Profile
 from lmwatch.store import Event, MigrationRecord
 
 PROBLEM_JSON = "application/problem+json"
+MAX_BODY = 1024**2  # bytes; a larger request body is answered 413
+# Printable ASCII, no leading or trailing space (HTTP would drop it).
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
+# `k=v,k2=v2`: parts separated by commas, each blank or key=value with a key that is not
+# blank; spaces and tabs around keys and values are dropped.
+_LABEL_PART = r"([ \t]*|[^,=]*[^,= \t][^,=]*=[^,]*)"
+LABELS_PATTERN = rf"^{_LABEL_PART}(,{_LABEL_PART})*$"
 
 
 def _rfc3339(value: datetime) -> str:
@@ -56,11 +63,18 @@ class _Response(BaseModel):
 
 
 class MigrationCreate(_Request):
-    """Ask lmwatch to migrate an instance."""
+    """Ask lmwatch to migrate an instance. `source` and `destination` must differ
+    (JSON Schema cannot say so; a body with the same host twice is answered 422)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-distinct": [["source", "destination"]]})
 
     instance: str = Field(min_length=1, max_length=255, description="Instance name or uuid.")
     source: str = Field(min_length=1, max_length=255, description="Host it runs on now.")
-    destination: str = Field(min_length=1, max_length=255, description="Host to move it to.")
+    destination: str = Field(
+        min_length=1,
+        max_length=255,
+        description="Host to move it to; not the source (else 422).",
+    )
     labels: dict[str, str] = Field(
         default_factory=dict,
         description="Labels added to the instance's own for profile selection.",
@@ -221,8 +235,8 @@ class FieldError(_Response):
 
 class ProblemLocation(_Response):
     file: str
-    line: int | None
-    column: int | None
+    line: int | None = Field(default=None, description="Absent when not known.")
+    column: int | None = Field(default=None, description="Absent when not known.")
     path: str
     message: str
 
@@ -432,6 +446,33 @@ _MIGRATION_ID = {
     "description": "Migration id.",
 }
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
+_ID_FROM_BODY = {"id": "$response.body#/id"}
+# From an answer that carries a migration to what can be done with it next.
+_MIGRATION_LINKS: dict[str, Any] = {
+    "GetMigration": {
+        "operationId": "getMigration",
+        "parameters": _ID_FROM_BODY,
+        "description": "The migration just created.",
+    },
+    "CancelMigration": {
+        "operationId": "cancelMigration",
+        "parameters": _ID_FROM_BODY,
+        "description": "Stop it.",
+    },
+    "ForceComplete": {
+        "operationId": "forceComplete",
+        "parameters": _ID_FROM_BODY,
+        "description": "Finish it now.",
+    },
+}
+# Every request: what the HTTP layer answers before an operation sees it.
+_BAD_REQUEST = _problem(
+    "The request is malformed: not HTTP, a line or header too long, a path, query or "
+    "header that is not UTF-8, or the body is not JSON (malformed JSON is always 400, "
+    "never 422)."
+)
+_TOO_LARGE = _problem(f"The body is larger than {MAX_BODY} bytes.")
+_BODY_TIMEOUT = _problem("The body did not arrive within the body timeout; the connection closes.")
 
 
 def _body(model: type[BaseModel], required: bool) -> dict[str, Any]:
@@ -451,9 +492,14 @@ def _paths() -> dict[str, Any]:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-                        "description": "The same key with the same body returns the same "
-                        "migration; with another body, 409.",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 255,
+                            "pattern": IDEMPOTENCY_KEY_PATTERN,
+                        },
+                        "description": "Printable ASCII. The same key with the same body "
+                        "returns the same migration; with another body, 409.",
                     }
                 ],
                 "requestBody": _body(MigrationCreate, True),
@@ -471,6 +517,7 @@ def _paths() -> dict[str, Any]:
                                 "description": "Present when this answers an earlier request.",
                             },
                         },
+                        links=_MIGRATION_LINKS,
                     ),
                     "400": _MALFORMED,
                     "401": _UNAUTHORIZED,
@@ -506,7 +553,11 @@ def _paths() -> dict[str, Any]:
                 "summary": "State, progress, prediction, profile, timeline and outcome.",
                 "parameters": [_MIGRATION_ID],
                 "responses": {
-                    "200": _json(Migration, "The migration."),
+                    "200": _json(
+                        Migration,
+                        "The migration.",
+                        links={k: v for k, v in _MIGRATION_LINKS.items() if k != "GetMigration"},
+                    ),
                     "404": _NO_MIGRATION,
                 },
             }
@@ -584,8 +635,9 @@ def _paths() -> dict[str, Any]:
                         "name": "labels",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "string"},
-                        "description": "Extra labels, `k=v,k2=v2`.",
+                        "schema": {"type": "string", "pattern": LABELS_PATTERN},
+                        "description": "Extra labels, `k=v,k2=v2` (keys not blank; spaces "
+                        "and tabs around keys and values are dropped).",
                     },
                     {
                         "name": "uuid",
@@ -655,9 +707,14 @@ def _paths() -> dict[str, Any]:
 
 def _with_auth(paths: dict[str, Any]) -> dict[str, Any]:
     """Each operation with the tokens it needs: changes the token; reads (but
-    OPEN_READS) either token when the daemon has a read token."""
+    OPEN_READS) either token when the daemon has a read token. Also the answers of
+    the HTTP layer every operation may get: 400, and for POSTs 408 and 413."""
     for path, operations in paths.items():
         for method, operation in operations.items():
+            operation["responses"].setdefault("400", _BAD_REQUEST)
+            if method == "post":
+                operation["responses"].setdefault("408", _BODY_TIMEOUT)
+                operation["responses"].setdefault("413", _TOO_LARGE)
             if method == "get":
                 if path in OPEN_READS:
                     continue

@@ -66,7 +66,12 @@ class MigrationCreate(_Request):
     """Ask lmwatch to migrate an instance. `source` and `destination` must differ
     (JSON Schema cannot say so; a body with the same host twice is answered 422)."""
 
-    model_config = ConfigDict(json_schema_extra={"x-distinct": [["source", "destination"]]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-distinct": [["source", "destination"]],
+            "examples": [{"instance": "web-1", "source": "host-a", "destination": "host-b"}],
+        }
+    )
 
     instance: str = Field(min_length=1, max_length=255, description="Instance name or uuid.")
     source: str = Field(min_length=1, max_length=255, description="Host it runs on now.")
@@ -80,7 +85,9 @@ class MigrationCreate(_Request):
         description="Labels added to the instance's own for profile selection.",
     )
     profile: str | None = Field(
-        default=None, min_length=1, description="Profile name; overrides selection."
+        default=None,
+        min_length=1,
+        description="Name of a loaded profile (else 422); overrides selection.",
     )
 
     @model_validator(mode="after")
@@ -650,7 +657,8 @@ def _paths() -> dict[str, Any]:
                         "in": "query",
                         "required": False,
                         "schema": {"type": "string"},
-                        "description": "A profile name a request would name.",
+                        "description": "A profile name a request would name: one of the "
+                        "loaded profiles (else 422).",
                     },
                 ],
                 "responses": {

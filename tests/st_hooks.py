@@ -42,4 +42,30 @@ def map_case(context: Any, case: Any) -> Any:
     body = case.body
     if isinstance(body, dict) and body.get("profile") not in (None, *LOADED_PROFILES):
         body["profile"] = "default"
+    if _stateful(case) and isinstance(body, dict) and isinstance(body.get("instance"), str):
+        # Stateful scenarios start from migrations that exist: an instance of the
+        # embedded inventory, moved from its host to the other one, so that the links
+        # (get, cancel, force-complete) have something to act on.
+        name, host = INSTANCES[sum(map(ord, body["instance"])) % len(INSTANCES)]
+        body.update(instance=name, source=host, destination=OTHER_HOST[host])
     return case
+
+
+# The embedded inventory's instances and their hosts.
+INSTANCES = (
+    ("web-1", "host-a"),
+    ("web-2", "host-b"),
+    ("cache-1", "host-a"),
+    ("db-2", "host-b"),
+    ("db-1", "host-a"),
+    ("batch-1", "host-a"),
+    ("batch-2", "host-b"),
+)
+OTHER_HOST = {"host-a": "host-b", "host-b": "host-a"}
+
+
+def _stateful(case: Any) -> bool:
+    meta = getattr(case, "meta", None)
+    if meta is None:
+        return False
+    return str(getattr(meta.phase.name, "value", meta.phase.name)) == "stateful"

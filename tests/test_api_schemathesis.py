@@ -6,6 +6,7 @@ inventory, a token of the test's own); schemathesis runs as its CLI."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -126,4 +127,6 @@ def test_schemathesis_finds_no_server_error_and_no_nonconformance(
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Stateful" in output, output
+    links = re.search(r"API Links:\s+(\d+) covered", output)
+    assert links is not None and int(links.group(1)) > 0, output  # calls were chained
     assert "failed" not in output.split("SUMMARY")[-1], output

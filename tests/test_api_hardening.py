@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -321,3 +322,52 @@ async def test_a_labels_query_with_a_blank_key_is_422(served: Served) -> None:
     reply = await _exchange(served.port, _get("/v1/instances/quiet/profile?labels=%20%3Dv"))
     assert reply.status == 422, reply
     assert reply.problem()["errors"][0]["loc"] == ["query", "labels"]
+
+
+# --- the daemon serves with its settings ----------------------------------------------
+
+
+def test_the_limits_have_defaults() -> None:
+    from lmwatch.config import Settings
+
+    settings = Settings()
+    assert settings.http_header_timeout == 10.0
+    assert settings.http_body_timeout == 30.0
+    assert settings.http_keepalive_timeout == 15.0
+    assert settings.http_max_connections == 100
+    assert settings.http_backlog == 128
+
+
+async def test_the_daemon_serves_with_its_limits(tmp_path: Path) -> None:
+    from lmwatch import daemon
+    from lmwatch.config import Settings
+
+    settings = Settings(
+        port=0,
+        store_path=tmp_path / "lmwatch.db",
+        token=TOKEN,
+        http_max_connections=2,
+        http_header_timeout=1.0,
+        http_keepalive_timeout=30,
+    )
+    ready: asyncio.Queue[list[tuple[str, int]]] = asyncio.Queue()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        daemon.run(settings, stop=stop, on_ready=ready.put_nowait, handle_signals=False)
+    )
+    try:
+        _, port = (await asyncio.wait_for(ready.get(), 30))[0]
+        held = [await _connect(port) for _ in range(2)]
+        for reader, writer in held:
+            writer.write(_get("/healthz"))
+            assert (await _read_reply(reader)).status == 200
+        assert (await _exchange(port, _get("/healthz"))).status == 503
+        for _, other in held:
+            other.close()
+        await asyncio.sleep(0.2)
+        quiet, silent = await _connect(port)  # a slot again; no request: header timeout
+        assert await _closed_within(quiet, 4.0) < 4.0
+        silent.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

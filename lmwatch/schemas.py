@@ -34,7 +34,7 @@ MAX_BODY = 1024**2  # bytes; a larger request body is answered 413
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
 # `k=v,k2=v2`: parts separated by commas, each blank or key=value with a key that is not
 # blank; spaces and tabs around keys and values are dropped.
-_LABEL_PART = r"([ \t]*|[^,=]*[^,= \t][^,=]*=[^,]*)"
+_LABEL_PART = r"([ \t]*|[ \t]*[^,= \t][^,=]*=[^,]*)"
 LABELS_PATTERN = rf"^{_LABEL_PART}(,{_LABEL_PART})*$"
 
 

@@ -6,8 +6,10 @@ engine refuses before it records anything, so a bad request changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, TypeVar
@@ -35,14 +37,19 @@ TOKEN: web.AppKey[str] = web.AppKey("token", str)
 READ_TOKEN: web.AppKey[str] = web.AppKey("read_token", str)  # "": reads are open
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
 HUB: web.AppKey[EventHub] = web.AppKey("hub", EventHub)
+BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
 
 MAX_IDEMPOTENCY_KEY = 255
+MAX_BODY = schemas.MAX_BODY
+IDEMPOTENCY_KEY = re.compile(schemas.IDEMPOTENCY_KEY_PATTERN)
+LABELS = re.compile(schemas.LABELS_PATTERN)
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Payload Too Large",
     422: "Unprocessable Content",
@@ -133,11 +140,53 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         return problem_response(ApiError(500, "internal", "internal error; see the daemon log"))
 
 
+def _decodable(text: str) -> bool:
+    """False for text with bytes that were not UTF-8 (aiohttp keeps them as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@web.middleware
+async def _well_formed(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse (400) a path, query or header that is not UTF-8, naming only where it is
+    (a header's value may be a credential), and read a body within the body timeout
+    (408) and size limit (413) before anything looks at it."""
+    where = None
+    if not _decodable(request.path) or not _decodable(request.query_string):
+        where = "the request target"
+    else:
+        for name, value in request.headers.items():
+            if not _decodable(name):
+                where = "a header name"
+                break
+            if not _decodable(value):
+                where = f"the {name} header" if _decodable(name) else "a header"
+                break
+    if where is not None:
+        raise ApiError(400, "malformed", f"{where} is not valid UTF-8")
+    if request.body_exists and request.method not in READS:
+        try:
+            async with asyncio.timeout(request.app.get(BODY_TIMEOUT, 30.0)):
+                await request.read()
+        except TimeoutError:
+            error = ApiError(408, "body-timeout", "the request body did not arrive in time")
+            error.headers["Connection"] = "close"
+            response = problem_response(error)
+            response.force_close()
+            return response
+    return await handler(request)
+
+
 READS = ("GET", "HEAD", "OPTIONS")
 
 
 def _same(given: str, expected: str) -> bool:
-    return bool(given) and bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+    if not given or not expected or not _decodable(given):
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 @web.middleware
@@ -192,6 +241,10 @@ async def _body(request: web.Request, model: type[M], *, optional: bool) -> M:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, "malformed", f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed", "the body is nested too deeply") from None
+    except ValueError:  # an integer beyond Python's digit limit
+        raise ApiError(400, "malformed", "the body has a number too long to read") from None
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -210,14 +263,16 @@ def _query_error(name: str, message: str) -> ApiError:
 
 
 def _parse_labels(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` (schemas.LABELS_PATTERN); spaces and tabs around keys and values
+    are dropped, empty parts skipped."""
+    if not LABELS.fullmatch(text):
+        raise _query_error("labels", f"{text!r} is not k=v,k2=v2 (keys not blank)")
     labels: dict[str, str] = {}
     for part in text.split(","):
-        if not part.strip():
+        if not part.strip(" \t"):
             continue
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise _query_error("labels", f"{part!r} is not key=value")
-        labels[key.strip()] = value.strip()
+        key, _, value = part.partition("=")
+        labels[key.strip(" \t")] = value.strip(" \t")
     return labels
 
 
@@ -227,8 +282,10 @@ def _parse_labels(text: str) -> dict[str, str]:
 async def create_migration(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-        message = f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
+    if key is not None and not (
+        0 < len(key) <= MAX_IDEMPOTENCY_KEY and IDEMPOTENCY_KEY.fullmatch(key)
+    ):
+        message = f"must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
         raise _invalid(
             f"Idempotency-Key {message}",
             [
@@ -496,6 +553,7 @@ def create_app(
     token: str,
     *,
     read_token: str | None = None,
+    body_timeout: float = 30.0,
 ) -> web.Application:
     """The API application; `token` guards every POST, and with `read_token` every
     read but health, readiness and /openapi.json needs one of the two.
@@ -508,7 +566,7 @@ def create_app(
     metrics_.count_reload_failures(registry)
     metrics_.count_violations_from_zero(registry)
     metrics_.publish_profile_limits(registry)
-    app = web.Application(middlewares=[_problems, _auth], client_max_size=1024**2)
+    app = web.Application(middlewares=[_problems, _well_formed, _auth], client_max_size=MAX_BODY)
     app[ENGINE] = engine
     app[REGISTRY] = registry
     app[METRICS] = metrics_
@@ -516,6 +574,7 @@ def create_app(
     app[READ_TOKEN] = read_token or ""
     app[OPENAPI] = schemas.openapi_document()
     app[HUB] = engine.hub
+    app[BODY_TIMEOUT] = body_timeout
     _publish_reloads(registry, engine.hub, engine)
 
     async def _close_streams(_app: web.Application) -> None:

@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     profile_check_interval: Seconds = 1.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
+    # HTTP server limits (DESIGN §5): slow or idle clients must not hold the daemon's
+    # descriptors. A connection is closed when its request line and headers take longer
+    # than http_header_timeout, when it stays idle between requests longer than
+    # http_keepalive_timeout, and a body not sent within http_body_timeout is answered
+    # 408. Beyond http_max_connections open connections, new ones get 503 and are closed.
+    http_header_timeout: Seconds = 10.0
+    http_body_timeout: Seconds = 30.0
+    http_keepalive_timeout: Seconds = 15.0
+    http_max_connections: int = Field(default=100, ge=1)
+    http_backlog: int = Field(default=128, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -29,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lmwatch import server
 from lmwatch.api import create_app
 from lmwatch.clock import Clock, WallClock
 from lmwatch.config import ConfigError, Settings, load_settings
@@ -435,7 +436,14 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
         if lock is not None:
             lock.release()
         raise
-    app = create_app(engine, registry, metrics, token, read_token=read_token)
+    app = create_app(
+        engine,
+        registry,
+        metrics,
+        token,
+        read_token=read_token,
+        body_timeout=settings.http_body_timeout,
+    )
     daemon = Daemon(settings, store, registry, driver, engine, metrics, token, clock, app, lock)
     daemon.ssl_context = context
     daemon.tasks.append(asyncio.create_task(registry.watch(clock, settings.profile_check_interval)))
@@ -460,11 +468,22 @@ async def run(
             loop.add_signal_handler(number, stop.set)
             installed.append(number)
         sighup = daemon.registry.install_sighup(loop)
-    runner = web.AppRunner(daemon.app, access_log=None, handle_signals=False)
+    runner = server.runner(
+        daemon.app,
+        header_timeout=settings.http_header_timeout,
+        keepalive_timeout=settings.http_keepalive_timeout,
+        max_connections=settings.http_max_connections,
+        access_log=None,
+        handle_signals=False,
+    )
     try:
         await runner.setup()
         site = web.TCPSite(
-            runner, settings.listen_host, settings.port, ssl_context=daemon.ssl_context
+            runner,
+            settings.listen_host,
+            settings.port,
+            ssl_context=daemon.ssl_context,
+            backlog=settings.http_backlog,
         )
         try:
             await site.start()

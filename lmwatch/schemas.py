@@ -29,6 +29,13 @@ from lmwatch.profiles.schema import Profile
 from lmwatch.store import Event, MigrationRecord
 
 PROBLEM_JSON = "application/problem+json"
+MAX_BODY = 1024**2  # bytes; a larger request body is answered 413
+# Printable ASCII, no leading or trailing space (HTTP would drop it).
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
+# `k=v,k2=v2`: parts separated by commas, each blank or key=value with a key that is not
+# blank; spaces and tabs around keys and values are dropped.
+_LABEL_PART = r"([ \t]*|[ \t]*[^,= \t][^,=]*=[^,]*)"
+LABELS_PATTERN = rf"^{_LABEL_PART}(,{_LABEL_PART})*$"
 
 
 def _rfc3339(value: datetime) -> str:
@@ -56,17 +63,31 @@ class _Response(BaseModel):
 
 
 class MigrationCreate(_Request):
-    """Ask lmwatch to migrate an instance."""
+    """Ask lmwatch to migrate an instance. `source` and `destination` must differ
+    (JSON Schema cannot say so; a body with the same host twice is answered 422)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-distinct": [["source", "destination"]],
+            "examples": [{"instance": "web-1", "source": "host-a", "destination": "host-b"}],
+        }
+    )
 
     instance: str = Field(min_length=1, max_length=255, description="Instance name or uuid.")
     source: str = Field(min_length=1, max_length=255, description="Host it runs on now.")
-    destination: str = Field(min_length=1, max_length=255, description="Host to move it to.")
+    destination: str = Field(
+        min_length=1,
+        max_length=255,
+        description="Host to move it to; not the source (else 422).",
+    )
     labels: dict[str, str] = Field(
         default_factory=dict,
         description="Labels added to the instance's own for profile selection.",
     )
     profile: str | None = Field(
-        default=None, min_length=1, description="Profile name; overrides selection."
+        default=None,
+        min_length=1,
+        description="Name of a loaded profile (else 422); overrides selection.",
     )
 
     @model_validator(mode="after")
@@ -264,8 +285,8 @@ class FieldError(_Response):
 
 class ProblemLocation(_Response):
     file: str
-    line: int | None
-    column: int | None
+    line: int | None = Field(default=None, description="Absent when not known.")
+    column: int | None = Field(default=None, description="Absent when not known.")
     path: str
     message: str
 
@@ -488,6 +509,33 @@ _MIGRATION_ID = {
     "description": "Migration id.",
 }
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
+_ID_FROM_BODY = {"id": "$response.body#/id"}
+# From an answer that carries a migration to what can be done with it next.
+_MIGRATION_LINKS: dict[str, Any] = {
+    "GetMigration": {
+        "operationId": "getMigration",
+        "parameters": _ID_FROM_BODY,
+        "description": "The migration just created.",
+    },
+    "CancelMigration": {
+        "operationId": "cancelMigration",
+        "parameters": _ID_FROM_BODY,
+        "description": "Stop it.",
+    },
+    "ForceComplete": {
+        "operationId": "forceComplete",
+        "parameters": _ID_FROM_BODY,
+        "description": "Finish it now.",
+    },
+}
+# Every request: what the HTTP layer answers before an operation sees it.
+_BAD_REQUEST = _problem(
+    "The request is malformed: not HTTP, a line or header too long, a path, query or "
+    "header that is not UTF-8, or the body is not JSON (malformed JSON is always 400, "
+    "never 422)."
+)
+_TOO_LARGE = _problem(f"The body is larger than {MAX_BODY} bytes.")
+_BODY_TIMEOUT = _problem("The body did not arrive within the body timeout; the connection closes.")
 
 
 def _body(model: type[BaseModel], required: bool) -> dict[str, Any]:
@@ -507,9 +555,14 @@ def _paths() -> dict[str, Any]:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-                        "description": "The same key with the same body returns the same "
-                        "migration; with another body, 409.",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 255,
+                            "pattern": IDEMPOTENCY_KEY_PATTERN,
+                        },
+                        "description": "Printable ASCII. The same key with the same body "
+                        "returns the same migration; with another body, 409.",
                     }
                 ],
                 "requestBody": _body(MigrationCreate, True),
@@ -527,6 +580,7 @@ def _paths() -> dict[str, Any]:
                                 "description": "Present when this answers an earlier request.",
                             },
                         },
+                        links=_MIGRATION_LINKS,
                     ),
                     "400": _MALFORMED,
                     "401": _UNAUTHORIZED,
@@ -562,7 +616,11 @@ def _paths() -> dict[str, Any]:
                 "summary": "State, progress, prediction, profile, timeline and outcome.",
                 "parameters": [_MIGRATION_ID],
                 "responses": {
-                    "200": _json(Migration, "The migration."),
+                    "200": _json(
+                        Migration,
+                        "The migration.",
+                        links={k: v for k, v in _MIGRATION_LINKS.items() if k != "GetMigration"},
+                    ),
                     "404": _NO_MIGRATION,
                 },
             }
@@ -640,8 +698,9 @@ def _paths() -> dict[str, Any]:
                         "name": "labels",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "string"},
-                        "description": "Extra labels, `k=v,k2=v2`.",
+                        "schema": {"type": "string", "pattern": LABELS_PATTERN},
+                        "description": "Extra labels, `k=v,k2=v2` (keys not blank; spaces "
+                        "and tabs around keys and values are dropped).",
                     },
                     {
                         "name": "uuid",
@@ -654,7 +713,8 @@ def _paths() -> dict[str, Any]:
                         "in": "query",
                         "required": False,
                         "schema": {"type": "string"},
-                        "description": "A profile name a request would name.",
+                        "description": "A profile name a request would name: one of the "
+                        "loaded profiles (else 422).",
                     },
                 ],
                 "responses": {
@@ -685,7 +745,29 @@ def _paths() -> dict[str, Any]:
                         "description": "An endless text/event-stream.",
                         "content": {
                             "text/event-stream": {
-                                "schema": {"type": "string"},
+                                # One server-sent event (as clients parse the stream);
+                                # its JSON `data` per type is under x-event-data.
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "id": {"type": "string", "pattern": "^[0-9]+$"},
+                                        "event": {
+                                            "type": "string",
+                                            "enum": [
+                                                "state",
+                                                "decision",
+                                                "note",
+                                                "error",
+                                                "violation",
+                                                "progress",
+                                                "profiles",
+                                                "resync",
+                                            ],
+                                        },
+                                        "data": {"type": "string"},
+                                        "retry": {"type": "integer", "minimum": 0},
+                                    },
+                                },
                                 "x-event-data": {
                                     "state": _ref(MigrationEventData),
                                     "decision": _ref(MigrationEventData),
@@ -785,9 +867,14 @@ stream gets a `: keep-alive` comment every 15 seconds.
 
 def _with_auth(paths: dict[str, Any]) -> dict[str, Any]:
     """Each operation with the tokens it needs: changes the token; reads (but
-    OPEN_READS) either token when the daemon has a read token."""
+    OPEN_READS) either token when the daemon has a read token. Also the answers of
+    the HTTP layer every operation may get: 400, and for POSTs 408 and 413."""
     for path, operations in paths.items():
         for method, operation in operations.items():
+            operation["responses"].setdefault("400", _BAD_REQUEST)
+            if method == "post":
+                operation["responses"].setdefault("408", _BODY_TIMEOUT)
+                operation["responses"].setdefault("413", _TOO_LARGE)
             if method == "get":
                 if path in OPEN_READS:
                     continue

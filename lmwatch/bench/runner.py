@@ -37,7 +37,6 @@ from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.loader import load_profiles, load_profiles_text
 from lmwatch.profiles.schema import Profile
 
-DEFAULT_SWITCHOVER = 0.05  # seconds: what a controller knows of a host pair it has not seen
 MEASURE_SECONDS = 2.0  # the change-rate measurement before start covers this long
 NO_DEADLINE_LIMIT = 2 * 3600.0  # seconds a run may take when its profile has no deadline
 HARD_LIMIT = 4 * 3600.0  # seconds no run goes past, whatever the caller asks

@@ -12,12 +12,13 @@ The rules, in order (DESIGN.md section 4):
    outruns the link, hand over or pause if that fits now; cancel when even the
    first pass cannot end before the deadline and nothing else could finish it;
    otherwise continue;
-6. copying converges within the blackout budget -> continue;
+6. copying converges on its own (at the current slow-down) within the blackout
+   budget -> continue;
 7. the floor fits `max_blackout` after the switchover -> raise the budget;
-8. the only evidence is one pass and its most hopeful reading still converges ->
-   continue (one more pass decides; it is short);
-9. handover fits `max_degraded` (armed at start) -> hand over;
-10. a pause fits `max_pause` -> pause;
+8. near the start of a pass, handover fits `max_degraded` (armed at start) -> hand over;
+9. near the start of a pass, a pause fits `max_pause` -> pause;
+10. the only evidence is one pass and its most hopeful reading still converges ->
+    continue (one more pass decides; it is short);
 11. slowing the guest is armed and finishes before the deadline -> continue;
 12. the remainder still shrinks, the rates vary, or quieter phases were seen, and
     the deadline leaves time -> continue;

@@ -97,6 +97,24 @@ def _mode(mode: int) -> str:
     return f"{stat.S_IMODE(mode):04o}"
 
 
+def _read_checked(
+    descriptor: int, path: Path, what: str, refusal: Callable[[os.stat_result], str | None]
+) -> str:
+    """The stripped text of an open secret file, once it is a regular file that
+    `refusal` (owner and mode rules) has nothing against; closes the descriptor."""
+    with os.fdopen(descriptor, "r", encoding="utf-8") as file:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise StartupError(f"{what} {path} is not a regular file; refusing to use it")
+        refused = refusal(info)
+        if refused is not None:
+            raise StartupError(refused)
+        try:
+            return file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise StartupError(f"cannot read {what} {path}: {error}") from None
+
+
 def _read_own_token(path: Path) -> str:
     """The token the daemon wrote on an earlier start, checked before it is trusted.
 
@@ -115,25 +133,22 @@ def _read_own_token(path: Path) -> str:
                 "(remove the link, or set token_file to the file you mean)"
             ) from None
         raise StartupError(f"cannot read token file {path}: {error.strerror}") from None
-    with os.fdopen(descriptor, "r", encoding="utf-8") as file:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise StartupError(f"token file {path} is not a regular file; refusing to use it")
+
+    def refusal(info: os.stat_result) -> str | None:
         if info.st_uid != os.geteuid():
-            raise StartupError(
+            return (
                 f"token file {path} is owned by uid {info.st_uid}, not by the daemon's user "
                 f"(uid {os.geteuid()}); refusing to use it"
             )
         if info.st_mode & 0o077:
-            raise StartupError(
+            return (
                 f"token file {path} is readable or writable by group or others "
                 f"(mode {_mode(info.st_mode)}); refusing to use it "
                 f"(chmod 600 {path}, or delete it to generate a new token)"
             )
-        try:
-            token = file.read().strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise StartupError(f"cannot read token file {path}: {error}") from None
+        return None
+
+    token = _read_checked(descriptor, path, "token file", refusal)
     if not token:
         raise StartupError(f"token file {path} is empty (delete it to generate a new token)")
     return token
@@ -150,24 +165,21 @@ def _read_configured_secret(path: Path, what: str) -> str:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         raise StartupError(f"cannot read {what} {path}: {error.strerror}") from None
-    with os.fdopen(descriptor, "r", encoding="utf-8") as file:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise StartupError(f"{what} {path} is not a regular file; refusing to use it")
+
+    def refusal(info: os.stat_result) -> str | None:
         if info.st_uid not in (os.geteuid(), 0):
-            raise StartupError(
+            return (
                 f"{what} {path} is owned by uid {info.st_uid}, neither the daemon's user "
                 f"(uid {os.geteuid()}) nor root; refusing to use it"
             )
         if info.st_mode & 0o026:
-            raise StartupError(
+            return (
                 f"{what} {path} is readable by others or writable by group or others "
                 f"(mode {_mode(info.st_mode)}); refusing to use it (chmod 600 {path})"
             )
-        try:
-            token = file.read().strip()
-        except (OSError, UnicodeDecodeError) as error:
-            raise StartupError(f"cannot read {what} {path}: {error}") from None
+        return None
+
+    token = _read_checked(descriptor, path, what, refusal)
     if not token:
         raise StartupError(f"{what} {path} is empty")
     return token

@@ -17,6 +17,7 @@ blackout above `max_blackout`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -33,6 +34,7 @@ from lmwatch.bench.runner import Run, Simulation, run, setting_for
 from lmwatch.drivers.inventory import ConstantRate
 from lmwatch.drivers.simphysics import Migration, Writer
 from lmwatch.model import GIB, MIB, Decision, MigrationContext, Sample, StartPlan
+from lmwatch.policies.estimators import DirtyModel, analyse, quiet_rate
 from lmwatch.profiles.schema import Deadline, OnDeadline, Profile
 
 
@@ -199,6 +201,51 @@ def test_4_a_busy_phase_is_waited_out_when_the_deadline_is_far() -> None:
     assert result.outcome == "completed"
     assert 200 < result.total_seconds < 600
     assert result.blackout_seconds is not None and result.blackout_seconds <= 0.5
+
+
+@pytest.mark.parametrize("working_set", [30 * MIB, 34 * MIB, 40 * MIB])
+@pytest.mark.parametrize("poll", [0.5, 1.0])
+def test_4_a_steady_writer_shows_no_quieter_phase(working_set: int, poll: float) -> None:
+    """The rig's busy guest: 40MiB/s at random over ~34MiB, a 16MiB/s link. Its long
+    first pass saturates the working set, so the rate that pass implies through the
+    model swings with the fitted W; read as a quieter phase, it kept a hopeless
+    migration waiting until its deadline. A steady writer has no quieter phase."""
+    plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+    migration = Migration(
+        memory=128 * MIB,
+        working_set=working_set,
+        change_rate=ConstantRate(rate=40 * MIB),
+        bandwidth=16 * MIB,
+        plan=plan,
+        writer=Writer.RANDOM,
+    )
+    samples = _samples_of(migration, until=60.0, poll=poll)
+    ctx = MigrationContext(
+        started_at=0.0,
+        memory_bytes=128 * MIB,
+        plan=plan,
+        blackout_budget=0.3,
+        deadline_at=60.0,
+        change_rate_before_start=39 * MIB,
+    )
+    for end in range(2, len(samples)):
+        a = analyse(samples[: end + 1], ctx)
+        if a.model is not None:
+            assert a.best_model == a.model, f"t={samples[end].time:g}s"
+
+
+def test_4_only_passes_that_left_clearly_less_than_the_model_say_quieter() -> None:
+    """From the rig's timeline: the fit (28.6MiB/s over 45.8MiB) and passes that each
+    left 30-32MiB. The long first pass "implies" 8.8MiB/s through that fit; it left
+    what the model predicts, so it is no quieter phase. A pass that left a sixth of
+    the prediction is one, and its rate is what it implies."""
+    model = DirtyModel(rate=28.6 * MIB, working_set=45.8 * MIB)
+    busy = [(5.5, 0.0, 30.0 * MIB), (2.1, 0.0, 30.9 * MIB), (2.0, 0.0, 31.4 * MIB)]
+    assert quiet_rate(busy, model) is None
+    quiet = (2.0, 0.0, 5.0 * MIB)
+    rate = quiet_rate([*busy, quiet], model)
+    assert rate is not None
+    assert rate == pytest.approx(-45.8 * math.log1p(-5.0 / 45.8) / 2.0 * MIB)
 
 
 # -- 5. the slow-down ETA ---------------------------------------------------------------------

@@ -442,6 +442,27 @@ def _pair_rates(pairs: Sequence[tuple[float, float, float]], model: DirtyModel) 
     return rates
 
 
+def quiet_rate(
+    pairs: Sequence[tuple[float, float, float]], model: DirtyModel, below: float = 0.5
+) -> float | None:
+    """The lowest write rate a pass showed, counting only passes that left clearly
+    less than the model says (under half): a quieter phase seen, not a reading.
+
+    The rate a pair implies through the model is ill-conditioned where the pass
+    saturated the working set (the remainder near W): a long first pass then
+    "implies" a rate a third of the true one when the fitted W shifts by a few MiB,
+    and that phantom quiet phase would keep a hopeless migration waiting. A remainder
+    measured well under the model's prediction is a fact about the guest instead.
+    """
+    rates = _pair_rates(pairs, model)
+    quiet = [
+        rate
+        for (t, slow, r), rate in zip(pairs, rates, strict=True)
+        if rate > 0 and r < below * model.dirtied(t, slow)
+    ]
+    return min(quiet) if quiet else None
+
+
 def analyse(
     history: Sequence[Sample], ctx: MigrationContext, settings: PolicySettings = DEFAULT
 ) -> Analysis:
@@ -500,8 +521,8 @@ def analyse(
     steady = False
     if model is not None and pairs:
         rates = _pair_rates(pairs, model)
-        positive = [r for r in rates if r > 0]
-        best_model = model.with_rate(min(positive)) if positive else model
+        quiet = quiet_rate(pairs, model)
+        best_model = model if quiet is None else model.with_rate(quiet)
         window = rates[-settings.steady_pairs :]
         steady = (
             len(window) >= settings.steady_pairs and _variation(window) < settings.steady_variation

@@ -93,6 +93,10 @@ class _Supervision:
     cancelling: bool = False  # a cancel reached the hypervisor; wait for it to end
     change_rate: float | None = None  # measured (or reused) before start
     handed_over_at: float | None = None  # clock time the instance resumed on the destination
+    paused_at: float | None = None  # clock time we paused it (None after a restart)
+    # An operator's force-complete paused it: the pause is theirs, not held to the
+    # profile's bound (the policy never cancels it for running long).
+    pause_by_operator: bool = False
     beat: float | None = None  # clock time its supervision last came round (watchdog)
 
 
@@ -202,6 +206,11 @@ class Engine:
             profile = profiles[record.id]
             supervision = self._track(record, profile)
             supervision.generation = -1  # the file may have changed while we were away
+            if record.paused:
+                supervision.pause_by_operator = any(
+                    e.action == Action.PAUSE.value and (e.data or {}).get("origin") == "operator"
+                    for e in self.store.events(record.id)
+                )
             if record.state is not State.QUEUED:
                 log.info("reattaching", migration=record.id, instance=record.instance)
                 supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
@@ -772,6 +781,8 @@ class Engine:
             blackout_budget=record.blackout_budget or plan.blackout_budget,
             deadline_at=record.deadline_at,
             paused=record.paused,
+            paused_at=supervision.paused_at,
+            accept_pause=supervision.pause_by_operator,
             handed_over=record.handed_over,
             switchover=self.switchover(record.source, record.destination),
             change_rate_before_start=supervision.change_rate,
@@ -803,6 +814,8 @@ class Engine:
                 assert decision.blackout_budget is not None
                 await self.driver.set_blackout_budget(record.id, decision.blackout_budget)
             elif action is Action.PAUSE:
+                supervision.paused_at = self.clock.now()
+                supervision.pause_by_operator = origin == "operator"
                 await self.driver.pause(record.id)
             elif action is Action.HANDOVER:
                 await self.driver.handover(record.id)

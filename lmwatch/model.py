@@ -169,6 +169,7 @@ class MigrationContext:
     blackout_budget: float  # currently in force
     deadline_at: float | None  # absolute clock time, None = no deadline
     paused: bool = False
+    paused_at: float | None = None  # clock time of our pause; None when unknown (restart)
     handed_over: bool = False
     force: bool = False  # an operator asked to finish now
     accept_pause: bool = False  # the operator accepts a pause beyond the profile

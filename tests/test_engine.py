@@ -178,6 +178,25 @@ async def test_never_converging_batch_is_paused_within_max_pause(rig: Rig) -> No
     assert "handover" not in rig.actions(mid)
 
 
+async def test_a_pause_whose_link_breaks_is_cancelled_within_max_pause(rig: Rig) -> None:
+    """The link breaks right after lmwatch paused the guest: waiting would keep it
+    stopped until the link times out (30s, over `max_pause` of 10s). lmwatch cancels
+    instead, and the instance runs on the source again well within the bound."""
+    mid = await rig.migrate("busy-batch")
+    assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
+    rig.driver.inject_fault("link_break", between=("a", "b"))
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.CANCELLED, record.outcome
+    events = rig.store.events(mid)
+    paused = next(e for e in events if e.action == "pause")
+    cancel = next(e for e in events if e.action == "cancel")
+    assert "nothing has moved" in cancel.reason and "resumes on the source" in cancel.reason
+    ended = next(e for e in events if e.kind == "state" and e.state == State.CANCELLED.value)
+    assert ended.at - paused.at <= 10.0
+    assert rig.driver.where("busy-batch") == "a"
+
+
 async def test_hopeless_instance_is_cancelled_early_with_the_reason(rig: Rig) -> None:
     mid = await rig.migrate("busy-plain")
     await rig.finish(mid)

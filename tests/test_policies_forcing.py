@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmwatch.model import MIB, Action
-from lmwatch.policies import ForceRefused, force_complete
+from lmwatch.model import MIB, Action, MigrationContext, Phase, Sample
+from lmwatch.policies import ForceRefused, decide, force_complete
+from lmwatch.policies.forcing import pause_outlasting
 from lmwatch.profiles.schema import Profile
 
 try:
@@ -165,3 +168,69 @@ def test_force_never_exceeds_the_profile_silently(  # type: ignore[no-untyped-de
         assert decision.blackout_budget <= max_blackout - SWITCHOVER + 1e-9
         assert decision.prediction.blackout_seconds is not None
         assert decision.prediction.blackout_seconds <= max_blackout + 1e-9
+
+
+# -- a pause that would outlast its bound --------------------------------------------------
+
+
+def _paused_history(moved_last: int, left: int) -> list[Sample]:
+    """Copying, then paused at t=10 with 200MiB left; one second later `moved_last`
+    bytes more have arrived and `left` remain."""
+
+    def at(t: float, moved: int, remaining: int, phase: Phase) -> Sample:
+        return Sample(
+            time=t,
+            memory_total=2048 * MIB,
+            memory_remaining=remaining,
+            memory_transferred=moved,
+            transfer_rate=100 * MIB,
+            change_rate=150 * MIB,
+            passes=4,
+            phase=phase,
+        )
+
+    return [
+        at(9.0, 3000 * MIB, 300 * MIB, Phase.COPYING),
+        at(10.2, 3100 * MIB, 200 * MIB, Phase.COMPLETING),
+        at(11.2, 3100 * MIB + moved_last, left, Phase.COMPLETING),
+    ]
+
+
+PAUSING = Profile(name="p", max_blackout=0.3, may_pause=True, max_pause=5.0)
+
+
+def _paused_context(**fields: object) -> MigrationContext:
+    return replace(context(STUCK, plan()), paused=True, paused_at=10.0, **fields)  # type: ignore[arg-type]
+
+
+def test_a_stalled_pause_is_cancelled_so_the_instance_resumes() -> None:
+    history = _paused_history(0, 200 * MIB)
+    reason = pause_outlasting(PAUSING, history, _paused_context())
+    assert reason is not None and "nothing has moved" in reason and "5.0s" in reason
+    decision = decide(PAUSING, history, _paused_context(), now=11.2)
+    assert decision.action is Action.CANCEL and decision.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("moved", "left", "outlasts"),
+    [
+        (100 * MIB, 100 * MIB, False),  # 100MiB/s: done 2.2s after the pause began
+        (20 * MIB, 180 * MIB, True),  # the link fell to 20MiB/s: 9s more, over 5s
+        (40 * MIB, 100 * MIB, False),  # 40MiB/s: 1.2 + 2.5 + switchover, within 5s
+    ],
+)
+def test_a_slowed_pause_is_cancelled_only_when_it_would_outlast_max_pause(
+    moved: int, left: int, outlasts: bool
+) -> None:
+    reason = pause_outlasting(PAUSING, _paused_history(moved, left), _paused_context())
+    assert (reason is not None) is outlasts
+    if reason is not None:
+        assert "would last about" in reason and "limit 5.0s" in reason
+
+
+def test_no_cancel_for_an_accepted_pause_a_finished_copy_or_one_sample() -> None:
+    stalled = _paused_history(0, 200 * MIB)
+    assert pause_outlasting(PAUSING, stalled, _paused_context(accept_pause=True)) is None
+    assert pause_outlasting(PAUSING, _paused_history(200 * MIB, 0), _paused_context()) is None
+    assert pause_outlasting(PAUSING, stalled[:2], _paused_context()) is None
+    assert pause_outlasting(PAUSING, stalled, replace(_paused_context(), paused=False)) is None

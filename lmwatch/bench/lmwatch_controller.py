@@ -90,7 +90,7 @@ class LmwatchController:
             self.ctx = replace(self.ctx, blackout_budget=decision.blackout_budget)
             return [SetBudget(decision.blackout_budget)]
         if action is Action.PAUSE:
-            self.ctx = replace(self.ctx, paused=True)
+            self.ctx = replace(self.ctx, paused=True, paused_at=now)
             return [Pause()]
         if action is Action.HANDOVER:
             self.ctx = replace(self.ctx, handed_over=True)

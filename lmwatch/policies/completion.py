@@ -2,7 +2,9 @@
 
 The rules, in order (DESIGN.md section 4):
 
-1. past copying (paused, handed over, completing, ended) -> continue;
+1. paused by us, and at the rate the rest now moves the pause would outlast its
+   bound (the link stalled or slowed) -> cancel, so the instance resumes on the
+   source; otherwise, past copying (paused, handed over, completing, ended) -> continue;
 2. an operator asked to finish now -> as force-complete, when the profile allows it;
 3. the budget is above what `max_blackout` leaves after the switchover -> lower it;
 4. the deadline has come, or is as close as finishing takes -> `on_deadline`
@@ -54,6 +56,7 @@ from lmwatch.policies.forcing import (
     handover_usable,
     nothing_allowed,
     pause_fits,
+    pause_outlasting,
 )
 from lmwatch.profiles.schema import OnDeadline, Profile
 from lmwatch.units import format_size
@@ -70,6 +73,9 @@ def decide(
     a = analyse(history, ctx, settings)
     prediction = a.prediction()
 
+    stalled = pause_outlasting(profile, history, ctx)
+    if stalled is not None:
+        return Decision(Action.CANCEL, stalled, prediction)
     done = already_finishing(history, ctx)
     if done is not None:
         return Decision(Action.CONTINUE, f"nothing to do: {done}", prediction)

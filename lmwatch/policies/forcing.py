@@ -79,6 +79,49 @@ def already_finishing(history: Sequence[Sample], ctx: MigrationContext) -> str |
     return None
 
 
+def pause_outlasting(
+    profile: Profile, history: Sequence[Sample], ctx: MigrationContext
+) -> str | None:
+    """Why our pause will outlast its bound at the rate the rest now moves, or None.
+
+    A pause is chosen because its copy was predicted to fit; if the link then stalls
+    or slows, waiting keeps the guest stopped for as long as the link takes to fail.
+    The bound is `max_pause` (`max_blackout` when the profile does not allow pausing:
+    such a pause came from finishing within the profile). Not for a pause the operator
+    accepted beyond the profile. The rate is the last interval's, both ends paused.
+    """
+    if not ctx.paused or ctx.handed_over or ctx.accept_pause:
+        return None
+    stopped = [s for s in history if s.phase is Phase.COMPLETING]
+    if len(stopped) < 2:
+        return None
+    start = ctx.paused_at if ctx.paused_at is not None else stopped[0].time
+    before, last = stopped[-2], stopped[-1]
+    interval = last.time - before.time
+    left = last.memory_remaining
+    if interval <= 0 or left <= 0:
+        return None
+    bound = profile.max_pause if profile.may_pause else profile.max_blackout
+    moved = max(0, last.memory_transferred - before.memory_transferred)
+    so_far = max(0.0, last.time - start)
+    if moved == 0:
+        return (
+            f"paused {duration_text(so_far)} ago and nothing has moved for "
+            f"{duration_text(interval)} ({format_size(left)} left): the link has stalled, "
+            f"and waiting would keep the instance stopped past {duration_text(bound)}; "
+            "cancelling, so that it resumes on the source"
+        )
+    rate = moved / interval
+    total = so_far + left / rate + ctx.switchover
+    if total <= bound:
+        return None
+    return (
+        f"paused {duration_text(so_far)} ago; the rest ({format_size(left)}) now moves at "
+        f"{format_size(rate)}/s, so the pause would last about {duration_text(total)} "
+        f"(limit {duration_text(bound)}); cancelling, so that it resumes on the source"
+    )
+
+
 def finish_now(
     profile: Profile,
     analysis: Analysis,

@@ -342,6 +342,26 @@ async def test_force_complete_refused_when_the_profile_allows_nothing(rig: Rig) 
     assert record.outcome is not None and record.outcome["method"] == "paused"
 
 
+async def test_an_accepted_pause_stays_the_operators_after_a_restart(tmp_path: Path) -> None:
+    """The profile allows no pause; the operator forced one and accepted it. A restart
+    mid-pause must not hold it to the profile's bound (which would cancel it)."""
+    rig = Rig(tmp_path)
+    await rig.engine.start()
+    mid = await rig.migrate("busy-plain")
+    await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    await rig.clock.advance(3.0)
+    decision = await rig.engine.force_complete(mid, accept_pause=True)
+    assert decision.action.value == "pause"
+    await rig.clock.advance(1.0)
+    await rig.engine.stop()
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.outcome is not None and record.outcome["method"] == "paused", record.outcome
+    await rig.engine.stop()
+
+
 async def test_profile_edit_mid_migration_is_applied_or_explained(rig: Rig) -> None:
     mid = await rig.migrate("busy-plain")
     await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)

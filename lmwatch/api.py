@@ -26,7 +26,7 @@ from lmwatch.logs import get_logger
 from lmwatch.metrics import CONTENT_TYPE_LATEST, Metrics
 from lmwatch.model import MigrationRequest, State
 from lmwatch.profiles import ProfileError, ProfileRegistry, SelectionError
-from lmwatch.store import StoreError
+from lmwatch.store import StoreError, StoreUnwritable
 
 log = get_logger("lmwatch.api")
 
@@ -124,7 +124,8 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         )
     except StoreError as error:
         log.error("store-error", path=request.path, error=str(error))
-        return problem_response(ApiError(503, "store-error", "the store cannot be written"))
+        detail = str(error) if isinstance(error, StoreUnwritable) else "the store cannot be written"
+        return problem_response(ApiError(503, "store-error", f"{detail}; retry later"))
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -428,8 +429,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready while the store answers and takes writes, its file is the one open, and
+    every host answers; otherwise 503 saying what is wrong (the store first)."""
     engine = request.app[ENGINE]
-    store_ok = engine.store.healthy()
+    store_problem = engine.store.check_file()
+    store_ok = engine.store.healthy() and store_problem is None
     detail: str | None = None
     try:
         hosts = dict(await engine.driver.reachable())
@@ -437,7 +441,9 @@ async def readyz(request: web.Request) -> web.Response:
         hosts = {}
         detail = f"cannot ask the hosts: {error}"
     down = sorted(name for name, up in hosts.items() if not up)
-    if not store_ok:
+    if store_problem is not None:
+        detail = store_problem
+    elif not store_ok:
         detail = "the store does not answer"
     elif down and detail is None:
         detail = "unreachable: " + ", ".join(down)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import ActionRefused, Driver, DriverError, Refused
-from lmwatch.errors import Conflict, Invalid, NotFound
+from lmwatch.errors import Conflict, Invalid, NotFound, StoreUnavailable
 from lmwatch.events import EventHub
 from lmwatch.logs import get_logger
 from lmwatch.metrics import Metrics
@@ -44,7 +44,14 @@ from lmwatch.model import (
 )
 from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
 from lmwatch.profiles.schema import Profile
-from lmwatch.store import CorruptRecord, Event, MigrationRecord, Store, UnreadableStore
+from lmwatch.store import (
+    CorruptRecord,
+    Event,
+    MigrationRecord,
+    Store,
+    StoreUnwritable,
+    UnreadableStore,
+)
 
 log = get_logger("lmwatch.engine")
 
@@ -72,6 +79,8 @@ class EngineSettings:
     measure_change_rate: bool = True
     change_rate_max_age: float = 600.0  # seconds a pre-start measurement is reused for
     switchover_memory: int = 20  # measured switchover costs kept per host pair
+    store_check_interval: float = 5.0  # seconds between checks that the store file is there
+    store_retry: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)  # back-off of failed writes
     policy: policies.PolicySettings = field(default_factory=policies.PolicySettings)
 
 
@@ -170,6 +179,8 @@ class Engine:
         # Change rates measured before start, per instance: (clock time, bytes/s).
         self._change_rates: dict[str, tuple[float, float]] = {}
         self._submit_lock = asyncio.Lock()
+        self._store_task: asyncio.Task[None] | None = None
+        self.metrics.watch_store(store)
         self._started = False
         self._stopping = False
 
@@ -200,6 +211,7 @@ class Engine:
         if problems:
             raise UnreadableStore(self.store.path, problems)
         self._started = True
+        self._store_task = asyncio.create_task(self._keep_store())
         for record in self.store.list(State.COMPLETED):
             self._learn_switchover(record)
         for record in unfinished:
@@ -220,10 +232,36 @@ class Engine:
         """Stop supervising (the migrations themselves go on; a new engine takes them back)."""
         self._stopping = True
         tasks = [s.task for s in self._supervisions.values() if s.task is not None]
+        if self._store_task is not None:
+            tasks.append(self._store_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._supervisions.clear()
+
+    async def _keep_store(self) -> None:
+        """Check now and then that the store file is still there, and while writes
+        fail, retry them with back-off until the store takes them again."""
+        retry = self.settings.store_retry
+        attempts = 0
+        while True:
+            failing = self.store.failing()
+            delay = retry[min(attempts, len(retry) - 1)] if failing else None
+            await self.clock.sleep(delay or self.settings.store_check_interval)
+            try:
+                self.store.check_file()
+                if not self.store.failing() or self.store.flush(self.clock.now()):
+                    attempts = 0
+                else:
+                    attempts += 1
+            except Exception as error:  # never stop watching the store
+                log.exception("store-watch-error", path=self.store.path, error=repr(error))
+
+    def _refuse_unless_writable(self) -> None:
+        """New work only while the store takes it (and its file is still there)."""
+        problem = self.store.check_file()
+        if problem is not None:
+            raise StoreUnavailable(problem)
 
     def _track(self, record: MigrationRecord, profile: Profile) -> _Supervision:
         supervision = _Supervision(
@@ -291,6 +329,7 @@ class Engine:
         earlier = self._admission(request, idempotency_key, fingerprint)
         if earlier is not None:
             return earlier, True
+        self._refuse_unless_writable()
         # Asking the hypervisor may take a while: other submissions go on meanwhile.
         info = await self.driver.preflight(request)
         async with self._submit_lock:
@@ -323,7 +362,11 @@ class Engine:
                 request_fingerprint=fingerprint,
             )
             accepted = f"accepted; profile {selection.profile.name!r}: {selection.reason}"
-            self.store.insert(record, accepted)
+            self._refuse_unless_writable()
+            try:
+                self.store.insert(record, accepted)
+            except StoreUnwritable as error:
+                raise StoreUnavailable(str(error)) from error
             self._track(record, selection.profile)
             self.hub.timeline(record, now, "state", accepted)
             log.info(

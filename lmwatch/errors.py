@@ -33,3 +33,10 @@ class Conflict(EngineError):
 class Invalid(EngineError):
     status = 422
     kind = "invalid"
+
+
+class StoreUnavailable(EngineError):
+    """The store cannot take new work now (full disk, file deleted); retry later."""
+
+    status = 503
+    kind = "store-unavailable"

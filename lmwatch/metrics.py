@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.profiles.schema import ProfileSet
+from lmwatch.store import Store
 
 __all__ = ["CONTENT_TYPE_LATEST", "VIOLATION_KINDS", "Metrics"]
 
@@ -117,12 +118,28 @@ class Metrics:
             ["profile", "limit"],
             registry=r,
         )
+        self.store_healthy = Gauge(
+            "lmwatch_store_healthy",
+            "1 while the store takes writes and its file is in place; 0 while changes wait "
+            "in memory or the file was deleted (no new migration is accepted then).",
+            registry=r,
+        )
+        self.store_write_failures = Counter(
+            "lmwatch_store_write_failures",
+            "Writes to the store that failed (each is kept and retried).",
+            registry=r,
+        )
         self.poll_lag = Histogram(
             "lmwatch_supervisor_poll_lag_seconds",
             "How late the supervisor polled a migration compared with its schedule.",
             buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, float("inf")),
             registry=r,
         )
+
+    def watch_store(self, store: Store) -> None:
+        """Expose whether `store` takes new work, and count its failed writes."""
+        self.store_healthy.set_function(lambda: 1.0 if store.problem() is None else 0.0)
+        store.on_write_failure(self.store_write_failures.inc)
 
     def count_reload_failures(self, profiles: ProfileRegistry) -> None:
         """Count every rejected reload of `profiles`, however it was triggered."""

@@ -229,7 +229,9 @@ class Health(_Response):
 
 class Readiness(_Response):
     ready: bool
-    store: bool = Field(description="The store answers.")
+    store: bool = Field(
+        description="The store answers, takes writes and its file is the one lmwatch opened."
+    )
     hosts: dict[str, bool] = Field(description="Host name -> whether it answers.")
     detail: str | None = None
 
@@ -590,7 +592,12 @@ def _paths() -> dict[str, Any]:
                         "another body, or the hosts refuse the move."
                     ),
                     "422": _INVALID,
-                    "503": _UNAVAILABLE,
+                    "503": _problem(
+                        "A host or the hypervisor does not answer, or the store cannot be "
+                        "written now (full disk, store file deleted: the detail says which and "
+                        "what to do); nothing was accepted; retry later. Migrations already "
+                        "accepted go on."
+                    ),
                 },
             },
             "get": {
@@ -820,7 +827,8 @@ def _paths() -> dict[str, Any]:
         "/readyz": {
             "get": {
                 "operationId": "readiness",
-                "summary": "Readiness: the store answers and every host is reachable.",
+                "summary": "Readiness: the store answers, takes writes and its file is in "
+                "place, and every host is reachable.",
                 "responses": {
                     "200": _json(Readiness, "Ready."),
                     "503": _json(Readiness, "Not ready; the body says what is missing."),

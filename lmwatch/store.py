@@ -3,6 +3,14 @@
 A request is committed before it is acknowledged and every transition is its own
 transaction, so a crash loses no accepted migration and no outcome. Calls are
 short and synchronous; the engine runs them on the event loop thread.
+
+A write that fails (a full disk, an I/O error) never reaches the caller: the change
+is kept in memory, in order, reads show it, and `flush` writes it, once, when the
+store takes writes again (the engine retries with back-off). Meanwhile `problem`
+says why the store is not healthy, and the daemon accepts no new migration. The same
+holds when the file at the store's path is no longer the one open (deleted or
+replaced): the daemon goes on recording into the file it has open, keeps a full copy
+of it next to the path (`<store>.rescued`), and says how to put it back.
 """
 
 from __future__ import annotations
@@ -13,13 +21,17 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lmwatch.logs import get_logger
 from lmwatch.model import State
+
+log = get_logger("lmwatch.store")
 
 SCHEMA_VERSION = 2
 
@@ -96,6 +108,11 @@ class UnreadableStore(StoreError):
                 for problem in problems
             )
         )
+
+
+class StoreUnwritable(StoreError):
+    """The store does not take writes now (full disk, file deleted): nothing new is
+    accepted until it does; what is running goes on."""
 
 
 class StoreLocked(StoreError):
@@ -210,10 +227,34 @@ class Event:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One transaction not written yet: columns of a migration to set, and/or an event."""
+
+    migration_id: str
+    row: dict[str, Any]
+    event: tuple[float, str, str, str | None, str | None, Mapping[str, Any] | None] | None
+
+
+# What a write can fail with: SQLite's errors (full disk, I/O error, read-only file)
+# and the operating system's.
+_WRITE_ERRORS = (sqlite3.Error, OSError)
+
+
 class Store:
     def __init__(self, connection: sqlite3.Connection, path: str) -> None:
         self._db = connection
         self.path = path
+        # Writes that failed, oldest first, and the latest record of each migration
+        # they change: reads show these until `flush` has written them.
+        self._pending: deque[_Write] = deque()
+        self._unwritten: dict[str, MigrationRecord] = {}
+        self._write_error: str | None = None  # why the last write failed (None: writable)
+        self._file_error: str | None = None  # the file at `path` is not the open one
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        self._changes = 0  # writes since open (the rescue copy is refreshed when it grows)
+        self._rescued_at: int | None = None
+        self._failure_listeners: list[Callable[[], None]] = []
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Store:
@@ -239,6 +280,9 @@ class Store:
             store._migrate()
         except sqlite3.Error as error:
             raise StoreError(f"cannot use store {text}: {error}") from error
+        if text != ":memory:":
+            info = os.stat(text)
+            store._identity = (info.st_dev, info.st_ino)
         return store
 
     def _migrate(self) -> None:
@@ -264,13 +308,31 @@ class Store:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
             self._db.execute("COMMIT")
+        except BaseException:
+            # A COMMIT that fails (SQLITE_FULL) leaves the transaction open: roll it
+            # back too, or every later BEGIN fails ("within a transaction").
+            if self._db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
+        """Write what is still pending if the store takes it, refresh the rescue copy
+        when the file was lost, and close. What cannot be written is logged."""
+        if self._pending or self._write_error is not None:
+            self.flush()
+        if self._pending:
+            log.error(
+                "store-writes-lost",
+                path=self.path,
+                pending=len(self._pending),
+                migrations=len({write.migration_id for write in self._pending}),
+                error=self._write_error,
+                note="a restart re-attaches the running migrations and reads them from the hosts",
+            )
+        if self._file_error is not None:
+            self._rescue(force=True)
         self._db.close()
 
     def healthy(self) -> bool:
@@ -280,10 +342,189 @@ class Store:
             return False
         return True
 
+    # -- health -----------------------------------------------------------------------
+
+    def on_write_failure(self, listener: Callable[[], None]) -> None:
+        """Call `listener` on every failed write attempt (the metrics count them)."""
+        self._failure_listeners.append(listener)
+
+    @property
+    def rescue_path(self) -> str:
+        return self.path + ".rescued"
+
+    def problem(self) -> str | None:
+        """Why the store cannot take new work now (None: it can), for operators."""
+        if self._file_error is not None:
+            return self._file_error
+        if self._write_error is not None:
+            kept = len(self._pending)
+            return (
+                f"the store cannot be written: {self._write_error}; "
+                f"{kept} change{'s' if kept != 1 else ''} kept in memory until it can; "
+                "free space on its file system (or fix the error); retry later"
+            )
+        return None
+
+    def failing(self) -> bool:
+        """Whether writes are failing (and `flush` should be retried)."""
+        return self._write_error is not None
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def check_file(self) -> str | None:
+        """Whether the file at the path is still the one open; `problem()` after.
+
+        A store file deleted or replaced while the daemon runs would lose every
+        later write at the next start. The daemon keeps recording into the file it
+        has open (the running migrations go on), accepts nothing new, and keeps a
+        copy of it at `rescue_path`, refreshed as it changes and when the store closes.
+        """
+        if self._identity is None:
+            return self.problem()
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            what = "was deleted"
+        except OSError as error:
+            what = f"cannot be checked ({error.strerror})"
+        else:
+            same = (info.st_dev, info.st_ino) == self._identity
+            what = "" if same else "was replaced by another file"
+        if not what:
+            if self._file_error is not None:
+                log.info("store-file-back", path=self.path)
+            self._file_error = None
+            return self.problem()
+        copy = self._rescue(force=False)
+        if copy is None:
+            saved = (
+                f"lmwatch keeps a copy of everything it recorded in {self.rescue_path}; stop "
+                f"lmwatch (it refreshes the copy as it stops), move {self.rescue_path} to "
+                f"{self.path} and start it again"
+            )
+        else:
+            saved = (
+                f"the copy to {self.rescue_path} failed ({copy}); do not stop lmwatch: "
+                "free space, it retries"
+            )
+        message = (
+            f"the store file {self.path} {what} while lmwatch ran; running migrations are "
+            f"still supervised, new ones are refused; {saved}"
+        )
+        if message != self._file_error:
+            log.error("store-file-lost", path=self.path, rescue=self.rescue_path, detail=message)
+        self._file_error = message
+        return message
+
+    def _rescue(self, *, force: bool) -> str | None:
+        """Copy the open database to `rescue_path` (None: done, else why not)."""
+        if not force and self._rescued_at == self._changes:
+            return None
+        temporary = self.rescue_path + ".tmp"
+        try:
+            target = sqlite3.connect(temporary)
+            try:
+                self._db.backup(target)
+            finally:
+                target.close()
+            os.replace(temporary, self.rescue_path)
+        except _WRITE_ERRORS as error:
+            with suppress(OSError):
+                os.unlink(temporary)
+            log.error("store-rescue-failed", path=self.path, rescue=self.rescue_path, error=error)
+            return str(error)
+        self._rescued_at = self._changes
+        log.info("store-rescued", path=self.path, rescue=self.rescue_path)
+        return None
+
+    def _failed(self, error: BaseException, migration_id: str | None) -> None:
+        first = self._write_error is None
+        self._write_error = str(error) or type(error).__name__
+        for listener in self._failure_listeners:
+            listener()
+        (log.error if first else log.warning)(
+            "store-write-failed",
+            path=self.path,
+            migration=migration_id,
+            pending=len(self._pending),
+            error=self._write_error,
+            note="changes are kept in memory and written when the store takes writes again",
+        )
+
+    def _write(self, write: _Write, record: MigrationRecord | None) -> None:
+        """Write now, or keep it (after the ones already waiting) for `flush`."""
+        if record is not None:
+            self._unwritten[record.id] = record
+        if self._pending or self._write_error is not None:
+            last = self._pending[-1] if self._pending else None
+            if (
+                last is not None
+                and write.event is None
+                and last.event is None
+                and last.migration_id == write.migration_id
+            ):
+                # Consecutive column updates of one migration (progress) merge.
+                self._pending[-1] = replace(last, row={**last.row, **write.row})
+            else:
+                self._pending.append(write)
+            return
+        try:
+            self._commit(write)
+        except _WRITE_ERRORS as error:
+            self._pending.append(write)
+            self._failed(error, write.migration_id)
+            return
+        if record is not None:
+            self._unwritten.pop(record.id, None)
+
+    def _commit(self, write: _Write) -> None:
+        with self._transaction():
+            if write.row:
+                assignments = ", ".join(f"{key}=?" for key in write.row)
+                self._db.execute(
+                    f"UPDATE migrations SET {assignments} WHERE id=?",
+                    (*write.row.values(), write.migration_id),
+                )
+            if write.event is not None:
+                self._add_event(write.migration_id, *write.event)
+        self._changes += 1
+
+    def flush(self, now: float | None = None) -> bool:
+        """Write the kept changes, oldest first, each once; whether the store is
+        writable again. With none kept, a small write probes it."""
+        if self._write_error is None and not self._pending:
+            return True
+        written = 0
+        try:
+            if not self._pending:
+                with self._transaction():
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES('write_checked_at', ?)",
+                        (str(now or 0.0),),
+                    )
+            while self._pending:
+                self._commit(self._pending[0])
+                self._pending.popleft()
+                written += 1
+        except _WRITE_ERRORS as error:
+            self._failed(error, self._pending[0].migration_id if self._pending else None)
+            return False
+        self._unwritten.clear()
+        self._write_error = None
+        log.info("store-writes-resumed", path=self.path, written=written)
+        return True
+
     # -- migrations -------------------------------------------------------------
 
     def insert(self, record: MigrationRecord, reason: str) -> None:
-        """Persist a newly accepted migration and its first event, atomically."""
+        """Persist a newly accepted migration and its first event, atomically.
+
+        Unlike the other writes this one raises (StoreUnwritable) when it cannot be
+        written: a migration is acknowledged only once it is on disk."""
+        problem = self.problem()
+        if problem is not None:
+            raise StoreUnwritable(problem)
         values = _to_row(record)
         columns = ", ".join(values)
         marks = ", ".join("?" for _ in values)
@@ -293,8 +534,14 @@ class Store:
                     f"INSERT INTO migrations({columns}) VALUES({marks})", tuple(values.values())
                 )
                 self._add_event(record.id, record.created_at, "state", reason, None, record.state)
-        except sqlite3.Error as error:
+        except sqlite3.IntegrityError as error:
             raise StoreError(f"cannot record migration {record.id}: {error}") from error
+        except _WRITE_ERRORS as error:
+            self._failed(error, record.id)
+            raise StoreUnwritable(
+                f"the store cannot be written: {self._write_error}; retry later"
+            ) from error
+        self._changes += 1
 
     def update(
         self,
@@ -305,31 +552,18 @@ class Store:
         data: Mapping[str, Any] | None = None,
         **changes: Any,
     ) -> MigrationRecord:
-        """Apply `changes` to a migration (and log `event` = (kind, reason, action)) atomically."""
+        """Apply `changes` to a migration (and log `event` = (kind, reason, action)) atomically.
+
+        Never raises for a write that fails: the change is kept and written later."""
         updated = replace(record, **changes)
         row = {key: value for key, value in _to_row(updated).items() if key in changes}
-        try:
-            with self._transaction():
-                if row:
-                    assignments = ", ".join(f"{key}=?" for key in row)
-                    self._db.execute(
-                        f"UPDATE migrations SET {assignments} WHERE id=?",
-                        (*row.values(), record.id),
-                    )
-                if event is not None:
-                    kind, reason, action = event
-                    state = changes.get("state")
-                    self._add_event(
-                        record.id,
-                        at if at is not None else updated.created_at,
-                        kind,
-                        reason,
-                        action,
-                        state,
-                        data,
-                    )
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot update migration {record.id}: {error}") from error
+        logged = None
+        if event is not None:
+            kind, reason, action = event
+            when = at if at is not None else updated.created_at
+            logged = (when, kind, reason, action, changes.get("state"), data)
+        if row or logged is not None:
+            self._write(_Write(record.id, row, logged), updated)
         return updated
 
     def add_event(
@@ -341,11 +575,8 @@ class Store:
         action: str | None = None,
         data: Mapping[str, Any] | None = None,
     ) -> None:
-        try:
-            with self._transaction():
-                self._add_event(migration_id, at, kind, reason, action, None, data)
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot record event for {migration_id}: {error}") from error
+        """Log an event of a migration; kept and written later when the write fails."""
+        self._write(_Write(migration_id, {}, (at, kind, reason, action, None, data)), None)
 
     def _add_event(
         self,
@@ -363,7 +594,12 @@ class Store:
             (migration_id, at, kind, action, state, reason, json.dumps(data or {})),
         )
 
+    def _latest(self, record: MigrationRecord) -> MigrationRecord:
+        return self._unwritten.get(record.id, record)
+
     def get(self, migration_id: str) -> MigrationRecord | None:
+        if migration_id in self._unwritten:
+            return self._unwritten[migration_id]
         row = self._db.execute("SELECT * FROM migrations WHERE id=?", (migration_id,)).fetchone()
         return None if row is None else _from_row(row)
 
@@ -371,16 +607,17 @@ class Store:
         row = self._db.execute(
             "SELECT * FROM migrations WHERE idempotency_key=?", (key,)
         ).fetchone()
-        return None if row is None else _from_row(row)
+        return None if row is None else self._latest(_from_row(row))
 
     def list(self, state: State | None = None) -> list[MigrationRecord]:
-        if state is None:
+        if state is None or self._unwritten:
             rows = self._db.execute("SELECT * FROM migrations ORDER BY created_at, id")
         else:
             rows = self._db.execute(
                 "SELECT * FROM migrations WHERE state=? ORDER BY created_at, id", (state.value,)
             )
-        return [_from_row(row) for row in rows.fetchall()]
+        records = [self._latest(_from_row(row)) for row in rows.fetchall()]
+        return [r for r in records if state is None or r.state is state]
 
     def unreadable(self) -> builtins.list[CorruptRecord]:
         """Every migration row that cannot be decoded, each with its id and why."""
@@ -393,6 +630,8 @@ class Store:
         return problems
 
     def unfinished(self) -> builtins.list[MigrationRecord]:
+        if self._unwritten:
+            return [r for r in self.list() if not r.state.finished]
         finished = tuple(s.value for s in State if s.finished)
         rows = self._db.execute(
             "SELECT * FROM migrations WHERE state NOT IN (?, ?, ?) ORDER BY created_at, id",
@@ -404,10 +643,11 @@ class Store:
         return next((r for r in self.unfinished() if r.instance == instance), None)
 
     def events(self, migration_id: str) -> builtins.list[Event]:
+        """The migration's events, with those not written yet after the written ones."""
         rows = self._db.execute(
             "SELECT * FROM events WHERE migration_id=? ORDER BY seq", (migration_id,)
         ).fetchall()
-        return [
+        events = [
             Event(
                 seq=row["seq"],
                 migration_id=row["migration_id"],
@@ -420,6 +660,16 @@ class Store:
             )
             for row in rows
         ]
+        seq = events[-1].seq if events else 0
+        for write in self._pending:
+            if write.migration_id != migration_id or write.event is None:
+                continue
+            at, kind, reason, action, state, data = write.event
+            seq += 1  # provisional: the real one is given when it is written
+            events.append(
+                Event(seq, migration_id, at, kind, reason, action, state, dict(data or {}))
+            )
+        return events
 
 
 def _to_row(record: MigrationRecord) -> dict[str, Any]:

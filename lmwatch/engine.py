@@ -31,6 +31,7 @@ from lmwatch.metrics import Metrics
 from lmwatch.model import (
     Action,
     Capabilities,
+    ChangeRate,
     Decision,
     JobResult,
     Method,
@@ -100,7 +101,7 @@ class _Supervision:
     failures: int = 0
     progress_saved_at: float = 0.0
     cancelling: bool = False  # a cancel reached the hypervisor; wait for it to end
-    change_rate: float | None = None  # measured (or reused) before start
+    change_rate: ChangeRate | None = None  # measured (or reused) before start
     handed_over_at: float | None = None  # clock time the instance resumed on the destination
     paused_at: float | None = None  # clock time we paused it (None after a restart)
     # An operator's force-complete paused it: the pause is theirs, not held to the
@@ -177,7 +178,7 @@ class Engine:
         # Switchover costs measured on completed migrations, per (source, destination).
         self._switchovers: dict[tuple[str, str], deque[float]] = {}
         # Change rates measured before start, per instance: (clock time, bytes/s).
-        self._change_rates: dict[str, tuple[float, float]] = {}
+        self._change_rates: dict[str, tuple[float, ChangeRate]] = {}
         self._submit_lock = asyncio.Lock()
         self._store_task: asyncio.Task[None] | None = None
         self.metrics.watch_store(store)
@@ -578,7 +579,7 @@ class Engine:
                 supervision.profile,
                 info,
                 capabilities,
-                change_rate,
+                None if change_rate is None else change_rate.bytes_per_second,
                 capabilities.bandwidth,
                 self.settings.policy,
                 switchover=self.switchover(record.source, record.destination),
@@ -594,7 +595,7 @@ class Engine:
                 blackout_budget=plan.blackout_budget,
                 deadline_at=deadline,
                 started_at=started_at,
-                data={"change_rate": change_rate},
+                data={"change_rate": None if change_rate is None else change_rate.bytes_per_second},
             )
             await self.driver.start(record.id, request, plan)
         except (DriverError, Refused) as error:
@@ -611,7 +612,7 @@ class Engine:
 
     async def _change_rate_for_start(
         self, supervision: _Supervision, capabilities: Capabilities
-    ) -> float | None:
+    ) -> ChangeRate | None:
         """The change rate before start: reused when recent, measured otherwise.
 
         It sets the first slow-down level, tells a saturated first pass from a steady
@@ -655,7 +656,7 @@ class Engine:
         kept = self._switchovers.setdefault(key, deque(maxlen=self.settings.switchover_memory))
         kept.append(measured)
 
-    async def _measure_change_rate(self, supervision: _Supervision) -> float | None:
+    async def _measure_change_rate(self, supervision: _Supervision) -> ChangeRate | None:
         """The guest's change rate before start; a failed measurement is not fatal."""
         record = supervision.record
         try:
@@ -817,6 +818,7 @@ class Engine:
     def _context(self, supervision: _Supervision) -> MigrationContext:
         record = supervision.record
         plan = _plan_from(record)
+        measured = supervision.change_rate
         return MigrationContext(
             started_at=record.started_at or record.created_at,
             memory_bytes=record.memory_bytes,
@@ -828,7 +830,8 @@ class Engine:
             accept_pause=supervision.pause_by_operator,
             handed_over=record.handed_over,
             switchover=self.switchover(record.source, record.destination),
-            change_rate_before_start=supervision.change_rate,
+            change_rate_before_start=None if measured is None else measured.bytes_per_second,
+            change_rate_window=None if measured is None else measured.window,
         )
 
     async def _apply(self, supervision: _Supervision, decision: Decision, *, origin: str) -> None:

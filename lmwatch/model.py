@@ -94,6 +94,17 @@ class InstanceInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ChangeRate:
+    """A change-rate measurement before start: distinct bytes the guest dirtied in
+    `window` seconds, over `window`. A guest that rewrites a small working set
+    saturates it, so the figure depends on the window; the policy reads it as one
+    point of the same curve as the passes' remainders."""
+
+    bytes_per_second: float
+    window: float  # seconds the measurement covered
+
+
+@dataclass(frozen=True, slots=True)
 class Capabilities:
     """What the hypervisor on a source/destination pair can do."""
 
@@ -177,6 +188,7 @@ class MigrationContext:
     # resume), as learned for this host pair; budgets leave room for it.
     switchover: float = 0.05
     change_rate_before_start: float | None = None  # bytes/s, measured before start
+    change_rate_window: float | None = None  # seconds that measurement covered, when known
 
 
 @dataclass(frozen=True, slots=True)

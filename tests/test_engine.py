@@ -13,7 +13,7 @@ from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.errors import Conflict, Invalid
 from lmwatch.metrics import Metrics
-from lmwatch.model import Method, MigrationRequest, Phase, State
+from lmwatch.model import ChangeRate, Method, MigrationRequest, Phase, State
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import Store, StoreError
 
@@ -590,7 +590,7 @@ async def test_change_rate_measured_once_and_reused_when_recent(
     measured: list[str] = []
     original = rig.driver.measure_change_rate
 
-    async def counting(instance: str, host: str) -> float | None:
+    async def counting(instance: str, host: str) -> ChangeRate | None:
         measured.append(instance)
         return await original(instance, host)
 
@@ -678,7 +678,7 @@ async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(
 ) -> None:
     from lmwatch.drivers.base import DriverError
 
-    async def broken(instance: str, host: str) -> float | None:
+    async def broken(instance: str, host: str) -> ChangeRate | None:
         raise DriverError("measurement timed out")
 
     monkeypatch.setattr(rig.driver, "measure_change_rate", broken)

@@ -43,7 +43,7 @@ from lmwatch.drivers.libvirt_mapping import (
     parse_labels,
     stats_to_sample,
 )
-from lmwatch.model import MIB, MigrationRequest, Phase, StartPlan
+from lmwatch.model import MIB, ChangeRate, MigrationRequest, Phase, StartPlan
 
 sys.path.insert(0, str(Path(__file__).parent))
 import itertools
@@ -758,7 +758,7 @@ async def test_measure_change_rate(
     dom = cloud.hosts["a"].domains["vm1"]
     dom.dirty_readings = [10.0, 30.0]
     rate = await run(clock, driver.measure_change_rate("vm1", "a"))
-    assert rate == 20.0 * MIB
+    assert rate == ChangeRate(20.0 * MIB, 1.0)  # each reading covers one second
     assert [c for c in dom.calls if c[0] == "startDirtyRateCalc"] == [("startDirtyRateCalc", 1)] * 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -246,6 +247,25 @@ def test_fit_of_one_pair_is_the_hopeful_straight_line_unless_measured_faster() -
     assert measured is not None
     assert measured.rate == pytest.approx(300 * MIB)
     assert measured.working_set == pytest.approx(1024 * MIB, rel=0.01)
+
+
+@pytest.mark.parametrize("window", [0.5, 1.0, 2.0])  # longer windows saturate: W only
+def test_one_pair_and_a_saturated_measurement_fix_rate_and_working_set(window: float) -> None:
+    """A random writer at 1.5GiB/s over 480MiB: the measurement before start saw
+    f(window)/window (half the write rate or less) and the first pass left
+    about W. Read as the write rate, the measurement predicts convergence that never
+    comes; as a point of f it gives the writer back."""
+    rate, working_set = 1536 * MIB, 480 * MIB
+    (pair,) = _random_passes(rate, working_set, 1)
+    measured = working_set * -math.expm1(-rate * window / working_set) / window
+    assert measured < 0.6 * rate
+    model = fit_model([pair], 3072 * MIB, measured_rate=measured, measured_window=window)
+    assert model is not None
+    assert model.working_set == pytest.approx(working_set, rel=0.05)
+    assert model.rate == pytest.approx(rate, rel=0.25)
+    assert model.dirtied(0.5) == pytest.approx(
+        working_set * -math.expm1(-rate * 0.5 / working_set), rel=0.05
+    )
 
 
 def test_fit_explains_passes_that_all_left_the_working_set() -> None:

@@ -152,9 +152,14 @@ async def test_capabilities_and_arming(driver: SimDriver) -> None:
 async def test_measure_change_rate(driver: SimDriver) -> None:
     # distinct bytes dirtied in the 10 s window: writing 2 GiB/s over a 1 GiB working
     # set dirties all of it, no more (a sequential writer), so 1 GiB / 10 s
-    assert await driver.measure_change_rate("busy", "host-a") == pytest.approx(GIB / 10)
+    busy = await driver.measure_change_rate("busy", "host-a")
+    assert busy is not None and busy.window == 10
+    assert busy.bytes_per_second == pytest.approx(GIB / 10)
     # a burst of 110 MiB/s for 2 s in every 20 s, 10 MiB/s otherwise: mean 20 MiB/s
-    assert await driver.measure_change_rate("bursty", "host-b") == pytest.approx(20 * MIB)
+    # over one whole period
+    bursty = await driver.measure_change_rate("bursty", "host-b")
+    assert bursty is not None and bursty.window == 20
+    assert bursty.bytes_per_second == pytest.approx(20 * MIB)
     with pytest.raises(NotOnSource):
         await driver.measure_change_rate("busy", "host-b")
 

@@ -474,8 +474,10 @@ instances:
     driver = SimDriver(inventory, VirtualClock())
     random_rate = await driver.measure_change_rate("r", "a")
     sequential_rate = await driver.measure_change_rate("s", "a")
-    assert random_rate == pytest.approx(saturating(400 * MIB, 10.0, GIB) / 10.0)
-    assert sequential_rate == pytest.approx(GIB / 10.0)
+    assert random_rate is not None and sequential_rate is not None
+    assert random_rate.window == sequential_rate.window == 10.0
+    assert random_rate.bytes_per_second == pytest.approx(saturating(400 * MIB, 10.0, GIB) / 10.0)
+    assert sequential_rate.bytes_per_second == pytest.approx(GIB / 10.0)
 
 
 # --------------------------------------------------------------- properties

@@ -27,6 +27,7 @@ class Setting:
     change_rate: float | None  # bytes/s measured before start (as the driver would), or None
     profile: Profile  # the availability profile the run is judged against
     switchover: float  # seconds of switchover cost learned so far for this host pair
+    change_rate_window: float | None = None  # seconds the change-rate measurement covered
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,7 @@ class LmwatchController:
             deadline_at=policies.deadline_at(s.profile, s.memory, 0.0),
             switchover=s.switchover,
             change_rate_before_start=measured,
+            change_rate_window=s.change_rate_window,
         )
         return plan
 

@@ -81,6 +81,7 @@ def setting_for(workload: Workload, profile: Profile, switchover: float | None =
         memory=workload.memory,
         bandwidth=workload.bandwidth,
         change_rate=measured,
+        change_rate_window=MEASURE_SECONDS,
         profile=profile,
         switchover=workload.switchover if switchover is None else switchover,
     )

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 from lmwatch.errors import ProblemError
 from lmwatch.model import (
     Capabilities,
+    ChangeRate,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -95,8 +96,8 @@ class Driver(Protocol):
 
     async def capabilities(self, source: str, destination: str) -> Capabilities: ...
 
-    async def measure_change_rate(self, instance: str, host: str) -> float | None:
-        """Bytes/s the guest rewrites, measured before start; None when unsupported."""
+    async def measure_change_rate(self, instance: str, host: str) -> ChangeRate | None:
+        """What the guest rewrites, measured before start; None when unsupported."""
         ...
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:

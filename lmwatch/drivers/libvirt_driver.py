@@ -70,6 +70,7 @@ from lmwatch.logs import get_logger
 from lmwatch.model import (
     MIB,
     Capabilities,
+    ChangeRate,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -469,8 +470,9 @@ class LibvirtDriver:
         self._caps[key] = caps
         return caps
 
-    async def measure_change_rate(self, instance: str, host: str) -> float | None:
-        """Mean of a few short page-sampling readings, bytes/s; None when unsupported."""
+    async def measure_change_rate(self, instance: str, host: str) -> ChangeRate | None:
+        """Mean of a few short page-sampling readings (each over `period` seconds);
+        None when unsupported."""
         lv = self._lv
         unsupported = {
             getattr(lv, name)
@@ -494,7 +496,7 @@ class LibvirtDriver:
             if error.code in unsupported:
                 return None
             raise
-        return sum(readings) / len(readings) * MIB
+        return ChangeRate(sum(readings) / len(readings) * MIB, float(self._period))
 
     async def _one_change_rate(self, instance: str, host: str) -> float | None:
         lv = self._lv

@@ -31,6 +31,7 @@ from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
 from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
 from lmwatch.model import (
     Capabilities,
+    ChangeRate,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -336,7 +337,7 @@ class SimDriver:
             bandwidth=self.inventory.bandwidth(source, destination),
         )
 
-    async def measure_change_rate(self, instance: str, host: str) -> float | None:
+    async def measure_change_rate(self, instance: str, host: str) -> ChangeRate | None:
         """What a measurement of some seconds before start sees: distinct bytes dirtied
         in the window over its length (a random writer saturates)."""
         self._sync()
@@ -350,9 +351,10 @@ class SimDriver:
             raise DriverError(f"cannot measure {found.name!r} while it migrates")
         pattern = found.change_rate
         window = pattern.period if isinstance(pattern, BurstyRate) else _MEASURE_WINDOW
-        return measured_change_rate(
+        rate = measured_change_rate(
             pattern, found.working_set, Writer(found.writer), window, start=0.0
         )
+        return ChangeRate(rate, window)
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
         self._sync()

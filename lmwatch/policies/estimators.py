@@ -385,12 +385,16 @@ def fit_model(
     pairs: Sequence[tuple[float, float, float]],
     memory: float,
     measured_rate: float | None = None,
+    measured_window: float | None = None,
 ) -> DirtyModel | None:
     """The dirtying model that best explains the pairs (least squares in log space).
 
-    One pair fixes one point of `f`: a change rate measured before the start (over a
-    short window it is close to the write rate) then tells how saturated it is;
-    without it the straight line through the point is taken, the most hopeful
+    One pair fixes one point of `f`. A change rate measured before the start is
+    another: the hypervisor counts the distinct bytes dirtied in its window, so it is
+    `f(window) / window`, saturated like any pass; with its window known the two
+    points fix both the rate and the working set. Without the window, the
+    measurement is taken as the write rate when it exceeds the straight line through
+    the pair; without a measurement the straight line is taken, the most hopeful
     reading, which the next pair corrects.
     """
     points = [(t * (1 - slow), r) for t, slow, r in pairs if t > 0 and r > 0 and slow < 1]
@@ -399,7 +403,12 @@ def fit_model(
     if not points:  # passes left nothing behind: the guest does not write
         return DirtyModel(rate=0.0, working_set=max(memory, 1.0))
     cap = max(memory, max(r for _, r in points) * 1.0001)
-    if len(points) == 1:
+    if len(points) == 1 and measured_rate and measured_window:
+        # The measurement is one more point of the same curve: distinct bytes dirtied
+        # in its window. With the pass it fixes both the rate and the working set.
+        points.append((measured_window, measured_rate * measured_window))
+        cap = max(cap, points[-1][1] * 1.0001)
+    elif len(points) == 1:
         t, r = points[0]
         linear = r / t
         if measured_rate is not None and measured_rate > linear * 1.2:
@@ -477,7 +486,7 @@ def analyse(
     records = observe_passes(history, ctx, rate)
     pairs = _pairs(records, history)
     recent = pairs[-settings.fit_pairs :]
-    model = fit_model(recent, memory, ctx.change_rate_before_start)
+    model = fit_model(recent, memory, ctx.change_rate_before_start, ctx.change_rate_window)
     overheads = [
         max(0.0, d - a.size / rate)
         for a in records

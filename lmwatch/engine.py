@@ -954,8 +954,8 @@ class Engine:
         )
         if result.note:
             self._event(supervision, "note", result.note)
+        self._check_profile(supervision, result, total, completed=state is State.COMPLETED)
         if state is State.COMPLETED:
-            self._check_profile(supervision, result, total)
             self._learn_switchover(supervision.record)
         self.metrics.finished.labels(state.value, method.value).inc()
         self.metrics.duration.labels(method.value).observe(total)
@@ -970,21 +970,28 @@ class Engine:
             blackout=result.blackout_seconds,
         )
 
-    def _check_profile(self, supervision: _Supervision, result: JobResult, total: float) -> None:
-        """Record every way the completed migration exceeded its profile."""
+    def _check_profile(
+        self, supervision: _Supervision, result: JobResult, total: float, *, completed: bool
+    ) -> None:
+        """Record every way the ended migration exceeded its profile (a pause or a
+        handover counts even when it then failed or was cancelled)."""
         record = supervision.record
         profile = supervision.profile
         degraded = None
         if supervision.handed_over_at is not None and record.finished_at is not None:
             degraded = max(0.0, record.finished_at - supervision.handed_over_at)
+        stopped = result.blackout_seconds
+        if stopped is None and supervision.paused_at is not None and record.finished_at:
+            stopped = max(0.0, record.finished_at - supervision.paused_at)  # until it resumed
         finish = policies.Finish(
-            blackout=result.blackout_seconds,
+            blackout=stopped,
             paused=result.paused or record.paused,
             handed_over=result.handed_over or record.handed_over,
             degraded=degraded,
             slowdown=result.slowdown,
             total=total,
             deadline=profile.deadline_seconds(record.memory_bytes),
+            completed=completed,
         )
         for violation in policies.violations(profile, finish):
             self.metrics.violations.labels(profile.name, violation.kind).inc()

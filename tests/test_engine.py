@@ -362,6 +362,27 @@ async def test_an_accepted_pause_stays_the_operators_after_a_restart(tmp_path: P
     await rig.engine.stop()
 
 
+async def test_a_pause_is_a_violation_even_when_the_migration_then_fails(rig: Rig) -> None:
+    """The operator forced a pause the profile does not allow; the link then broke and
+    the migration failed 30s later. The instance was stopped all that time: the
+    timeline and the metric say the profile was exceeded, as on a completion."""
+    mid = await rig.migrate("busy-plain")
+    await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    await rig.clock.advance(3.0)
+    await rig.engine.force_complete(mid, accept_pause=True)
+    rig.driver.inject_fault("link_break", between=("a", "b"))
+    await rig.finish(mid)
+    assert rig.engine.get(mid).state is State.FAILED
+    violations = [e for e in rig.store.events(mid) if e.kind == "violation"]
+    assert [v.reason for v in violations] == [
+        "profile 'strict' exceeded: paused though not allowed"
+    ]
+    sample = rig.engine.metrics.registry.get_sample_value(
+        "lmwatch_profile_violations_total", {"profile": "strict", "kind": "pause"}
+    )
+    assert sample == 1
+
+
 async def test_profile_edit_mid_migration_is_applied_or_explained(rig: Rig) -> None:
     mid = await rig.migrate("busy-plain")
     await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)

@@ -40,9 +40,10 @@ from typing import Any
 
 from lmwatch.bench.controller import Cancel, Handover, Pause
 from lmwatch.bench.corpus import Workload
-from lmwatch.bench.judge import TOLERANCE, judge
+from lmwatch.bench.judge import judge
 from lmwatch.bench.runner import Run, Simulation, default_limit
 from lmwatch.model import Phase, StartPlan
+from lmwatch.policies.violations import TOLERANCE
 from lmwatch.profiles.schema import Profile
 
 BOUND = "hindsight bound"

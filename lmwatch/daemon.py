@@ -19,6 +19,7 @@ import pkgutil
 import secrets
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import sys
@@ -369,7 +370,17 @@ def _make_driver(settings: Settings, clock: Clock) -> Driver:
         )
     except InventoryError as error:
         raise StartupError(f"invalid inventory: {error}") from None
-    return SimDriver(inventory, clock)
+    if str(settings.store_path) == ":memory:":
+        return SimDriver(inventory, clock)
+    # The simulated hosts keep their instances and jobs across restarts, as real
+    # hosts do: the world is kept in the store file beside the migrations.
+    from lmwatch.drivers.sim_world import SqliteWorld
+
+    try:
+        world = SqliteWorld(str(settings.store_path))
+    except sqlite3.Error as error:
+        raise StartupError(f"cannot keep the simulated world in the store: {error}") from None
+    return SimDriver(inventory, clock, world=world)
 
 
 def _open_profiles(settings: Settings, clock: Clock) -> ProfileRegistry:

@@ -537,3 +537,81 @@ def test_a_corrupt_store_row_is_a_clear_startup_error(tmp_path: Path) -> None:
     assert "refuses to start" in done.stderr
     assert f"sqlite3 {store_path} \"SELECT * FROM migrations WHERE id='m-1'\"" in done.stderr
     assert "listening" not in done.stderr
+
+
+MOVING_INVENTORY = """
+hosts:
+  - {name: a, memory: 256GiB}
+  - {name: b, memory: 256GiB}
+links:
+  - {between: [a, b], bandwidth: 10Gbit/s}
+default_bandwidth: 10Gbit/s
+instances:
+  - {name: small, host: a, memory: 1GiB, working_set: 16MiB, change_rate: 1MiB/s}
+  - {name: big-1, host: a, memory: 8GiB, working_set: 16MiB, change_rate: 1MiB/s}
+  - {name: big-2, host: a, memory: 8GiB, working_set: 16MiB, change_rate: 1MiB/s}
+  - {name: big-3, host: a, memory: 8GiB, working_set: 16MiB, change_rate: 1MiB/s}
+"""
+
+
+def test_the_simulated_world_survives_a_sigkill_of_the_daemon(tmp_path: Path) -> None:
+    """The embedded default keeps its world in the store, as real hosts keep theirs:
+    after SIGKILL mid-migration a restarted daemon re-attaches to the running jobs and
+    they complete (before, they failed as "no longer known to the hypervisor"), and an
+    instance that had moved is still where it moved to."""
+    import re
+
+    store = tmp_path / "lmwatch.db"
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(MOVING_INVENTORY)
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(SMALL_PROFILES)
+    options = ["--store", str(store), "--profiles", str(profiles), "--inventory", str(inventory)]
+
+    def serve(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+        with log.open("w") as output:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "lmwatch.cli", "serve", "--port", "0", *options],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        listening = _wait_for(
+            "the daemon to listen",
+            lambda: re.search(r"listening addresses=([\d.]+):(\d+)", log.read_text()),
+        )
+        return daemon, f"http://{listening.group(1)}:{listening.group(2)}"
+
+    first, base = serve(tmp_path / "first.log")
+    try:
+        token = (tmp_path / "lmwatch.token").read_text().strip()
+
+        def submit(instance: str, source: str, destination: str) -> str:
+            body = {"instance": instance, "source": source, "destination": destination}
+            return str(_http("POST", f"{base}/v1/migrations", token, body)["id"])
+
+        def state(migration_id: str) -> str:
+            return str(_http("GET", f"{base}/v1/migrations/{migration_id}")["state"])
+
+        moved = submit("small", "a", "b")
+        _wait_for("the small instance to move", lambda: state(moved) == "completed")
+        running = [submit(name, "a", "b") for name in ("big-1", "big-2", "big-3")]
+        _wait_for("a migration to copy", lambda: "copying" in [state(m) for m in running])
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+
+    second, base = serve(tmp_path / "second.log")
+    try:
+        _wait_for(
+            "every migration to end",
+            lambda: all(state(m) in ("completed", "failed", "cancelled") for m in running),
+            timeout=120,
+        )
+        outcomes = {m: _http("GET", f"{base}/v1/migrations/{m}")["outcome"] for m in running}
+        assert {m: state(m) for m in running} == dict.fromkeys(running, "completed"), outcomes
+        # The instance that moved before the kill is on b: moving it back is accepted.
+        back = submit("small", "b", "a")
+        _wait_for("the small instance to move back", lambda: state(back) == "completed")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)

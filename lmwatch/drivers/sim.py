@@ -10,7 +10,8 @@ inventory is only the starting point.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import pickle
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from lmwatch.drivers.base import (
     UnknownInstance,
 )
 from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
+from lmwatch.drivers.sim_world import SavedWorld, WorldKeeper
 from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
 from lmwatch.model import (
     Capabilities,
@@ -50,6 +52,8 @@ FAULTS = (
 )
 _MEASURE_WINDOW = 10.0  # seconds a change-rate measurement before start covers
 _WAKE_MARGIN = 1e-3  # seconds past an expected event, so that it has happened
+_WORLD_VERSION = 1  # of what `_save` writes; another version is not read back
+_KEEP_ENDED = 24 * 3600.0  # seconds an ended job stays kept (a restart may ask its result)
 
 
 @dataclass(slots=True)
@@ -61,6 +65,7 @@ class _Job:
     destination: str
     model: Migration
     settled: bool = False
+    ended_at: float | None = None  # clock time it was seen ended
 
 
 @dataclass(slots=True)
@@ -83,6 +88,8 @@ class SimDriver:
         *,
         step: float = 0.1,
         tuning: Tuning | None = None,
+        world: WorldKeeper | None = None,
+        save_every: float = 5.0,
     ) -> None:
         self.inventory = inventory
         self.clock = clock
@@ -93,6 +100,13 @@ class SimDriver:
         self._free: dict[str, int] = {h.name: h.memory for h in inventory.hosts}
         self._faults = _Faults()
         self._last = clock.now()
+        self._world = world
+        self._save_every = save_every
+        self._saved_at = self._last
+        if world is not None:
+            saved = world.load()
+            if saved is not None:
+                self._restore(saved)
 
     # ------------------------------------------------------------ the model
 
@@ -124,12 +138,17 @@ class SimDriver:
             self._settle()
         self._last = max(self._last, now)
         self._settle()
+        if self._world is not None and self._last - self._saved_at >= self._save_every:
+            self._save()
 
     def _settle(self) -> None:
+        ended: list[str] = []
         for job in self._jobs.values():
             if job.settled or not job.model.phase.finished:
                 continue
             job.settled = True
+            job.ended_at = self._last
+            ended.append(job.migration_id)
             side = job.model.running_on
             if side is Side.DESTINATION:
                 self._where[job.instance.name] = job.destination
@@ -137,6 +156,8 @@ class SimDriver:
                 self._free[job.source] += job.instance.memory
             elif side is Side.NOWHERE:
                 self._where[job.instance.name] = None
+        if ended:
+            self._save(ended)  # where the instances run now, and each job's end
 
     def _reserved(self, host: str) -> int:
         return sum(
@@ -266,6 +287,7 @@ class SimDriver:
         else:
             raise ValueError(f"unknown fault {kind!r} (known: {', '.join(FAULTS)})")
         self._sync()
+        self._save()
 
     def clear_faults(self) -> None:
         """Heal every link, let every host answer and accept instances again."""
@@ -274,6 +296,7 @@ class SimDriver:
             a, b = sorted(pair)
             self.inject_fault("link_restore", between=(a, b))
         self._faults = _Faults()
+        self._save()
 
     # ------------------------------------------------------ Driver protocol
 
@@ -393,6 +416,7 @@ class SimDriver:
         self._jobs[migration_id] = _Job(
             migration_id, request, instance, request.source, request.destination, model
         )
+        self._save([migration_id])  # before the start is acknowledged
 
     async def sample(self, migration_id: str) -> Sample:
         job = self._job(migration_id)
@@ -411,23 +435,28 @@ class SimDriver:
 
     async def set_blackout_budget(self, migration_id: str, seconds: float) -> None:
         self._job(migration_id).model.set_budget(seconds)
+        self._save([migration_id])
 
     async def set_bandwidth(self, migration_id: str, bytes_per_second: float | None) -> None:
         self._job(migration_id).model.set_cap(bytes_per_second)
+        self._save([migration_id])
 
     async def pause(self, migration_id: str) -> None:
         self._job(migration_id).model.pause()
         self._settle()
+        self._save([migration_id])
 
     async def handover(self, migration_id: str) -> None:
         self._job(migration_id).model.handover()
         self._settle()
+        self._save([migration_id])
 
     async def cancel(self, migration_id: str) -> None:
         job = self._job(migration_id)
         if job.model.phase is Phase.HANDOVER or job.model.handed_over:
             raise ActionRefused("cannot cancel once handed over")
         job.model.cancel()
+        self._save([migration_id])
 
     async def reattach(
         self, migration_id: str, request: MigrationRequest, plan: StartPlan
@@ -461,4 +490,64 @@ class SimDriver:
         await self.clock.sleep(max(0.0, delay))
 
     async def close(self) -> None:
-        return None
+        if self._world is not None:
+            self._sync()
+            self._save()
+            self._world.close()
+
+    # ------------------------------------------------------------ durability
+
+    def _save(self, migration_ids: Iterable[str] | None = None) -> None:
+        """Keep the world and these jobs (None: every job not yet ended); ended jobs
+        are kept a day for a restarted daemon to read their results."""
+        if self._world is None:
+            return
+        if migration_ids is None:
+            ids = [j.migration_id for j in self._jobs.values() if not j.settled]
+            self._saved_at = self._last
+        else:
+            ids = list(migration_ids)
+        old = [
+            j.migration_id
+            for j in self._jobs.values()
+            if j.ended_at is not None and self._last - j.ended_at > _KEEP_ENDED
+        ]
+        for job_id in old:
+            del self._jobs[job_id]
+        state = pickle.dumps(
+            {
+                "version": _WORLD_VERSION,
+                "where": self._where,
+                "free": self._free,
+                "faults": self._faults,
+            }
+        )
+        jobs = {job_id: pickle.dumps(self._jobs[job_id]) for job_id in ids if job_id in self._jobs}
+        self._world.save(state, self._last, jobs, drop=old)
+
+    def _restore(self, saved: SavedWorld) -> None:
+        """Take back the kept world. Jobs kept at different times are first brought to
+        the latest of them each on its own (link shares are not replayed for those few
+        seconds); the first call then advances everything to now, so jobs went on
+        while no daemon watched, as on real hosts. Instances and hosts no longer in
+        the inventory are dropped; new ones start where the inventory puts them."""
+        state = pickle.loads(saved.state)
+        if not isinstance(state, dict) or state.get("version") != _WORLD_VERSION:
+            return
+        for name, host in state["where"].items():
+            if name in self._where and (host is None or host in self._free):
+                self._where[name] = host
+        for host, free in state["free"].items():
+            if host in self._free:
+                self._free[host] = free
+        self._faults = state["faults"]
+        latest = max([saved.at, *(at for _, at in saved.jobs.values())])
+        for job_id, (blob, at) in saved.jobs.items():
+            job = pickle.loads(blob)
+            if not isinstance(job, _Job):
+                continue
+            if not job.model.phase.finished and latest > at:
+                job.model.advance(latest - at)
+            self._jobs[job_id] = job
+        self._last = self._saved_at = latest
+        self._settle()

@@ -1,0 +1,124 @@
+"""The simulated world kept on disk, so that a restarted daemon finds it as it left it.
+
+Real hosts do not forget their instances or their running migrations when the
+daemon restarts; the simulator must not either. `SqliteWorld` keeps the simulator's
+state in two tables of the daemon's store file (its own connection; the store's
+tables are untouched):
+
+- `sim_world`: one row, where each instance runs, what each host has free, the
+  injected faults, and the clock time the model had reached;
+- `sim_jobs`: one row per migration job (its model and request), with the clock
+  time its state is for.
+
+A job is written when something changes it (started, an action, its end) and every
+job at once every few seconds, so what a restart replays is short. The rows are
+pickles: the file is the daemon's own state (the same file tells it which
+migrations to act on), written and read only by this code.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from lmwatch.logs import get_logger
+
+log = get_logger("lmwatch.drivers.sim")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sim_world (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL NOT NULL,
+    state BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sim_jobs (
+    id TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    state BLOB NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedWorld:
+    """What was kept: the world's state at `at`, and each job's state at its own time."""
+
+    state: bytes
+    at: float
+    jobs: Mapping[str, tuple[bytes, float]]
+
+
+class WorldKeeper(Protocol):
+    def load(self) -> SavedWorld | None: ...
+
+    def save(
+        self,
+        state: bytes,
+        at: float,
+        jobs: Mapping[str, bytes],
+        *,
+        drop: Iterable[str] = (),
+    ) -> None:
+        """Write the world and these jobs (all at `at`) in one transaction; forget `drop`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteWorld:
+    """`WorldKeeper` in an SQLite file (the daemon's store file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def load(self) -> SavedWorld | None:
+        row = self._db.execute("SELECT at, state FROM sim_world WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        jobs = {
+            job_id: (bytes(state), float(at))
+            for job_id, at, state in self._db.execute("SELECT id, at, state FROM sim_jobs")
+        }
+        return SavedWorld(state=bytes(row[1]), at=float(row[0]), jobs=jobs)
+
+    def save(
+        self,
+        state: bytes,
+        at: float,
+        jobs: Mapping[str, bytes],
+        *,
+        drop: Iterable[str] = (),
+    ) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO sim_world(id, at, state) VALUES (1, ?, ?)",
+                    (at, state),
+                )
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO sim_jobs(id, at, state) VALUES (?, ?, ?)",
+                    [(job_id, at, blob) for job_id, blob in jobs.items()],
+                )
+                self._db.executemany(
+                    "DELETE FROM sim_jobs WHERE id = ?", [(job_id,) for job_id in drop]
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as error:
+            # The simulator goes on; a restart may then find an older world (as a
+            # real host would not). Said loudly, once per failure.
+            log.error("sim-world-not-saved", path=self.path, jobs=len(jobs), error=str(error))
+
+    def close(self) -> None:
+        self._db.close()

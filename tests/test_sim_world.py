@@ -1,0 +1,129 @@
+"""The simulator's world kept in the store file: what a restarted daemon finds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmwatch.clock import VirtualClock
+from lmwatch.drivers.base import DriverError
+from lmwatch.drivers.inventory import load_inventory_text
+from lmwatch.drivers.sim import SimDriver
+from lmwatch.drivers.sim_world import SqliteWorld
+from lmwatch.model import GIB, MigrationRequest, Phase, StartPlan
+
+INVENTORY_TEXT = """
+hosts:
+  - {name: a, memory: 64GiB}
+  - {name: b, memory: 64GiB}
+links:
+  - {between: [a, b], bandwidth: 1GiB/s}
+default_bandwidth: 1GiB/s
+instances:
+  - {name: small, host: a, memory: 1GiB, working_set: 16MiB, change_rate: 1MiB/s}
+  - {name: big, host: a, memory: 16GiB, working_set: 16MiB, change_rate: 1MiB/s}
+"""
+INVENTORY = load_inventory_text(INVENTORY_TEXT)
+PLAIN = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+
+
+def request(instance: str, source: str = "a", destination: str = "b") -> MigrationRequest:
+    return MigrationRequest(instance=instance, source=source, destination=destination)
+
+
+def driver_on(path: Path, clock: VirtualClock, inventory_text: str = INVENTORY_TEXT) -> SimDriver:
+    """A driver as a (re)started daemon builds it: the inventory, and the kept world."""
+    return SimDriver(load_inventory_text(inventory_text), clock, world=SqliteWorld(str(path)))
+
+
+async def test_a_running_job_goes_on_while_no_daemon_watches(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    first = driver_on(tmp_path / "store.db", clock)
+    await first.start("m", request("big"), PLAIN)
+    await clock.advance(3.0)
+    before = await first.sample("m")
+    # The daemon dies (nothing closed); 5 s pass before the next one starts.
+    await clock.advance(5.0)
+    second = driver_on(tmp_path / "store.db", clock)
+    after = await second.sample("m")
+    assert after.phase is Phase.COPYING
+    moved = after.memory_transferred - before.memory_transferred
+    assert moved == pytest.approx(5 * GIB, rel=0.02)  # 1 GiB/s for the 5 s unwatched
+    await clock.advance(20.0)
+    assert (await second.result("m")).phase is Phase.COMPLETED
+    assert second.where("big") == "b"
+
+
+async def test_a_moved_instance_stays_moved_and_an_ended_job_keeps_its_result(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock()
+    first = driver_on(tmp_path / "store.db", clock)
+    await first.start("m", request("small"), PLAIN)
+    await clock.advance(10.0)
+    assert first.where("small") == "b"
+    second = driver_on(tmp_path / "store.db", clock)
+    assert second.where("small") == "b"
+    assert second.free_memory("b") == first.free_memory("b")
+    assert (await second.result("m")).phase is Phase.COMPLETED
+    assert await second.reattach("m", request("small"), PLAIN) is not None
+
+
+async def test_without_a_kept_world_the_job_is_unknown(tmp_path: Path) -> None:
+    """What the daemon met before the world was kept (and still meets in memory)."""
+    clock = VirtualClock()
+    first = SimDriver(INVENTORY, clock)
+    await first.start("m", request("big"), PLAIN)
+    second = SimDriver(INVENTORY, clock)
+    result = await second.reattach("m", request("big"), PLAIN)
+    assert result is not None and result.phase is Phase.FAILED
+    assert result.error is not None and "no longer known" in result.error
+
+
+async def test_faults_and_actions_are_kept(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    first = driver_on(tmp_path / "store.db", clock)
+    await first.start("m", request("big"), PLAIN)
+    await clock.advance(2.0)
+    first.inject_fault("link_break", between=("a", "b"))
+    second = driver_on(tmp_path / "store.db", clock)
+    stalled = await second.sample("m")
+    await clock.advance(5.0)
+    assert (await second.sample("m")).memory_transferred == stalled.memory_transferred
+    with pytest.raises(DriverError, match="cannot reach"):
+        await second.start("other", request("small"), PLAIN)
+    await second.cancel("m")
+    third = driver_on(tmp_path / "store.db", clock)
+    await clock.advance(5.0)
+    assert (await third.result("m")).phase is Phase.CANCELLED
+    assert third.where("big") == "a"
+
+
+async def test_instances_gone_from_the_inventory_are_dropped_new_ones_placed(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock()
+    first = driver_on(tmp_path / "store.db", clock)
+    await first.start("m", request("small"), PLAIN)
+    await clock.advance(10.0)
+    edited = INVENTORY_TEXT.replace(
+        "  - {name: big, host: a, memory: 16GiB, working_set: 16MiB, change_rate: 1MiB/s}\n",
+        "  - {name: fresh, host: b, memory: 2GiB, working_set: 16MiB, change_rate: 1MiB/s}\n",
+    )
+    second = driver_on(tmp_path / "store.db", clock, edited)
+    assert {i.name: i.host for i in second.instances()} == {"small": "b", "fresh": "b"}
+
+
+async def test_the_world_is_saved_periodically_not_only_on_actions(tmp_path: Path) -> None:
+    """A restart replays at most `save_every` seconds of a job on its own."""
+    clock = VirtualClock()
+    world = SqliteWorld(str(tmp_path / "store.db"))
+    first = SimDriver(INVENTORY, clock, world=world, save_every=2.0)
+    await first.start("m", request("big"), PLAIN)
+    saved_at = world.load()
+    assert saved_at is not None and saved_at.jobs["m"][1] == clock.now()
+    await clock.advance(3.0)
+    await first.sample("m")
+    later = world.load()
+    assert later is not None and later.jobs["m"][1] >= saved_at.jobs["m"][1] + 2.0

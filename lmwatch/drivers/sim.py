@@ -3,8 +3,10 @@
 The model is advanced lazily to `clock.now()` on every call, so the same driver
 runs in wall-clock time under the daemon and in virtual time in tests, with no
 background task. Jobs sharing a link (same source and destination) share its
-bandwidth. Instances move between hosts when their migrations complete; the
-inventory is only the starting point.
+bandwidth, and nothing else couples two jobs: so the jobs of one link are advanced
+together, and only the links a call concerns are advanced (a poll of one migration
+costs the jobs of its link, not every job). Instances move between hosts when their
+migrations complete; the inventory is only the starting point.
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ class _Job:
 
 
 @dataclass(slots=True)
+class _Link:
+    """The jobs of one (source, destination) pair: they share its bandwidth."""
+
+    key: tuple[str, str]
+    last: float  # clock time the jobs below were advanced to
+    jobs: list[_Job] = field(default_factory=list)  # not yet settled
+
+
+@dataclass(slots=True)
 class _Faults:
     broken: set[frozenset[str]] = field(default_factory=set)
     refusing: dict[str, str] = field(default_factory=dict)  # host -> "start" | "job"
@@ -91,41 +102,55 @@ class SimDriver:
         self._where: dict[str, str | None] = {i.name: i.host for i in inventory.instances}
         self._free: dict[str, int] = {h.name: h.memory for h in inventory.hosts}
         self._faults = _Faults()
-        self._last = clock.now()
+        self._links: dict[tuple[str, str], _Link] = {}
+        self._latest: dict[str, _Job] = {}  # instance name -> its latest job
 
     # ------------------------------------------------------------ the model
 
     def _sync(self) -> None:
         """Advance every running job to the clock's now."""
+        for link in list(self._links.values()):
+            self._sync_link(link)
+
+    def _sync_host(self, host: str) -> None:
+        """Advance the jobs leaving or reaching `host` (they change its free memory)."""
+        for key, link in list(self._links.items()):
+            if host in key:
+                self._sync_link(link)
+
+    def _sync_instance(self, instance: str) -> _Job | None:
+        """Advance the instance's latest job's link; that job, if any."""
+        job = self._latest.get(instance)
+        if job is not None:
+            self._sync_link(self._links[(job.source, job.destination)])
+        return job
+
+    def _sync_link(self, link: _Link) -> None:
+        """Advance the jobs of one link to the clock's now."""
         now = self.clock.now()
-        while self._last < now - 1e-12:
-            active = [j for j in self._jobs.values() if not j.model.phase.finished]
+        while link.last < now - 1e-12:
+            active = [j for j in link.jobs if not j.model.phase.finished]
             if not active:
                 break
-            users: dict[tuple[str, str], int] = {}
+            moving = sum(1 for job in active if job.model.moving)
+            bandwidth = self.inventory.bandwidth(*link.key)
             for job in active:
-                if job.model.moving:
-                    key = (job.source, job.destination)
-                    users[key] = users.get(key, 0) + 1
-            for job in active:
-                share = users.get((job.source, job.destination), 1)
-                link = self.inventory.bandwidth(job.source, job.destination)
-                job.model.set_link_bandwidth(link / max(1, share))
-            dt = now - self._last
-            if any(count > 1 for count in users.values()):
+                job.model.set_link_bandwidth(bandwidth / max(1, moving))
+            dt = now - link.last
+            if moving > 1:
                 # Shares change only when a job ends: advance to the next such moment.
                 upcoming = [e for j in active if (e := j.model.next_event_in()) is not None]
                 if upcoming:
                     dt = min(dt, max(min(upcoming) + 1e-6, 1e-3))
             for job in active:
                 job.model.advance(dt)
-            self._last += dt
-            self._settle()
-        self._last = max(self._last, now)
-        self._settle()
+            link.last += dt
+            self._settle(link)
+        link.last = max(link.last, now)
+        self._settle(link)
 
-    def _settle(self) -> None:
-        for job in self._jobs.values():
+    def _settle(self, link: _Link) -> None:
+        for job in link.jobs:
             if job.settled or not job.model.phase.finished:
                 continue
             job.settled = True
@@ -136,32 +161,32 @@ class SimDriver:
                 self._free[job.source] += job.instance.memory
             elif side is Side.NOWHERE:
                 self._where[job.instance.name] = None
+        link.jobs = [job for job in link.jobs if not job.settled]
 
     def _reserved(self, host: str) -> int:
         return sum(
             j.instance.memory
-            for j in self._jobs.values()
-            if j.destination == host and not j.model.phase.finished
+            for key, link in self._links.items()
+            if key[1] == host
+            for j in link.jobs
+            if not j.model.phase.finished
         )
 
     def _active_job_of(self, instance: str) -> _Job | None:
-        return next(
-            (
-                j
-                for j in self._jobs.values()
-                if j.instance.name == instance and not j.model.phase.finished
-            ),
-            None,
-        )
+        job = self._latest.get(instance)
+        return job if job is not None and not job.model.phase.finished else None
 
     def _host_up(self, host: str) -> bool:
         return self.clock.now() >= self._faults.gone_until.get(host, float("-inf"))
 
+    def _link_of(self, job: _Job) -> _Link:
+        return self._links[(job.source, job.destination)]
+
     def _job(self, migration_id: str) -> _Job:
-        self._sync()
         job = self._jobs.get(migration_id)
         if job is None:
             raise DriverError(f"no migration {migration_id!r} is known to the simulator")
+        self._sync_link(self._link_of(job))
         if not self._host_up(job.source):
             raise DriverError(f"{job.source} does not answer")
         return job
@@ -189,8 +214,8 @@ class SimDriver:
 
     def where(self, instance: str) -> str | None:
         """The host the instance runs on now; None when it was lost."""
-        self._sync()
         found = self._instance(instance)
+        self._sync_instance(found.name)
         job = self._active_job_of(found.name)
         if job is not None and job.model.running_on is Side.DESTINATION:
             return job.destination
@@ -208,8 +233,8 @@ class SimDriver:
 
     def free_memory(self, host: str) -> int:
         """Memory the host has left for incoming instances (not counting reservations)."""
-        self._sync()
         self._known_host(host)
+        self._sync_host(host)
         return self._free[host]
 
     def inject_fault(self, kind: str, **params: Any) -> None:
@@ -280,11 +305,9 @@ class SimDriver:
         return [h.name for h in self.inventory.hosts]
 
     async def reachable(self) -> dict[str, bool]:
-        self._sync()
         return {h.name: self._host_up(h.name) for h in self.inventory.hosts}
 
     async def describe(self, instance: str, host: str | None = None) -> InstanceInfo:
-        self._sync()
         if host is not None:
             self._known_host(host)
         found = self._instance(instance)
@@ -298,10 +321,10 @@ class SimDriver:
         return self._info(found, now_on)
 
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
-        self._sync()
         source, destination = request.source, request.destination
         self._known_host(source)
         self._known_host(destination)
+        self._sync_host(destination)  # its free memory and reservations
         if source == destination:
             raise Refused(f"source and destination are the same host ({source})")
         for host in (source, destination):
@@ -339,7 +362,6 @@ class SimDriver:
     async def measure_change_rate(self, instance: str, host: str) -> float | None:
         """What a measurement of some seconds before start sees: distinct bytes dirtied
         in the window over its length (a random writer saturates)."""
-        self._sync()
         self._known_host(host)
         found = self._instance(instance)
         if not self._host_up(host):
@@ -355,7 +377,6 @@ class SimDriver:
         )
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
-        self._sync()
         if migration_id in self._jobs:
             raise DriverError(f"migration {migration_id!r} was already started")
         info = await self.preflight(request)
@@ -388,9 +409,15 @@ class SimDriver:
         )
         if refusing == "job":
             model.refuse()
-        self._jobs[migration_id] = _Job(
-            migration_id, request, instance, request.source, request.destination, model
-        )
+        job = _Job(migration_id, request, instance, request.source, request.destination, model)
+        key = (request.source, request.destination)
+        link = self._links.get(key)
+        if link is None:
+            link = self._links[key] = _Link(key, self.clock.now())
+        self._sync_link(link)  # the others share the link from now on
+        link.jobs.append(job)
+        self._jobs[migration_id] = job
+        self._latest[instance.name] = job
 
     async def sample(self, migration_id: str) -> Sample:
         job = self._job(migration_id)
@@ -414,12 +441,14 @@ class SimDriver:
         self._job(migration_id).model.set_cap(bytes_per_second)
 
     async def pause(self, migration_id: str) -> None:
-        self._job(migration_id).model.pause()
-        self._settle()
+        job = self._job(migration_id)
+        job.model.pause()
+        self._settle(self._link_of(job))
 
     async def handover(self, migration_id: str) -> None:
-        self._job(migration_id).model.handover()
-        self._settle()
+        job = self._job(migration_id)
+        job.model.handover()
+        self._settle(self._link_of(job))
 
     async def cancel(self, migration_id: str) -> None:
         job = self._job(migration_id)
@@ -430,7 +459,6 @@ class SimDriver:
     async def reattach(
         self, migration_id: str, request: MigrationRequest, plan: StartPlan
     ) -> JobResult | None:
-        self._sync()
         job = self._jobs.get(migration_id)
         if job is None:
             host = (
@@ -446,10 +474,10 @@ class SimDriver:
         return job.model.result() if job.model.phase.finished else None
 
     async def wait_event(self, migration_id: str, timeout: float) -> None:
-        self._sync()
         job = self._jobs.get(migration_id)
         delay = timeout
         if job is not None:
+            self._sync_link(self._link_of(job))
             if job.model.phase.finished:
                 delay = 0.0
             else:

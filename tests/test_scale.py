@@ -85,7 +85,7 @@ def test_link_lookups_do_not_scan_the_links() -> None:
     inventory = _inventory(30, per_link=1)
     scans = [0]
 
-    class Counting(tuple):  # type: ignore[type-arg]
+    class Counting(tuple[Any, ...]):
         def __iter__(self) -> Any:
             scans[0] += 1
             return super().__iter__()

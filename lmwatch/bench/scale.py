@@ -38,7 +38,7 @@ from pathlib import Path
 
 import aiohttp
 
-PER_LINK = 10  # migrations sharing one source/destination pair
+PER_LINK = 10  # default migrations sharing one source/destination pair (--per-link)
 INSTANCE_MEMORY_GIB = 8
 PER_JOB_MIB_S = 48  # bandwidth each migration gets: a full pass of 8 GiB in ~170 s
 TOKEN = "scale-bench-token"
@@ -64,20 +64,20 @@ class Result:
     note: str = ""
 
 
-def inventory_yaml(count: int) -> str:
-    """Hosts in pairs, PER_LINK instances per pair, one link per pair."""
-    pairs = max(1, -(-count // PER_LINK))
+def inventory_yaml(count: int, per_link: int = PER_LINK) -> str:
+    """Hosts in pairs, `per_link` instances per pair, one link per pair."""
+    pairs = max(1, -(-count // per_link))
     lines = ["hosts:"]
     for p in range(pairs):
         for side in ("s", "d"):
             lines.append(f"  - {{name: {side}{p}, memory: 4TiB}}")
     lines.append("links:")
     for p in range(pairs):
-        lines.append(f"  - {{between: [s{p}, d{p}], bandwidth: {PER_LINK * PER_JOB_MIB_S}MiB/s}}")
+        lines.append(f"  - {{between: [s{p}, d{p}], bandwidth: {per_link * PER_JOB_MIB_S}MiB/s}}")
     lines.append("default_bandwidth: 100MiB/s")
     lines.append("instances:")
     for i in range(count):
-        p = i // PER_LINK
+        p = i // per_link
         lines.append(
             f"  - {{name: vm{i}, host: s{p}, memory: {INSTANCE_MEMORY_GIB}GiB, "
             f"working_set: 256MiB, change_rate: 4MiB/s}}"
@@ -139,9 +139,11 @@ async def _timed(session: aiohttp.ClientSession, url: str) -> float:
     return time.perf_counter() - began
 
 
-async def _measure(count: int, duration: float, workdir: Path, submit_timeout: float) -> Result:
+async def _measure(
+    count: int, duration: float, workdir: Path, submit_timeout: float, per_link: int
+) -> Result:
     inventory = workdir / f"inventory-{count}.yaml"
-    inventory.write_text(inventory_yaml(count))
+    inventory.write_text(inventory_yaml(count, per_link))
     store = workdir / f"store-{count}.db"
     port = _free_port()
     env = {
@@ -150,8 +152,8 @@ async def _measure(count: int, duration: float, workdir: Path, submit_timeout: f
         "LMWATCH_STORE_PATH": str(store),
         "LMWATCH_INVENTORY_PATH": str(inventory),
         "LMWATCH_PORT": str(port),
-        "LMWATCH_MAX_PER_SOURCE": str(PER_LINK),
-        "LMWATCH_MAX_PER_DESTINATION": str(PER_LINK),
+        "LMWATCH_MAX_PER_SOURCE": str(per_link),
+        "LMWATCH_MAX_PER_DESTINATION": str(per_link),
         "LMWATCH_LOG_LEVEL": "WARNING",
         "LMWATCH_HTTP_MAX_CONNECTIONS": "1000",
     }
@@ -181,8 +183,8 @@ async def _measure(count: int, duration: float, workdir: Path, submit_timeout: f
             async def submitter() -> None:
                 while queue and time.perf_counter() - began < submit_timeout:
                     i = queue.pop(0)
-                    body = {"instance": f"vm{i}", "source": f"s{i // PER_LINK}"}
-                    body["destination"] = f"d{i // PER_LINK}"
+                    body = {"instance": f"vm{i}", "source": f"s{i // per_link}"}
+                    body["destination"] = f"d{i // per_link}"
                     async with session.post(f"{base}/v1/migrations", json=body) as response:
                         answer = await response.json()
                         if response.status != 202:
@@ -276,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--submit-timeout", type=float, default=300.0, help="give up submitting after this"
     )
+    parser.add_argument(
+        "--per-link",
+        type=int,
+        default=PER_LINK,
+        help="migrations per source/destination pair (and the per-host limits)",
+    )
     parser.add_argument("--workdir", default=None, help="keep stores and logs here")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
@@ -284,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for count in counts:
-            result = asyncio.run(_measure(count, args.duration, workdir, args.submit_timeout))
+            result = asyncio.run(
+                _measure(count, args.duration, workdir, args.submit_timeout, args.per_link)
+            )
             results.append(result)
             print(table([result]).splitlines()[-1], flush=True)
     print()

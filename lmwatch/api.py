@@ -323,10 +323,31 @@ async def list_migrations(request: web.Request) -> web.Response:
         except ValueError:
             known = ", ".join(s.value for s in State)
             raise _query_error("state", f"{wanted!r} is not a state (one of {known})") from None
-    records = engine.list(state)
+    limit: int | None = None
+    text = request.query.get("limit")
+    if text is not None:
+        if not (
+            text.isascii()
+            and text.isdigit()
+            and len(text) < 8
+            and 1 <= int(text) <= schemas.MAX_PAGE
+        ):
+            message = f"{text!r} is not a whole number from 1 to {schemas.MAX_PAGE}"
+            raise _query_error("limit", message)
+        limit = int(text)
+    after = request.query.get("after")
+    if after is not None and limit is None:
+        limit = schemas.MAX_PAGE
+    records = engine.list(state, limit=limit, after=after)
     # Running migrations hold fresher progress in memory than in the store.
     fresh = [engine.get(record.id) if not record.state.finished else record for record in records]
-    return _json(schemas.MigrationList(migrations=[schemas.migration_summary(r) for r in fresh]))
+    cursor = records[-1].id if limit is not None and len(records) == limit else None
+    body = schemas.dump(
+        schemas.MigrationList(migrations=[schemas.migration_summary(r) for r in fresh], next=cursor)
+    )
+    if limit is None:
+        del body["next"]  # the unpaged answer is what it always was
+    return web.json_response(body)
 
 
 async def get_migration(request: web.Request) -> web.Response:
@@ -419,7 +440,9 @@ async def reload_profiles(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    response = web.Response(body=request.app[METRICS].render())
+    # Five series per running migration: thousands of lines at scale. Rendered in a
+    # thread, so that a scrape does not hold up every supervisor for its duration.
+    response = web.Response(body=await asyncio.to_thread(request.app[METRICS].render))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 

@@ -56,6 +56,7 @@ from lmwatch.store import (
 
 log = get_logger("lmwatch.engine")
 
+MAX_PAGE = 1000  # most migrations one page of the list holds
 _NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 _RUNNING = (State.STARTING, State.COPYING, State.COMPLETING, State.HANDOVER)
 _STATE_OF_PHASE = {
@@ -285,10 +286,17 @@ class Engine:
             raise NotFound(f"no migration with id {migration_id!r}")
         return record
 
-    def list(self, state: State | None = None) -> list[MigrationRecord]:
-        """Stored migrations, with the live progress of those being supervised."""
+    def list(
+        self, state: State | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> list[MigrationRecord]:
+        """Stored migrations, with the live progress of those being supervised; with
+        `limit`, one page of them after the migration `after` (a cursor)."""
         live = self._supervisions
-        return [live[r.id].record if r.id in live else r for r in self.store.list(state)]
+        if limit is None and after is None:
+            records = self.store.list(state)
+        else:
+            records = self.store.page(state, limit=limit or MAX_PAGE, after=after)
+        return [live[r.id].record if r.id in live else r for r in records]
 
     def events(self, migration_id: str) -> builtins.list[Event]:
         self.get(migration_id)

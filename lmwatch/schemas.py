@@ -179,8 +179,16 @@ class Migration(MigrationSummary):
     timeline: list[TimelineEntry]
 
 
+MAX_PAGE = 1000  # most migrations one page of the list holds (`?limit=`)
+
+
 class MigrationList(_Response):
     migrations: list[MigrationSummary]
+    next: str | None = Field(
+        default=None,
+        description="With `?limit=`: the cursor of the next page (pass it as `?after=`); "
+        "null on the last page and without `limit`.",
+    )
 
 
 class DecisionOut(_Response):
@@ -609,7 +617,23 @@ def _paths() -> dict[str, Any]:
                         "in": "query",
                         "required": False,
                         "schema": {"type": "string", "enum": states},
-                    }
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                        "description": "At most this many migrations (one page); the answer's "
+                        "`next` names the next page. Without it, every migration.",
+                    },
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Cursor: the page after this migration id (the `next` "
+                        "of the previous page); an id no migration has gives an empty page.",
+                    },
                 ],
                 "responses": {
                     "200": _json(MigrationList, "Migrations (without their timelines)."),

@@ -1,8 +1,16 @@
 """Durable record of every migration, its state changes and its decisions (SQLite, WAL).
 
 A request is committed before it is acknowledged and every transition is its own
-transaction, so a crash loses no accepted migration and no outcome. Calls are
-short and synchronous; the engine runs them on the event loop thread.
+transaction, so a crash of the daemon loses no accepted migration and no outcome.
+Calls are short and synchronous; the engine runs them on the event loop thread.
+
+Durability (docs/scale.md): the log is written with `synchronous=NORMAL`, so a
+transition costs a write to the log but no disk flush; a daemon that crashes or is
+killed loses nothing (the operating system holds what was written), a power loss or
+kernel crash may lose the transitions of the last moments (the store stays
+consistent; a restart re-attaches and asks the hypervisor how those jobs ended).
+Accepting a migration is flushed (`synchronous=FULL` for that transaction, which also
+makes everything before it durable): an acknowledged request survives a power loss.
 
 A write that fails (a full disk, an I/O error) never reaches the caller: the change
 is kept in memory, in order, reads show it, and `flush` writes it, once, when the
@@ -64,6 +72,9 @@ CREATE TABLE IF NOT EXISTS migrations (
     request_fingerprint TEXT
 );
 CREATE INDEX IF NOT EXISTS migrations_state ON migrations(state);
+CREATE INDEX IF NOT EXISTS migrations_instance ON migrations(instance);
+CREATE INDEX IF NOT EXISTS migrations_created ON migrations(created_at, id);
+CREATE INDEX IF NOT EXISTS migrations_state_created ON migrations(state, created_at, id);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     migration_id TEXT NOT NULL REFERENCES migrations(id),
@@ -273,7 +284,7 @@ class Store:
             connection = sqlite3.connect(text, isolation_level=None, check_same_thread=False)
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA synchronous=NORMAL")  # FULL for acceptance: insert()
             connection.execute("PRAGMA foreign_keys=ON")
             connection.execute("PRAGMA busy_timeout=5000")
             store = cls(connection, text)
@@ -316,6 +327,15 @@ class Store:
                 with suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
             raise
+
+    @contextmanager
+    def _flushed(self) -> Iterator[None]:
+        """The transaction inside is flushed to disk before it returns."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
         """Write what is still pending if the store takes it, refresh the rescue copy
@@ -529,7 +549,7 @@ class Store:
         columns = ", ".join(values)
         marks = ", ".join("?" for _ in values)
         try:
-            with self._transaction():
+            with self._flushed(), self._transaction():
                 self._db.execute(
                     f"INSERT INTO migrations({columns}) VALUES({marks})", tuple(values.values())
                 )
@@ -619,6 +639,39 @@ class Store:
         records = [self._latest(_from_row(row)) for row in rows.fetchall()]
         return [r for r in records if state is None or r.state is state]
 
+    def page(
+        self, state: State | None = None, *, limit: int, after: str | None = None
+    ) -> builtins.list[MigrationRecord]:
+        """At most `limit` migrations in list order (created_at, id), after the migration
+        `after` (a cursor: the last id of the previous page; [] when unknown)."""
+        if self._unwritten:  # changes not written yet decide states: read through list()
+            records = self.list(state)
+            if after is not None:
+                known = self.get(after)
+                if known is None:
+                    return []
+                key = (known.created_at, known.id)
+                records = [r for r in records if (r.created_at, r.id) > key]
+            return records[:limit]
+        where: builtins.list[str] = []
+        params: builtins.list[Any] = []
+        if state is not None:
+            where.append("state=?")
+            params.append(state.value)
+        if after is not None:
+            cursor = self._db.execute(
+                "SELECT created_at, id FROM migrations WHERE id=?", (after,)
+            ).fetchone()
+            if cursor is None:
+                return []
+            where.append("(created_at, id) > (?, ?)")
+            params += [cursor["created_at"], cursor["id"]]
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self._db.execute(
+            f"SELECT * FROM migrations {clause}ORDER BY created_at, id LIMIT ?", (*params, limit)
+        )
+        return [_from_row(row) for row in rows.fetchall()]
+
     def unreadable(self) -> builtins.list[CorruptRecord]:
         """Every migration row that cannot be decoded, each with its id and why."""
         problems: builtins.list[CorruptRecord] = []
@@ -640,7 +693,15 @@ class Store:
         return [_from_row(row) for row in rows.fetchall()]
 
     def active_for_instance(self, instance: str) -> MigrationRecord | None:
-        return next((r for r in self.unfinished() if r.instance == instance), None)
+        if self._unwritten:  # changes not written yet decide states
+            return next((r for r in self.unfinished() if r.instance == instance), None)
+        finished = tuple(s.value for s in State if s.finished)
+        row = self._db.execute(
+            "SELECT * FROM migrations WHERE instance=? AND state NOT IN (?, ?, ?) "
+            "ORDER BY created_at, id LIMIT 1",
+            (instance, *finished),
+        ).fetchone()
+        return None if row is None else _from_row(row)
 
     def events(self, migration_id: str) -> builtins.list[Event]:
         """The migration's events, with those not written yet after the written ones."""

@@ -309,19 +309,33 @@ class Inventory(_Frozen):
                 )
         return self
 
+    # Indexes built on first use (the model is frozen): a lookup costs the same
+    # with three hosts or thousands (the simulator asks on every poll).
+    @functools.cached_property
+    def _hosts_by_name(self) -> dict[str, Host]:
+        return {h.name: h for h in self.hosts}
+
+    @functools.cached_property
+    def _instances_by_key(self) -> dict[str, Instance]:
+        index: dict[str, Instance] = {}
+        for instance in reversed(self.instances):  # the first one listed wins
+            index[instance.uuid] = instance
+            index[instance.name] = instance
+        return index
+
+    @functools.cached_property
+    def _links_by_pair(self) -> dict[frozenset[str], Link]:
+        return {frozenset(link.between): link for link in self.links}
+
     def host(self, name: str) -> Host | None:
-        return next((h for h in self.hosts if h.name == name), None)
+        return self._hosts_by_name.get(name)
 
     def instance(self, name_or_uuid: str) -> Instance | None:
-        return next(
-            (i for i in self.instances if name_or_uuid in (i.name, i.uuid)),
-            None,
-        )
+        return self._instances_by_key.get(name_or_uuid)
 
     def link(self, a: str, b: str) -> Link | None:
         """The link listed between two hosts (links are symmetric), if any."""
-        pair = {a, b}
-        return next((link for link in self.links if set(link.between) == pair), None)
+        return self._links_by_pair.get(frozenset((a, b)))
 
     def bandwidth(self, a: str, b: str) -> float:
         """Bytes/s between two hosts (links are symmetric)."""

@@ -3,8 +3,10 @@
 The model is advanced lazily to `clock.now()` on every call, so the same driver
 runs in wall-clock time under the daemon and in virtual time in tests, with no
 background task. Jobs sharing a link (same source and destination) share its
-bandwidth. Instances move between hosts when their migrations complete; the
-inventory is only the starting point.
+bandwidth, and nothing else couples two jobs: so the jobs of one link are advanced
+together, and only the links a call concerns are advanced (a poll of one migration
+costs the jobs of its link, not every job). Instances move between hosts when their
+migrations complete; the inventory is only the starting point.
 """
 
 from __future__ import annotations
@@ -69,6 +71,15 @@ class _Job:
 
 
 @dataclass(slots=True)
+class _Link:
+    """The jobs of one (source, destination) pair: they share its bandwidth."""
+
+    key: tuple[str, str]
+    last: float  # clock time the jobs below were advanced to
+    jobs: list[_Job] = field(default_factory=list)  # not yet settled
+
+
+@dataclass(slots=True)
 class _Faults:
     broken: set[frozenset[str]] = field(default_factory=set)
     refusing: dict[str, str] = field(default_factory=dict)  # host -> "start" | "job"
@@ -99,10 +110,11 @@ class SimDriver:
         self._where: dict[str, str | None] = {i.name: i.host for i in inventory.instances}
         self._free: dict[str, int] = {h.name: h.memory for h in inventory.hosts}
         self._faults = _Faults()
-        self._last = clock.now()
+        self._links: dict[tuple[str, str], _Link] = {}
+        self._latest: dict[str, _Job] = {}  # instance name -> its latest job
         self._world = world
         self._save_every = save_every
-        self._saved_at = self._last
+        self._saved_at = clock.now()
         if world is not None:
             saved = world.load()
             if saved is not None:
@@ -112,42 +124,55 @@ class SimDriver:
 
     def _sync(self) -> None:
         """Advance every running job to the clock's now."""
+        for link in list(self._links.values()):
+            self._sync_link(link)
+
+    def _sync_host(self, host: str) -> None:
+        """Advance the jobs leaving or reaching `host` (they change its free memory)."""
+        for key, link in list(self._links.items()):
+            if host in key:
+                self._sync_link(link)
+
+    def _sync_instance(self, instance: str) -> _Job | None:
+        """Advance the instance's latest job's link; that job, if any."""
+        job = self._latest.get(instance)
+        if job is not None:
+            self._sync_link(self._links[(job.source, job.destination)])
+        return job
+
+    def _sync_link(self, link: _Link) -> None:
+        """Advance the jobs of one link to the clock's now."""
         now = self.clock.now()
-        while self._last < now - 1e-12:
-            active = [j for j in self._jobs.values() if not j.model.phase.finished]
+        while link.last < now - 1e-12:
+            active = [j for j in link.jobs if not j.model.phase.finished]
             if not active:
                 break
-            users: dict[tuple[str, str], int] = {}
+            moving = sum(1 for job in active if job.model.moving)
+            bandwidth = self.inventory.bandwidth(*link.key)
             for job in active:
-                if job.model.moving:
-                    key = (job.source, job.destination)
-                    users[key] = users.get(key, 0) + 1
-            for job in active:
-                share = users.get((job.source, job.destination), 1)
-                link = self.inventory.bandwidth(job.source, job.destination)
-                job.model.set_link_bandwidth(link / max(1, share))
-            dt = now - self._last
-            if any(count > 1 for count in users.values()):
+                job.model.set_link_bandwidth(bandwidth / max(1, moving))
+            dt = now - link.last
+            if moving > 1:
                 # Shares change only when a job ends: advance to the next such moment.
                 upcoming = [e for j in active if (e := j.model.next_event_in()) is not None]
                 if upcoming:
                     dt = min(dt, max(min(upcoming) + 1e-6, 1e-3))
             for job in active:
                 job.model.advance(dt)
-            self._last += dt
-            self._settle()
-        self._last = max(self._last, now)
-        self._settle()
-        if self._world is not None and self._last - self._saved_at >= self._save_every:
+            link.last += dt
+            self._settle(link)
+        link.last = max(link.last, now)
+        self._settle(link)
+        if self._world is not None and now - self._saved_at >= self._save_every:
             self._save()
 
-    def _settle(self) -> None:
+    def _settle(self, link: _Link) -> None:
         ended: list[str] = []
-        for job in self._jobs.values():
+        for job in link.jobs:
             if job.settled or not job.model.phase.finished:
                 continue
             job.settled = True
-            job.ended_at = self._last
+            job.ended_at = link.last
             ended.append(job.migration_id)
             side = job.model.running_on
             if side is Side.DESTINATION:
@@ -156,34 +181,34 @@ class SimDriver:
                 self._free[job.source] += job.instance.memory
             elif side is Side.NOWHERE:
                 self._where[job.instance.name] = None
+        link.jobs = [job for job in link.jobs if not job.settled]
         if ended:
             self._save(ended)  # where the instances run now, and each job's end
 
     def _reserved(self, host: str) -> int:
         return sum(
             j.instance.memory
-            for j in self._jobs.values()
-            if j.destination == host and not j.model.phase.finished
+            for key, link in self._links.items()
+            if key[1] == host
+            for j in link.jobs
+            if not j.model.phase.finished
         )
 
     def _active_job_of(self, instance: str) -> _Job | None:
-        return next(
-            (
-                j
-                for j in self._jobs.values()
-                if j.instance.name == instance and not j.model.phase.finished
-            ),
-            None,
-        )
+        job = self._latest.get(instance)
+        return job if job is not None and not job.model.phase.finished else None
 
     def _host_up(self, host: str) -> bool:
         return self.clock.now() >= self._faults.gone_until.get(host, float("-inf"))
 
+    def _link_of(self, job: _Job) -> _Link:
+        return self._links[(job.source, job.destination)]
+
     def _job(self, migration_id: str) -> _Job:
-        self._sync()
         job = self._jobs.get(migration_id)
         if job is None:
             raise DriverError(f"no migration {migration_id!r} is known to the simulator")
+        self._sync_link(self._link_of(job))
         if not self._host_up(job.source):
             raise DriverError(f"{job.source} does not answer")
         return job
@@ -211,8 +236,8 @@ class SimDriver:
 
     def where(self, instance: str) -> str | None:
         """The host the instance runs on now; None when it was lost."""
-        self._sync()
         found = self._instance(instance)
+        self._sync_instance(found.name)
         job = self._active_job_of(found.name)
         if job is not None and job.model.running_on is Side.DESTINATION:
             return job.destination
@@ -230,8 +255,8 @@ class SimDriver:
 
     def free_memory(self, host: str) -> int:
         """Memory the host has left for incoming instances (not counting reservations)."""
-        self._sync()
         self._known_host(host)
+        self._sync_host(host)
         return self._free[host]
 
     def inject_fault(self, kind: str, **params: Any) -> None:
@@ -304,11 +329,9 @@ class SimDriver:
         return [h.name for h in self.inventory.hosts]
 
     async def reachable(self) -> dict[str, bool]:
-        self._sync()
         return {h.name: self._host_up(h.name) for h in self.inventory.hosts}
 
     async def describe(self, instance: str, host: str | None = None) -> InstanceInfo:
-        self._sync()
         if host is not None:
             self._known_host(host)
         found = self._instance(instance)
@@ -322,10 +345,10 @@ class SimDriver:
         return self._info(found, now_on)
 
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
-        self._sync()
         source, destination = request.source, request.destination
         self._known_host(source)
         self._known_host(destination)
+        self._sync_host(destination)  # its free memory and reservations
         if source == destination:
             raise Refused(f"source and destination are the same host ({source})")
         for host in (source, destination):
@@ -363,7 +386,6 @@ class SimDriver:
     async def measure_change_rate(self, instance: str, host: str) -> ChangeRate | None:
         """What a measurement of some seconds before start sees: distinct bytes dirtied
         in the window over its length (a random writer saturates)."""
-        self._sync()
         self._known_host(host)
         found = self._instance(instance)
         if not self._host_up(host):
@@ -380,7 +402,6 @@ class SimDriver:
         return ChangeRate(rate, window)
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
-        self._sync()
         if migration_id in self._jobs:
             raise DriverError(f"migration {migration_id!r} was already started")
         info = await self.preflight(request)
@@ -413,9 +434,15 @@ class SimDriver:
         )
         if refusing == "job":
             model.refuse()
-        self._jobs[migration_id] = _Job(
-            migration_id, request, instance, request.source, request.destination, model
-        )
+        job = _Job(migration_id, request, instance, request.source, request.destination, model)
+        key = (request.source, request.destination)
+        link = self._links.get(key)
+        if link is None:
+            link = self._links[key] = _Link(key, self.clock.now())
+        self._sync_link(link)  # the others share the link from now on
+        link.jobs.append(job)
+        self._jobs[migration_id] = job
+        self._latest[instance.name] = job
         self._save([migration_id])  # before the start is acknowledged
 
     async def sample(self, migration_id: str) -> Sample:
@@ -442,13 +469,15 @@ class SimDriver:
         self._save([migration_id])
 
     async def pause(self, migration_id: str) -> None:
-        self._job(migration_id).model.pause()
-        self._settle()
+        job = self._job(migration_id)
+        job.model.pause()
+        self._settle(self._link_of(job))
         self._save([migration_id])
 
     async def handover(self, migration_id: str) -> None:
-        self._job(migration_id).model.handover()
-        self._settle()
+        job = self._job(migration_id)
+        job.model.handover()
+        self._settle(self._link_of(job))
         self._save([migration_id])
 
     async def cancel(self, migration_id: str) -> None:
@@ -461,7 +490,6 @@ class SimDriver:
     async def reattach(
         self, migration_id: str, request: MigrationRequest, plan: StartPlan
     ) -> JobResult | None:
-        self._sync()
         job = self._jobs.get(migration_id)
         if job is None:
             host = (
@@ -477,16 +505,26 @@ class SimDriver:
         return job.model.result() if job.model.phase.finished else None
 
     async def wait_event(self, migration_id: str, timeout: float) -> None:
-        self._sync()
         job = self._jobs.get(migration_id)
         delay = timeout
         if job is not None:
-            if job.model.phase.finished:
-                delay = 0.0
-            else:
+            # The model as last advanced (a poll samples just before it waits): its next
+            # event is due that long after the link's last advance. Advancing the link
+            # again for the few microseconds since would cost every job of the link.
+            # (When that moment has passed, the link is advanced and asked again.)
+            link = self._link_of(job)
+            for _ in range(2):
+                if job.model.phase.finished:
+                    delay = 0.0
+                    break
                 upcoming = job.model.next_event_in()
-                if upcoming is not None:
-                    delay = min(timeout, upcoming + _WAKE_MARGIN)
+                if upcoming is None:
+                    break
+                due = link.last + upcoming + _WAKE_MARGIN - self.clock.now()
+                if due > 0 or link.last >= self.clock.now():
+                    delay = min(timeout, due)
+                    break
+                self._sync_link(link)
         await self.clock.sleep(max(0.0, delay))
 
     async def close(self) -> None:
@@ -497,23 +535,33 @@ class SimDriver:
 
     # ------------------------------------------------------------ durability
 
+    def _job_time(self, job: _Job) -> float:
+        """The clock time the job's model state is for."""
+        if job.ended_at is not None:
+            return job.ended_at
+        link = self._links.get((job.source, job.destination))
+        return self._saved_at if link is None else link.last
+
     def _save(self, migration_ids: Iterable[str] | None = None) -> None:
         """Keep the world and these jobs (None: every job not yet ended); ended jobs
         are kept a day for a restarted daemon to read their results."""
         if self._world is None:
             return
+        now = self.clock.now()
         if migration_ids is None:
-            ids = [j.migration_id for j in self._jobs.values() if not j.settled]
-            self._saved_at = self._last
+            ids = [job_id for job_id, job in self._jobs.items() if not job.settled]
+            self._saved_at = now
         else:
             ids = list(migration_ids)
         old = [
-            j.migration_id
-            for j in self._jobs.values()
-            if j.ended_at is not None and self._last - j.ended_at > _KEEP_ENDED
+            job_id
+            for job_id, job in self._jobs.items()
+            if job.ended_at is not None and now - job.ended_at > _KEEP_ENDED
         ]
         for job_id in old:
-            del self._jobs[job_id]
+            job = self._jobs.pop(job_id)
+            if self._latest.get(job.instance.name) is job:
+                del self._latest[job.instance.name]
         state = pickle.dumps(
             {
                 "version": _WORLD_VERSION,
@@ -522,15 +570,20 @@ class SimDriver:
                 "faults": self._faults,
             }
         )
-        jobs = {job_id: pickle.dumps(self._jobs[job_id]) for job_id in ids if job_id in self._jobs}
-        self._world.save(state, self._last, jobs, drop=old)
+        jobs = {
+            job_id: (pickle.dumps(self._jobs[job_id]), self._job_time(self._jobs[job_id]))
+            for job_id in ids
+            if job_id in self._jobs
+        }
+        self._world.save(state, now, jobs, drop=old)
 
     def _restore(self, saved: SavedWorld) -> None:
-        """Take back the kept world. Jobs kept at different times are first brought to
-        the latest of them each on its own (link shares are not replayed for those few
-        seconds); the first call then advances everything to now, so jobs went on
-        while no daemon watched, as on real hosts. Instances and hosts no longer in
-        the inventory are dropped; new ones start where the inventory puts them."""
+        """Take back the kept world. The jobs of one link, kept at different times,
+        are first brought to the latest of those each on its own (link shares are not
+        replayed for those few seconds); the next call advances each link to now, so
+        jobs went on while no daemon watched, as on real hosts. Instances and hosts no
+        longer in the inventory are dropped; new ones start where the inventory puts
+        them."""
         state = pickle.loads(saved.state)
         if not isinstance(state, dict) or state.get("version") != _WORLD_VERSION:
             return
@@ -541,13 +594,24 @@ class SimDriver:
             if host in self._free:
                 self._free[host] = free
         self._faults = state["faults"]
-        latest = max([saved.at, *(at for _, at in saved.jobs.values())])
-        for job_id, (blob, at) in saved.jobs.items():
+        kept: list[tuple[_Job, float]] = []
+        for blob, at in saved.jobs.values():
             job = pickle.loads(blob)
-            if not isinstance(job, _Job):
-                continue
-            if not job.model.phase.finished and latest > at:
-                job.model.advance(latest - at)
-            self._jobs[job_id] = job
-        self._last = self._saved_at = latest
-        self._settle()
+            if isinstance(job, _Job):
+                kept.append((job, at))
+        for job, at in sorted(kept, key=lambda item: item[1]):
+            self._jobs[job.migration_id] = job
+            key = (job.source, job.destination)
+            link = self._links.setdefault(key, _Link(key, at))
+            link.last = max(link.last, at)
+            if not job.settled:
+                link.jobs.append(job)
+            latest = self._latest.get(job.instance.name)
+            if latest is None or latest.settled:
+                self._latest[job.instance.name] = job
+        for job, at in kept:
+            shared = self._links.get((job.source, job.destination))
+            if not job.settled and shared is not None and shared.last > at:
+                job.model.advance(shared.last - at)
+        for each in list(self._links.values()):
+            self._settle(each)

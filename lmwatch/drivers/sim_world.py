@@ -57,11 +57,12 @@ class WorldKeeper(Protocol):
         self,
         state: bytes,
         at: float,
-        jobs: Mapping[str, bytes],
+        jobs: Mapping[str, tuple[bytes, float]],
         *,
         drop: Iterable[str] = (),
     ) -> None:
-        """Write the world and these jobs (all at `at`) in one transaction; forget `drop`."""
+        """Write the world (at `at`) and these jobs (each with the time its state is
+        for) in one transaction; forget the jobs in `drop`."""
         ...
 
     def close(self) -> None: ...
@@ -74,7 +75,9 @@ class SqliteWorld:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # As the store's transitions (docs/scale.md): a daemon killed loses nothing,
+        # a power loss may lose the last moments, which the store may then lose too.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
 
@@ -92,7 +95,7 @@ class SqliteWorld:
         self,
         state: bytes,
         at: float,
-        jobs: Mapping[str, bytes],
+        jobs: Mapping[str, tuple[bytes, float]],
         *,
         drop: Iterable[str] = (),
     ) -> None:
@@ -105,7 +108,7 @@ class SqliteWorld:
                 )
                 self._db.executemany(
                     "INSERT OR REPLACE INTO sim_jobs(id, at, state) VALUES (?, ?, ?)",
-                    [(job_id, at, blob) for job_id, blob in jobs.items()],
+                    [(job_id, time, blob) for job_id, (blob, time) in jobs.items()],
                 )
                 self._db.executemany(
                     "DELETE FROM sim_jobs WHERE id = ?", [(job_id,) for job_id in drop]

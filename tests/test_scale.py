@@ -1,0 +1,218 @@
+"""The cost of one call does not grow with the number of migrations (issue 8).
+
+No timings: these count the work a call does (model advances, rows decoded,
+links scanned), which is what grows with N when something is quadratic.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from apitools import Api
+
+from lmwatch import store as store_module
+from lmwatch.clock import VirtualClock
+from lmwatch.drivers import simphysics
+from lmwatch.drivers.inventory import Inventory, load_inventory_text
+from lmwatch.drivers.sim import SimDriver
+from lmwatch.metrics import Metrics
+from lmwatch.model import MigrationRequest, StartPlan, State
+from lmwatch.store import MigrationRecord, Store
+
+PLAN = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+
+
+def _inventory(pairs: int, per_link: int) -> Inventory:
+    lines = ["hosts:"]
+    for p in range(pairs):
+        lines += [f"  - {{name: s{p}, memory: 1TiB}}", f"  - {{name: d{p}, memory: 1TiB}}"]
+    lines.append("links:")
+    lines += [f"  - {{between: [s{p}, d{p}], bandwidth: 1GiB/s}}" for p in range(pairs)]
+    lines.append("instances:")
+    for p in range(pairs):
+        for k in range(per_link):
+            lines.append(
+                f"  - {{name: vm{p}-{k}, host: s{p}, memory: 8GiB, working_set: 64MiB, "
+                "change_rate: 1MiB/s}"
+            )
+    return load_inventory_text("\n".join(lines) + "\n")
+
+
+async def _started(pairs: int, per_link: int) -> tuple[SimDriver, VirtualClock, list[str]]:
+    clock = VirtualClock()
+    driver = SimDriver(_inventory(pairs, per_link), clock)
+    ids = []
+    for p in range(pairs):
+        for k in range(per_link):
+            mid = f"m{p}-{k}"
+            request = MigrationRequest(instance=f"vm{p}-{k}", source=f"s{p}", destination=f"d{p}")
+            await driver.start(mid, request, PLAN)
+            ids.append(mid)
+    return driver, clock, ids
+
+
+@pytest.fixture
+def advances(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts calls of the model's advance (one job moved forward once)."""
+    counter = [0]
+    original = simphysics.Migration.advance
+
+    def counted(self: simphysics.Migration, dt: float) -> None:
+        counter[0] += 1
+        original(self, dt)
+
+    monkeypatch.setattr(simphysics.Migration, "advance", counted)
+    return counter
+
+
+@pytest.mark.parametrize("pairs", [5, 50])
+async def test_a_sample_advances_only_the_jobs_of_its_link(pairs: int, advances: list[int]) -> None:
+    driver, clock, ids = await _started(pairs, per_link=2)
+    await clock.advance(0.5)
+    advances[0] = 0
+    await driver.sample(ids[0])
+    assert advances[0] == 2  # its own job and the one sharing its link; not 2 x pairs
+
+
+async def test_polls_in_wall_clock_time_cost_linear_work(advances: list[int]) -> None:
+    driver, clock, ids = await _started(20, per_link=1)
+    advances[0] = 0
+    for mid in ids:  # each poll sees a later clock, as under the daemon
+        await clock.advance(0.01)
+        await driver.sample(mid)
+        await driver.sample(mid)  # same instant: nothing to advance
+        await clock.advance(0.001)
+        await driver.wait_event(mid, 0.0)  # its next event is known from the sample
+    assert advances[0] == len(ids)  # N polls cost N advances, not N x N
+
+
+def test_link_lookups_do_not_scan_the_links() -> None:
+    inventory = _inventory(30, per_link=1)
+    scans = [0]
+
+    class Counting(tuple[Any, ...]):
+        def __iter__(self) -> Any:
+            scans[0] += 1
+            return super().__iter__()
+
+    object.__setattr__(inventory, "links", Counting(inventory.links))
+    for p in range(30):
+        assert inventory.bandwidth(f"s{p}", f"d{p}") == 1024**3
+        assert inventory.bandwidth(f"d{p}", f"s{p}") == 1024**3
+        assert inventory.link(f"s{p}", f"s{(p + 1) % 30}") is None
+    assert scans[0] <= 1
+
+
+# --- store and API: admission, list pages, flushing --------------------------------
+
+
+def _record(number: int, state: State = State.COPYING) -> MigrationRecord:
+    return MigrationRecord(
+        id=f"m{number:04d}",
+        instance=f"vm{number}",
+        source="a",
+        destination="b",
+        labels={},
+        requested_profile=None,
+        profile_name="default",
+        profile_reason="the default",
+        profile={"name": "default"},
+        memory_bytes=1024,
+        state=state,
+        created_at=1000.0 + number,
+    )
+
+
+def test_admission_decodes_only_the_instance_s_record(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for number in range(60):
+        store.insert(_record(number), "accepted")
+    decoded = [0]
+    original = store_module._from_row
+
+    def counted(row: Any) -> MigrationRecord:
+        decoded[0] += 1
+        return original(row)
+
+    monkeypatch.setattr(store_module, "_from_row", counted)
+    found = store.active_for_instance("vm42")
+    assert found is not None and found.id == "m0042"
+    assert store.active_for_instance("vm-unknown") is None
+    assert decoded[0] == 1  # not every unfinished record
+
+
+def test_store_pages_follow_list_order(store: Store) -> None:
+    for number in (3, 1, 2, 5, 4):
+        state = State.COMPLETED if number % 2 else State.COPYING
+        store.insert(_record(number, state), "accepted")
+    everything = [r.id for r in store.list()]
+    first = store.page(limit=2)
+    second = store.page(limit=2, after=first[-1].id)
+    third = store.page(limit=2, after=second[-1].id)
+    assert [r.id for r in first + second + third] == everything
+    assert len(third) == 1
+    done = store.page(State.COMPLETED, limit=2)
+    assert [r.id for r in done] == ["m0001", "m0003"]
+    assert [r.id for r in store.page(State.COMPLETED, limit=2, after="m0003")] == ["m0005"]
+    assert store.page(limit=2, after="nobody") == []
+
+
+def test_transitions_are_not_flushed_but_acceptance_is(store: Store) -> None:
+    def synchronous() -> int:
+        return int(store._db.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert synchronous() == 1  # NORMAL: a transition is written, not flushed
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    record = _record(1)
+    store.insert(record, "accepted")
+    assert "PRAGMA synchronous=FULL" in statements
+    assert statements.index("PRAGMA synchronous=FULL") < statements.index("COMMIT")
+    statements.clear()
+    store.update(record, event=("state", "now copying", None), state=State.COPYING)
+    assert not any("synchronous=FULL" in s for s in statements)
+    assert synchronous() == 1
+
+
+async def test_the_list_comes_in_pages(api: Api) -> None:
+    ids = []
+    for instance in ("quiet", "quiet2", "quiet3"):
+        answer = await api.post(
+            "/v1/migrations", {"instance": instance, "source": "a", "destination": "b"}
+        )
+        assert answer.status == 202, answer.text
+        ids.append(answer.body["id"])
+    whole = await api.get("/v1/migrations")
+    assert "next" not in whole.body
+    assert sorted(m["id"] for m in whole.body["migrations"]) == sorted(ids)
+    ids = [m["id"] for m in whole.body["migrations"]]  # list order: created_at, then id
+    first = await api.get("/v1/migrations?limit=2")
+    assert [m["id"] for m in first.body["migrations"]] == ids[:2]
+    assert first.body["next"] == ids[1]
+    rest = await api.get(f"/v1/migrations?limit=2&after={first.body['next']}")
+    assert [m["id"] for m in rest.body["migrations"]] == ids[2:]
+    assert rest.body["next"] is None
+    assert (await api.get("/v1/migrations?after=nope")).body == {"migrations": [], "next": None}
+    for query in ("limit=0", "limit=x", f"limit={10**6}"):
+        answer = await api.get(f"/v1/migrations?{query}")
+        assert answer.status == 422, query
+        assert answer.body["errors"][0]["loc"] == ["query", "limit"]
+
+
+async def test_metrics_are_rendered_off_the_event_loop(
+    api: Api, metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[int] = []
+    original = metrics.render
+
+    def recorded() -> bytes:
+        threads.append(threading.get_ident())
+        return original()
+
+    monkeypatch.setattr(metrics, "render", recorded)
+    answer = await api.get("/metrics")
+    assert answer.status == 200
+    assert threads and threads[0] != threading.get_ident()

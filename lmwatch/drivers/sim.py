@@ -100,7 +100,7 @@ class SimDriver:
         step: float = 0.1,
         tuning: Tuning | None = None,
         world: WorldKeeper | None = None,
-        save_every: float = 5.0,
+        save_every: float = 30.0,
     ) -> None:
         self.inventory = inventory
         self.clock = clock

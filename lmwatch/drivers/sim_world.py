@@ -11,7 +11,8 @@ tables are untouched):
   time its state is for.
 
 A job is written when something changes it (started, an action, its end) and every
-job at once every few seconds, so what a restart replays is short. The rows are
+job at once every 30 s, so a restart replays at most that much of a job on its own
+(without its link's other jobs) before it runs with them again. The rows are
 pickles: the file is the daemon's own state (the same file tells it which
 migrations to act on), written and read only by this code.
 """

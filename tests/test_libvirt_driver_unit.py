@@ -1558,8 +1558,10 @@ async def test_a_host_whose_calls_hang_past_the_timeout_is_refused_at_once(
         await driver._link("a").connection()
         tasks = [blocked_call(driver, "a", first) for _ in range(2)]
         await real_until(lambda: first.running == 2)
+        waiting = blocked_call(driver, "a", lambda c: "waited")
         await clock.advance(61.0)  # longer than the call timeout: these two are set aside
         tasks += [blocked_call(driver, "a", second) for _ in range(2)]  # on two new threads
+        assert await asyncio.wait_for(waiting, 2) == "waited"  # the oldest call goes first
         await real_until(lambda: second.running == 2)
         assert len(host_threads("a")) == 4
         await clock.advance(61.0)  # all four hung, no room for more threads

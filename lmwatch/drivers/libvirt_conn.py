@@ -191,11 +191,13 @@ class HostExecutor:
             if self._closed:
                 raise HostBusy(f"host {self.host}: the driver is shutting down")
             self._set_aside_hung()
-            active = sum(1 for w in self._threads if not w.hung)
-            if active < self.workers and len(self._threads) < self.workers + self.spare:
+            while queue.calls and self._room():  # threads were set aside: the oldest first
+                self._start_worker(queue.calls.popleft())
+            if self._room():
                 queue.refusing = False
                 self._start_worker(call)
                 return future
+            active = sum(1 for w in self._threads if not w.hung)
             if not active:
                 self._refuse(
                     f"{len(self._threads)} calls have not answered for over {self.hang_after:.0f} s"
@@ -242,6 +244,11 @@ class HostExecutor:
                 threads=len(self._threads),
             )
         raise HostBusy(f"host {self.host}: {why}; it is not answering")
+
+    def _room(self) -> bool:
+        """Whether one more thread may start."""
+        active = sum(1 for w in self._threads if not w.hung)
+        return active < self.workers and len(self._threads) < self.workers + self.spare
 
     def _set_aside_hung(self) -> None:
         now = self._clock.now()

@@ -1515,7 +1515,7 @@ async def test_a_full_queue_fails_fast_with_a_clear_error(
         began = loop.time()
         with pytest.raises(DriverError) as refused:
             await asyncio.wait_for(driver._link("a").call(lambda c: 1, what="a test call"), 2)
-        assert loop.time() - began < 0.5
+        assert loop.time() - began < 1.0
         assert str(refused.value) == "host a: 64 calls already waiting; it is not answering"
         assert driver._link("a").current is not None  # refusing is no reason to reconnect
     finally:
@@ -1538,10 +1538,10 @@ async def test_a_hung_host_does_not_delay_calls_to_another(
         answer = await asyncio.wait_for(
             driver._link("b").call(lambda c: c.getLibVersion(), what="version check"), 2
         )
-        assert answer and loop.time() - began < 0.5
+        assert answer and loop.time() - began < 1.0
         began = loop.time()
         assert await driver.reachable() == {"a": False, "b": True}  # a refused at once
-        assert loop.time() - began < 0.5
+        assert loop.time() - began < 1.0
     finally:
         block.gate.set()
         await settle(tasks)

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmwatch.clock import VirtualClock
-from lmwatch.drivers import libvirt_events
+from lmwatch.drivers import libvirt_conn, libvirt_events
 from lmwatch.drivers.base import (
     ActionRefused,
     AlreadyOnDestination,
@@ -28,7 +28,7 @@ from lmwatch.drivers.base import (
     UnknownHost,
     UnknownInstance,
 )
-from lmwatch.drivers.libvirt_conn import backoff_delay, in_daemon_thread
+from lmwatch.drivers.libvirt_conn import HostBusy, HostLost, backoff_delay, in_daemon_thread
 from lmwatch.drivers.libvirt_driver import HostConfig, LibvirtDriver, build_libvirt_driver
 from lmwatch.drivers.libvirt_mapping import (
     UNLIMITED_MIB_S,
@@ -1410,3 +1410,255 @@ async def test_the_engine_rides_out_a_transient_statistics_error_and_can_force_c
     finally:
         await engine.stop()
         store.close()
+
+
+# --------------------------------------------------------------------------- threads per host
+
+
+class Blocker:
+    """A call that blocks its thread until `gate` opens; counts how many run at once."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.ran = 0
+
+    def __call__(self, conn: Any) -> str:
+        with self.lock:
+            self.running += 1
+            self.ran += 1
+            self.most = max(self.most, self.running)
+        try:
+            self.gate.wait()
+            return threading.current_thread().name
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def blocked_call(driver: LibvirtDriver, host: str, fn: Callable[[Any], Any]) -> asyncio.Task[Any]:
+    return asyncio.ensure_future(driver._link(host).call(fn, what="a test call"))
+
+
+async def real_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Wait real time (threads are real) until `condition` holds."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def host_threads(host: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(f"lmw-call-{host}/")]
+
+
+async def settle(tasks: list[asyncio.Task[Any]]) -> list[Any]:
+    return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+
+
+async def test_many_calls_to_one_host_use_at_most_four_threads(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    await driver._link("a").connection()
+    await real_until(lambda: not host_threads("a"))  # the thread that opened it has ended
+    before = threading.active_count()
+    block = Blocker()
+    tasks = [blocked_call(driver, "a", block) for _ in range(40)]
+    await real_until(lambda: block.running >= 4)
+    await asyncio.sleep(0.2)  # no fifth call starts while four hang
+    assert block.running == 4
+    assert threading.active_count() - before == 4
+    assert len(host_threads("a")) == 4
+    assert all(t.daemon for t in host_threads("a"))
+    block.gate.set()  # the waiting calls run on the same four threads, in turn
+    names = await settle(tasks)
+    assert block.ran == 40 and block.most == 4
+    assert len(set(names)) <= 4
+    await real_until(lambda: not host_threads("a"))  # an idle host keeps no thread
+
+
+async def test_the_bound_is_set_per_host(cloud: FakeCloud, clock: VirtualClock) -> None:
+    hosts = {
+        "a": HostConfig(uri=cloud.hosts["a"].uri, call_threads=2, call_queue=3),
+        "b": HostConfig(uri=cloud.hosts["b"].uri),
+    }
+    driver = LibvirtDriver(hosts, clock)
+    block = Blocker()
+    try:
+        await driver._link("a").connection()
+        tasks = [blocked_call(driver, "a", block) for _ in range(5)]
+        await real_until(lambda: block.running == 2)
+        with pytest.raises(HostBusy, match="host a: 3 calls already waiting; it is not answering"):
+            await driver._link("a").call(lambda c: 1, what="a test call")
+        block.gate.set()
+        await settle(tasks)
+        assert block.most == 2
+    finally:
+        block.gate.set()
+        await driver.close()
+    with pytest.raises(ValueError):
+        HostConfig(uri="x", call_threads=0)
+
+
+async def test_a_full_queue_fails_fast_with_a_clear_error(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    await driver._link("a").connection()
+    block = Blocker()
+    tasks = [blocked_call(driver, "a", block) for _ in range(4 + 64)]  # 4 run, 64 wait
+    await real_until(lambda: block.running >= 4)
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(DriverError) as refused:
+            await asyncio.wait_for(driver._link("a").call(lambda c: 1, what="a test call"), 2)
+        assert loop.time() - began < 1.0
+        assert str(refused.value) == "host a: 64 calls already waiting; it is not answering"
+        assert driver._link("a").current is not None  # refusing is no reason to reconnect
+    finally:
+        block.gate.set()
+        await settle(tasks)
+    assert block.ran == 68
+    assert await driver._link("a").call(lambda c: 1, what="a test call") == 1
+
+
+async def test_a_hung_host_does_not_delay_calls_to_another(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    await driver._link("a").connection()
+    block = Blocker()
+    tasks = [blocked_call(driver, "a", block) for _ in range(4 + 64)]  # a: all full
+    await real_until(lambda: block.running >= 4)
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        answer = await asyncio.wait_for(
+            driver._link("b").call(lambda c: c.getLibVersion(), what="version check"), 2
+        )
+        assert answer and loop.time() - began < 1.0
+        began = loop.time()
+        assert await driver.reachable() == {"a": False, "b": True}  # a refused at once
+        assert loop.time() - began < 1.0
+    finally:
+        block.gate.set()
+        await settle(tasks)
+    assert len(host_threads("b")) <= 4
+
+
+async def test_a_host_whose_calls_hang_past_the_timeout_is_refused_at_once(
+    cloud: FakeCloud, clock: VirtualClock
+) -> None:
+    hosts = {"a": HostConfig(uri=cloud.hosts["a"].uri, call_threads=2)}
+    driver = LibvirtDriver(hosts, clock)
+    first, second = Blocker(), Blocker()
+    try:
+        await driver._link("a").connection()
+        tasks = [blocked_call(driver, "a", first) for _ in range(2)]
+        await real_until(lambda: first.running == 2)
+        waiting = blocked_call(driver, "a", lambda c: "waited")
+        await clock.advance(61.0)  # longer than the call timeout: these two are set aside
+        tasks += [blocked_call(driver, "a", second) for _ in range(2)]  # on two new threads
+        assert await asyncio.wait_for(waiting, 2) == "waited"  # the oldest call goes first
+        await real_until(lambda: second.running == 2)
+        assert len(host_threads("a")) == 4
+        await clock.advance(61.0)  # all four hung, no room for more threads
+        with pytest.raises(HostBusy, match="host a: 4 calls have not answered for over 60 s"):
+            await driver._link("a").call(lambda c: 1, what="a test call")
+        assert len(host_threads("a")) == 4
+        first.gate.set()  # two answer at last: their threads end, two new may start
+        await real_until(lambda: len(host_threads("a")) == 2)
+        assert await driver._link("a").call(lambda c: 1, what="a test call") == 1
+    finally:
+        first.gate.set()
+        second.gate.set()
+        await driver.close()
+
+
+async def test_a_waiting_call_that_timed_out_never_runs(
+    cloud: FakeCloud, clock: VirtualClock
+) -> None:
+    hosts = {"a": HostConfig(uri=cloud.hosts["a"].uri, call_threads=1)}
+    driver = LibvirtDriver(hosts, clock)
+    block, late = Blocker(), Blocker()
+    late.gate.set()
+    try:
+        link = driver._link("a")
+        await link.connection()
+        tasks = [blocked_call(driver, "a", block)]
+        await real_until(lambda: block.running == 1)
+        with pytest.raises(HostLost, match="did not answer in time"):
+            await link.call(late, what="a test call", timeout=0.05)
+        assert link.executor.depth == 0
+        block.gate.set()
+        await settle(tasks)
+        assert late.ran == 0
+    finally:
+        block.gate.set()
+        await driver.close()
+
+
+async def test_close_does_not_wait_for_a_hung_call_or_a_hung_close(
+    cloud: FakeCloud, clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(libvirt_conn, "CLOSE_TIMEOUT", 0.2, raising=False)
+    hosts = {"a": HostConfig(uri=cloud.hosts["a"].uri)}
+    driver = LibvirtDriver(hosts, clock)
+    forever = threading.Event()  # never set: the host's daemon is gone
+    block = Blocker()
+    link = driver._link("a")
+    conn = await link.connection()
+    monkeypatch.setattr(conn, "close", lambda: forever.wait())
+    tasks = [blocked_call(driver, "a", block) for _ in range(6)]  # 4 hang, 2 wait
+    try:
+        await real_until(lambda: block.running >= 4)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await asyncio.wait_for(driver.close(), 3)
+        assert loop.time() - began < 1.5
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks[4:], return_exceptions=True), 1)
+        assert all(isinstance(o, HostBusy) and "shutting down" in str(o) for o in outcomes)
+        assert block.ran == 4
+        assert all(t.daemon for t in host_threads("a"))
+    finally:
+        for task in tasks:
+            task.cancel()
+        block.gate.set()
+        forever.set()
+
+
+SHUTDOWN_SCRIPT = """
+import asyncio, sys, threading
+sys.path.insert(0, {tests!r})
+from fakelibvirt import FakeCloud
+fake = FakeCloud("a")
+sys.modules["libvirt"] = fake.libvirt
+sys.modules["libvirtaio"] = fake.libvirtaio
+from lmwatch.clock import WallClock
+from lmwatch.drivers.libvirt_driver import HostConfig, LibvirtDriver
+
+async def main() -> None:
+    driver = LibvirtDriver({{"a": HostConfig(uri=fake.hosts["a"].uri)}}, WallClock())
+    forever = threading.Event()
+    link = driver._link("a")
+    await link.connection()
+    call = asyncio.ensure_future(link.call(lambda c: forever.wait(), what="stuck"))
+    await asyncio.sleep(0.2)
+    await driver.close()
+    call.cancel()
+    print("closed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_the_process_exits_while_a_call_hangs(tmp_path: Path) -> None:
+    import subprocess
+
+    script = tmp_path / "hang.py"
+    script.write_text(SHUTDOWN_SCRIPT.format(tests=str(Path(__file__).parent)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert "closed" in done.stdout

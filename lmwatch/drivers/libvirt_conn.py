@@ -1,11 +1,18 @@
 """One connection per libvirt host: opened lazily, kept alive, reopened with backoff.
 
-Every blocking libvirt call runs in a daemon thread of its own (libvirt-python
-releases the GIL and a connection may be used from several threads at once); a
-call stuck on a dead connection therefore never holds up the process's exit, as
-a thread-pool worker would. libvirt errors become `DriverError`s whose message is
-neutral (a classified cause plus the text through `neutral_text`; the raw text is
-only logged); an error that
+Blocking libvirt calls run on a bounded set of daemon threads per host
+(`HostExecutor`; libvirt-python releases the GIL and a connection may be used
+from several threads at once): at most `call_threads` calls run at once, each on
+a thread of its own, the rest wait in a bounded queue, so the number of threads
+does not grow with the number of migrations. The threads are daemon threads: a
+call stuck on a dead connection (a libvirtd restart can leave one hanging for
+good) never holds up the process's exit, as a `concurrent.futures` worker would.
+A host whose calls stop answering is refused at once (`HostBusy`) once its queue
+is full or all its threads have hung for longer than the call timeout, so it
+cannot pile up threads or starve the other hosts.
+
+libvirt errors become `DriverError`s whose message is neutral (a classified cause
+plus the text through `neutral_text`; the raw text is only logged); an error that
 means the daemon went away also drops the connection, and the next call reopens
 it once the backoff delay has passed.
 """
@@ -14,8 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import threading
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from lmwatch.clock import Clock
@@ -32,6 +43,11 @@ KEEPALIVE_COUNT = 3  # unanswered messages before the connection counts as dead
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 CALL_TIMEOUT = 60.0
+CLOSE_TIMEOUT = 5.0  # seconds `close` waits for a connection to close at shutdown
+# libvirtd serves at most `max_client_requests` (default 5) calls of one connection
+# at once; more threads than that would only wait in its socket.
+CALL_THREADS = 4
+CALL_QUEUE = 64  # calls that may wait for a worker of one host
 
 
 class HypervisorError(DriverError):
@@ -46,6 +62,13 @@ class HostLost(HypervisorError):
     """The connection to the host's hypervisor daemon is gone."""
 
 
+class HostBusy(HostLost):
+    """The host does not answer its calls: too many wait, or all its workers hung.
+
+    Raised at once, without queueing the call; the connection is kept.
+    """
+
+
 def in_daemon_thread(
     fn: Callable[..., T], *args: Any, name: str = "lmw-libvirt"
 ) -> asyncio.Future[T]:
@@ -56,26 +79,217 @@ def in_daemon_thread(
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
+    call = _Call(functools.partial(fn, *args), loop, future)
+    threading.Thread(target=call.run, name=name, daemon=True).start()
+    return future
 
-    def deliver(ok: bool, value: Any) -> None:
-        if future.done():  # cancelled by a timeout meanwhile
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
 
-    def body() -> None:
+@dataclass(eq=False)
+class _Call:
+    """One call for a worker thread; its result goes to `future` on `loop`."""
+
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+    def run(self) -> None:  # worker thread
         value: Any
         try:
-            ok, value = True, fn(*args)
+            ok, value = True, self.fn()
         except BaseException as error:  # handed to the awaiting side
             ok, value = False, error
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-            loop.call_soon_threadsafe(deliver, ok, value)
+            self.loop.call_soon_threadsafe(self._deliver, ok, value)
 
-    threading.Thread(target=body, name=name, daemon=True).start()
-    return future
+    def _deliver(self, ok: bool, value: Any) -> None:  # loop thread
+        if self.future.done():  # cancelled by a timeout meanwhile
+            return
+        if ok:
+            self.future.set_result(value)
+        else:
+            self.future.set_exception(value)
+
+
+@dataclass(eq=False)
+class _Worker:
+    name: str
+    busy_since: float  # clock reading when its current call started
+    hung: bool = False  # set aside: its call outlived the timeout; it ends when it returns
+
+
+@dataclass(eq=False)
+class _Queue:
+    calls: deque[_Call] = field(default_factory=deque)
+    warned: bool = False  # "calls are queueing" was logged since the queue last drained
+    refusing: bool = False  # "refused" was logged since the last accepted call
+
+
+class HostExecutor:
+    """A bounded set of daemon threads for one host's blocking calls.
+
+    At most `workers` calls run at once, each on a thread of its own; up to
+    `queue_limit` more wait, in order. A thread whose call returns takes the next
+    waiting call, or ends when none waits (an idle host keeps no threads). A
+    thread whose call has run for `hang_after` seconds (the injected clock) is set
+    aside: it no longer counts as a worker and ends when its call returns, and a
+    new thread may take its place as long as at most `spare` set-aside threads
+    exist. So a host has at most `workers + spare` threads however many calls it
+    gets. A call is refused at once with `HostBusy` when the queue is full, or when
+    all threads are set aside and no new one may start. A waiting call whose future
+    is cancelled (its caller timed out) leaves the queue without running.
+
+    The threads are daemon threads and `shutdown` does not wait for running calls:
+    a call that never returns never holds up the process's exit.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        clock: Clock,
+        *,
+        workers: int = CALL_THREADS,
+        queue_limit: int = CALL_QUEUE,
+        hang_after: float = CALL_TIMEOUT,
+        spare: int | None = None,
+    ) -> None:
+        self.host = host
+        self.workers = max(1, workers)
+        self.queue_limit = max(0, queue_limit)
+        self.hang_after = hang_after
+        self.spare = self.workers if spare is None else max(0, spare)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._queue = _Queue()
+        self._threads: list[_Worker] = []
+        self._serial = itertools.count(1)
+        self._closed = False
+
+    @property
+    def thread_prefix(self) -> str:
+        return f"lmw-call-{self.host}/"
+
+    @property
+    def depth(self) -> int:
+        """Calls waiting for a thread."""
+        with self._lock:
+            return len(self._queue.calls)
+
+    @property
+    def threads(self) -> int:
+        """Threads of this host: running a call, or stuck on a hung one."""
+        with self._lock:
+            return len(self._threads)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run or queue `fn(*args)`; the future (of the running loop) gets its result
+        or exception. Raises `HostBusy` instead of queueing when the host is stuck."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        call = _Call(functools.partial(fn, *args), loop, future)
+        queue = self._queue
+        with self._lock:
+            if self._closed:
+                raise HostBusy(f"host {self.host}: the driver is shutting down")
+            self._set_aside_hung()
+            while queue.calls and self._room():  # threads were set aside: the oldest first
+                self._start_worker(queue.calls.popleft())
+            if self._room():
+                queue.refusing = False
+                self._start_worker(call)
+                return future
+            active = sum(1 for w in self._threads if not w.hung)
+            if not active:
+                self._refuse(
+                    f"{len(self._threads)} calls have not answered for over {self.hang_after:.0f} s"
+                )
+            if len(queue.calls) >= self.queue_limit:
+                self._refuse(f"{len(queue.calls)} calls already waiting")
+            queue.refusing = False
+            queue.calls.append(call)
+            depth = len(queue.calls)
+            if not queue.warned and depth >= max(1, self.queue_limit // 2):
+                queue.warned = True
+                log.warning(
+                    "host-calls-queued",
+                    host=self.host,
+                    waiting=depth,
+                    limit=self.queue_limit,
+                    threads=len(self._threads),
+                )
+        future.add_done_callback(functools.partial(self._withdraw, call))
+        return future
+
+    def shutdown(self) -> None:
+        """Refuse new calls, fail the waiting ones; running calls are not waited for."""
+        with self._lock:
+            self._closed = True
+            waiting = list(self._queue.calls)
+            self._queue.calls.clear()
+        for call in waiting:
+            if not call.future.done():
+                call.future.set_exception(
+                    HostBusy(f"host {self.host}: the driver is shutting down")
+                )
+
+    # -- under the lock --------------------------------------------------------------
+
+    def _refuse(self, why: str) -> None:
+        if not self._queue.refusing:
+            self._queue.refusing = True
+            log.warning(
+                "host-calls-refused",
+                host=self.host,
+                why=why,
+                waiting=len(self._queue.calls),
+                threads=len(self._threads),
+            )
+        raise HostBusy(f"host {self.host}: {why}; it is not answering")
+
+    def _room(self) -> bool:
+        """Whether one more thread may start."""
+        active = sum(1 for w in self._threads if not w.hung)
+        return active < self.workers and len(self._threads) < self.workers + self.spare
+
+    def _set_aside_hung(self) -> None:
+        now = self._clock.now()
+        hung = [w for w in self._threads if not w.hung and now - w.busy_since >= self.hang_after]
+        for worker in hung:
+            worker.hung = True
+        if hung:
+            log.warning(
+                "host-calls-hung",
+                host=self.host,
+                hung=sum(1 for w in self._threads if w.hung),
+                after_s=self.hang_after,
+                spare=self.spare,
+            )
+
+    def _start_worker(self, call: _Call) -> None:
+        worker = _Worker(f"{self.thread_prefix}{next(self._serial)}", self._clock.now())
+        self._threads.append(worker)
+        thread = threading.Thread(
+            target=self._work, args=(worker, call), name=worker.name, daemon=True
+        )
+        thread.start()
+
+    # -- threads -----------------------------------------------------------------------
+
+    def _work(self, me: _Worker, call: _Call) -> None:
+        while True:
+            call.run()
+            with self._lock:
+                if me.hung or self._closed or not self._queue.calls:
+                    self._threads.remove(me)
+                    return
+                call = self._queue.calls.popleft()
+                if not self._queue.calls:
+                    self._queue.warned = False
+                me.busy_since = self._clock.now()
+
+    def _withdraw(self, call: _Call, future: asyncio.Future[Any]) -> None:  # loop thread
+        if future.cancelled():
+            with self._lock, contextlib.suppress(ValueError):  # already taken by a thread
+                self._queue.calls.remove(call)
 
 
 def backoff_delay(failures: int) -> float:
@@ -98,6 +312,9 @@ class HostLink:
         clock: Clock,
         setup_events: EventSetup | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        call_threads: int = CALL_THREADS,
+        call_queue: int = CALL_QUEUE,
     ) -> None:
         self.name = name
         self.uri = uri
@@ -112,6 +329,9 @@ class HostLink:
         self._retry_at = 0.0
         self._last_error = ""
         self._opening: asyncio.Lock | None = None
+        self.executor = HostExecutor(
+            name, clock, workers=call_threads, queue_limit=call_queue, hang_after=CALL_TIMEOUT
+        )
 
     # -- connection ---------------------------------------------------------------
 
@@ -134,7 +354,7 @@ class HostLink:
             if self._aio is not None:
                 ensure_event_loop(self._aio, loop)
             try:
-                conn, ids = await in_daemon_thread(self._open)
+                conn, ids = await self.executor.submit(self._open)
             except self._lv.libvirtError as error:
                 self._failures += 1
                 raw = _message(error)
@@ -184,10 +404,19 @@ class HostLink:
         self._forget(why)
 
     async def close(self) -> None:
+        """Stop the host's workers and close the connection; waits for neither longer
+        than `CLOSE_TIMEOUT` (a call or a close may hang on a dead daemon for good)."""
+        self.executor.shutdown()
         conn, ids = self._conn, self._callback_ids
         self._conn, self._callback_ids = None, []
         if conn is not None:
-            await in_daemon_thread(_close, conn, ids, self._lv)
+            try:
+                await asyncio.wait_for(
+                    in_daemon_thread(_close, conn, ids, self._lv, name="lmw-close"),
+                    CLOSE_TIMEOUT,
+                )
+            except TimeoutError:
+                log.warning("host-close-timed-out", host=self.name, after_s=CLOSE_TIMEOUT)
 
     # -- calls --------------------------------------------------------------------
 
@@ -199,14 +428,16 @@ class HostLink:
         timeout: float | None = CALL_TIMEOUT,
         migration: str | None = None,
     ) -> T:
-        """Run `fn(connection)` in a worker thread; libvirt errors become DriverErrors.
+        """Run `fn(connection)` on one of the host's workers; libvirt errors become
+        DriverErrors. The timeout counts from the call, waiting for a worker included.
 
         `what` names the operation in lmwatch's words; `migration` (an id) goes into
-        the log line that keeps libvirt's raw message.
+        the log line that keeps libvirt's raw message. Raises `HostBusy` at once when
+        the host's calls are not being answered (see `HostExecutor`).
         """
         conn = await self.connection()
         try:
-            job = in_daemon_thread(fn, conn)
+            job = self.executor.submit(fn, conn)
             return await (asyncio.wait_for(job, timeout) if timeout else job)
         except TimeoutError as error:
             self.drop(f"{what} did not answer within {timeout:.0f} s")

@@ -1,8 +1,10 @@
 """The real driver: live migration through libvirt (QEMU), peer to peer.
 
 - One `HostLink` per host (lazy, keepalive, reconnect with backoff); blocking calls
-  in worker threads; events (pass finished, job completed, lifecycle) through
-  `libvirtaio`, so `wait_event` returns as soon as a migration changes phase.
+  on a bounded pool of daemon threads per host (`call_threads` at once, up to
+  `call_queue` waiting; a host that stops answering is refused at once); events
+  (pass finished, job completed, lifecycle) through `libvirtaio`, so `wait_event`
+  returns as soon as a migration changes phase.
 - `start` runs `migrateToURI3` in a daemon thread of its own (it blocks until the
   migration ends); its exception is the failure cause. Progress comes from
   `jobStats()` on the source. When the connection that call runs on is lost, the
@@ -30,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import (
@@ -45,7 +47,14 @@ from lmwatch.drivers.base import (
     UnknownHost,
     UnknownInstance,
 )
-from lmwatch.drivers.libvirt_conn import HostLink, HostLost, HypervisorError, in_daemon_thread
+from lmwatch.drivers.libvirt_conn import (
+    CALL_QUEUE,
+    CALL_THREADS,
+    HostLink,
+    HostLost,
+    HypervisorError,
+    in_daemon_thread,
+)
 from lmwatch.drivers.libvirt_mapping import (
     DIRTYRATE_MEASURED,
     LABELS_NS,
@@ -101,6 +110,9 @@ class HostConfig(BaseModel):
     `migration_address`: where memory is sent when this host is the destination,
     e.g. "tcp://10.0.0.2" (also its listen address).
     `bandwidth`: a cap for migrations to this host, e.g. "100MiB/s".
+    `call_threads`: how many calls to this host run at once (each on a thread);
+    `call_queue`: how many more may wait for one before calls are refused. The
+    migrate calls themselves (one per running migration) are not counted.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -109,6 +121,8 @@ class HostConfig(BaseModel):
     peer_uri: str | None = None
     migration_address: str | None = None
     bandwidth: float | None = None  # bytes/s
+    call_threads: int = Field(default=CALL_THREADS, ge=1, le=64)
+    call_queue: int = Field(default=CALL_QUEUE, ge=0)
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -239,8 +253,17 @@ class LibvirtDriver:
         link = self._links.get(host)
         if link is None:
             lv, aio = self._modules()
+            conf = self._hosts[host]
             link = HostLink(
-                host, self._hosts[host].uri, lv, aio, self._clock, self._setup_events, self._loop
+                host,
+                conf.uri,
+                lv,
+                aio,
+                self._clock,
+                self._setup_events,
+                self._loop,
+                call_threads=conf.call_threads,
+                call_queue=conf.call_queue,
             )
             self._links[host] = link
         return link

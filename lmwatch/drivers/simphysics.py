@@ -8,12 +8,12 @@ on how the guest writes (`Writer`): after writing X bytes,
 - sequential: d = min(W, X) — grows linearly up to the working set;
 - random (uniform over W): d = W·(1 − e^(−X/W)) — saturates, never quite reaching W.
 
-Where a pass ends follows QEMU (migration.c `migration_iteration_run`, ram.c
+Where a pass ends follows the real hypervisor (its `migration_iteration_run` and
 `ram_state_pending_estimate/_exact`): the migration thread sends in bursts of
 100 ms (its rate-limit window, `Tuning.recount_interval`) and before each burst
 compares what the bitmap still holds with the threshold B·T (bandwidth × blackout
-budget). Only when it is below does QEMU sync the dirty bitmap — a new pass
-(`memory_iteration` + 1) — so a pass ends at the first burst after its remainder
+budget). Only when it is below does it sync the dirty bitmap — a new pass (the
+iteration count + 1) — so a pass ends at the first burst after its remainder
 fell below B·T, or when it is fully sent, whichever comes first. The unsent rest
 c is not dropped: the pages dirtied meanwhile are added to it, so
 R(n+1) = c ∪ d(D·(1-s)·t_pass(n)) (s the slow-down level). If after the sync the
@@ -23,10 +23,10 @@ passes last one burst each and shrink by B·τ − d(D·τ) per burst. The sync 
 takes `Tuning.sync_time` (nothing is sent; the guest keeps writing).
 
 What the hypervisor reports as the change rate is the bytes newly dirtied at the
-syncs over a period of at least `Tuning.rate_period` seconds (QEMU's
-`dirty-pages-rate`, updated at most once a second) divided by the period, which
+syncs over a period of at least `Tuning.rate_period` seconds (the hypervisor's
+dirty-pages rate, updated at most once a second) divided by the period, which
 for a random writer falls far below D over long passes. The slow-down rises on
-the same periods (QEMU's auto-converge: a period is bad when it dirtied at least
+the same periods (the hypervisor's throttling: a period is bad when it dirtied at least
 `slow_down_ratio` of what it sent).
 
 When the guest stops, the rest is copied and the device state moved, so the
@@ -119,7 +119,7 @@ class Tuning:
     # 0.3 MiB at 16 MiB/s: the sync costs under 10 ms of sending.
     sync_time: float = 0.005
     # Seconds per burst: the remainder is compared with the threshold before each one
-    # (QEMU's rate-limit window, BUFFER_DELAY = 100 ms).
+    # (the hypervisor's rate-limit window, BUFFER_DELAY = 100 ms).
     recount_interval: float = 0.1
     rate_period: float = 1.0  # the reported change rate and the slow-down use periods this long
     cancel_delay: float = 0.2  # seconds from cancel to the instance running alone again
@@ -176,7 +176,7 @@ class Migration:
         self._sync_left = 0.0
         self._window = 0  # index of the last burst boundary whose check was made
         self._pass_started = 0.0
-        self._period_started = 0.0  # the change-rate period (QEMU: >= 1 s between updates)
+        self._period_started = 0.0  # the change-rate period (>= 1 s between updates)
         self._period_dirty = 0.0  # bytes newly dirtied at the syncs of this period
         self._period_sent = 0.0  # bytes transferred when the period began
         self._stretch = 0.0  # distinct bytes the previous pass dirtied
@@ -524,7 +524,7 @@ class Migration:
         if self._cancel_at is not None or self._refuse_at is not None:
             return
         if self.phase is Phase.COPYING and self._sync_left <= 0 and self.bandwidth > 0:
-            # Like QEMU: before each burst, and when the pass is fully sent, a remainder
+            # Like the hypervisor: before each burst, and when the pass is fully sent, a remainder
             # below the threshold is re-counted (a new pass: the unsent rest plus what
             # was rewritten); if the count is still below it, the guest is stopped.
             window = self._window_at(self.elapsed)

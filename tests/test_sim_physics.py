@@ -182,10 +182,10 @@ def test_never_converging_does_not_finish_within_an_hour() -> None:
     run(model, 3600, dt=5.0)
     assert not model.phase.finished
     assert model.passes > 100
-    # each pass has all of the working set to send again (the second also the rest of
-    # the first pass, which it carries over)
-    assert 2 * GIB < model.pass_remainders[1] <= 2 * GIB + 0.3 * GIB
-    assert all(r == pytest.approx(2 * GIB) for r in model.pass_remainders[2:])
+    # each pass has all of the working set to send again, and the rest of the first pass
+    # outside it, carried over (a share of it at each count) until it is sent
+    assert all(2 * GIB <= r <= 2 * GIB + 0.3 * GIB for r in model.pass_remainders[1:])
+    assert model.pass_remainders[-1] == pytest.approx(2 * GIB)
 
 
 def test_raising_the_budget_finishes_a_floor_limited_instance() -> None:
@@ -221,12 +221,12 @@ def test_measured_change_rate_is_bounded_by_the_working_set() -> None:
     run_to_pass(model, 3)
     sample = model.snapshot(0)
     # pass 2 sends all but the rest below the threshold while the guest rewrites all of
-    # the working set: the newly dirty bytes (not the rest, still dirty) over its time,
-    # a little under the bandwidth
+    # the working set: the newly dirty bytes (not the rest, still dirty; some of it, from
+    # pass 1, outside the working set) over its time, a little under the bandwidth
     took = model.pass_starts[2] - model.pass_starts[1]
     rest = model.pass_remainders[1] - 16 * MIB * (took - TUNING.sync_time)
     newly = model.pass_remainders[2] - rest
-    assert newly == pytest.approx(32 * MIB - rest, rel=0.01)
+    assert 32 * MIB - rest < newly < 32 * MIB
     assert sample.change_rate == pytest.approx(newly / took, rel=0.01)
     assert 0.8 * 16 * MIB < sample.change_rate < 16 * MIB < 40 * MIB
 

@@ -180,6 +180,7 @@ class Migration:
         self._period_dirty = 0.0  # bytes newly dirtied at the syncs of this period
         self._period_sent = 0.0  # bytes transferred when the period began
         self._stretch = 0.0  # distinct bytes the previous pass dirtied
+        self._outside = 0.0  # share of the unsent bytes outside the working set (from pass 1)
         self._left = 0.0  # bytes still to move while completing or handed over
         self._device_left = 0.0
         self.transferred = 0.0
@@ -231,15 +232,22 @@ class Migration:
         rewritten pages adding to the rest, not overlapping it). The unsent rest may
         also hold pages outside the working set, carried over from pass 1.
         """
-        if self.writer is Writer.SEQUENTIAL and self.passes > 1:
+        memory = float(self.memory)
+        if self.passes <= 1:
+            share = min(self._unsent, memory) / memory
+            return min(memory, self._unsent + self._dirty * (1.0 - share))
+        working_set = float(max(self.working_set, 1))
+        outside = self._unsent * self._outside  # never rewritten
+        inside = self._unsent - outside
+        if self.writer is Writer.SEQUENTIAL:
             stretch = self._stretch
-            wraps = self._dirty + stretch - self.working_set
+            wraps = self._dirty + stretch - working_set
             share = min(1.0, max(0.0, wraps) / stretch) if stretch > 0 else 0.0
-            merged = self._unsent + self._dirty - self._unsent * share
-            return min(float(self.memory), merged, max(self._unsent, float(self.working_set)))
-        domain = float(self.memory if self.passes <= 1 else max(self.working_set, 1))
-        share = min(self._unsent, domain) / domain
-        return min(float(self.memory), self._unsent + self._dirty * (1.0 - share))
+            rewritten = min(inside + self._dirty - inside * share, max(inside, working_set))
+        else:
+            share = min(inside, working_set) / working_set
+            rewritten = inside + self._dirty * (1.0 - share)
+        return min(memory, outside + rewritten)
 
     @property
     def dirtied(self) -> float:
@@ -543,6 +551,11 @@ class Migration:
 
     def _end_pass(self) -> None:
         merged = self._merged()
+        if self.passes <= 1:  # pass 1's rest lies all over memory
+            outside = self._unsent * (1.0 - min(self.working_set, self.memory) / self.memory)
+        else:
+            outside = self._unsent * self._outside
+        self._outside = min(1.0, outside / merged) if merged > 0 else 0.0
         self._period_dirty += max(0.0, merged - self._unsent)  # newly dirty at this sync
         period = self.elapsed - self._period_started
         if period >= self.tuning.rate_period - _TICK:

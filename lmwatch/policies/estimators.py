@@ -424,6 +424,22 @@ def _pairs(
     return [pair for _, pair in timed]
 
 
+def _telling(
+    pairs: Sequence[tuple[float, float, float]], recent: Sequence[tuple[float, float, float]]
+) -> list[tuple[float, float, float]]:
+    """The recent pairs, and the latest older one of another duration when they all
+    lasted about as long: pairs of one duration fix one point of `f`, which cannot tell
+    the working set from the rate (passes that end at the threshold of a steady guest
+    all last alike, and the noise in what they left then picks any working set)."""
+    durations = [t for t, _, _ in recent]
+    if len(recent) < 2 or max(durations) > 1.1 * min(durations):
+        return list(recent)
+    low, high = min(durations) / 1.1, max(durations) * 1.1
+    older = pairs[: len(pairs) - len(recent)]
+    other = next((p for p in reversed(older) if not low <= p[0] <= high), None)
+    return list(recent) if other is None else [other, *recent]
+
+
 def _solve_working_set(rate: float, seconds: float, dirtied: float, cap: float) -> float:
     """W with W·(1 − exp(−rate·seconds/W)) = dirtied (W in [dirtied, cap])."""
     written = rate * seconds
@@ -537,7 +553,7 @@ def analyse(
     records = observe_passes(history, ctx, rate, settings.recount_interval)
     pairs = _pairs(records, history)
     recent = pairs[-settings.fit_pairs :]
-    model = fit_model(recent, memory, ctx.change_rate_before_start)
+    model = fit_model(_telling(pairs, recent), memory, ctx.change_rate_before_start)
     # the time a pass took beyond sending what it sent (its size less the rest carried on)
     overheads = [
         max(0.0, d - (a.size - b.carried) / rate)

@@ -659,6 +659,7 @@ class Engine:
             budget=float(record.blackout_budget or 0.0),
             remaining=float(progress.get("memory_remaining_seen") or 0.0),
             rate=float(progress.get("transfer_rate") or 0.0),
+            burst=self.settings.policy.recount_interval,
         )
         key = (record.source, record.destination)
         kept = self._switchovers.setdefault(key, deque(maxlen=self.settings.switchover_memory))

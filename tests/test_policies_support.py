@@ -1,13 +1,15 @@
 """Synthetic pass-by-pass migrations for the policy tests (no tests here).
 
-The model is DESIGN.md section 4: pass 1 copies all memory `M` at `B`; each later
-pass starts with the distinct bytes the guest dirtied during the previous one,
-`R(n+1) = f(t_pass(n))` with `f(t) = min(W, D_eff * t)` for a sequential writer and
-`f(t) = W * (1 - exp(-D_eff * t / W))` for a random one, and the hypervisor
-completes once `R <= B * budget`; the blackout is then `R / B` plus the switchover
-cost. The change rate reported from pass 2 on is what a hypervisor reports:
-distinct bytes dirtied during the previous pass over its duration, `f(t) / t`,
-which falls below `D` once the working set saturates. Slowing (when armed) steps
+The model is DESIGN.md section 4, with passes that end like the real hypervisor's
+(simphysics): a pass sends in bursts of `BURST` seconds and is counted again before
+the first burst that would begin below the threshold `B * budget` (or once it is all
+sent); its unsent rest `c` is carried over, so each later pass starts with
+`R(n+1) = c + f(t_pass(n))`, `f(t) = min(W, D_eff * t)` for a sequential writer and
+`f(t) = W * (1 - exp(-D_eff * t / W))` for a random one. A count `R <= B * budget`
+completes; the blackout is then `R / B` plus the switchover cost. The change rate
+reported from pass 2 on is what a hypervisor reports: distinct bytes newly dirtied
+during the previous pass over its duration, `f(t) / t`, which falls below `D` once
+the working set saturates. Slowing (when armed) steps
 the throttle up like the hypervisor: after a few passes in a row that each
 dirtied at least half of what they sent; `D_eff = D * (1 - slowdown)`.
 """
@@ -50,6 +52,14 @@ class Workload:
 
 SWITCHOVER = 0.05  # seconds: the switchover cost the contexts carry unless told otherwise
 SLOW_DOWN_BAD_RATIO = 0.5  # the hypervisor counts a pass as bad when it dirtied this share
+BURST = 0.1  # seconds per burst; the remainder is checked against the threshold before each
+
+
+def sends(w: Workload, size: float, budget: float) -> float:
+    """Bytes a pass of `size` sends before it is counted again (at least one burst)."""
+    burst = w.bandwidth * BURST
+    bursts = max(1, math.ceil((size - w.bandwidth * budget) / burst - 1e-9))
+    return min(size, bursts * burst)
 
 
 def plan(
@@ -140,18 +150,20 @@ def _pass_samples(
 ) -> list[Sample]:
     """Samples within pass `n`; leaves the state at the end of the pass."""
     size = state.remaining
-    duration = size / w.bandwidth
+    sent = sends(w, size, state.budget)
+    duration = sent / w.bandwidth
     base = state.transferred
     state.pass_start = state.time
     samples = []
     for k in range(polls):
-        moved = size * k / polls
+        moved = sent * k / polls
         state.remaining = size - moved
         state.time = state.pass_start + duration * k / polls
         state.transferred = base + moved
         samples.append(_sample(w, state, n, Phase.COPYING, report_change))
-    state.transferred = base + size
+    state.transferred = base + sent
     state.time = state.pass_start + duration
+    state.remaining = size - sent
     state.pass_size = duration
     return samples
 
@@ -159,9 +171,10 @@ def _pass_samples(
 def _end_pass(w: Workload, state: _State, n: int) -> bool:
     """Start the next pass; True when the hypervisor completes instead."""
     duration = state.pass_size
-    state.remaining = w.dirtied(duration, state.slowdown)
-    state.reported = state.remaining / duration if duration > 0 else 0.0
-    bad = state.remaining >= SLOW_DOWN_BAD_RATIO * duration * w.bandwidth  # of what it sent
+    dirtied = w.dirtied(duration, state.slowdown)
+    state.remaining = state.remaining + dirtied  # the rest carried over, and the rewritten
+    state.reported = dirtied / duration if duration > 0 else 0.0
+    bad = dirtied >= SLOW_DOWN_BAD_RATIO * duration * w.bandwidth  # of what it sent
     state.bad_passes = state.bad_passes + 1 if bad else 0
     return state.remaining <= w.bandwidth * state.budget
 
@@ -220,13 +233,14 @@ def simulate(
     run.budgets.append(state.budget)
     for n in range(1, max_passes + 1):
         size = state.remaining
-        duration = size / w.bandwidth
+        sent = sends(w, size, state.budget)
+        duration = sent / w.bandwidth
         state.pass_start = state.time
         base = state.transferred
         for k in range(polls_per_pass):
             state.time = state.pass_start + duration * k / polls_per_pass
-            state.remaining = size * (1 - k / polls_per_pass)
-            state.transferred = base + size * k / polls_per_pass
+            state.remaining = size - sent * k / polls_per_pass
+            state.transferred = base + sent * k / polls_per_pass
             sample = _sample(w, state, n, Phase.COPYING, True)
             run.samples.append(sample)
             ctx = replace(ctx, blackout_budget=state.budget)
@@ -250,7 +264,8 @@ def simulate(
                     run.degraded = left / w.bandwidth
                 return run
         state.time = state.pass_start + duration
-        state.transferred = base + size
+        state.transferred = base + sent
+        state.remaining = size - sent
         state.pass_size = duration
         if _end_pass(w, state, n):
             run.outcome = "completed"

@@ -13,8 +13,11 @@ The search:
   0.6 and 0.8 (step 0.1, as the hypervisor raises it);
 - the blackout budget is set once, at the start, to `max_blackout` minus the
   workload's true switchover cost: the largest budget whose blackout still fits.
-  A larger budget never completes later (copying does not depend on it; only the
-  completion test does, and it passes sooner), so no other budget is searched;
+  A larger budget hardly ever completes later, so no other budget is searched. (Not
+  never: passes end once below bandwidth × budget, so the budget moves the counts of
+  what is left, and a count that fits can come a little sooner under a budget raised
+  later, as a controller raising it step by step does: by a few ms on the generated
+  corpora, under one burst of the hypervisor's);
 - one forward simulation per plan ("keep waiting"), branching at every point of a
   time grid (every 0.5 s, coarser for long horizons so that a plan has at most
   `MAX_GRID_POINTS` of them) and at every pass boundary (where the remainder is at a

@@ -8,15 +8,30 @@ on how the guest writes (`Writer`): after writing X bytes,
 - sequential: d = min(W, X) — grows linearly up to the working set;
 - random (uniform over W): d = W·(1 − e^(−X/W)) — saturates, never quite reaching W.
 
-Each later pass starts with a short sync (nothing is sent, the guest keeps
-writing) and copies what the previous pass left dirty: R(n+1) = d(D·(1-s)·t_pass(n)),
-s being the slow-down level. What the hypervisor reports as the change rate is
-d / t_pass, which for a random writer falls far below D over long passes.
+Where a pass ends follows the real hypervisor (its `migration_iteration_run` and
+`ram_state_pending_estimate/_exact`): the migration thread sends in bursts of
+100 ms (its rate-limit window, `Tuning.recount_interval`) and before each burst
+compares what the bitmap still holds with the threshold B·T (bandwidth × blackout
+budget). Only when it is below does it sync the dirty bitmap — a new pass (the
+iteration count + 1) — so a pass ends at the first burst after its remainder
+fell below B·T, or when it is fully sent, whichever comes first. The unsent rest
+c is not dropped: the pages dirtied meanwhile are added to it, so
+R(n+1) = c ∪ d(D·(1-s)·t_pass(n)) (s the slow-down level). If after the sync the
+remainder is still below B·T the guest is stopped and the migration completes;
+otherwise the next burst is sent and the check repeats, so near the threshold the
+passes last one burst each and shrink by B·τ − d(D·τ) per burst. The sync itself
+takes `Tuning.sync_time` (nothing is sent; the guest keeps writing).
 
-Like the real hypervisor, the migration completes as soon as the remainder fits
-the blackout budget T at the current bandwidth (R ≤ B·T); the guest then stops,
-the rest is copied and the device state moved, so the blackout is R/B plus the
-switchover cost (`Tuning.device_state`) and may exceed T by up to that cost.
+What the hypervisor reports as the change rate is the bytes newly dirtied at the
+syncs over a period of at least `Tuning.rate_period` seconds (the hypervisor's
+dirty-pages rate, updated at most once a second) divided by the period, which
+for a random writer falls far below D over long passes. The slow-down rises on
+the same periods (the hypervisor's throttling: a period is bad when it dirtied at least
+`slow_down_ratio` of what it sent).
+
+When the guest stops, the rest is copied and the device state moved, so the
+blackout is R/B plus the switchover cost (`Tuning.device_state`) and may exceed T
+by up to that cost.
 Pause, handover, cancel and faults mirror what the real hypervisor was seen to
 do (shared/RIG.md).
 """
@@ -99,13 +114,20 @@ class Tuning:
     # remainder (stop the guest, move device state, resume on the destination). The
     # blackout is remainder/bandwidth + this, so it may exceed the budget by this much.
     device_state: float = 0.03
-    sync_time: float = 0.05  # seconds at each pass start when nothing is sent
+    # Seconds at each pass start when nothing is sent (the dirty-bitmap sync). The rig's
+    # passes near the threshold start 0.10 s apart and shrink by B·τ − D·τ within
+    # 0.3 MiB at 16 MiB/s: the sync costs under 10 ms of sending.
+    sync_time: float = 0.005
+    # Seconds per burst: the remainder is compared with the threshold before each one
+    # (the hypervisor's rate-limit window, BUFFER_DELAY = 100 ms).
+    recount_interval: float = 0.1
+    rate_period: float = 1.0  # the reported change rate and the slow-down use periods this long
     cancel_delay: float = 0.2  # seconds from cancel to the instance running alone again
     link_timeout: float = 30.0  # seconds a broken link stalls before the job fails
     source_grace: float = 30.0  # seconds a vanished source host keeps migrating
     refuse_delay: float = 0.5  # seconds until a refusing destination fails the job
-    slow_down_ratio: float = 0.5  # a pass is "bad" when it dirtied this share of what it sent
-    slow_down_passes: int = 2  # bad passes in a row before slowing starts
+    slow_down_ratio: float = 0.5  # a period is "bad" when it dirtied this share of what it sent
+    slow_down_passes: int = 2  # bad periods in a row before slowing starts (and per step)
     slow_down_max: float = 0.99
     max_step: float = 0.1  # seconds per internal step while the change rate varies
 
@@ -147,13 +169,18 @@ class Migration:
         self.error: str | None = None
         self.finished_at: float | None = None  # elapsed time the job ended
         self.pass_remainders: list[float] = [float(memory)]  # bytes to send, per pass
+        self.pass_starts: list[float] = [0.0]  # elapsed time each pass began
 
         self._unsent = float(memory)  # bytes still to send in this pass
         self._dirty = 0.0  # distinct bytes dirtied since this pass began
         self._sync_left = 0.0
-        self._checked = False  # the early completion check was made in this pass
+        self._window = 0  # index of the last burst boundary whose check was made
         self._pass_started = 0.0
-        self._pass_size = float(memory)
+        self._period_started = 0.0  # the change-rate period (>= 1 s between updates)
+        self._period_dirty = 0.0  # bytes newly dirtied at the syncs of this period
+        self._period_sent = 0.0  # bytes transferred when the period began
+        self._stretch = 0.0  # distinct bytes the previous pass dirtied
+        self._outside = 0.0  # share of the unsent bytes outside the working set (from pass 1)
         self._left = 0.0  # bytes still to move while completing or handed over
         self._device_left = 0.0
         self.transferred = 0.0
@@ -191,12 +218,36 @@ class Migration:
             return self._left
         if self.phase is Phase.COMPLETED:
             return 0.0
-        # Pages still unsent and pages rewritten overlap: the guest writes all over
-        # its domain (memory in pass 1, the working set later), so a rewritten page
-        # is still unsent with probability unsent/domain.
-        domain = float(self.memory if self.passes <= 1 else max(self.working_set, 1))
-        unsent = min(self._unsent, domain)
-        return min(domain, unsent + self._dirty * (1.0 - unsent / domain))
+        return self._merged()
+
+    def _merged(self) -> float:
+        """Unsent pages and pages rewritten since the pass began, each counted once.
+
+        A random writer writes all over its domain (memory in pass 1, the working set
+        later), so a rewritten page is still unsent with probability unsent/domain. A
+        sequential writer rewrites a page W/D seconds after it wrote it: the unsent
+        rest lies in the stretch it wrote during the previous pass, and this pass's
+        stretch reaches into it only once both together exceed the working set (the
+        rig: near the threshold each burst took B·τ − D·τ off the remainder, the
+        rewritten pages adding to the rest, not overlapping it). The unsent rest may
+        also hold pages outside the working set, carried over from pass 1.
+        """
+        memory = float(self.memory)
+        if self.passes <= 1:
+            share = min(self._unsent, memory) / memory
+            return min(memory, self._unsent + self._dirty * (1.0 - share))
+        working_set = float(max(self.working_set, 1))
+        outside = self._unsent * self._outside  # never rewritten
+        inside = self._unsent - outside
+        if self.writer is Writer.SEQUENTIAL:
+            stretch = self._stretch
+            wraps = self._dirty + stretch - working_set
+            share = min(1.0, max(0.0, wraps) / stretch) if stretch > 0 else 0.0
+            rewritten = min(inside + self._dirty - inside * share, max(inside, working_set))
+        else:
+            share = min(inside, working_set) / working_set
+            rewritten = inside + self._dirty * (1.0 - share)
+        return min(memory, outside + rewritten)
 
     @property
     def dirtied(self) -> float:
@@ -236,18 +287,28 @@ class Migration:
         # cost comes on top of it in the measured blackout.
         return self.bandwidth * max(0.0, self.budget)
 
+    def _fits(self, size: float) -> bool:
+        return size <= self._threshold() + _BYTE
+
+    def _window_at(self, t: float) -> int:
+        """Index of the last burst boundary at or before elapsed time `t`."""
+        return math.floor((t + _TICK) / self.tuning.recount_interval)
+
+    def _window_from(self, t: float) -> float:
+        """Elapsed time of the first burst boundary at or after `t`."""
+        interval = self.tuning.recount_interval
+        return math.ceil((t - _TICK) / interval) * interval
+
     # --------------------------------------------------------------- controls
 
     def set_budget(self, seconds: float) -> None:
         self._refuse_if_ended()
         self.budget = max(0.0, seconds)
-        self._checked = False
         self._settle()
 
     def set_cap(self, bytes_per_second: float | None) -> None:
         self._refuse_if_ended()
         self.cap = bytes_per_second
-        self._checked = False
         self._settle()
 
     def set_link_bandwidth(self, bytes_per_second: float) -> None:
@@ -365,10 +426,13 @@ class Migration:
                 elif rate > 0:
                     times.append(self._sync_left + self._unsent / rate)  # the pass's end
             elif rate > 0:
-                times.append(self._unsent / rate)
-                excess = self._unsent - self._threshold()
-                if minor and not self._checked and excess > 0:
-                    times.append(excess / rate)  # the early completion check
+                times.append(self._unsent / rate)  # fully sent: synced at once
+                # the first burst that begins with the remainder below the threshold
+                below = self.elapsed + max(0.0, self._unsent - self._threshold()) / rate
+                check = self._window_from(below)
+                if self._window_at(check) <= self._window:  # this boundary was checked
+                    check = (self._window + 1) * self.tuning.recount_interval
+                times.append(check - self.elapsed)
             if minor:
                 if (
                     self.writer is Writer.SEQUENTIAL
@@ -468,16 +532,15 @@ class Migration:
         if self._cancel_at is not None or self._refuse_at is not None:
             return
         if self.phase is Phase.COPYING and self._sync_left <= 0 and self.bandwidth > 0:
-            threshold = self._threshold()
-            if self._unsent <= _BYTE:
+            # Like the hypervisor: before each burst, and when the pass is fully sent, a remainder
+            # below the threshold is re-counted (a new pass: the unsent rest plus what
+            # was rewritten); if the count is still below it, the guest is stopped.
+            window = self._window_at(self.elapsed)
+            burst = window > self._window
+            self._window = max(self._window, window)
+            if self._unsent <= _BYTE or (burst and self._fits(self._unsent)):
                 self._end_pass()
-                if self._unsent <= threshold + _BYTE:
-                    self._stop_and_copy()
-            elif not self._checked and self._unsent <= threshold + _BYTE:
-                # Like the hypervisor: once the pass's remainder looks small enough,
-                # count what was rewritten meanwhile and stop if all of it fits.
-                self._checked = True
-                if self.remaining <= threshold + _BYTE:
+                if self._fits(self._unsent):
                     self._stop_and_copy()
         if self.phase is Phase.COMPLETING and self._left <= _BYTE and self._device_left <= _TICK:
             assert self._stopped_at is not None
@@ -487,28 +550,41 @@ class Migration:
             self._end(Phase.COMPLETED, Side.DESTINATION)
 
     def _end_pass(self) -> None:
-        took = self.elapsed - self._pass_started
-        dirtied = self._dirty
-        self.measured_change = dirtied / took if took > 0 else 0.0
-        if self.plan.arm_slow_down and dirtied >= self.tuning.slow_down_ratio * self._pass_size:
-            self._bad_passes += 1
-            if self._bad_passes >= self.tuning.slow_down_passes:
-                if self.slowdown == 0:
-                    self.slowdown = self.plan.slow_down_initial
-                else:
-                    self.slowdown += self.plan.slow_down_step
-                self.slowdown = min(self.tuning.slow_down_max, max(0.0, self.slowdown))
-                self.max_slowdown = max(self.max_slowdown, self.slowdown)
+        merged = self._merged()
+        if self.passes <= 1:  # pass 1's rest lies all over memory
+            outside = self._unsent * (1.0 - min(self.working_set, self.memory) / self.memory)
         else:
-            self._bad_passes = 0
+            outside = self._unsent * self._outside
+        self._outside = min(1.0, outside / merged) if merged > 0 else 0.0
+        self._period_dirty += max(0.0, merged - self._unsent)  # newly dirty at this sync
+        period = self.elapsed - self._period_started
+        if period >= self.tuning.rate_period - _TICK:
+            dirtied = self._period_dirty
+            sent = self.transferred - self._period_sent
+            self.measured_change = dirtied / period
+            if self.plan.arm_slow_down and dirtied >= self.tuning.slow_down_ratio * sent:
+                self._bad_passes += 1
+                if self._bad_passes >= self.tuning.slow_down_passes:
+                    self._bad_passes = 0
+                    if self.slowdown == 0:
+                        self.slowdown = self.plan.slow_down_initial
+                    else:
+                        self.slowdown += self.plan.slow_down_step
+                    self.slowdown = min(self.tuning.slow_down_max, max(0.0, self.slowdown))
+                    self.max_slowdown = max(self.max_slowdown, self.slowdown)
+            else:
+                self._bad_passes = 0
+            self._period_started = self.elapsed
+            self._period_dirty = 0.0
+            self._period_sent = self.transferred
         self.passes += 1
         self._pass_started = self.elapsed
-        self._pass_size = dirtied
-        self.pass_remainders.append(dirtied)
-        self._unsent = dirtied
+        self.pass_remainders.append(merged)
+        self.pass_starts.append(self.elapsed)
+        self._stretch = min(self._dirty, float(self.working_set))
+        self._unsent = merged
         self._dirty = 0.0
         self._sync_left = self.tuning.sync_time
-        self._checked = False
 
     def _stop_and_copy(self) -> None:
         self._left = self.remaining

@@ -299,7 +299,7 @@ def _hopeful_reading_converges(
     nxt = next((r for r in a.records if r.number == first.number + 1), None)
     if nxt is None:
         return False
-    hopeful = DirtyModel(nxt.size / first.duration, float(a.memory))
+    hopeful = DirtyModel(max(0.0, nxt.size - nxt.carried) / first.duration, float(a.memory))
     in_pass = max(0.0, a.latest.time - a.records[-1].started)
     return project(
         hopeful,

@@ -15,6 +15,14 @@ model is fitted to the recent pairs; a pass of `R / B` seconds leaves `f(R / B)`
 so projecting pass after pass tells whether copying converges, the floor it
 settles at, and when it finishes. The final stop lasts the remainder's copy time
 plus the host pair's switchover cost.
+
+The hypervisor does not send a pass to its end: it counts the changed pages again
+as soon as what the pass still has to send falls below the threshold `B · T`
+(transfer rate × blackout budget), checked before each burst it sends, and stops
+the guest if the new count is below the threshold too. The rest of a pass is
+carried into the next, so a pass starts with `rest + f(duration)` to send: the
+pairs take the rest off (only what was rewritten is a point of `f`), and the
+projection carries it.
 """
 
 from __future__ import annotations
@@ -52,6 +60,11 @@ class PolicySettings:
     slow_down_initial: float = 0.2  # start level when nothing says more is needed
     max_initial_slowdown: float = 0.6  # cap on a higher start level chosen at start
     fit_pairs: int = 4  # most recent (pass duration, remainder) pairs the model is fitted to
+    # The hypervisor sends in bursts this long and checks before each one whether what is
+    # left is below the threshold (transfer rate × budget); it judges the slow-down over
+    # periods of at least `slow_down_period` seconds.
+    recount_interval: float = 0.1
+    slow_down_period: float = 1.0
     steady_variation: float = 0.15  # pass rates varying less than this are steady
     steady_pairs: int = 4  # pairs needed before steadiness counts as evidence
     # Giving up early on steady, hopeless readings waits this share of the deadline
@@ -77,6 +90,7 @@ class PassRecord:
     size: float  # bytes it had to send
     duration: float | None  # seconds, once the next pass has started
     slowdown: float  # guest slow-down while it ran
+    carried: float = 0.0  # of `size`, the rest the pass before left unsent (not rewritten)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,41 +135,67 @@ def project(
     slow_armed: bool = False,
     settings: PolicySettings | None = None,
 ) -> Projection:
-    """Follow passes until the remainder fits `bandwidth * budget` or stops shrinking.
+    """Follow passes until a count fits `bandwidth * budget` or stops shrinking.
+
+    Like the hypervisor, a pass sends until what it has left is below the threshold
+    (checked before each burst: on average half a burst past it, at least one burst,
+    at most all of it), then counts again: the next pass has that rest plus what the
+    guest rewrote meanwhile, `f(duration)`. A count below the threshold stops the
+    guest.
 
     With slowing armed, the throttle rises like the hypervisor raises it: after
-    `slow_down_passes_per_step` passes in a row that dirtied at least
-    `slow_down_bad_ratio` of what they sent.
+    `slow_down_passes_per_step` periods (of at least `slow_down_period` seconds) in a
+    row that rewrote at least `slow_down_bad_ratio` of what they sent.
     """
     s = settings or DEFAULT
     capacity = bandwidth * budget
-    seconds = unsent / bandwidth  # the rest of the current pass
+    burst = bandwidth * max(s.recount_interval, 1e-3)
+
+    def sends(size: float, first: bool) -> float:
+        """Bytes a pass of `size` sends before it is counted again."""
+        past = size - capacity + burst / 2
+        return min(size, max(past, 0.0 if first else burst))
+
+    sent = sends(unsent, True)
+    seconds = sent / bandwidth  # the rest of the current pass
     duration = elapsed_in_pass + seconds
-    size = unsent + bandwidth * elapsed_in_pass
+    rest = unsent - sent
+    period = [elapsed_in_pass, bandwidth * elapsed_in_pass + sent, 0.0]  # time, sent, dirty
     level = slowdown
     bad = 0
     previous = math.inf
     for n in range(1, _MAX_PROJECTED_PASSES + 1):
-        left = model.dirtied(duration, level)
+        dirtied = model.dirtied(duration, level)
+        left = rest + dirtied
         if left <= capacity:
             return Projection(True, seconds + left / bandwidth + switchover, 0.0, n)
+        raised = False
         if slow_armed:
-            bad = bad + 1 if left >= s.slow_down_bad_ratio * size else 0
-            if bad >= s.slow_down_passes_per_step:
-                bad = 0
-                level = slow_initial if level <= 0 else level + slow_step
-                level = min(s.max_slowdown, level)
+            period[2] += dirtied
+            if period[0] >= s.slow_down_period:
+                bad = bad + 1 if period[2] >= s.slow_down_bad_ratio * period[1] else 0
+                period = [0.0, 0.0, 0.0]
+                if bad >= s.slow_down_passes_per_step:
+                    bad = 0
+                    raised = level < s.max_slowdown
+                    level = slow_initial if level <= 0 else level + slow_step
+                    level = min(s.max_slowdown, level)
+        # settled: no longer shrinking, and no slowing left to come (a level raised just
+        # now has not acted on `left` yet)
         settled = (
             not math.isinf(previous)
             and abs(left - previous) <= 0.005 * previous
-            and (not slow_armed or level >= s.max_slowdown)
+            and (not slow_armed or (level >= s.max_slowdown and not raised))
         )
         if settled:
             return Projection(False, None, left, n)
         previous = left
-        size = left
-        duration = left / bandwidth + overhead
+        sent = sends(left, False)
+        rest = left - sent
+        duration = sent / bandwidth + overhead
         seconds += duration
+        period[0] += duration
+        period[1] += sent
     return Projection(False, None, previous, _MAX_PROJECTED_PASSES)
 
 
@@ -283,7 +323,10 @@ def _transfer_rate(history: Sequence[Sample], alpha: float) -> float | None:
 
 
 def observe_passes(
-    history: Sequence[Sample], ctx: MigrationContext, bandwidth: float | None
+    history: Sequence[Sample],
+    ctx: MigrationContext,
+    bandwidth: float | None,
+    interval: float = DEFAULT.recount_interval,
 ) -> list[PassRecord]:
     """Passes whose start the samples show, with their sizes and durations.
 
@@ -292,6 +335,12 @@ def observe_passes(
     which starts with the migration. After a restart the samples begin mid-pass:
     that pass is not counted, so evidence is rebuilt from what is seen, never
     guessed from a single sample.
+
+    The pass before was counted again once what it had left fell below the threshold
+    (transfer rate × the budget then), before the next burst of `interval` seconds
+    (half a burst past it on average), or was all sent; its rest is carried into the
+    new pass. Where the boundary lies between two samples does not change what was
+    rewritten: what is left now, plus what was sent since, minus what was left then.
     """
     first: dict[int, Sample] = {}
     last: dict[int, Sample] = {}
@@ -308,40 +357,50 @@ def observe_passes(
         else:
             peak[n] = max(peak[n], sample.memory_remaining)
         last[n] = sample
-    starts: list[tuple[int, float, float, float]] = []  # number, start, size, slowdown
+    starts: list[tuple[int, float, float, float, float]] = []  # number, start, size, slow, rest
     previous: int | None = None
     for n in order:
         head = first[n]
         start: float | None = None
+        carried = 0.0
         if n == 1:
             start = ctx.started_at
             size = float(max(peak[n], head.memory_total or ctx.memory_bytes))
         elif previous == n - 1 and bandwidth:
             tail = last[n - 1]
-            end = tail.time + tail.memory_remaining / bandwidth
+            threshold = bandwidth * max(0.0, tail.blackout_budget)
+            moved = max(0.0, float(head.memory_transferred - tail.memory_transferred))
+            # what the pass before still sent: down to the threshold, or all of it
+            past = bandwidth * interval / 2
+            left = float(tail.memory_remaining)
+            before = min(moved, left, max(0.0, left - threshold + past))
+            end = tail.time + before / bandwidth
             start = min(max(end, tail.time), head.time)
+            carried = left - before
             # Bytes sent of this pass before its first sample: what was moved between
-            # the two samples beyond the rest of the previous pass (no more than the
-            # link could move; nothing is sent while the pass starts up).
-            moved = head.memory_transferred - tail.memory_transferred - tail.memory_remaining
-            sent = min(max(0.0, float(moved)), bandwidth * (head.time - start))
+            # the two samples beyond that (no more than the link could move; nothing is
+            # sent while the pass starts up).
+            sent = min(moved - before, bandwidth * (head.time - start))
             size = max(float(peak[n]), head.memory_remaining + sent)
+            carried = min(carried, size)
         if start is not None:
-            starts.append((n, start, size, head.slowdown))
+            starts.append((n, start, size, head.slowdown, carried))
         previous = n
     records: list[PassRecord] = []
-    for i, (n, start, size, slow) in enumerate(starts):
+    for i, (n, start, size, slow, carried) in enumerate(starts):
         duration = None
         if i + 1 < len(starts) and starts[i + 1][0] == n + 1:
             duration = max(starts[i + 1][1] - start, 1e-6)
-        records.append(PassRecord(n, start, size, duration, slow))
+        records.append(PassRecord(n, start, size, duration, slow, carried))
     return records
 
 
 def _pairs(
     records: Sequence[PassRecord], history: Sequence[Sample]
 ) -> list[tuple[float, float, float]]:
-    """(duration of pass n, slow-down during it, size of pass n+1), oldest first.
+    """(duration of pass n, slow-down during it, bytes rewritten during it), oldest first.
+
+    What pass n+1 had to send, less the rest pass n carried over to it.
 
     From consecutive passes whose boundaries the samples show; and where passes are
     shorter than the time between samples (several passes between two samples), from
@@ -351,7 +410,8 @@ def _pairs(
     timed: list[tuple[float, tuple[float, float, float]]] = []
     for rec_a, rec_b in itertools.pairwise(records):
         if rec_a.duration is not None and rec_b.number == rec_a.number + 1:
-            timed.append((rec_b.started, (rec_a.duration, rec_a.slowdown, rec_b.size)))
+            rewritten = max(0.0, rec_b.size - rec_b.carried)
+            timed.append((rec_b.started, (rec_a.duration, rec_a.slowdown, rewritten)))
     for a, b in itertools.pairwise(history):
         jump = b.passes - a.passes
         if jump < 2 or a.passes < 2 or b.phase is not Phase.COPYING:
@@ -362,6 +422,22 @@ def _pairs(
             timed.append((b.time, (elapsed / jump, b.slowdown, moved / jump)))
     timed.sort(key=lambda item: item[0])
     return [pair for _, pair in timed]
+
+
+def _telling(
+    pairs: Sequence[tuple[float, float, float]], recent: Sequence[tuple[float, float, float]]
+) -> list[tuple[float, float, float]]:
+    """The recent pairs, and the latest older one of another duration when they all
+    lasted about as long: pairs of one duration fix one point of `f`, which cannot tell
+    the working set from the rate (passes that end at the threshold of a steady guest
+    all last alike, and the noise in what they left then picks any working set)."""
+    durations = [t for t, _, _ in recent]
+    if len(recent) < 2 or max(durations) > 1.1 * min(durations):
+        return list(recent)
+    low, high = min(durations) / 1.1, max(durations) * 1.1
+    older = pairs[: len(pairs) - len(recent)]
+    other = next((p for p in reversed(older) if not low <= p[0] <= high), None)
+    return list(recent) if other is None else [other, *recent]
 
 
 def _solve_working_set(rate: float, seconds: float, dirtied: float, cap: float) -> float:
@@ -483,14 +559,17 @@ def analyse(
     remaining = latest.memory_remaining if latest else memory
     passes = latest.passes if latest else 0
     rate = _transfer_rate(history, settings.ewma_alpha)
-    records = observe_passes(history, ctx, rate)
+    records = observe_passes(history, ctx, rate, settings.recount_interval)
     pairs = _pairs(records, history)
     recent = pairs[-settings.fit_pairs :]
-    model = fit_model(recent, memory, ctx.change_rate_before_start, ctx.change_rate_window)
+    model = fit_model(
+        _telling(pairs, recent), memory, ctx.change_rate_before_start, ctx.change_rate_window
+    )
+    # the time a pass took beyond sending what it sent (its size less the rest carried on)
     overheads = [
-        max(0.0, d - a.size / rate)
-        for a in records
-        if rate and (d := a.duration) is not None and a.number >= 2
+        max(0.0, d - (a.size - b.carried) / rate)
+        for a, b in itertools.pairwise(records)
+        if rate and (d := a.duration) is not None and a.number >= 2 and b.number == a.number + 1
     ]
     overhead = statistics.median(overheads[-5:]) if overheads else 0.0
     reported = [s.change_rate for s in history[-30:] if s.passes >= 2 and s.change_rate > 0]

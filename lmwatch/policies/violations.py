@@ -98,18 +98,30 @@ def violations(profile: Profile, finish: Finish) -> tuple[Violation, ...]:
 
 
 def measured_switchover(
-    blackout: float, *, handed_over: bool, budget: float, remaining: float, rate: float
+    blackout: float,
+    *,
+    handed_over: bool,
+    budget: float,
+    remaining: float,
+    rate: float,
+    burst: float = 0.0,
 ) -> float:
     """The switchover cost a completed migration shows, never underestimated on purpose.
 
     A handover's blackout is the switchover itself. A completion within the budget
     copied at most `min(budget, remaining / rate)` seconds' worth in its final stop
-    (the last remainder seen, at the last rate seen); the rest was switchover.
+    (the last remainder seen, at the last rate seen); the rest was switchover. But the
+    hypervisor stops the guest at a count of what is left that the samples rarely see
+    (it comes once the pass is below the threshold and stops at once when the count is
+    too): that count holds the rest of the pass, known only to within one `burst` of
+    the threshold. The copy is taken that much shorter, so that the cost is not
+    underestimated (too high a cost only leaves a smaller budget; too low a one breaks
+    the blackout limit on the next migration).
     """
     if handed_over:
         return max(0.0, blackout)
     copy = budget if rate <= 0 else min(budget, remaining / rate)
-    return max(0.0, blackout - copy)
+    return max(0.0, blackout - max(0.0, copy - burst))
 
 
 def learned_switchover(measured: Iterable[float], default: float) -> float:

@@ -33,12 +33,12 @@ How the rig's figures are read (QEMU 10 as driven by libvirt 11):
   literal run with `memory_total` is printed next to it for comparison, not checked.
 
 What this test found: QEMU counts the dirty pages again as soon as a pass's remainder
-falls below bandwidth x budget (and every 100 ms burst while it stays below), merging
-the unsent rest into the next pass; simphysics ends a pass only once it is fully sent.
-The rig therefore makes more, shorter passes (sequential writer: 12-13 against 9) and
-finishes its copying sooner (+18..+24 % in the simulator). Figures tied to that
-difference carry it as `known`: when only such figures are beyond +-25 % the test is an
-xfail whose reason gives the numbers; any other figure beyond +-25 % fails it.
+falls below bandwidth x budget (before the next 100 ms burst, and again before every
+burst while it stays below), merging the unsent rest into the next pass, and stops the
+guest when the count is still below it. The simulator used to end a pass only once it
+was fully sent: the rig made more, shorter passes (sequential writer: 12-13 against 9)
+and finished its copying sooner (+18..+24 % in the simulator). simphysics now ends its
+passes like QEMU (its module docstring), and every figure must be within +-25 %.
 """
 
 from __future__ import annotations
@@ -74,20 +74,6 @@ TOLERANCE = 0.25
 PAGE = 4096
 SIM_STEP = 0.01  # seconds: the simulator is stepped this finely to see when it stops
 SAMPLES_FILE = os.environ.get("LMWATCH_RIG_FIDELITY_SAMPLES")  # dump the raw samples here
-# A difference between QEMU and the simulator that this test found (reported, not hidden):
-# the pass count is checked and printed, and when it alone is off the test is an xfail
-# that names the numbers (anything else off is a failure).
-PASS_COUNT_DIFFERENCE = (
-    "QEMU counts the dirty pages again as soon as a pass's remainder falls below "
-    "bandwidth x budget (and again every 100 ms burst while it stays below), while "
-    "simphysics ends a pass only when it is fully sent (plus one check below the "
-    "threshold): the rig makes more, shorter passes"
-)
-COPY_TIME_DIFFERENCE = (
-    "the same difference shortens the rig's copying: each of its passes ends at the "
-    "threshold and the unsent rest is merged into the next pass (pages rewritten "
-    "meanwhile go once), where simphysics sends every pass to the end"
-)
 
 
 @dataclass(frozen=True)
@@ -228,7 +214,7 @@ def observe(m: rigctl.DirectMigration, workload: Workload, first_n: int) -> Obse
 @dataclass
 class Simulated:
     converged: bool
-    passes: int  # counted like the rig's: passes, plus the count at an early completion
+    passes: int  # counted like the rig's: the counts while the guest ran
     pass_starts: list[PassStart]
     copy_time: float  # to completion, or the time simulated
 
@@ -252,25 +238,20 @@ def simulate(
         tuning=Tuning(device_state=device_state),
         writer=writer,
     )
-    starts = [PassStart(1, 0.0, float(memory))]
-    early = False
     while model.elapsed < until - 1e-9 and not model.phase.finished:
-        before_passes, before_phase = model.passes, model.phase
-        before_time, before_remaining = model.elapsed, model.remaining
         step = model.next_event_in()
         model.advance(min(until - model.elapsed, SIM_STEP, step if step is not None else until))
-        if model.passes > before_passes:
-            starts.append(PassStart(model.passes, model.elapsed, model.pass_remainders[-1]))
-        if before_phase is Phase.COPYING and model.phase is not Phase.COPYING:
-            # Stopped after counting the rewritten pages within a pass (not at its end):
-            # the rig counts that as a pass too, so it is listed like one.
-            early = model.passes == before_passes
-            if early:
-                starts.append(PassStart(model.passes + 1, before_time, before_remaining))
-    converged = model.phase is Phase.COMPLETED
+    # every count is a pass, the last one too when the guest was stopped after it
+    starts = [
+        PassStart(n, at, remaining)
+        for n, (at, remaining) in enumerate(
+            zip(model.pass_starts, model.pass_remainders, strict=True), start=1
+        )
+    ]
+    starts[0] = PassStart(1, 0.0, float(memory))
     return Simulated(
-        converged=converged,
-        passes=model.passes + (1 if converged and early else 0),
+        converged=model.phase is Phase.COMPLETED,
+        passes=model.passes,
         pass_starts=starts,
         copy_time=model.finished_at if model.finished_at is not None else model.elapsed,
     )
@@ -286,7 +267,6 @@ class Check:
     sim: float | None
     checked: bool = True
     note: str = ""
-    known: str = ""  # a known difference between QEMU and the simulator behind this figure
 
     @property
     def error(self) -> float | None:
@@ -305,7 +285,7 @@ class Check:
 def compare(obs: Observed, sim: Simulated) -> list[Check]:
     checks: list[Check] = []
     window = "to completion" if obs.converged else f"within {obs.copy_time:.1f}s"
-    checks.append(Check(f"passes {window}", obs.passes, sim.passes, known=PASS_COUNT_DIFFERENCE))
+    checks.append(Check(f"passes {window}", obs.passes, sim.passes))
     real = {p.number: p for p in obs.pass_starts}
     model = {p.number: p for p in sim.pass_starts}
     for k in (2, 3, 4):
@@ -335,7 +315,6 @@ def compare(obs: Observed, sim: Simulated) -> list[Check]:
                 obs.copy_time if obs.converged else None,
                 sim.copy_time if sim.converged else None,
                 note="" if obs.converged == sim.converged else "only one side converged",
-                known=COPY_TIME_DIFFERENCE if obs.converged and sim.converged else "",
             )
         )
     else:
@@ -387,10 +366,9 @@ def table(obs: Observed, sim: Simulated, literal: Simulated, checks: list[Check]
         rig = "-" if c.rig is None else f"{c.rig:8.2f}"
         s = "-" if c.sim is None else f"{c.sim:8.2f}"
         err = "-" if c.error is None else f"{c.error * 100:+6.0f}%"
-        verdict = ("ok" if c.ok else "OFF, known" if c.known else "OFF") if c.checked else "shown"
+        verdict = ("ok" if c.ok else "OFF") if c.checked else "shown"
         lines.append(f"  {c.what:<40} {rig:>8} {s:>8} {err:>7}  {verdict:<8}  {c.note}".rstrip())
     lines.extend(f"  note: {n}" for n in obs.notes)
-    lines.extend(sorted({f"  known difference: {c.known}" for c in checks if c.known and not c.ok}))
     return "\n".join(lines)
 
 
@@ -510,25 +488,15 @@ def _run(kind: str, observed: dict[str, Observed], capsys: Any, summary: Any) ->
     return checks
 
 
-def _assert_agrees(checks: list[Check], obs: Observed, summary: Any) -> None:
-    """Every figure within +-25 %; a figure off only through a known difference between
-    QEMU and the simulator makes the test an xfail that says which and by how much."""
+def _assert_agrees(checks: list[Check], obs: Observed) -> None:
+    """Every checked figure within +-25 %."""
 
     def text(c: Check) -> str:
         err = "" if c.error is None else f" ({c.error * 100:+.0f}%)"
         return f"{c.what}: rig {c.rig}, sim {c.sim}{err} {c.note}".rstrip()
 
     off = [c for c in checks if not c.ok]
-    unexplained = [c for c in off if not c.known]
-    assert not unexplained, f"{obs.workload.kind}: beyond +-{TOLERANCE:.0%}: " + "; ".join(
-        map(text, unexplained)
-    )
-    if off:
-        summary.note(f"fidelity {obs.workload.kind}", "xfail: off only by a known difference")
-        pytest.xfail(
-            f"{obs.workload.kind}: beyond +-{TOLERANCE:.0%}: "
-            + "; ".join(f"{text(c)} - {c.known}" for c in off)
-        )
+    assert not off, f"{obs.workload.kind}: beyond +-{TOLERANCE:.0%}: " + "; ".join(map(text, off))
 
 
 # -- tests ---------------------------------------------------------------------------------
@@ -541,7 +509,7 @@ def test_idle_guest_matches_the_simulator(
     obs = observed["idle"]
     checks = _run("idle", observed, capsys, summary)
     assert obs.converged
-    _assert_agrees(checks, obs, summary)
+    _assert_agrees(checks, obs)
 
 
 @pytest.mark.scenario("fidelity sequential")
@@ -552,7 +520,7 @@ def test_sequential_writer_matches_the_simulator(
     checks = _run("sequential", observed, capsys, summary)
     assert obs.converged, "the sequential writer should converge over the capped link"
     assert math.isclose(obs.write_rate, SEQUENTIAL.rate_mib * MIB, rel_tol=0.5)
-    _assert_agrees(checks, obs, summary)
+    _assert_agrees(checks, obs)
 
 
 @pytest.mark.scenario("fidelity random")
@@ -562,4 +530,4 @@ def test_random_writer_matches_the_simulator(
     obs = observed["random"]
     checks = _run("random", observed, capsys, summary)
     assert not obs.converged, "the random writer should not converge over the capped link"
-    _assert_agrees(checks, obs, summary)
+    _assert_agrees(checks, obs)

@@ -3,6 +3,7 @@
 - `admission` — validation, idempotency, profile selection of a new request;
 - `scheduler` — which queued migrations may start under the per-host limits (pure);
 - `supervision` — one migration's loop: start or re-attach, sample, decide, apply;
+- `machine` — the pure state machine of one migration, `(status, event) -> (status, effects)`;
 - `effects` — the one place that calls the driver, writes the store, counts metrics;
 - `recovery` — re-attach after a restart, back-off through outages, giving up;
 - `learned` — switchover costs and change rates earlier migrations taught;

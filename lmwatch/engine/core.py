@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import Driver
-from lmwatch.engine import admission, recovery
+from lmwatch.engine import admission, machine, recovery
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
-from lmwatch.engine.records import Supervision, log
+from lmwatch.engine.records import Supervision, log, status_of
 from lmwatch.engine.scheduler import HostLimits, Slot, startable
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.engine.supervision import Supervisor
@@ -32,6 +32,13 @@ from lmwatch.profiles.schema import Profile
 from lmwatch.store import Event, MigrationRecord, Store
 
 MAX_PAGE = 1000  # most migrations one page of the list holds
+
+
+def _refuse(effects: tuple[machine.Effect, ...]) -> None:
+    """Raise the state machine's refusal of an operator's command, if it refused."""
+    for effect in effects:
+        if isinstance(effect, machine.Refuse):
+            raise Conflict(effect.text)
 
 
 def _slot(record: MigrationRecord) -> Slot:
@@ -232,15 +239,8 @@ class Engine:
         """Finish now in the least disruptive way the profile allows."""
         supervision = self._running(migration_id, "force-complete")
         async with supervision.lock:
-            record = supervision.record
-            if record.state.finished:
-                raise Conflict(
-                    f"cannot force-complete: migration {migration_id} has {record.state.value}"
-                )
-            if supervision.cancelling:
-                raise Conflict(f"migration {migration_id} is being cancelled")
-            if record.paused or record.handed_over or record.state is State.COMPLETING:
-                raise Conflict(f"migration {migration_id} is already completing")
+            _, todo = machine.step(status_of(supervision), machine.ForceRequested())
+            _refuse(todo)
             if not supervision.history:
                 supervision.history.append(await self._supervisor.sample(supervision))
             try:
@@ -263,15 +263,9 @@ class Engine:
         if record.state.finished or supervision is None:
             raise Conflict(f"migration {migration_id} has already {record.state.value}")
         async with supervision.lock:  # the start holds it too: never cancel half-started
-            record = supervision.record
-            if record.state.finished:
-                raise Conflict(f"migration {migration_id} has already {record.state.value}")
-            if record.handed_over or record.state is State.HANDOVER:
-                raise Conflict(
-                    "the instance already runs on the destination (handover); "
-                    "it can no longer be cancelled"
-                )
-            if record.state is State.QUEUED:  # its start, if due, sees it finished
+            _, todo = machine.step(status_of(supervision), machine.CancelRequested())
+            _refuse(todo)
+            if machine.CancelBeforeStart() in todo:  # its start, if due, sees it finished
                 await self._effects.finish(
                     supervision,
                     JobResult(phase=Phase.CANCELLED, error=None),
@@ -280,11 +274,9 @@ class Engine:
                 if supervision.task is None:
                     self._supervisions.pop(migration_id, None)
                 self._schedule()
-                return supervision.record
-            if supervision.cancelling:
-                return record  # already being cancelled
-            decision = Decision(Action.CANCEL, "cancelled by an operator")
-            await self._effects.apply(supervision, decision, origin="operator")
+            elif machine.CancelJob() in todo:
+                decision = Decision(Action.CANCEL, "cancelled by an operator")
+                await self._effects.apply(supervision, decision, origin="operator")
             return supervision.record
 
     def _running(self, migration_id: str, what: str) -> Supervision:

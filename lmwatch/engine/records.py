@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmwatch.engine.machine import Status
 from lmwatch.logs import get_logger
 from lmwatch.model import (
     Action,
@@ -19,23 +20,12 @@ from lmwatch.model import (
     Prediction,
     Sample,
     StartPlan,
-    State,
 )
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import MigrationRecord
 
 # Every module of the engine logs under one name, as the single module did.
 log = get_logger("lmwatch.engine")
-
-RUNNING = (State.STARTING, State.COPYING, State.COMPLETING, State.HANDOVER)
-STATE_OF_PHASE = {
-    Phase.COPYING: State.COPYING,
-    Phase.COMPLETING: State.COMPLETING,
-    Phase.HANDOVER: State.HANDOVER,
-    Phase.COMPLETED: State.COMPLETED,
-    Phase.CANCELLED: State.CANCELLED,
-    Phase.FAILED: State.FAILED,
-}
 
 
 @dataclass
@@ -61,6 +51,18 @@ class Supervision:
     # profile's bound (the policy never cancels it for running long).
     pause_by_operator: bool = False
     beat: float | None = None  # clock time its supervision last came round (watchdog)
+
+
+def status_of(supervision: Supervision) -> Status:
+    """What the state machine needs to know of a supervised migration, now."""
+    record = supervision.record
+    return Status(
+        id=record.id,
+        state=record.state,
+        paused=record.paused,
+        handed_over=record.handed_over,
+        cancelling=supervision.cancelling,
+    )
 
 
 def plan_from(record: MigrationRecord) -> StartPlan:

@@ -13,9 +13,10 @@ from typing import Any
 from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import DriverError, Refused
+from lmwatch.engine import machine
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
-from lmwatch.engine.records import RUNNING, STATE_OF_PHASE, Supervision, log, plan_from
+from lmwatch.engine.records import Supervision, log, plan_from, status_of
 from lmwatch.engine.recovery import Recovery
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.model import (
@@ -173,24 +174,19 @@ class Supervisor:
                     continue
                 return
             supervision.history.append(sample)
-            if sample.phase.finished:
-                async with supervision.lock:
-                    result = await self.effects.result(supervision)
-                    await self.effects.finish(supervision, result)
-                return
             async with supervision.lock:
-                self._follow_phase(supervision, sample)
-                self.refresh_profile(supervision)
-                decision = policies.decide(
-                    supervision.profile,
-                    list(supervision.history),
-                    self.context(supervision),
-                    self.clock.now(),
-                    settings.policy,
-                )
-                supervision.last_prediction = decision.prediction
-                self.effects.publish(supervision, sample, decision.prediction)
-                await self.effects.apply(supervision, decision, origin="policy")
+                event = machine.Sampled(sample.phase)
+                _, todo = machine.step(status_of(supervision), event)
+                for effect in todo:
+                    match effect:
+                        case machine.Finish():
+                            result = await self.effects.result(supervision)
+                            await self.effects.finish(supervision, result)
+                            return
+                        case machine.EnterState(state=state, handed_over=handed_over):
+                            self._enter(supervision, state, handed_over=handed_over)
+                        case machine.Decide():
+                            await self._decide(supervision, sample)
             await self.effects.wait_event(supervision, settings.poll_interval)
             self.effects.poll_lag(self.clock.now() - scheduled - settings.poll_interval)
 
@@ -199,15 +195,28 @@ class Supervisor:
         self.recovery.answered(supervision)
         return sample
 
-    def _follow_phase(self, supervision: Supervision, sample: Sample) -> None:
-        state = STATE_OF_PHASE[sample.phase]
-        if state is not supervision.record.state and state in RUNNING:
-            changes: dict[str, Any] = {"state": state}
-            if state is State.HANDOVER:
-                changes["handed_over"] = True
-                if supervision.handed_over_at is None:
-                    supervision.handed_over_at = self.clock.now()
-            self.effects.update(supervision, "state", f"now {state.value}", **changes)
+    async def _decide(self, supervision: Supervision, sample: Sample) -> None:
+        """Ask the policy what to do after this sample, show the progress, carry it out."""
+        self.refresh_profile(supervision)
+        decision = policies.decide(
+            supervision.profile,
+            list(supervision.history),
+            self.context(supervision),
+            self.clock.now(),
+            self.settings.policy,
+        )
+        supervision.last_prediction = decision.prediction
+        self.effects.publish(supervision, sample, decision.prediction)
+        await self.effects.apply(supervision, decision, origin="policy")
+
+    def _enter(self, supervision: Supervision, state: State, *, handed_over: bool) -> None:
+        """Record that the job moved on to another phase."""
+        changes: dict[str, Any] = {"state": state}
+        if handed_over:
+            changes["handed_over"] = True
+            if supervision.handed_over_at is None:
+                supervision.handed_over_at = self.clock.now()
+        self.effects.update(supervision, "state", f"now {state.value}", **changes)
 
     def refresh_profile(self, supervision: Supervision) -> None:
         """Re-select the profile after a reload; say so when an edit cannot apply.

@@ -1,0 +1,322 @@
+"""The engine: the face the daemon, the API and the CLI use.
+
+It accepts migrations (admission), starts them as the per-host limits allow
+(scheduler), runs one supervision task per migration (supervision) and takes them
+back after a restart (recovery). Everything that touches the driver, the store and
+the metrics goes through the effect runner (effects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections import deque
+from collections.abc import Iterable
+
+from lmwatch import policies
+from lmwatch.clock import Clock
+from lmwatch.drivers.base import Driver
+from lmwatch.engine import admission, machine, recovery
+from lmwatch.engine.effects import Effects
+from lmwatch.engine.learned import Learned
+from lmwatch.engine.records import Supervision, log, status_of
+from lmwatch.engine.scheduler import HostLimits, Slot, startable
+from lmwatch.engine.settings import EngineSettings
+from lmwatch.engine.supervision import Supervisor
+from lmwatch.errors import Conflict, NotFound
+from lmwatch.events import EventHub
+from lmwatch.metrics import Metrics
+from lmwatch.model import Action, Decision, JobResult, MigrationRequest, Phase, Prediction, State
+from lmwatch.profiles import ProfileRegistry
+from lmwatch.profiles.schema import Profile
+from lmwatch.store import Event, MigrationRecord, Store
+
+MAX_PAGE = 1000  # most migrations one page of the list holds
+
+
+def _refuse(effects: tuple[machine.Effect, ...]) -> None:
+    """Raise the state machine's refusal of an operator's command, if it refused."""
+    for effect in effects:
+        if isinstance(effect, machine.Refuse):
+            raise Conflict(effect.text)
+
+
+def _slot(record: MigrationRecord) -> Slot:
+    return Slot(record.id, record.source, record.destination, record.created_at)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        driver: Driver,
+        store: Store,
+        profiles: ProfileRegistry,
+        clock: Clock,
+        metrics: Metrics | None = None,
+        settings: EngineSettings | None = None,
+        hub: EventHub | None = None,
+    ) -> None:
+        self.driver = driver
+        self.store = store
+        self.profiles = profiles
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.settings = settings or EngineSettings()
+        # Timeline entries and progress go out here too (GET /v1/events); never blocks.
+        self.hub = hub if hub is not None else EventHub()
+        self._supervisions: dict[str, Supervision] = {}
+        self._learned = Learned(
+            switchover_memory=self.settings.switchover_memory,
+            default_switchover=self.settings.policy.switchover_seconds,
+            burst=self.settings.policy.recount_interval,
+        )
+        self._effects = Effects(
+            driver=driver,
+            store=store,
+            metrics=self.metrics,
+            hub=self.hub,
+            clock=clock,
+            settings=self.settings,
+            learned=self._learned,
+        )
+        self._recovery = recovery.Recovery(
+            effects=self._effects, clock=clock, settings=self.settings
+        )
+        self._supervisor = Supervisor(
+            effects=self._effects,
+            recovery=self._recovery,
+            profiles=profiles,
+            learned=self._learned,
+            clock=clock,
+            settings=self.settings,
+        )
+        self._submit_lock = asyncio.Lock()
+        self._store_task: asyncio.Task[None] | None = None
+        self.metrics.watch_store(store)
+        self._started = False
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take back every migration the store holds as unfinished, then run the queue.
+
+        A stored migration that cannot be read stops the start with UnreadableStore,
+        before anything is tracked, started or written (see `recovery.unfinished`).
+        """
+        unfinished = recovery.unfinished(self.store)
+        self._started = True
+        self._store_task = asyncio.create_task(
+            recovery.keep_store(self.store, self.clock, self.settings)
+        )
+        for record in self.store.list(State.COMPLETED):
+            self._learned.learn_switchover(record)
+        for record, profile in unfinished:
+            supervision = self._track(record, profile)
+            supervision.generation = -1  # the file may have changed while we were away
+            if record.paused:
+                supervision.pause_by_operator = recovery.paused_by_operator(self.store, record)
+            if record.state is not State.QUEUED:
+                log.info("reattaching", migration=record.id, instance=record.instance)
+                supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
+        self._schedule()
+
+    async def stop(self) -> None:
+        """Stop supervising (the migrations themselves go on; a new engine takes them back)."""
+        self._stopping = True
+        tasks = [s.task for s in self._supervisions.values() if s.task is not None]
+        if self._store_task is not None:
+            tasks.append(self._store_task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._supervisions.clear()
+
+    def _track(self, record: MigrationRecord, profile: Profile) -> Supervision:
+        supervision = Supervision(
+            record=record,
+            profile=profile,
+            generation=self.profiles.generation,
+            history=deque(maxlen=self.settings.history),
+        )
+        self._supervisions[record.id] = supervision
+        return supervision
+
+    # -- queries --------------------------------------------------------------------
+
+    def get(self, migration_id: str) -> MigrationRecord:
+        supervision = self._supervisions.get(migration_id)
+        if supervision is not None:
+            return supervision.record
+        record = self.store.get(migration_id)
+        if record is None:
+            raise NotFound(f"no migration with id {migration_id!r}")
+        return record
+
+    def list(
+        self, state: State | None = None, *, limit: int | None = None, after: str | None = None
+    ) -> builtins.list[MigrationRecord]:
+        """Stored migrations, with the live progress of those being supervised; with
+        `limit`, one page of them after the migration `after` (a cursor)."""
+        live = self._supervisions
+        if limit is None and after is None:
+            records = self.store.list(state)
+        else:
+            records = self.store.page(state, limit=limit or MAX_PAGE, after=after)
+        return [live[r.id].record if r.id in live else r for r in records]
+
+    def events(self, migration_id: str) -> builtins.list[Event]:
+        self.get(migration_id)
+        return self.store.events(migration_id)
+
+    def prediction(self, migration_id: str) -> Prediction | None:
+        supervision = self._supervisions.get(migration_id)
+        return None if supervision is None else supervision.last_prediction
+
+    def active_count(self) -> int:
+        return len(self._supervisions)
+
+    def stalled(self, max_age: float) -> builtins.list[str]:
+        """Migrations whose supervision has not come round for more than `max_age`
+        seconds (a hung hypervisor call, say); the systemd watchdog goes by this."""
+        now = self.clock.now()
+        return [
+            migration_id
+            for migration_id, s in self._supervisions.items()
+            if s.task is not None
+            and not s.task.done()
+            and s.beat is not None
+            and now - s.beat > max_age
+        ]
+
+    def switchover(self, source: str, destination: str) -> float:
+        """Seconds of switchover to plan with between two hosts (learned, or the default)."""
+        return self._learned.switchover(source, destination)
+
+    def finished(self, ids: Iterable[str]) -> bool:
+        """Whether every one of these migrations has ended (tests and `simulate`)."""
+        return all(self.get(i).state.finished for i in ids)
+
+    # -- commands -------------------------------------------------------------------
+
+    async def submit(
+        self, request: MigrationRequest, idempotency_key: str | None = None
+    ) -> tuple[MigrationRecord, bool]:
+        """Accept a migration: checked, recorded durably, queued.
+
+        Returns the record and whether it is a replay of an earlier identical
+        request with the same Idempotency-Key. Nothing is recorded on refusal.
+        """
+        admission.validate(request)
+        fingerprint = admission.fingerprint(request)
+        earlier = admission.replayed(self.store, request, idempotency_key, fingerprint)
+        if earlier is not None:
+            return self.get(earlier), True
+        self._effects.refuse_unless_writable()
+        # Asking the hypervisor may take a while: other submissions go on meanwhile.
+        info = await self._effects.preflight(request)
+        async with self._submit_lock:
+            earlier = admission.replayed(self.store, request, idempotency_key, fingerprint)
+            if earlier is not None:
+                return self.get(earlier), True
+            labels, selection = admission.select(self.profiles, request, info)
+            record, accepted = admission.new_record(
+                request,
+                info,
+                labels,
+                selection,
+                now=self.clock.now(),
+                idempotency_key=idempotency_key,
+                fingerprint=fingerprint,
+            )
+            self._effects.accept(record, accepted)
+            self._track(record, selection.profile)
+            self._effects.announce(record, accepted)
+        self._schedule()
+        return record, False
+
+    async def force_complete(self, migration_id: str, accept_pause: bool = False) -> Decision:
+        """Finish now in the least disruptive way the profile allows."""
+        supervision = self._running(migration_id, "force-complete")
+        async with supervision.lock:
+            _, todo = machine.step(status_of(supervision), machine.ForceRequested())
+            _refuse(todo)
+            if not supervision.history:
+                supervision.history.append(await self._supervisor.sample(supervision))
+            try:
+                decision = policies.force_complete(
+                    supervision.profile,
+                    list(supervision.history),
+                    self._supervisor.context(supervision),
+                    self.clock.now(),
+                    accept_pause,
+                    self.settings.policy,
+                )
+            except policies.ForceRefused as refused:
+                raise Conflict(refused.reason) from refused
+            await self._effects.apply(supervision, decision, origin="operator")
+            return decision
+
+    async def cancel(self, migration_id: str) -> MigrationRecord:
+        supervision = self._supervisions.get(migration_id)
+        record = self.get(migration_id)
+        if record.state.finished or supervision is None:
+            raise Conflict(f"migration {migration_id} has already {record.state.value}")
+        async with supervision.lock:  # the start holds it too: never cancel half-started
+            _, todo = machine.step(status_of(supervision), machine.CancelRequested())
+            _refuse(todo)
+            if machine.CancelBeforeStart() in todo:  # its start, if due, sees it finished
+                await self._effects.finish(
+                    supervision,
+                    JobResult(phase=Phase.CANCELLED, error=None),
+                    reason="cancelled by an operator before it started",
+                )
+                if supervision.task is None:
+                    self._supervisions.pop(migration_id, None)
+                self._schedule()
+            elif machine.CancelJob() in todo:
+                decision = Decision(Action.CANCEL, "cancelled by an operator")
+                await self._effects.apply(supervision, decision, origin="operator")
+            return supervision.record
+
+    def _running(self, migration_id: str, what: str) -> Supervision:
+        record = self.get(migration_id)
+        supervision = self._supervisions.get(migration_id)
+        if record.state.finished or supervision is None:
+            raise Conflict(f"cannot {what}: migration {migration_id} has {record.state.value}")
+        if record.state in (State.QUEUED, State.STARTING):
+            raise Conflict(f"cannot {what}: migration {migration_id} has not started copying yet")
+        return supervision
+
+    # -- queue ----------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Start the queued migrations the scheduler lets start now."""
+        if not self._started or self._stopping:
+            return
+        supervisions = self._supervisions
+        running = [_slot(s.record) for s in supervisions.values() if s.task is not None]
+        queued = [
+            _slot(s.record)
+            for s in supervisions.values()
+            if s.task is None and not s.record.state.finished
+        ]
+        limits = HostLimits(self.settings.max_per_source, self.settings.max_per_destination)
+        for migration_id in startable(queued, running, limits):
+            supervision = supervisions[migration_id]
+            supervision.task = asyncio.create_task(self._run(supervision, reattach=False))
+        self._effects.queue_sizes(
+            active=sum(1 for s in supervisions.values() if s.task),
+            queued=sum(1 for s in supervisions.values() if not s.task),
+        )
+
+    async def _run(self, supervision: Supervision, *, reattach: bool) -> None:
+        try:
+            await self._supervisor.run(supervision, reattach=reattach)
+        finally:
+            if supervision.record.state.finished:
+                self._supervisions.pop(supervision.record.id, None)
+                self._effects.forget(supervision.record)
+            if not self._stopping:
+                self._schedule()

@@ -1,0 +1,424 @@
+"""The effect runner: the one place that calls the driver, writes the store and
+updates the metrics and the event hub.
+
+Everything else in the engine decides what should happen; this carries it out,
+records it (intent before action, so a crash still leaves a trace) and publishes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from lmwatch import policies
+from lmwatch.clock import Clock
+from lmwatch.drivers.base import ActionRefused, Driver, DriverError
+from lmwatch.engine.learned import Learned
+from lmwatch.engine.records import (
+    Supervision,
+    log,
+    method_of,
+    metric_labels,
+    plan_from,
+    prediction_json,
+    request_of,
+)
+from lmwatch.engine.settings import EngineSettings
+from lmwatch.errors import Conflict, StoreUnavailable
+from lmwatch.events import EventHub
+from lmwatch.metrics import Metrics
+from lmwatch.model import (
+    Action,
+    Capabilities,
+    ChangeRate,
+    Decision,
+    InstanceInfo,
+    JobResult,
+    MigrationRequest,
+    Phase,
+    Prediction,
+    Sample,
+    StartPlan,
+    State,
+)
+from lmwatch.store import MigrationRecord, Store, StoreUnwritable
+
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
+
+
+class Effects:
+    def __init__(
+        self,
+        *,
+        driver: Driver,
+        store: Store,
+        metrics: Metrics,
+        hub: EventHub,
+        clock: Clock,
+        settings: EngineSettings,
+        learned: Learned,
+    ) -> None:
+        self.driver = driver
+        self.store = store
+        self.metrics = metrics
+        self.hub = hub
+        self.clock = clock
+        self.settings = settings
+        self.learned = learned
+
+    # -- the record and the timeline ---------------------------------------------------
+
+    def update(
+        self,
+        supervision: Supervision,
+        kind: str | None,
+        reason: str,
+        *,
+        action: str | None = None,
+        data: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> None:
+        """Write changes to the record, with a timeline entry unless `kind` is None."""
+        event = None if kind is None else (kind, reason, action)
+        now = self.clock.now()
+        supervision.record = self.store.update(
+            supervision.record, event=event, at=now, data=data, **changes
+        )
+        if kind is not None:
+            self.hub.timeline(supervision.record, now, kind, reason, action, data)
+
+    def event(
+        self,
+        supervision: Supervision,
+        kind: str,
+        reason: str,
+        *,
+        action: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """Add a timeline entry without changing the record."""
+        now = self.clock.now()
+        self.store.add_event(supervision.record.id, now, kind, reason, action, data)
+        self.hub.timeline(supervision.record, now, kind, reason, action, data)
+        if kind in ("note", "error"):
+            log.info(kind, migration=supervision.record.id, reason=reason)
+
+    def accept(self, record: MigrationRecord, reason: str) -> None:
+        """Record an accepted migration durably; StoreUnavailable when the store refuses."""
+        self.refuse_unless_writable()
+        try:
+            self.store.insert(record, reason)
+        except StoreUnwritable as error:
+            raise StoreUnavailable(str(error)) from error
+
+    def announce(self, record: MigrationRecord, reason: str) -> None:
+        """Tell the timeline and the log that a migration was accepted."""
+        self.hub.timeline(record, record.created_at, "state", reason)
+        log.info(
+            "accepted",
+            migration=record.id,
+            instance=record.instance,
+            source=record.source,
+            destination=record.destination,
+            profile=record.profile_name,
+        )
+
+    def refuse_unless_writable(self) -> None:
+        """New work only while the store takes it (and its file is still there)."""
+        problem = self.store.check_file()
+        if problem is not None:
+            raise StoreUnavailable(problem)
+
+    def publish(
+        self, supervision: Supervision, sample: Sample, prediction: Prediction | None
+    ) -> None:
+        """Show a sample's progress: on the record, the event hub and the gauges."""
+        seen = sample.memory_remaining
+        if sample.phase is not Phase.COPYING and supervision.record.progress:
+            seen = int(supervision.record.progress.get("memory_remaining_seen") or seen)
+        progress: dict[str, Any] = {
+            "time": sample.time,
+            "memory_remaining_seen": seen,  # last remainder seen while copying
+            "memory_total": sample.memory_total,
+            "memory_remaining": sample.memory_remaining,
+            "memory_transferred": sample.memory_transferred,
+            "transfer_rate": sample.transfer_rate,
+            "change_rate": sample.change_rate,
+            "passes": sample.passes,
+            "blackout_budget": sample.blackout_budget,
+            "slowdown": sample.slowdown,
+            "prediction": prediction_json(prediction),
+        }
+        supervision.record = dataclasses.replace(supervision.record, progress=progress)
+        self.hub.progress(supervision.record, sample.time)
+        # Progress is persisted at most every few seconds; it is cheap to lose.
+        if sample.time - supervision.progress_saved_at >= 5.0:
+            supervision.progress_saved_at = sample.time
+            self.update(supervision, None, "", progress=progress)
+        labels = metric_labels(supervision.record)
+        self.metrics.remaining.labels(*labels).set(sample.memory_remaining)
+        self.metrics.transfer_rate.labels(*labels).set(sample.transfer_rate)
+        self.metrics.change_rate.labels(*labels).set(sample.change_rate)
+        if prediction is not None:
+            eta = prediction.eta_seconds
+            self.metrics.eta.labels(*labels).set(float("nan") if eta is None else eta)
+            blackout = prediction.blackout_seconds
+            self.metrics.predicted_blackout.labels(*labels).set(
+                float("nan") if blackout is None else blackout
+            )
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def hypervisor_error(self, operation: str) -> None:
+        self.metrics.hypervisor_errors.labels(operation).inc()
+
+    def poll_lag(self, lag: float) -> None:
+        self.metrics.poll_lag.observe(max(0.0, lag))
+
+    def started(self, supervision: Supervision) -> None:
+        self.metrics.started.labels(supervision.record.profile_name).inc()
+
+    def queue_sizes(self, active: int, queued: int) -> None:
+        self.metrics.active.set(active)
+        self.metrics.queued.set(queued)
+
+    def forget(self, record: MigrationRecord) -> None:
+        """Drop an ended migration's gauges."""
+        self.metrics.forget(metric_labels(record))
+
+    # -- asking the driver --------------------------------------------------------------
+
+    async def preflight(self, request: MigrationRequest) -> InstanceInfo:
+        return await self.driver.preflight(request)
+
+    async def sample(self, supervision: Supervision) -> Sample:
+        return await self.driver.sample(supervision.record.id)
+
+    async def result(self, supervision: Supervision) -> JobResult:
+        return await self.driver.result(supervision.record.id)
+
+    async def wait_event(self, supervision: Supervision, timeout: float) -> None:
+        await self.driver.wait_event(supervision.record.id, timeout)
+
+    async def reattach(self, supervision: Supervision) -> JobResult | None:
+        record = supervision.record
+        return await self.driver.reattach(record.id, request_of(record), plan_from(record))
+
+    async def capabilities(self, supervision: Supervision) -> Capabilities:
+        record = supervision.record
+        return await self.driver.capabilities(record.source, record.destination)
+
+    async def describe(self, supervision: Supervision) -> InstanceInfo:
+        record = supervision.record
+        return await self.driver.describe(record.instance, record.source)
+
+    async def start_job(self, supervision: Supervision, plan: StartPlan) -> None:
+        record = supervision.record
+        await self.driver.start(record.id, request_of(record), plan)
+
+    async def stop_job(self, supervision: Supervision) -> None:
+        """Ask the hypervisor to stop a job lmwatch gives up on (not an operator cancel)."""
+        await self.driver.cancel(supervision.record.id)
+
+    async def measure_change_rate(self, supervision: Supervision) -> ChangeRate | None:
+        """The guest's change rate before start; a failed measurement is not fatal."""
+        record = supervision.record
+        try:
+            return await self.driver.measure_change_rate(record.instance, record.source)
+        except DriverError as error:
+            self.hypervisor_error("measure")
+            self.event(
+                supervision,
+                "note",
+                f"the change rate could not be measured before start ({error}); "
+                "deciding from the first passes instead",
+            )
+            return None
+
+    # -- decisions ------------------------------------------------------------------------
+
+    async def apply(self, supervision: Supervision, decision: Decision, *, origin: str) -> None:
+        """Carry out a decision of the policy or of an operator (`origin`), and record it.
+
+        An operator's action the hypervisor refuses raises (Conflict, DriverError);
+        the policy's is recorded as an error and tried again at its next decision.
+        """
+        record = supervision.record
+        action = decision.action
+        mlog = log.bind(migration=record.id, instance=record.instance, origin=origin)
+        if supervision.cancelling:
+            return  # a cancel is under way; nothing else applies or needs recording
+        self.metrics.decisions.labels(action.value).inc()
+        if action is Action.CONTINUE:
+            self._log_continue(supervision, decision)
+            return
+        data = {"origin": origin, "prediction": prediction_json(decision.prediction)}
+        # Record the intent first: a crash after acting still leaves a trace.
+        changes: dict[str, Any] = {}
+        if action is Action.RAISE_BLACKOUT:
+            changes["blackout_budget"] = decision.blackout_budget
+        elif action is Action.PAUSE:
+            changes["paused"] = True
+        elif action is Action.HANDOVER:
+            changes["handed_over"] = True
+        self.update(supervision, "decision", decision.reason, action=action.value, data=data)
+        mlog.info("decision", action=action.value, reason=decision.reason)
+        try:
+            if action is Action.RAISE_BLACKOUT:
+                assert decision.blackout_budget is not None
+                await self.driver.set_blackout_budget(record.id, decision.blackout_budget)
+            elif action is Action.PAUSE:
+                supervision.paused_at = self.clock.now()
+                supervision.pause_by_operator = origin == "operator"
+                await self.driver.pause(record.id)
+            elif action is Action.HANDOVER:
+                await self.driver.handover(record.id)
+                supervision.handed_over_at = self.clock.now()
+            elif action is Action.CANCEL:
+                await self.driver.cancel(record.id)
+                supervision.cancelling = True
+        except ActionRefused as refused:
+            self.hypervisor_error(action.value)
+            self.event(supervision, "error", f"{action.value} refused: {refused}")
+            if origin == "operator":
+                raise Conflict(str(refused)) from refused
+            return
+        except DriverError as error:
+            self.hypervisor_error(action.value)
+            self.event(supervision, "error", f"{action.value} failed: {error}")
+            if origin == "operator":
+                raise
+            return
+        if changes:
+            self.update(supervision, None, "", **changes)
+        if decision.note:
+            self.event(supervision, "note", decision.note)
+
+    def _log_continue(self, supervision: Supervision, decision: Decision) -> None:
+        """Record 'continue' when its gist changes, or every so often."""
+        now = self.clock.now()
+        gist = _NUMBERS.sub("#", decision.reason)
+        last = supervision.last_logged
+        if (
+            last is not None
+            and last[0] is Action.CONTINUE
+            and last[1] == gist
+            and now - last[2] < self.settings.continue_log_interval
+        ):
+            return
+        supervision.last_logged = (Action.CONTINUE, gist, now)
+        self.event(
+            supervision,
+            "decision",
+            decision.reason,
+            action=Action.CONTINUE.value,
+            data={"prediction": prediction_json(decision.prediction)},
+        )
+
+    # -- the end ---------------------------------------------------------------------------
+
+    async def finish(
+        self, supervision: Supervision, result: JobResult, reason: str | None = None
+    ) -> None:
+        """Record how a migration ended, check it against its profile, count it."""
+        record = supervision.record
+        now = self.clock.now()
+        method = method_of(result, record)
+        state = {
+            Phase.COMPLETED: State.COMPLETED,
+            Phase.CANCELLED: State.CANCELLED,
+        }.get(result.phase, State.FAILED)
+        started = record.started_at or record.created_at
+        total = now - started
+        outcome = {
+            "method": method.value,
+            "total_seconds": total,
+            "blackout_seconds": result.blackout_seconds,
+            "passes": result.passes,
+            "transferred_bytes": result.transferred,
+            "error": result.error,
+            "running_on": result.running_on,
+        }
+        progress = dict(record.progress) if record.progress else None
+        if progress is not None and state is State.COMPLETED:
+            progress["memory_remaining"] = 0
+            progress["memory_transferred"] = max(
+                result.transferred, int(progress.get("memory_transferred") or 0)
+            )
+        text = (
+            reason
+            or {
+                State.COMPLETED: f"completed ({method.value})",
+                State.CANCELLED: "cancelled; the instance keeps running on the source",
+                State.FAILED: f"failed: {result.error}",
+            }[state]
+        )
+        self.update(
+            supervision,
+            "state",
+            text,
+            state=state,
+            finished_at=now,
+            outcome=outcome,
+            progress=progress,
+            data=outcome,
+        )
+        if result.note:
+            self.event(supervision, "note", result.note)
+        self._check_profile(supervision, result, total, completed=state is State.COMPLETED)
+        if state is State.COMPLETED:
+            self.learned.learn_switchover(supervision.record)
+        self.metrics.finished.labels(state.value, method.value).inc()
+        self.metrics.duration.labels(method.value).observe(total)
+        if result.blackout_seconds is not None:
+            self.metrics.blackout.labels(method.value).observe(result.blackout_seconds)
+        log.info(
+            "finished",
+            migration=record.id,
+            instance=record.instance,
+            state=state.value,
+            method=method.value,
+            blackout=result.blackout_seconds,
+        )
+
+    def _check_profile(
+        self, supervision: Supervision, result: JobResult, total: float, *, completed: bool
+    ) -> None:
+        """Record every way the ended migration exceeded its profile (a pause or a
+        handover counts even when it then failed or was cancelled)."""
+        record = supervision.record
+        profile = supervision.profile
+        degraded = None
+        if supervision.handed_over_at is not None and record.finished_at is not None:
+            degraded = max(0.0, record.finished_at - supervision.handed_over_at)
+        stopped = result.blackout_seconds
+        if stopped is None and supervision.paused_at is not None and record.finished_at:
+            stopped = max(0.0, record.finished_at - supervision.paused_at)  # until it resumed
+        finish = policies.Finish(
+            blackout=stopped,
+            paused=result.paused or record.paused,
+            handed_over=result.handed_over or record.handed_over,
+            degraded=degraded,
+            slowdown=result.slowdown,
+            total=total,
+            deadline=profile.deadline_seconds(record.memory_bytes),
+            completed=completed,
+        )
+        for violation in policies.violations(profile, finish):
+            self.metrics.violations.labels(profile.name, violation.kind).inc()
+            self.event(
+                supervision,
+                "violation",
+                f"profile {profile.name!r} exceeded: {violation.text}",
+                data={"kind": violation.kind},
+            )
+            log.warning(
+                "profile-violation",
+                migration=record.id,
+                instance=record.instance,
+                source=record.source,
+                destination=record.destination,
+                kind=violation.kind,
+                reason=violation.text,
+            )

@@ -1,0 +1,60 @@
+"""What earlier migrations taught: switchover costs per host pair, recent change rates.
+
+In memory only, no I/O: the switchover costs are learned again from the store's
+completed migrations at start.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from lmwatch import policies
+from lmwatch.model import ChangeRate, Method, State
+from lmwatch.store import MigrationRecord
+
+
+class Learned:
+    def __init__(self, *, switchover_memory: int, default_switchover: float, burst: float) -> None:
+        self._memory = switchover_memory
+        self._default_switchover = default_switchover
+        self._burst = burst  # seconds the hypervisor sends between two counts
+        # Switchover costs measured on completed migrations, per (source, destination).
+        self._switchovers: dict[tuple[str, str], deque[float]] = {}
+        # Change rates measured before start, per instance: (clock time, bytes/s).
+        self._change_rates: dict[str, tuple[float, ChangeRate]] = {}
+
+    def switchover(self, source: str, destination: str) -> float:
+        """Seconds of switchover to plan with between two hosts (learned, or the default)."""
+        measured = self._switchovers.get((source, destination), ())
+        return policies.learned_switchover(measured, self._default_switchover)
+
+    def learn_switchover(self, record: MigrationRecord) -> None:
+        """Learn from a completed migration how long its switchover took."""
+        outcome = record.outcome or {}
+        blackout = outcome.get("blackout_seconds")
+        if record.state is not State.COMPLETED or not isinstance(blackout, int | float):
+            return
+        if record.paused or outcome.get("method") == Method.PAUSED.value:
+            return  # a pause's length depends on what was left, not on the hosts
+        progress = record.progress or {}
+        measured = policies.measured_switchover(
+            float(blackout),
+            handed_over=record.handed_over,
+            budget=float(record.blackout_budget or 0.0),
+            remaining=float(progress.get("memory_remaining_seen") or 0.0),
+            rate=float(progress.get("transfer_rate") or 0.0),
+            burst=self._burst,
+        )
+        key = (record.source, record.destination)
+        kept = self._switchovers.setdefault(key, deque(maxlen=self._memory))
+        kept.append(measured)
+
+    def recent_change_rate(self, instance: str, now: float, max_age: float) -> ChangeRate | None:
+        """The instance's change rate measured no more than `max_age` seconds ago."""
+        recent = self._change_rates.get(instance)
+        if recent is not None and now - recent[0] <= max_age:
+            return recent[1]
+        return None
+
+    def remember_change_rate(self, instance: str, now: float, rate: ChangeRate) -> None:
+        self._change_rates[instance] = (now, rate)

@@ -1,0 +1,106 @@
+"""What the engine holds about each migration it supervises, and conversions of records."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmwatch.engine.machine import Status
+from lmwatch.logs import get_logger
+from lmwatch.model import (
+    Action,
+    ChangeRate,
+    JobResult,
+    Method,
+    MigrationRequest,
+    Phase,
+    Prediction,
+    Sample,
+    StartPlan,
+)
+from lmwatch.profiles.schema import Profile
+from lmwatch.store import MigrationRecord
+
+# Every module of the engine logs under one name, as the single module did.
+log = get_logger("lmwatch.engine")
+
+
+@dataclass
+class Supervision:
+    """Runtime state of one migration (owned by the engine, mutated in place)."""
+
+    record: MigrationRecord
+    profile: Profile
+    generation: int
+    history: deque[Sample]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    task: asyncio.Task[None] | None = None
+    last_logged: tuple[Action, str, float] | None = None
+    last_prediction: Prediction | None = None
+    first_error_at: float | None = None  # start of the current run of driver errors
+    failures: int = 0
+    progress_saved_at: float = 0.0
+    cancelling: bool = False  # a cancel reached the hypervisor; wait for it to end
+    change_rate: ChangeRate | None = None  # measured (or reused) before start
+    handed_over_at: float | None = None  # clock time the instance resumed on the destination
+    paused_at: float | None = None  # clock time we paused it (None after a restart)
+    # An operator's force-complete paused it: the pause is theirs, not held to the
+    # profile's bound (the policy never cancels it for running long).
+    pause_by_operator: bool = False
+    beat: float | None = None  # clock time its supervision last came round (watchdog)
+
+
+def status_of(supervision: Supervision) -> Status:
+    """What the state machine needs to know of a supervised migration, now."""
+    record = supervision.record
+    return Status(
+        id=record.id,
+        state=record.state,
+        paused=record.paused,
+        handed_over=record.handed_over,
+        cancelling=supervision.cancelling,
+    )
+
+
+def plan_from(record: MigrationRecord) -> StartPlan:
+    assert record.plan is not None
+    return StartPlan(**record.plan)
+
+
+def request_of(record: MigrationRecord) -> MigrationRequest:
+    return MigrationRequest(
+        instance=record.instance,
+        source=record.source,
+        destination=record.destination,
+        labels=dict(record.labels),
+        profile=record.requested_profile,
+    )
+
+
+def metric_labels(record: MigrationRecord) -> tuple[str, str, str, str]:
+    return (record.id, record.instance, record.source, record.destination)
+
+
+def method_of(result: JobResult, record: MigrationRecord) -> Method:
+    """How an ended migration finished, for its outcome and the metrics."""
+    if result.phase is Phase.FAILED:
+        return Method.FAILED
+    if result.phase is Phase.CANCELLED:
+        return Method.CANCELLED
+    if result.handed_over or record.handed_over:
+        return Method.HANDOVER
+    if result.paused or record.paused:
+        return Method.PAUSED
+    if result.slowdown > 0:
+        return Method.SLOWED
+    initial = record.plan.get("blackout_budget") if record.plan else None
+    if initial is not None and (record.blackout_budget or 0) > initial + 1e-9:
+        return Method.BLACKOUT_RAISED
+    return Method.CONVERGED
+
+
+def prediction_json(prediction: Prediction | None) -> dict[str, Any] | None:
+    return None if prediction is None else dataclasses.asdict(prediction)

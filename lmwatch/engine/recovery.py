@@ -1,0 +1,149 @@
+"""Recovery: taking back stored migrations at start, riding out hypervisor outages
+with back-off and giving up after a while, and retrying store writes that failed."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from lmwatch.clock import Clock
+from lmwatch.drivers.base import DriverError
+from lmwatch.engine.effects import Effects
+from lmwatch.engine.records import Supervision, log, plan_from
+from lmwatch.engine.settings import EngineSettings
+from lmwatch.model import Action, JobResult, Phase
+from lmwatch.profiles.schema import Profile
+from lmwatch.store import CorruptRecord, MigrationRecord, Store, UnreadableStore
+
+
+def first_problem(error: ValidationError) -> str:
+    """The first problem pydantic found, on one line."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "profile"
+    more = error.error_count() - 1
+    return f"{where}: {first['msg']}" + (f" (and {more} more)" if more else "")
+
+
+def unfinished(store: Store) -> list[tuple[MigrationRecord, Profile]]:
+    """Every migration the store holds as unfinished, with its profile.
+
+    A stored migration that cannot be read raises UnreadableStore, before anything
+    is tracked, started or written. Refusing is deliberate: skipping the row would
+    forget an accepted migration whose job may still be running on a host, and
+    nothing would then finish, cancel or record it. The operator is told which row
+    and how to look at it, and repairs or removes it.
+    """
+    problems = store.unreadable()
+    records = [] if problems else store.unfinished()
+    taken: list[tuple[MigrationRecord, Profile]] = []
+    for record in records:
+        try:
+            taken.append((record, Profile.model_validate(record.profile)))
+        except ValidationError as error:
+            problems.append(CorruptRecord(record.id, f"column profile: {first_problem(error)}"))
+        if record.plan is not None:
+            try:
+                plan_from(record)
+            except TypeError as error:
+                problems.append(CorruptRecord(record.id, f"column plan: {error}"))
+    if problems:
+        raise UnreadableStore(store.path, problems)
+    return taken
+
+
+def paused_by_operator(store: Store, record: MigrationRecord) -> bool:
+    """Whether the pause of a paused migration was an operator's force-complete."""
+    return record.paused and any(
+        e.action == Action.PAUSE.value and (e.data or {}).get("origin") == "operator"
+        for e in store.events(record.id)
+    )
+
+
+async def keep_store(store: Store, clock: Clock, settings: EngineSettings) -> None:
+    """Check now and then that the store file is still there, and while writes
+    fail, retry them with back-off until the store takes them again."""
+    retry = settings.store_retry
+    attempts = 0
+    while True:
+        failing = store.failing()
+        delay = retry[min(attempts, len(retry) - 1)] if failing else None
+        await clock.sleep(delay or settings.store_check_interval)
+        try:
+            store.check_file()
+            if not store.failing() or store.flush(clock.now()):
+                attempts = 0
+            else:
+                attempts += 1
+        except Exception as error:  # never stop watching the store
+            log.exception("store-watch-error", path=store.path, error=repr(error))
+
+
+class Recovery:
+    """Re-attaching to jobs after a restart and tolerating hypervisor outages."""
+
+    def __init__(self, *, effects: Effects, clock: Clock, settings: EngineSettings) -> None:
+        self.effects = effects
+        self.clock = clock
+        self.settings = settings
+
+    async def reattach(self, supervision: Supervision) -> JobResult | None:
+        """Find the job again after a restart, retrying while the hypervisor is away.
+
+        Returns its result when it ended meanwhile, None when it goes on (or when the
+        hypervisor stayed away too long: then the migration is recorded as failed).
+        """
+        while True:
+            try:
+                return await self.effects.reattach(supervision)
+            except DriverError as error:
+                if not await self.tolerate(supervision, error, operation="reattach"):
+                    return None
+
+    async def tolerate(
+        self, supervision: Supervision, error: DriverError, operation: str = "sample"
+    ) -> bool:
+        """Keep trying through a hypervisor outage for a while; fail the migration after.
+
+        Returns True after backing off (try again), False once it has given up.
+        """
+        self.effects.hypervisor_error(operation)
+        now = self.clock.now()
+        supervision.beat = now
+        if supervision.first_error_at is None:
+            supervision.first_error_at = now
+            self.effects.event(supervision, "error", f"hypervisor error, retrying: {error}")
+        first = supervision.first_error_at
+        supervision.failures += 1
+        failures = supervision.failures
+        if now - first >= self.settings.error_tolerance:
+            await self._give_up(supervision, error, now - first)
+            return False
+        backoff = self.settings.error_backoff
+        await self.clock.sleep(backoff[min(failures - 1, len(backoff) - 1)])
+        return True
+
+    async def _give_up(self, supervision: Supervision, error: DriverError, silent: float) -> None:
+        # Give up supervising, but first ask the hypervisor to stop the job, so that
+        # a migration we no longer watch does not go on to finish by itself.
+        try:
+            await self.effects.stop_job(supervision)
+            stopped = "lmwatch asked the hypervisor to stop it"
+        except DriverError as cancel_error:
+            stopped = f"stopping it failed too ({cancel_error})"
+        await self.effects.finish(
+            supervision,
+            JobResult(
+                phase=Phase.FAILED,
+                error=f"the hypervisor did not answer (last error: {error})",
+            ),
+            reason=(
+                f"the hypervisor did not answer for {silent:.0f}s "
+                f"(last error: {error}); {stopped}; where the instance runs could not "
+                "be confirmed: check both hosts"
+            ),
+        )
+
+    @staticmethod
+    def answered(supervision: Supervision) -> None:
+        """The hypervisor answered: the current outage, if any, is over."""
+        supervision.first_error_at = None
+        supervision.failures = 0

@@ -1,0 +1,295 @@
+"""The per-migration loop: start (or re-attach), then sample, decide, apply, until it ends.
+
+Deciding is left to `policies`; doing to the effect runner; outages and re-attaching
+to recovery. What remains here is the order of things for one migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from lmwatch import policies
+from lmwatch.clock import Clock
+from lmwatch.drivers.base import DriverError, Refused
+from lmwatch.engine import machine
+from lmwatch.engine.effects import Effects
+from lmwatch.engine.learned import Learned
+from lmwatch.engine.records import Supervision, log, plan_from, status_of
+from lmwatch.engine.recovery import Recovery
+from lmwatch.engine.settings import EngineSettings
+from lmwatch.model import (
+    Capabilities,
+    ChangeRate,
+    JobResult,
+    MigrationContext,
+    Phase,
+    Sample,
+    State,
+)
+from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
+
+
+class Supervisor:
+    def __init__(
+        self,
+        *,
+        effects: Effects,
+        recovery: Recovery,
+        profiles: ProfileRegistry,
+        learned: Learned,
+        clock: Clock,
+        settings: EngineSettings,
+    ) -> None:
+        self.effects = effects
+        self.recovery = recovery
+        self.profiles = profiles
+        self.learned = learned
+        self.clock = clock
+        self.settings = settings
+
+    async def run(self, supervision: Supervision, *, reattach: bool) -> None:
+        """Supervise one migration to its end; a crash here is recorded as its failure."""
+        record = supervision.record
+        mlog = log.bind(migration=record.id, instance=record.instance)
+        supervision.beat = self.clock.now()
+        try:
+            if reattach and record.plan is not None:
+                result = await self.recovery.reattach(supervision)
+                if supervision.record.state.finished:
+                    return  # the hypervisor stayed away too long; recorded as failed
+                if result is not None:
+                    await self.effects.finish(
+                        supervision, result, reason="ended while lmwatch was not watching"
+                    )
+                    return
+                self.effects.event(supervision, "note", "supervision resumed after a restart")
+            else:
+                if not await self._start(supervision):
+                    return
+            await self._supervise(supervision)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug must not leave the migration unaccounted for
+            mlog.exception("supervisor-crashed", error=repr(error))
+            if not supervision.record.state.finished:
+                kind = type(error).__name__
+                try:
+                    await self.effects.finish(
+                        supervision,
+                        JobResult(phase=Phase.FAILED, error=f"internal error ({kind})"),
+                        reason=f"lmwatch failed internally ({kind}); see the daemon log",
+                    )
+                except Exception as second:  # e.g. the store is full: a restart re-attaches
+                    mlog.exception("cannot-record-failure", error=repr(second))
+
+    # -- the start ------------------------------------------------------------------------
+
+    async def _start(self, supervision: Supervision) -> bool:
+        async with supervision.lock:
+            if supervision.record.state.finished:  # cancelled while queued
+                return False
+            return await self._start_locked(supervision)
+
+    async def _start_locked(self, supervision: Supervision) -> bool:
+        self.refresh_profile(supervision)  # plan with the profile in force now
+        record = supervision.record
+        now = self.clock.now()
+        self.effects.update(supervision, "state", "starting", state=State.STARTING, started_at=now)
+        try:
+            capabilities = await self.effects.capabilities(supervision)
+            change_rate = await self._change_rate_for_start(supervision, capabilities)
+            supervision.change_rate = change_rate
+            info = await self.effects.describe(supervision)
+            plan = policies.plan_start(
+                supervision.profile,
+                info,
+                capabilities,
+                None if change_rate is None else change_rate.bytes_per_second,
+                capabilities.bandwidth,
+                self.settings.policy,
+                switchover=self.learned.switchover(record.source, record.destination),
+            )
+            started_at = self.clock.now()
+            deadline = policies.deadline_at(supervision.profile, record.memory_bytes, started_at)
+            self.effects.update(
+                supervision,
+                "decision",
+                plan.reason or "start planned",
+                action="start",
+                plan=dataclasses.asdict(plan),
+                blackout_budget=plan.blackout_budget,
+                deadline_at=deadline,
+                started_at=started_at,
+                data={"change_rate": None if change_rate is None else change_rate.bytes_per_second},
+            )
+            await self.effects.start_job(supervision, plan)
+        except (DriverError, Refused) as error:
+            self.effects.hypervisor_error("start")
+            await self.effects.finish(
+                supervision,
+                JobResult(phase=Phase.FAILED, error=str(error)),
+                reason=f"could not start: {error}",
+            )
+            return False
+        self.effects.started(supervision)
+        self.effects.update(supervision, "state", "copying started", state=State.COPYING)
+        return True
+
+    async def _change_rate_for_start(
+        self, supervision: Supervision, capabilities: Capabilities
+    ) -> ChangeRate | None:
+        """The change rate before start: reused when recent, measured otherwise.
+
+        It sets the first slow-down level, tells a saturated first pass from a steady
+        writer, and shows whether the guest had quieter phases; but measuring takes
+        seconds on real hosts, so one measurement serves an instance for a while
+        (a round trip does not measure twice).
+        """
+        record = supervision.record
+        if not (self.settings.measure_change_rate and capabilities.measure_change_rate):
+            return None
+        recent = self.learned.recent_change_rate(
+            record.instance, self.clock.now(), self.settings.change_rate_max_age
+        )
+        if recent is not None:
+            return recent
+        rate = await self.effects.measure_change_rate(supervision)
+        if rate is not None:
+            self.learned.remember_change_rate(record.instance, self.clock.now(), rate)
+        return rate
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def _supervise(self, supervision: Supervision) -> None:
+        settings = self.settings
+        while True:
+            scheduled = self.clock.now()
+            supervision.beat = scheduled
+            try:
+                sample = await self.sample(supervision)
+            except DriverError as error:
+                if await self.recovery.tolerate(supervision, error):
+                    continue
+                return
+            supervision.history.append(sample)
+            async with supervision.lock:
+                event = machine.Sampled(sample.phase)
+                _, todo = machine.step(status_of(supervision), event)
+                for effect in todo:
+                    match effect:
+                        case machine.Finish():
+                            result = await self.effects.result(supervision)
+                            await self.effects.finish(supervision, result)
+                            return
+                        case machine.EnterState(state=state, handed_over=handed_over):
+                            self._enter(supervision, state, handed_over=handed_over)
+                        case machine.Decide():
+                            await self._decide(supervision, sample)
+            await self.effects.wait_event(supervision, settings.poll_interval)
+            self.effects.poll_lag(self.clock.now() - scheduled - settings.poll_interval)
+
+    async def sample(self, supervision: Supervision) -> Sample:
+        sample = await self.effects.sample(supervision)
+        self.recovery.answered(supervision)
+        return sample
+
+    async def _decide(self, supervision: Supervision, sample: Sample) -> None:
+        """Ask the policy what to do after this sample, show the progress, carry it out."""
+        self.refresh_profile(supervision)
+        decision = policies.decide(
+            supervision.profile,
+            list(supervision.history),
+            self.context(supervision),
+            self.clock.now(),
+            self.settings.policy,
+        )
+        supervision.last_prediction = decision.prediction
+        self.effects.publish(supervision, sample, decision.prediction)
+        await self.effects.apply(supervision, decision, origin="policy")
+
+    def _enter(self, supervision: Supervision, state: State, *, handed_over: bool) -> None:
+        """Record that the job moved on to another phase."""
+        changes: dict[str, Any] = {"state": state}
+        if handed_over:
+            changes["handed_over"] = True
+            if supervision.handed_over_at is None:
+                supervision.handed_over_at = self.clock.now()
+        self.effects.update(supervision, "state", f"now {state.value}", **changes)
+
+    def refresh_profile(self, supervision: Supervision) -> None:
+        """Re-select the profile after a reload; say so when an edit cannot apply.
+
+        Before the start (no plan yet) the new profile simply replaces the old one, so
+        a queued migration starts with the profile in force when it starts, not with
+        the one chosen when it was accepted.
+        """
+        if supervision.generation == self.profiles.generation:
+            return
+        supervision.generation = self.profiles.generation
+        record = supervision.record
+        try:
+            selection = self.profiles.explain(
+                record.instance, record.uuid, record.labels, record.requested_profile
+            )
+        except (UnknownProfile, NoProfile) as error:
+            self.effects.event(
+                supervision,
+                "note",
+                f"profile reload: keeping profile {record.profile_name!r} ({error})",
+            )
+            return
+        new = selection.profile
+        if new == supervision.profile:
+            return
+        old_name = supervision.profile.name
+        if record.plan is None:
+            notes: list[str] = []
+            deadline = record.deadline_at
+            reason = (
+                f"profiles reloaded while queued: starting with profile {new.name!r} "
+                f"instead of {old_name!r}: {selection.reason}"
+            )
+        else:
+            notes = policies.review_profile_change(supervision.profile, new, plan_from(record))
+            deadline = (
+                policies.deadline_at(new, record.memory_bytes, record.started_at)
+                if record.started_at is not None
+                else record.deadline_at
+            )
+            reason = (
+                f"profile {old_name!r} replaced by edited profile {new.name!r}: {selection.reason}"
+            )
+        supervision.profile = new
+        self.effects.update(
+            supervision,
+            "note",
+            reason,
+            profile_name=new.name,
+            profile_reason=selection.reason,
+            profile=new.model_dump(mode="json"),
+            deadline_at=deadline,
+        )
+        for note in notes:
+            self.effects.event(supervision, "note", note)
+
+    def context(self, supervision: Supervision) -> MigrationContext:
+        """What the policy needs to know about the migration besides its samples."""
+        record = supervision.record
+        plan = plan_from(record)
+        measured = supervision.change_rate
+        return MigrationContext(
+            started_at=record.started_at or record.created_at,
+            memory_bytes=record.memory_bytes,
+            plan=plan,
+            blackout_budget=record.blackout_budget or plan.blackout_budget,
+            deadline_at=record.deadline_at,
+            paused=record.paused,
+            paused_at=supervision.paused_at,
+            accept_pause=supervision.pause_by_operator,
+            handed_over=record.handed_over,
+            switchover=self.learned.switchover(record.source, record.destination),
+            change_rate_before_start=None if measured is None else measured.bytes_per_second,
+            change_rate_window=None if measured is None else measured.window,
+        )

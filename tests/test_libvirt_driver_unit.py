@@ -38,15 +38,14 @@ from lmwatch.drivers.libvirt_mapping import (
     decide_outcome,
     domain_facts,
     error_cause,
-    format_cpuset,
     host_topology,
     listen_host,
     migrate_call,
     neutral_text,
-    parse_cpuset,
     parse_labels,
     stats_to_sample,
 )
+from lmwatch.drivers.preflight import format_cpuset, parse_cpuset, parse_cpuset_strict
 from lmwatch.model import MIB, ChangeRate, MigrationRequest, Phase, StartPlan
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -282,6 +281,12 @@ def test_domain_facts() -> None:
 )
 def test_parse_cpuset(text: str, ids: set[int]) -> None:
     assert parse_cpuset(text) == ids
+
+
+@pytest.mark.parametrize("text", ["", "x", "3-1", "0-3,^0-3", "1,,2"])
+def test_parse_cpuset_strict_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_cpuset_strict(text)
 
 
 def test_format_cpuset() -> None:

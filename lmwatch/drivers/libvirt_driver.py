@@ -81,6 +81,7 @@ from lmwatch.drivers.libvirt_mapping import (
     transferred_from,
     where_from_state,
 )
+from lmwatch.drivers.preflight import identity_refusal
 from lmwatch.logs import get_logger
 from lmwatch.model import (
     MIB,
@@ -445,20 +446,10 @@ class LibvirtDriver:
                 found.append((str(other.name()), str(other.UUIDString())))
             return found
 
-        for other_name, other_uuid in await self._link(host).call(
-            identities, what=f"lookup of {name}"
-        ):
-            if other_name == name and other_uuid.lower() != uuid.lower():
-                raise NameTaken(
-                    f"host {host} already defines an instance named {name!r} with another "
-                    f"identity (uuid {other_uuid}); remove or rename it there first"
-                )
-            if other_name != name and other_uuid.lower() == uuid.lower():
-                raise NameTaken(
-                    f"host {host} already defines the identity of instance {name!r} "
-                    f"(uuid {uuid}) under another name, {other_name!r}; remove or rename "
-                    f"it there first"
-                )
+        found = await self._link(host).call(identities, what=f"lookup of {name}")
+        why = identity_refusal(host, name, uuid, found)
+        if why is not None:
+            raise NameTaken(why)
 
     async def _check_pinning(self, request: MigrationRequest, facts: DomainFacts) -> None:
         """Host CPUs and memory nodes the instance is pinned to must exist on the

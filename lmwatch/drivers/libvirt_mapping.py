@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from lmwatch.drivers.preflight import parse_cpuset, pinning_refusal
 from lmwatch.model import MIB, Phase, Sample, StartPlan
 
 LABELS_NS = "https://lmwatch.dev/xmlns/labels/1"
@@ -191,39 +192,6 @@ class DomainFacts:
     pinned_nodes: frozenset[int] = frozenset()
 
 
-def parse_cpuset(text: str) -> frozenset[int]:
-    """libvirt's cpuset/nodeset syntax: "0-3,^2,8" -> {0, 1, 3, 8}.
-
-    Exclusions (`^N`, `^N-M`) apply to the whole list whatever their position;
-    entries that are not numbers or ranges are ignored (libvirt validates them when
-    the domain is defined)."""
-    include: set[int] = set()
-    exclude: set[int] = set()
-    for raw in text.replace(" ", "").split(","):
-        target = exclude if raw.startswith("^") else include
-        part = raw.removeprefix("^")
-        low, _, high = part.partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
-            continue
-        first, last = int(low), int(high) if high else int(low)
-        target.update(range(first, last + 1))
-    return frozenset(include - exclude)
-
-
-def format_cpuset(ids: frozenset[int] | set[int]) -> str:
-    """The compact form of a set of CPU or node numbers: {0, 1, 2, 3, 8} -> "0-3,8"."""
-    runs: list[str] = []
-    ordered = sorted(ids)
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        runs.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(runs)
-
-
 def _pinning(root: ET.Element) -> tuple[frozenset[int], frozenset[int]]:
     """(host CPUs, host NUMA nodes) a domain is pinned to: `<vcpu cpuset>`,
     `<cputune>` vcpupin/emulatorpin/iothreadpin, `<numatune>` memory/memnode."""
@@ -341,22 +309,14 @@ def pinning_missing(
     instance: str, facts: DomainFacts, host: str, topology: HostTopology
 ) -> str | None:
     """Why `instance` cannot run on `host` because of its pinning; None when it can."""
-    problems = []
-    cpus = facts.pinned_cpus - topology.cpus
-    if cpus:
-        problems.append(
-            f"is pinned to host CPUs {format_cpuset(cpus)}, host {host} has CPUs "
-            f"{format_cpuset(topology.cpus)}"
-        )
-    nodes = facts.pinned_nodes - topology.nodes
-    if nodes:
-        problems.append(
-            f"is pinned to host memory nodes {format_cpuset(nodes)}, host {host} has "
-            f"nodes {format_cpuset(topology.nodes)}"
-        )
-    if not problems:
-        return None
-    return f"instance {instance!r} " + "; it ".join(problems)
+    return pinning_refusal(
+        instance,
+        host,
+        pinned_cpus=facts.pinned_cpus,
+        pinned_nodes=facts.pinned_nodes,
+        host_cpus=topology.cpus,
+        host_nodes=topology.nodes,
+    )
 
 
 # --------------------------------------------------------------------------- outcomes

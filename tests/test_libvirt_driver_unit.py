@@ -1821,3 +1821,12 @@ def test_the_process_exits_while_a_call_hangs(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=20)
     assert done.returncode == 0, done.stderr
     assert "closed" in done.stdout
+
+
+async def test_pinning_refusal_names_the_instance_asked_by_uuid(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    _pinned_beyond_cpus(cloud)
+    by_uuid = MigrationRequest(cloud.hosts["a"].domains["vm1"].uuid, "a", "b")
+    with pytest.raises(Incompatible, match="instance 'vm1' is pinned to host CPUs 8-11"):
+        await driver.preflight(by_uuid)

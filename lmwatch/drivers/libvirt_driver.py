@@ -416,7 +416,7 @@ class LibvirtDriver:
                 f"instance {request.instance!r} has passed-through host devices that cannot "
                 f"move: {', '.join(facts.hostdevs)}"
             )
-        await self._check_pinning(request, facts)
+        await self._check_pinning(request, dom["name"], facts)
         need = int(dom["max_kib"]) * 1024
         free = await self._link(dst).call(lambda c: c.getFreeMemory(), what="free memory")
         if free < need:
@@ -451,7 +451,9 @@ class LibvirtDriver:
         if why is not None:
             raise NameTaken(why)
 
-    async def _check_pinning(self, request: MigrationRequest, facts: DomainFacts) -> None:
+    async def _check_pinning(
+        self, request: MigrationRequest, name: str, facts: DomainFacts
+    ) -> None:
         """Host CPUs and memory nodes the instance is pinned to must exist on the
         destination (the hypervisor would fail the incoming instance after start)."""
         if not facts.pinned_cpus and not facts.pinned_nodes:
@@ -468,7 +470,7 @@ class LibvirtDriver:
         except DriverError as error:
             log.warning("pinning-check-skipped", instance=request.instance, error=str(error))
             return
-        why = pinning_missing(request.instance, facts, request.destination, topo)
+        why = pinning_missing(name, facts, request.destination, topo)
         if why is not None:
             raise Incompatible(why)
 

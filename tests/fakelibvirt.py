@@ -232,6 +232,9 @@ class FakeHost:
     lib_version: int = 11_003_000
     hv_version: int = 10_000_000
     cpu_compare: int = 1
+    cpus: int = 8  # host CPUs 0..cpus-1, spread evenly over `nodes` NUMA cells
+    nodes: int = 1
+    describes_cells: bool = True  # getCapabilities() has <topology><cells>
     opens: int = 0
     callbacks: dict[int, tuple[int, Any, Any]] = field(default_factory=dict)
 
@@ -282,8 +285,25 @@ class FakeConnect:
         return self.host.free
 
     def getCapabilities(self) -> str:
+        self._check()
         cpu = "<cpu><arch>x86_64</arch><model>Haswell</model></cpu>"
-        return f"<capabilities><host>{cpu}</host></capabilities>"
+        cells = ""
+        if self.host.describes_cells:
+            per = self.host.cpus // self.host.nodes
+            for node in range(self.host.nodes):
+                ids = range(node * per, (node + 1) * per)
+                cpus = "".join(f"<cpu id='{i}' socket_id='0' core_id='{i}'/>" for i in ids)
+                cells += (
+                    f"<cell id='{node}'><memory unit='KiB'>8388608</memory>"
+                    f"<cpus num='{per}'>{cpus}</cpus></cell>"
+                )
+            cells = f"<topology><cells num='{self.host.nodes}'>{cells}</cells></topology>"
+        return f"<capabilities><host>{cpu}{cells}</host></capabilities>"
+
+    def getInfo(self) -> list[Any]:
+        self._check()
+        h = self.host
+        return ["x86_64", 8192, h.cpus, 2000, h.nodes, 1, h.cpus // h.nodes, 1]
 
     def compareCPU(self, xml: str, flags: int = 0) -> int:
         return self.host.cpu_compare

@@ -24,6 +24,7 @@ from lmwatch.drivers.base import (
     HostUnreachable,
     Incompatible,
     InsufficientResources,
+    NameTaken,
     NotOnSource,
     UnknownHost,
     UnknownInstance,
@@ -37,12 +38,14 @@ from lmwatch.drivers.libvirt_mapping import (
     decide_outcome,
     domain_facts,
     error_cause,
+    host_topology,
     listen_host,
     migrate_call,
     neutral_text,
     parse_labels,
     stats_to_sample,
 )
+from lmwatch.drivers.preflight import format_cpuset, parse_cpuset, parse_cpuset_strict
 from lmwatch.model import MIB, ChangeRate, MigrationRequest, Phase, StartPlan
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -264,6 +267,64 @@ def test_domain_facts() -> None:
     assert domain_facts(domain_xml("vm1")).hostdevs == ()
 
 
+@pytest.mark.parametrize(
+    ("text", "ids"),
+    [
+        ("0-3,^2,8", {0, 1, 3, 8}),
+        ("^2,0-3", {0, 1, 3}),
+        ("5", {5}),
+        ("0-7,^2-5", {0, 1, 6, 7}),
+        (" 1, 3 ", {1, 3}),
+        ("", set()),
+        ("x,2", {2}),
+    ],
+)
+def test_parse_cpuset(text: str, ids: set[int]) -> None:
+    assert parse_cpuset(text) == ids
+
+
+@pytest.mark.parametrize("text", ["", "x", "3-1", "0-3,^0-3", "1,,2"])
+def test_parse_cpuset_strict_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_cpuset_strict(text)
+
+
+def test_format_cpuset() -> None:
+    assert format_cpuset({8, 9, 10, 11}) == "8-11"
+    assert format_cpuset({0, 1, 2, 3, 5, 7, 8}) == "0-3,5,7-8"
+    assert format_cpuset(set()) == ""
+
+
+PINNED = (
+    "<vcpu placement='static' cpuset='1-2'>2</vcpu>"
+    "<cputune><vcpupin vcpu='0' cpuset='8-11,^9'/><vcpupin vcpu='1' cpuset='3'/>"
+    "<emulatorpin cpuset='12'/><iothreadpin iothread='1' cpuset='13'/></cputune>"
+    "<numatune><memory mode='strict' nodeset='0-1'/>"
+    "<memnode cellid='0' mode='strict' nodeset='3'/></numatune>"
+)
+
+
+def test_domain_facts_pinning() -> None:
+    facts = domain_facts(domain_xml("vm1", cpu=PINNED))
+    assert facts.pinned_cpus == {1, 2, 3, 8, 10, 11, 12, 13}
+    assert facts.pinned_nodes == {0, 1, 3}
+    plain = domain_facts(domain_xml("vm1", cpu="<vcpu>2</vcpu><numatune/>"))
+    assert (plain.pinned_cpus, plain.pinned_nodes) == (frozenset(), frozenset())
+
+
+def test_host_topology_from_capabilities() -> None:
+    caps = (
+        "<capabilities><host><cpu><arch>x86_64</arch></cpu><topology><cells num='2'>"
+        "<cell id='0'><cpus num='2'><cpu id='0'/><cpu id='2'/></cpus></cell>"
+        "<cell id='1'><cpus num='2'><cpu id='1'/><cpu id='3'/></cpus></cell>"
+        "</cells></topology></host></capabilities>"
+    )
+    topo = host_topology(caps)
+    assert topo is not None
+    assert (topo.cpus, topo.nodes) == ({0, 1, 2, 3}, {0, 1})
+    assert host_topology("<capabilities><host><cpu/></host></capabilities>") is None
+
+
 S, D = "a", "b"
 
 
@@ -461,6 +522,65 @@ def _cpu_tcg(c: FakeCloud) -> None:
     c.hosts["b"].cpu_compare = C.VIR_CPU_COMPARE_INCOMPATIBLE
 
 
+OTHER_UUID = "0badc0de-0000-4000-8000-000000000002"
+
+
+def _name_taken_running(c: FakeCloud) -> None:
+    c.hosts["b"].add("vm1", uuid=OTHER_UUID)
+
+
+def _name_taken_defined(c: FakeCloud) -> None:
+    c.hosts["b"].add("vm1", uuid=OTHER_UUID, state=(C.VIR_DOMAIN_SHUTOFF, 1))
+
+
+def _identity_taken(c: FakeCloud) -> None:
+    c.hosts["b"].add("vm1-old", state=(C.VIR_DOMAIN_SHUTOFF, 1))  # vm1's uuid
+
+
+def _defined_from_before(c: FakeCloud) -> None:
+    c.hosts["b"].add("vm1", state=(C.VIR_DOMAIN_SHUTOFF, 1))  # same name and uuid
+
+
+def _pin(c: FakeCloud, tune: str) -> None:
+    c.hosts["a"].domains["vm1"].xml = domain_xml("vm1", cpu=tune)
+
+
+def _pinned_beyond_cpus(c: FakeCloud) -> None:
+    _pin(c, "<cputune><vcpupin vcpu='0' cpuset='8-11'/></cputune>")
+
+
+def _emulator_beyond_cpus(c: FakeCloud) -> None:
+    _pin(c, "<cputune><emulatorpin cpuset='0-3,^1,9'/></cputune>")
+
+
+def _vcpu_cpuset_beyond_cpus(c: FakeCloud) -> None:
+    _pin(c, "<vcpu placement='static' cpuset='6-9'>2</vcpu>")
+
+
+def _pinned_beyond_nodes(c: FakeCloud) -> None:
+    _pin(c, "<numatune><memory mode='strict' nodeset='1'/></numatune>")
+
+
+def _memnode_beyond_nodes(c: FakeCloud) -> None:
+    _pin(c, "<numatune><memnode cellid='0' mode='strict' nodeset='0-1'/></numatune>")
+
+
+def _pinned_beyond_cpus_no_cells(c: FakeCloud) -> None:
+    c.hosts["b"].describes_cells = False
+    c.hosts["b"].cpus = 4
+    _pin(c, "<cputune><vcpupin vcpu='0' cpuset='4-5'/></cputune>")
+
+
+def _pinned_within(c: FakeCloud) -> None:
+    c.hosts["b"].nodes = 2
+    _pin(
+        c,
+        "<vcpu cpuset='0-7'>2</vcpu><cputune><vcpupin vcpu='0' cpuset='0-3,^2'/>"
+        "<emulatorpin cpuset='7'/></cputune>"
+        "<numatune><memory mode='strict' nodeset='0-1'/></numatune>",
+    )
+
+
 @pytest.mark.parametrize(
     ("arrange", "request_", "refusal"),
     [
@@ -475,6 +595,17 @@ def _cpu_tcg(c: FakeCloud) -> None:
         (_hostdev, REQ, Incompatible),
         (_cpu, REQ, Incompatible),
         (_cpu_tcg, REQ, None),
+        (_name_taken_running, REQ, NameTaken),
+        (_name_taken_defined, REQ, NameTaken),
+        (_identity_taken, REQ, NameTaken),
+        (_defined_from_before, REQ, None),
+        (_pinned_beyond_cpus, REQ, Incompatible),
+        (_emulator_beyond_cpus, REQ, Incompatible),
+        (_vcpu_cpuset_beyond_cpus, REQ, Incompatible),
+        (_pinned_beyond_nodes, REQ, Incompatible),
+        (_memnode_beyond_nodes, REQ, Incompatible),
+        (_pinned_beyond_cpus_no_cells, REQ, Incompatible),
+        (_pinned_within, REQ, None),
     ],
 )
 async def test_preflight_refusals(
@@ -492,6 +623,34 @@ async def test_preflight_refusals(
     with pytest.raises(refusal) as caught:
         await driver.preflight(request_)
     assert str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("arrange", "says"),
+    [
+        (
+            _name_taken_defined,
+            f"host b already defines an instance named 'vm1' with another identity "
+            f"(uuid {OTHER_UUID}); remove or rename it there first",
+        ),
+        (_identity_taken, "host b already defines the identity of instance 'vm1'"),
+        (_pinned_beyond_cpus, "instance 'vm1' is pinned to host CPUs 8-11, host b has CPUs 0-7"),
+        (_emulator_beyond_cpus, "pinned to host CPUs 9, host b has CPUs 0-7"),
+        (_pinned_beyond_nodes, "pinned to host memory nodes 1, host b has nodes 0"),
+        (_pinned_beyond_cpus_no_cells, "pinned to host CPUs 4-5, host b has CPUs 0-3"),
+    ],
+)
+async def test_preflight_refusal_reasons(
+    cloud: FakeCloud, driver: LibvirtDriver, arrange: Callable[[FakeCloud], None], says: str
+) -> None:
+    """The reason names what is in the way, in neutral words, and nothing started."""
+    arrange(cloud)
+    with pytest.raises((NameTaken, Incompatible)) as caught:
+        await driver.preflight(REQ)
+    assert says in str(caught.value)
+    assert not FORBIDDEN.search(str(caught.value))
+    assert caught.value.status == 409
+    assert not any(call[0] == "migrateToURI3" for call in cloud.hosts["a"].domains["vm1"].calls)
 
 
 async def test_capabilities_from_versions(cloud: FakeCloud, driver: LibvirtDriver) -> None:
@@ -1662,3 +1821,12 @@ def test_the_process_exits_while_a_call_hangs(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=20)
     assert done.returncode == 0, done.stderr
     assert "closed" in done.stdout
+
+
+async def test_pinning_refusal_names_the_instance_asked_by_uuid(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    _pinned_beyond_cpus(cloud)
+    by_uuid = MigrationRequest(cloud.hosts["a"].domains["vm1"].uuid, "a", "b")
+    with pytest.raises(Incompatible, match="instance 'vm1' is pinned to host CPUs 8-11"):
+        await driver.preflight(by_uuid)

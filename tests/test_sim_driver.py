@@ -15,6 +15,7 @@ from lmwatch.drivers.base import (
     HostUnreachable,
     Incompatible,
     InsufficientResources,
+    NameTaken,
     NotOnSource,
     Refused,
     UnknownHost,
@@ -384,3 +385,71 @@ async def test_a_link_is_shared_until_one_job_ends(driver: SimDriver, clock: Vir
     assert not (await driver.sample("large")).phase.finished
     await clock.advance(0.5)  # then alone at full speed: ends at ~12 s
     assert (await driver.sample("large")).phase is Phase.COMPLETED
+
+
+PINNED = load_inventory_text("""
+hosts:
+  - {name: host-a, memory: 64GiB, cpus: 16, numa_nodes: 2}
+  - name: host-b
+    memory: 64GiB
+    cpus: 8
+    numa_nodes: 1
+    defined:
+      - {name: taken, uuid: 0badc0de-0000-4000-8000-000000000002}
+      - {name: leftover, uuid: 0badc0de-0000-4000-8000-000000000003}
+      - {name: renamed-old, uuid: 0badc0de-0000-4000-8000-000000000004}
+  - {name: host-c, memory: 64GiB}
+instances:
+  - {name: free, host: host-a, memory: 1GiB}
+  - {name: within, host: host-a, memory: 1GiB, pinned_cpus: "0-7,^3", pinned_nodes: 0}
+  - {name: wide, host: host-a, memory: 1GiB, pinned_cpus: "4-11"}
+  - {name: far, host: host-a, memory: 1GiB, pinned_nodes: 1}
+  - {name: taken, host: host-a, memory: 1GiB}
+  - name: leftover
+    host: host-a
+    memory: 1GiB
+    uuid: 0badc0de-0000-4000-8000-000000000003
+  - name: renamed
+    host: host-a
+    memory: 1GiB
+    uuid: 0badc0de-0000-4000-8000-000000000004
+""")
+
+
+@pytest.mark.parametrize(
+    ("instance", "destination", "error", "message"),
+    [
+        ("free", "host-b", None, ""),
+        ("within", "host-b", None, ""),
+        ("wide", "host-c", None, ""),  # host-c does not model its CPUs
+        ("leftover", "host-b", None, ""),  # the same name and uuid: the same instance
+        ("wide", "host-b", Incompatible, "pinned to host CPUs 8-11, host host-b has CPUs 0-7"),
+        ("far", "host-b", Incompatible, "pinned to host memory nodes 1, host host-b has nodes 0"),
+        (
+            "taken",
+            "host-b",
+            NameTaken,
+            "host host-b already defines an instance named 'taken' with another identity "
+            "(uuid 0badc0de-0000-4000-8000-000000000002); remove or rename it there first",
+        ),
+        ("renamed", "host-b", NameTaken, "under another name, 'renamed-old'"),
+    ],
+)
+async def test_preflight_pinning_and_definitions(
+    clock: VirtualClock,
+    instance: str,
+    destination: str,
+    error: type[Refused] | None,
+    message: str,
+) -> None:
+    driver = SimDriver(PINNED, clock)
+    req = request(instance, "host-a", destination)
+    if error is None:
+        assert (await driver.preflight(req)).name == instance
+        return
+    with pytest.raises(error) as caught:
+        await driver.preflight(req)
+    assert message in str(caught.value)
+    with pytest.raises(error):
+        await driver.start("m", req, PLAIN)
+    assert driver.where(instance) == "host-a"

@@ -173,3 +173,64 @@ def test_default_inventory_covers_the_example_profiles() -> None:
     fast = inv.bandwidth("host-a", "host-b")
     rates = [i.change_rate.at(3600) for i in inv.instances]
     assert min(rates) < 0.01 * fast and max(rates) > fast
+
+
+def test_pinning_and_definitions_are_optional_and_parsed() -> None:
+    """Old inventories stay valid (nothing pinned, nothing modelled); the new fields
+    take "0-3,^2,8", a number or a list."""
+    plain = load_inventory_text(inventory("  - {name: x, host: host-a, memory: 1GiB}\n"))
+    host = plain.hosts[0]
+    assert (host.cpus, host.numa_nodes, host.defined) == (None, None, ())
+    assert (host.cpu_ids, host.node_ids) == (None, None)
+    x = plain.instances[0]
+    assert (x.pinned_cpus, x.pinned_nodes) == (frozenset(), frozenset())
+    text = """
+hosts:
+  - name: host-a
+    memory: 64GiB
+    cpus: 16
+    numa_nodes: 2
+    defined: [{name: old, uuid: 0BADC0DE-0000-4000-8000-000000000001}]
+instances:
+  - {name: x, host: host-a, memory: 1GiB, pinned_cpus: "0-3,^2,8", pinned_nodes: 1}
+  - {name: y, host: host-a, memory: 1GiB, pinned_cpus: [4, 5]}
+"""
+    inv = load_inventory_text(text)
+    host = inv.hosts[0]
+    assert (host.cpu_ids, host.node_ids) == (frozenset(range(16)), frozenset({0, 1}))
+    assert host.defined[0].uuid == "0badc0de-0000-4000-8000-000000000001"
+    assert inv.instances[0].pinned_cpus == {0, 1, 3, 8}
+    assert inv.instances[0].pinned_nodes == {1}
+    assert inv.instances[1].pinned_cpus == {4, 5}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "hosts: [{name: a, memory: 1GiB, cpus: 4}]\n"
+            "instances: [{name: x, host: a, memory: 1GiB, pinned_cpus: 2-5}]\n",
+            "pinned to CPUs 4-5 that its host 'a' lacks",
+        ),
+        (
+            "hosts: [{name: a, memory: 1GiB, numa_nodes: 1}]\n"
+            "instances: [{name: x, host: a, memory: 1GiB, pinned_nodes: '1'}]\n",
+            "pinned to memory nodes 1 that its host 'a' lacks",
+        ),
+        (
+            "hosts: [{name: a, memory: 1GiB}]\n"
+            "instances: [{name: x, host: a, memory: 1GiB, pinned_cpus: 3-1}]\n",
+            r"instances\[0\].pinned_cpus",
+        ),
+        (
+            "hosts: [{name: a, memory: 1GiB}]\n"
+            "instances: [{name: x, host: a, memory: 1GiB, pinned_cpus: true}]\n",
+            r"instances\[0\].pinned_cpus",
+        ),
+        ("hosts: [{name: a, memory: 1GiB, cpus: 0}]\n", r"hosts\[0\].cpus"),
+        ("hosts: [{name: a, memory: 1GiB, defined: [{name: x, uuid: nope}]}]\n", "not a uuid"),
+    ],
+)
+def test_bad_pinning_and_definitions(text: str, message: str) -> None:
+    with pytest.raises(InventoryError, match=message):
+        load_inventory_text(text)

@@ -65,6 +65,14 @@ class Incompatible(Refused):
     kind = "incompatible"
 
 
+class NameTaken(Refused):
+    """The destination already defines another instance under this name (or this
+    instance's identity under another name)."""
+
+    status = 409
+    kind = "name-taken"
+
+
 class HostUnreachable(Refused):
     status = 503
     kind = "host-unreachable"

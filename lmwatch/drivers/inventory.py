@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from lmwatch.drivers.preflight import format_cpuset, parse_cpuset_strict
 from lmwatch.units import parse_duration, parse_rate, parse_size
 
 # Stable uuids for instances that do not name one: uuid5(this namespace, name).
@@ -42,6 +43,20 @@ def _canonical_uuid(value: str) -> str:
         return str(uuidlib.UUID(value))
     except ValueError as exc:
         raise ValueError(f"{value!r} is not a uuid") from exc
+
+
+def _cpuset(value: Any) -> Any:
+    """A set of host CPUs or memory nodes: "0-3,^2,8", a number, or a list of numbers."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a set of numbers like '0-3,^2,8'")
+    if isinstance(value, int):
+        value = str(value)
+    if isinstance(value, str):
+        return parse_cpuset_strict(value)
+    return value
+
+
+CpuSet = Annotated[frozenset[Annotated[int, Field(ge=0)]], BeforeValidator(_cpuset)]
 
 
 class InventoryError(ValueError):
@@ -225,11 +240,33 @@ def _rate_pattern(value: Any) -> Any:
     return {"pattern": "constant", "rate": value}
 
 
+class Definition(_Frozen):
+    """An instance a host defines but does not run (another one, or a leftover)."""
+
+    name: str = Field(min_length=1)
+    uuid: Annotated[str, AfterValidator(_canonical_uuid)]
+
+
 class Host(_Frozen):
     name: str = Field(min_length=1)
     memory: Size  # free memory for incoming instances
     handover: bool = True
     slow_down: bool = True
+    # Host CPUs 0..cpus-1 and memory (NUMA) nodes 0..numa_nodes-1, for instances
+    # pinned to some; None: not modelled, any pinning fits.
+    cpus: int | None = Field(default=None, gt=0)
+    numa_nodes: int | None = Field(default=None, gt=0)
+    # Instances this host defines without running them; an incoming instance whose
+    # name is defined here with another uuid (or uuid under another name) is refused.
+    defined: tuple[Definition, ...] = ()
+
+    @property
+    def cpu_ids(self) -> frozenset[int] | None:
+        return None if self.cpus is None else frozenset(range(self.cpus))
+
+    @property
+    def node_ids(self) -> frozenset[int] | None:
+        return None if self.numa_nodes is None else frozenset(range(self.numa_nodes))
 
 
 class Link(_Frozen):
@@ -252,6 +289,10 @@ class Instance(_Frozen):
     # W·(1 - e^(-written/W)), so what the hypervisor reports saturates (DESIGN.md §4).
     writer: Literal["sequential", "random"] = "sequential"
     labels: dict[str, str] = Field(default_factory=dict)
+    # Host CPUs and memory (NUMA) nodes the instance is pinned to ("0-3,^2,8");
+    # empty: not pinned. A destination without them refuses the instance.
+    pinned_cpus: CpuSet = frozenset()
+    pinned_nodes: CpuSet = frozenset()
 
     @model_validator(mode="before")
     @classmethod
@@ -302,11 +343,22 @@ class Inventory(_Frozen):
             if pair in pairs:
                 raise ValueError(f"link between {a!r} and {b!r} is listed twice")
             pairs.add(pair)
+        by_name = {h.name: h for h in self.hosts}
         for instance in self.instances:
             if instance.host not in known:
                 raise ValueError(
                     f"instance {instance.name!r} runs on unknown host {instance.host!r}"
                 )
+            host = by_name[instance.host]
+            for what, pinned, has in (
+                ("CPUs", instance.pinned_cpus, host.cpu_ids),
+                ("memory nodes", instance.pinned_nodes, host.node_ids),
+            ):
+                if has is not None and pinned - has:
+                    raise ValueError(
+                        f"instance {instance.name!r} is pinned to {what} "
+                        f"{format_cpuset(pinned - has)} that its host {host.name!r} lacks"
+                    )
         return self
 
     # Indexes built on first use (the model is frozen): a lookup costs the same

@@ -42,6 +42,7 @@ from lmwatch.drivers.base import (
     HostUnreachable,
     Incompatible,
     InsufficientResources,
+    NameTaken,
     NotOnSource,
     Refused,
     UnknownHost,
@@ -59,22 +60,28 @@ from lmwatch.drivers.libvirt_mapping import (
     DIRTYRATE_MEASURED,
     LABELS_NS,
     UNLIMITED_MIB_S,
+    DomainFacts,
+    HostTopology,
     Where,
     bandwidth_mib_s,
     decide_outcome,
     domain_facts,
     downtime_ms,
     host_cpu_xml,
+    host_topology,
     job_has_ended,
     measured_blackout,
     migrate_call,
     neutral_text,
     parse_labels,
+    pinning_missing,
     slowdown_from,
     stats_to_sample,
+    topology_from_info,
     transferred_from,
     where_from_state,
 )
+from lmwatch.drivers.preflight import identity_refusal
 from lmwatch.logs import get_logger
 from lmwatch.model import (
     MIB,
@@ -392,18 +399,24 @@ class LibvirtDriver:
         await self._require_reachable(dst)
         dom = await self._domain_on(src, request.instance)
         there = await self._domain_on(dst, request.instance)
-        if there is not None and there["state"] in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_PAUSED):
+        if (
+            there is not None
+            and there["state"] in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_PAUSED)
+            and (dom is None or there["uuid"] == dom["uuid"])
+        ):
             raise AlreadyOnDestination(f"instance {request.instance!r} already runs on {dst}")
         if dom is None:
             raise UnknownInstance(f"instance {request.instance!r} is not on host {src}")
         if dom["state"] not in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_PAUSED):
             raise NotOnSource(f"instance {request.instance!r} is defined on {src} but not running")
+        await self._check_identity(dst, dom["name"], dom["uuid"])
         facts = domain_facts(dom["xml"])
         if facts.hostdevs:
             raise Incompatible(
                 f"instance {request.instance!r} has passed-through host devices that cannot "
                 f"move: {', '.join(facts.hostdevs)}"
             )
+        await self._check_pinning(request, dom["name"], facts)
         need = int(dom["max_kib"]) * 1024
         free = await self._link(dst).call(lambda c: c.getFreeMemory(), what="free memory")
         if free < need:
@@ -413,6 +426,53 @@ class LibvirtDriver:
             )
         await self._check_cpu(request, facts)
         return self._info(src, dom)
+
+    async def _check_identity(self, host: str, name: str, uuid: str) -> None:
+        """`host` must not define another instance under `name`, nor this instance's
+        uuid under another name: the hypervisor would refuse the incoming instance
+        only after the migration started. A definition with the same name and uuid
+        (left by an earlier migration, shut off) is fine: it is the same instance."""
+        lv = self._lv
+
+        def identities(conn: Any) -> list[tuple[str, str]]:
+            found = []
+            for lookup, key in ((conn.lookupByName, name), (conn.lookupByUUIDString, uuid)):
+                try:
+                    other = lookup(key)
+                except lv.libvirtError as error:
+                    if error.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
+                        raise
+                    continue
+                found.append((str(other.name()), str(other.UUIDString())))
+            return found
+
+        found = await self._link(host).call(identities, what=f"lookup of {name}")
+        why = identity_refusal(host, name, uuid, found)
+        if why is not None:
+            raise NameTaken(why)
+
+    async def _check_pinning(
+        self, request: MigrationRequest, name: str, facts: DomainFacts
+    ) -> None:
+        """Host CPUs and memory nodes the instance is pinned to must exist on the
+        destination (the hypervisor would fail the incoming instance after start)."""
+        if not facts.pinned_cpus and not facts.pinned_nodes:
+            return
+
+        def topology(conn: Any) -> HostTopology:
+            found = host_topology(conn.getCapabilities())
+            return found if found is not None else topology_from_info(conn.getInfo())
+
+        try:
+            topo = await self._link(request.destination).call(topology, what="host topology")
+        except HostLost:
+            raise
+        except DriverError as error:
+            log.warning("pinning-check-skipped", instance=request.instance, error=str(error))
+            return
+        why = pinning_missing(name, facts, request.destination, topo)
+        if why is not None:
+            raise Incompatible(why)
 
     async def _check_cpu(self, request: MigrationRequest, facts: Any) -> None:
         """The destination must run the instance's CPU model.

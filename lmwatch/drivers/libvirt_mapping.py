@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from lmwatch.drivers.preflight import parse_cpuset, pinning_refusal
 from lmwatch.model import MIB, Phase, Sample, StartPlan
 
 LABELS_NS = "https://lmwatch.dev/xmlns/labels/1"
@@ -186,6 +187,26 @@ class DomainFacts:
     cpu_mode: str | None
     arch: str | None
     machine: str | None
+    # Host CPUs and host memory (NUMA) nodes the instance is pinned to; empty: none.
+    pinned_cpus: frozenset[int] = frozenset()
+    pinned_nodes: frozenset[int] = frozenset()
+
+
+def _pinning(root: ET.Element) -> tuple[frozenset[int], frozenset[int]]:
+    """(host CPUs, host NUMA nodes) a domain is pinned to: `<vcpu cpuset>`,
+    `<cputune>` vcpupin/emulatorpin/iothreadpin, `<numatune>` memory/memnode."""
+    cpus: set[int] = set()
+    nodes: set[int] = set()
+    vcpu = root.find("./vcpu")
+    if vcpu is not None and vcpu.get("cpuset"):
+        cpus |= parse_cpuset(vcpu.get("cpuset", ""))
+    for path in ("./cputune/vcpupin", "./cputune/emulatorpin", "./cputune/iothreadpin"):
+        for pin in root.findall(path):
+            cpus |= parse_cpuset(pin.get("cpuset", ""))
+    for path in ("./numatune/memory", "./numatune/memnode"):
+        for tune in root.findall(path):
+            nodes |= parse_cpuset(tune.get("nodeset", ""))
+    return frozenset(cpus), frozenset(nodes)
 
 
 def domain_facts(xml: str) -> DomainFacts:
@@ -203,6 +224,7 @@ def domain_facts(xml: str) -> DomainFacts:
     cpu_xml = None
     if cpu is not None and (cpu.find("./model") is not None or cpu_mode != "custom"):
         cpu_xml = ET.tostring(cpu, encoding="unicode")
+    pinned_cpus, pinned_nodes = _pinning(root)
     return DomainFacts(
         virt_type=root.get("type", ""),
         hostdevs=tuple(hostdevs),
@@ -210,6 +232,8 @@ def domain_facts(xml: str) -> DomainFacts:
         cpu_mode=cpu_mode,
         arch=os_type.get("arch") if os_type is not None else None,
         machine=os_type.get("machine") if os_type is not None else None,
+        pinned_cpus=pinned_cpus,
+        pinned_nodes=pinned_nodes,
     )
 
 
@@ -246,6 +270,53 @@ def host_cpu_xml(capabilities_xml: str) -> str | None:
     """The host's <cpu> element from getCapabilities()."""
     cpu = ET.fromstring(capabilities_xml).find("./host/cpu")
     return ET.tostring(cpu, encoding="unicode") if cpu is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class HostTopology:
+    """The CPUs and memory (NUMA) nodes a host has."""
+
+    cpus: frozenset[int]
+    nodes: frozenset[int]
+
+
+def host_topology(capabilities_xml: str) -> HostTopology | None:
+    """CPUs and NUMA cells from getCapabilities()'s `<host><topology><cells>`; None
+    when the host does not describe them."""
+    cells = ET.fromstring(capabilities_xml).findall("./host/topology/cells/cell")
+    nodes: set[int] = set()
+    cpus: set[int] = set()
+    for cell in cells:
+        if (cell.get("id") or "").isdigit():
+            nodes.add(int(cell.get("id", "")))
+        cpus.update(
+            int(cpu.get("id", ""))
+            for cpu in cell.findall("./cpus/cpu")
+            if cpu.get("id", "").isdigit()
+        )
+    if not nodes or not cpus:
+        return None
+    return HostTopology(frozenset(cpus), frozenset(nodes))
+
+
+def topology_from_info(info: Sequence[Any]) -> HostTopology:
+    """The fallback from getInfo() ([model, memory MiB, cpus, MHz, nodes, ...]): CPUs
+    0..cpus-1 and nodes 0..nodes-1."""
+    return HostTopology(frozenset(range(int(info[2]))), frozenset(range(max(1, int(info[4])))))
+
+
+def pinning_missing(
+    instance: str, facts: DomainFacts, host: str, topology: HostTopology
+) -> str | None:
+    """Why `instance` cannot run on `host` because of its pinning; None when it can."""
+    return pinning_refusal(
+        instance,
+        host,
+        pinned_cpus=facts.pinned_cpus,
+        pinned_nodes=facts.pinned_nodes,
+        host_cpus=topology.cpus,
+        host_nodes=topology.nodes,
+    )
 
 
 # --------------------------------------------------------------------------- outcomes

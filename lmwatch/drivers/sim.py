@@ -25,12 +25,14 @@ from lmwatch.drivers.base import (
     HostUnreachable,
     Incompatible,
     InsufficientResources,
+    NameTaken,
     NotOnSource,
     Refused,
     UnknownHost,
     UnknownInstance,
 )
 from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
+from lmwatch.drivers.preflight import identity_refusal, pinning_refusal
 from lmwatch.drivers.sim_world import SavedWorld, WorldKeeper
 from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
 from lmwatch.model import (
@@ -364,6 +366,23 @@ class SimDriver:
             raise AlreadyOnDestination(f"instance {found.name!r} already runs on {destination}")
         if now_on != source:
             raise NotOnSource(f"instance {found.name!r} runs on {now_on}, not on {source}")
+        there = self.inventory.host(destination)
+        assert there is not None  # _known_host
+        why = identity_refusal(
+            destination, found.name, found.uuid, ((d.name, d.uuid) for d in there.defined)
+        )
+        if why is not None:
+            raise NameTaken(why)
+        why = pinning_refusal(
+            found.name,
+            destination,
+            pinned_cpus=found.pinned_cpus,
+            pinned_nodes=found.pinned_nodes,
+            host_cpus=there.cpu_ids,
+            host_nodes=there.node_ids,
+        )
+        if why is not None:
+            raise Incompatible(why)
         free = self._free[destination] - self._reserved(destination)
         if free < found.memory:
             raise InsufficientResources(

@@ -1668,7 +1668,8 @@ async def test_a_full_queue_fails_fast_with_a_clear_error(
     await driver._link("a").connection()
     block = Blocker()
     tasks = [blocked_call(driver, "a", block) for _ in range(4 + 64)]  # 4 run, 64 wait
-    await real_until(lambda: block.running >= 4)
+    executor = driver._link("a").executor
+    await real_until(lambda: block.running >= 4 and executor.depth >= 64)
     try:
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -1690,7 +1691,8 @@ async def test_a_hung_host_does_not_delay_calls_to_another(
     await driver._link("a").connection()
     block = Blocker()
     tasks = [blocked_call(driver, "a", block) for _ in range(4 + 64)]  # a: all full
-    await real_until(lambda: block.running >= 4)
+    executor = driver._link("a").executor
+    await real_until(lambda: block.running >= 4 and executor.depth >= 64)
     try:
         loop = asyncio.get_running_loop()
         began = loop.time()

@@ -161,6 +161,31 @@ class Prediction:
     confidence: float = 0.0  # 0..1, how much evidence the estimate has
 
 
+class Rule(StrEnum):
+    """Which rule of `decide` (or which request) a decision comes from, in the order
+    `lmwatch/policies/completion.py` lists them. The reason text says the same to a
+    person; code compares rules, never the text."""
+
+    PAUSE_OUTLASTS_BOUND = "pause-outlasts-bound"
+    PAST_COPYING = "past-copying"
+    OPERATOR_FINISH = "operator-finish"
+    OPERATOR_CANCEL = "operator-cancel"
+    BUDGET_OVER_LIMIT = "budget-over-limit"
+    DEADLINE = "deadline"
+    NO_PROGRESS_YET = "no-progress-yet"
+    FIRST_PASS = "first-pass"
+    CONVERGES = "converges"
+    RAISE_BUDGET = "raise-budget"
+    FINISH_WITHIN_BOUNDS = "finish-within-bounds"
+    ONE_PASS_HOPEFUL = "one-pass-hopeful"
+    SLOWING = "slowing"
+    QUIETER_PHASE_SEEN = "quieter-phase-seen"
+    STILL_SHRINKING = "still-shrinking"
+    RATES_VARY = "rates-vary"
+    PATIENCE = "patience"
+    WAITING_STOPPED_PAYING = "waiting-stopped-paying"
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
@@ -168,6 +193,7 @@ class Decision:
     prediction: Prediction | None = None
     blackout_budget: float | None = None  # for RAISE_BLACKOUT: the new budget, seconds
     note: str | None = None  # e.g. a profile edit that cannot apply to this migration
+    rule: Rule | None = None  # which rule decided (None: made outside `decide`)
 
 
 @dataclass(frozen=True, slots=True)

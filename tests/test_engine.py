@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,18 @@ async def test_hopeless_instance_is_cancelled_early_with_the_reason(rig: Rig) ->
     assert 3600 <= record.outcome["total_seconds"] < 5400
     cancel = [e for e in rig.store.events(mid) if e.action == "cancel"]
     assert cancel and "steady" in cancel[0].reason
+    assert cancel[0].data["rule"] == "waiting-stopped-paying"
     assert rig.driver.where("busy-plain") == "a"
+    # Every decision says which rule made it; "continue" is logged again when the rule
+    # changes (or after a while), never because a number in the text moved.
+    decisions = [e for e in rig.store.events(mid) if e.kind == "decision" and e.action != "start"]
+    assert decisions and all(e.data.get("rule") for e in decisions)
+    continues = [e for e in decisions if e.action == "continue"]
+    for before, after in itertools.pairwise(continues):
+        assert (
+            before.data["rule"] != after.data["rule"]
+            or after.at - before.at >= rig.settings.continue_log_interval - 1e-6
+        )
 
 
 async def test_restart_mid_migration_supervises_to_the_end_exactly_once(tmp_path: Path) -> None:

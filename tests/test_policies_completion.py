@@ -497,6 +497,7 @@ def test_decide_never_raises_and_explains_every_action(case, data) -> None:  # t
     decision = decide(profile, samples[:cut], ctx, now)
     assert decision.prediction is not None
     assert decision.reason.strip()
+    assert decision.rule is not None  # the engine compares rules, never the reason's text
     if decision.action is Action.RAISE_BLACKOUT:
         # never more than max_blackout leaves after the switchover (0 when it leaves nothing)
         assert decision.blackout_budget is not None

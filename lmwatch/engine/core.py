@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 from collections import deque
 from collections.abc import Iterable
 
@@ -26,7 +27,16 @@ from lmwatch.engine.supervision import Supervisor
 from lmwatch.errors import Conflict, NotFound
 from lmwatch.events import EventHub
 from lmwatch.metrics import Metrics
-from lmwatch.model import Action, Decision, JobResult, MigrationRequest, Phase, Prediction, State
+from lmwatch.model import (
+    Action,
+    Decision,
+    JobResult,
+    MigrationRequest,
+    Phase,
+    Prediction,
+    Rule,
+    State,
+)
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import Event, MigrationRecord, Store
@@ -255,6 +265,7 @@ class Engine:
                 )
             except policies.ForceRefused as refused:
                 raise Conflict(refused.reason) from refused
+            decision = dataclasses.replace(decision, rule=Rule.OPERATOR_FINISH)
             await self._effects.apply(supervision, decision, origin="operator")
             return decision
 
@@ -276,7 +287,9 @@ class Engine:
                     self._supervisions.pop(migration_id, None)
                 self._schedule()
             elif machine.CancelJob() in todo:
-                decision = Decision(Action.CANCEL, "cancelled by an operator")
+                decision = Decision(
+                    Action.CANCEL, "cancelled by an operator", rule=Rule.OPERATOR_CANCEL
+                )
                 await self._effects.apply(supervision, decision, origin="operator")
             return supervision.record
 

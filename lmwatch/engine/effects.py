@@ -8,7 +8,6 @@ records it (intent before action, so a crash still leaves a trace) and publishes
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 from lmwatch import policies
@@ -43,8 +42,6 @@ from lmwatch.model import (
     State,
 )
 from lmwatch.store import MigrationRecord, Store, StoreUnwritable
-
-_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 
 
 class Effects:
@@ -253,7 +250,11 @@ class Effects:
         if action is Action.CONTINUE:
             self._log_continue(supervision, decision)
             return
-        data = {"origin": origin, "prediction": prediction_json(decision.prediction)}
+        data = {
+            "origin": origin,
+            "rule": None if decision.rule is None else decision.rule.value,
+            "prediction": prediction_json(decision.prediction),
+        }
         # Record the intent first: a crash after acting still leaves a trace.
         changes: dict[str, Any] = {}
         if action is Action.RAISE_BLACKOUT:
@@ -296,9 +297,9 @@ class Effects:
             self.event(supervision, "note", decision.note)
 
     def _log_continue(self, supervision: Supervision, decision: Decision) -> None:
-        """Record 'continue' when its gist changes, or every so often."""
+        """Record 'continue' when the rule behind it changes, or every so often."""
         now = self.clock.now()
-        gist = _NUMBERS.sub("#", decision.reason)
+        gist = decision.rule.value if decision.rule is not None else decision.reason
         last = supervision.last_logged
         if (
             last is not None
@@ -313,7 +314,10 @@ class Effects:
             "decision",
             decision.reason,
             action=Action.CONTINUE.value,
-            data={"prediction": prediction_json(decision.prediction)},
+            data={
+                "rule": None if decision.rule is None else decision.rule.value,
+                "prediction": prediction_json(decision.prediction),
+            },
         )
 
     # -- the end ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from lmwatch.model import Action, Decision, MigrationContext, Prediction, Sample
+from lmwatch.model import Action, Decision, MigrationContext, Prediction, Rule, Sample
 from lmwatch.policies.estimators import (
     DEFAULT,
     Analysis,
@@ -75,14 +75,17 @@ def decide(
 
     stalled = pause_outlasting(profile, history, ctx)
     if stalled is not None:
-        return Decision(Action.CANCEL, stalled, prediction)
+        return Decision(Action.CANCEL, stalled, prediction, rule=Rule.PAUSE_OUTLASTS_BOUND)
     done = already_finishing(history, ctx)
     if done is not None:
-        return Decision(Action.CONTINUE, f"nothing to do: {done}", prediction)
+        return Decision(
+            Action.CONTINUE, f"nothing to do: {done}", prediction, rule=Rule.PAST_COPYING
+        )
 
     if ctx.force:
         try:
-            return force_complete(profile, history, ctx, now, ctx.accept_pause, settings)
+            forced = force_complete(profile, history, ctx, now, ctx.accept_pause, settings)
+            return replace(forced, rule=Rule.OPERATOR_FINISH)
         except ForceRefused:
             pass  # the refusal was reported to the caller; keep supervising
 
@@ -95,38 +98,44 @@ def decide(
             f"budget from {duration_text(ctx.blackout_budget)} to {duration_text(limit)}",
             prediction,
             blackout_budget=limit,
+            rule=Rule.BUDGET_OVER_LIMIT,
         )
 
     if ctx.deadline_at is not None and now >= ctx.deadline_at - _deadline_lead(
         profile, a, ctx, history, settings
     ):
-        return _on_deadline(profile, a, ctx, now, prediction, settings)
+        return replace(_on_deadline(profile, a, ctx, now, prediction, settings), rule=Rule.DEADLINE)
 
     if a.latest is None:
-        return Decision(Action.CONTINUE, "waiting for the first progress report", prediction)
+        return Decision(
+            Action.CONTINUE,
+            "waiting for the first progress report",
+            prediction,
+            rule=Rule.NO_PROGRESS_YET,
+        )
 
     rate = a.transfer_rate
     if a.model is None or not rate or a.floor is None:
         early = _early_finish(profile, a, ctx, prediction, settings)
         if early is not None:
-            return early
+            return replace(early, rule=Rule.FIRST_PASS)
         hopeless = _first_pass_too_long(profile, a, ctx, now, settings)
         if hopeless is not None:
-            return Decision(Action.CANCEL, hopeless, prediction)
-        return Decision(Action.CONTINUE, _gathering(a), prediction)
+            return Decision(Action.CANCEL, hopeless, prediction, rule=Rule.FIRST_PASS)
+        return Decision(Action.CONTINUE, _gathering(a), prediction, rule=Rule.FIRST_PASS)
 
     if a.converges:
-        return Decision(Action.CONTINUE, _converging(a, ctx, now), prediction)
+        return Decision(Action.CONTINUE, _converging(a, ctx, now), prediction, rule=Rule.CONVERGES)
 
     rates = _rates_text(a)
     raised = _raise_step(profile, a, ctx, limit, rates, prediction, settings)
     if raised is not None:
-        return raised
+        return replace(raised, rule=Rule.RAISE_BUDGET)
 
     head = f"copying cannot converge: {rates}"
     finishing = _finish_within(profile, a, ctx, head, prediction, settings)
     if finishing is not None:
-        return finishing
+        return replace(finishing, rule=Rule.FINISH_WITHIN_BOUNDS)
 
     if a.pairs < 2 and _hopeful_reading_converges(a, ctx, limit, settings):
         return Decision(
@@ -135,6 +144,7 @@ def decide(
             "not enough to tell a saturated working set from a steady writer; the next pass "
             f"(about {duration_text(a.seconds_for(a.remaining))}) decides",
             prediction,
+            rule=Rule.ONE_PASS_HOPEFUL,
         )
 
     return _beyond_blackout(profile, a, ctx, now, head, prediction, settings)
@@ -339,8 +349,8 @@ def _slowing(
 
 def _hope(
     profile: Profile, a: Analysis, ctx: MigrationContext, now: float, settings: PolicySettings
-) -> str | None:
-    """Why waiting may still pay: the reason, or None when it has stopped paying."""
+) -> tuple[Rule, str] | None:
+    """Why waiting may still pay (its rule and reason), or None when it has stopped."""
     assert a.transfer_rate
     if ctx.deadline_at is None and now - ctx.started_at >= settings.max_wait:
         return None  # without a deadline, quiet phases that never finish it stop counting
@@ -357,8 +367,9 @@ def _hope(
         and _would_finish(a.model.with_rate(before), profile, a, ctx, limit, settings)
     ):
         return (
+            Rule.QUIETER_PHASE_SEEN,
             f"before the start the guest changed only {rate_text(before)}, at which "
-            "copying would finish: waiting for a quieter phase"
+            "copying would finish: waiting for a quieter phase",
         )
     if (
         a.best_model is not None
@@ -367,30 +378,39 @@ def _hope(
         and _would_finish(a.best_model, profile, a, ctx, limit, settings)
     ):
         return (
+            Rule.QUIETER_PHASE_SEEN,
             f"passes have been seen with the guest writing only "
             f"{rate_text(a.best_model.rate)}, at which copying would finish: "
-            "waiting for a quieter phase"
+            "waiting for a quieter phase",
         )
     if a.shrinking:
         starts = a.pass_starts
         return (
+            Rule.STILL_SHRINKING,
             f"the remainder is still shrinking ({format_size(starts[-2])} -> "
-            f"{format_size(starts[-1])} a pass); waiting"
+            f"{format_size(starts[-1])} a pass); waiting",
         )
     if not a.steady:
-        return "the rates still vary from pass to pass; waiting for steadier readings"
+        return (
+            Rule.RATES_VARY,
+            "the rates still vary from pass to pass; waiting for steadier readings",
+        )
     elapsed = now - ctx.started_at
     if ctx.deadline_at is not None:
         window = max(ctx.deadline_at - ctx.started_at, 0.0)
         wait = min(0.75 * window, max(settings.min_patience, settings.patience * window))
         if elapsed < wait:
             return (
+                Rule.PATIENCE,
                 f"nothing seen so far would finish it, but the deadline is "
                 f"{duration_text(ctx.deadline_at - now)} away and workloads change phase; "
-                f"waiting {duration_text(wait - elapsed)} more before giving up"
+                f"waiting {duration_text(wait - elapsed)} more before giving up",
             )
     elif elapsed < settings.min_patience:
-        return "nothing seen so far would finish it; waiting a little longer for a change"
+        return (
+            Rule.PATIENCE,
+            "nothing seen so far would finish it; waiting a little longer for a change",
+        )
     return None
 
 
@@ -480,12 +500,16 @@ def _beyond_blackout(
     stop = copy + ctx.switchover
     slowing = _slowing(profile, a, ctx, now, settings)
     if slowing is not None:
-        return Decision(Action.CONTINUE, slowing, prediction)
+        return Decision(Action.CONTINUE, slowing, prediction, rule=Rule.SLOWING)
     hope = _hope(profile, a, ctx, now, settings)
     if hope is not None:
-        return Decision(Action.CONTINUE, f"{head}; {hope}", prediction)
+        rule, why = hope
+        return Decision(Action.CONTINUE, f"{head}; {why}", prediction, rule=rule)
     return Decision(
-        Action.CANCEL, _cancel_reason(profile, ctx, head, copy, stop, settings), prediction
+        Action.CANCEL,
+        _cancel_reason(profile, ctx, head, copy, stop, settings),
+        prediction,
+        rule=Rule.WAITING_STOPPED_PAYING,
     )
 
 

@@ -140,7 +140,10 @@ async def test_idle_migration_completes() -> None:
         t0 = time.monotonic()
         rate = await driver.measure_change_rate(name, "a")
         TIMINGS.setdefault(name, {})["change_rate_measure_s"] = round(time.monotonic() - t0, 2)
-        TIMINGS[name]["change_rate_mib_s"] = None if rate is None else round(rate / MIB, 2)
+        TIMINGS[name]["change_rate_mib_s"] = (
+            None if rate is None else round(rate.bytes_per_second / MIB, 2)
+        )
+        assert rate is None or rate.window > 0  # the seconds the measurement covered
         started = time.monotonic()
         await driver.start("m-idle", request, IDLE)
         samples = await follow(driver, "m-idle")

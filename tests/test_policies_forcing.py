@@ -229,6 +229,12 @@ def test_a_slowed_pause_is_cancelled_only_when_it_would_outlast_max_pause(
         assert "would last about" in reason and "limit 5.0s" in reason
 
 
+def test_samples_closer_than_a_second_say_nothing_about_a_stall() -> None:
+    history = _paused_history(0, 200 * MIB)
+    close = [*history[:2], replace(history[2], time=history[1].time + 0.05)]
+    assert pause_outlasting(PAUSING, close, _paused_context()) is None
+
+
 def test_no_cancel_for_an_accepted_pause_a_finished_copy_or_one_sample() -> None:
     stalled = _paused_history(0, 200 * MIB)
     assert pause_outlasting(PAUSING, stalled, _paused_context(accept_pause=True)) is None

@@ -23,6 +23,8 @@ from lmwatch.policies.estimators import (
 from lmwatch.profiles.schema import Profile
 from lmwatch.units import format_size
 
+_RATE_WINDOW = 1.0  # seconds: the shortest span a paused transfer rate is measured over
+
 
 class ForceRefused(Exception):
     """The profile allows no way to finish now."""
@@ -88,7 +90,8 @@ def pause_outlasting(
     or slows, waiting keeps the guest stopped for as long as the link takes to fail.
     The bound is `max_pause` (`max_blackout` when the profile does not allow pausing:
     such a pause came from finishing within the profile). Not for a pause the operator
-    accepted beyond the profile. The rate is the last interval's, both ends paused.
+    accepted beyond the profile. The rate is measured over the last second or more of
+    the pause (samples taken closer together say nothing about a stall).
     """
     if not ctx.paused or ctx.handed_over or ctx.accept_pause:
         return None
@@ -96,7 +99,10 @@ def pause_outlasting(
     if len(stopped) < 2:
         return None
     start = ctx.paused_at if ctx.paused_at is not None else stopped[0].time
-    before, last = stopped[-2], stopped[-1]
+    last = stopped[-1]
+    before = next((s for s in reversed(stopped) if s.time <= last.time - _RATE_WINDOW), None)
+    if before is None:
+        return None
     interval = last.time - before.time
     left = last.memory_remaining
     if interval <= 0 or left <= 0:

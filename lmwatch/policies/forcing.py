@@ -20,6 +20,7 @@ from lmwatch.policies.estimators import (
     analyse,
     duration_text,
 )
+from lmwatch.policies.violations import pause_bound
 from lmwatch.profiles.schema import Profile
 from lmwatch.units import format_size
 
@@ -107,7 +108,7 @@ def pause_outlasting(
     left = last.memory_remaining
     if interval <= 0 or left <= 0:
         return None
-    bound = profile.max_pause if profile.may_pause else profile.max_blackout
+    bound = pause_bound(profile)
     moved = max(0, last.memory_transferred - before.memory_transferred)
     so_far = max(0.0, last.time - start)
     if moved == 0:

@@ -46,6 +46,12 @@ def _over(value: float | None, limit: float) -> bool:
     return value is not None and value > limit + TOLERANCE
 
 
+def pause_bound(profile: Profile) -> float:
+    """How long a pause may last: `max_pause` where pausing is allowed; elsewhere
+    `max_blackout` (a stop no longer than that looks like a blackout to the users)."""
+    return profile.max_pause if profile.may_pause else profile.max_blackout
+
+
 def violations(profile: Profile, finish: Finish) -> tuple[Violation, ...]:
     """Every way a migration broke what its profile allows; the benchmark's judge and
     the engine's timeline and metric both come from here.
@@ -63,14 +69,14 @@ def violations(profile: Profile, finish: Finish) -> tuple[Violation, ...]:
     found: list[Violation] = []
     blackout = finish.blackout
     if finish.paused:
-        if not profile.may_pause:
-            if _over(blackout, profile.max_blackout):
-                found.append(Violation("pause", "paused though not allowed"))
-        elif _over(blackout, profile.max_pause):
+        if _over(blackout, pause_bound(profile)):
             assert blackout is not None
-            found.append(
-                Violation("pause", f"pause {_seconds(blackout)} over {_limit(profile.max_pause)}")
+            text = (
+                f"pause {_seconds(blackout)} over {_limit(profile.max_pause)}"
+                if profile.may_pause
+                else "paused though not allowed"
             )
+            found.append(Violation("pause", text))
     elif finish.completed and _over(blackout, profile.max_blackout):
         assert blackout is not None
         found.append(

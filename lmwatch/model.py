@@ -91,6 +91,8 @@ class InstanceInfo:
     host: str
     memory_bytes: int
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Bytes of disk local to its host that must move with it (0: storage is shared).
+    local_disk_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,15 @@ class Sample:
     blackout_budget: float = 0.0  # seconds currently allowed for the final pause
     slowdown: float = 0.0  # fraction of guest CPU currently taken away (0..1)
     expected_blackout: float | None = None  # hypervisor's own estimate, when it gives one
+    # Local disks copied with the instance (all 0 when its storage is shared). Until
+    # `disks_in_sync`, memory copying has not really begun and nothing may be forced.
+    disk_total: int = 0
+    disk_remaining: int = 0
+    disk_rate: float = 0.0  # bytes/s the disk copy moves, as last measured
+
+    @property
+    def disks_in_sync(self) -> bool:
+        return self.disk_remaining == 0
 
 
 @dataclass(frozen=True, slots=True)

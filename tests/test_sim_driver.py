@@ -453,3 +453,71 @@ async def test_preflight_pinning_and_definitions(
     with pytest.raises(error):
         await driver.start("m", req, PLAIN)
     assert driver.where(instance) == "host-a"
+
+
+# ------------------------------------------------------------------ local disks
+
+DISKS = load_inventory_text("""
+hosts:
+  - {name: host-a, memory: 64GiB, disk: 500GiB}
+  - {name: host-b, memory: 64GiB, disk: 100GiB}
+  - {name: host-c, memory: 64GiB, disk: 50GiB}
+  - {name: host-d, memory: 64GiB}
+links:
+  - {between: [host-a, host-b], bandwidth: 1GiB/s}
+default_bandwidth: 1GiB/s
+instances:
+  - {name: db-3, host: host-a, memory: 2GiB, working_set: 64MiB, disk: 80GiB}
+  - name: files
+    host: host-a
+    memory: 2GiB
+    working_set: 64MiB
+    change_rate: 1MiB/s
+    disk: 30GiB
+    disk_writes: 10MiB/s
+  - {name: plain, host: host-a, memory: 2GiB, working_set: 64MiB}
+""")
+
+
+async def test_preflight_refuses_disks_the_destination_cannot_hold() -> None:
+    driver = SimDriver(DISKS, VirtualClock())
+    with pytest.raises(InsufficientResources) as refused:
+        await driver.preflight(request("db-3", destination="host-c"))
+    assert refused.value.kind == "insufficient-resources"
+    assert str(refused.value) == (
+        "host-c has 50.0GiB of local storage free, db-3's disks need 80.0GiB"
+    )
+    info = await driver.preflight(request("db-3", destination="host-b"))
+    assert info.local_disk_bytes == 80 * GIB
+    # without disks, or to a host whose storage is not modelled: no storage check
+    await driver.preflight(request("plain", destination="host-c"))
+    await driver.preflight(request("db-3", destination="host-d"))
+
+
+async def test_disks_of_migrations_under_way_count_as_taken() -> None:
+    clock = VirtualClock()
+    driver = SimDriver(DISKS, clock)
+    await driver.start("m1", request("db-3"), PLAIN)  # 80 of host-b's 100 GiB
+    with pytest.raises(InsufficientResources, match=r"20\.0GiB of local storage free"):
+        await driver.preflight(request("files"))
+    await driver.cancel("m1")
+    await clock.advance(1.0)
+    await driver.preflight(request("files"))  # the cancelled copy is discarded
+
+
+async def test_a_completed_migration_moves_the_disk_with_the_instance() -> None:
+    clock = VirtualClock()
+    driver = SimDriver(DISKS, clock)
+    await driver.start("m", request("files"), PLAIN)
+    await clock.advance(10.0)
+    sample = await driver.sample("m")
+    assert sample.disk_total == 30 * GIB and 0 < sample.disk_remaining < 30 * GIB
+    assert sample.memory_transferred == 0
+    assert driver.free_storage("host-b") == 100 * GIB  # taken only once it has moved
+    await clock.advance(60.0)
+    result = await driver.result("m")
+    assert result.phase is Phase.COMPLETED and driver.where("files") == "host-b"
+    assert driver.free_storage("host-b") == 70 * GIB
+    assert driver.free_storage("host-a") == 530 * GIB
+    assert driver.free_storage("host-d") is None
+    assert (await driver.describe("files")).local_disk_bytes == 30 * GIB

@@ -111,6 +111,8 @@ class SimDriver:
         self._jobs: dict[str, _Job] = {}
         self._where: dict[str, str | None] = {i.name: i.host for i in inventory.instances}
         self._free: dict[str, int] = {h.name: h.memory for h in inventory.hosts}
+        # Local storage free for incoming disks; None: not modelled (any disk fits).
+        self._storage: dict[str, int | None] = {h.name: h.disk for h in inventory.hosts}
         self._faults = _Faults()
         self._links: dict[tuple[str, str], _Link] = {}
         self._latest: dict[str, _Job] = {}  # instance name -> its latest job
@@ -181,20 +183,38 @@ class SimDriver:
                 self._where[job.instance.name] = job.destination
                 self._free[job.destination] -= job.instance.memory
                 self._free[job.source] += job.instance.memory
+                self._move_disk(job)
             elif side is Side.NOWHERE:
                 self._where[job.instance.name] = None
         link.jobs = [job for job in link.jobs if not job.settled]
         if ended:
             self._save(ended)  # where the instances run now, and each job's end
 
-    def _reserved(self, host: str) -> int:
-        return sum(
-            j.instance.memory
+    def _move_disk(self, job: _Job) -> None:
+        """The instance's disks now live on the destination (its copy on the source is gone)."""
+        size = job.instance.disk
+        if not size:
+            return
+        for host, change in ((job.destination, -size), (job.source, size)):
+            free = self._storage.get(host)
+            if free is not None:
+                self._storage[host] = free + change
+
+    def _incoming(self, host: str) -> list[_Job]:
+        """Jobs under way to `host` (what they bring is taken there already)."""
+        return [
+            j
             for key, link in self._links.items()
             if key[1] == host
             for j in link.jobs
             if not j.model.phase.finished
-        )
+        ]
+
+    def _reserved(self, host: str) -> int:
+        return sum(j.instance.memory for j in self._incoming(host))
+
+    def _reserved_storage(self, host: str) -> int:
+        return sum(j.instance.disk for j in self._incoming(host))
 
     def _active_job_of(self, instance: str) -> _Job | None:
         job = self._latest.get(instance)
@@ -232,6 +252,7 @@ class SimDriver:
             host=host,
             memory_bytes=instance.memory,
             labels=dict(instance.labels),
+            local_disk_bytes=instance.disk,
         )
 
     # ------------------------------------------------------- for tests / CLI
@@ -254,6 +275,13 @@ class SimDriver:
             if host is not None:
                 result.append(self._info(instance, host))
         return result
+
+    def free_storage(self, host: str) -> int | None:
+        """Local storage the host has left for incoming disks (not counting
+        reservations); None when its storage is not modelled."""
+        self._known_host(host)
+        self._sync_host(host)
+        return self._storage[host]
 
     def free_memory(self, host: str) -> int:
         """Memory the host has left for incoming instances (not counting reservations)."""
@@ -389,6 +417,14 @@ class SimDriver:
                 f"{destination} has {format_size(max(0, free))} free, "
                 f"{found.name} needs {format_size(found.memory)}"
             )
+        storage = self._storage.get(destination)
+        if found.disk and storage is not None:
+            left = storage - self._reserved_storage(destination)
+            if left < found.disk:
+                raise InsufficientResources(
+                    f"{destination} has {format_size(max(0, left))} of local storage free, "
+                    f"{found.name}'s disks need {format_size(found.disk)}"
+                )
         return self._info(found, source)
 
     async def capabilities(self, source: str, destination: str) -> Capabilities:
@@ -450,6 +486,8 @@ class SimDriver:
             destination=request.destination,
             tuning=tuning,
             writer=Writer(instance.writer),
+            disk=instance.disk,
+            disk_writes=instance.disk_writes,
         )
         if refusing == "job":
             model.refuse()
@@ -586,6 +624,7 @@ class SimDriver:
                 "version": _WORLD_VERSION,
                 "where": self._where,
                 "free": self._free,
+                "storage": self._storage,
                 "faults": self._faults,
             }
         )
@@ -612,6 +651,10 @@ class SimDriver:
         for host, free in state["free"].items():
             if host in self._free:
                 self._free[host] = free
+        for host, storage in state.get("storage", {}).items():
+            # kept only while the inventory still models that host's storage
+            if self._storage.get(host) is not None and storage is not None:
+                self._storage[host] = storage
         self._faults = state["faults"]
         kept: list[tuple[_Job, float]] = []
         for blob, at in saved.jobs.values():

@@ -179,6 +179,9 @@ class Rule(StrEnum):
 
     PAUSE_OUTLASTS_BOUND = "pause-outlasts-bound"
     PAST_COPYING = "past-copying"
+    DISKS_NEVER_SYNC = "disks-never-sync"
+    DISKS_MISS_DEADLINE = "disks-miss-deadline"
+    DISK_COPY = "disk-copy"
     OPERATOR_FINISH = "operator-finish"
     OPERATOR_CANCEL = "operator-cancel"
     BUDGET_OVER_LIMIT = "budget-over-limit"

@@ -266,6 +266,8 @@ class Engine:
             except policies.ForceRefused as refused:
                 raise Conflict(refused.reason) from refused
             decision = dataclasses.replace(decision, rule=Rule.OPERATOR_FINISH)
+            if not supervision.history[-1].disks_in_sync:
+                supervision.force_pending = accept_pause  # applied once they are in sync
             await self._effects.apply(supervision, decision, origin="operator")
             return decision
 

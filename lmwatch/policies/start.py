@@ -12,9 +12,13 @@ from lmwatch.profiles.schema import Profile
 from lmwatch.units import format_size
 
 
-def deadline_at(profile: Profile, memory_bytes: int, started_at: float) -> float | None:
-    """Absolute clock time of the profile's deadline, or None when it has none."""
-    seconds = profile.deadline_seconds(memory_bytes)
+def deadline_at(
+    profile: Profile, memory_bytes: int, started_at: float, disk_bytes: int = 0
+) -> float | None:
+    """Absolute clock time of the profile's deadline, or None when it has none.
+
+    A deadline per GiB counts every byte that moves: memory and local disks."""
+    seconds = profile.deadline_seconds(memory_bytes + disk_bytes)
     return None if seconds is None else started_at + seconds
 
 

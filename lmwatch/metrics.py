@@ -99,6 +99,19 @@ class Metrics:
             labels,
             registry=r,
         )
+        self.disk_remaining = Gauge(
+            "lmwatch_migration_disk_remaining_bytes",
+            "Local disk still to copy before the disks are in sync (0 when in sync or "
+            "when the instance has no local disks).",
+            labels,
+            registry=r,
+        )
+        self.disk_rate = Gauge(
+            "lmwatch_migration_disk_rate_bytes_per_second",
+            "Bytes per second the copy of local disks moves.",
+            labels,
+            registry=r,
+        )
         self.eta = Gauge(
             "lmwatch_migration_eta_seconds",
             "Predicted time to completion (NaN when it will not finish on its own).",
@@ -182,6 +195,8 @@ class Metrics:
             self.remaining,
             self.transfer_rate,
             self.change_rate,
+            self.disk_remaining,
+            self.disk_rate,
             self.eta,
             self.predicted_blackout,
         ):

@@ -146,12 +146,32 @@ def method_text(migration: Json) -> str:
 # -- lines ----------------------------------------------------------------------------
 
 
+def disk_line(disk: Json) -> str:
+    """The local disks that move with the instance: how much of them is still to copy."""
+    total = format_size(disk.get("total_bytes"))
+    if disk.get("in_sync"):
+        return f"{total} local, in sync (mirrored; memory is copied)"
+    return (
+        f"{total} local, {format_size(disk.get('remaining_bytes'))} still to copy at "
+        f"{rate(disk.get('rate_bytes_per_second'))} ({percent(disk.get('percent_copied'))} "
+        "copied); memory is copied once they are in sync"
+    )
+
+
 def progress_line(migration: Json) -> str:
     """One line: state, % copied, pass, rates, ETA, predicted blackout."""
     progress = _progress(migration)
     prediction = _prediction(migration)
     parts = [str(migration.get("state", "?"))]
-    if progress:
+    disk = progress.get("disk") if progress else None
+    if disk and not disk.get("in_sync"):
+        # the disks are copied first: memory shows no progress yet
+        parts += [
+            f"disks {percent(disk.get('percent_copied'))} copied",
+            f"{format_size(disk.get('remaining_bytes'))} left at "
+            f"{rate(disk.get('rate_bytes_per_second'))}",
+        ]
+    elif progress:
         parts += [
             f"{percent(progress.get('percent_copied'))} copied",
             f"pass {progress.get('passes', '-')}",
@@ -269,6 +289,9 @@ def migration_detail(migration: Json) -> list[str]:
             lines.append(f"{field.removesuffix('_at'):<10} {migration[field]}")
     if migration.get("progress") and not _finished(migration):
         lines.append(f"progress   {progress_line(migration)}")
+    disk = _progress(migration).get("disk")
+    if disk:
+        lines.append(f"disks      {disk_line(disk)}")
     prediction = _prediction(migration)
     if prediction and not _finished(migration):
         converges = prediction.get("converges")
@@ -406,7 +429,12 @@ class LiveProgress:
             return
         if _finished(migration):
             return  # the outcome line follows
-        key = (migration.get("state"), _progress(migration).get("passes"))
+        disk = _progress(migration).get("disk") or {}
+        key = (
+            migration.get("state"),
+            _progress(migration).get("passes"),
+            None if disk.get("in_sync", True) else int(disk.get("percent_copied") or 0) // 10,
+        )
         if key != self._last_plain:
             self._last_plain = key
             self.output.line(progress_line(migration))
@@ -416,9 +444,14 @@ def live_view(migration: Json) -> Group:
     """Two lines: state, bar and percent; then pass, rates, ETA and predicted blackout."""
     progress = _progress(migration)
     copied = float(progress.get("percent_copied") or 0.0)
+    state = str(migration.get("state", "?"))
+    disk = progress.get("disk") or {}
+    if disk and not disk.get("in_sync"):  # the bar follows the disk copy until it is in sync
+        copied = float(disk.get("percent_copied") or 0.0)
+        state += " (disks)"
     top = Table.grid(padding=(0, 1))
     top.add_row(
-        Text(str(migration.get("state", "?")), style="bold"),
+        Text(state, style="bold"),
         ProgressBar(total=100.0, completed=copied, width=30),
         Text(f"{copied:5.1f}%"),
     )

@@ -115,6 +115,20 @@ class ProfileApplied(_Response):
     requested: str | None = Field(description="Profile named in the request, if any.")
 
 
+class DiskProgress(_Response):
+    """The copy of the instance's local disks: copied first, while it runs; once in
+    sync they stay mirrored and memory is copied."""
+
+    total_bytes: int
+    remaining_bytes: int = Field(description="Still to copy before the disks are in sync.")
+    percent_copied: float = Field(ge=0, le=100)
+    rate_bytes_per_second: float = Field(description="How fast the disk copy moves.")
+    in_sync: bool = Field(
+        description="The disks are whole on the destination; memory is copied only then, "
+        "and nothing stops or moves the instance before."
+    )
+
+
 class Progress(_Response):
     memory_total_bytes: int
     memory_remaining_bytes: int
@@ -125,6 +139,10 @@ class Progress(_Response):
     change_rate_bytes_per_second: float
     blackout_budget_seconds: float
     slowdown: float = Field(description="Fraction of guest CPU taken away (0..1).")
+    disk: DiskProgress | None = Field(
+        default=None,
+        description="Present when the instance has local disks that move with it.",
+    )
 
 
 class PredictionOut(_Response):
@@ -339,6 +357,21 @@ def _progress(data: Mapping[str, Any] | None) -> Progress | None:
         change_rate_bytes_per_second=float(data.get("change_rate") or 0.0),
         blackout_budget_seconds=float(data.get("blackout_budget") or 0.0),
         slowdown=float(data.get("slowdown") or 0.0),
+        disk=_disk_progress(data),
+    )
+
+
+def _disk_progress(data: Mapping[str, Any]) -> DiskProgress | None:
+    total = int(data.get("disk_total") or 0)
+    if total <= 0:
+        return None
+    remaining = int(data.get("disk_remaining") or 0)
+    return DiskProgress(
+        total_bytes=total,
+        remaining_bytes=remaining,
+        percent_copied=min(100.0, max(0.0, 100.0 * (total - remaining) / total)),
+        rate_bytes_per_second=float(data.get("disk_rate") or 0.0),
+        in_sync=remaining <= 0,
     )
 
 

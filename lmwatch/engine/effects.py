@@ -145,6 +145,9 @@ class Effects:
             "passes": sample.passes,
             "blackout_budget": sample.blackout_budget,
             "slowdown": sample.slowdown,
+            "disk_total": sample.disk_total,
+            "disk_remaining": sample.disk_remaining,
+            "disk_rate": sample.disk_rate,
             "prediction": prediction_json(prediction),
         }
         supervision.record = dataclasses.replace(supervision.record, progress=progress)
@@ -157,6 +160,8 @@ class Effects:
         self.metrics.remaining.labels(*labels).set(sample.memory_remaining)
         self.metrics.transfer_rate.labels(*labels).set(sample.transfer_rate)
         self.metrics.change_rate.labels(*labels).set(sample.change_rate)
+        self.metrics.disk_remaining.labels(*labels).set(sample.disk_remaining)
+        self.metrics.disk_rate.labels(*labels).set(sample.disk_rate)
         if prediction is not None:
             eta = prediction.eta_seconds
             self.metrics.eta.labels(*labels).set(float("nan") if eta is None else eta)

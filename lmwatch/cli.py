@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--change-rate", type=_rate, help="memory rewritten per second (base)")
     sim.add_argument("--bandwidth", type=_rate, help="link bandwidth, e.g. 1GiB/s or 10Gbit/s")
     sim.add_argument("--working-set", type=_size, help="memory the instance keeps rewriting")
+    sim.add_argument("--disk", type=_size, default=0, help="local disk moved with it, e.g. 40GiB")
+    sim.add_argument("--disk-writes", type=_rate, default=0.0, help="disk written per second")
     sim.add_argument("--pattern", choices=("constant", "bursty", "growing"), default="constant")
     sim.add_argument("--peak", type=_rate, help="bursty: change rate during a burst")
     sim.add_argument("--period", type=_duration, help="bursty: time between bursts (30s)")
@@ -532,6 +534,8 @@ async def simulate_command(out: Output, args: argparse.Namespace) -> int:
                 working_set=args.working_set,
                 labels=labels,
                 name=instance,
+                disk=args.disk,
+                disk_writes=args.disk_writes,
             )
         began = time.perf_counter()
         report = await simulate(
@@ -555,8 +559,9 @@ async def simulate_command(out: Output, args: argparse.Namespace) -> int:
     else:
         entry = inventory.instance(instance)
         assert entry is not None
+        disk = f", local disk {format_size(entry.disk)}" if entry.disk else ""
         out.line(
-            f"{instance}: memory {format_size(entry.memory)}, "
+            f"{instance}: memory {format_size(entry.memory)}{disk}, "
             f"{report.source} -> {report.destination} at "
             f"{format_size(inventory.bandwidth(report.source, report.destination))}/s"
         )

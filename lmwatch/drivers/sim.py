@@ -60,6 +60,11 @@ _WORLD_VERSION = 1  # of what `_save` writes; another version is not read back
 _KEEP_ENDED = 24 * 3600.0  # seconds an ended job stays kept (a restart may ask its result)
 
 
+def _disk_of(instance: Instance) -> int:
+    """The instance's local disk bytes (0 for one kept by a version without disks)."""
+    return int(getattr(instance, "disk", 0) or 0)
+
+
 @dataclass(slots=True)
 class _Job:
     migration_id: str
@@ -192,7 +197,7 @@ class SimDriver:
 
     def _move_disk(self, job: _Job) -> None:
         """The instance's disks now live on the destination (its copy on the source is gone)."""
-        size = job.instance.disk
+        size = _disk_of(job.instance)
         if not size:
             return
         for host, change in ((job.destination, -size), (job.source, size)):
@@ -214,7 +219,7 @@ class SimDriver:
         return sum(j.instance.memory for j in self._incoming(host))
 
     def _reserved_storage(self, host: str) -> int:
-        return sum(j.instance.disk for j in self._incoming(host))
+        return sum(_disk_of(j.instance) for j in self._incoming(host))
 
     def _active_job_of(self, instance: str) -> _Job | None:
         job = self._latest.get(instance)

@@ -189,6 +189,7 @@ class Rule(StrEnum):
     NO_PROGRESS_YET = "no-progress-yet"
     FIRST_PASS = "first-pass"
     CONVERGES = "converges"
+    PAUSE_CHEAPER_THAN_SLOWING = "pause-cheaper-than-slowing"
     RAISE_BUDGET = "raise-budget"
     FINISH_WITHIN_BOUNDS = "finish-within-bounds"
     ONE_PASS_HOPEFUL = "one-pass-hopeful"

@@ -21,7 +21,9 @@ The rules, in order (DESIGN.md section 4):
    first pass cannot end before the deadline and nothing else could finish it;
    otherwise continue;
 6. copying converges on its own (at the current slow-down) within the blackout
-   budget -> continue;
+   budget -> continue; but when the guest is being slowed and, near the start of a
+   pass, a pause that fits `max_pause` takes less of the guest's time than the
+   slowing still would (slow-down level x time to converge) -> pause;
 7. the floor fits `max_blackout` after the switchover -> raise the budget;
 8. near the start of a pass, handover fits `max_degraded` (armed at start) -> hand over;
 9. near the start of a pass, a pause fits `max_pause` -> pause;
@@ -138,6 +140,9 @@ def decide(
         return Decision(Action.CONTINUE, _gathering(a), prediction, rule=Rule.FIRST_PASS)
 
     if a.converges:
+        cheaper = _pause_cheaper_than_slowing(profile, a, ctx, prediction, settings)
+        if cheaper is not None:
+            return replace(cheaper, rule=Rule.PAUSE_CHEAPER_THAN_SLOWING)
         return Decision(Action.CONTINUE, _converging(a, ctx, now), prediction, rule=Rule.CONVERGES)
 
     rates = _rates_text(a)
@@ -280,6 +285,40 @@ def _converging(a: Analysis, ctx: MigrationContext, now: float) -> str:
     if ctx.deadline_at is not None and a.eta is not None and now + a.eta > ctx.deadline_at:
         text += f", after the deadline in {duration_text(ctx.deadline_at - now)}"
     return text
+
+
+def _pause_cheaper_than_slowing(
+    profile: Profile,
+    a: Analysis,
+    ctx: MigrationContext,
+    prediction: Prediction,
+    settings: PolicySettings,
+) -> Decision | None:
+    """Pause now when copying converges only with the guest slowed, and the pause
+    costs the guest less time than the slowing still will.
+
+    A guest slowed by a fraction `level` loses `level` of every second until copying
+    converges; a pause loses every second it lasts. Both are within the profile, so
+    take the one that takes less of the guest. Only near the start of a pass, where
+    the remainder is known (as for every pause).
+    """
+    assert a.transfer_rate
+    level = a.latest.slowdown if a.latest is not None else 0.0
+    if level <= 0 or a.eta is None or not a.fresh:
+        return None
+    stop = a.finish_bound / a.transfer_rate + ctx.switchover
+    if not pause_fits(profile, a, stop, settings):
+        return None
+    slowed = level * a.eta
+    if stop >= slowed:
+        return None
+    return Decision(
+        Action.PAUSE,
+        f"copying converges only with the guest slowed by {level:.0%}: about "
+        f"{duration_text(a.eta)} more, {duration_text(slowed)} of its time; pausing now "
+        f"takes about {duration_text(stop)} (limit {duration_text(profile.max_pause)})",
+        replace(prediction, eta_seconds=stop),
+    )
 
 
 def _early_finish(

@@ -58,7 +58,11 @@ class PolicySettings:
     slow_down_passes_per_step: int = 2  # the hypervisor raises the throttle this often
     slow_down_bad_ratio: float = 0.5  # a pass is "bad" when it dirtied this share of its size
     slow_down_initial: float = 0.2  # start level when nothing says more is needed
-    max_initial_slowdown: float = 0.6  # cap on a higher start level chosen at start
+    max_initial_slowdown: float = 0.8  # cap on a higher start level chosen at start
+    slow_down_step: float = 0.1  # the hypervisor raises the level by this much each time
+    # A start level is chosen to finish within this share of the deadline (the rest is
+    # for a measurement before the start that saw less than the guest writes).
+    slowdown_deadline_share: float = 0.5
     fit_pairs: int = 4  # most recent (pass duration, remainder) pairs the model is fitted to
     # The hypervisor sends in bursts this long and checks before each one whether what is
     # left is below the threshold (transfer rate × budget); it judges the slow-down over

@@ -5,12 +5,15 @@ The rules, in order (DESIGN.md section 4):
 1. paused by us, and at the rate the rest now moves the pause would outlast its
    bound (the link stalled or slowed) -> cancel, so the instance resumes on the
    source; otherwise, past copying (paused, handed over, completing, ended) -> continue;
-2. the local disks are not in sync yet (they are copied before memory) -> never
-   anything that forces completion, since the guest may only stop or move once
-   its disks are whole on the destination: cancel when the evidence says the copy
-   never gets in sync (the guest writes its disks faster than the link copies) or
-   cannot before the deadline, or when the deadline came; otherwise continue
-   (an operator's request to finish waits for the sync);
+2. the local disks are not in sync yet (they are copied before memory) -> only
+   continue or cancel, since the guest may stop or move only once its disks are
+   whole on the destination: no pause, no handover, and no change of the blackout
+   budget either (a raised budget lets the hypervisor stop the guest sooner, and
+   nothing is known of memory yet to size it; one above the limit is lowered once
+   the disks are in sync, before memory's budget matters). Cancel when the evidence
+   says the copy never gets in sync (the guest writes its disks faster than the
+   link copies) or cannot before the deadline, or when the deadline came; otherwise
+   continue (an operator's request to finish waits for the sync);
 2b. an operator asked to finish now -> as force-complete, when the profile allows it;
 3. the budget is above what `max_blackout` leaves after the switchover -> lower it;
 4. the deadline has come, or is as close as finishing takes -> `on_deadline`

@@ -13,6 +13,7 @@ from lmwatch.drivers.base import ActionRefused
 from lmwatch.drivers.inventory import BurstyRate, ConstantRate, GrowingRate
 from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer
 from lmwatch.model import GIB, MIB, Phase, StartPlan
+from lmwatch.policies.estimators import disk_sync_seconds
 
 TUNING = Tuning()
 DEVICE = TUNING.device_state
@@ -583,3 +584,24 @@ def test_a_migration_without_disks_is_unchanged_by_the_disk_model() -> None:
     run(plain, 30)
     assert plain.snapshot(plain.elapsed).disk_total == 0
     assert plain.snapshot(plain.elapsed).disks_in_sync
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    total_gib=st.integers(1, 64),
+    share=st.floats(0.0, 2.0),
+)
+def test_a_disk_copy_syncs_exactly_when_the_guest_writes_slower_than_the_link(
+    total_gib: int, share: float
+) -> None:
+    bandwidth = 1 * GIB
+    writes = share * bandwidth
+    model = make_disk(disk=total_gib * GIB, writes=writes)
+    expected = disk_sync_seconds(total_gib * GIB, total_gib * GIB, bandwidth, writes)
+    horizon = 4 * total_gib  # seconds: a quarter of the link's rate at worst
+    run(model, float(horizon), dt=1.0)
+    if writes < 0.75 * bandwidth:
+        assert model.disk_synced_at == pytest.approx(expected, rel=1e-3)
+    elif writes >= bandwidth:
+        assert not model.disks_in_sync and math.isinf(expected)
+        assert model.snapshot(model.elapsed).disk_remaining > 0

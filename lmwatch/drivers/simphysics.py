@@ -61,6 +61,7 @@ from lmwatch.model import JobResult, Phase, Sample, StartPlan
 
 _BYTE = 1.0  # tolerance on byte counts (floats)
 _TICK = 1e-9  # tolerance on times
+_NO_WRITES = 1e-3  # bytes/s of disk writes below which there are none
 
 
 class RatePattern(Protocol):
@@ -149,11 +150,12 @@ def disk_after(left: float, total: float, bandwidth: float, writes: float, h: fl
     """What the disk copy has left after `h` seconds (exact solution of the model above)."""
     if h <= 0 or total <= 0:
         return left
-    if writes <= 0:
+    if writes <= _NO_WRITES:
         return max(0.0, left - bandwidth * h)
     k = writes / total
     settles = total * (writes - bandwidth) / writes  # below 0 when the copy converges
-    value = settles + (left - settles) * math.exp(-k * h)
+    # settles + (left − settles)·e^(−kh), written so that tiny writes lose no precision
+    value = left * math.exp(-k * h) - settles * math.expm1(-k * h)
     return min(float(total), max(0.0, value))
 
 
@@ -163,12 +165,12 @@ def disk_sync_in(left: float, total: float, bandwidth: float, writes: float) -> 
         return 0.0
     if bandwidth <= 0 or total <= 0:
         return math.inf
-    if writes <= 0:
+    if writes <= _NO_WRITES:
         return left / bandwidth
-    settles = total * (writes - bandwidth) / writes
-    if settles >= 0:
+    if writes >= bandwidth:
         return math.inf
-    return math.log((left - settles) / -settles) * total / writes
+    # ln((left − settles)/−settles)·T/w with settles = T·(w − B)/w, kept precise for tiny w
+    return math.log1p(left * writes / (total * (bandwidth - writes))) * total / writes
 
 
 class Migration:

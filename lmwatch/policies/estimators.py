@@ -87,6 +87,7 @@ class PolicySettings:
 DEFAULT = PolicySettings()
 
 _MAX_PROJECTED_PASSES = 400
+_NO_WRITES = 1e-3  # bytes/s of disk writes below which there are none
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,12 +328,12 @@ def disk_sync_seconds(remaining: float, total: float, rate: float, writes: float
         return 0.0
     if rate <= 0 or total <= 0:
         return math.inf
-    if writes <= 0:
+    if writes <= _NO_WRITES:
         return remaining / rate
-    settles = total * (writes - rate) / writes  # below 0 when the copy gets in sync
-    if settles >= 0:
-        return math.inf
-    return math.log((remaining - settles) / -settles) * total / writes
+    if writes >= rate:
+        return math.inf  # what is left settles near T·(1 − B/w), never 0
+    # ln((R − S)/−S)·T/w with S = T·(w − B)/w, kept precise for tiny w
+    return math.log1p(remaining * writes / (total * (rate - writes))) * total / writes
 
 
 def disk_outlook(

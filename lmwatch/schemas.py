@@ -141,7 +141,8 @@ class Progress(_Response):
     slowdown: float = Field(description="Fraction of guest CPU taken away (0..1).")
     disk: DiskProgress | None = Field(
         default=None,
-        description="Present when the instance has local disks that move with it.",
+        description="The instance's local disks that move with it; null when it has none "
+        "(its storage is shared).",
     )
 
 

@@ -254,6 +254,9 @@ def copied_text(migration: Json) -> str:
     """% copied while running; after the end the outcome says more than the last sample."""
     if _finished(migration):
         return "-"
+    disk = _progress(migration).get("disk") or {}
+    if disk and not disk.get("in_sync"):
+        return f"disks {percent(disk.get('percent_copied'))}"
     return percent(_progress(migration).get("percent_copied"))
 
 

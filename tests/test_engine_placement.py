@@ -13,6 +13,7 @@ from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.engine.placing import GroupConflict, NoDestination
+from lmwatch.engine.records import request_of
 from lmwatch.errors import Invalid
 from lmwatch.metrics import Metrics
 from lmwatch.model import MigrationRequest, State
@@ -203,3 +204,14 @@ async def test_no_destination_names_every_hosts_reason(rig: Rig) -> None:
     assert "c rejected: c does not answer" in text
     assert "d rejected: d has 8.0GiB free, 8.0GiB reserved by 2 migrations" in text
     assert refused.value.status == 409 and refused.value.kind == "no-destination"
+
+
+async def test_a_forced_migration_starts_past_the_hosts_own_memory_check(rig: Rig) -> None:
+    """The record remembers the force, so the start (and a restart's re-attach) asks
+    the driver without the free-memory check too."""
+    for name in ("w1", "w2", "w3"):  # 12 GiB to a host with 8
+        await rig.submit(name, "d", force=True)
+    assert request_of(rig.store.list()[0]).force
+    ids = [r.id for r in rig.store.list()]
+    assert await rig.clock.run_until(lambda: rig.engine.finished(ids), limit=3600)
+    assert {rig.engine.get(i).state for i in ids} == {State.COMPLETED}

@@ -46,6 +46,14 @@ class Metrics:
             ["state", "method"],
             registry=r,
         )
+        self.placements = Counter(
+            "lmwatch_placements",
+            "Migrations accepted, by how their destination was placed (chosen, named or forced).",
+            ["how"],
+            registry=r,
+        )
+        for how in ("chosen", "named", "forced"):
+            self.placements.labels(how)  # each series from zero
         self.decisions = Counter(
             "lmwatch_decisions", "Decisions taken, by action.", ["action"], registry=r
         )

@@ -41,7 +41,7 @@ from lmwatch.model import State
 
 log = get_logger("lmwatch.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     progress TEXT,
     outcome TEXT,
     idempotency_key TEXT UNIQUE,
-    request_fingerprint TEXT
+    request_fingerprint TEXT,
+    placement TEXT
 );
 CREATE INDEX IF NOT EXISTS migrations_state ON migrations(state);
 CREATE INDEX IF NOT EXISTS migrations_instance ON migrations(instance);
@@ -88,7 +89,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_migration ON events(migration_id, seq);
 """
 
-_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome")
+_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome", "placement")
 _BOOL_FIELDS = ("paused", "handed_over")
 
 
@@ -224,6 +225,9 @@ class MigrationRecord:
     outcome: Mapping[str, Any] | None = None
     idempotency_key: str | None = None
     request_fingerprint: str | None = None
+    # How the destination was placed: {"how": "chosen"|"named"|"forced", "reason": ...};
+    # None for migrations accepted before placement was recorded.
+    placement: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +313,8 @@ class Store:
         with self._transaction():
             if version < 2:  # version 1 had no instance uuid
                 self._db.execute("ALTER TABLE migrations ADD COLUMN uuid TEXT")
+            if version < 3:  # version 2 did not say how the destination was placed
+                self._db.execute("ALTER TABLE migrations ADD COLUMN placement TEXT")
             self._db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                 (str(SCHEMA_VERSION),),

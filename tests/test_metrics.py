@@ -106,3 +106,9 @@ def test_disk_gauges_are_served_per_migration_and_forgotten_with_it() -> None:
     metrics.forget(labels)
     text = metrics.render().decode()
     assert 'migration="m1"' not in text
+
+
+def test_placements_are_exported_from_zero_for_each_way() -> None:
+    text = Metrics().render().decode()
+    for how in ("chosen", "named", "forced"):
+        assert f'lmwatch_placements_total{{how="{how}"}} 0.0' in text

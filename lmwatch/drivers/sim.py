@@ -30,6 +30,7 @@ from lmwatch.drivers.base import (
     Refused,
     UnknownHost,
     UnknownInstance,
+    destination_of,
 )
 from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
 from lmwatch.drivers.preflight import identity_refusal, pinning_refusal
@@ -38,6 +39,7 @@ from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured
 from lmwatch.model import (
     Capabilities,
     ChangeRate,
+    HostInfo,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -206,7 +208,7 @@ class SimDriver:
                 self._storage[host] = free + change
 
     def _incoming(self, host: str) -> list[_Job]:
-        """Jobs under way to `host` (what they bring is taken there already)."""
+        """Jobs under way to `host`."""
         return [
             j
             for key, link in self._links.items()
@@ -215,10 +217,10 @@ class SimDriver:
             if not j.model.phase.finished
         ]
 
-    def _reserved(self, host: str) -> int:
-        return sum(j.instance.memory for j in self._incoming(host))
-
-    def _reserved_storage(self, host: str) -> int:
+    def _storage_taken(self, host: str) -> int:
+        """Local storage the disk copies under way to `host` take there: the copy is
+        written on the destination from its start (the source's is freed when the
+        migration completes; a cancelled copy is discarded)."""
         return sum(_disk_of(j.instance) for j in self._incoming(host))
 
     def _active_job_of(self, instance: str) -> _Job | None:
@@ -380,10 +382,10 @@ class SimDriver:
         return self._info(found, now_on)
 
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
-        source, destination = request.source, request.destination
+        source, destination = request.source, destination_of(request)
         self._known_host(source)
         self._known_host(destination)
-        self._sync_host(destination)  # its free memory and reservations
+        self._sync_host(destination)  # its free memory
         if source == destination:
             raise Refused(f"source and destination are the same host ({source})")
         for host in (source, destination):
@@ -416,21 +418,38 @@ class SimDriver:
         )
         if why is not None:
             raise Incompatible(why)
-        free = self._free[destination] - self._reserved(destination)
-        if free < found.memory:
+        # The simulated hypervisor's own figure: instances arriving take their memory
+        # when they land. What lmwatch's queued and running migrations reserve is the
+        # engine's to subtract (lmwatch.engine.placing), never the driver's.
+        free = self._free[destination]
+        if not request.force and free < found.memory:
             raise InsufficientResources(
                 f"{destination} has {format_size(max(0, free))} free, "
                 f"{found.name} needs {format_size(found.memory)}"
             )
+        # Not skipped by force: a destination that cannot hold the disks cannot take
+        # the instance at all (the copy would fail).
         storage = self._storage.get(destination)
         if found.disk and storage is not None:
-            left = storage - self._reserved_storage(destination)
+            left = storage - self._storage_taken(destination)
             if left < found.disk:
                 raise InsufficientResources(
                     f"{destination} has {format_size(max(0, left))} of local storage free, "
                     f"{found.name}'s disks need {format_size(found.disk)}"
                 )
         return self._info(found, source)
+
+    async def host_info(self, host: str) -> HostInfo:
+        self._known_host(host)
+        if not self._host_up(host):
+            raise HostUnreachable(f"{host} does not answer")
+        self._sync()
+        running = tuple(
+            self._info(instance, host)
+            for instance in self.inventory.instances
+            if self.where(instance.name) == host
+        )
+        return HostInfo(name=host, free_memory=self._free[host], instances=running)
 
     async def capabilities(self, source: str, destination: str) -> Capabilities:
         src, dst = self.inventory.host(source), self.inventory.host(destination)
@@ -465,30 +484,31 @@ class SimDriver:
         if migration_id in self._jobs:
             raise DriverError(f"migration {migration_id!r} was already started")
         info = await self.preflight(request)
-        caps = await self.capabilities(request.source, request.destination)
+        destination = destination_of(request)
+        caps = await self.capabilities(request.source, destination)
         if plan.arm_handover and not caps.handover:
-            raise Incompatible(f"{request.source} -> {request.destination} cannot hand over")
+            raise Incompatible(f"{request.source} -> {destination} cannot hand over")
         if plan.arm_slow_down and not caps.slow_down:
             raise Incompatible(f"{request.source} cannot slow instances down")
-        pair = frozenset((request.source, request.destination))
+        pair = frozenset((request.source, destination))
         if pair in self._faults.broken:
-            raise DriverError(f"cannot reach {request.destination} from {request.source}")
-        refusing = self._faults.refusing.get(request.destination)
+            raise DriverError(f"cannot reach {destination} from {request.source}")
+        refusing = self._faults.refusing.get(destination)
         if refusing == "start":
-            raise DriverError(f"{request.destination} refused the incoming instance")
+            raise DriverError(f"{destination} refused the incoming instance")
         instance = self._instance(info.name)
         tuning = self.tuning
-        switchover = self.inventory.switchover(request.source, request.destination)
+        switchover = self.inventory.switchover(request.source, destination)
         if switchover is not None:
             tuning = dataclasses.replace(tuning, device_state=switchover)
         model = Migration(
             memory=instance.memory,
             working_set=instance.working_set,
             change_rate=instance.change_rate,
-            bandwidth=self.inventory.bandwidth(request.source, request.destination),
+            bandwidth=self.inventory.bandwidth(request.source, destination),
             plan=plan,
             source=request.source,
-            destination=request.destination,
+            destination=destination,
             tuning=tuning,
             writer=Writer(instance.writer),
             disk=instance.disk,
@@ -496,8 +516,8 @@ class SimDriver:
         )
         if refusing == "job":
             model.refuse()
-        job = _Job(migration_id, request, instance, request.source, request.destination, model)
-        key = (request.source, request.destination)
+        job = _Job(migration_id, request, instance, request.source, destination, model)
+        key = (request.source, destination)
         link = self._links.get(key)
         if link is None:
             link = self._links[key] = _Link(key, self.clock.now())

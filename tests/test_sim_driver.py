@@ -514,6 +514,10 @@ async def test_preflight_refuses_disks_the_destination_cannot_hold() -> None:
     )
     info = await driver.preflight(request("db-3", destination="host-b"))
     assert info.local_disk_bytes == 80 * GIB
+    # a forced placement skips the memory check, not this one: the copy could not fit
+    forced = MigrationRequest(instance="db-3", source="host-a", destination="host-c", force=True)
+    with pytest.raises(InsufficientResources, match="local storage"):
+        await driver.preflight(forced)
     # without disks, or to a host whose storage is not modelled: no storage check
     await driver.preflight(request("plain", destination="host-c"))
     await driver.preflight(request("db-3", destination="host-d"))

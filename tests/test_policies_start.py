@@ -141,3 +141,19 @@ def test_chosen_start_level_finishes_where_the_least_level_runs_out_of_time() ->
     assert chosen.ended_at < 1500
     assert chosen.blackout is not None and chosen.blackout <= 8
     assert least.outcome == "cancel"
+
+
+def test_start_level_leaves_the_disk_copy_its_share_of_the_deadline() -> None:
+    # 32GiB rewritten at 300MiB/s over 200MiB/s, 30 minutes: a middle level finishes in
+    # time alone; with 100GiB of local disk copied first, the same deadline needs more.
+    from dataclasses import replace
+
+    profile = Profile(
+        name="p", may_slow_down=True, may_pause=True, max_pause=1, deadline=Deadline(fixed=1800)
+    )
+    info = InstanceInfo(name="vm", uuid="u", host="a", memory_bytes=32 * GIB)
+    alone = plan_start(profile, info, Capabilities(), 300 * MIB, 200 * MIB)
+    with_disk = plan_start(
+        profile, replace(info, local_disk_bytes=100 * GIB), Capabilities(), 300 * MIB, 200 * MIB
+    )
+    assert DEFAULT.slow_down_initial < alone.slow_down_initial < with_disk.slow_down_initial

@@ -69,7 +69,14 @@ def plan_start(
         if stuck:
             assert change_rate is not None and bandwidth is not None
             initial, why = initial_slowdown(
-                profile, info.memory_bytes, change_rate, bandwidth, budget, switch, settings
+                profile,
+                info.memory_bytes,
+                change_rate,
+                bandwidth,
+                budget,
+                switch,
+                settings,
+                disk_bytes=info.local_disk_bytes,
             )
             parts.append(
                 f"slow-down armed at {initial:.0%} from the start because the guest changes "
@@ -103,6 +110,8 @@ def initial_slowdown(
     budget: float,
     switchover: float,
     settings: PolicySettings = DEFAULT,
+    *,
+    disk_bytes: int = 0,
 ) -> tuple[float, str]:
     """The level slowing starts at, when the hypervisor finds copying does not converge,
     and what the plan says about it (text to append).
@@ -114,14 +123,15 @@ def initial_slowdown(
     `max_initial_slowdown` in steps of `slow_down_step`, whose projection (the guest
     rewriting at the measured rate over all of its memory, the hypervisor's throttle
     schedule, finishing by a pause where the profile allows one) finishes within
-    `slowdown_deadline_share` of the deadline. None finishing: the highest.
+    `slowdown_deadline_share` of what the deadline leaves after the local disks are
+    copied (at the link's bandwidth, before memory). None finishing: the highest.
     """
     least = 1 - bandwidth * (1 - settings.convergence_margin) / change_rate
     base = round(min(settings.max_initial_slowdown, max(settings.slow_down_initial, least)), 2)
-    deadline = profile.deadline_seconds(memory)
+    deadline = profile.deadline_seconds(memory + disk_bytes)
     if deadline is None:
         return base, ""
-    target = deadline * settings.slowdown_deadline_share
+    target = max(0.0, deadline - disk_bytes / bandwidth) * settings.slowdown_deadline_share
     finish = budget
     if profile.may_pause:
         finish = max(finish, (profile.max_pause - switchover) / settings.pause_safety)

@@ -265,6 +265,15 @@ class FakeConnect:
             raise no_domain(name)
         return DomainHandle(dom)
 
+    def listAllDomains(self, flags: int = 0) -> list[Any]:
+        """Domains of the host; with VIR_CONNECT_LIST_DOMAINS_ACTIVE (1) only those
+        running or paused (the fake's shut-off state is 5)."""
+        self._check()
+        doms = list(self.host.domains.values())
+        if flags & 1:
+            doms = [d for d in doms if d.state[0] in (1, 3)]
+        return [DomainHandle(d) for d in doms]
+
     def lookupByUUIDString(self, uuid: str) -> Any:
         self._check()
         for dom in self.host.domains.values():

@@ -18,6 +18,7 @@ from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import Driver
 from lmwatch.engine import admission, machine, recovery
+from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.records import Supervision, log, status_of
@@ -102,6 +103,7 @@ class Engine:
             settings=self.settings,
         )
         self._submit_lock = asyncio.Lock()
+        self.drains = Drains(self)  # draining hosts: lmwatch/engine/drains.py
         self._store_task: asyncio.Task[None] | None = None
         self.metrics.watch_store(store)
         self._started = False
@@ -131,10 +133,12 @@ class Engine:
                 log.info("reattaching", migration=record.id, instance=record.instance)
                 supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
         self._schedule()
+        self.drains.start()  # after the migrations they follow are tracked again
 
     async def stop(self) -> None:
         """Stop supervising (the migrations themselves go on; a new engine takes them back)."""
         self._stopping = True
+        await self.drains.stop()
         tasks = [s.task for s in self._supervisions.values() if s.task is not None]
         if self._store_task is not None:
             tasks.append(self._store_task)

@@ -1,0 +1,633 @@
+"""Draining a host: every instance off it, through the engine's own migrations.
+
+What to do is decided by pure functions (`lmwatch.policies.drain`: the order, how
+many to hand over now, what a refusal means, whether to retry elsewhere); this
+module carries them out and is the only drain code that touches the engine, the
+driver, the store and the metrics.
+
+How it runs. At submission every instance on the host is asked about (`Engine.place`,
+limited to the drain's destinations): one that no host can take is `blocked` at once,
+with the reasons, in the 202 answer. The others are ordered longest expected move
+first (see the policy's docstring) and handed to the engine progressively: no more at
+once than the engine lets leave one host (`max_per_source`). The destination of each
+is chosen when its turn comes, not at submission, so it sees the memory the moves
+before it actually took, and a queued migration never holds memory on a destination
+that an instance placed after it needs (queued migrations reserve their memory).
+A destination that refuses (overcommitted, incompatible, name taken, unreachable) or
+a migration that fails there is tried on another host (up to `MAX_ATTEMPTS` hosts);
+a migration its profile cancelled is not: it could not finish within bounds, and the
+drain reports that instance as failed.
+
+Durable: the drain is in the store before it is acknowledged, and every change of an
+instance's entry is written. The destination is recorded before the engine is asked,
+and the engine is asked with an Idempotency-Key derived from the drain, the instance
+and the attempt, so a restart at any moment asks again with the same key and gets the
+same migration back, never a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import dataclasses
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from lmwatch.drivers.base import DriverError, UnknownHost
+from lmwatch.errors import Conflict, Invalid, NotFound, ProblemError
+from lmwatch.logs import get_logger
+from lmwatch.model import MigrationRequest, State
+from lmwatch.policies import drain as policy
+from lmwatch.store import DrainItem, DrainRecord, DrainState, ItemState, MigrationRecord
+
+if TYPE_CHECKING:
+    from lmwatch.engine.core import Engine
+
+log = get_logger("lmwatch.drains")
+
+MAX_ATTEMPTS = 3  # destinations one instance is tried on before the drain gives it up
+_IN_FLIGHT = (ItemState.SUBMITTING, ItemState.MIGRATING)
+
+
+def _rejections(rejected: Any) -> str:
+    """`host: why; host: why` from a placement's rejected hosts."""
+    try:
+        return "; ".join(f"{host}: {why}" for host, why in dict(rejected).items())
+    except (TypeError, ValueError):
+        return ""
+
+
+def _with(drain: DrainRecord, index: int, item: DrainItem) -> DrainRecord:
+    items = list(drain.items)
+    items[index] = item
+    return dataclasses.replace(drain, items=tuple(items))
+
+
+def fraction(item: DrainItem, record: MigrationRecord | None) -> float:
+    """How far an instance's move has got (0..1): memory copied of its migration."""
+    if item.state is ItemState.MOVED:
+        return 1.0
+    if record is None or not record.progress:
+        return 0.0
+    total = float(record.progress.get("memory_total") or 0)
+    remaining = float(record.progress.get("memory_remaining") or 0)
+    return 0.0 if total <= 0 else min(1.0, max(0.0, (total - remaining) / total))
+
+
+def eta(item: DrainItem, record: MigrationRecord | None) -> float | None:
+    """Seconds until this instance's move ends: the migration's own prediction while it
+    runs (None: it will not finish on its own), the expected duration before."""
+    if item.state.finished:
+        return 0.0
+    if record is None or record.state is State.QUEUED or not record.progress:
+        return item.expected_seconds
+    prediction = record.progress.get("prediction") or {}
+    value = prediction.get("eta_seconds")
+    if value is None:
+        return None
+    number = float(value)
+    return number if number == number and number != float("inf") else None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Placement:
+    host: str | None
+    reason: str
+    rejected: dict[str, str]
+
+
+class Drains:
+    """The drains of one engine: accepted, run, resumed after a restart, cancelled."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._live: dict[str, DrainRecord] = {}  # unfinished drains, latest state
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._unwritten: set[str] = set()
+        self._lock = asyncio.Lock()  # submissions: one drain per host
+        self._guards: dict[str, asyncio.Lock] = {}  # a drain's step and its cancel
+        self._stopping = False
+
+    @property
+    def slots(self) -> int:
+        return max(1, self.engine.settings.max_per_source)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take back every unfinished drain the store holds (after the engine has
+        taken back its migrations)."""
+        for drain in self.engine.store.unfinished_drains():
+            log.info("drain-resumed", drain=drain.id, host=drain.host)
+            self._live[drain.id] = drain
+            self._spawn(drain.id)
+        self._publish()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def _guard(self, drain_id: str) -> asyncio.Lock:
+        return self._guards.setdefault(drain_id, asyncio.Lock())
+
+    def _spawn(self, drain_id: str) -> None:
+        if not self._stopping:
+            self._tasks[drain_id] = asyncio.create_task(self._run(drain_id))
+
+    # -- queries --------------------------------------------------------------------
+
+    def get(self, drain_id: str) -> DrainRecord:
+        live = self._live.get(drain_id)
+        if live is not None:
+            return live
+        stored = self.engine.store.get_drain(drain_id)
+        if stored is None:
+            raise NotFound(f"no drain with id {drain_id!r}")
+        return stored
+
+    def list(self) -> builtins.list[DrainRecord]:
+        return [self._live.get(d.id, d) for d in self.engine.store.drains()]
+
+    def migration(self, item: DrainItem) -> MigrationRecord | None:
+        if item.migration_id is None:
+            return None
+        try:
+            return self.engine.get(item.migration_id)
+        except NotFound:
+            return None
+
+    def eta(self, drain: DrainRecord) -> float | None:
+        """Seconds until the host is empty, when it can be told (None: a migration
+        under way will not finish on its own, or the drain cannot finish)."""
+        if drain.state.finished:
+            return 0.0
+        running: list[float] = []
+        queued: list[float] = []
+        for item in drain.items:
+            if item.state in _IN_FLIGHT:
+                left = eta(item, self.migration(item))
+                if left is None:
+                    return None
+                running.append(left)
+            elif item.state is ItemState.PENDING and drain.state is DrainState.RUNNING:
+                queued.append(item.expected_seconds)
+        return policy.makespan(running, queued, self.slots)
+
+    async def _place(
+        self,
+        instance: str,
+        source: str,
+        destinations: Sequence[str] | None,
+        exclude: Sequence[str],
+        profile: str | None,
+    ) -> Any:
+        """Where placement would put the instance now (`Engine.place`: explains, moves
+        nothing); a Placement with `host`, `reason`, `rejected`."""
+        place = getattr(self.engine, "place", None)
+        if place is None:  # an engine without placement: the first host that passes
+            return await self._first_fit(instance, source, destinations, exclude)
+        return await place(
+            instance,
+            source=source,
+            destinations=None if destinations is None else list(destinations),
+            exclude=tuple(exclude),
+            profile=profile,
+        )
+
+    async def _first_fit(
+        self,
+        instance: str,
+        source: str,
+        destinations: Sequence[str] | None,
+        exclude: Sequence[str],
+    ) -> _Placement:
+        hosts = destinations if destinations is not None else await self.engine.driver.hosts()
+        rejected: dict[str, str] = {}
+        for host in hosts:
+            if host == source or host in exclude:
+                continue
+            try:
+                await self.engine.driver.preflight(MigrationRequest(instance, source, host))
+            except (ProblemError, DriverError) as error:
+                rejected[host] = error.message if isinstance(error, ProblemError) else str(error)
+                continue
+            return _Placement(host, f"{host}: the first host that can take it", rejected)
+        return _Placement(None, f"no host can take {instance}", rejected)
+
+    # -- commands -------------------------------------------------------------------
+
+    async def submit(
+        self, host: str, destinations: Sequence[str] | None = None, profile: str | None = None
+    ) -> DrainRecord:
+        """Accept a drain of `host`: checked, planned, recorded, started.
+
+        Raises UnknownHost (404: the host or a destination), Invalid (422: a
+        destination is the host itself, an unknown profile), Conflict (409: the host
+        is already draining)."""
+        engine = self.engine
+        hosts = list(await engine.driver.hosts())
+        if host not in hosts:
+            raise UnknownHost(f"no host named {host!r}; known hosts: {', '.join(hosts)}")
+        wanted = None if destinations is None else tuple(dict.fromkeys(destinations))
+        if wanted is not None:
+            if host in wanted:
+                raise Invalid(f"the destinations include the drained host {host} itself")
+            if not wanted:
+                raise Invalid("destinations is empty; leave it out to let lmwatch choose")
+            unknown = [d for d in wanted if d not in hosts]
+            if unknown:
+                raise UnknownHost(
+                    f"no host named {', '.join(map(repr, unknown))}; known hosts: "
+                    + ", ".join(hosts)
+                )
+        if profile is not None and profile not in {
+            p.name for p in engine.profiles.current.profiles
+        }:
+            raise Invalid(f"no profile named {profile!r} is loaded")
+        engine._effects.refuse_unless_writable()
+        async with self._lock:
+            for other in self._live.values():
+                if other.host == host and not other.state.finished:
+                    raise Conflict(f"host {host} is already draining (drain {other.id})")
+            running = await engine.driver.instances_on(host)
+            items = [await self._plan(host, info.name, info, wanted, profile) for info in running]
+            movable = [i for i in items if i.state is not ItemState.BLOCKED]
+            order = policy.lpt_order(
+                policy.Candidate(i.instance, i.expected_seconds, i.memory_bytes) for i in movable
+            )
+            by_name = {i.instance: i for i in movable}
+            ordered = tuple(
+                [by_name[name] for name in order]
+                + [i for i in items if i.state is ItemState.BLOCKED]
+            )
+            now = engine.clock.now()
+            drain = DrainRecord(
+                id=str(uuid.uuid4()),
+                host=host,
+                state=DrainState.RUNNING,
+                created_at=now,
+                items=ordered,
+                destinations=wanted,
+                profile=profile,
+                reason=f"moving {len(movable)} instance(s) off {host}",
+            )
+            drain = self._concluded(drain, now) or drain
+            engine.store.insert_drain(drain)
+            blocked = [i.instance for i in ordered if i.state is ItemState.BLOCKED]
+            log.info(
+                "drain-accepted",
+                drain=drain.id,
+                host=host,
+                instances=len(ordered),
+                blocked=",".join(blocked) or None,
+                state=drain.state.value,
+            )
+            if not drain.state.finished:
+                self._live[drain.id] = drain
+                self._spawn(drain.id)
+        self._publish()
+        return drain
+
+    async def _plan(
+        self,
+        host: str,
+        instance: str,
+        info: Any,
+        destinations: Sequence[str] | None,
+        profile: str | None,
+    ) -> DrainItem:
+        """An instance's entry at submission: blocked (and why) when no host can take
+        it now, else its expected move duration to where placement would put it."""
+        memory = int(info.memory_bytes)
+        disk = int(getattr(info, "local_disk_bytes", 0) or 0)
+        active = self.engine.store.active_for_instance(instance)
+        if active is not None:  # already leaving: the drain follows that migration
+            expected = policy.expected_seconds(memory, None, None, disk)
+            return DrainItem(
+                instance,
+                memory,
+                expected,
+                state=ItemState.MIGRATING,
+                migration_id=active.id,
+                destination=active.destination,
+                reason=f"already migrating to {active.destination} (migration {active.id})",
+            )
+        try:
+            placement = await self._place(instance, host, destinations, (), profile)
+        except ProblemError as error:
+            return DrainItem(instance, memory, 0.0, state=ItemState.BLOCKED, reason=error.message)
+        if placement.host is None:
+            why = _rejections(placement.rejected)
+            reason = placement.reason + (f" ({why})" if why and why not in placement.reason else "")
+            return DrainItem(instance, memory, 0.0, state=ItemState.BLOCKED, reason=reason)
+        bandwidth: float | None = None
+        with contextlib.suppress(DriverError, ProblemError):
+            bandwidth = (await self.engine.driver.capabilities(host, placement.host)).bandwidth
+        expected = policy.expected_seconds(memory, bandwidth, None, disk)
+        return DrainItem(instance, memory, expected, reason=f"waiting; {placement.reason}")
+
+    async def cancel(self, drain_id: str) -> DrainRecord:
+        """Start nothing more; migrations under way finish or end as their profiles say."""
+        self.get(drain_id)  # 404 first
+        async with self._guard(drain_id):
+            return self._cancel(self.get(drain_id))
+
+    def _cancel(self, drain: DrainRecord) -> DrainRecord:
+        if drain.state.finished:
+            raise Conflict(f"drain {drain.id} has already {drain.state.value}")
+        if drain.state is DrainState.CANCELLING:
+            return drain
+        now = self.engine.clock.now()
+        items = tuple(
+            dataclasses.replace(i, state=ItemState.CANCELLED, reason="drain cancelled")
+            if i.state is ItemState.PENDING
+            else i
+            for i in drain.items
+        )
+        drain = dataclasses.replace(
+            drain,
+            items=items,
+            state=DrainState.CANCELLING,
+            reason="cancelled: nothing more is started; migrations under way go on",
+        )
+        drain = self._concluded(drain, now) or drain
+        self._save(drain)
+        log.info("drain-cancelled", drain=drain.id, host=drain.host, state=drain.state.value)
+        return drain
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def _run(self, drain_id: str) -> None:
+        interval = self.engine.settings.poll_interval
+        try:
+            while True:
+                drain = self._live.get(drain_id)
+                if drain is None or drain.state.finished:
+                    return
+                try:
+                    await self.step(drain_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # a bug or an outage: keep the drain going
+                    log.exception("drain-step-failed", drain=drain_id, error=repr(error))
+                if self._live.get(drain_id) is None:
+                    return
+                await self.engine.clock.sleep(interval)
+        finally:
+            self._tasks.pop(drain_id, None)
+
+    async def step(self, drain_id: str) -> DrainRecord:
+        """One round: read how its migrations ended, hand the next instances over,
+        conclude when nothing is left."""
+        async with self._guard(drain_id):
+            return await self._step(self._live[drain_id])
+
+    async def _step(self, drain: DrainRecord) -> DrainRecord:
+        drain_id = drain.id
+        for index, item in enumerate(drain.items):
+            if item.state is ItemState.MIGRATING:
+                after = self._followed(drain, item)
+                if after != item:
+                    drain = _with(drain, index, after)
+                    self._save(drain)
+            elif item.state is ItemState.SUBMITTING:  # a restart between choice and answer
+                drain = await self._hand_over(drain, index)
+        while drain.state is DrainState.RUNNING:
+            pending = [i.instance for i in drain.items if i.state is ItemState.PENDING]
+            in_flight = sum(1 for i in drain.items if i.state in _IN_FLIGHT)
+            chosen = policy.to_submit(pending, in_flight, self.slots)
+            if not chosen:
+                break
+            index = next(n for n, i in enumerate(drain.items) if i.instance == chosen[0])
+            drain = await self._start(drain, index)
+        concluded = self._concluded(drain, self.engine.clock.now())
+        if concluded is not None:
+            drain = concluded
+            self._save(drain)
+        elif drain_id in self._unwritten:
+            self._save(drain)
+        self._publish()
+        return drain
+
+    def _followed(self, drain: DrainRecord, item: DrainItem) -> DrainItem:
+        """An instance's entry once its migration has ended (unchanged before)."""
+        record = self.migration(item)
+        if record is None:
+            return dataclasses.replace(
+                item, state=ItemState.FAILED, reason=f"migration {item.migration_id} is unknown"
+            )
+        if not record.state.finished:
+            return item
+        destination = record.destination
+        if record.state is State.COMPLETED:
+            return dataclasses.replace(
+                item,
+                state=ItemState.MOVED,
+                destination=destination,
+                reason=f"moved to {destination}",
+            )
+        why = self._why_ended(record)
+        attempts = (*item.attempts, (destination, why))
+        cancelled = record.state is State.CANCELLED
+        retry = drain.state is DrainState.RUNNING and policy.retry_destination(
+            [d for d, _ in attempts],
+            failed_on_destination=not cancelled,
+            cancelled=cancelled,
+            max_attempts=MAX_ATTEMPTS,
+        )
+        if retry:
+            log.info(
+                "drain-retry",
+                drain=drain.id,
+                instance=item.instance,
+                failed_on=destination,
+                why=why,
+            )
+            return dataclasses.replace(
+                item,
+                state=ItemState.PENDING,
+                attempts=attempts,
+                destination=None,
+                reason=f"failed on {destination} ({why}); trying another host",
+            )
+        verb = "cancelled" if cancelled else "failed"
+        return dataclasses.replace(
+            item,
+            state=ItemState.FAILED,
+            attempts=attempts,
+            reason=f"its migration to {destination} was {verb}: {why}",
+        )
+
+    def _why_ended(self, record: MigrationRecord) -> str:
+        error = (record.outcome or {}).get("error")
+        if error:
+            return str(error)
+        for event in reversed(self.engine.store.events(record.id)):
+            if event.kind in ("state", "decision", "error") and event.reason:
+                return event.reason
+        return record.state.value
+
+    async def _start(self, drain: DrainRecord, index: int) -> DrainRecord:
+        """Choose a destination for a pending instance (away from those already tried),
+        record it, and hand the migration to the engine."""
+        item = drain.items[index]
+        tried = tuple(d for d, _ in item.attempts)
+        if len(tried) >= MAX_ATTEMPTS:
+            failed = dataclasses.replace(
+                item, state=ItemState.FAILED, reason=f"tried {len(tried)} hosts: none took it"
+            )
+            drain = _with(drain, index, failed)
+            self._save(drain)
+            return drain
+        try:
+            placement = await self._place(
+                item.instance, drain.host, drain.destinations, tried, drain.profile
+            )
+        except ProblemError as error:
+            placement = None
+            why = error.message
+        if placement is None or placement.host is None:
+            if placement is not None:
+                rejected = _rejections(placement.rejected)
+                why = placement.reason + (f" ({rejected})" if rejected else "")
+            blocked = dataclasses.replace(item, state=ItemState.BLOCKED, reason=why)
+            log.warning("drain-instance-blocked", drain=drain.id, instance=item.instance, why=why)
+            drain = _with(drain, index, blocked)
+            self._save(drain)
+            return drain
+        chosen = dataclasses.replace(
+            item,
+            state=ItemState.SUBMITTING,
+            destination=placement.host,
+            reason=f"to {placement.host}: {placement.reason}",
+        )
+        drain = _with(drain, index, chosen)
+        self._save(drain)  # before the engine is asked: a restart asks again, same key
+        return await self._hand_over(drain, index)
+
+    async def _hand_over(self, drain: DrainRecord, index: int) -> DrainRecord:
+        item = drain.items[index]
+        assert item.destination is not None
+        key = f"drain-{drain.id}-{item.instance}-{len(item.attempts)}"
+        request = MigrationRequest(
+            instance=item.instance,
+            source=drain.host,
+            destination=item.destination,
+            profile=drain.profile,
+        )
+        try:
+            record, _ = await self.engine.submit(request, key)
+        except (ProblemError, DriverError) as error:
+            kind = error.kind if isinstance(error, ProblemError) else "hypervisor-error"
+            message = error.message if isinstance(error, ProblemError) else str(error)
+            after = await self._refused(drain, item, kind, message)
+        else:
+            after = dataclasses.replace(
+                item,
+                state=ItemState.MIGRATING,
+                migration_id=record.id,
+                reason=f"migrating to {item.destination} (migration {record.id})",
+            )
+            log.info(
+                "drain-migration",
+                drain=drain.id,
+                instance=item.instance,
+                destination=item.destination,
+                migration=record.id,
+            )
+        drain = _with(drain, index, after)
+        self._save(drain)
+        return drain
+
+    async def _refused(
+        self, drain: DrainRecord, item: DrainItem, kind: str, message: str
+    ) -> DrainItem:
+        what = policy.on_refusal(kind, message)
+        destination = item.destination or "?"
+        log.info(
+            "drain-refused",
+            drain=drain.id,
+            instance=item.instance,
+            destination=destination,
+            kind=kind,
+            then=what,
+            why=message,
+        )
+        if what == policy.LEFT_HOST:
+            return dataclasses.replace(
+                item, state=ItemState.MOVED, reason=f"no longer on {drain.host}: {message}"
+            )
+        if what == policy.ADOPT:
+            active = self.engine.store.active_for_instance(item.instance)
+            if active is not None:
+                return dataclasses.replace(
+                    item,
+                    state=ItemState.MIGRATING,
+                    migration_id=active.id,
+                    destination=active.destination,
+                    reason=f"already migrating to {active.destination} (migration {active.id})",
+                )
+            what = policy.RETRY_ELSEWHERE
+        if what == policy.RETRY_ELSEWHERE:
+            return dataclasses.replace(
+                item,
+                state=ItemState.PENDING,
+                destination=None,
+                attempts=(*item.attempts, (destination, message)),
+                reason=f"{destination} refused it ({message}); trying another host",
+            )
+        return dataclasses.replace(item, state=ItemState.FAILED, reason=message)
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    def _concluded(self, drain: DrainRecord, now: float) -> DrainRecord | None:
+        """The drain as it ends, once every entry has; None while some has not."""
+        if drain.state.finished or not all(i.state.finished for i in drain.items):
+            return None
+        left = [i for i in drain.items if i.state is not ItemState.MOVED]
+        if drain.state is DrainState.CANCELLING:
+            state, reason = DrainState.CANCELLED, "cancelled"
+            if left:
+                reason += f"; still on {drain.host}: {', '.join(i.instance for i in left)}"
+        elif not drain.items:
+            state, reason = DrainState.COMPLETED, f"nothing runs on {drain.host}: already empty"
+        elif not left:
+            state, reason = DrainState.COMPLETED, f"{drain.host} is empty"
+        else:
+            state = DrainState.FAILED
+            reason = f"{len(left)} instance(s) could not leave {drain.host}: " + "; ".join(
+                f"{i.instance}: {i.reason}" for i in left
+            )
+        log.info("drain-finished", drain=drain.id, host=drain.host, state=state.value)
+        return dataclasses.replace(drain, state=state, finished_at=now, reason=reason)
+
+    def _save(self, drain: DrainRecord) -> None:
+        if drain.state.finished:
+            self._live.pop(drain.id, None)
+        else:
+            self._live[drain.id] = drain
+        if self.engine.store.update_drain(drain):
+            self._unwritten.discard(drain.id)
+        else:
+            self._unwritten.add(drain.id)
+            if drain.state.finished:
+                self._live[drain.id] = drain  # keep showing it until it is written
+        self._publish()
+
+    def _publish(self) -> None:
+        counts: dict[tuple[str, str, str], int] = {}
+        active = 0
+        for drain in self._live.values():
+            if drain.state.finished:
+                continue
+            active += 1
+            for item in drain.items:
+                key = (drain.id, drain.host, item.state.value)
+                counts[key] = counts.get(key, 0) + 1
+        self.engine.metrics.drains(active, counts)

@@ -305,6 +305,7 @@ async def create_migration(request: web.Request) -> web.Response:
             destination=body.destination,
             labels=dict(body.labels),
             profile=body.profile,
+            force=body.force,
         ),
         key,
     )
@@ -482,6 +483,20 @@ async def explain_profile(request: web.Request) -> web.Response:
         candidates=[schemas.candidate(c) for c in selection.candidates],
     )
     return _json(answer)
+
+
+async def explain_placement(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    instance = request.match_info["instance"]
+    text = request.query.get("destinations")
+    destinations = None
+    if text is not None:
+        destinations = [part.strip() for part in text.split(",") if part.strip()]
+        if not destinations:
+            raise _query_error("destinations", f"{text!r} names no host (a,b)")
+    requested = request.query.get("profile") or None
+    placement = await engine.place(instance, destinations=destinations, profile=requested)
+    return _json(schemas.placement_out(placement))
 
 
 async def reload_profiles(request: web.Request) -> web.Response:
@@ -689,6 +704,7 @@ def create_app(
     app.router.add_get("/v1/profiles", list_profiles)
     app.router.add_post("/v1/profiles/reload", reload_profiles)
     app.router.add_get("/v1/instances/{instance}/profile", explain_profile)
+    app.router.add_get("/v1/instances/{instance}/placement", explain_placement)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -47,6 +47,12 @@ class Metrics:
             ["state", "method"],
             registry=r,
         )
+        self.placements = Counter(
+            "lmwatch_placements",
+            "Migrations accepted, by how their destination was placed (chosen, named or forced).",
+            ["how"],
+            registry=r,
+        )
         self.decisions = Counter(
             "lmwatch_decisions", "Decisions taken, by action.", ["action"], registry=r
         )

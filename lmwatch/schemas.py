@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 
 from lmwatch.model import Action, Method, State
+from lmwatch.policies.placement import Placement
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import Event, MigrationRecord
 
@@ -64,21 +65,27 @@ class _Response(BaseModel):
 
 class MigrationCreate(_Request):
     """Ask lmwatch to migrate an instance. `source` and `destination` must differ
-    (JSON Schema cannot say so; a body with the same host twice is answered 422)."""
+    (JSON Schema cannot say so; a body with the same host twice is answered 422).
+    Without `destination` lmwatch chooses one; `force` needs a destination (else 422)."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-distinct": [["source", "destination"]],
-            "examples": [{"instance": "web-1", "source": "host-a", "destination": "host-b"}],
+            "examples": [
+                {"instance": "web-1", "source": "host-a", "destination": "host-b"},
+                {"instance": "web-1", "source": "host-a"},
+            ],
         }
     )
 
     instance: str = Field(min_length=1, max_length=255, description="Instance name or uuid.")
     source: str = Field(min_length=1, max_length=255, description="Host it runs on now.")
-    destination: str = Field(
+    destination: str | None = Field(
+        default=None,
         min_length=1,
         max_length=255,
-        description="Host to move it to; not the source (else 422).",
+        description="Host to move it to; not the source (else 422). Left out: lmwatch "
+        "chooses among every configured host (see GET /v1/instances/{instance}/placement).",
     )
     labels: dict[str, str] = Field(
         default_factory=dict,
@@ -90,10 +97,20 @@ class MigrationCreate(_Request):
         description="Name of a loaded profile (else 422); overrides selection.",
     )
 
+    force: StrictBool = Field(
+        default=False,
+        description="With a destination: skip the capacity checks (free memory and what "
+        "queued and running migrations reserve there), never the checks protecting the "
+        "instance (CPU, pinning, devices, name taken) nor the group rule. Recorded in the "
+        "timeline and the metrics.",
+    )
+
     @model_validator(mode="after")
     def _two_hosts(self) -> MigrationCreate:
         if self.source == self.destination:
             raise ValueError("source and destination are the same host")
+        if self.force and self.destination is None:
+            raise ValueError("force needs a named destination")
         return self
 
 
@@ -187,6 +204,13 @@ class Outcome(_Response):
     error: str | None
 
 
+class PlacementApplied(_Response):
+    """How the destination was placed: chosen by lmwatch, named (and checked), or forced."""
+
+    how: Literal["chosen", "named", "forced"]
+    reason: str
+
+
 class MigrationSummary(_Response):
     """A migration without its decision timeline (as listed)."""
 
@@ -204,6 +228,10 @@ class MigrationSummary(_Response):
     progress: Progress | None
     prediction: PredictionOut | None
     outcome: Outcome | None
+    placement: PlacementApplied | None = Field(
+        description="How the destination was placed; null for migrations accepted before "
+        "lmwatch recorded it."
+    )
 
 
 class Migration(MigrationSummary):
@@ -255,6 +283,34 @@ class ProfileSelectionOut(_Response):
     profile: Profile
     reason: str
     candidates: list[Candidate] = Field(description="Profiles considered, best first.")
+
+
+class PlacementCandidate(_Response):
+    """One host considered as a destination, as seen when asked."""
+
+    host: str
+    accepted: bool = Field(description="Whether it could take the instance.")
+    reason: str | None = Field(description="Why not, when rejected.")
+    free_memory: int | None = Field(description="Bytes the host reports free; null: unknown.")
+    reserved: int = Field(description="Bytes queued and running migrations to it reserve.")
+    reservations: int = Field(description="Migrations holding those reservations.")
+    available: int | None = Field(description="free_memory less reserved; null: unknown.")
+    handover: bool = Field(description="Whether the pair can hand over early.")
+    bandwidth: float | None = Field(description="Bytes/s from the source, when known.")
+    arriving: int = Field(description="Migrations queued or running to it.")
+    leaving: int = Field(description="Migrations queued or running from it.")
+    groups: list[str] = Field(description="`group` labels of instances there or arriving.")
+
+
+class PlacementOut(_Response):
+    """Where lmwatch would move an instance now, and why; nothing is moved."""
+
+    instance: str
+    source: str
+    destination: str | None = Field(description="The chosen host; null when none fits.")
+    reason: str
+    rejected: dict[str, str] = Field(description="Host -> why it was rejected.")
+    candidates: list[PlacementCandidate] = Field(description="Every host considered, by name.")
 
 
 class ReloadOut(_Response):
@@ -511,7 +567,14 @@ def _summary_fields(record: MigrationRecord) -> dict[str, Any]:
         "progress": _progress(record.progress),
         "prediction": _prediction(progress.get("prediction")),
         "outcome": _outcome(record.outcome),
+        "placement": _placement(record.placement),
     }
+
+
+def _placement(data: Mapping[str, Any] | None) -> PlacementApplied | None:
+    if not data or data.get("how") not in ("chosen", "named", "forced"):
+        return None
+    return PlacementApplied(how=data["how"], reason=str(data.get("reason", "")))
 
 
 def migration_summary(record: MigrationRecord) -> MigrationSummary:
@@ -521,6 +584,34 @@ def migration_summary(record: MigrationRecord) -> MigrationSummary:
 def migration(record: MigrationRecord, events: Iterable[Event]) -> Migration:
     return Migration(
         **_summary_fields(record), timeline=[timeline_entry(event) for event in events]
+    )
+
+
+def placement_out(placement: Placement) -> PlacementOut:
+    """The answer of the explain call."""
+    return PlacementOut(
+        instance=placement.instance,
+        source=placement.source,
+        destination=placement.host,
+        reason=placement.reason,
+        rejected=dict(placement.rejected),
+        candidates=[
+            PlacementCandidate(
+                host=c.host,
+                accepted=c.host not in placement.rejected,
+                reason=placement.rejected.get(c.host),
+                free_memory=c.free_memory,
+                reserved=c.reserved,
+                reservations=c.reservations,
+                available=c.available,
+                handover=c.handover,
+                bandwidth=c.bandwidth,
+                arriving=c.arriving,
+                leaving=c.leaving,
+                groups=sorted(c.groups),
+            )
+            for c in sorted(placement.candidates, key=lambda c: c.host)
+        ],
     )
 
 
@@ -543,6 +634,7 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ForceCompleteResponse,
     ProfilesOut,
     ProfileSelectionOut,
+    PlacementOut,
     ReloadOut,
     Health,
     Readiness,
@@ -940,6 +1032,42 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json(ProfileSelectionOut, "The selection."),
                     "404": _problem("Unknown instance."),
+                    "422": _INVALID,
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/v1/instances/{instance}/placement": {
+            "get": {
+                "operationId": "explainPlacement",
+                "summary": "Where lmwatch would move an instance now, and why (moves nothing).",
+                "parameters": [
+                    {
+                        "name": "instance",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "destinations",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Only these hosts, `a,b` (each a known host, else "
+                        "404); by default every configured host but the source.",
+                    },
+                    {
+                        "name": "profile",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "A profile name a request would name: one of the "
+                        "loaded profiles (else 422).",
+                    },
+                ],
+                "responses": {
+                    "200": _json(PlacementOut, "The placement, with every host's figures."),
+                    "404": _problem("Unknown instance or host."),
                     "422": _INVALID,
                     "503": _UNAVAILABLE,
                 },

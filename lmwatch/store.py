@@ -42,7 +42,7 @@ from lmwatch.model import State
 
 log = get_logger("lmwatch.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     progress TEXT,
     outcome TEXT,
     idempotency_key TEXT UNIQUE,
-    request_fingerprint TEXT
+    request_fingerprint TEXT,
+    placement TEXT
 );
 CREATE INDEX IF NOT EXISTS migrations_state ON migrations(state);
 CREATE INDEX IF NOT EXISTS migrations_instance ON migrations(instance);
@@ -99,7 +100,7 @@ CREATE INDEX IF NOT EXISTS drains_host ON drains(host, state);
 CREATE INDEX IF NOT EXISTS drains_created ON drains(created_at, id);
 """
 
-_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome")
+_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome", "placement")
 _BOOL_FIELDS = ("paused", "handed_over")
 
 
@@ -235,6 +236,9 @@ class MigrationRecord:
     outcome: Mapping[str, Any] | None = None
     idempotency_key: str | None = None
     request_fingerprint: str | None = None
+    # How the destination was placed: {"how": "chosen"|"named"|"forced", "reason": ...};
+    # None for migrations accepted before placement was recorded.
+    placement: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,7 +434,9 @@ class Store:
         with self._transaction():
             if version < 2:  # version 1 had no instance uuid
                 self._db.execute("ALTER TABLE migrations ADD COLUMN uuid TEXT")
-            # version 3 added the drains table (created above, IF NOT EXISTS)
+            if version < 3:  # version 2 did not say how the destination was placed
+                self._db.execute("ALTER TABLE migrations ADD COLUMN placement TEXT")
+            # version 4 added the drains table (created above, IF NOT EXISTS)
             self._db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                 (str(SCHEMA_VERSION),),

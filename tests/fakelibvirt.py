@@ -59,6 +59,7 @@ CONSTANTS: dict[str, Any] = {
     "VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN": 4,
     "VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT": 5,
     "VIR_DOMAIN_METADATA_ELEMENT": 2,
+    "VIR_CONNECT_LIST_DOMAINS_ACTIVE": 1,
     "VIR_DOMAIN_STATS_DIRTYRATE": 512,
     "VIR_CPU_COMPARE_INCOMPATIBLE": 0,
     "VIR_CPU_COMPARE_IDENTICAL": 1,
@@ -265,15 +266,6 @@ class FakeConnect:
             raise no_domain(name)
         return DomainHandle(dom)
 
-    def listAllDomains(self, flags: int = 0) -> list[Any]:
-        """Domains of the host; with VIR_CONNECT_LIST_DOMAINS_ACTIVE (1) only those
-        running or paused (the fake's shut-off state is 5)."""
-        self._check()
-        doms = list(self.host.domains.values())
-        if flags & 1:
-            doms = [d for d in doms if d.state[0] in (1, 3)]
-        return [DomainHandle(d) for d in doms]
-
     def lookupByUUIDString(self, uuid: str) -> Any:
         self._check()
         for dom in self.host.domains.values():
@@ -292,6 +284,12 @@ class FakeConnect:
     def getFreeMemory(self) -> int:
         self._check()
         return self.host.free
+
+    def listAllDomains(self, flags: int = 0) -> list[Any]:
+        self._check()
+        running = (C.VIR_DOMAIN_RUNNING, C.VIR_DOMAIN_PAUSED)
+        domains = self.host.domains.values()
+        return [DomainHandle(d) for d in domains if not flags or d.state[0] in running]
 
     def getCapabilities(self) -> str:
         self._check()

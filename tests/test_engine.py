@@ -697,13 +697,15 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     Store.open(path).close()
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE migrations DROP COLUMN uuid")
+    db.execute("ALTER TABLE migrations DROP COLUMN placement")
     db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     db.commit()
     db.close()
     store = Store.open(path)
     version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     assert version["value"] == str(SCHEMA_VERSION)
-    assert "uuid" in [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
+    columns = [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
+    assert "uuid" in columns and "placement" in columns
 
 
 async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -124,13 +125,37 @@ async def test_preflight_refusals(
         await driver.start("m", req, PLAIN)
 
 
-async def test_second_migration_and_reserved_memory_are_refused(driver: SimDriver) -> None:
+async def test_second_migration_is_refused_and_reservations_are_not_the_drivers(
+    driver: SimDriver,
+) -> None:
     await driver.start("m1", request("idle", "host-a", "host-c"), PLAIN)
     with pytest.raises(Refused, match="already migrating"):
         await driver.preflight(request("idle", "host-a", "host-c"))
-    # host-c has 6 GiB: the first 4 GiB are reserved while copying
+    # host-c has 6 GiB: the 4 GiB copying there are the engine's to reserve (one place
+    # subtracts reservations), so the driver reports and checks its own free figure.
+    assert (await driver.host_info("host-c")).free_memory == 6 * GIB
+    await driver.preflight(request("idle-2", "host-a", "host-c"))
+
+
+async def test_force_skips_only_the_memory_check(driver: SimDriver) -> None:
+    big = request("big", "host-a", "host-c")
     with pytest.raises(InsufficientResources):
-        await driver.preflight(request("idle-2", "host-a", "host-c"))
+        await driver.preflight(big)
+    info = await driver.preflight(dataclasses.replace(big, force=True))
+    assert info.name == "big"
+    with pytest.raises(AlreadyOnDestination):
+        await driver.preflight(dataclasses.replace(request("bursty"), force=True))
+
+
+async def test_host_info_lists_the_instances_running_there(driver: SimDriver) -> None:
+    info = await driver.host_info("host-b")
+    assert info.free_memory == driver.free_memory("host-b")
+    assert {i.name for i in info.instances} == {
+        i.name for i in driver.instances() if i.host == "host-b"
+    }
+    assert all(i.host == "host-b" for i in info.instances)
+    with pytest.raises(UnknownHost):
+        await driver.host_info("host-z")
 
 
 async def test_instances_are_found_by_uuid(driver: SimDriver) -> None:

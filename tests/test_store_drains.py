@@ -81,12 +81,12 @@ def test_a_drain_is_refused_while_the_store_cannot_be_written(tmp_path: Path) ->
         store.insert_drain(_drain())
 
 
-def test_a_version_2_store_gains_the_drains_table(tmp_path: Path) -> None:
+def test_a_version_3_store_gains_the_drains_table(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     Store.open(path).close()
     db = sqlite3.connect(path)
     db.execute("DROP TABLE drains")
-    db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
     db.commit()
     db.close()
     store = Store.open(path)

@@ -47,6 +47,7 @@ from lmwatch.drivers.base import (
     Refused,
     UnknownHost,
     UnknownInstance,
+    destination_of,
 )
 from lmwatch.drivers.libvirt_conn import (
     CALL_QUEUE,
@@ -87,6 +88,7 @@ from lmwatch.model import (
     MIB,
     Capabilities,
     ChangeRate,
+    HostInfo,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -190,7 +192,7 @@ class _Job:
 
     @property
     def destination(self) -> str:
-        return self.request.destination
+        return destination_of(self.request)
 
     def running_phase(self) -> Phase:
         if self.handed_over:
@@ -417,7 +419,7 @@ class LibvirtDriver:
 
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
         lv = self._lv
-        src, dst = request.source, request.destination
+        src, dst = request.source, destination_of(request)
         self._link(src)
         self._link(dst)
         if src == dst:
@@ -445,14 +447,45 @@ class LibvirtDriver:
             )
         await self._check_pinning(request, dom["name"], facts)
         need = int(dom["max_kib"]) * 1024
+        # The host's own figure; what lmwatch's migrations reserve there is the
+        # engine's to subtract (lmwatch.engine.placing). Forced: not checked at all.
         free = await self._link(dst).call(lambda c: c.getFreeMemory(), what="free memory")
-        if free < need:
+        if not request.force and free < need:
             raise InsufficientResources(
                 f"{dst} has {free // MIB} MiB free; "
                 f"instance {request.instance!r} needs {need // MIB} MiB"
             )
         await self._check_cpu(request, facts)
         return self._info(src, dom)
+
+    async def host_info(self, host: str) -> HostInfo:
+        """Free memory as the host reports it, and the instances running there."""
+        lv = self._lv
+        self._link(host)
+        await self._require_reachable(host)
+
+        def read(conn: Any) -> tuple[int, list[dict[str, Any]]]:
+            free = int(conn.getFreeMemory())
+            doms = []
+            for handle in conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    labels_xml = handle.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, LABELS_NS, 0)
+                except lv.libvirtError:
+                    labels_xml = None
+                doms.append(
+                    {
+                        "name": handle.name(),
+                        "uuid": handle.UUIDString(),
+                        "max_kib": handle.maxMemory(),
+                        "labels": parse_labels(labels_xml),
+                    }
+                )
+            return free, doms
+
+        free, doms = await self._link(host).call(read, what="host resources")
+        return HostInfo(
+            name=host, free_memory=free, instances=tuple(self._info(host, d) for d in doms)
+        )
 
     async def _check_identity(self, host: str, name: str, uuid: str) -> None:
         """`host` must not define another instance under `name`, nor this instance's
@@ -491,13 +524,13 @@ class LibvirtDriver:
             return found if found is not None else topology_from_info(conn.getInfo())
 
         try:
-            topo = await self._link(request.destination).call(topology, what="host topology")
+            topo = await self._link(destination_of(request)).call(topology, what="host topology")
         except HostLost:
             raise
         except DriverError as error:
             log.warning("pinning-check-skipped", instance=request.instance, error=str(error))
             return
-        why = pinning_missing(name, facts, request.destination, topo)
+        why = pinning_missing(name, facts, destination_of(request), topo)
         if why is not None:
             raise Incompatible(why)
 
@@ -531,7 +564,7 @@ class LibvirtDriver:
             return int(conn.compareCPU(xml, 0))
 
         try:
-            result = await self._link(request.destination).call(compare, what="CPU comparison")
+            result = await self._link(destination_of(request)).call(compare, what="CPU comparison")
         except HostLost:
             raise
         except DriverError as error:
@@ -540,7 +573,7 @@ class LibvirtDriver:
         if result == lv.VIR_CPU_COMPARE_INCOMPATIBLE:
             raise Incompatible(
                 f"the CPU of instance {request.instance!r} "
-                f"is not available on {request.destination}"
+                f"is not available on {destination_of(request)}"
             )
 
     async def capabilities(self, source: str, destination: str) -> Capabilities:
@@ -706,19 +739,17 @@ class LibvirtDriver:
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
         lv = self._lv
-        dest = self._hosts.get(request.destination)
+        to = destination_of(request)
+        dest = self._hosts.get(to)
         self._link(request.source)
         if dest is None:
-            raise UnknownHost(f"unknown host {request.destination!r}")
-        caps = await self.capabilities(request.source, request.destination)
+            raise UnknownHost(f"unknown host {to!r}")
+        caps = await self.capabilities(request.source, to)
         if plan.arm_handover and not caps.handover:
-            raise Incompatible(
-                f"the hypervisors on {request.source} and {request.destination} cannot hand over"
-            )
+            raise Incompatible(f"the hypervisors on {request.source} and {to} cannot hand over")
         if plan.arm_slow_down and not caps.slow_down:
             raise Incompatible(
-                f"the hypervisors on {request.source} and {request.destination} "
-                "cannot slow the guest"
+                f"the hypervisors on {request.source} and {to} cannot slow the guest"
             )
         call = migrate_call(
             lv,
@@ -747,7 +778,7 @@ class LibvirtDriver:
         self._jobs[migration_id] = job
         peer_uri = dest.peer_uri or dest.uri
         with contextlib.suppress(DriverError):  # for its events (the instance resumed there)
-            await self._link(request.destination).connection()
+            await self._link(destination_of(request)).connection()
         link = self._link(request.source)
         conn = await link.connection()
 
@@ -763,7 +794,7 @@ class LibvirtDriver:
             migration=migration_id,
             instance=request.instance,
             source=request.source,
-            destination=request.destination,
+            destination=destination_of(request),
             flags=call.flags,
         )
         await self._wait_accepted(job)
@@ -1152,7 +1183,7 @@ class LibvirtDriver:
     ) -> JobResult | None:
         lv = self._lv
         self._link(request.source)
-        self._link(request.destination)
+        self._link(destination_of(request))
         job = _Job(
             id=migration_id,
             request=request,

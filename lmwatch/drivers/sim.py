@@ -30,6 +30,7 @@ from lmwatch.drivers.base import (
     Refused,
     UnknownHost,
     UnknownInstance,
+    destination_of,
 )
 from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
 from lmwatch.drivers.preflight import identity_refusal, pinning_refusal
@@ -38,6 +39,7 @@ from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured
 from lmwatch.model import (
     Capabilities,
     ChangeRate,
+    HostInfo,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -186,15 +188,6 @@ class SimDriver:
         link.jobs = [job for job in link.jobs if not job.settled]
         if ended:
             self._save(ended)  # where the instances run now, and each job's end
-
-    def _reserved(self, host: str) -> int:
-        return sum(
-            j.instance.memory
-            for key, link in self._links.items()
-            if key[1] == host
-            for j in link.jobs
-            if not j.model.phase.finished
-        )
 
     def _active_job_of(self, instance: str) -> _Job | None:
         job = self._latest.get(instance)
@@ -355,10 +348,10 @@ class SimDriver:
         return [info for info in self.instances() if info.host == host]
 
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
-        source, destination = request.source, request.destination
+        source, destination = request.source, destination_of(request)
         self._known_host(source)
         self._known_host(destination)
-        self._sync_host(destination)  # its free memory and reservations
+        self._sync_host(destination)  # its free memory
         if source == destination:
             raise Refused(f"source and destination are the same host ({source})")
         for host in (source, destination):
@@ -391,13 +384,28 @@ class SimDriver:
         )
         if why is not None:
             raise Incompatible(why)
-        free = self._free[destination] - self._reserved(destination)
-        if free < found.memory:
+        # The simulated hypervisor's own figure: instances arriving take their memory
+        # when they land. What lmwatch's queued and running migrations reserve is the
+        # engine's to subtract (lmwatch.engine.placing), never the driver's.
+        free = self._free[destination]
+        if not request.force and free < found.memory:
             raise InsufficientResources(
                 f"{destination} has {format_size(max(0, free))} free, "
                 f"{found.name} needs {format_size(found.memory)}"
             )
         return self._info(found, source)
+
+    async def host_info(self, host: str) -> HostInfo:
+        self._known_host(host)
+        if not self._host_up(host):
+            raise HostUnreachable(f"{host} does not answer")
+        self._sync()
+        running = tuple(
+            self._info(instance, host)
+            for instance in self.inventory.instances
+            if self.where(instance.name) == host
+        )
+        return HostInfo(name=host, free_memory=self._free[host], instances=running)
 
     async def capabilities(self, source: str, destination: str) -> Capabilities:
         src, dst = self.inventory.host(source), self.inventory.host(destination)
@@ -432,37 +440,38 @@ class SimDriver:
         if migration_id in self._jobs:
             raise DriverError(f"migration {migration_id!r} was already started")
         info = await self.preflight(request)
-        caps = await self.capabilities(request.source, request.destination)
+        destination = destination_of(request)
+        caps = await self.capabilities(request.source, destination)
         if plan.arm_handover and not caps.handover:
-            raise Incompatible(f"{request.source} -> {request.destination} cannot hand over")
+            raise Incompatible(f"{request.source} -> {destination} cannot hand over")
         if plan.arm_slow_down and not caps.slow_down:
             raise Incompatible(f"{request.source} cannot slow instances down")
-        pair = frozenset((request.source, request.destination))
+        pair = frozenset((request.source, destination))
         if pair in self._faults.broken:
-            raise DriverError(f"cannot reach {request.destination} from {request.source}")
-        refusing = self._faults.refusing.get(request.destination)
+            raise DriverError(f"cannot reach {destination} from {request.source}")
+        refusing = self._faults.refusing.get(destination)
         if refusing == "start":
-            raise DriverError(f"{request.destination} refused the incoming instance")
+            raise DriverError(f"{destination} refused the incoming instance")
         instance = self._instance(info.name)
         tuning = self.tuning
-        switchover = self.inventory.switchover(request.source, request.destination)
+        switchover = self.inventory.switchover(request.source, destination)
         if switchover is not None:
             tuning = dataclasses.replace(tuning, device_state=switchover)
         model = Migration(
             memory=instance.memory,
             working_set=instance.working_set,
             change_rate=instance.change_rate,
-            bandwidth=self.inventory.bandwidth(request.source, request.destination),
+            bandwidth=self.inventory.bandwidth(request.source, destination),
             plan=plan,
             source=request.source,
-            destination=request.destination,
+            destination=destination,
             tuning=tuning,
             writer=Writer(instance.writer),
         )
         if refusing == "job":
             model.refuse()
-        job = _Job(migration_id, request, instance, request.source, request.destination, model)
-        key = (request.source, request.destination)
+        job = _Job(migration_id, request, instance, request.source, destination, model)
+        key = (request.source, destination)
         link = self._links.get(key)
         if link is None:
             link = self._links[key] = _Link(key, self.clock.now())

@@ -40,6 +40,7 @@ from lmwatch.errors import Conflict, Invalid, NotFound, ProblemError
 from lmwatch.logs import get_logger
 from lmwatch.model import MigrationRequest, State
 from lmwatch.policies import drain as policy
+from lmwatch.policies.placement import Placement
 from lmwatch.store import DrainItem, DrainRecord, DrainState, ItemState, MigrationRecord
 
 if TYPE_CHECKING:
@@ -89,13 +90,6 @@ def eta(item: DrainItem, record: MigrationRecord | None) -> float | None:
         return None
     number = float(value)
     return number if number == number and number != float("inf") else None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Placement:
-    host: str | None
-    reason: str
-    rejected: dict[str, str]
 
 
 class Drains:
@@ -186,39 +180,16 @@ class Drains:
         destinations: Sequence[str] | None,
         exclude: Sequence[str],
         profile: str | None,
-    ) -> Any:
+    ) -> Placement:
         """Where placement would put the instance now (`Engine.place`: explains, moves
-        nothing); a Placement with `host`, `reason`, `rejected`."""
-        place = getattr(self.engine, "place", None)
-        if place is None:  # an engine without placement: the first host that passes
-            return await self._first_fit(instance, source, destinations, exclude)
-        return await place(
+        nothing)."""
+        return await self.engine.place(
             instance,
             source=source,
             destinations=None if destinations is None else list(destinations),
             exclude=tuple(exclude),
             profile=profile,
         )
-
-    async def _first_fit(
-        self,
-        instance: str,
-        source: str,
-        destinations: Sequence[str] | None,
-        exclude: Sequence[str],
-    ) -> _Placement:
-        hosts = destinations if destinations is not None else await self.engine.driver.hosts()
-        rejected: dict[str, str] = {}
-        for host in hosts:
-            if host == source or host in exclude:
-                continue
-            try:
-                await self.engine.driver.preflight(MigrationRequest(instance, source, host))
-            except (ProblemError, DriverError) as error:
-                rejected[host] = error.message if isinstance(error, ProblemError) else str(error)
-                continue
-            return _Placement(host, f"{host}: the first host that can take it", rejected)
-        return _Placement(None, f"no host can take {instance}", rejected)
 
     # -- commands -------------------------------------------------------------------
 
@@ -490,6 +461,13 @@ class Drains:
                 item.instance, drain.host, drain.destinations, tried, drain.profile
             )
         except ProblemError as error:
+            if policy.on_refusal(error.kind, error.message) == policy.LEFT_HOST:
+                left = dataclasses.replace(
+                    item, state=ItemState.MOVED, reason=f"no longer on {drain.host}: {error}"
+                )
+                drain = _with(drain, index, left)
+                self._save(drain)
+                return drain
             placement = None
             why = error.message
         if placement is None or placement.host is None:

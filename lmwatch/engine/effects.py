@@ -32,6 +32,7 @@ from lmwatch.model import (
     Capabilities,
     ChangeRate,
     Decision,
+    HostInfo,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -188,6 +189,18 @@ class Effects:
 
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
         return await self.driver.preflight(request)
+
+    async def hosts(self) -> list[str]:
+        return list(await self.driver.hosts())
+
+    async def host_info(self, host: str) -> HostInfo:
+        return await self.driver.host_info(host)
+
+    async def describe_instance(self, instance: str, host: str | None = None) -> InstanceInfo:
+        return await self.driver.describe(instance, host)
+
+    async def capabilities_between(self, source: str, destination: str) -> Capabilities:
+        return await self.driver.capabilities(source, destination)
 
     async def sample(self, supervision: Supervision) -> Sample:
         return await self.driver.sample(supervision.record.id)

@@ -77,6 +77,7 @@ def request_of(record: MigrationRecord) -> MigrationRequest:
         destination=record.destination,
         labels=dict(record.labels),
         profile=record.requested_profile,
+        force=(record.placement or {}).get("how") == "forced",
     )
 
 

@@ -118,7 +118,8 @@ _DESTINATION_KINDS = frozenset(
         "host-unreachable",
         "refused",
         "hypervisor-error",
-        "overcommit",
+        "anti-affinity",
+        "no-destination",
     }
 )
 

@@ -185,6 +185,12 @@ async def test_what_cannot_move_is_blocked_at_submission_and_said(hard: Rig) -> 
     drain = await hard.engine.drains.submit("src")
     blocked = [i for i in drain.items if i.state is ItemState.BLOCKED]
     assert [i.instance for i in blocked] == ["huge"]
+    # The measured change rate counts: the busy guest is expected to take longer than
+    # a quiet one of the same size on the same link, and is started before it.
+    expected = {i.instance: i.expected_seconds for i in drain.items}
+    assert expected["never"] > 1.5 * expected["q3"]
+    names = [i.instance for i in drain.items]
+    assert names.index("never") < names.index("q3")
     assert blocked[0].reason  # the placement's reasons, per host
     done = await hard.until_done(drain.id)
     assert done.state is DrainState.FAILED

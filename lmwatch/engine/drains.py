@@ -32,13 +32,13 @@ import builtins
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lmwatch.drivers.base import DriverError, UnknownHost
 from lmwatch.errors import Conflict, Invalid, NotFound, ProblemError
 from lmwatch.logs import get_logger
-from lmwatch.model import MigrationRequest, State
+from lmwatch.model import InstanceInfo, MigrationRequest, State
 from lmwatch.policies import drain as policy
 from lmwatch.policies.placement import Placement
 from lmwatch.store import DrainItem, DrainRecord, DrainState, ItemState, MigrationRecord
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = get_logger("lmwatch.drains")
 
 MAX_ATTEMPTS = 3  # destinations one instance is tried on before the drain gives it up
+MEASURE_TIMEOUT = 15.0  # seconds the change rates may take at submission
 _IN_FLIGHT = (ItemState.SUBMITTING, ItemState.MIGRATING)
 
 
@@ -103,6 +104,8 @@ class Drains:
         self._lock = asyncio.Lock()  # submissions: one drain per host
         self._guards: dict[str, asyncio.Lock] = {}  # a drain's step and its cancel
         self._stopping = False
+        # How instances are ordered (the benchmark swaps in the naive order).
+        self.order: Callable[[Iterable[policy.Candidate]], list[str]] = policy.lpt_order
 
     @property
     def slots(self) -> int:
@@ -227,9 +230,13 @@ class Drains:
                 if other.host == host and not other.state.finished:
                     raise Conflict(f"host {host} is already draining (drain {other.id})")
             running = await engine.driver.instances_on(host)
-            items = [await self._plan(host, info.name, info, wanted, profile) for info in running]
+            rates = await self._change_rates(host, [info.name for info in running])
+            items = [
+                await self._plan(host, info, rates.get(info.name), wanted, profile)
+                for info in running
+            ]
             movable = [i for i in items if i.state is not ItemState.BLOCKED]
-            order = policy.lpt_order(
+            order = self.order(
                 policy.Candidate(i.instance, i.expected_seconds, i.memory_bytes) for i in movable
             )
             by_name = {i.instance: i for i in movable}
@@ -265,18 +272,41 @@ class Drains:
         self._publish()
         return drain
 
+    async def _change_rates(self, host: str, instances: Sequence[str]) -> dict[str, float]:
+        """What each guest rewrites (bytes/s), measured at once for all of them where
+        the host can tell within `MEASURE_TIMEOUT` (seconds on real hosts); the
+        ordering does without the others."""
+        if not instances:
+            return {}
+
+        async def one(name: str) -> tuple[str, float | None]:
+            try:
+                rate = await self.engine.driver.measure_change_rate(name, host)
+            except (DriverError, ProblemError):
+                return name, None
+            return name, None if rate is None else rate.bytes_per_second
+
+        try:
+            async with asyncio.timeout(MEASURE_TIMEOUT):
+                answers = await asyncio.gather(*(one(name) for name in instances))
+        except TimeoutError:
+            log.info("drain-change-rates-late", host=host, instances=len(instances))
+            return {}
+        return {name: rate for name, rate in answers if rate is not None}
+
     async def _plan(
         self,
         host: str,
-        instance: str,
-        info: Any,
+        info: InstanceInfo,
+        change_rate: float | None,
         destinations: Sequence[str] | None,
         profile: str | None,
     ) -> DrainItem:
         """An instance's entry at submission: blocked (and why) when no host can take
         it now, else its expected move duration to where placement would put it."""
+        instance = info.name
         memory = int(info.memory_bytes)
-        disk = int(getattr(info, "local_disk_bytes", 0) or 0)
+        disk = info.local_disk_bytes
         active = self.engine.store.active_for_instance(instance)
         if active is not None:  # already leaving: the drain follows that migration
             expected = policy.expected_seconds(memory, None, None, disk)
@@ -300,7 +330,7 @@ class Drains:
         bandwidth: float | None = None
         with contextlib.suppress(DriverError, ProblemError):
             bandwidth = (await self.engine.driver.capabilities(host, placement.host)).bandwidth
-        expected = policy.expected_seconds(memory, bandwidth, None, disk)
+        expected = policy.expected_seconds(memory, bandwidth, change_rate, disk)
         return DrainItem(instance, memory, expected, reason=f"waiting; {placement.reason}")
 
     async def cancel(self, drain_id: str) -> DrainRecord:

@@ -64,6 +64,11 @@ def lpt_order(candidates: Iterable[Candidate]) -> list[str]:
     return [c.instance for c in ranked]
 
 
+def inventory_order(candidates: Iterable[Candidate]) -> list[str]:
+    """The naive order: as the host lists its instances (the benchmark's baseline)."""
+    return [c.instance for c in candidates]
+
+
 def makespan(running_remaining: Sequence[float], queued: Sequence[float], slots: int) -> float:
     """Seconds until the last of these moves ends: the running ones end after their
     remaining seconds, each queued one (in the order given) takes the first slot that

@@ -110,3 +110,29 @@ def test_retry_destination() -> None:
     assert not drain.retry_destination(["b", "c", "d"], True, False, 3)
     assert not drain.retry_destination(["b"], True, True, 3)  # the profile's answer
     assert not drain.retry_destination(["b"], False, False, 3)
+
+
+def test_quickest_prefers_a_free_slot_then_bandwidth_per_move() -> None:
+    from lmwatch.policies.drain import Option
+
+    slow = Option("slow", 2 * GIB, 0)
+    fast = Option("fast", 20 * GIB, 0)
+    assert drain.quickest([slow, fast], 2, preferred="slow") == "fast"
+    # A link shared by moves already arriving gives each less.
+    busy = Option("fast", 20 * GIB, 1)
+    medium = Option("medium", 12 * GIB, 0)
+    assert drain.quickest([busy, medium], 2) == "medium"
+    # A host whose arrival slots are full makes the move wait: last resort.
+    full = Option("fast", 20 * GIB, 2)
+    assert drain.quickest([full, slow], 2) == "slow"
+    # Unknown links count as slowest; placement's own choice breaks ties.
+    unknown = Option("unknown", None, 0)
+    assert drain.quickest([unknown, slow], 2) == "slow"
+    twin = Option("twin", 2 * GIB, 0)
+    assert drain.quickest([slow, twin], 2, preferred="twin") == "twin"
+    assert drain.quickest([], 2) is None
+
+
+def test_inventory_order_keeps_the_given_order() -> None:
+    given = [Candidate("b", 1.0), Candidate("a", 9.0), Candidate("c", 5.0)]
+    assert drain.inventory_order(given) == ["b", "a", "c"]

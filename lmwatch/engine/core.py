@@ -436,5 +436,6 @@ class Engine:
             if supervision.record.state.finished:
                 self._supervisions.pop(supervision.record.id, None)
                 self._effects.forget(supervision.record)
+                self.drains.wake()
             if not self._stopping:
                 self._schedule()

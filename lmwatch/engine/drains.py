@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import dataclasses
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -59,6 +58,15 @@ def _rejections(rejected: Any) -> str:
         return "; ".join(f"{host}: {why}" for host, why in dict(rejected).items())
     except (TypeError, ValueError):
         return ""
+
+
+def _options(placement: Placement, source: str, exclude: Sequence[str]) -> list[policy.Option]:
+    """The hosts placement accepts for the instance, with their links and arrivals."""
+    return [
+        policy.Option(c.host, c.bandwidth, c.arriving)
+        for c in placement.candidates
+        if c.host != source and c.host not in exclude and c.host not in placement.rejected
+    ]
 
 
 def _with(drain: DrainRecord, index: int, item: DrainItem) -> DrainRecord:
@@ -103,9 +111,11 @@ class Drains:
         self._unwritten: set[str] = set()
         self._lock = asyncio.Lock()  # submissions: one drain per host
         self._guards: dict[str, asyncio.Lock] = {}  # a drain's step and its cancel
+        self._wakers: dict[str, asyncio.Event] = {}  # a migration ended: look now
         self._stopping = False
         # How instances are ordered (the benchmark swaps in the naive order).
         self.order: Callable[[Iterable[policy.Candidate]], list[str]] = policy.lpt_order
+        self.quickest = True  # False: placement's own pick (the benchmark compares)
 
     @property
     def slots(self) -> int:
@@ -129,6 +139,25 @@ class Drains:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+
+    def wake(self) -> None:
+        """A migration ended: every drain looks at once instead of at its next poll,
+        so that a free slot is used without waiting up to a poll interval."""
+        for event in self._wakers.values():
+            event.set()
+
+    async def _pause(self, drain_id: str, seconds: float) -> None:
+        """Sleep `seconds` on the engine's clock, or until `wake`."""
+        event = self._wakers.setdefault(drain_id, asyncio.Event())
+        if not event.is_set():
+            sleeper = asyncio.ensure_future(self.engine.clock.sleep(seconds))
+            waiter = asyncio.ensure_future(event.wait())
+            try:
+                await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                waiter.cancel()
+        event.clear()
 
     def _guard(self, drain_id: str) -> asyncio.Lock:
         return self._guards.setdefault(drain_id, asyncio.Lock())
@@ -327,9 +356,8 @@ class Drains:
             why = _rejections(placement.rejected)
             reason = placement.reason + (f" ({why})" if why and why not in placement.reason else "")
             return DrainItem(instance, memory, 0.0, state=ItemState.BLOCKED, reason=reason)
-        bandwidth: float | None = None
-        with contextlib.suppress(DriverError, ProblemError):
-            bandwidth = (await self.engine.driver.capabilities(host, placement.host)).bandwidth
+        speeds = [o.bandwidth for o in _options(placement, host, ()) if o.bandwidth]
+        bandwidth = max(speeds, default=None)
         expected = policy.expected_seconds(memory, bandwidth, change_rate, disk)
         return DrainItem(instance, memory, expected, reason=f"waiting; {placement.reason}")
 
@@ -379,9 +407,10 @@ class Drains:
                     log.exception("drain-step-failed", drain=drain_id, error=repr(error))
                 if self._live.get(drain_id) is None:
                     return
-                await self.engine.clock.sleep(interval)
+                await self._pause(drain_id, interval)
         finally:
             self._tasks.pop(drain_id, None)
+            self._wakers.pop(drain_id, None)
 
     async def step(self, drain_id: str) -> DrainRecord:
         """One round: read how its migrations ended, hand the next instances over,
@@ -509,11 +538,19 @@ class Drains:
             drain = _with(drain, index, blocked)
             self._save(drain)
             return drain
+        options = _options(placement, drain.host, tried)
+        target = placement.host
+        if self.quickest:
+            per_destination = self.engine.settings.max_per_destination
+            target = policy.quickest(options, per_destination, placement.host) or target
+        why = f"placement: {placement.reason}"
+        if target != placement.host:
+            why = f"quickest of the hosts placement accepts ({why})"
         chosen = dataclasses.replace(
             item,
             state=ItemState.SUBMITTING,
-            destination=placement.host,
-            reason=f"to {placement.host}: {placement.reason}",
+            destination=target,
+            reason=f"to {target}: {why}",
         )
         drain = _with(drain, index, chosen)
         self._save(drain)  # before the engine is asked: a restart asks again, same key

@@ -11,15 +11,21 @@ greedy for it: it is within 4/3 of the optimum, and the failure of the naive
 other slots have nothing left to do, so it runs alone at the end. Starting the long
 ones first leaves the short ones to fill the gaps as slots free up.
 
-**Expected duration of one move** (`expected_seconds`): memory over the link's
-bandwidth, stretched by how much the guest rewrites while it is copied: copying
-`M` bytes at `B` while the guest dirties `D` bytes/s re-sends a geometric series,
+**Expected duration of one move** (`expected_seconds`): memory over the bandwidth of
+the fastest link to a host that can take it (where `quickest` will send it),
+stretched by how much the guest rewrites while it is copied (the change rate measured
+before the drain starts): copying `M` bytes at `B` while the guest dirties `D`
+bytes/s re-sends a geometric series,
 `M/B · 1/(1 − D/B)` in total. A guest that writes as fast as the link copies never
 converges on its own; its profile finishes or cancels it, which takes longer than
 any converging move of its size, so the ratio is capped (`MAX_DIRTY_RATIO`) and such
 moves sort first. Without a known change rate the plain `M/B` is used; without a
 known bandwidth, memory alone orders (the ratio is the same for every instance).
 Local disks are copied before memory, at the same bandwidth: they add `disk/B`.
+
+**Destination** (`quickest`): among the hosts placement accepts (room after
+reservations, compatibility, anti-affinity, handover), the one where the move should
+end soonest: a free arrival slot, then the most link bandwidth per arriving move.
 
 Moving the longest first also packs destinations well: the long moves are mostly
 the big ones, so the largest instances are placed while the most room is free.
@@ -62,6 +68,33 @@ def lpt_order(candidates: Iterable[Candidate]) -> list[str]:
     """Instance names, longest expected move first; ties: larger memory, then name."""
     ranked = sorted(candidates, key=lambda c: (-c.expected_seconds, -c.memory_bytes, c.instance))
     return [c.instance for c in ranked]
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """A destination placement accepts for an instance, as the drain weighs it."""
+
+    host: str
+    bandwidth: float | None  # bytes/s from the drained host, when known
+    arriving: int = 0  # migrations queued or running to it now
+
+
+def quickest(
+    options: Sequence[Option], per_destination: int, preferred: str | None = None
+) -> str | None:
+    """Where this instance's move should end soonest, among hosts placement accepts:
+    a host with a free arrival slot (it starts now), then the most bandwidth per move
+    (a link is shared by the moves arriving over it), then placement's own choice,
+    then the name. Placement ranks by free memory, which spreads load but may send
+    a large instance over a slow link; a drain is judged by when the host is empty."""
+
+    def key(option: Option) -> tuple[bool, float, bool, str]:
+        share = 0.0
+        if option.bandwidth is not None and option.bandwidth > 0:
+            share = option.bandwidth / (option.arriving + 1)
+        return (option.arriving >= per_destination, -share, option.host != preferred, option.host)
+
+    return min(options, key=key).host if options else None
 
 
 def inventory_order(candidates: Iterable[Candidate]) -> list[str]:

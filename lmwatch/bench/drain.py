@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m lmwatch.bench.drain",
         description="Time to empty a host: longest expected move first against inventory order.",
     )
-    parser.add_argument("--seeds", type=int, default=10, help="populations (seeds 1..N)")
+    parser.add_argument("--seeds", type=int, default=12, help="populations (seeds 1..N)")
     parser.add_argument("--first-seed", type=int, default=1)
     parser.add_argument(
         "--parallel", type=int, nargs="+", default=[2, 3], help="moves off the host at once"

@@ -9,7 +9,10 @@ host is a scheduling problem on parallel machines where the goal is the makespan
 greedy for it: it is within 4/3 of the optimum, and the failure of the naive
 (inventory) order is exactly what it avoids — a long move started last, when the
 other slots have nothing left to do, so it runs alone at the end. Starting the long
-ones first leaves the short ones to fill the gaps as slots free up.
+ones first leaves the short ones to fill the gaps as slots free up. The bound holds
+for moves that do not slow each other; moves sharing one link do, and a guest that
+only converges with a whole link to itself can then end later (docs/drain.md
+measures both).
 
 **Expected duration of one move** (`expected_seconds`): memory over the bandwidth of
 the fastest link to a host that can take it (where `quickest` will send it),

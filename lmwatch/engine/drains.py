@@ -32,7 +32,7 @@ import builtins
 import dataclasses
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lmwatch.drivers.base import DriverError, UnknownHost
 from lmwatch.errors import Conflict, Invalid, NotFound, ProblemError
@@ -52,12 +52,12 @@ MEASURE_TIMEOUT = 15.0  # seconds the change rates may take at submission
 _IN_FLIGHT = (ItemState.SUBMITTING, ItemState.MIGRATING)
 
 
-def _rejections(rejected: Any) -> str:
-    """`host: why; host: why` from a placement's rejected hosts."""
-    try:
-        return "; ".join(f"{host}: {why}" for host, why in dict(rejected).items())
-    except (TypeError, ValueError):
-        return ""
+def _unplaced(placement: Placement) -> str:
+    """Why no host can take the instance: placement's own sentence (it names every
+    rejected host), else the rejections one by one."""
+    if placement.reason:
+        return placement.reason
+    return "; ".join(f"{host}: {why}" for host, why in placement.rejected.items()) or "no host"
 
 
 def _options(placement: Placement, source: str, exclude: Sequence[str]) -> list[policy.Option]:
@@ -353,8 +353,7 @@ class Drains:
         except ProblemError as error:
             return DrainItem(instance, memory, 0.0, state=ItemState.BLOCKED, reason=error.message)
         if placement.host is None:
-            why = _rejections(placement.rejected)
-            reason = placement.reason + (f" ({why})" if why and why not in placement.reason else "")
+            reason = _unplaced(placement)
             return DrainItem(instance, memory, 0.0, state=ItemState.BLOCKED, reason=reason)
         speeds = [o.bandwidth for o in _options(placement, host, ()) if o.bandwidth]
         bandwidth = max(speeds, default=None)
@@ -531,8 +530,7 @@ class Drains:
             why = error.message
         if placement is None or placement.host is None:
             if placement is not None:
-                rejected = _rejections(placement.rejected)
-                why = placement.reason + (f" ({rejected})" if rejected else "")
+                why = _unplaced(placement)
             blocked = dataclasses.replace(item, state=ItemState.BLOCKED, reason=why)
             log.warning("drain-instance-blocked", drain=drain.id, instance=item.instance, why=why)
             drain = _with(drain, index, blocked)

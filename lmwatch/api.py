@@ -491,7 +491,7 @@ async def explain_placement(request: web.Request) -> web.Response:
     text = request.query.get("destinations")
     destinations = None
     if text is not None:
-        destinations = [part.strip() for part in text.split(",") if part.strip()]
+        destinations = [part.strip(" \t") for part in text.split(",") if part.strip(" \t")]
         if not destinations:
             raise _query_error("destinations", f"{text!r} names no host (a,b)")
     requested = request.query.get("profile") or None

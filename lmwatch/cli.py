@@ -21,6 +21,7 @@ from lmwatch.clock import Clock, WallClock
 from lmwatch.render import (
     DRAIN_HEADERS,
     MIGRATION_HEADERS,
+    PLACEMENT_HEADERS,
     PROFILE_HEADERS,
     LiveDrain,
     LiveProgress,
@@ -33,6 +34,8 @@ from lmwatch.render import (
     migration_detail,
     migration_row,
     outcome_line,
+    placement_lines,
+    placement_rows,
     profile_rows,
     timeline_entry,
     timeline_lines,
@@ -107,6 +110,13 @@ _labels = _typed(parse_labels, "label")
 _duty = _typed(_fraction, "duty")
 
 
+def _hosts(text: str) -> list[str]:
+    hosts = [part.strip() for part in text.split(",") if part.strip()]
+    if not hosts:
+        raise argparse.ArgumentTypeError(f"{text!r} names no host (a,b)")
+    return hosts
+
+
 def _merge(groups: Sequence[dict[str, str]] | None) -> dict[str, str]:
     merged: dict[str, str] = {}
     for group in groups or ():
@@ -151,10 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", parents=[api], help="start a migration")
     migrate.add_argument("instance")
     migrate.add_argument("--from", dest="source", required=True, metavar="HOST")
-    migrate.add_argument("--to", dest="destination", required=True, metavar="HOST")
+    migrate.add_argument(
+        "--to", dest="destination", metavar="HOST", help="destination (left out: lmwatch chooses)"
+    )
+    migrate.add_argument(
+        "--force",
+        action="store_true",
+        help="with --to: skip the capacity checks (never those protecting the instance)",
+    )
     migrate.add_argument("--label", "--labels", dest="labels", type=_labels, action="append")
     migrate.add_argument("--profile", help="use this profile instead of selecting one")
     migrate.add_argument("--follow", action="store_true", help="show progress until it ends")
+
+    place = commands.add_parser(
+        "place", parents=[api], help="where an instance would be moved now, and why"
+    )
+    place.add_argument("instance")
+    place.add_argument("--destinations", type=_hosts, metavar="HOST,...", help="only these hosts")
+    place.add_argument("--profile", help="use this profile instead of selecting one")
 
     status = commands.add_parser("status", parents=[api], help="list migrations or show one")
     status.add_argument("id", nargs="?", help="migration id (or its first characters)")
@@ -357,8 +381,12 @@ async def migrate_command(
         args.destination,
         labels=_merge(args.labels) or None,
         profile=args.profile,
+        force=args.force,
     )
     out.line(str(migration.get("id")))
+    placement = migration.get("placement") or {}
+    if args.destination is None and placement:
+        out.line(f"to {migration.get('destination')}: {placement.get('reason', '')}")
     if not args.follow:
         return EXIT_OK
     profile = migration.get("profile") or {}
@@ -470,6 +498,13 @@ async def explain_command(
     answer = await client.explain(args.instance, _merge(args.labels), args.uuid)
     out.lines(explain_lines(answer))
     return EXIT_OK
+
+
+async def place_command(out: Output, client: Client, args: argparse.Namespace, clock: Clock) -> int:
+    answer = await client.placement(args.instance, args.destinations, args.profile)
+    out.lines(placement_lines(answer))
+    out.table(PLACEMENT_HEADERS, placement_rows(answer))
+    return EXIT_OK if answer.get("destination") else EXIT_FAILED
 
 
 async def list_command(out: Output, client: Client, args: argparse.Namespace, clock: Clock) -> int:
@@ -586,6 +621,7 @@ async def follow_drain(
 _API_COMMANDS: dict[str, Handler] = {
     "drain": drain_command,
     "migrate": migrate_command,
+    "place": place_command,
     "status": status_command,
     "force-complete": force_complete_command,
     "cancel": cancel_command,

@@ -53,6 +53,8 @@ class Metrics:
             ["how"],
             registry=r,
         )
+        for how in ("chosen", "named", "forced"):
+            self.placements.labels(how)  # each series from zero
         self.decisions = Counter(
             "lmwatch_decisions", "Decisions taken, by action.", ["action"], registry=r
         )

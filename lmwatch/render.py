@@ -261,6 +261,9 @@ def migration_detail(migration: Json) -> list[str]:
         f"state      {migration.get('state')}",
         f"profile    {profile.get('name', '-')}: {profile.get('reason', '')}",
     ]
+    placement = migration.get("placement") or {}
+    if placement:
+        lines.append(f"placement  {placement.get('how')}: {placement.get('reason', '')}")
     labels = migration.get("labels") or {}
     if labels:
         lines.append("labels     " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())))
@@ -299,6 +302,50 @@ def decision_lines(result: Json) -> list[str]:
     if migration:
         lines.append(f"migration {migration.get('id')} is {migration.get('state')}")
     return lines
+
+
+PLACEMENT_HEADERS = ("host", "free", "reserved", "available", "link", "in/out", "verdict")
+
+
+def _size(value: Any) -> str:
+    return "-" if value is None else format_size(int(value))
+
+
+def placement_rows(answer: Json) -> list[list[str]]:
+    """One row per host considered: its figures and whether it was chosen, and why not."""
+    rows = []
+    chosen = answer.get("destination")
+    for candidate in answer.get("candidates") or []:
+        host = str(candidate.get("host", "?"))
+        count = int(candidate.get("reservations") or 0)
+        reserved = f"{_size(candidate.get('reserved'))} ({count})" if count else "-"
+        if host == chosen:
+            verdict = "chosen"
+        elif candidate.get("accepted"):
+            verdict = "fits"
+        else:
+            verdict = f"rejected: {candidate.get('reason', '')}"
+        rows.append(
+            [
+                host,
+                _size(candidate.get("free_memory")),
+                reserved,
+                _size(candidate.get("available")),
+                rate(candidate.get("bandwidth")),
+                f"{candidate.get('arriving', 0)}/{candidate.get('leaving', 0)}",
+                verdict,
+            ]
+        )
+    return rows
+
+
+def placement_lines(answer: Json) -> list[str]:
+    """The explain-placement answer: where to, and why, above the hosts' table."""
+    where = answer.get("destination") or "no host"
+    return [
+        f"{answer.get('instance')} on {answer.get('source')}: {where}",
+        f"  why: {answer.get('reason', '')}",
+    ]
 
 
 def explain_lines(answer: Json) -> list[str]:

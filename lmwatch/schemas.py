@@ -71,6 +71,12 @@ class MigrationCreate(_Request):
     model_config = ConfigDict(
         json_schema_extra={
             "x-distinct": [["source", "destination"]],
+            # force needs a named destination
+            "if": {"properties": {"force": {"const": True}}, "required": ["force"]},
+            "then": {
+                "required": ["destination"],
+                "properties": {"destination": {"type": "string"}},
+            },
             "examples": [
                 {"instance": "web-1", "source": "host-a", "destination": "host-b"},
                 {"instance": "web-1", "source": "host-a"},
@@ -1052,9 +1058,10 @@ def _paths() -> dict[str, Any]:
                         "name": "destinations",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "pattern": "[^, \\t]"},
                         "description": "Only these hosts, `a,b` (each a known host, else "
-                        "404); by default every configured host but the source.",
+                        "404; spaces and tabs around names dropped); by default every "
+                        "configured host but the source.",
                     },
                     {
                         "name": "profile",

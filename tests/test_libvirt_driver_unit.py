@@ -625,6 +625,45 @@ async def test_preflight_refusals(
     assert str(caught.value)
 
 
+async def test_force_skips_the_free_memory_check_only(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    _too_small(cloud)
+    with pytest.raises(InsufficientResources):
+        await driver.preflight(REQ)
+    info = await driver.preflight(dataclasses.replace(REQ, force=True))
+    assert info.name == "vm1"
+    _hostdev(cloud)
+    with pytest.raises(Incompatible):
+        await driver.preflight(dataclasses.replace(REQ, force=True))
+
+
+async def test_host_info_reports_free_memory_and_running_instances(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    cloud.hosts["a"].free = 3 * 1024**3
+    cloud.hosts["a"].add("vm2", uuid="6c6d7761-0000-4000-8000-000000000002", max_kib=2048)
+    cloud.hosts["a"].add(
+        "off", uuid="6c6d7761-0000-4000-8000-000000000003", state=(C.VIR_DOMAIN_SHUTOFF, 1)
+    )
+    info = await driver.host_info("a")
+    assert info.name == "a" and info.free_memory == 3 * 1024**3
+    found = {i.name: i for i in info.instances}
+    assert set(found) == {"vm1", "vm2"}  # running ones only
+    assert found["vm1"].labels["tier"] == "database"
+    assert found["vm2"].memory_bytes == 2048 * 1024 and found["vm2"].host == "a"
+    # what a running job of ours to b copied so far is already reserved by the engine
+    await driver.start("m1", REQ, PLAN)
+    job = driver._jobs["m1"]
+    job.memory_bytes, job.transferred_seen = 128 * MIB, 300 * MIB  # passes re-send pages
+    assert (await driver.host_info("b")).free_memory == cloud.hosts["b"].free + 128 * MIB
+    cloud.hosts["b"].up = False
+    with pytest.raises(HostUnreachable):
+        await driver.host_info("b")
+    with pytest.raises(UnknownHost):
+        await driver.host_info("z")
+
+
 @pytest.mark.parametrize(
     ("arrange", "says"),
     [

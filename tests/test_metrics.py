@@ -93,3 +93,9 @@ def test_the_limits_of_the_profiles_in_force_are_exposed_and_replaced_on_reload(
     path.write_text(GOOD)
     assert registry.try_reload().ok
     assert limits() == {("default", "max_blackout"): 0.3}
+
+
+def test_placements_are_exported_from_zero_for_each_way() -> None:
+    text = Metrics().render().decode()
+    for how in ("chosen", "named", "forced"):
+        assert f'lmwatch_placements_total{{how="{how}"}} 0.0' in text

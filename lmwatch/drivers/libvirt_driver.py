@@ -459,7 +459,11 @@ class LibvirtDriver:
         return self._info(src, dom)
 
     async def host_info(self, host: str) -> HostInfo:
-        """Free memory as the host reports it, and the instances running there."""
+        """Free memory as the host reports it, and the instances running there.
+
+        An incoming migration takes memory on the host as its pages arrive, while the
+        engine reserves all of it from acceptance on: what lmwatch's own running jobs
+        to this host have copied so far is added back, so it is not counted twice."""
         lv = self._lv
         self._link(host)
         await self._require_reachable(host)
@@ -483,6 +487,11 @@ class LibvirtDriver:
             return free, doms
 
         free, doms = await self._link(host).call(read, what="host resources")
+        free += sum(
+            min(job.memory_bytes, job.transferred_seen)
+            for job in self._jobs.values()
+            if job.destination == host and job.result is None
+        )
         return HostInfo(
             name=host, free_memory=free, instances=tuple(self._info(host, d) for d in doms)
         )

@@ -158,10 +158,15 @@ def choose(
 
     `per_destination` is the engine's limit of migrations arriving at one host at once;
     `exclude` lists hosts never to choose (the source is never chosen either)."""
-    seen = tuple(c for c in candidates if c.host != need.source and c.host not in exclude)
+    seen = tuple(
+        sorted(
+            (c for c in candidates if c.host != need.source and c.host not in exclude),
+            key=lambda c: c.host,
+        )
+    )
     rejected: dict[str, str] = {}
     fit: list[Candidate] = []
-    for candidate in sorted(seen, key=lambda c: c.host):
+    for candidate in seen:
         why = rejection(need, candidate, forced=forced)
         if why is None:
             fit.append(candidate)

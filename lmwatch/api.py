@@ -398,7 +398,7 @@ def drain_out(engine: Engine, drain: DrainRecord) -> schemas.Drain:
                 destination=item.destination,
                 migration_state=None if record is None else record.state,
                 progress=fraction(item, record),
-                eta_seconds=item_eta(item, record),
+                eta_seconds=item_eta(item, record, engine.clock.now()),
                 expected_seconds=item.expected_seconds,
                 memory_bytes=item.memory_bytes,
                 attempts=[schemas.DrainAttempt(destination=d, reason=r) for d, r in item.attempts],

@@ -404,8 +404,9 @@ class DrainEntry(_Response):
     migration_state: State | None = Field(description="State of that migration.")
     progress: float = Field(ge=0, le=1, description="Fraction of its memory copied (1: moved).")
     eta_seconds: float | None = Field(
-        description="Seconds until its move ends: the migration's prediction while it runs, "
-        "the expected duration before; null when it will not finish on its own."
+        description="Seconds until its move ends: the migration's prediction while it runs "
+        "(its deadline when it will not finish on its own), the expected duration before; "
+        "null when nothing says."
     )
     expected_seconds: float = Field(description="Expected duration of its move (the ordering).")
     memory_bytes: int
@@ -437,7 +438,7 @@ class Drain(_Response):
     )
     eta_seconds: float | None = Field(
         description="Seconds until the host is empty (parallel moves taken into account); "
-        "null when a running migration will not finish on its own."
+        "null when a running migration will not finish on its own and has no deadline."
     )
     instances: list[DrainEntry]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,35 @@ async def test_drain_metrics(rig: Rig) -> None:
     text = rig.metrics.render().decode()
     assert "lmwatch_drains_active 0.0" in text
     assert drain.id not in text
+
+
+def test_an_instance_eta_falls_back_to_its_deadline() -> None:
+    from lmwatch.engine.drains import eta
+    from lmwatch.model import State
+    from lmwatch.store import DrainItem, MigrationRecord
+
+    item = DrainItem("x", GIB, 12.0, state=ItemState.MIGRATING, migration_id="m")
+    record = MigrationRecord(
+        id="m",
+        instance="x",
+        source="src",
+        destination="b",
+        labels={},
+        requested_profile=None,
+        profile_name="default",
+        profile_reason="",
+        profile={},
+        memory_bytes=GIB,
+        state=State.QUEUED,
+        created_at=100.0,
+        deadline_at=400.0,
+    )
+    assert eta(item, record, 150.0) == 12.0  # not started: the expected duration
+    running = dataclasses.replace(
+        record, state=State.COPYING, progress={"prediction": {"eta_seconds": 7.5}}
+    )
+    assert eta(item, running, 150.0) == 7.5
+    hopeless = dataclasses.replace(running, progress={"prediction": {"eta_seconds": None}})
+    assert eta(item, hopeless, 150.0) == 250.0  # its profile acts by the deadline
+    assert eta(item, dataclasses.replace(hopeless, deadline_at=None), 150.0) is None
+    assert eta(dataclasses.replace(item, state=ItemState.MOVED), hopeless, 150.0) == 0.0

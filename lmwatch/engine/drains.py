@@ -86,19 +86,22 @@ def fraction(item: DrainItem, record: MigrationRecord | None) -> float:
     return 0.0 if total <= 0 else min(1.0, max(0.0, (total - remaining) / total))
 
 
-def eta(item: DrainItem, record: MigrationRecord | None) -> float | None:
+def eta(item: DrainItem, record: MigrationRecord | None, now: float) -> float | None:
     """Seconds until this instance's move ends: the migration's own prediction while it
-    runs (None: it will not finish on its own), the expected duration before."""
+    runs; when that says it will not finish on its own, its deadline (its profile acts
+    by then); the expected duration before it runs. None: nothing says."""
     if item.state.finished:
         return 0.0
     if record is None or record.state is State.QUEUED or not record.progress:
         return item.expected_seconds
     prediction = record.progress.get("prediction") or {}
     value = prediction.get("eta_seconds")
-    if value is None:
-        return None
-    number = float(value)
-    return number if number == number and number != float("inf") else None
+    number = None if value is None else float(value)
+    if number is not None and number == number and number != float("inf"):
+        return number
+    if record.deadline_at is not None:
+        return max(0.0, record.deadline_at - now)
+    return None
 
 
 class Drains:
@@ -190,14 +193,14 @@ class Drains:
 
     def eta(self, drain: DrainRecord) -> float | None:
         """Seconds until the host is empty, when it can be told (None: a migration
-        under way will not finish on its own, or the drain cannot finish)."""
+        under way will not finish on its own and has no deadline)."""
         if drain.state.finished:
             return 0.0
         running: list[float] = []
         queued: list[float] = []
         for item in drain.items:
             if item.state in _IN_FLIGHT:
-                left = eta(item, self.migration(item))
+                left = eta(item, self.migration(item), self.engine.clock.now())
                 if left is None:
                     return None
                 running.append(left)

@@ -302,3 +302,29 @@ def test_an_instance_eta_falls_back_to_its_deadline() -> None:
     assert eta(item, hopeless, 150.0) == 250.0  # its profile acts by the deadline
     assert eta(item, dataclasses.replace(hopeless, deadline_at=None), 150.0) is None
     assert eta(dataclasses.replace(item, state=ItemState.MOVED), hopeless, 150.0) == 0.0
+
+
+async def test_a_restart_between_choice_and_answer_adopts_the_same_migration(
+    tmp_path: Path,
+) -> None:
+    """The drain recorded its choice (submitting) and the engine accepted the migration,
+    but the daemon died before the drain wrote it down: the restart asks again with the
+    same key and gets that migration back, never a second one."""
+    from lmwatch.model import MigrationRequest
+
+    rig = Rig(tmp_path)
+    await rig.engine.start()
+    drain = await rig.engine.drains.submit("src", ["b"])
+    await rig.engine.stop()  # before its first step: every instance still pending
+    first = drain.items[0]
+    key = f"drain-{drain.id}-{first.instance}-0"
+    rig.engine = rig.new_engine()
+    record, _ = await rig.engine.submit(MigrationRequest(first.instance, "src", "b"), key)
+    submitting = dataclasses.replace(first, state=ItemState.SUBMITTING, destination="b")
+    assert rig.store.update_drain(dataclasses.replace(drain, items=(submitting, *drain.items[1:])))
+    await rig.engine.start()
+    done = await rig.until_done(drain.id)
+    assert done.state is DrainState.COMPLETED
+    assert done.items[0].migration_id == record.id
+    assert [r.id for r in rig.store.list() if r.instance == first.instance] == [record.id]
+    await rig.engine.stop()

@@ -171,3 +171,43 @@ async def test_drain_refusals_and_usage(api: Api) -> None:
     assert nothing.code == 2
     both = await api.run("drain", "a", "--cancel", "x")
     assert both.code == 2
+
+
+def test_the_live_view_on_a_terminal_draws_a_line_per_instance_and_a_total() -> None:
+    from lmwatch.render import LiveDrain, Output
+
+    sink = io.StringIO()
+    out = Output(sink, terminal=True)
+    drain = {
+        "host": "a",
+        "state": "running",
+        "instances_total": 2,
+        "instances_moved": 1,
+        "blocked": [],
+        "eta_seconds": 42.0,
+        "instances": [
+            {
+                "instance": "one",
+                "state": "moved",
+                "progress": 1.0,
+                "destination": "b",
+                "migration_id": "m1",
+                "reason": "moved to b",
+            },
+            {
+                "instance": "two",
+                "state": "migrating",
+                "progress": 0.5,
+                "destination": "b",
+                "migration_id": "m2",
+                "migration_state": "copying",
+                "eta_seconds": 40.0,
+                "reason": "",
+            },
+        ],
+    }
+    with LiveDrain(out) as live:
+        live.update(drain)
+    text = sink.getvalue()
+    assert "one" in text and "two" in text and "50%" in text
+    assert "1/2 moved" in text and "total" in text

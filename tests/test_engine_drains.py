@@ -328,3 +328,26 @@ async def test_a_restart_between_choice_and_answer_adopts_the_same_migration(
     assert done.items[0].migration_id == record.id
     assert [r.id for r in rig.store.list() if r.instance == first.instance] == [record.id]
     await rig.engine.stop()
+
+
+async def test_a_store_that_refuses_for_a_while_delays_the_drain_without_failing_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmwatch.errors import StoreUnavailable
+
+    drain = await rig.engine.drains.submit("src")  # accepted while the store was fine
+    effects = rig.engine._effects
+    real = effects.refuse_unless_writable
+    refusals = {"left": 3}
+
+    def flaky() -> None:
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise StoreUnavailable("the store cannot be written: disk full; retry later")
+        real()
+
+    monkeypatch.setattr(effects, "refuse_unless_writable", flaky)
+    done = await rig.until_done(drain.id)
+    assert refusals["left"] == 0
+    assert done.state is DrainState.COMPLETED
+    assert {i.state for i in done.items} == {ItemState.MOVED}

@@ -99,6 +99,7 @@ def test_to_submit_fills_only_the_free_slots() -> None:
         ("not-on-source", "runs on host-c", drain.LEFT_HOST),
         ("unknown-instance", "no instance named x", drain.GIVE_UP),
         ("invalid", "no profile named p", drain.GIVE_UP),
+        ("store-unavailable", "the store cannot be written", drain.WAIT),
     ],
 )
 def test_on_refusal(kind: str, message: str, then: str) -> None:

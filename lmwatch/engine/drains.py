@@ -18,6 +18,12 @@ a migration that fails there is tried on another host (up to `MAX_ATTEMPTS` host
 a migration its profile cancelled is not: it could not finish within bounds, and the
 drain reports that instance as failed.
 
+Each instance's expected move counts the change rate its guest shows at submission
+(measured for all at once) and the fastest link to a host that can take it; it is
+sent, at its turn, to the host among those placement accepts where it should end
+soonest. A migration that ends wakes the drains at once, so a free slot is used
+without waiting for the next poll.
+
 Durable: the drain is in the store before it is acknowledged, and every change of an
 instance's entry is written. The destination is recorded before the engine is asked,
 and the engine is asked with an Idempotency-Key derived from the drain, the instance
@@ -605,6 +611,8 @@ class Drains:
             then=what,
             why=message,
         )
+        if what == policy.WAIT:
+            return item  # still submitting: the next round asks again, same key
         if what == policy.LEFT_HOST:
             return dataclasses.replace(
                 item, state=ItemState.MOVED, reason=f"no longer on {drain.host}: {message}"

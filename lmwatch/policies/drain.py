@@ -148,6 +148,7 @@ RETRY_ELSEWHERE = "retry-elsewhere"  # this destination cannot take it; try anot
 LEFT_HOST = "left-host"  # it no longer runs on the drained host: nothing to do
 ADOPT = "adopt"  # it is already migrating: follow that migration
 GIVE_UP = "give-up"  # it cannot be moved at all (the reason says why)
+WAIT = "wait"  # lmwatch cannot take it now (its store): ask again at the next round
 
 # Problem kinds (lmwatch.errors, drivers.base) a refused submission may carry.
 _DESTINATION_KINDS = frozenset(
@@ -170,6 +171,8 @@ def on_refusal(kind: str, message: str) -> str:
     to the destination placement chose, by the refusal's problem kind."""
     if kind == "not-on-source":
         return LEFT_HOST
+    if kind in ("store-unavailable", "store-error"):
+        return WAIT
     if kind == "conflict" and "already migrating" in message:
         return ADOPT
     if kind in _DESTINATION_KINDS or kind == "conflict":

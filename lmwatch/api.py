@@ -403,6 +403,7 @@ def drain_out(engine: Engine, drain: DrainRecord) -> schemas.Drain:
                 memory_bytes=item.memory_bytes,
                 attempts=[schemas.DrainAttempt(destination=d, reason=r) for d, r in item.attempts],
                 reason=item.reason,
+                warning=item.warning,
             )
         )
     moved = sum(1 for i in drain.items if i.state is ItemState.MOVED)
@@ -419,6 +420,7 @@ def drain_out(engine: Engine, drain: DrainRecord) -> schemas.Drain:
         instances_moved=moved,
         instances_remaining=len(drain.items) - moved,
         blocked=[i.instance for i in drain.items if i.state is ItemState.BLOCKED],
+        at_risk=[i.instance for i in drain.items if i.warning and i.state is ItemState.PENDING],
         eta_seconds=drains.eta(drain),
         instances=entries,
     )

@@ -578,6 +578,8 @@ async def drain_command(out: Output, client: Client, args: argparse.Namespace, c
     for entry in drain.get("instances") or []:
         if entry.get("state") == "blocked":
             out.line(f"blocked: {entry.get('instance')}: {entry.get('reason', '')}")
+        elif entry.get("warning"):
+            out.line(f"at risk: {entry.get('instance')}: {entry['warning']}")
     if not args.follow:
         if drain.get("state") in _DRAIN_FINISHED:
             out.line(drain_total_line(drain) + f" ({drain.get('reason', '')})")

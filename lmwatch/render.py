@@ -511,6 +511,8 @@ def drain_entry_line(entry: Json) -> str:
         parts.append(f"ETA {_eta_seconds(entry.get('eta_seconds'))}")
     if state in ("blocked", "failed") or (state == "moved" and not entry.get("migration_id")):
         parts.append(f"- {entry.get('reason', '')}")
+    elif state == "pending" and entry.get("warning"):
+        parts.append(f"- at risk: {entry['warning']}")
     return "  ".join(parts)
 
 
@@ -519,6 +521,8 @@ def drain_total_line(drain: Json) -> str:
     text = f"drain {drain.get('host')}: {drain.get('state')}, {moved}/{total} moved"
     if drain.get("blocked"):
         text += f", blocked: {', '.join(drain['blocked'])}"
+    if drain.get("at_risk"):
+        text += f", at risk: {', '.join(drain['at_risk'])}"
     if drain.get("state") not in _DRAIN_DONE:
         text += f", empty in {_eta_seconds(drain.get('eta_seconds'))}"
     return text

@@ -412,6 +412,10 @@ class DrainEntry(_Response):
     memory_bytes: int
     attempts: list[DrainAttempt] = Field(description="Destinations tried before, and why not.")
     reason: str = Field(description="What happened to it last, in words.")
+    warning: str = Field(
+        description="Said at submission: why it may find no room at its turn (the hosts' "
+        "room once the instances before it are placed); empty when none. It is still tried."
+    )
 
 
 class Drain(_Response):
@@ -435,6 +439,10 @@ class Drain(_Response):
     blocked: list[str] = Field(
         description="Instances that cannot leave (no host can take them, or they cannot "
         "move); known at submission for those no host can take now."
+    )
+    at_risk: list[str] = Field(
+        description="Instances not started yet that will likely find no room once those "
+        "before them are placed (each entry's `warning` says why); still tried."
     )
     eta_seconds: float | None = Field(
         description="Seconds until the host is empty (parallel moves taken into account); "

@@ -293,6 +293,7 @@ class DrainItem:
     destination: str | None = None
     attempts: tuple[tuple[str, str], ...] = ()  # (destination, why it did not move there)
     reason: str = ""  # the last thing that happened to it, in words
+    warning: str = ""  # said at submission: why it may not find room at its turn
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -304,6 +305,7 @@ class DrainItem:
             "destination": self.destination,
             "attempts": [list(a) for a in self.attempts],
             "reason": self.reason,
+            "warning": self.warning,
         }
 
     @classmethod
@@ -317,6 +319,7 @@ class DrainItem:
             destination=data.get("destination"),
             attempts=tuple((str(d), str(r)) for d, r in data.get("attempts", ())),
             reason=str(data.get("reason", "")),
+            warning=str(data.get("warning", "")),
         )
 
 

@@ -171,7 +171,11 @@ async def test_bad_drains_are_refused_and_change_nothing(rig: Rig) -> None:
 
 async def test_destinations_limit_where_instances_go(rig: Rig) -> None:
     drain = await rig.engine.drains.submit("src", ["c"])
-    # c has room for 24 GiB: q4 (16) fits, then q2 (8); the rest cannot follow.
+    # c has room for 24 GiB: q4 (16) fits, then q2 (8); the rest cannot follow, and
+    # the drain says so at submission already.
+    warned = {i.instance for i in drain.items if i.warning}
+    assert warned == {"q3", "q1", "q5"}
+    assert all("likely no room" in i.warning for i in drain.items if i.warning)
     done = await rig.until_done(drain.id)
     assert {i.destination for i in done.items if i.state is ItemState.MOVED} == {"c"}
     moved = sum(i.memory_bytes for i in done.items if i.state is ItemState.MOVED)

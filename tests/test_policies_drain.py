@@ -137,3 +137,22 @@ def test_quickest_prefers_a_free_slot_then_bandwidth_per_move() -> None:
 def test_inventory_order_keeps_the_given_order() -> None:
     given = [Candidate("b", 1.0), Candidate("a", 9.0), Candidate("c", 5.0)]
     assert drain.inventory_order(given) == ["b", "a", "c"]
+
+
+def test_shortfall_places_in_order_and_names_what_will_not_fit() -> None:
+    room: dict[str, dict[str, int | None]] = {
+        "big": {"b": 24 * GIB, "c": 10 * GIB},
+        "mid": {"b": 24 * GIB, "c": 10 * GIB},
+        "small": {"b": 24 * GIB, "c": 10 * GIB},
+        "last": {"c": 10 * GIB},
+    }
+    needs = [("big", 16 * GIB), ("mid", 8 * GIB), ("small", 4 * GIB), ("last", 4 * GIB)]
+    # big -> b (8 left); mid -> c (the most room left: 10 against 8; 2 left); small ->
+    # b (4 left); last fits only on c, which has 2 left: short.
+    short = drain.shortfall(needs, room)
+    assert list(short) == ["last"]
+    assert "c 2.0GiB" in short["last"] and "needs 4.0GiB" in short["last"]
+    # Hosts that do not say how much room they have never make anything short.
+    assert drain.shortfall([("x", 64 * GIB)], {"x": {"b": None}}) == {}
+    # An instance placement accepts nowhere is not this function's to report.
+    assert drain.shortfall([("x", GIB)], {}) == {}

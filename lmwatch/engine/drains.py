@@ -269,15 +269,23 @@ class Drains:
                     raise Conflict(f"host {host} is already draining (drain {other.id})")
             running = await engine.driver.instances_on(host)
             rates = await self._change_rates(host, [info.name for info in running])
-            items = [
-                await self._plan(host, info, rates.get(info.name), wanted, profile)
-                for info in running
-            ]
+            items: list[DrainItem] = []
+            room: dict[str, dict[str, int | None]] = {}
+            for info in running:
+                item, accepting = await self._plan(
+                    host, info, rates.get(info.name), wanted, profile
+                )
+                items.append(item)
+                room[info.name] = accepting
             movable = [i for i in items if i.state is not ItemState.BLOCKED]
             order = self.order(
                 policy.Candidate(i.instance, i.expected_seconds, i.memory_bytes) for i in movable
             )
             by_name = {i.instance: i for i in movable}
+            pending = [by_name[n] for n in order if by_name[n].state is ItemState.PENDING]
+            short = policy.shortfall([(i.instance, i.memory_bytes) for i in pending], room)
+            for name, why in short.items():
+                by_name[name] = dataclasses.replace(by_name[name], warning=why)
             ordered = tuple(
                 [by_name[name] for name in order]
                 + [i for i in items if i.state is ItemState.BLOCKED]
@@ -339,16 +347,17 @@ class Drains:
         change_rate: float | None,
         destinations: Sequence[str] | None,
         profile: str | None,
-    ) -> DrainItem:
+    ) -> tuple[DrainItem, dict[str, int | None]]:
         """An instance's entry at submission: blocked (and why) when no host can take
-        it now, else its expected move duration to where placement would put it."""
+        it now, else its expected move duration to where placement would put it; and
+        the room each accepting host has for it (bytes after reservations)."""
         instance = info.name
         memory = int(info.memory_bytes)
         disk = info.local_disk_bytes
         active = self.engine.store.active_for_instance(instance)
         if active is not None:  # already leaving: the drain follows that migration
             expected = policy.expected_seconds(memory, None, None, disk)
-            return DrainItem(
+            following = DrainItem(
                 instance,
                 memory,
                 expected,
@@ -357,17 +366,27 @@ class Drains:
                 destination=active.destination,
                 reason=f"already migrating to {active.destination} (migration {active.id})",
             )
+            return following, {}
         try:
             placement = await self._place(instance, host, destinations, (), profile)
         except ProblemError as error:
-            return DrainItem(instance, memory, 0.0, state=ItemState.BLOCKED, reason=error.message)
+            blocked = DrainItem(
+                instance, memory, 0.0, state=ItemState.BLOCKED, reason=error.message
+            )
+            return blocked, {}
         if placement.host is None:
             reason = _unplaced(placement)
-            return DrainItem(instance, memory, 0.0, state=ItemState.BLOCKED, reason=reason)
+            return DrainItem(instance, memory, 0.0, state=ItemState.BLOCKED, reason=reason), {}
         speeds = [o.bandwidth for o in _options(placement, host, ()) if o.bandwidth]
         bandwidth = max(speeds, default=None)
         expected = policy.expected_seconds(memory, bandwidth, change_rate, disk)
-        return DrainItem(instance, memory, expected, reason=f"waiting; {placement.reason}")
+        accepting = {
+            c.host: c.available
+            for c in placement.candidates
+            if c.host != host and c.host not in placement.rejected
+        }
+        item = DrainItem(instance, memory, expected, reason=f"waiting; {placement.reason}")
+        return item, accepting
 
     async def cancel(self, drain_id: str) -> DrainRecord:
         """Start nothing more; migrations under way finish or end as their profiles say."""
@@ -585,6 +604,7 @@ class Drains:
                 state=ItemState.MIGRATING,
                 migration_id=record.id,
                 reason=f"migrating to {item.destination} (migration {record.id})",
+                warning="",
             )
             log.info(
                 "drain-migration",

@@ -37,8 +37,10 @@ the big ones, so the largest instances are placed while the most room is free.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from lmwatch.units import format_size
 
 MAX_DIRTY_RATIO = 0.9  # beyond this the guest is treated as never converging on its own
 UNKNOWN_BANDWIDTH = 1.25e9  # bytes/s used when nothing says how fast a link is (10 Gbit/s)
@@ -98,6 +100,39 @@ def quickest(
         return (option.arriving >= per_destination, -share, option.host != preferred, option.host)
 
     return min(options, key=key).host if options else None
+
+
+def shortfall(
+    needs: Sequence[tuple[str, int]], room: Mapping[str, Mapping[str, int | None]]
+) -> dict[str, str]:
+    """Instances that will likely find no room once those before them are placed:
+    each instance (in drain order, with its memory) takes the accepting host with the
+    most room left (`room[instance][host]`: bytes free after reservations, None when
+    the host does not say, counted as enough). Instance -> why, for those that do not
+    fit. An estimate at submission, not a verdict: each is still tried at its turn."""
+    used: dict[str, int] = {}
+    short: dict[str, str] = {}
+    for instance, memory in needs:
+        hosts = room.get(instance, {})
+        best: str | None = None
+        best_left = -1.0
+        for host, available in sorted(hosts.items()):
+            left = float("inf") if available is None else available - used.get(host, 0)
+            if left >= memory and left > best_left:
+                best, best_left = host, left
+        if best is None:
+            if hosts:
+                figures = ", ".join(
+                    f"{host} {format_size(max(0, (free or 0) - used.get(host, 0)))}"
+                    for host, free in sorted(hosts.items())
+                )
+                short[instance] = (
+                    f"likely no room once the instances before it are placed "
+                    f"(left: {figures}; it needs {format_size(memory)})"
+                )
+            continue
+        used[best] = used.get(best, 0) + memory
+    return short
 
 
 def inventory_order(candidates: Iterable[Candidate]) -> list[str]:

@@ -19,12 +19,17 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lmwatch.clock import Clock, WallClock
 from lmwatch.render import (
+    DRAIN_HEADERS,
     MIGRATION_HEADERS,
     PLACEMENT_HEADERS,
     PROFILE_HEADERS,
+    LiveDrain,
     LiveProgress,
     Output,
     decision_lines,
+    drain_detail,
+    drain_row,
+    drain_total_line,
     explain_lines,
     migration_detail,
     migration_row,
@@ -189,6 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", parents=[api], help="stop a migration")
     cancel.add_argument("id")
+
+    drain = commands.add_parser(
+        "drain",
+        parents=[api],
+        help="move every instance off a host (or: --status [ID], --cancel ID)",
+    )
+    drain.add_argument("host", nargs="?", help="host to empty")
+    drain.add_argument(
+        "--destinations",
+        "--to",
+        dest="destinations",
+        nargs="+",
+        metavar="HOST",
+        help="only these hosts may receive its instances (default: lmwatch chooses)",
+    )
+    drain.add_argument("--profile", help="use this profile for every migration of the drain")
+    drain.add_argument(
+        "--follow", action="store_true", help="one live line per instance and a total, until done"
+    )
+    drain.add_argument(
+        "--status",
+        nargs="?",
+        const="",
+        metavar="ID",
+        help="list drains, or show one (id or its first characters)",
+    )
+    drain.add_argument("--cancel", metavar="ID", help="start nothing more for this drain")
 
     profiles = commands.add_parser("profiles", help="availability profiles")
     profile_commands = profiles.add_subparsers(dest="profiles_command", required=True)
@@ -486,7 +518,112 @@ async def list_command(out: Output, client: Client, args: argparse.Namespace, cl
     return EXIT_OK
 
 
+async def _find_drain(client: Client, drain_id: str) -> dict[str, Any]:
+    """A drain by full id, or by an unambiguous prefix of it."""
+    from lmwatch.client import ApiError
+
+    try:
+        return await client.get_drain(drain_id)
+    except ApiError as error:
+        if error.status != 404:
+            raise
+        matches = [d for d in await client.drains() if str(d.get("id", "")).startswith(drain_id)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ApiError(
+                404, f"{drain_id!r} is ambiguous", f"it starts {len(matches)} drain ids"
+            ) from error
+        raise
+
+
+def _split_hosts(values: Sequence[str] | None) -> list[str] | None:
+    """`--destinations b c` or `--destinations b,c`."""
+    if not values:
+        return None
+    return [host for value in values for host in value.split(",") if host.strip()]
+
+
+async def drain_command(out: Output, client: Client, args: argparse.Namespace, clock: Clock) -> int:
+    chosen = [
+        name
+        for name, given in (
+            ("HOST", args.host),
+            ("--status", args.status is not None),
+            ("--cancel", args.cancel),
+        )
+        if given
+    ]
+    if len(chosen) != 1:
+        out.error("give exactly one of HOST, --status [ID] or --cancel ID")
+        return EXIT_USAGE
+    if args.cancel:
+        found = await _find_drain(client, args.cancel)
+        drain = await client.cancel_drain(str(found["id"]))
+        out.line(f"drain {drain.get('id')} {drain.get('state')}: {drain.get('reason', '')}")
+        return EXIT_OK
+    if args.status is not None:
+        if not args.status:
+            drains = await client.drains()
+            if not drains:
+                out.line("no drains")
+                return EXIT_OK
+            out.table(DRAIN_HEADERS, [drain_row(d) for d in drains])
+            return EXIT_OK
+        drain = await _find_drain(client, args.status)
+        if args.follow:
+            return await follow_drain(out, client, str(drain["id"]), clock)
+        out.lines(drain_detail(drain))
+        return EXIT_OK
+    drain = await client.drain(args.host, _split_hosts(args.destinations), args.profile)
+    out.line(str(drain.get("id")))
+    for entry in drain.get("instances") or []:
+        if entry.get("state") == "blocked":
+            out.line(f"blocked: {entry.get('instance')}: {entry.get('reason', '')}")
+        elif entry.get("warning"):
+            out.line(f"at risk: {entry.get('instance')}: {entry['warning']}")
+    if not args.follow:
+        if drain.get("state") in _DRAIN_FINISHED:
+            out.line(drain_total_line(drain) + f" ({drain.get('reason', '')})")
+        return EXIT_OK if drain.get("state") != "failed" else EXIT_FAILED
+    return await follow_drain(out, client, str(drain["id"]), clock)
+
+
+_DRAIN_FINISHED = ("completed", "failed", "cancelled")
+
+
+async def follow_drain(
+    out: Output,
+    client: Client,
+    drain_id: str,
+    clock: Clock,
+    interval: float = FOLLOW_INTERVAL,
+) -> int:
+    """Poll a drain until it ends: a live line per instance and a total."""
+    from lmwatch.client import ApiError
+
+    unreachable = 0
+    with LiveDrain(out) as live:
+        while True:
+            try:
+                drain = await client.get_drain(drain_id)
+            except ApiError as error:
+                if error.status != 0 or unreachable >= FOLLOW_RETRIES:
+                    raise
+                unreachable += 1
+                await clock.sleep(interval)
+                continue
+            unreachable = 0
+            live.update(drain)
+            if drain.get("state") in _DRAIN_FINISHED:
+                break
+            await clock.sleep(interval)
+    out.line(f"drain {drain.get('state')}: {drain.get('reason', '')}")
+    return EXIT_OK if drain.get("state") == "completed" else EXIT_FAILED
+
+
 _API_COMMANDS: dict[str, Handler] = {
+    "drain": drain_command,
     "migrate": migrate_command,
     "place": place_command,
     "status": status_command,

@@ -155,6 +155,36 @@ class Client:
         )
         return result
 
+    # -- drains -----------------------------------------------------------------
+
+    async def drain(
+        self,
+        host: str,
+        destinations: list[str] | None = None,
+        profile: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"host": host}
+        if destinations:
+            body["destinations"] = destinations
+        if profile:
+            body["profile"] = profile
+        result: dict[str, Any] = await self.request("POST", "/v1/drains", body)
+        return result
+
+    async def drains(self) -> list[dict[str, Any]]:
+        data = await self.request("GET", "/v1/drains")
+        return list(data.get("drains", [])) if isinstance(data, dict) else []
+
+    async def get_drain(self, drain_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("GET", f"/v1/drains/{_seg(drain_id)}")
+        return result
+
+    async def cancel_drain(self, drain_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            "POST", f"/v1/drains/{_seg(drain_id)}/cancel", {}
+        )
+        return result
+
     # -- profiles ---------------------------------------------------------------
 
     async def profiles(self) -> Any:

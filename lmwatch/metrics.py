@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -150,6 +151,16 @@ class Metrics:
             "Writes to the store that failed (each is kept and retried).",
             registry=r,
         )
+        self.drains_active = Gauge(
+            "lmwatch_drains_active", "Drains moving instances off a host now.", registry=r
+        )
+        self.drain_instances = Gauge(
+            "lmwatch_drain_instances",
+            "Instances of each unfinished drain, by drain id, drained host and state "
+            "(pending, submitting, migrating, moved, blocked, failed, cancelled).",
+            ["drain", "host", "state"],
+            registry=r,
+        )
         self.poll_lag = Histogram(
             "lmwatch_supervisor_poll_lag_seconds",
             "How late the supervisor polled a migration compared with its schedule.",
@@ -210,6 +221,14 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
+
+    def drains(self, active: int, instances: Mapping[tuple[str, str, str], int]) -> None:
+        """The unfinished drains now: how many, and their instances by (drain, host,
+        state); a finished drain's series go."""
+        self.drains_active.set(active)
+        self.drain_instances.clear()
+        for (drain, host, state), count in instances.items():
+            self.drain_instances.labels(drain, host, state).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -507,3 +507,142 @@ def live_view(migration: Json) -> Group:
     )
     details = progress_line(migration).split("  ", 2)[-1] if progress else ""
     return Group(top, Text(details))
+
+
+# -- drains ----------------------------------------------------------------------------
+
+DRAIN_HEADERS = ("ID", "HOST", "STATE", "MOVED", "BLOCKED", "ETA", "CREATED")
+_DRAIN_DONE = ("completed", "failed", "cancelled")
+
+
+def _eta_seconds(value: Any) -> str:
+    return "-" if value is None else format_duration(float(value))
+
+
+def drain_row(drain: Json) -> list[str]:
+    created = seconds_of(drain.get("created_at"))
+    when = datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M:%S") if created else "-"
+    return [
+        short_id(str(drain.get("id", ""))),
+        str(drain.get("host", "")),
+        str(drain.get("state", "")),
+        f"{drain.get('instances_moved', 0)}/{drain.get('instances_total', 0)}",
+        ", ".join(drain.get("blocked") or []) or "-",
+        "-" if drain.get("state") in _DRAIN_DONE else _eta_seconds(drain.get("eta_seconds")),
+        when,
+    ]
+
+
+def drain_entry_line(entry: Json) -> str:
+    """One instance of a drain: `name  state  NN%  -> destination  ETA  reason`."""
+    state = str(entry.get("state", "?"))
+    parts = [str(entry.get("instance", "?")), state]
+    if state in ("migrating", "submitting"):
+        parts.append(f"{100 * float(entry.get('progress') or 0):.0f}%")
+        if entry.get("migration_state"):
+            parts.append(f"({entry['migration_state']})")
+    if entry.get("destination"):
+        parts.append(f"-> {entry['destination']}")
+    if state in ("pending", "migrating", "submitting"):
+        parts.append(f"ETA {_eta_seconds(entry.get('eta_seconds'))}")
+    if state in ("blocked", "failed") or (state == "moved" and not entry.get("migration_id")):
+        parts.append(f"- {entry.get('reason', '')}")
+    elif state == "pending" and entry.get("warning"):
+        parts.append(f"- at risk: {entry['warning']}")
+    return "  ".join(parts)
+
+
+def drain_total_line(drain: Json) -> str:
+    moved, total = drain.get("instances_moved", 0), drain.get("instances_total", 0)
+    text = f"drain {drain.get('host')}: {drain.get('state')}, {moved}/{total} moved"
+    if drain.get("blocked"):
+        text += f", blocked: {', '.join(drain['blocked'])}"
+    if drain.get("at_risk"):
+        text += f", at risk: {', '.join(drain['at_risk'])}"
+    if drain.get("state") not in _DRAIN_DONE:
+        text += f", empty in {_eta_seconds(drain.get('eta_seconds'))}"
+    return text
+
+
+def drain_detail(drain: Json) -> list[str]:
+    lines = [
+        f"drain {drain.get('id')}",
+        drain_total_line(drain),
+        f"reason: {drain.get('reason', '')}",
+    ]
+    if drain.get("destinations"):
+        lines.append(f"destinations: {', '.join(drain['destinations'])}")
+    if drain.get("profile"):
+        lines.append(f"profile: {drain['profile']}")
+    for entry in drain.get("instances") or []:
+        lines.append("  " + drain_entry_line(entry))
+        for attempt in entry.get("attempts") or []:
+            lines.append(f"      tried {attempt.get('destination')}: {attempt.get('reason')}")
+    return lines
+
+
+def drain_view(drain: Json) -> Group:
+    """One live line per instance (bar, state, destination, ETA) and a total bar."""
+    grid = Table.grid(padding=(0, 1))
+    for entry in drain.get("instances") or []:
+        done = 100.0 * float(entry.get("progress") or 0.0)
+        grid.add_row(
+            Text(str(entry.get("instance", "?")), style="bold"),
+            ProgressBar(total=100.0, completed=done, width=20),
+            Text(drain_entry_line(entry).split("  ", 1)[-1]),
+        )
+    total = int(drain.get("instances_total") or 0)
+    moved = int(drain.get("instances_moved") or 0)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        Text("total", style="bold"),
+        ProgressBar(total=float(max(total, 1)), completed=float(moved), width=40),
+        Text(drain_total_line(drain)),
+    )
+    return Group(grid, bar)
+
+
+class LiveDrain:
+    """The `drain --follow` display: live lines on a terminal, change-only lines
+    otherwise (an instance's state, destination or tenth of progress; the total)."""
+
+    def __init__(self, output: Output) -> None:
+        self.output = output
+        self._live: Live | None = None
+        self._seen: dict[str, tuple[Any, ...]] = {}
+        self._total: tuple[Any, ...] | None = None
+
+    def __enter__(self) -> LiveDrain:
+        if self.output.rich:
+            self._live = Live(
+                Text("waiting for the drain"),
+                console=self.output.console,
+                auto_refresh=False,
+                transient=False,
+            )
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def update(self, drain: Json) -> None:
+        if self._live is not None:
+            self._live.update(drain_view(drain), refresh=True)
+            return
+        for entry in drain.get("instances") or []:
+            key = (
+                entry.get("state"),
+                entry.get("destination"),
+                entry.get("migration_state"),
+                int(10 * float(entry.get("progress") or 0.0)),
+            )
+            name = str(entry.get("instance"))
+            if self._seen.get(name) != key:
+                self._seen[name] = key
+                self.output.line(drain_entry_line(entry))
+        total = (drain.get("state"), drain.get("instances_moved"))
+        if total != self._total:
+            self._total = total
+            self.output.line(drain_total_line(drain))

@@ -129,6 +129,39 @@ class ForceCompleteRequest(_Request):
     )
 
 
+class DrainCreate(_Request):
+    """Move every instance off a host. `destinations` must not name the host itself
+    (JSON Schema cannot say so; such a body is answered 422)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-not-containing": [["destinations", "host"]],
+            "examples": [{"host": "host-a"}, {"host": "host-a", "destinations": ["host-b"]}],
+        }
+    )
+
+    host: str = Field(min_length=1, max_length=255, description="Host to empty.")
+    destinations: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Only these hosts may receive its instances (each known, else 404; "
+        "not the drained host, else 422). Left out: lmwatch chooses among all hosts.",
+    )
+    profile: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of a loaded profile (else 422) for every migration of the drain; "
+        "left out: each instance's own profile is selected.",
+    )
+
+    @model_validator(mode="after")
+    def _not_itself(self) -> DrainCreate:
+        if self.destinations is not None and self.host in self.destinations:
+            raise ValueError(f"destinations include the drained host {self.host} itself")
+        return self
+
+
 # --- responses ----------------------------------------------------------------------
 
 
@@ -368,6 +401,79 @@ class ResyncEventData(_Response):
     reason: str
 
 
+class DrainAttempt(_Response):
+    destination: str
+    reason: str = Field(description="Why the instance did not move there.")
+
+
+class DrainEntry(_Response):
+    """One instance of a drain: where its move stands."""
+
+    instance: str
+    state: Literal[
+        "pending", "submitting", "migrating", "moved", "blocked", "failed", "cancelled"
+    ] = Field(
+        description="pending: waiting for a slot; submitting/migrating: its migration is "
+        "being handed over / under way; moved: off the host; blocked: no host can take it "
+        "(`reason` says why); failed: its migration ended without moving it and is not "
+        "retried (e.g. its profile cancelled it); cancelled: the drain was cancelled first."
+    )
+    migration_id: str | None = Field(description="Its current migration (GET /v1/migrations/{id}).")
+    destination: str | None
+    migration_state: State | None = Field(description="State of that migration.")
+    progress: float = Field(ge=0, le=1, description="Fraction of its memory copied (1: moved).")
+    eta_seconds: float | None = Field(
+        description="Seconds until its move ends: the migration's prediction while it runs "
+        "(its deadline when it will not finish on its own), the expected duration before; "
+        "null when nothing says."
+    )
+    expected_seconds: float = Field(description="Expected duration of its move (the ordering).")
+    memory_bytes: int
+    attempts: list[DrainAttempt] = Field(description="Destinations tried before, and why not.")
+    reason: str = Field(description="What happened to it last, in words.")
+    warning: str = Field(
+        description="Said at submission: why it may find no room at its turn (the hosts' "
+        "room once the instances before it are placed); empty when none. It is still tried."
+    )
+
+
+class Drain(_Response):
+    """A drain: every instance off one host, in the order they are started."""
+
+    id: str
+    host: str
+    state: Literal["running", "cancelling", "completed", "failed", "cancelled"] = Field(
+        description="completed: the host is empty (or was); failed: it ended with "
+        "instances still on the host (their entries say why); cancelling: nothing more is "
+        "started, migrations under way go on."
+    )
+    destinations: list[str] | None
+    profile: str | None
+    created_at: Timestamp
+    finished_at: Timestamp | None
+    reason: str
+    instances_total: int
+    instances_moved: int
+    instances_remaining: int = Field(description="Instances still on the host.")
+    blocked: list[str] = Field(
+        description="Instances that cannot leave (no host can take them, or they cannot "
+        "move); known at submission for those no host can take now."
+    )
+    at_risk: list[str] = Field(
+        description="Instances not started yet that will likely find no room once those "
+        "before them are placed (each entry's `warning` says why); still tried."
+    )
+    eta_seconds: float | None = Field(
+        description="Seconds until the host is empty (parallel moves taken into account); "
+        "null when a running migration will not finish on its own and has no deadline."
+    )
+    instances: list[DrainEntry]
+
+
+class DrainList(_Response):
+    drains: list[Drain]
+
+
 class FieldError(_Response):
     loc: list[str | int] = Field(description="Where: body/query/header, then field path.")
     message: str
@@ -566,7 +672,11 @@ def candidate(value: tuple[str, str]) -> Candidate:
 
 # --- OpenAPI ------------------------------------------------------------------------
 
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = (MigrationCreate, ForceCompleteRequest)
+_REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    MigrationCreate,
+    ForceCompleteRequest,
+    DrainCreate,
+)
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Migration,
     MigrationList,
@@ -582,6 +692,8 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ProgressEventData,
     ProfilesEventData,
     ResyncEventData,
+    Drain,
+    DrainList,
 )
 _REF = "#/components/schemas/{model}"
 
@@ -668,6 +780,26 @@ _MIGRATION_LINKS: dict[str, Any] = {
         "operationId": "forceComplete",
         "parameters": _ID_FROM_BODY,
         "description": "Finish it now.",
+    },
+}
+_NO_DRAIN = _problem("No drain with this id.")
+_DRAIN_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "Drain id.",
+}
+_DRAIN_LINKS: dict[str, Any] = {
+    "GetDrain": {
+        "operationId": "getDrain",
+        "parameters": _ID_FROM_BODY,
+        "description": "The drain just created.",
+    },
+    "CancelDrain": {
+        "operationId": "cancelDrain",
+        "parameters": _ID_FROM_BODY,
+        "description": "Stop it.",
     },
 }
 # Every request: what the HTTP layer answers before an operation sees it.
@@ -821,6 +953,72 @@ def _paths() -> dict[str, Any]:
                     "404": _NO_MIGRATION,
                     "409": _problem("Finished, or past the point of no return (handover)."),
                     "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/v1/drains": {
+            "post": {
+                "operationId": "createDrain",
+                "summary": "Move every instance off a host, choosing where each goes.",
+                "description": "The instances are ordered longest expected move first and "
+                "handed over as the per-host limits allow; each destination is chosen when "
+                "its turn comes. Instances no host can take now are `blocked` in this answer "
+                "already. A host with nothing on it gives a drain completed at once.",
+                "requestBody": _body(DrainCreate, True),
+                "responses": {
+                    "202": _json(
+                        Drain,
+                        "Accepted.",
+                        headers={
+                            "Location": {
+                                "schema": {"type": "string"},
+                                "description": "/v1/drains/{id}",
+                            }
+                        },
+                        links=_DRAIN_LINKS,
+                    ),
+                    "400": _MALFORMED,
+                    "401": _UNAUTHORIZED,
+                    "404": _problem("Unknown host (the drained one or a destination)."),
+                    "409": _problem("The host is already draining."),
+                    "422": _problem(
+                        "The body does not validate, names the drained host among the "
+                        "destinations, or names a profile that is not loaded."
+                    ),
+                    "503": _problem(
+                        "A host or the hypervisor does not answer, or the store cannot be "
+                        "written now; nothing was accepted; retry later."
+                    ),
+                },
+            },
+            "get": {
+                "operationId": "listDrains",
+                "summary": "Every drain, oldest first.",
+                "responses": {"200": _json(DrainList, "Drains.")},
+            },
+        },
+        "/v1/drains/{id}": {
+            "get": {
+                "operationId": "getDrain",
+                "summary": "A drain: each instance's move (progress, ETA) and the drain's ETA.",
+                "parameters": [_DRAIN_ID],
+                "responses": {
+                    "200": _json(Drain, "The drain."),
+                    "404": _NO_DRAIN,
+                },
+            }
+        },
+        "/v1/drains/{id}/cancel": {
+            "post": {
+                "operationId": "cancelDrain",
+                "summary": "Start nothing more; migrations under way finish or end per "
+                "their profiles.",
+                "parameters": [_DRAIN_ID],
+                "responses": {
+                    "202": _json(Drain, "Cancelling (or cancelled when nothing was under way)."),
+                    "401": _UNAUTHORIZED,
+                    "404": _NO_DRAIN,
+                    "409": _problem("The drain has already ended."),
                 },
             }
         },

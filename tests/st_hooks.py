@@ -20,6 +20,9 @@ def filter_body(context: Any, body: Any) -> bool:
         return False
     if isinstance(body, dict) and "source" in body and "destination" in body:
         return bool(body["source"] != body["destination"])
+    # A drain's destinations must not name the drained host (`x-not-containing`).
+    if isinstance(body, dict) and isinstance(body.get("destinations"), list):
+        return body.get("host") not in body["destinations"]
     return True
 
 

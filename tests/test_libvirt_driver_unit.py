@@ -1871,3 +1871,28 @@ async def test_pinning_refusal_names_the_instance_asked_by_uuid(
     by_uuid = MigrationRequest(cloud.hosts["a"].domains["vm1"].uuid, "a", "b")
     with pytest.raises(Incompatible, match="instance 'vm1' is pinned to host CPUs 8-11"):
         await driver.preflight(by_uuid)
+
+
+async def test_instances_on_lists_running_domains_of_one_host(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    a = cloud.hosts["a"]
+    a.add("vm0", uuid="6c6d7761-0000-4000-8000-000000000010", max_kib=262144)
+    a.add("off", uuid="6c6d7761-0000-4000-8000-000000000011", state=(5, 1))  # shut off
+    a.add("held", uuid="6c6d7761-0000-4000-8000-000000000012", state=(3, 1))  # user-paused
+    a.add("incoming", uuid="6c6d7761-0000-4000-8000-000000000013", state=(3, 2))  # mid-move
+    cloud.hosts["b"].add("elsewhere", uuid="6c6d7761-0000-4000-8000-000000000014")
+    found = await driver.instances_on("a")
+    assert [i.name for i in found] == ["held", "vm0", "vm1"]
+    assert {i.host for i in found} == {"a"}
+    assert next(i for i in found if i.name == "vm0").memory_bytes == 256 * MIB
+    assert next(i for i in found if i.name == "vm1").labels["tier"] == "database"
+    assert [i.name for i in await driver.instances_on("b")] == ["elsewhere"]
+
+
+async def test_instances_on_unknown_or_silent_host(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    with pytest.raises(UnknownHost):
+        await driver.instances_on("nowhere")
+    cloud.hosts["b"].up = False
+    with pytest.raises(HostUnreachable):
+        await driver.instances_on("b")

@@ -550,3 +550,26 @@ async def test_a_completed_migration_moves_the_disk_with_the_instance() -> None:
     assert driver.free_storage("host-a") == 530 * GIB
     assert driver.free_storage("host-d") is None
     assert (await driver.describe("files")).local_disk_bytes == 30 * GIB
+
+
+async def test_instances_on_follows_where_instances_run(
+    driver: SimDriver, clock: VirtualClock
+) -> None:
+    assert [i.name for i in await driver.instances_on("host-a")] == [
+        "idle",
+        "idle-2",
+        "busy",
+        "big",
+    ]
+    assert [i.name for i in await driver.instances_on("host-b")] == ["bursty"]
+    assert await driver.instances_on("host-c") == []
+    await driver.start("m1", request("idle"), PLAIN)
+    await clock.advance(10.0)
+    assert "idle" not in {i.name for i in await driver.instances_on("host-a")}
+    moved = [i for i in await driver.instances_on("host-b") if i.name == "idle"]
+    assert moved and moved[0].host == "host-b" and moved[0].memory_bytes == 4 * GIB
+    with pytest.raises(UnknownHost):
+        await driver.instances_on("host-z")
+    driver.inject_fault("source_gone", host="host-b", duration=30)
+    with pytest.raises(HostUnreachable):
+        await driver.instances_on("host-b")

@@ -107,6 +107,11 @@ class Driver(Protocol):
         """Where an instance runs and what it is; raises UnknownInstance/UnknownHost."""
         ...
 
+    async def instances_on(self, host: str) -> Sequence[InstanceInfo]:
+        """The instances running on `host` now (what a drain must move off it), in
+        the host's own order; UnknownHost for a host it does not manage."""
+        ...
+
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
         """Every check that can refuse the request before anything starts. With
         `request.force` the host's free memory is not checked (the rest always is)."""

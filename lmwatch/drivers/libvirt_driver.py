@@ -390,6 +390,33 @@ class LibvirtDriver:
             return self._info(h, d)
         raise UnknownInstance(f"instance {instance!r} is not on any host")
 
+    async def instances_on(self, host: str) -> Sequence[InstanceInfo]:
+        """The running (or user-paused) domains of `host`, by name; a domain paused
+        because a migration is moving it in or out is not counted (it is mid-move)."""
+        lv = self._lv
+        moving = {
+            getattr(lv, "VIR_DOMAIN_PAUSED_MIGRATION", 2),
+            getattr(lv, "VIR_DOMAIN_PAUSED_POSTCOPY", 12),
+        }
+
+        def running(conn: Any) -> list[dict[str, Any]]:
+            found = []
+            flags = getattr(lv, "VIR_CONNECT_LIST_DOMAINS_ACTIVE", 1)
+            for dom in conn.listAllDomains(flags):
+                state, reason = dom.state()
+                if state == lv.VIR_DOMAIN_PAUSED and reason in moving:
+                    continue
+                if state not in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_PAUSED):
+                    continue
+                read = self._read_domain(conn, dom.name())
+                if read is not None:  # gone between the listing and the lookup
+                    found.append(read)
+            return sorted(found, key=lambda d: str(d["name"]))
+
+        await self._require_reachable(host)
+        domains = await self._link(host).call(running, what="list of running instances")
+        return [self._info(host, dom) for dom in domains]
+
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
         lv = self._lv
         src, dst = request.source, destination_of(request)

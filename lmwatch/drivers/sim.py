@@ -381,6 +381,14 @@ class SimDriver:
             raise UnknownInstance(f"instance {found.name!r} does not run on {host}")
         return self._info(found, now_on)
 
+    async def instances_on(self, host: str) -> Sequence[InstanceInfo]:
+        """Instances running on `host`, in inventory order (one that is being handed
+        over counts where it runs now)."""
+        self._known_host(host)
+        if not self._host_up(host):
+            raise HostUnreachable(f"{host} does not answer")
+        return [info for info in self.instances() if info.host == host]
+
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
         source, destination = request.source, destination_of(request)
         self._known_host(source)

@@ -18,6 +18,7 @@ from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import Driver, NotOnSource, UnknownHost
 from lmwatch.engine import admission, machine, placing, recovery
+from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.records import Supervision, log, status_of
@@ -104,6 +105,7 @@ class Engine:
             settings=self.settings,
         )
         self._submit_lock = asyncio.Lock()
+        self.drains = Drains(self)  # draining hosts: lmwatch/engine/drains.py
         self._store_task: asyncio.Task[None] | None = None
         self.metrics.watch_store(store)
         self._started = False
@@ -133,10 +135,12 @@ class Engine:
                 log.info("reattaching", migration=record.id, instance=record.instance)
                 supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
         self._schedule()
+        self.drains.start()  # after the migrations they follow are tracked again
 
     async def stop(self) -> None:
         """Stop supervising (the migrations themselves go on; a new engine takes them back)."""
         self._stopping = True
+        await self.drains.stop()
         tasks = [s.task for s in self._supervisions.values() if s.task is not None]
         if self._store_task is not None:
             tasks.append(self._store_task)
@@ -434,5 +438,6 @@ class Engine:
             if supervision.record.state.finished:
                 self._supervisions.pop(supervision.record.id, None)
                 self._effects.forget(supervision.record)
+                self.drains.wake()
             if not self._stopping:
                 self._schedule()

@@ -162,3 +162,24 @@ async def test_a_restart_mid_disk_copy_finds_the_copy_gone_on_and_finishes_it(
     third = driver_on(tmp_path / "store.db", clock, DISK_TEXT)
     assert third.where("files") == "b"
     assert third.free_storage("b") == 80 * GIB and third.free_storage("a") == 120 * GIB
+
+
+async def test_an_ended_job_is_kept_a_day_then_dropped_by_the_periodic_save(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock()
+    first = driver_on(tmp_path / "store.db", clock)
+    await first.start("m", request("small"), PLAIN)
+    await clock.advance(10.0)
+    assert (await first.result("m")).phase is Phase.COMPLETED
+    # Other jobs' changes (saves of a few jobs) keep it; so does a restart within the day.
+    await clock.advance(23 * 3600.0)
+    await first.start("n", request("big"), PLAIN)
+    assert (await driver_on(tmp_path / "store.db", clock).result("m")).phase is Phase.COMPLETED
+    # A day after it ended, the periodic full save drops it, from memory and the file.
+    await clock.advance(2 * 3600.0)
+    await first.sample("n")
+    with pytest.raises(DriverError):
+        await first.result("m")
+    with pytest.raises(DriverError):
+        await driver_on(tmp_path / "store.db", clock).result("m")

@@ -634,20 +634,22 @@ class SimDriver:
 
     def _save(self, migration_ids: Iterable[str] | None = None) -> None:
         """Keep the world and these jobs (None: every job not yet ended); ended jobs
-        are kept a day for a restarted daemon to read their results."""
+        are kept a day for a restarted daemon to read their results, and dropped by the
+        periodic full save (a save of a few jobs does not walk all of them)."""
         if self._world is None:
             return
         now = self.clock.now()
+        old: list[str] = []
         if migration_ids is None:
             ids = [job_id for job_id, job in self._jobs.items() if not job.settled]
             self._saved_at = now
+            old = [
+                job_id
+                for job_id, job in self._jobs.items()
+                if job.ended_at is not None and now - job.ended_at > _KEEP_ENDED
+            ]
         else:
             ids = list(migration_ids)
-        old = [
-            job_id
-            for job_id, job in self._jobs.items()
-            if job.ended_at is not None and now - job.ended_at > _KEEP_ENDED
-        ]
         for job_id in old:
             job = self._jobs.pop(job_id)
             if self._latest.get(job.instance.name) is job:

@@ -37,8 +37,8 @@ import asyncio
 import builtins
 import dataclasses
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lmwatch.drivers.base import DriverError, UnknownHost
 from lmwatch.errors import Conflict, Invalid, NotFound, ProblemError
@@ -94,20 +94,42 @@ def fraction(item: DrainItem, record: MigrationRecord | None) -> float:
 
 def eta(item: DrainItem, record: MigrationRecord | None, now: float) -> float | None:
     """Seconds until this instance's move ends: the migration's own prediction while it
-    runs; when that says it will not finish on its own, its deadline (its profile acts
-    by then); the expected duration before it runs. None: nothing says."""
+    runs; in its first pass, before there is one, what the disk copy and the first pass
+    still take (at the least; not past its deadline); when the prediction says it will
+    not finish on its own, its deadline (its profile acts by then); the expected
+    duration before it runs. None: nothing says."""
     if item.state.finished:
         return 0.0
     if record is None or record.state is State.QUEUED or not record.progress:
         return item.expected_seconds
-    prediction = record.progress.get("prediction") or {}
+    progress = record.progress
+    prediction = progress.get("prediction") or {}
     value = prediction.get("eta_seconds")
     number = None if value is None else float(value)
     if number is not None and number == number and number != float("inf"):
         return number
-    if record.deadline_at is not None:
-        return max(0.0, record.deadline_at - now)
-    return None
+    left = None if record.deadline_at is None else max(0.0, record.deadline_at - now)
+    first = _first_pass_left(progress)
+    if first is not None:
+        return first if left is None else min(first, left)
+    return left
+
+
+def _first_pass_left(progress: Mapping[str, Any]) -> float | None:
+    """Seconds the disk copy and the first memory pass still take, while in them."""
+    rate = float(progress.get("transfer_rate") or 0)
+    disk_left = float(progress.get("disk_remaining") or 0)
+    disk_rate = float(progress.get("disk_rate") or 0)
+    if int(progress.get("passes") or 0) > 1:
+        return None
+    if disk_left > 0:
+        if disk_rate <= 0:
+            return None
+        memory = float(progress.get("memory_total") or 0)
+        return disk_left / disk_rate + memory / (rate or disk_rate)
+    if rate <= 0:
+        return None
+    return float(progress.get("memory_remaining") or 0) / rate
 
 
 class Drains:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -441,18 +441,20 @@ def _yes(value: Any) -> str:
 # -- live display -----------------------------------------------------------------------
 
 
-class LiveProgress:
-    """The `migrate --follow` display: a bar on a terminal, change-only lines otherwise."""
+class _LiveDisplay:
+    """A display that redraws in place on a terminal (rich's Live) and prints plain
+    lines otherwise; subclasses say what shows before the first update."""
+
+    waiting = ""
 
     def __init__(self, output: Output) -> None:
         self.output = output
         self._live: Live | None = None
-        self._last_plain: tuple[Any, ...] | None = None
 
-    def __enter__(self) -> LiveProgress:
+    def __enter__(self) -> Self:
         if self.output.rich:
             self._live = Live(
-                Text("waiting for the first sample"),
+                Text(self.waiting),
                 console=self.output.console,
                 auto_refresh=False,
                 transient=False,
@@ -463,6 +465,16 @@ class LiveProgress:
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
             self._live.stop()
+
+
+class LiveProgress(_LiveDisplay):
+    """The `migrate --follow` display: a bar on a terminal, change-only lines otherwise."""
+
+    waiting = "waiting for the first sample"
+
+    def __init__(self, output: Output) -> None:
+        super().__init__(output)
+        self._last_plain: tuple[Any, ...] | None = None
 
     def say(self, text: str) -> None:
         if self._live is not None:
@@ -602,30 +614,16 @@ def drain_view(drain: Json) -> Group:
     return Group(grid, bar)
 
 
-class LiveDrain:
+class LiveDrain(_LiveDisplay):
     """The `drain --follow` display: live lines on a terminal, change-only lines
     otherwise (an instance's state, destination or tenth of progress; the total)."""
 
+    waiting = "waiting for the drain"
+
     def __init__(self, output: Output) -> None:
-        self.output = output
-        self._live: Live | None = None
+        super().__init__(output)
         self._seen: dict[str, tuple[Any, ...]] = {}
         self._total: tuple[Any, ...] | None = None
-
-    def __enter__(self) -> LiveDrain:
-        if self.output.rich:
-            self._live = Live(
-                Text("waiting for the drain"),
-                console=self.output.console,
-                auto_refresh=False,
-                transient=False,
-            )
-            self._live.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.stop()
 
     def update(self, drain: Json) -> None:
         if self._live is not None:

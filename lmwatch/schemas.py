@@ -424,8 +424,9 @@ class DrainEntry(_Response):
     progress: float = Field(ge=0, le=1, description="Fraction of its memory copied (1: moved).")
     eta_seconds: float | None = Field(
         description="Seconds until its move ends: the migration's prediction while it runs "
-        "(its deadline when it will not finish on its own), the expected duration before; "
-        "null when nothing says."
+        "(in its first pass, what the disk copy and that pass still take; its deadline when "
+        "it will not finish on its own), the expected duration before; null when nothing "
+        "says."
     )
     expected_seconds: float = Field(description="Expected duration of its move (the ordering).")
     memory_bytes: int

@@ -215,3 +215,47 @@ async def test_a_forced_migration_starts_past_the_hosts_own_memory_check(rig: Ri
     ids = [r.id for r in rig.store.list()]
     assert await rig.clock.run_until(lambda: rig.engine.finished(ids), limit=3600)
     assert {rig.engine.get(i).state for i in ids} == {State.COMPLETED}
+
+
+class _StartsWithoutChecking(SimDriver):
+    """A driver whose start does not run the pre-flight (as a real hypervisor's start
+    only fails once it has begun); counts the starts it was asked for."""
+
+    started: list[str]
+
+    async def start(self, migration_id, request, plan) -> None:  # type: ignore[no-untyped-def]
+        self.started = [*getattr(self, "started", []), request.instance]
+        await super().start(migration_id, request, plan)
+
+    async def preflight(self, request):  # type: ignore[no-untyped-def]
+        if getattr(self, "started", None) is not None and request.instance == "w2":
+            raise NotOnSource(f"instance {request.instance!r} runs on c, not on a")
+        return await super().preflight(request)
+
+
+async def test_a_queued_migration_is_checked_again_when_it_starts(tmp_path: Path) -> None:
+    # w2 waits behind w1 (one arrival at a time); meanwhile it moved elsewhere. Its
+    # start is refused in the pre-flight's words, and the hypervisor is never asked.
+    rig = Rig(tmp_path)
+    rig.driver = _StartsWithoutChecking(load_inventory_text(INVENTORY), rig.clock)
+    rig.engine = Engine(
+        driver=rig.driver,
+        store=rig.store,
+        profiles=rig.registry,
+        clock=rig.clock,
+        metrics=rig.metrics,
+        settings=EngineSettings(max_per_destination=1),
+    )
+    await rig.engine.start()
+    try:
+        first = await rig.submit("w1")
+        second = await rig.submit("w2")
+        assert rig.engine.get(second).state is State.QUEUED
+        assert await rig.clock.run_until(lambda: rig.engine.finished([first, second]), limit=600)
+        record = rig.engine.get(second)
+        assert record.state is State.FAILED
+        ended = rig.store.events(second)[-1].reason
+        assert "could not start" in ended and "runs on c, not on a" in ended
+        assert rig.driver.started == ["w1"]
+    finally:
+        await rig.engine.stop()

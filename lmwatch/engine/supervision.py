@@ -16,7 +16,7 @@ from lmwatch.drivers.base import DriverError, Refused
 from lmwatch.engine import machine
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
-from lmwatch.engine.records import Supervision, log, plan_from, status_of
+from lmwatch.engine.records import Supervision, log, plan_from, request_of, status_of
 from lmwatch.engine.recovery import Recovery
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.model import (
@@ -99,10 +99,13 @@ class Supervisor:
         now = self.clock.now()
         self.effects.update(supervision, "state", "starting", state=State.STARTING, started_at=now)
         try:
+            # Pre-flight again: a queued migration may have waited while the instance or
+            # its destination changed (moved, name taken, room gone); refuse it in the
+            # pre-flight's words, before the hypervisor is asked to move anything.
+            info = await self.effects.preflight(request_of(record))
             capabilities = await self.effects.capabilities(supervision)
             change_rate = await self._change_rate_for_start(supervision, capabilities)
             supervision.change_rate = change_rate
-            info = await self.effects.describe(supervision)
             plan = policies.plan_start(
                 supervision.profile,
                 info,

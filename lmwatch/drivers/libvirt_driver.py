@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import posixpath
 import uuid as uuidlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ from lmwatch.drivers.libvirt_mapping import (
     DIRTYRATE_MEASURED,
     LABELS_NS,
     UNLIMITED_MIB_S,
+    DiskFacts,
     DomainFacts,
     HostTopology,
     Where,
@@ -70,6 +72,7 @@ from lmwatch.drivers.libvirt_mapping import (
     host_cpu_xml,
     host_topology,
     job_has_ended,
+    local_disks,
     measured_blackout,
     migrate_call,
     neutral_text,
@@ -80,6 +83,7 @@ from lmwatch.drivers.libvirt_mapping import (
     topology_from_info,
     transferred_from,
     where_from_state,
+    writable_disks,
 )
 from lmwatch.drivers.preflight import identity_refusal
 from lmwatch.logs import get_logger
@@ -120,6 +124,15 @@ class HostConfig(BaseModel):
     `call_threads`: how many calls to this host run at once (each on a thread);
     `call_queue`: how many more may wait for one before calls are refused. The
     migrate calls themselves (one per running migration) are not counted.
+    `shared_storage`: directories whose files this host shares with other hosts
+    (NFS, a cluster file system) at the same path. An instance's file or block disk
+    is copied with it unless its path lies under a shared directory of *both* the
+    source and the destination: by default every such disk is local, because a
+    path that merely exists on both hosts is usually two different files (a
+    directory pool per host), and taking a local disk for shared would lose its
+    data, while copying a shared one only costs time.
+    `disks_address`: where disk data is sent when this host is the destination,
+    "tcp://HOST[:PORT]"; defaults to the host of `migration_address`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -130,6 +143,19 @@ class HostConfig(BaseModel):
     bandwidth: float | None = None  # bytes/s
     call_threads: int = Field(default=CALL_THREADS, ge=1, le=64)
     call_queue: int = Field(default=CALL_QUEUE, ge=0)
+    shared_storage: tuple[str, ...] = ()
+    disks_address: str | None = None
+
+    @field_validator("shared_storage", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            for path in value:
+                if not isinstance(path, str) or not path.startswith("/"):
+                    raise ValueError(f"shared_storage entries are absolute paths, not {path!r}")
+        return value
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -179,6 +205,7 @@ class _Job:
     last_stats: dict[str, Any] = field(default_factory=dict)
     passes_seen: int = 0
     memory_bytes: int = 0
+    disk_bytes: int = 0  # capacity of the local disks copied with the instance
     transferred_seen: int = 0
     max_slowdown: float = 0.0
     result: JobResult | None = None
@@ -341,6 +368,7 @@ class LibvirtDriver:
                     raise
                 return None
         state, reason = dom.state()
+        xml = dom.XMLDesc(0)
         try:
             labels_xml = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, LABELS_NS, 0)
         except lv.libvirtError:
@@ -351,23 +379,53 @@ class LibvirtDriver:
             "state": state,
             "reason": reason,
             "max_kib": dom.maxMemory(),
-            "xml": dom.XMLDesc(0),
+            "xml": xml,
             "labels": parse_labels(labels_xml),
+            "disks": self._disk_sizes(dom, xml),
         }
+
+    def _disk_sizes(self, dom: Any, xml: str) -> list[tuple[DiskFacts, int]]:
+        """The domain's writable file/block disks with their capacity in bytes
+        (thread side); a disk whose size cannot be read counts 0."""
+        sized = []
+        for disk in writable_disks(xml):
+            try:
+                capacity = int(dom.blockInfo(disk.target, 0)[0])
+            except self._lv.libvirtError as error:
+                log.warning("disk-size-unknown", disk=disk.target, error=str(error))
+                capacity = 0
+            sized.append((disk, capacity))
+        return sized
 
     async def _domain_on(self, host: str, instance: str) -> dict[str, Any] | None:
         return await self._link(host).call(
             lambda c: self._read_domain(c, instance), what=f"lookup of {instance}"
         )
 
-    def _info(self, host: str, dom: Mapping[str, Any]) -> InstanceInfo:
+    def _info(
+        self, host: str, dom: Mapping[str, Any], destination: str | None = None
+    ) -> InstanceInfo:
+        local = self._local_disks(dom["disks"], host, destination)
         return InstanceInfo(
             name=dom["name"],
             uuid=dom["uuid"],
             host=host,
             memory_bytes=int(dom["max_kib"]) * 1024,
             labels=dom["labels"],
+            local_disk_bytes=sum(size for _, size in local),
         )
+
+    def _local_disks(
+        self,
+        disks: Sequence[tuple[DiskFacts, int]],
+        source: str,
+        destination: str | None = None,
+    ) -> list[tuple[DiskFacts, int]]:
+        """The disks that move with the instance: not under a directory that the
+        source (and the destination, when one is named) declare shared."""
+        shared = [self._hosts[h].shared_storage for h in (source, destination) if h is not None]
+        keep = set(local_disks([d for d, _ in disks], *shared))
+        return [(d, size) for d, size in disks if d in keep]
 
     async def describe(self, instance: str, host: str | None = None) -> InstanceInfo:
         if host is not None:
@@ -425,7 +483,62 @@ class LibvirtDriver:
                 f"instance {request.instance!r} needs {need // MIB} MiB"
             )
         await self._check_cpu(request, facts)
-        return self._info(src, dom)
+        info = self._info(src, dom, dst)
+        await self._check_disk_room(request, self._local_disks(dom["disks"], src, dst))
+        return info
+
+    async def _check_disk_room(
+        self, request: MigrationRequest, disks: Sequence[tuple[DiskFacts, int]]
+    ) -> None:
+        """The destination must be able to create the local disks it receives.
+
+        The hypervisor creates each file disk on the destination in the storage pool
+        whose target is the disk's directory, at the disk's full capacity (a raw
+        image may be filled completely by the copy). So every such directory needs
+        an active pool there with room for the disks that go into it; without one
+        the migration would fail only after it started. Block disks are not created:
+        the destination must provide the device, which is not checked here.
+        """
+        lv = self._lv
+        by_dir: dict[str, int] = {}
+        for disk, size in disks:
+            if disk.kind == "file":
+                folder = posixpath.dirname(disk.path) or "/"
+                by_dir[folder] = by_dir.get(folder, 0) + size
+        dst, name = request.destination, request.instance
+        for folder, need in sorted(by_dir.items()):
+
+            def room(conn: Any, folder: str = folder) -> tuple[str, int, int] | None:
+                try:
+                    pool = conn.storagePoolLookupByTargetPath(folder)
+                except lv.libvirtError as error:
+                    if error.get_error_code() == getattr(lv, "VIR_ERR_NO_STORAGE_POOL", 49):
+                        return None
+                    raise
+                with contextlib.suppress(lv.libvirtError):
+                    pool.refresh(0)
+                state, _capacity, _allocation, available = pool.info()
+                return str(pool.name()), int(state), int(available)
+
+            found = await self._link(dst).call(room, what="storage pool lookup")
+            if found is None:
+                raise InsufficientResources(
+                    f"{dst} has no storage pool for {folder}, where instance {name!r} keeps "
+                    f"{need // MIB} MiB of local disk; define and start a storage pool with "
+                    f"that target on {dst} so the disks can be created there"
+                )
+            pool_name, state, available = found
+            if state != getattr(lv, "VIR_STORAGE_POOL_RUNNING", 2):
+                raise InsufficientResources(
+                    f"storage pool {pool_name!r} for {folder} on {dst} is not active; start "
+                    f"it to receive the local disks of instance {name!r}"
+                )
+            if available < need:
+                raise InsufficientResources(
+                    f"{dst} has {available // MIB} MiB free in storage pool {pool_name!r} "
+                    f"({folder}); instance {name!r} needs {need // MIB} MiB for its local "
+                    f"disks there"
+                )
 
     async def _check_identity(self, host: str, name: str, uuid: str) -> None:
         """`host` must not define another instance under `name`, nor this instance's
@@ -693,20 +806,24 @@ class LibvirtDriver:
                 f"the hypervisors on {request.source} and {request.destination} "
                 "cannot slow the guest"
             )
+        max_downtime = downtime_ms(plan.blackout_budget)
+
+        def prepare(dom: Any) -> tuple[int, list[tuple[DiskFacts, int]]]:
+            dom.migrateSetMaxDowntime(max_downtime, 0)
+            return int(dom.maxMemory()) * 1024, self._disk_sizes(dom, dom.XMLDesc(0))
+
+        memory_bytes, disks = await self._on_domain(
+            request.source, request.instance, prepare, what="setting the blackout budget"
+        )
+        local = self._local_disks(disks, request.source, request.destination)
         call = migrate_call(
             lv,
             plan,
             instance=request.instance,
             migration_address=dest.migration_address,
             link_bandwidth=dest.bandwidth,
-        )
-
-        def prepare(dom: Any) -> int:
-            dom.migrateSetMaxDowntime(call.max_downtime_ms, 0)
-            return int(dom.maxMemory()) * 1024
-
-        memory_bytes = await self._on_domain(
-            request.source, request.instance, prepare, what="setting the blackout budget"
+            disks=[d.target for d, _ in local],
+            disks_address=dest.disks_address,
         )
         job = _Job(
             id=migration_id,
@@ -716,6 +833,7 @@ class LibvirtDriver:
             blackout_budget=plan.blackout_budget,
             started_at=self._clock.now(),
             memory_bytes=memory_bytes,
+            disk_bytes=sum(size for _, size in local),
         )
         self._jobs[migration_id] = job
         peer_uri = dest.peer_uri or dest.uri
@@ -738,6 +856,7 @@ class LibvirtDriver:
             source=request.source,
             destination=request.destination,
             flags=call.flags,
+            local_disks=",".join(d.target for d, _ in local) or None,
         )
         await self._wait_accepted(job)
 
@@ -894,12 +1013,16 @@ class LibvirtDriver:
             blackout_budget=job.blackout_budget,
             passes_seen=job.passes_seen,
             memory_bytes=job.memory_bytes,
+            disk_bytes=job.disk_bytes,
         )
 
     def _terminal_sample(self, job: _Job) -> Sample:
         assert job.result is not None
         base = self._sample_from(job, job.completed_stats or job.last_stats, job.result.phase)
         remaining = 0 if job.result.phase is Phase.COMPLETED else base.memory_remaining
+        disks = base
+        if job.completed_stats and "disk_total" not in job.completed_stats:
+            disks = self._sample_from(job, job.last_stats, job.result.phase)
         return Sample(
             time=base.time,
             memory_total=base.memory_total,
@@ -912,6 +1035,9 @@ class LibvirtDriver:
             blackout_budget=job.blackout_budget,
             slowdown=0.0,
             expected_blackout=None,
+            disk_total=disks.disk_total,
+            disk_remaining=0 if job.result.phase is Phase.COMPLETED else disks.disk_remaining,
+            disk_rate=0.0,
         )
 
     async def result(self, migration_id: str) -> JobResult:
@@ -1155,6 +1281,15 @@ class LibvirtDriver:
                 job.memory_bytes = await self._on_domain(
                     job.source, job.name, lambda d: int(d.maxMemory()) * 1024, what="memory size"
                 )
+            with contextlib.suppress(DriverError):
+                disks = await self._on_domain(
+                    job.source,
+                    job.name,
+                    lambda d: self._disk_sizes(d, d.XMLDesc(0)),
+                    what="disk sizes",
+                )
+                local = self._local_disks(disks, job.source, job.destination)
+                job.disk_bytes = sum(size for _, size in local)
             with contextlib.suppress(DriverError):
                 job.last_stats = await self._job_stats(job)
                 job.transferred_seen = int(job.last_stats.get("memory_processed", 0) or 0)

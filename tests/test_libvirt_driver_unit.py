@@ -38,6 +38,7 @@ from lmwatch.drivers.libvirt_mapping import (
     Where,
     decide_outcome,
     disk_progress,
+    disk_rate_between,
     disks_uri,
     domain_facts,
     error_cause,
@@ -2107,7 +2108,8 @@ async def test_start_copies_the_local_disks(
     sample = await shared_driver.sample("m1")
     assert sample.disks_in_sync and sample.passes == 3
     assert sample.memory_remaining == 40 * MIB
-    cloud.complete("vm1", "a", "b", {"type": 3, "downtime": 300})
+    # completed statistics carry the disk keys as 0 (libvirt 11): the last figures stay
+    cloud.complete("vm1", "a", "b", {"type": 3, "downtime": 300, "disk_total": 0})
     result = await finished(shared_driver, clock)
     assert (result.phase, result.running_on) == (Phase.COMPLETED, "b")
     final = await shared_driver.sample("m1")
@@ -2142,3 +2144,42 @@ async def test_reattach_during_the_disk_copy(
     cloud.complete("vm1", "a", "b", {"type": 3, "downtime": 300})
     result = await finished(driver, clock)
     assert (result.phase, result.running_on) == (Phase.COMPLETED, "b")
+
+
+@pytest.mark.parametrize(
+    ("before", "now", "processed", "rate"),
+    [
+        (None, 5.0, 10 * MIB, None),
+        ((4.0, 2 * MIB), 5.0, 10 * MIB, 8 * MIB),
+        ((4.8, 2 * MIB), 5.0, 10 * MIB, None),  # too close together
+        ((4.0, 12 * MIB), 5.0, 10 * MIB, None),  # the counter went back
+        ((3.0, 10 * MIB), 5.0, 10 * MIB, 0.0),
+    ],
+)
+def test_disk_rate_between(
+    before: tuple[float, int] | None, now: float, processed: int, rate: float | None
+) -> None:
+    assert disk_rate_between(before, now, processed) == rate
+
+
+async def test_disk_rate_measured_when_the_statistics_give_none(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    """libvirt 11 reports the mirror's progress but no `disk_bps`: the rate comes
+    from `disk_processed` between samples."""
+    dom = _with_disks(cloud)
+    phase = {k: v for k, v in DISK_STATS.items() if k != "disk_bps"}
+    dom.job = dict(phase)
+    await driver.start("m1", REQ, PLAN)
+    assert (await driver.sample("m1")).disk_rate == 0.0  # one reading: unknown yet
+    await clock.advance(1.0)
+    dom.job = {**phase, "disk_processed": 28 * MIB, "disk_remaining": 36 * MIB}
+    sample = await driver.sample("m1")
+    assert sample.disk_rate == pytest.approx(12 * MIB)
+    assert sample.disk_remaining == 36 * MIB
+    await clock.advance(0.1)  # too soon for a new figure: the last one stays
+    dom.job = {**phase, "disk_processed": 29 * MIB, "disk_remaining": 35 * MIB}
+    assert (await driver.sample("m1")).disk_rate == pytest.approx(12 * MIB)
+    await clock.advance(0.9)
+    dom.job = {**phase, "disk_processed": 36 * MIB, "disk_remaining": 28 * MIB}
+    assert (await driver.sample("m1")).disk_rate == pytest.approx(8 * MIB)

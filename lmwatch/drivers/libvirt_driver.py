@@ -67,6 +67,7 @@ from lmwatch.drivers.libvirt_mapping import (
     Where,
     bandwidth_mib_s,
     decide_outcome,
+    disk_rate_between,
     domain_facts,
     downtime_ms,
     host_cpu_xml,
@@ -206,6 +207,7 @@ class _Job:
     passes_seen: int = 0
     memory_bytes: int = 0
     disk_bytes: int = 0  # capacity of the local disks copied with the instance
+    disk_seen: tuple[float, int] | None = None  # (when, disk_processed) last measured from
     transferred_seen: int = 0
     max_slowdown: float = 0.0
     result: JobResult | None = None
@@ -976,11 +978,25 @@ class LibvirtDriver:
             phase = job.running_phase() if job.aborted else Phase.COMPLETING
             return self._sample_from(job, job.last_stats, phase)
         job.last_stats = {**job.last_stats, **stats}  # early or late readings lack keys
+        self._note_disk_rate(job, stats)
         job.max_slowdown = max(job.max_slowdown, slowdown_from(stats))
         processed = stats.get("memory_processed")
         if isinstance(processed, int | float):
             job.transferred_seen = max(job.transferred_seen, int(processed))
         return self._sample_from(job, job.last_stats, job.running_phase())
+
+    def _note_disk_rate(self, job: _Job, stats: Mapping[str, Any]) -> None:
+        """Keep a measured disk copy rate in `job.last_stats['disk_bps']` when the
+        statistics give none: from `disk_processed` between readings."""
+        processed = stats.get("disk_processed")
+        if "disk_bps" in stats or not isinstance(processed, int | float):
+            return
+        now = self._clock.now()
+        rate = disk_rate_between(job.disk_seen, now, int(processed))
+        if job.disk_seen is None or rate is not None or int(processed) < job.disk_seen[1]:
+            job.disk_seen = (now, int(processed))
+        if rate is not None:
+            job.last_stats["disk_bps"] = rate
 
     def _ended(self, job: _Job) -> bool:
         if job.task is not None:
@@ -1021,7 +1037,7 @@ class LibvirtDriver:
         base = self._sample_from(job, job.completed_stats or job.last_stats, job.result.phase)
         remaining = 0 if job.result.phase is Phase.COMPLETED else base.memory_remaining
         disks = base
-        if job.completed_stats and "disk_total" not in job.completed_stats:
+        if job.completed_stats and not job.completed_stats.get("disk_total"):
             disks = self._sample_from(job, job.last_stats, job.result.phase)
         return Sample(
             time=base.time,

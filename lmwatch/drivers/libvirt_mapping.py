@@ -114,6 +114,21 @@ def disk_progress(stats: Mapping[str, Any], disk_bytes: int) -> tuple[int, int, 
     return total, min(remaining, total) if total else remaining, rate
 
 
+MIN_RATE_WINDOW = 0.5  # seconds: a rate from readings closer together says little
+
+
+def disk_rate_between(before: tuple[float, int] | None, now: float, processed: int) -> float | None:
+    """Bytes/s of the disk copy between two readings of `disk_processed` (libvirt
+    11 reports no `disk_bps` for the mirror); None when it cannot be told: no earlier
+    reading, readings under `MIN_RATE_WINDOW` apart, or a counter that went back."""
+    if before is None:
+        return None
+    then, done = before
+    if now - then < MIN_RATE_WINDOW or processed < done:
+        return None
+    return (processed - done) / (now - then)
+
+
 def slowdown_from(stats: Mapping[str, Any]) -> float:
     return min(1.0, max(0.0, _num(stats, "auto_converge_throttle") / 100.0))
 

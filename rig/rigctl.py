@@ -59,7 +59,7 @@ _DKSUM_RE = re.compile(r"^dksum ([0-9a-f]{64})\s*$")
 POOL = "lmw-images"
 POOL_TARGET = "/var/lib/libvirt/images"
 DISK_BLOCK = 4096
-_DISK_MAGIC = 0x6C6D776469736B0A  # "lmwdisk\n", as in guest/diskw.c
+DISK_MAGIC = 0x6C6D776469736B0A  # "lmwdisk\n", as in guest/diskw.c
 WRITER_MODES = ("seq", "random")  # lmw.mode: sweep pages in order, or pick them at random
 
 
@@ -548,7 +548,7 @@ def _mix(idx: int, gen: int) -> int:
     x ^= x >> 31
     x = (x * 0xBF58476D1CE4E5B9) & m
     x ^= x >> 27
-    return x ^ _DISK_MAGIC
+    return x ^ DISK_MAGIC
 
 
 def check_disk_image(path: str, mib: int = 0) -> dict[str, int]:
@@ -565,7 +565,7 @@ def check_disk_image(path: str, mib: int = 0) -> dict[str, int]:
             if len(block) < DISK_BLOCK:
                 break
             words = struct.unpack(f"<{DISK_BLOCK // 8}Q", block)
-            if words[0] == _DISK_MAGIC ^ idx:
+            if words[0] == DISK_MAGIC ^ idx:
                 stamped += 1
                 h = _mix(idx, words[1])
                 want = [(h + w) & ((1 << 64) - 1) for w in range(2, DISK_BLOCK // 8)]

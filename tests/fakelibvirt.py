@@ -282,6 +282,7 @@ class FakePool:
     state: int = 2  # VIR_STORAGE_POOL_RUNNING
     capacity: int = 64 * 1024**3
     refreshed: int = 0
+    target: str = ""  # set by FakeHost.pools' key when looked up
 
     def info(self) -> list[int]:
         return [self.state, self.capacity, self.capacity - self.available, self.available]
@@ -295,6 +296,12 @@ class FakePool:
 
 
 class PoolHandle:
+    def XMLDesc(self, flags: int = 0) -> str:
+        return (
+            f"<pool type='dir'><name>{self.pool.name}</name>"
+            f"<target><path>{self.pool.target}</path></target></pool>"
+        )
+
     def __init__(self, pool: FakePool) -> None:
         self.pool = pool
 
@@ -335,13 +342,19 @@ class FakeConnect:
     def storagePoolLookupByTargetPath(self, path: str) -> PoolHandle:
         self._check()
         pool = self.host.pools.get(path.rstrip("/") or "/")
-        if pool is None:
+        if pool is None or pool.state != C.VIR_STORAGE_POOL_RUNNING:  # as libvirt: active only
             raise libvirtError(
                 f"Storage pool not found: no storage pool with matching target path '{path}'",
                 C.VIR_ERR_NO_STORAGE_POOL,
                 18,
             )
         return PoolHandle(pool)
+
+    def listAllStoragePools(self, flags: int = 0) -> list[PoolHandle]:
+        self._check()
+        for target, pool in self.host.pools.items():
+            pool.target = target
+        return [PoolHandle(pool) for pool in self.host.pools.values()]
 
     def getLibVersion(self) -> int:
         self._check()

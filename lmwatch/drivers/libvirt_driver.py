@@ -79,6 +79,7 @@ from lmwatch.drivers.libvirt_mapping import (
     neutral_text,
     parse_labels,
     pinning_missing,
+    pool_target,
     slowdown_from,
     stats_to_sample,
     topology_from_info,
@@ -514,9 +515,13 @@ class LibvirtDriver:
                 try:
                     pool = conn.storagePoolLookupByTargetPath(folder)
                 except lv.libvirtError as error:
-                    if error.get_error_code() == getattr(lv, "VIR_ERR_NO_STORAGE_POOL", 49):
-                        return None
-                    raise
+                    if error.get_error_code() != getattr(lv, "VIR_ERR_NO_STORAGE_POOL", 49):
+                        raise
+                    # the lookup finds active pools only: say so when one is defined
+                    for other in conn.listAllStoragePools(0):
+                        if pool_target(other.XMLDesc(0)) == posixpath.normpath(folder):
+                            return str(other.name()), int(other.info()[0]), 0
+                    return None
                 with contextlib.suppress(lv.libvirtError):
                     pool.refresh(0)
                 state, _capacity, _allocation, available = pool.info()

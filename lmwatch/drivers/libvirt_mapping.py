@@ -353,6 +353,12 @@ def local_disks(disks: Sequence[DiskFacts], *shared: Sequence[str]) -> list[Disk
     return [d for d in disks if not (shared and all(under(d.path, s) for s in shared))]
 
 
+def pool_target(pool_xml: str) -> str | None:
+    """The directory of a storage pool (`<target><path>`), normalised; None without one."""
+    path = ET.fromstring(pool_xml).findtext("./target/path")
+    return posixpath.normpath(path) if path else None
+
+
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 

@@ -15,7 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lmwatch import daemon
 from lmwatch.clock import VirtualClock
+from lmwatch.config import Settings
 from lmwatch.drivers import libvirt_conn, libvirt_events
 from lmwatch.drivers.base import (
     ActionRefused,
@@ -2183,3 +2185,17 @@ async def test_disk_rate_measured_when_the_statistics_give_none(
     await clock.advance(0.9)
     dom.job = {**phase, "disk_processed": 36 * MIB, "disk_remaining": 28 * MIB}
     assert (await driver.sample("m1")).disk_rate == pytest.approx(8 * MIB)
+
+
+def test_shared_storage_and_disks_address_from_the_daemon_config() -> None:
+    settings = Settings(
+        driver="libvirt",
+        hosts={
+            "a": {"uri": "x://a", "shared_storage": ["/mnt/nfs"]},
+            "b": {"uri": "x://b", "disks_address": "tcp://10.1.0.2"},
+        },
+    )
+    drv = build_libvirt_driver(daemon._host_options(settings), VirtualClock())
+    assert drv._hosts["a"].shared_storage == ("/mnt/nfs",)
+    assert drv._hosts["b"].shared_storage == ()
+    assert drv._hosts["b"].disks_address == "tcp://10.1.0.2"

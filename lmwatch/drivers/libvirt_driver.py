@@ -17,6 +17,12 @@
 - Every message that leaves the driver (exceptions, `JobResult.error`/`note`) is
   neutral: lmwatch's words for the operation, a classified cause and libvirt's text
   through `neutral_text`; the raw text goes only to the driver's log.
+- Local disks (writable file/block disks not under a directory both hosts declare
+  in `shared_storage`) move with the instance: pre-flight checks that the
+  destination has an active storage pool with room for them in each disk's
+  directory (libvirt creates them there), `start` copies exactly those disks
+  (non-shared disk mode) to the destination's migration address, and samples
+  report the copy (`disk_*`; memory is copied once the disks are in sync).
 - Everything libvirt-specific (flags, statistics keys, XML) is translated in
   `libvirt_mapping`; `import libvirt` happens on first use, so lmwatch imports
   without libvirt-python installed.

@@ -20,13 +20,15 @@ from pydantic import BaseModel, ValidationError
 from lmwatch import schemas
 from lmwatch.drivers.base import DriverError
 from lmwatch.engine import Engine
+from lmwatch.engine.drains import eta as item_eta
+from lmwatch.engine.drains import fraction
 from lmwatch.errors import ProblemError
 from lmwatch.events import RESYNC, EventHub, HubEvent
 from lmwatch.logs import get_logger
 from lmwatch.metrics import CONTENT_TYPE_LATEST, Metrics
 from lmwatch.model import MigrationRequest, State
 from lmwatch.profiles import ProfileError, ProfileRegistry, SelectionError
-from lmwatch.store import StoreError, StoreUnwritable
+from lmwatch.store import DrainRecord, ItemState, StoreError, StoreUnwritable
 
 log = get_logger("lmwatch.api")
 
@@ -303,6 +305,7 @@ async def create_migration(request: web.Request) -> web.Response:
             destination=body.destination,
             labels=dict(body.labels),
             profile=body.profile,
+            force=body.force,
         ),
         key,
     )
@@ -381,6 +384,73 @@ async def cancel_migration(request: web.Request) -> web.Response:
     return _json(schemas.migration(record, engine.events(migration_id)), 202)
 
 
+def drain_out(engine: Engine, drain: DrainRecord) -> schemas.Drain:
+    """A drain as the API shows it: each instance with its migration's live progress."""
+    drains = engine.drains
+    entries = []
+    for item in drain.items:
+        record = drains.migration(item)
+        entries.append(
+            schemas.DrainEntry(
+                instance=item.instance,
+                state=item.state.value,
+                migration_id=item.migration_id,
+                destination=item.destination,
+                migration_state=None if record is None else record.state,
+                progress=fraction(item, record),
+                eta_seconds=item_eta(item, record, engine.clock.now()),
+                expected_seconds=item.expected_seconds,
+                memory_bytes=item.memory_bytes,
+                attempts=[schemas.DrainAttempt(destination=d, reason=r) for d, r in item.attempts],
+                reason=item.reason,
+                warning=item.warning,
+            )
+        )
+    moved = sum(1 for i in drain.items if i.state is ItemState.MOVED)
+    return schemas.Drain(
+        id=drain.id,
+        host=drain.host,
+        state=drain.state.value,
+        destinations=None if drain.destinations is None else list(drain.destinations),
+        profile=drain.profile,
+        created_at=schemas.timestamp(drain.created_at),
+        finished_at=schemas.timestamp(drain.finished_at),
+        reason=drain.reason,
+        instances_total=len(drain.items),
+        instances_moved=moved,
+        instances_remaining=len(drain.items) - moved,
+        blocked=[i.instance for i in drain.items if i.state is ItemState.BLOCKED],
+        at_risk=[i.instance for i in drain.items if i.warning and i.state is ItemState.PENDING],
+        eta_seconds=drains.eta(drain),
+        instances=entries,
+    )
+
+
+async def create_drain(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body = await _body(request, schemas.DrainCreate, optional=False)
+    drain = await engine.drains.submit(body.host, body.destinations, body.profile)
+    headers = {"Location": f"/v1/drains/{drain.id}"}
+    return _json(drain_out(engine, drain), 202, headers)
+
+
+async def list_drains(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    answer = schemas.DrainList(drains=[drain_out(engine, d) for d in engine.drains.list()])
+    return _json(answer)
+
+
+async def get_drain(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    return _json(drain_out(engine, engine.drains.get(request.match_info["id"])))
+
+
+async def cancel_drain(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    drain = await engine.drains.cancel(request.match_info["id"])
+    return _json(drain_out(engine, drain), 202)
+
+
 async def list_profiles(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     answer = schemas.ProfilesOut(
@@ -415,6 +485,20 @@ async def explain_profile(request: web.Request) -> web.Response:
         candidates=[schemas.candidate(c) for c in selection.candidates],
     )
     return _json(answer)
+
+
+async def explain_placement(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    instance = request.match_info["instance"]
+    text = request.query.get("destinations")
+    destinations = None
+    if text is not None:
+        destinations = [part.strip(" \t") for part in text.split(",") if part.strip(" \t")]
+        if not destinations:
+            raise _query_error("destinations", f"{text!r} names no host (a,b)")
+    requested = request.query.get("profile") or None
+    placement = await engine.place(instance, destinations=destinations, profile=requested)
+    return _json(schemas.placement_out(placement))
 
 
 async def reload_profiles(request: web.Request) -> web.Response:
@@ -615,9 +699,14 @@ def create_app(
     app.router.add_get("/v1/migrations/{id}", get_migration)
     app.router.add_post("/v1/migrations/{id}/force-complete", force_complete)
     app.router.add_post("/v1/migrations/{id}/cancel", cancel_migration)
+    app.router.add_post("/v1/drains", create_drain)
+    app.router.add_get("/v1/drains", list_drains)
+    app.router.add_get("/v1/drains/{id}", get_drain)
+    app.router.add_post("/v1/drains/{id}/cancel", cancel_drain)
     app.router.add_get("/v1/profiles", list_profiles)
     app.router.add_post("/v1/profiles/reload", reload_profiles)
     app.router.add_get("/v1/instances/{instance}/profile", explain_profile)
+    app.router.add_get("/v1/instances/{instance}/placement", explain_placement)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

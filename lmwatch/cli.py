@@ -19,15 +19,23 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lmwatch.clock import Clock, WallClock
 from lmwatch.render import (
+    DRAIN_HEADERS,
     MIGRATION_HEADERS,
+    PLACEMENT_HEADERS,
     PROFILE_HEADERS,
+    LiveDrain,
     LiveProgress,
     Output,
     decision_lines,
+    drain_detail,
+    drain_row,
+    drain_total_line,
     explain_lines,
     migration_detail,
     migration_row,
     outcome_line,
+    placement_lines,
+    placement_rows,
     profile_rows,
     timeline_entry,
     timeline_lines,
@@ -102,6 +110,13 @@ _labels = _typed(parse_labels, "label")
 _duty = _typed(_fraction, "duty")
 
 
+def _hosts(text: str) -> list[str]:
+    hosts = [part.strip() for part in text.split(",") if part.strip()]
+    if not hosts:
+        raise argparse.ArgumentTypeError(f"{text!r} names no host (a,b)")
+    return hosts
+
+
 def _merge(groups: Sequence[dict[str, str]] | None) -> dict[str, str]:
     merged: dict[str, str] = {}
     for group in groups or ():
@@ -146,10 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", parents=[api], help="start a migration")
     migrate.add_argument("instance")
     migrate.add_argument("--from", dest="source", required=True, metavar="HOST")
-    migrate.add_argument("--to", dest="destination", required=True, metavar="HOST")
+    migrate.add_argument(
+        "--to", dest="destination", metavar="HOST", help="destination (left out: lmwatch chooses)"
+    )
+    migrate.add_argument(
+        "--force",
+        action="store_true",
+        help="with --to: skip the capacity checks (never those protecting the instance)",
+    )
     migrate.add_argument("--label", "--labels", dest="labels", type=_labels, action="append")
     migrate.add_argument("--profile", help="use this profile instead of selecting one")
     migrate.add_argument("--follow", action="store_true", help="show progress until it ends")
+
+    place = commands.add_parser(
+        "place", parents=[api], help="where an instance would be moved now, and why"
+    )
+    place.add_argument("instance")
+    place.add_argument("--destinations", type=_hosts, metavar="HOST,...", help="only these hosts")
+    place.add_argument("--profile", help="use this profile instead of selecting one")
 
     status = commands.add_parser("status", parents=[api], help="list migrations or show one")
     status.add_argument("id", nargs="?", help="migration id (or its first characters)")
@@ -165,6 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", parents=[api], help="stop a migration")
     cancel.add_argument("id")
+
+    drain = commands.add_parser(
+        "drain",
+        parents=[api],
+        help="move every instance off a host (or: --status [ID], --cancel ID)",
+    )
+    drain.add_argument("host", nargs="?", help="host to empty")
+    drain.add_argument(
+        "--destinations",
+        "--to",
+        dest="destinations",
+        nargs="+",
+        metavar="HOST",
+        help="only these hosts may receive its instances (default: lmwatch chooses)",
+    )
+    drain.add_argument("--profile", help="use this profile for every migration of the drain")
+    drain.add_argument(
+        "--follow", action="store_true", help="one live line per instance and a total, until done"
+    )
+    drain.add_argument(
+        "--status",
+        nargs="?",
+        const="",
+        metavar="ID",
+        help="list drains, or show one (id or its first characters)",
+    )
+    drain.add_argument("--cancel", metavar="ID", help="start nothing more for this drain")
 
     profiles = commands.add_parser("profiles", help="availability profiles")
     profile_commands = profiles.add_subparsers(dest="profiles_command", required=True)
@@ -185,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--change-rate", type=_rate, help="memory rewritten per second (base)")
     sim.add_argument("--bandwidth", type=_rate, help="link bandwidth, e.g. 1GiB/s or 10Gbit/s")
     sim.add_argument("--working-set", type=_size, help="memory the instance keeps rewriting")
+    sim.add_argument("--disk", type=_size, default=0, help="local disk moved with it, e.g. 40GiB")
+    sim.add_argument("--disk-writes", type=_rate, default=0.0, help="disk written per second")
     sim.add_argument("--pattern", choices=("constant", "bursty", "growing"), default="constant")
     sim.add_argument("--peak", type=_rate, help="bursty: change rate during a burst")
     sim.add_argument("--period", type=_duration, help="bursty: time between bursts (30s)")
@@ -325,8 +383,12 @@ async def migrate_command(
         args.destination,
         labels=_merge(args.labels) or None,
         profile=args.profile,
+        force=args.force,
     )
     out.line(str(migration.get("id")))
+    placement = migration.get("placement") or {}
+    if args.destination is None and placement:
+        out.line(f"to {migration.get('destination')}: {placement.get('reason', '')}")
     if not args.follow:
         return EXIT_OK
     profile = migration.get("profile") or {}
@@ -440,6 +502,13 @@ async def explain_command(
     return EXIT_OK
 
 
+async def place_command(out: Output, client: Client, args: argparse.Namespace, clock: Clock) -> int:
+    answer = await client.placement(args.instance, args.destinations, args.profile)
+    out.lines(placement_lines(answer))
+    out.table(PLACEMENT_HEADERS, placement_rows(answer))
+    return EXIT_OK if answer.get("destination") else EXIT_FAILED
+
+
 async def list_command(out: Output, client: Client, args: argparse.Namespace, clock: Clock) -> int:
     answer = await client.profiles()
     profiles = answer.get("profiles", []) if isinstance(answer, dict) else list(answer or [])
@@ -449,8 +518,114 @@ async def list_command(out: Output, client: Client, args: argparse.Namespace, cl
     return EXIT_OK
 
 
+async def _find_drain(client: Client, drain_id: str) -> dict[str, Any]:
+    """A drain by full id, or by an unambiguous prefix of it."""
+    from lmwatch.client import ApiError
+
+    try:
+        return await client.get_drain(drain_id)
+    except ApiError as error:
+        if error.status != 404:
+            raise
+        matches = [d for d in await client.drains() if str(d.get("id", "")).startswith(drain_id)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ApiError(
+                404, f"{drain_id!r} is ambiguous", f"it starts {len(matches)} drain ids"
+            ) from error
+        raise
+
+
+def _split_hosts(values: Sequence[str] | None) -> list[str] | None:
+    """`--destinations b c` or `--destinations b,c`."""
+    if not values:
+        return None
+    return [host for value in values for host in value.split(",") if host.strip()]
+
+
+async def drain_command(out: Output, client: Client, args: argparse.Namespace, clock: Clock) -> int:
+    chosen = [
+        name
+        for name, given in (
+            ("HOST", args.host),
+            ("--status", args.status is not None),
+            ("--cancel", args.cancel),
+        )
+        if given
+    ]
+    if len(chosen) != 1:
+        out.error("give exactly one of HOST, --status [ID] or --cancel ID")
+        return EXIT_USAGE
+    if args.cancel:
+        found = await _find_drain(client, args.cancel)
+        drain = await client.cancel_drain(str(found["id"]))
+        out.line(f"drain {drain.get('id')} {drain.get('state')}: {drain.get('reason', '')}")
+        return EXIT_OK
+    if args.status is not None:
+        if not args.status:
+            drains = await client.drains()
+            if not drains:
+                out.line("no drains")
+                return EXIT_OK
+            out.table(DRAIN_HEADERS, [drain_row(d) for d in drains])
+            return EXIT_OK
+        drain = await _find_drain(client, args.status)
+        if args.follow:
+            return await follow_drain(out, client, str(drain["id"]), clock)
+        out.lines(drain_detail(drain))
+        return EXIT_OK
+    drain = await client.drain(args.host, _split_hosts(args.destinations), args.profile)
+    out.line(str(drain.get("id")))
+    for entry in drain.get("instances") or []:
+        if entry.get("state") == "blocked":
+            out.line(f"blocked: {entry.get('instance')}: {entry.get('reason', '')}")
+        elif entry.get("warning"):
+            out.line(f"at risk: {entry.get('instance')}: {entry['warning']}")
+    if not args.follow:
+        if drain.get("state") in _DRAIN_FINISHED:
+            out.line(drain_total_line(drain) + f" ({drain.get('reason', '')})")
+        return EXIT_OK if drain.get("state") != "failed" else EXIT_FAILED
+    return await follow_drain(out, client, str(drain["id"]), clock)
+
+
+_DRAIN_FINISHED = ("completed", "failed", "cancelled")
+
+
+async def follow_drain(
+    out: Output,
+    client: Client,
+    drain_id: str,
+    clock: Clock,
+    interval: float = FOLLOW_INTERVAL,
+) -> int:
+    """Poll a drain until it ends: a live line per instance and a total."""
+    from lmwatch.client import ApiError
+
+    unreachable = 0
+    with LiveDrain(out) as live:
+        while True:
+            try:
+                drain = await client.get_drain(drain_id)
+            except ApiError as error:
+                if error.status != 0 or unreachable >= FOLLOW_RETRIES:
+                    raise
+                unreachable += 1
+                await clock.sleep(interval)
+                continue
+            unreachable = 0
+            live.update(drain)
+            if drain.get("state") in _DRAIN_FINISHED:
+                break
+            await clock.sleep(interval)
+    out.line(f"drain {drain.get('state')}: {drain.get('reason', '')}")
+    return EXIT_OK if drain.get("state") == "completed" else EXIT_FAILED
+
+
 _API_COMMANDS: dict[str, Handler] = {
+    "drain": drain_command,
     "migrate": migrate_command,
+    "place": place_command,
     "status": status_command,
     "force-complete": force_complete_command,
     "cancel": cancel_command,
@@ -532,6 +707,8 @@ async def simulate_command(out: Output, args: argparse.Namespace) -> int:
                 working_set=args.working_set,
                 labels=labels,
                 name=instance,
+                disk=args.disk,
+                disk_writes=args.disk_writes,
             )
         began = time.perf_counter()
         report = await simulate(
@@ -555,8 +732,9 @@ async def simulate_command(out: Output, args: argparse.Namespace) -> int:
     else:
         entry = inventory.instance(instance)
         assert entry is not None
+        disk = f", local disk {format_size(entry.disk)}" if entry.disk else ""
         out.line(
-            f"{instance}: memory {format_size(entry.memory)}, "
+            f"{instance}: memory {format_size(entry.memory)}{disk}, "
             f"{report.source} -> {report.destination} at "
             f"{format_size(inventory.bandwidth(report.source, report.destination))}/s"
         )

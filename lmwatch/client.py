@@ -114,15 +114,17 @@ class Client:
         self,
         instance: str,
         source: str,
-        destination: str,
+        destination: str | None,
         labels: dict[str, str] | None = None,
         profile: str | None = None,
+        force: bool = False,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "instance": instance,
-            "source": source,
-            "destination": destination,
-        }
+        """Start a migration; without `destination` lmwatch chooses one."""
+        body: dict[str, Any] = {"instance": instance, "source": source}
+        if destination is not None:
+            body["destination"] = destination
+        if force:
+            body["force"] = True
         if labels:
             body["labels"] = labels
         if profile:
@@ -153,6 +155,36 @@ class Client:
         )
         return result
 
+    # -- drains -----------------------------------------------------------------
+
+    async def drain(
+        self,
+        host: str,
+        destinations: list[str] | None = None,
+        profile: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"host": host}
+        if destinations:
+            body["destinations"] = destinations
+        if profile:
+            body["profile"] = profile
+        result: dict[str, Any] = await self.request("POST", "/v1/drains", body)
+        return result
+
+    async def drains(self) -> list[dict[str, Any]]:
+        data = await self.request("GET", "/v1/drains")
+        return list(data.get("drains", [])) if isinstance(data, dict) else []
+
+    async def get_drain(self, drain_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request("GET", f"/v1/drains/{_seg(drain_id)}")
+        return result
+
+    async def cancel_drain(self, drain_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            "POST", f"/v1/drains/{_seg(drain_id)}/cancel", {}
+        )
+        return result
+
     # -- profiles ---------------------------------------------------------------
 
     async def profiles(self) -> Any:
@@ -168,6 +200,24 @@ class Client:
         if uuid:
             query.append(f"uuid={quote(uuid)}")
         path = f"/v1/instances/{_seg(instance)}/profile"
+        if query:
+            path += "?" + "&".join(query)
+        result: dict[str, Any] = await self.request("GET", path)
+        return result
+
+    async def placement(
+        self,
+        instance: str,
+        destinations: list[str] | None = None,
+        profile: str | None = None,
+    ) -> dict[str, Any]:
+        """Where lmwatch would move `instance` now, and why (moves nothing)."""
+        query = []
+        if destinations:
+            query.append("destinations=" + quote(",".join(destinations), safe=","))
+        if profile:
+            query.append(f"profile={quote(profile)}")
+        path = f"/v1/instances/{_seg(instance)}/placement"
         if query:
             path += "?" + "&".join(query)
         result: dict[str, Any] = await self.request("GET", path)

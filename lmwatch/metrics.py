@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -46,6 +47,14 @@ class Metrics:
             ["state", "method"],
             registry=r,
         )
+        self.placements = Counter(
+            "lmwatch_placements",
+            "Migrations accepted, by how their destination was placed (chosen, named or forced).",
+            ["how"],
+            registry=r,
+        )
+        for how in ("chosen", "named", "forced"):
+            self.placements.labels(how)  # each series from zero
         self.decisions = Counter(
             "lmwatch_decisions", "Decisions taken, by action.", ["action"], registry=r
         )
@@ -99,6 +108,19 @@ class Metrics:
             labels,
             registry=r,
         )
+        self.disk_remaining = Gauge(
+            "lmwatch_migration_disk_remaining_bytes",
+            "Local disk still to copy before the disks are in sync (0 when in sync or "
+            "when the instance has no local disks).",
+            labels,
+            registry=r,
+        )
+        self.disk_rate = Gauge(
+            "lmwatch_migration_disk_rate_bytes_per_second",
+            "Bytes per second the copy of local disks moves.",
+            labels,
+            registry=r,
+        )
         self.eta = Gauge(
             "lmwatch_migration_eta_seconds",
             "Predicted time to completion (NaN when it will not finish on its own).",
@@ -127,6 +149,16 @@ class Metrics:
         self.store_write_failures = Counter(
             "lmwatch_store_write_failures",
             "Writes to the store that failed (each is kept and retried).",
+            registry=r,
+        )
+        self.drains_active = Gauge(
+            "lmwatch_drains_active", "Drains moving instances off a host now.", registry=r
+        )
+        self.drain_instances = Gauge(
+            "lmwatch_drain_instances",
+            "Instances of each unfinished drain, by drain id, drained host and state "
+            "(pending, submitting, migrating, moved, blocked, failed, cancelled).",
+            ["drain", "host", "state"],
             registry=r,
         )
         self.poll_lag = Histogram(
@@ -182,11 +214,21 @@ class Metrics:
             self.remaining,
             self.transfer_rate,
             self.change_rate,
+            self.disk_remaining,
+            self.disk_rate,
             self.eta,
             self.predicted_blackout,
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
+
+    def drains(self, active: int, instances: Mapping[tuple[str, str, str], int]) -> None:
+        """The unfinished drains now: how many, and their instances by (drain, host,
+        state); a finished drain's series go."""
+        self.drains_active.set(active)
+        self.drain_instances.clear()
+        for (drain, host, state), count in instances.items():
+            self.drain_instances.labels(drain, host, state).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

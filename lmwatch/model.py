@@ -77,9 +77,12 @@ class Method(StrEnum):
 class MigrationRequest:
     instance: str
     source: str
-    destination: str
+    destination: str | None  # None: lmwatch chooses (see `policies.placement.choose`)
     labels: Mapping[str, str] = field(default_factory=dict)
     profile: str | None = None  # explicit profile name; overrides selection
+    # With a named destination: skip the capacity checks (free memory, reservations),
+    # never those protecting the instance (CPU, pinning, devices, name taken).
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,19 @@ class InstanceInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     # Bytes of disk local to its host that must move with it (0: storage is shared).
     local_disk_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HostInfo:
+    """What the driver knows about a host as a destination.
+
+    `free_memory` is what the hypervisor reports free for incoming instances; it never
+    subtracts what lmwatch's queued or running migrations reserve there (the engine's
+    placement owns "free minus reserved", see `lmwatch.engine.placing`)."""
+
+    name: str
+    free_memory: int | None  # bytes; None when the host does not say
+    instances: tuple[InstanceInfo, ...] = ()  # running there now
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +195,9 @@ class Rule(StrEnum):
 
     PAUSE_OUTLASTS_BOUND = "pause-outlasts-bound"
     PAST_COPYING = "past-copying"
+    DISKS_NEVER_SYNC = "disks-never-sync"
+    DISKS_MISS_DEADLINE = "disks-miss-deadline"
+    DISK_COPY = "disk-copy"
     OPERATOR_FINISH = "operator-finish"
     OPERATOR_CANCEL = "operator-cancel"
     BUDGET_OVER_LIMIT = "budget-over-limit"
@@ -186,6 +205,7 @@ class Rule(StrEnum):
     NO_PROGRESS_YET = "no-progress-yet"
     FIRST_PASS = "first-pass"
     CONVERGES = "converges"
+    PAUSE_CHEAPER_THAN_SLOWING = "pause-cheaper-than-slowing"
     RAISE_BUDGET = "raise-budget"
     FINISH_WITHIN_BOUNDS = "finish-within-bounds"
     ONE_PASS_HOPEFUL = "one-pass-hopeful"

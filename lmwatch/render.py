@@ -146,12 +146,32 @@ def method_text(migration: Json) -> str:
 # -- lines ----------------------------------------------------------------------------
 
 
+def disk_line(disk: Json) -> str:
+    """The local disks that move with the instance: how much of them is still to copy."""
+    total = format_size(disk.get("total_bytes"))
+    if disk.get("in_sync"):
+        return f"{total} local, in sync (mirrored; memory is copied)"
+    return (
+        f"{total} local, {format_size(disk.get('remaining_bytes'))} still to copy at "
+        f"{rate(disk.get('rate_bytes_per_second'))} ({percent(disk.get('percent_copied'))} "
+        "copied); memory is copied once they are in sync"
+    )
+
+
 def progress_line(migration: Json) -> str:
     """One line: state, % copied, pass, rates, ETA, predicted blackout."""
     progress = _progress(migration)
     prediction = _prediction(migration)
     parts = [str(migration.get("state", "?"))]
-    if progress:
+    disk = progress.get("disk") if progress else None
+    if disk and not disk.get("in_sync"):
+        # the disks are copied first: memory shows no progress yet
+        parts += [
+            f"disks {percent(disk.get('percent_copied'))} copied",
+            f"{format_size(disk.get('remaining_bytes'))} left at "
+            f"{rate(disk.get('rate_bytes_per_second'))}",
+        ]
+    elif progress:
         parts += [
             f"{percent(progress.get('percent_copied'))} copied",
             f"pass {progress.get('passes', '-')}",
@@ -234,6 +254,9 @@ def copied_text(migration: Json) -> str:
     """% copied while running; after the end the outcome says more than the last sample."""
     if _finished(migration):
         return "-"
+    disk = _progress(migration).get("disk") or {}
+    if disk and not disk.get("in_sync"):
+        return f"disks {percent(disk.get('percent_copied'))}"
     return percent(_progress(migration).get("percent_copied"))
 
 
@@ -261,6 +284,9 @@ def migration_detail(migration: Json) -> list[str]:
         f"state      {migration.get('state')}",
         f"profile    {profile.get('name', '-')}: {profile.get('reason', '')}",
     ]
+    placement = migration.get("placement") or {}
+    if placement:
+        lines.append(f"placement  {placement.get('how')}: {placement.get('reason', '')}")
     labels = migration.get("labels") or {}
     if labels:
         lines.append("labels     " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())))
@@ -269,6 +295,9 @@ def migration_detail(migration: Json) -> list[str]:
             lines.append(f"{field.removesuffix('_at'):<10} {migration[field]}")
     if migration.get("progress") and not _finished(migration):
         lines.append(f"progress   {progress_line(migration)}")
+    disk = _progress(migration).get("disk")
+    if disk:
+        lines.append(f"disks      {disk_line(disk)}")
     prediction = _prediction(migration)
     if prediction and not _finished(migration):
         converges = prediction.get("converges")
@@ -299,6 +328,50 @@ def decision_lines(result: Json) -> list[str]:
     if migration:
         lines.append(f"migration {migration.get('id')} is {migration.get('state')}")
     return lines
+
+
+PLACEMENT_HEADERS = ("host", "free", "reserved", "available", "link", "in/out", "verdict")
+
+
+def _size(value: Any) -> str:
+    return "-" if value is None else format_size(int(value))
+
+
+def placement_rows(answer: Json) -> list[list[str]]:
+    """One row per host considered: its figures and whether it was chosen, and why not."""
+    rows = []
+    chosen = answer.get("destination")
+    for candidate in answer.get("candidates") or []:
+        host = str(candidate.get("host", "?"))
+        count = int(candidate.get("reservations") or 0)
+        reserved = f"{_size(candidate.get('reserved'))} ({count})" if count else "-"
+        if host == chosen:
+            verdict = "chosen"
+        elif candidate.get("accepted"):
+            verdict = "fits"
+        else:
+            verdict = f"rejected: {candidate.get('reason', '')}"
+        rows.append(
+            [
+                host,
+                _size(candidate.get("free_memory")),
+                reserved,
+                _size(candidate.get("available")),
+                rate(candidate.get("bandwidth")),
+                f"{candidate.get('arriving', 0)}/{candidate.get('leaving', 0)}",
+                verdict,
+            ]
+        )
+    return rows
+
+
+def placement_lines(answer: Json) -> list[str]:
+    """The explain-placement answer: where to, and why, above the hosts' table."""
+    where = answer.get("destination") or "no host"
+    return [
+        f"{answer.get('instance')} on {answer.get('source')}: {where}",
+        f"  why: {answer.get('reason', '')}",
+    ]
 
 
 def explain_lines(answer: Json) -> list[str]:
@@ -406,7 +479,12 @@ class LiveProgress:
             return
         if _finished(migration):
             return  # the outcome line follows
-        key = (migration.get("state"), _progress(migration).get("passes"))
+        disk = _progress(migration).get("disk") or {}
+        key = (
+            migration.get("state"),
+            _progress(migration).get("passes"),
+            None if disk.get("in_sync", True) else int(disk.get("percent_copied") or 0) // 10,
+        )
         if key != self._last_plain:
             self._last_plain = key
             self.output.line(progress_line(migration))
@@ -416,11 +494,155 @@ def live_view(migration: Json) -> Group:
     """Two lines: state, bar and percent; then pass, rates, ETA and predicted blackout."""
     progress = _progress(migration)
     copied = float(progress.get("percent_copied") or 0.0)
+    state = str(migration.get("state", "?"))
+    disk = progress.get("disk") or {}
+    if disk and not disk.get("in_sync"):  # the bar follows the disk copy until it is in sync
+        copied = float(disk.get("percent_copied") or 0.0)
+        state += " (disks)"
     top = Table.grid(padding=(0, 1))
     top.add_row(
-        Text(str(migration.get("state", "?")), style="bold"),
+        Text(state, style="bold"),
         ProgressBar(total=100.0, completed=copied, width=30),
         Text(f"{copied:5.1f}%"),
     )
     details = progress_line(migration).split("  ", 2)[-1] if progress else ""
     return Group(top, Text(details))
+
+
+# -- drains ----------------------------------------------------------------------------
+
+DRAIN_HEADERS = ("ID", "HOST", "STATE", "MOVED", "BLOCKED", "ETA", "CREATED")
+_DRAIN_DONE = ("completed", "failed", "cancelled")
+
+
+def _eta_seconds(value: Any) -> str:
+    return "-" if value is None else format_duration(float(value))
+
+
+def drain_row(drain: Json) -> list[str]:
+    created = seconds_of(drain.get("created_at"))
+    when = datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M:%S") if created else "-"
+    return [
+        short_id(str(drain.get("id", ""))),
+        str(drain.get("host", "")),
+        str(drain.get("state", "")),
+        f"{drain.get('instances_moved', 0)}/{drain.get('instances_total', 0)}",
+        ", ".join(drain.get("blocked") or []) or "-",
+        "-" if drain.get("state") in _DRAIN_DONE else _eta_seconds(drain.get("eta_seconds")),
+        when,
+    ]
+
+
+def drain_entry_line(entry: Json) -> str:
+    """One instance of a drain: `name  state  NN%  -> destination  ETA  reason`."""
+    state = str(entry.get("state", "?"))
+    parts = [str(entry.get("instance", "?")), state]
+    if state in ("migrating", "submitting"):
+        parts.append(f"{100 * float(entry.get('progress') or 0):.0f}%")
+        if entry.get("migration_state"):
+            parts.append(f"({entry['migration_state']})")
+    if entry.get("destination"):
+        parts.append(f"-> {entry['destination']}")
+    if state in ("pending", "migrating", "submitting"):
+        parts.append(f"ETA {_eta_seconds(entry.get('eta_seconds'))}")
+    if state in ("blocked", "failed") or (state == "moved" and not entry.get("migration_id")):
+        parts.append(f"- {entry.get('reason', '')}")
+    elif state == "pending" and entry.get("warning"):
+        parts.append(f"- at risk: {entry['warning']}")
+    return "  ".join(parts)
+
+
+def drain_total_line(drain: Json) -> str:
+    moved, total = drain.get("instances_moved", 0), drain.get("instances_total", 0)
+    text = f"drain {drain.get('host')}: {drain.get('state')}, {moved}/{total} moved"
+    if drain.get("blocked"):
+        text += f", blocked: {', '.join(drain['blocked'])}"
+    if drain.get("at_risk"):
+        text += f", at risk: {', '.join(drain['at_risk'])}"
+    if drain.get("state") not in _DRAIN_DONE:
+        text += f", empty in {_eta_seconds(drain.get('eta_seconds'))}"
+    return text
+
+
+def drain_detail(drain: Json) -> list[str]:
+    lines = [
+        f"drain {drain.get('id')}",
+        drain_total_line(drain),
+        f"reason: {drain.get('reason', '')}",
+    ]
+    if drain.get("destinations"):
+        lines.append(f"destinations: {', '.join(drain['destinations'])}")
+    if drain.get("profile"):
+        lines.append(f"profile: {drain['profile']}")
+    for entry in drain.get("instances") or []:
+        lines.append("  " + drain_entry_line(entry))
+        for attempt in entry.get("attempts") or []:
+            lines.append(f"      tried {attempt.get('destination')}: {attempt.get('reason')}")
+    return lines
+
+
+def drain_view(drain: Json) -> Group:
+    """One live line per instance (bar, state, destination, ETA) and a total bar."""
+    grid = Table.grid(padding=(0, 1))
+    for entry in drain.get("instances") or []:
+        done = 100.0 * float(entry.get("progress") or 0.0)
+        grid.add_row(
+            Text(str(entry.get("instance", "?")), style="bold"),
+            ProgressBar(total=100.0, completed=done, width=20),
+            Text(drain_entry_line(entry).split("  ", 1)[-1]),
+        )
+    total = int(drain.get("instances_total") or 0)
+    moved = int(drain.get("instances_moved") or 0)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        Text("total", style="bold"),
+        ProgressBar(total=float(max(total, 1)), completed=float(moved), width=40),
+        Text(drain_total_line(drain)),
+    )
+    return Group(grid, bar)
+
+
+class LiveDrain:
+    """The `drain --follow` display: live lines on a terminal, change-only lines
+    otherwise (an instance's state, destination or tenth of progress; the total)."""
+
+    def __init__(self, output: Output) -> None:
+        self.output = output
+        self._live: Live | None = None
+        self._seen: dict[str, tuple[Any, ...]] = {}
+        self._total: tuple[Any, ...] | None = None
+
+    def __enter__(self) -> LiveDrain:
+        if self.output.rich:
+            self._live = Live(
+                Text("waiting for the drain"),
+                console=self.output.console,
+                auto_refresh=False,
+                transient=False,
+            )
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def update(self, drain: Json) -> None:
+        if self._live is not None:
+            self._live.update(drain_view(drain), refresh=True)
+            return
+        for entry in drain.get("instances") or []:
+            key = (
+                entry.get("state"),
+                entry.get("destination"),
+                entry.get("migration_state"),
+                int(10 * float(entry.get("progress") or 0.0)),
+            )
+            name = str(entry.get("instance"))
+            if self._seen.get(name) != key:
+                self._seen[name] = key
+                self.output.line(drain_entry_line(entry))
+        total = (drain.get("state"), drain.get("instances_moved"))
+        if total != self._total:
+            self._total = total
+            self.output.line(drain_total_line(drain))

@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 
 from lmwatch.model import Action, Method, State
+from lmwatch.policies.placement import Placement
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import Event, MigrationRecord
 
@@ -64,21 +65,33 @@ class _Response(BaseModel):
 
 class MigrationCreate(_Request):
     """Ask lmwatch to migrate an instance. `source` and `destination` must differ
-    (JSON Schema cannot say so; a body with the same host twice is answered 422)."""
+    (JSON Schema cannot say so; a body with the same host twice is answered 422).
+    Without `destination` lmwatch chooses one; `force` needs a destination (else 422)."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-distinct": [["source", "destination"]],
-            "examples": [{"instance": "web-1", "source": "host-a", "destination": "host-b"}],
+            # force needs a named destination
+            "if": {"properties": {"force": {"const": True}}, "required": ["force"]},
+            "then": {
+                "required": ["destination"],
+                "properties": {"destination": {"type": "string"}},
+            },
+            "examples": [
+                {"instance": "web-1", "source": "host-a", "destination": "host-b"},
+                {"instance": "web-1", "source": "host-a"},
+            ],
         }
     )
 
     instance: str = Field(min_length=1, max_length=255, description="Instance name or uuid.")
     source: str = Field(min_length=1, max_length=255, description="Host it runs on now.")
-    destination: str = Field(
+    destination: str | None = Field(
+        default=None,
         min_length=1,
         max_length=255,
-        description="Host to move it to; not the source (else 422).",
+        description="Host to move it to; not the source (else 422). Left out: lmwatch "
+        "chooses among every configured host (see GET /v1/instances/{instance}/placement).",
     )
     labels: dict[str, str] = Field(
         default_factory=dict,
@@ -90,10 +103,20 @@ class MigrationCreate(_Request):
         description="Name of a loaded profile (else 422); overrides selection.",
     )
 
+    force: StrictBool = Field(
+        default=False,
+        description="With a destination: skip the capacity checks (free memory and what "
+        "queued and running migrations reserve there), never the checks protecting the "
+        "instance (CPU, pinning, devices, name taken) nor the group rule. Recorded in the "
+        "timeline and the metrics.",
+    )
+
     @model_validator(mode="after")
     def _two_hosts(self) -> MigrationCreate:
         if self.source == self.destination:
             raise ValueError("source and destination are the same host")
+        if self.force and self.destination is None:
+            raise ValueError("force needs a named destination")
         return self
 
 
@@ -106,6 +129,39 @@ class ForceCompleteRequest(_Request):
     )
 
 
+class DrainCreate(_Request):
+    """Move every instance off a host. `destinations` must not name the host itself
+    (JSON Schema cannot say so; such a body is answered 422)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-not-containing": [["destinations", "host"]],
+            "examples": [{"host": "host-a"}, {"host": "host-a", "destinations": ["host-b"]}],
+        }
+    )
+
+    host: str = Field(min_length=1, max_length=255, description="Host to empty.")
+    destinations: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Only these hosts may receive its instances (each known, else 404; "
+        "not the drained host, else 422). Left out: lmwatch chooses among all hosts.",
+    )
+    profile: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of a loaded profile (else 422) for every migration of the drain; "
+        "left out: each instance's own profile is selected.",
+    )
+
+    @model_validator(mode="after")
+    def _not_itself(self) -> DrainCreate:
+        if self.destinations is not None and self.host in self.destinations:
+            raise ValueError(f"destinations include the drained host {self.host} itself")
+        return self
+
+
 # --- responses ----------------------------------------------------------------------
 
 
@@ -113,6 +169,20 @@ class ProfileApplied(_Response):
     name: str
     reason: str = Field(description="Why this profile applies.")
     requested: str | None = Field(description="Profile named in the request, if any.")
+
+
+class DiskProgress(_Response):
+    """The copy of the instance's local disks: copied first, while it runs; once in
+    sync they stay mirrored and memory is copied."""
+
+    total_bytes: int
+    remaining_bytes: int = Field(description="Still to copy before the disks are in sync.")
+    percent_copied: float = Field(ge=0, le=100)
+    rate_bytes_per_second: float = Field(description="How fast the disk copy moves.")
+    in_sync: bool = Field(
+        description="The disks are whole on the destination; memory is copied only then, "
+        "and nothing stops or moves the instance before."
+    )
 
 
 class Progress(_Response):
@@ -125,6 +195,11 @@ class Progress(_Response):
     change_rate_bytes_per_second: float
     blackout_budget_seconds: float
     slowdown: float = Field(description="Fraction of guest CPU taken away (0..1).")
+    disk: DiskProgress | None = Field(
+        default=None,
+        description="The instance's local disks that move with it; null when it has none "
+        "(its storage is shared).",
+    )
 
 
 class PredictionOut(_Response):
@@ -154,6 +229,13 @@ class Outcome(_Response):
     error: str | None
 
 
+class PlacementApplied(_Response):
+    """How the destination was placed: chosen by lmwatch, named (and checked), or forced."""
+
+    how: Literal["chosen", "named", "forced"]
+    reason: str
+
+
 class MigrationSummary(_Response):
     """A migration without its decision timeline (as listed)."""
 
@@ -171,6 +253,10 @@ class MigrationSummary(_Response):
     progress: Progress | None
     prediction: PredictionOut | None
     outcome: Outcome | None
+    placement: PlacementApplied | None = Field(
+        description="How the destination was placed; null for migrations accepted before "
+        "lmwatch recorded it."
+    )
 
 
 class Migration(MigrationSummary):
@@ -222,6 +308,34 @@ class ProfileSelectionOut(_Response):
     profile: Profile
     reason: str
     candidates: list[Candidate] = Field(description="Profiles considered, best first.")
+
+
+class PlacementCandidate(_Response):
+    """One host considered as a destination, as seen when asked."""
+
+    host: str
+    accepted: bool = Field(description="Whether it could take the instance.")
+    reason: str | None = Field(description="Why not, when rejected.")
+    free_memory: int | None = Field(description="Bytes the host reports free; null: unknown.")
+    reserved: int = Field(description="Bytes queued and running migrations to it reserve.")
+    reservations: int = Field(description="Migrations holding those reservations.")
+    available: int | None = Field(description="free_memory less reserved; null: unknown.")
+    handover: bool = Field(description="Whether the pair can hand over early.")
+    bandwidth: float | None = Field(description="Bytes/s from the source, when known.")
+    arriving: int = Field(description="Migrations queued or running to it.")
+    leaving: int = Field(description="Migrations queued or running from it.")
+    groups: list[str] = Field(description="`group` labels of instances there or arriving.")
+
+
+class PlacementOut(_Response):
+    """Where lmwatch would move an instance now, and why; nothing is moved."""
+
+    instance: str
+    source: str
+    destination: str | None = Field(description="The chosen host; null when none fits.")
+    reason: str
+    rejected: dict[str, str] = Field(description="Host -> why it was rejected.")
+    candidates: list[PlacementCandidate] = Field(description="Every host considered, by name.")
 
 
 class ReloadOut(_Response):
@@ -287,6 +401,79 @@ class ResyncEventData(_Response):
     reason: str
 
 
+class DrainAttempt(_Response):
+    destination: str
+    reason: str = Field(description="Why the instance did not move there.")
+
+
+class DrainEntry(_Response):
+    """One instance of a drain: where its move stands."""
+
+    instance: str
+    state: Literal[
+        "pending", "submitting", "migrating", "moved", "blocked", "failed", "cancelled"
+    ] = Field(
+        description="pending: waiting for a slot; submitting/migrating: its migration is "
+        "being handed over / under way; moved: off the host; blocked: no host can take it "
+        "(`reason` says why); failed: its migration ended without moving it and is not "
+        "retried (e.g. its profile cancelled it); cancelled: the drain was cancelled first."
+    )
+    migration_id: str | None = Field(description="Its current migration (GET /v1/migrations/{id}).")
+    destination: str | None
+    migration_state: State | None = Field(description="State of that migration.")
+    progress: float = Field(ge=0, le=1, description="Fraction of its memory copied (1: moved).")
+    eta_seconds: float | None = Field(
+        description="Seconds until its move ends: the migration's prediction while it runs "
+        "(its deadline when it will not finish on its own), the expected duration before; "
+        "null when nothing says."
+    )
+    expected_seconds: float = Field(description="Expected duration of its move (the ordering).")
+    memory_bytes: int
+    attempts: list[DrainAttempt] = Field(description="Destinations tried before, and why not.")
+    reason: str = Field(description="What happened to it last, in words.")
+    warning: str = Field(
+        description="Said at submission: why it may find no room at its turn (the hosts' "
+        "room once the instances before it are placed); empty when none. It is still tried."
+    )
+
+
+class Drain(_Response):
+    """A drain: every instance off one host, in the order they are started."""
+
+    id: str
+    host: str
+    state: Literal["running", "cancelling", "completed", "failed", "cancelled"] = Field(
+        description="completed: the host is empty (or was); failed: it ended with "
+        "instances still on the host (their entries say why); cancelling: nothing more is "
+        "started, migrations under way go on."
+    )
+    destinations: list[str] | None
+    profile: str | None
+    created_at: Timestamp
+    finished_at: Timestamp | None
+    reason: str
+    instances_total: int
+    instances_moved: int
+    instances_remaining: int = Field(description="Instances still on the host.")
+    blocked: list[str] = Field(
+        description="Instances that cannot leave (no host can take them, or they cannot "
+        "move); known at submission for those no host can take now."
+    )
+    at_risk: list[str] = Field(
+        description="Instances not started yet that will likely find no room once those "
+        "before them are placed (each entry's `warning` says why); still tried."
+    )
+    eta_seconds: float | None = Field(
+        description="Seconds until the host is empty (parallel moves taken into account); "
+        "null when a running migration will not finish on its own and has no deadline."
+    )
+    instances: list[DrainEntry]
+
+
+class DrainList(_Response):
+    drains: list[Drain]
+
+
 class FieldError(_Response):
     loc: list[str | int] = Field(description="Where: body/query/header, then field path.")
     message: str
@@ -339,6 +526,21 @@ def _progress(data: Mapping[str, Any] | None) -> Progress | None:
         change_rate_bytes_per_second=float(data.get("change_rate") or 0.0),
         blackout_budget_seconds=float(data.get("blackout_budget") or 0.0),
         slowdown=float(data.get("slowdown") or 0.0),
+        disk=_disk_progress(data),
+    )
+
+
+def _disk_progress(data: Mapping[str, Any]) -> DiskProgress | None:
+    total = int(data.get("disk_total") or 0)
+    if total <= 0:
+        return None
+    remaining = int(data.get("disk_remaining") or 0)
+    return DiskProgress(
+        total_bytes=total,
+        remaining_bytes=remaining,
+        percent_copied=min(100.0, max(0.0, 100.0 * (total - remaining) / total)),
+        rate_bytes_per_second=float(data.get("disk_rate") or 0.0),
+        in_sync=remaining <= 0,
     )
 
 
@@ -414,7 +616,14 @@ def _summary_fields(record: MigrationRecord) -> dict[str, Any]:
         "progress": _progress(record.progress),
         "prediction": _prediction(progress.get("prediction")),
         "outcome": _outcome(record.outcome),
+        "placement": _placement(record.placement),
     }
+
+
+def _placement(data: Mapping[str, Any] | None) -> PlacementApplied | None:
+    if not data or data.get("how") not in ("chosen", "named", "forced"):
+        return None
+    return PlacementApplied(how=data["how"], reason=str(data.get("reason", "")))
 
 
 def migration_summary(record: MigrationRecord) -> MigrationSummary:
@@ -427,6 +636,34 @@ def migration(record: MigrationRecord, events: Iterable[Event]) -> Migration:
     )
 
 
+def placement_out(placement: Placement) -> PlacementOut:
+    """The answer of the explain call."""
+    return PlacementOut(
+        instance=placement.instance,
+        source=placement.source,
+        destination=placement.host,
+        reason=placement.reason,
+        rejected=dict(placement.rejected),
+        candidates=[
+            PlacementCandidate(
+                host=c.host,
+                accepted=c.host not in placement.rejected,
+                reason=placement.rejected.get(c.host),
+                free_memory=c.free_memory,
+                reserved=c.reserved,
+                reservations=c.reservations,
+                available=c.available,
+                handover=c.handover,
+                bandwidth=c.bandwidth,
+                arriving=c.arriving,
+                leaving=c.leaving,
+                groups=sorted(c.groups),
+            )
+            for c in sorted(placement.candidates, key=lambda c: c.host)
+        ],
+    )
+
+
 def candidate(value: tuple[str, str]) -> Candidate:
     """One entry of a selection's candidate list: (profile name, why it matched or not)."""
     name, reason = value
@@ -435,13 +672,18 @@ def candidate(value: tuple[str, str]) -> Candidate:
 
 # --- OpenAPI ------------------------------------------------------------------------
 
-_REQUEST_MODELS: tuple[type[BaseModel], ...] = (MigrationCreate, ForceCompleteRequest)
+_REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    MigrationCreate,
+    ForceCompleteRequest,
+    DrainCreate,
+)
 _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Migration,
     MigrationList,
     ForceCompleteResponse,
     ProfilesOut,
     ProfileSelectionOut,
+    PlacementOut,
     ReloadOut,
     Health,
     Readiness,
@@ -450,6 +692,8 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ProgressEventData,
     ProfilesEventData,
     ResyncEventData,
+    Drain,
+    DrainList,
 )
 _REF = "#/components/schemas/{model}"
 
@@ -536,6 +780,26 @@ _MIGRATION_LINKS: dict[str, Any] = {
         "operationId": "forceComplete",
         "parameters": _ID_FROM_BODY,
         "description": "Finish it now.",
+    },
+}
+_NO_DRAIN = _problem("No drain with this id.")
+_DRAIN_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "Drain id.",
+}
+_DRAIN_LINKS: dict[str, Any] = {
+    "GetDrain": {
+        "operationId": "getDrain",
+        "parameters": _ID_FROM_BODY,
+        "description": "The drain just created.",
+    },
+    "CancelDrain": {
+        "operationId": "cancelDrain",
+        "parameters": _ID_FROM_BODY,
+        "description": "Stop it.",
     },
 }
 # Every request: what the HTTP layer answers before an operation sees it.
@@ -692,6 +956,72 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/drains": {
+            "post": {
+                "operationId": "createDrain",
+                "summary": "Move every instance off a host, choosing where each goes.",
+                "description": "The instances are ordered longest expected move first and "
+                "handed over as the per-host limits allow; each destination is chosen when "
+                "its turn comes. Instances no host can take now are `blocked` in this answer "
+                "already. A host with nothing on it gives a drain completed at once.",
+                "requestBody": _body(DrainCreate, True),
+                "responses": {
+                    "202": _json(
+                        Drain,
+                        "Accepted.",
+                        headers={
+                            "Location": {
+                                "schema": {"type": "string"},
+                                "description": "/v1/drains/{id}",
+                            }
+                        },
+                        links=_DRAIN_LINKS,
+                    ),
+                    "400": _MALFORMED,
+                    "401": _UNAUTHORIZED,
+                    "404": _problem("Unknown host (the drained one or a destination)."),
+                    "409": _problem("The host is already draining."),
+                    "422": _problem(
+                        "The body does not validate, names the drained host among the "
+                        "destinations, or names a profile that is not loaded."
+                    ),
+                    "503": _problem(
+                        "A host or the hypervisor does not answer, or the store cannot be "
+                        "written now; nothing was accepted; retry later."
+                    ),
+                },
+            },
+            "get": {
+                "operationId": "listDrains",
+                "summary": "Every drain, oldest first.",
+                "responses": {"200": _json(DrainList, "Drains.")},
+            },
+        },
+        "/v1/drains/{id}": {
+            "get": {
+                "operationId": "getDrain",
+                "summary": "A drain: each instance's move (progress, ETA) and the drain's ETA.",
+                "parameters": [_DRAIN_ID],
+                "responses": {
+                    "200": _json(Drain, "The drain."),
+                    "404": _NO_DRAIN,
+                },
+            }
+        },
+        "/v1/drains/{id}/cancel": {
+            "post": {
+                "operationId": "cancelDrain",
+                "summary": "Start nothing more; migrations under way finish or end per "
+                "their profiles.",
+                "parameters": [_DRAIN_ID],
+                "responses": {
+                    "202": _json(Drain, "Cancelling (or cancelled when nothing was under way)."),
+                    "401": _UNAUTHORIZED,
+                    "404": _NO_DRAIN,
+                    "409": _problem("The drain has already ended."),
+                },
+            }
+        },
         "/v1/profiles": {
             "get": {
                 "operationId": "listProfiles",
@@ -751,6 +1081,43 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json(ProfileSelectionOut, "The selection."),
                     "404": _problem("Unknown instance."),
+                    "422": _INVALID,
+                    "503": _UNAVAILABLE,
+                },
+            }
+        },
+        "/v1/instances/{instance}/placement": {
+            "get": {
+                "operationId": "explainPlacement",
+                "summary": "Where lmwatch would move an instance now, and why (moves nothing).",
+                "parameters": [
+                    {
+                        "name": "instance",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "destinations",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": "[^, \\t]"},
+                        "description": "Only these hosts, `a,b` (each a known host, else "
+                        "404; spaces and tabs around names dropped); by default every "
+                        "configured host but the source.",
+                    },
+                    {
+                        "name": "profile",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "A profile name a request would name: one of the "
+                        "loaded profiles (else 422).",
+                    },
+                ],
+                "responses": {
+                    "200": _json(PlacementOut, "The placement, with every host's figures."),
+                    "404": _problem("Unknown instance or host."),
                     "422": _INVALID,
                     "503": _UNAVAILABLE,
                 },

@@ -65,11 +65,14 @@ def scenario(
     working_set: int | None = None,
     labels: Mapping[str, str] | None = None,
     name: str = DEFAULT_INSTANCE,
+    disk: int = 0,
+    disk_writes: float = 0.0,
 ) -> Inventory:
     """A two-host inventory holding one instance, from what-if parameters.
 
     `change_rate` is bytes/s, or a pattern mapping as in an inventory file
     (e.g. `{"pattern": "bursty", "base": ..., "peak": ..., "period": ...}`).
+    `disk` bytes of local disk (written at `disk_writes` bytes/s) move with it.
     """
     room = max(4 * memory, 1024**3)
     data: dict[str, Any] = {
@@ -89,6 +92,8 @@ def scenario(
                 if isinstance(change_rate, Mapping)
                 else change_rate,
                 "labels": dict(labels or {}),
+                "disk": disk,
+                "disk_writes": disk_writes,
             }
         ],
     }

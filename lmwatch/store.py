@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from lmwatch.model import State
 
 log = get_logger("lmwatch.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,7 +70,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     progress TEXT,
     outcome TEXT,
     idempotency_key TEXT UNIQUE,
-    request_fingerprint TEXT
+    request_fingerprint TEXT,
+    placement TEXT
 );
 CREATE INDEX IF NOT EXISTS migrations_state ON migrations(state);
 CREATE INDEX IF NOT EXISTS migrations_instance ON migrations(instance);
@@ -86,9 +88,19 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT
 );
 CREATE INDEX IF NOT EXISTS events_migration ON events(migration_id, seq);
+CREATE TABLE IF NOT EXISTS drains (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS drains_host ON drains(host, state);
+CREATE INDEX IF NOT EXISTS drains_created ON drains(created_at, id);
 """
 
-_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome")
+_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome", "placement")
 _BOOL_FIELDS = ("paused", "handed_over")
 
 
@@ -224,6 +236,9 @@ class MigrationRecord:
     outcome: Mapping[str, Any] | None = None
     idempotency_key: str | None = None
     request_fingerprint: str | None = None
+    # How the destination was placed: {"how": "chosen"|"named"|"forced", "reason": ...};
+    # None for migrations accepted before placement was recorded.
+    placement: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +251,119 @@ class Event:
     action: str | None = None
     state: str | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
+
+
+class DrainState(StrEnum):
+    """Lifecycle of a drain."""
+
+    RUNNING = "running"  # moving instances off the host
+    CANCELLING = "cancelling"  # nothing new is started; migrations under way go on
+    COMPLETED = "completed"  # every instance left the host (or there was none)
+    FAILED = "failed"  # it ended with instances still on the host; their entries say why
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (DrainState.COMPLETED, DrainState.FAILED, DrainState.CANCELLED)
+
+
+class ItemState(StrEnum):
+    """Where one instance of a drain stands."""
+
+    PENDING = "pending"  # waiting for a slot (not handed to the engine yet)
+    SUBMITTING = "submitting"  # destination chosen and recorded; being handed over
+    MIGRATING = "migrating"  # its migration is queued or running
+    MOVED = "moved"  # it runs on its destination
+    BLOCKED = "blocked"  # no destination can take it (the reason says why)
+    FAILED = "failed"  # its migration ended without moving it and is not retried
+    CANCELLED = "cancelled"  # the drain was cancelled before it was started
+
+    @property
+    def finished(self) -> bool:
+        return self in (ItemState.MOVED, ItemState.BLOCKED, ItemState.FAILED, ItemState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class DrainItem:
+    instance: str
+    memory_bytes: int
+    expected_seconds: float  # expected duration of its move (the ordering's estimate)
+    state: ItemState = ItemState.PENDING
+    migration_id: str | None = None  # current (latest) migration
+    destination: str | None = None
+    attempts: tuple[tuple[str, str], ...] = ()  # (destination, why it did not move there)
+    reason: str = ""  # the last thing that happened to it, in words
+    warning: str = ""  # said at submission: why it may not find room at its turn
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "memory_bytes": self.memory_bytes,
+            "expected_seconds": self.expected_seconds,
+            "state": self.state.value,
+            "migration_id": self.migration_id,
+            "destination": self.destination,
+            "attempts": [list(a) for a in self.attempts],
+            "reason": self.reason,
+            "warning": self.warning,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DrainItem:
+        return cls(
+            instance=str(data["instance"]),
+            memory_bytes=int(data["memory_bytes"]),
+            expected_seconds=float(data["expected_seconds"]),
+            state=ItemState(data["state"]),
+            migration_id=data.get("migration_id"),
+            destination=data.get("destination"),
+            attempts=tuple((str(d), str(r)) for d, r in data.get("attempts", ())),
+            reason=str(data.get("reason", "")),
+            warning=str(data.get("warning", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRecord:
+    id: str
+    host: str
+    state: DrainState
+    created_at: float
+    items: tuple[DrainItem, ...]  # in drain order (the order they are started in)
+    destinations: tuple[str, ...] | None = None  # only these hosts; None: any
+    profile: str | None = None
+    finished_at: float | None = None
+    reason: str = ""  # how it ended, or what it is doing
+
+    def body(self) -> str:
+        return json.dumps(
+            {
+                "items": [item.as_json() for item in self.items],
+                "destinations": None if self.destinations is None else list(self.destinations),
+                "profile": self.profile,
+                "reason": self.reason,
+            },
+            sort_keys=True,
+        )
+
+
+def _drain_from_row(row: sqlite3.Row) -> DrainRecord:
+    try:
+        body = json.loads(row["body"])
+        destinations = body.get("destinations")
+        return DrainRecord(
+            id=row["id"],
+            host=row["host"],
+            state=DrainState(row["state"]),
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+            items=tuple(DrainItem.from_json(item) for item in body["items"]),
+            destinations=None if destinations is None else tuple(destinations),
+            profile=body.get("profile"),
+            reason=body.get("reason", ""),
+        )
+    except (ValueError, TypeError, KeyError) as error:
+        raise StoreError(f"store row for drain {row['id']} cannot be read: {error}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +437,9 @@ class Store:
         with self._transaction():
             if version < 2:  # version 1 had no instance uuid
                 self._db.execute("ALTER TABLE migrations ADD COLUMN uuid TEXT")
+            if version < 3:  # version 2 did not say how the destination was placed
+                self._db.execute("ALTER TABLE migrations ADD COLUMN placement TEXT")
+            # version 4 added the drains table (created above, IF NOT EXISTS)
             self._db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -731,6 +862,67 @@ class Store:
                 Event(seq, migration_id, at, kind, reason, action, state, dict(data or {}))
             )
         return events
+
+    # -- drains -----------------------------------------------------------------
+
+    def insert_drain(self, drain: DrainRecord) -> None:
+        """Persist a new drain (flushed); StoreUnwritable when it cannot be written:
+        a drain is acknowledged only once it is on disk."""
+        problem = self.problem()
+        if problem is not None:
+            raise StoreUnwritable(problem)
+        try:
+            with self._flushed(), self._transaction():
+                self._db.execute(
+                    "INSERT INTO drains(id, host, state, created_at, finished_at, body) "
+                    "VALUES(?, ?, ?, ?, ?, ?)",
+                    (
+                        drain.id,
+                        drain.host,
+                        drain.state.value,
+                        drain.created_at,
+                        drain.finished_at,
+                        drain.body(),
+                    ),
+                )
+        except _WRITE_ERRORS as error:
+            self._failed(error, None)
+            raise StoreUnwritable(
+                f"the store cannot be written: {self._write_error}; retry later"
+            ) from error
+        self._changes += 1
+
+    def update_drain(self, drain: DrainRecord) -> bool:
+        """Write a drain's new state; False (logged, kept by the caller, written with
+        its next change) when the store does not take it now."""
+        try:
+            with self._transaction():
+                self._db.execute(
+                    "UPDATE drains SET state=?, finished_at=?, body=? WHERE id=?",
+                    (drain.state.value, drain.finished_at, drain.body(), drain.id),
+                )
+        except _WRITE_ERRORS as error:
+            log.warning("drain-write-failed", drain=drain.id, path=self.path, error=str(error))
+            return False
+        self._changes += 1
+        return True
+
+    def get_drain(self, drain_id: str) -> DrainRecord | None:
+        row = self._db.execute("SELECT * FROM drains WHERE id=?", (drain_id,)).fetchone()
+        return None if row is None else _drain_from_row(row)
+
+    def drains(self) -> builtins.list[DrainRecord]:
+        """Every drain, oldest first."""
+        rows = self._db.execute("SELECT * FROM drains ORDER BY created_at, id").fetchall()
+        return [_drain_from_row(row) for row in rows]
+
+    def unfinished_drains(self) -> builtins.list[DrainRecord]:
+        unfinished = tuple(s.value for s in DrainState if not s.finished)
+        marks = ", ".join("?" for _ in unfinished)
+        rows = self._db.execute(
+            f"SELECT * FROM drains WHERE state IN ({marks}) ORDER BY created_at, id", unfinished
+        ).fetchall()
+        return [_drain_from_row(row) for row in rows]
 
 
 def _to_row(record: MigrationRecord) -> dict[str, Any]:

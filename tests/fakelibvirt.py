@@ -66,6 +66,7 @@ CONSTANTS: dict[str, Any] = {
     "VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN": 4,
     "VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT": 5,
     "VIR_DOMAIN_METADATA_ELEMENT": 2,
+    "VIR_CONNECT_LIST_DOMAINS_ACTIVE": 1,
     "VIR_DOMAIN_STATS_DIRTYRATE": 512,
     "VIR_CPU_COMPARE_INCOMPATIBLE": 0,
     "VIR_CPU_COMPARE_IDENTICAL": 1,
@@ -367,6 +368,12 @@ class FakeConnect:
     def getFreeMemory(self) -> int:
         self._check()
         return self.host.free
+
+    def listAllDomains(self, flags: int = 0) -> list[Any]:
+        self._check()
+        running = (C.VIR_DOMAIN_RUNNING, C.VIR_DOMAIN_PAUSED)
+        domains = self.host.domains.values()
+        return [DomainHandle(d) for d in domains if not flags or d.state[0] in running]
 
     def getCapabilities(self) -> str:
         self._check()

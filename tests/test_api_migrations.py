@@ -19,6 +19,7 @@ from lmwatch.store import Store
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 MIGRATION_FIELDS = {
     "id",
+    "placement",
     "instance",
     "source",
     "destination",
@@ -77,6 +78,8 @@ async def test_create_answers_202_with_location_and_the_migration(api: Api) -> N
     assert migration["profile"]["name"] == "default"
     assert migration["profile"]["requested"] is None
     assert migration["profile"]["reason"]
+    assert migration["placement"]["how"] == "named"
+    assert migration["placement"]["reason"].startswith(f"{migration['destination']}: named")
     assert RFC3339_UTC.fullmatch(migration["created_at"]), migration["created_at"]
     assert all(RFC3339_UTC.fullmatch(e["at"]) for e in migration["timeline"])
     assert migration["timeline"][0]["state"] == "queued"
@@ -132,7 +135,9 @@ BAD_CREATES: list[tuple[str, Any, int, dict[str, str]]] = [
     ("malformed JSON", b'{"instance": "quiet", ', 400, {}),
     ("empty body", b"", 400, {}),
     ("not an object", [1, 2], 422, {}),
-    ("missing field", {"instance": "quiet", "source": "a"}, 422, {}),
+    ("missing field", {"instance": "quiet", "destination": "b"}, 422, {}),
+    ("force without destination", {"instance": "quiet", "source": "a", "force": True}, 422, {}),
+    ("force not a boolean", body(force="yes"), 422, {}),
     ("unknown field", body(speed="fast"), 422, {}),
     ("wrong type", body(labels={"tier": 1}), 422, {}),
     ("number as instance", {"instance": 7, "source": "a", "destination": "b"}, 422, {}),

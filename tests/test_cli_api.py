@@ -351,3 +351,41 @@ async def test_no_output_uses_hypervisor_words(
     text = "\n".join(outputs)
     assert "handover" in text  # the check reads real output
     assert HYPERVISOR_WORDS.search(text) is None, HYPERVISOR_WORDS.search(text)
+
+
+async def test_place_shows_the_choice_and_every_host(api: Api) -> None:
+    before = api.engine.list()
+    result = await api.run("place", "idle")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0] == "idle on a: b"
+    assert lines[1].startswith("  why: b: the only one of 1 candidates")
+    assert lines[2].split() == [
+        "host",
+        "free",
+        "reserved",
+        "available",
+        "link",
+        "in/out",
+        "verdict",
+    ]
+    assert lines[3].split()[0] == "b" and lines[3].endswith("chosen")
+    assert api.engine.list() == before  # nothing moved
+    none = await api.run("place", "idle", "--destinations", "a")
+    assert none.code == 1
+    assert none.out.splitlines()[0] == "idle on a: no host"
+    unknown = await api.run("place", "idle", "--destinations", "z")
+    assert unknown.code == 1 and "z" in unknown.err
+
+
+async def test_migrate_without_destination_says_where_and_why(api: Api) -> None:
+    await api.run("migrate", "busy-plain", "--from", "a", "--to", "b")
+    result = await api.run("migrate", "idle", "--from", "a")
+    assert result.code == 0, result.err
+    migration_id = _id(result)
+    assert api.engine.get(migration_id).destination == "b"
+    assert result.out.splitlines()[1].startswith("to b: b: the only one")
+    status = await api.run("status", migration_id)
+    assert "placement  chosen: b: the only one" in status.out
+    forced = await api.run("migrate", "busy-db", "--from", "a", "--force")
+    assert forced.code == 1 and "force needs a named destination" in forced.err

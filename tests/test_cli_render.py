@@ -8,10 +8,15 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from rich.console import Console
 
 from lmwatch.render import (
     LiveProgress,
     Output,
+    copied_text,
+    disk_line,
+    live_view,
+    migration_detail,
     outcome_line,
     plain_table,
     progress_line,
@@ -118,3 +123,35 @@ def test_terminal_live_progress_draws_a_bar() -> None:
     text = buffer.getvalue()
     assert "━" in text and "42.0%" in text
     assert "+1.0s decision continue: fine" in text
+
+
+DISK_PHASE: dict[str, Any] = {
+    **MIGRATION,
+    "progress": {
+        **MIGRATION["progress"],
+        "percent_copied": 0.0,
+        "passes": 1,
+        "disk": {
+            "total_bytes": 20 * 1024**3,
+            "remaining_bytes": 12 * 1024**3,
+            "percent_copied": 40.0,
+            "rate_bytes_per_second": 1024**3,
+            "in_sync": False,
+        },
+    },
+}
+
+
+def test_during_the_disk_copy_the_line_the_table_and_the_detail_show_the_disks() -> None:
+    assert progress_line(DISK_PHASE) == (
+        "copying  disks 40.0% copied  12.0GiB left at 1.0GiB/s  ETA 12.0s  predicted blackout 200ms"
+    )
+    assert copied_text(DISK_PHASE) == "disks 40.0%"
+    assert "12.0GiB still to copy" in "\n".join(migration_detail(DISK_PHASE))
+    view = io.StringIO()
+    Console(file=view, width=120).print(live_view(DISK_PHASE))
+    assert "copying (disks)" in view.getvalue() and "40.0%" in view.getvalue()
+    synced = {**DISK_PHASE["progress"]["disk"], "remaining_bytes": 0, "in_sync": True}
+    assert disk_line(synced) == "20.0GiB local, in sync (mirrored; memory is copied)"
+    after = {**DISK_PHASE, "progress": {**DISK_PHASE["progress"], "disk": synced}}
+    assert progress_line(after).startswith("copying  0.0% copied  pass 1")

@@ -201,3 +201,28 @@ def test_serve_hands_the_given_options_to_the_daemon(monkeypatch: pytest.MonkeyP
     code = cli.main(["serve", "--port", "9999", "--profiles", "p.yaml", "--store", "s.db"])
     assert code == 3
     assert seen == [{"port": 9999, "profiles": "p.yaml", "store": "s.db"}]
+
+
+async def test_a_what_if_with_a_local_disk_copies_it_first() -> None:
+    code, out, err = await _simulate(
+        "--memory", "2GiB", "--working-set", "64MiB", "--change-rate", "1MiB/s",
+        "--bandwidth", "1GiB/s", "--disk", "20GiB", "--disk-writes", "10MiB/s",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "local disk 20.0GiB" in out
+    assert "copying the disks first" in out
+    _, plain, _ = await _simulate(
+        "--memory", "2GiB", "--working-set", "64MiB", "--change-rate", "1MiB/s",
+        "--bandwidth", "1GiB/s",
+    )  # fmt: skip
+    assert "copying the disks first" not in plain and "local disk" not in plain
+
+
+async def test_the_built_in_instance_with_a_local_disk_migrates() -> None:
+    code, out, err = await _simulate("--instance", "files-1", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["outcome"]["method"] == "converged"
+    reasons = [entry.get("reason", "") for entry in data["timeline"]]
+    assert any(r.startswith("copying the disks first") for r in reasons)
+    assert data["duration_seconds"] > 15.0  # the 20 GiB disk first, then memory

@@ -151,7 +151,7 @@ async def served_names(
     api: Api, clock: VirtualClock, engine: Engine, driver: SimDriver
 ) -> set[str]:
     """Sample names /metrics serves while a migration runs (with a hypervisor error
-    on the way) and after it completed."""
+    on the way), after it completed, and while a drain runs."""
     created = await api.post(
         "/v1/migrations", {"instance": "quiet", "source": "a", "destination": "b"}
     )
@@ -164,6 +164,9 @@ async def served_names(
         await clock.advance(0.7)
         texts.append((await api.get("/metrics")).text)
     assert await clock.run_until(lambda: engine.get(migration_id).state is State.COMPLETED)
+    texts.append((await api.get("/metrics")).text)
+    # A drain under way serves its per-drain series too.
+    assert (await api.post("/v1/drains", {"host": "a"})).status == 202
     texts.append((await api.get("/metrics")).text)
     for text in texts:
         assert "_created" not in text

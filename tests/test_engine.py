@@ -16,7 +16,7 @@ from lmwatch.errors import Conflict, Invalid
 from lmwatch.metrics import Metrics
 from lmwatch.model import ChangeRate, Method, MigrationRequest, Phase, State
 from lmwatch.profiles import ProfileRegistry
-from lmwatch.store import Store, StoreError
+from lmwatch.store import SCHEMA_VERSION, Store, StoreError
 
 INVENTORY = """
 hosts:
@@ -697,13 +697,15 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     Store.open(path).close()
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE migrations DROP COLUMN uuid")
+    db.execute("ALTER TABLE migrations DROP COLUMN placement")
     db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     db.commit()
     db.close()
     store = Store.open(path)
     version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert version["value"] == "2"
-    assert "uuid" in [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
+    assert version["value"] == str(SCHEMA_VERSION)
+    columns = [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
+    assert "uuid" in columns and "placement" in columns
 
 
 async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(

@@ -633,6 +633,45 @@ async def test_preflight_refusals(
     assert str(caught.value)
 
 
+async def test_force_skips_the_free_memory_check_only(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    _too_small(cloud)
+    with pytest.raises(InsufficientResources):
+        await driver.preflight(REQ)
+    info = await driver.preflight(dataclasses.replace(REQ, force=True))
+    assert info.name == "vm1"
+    _hostdev(cloud)
+    with pytest.raises(Incompatible):
+        await driver.preflight(dataclasses.replace(REQ, force=True))
+
+
+async def test_host_info_reports_free_memory_and_running_instances(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    cloud.hosts["a"].free = 3 * 1024**3
+    cloud.hosts["a"].add("vm2", uuid="6c6d7761-0000-4000-8000-000000000002", max_kib=2048)
+    cloud.hosts["a"].add(
+        "off", uuid="6c6d7761-0000-4000-8000-000000000003", state=(C.VIR_DOMAIN_SHUTOFF, 1)
+    )
+    info = await driver.host_info("a")
+    assert info.name == "a" and info.free_memory == 3 * 1024**3
+    found = {i.name: i for i in info.instances}
+    assert set(found) == {"vm1", "vm2"}  # running ones only
+    assert found["vm1"].labels["tier"] == "database"
+    assert found["vm2"].memory_bytes == 2048 * 1024 and found["vm2"].host == "a"
+    # what a running job of ours to b copied so far is already reserved by the engine
+    await driver.start("m1", REQ, PLAN)
+    job = driver._jobs["m1"]
+    job.memory_bytes, job.transferred_seen = 128 * MIB, 300 * MIB  # passes re-send pages
+    assert (await driver.host_info("b")).free_memory == cloud.hosts["b"].free + 128 * MIB
+    cloud.hosts["b"].up = False
+    with pytest.raises(HostUnreachable):
+        await driver.host_info("b")
+    with pytest.raises(UnknownHost):
+        await driver.host_info("z")
+
+
 @pytest.mark.parametrize(
     ("arrange", "says"),
     [
@@ -1842,6 +1881,31 @@ async def test_pinning_refusal_names_the_instance_asked_by_uuid(
         await driver.preflight(by_uuid)
 
 
+async def test_instances_on_lists_running_domains_of_one_host(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    a = cloud.hosts["a"]
+    a.add("vm0", uuid="6c6d7761-0000-4000-8000-000000000010", max_kib=262144)
+    a.add("off", uuid="6c6d7761-0000-4000-8000-000000000011", state=(5, 1))  # shut off
+    a.add("held", uuid="6c6d7761-0000-4000-8000-000000000012", state=(3, 1))  # user-paused
+    a.add("incoming", uuid="6c6d7761-0000-4000-8000-000000000013", state=(3, 2))  # mid-move
+    cloud.hosts["b"].add("elsewhere", uuid="6c6d7761-0000-4000-8000-000000000014")
+    found = await driver.instances_on("a")
+    assert [i.name for i in found] == ["held", "vm0", "vm1"]
+    assert {i.host for i in found} == {"a"}
+    assert next(i for i in found if i.name == "vm0").memory_bytes == 256 * MIB
+    assert next(i for i in found if i.name == "vm1").labels["tier"] == "database"
+    assert [i.name for i in await driver.instances_on("b")] == ["elsewhere"]
+
+
+async def test_instances_on_unknown_or_silent_host(cloud: FakeCloud, driver: LibvirtDriver) -> None:
+    with pytest.raises(UnknownHost):
+        await driver.instances_on("nowhere")
+    cloud.hosts["b"].up = False
+    with pytest.raises(HostUnreachable):
+        await driver.instances_on("b")
+
+
 # --------------------------------------------------------------------------- local disks
 
 IMAGES = "/srv/images"  # a path is user data, shown as it is: keep this one neutral
@@ -2199,3 +2263,13 @@ def test_shared_storage_and_disks_address_from_the_daemon_config() -> None:
     assert drv._hosts["a"].shared_storage == ("/mnt/nfs",)
     assert drv._hosts["b"].shared_storage == ()
     assert drv._hosts["b"].disks_address == "tcp://10.1.0.2"
+
+
+async def test_host_info_and_instances_on_count_local_disks(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    _with_disks(cloud)
+    info = await driver.host_info("a")
+    assert next(i for i in info.instances if i.name == "vm1").local_disk_bytes == 1088 * MIB
+    found = await driver.instances_on("a")
+    assert next(i for i in found if i.name == "vm1").local_disk_bytes == 1088 * MIB

@@ -93,3 +93,22 @@ def test_the_limits_of_the_profiles_in_force_are_exposed_and_replaced_on_reload(
     path.write_text(GOOD)
     assert registry.try_reload().ok
     assert limits() == {("default", "max_blackout"): 0.3}
+
+
+def test_disk_gauges_are_served_per_migration_and_forgotten_with_it() -> None:
+    metrics = Metrics()
+    labels = ("m1", "files", "a", "b")
+    metrics.disk_remaining.labels(*labels).set(12 * 1024**3)
+    metrics.disk_rate.labels(*labels).set(1.25e9)
+    text = metrics.render().decode()
+    assert 'lmwatch_migration_disk_remaining_bytes{destination="b",instance="files"' in text
+    assert "lmwatch_migration_disk_rate_bytes_per_second{" in text
+    metrics.forget(labels)
+    text = metrics.render().decode()
+    assert 'migration="m1"' not in text
+
+
+def test_placements_are_exported_from_zero_for_each_way() -> None:
+    text = Metrics().render().decode()
+    for how in ("chosen", "named", "forced"):
+        assert f'lmwatch_placements_total{{how="{how}"}} 0.0' in text

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmwatch.model import MIB, Action, Phase, Sample
+from lmwatch.model import MIB, Action, Phase, Rule, Sample
 from lmwatch.policies import DEFAULT, decide
 from lmwatch.policies.estimators import analyse
 from lmwatch.profiles.schema import Deadline, OnDeadline, Profile
@@ -149,6 +149,36 @@ def test_a_handover_that_fits_comes_before_waiting_for_the_throttle() -> None:
     assert run.samples[-1].passes <= 3
     assert run.slowdown <= DEFAULT.slow_down_initial
     assert run.degraded is not None and run.degraded <= profile.max_degraded
+
+
+def test_slowed_guest_is_paused_once_a_pause_costs_it_less_than_the_slowing() -> None:
+    # At 70% slowed, 300MiB/s becomes 90MiB/s over a 100MiB/s link: copying converges,
+    # in minutes, with the guest losing 70% of each of them; an 8s pause fits sooner.
+    w = workload(memory_mib=8192, change_mib=300, bandwidth_mib=100, ws_mib=8192)
+    start = plan(slow_down=True, slow_down_initial=0.7)
+    profile = Profile(name="p", may_slow_down=True, may_pause=True, max_pause=8)
+    paused = simulate(decide, profile, w, start, max_passes=200)
+    assert paused.outcome == "pause"
+    assert paused.blackout is not None and paused.blackout <= 8
+    rules = [d.rule for _, d in paused.decisions if d.action is not Action.CONTINUE]
+    assert rules == [Rule.PAUSE_CHEAPER_THAN_SLOWING]
+    last = paused.decisions[-1][1]
+    assert "converges only with the guest slowed by" in last.reason
+    assert "pausing now" in last.reason
+    # Without pausing allowed it converges slowed, as before.
+    alone = simulate(
+        decide, profile.model_copy(update={"may_pause": False}), w, start, max_passes=200
+    )
+    assert alone.outcome == "completed"
+    assert paused.ended_at is not None and alone.ended_at is not None
+    assert paused.ended_at < alone.ended_at
+
+
+def test_converging_unslowed_guest_is_not_paused() -> None:
+    profile = Profile(name="p", may_slow_down=True, may_pause=True, max_pause=8)
+    run = simulate(decide, profile, workload(2048, 30, 100, 512), plan(slow_down=True))
+    assert run.outcome == "completed"
+    assert set(run.actions) == {Action.CONTINUE}
 
 
 def test_slowed_when_nothing_quicker_fits() -> None:

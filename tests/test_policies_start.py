@@ -90,3 +90,70 @@ def test_stuck_without_slowing_says_so() -> None:
 )
 def test_deadline_at(deadline: Deadline | None, memory: int, expected: float | None) -> None:
     assert deadline_at(Profile(name="p", deadline=deadline), memory, 1000.0) == expected
+
+
+def _big_stuck_guest() -> tuple[Profile, InstanceInfo]:
+    profile = Profile(
+        name="p", may_slow_down=True, may_pause=True, max_pause=8, deadline=Deadline(fixed=1500)
+    )
+    return profile, InstanceInfo(name="big", uuid="u", host="a", memory_bytes=300 * GIB)
+
+
+def test_start_level_high_enough_to_finish_before_a_near_deadline() -> None:
+    # 300GiB rewritten at 2GiB/s over a 1000MiB/s link: the level that barely converges
+    # (55%) takes so many passes of minutes each that the deadline comes first.
+    profile, info = _big_stuck_guest()
+    plan = plan_start(profile, info, Capabilities(), 2000 * MIB, 1000 * MIB)
+    far = plan_start(
+        profile.model_copy(update={"deadline": Deadline(fixed=86400)}),
+        info,
+        Capabilities(),
+        2000 * MIB,
+        1000 * MIB,
+    )
+    unbounded = plan_start(
+        profile.model_copy(update={"deadline": None}), info, Capabilities(), 2000 * MIB, 1000 * MIB
+    )
+    assert far.slow_down_initial == unbounded.slow_down_initial == pytest.approx(0.55)
+    assert plan.slow_down_initial > far.slow_down_initial
+    assert "deadline" in plan.reason
+
+
+def test_chosen_start_level_finishes_where_the_least_level_runs_out_of_time() -> None:
+    # Closed loop over the test workload model (not the projection plan_start uses).
+    from dataclasses import replace
+
+    from lmwatch.policies import decide
+
+    try:
+        from test_policies_support import simulate, workload
+    except ImportError:  # tests collected as a package
+        from tests.test_policies_support import simulate, workload  # type: ignore[no-redef]
+
+    profile, info = _big_stuck_guest()
+    w = workload(memory_mib=300 * 1024, change_mib=2000, bandwidth_mib=1000, ws_mib=300 * 1024)
+    plan = plan_start(profile, info, Capabilities(), 2000 * MIB, 1000 * MIB)
+    chosen = simulate(decide, profile, w, plan, deadline_at=1500, max_passes=200)
+    least = simulate(
+        decide, profile, w, replace(plan, slow_down_initial=0.55), deadline_at=1500, max_passes=200
+    )
+    assert chosen.outcome in ("completed", "pause") and chosen.ended_at is not None
+    assert chosen.ended_at < 1500
+    assert chosen.blackout is not None and chosen.blackout <= 8
+    assert least.outcome == "cancel"
+
+
+def test_start_level_leaves_the_disk_copy_its_share_of_the_deadline() -> None:
+    # 32GiB rewritten at 300MiB/s over 200MiB/s, 30 minutes: a middle level finishes in
+    # time alone; with 100GiB of local disk copied first, the same deadline needs more.
+    from dataclasses import replace
+
+    profile = Profile(
+        name="p", may_slow_down=True, may_pause=True, max_pause=1, deadline=Deadline(fixed=1800)
+    )
+    info = InstanceInfo(name="vm", uuid="u", host="a", memory_bytes=32 * GIB)
+    alone = plan_start(profile, info, Capabilities(), 300 * MIB, 200 * MIB)
+    with_disk = plan_start(
+        profile, replace(info, local_disk_bytes=100 * GIB), Capabilities(), 300 * MIB, 200 * MIB
+    )
+    assert DEFAULT.slow_down_initial < alone.slow_down_initial < with_disk.slow_down_initial

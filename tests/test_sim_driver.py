@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -124,13 +125,37 @@ async def test_preflight_refusals(
         await driver.start("m", req, PLAIN)
 
 
-async def test_second_migration_and_reserved_memory_are_refused(driver: SimDriver) -> None:
+async def test_second_migration_is_refused_and_reservations_are_not_the_drivers(
+    driver: SimDriver,
+) -> None:
     await driver.start("m1", request("idle", "host-a", "host-c"), PLAIN)
     with pytest.raises(Refused, match="already migrating"):
         await driver.preflight(request("idle", "host-a", "host-c"))
-    # host-c has 6 GiB: the first 4 GiB are reserved while copying
+    # host-c has 6 GiB: the 4 GiB copying there are the engine's to reserve (one place
+    # subtracts reservations), so the driver reports and checks its own free figure.
+    assert (await driver.host_info("host-c")).free_memory == 6 * GIB
+    await driver.preflight(request("idle-2", "host-a", "host-c"))
+
+
+async def test_force_skips_only_the_memory_check(driver: SimDriver) -> None:
+    big = request("big", "host-a", "host-c")
     with pytest.raises(InsufficientResources):
-        await driver.preflight(request("idle-2", "host-a", "host-c"))
+        await driver.preflight(big)
+    info = await driver.preflight(dataclasses.replace(big, force=True))
+    assert info.name == "big"
+    with pytest.raises(AlreadyOnDestination):
+        await driver.preflight(dataclasses.replace(request("bursty"), force=True))
+
+
+async def test_host_info_lists_the_instances_running_there(driver: SimDriver) -> None:
+    info = await driver.host_info("host-b")
+    assert info.free_memory == driver.free_memory("host-b")
+    assert {i.name for i in info.instances} == {
+        i.name for i in driver.instances() if i.host == "host-b"
+    }
+    assert all(i.host == "host-b" for i in info.instances)
+    with pytest.raises(UnknownHost):
+        await driver.host_info("host-z")
 
 
 async def test_instances_are_found_by_uuid(driver: SimDriver) -> None:
@@ -453,3 +478,98 @@ async def test_preflight_pinning_and_definitions(
     with pytest.raises(error):
         await driver.start("m", req, PLAIN)
     assert driver.where(instance) == "host-a"
+
+
+# ------------------------------------------------------------------ local disks
+
+DISKS = load_inventory_text("""
+hosts:
+  - {name: host-a, memory: 64GiB, disk: 500GiB}
+  - {name: host-b, memory: 64GiB, disk: 100GiB}
+  - {name: host-c, memory: 64GiB, disk: 50GiB}
+  - {name: host-d, memory: 64GiB}
+links:
+  - {between: [host-a, host-b], bandwidth: 1GiB/s}
+default_bandwidth: 1GiB/s
+instances:
+  - {name: db-3, host: host-a, memory: 2GiB, working_set: 64MiB, disk: 80GiB}
+  - name: files
+    host: host-a
+    memory: 2GiB
+    working_set: 64MiB
+    change_rate: 1MiB/s
+    disk: 30GiB
+    disk_writes: 10MiB/s
+  - {name: plain, host: host-a, memory: 2GiB, working_set: 64MiB}
+""")
+
+
+async def test_preflight_refuses_disks_the_destination_cannot_hold() -> None:
+    driver = SimDriver(DISKS, VirtualClock())
+    with pytest.raises(InsufficientResources) as refused:
+        await driver.preflight(request("db-3", destination="host-c"))
+    assert refused.value.kind == "insufficient-resources"
+    assert str(refused.value) == (
+        "host-c has 50.0GiB of local storage free, db-3's disks need 80.0GiB"
+    )
+    info = await driver.preflight(request("db-3", destination="host-b"))
+    assert info.local_disk_bytes == 80 * GIB
+    # a forced placement skips the memory check, not this one: the copy could not fit
+    forced = MigrationRequest(instance="db-3", source="host-a", destination="host-c", force=True)
+    with pytest.raises(InsufficientResources, match="local storage"):
+        await driver.preflight(forced)
+    # without disks, or to a host whose storage is not modelled: no storage check
+    await driver.preflight(request("plain", destination="host-c"))
+    await driver.preflight(request("db-3", destination="host-d"))
+
+
+async def test_disks_of_migrations_under_way_count_as_taken() -> None:
+    clock = VirtualClock()
+    driver = SimDriver(DISKS, clock)
+    await driver.start("m1", request("db-3"), PLAIN)  # 80 of host-b's 100 GiB
+    with pytest.raises(InsufficientResources, match=r"20\.0GiB of local storage free"):
+        await driver.preflight(request("files"))
+    await driver.cancel("m1")
+    await clock.advance(1.0)
+    await driver.preflight(request("files"))  # the cancelled copy is discarded
+
+
+async def test_a_completed_migration_moves_the_disk_with_the_instance() -> None:
+    clock = VirtualClock()
+    driver = SimDriver(DISKS, clock)
+    await driver.start("m", request("files"), PLAIN)
+    await clock.advance(10.0)
+    sample = await driver.sample("m")
+    assert sample.disk_total == 30 * GIB and 0 < sample.disk_remaining < 30 * GIB
+    assert sample.memory_transferred == 0
+    assert driver.free_storage("host-b") == 100 * GIB  # taken only once it has moved
+    await clock.advance(60.0)
+    result = await driver.result("m")
+    assert result.phase is Phase.COMPLETED and driver.where("files") == "host-b"
+    assert driver.free_storage("host-b") == 70 * GIB
+    assert driver.free_storage("host-a") == 530 * GIB
+    assert driver.free_storage("host-d") is None
+    assert (await driver.describe("files")).local_disk_bytes == 30 * GIB
+
+
+async def test_instances_on_follows_where_instances_run(
+    driver: SimDriver, clock: VirtualClock
+) -> None:
+    assert [i.name for i in await driver.instances_on("host-a")] == [
+        "idle",
+        "idle-2",
+        "busy",
+        "big",
+    ]
+    assert [i.name for i in await driver.instances_on("host-b")] == ["bursty"]
+    assert await driver.instances_on("host-c") == []
+    await driver.start("m1", request("idle"), PLAIN)
+    await clock.advance(10.0)
+    assert "idle" not in {i.name for i in await driver.instances_on("host-a")}
+    moved = [i for i in await driver.instances_on("host-b") if i.name == "idle"]
+    assert moved and moved[0].host == "host-b" and moved[0].memory_bytes == 4 * GIB
+    with pytest.raises(UnknownHost):
+        await driver.instances_on("host-z")
+    driver.inject_fault("source_gone", host="host-b", duration=30)
+    with pytest.raises(HostUnreachable):
+        await driver.instances_on("host-b")

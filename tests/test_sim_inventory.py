@@ -234,3 +234,37 @@ instances:
 def test_bad_pinning_and_definitions(text: str, message: str) -> None:
     with pytest.raises(InventoryError, match=message):
         load_inventory_text(text)
+
+
+def test_local_disks_and_host_storage_are_read_in_bytes() -> None:
+    inv = load_inventory_text("""
+hosts:
+  - {name: a, memory: 8GiB, disk: 2TiB}
+  - {name: b, memory: 8GiB}
+instances:
+  - {name: f, host: a, memory: 1GiB, disk: 40GiB, disk_writes: 20MiB/s}
+  - {name: g, host: a, memory: 1GiB}
+""")
+    assert inv.host("a") is not None and inv.host("a").disk == 2 * 1024**4  # type: ignore[union-attr]
+    assert inv.host("b") is not None and inv.host("b").disk is None  # type: ignore[union-attr]
+    f, g = inv.instance("f"), inv.instance("g")
+    assert f is not None and f.disk == 40 * GIB and f.disk_writes == 20 * 1024**2
+    assert g is not None and g.disk == 0 and g.disk_writes == 0
+
+
+def test_disk_writes_without_a_disk_are_refused() -> None:
+    with pytest.raises(InventoryError, match="disk_writes is given but the instance has no disk"):
+        load_inventory_text("""
+hosts: [{name: a, memory: 8GiB}]
+instances: [{name: f, host: a, memory: 1GiB, disk_writes: 20MiB/s}]
+""")
+
+
+def test_default_inventory_has_an_instance_with_a_local_disk() -> None:
+    inv = default_inventory()
+    with_disks = [i for i in inv.instances if i.disk]
+    assert with_disks and all(h.disk for h in inv.hosts)
+    for instance in with_disks:
+        seconds = instance.disk / inv.bandwidth("host-a", "host-b")
+        assert 5 < seconds < 60  # visibly longer than memory alone, but not slow
+        assert instance.disk_writes < inv.bandwidth("host-a", "host-b")

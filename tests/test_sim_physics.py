@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from lmwatch.drivers.base import ActionRefused
 from lmwatch.drivers.inventory import BurstyRate, ConstantRate, GrowingRate
 from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer
 from lmwatch.model import GIB, MIB, Phase, StartPlan
+from lmwatch.policies.estimators import disk_sync_seconds
 
 TUNING = Tuning()
 DEVICE = TUNING.device_state
@@ -490,3 +492,116 @@ def test_bursty_instance_reaches_full_rate_only_in_bursts() -> None:
     assert model.change_rate_now() == 500 * MIB
     run(model, 10, dt=0.5)
     assert model.pattern.at(10) == 10 * MIB
+
+
+# ------------------------------------------------------------------ local disks
+
+
+def make_disk(*, disk: int = 8 * GIB, writes: float = 0.0, handover: bool = True) -> Migration:
+    return Migration(
+        memory=2 * GIB,
+        working_set=256 * MIB,
+        change_rate=ConstantRate(rate=8 * MIB),
+        bandwidth=1 * GIB,
+        plan=StartPlan(arm_handover=handover, arm_slow_down=False, blackout_budget=0.3),
+        source="host-a",
+        destination="host-b",
+        disk=disk,
+        disk_writes=writes,
+    )
+
+
+def test_an_unwritten_disk_is_copied_first_at_the_link_bandwidth_then_memory() -> None:
+    model = make_disk(disk=8 * GIB)
+    run(model, 4.0)
+    sample = model.snapshot(model.elapsed)
+    # during the disk phase memory shows no progress and pass counting has not begun
+    assert sample.disk_total == 8 * GIB
+    assert sample.disk_remaining == pytest.approx(4 * GIB, rel=1e-6)
+    assert sample.disk_rate == pytest.approx(1 * GIB)
+    assert not sample.disks_in_sync
+    assert sample.memory_remaining == 2 * GIB and sample.memory_transferred == 0
+    assert sample.transfer_rate == 0.0 and sample.passes == 1
+    run(model, 60.0, dt=0.5)
+    assert model.phase is Phase.COMPLETED
+    assert model.disk_synced_at == pytest.approx(8.0, abs=1e-6)
+    assert model.pass_starts[0] == pytest.approx(8.0, abs=1e-6)  # pass 1 starts at sync
+    assert model.finished_at is not None and model.finished_at >= 8.0 + 1.9
+    assert model.snapshot(model.elapsed).disks_in_sync
+
+
+def test_rewritten_blocks_are_copied_again_and_the_copy_converges_below_the_link() -> None:
+    total, bandwidth, writes = 8 * GIB, 1 * GIB, 256 * MIB
+    model = make_disk(disk=total, writes=writes)
+    run(model, 120.0, dt=0.25)
+    assert model.disk_synced_at is not None
+    # slower than a copy of an unwritten disk, and as the model's closed form says
+    assert model.disk_synced_at > total / bandwidth + 0.5
+    settles = total * (writes - bandwidth) / writes
+    expected = math.log((total - settles) / -settles) * total / writes
+    assert model.disk_synced_at == pytest.approx(expected, rel=1e-3)
+    assert model.phase is Phase.COMPLETED
+
+
+def test_a_disk_written_faster_than_the_link_never_syncs() -> None:
+    total, bandwidth, writes = 8 * GIB, 1 * GIB, 2 * GIB
+    model = make_disk(disk=total, writes=writes)
+    run(model, 600.0, dt=5.0)
+    assert not model.disks_in_sync and model.phase is Phase.COPYING
+    assert model.next_event_in() is None
+    left = model.snapshot(model.elapsed).disk_remaining
+    assert left == pytest.approx(total * (1 - bandwidth / writes), rel=1e-3)
+    assert model.transferred == 0  # memory never began
+    with pytest.raises(ActionRefused, match="not in sync"):
+        model.pause()
+    with pytest.raises(ActionRefused, match="not in sync"):
+        model.handover()
+
+
+def test_cancel_during_the_disk_phase_leaves_the_instance_on_the_source() -> None:
+    model = make_disk(disk=8 * GIB)
+    run(model, 2.0)
+    model.cancel()
+    run(model, 1.0, dt=0.1)
+    assert model.phase is Phase.CANCELLED
+    assert model.running_on is Side.SOURCE
+    assert model.result().running_on == "host-a"
+    assert model.snapshot(model.elapsed).disk_remaining > 0
+
+
+def test_mirrored_disk_writes_take_their_share_of_the_link_from_memory() -> None:
+    model = make_disk(disk=1 * GIB, writes=100 * MIB)
+    run_to_pass(model, 1)
+    while not model.disks_in_sync:
+        model.advance(0.05)
+    model.advance(0.2)
+    assert model.snapshot(model.elapsed).transfer_rate == pytest.approx(1 * GIB - 100 * MIB)
+
+
+def test_a_migration_without_disks_is_unchanged_by_the_disk_model() -> None:
+    plain, with_none = make(rate=64 * MIB), make_disk(disk=0)
+    assert plain.disks_in_sync and with_none.disks_in_sync
+    run(plain, 30)
+    assert plain.snapshot(plain.elapsed).disk_total == 0
+    assert plain.snapshot(plain.elapsed).disks_in_sync
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    total_gib=st.integers(1, 64),
+    share=st.floats(0.0, 2.0),
+)
+def test_a_disk_copy_syncs_exactly_when_the_guest_writes_slower_than_the_link(
+    total_gib: int, share: float
+) -> None:
+    bandwidth = 1 * GIB
+    writes = share * bandwidth
+    model = make_disk(disk=total_gib * GIB, writes=writes)
+    expected = disk_sync_seconds(total_gib * GIB, total_gib * GIB, bandwidth, writes)
+    horizon = 4 * total_gib  # seconds: a quarter of the link's rate at worst
+    run(model, float(horizon), dt=1.0)
+    if writes < 0.75 * bandwidth:
+        assert model.disk_synced_at == pytest.approx(expected, rel=1e-3)
+    elif writes >= bandwidth:
+        assert not model.disks_in_sync and math.isinf(expected)
+        assert model.snapshot(model.elapsed).disk_remaining > 0

@@ -127,3 +127,59 @@ async def test_the_world_is_saved_periodically_not_only_on_actions(tmp_path: Pat
     await first.sample("m")
     later = world.load()
     assert later is not None and later.jobs["m"][1] >= saved_at.jobs["m"][1] + 2.0
+
+
+DISK_TEXT = """
+hosts:
+  - {name: a, memory: 64GiB, disk: 100GiB}
+  - {name: b, memory: 64GiB, disk: 100GiB}
+links:
+  - {between: [a, b], bandwidth: 1GiB/s}
+instances:
+  - {name: files, host: a, memory: 1GiB, working_set: 16MiB, disk: 20GiB, disk_writes: 10MiB/s}
+"""
+
+
+async def test_a_restart_mid_disk_copy_finds_the_copy_gone_on_and_finishes_it(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock()
+    first = driver_on(tmp_path / "store.db", clock, DISK_TEXT)
+    await first.start("m", request("files"), PLAIN)
+    await clock.advance(4.0)
+    before = await first.sample("m")
+    assert before.disk_remaining > 0
+    # The daemon dies mid disk copy; 5 s pass before the next one starts.
+    await clock.advance(5.0)
+    second = driver_on(tmp_path / "store.db", clock, DISK_TEXT)
+    assert await second.reattach("m", request("files"), PLAIN) is None  # still running
+    after = await second.sample("m")
+    assert after.phase is Phase.COPYING and after.memory_transferred == 0
+    assert after.disk_total == 20 * GIB
+    assert after.disk_remaining < before.disk_remaining - 4 * GIB  # it went on unwatched
+    await clock.advance(30.0)
+    assert (await second.result("m")).phase is Phase.COMPLETED
+    third = driver_on(tmp_path / "store.db", clock, DISK_TEXT)
+    assert third.where("files") == "b"
+    assert third.free_storage("b") == 80 * GIB and third.free_storage("a") == 120 * GIB
+
+
+async def test_an_ended_job_is_kept_a_day_then_dropped_by_the_periodic_save(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock()
+    first = driver_on(tmp_path / "store.db", clock)
+    await first.start("m", request("small"), PLAIN)
+    await clock.advance(10.0)
+    assert (await first.result("m")).phase is Phase.COMPLETED
+    # Other jobs' changes (saves of a few jobs) keep it; so does a restart within the day.
+    await clock.advance(23 * 3600.0)
+    await first.start("n", request("big"), PLAIN)
+    assert (await driver_on(tmp_path / "store.db", clock).result("m")).phase is Phase.COMPLETED
+    # A day after it ended, the periodic full save drops it, from memory and the file.
+    await clock.advance(2 * 3600.0)
+    await first.sample("n")
+    with pytest.raises(DriverError):
+        await first.result("m")
+    with pytest.raises(DriverError):
+        await driver_on(tmp_path / "store.db", clock).result("m")

@@ -38,6 +38,7 @@ links:
 default_bandwidth: 1Gbit/s
 instances:
   - {name: slow, host: a, memory: 64GiB, working_set: 64MiB, change_rate: 1MiB/s}
+  - {name: slow-disk, host: a, memory: 2GiB, working_set: 64MiB, disk: 100GiB}
 """
 READ_TOKEN = "read-token-for-the-page-0123456789"
 
@@ -97,7 +98,7 @@ class Served:
     migration: str
 
 
-def _serve(tmp_path: Path, *, read_token: str | None) -> Iterator[Served]:
+def _serve(tmp_path: Path, *, read_token: str | None, instance: str = "slow") -> Iterator[Served]:
     inventory = tmp_path / "inventory.yaml"
     inventory.write_text(SLOW_INVENTORY)
     profiles = tmp_path / "profiles.yaml"
@@ -118,7 +119,7 @@ def _serve(tmp_path: Path, *, read_token: str | None) -> Iterator[Served]:
         )
         base = f"http://{listening.group(1)}:{listening.group(2)}"
         token = (tmp_path / "lmwatch.token").read_text().strip()
-        body = {"instance": "slow", "source": "a", "destination": "b"}
+        body = {"instance": instance, "source": "a", "destination": "b"}
         migration = _http("POST", f"{base}/v1/migrations", token, body)["id"]
         _wait_for(
             "the migration to copy",
@@ -139,6 +140,12 @@ def _serve(tmp_path: Path, *, read_token: str | None) -> Iterator[Served]:
 def served(tmp_path: Path) -> Iterator[Served]:
     _chromium()
     yield from _serve(tmp_path, read_token=None)
+
+
+@pytest.fixture
+def served_disk(tmp_path: Path) -> Iterator[Served]:
+    _chromium()
+    yield from _serve(tmp_path, read_token=None, instance="slow-disk")
 
 
 @pytest.fixture
@@ -343,3 +350,21 @@ async def test_with_a_read_token_the_page_works_when_given_it_and_says_so_when_n
     browser.problems.clear()  # the refused requests (401) are logged; that is expected
     await _open(browser, f"{served.base}/?token={READ_TOKEN}")
     await _watch_progress(browser, served, tmp_path)
+
+
+async def test_the_page_shows_the_disk_copy_of_an_instance_with_a_local_disk(
+    served_disk: Served, browser: DevTools
+) -> None:
+    await _open(browser, served_disk.base + "/")
+    migration = served_disk.migration
+    card = await browser.wait_for(
+        "the disk copy on the card",
+        f"(() => {{ const c = document.querySelector('[data-migration=\"{migration}\"]'); "
+        "return c && c.innerText.includes('to copy at') ? c.innerText : null; })()",
+    )
+    assert "disks" in card and "100.0 GiB" in card and "then memory" in card, card
+    first = await browser.wait_for("a progress value", _bar(migration))
+    await asyncio.sleep(3)
+    second = await browser.evaluate(_bar(migration))
+    assert second > first, (first, second)  # the bar follows the disk copy
+    assert browser.problems == []

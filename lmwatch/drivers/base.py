@@ -16,6 +16,7 @@ from lmwatch.errors import ProblemError
 from lmwatch.model import (
     Capabilities,
     ChangeRate,
+    HostInfo,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -78,6 +79,14 @@ class HostUnreachable(Refused):
     kind = "host-unreachable"
 
 
+def destination_of(request: MigrationRequest) -> str:
+    """The destination a request names; drivers only see requests that name one (the
+    engine chooses before asking them)."""
+    if request.destination is None:
+        raise Refused(f"no destination named for instance {request.instance!r}")
+    return request.destination
+
+
 class ActionRefused(DriverError):
     """The hypervisor cannot do this now (e.g. cancel after handover)."""
 
@@ -98,8 +107,20 @@ class Driver(Protocol):
         """Where an instance runs and what it is; raises UnknownInstance/UnknownHost."""
         ...
 
+    async def instances_on(self, host: str) -> Sequence[InstanceInfo]:
+        """The instances running on `host` now (what a drain must move off it), in
+        the host's own order; UnknownHost for a host it does not manage."""
+        ...
+
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
-        """Every check that can refuse the request before anything starts."""
+        """Every check that can refuse the request before anything starts. With
+        `request.force` the host's free memory is not checked (the rest always is)."""
+        ...
+
+    async def host_info(self, host: str) -> HostInfo:
+        """The host's free memory and the instances running there (for choosing a
+        destination). Free memory is the hypervisor's figure: it never subtracts what
+        lmwatch's queued or running migrations reserve (the engine does that)."""
         ...
 
     async def capabilities(self, source: str, destination: str) -> Capabilities: ...

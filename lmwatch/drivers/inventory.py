@@ -259,6 +259,9 @@ class Host(_Frozen):
     # Instances this host defines without running them; an incoming instance whose
     # name is defined here with another uuid (or uuid under another name) is refused.
     defined: tuple[Definition, ...] = ()
+    # Local storage free for the disks of incoming instances; None: not modelled,
+    # any disk fits.
+    disk: Size | None = None
 
     @property
     def cpu_ids(self) -> frozenset[int] | None:
@@ -293,6 +296,10 @@ class Instance(_Frozen):
     # empty: not pinned. A destination without them refuses the instance.
     pinned_cpus: CpuSet = frozenset()
     pinned_nodes: CpuSet = frozenset()
+    # Bytes of disk local to its host, copied with it (0: its storage is shared), and
+    # how fast the guest writes to it (blocks rewritten after their copy move again).
+    disk: Size = 0
+    disk_writes: Rate = 0.0
 
     @model_validator(mode="before")
     @classmethod
@@ -310,6 +317,8 @@ class Instance(_Frozen):
 
     @model_validator(mode="after")
     def _working_set_fits(self) -> Instance:
+        if self.disk_writes and not self.disk:
+            raise ValueError("disk_writes is given but the instance has no disk")
         if self.working_set > self.memory:
             raise ValueError(
                 f"working_set ({self.working_set} bytes) is larger than memory "

@@ -54,6 +54,7 @@ from lmwatch.drivers.base import (
     Refused,
     UnknownHost,
     UnknownInstance,
+    destination_of,
 )
 from lmwatch.drivers.libvirt_conn import (
     CALL_QUEUE,
@@ -99,6 +100,7 @@ from lmwatch.model import (
     MIB,
     Capabilities,
     ChangeRate,
+    HostInfo,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -226,7 +228,7 @@ class _Job:
 
     @property
     def destination(self) -> str:
-        return self.request.destination
+        return destination_of(self.request)
 
     def running_phase(self) -> Phase:
         if self.handed_over:
@@ -414,7 +416,7 @@ class LibvirtDriver:
     def _info(
         self, host: str, dom: Mapping[str, Any], destination: str | None = None
     ) -> InstanceInfo:
-        local = self._local_disks(dom["disks"], host, destination)
+        local = self._local_disks(dom.get("disks", ()), host, destination)
         return InstanceInfo(
             name=dom["name"],
             uuid=dom["uuid"],
@@ -455,9 +457,36 @@ class LibvirtDriver:
             return self._info(h, d)
         raise UnknownInstance(f"instance {instance!r} is not on any host")
 
+    async def instances_on(self, host: str) -> Sequence[InstanceInfo]:
+        """The running (or user-paused) domains of `host`, by name; a domain paused
+        because a migration is moving it in or out is not counted (it is mid-move)."""
+        lv = self._lv
+        moving = {
+            getattr(lv, "VIR_DOMAIN_PAUSED_MIGRATION", 2),
+            getattr(lv, "VIR_DOMAIN_PAUSED_POSTCOPY", 12),
+        }
+
+        def running(conn: Any) -> list[dict[str, Any]]:
+            found = []
+            flags = getattr(lv, "VIR_CONNECT_LIST_DOMAINS_ACTIVE", 1)
+            for dom in conn.listAllDomains(flags):
+                state, reason = dom.state()
+                if state == lv.VIR_DOMAIN_PAUSED and reason in moving:
+                    continue
+                if state not in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_PAUSED):
+                    continue
+                read = self._read_domain(conn, dom.name())
+                if read is not None:  # gone between the listing and the lookup
+                    found.append(read)
+            return sorted(found, key=lambda d: str(d["name"]))
+
+        await self._require_reachable(host)
+        domains = await self._link(host).call(running, what="list of running instances")
+        return [self._info(host, dom) for dom in domains]
+
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
         lv = self._lv
-        src, dst = request.source, request.destination
+        src, dst = request.source, destination_of(request)
         self._link(src)
         self._link(dst)
         if src == dst:
@@ -485,8 +514,10 @@ class LibvirtDriver:
             )
         await self._check_pinning(request, dom["name"], facts)
         need = int(dom["max_kib"]) * 1024
+        # The host's own figure; what lmwatch's migrations reserve there is the
+        # engine's to subtract (lmwatch.engine.placing). Forced: not checked at all.
         free = await self._link(dst).call(lambda c: c.getFreeMemory(), what="free memory")
-        if free < need:
+        if not request.force and free < need:
             raise InsufficientResources(
                 f"{dst} has {free // MIB} MiB free; "
                 f"instance {request.instance!r} needs {need // MIB} MiB"
@@ -514,7 +545,7 @@ class LibvirtDriver:
             if disk.kind == "file":
                 folder = posixpath.dirname(disk.path) or "/"
                 by_dir[folder] = by_dir.get(folder, 0) + size
-        dst, name = request.destination, request.instance
+        dst, name = destination_of(request), request.instance
         for folder, need in sorted(by_dir.items()):
 
             def room(conn: Any, folder: str = folder) -> tuple[str, int, int] | None:
@@ -553,6 +584,45 @@ class LibvirtDriver:
                     f"disks there"
                 )
 
+    async def host_info(self, host: str) -> HostInfo:
+        """Free memory as the host reports it, and the instances running there.
+
+        An incoming migration takes memory on the host as its pages arrive, while the
+        engine reserves all of it from acceptance on: what lmwatch's own running jobs
+        to this host have copied so far is added back, so it is not counted twice."""
+        lv = self._lv
+        self._link(host)
+        await self._require_reachable(host)
+
+        def read(conn: Any) -> tuple[int, list[dict[str, Any]]]:
+            free = int(conn.getFreeMemory())
+            doms = []
+            for handle in conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    labels_xml = handle.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, LABELS_NS, 0)
+                except lv.libvirtError:
+                    labels_xml = None
+                doms.append(
+                    {
+                        "name": handle.name(),
+                        "uuid": handle.UUIDString(),
+                        "max_kib": handle.maxMemory(),
+                        "labels": parse_labels(labels_xml),
+                        "disks": self._disk_sizes(handle, handle.XMLDesc(0)),
+                    }
+                )
+            return free, doms
+
+        free, doms = await self._link(host).call(read, what="host resources")
+        free += sum(
+            min(job.memory_bytes, job.transferred_seen)
+            for job in self._jobs.values()
+            if job.destination == host and job.result is None
+        )
+        return HostInfo(
+            name=host, free_memory=free, instances=tuple(self._info(host, d) for d in doms)
+        )
+
     async def _check_identity(self, host: str, name: str, uuid: str) -> None:
         """`host` must not define another instance under `name`, nor this instance's
         uuid under another name: the hypervisor would refuse the incoming instance
@@ -590,13 +660,13 @@ class LibvirtDriver:
             return found if found is not None else topology_from_info(conn.getInfo())
 
         try:
-            topo = await self._link(request.destination).call(topology, what="host topology")
+            topo = await self._link(destination_of(request)).call(topology, what="host topology")
         except HostLost:
             raise
         except DriverError as error:
             log.warning("pinning-check-skipped", instance=request.instance, error=str(error))
             return
-        why = pinning_missing(name, facts, request.destination, topo)
+        why = pinning_missing(name, facts, destination_of(request), topo)
         if why is not None:
             raise Incompatible(why)
 
@@ -630,7 +700,7 @@ class LibvirtDriver:
             return int(conn.compareCPU(xml, 0))
 
         try:
-            result = await self._link(request.destination).call(compare, what="CPU comparison")
+            result = await self._link(destination_of(request)).call(compare, what="CPU comparison")
         except HostLost:
             raise
         except DriverError as error:
@@ -639,7 +709,7 @@ class LibvirtDriver:
         if result == lv.VIR_CPU_COMPARE_INCOMPATIBLE:
             raise Incompatible(
                 f"the CPU of instance {request.instance!r} "
-                f"is not available on {request.destination}"
+                f"is not available on {destination_of(request)}"
             )
 
     async def capabilities(self, source: str, destination: str) -> Capabilities:
@@ -805,19 +875,17 @@ class LibvirtDriver:
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
         lv = self._lv
-        dest = self._hosts.get(request.destination)
+        to = destination_of(request)
+        dest = self._hosts.get(to)
         self._link(request.source)
         if dest is None:
-            raise UnknownHost(f"unknown host {request.destination!r}")
-        caps = await self.capabilities(request.source, request.destination)
+            raise UnknownHost(f"unknown host {to!r}")
+        caps = await self.capabilities(request.source, to)
         if plan.arm_handover and not caps.handover:
-            raise Incompatible(
-                f"the hypervisors on {request.source} and {request.destination} cannot hand over"
-            )
+            raise Incompatible(f"the hypervisors on {request.source} and {to} cannot hand over")
         if plan.arm_slow_down and not caps.slow_down:
             raise Incompatible(
-                f"the hypervisors on {request.source} and {request.destination} "
-                "cannot slow the guest"
+                f"the hypervisors on {request.source} and {to} cannot slow the guest"
             )
         max_downtime = downtime_ms(plan.blackout_budget)
 
@@ -828,7 +896,7 @@ class LibvirtDriver:
         memory_bytes, disks = await self._on_domain(
             request.source, request.instance, prepare, what="setting the blackout budget"
         )
-        local = self._local_disks(disks, request.source, request.destination)
+        local = self._local_disks(disks, request.source, to)
         call = migrate_call(
             lv,
             plan,
@@ -851,7 +919,7 @@ class LibvirtDriver:
         self._jobs[migration_id] = job
         peer_uri = dest.peer_uri or dest.uri
         with contextlib.suppress(DriverError):  # for its events (the instance resumed there)
-            await self._link(request.destination).connection()
+            await self._link(destination_of(request)).connection()
         link = self._link(request.source)
         conn = await link.connection()
 
@@ -867,7 +935,7 @@ class LibvirtDriver:
             migration=migration_id,
             instance=request.instance,
             source=request.source,
-            destination=request.destination,
+            destination=destination_of(request),
             flags=call.flags,
             local_disks=",".join(d.target for d, _ in local) or None,
         )
@@ -1278,7 +1346,7 @@ class LibvirtDriver:
     ) -> JobResult | None:
         lv = self._lv
         self._link(request.source)
-        self._link(request.destination)
+        self._link(destination_of(request))
         job = _Job(
             id=migration_id,
             request=request,

@@ -30,6 +30,7 @@ from lmwatch.drivers.base import (
     Refused,
     UnknownHost,
     UnknownInstance,
+    destination_of,
 )
 from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
 from lmwatch.drivers.preflight import identity_refusal, pinning_refusal
@@ -38,6 +39,7 @@ from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured
 from lmwatch.model import (
     Capabilities,
     ChangeRate,
+    HostInfo,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -58,6 +60,11 @@ _MEASURE_WINDOW = 10.0  # seconds a change-rate measurement before start covers
 _WAKE_MARGIN = 1e-3  # seconds past an expected event, so that it has happened
 _WORLD_VERSION = 1  # of what `_save` writes; another version is not read back
 _KEEP_ENDED = 24 * 3600.0  # seconds an ended job stays kept (a restart may ask its result)
+
+
+def _disk_of(instance: Instance) -> int:
+    """The instance's local disk bytes (0 for one kept by a version without disks)."""
+    return int(getattr(instance, "disk", 0) or 0)
 
 
 @dataclass(slots=True)
@@ -111,6 +118,8 @@ class SimDriver:
         self._jobs: dict[str, _Job] = {}
         self._where: dict[str, str | None] = {i.name: i.host for i in inventory.instances}
         self._free: dict[str, int] = {h.name: h.memory for h in inventory.hosts}
+        # Local storage free for incoming disks; None: not modelled (any disk fits).
+        self._storage: dict[str, int | None] = {h.name: h.disk for h in inventory.hosts}
         self._faults = _Faults()
         self._links: dict[tuple[str, str], _Link] = {}
         self._latest: dict[str, _Job] = {}  # instance name -> its latest job
@@ -181,20 +190,38 @@ class SimDriver:
                 self._where[job.instance.name] = job.destination
                 self._free[job.destination] -= job.instance.memory
                 self._free[job.source] += job.instance.memory
+                self._move_disk(job)
             elif side is Side.NOWHERE:
                 self._where[job.instance.name] = None
         link.jobs = [job for job in link.jobs if not job.settled]
         if ended:
             self._save(ended)  # where the instances run now, and each job's end
 
-    def _reserved(self, host: str) -> int:
-        return sum(
-            j.instance.memory
+    def _move_disk(self, job: _Job) -> None:
+        """The instance's disks now live on the destination (its copy on the source is gone)."""
+        size = _disk_of(job.instance)
+        if not size:
+            return
+        for host, change in ((job.destination, -size), (job.source, size)):
+            free = self._storage.get(host)
+            if free is not None:
+                self._storage[host] = free + change
+
+    def _incoming(self, host: str) -> list[_Job]:
+        """Jobs under way to `host`."""
+        return [
+            j
             for key, link in self._links.items()
             if key[1] == host
             for j in link.jobs
             if not j.model.phase.finished
-        )
+        ]
+
+    def _storage_taken(self, host: str) -> int:
+        """Local storage the disk copies under way to `host` take there: the copy is
+        written on the destination from its start (the source's is freed when the
+        migration completes; a cancelled copy is discarded)."""
+        return sum(_disk_of(j.instance) for j in self._incoming(host))
 
     def _active_job_of(self, instance: str) -> _Job | None:
         job = self._latest.get(instance)
@@ -232,6 +259,7 @@ class SimDriver:
             host=host,
             memory_bytes=instance.memory,
             labels=dict(instance.labels),
+            local_disk_bytes=instance.disk,
         )
 
     # ------------------------------------------------------- for tests / CLI
@@ -254,6 +282,13 @@ class SimDriver:
             if host is not None:
                 result.append(self._info(instance, host))
         return result
+
+    def free_storage(self, host: str) -> int | None:
+        """Local storage the host has left for incoming disks (not counting
+        reservations); None when its storage is not modelled."""
+        self._known_host(host)
+        self._sync_host(host)
+        return self._storage[host]
 
     def free_memory(self, host: str) -> int:
         """Memory the host has left for incoming instances (not counting reservations)."""
@@ -346,11 +381,19 @@ class SimDriver:
             raise UnknownInstance(f"instance {found.name!r} does not run on {host}")
         return self._info(found, now_on)
 
+    async def instances_on(self, host: str) -> Sequence[InstanceInfo]:
+        """Instances running on `host`, in inventory order (one that is being handed
+        over counts where it runs now)."""
+        self._known_host(host)
+        if not self._host_up(host):
+            raise HostUnreachable(f"{host} does not answer")
+        return [info for info in self.instances() if info.host == host]
+
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
-        source, destination = request.source, request.destination
+        source, destination = request.source, destination_of(request)
         self._known_host(source)
         self._known_host(destination)
-        self._sync_host(destination)  # its free memory and reservations
+        self._sync_host(destination)  # its free memory
         if source == destination:
             raise Refused(f"source and destination are the same host ({source})")
         for host in (source, destination):
@@ -383,13 +426,38 @@ class SimDriver:
         )
         if why is not None:
             raise Incompatible(why)
-        free = self._free[destination] - self._reserved(destination)
-        if free < found.memory:
+        # The simulated hypervisor's own figure: instances arriving take their memory
+        # when they land. What lmwatch's queued and running migrations reserve is the
+        # engine's to subtract (lmwatch.engine.placing), never the driver's.
+        free = self._free[destination]
+        if not request.force and free < found.memory:
             raise InsufficientResources(
                 f"{destination} has {format_size(max(0, free))} free, "
                 f"{found.name} needs {format_size(found.memory)}"
             )
+        # Not skipped by force: a destination that cannot hold the disks cannot take
+        # the instance at all (the copy would fail).
+        storage = self._storage.get(destination)
+        if found.disk and storage is not None:
+            left = storage - self._storage_taken(destination)
+            if left < found.disk:
+                raise InsufficientResources(
+                    f"{destination} has {format_size(max(0, left))} of local storage free, "
+                    f"{found.name}'s disks need {format_size(found.disk)}"
+                )
         return self._info(found, source)
+
+    async def host_info(self, host: str) -> HostInfo:
+        self._known_host(host)
+        if not self._host_up(host):
+            raise HostUnreachable(f"{host} does not answer")
+        self._sync()
+        running = tuple(
+            self._info(instance, host)
+            for instance in self.inventory.instances
+            if self.where(instance.name) == host
+        )
+        return HostInfo(name=host, free_memory=self._free[host], instances=running)
 
     async def capabilities(self, source: str, destination: str) -> Capabilities:
         src, dst = self.inventory.host(source), self.inventory.host(destination)
@@ -424,37 +492,40 @@ class SimDriver:
         if migration_id in self._jobs:
             raise DriverError(f"migration {migration_id!r} was already started")
         info = await self.preflight(request)
-        caps = await self.capabilities(request.source, request.destination)
+        destination = destination_of(request)
+        caps = await self.capabilities(request.source, destination)
         if plan.arm_handover and not caps.handover:
-            raise Incompatible(f"{request.source} -> {request.destination} cannot hand over")
+            raise Incompatible(f"{request.source} -> {destination} cannot hand over")
         if plan.arm_slow_down and not caps.slow_down:
             raise Incompatible(f"{request.source} cannot slow instances down")
-        pair = frozenset((request.source, request.destination))
+        pair = frozenset((request.source, destination))
         if pair in self._faults.broken:
-            raise DriverError(f"cannot reach {request.destination} from {request.source}")
-        refusing = self._faults.refusing.get(request.destination)
+            raise DriverError(f"cannot reach {destination} from {request.source}")
+        refusing = self._faults.refusing.get(destination)
         if refusing == "start":
-            raise DriverError(f"{request.destination} refused the incoming instance")
+            raise DriverError(f"{destination} refused the incoming instance")
         instance = self._instance(info.name)
         tuning = self.tuning
-        switchover = self.inventory.switchover(request.source, request.destination)
+        switchover = self.inventory.switchover(request.source, destination)
         if switchover is not None:
             tuning = dataclasses.replace(tuning, device_state=switchover)
         model = Migration(
             memory=instance.memory,
             working_set=instance.working_set,
             change_rate=instance.change_rate,
-            bandwidth=self.inventory.bandwidth(request.source, request.destination),
+            bandwidth=self.inventory.bandwidth(request.source, destination),
             plan=plan,
             source=request.source,
-            destination=request.destination,
+            destination=destination,
             tuning=tuning,
             writer=Writer(instance.writer),
+            disk=instance.disk,
+            disk_writes=instance.disk_writes,
         )
         if refusing == "job":
             model.refuse()
-        job = _Job(migration_id, request, instance, request.source, request.destination, model)
-        key = (request.source, request.destination)
+        job = _Job(migration_id, request, instance, request.source, destination, model)
+        key = (request.source, destination)
         link = self._links.get(key)
         if link is None:
             link = self._links[key] = _Link(key, self.clock.now())
@@ -563,20 +634,22 @@ class SimDriver:
 
     def _save(self, migration_ids: Iterable[str] | None = None) -> None:
         """Keep the world and these jobs (None: every job not yet ended); ended jobs
-        are kept a day for a restarted daemon to read their results."""
+        are kept a day for a restarted daemon to read their results, and dropped by the
+        periodic full save (a save of a few jobs does not walk all of them)."""
         if self._world is None:
             return
         now = self.clock.now()
+        old: list[str] = []
         if migration_ids is None:
             ids = [job_id for job_id, job in self._jobs.items() if not job.settled]
             self._saved_at = now
+            old = [
+                job_id
+                for job_id, job in self._jobs.items()
+                if job.ended_at is not None and now - job.ended_at > _KEEP_ENDED
+            ]
         else:
             ids = list(migration_ids)
-        old = [
-            job_id
-            for job_id, job in self._jobs.items()
-            if job.ended_at is not None and now - job.ended_at > _KEEP_ENDED
-        ]
         for job_id in old:
             job = self._jobs.pop(job_id)
             if self._latest.get(job.instance.name) is job:
@@ -586,6 +659,7 @@ class SimDriver:
                 "version": _WORLD_VERSION,
                 "where": self._where,
                 "free": self._free,
+                "storage": self._storage,
                 "faults": self._faults,
             }
         )
@@ -612,6 +686,10 @@ class SimDriver:
         for host, free in state["free"].items():
             if host in self._free:
                 self._free[host] = free
+        for host, storage in state.get("storage", {}).items():
+            # kept only while the inventory still models that host's storage
+            if self._storage.get(host) is not None and storage is not None:
+                self._storage[host] = storage
         self._faults = state["faults"]
         kept: list[tuple[_Job, float]] = []
         for blob, at in saved.jobs.values():

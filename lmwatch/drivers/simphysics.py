@@ -32,6 +32,19 @@ the same periods (the hypervisor's throttling: a period is bad when it dirtied a
 When the guest stops, the rest is copied and the device state moved, so the
 blackout is R/B plus the switchover cost (`Tuning.device_state`) and may exceed T
 by up to that cost.
+
+Local disks (`disk` bytes, written by the guest at `disk_writes` bytes/s) are
+copied first, while the instance runs, at the whole link's bandwidth; memory is
+not touched meanwhile (pass 1 begins when the disks are in sync). Blocks the
+guest rewrites after they were copied must be copied again: with writes spread
+uniformly over the disk, what is left to copy R follows
+
+    dR/dt = −B + w·(T − R)/T          (T the disk's size, w its write rate)
+
+which reaches 0 in finite time only if w < B; a disk written faster than the link
+settles near T·(1 − B/w) and never syncs (the migration copies on until it is
+cancelled). Once in sync the disks stay mirrored: every guest write goes to both
+sides, taking w of the link from the memory copy until the guest stops.
 Pause, handover, cancel and faults mirror what the real hypervisor was seen to
 do (shared/RIG.md).
 """
@@ -48,6 +61,7 @@ from lmwatch.model import JobResult, Phase, Sample, StartPlan
 
 _BYTE = 1.0  # tolerance on byte counts (floats)
 _TICK = 1e-9  # tolerance on times
+_NO_WRITES = 1e-3  # bytes/s of disk writes below which there are none
 
 
 class RatePattern(Protocol):
@@ -132,8 +146,42 @@ class Tuning:
     max_step: float = 0.1  # seconds per internal step while the change rate varies
 
 
+def disk_after(left: float, total: float, bandwidth: float, writes: float, h: float) -> float:
+    """What the disk copy has left after `h` seconds (exact solution of the model above)."""
+    if h <= 0 or total <= 0:
+        return left
+    if writes <= _NO_WRITES:
+        return max(0.0, left - bandwidth * h)
+    k = writes / total
+    settles = total * (writes - bandwidth) / writes  # below 0 when the copy converges
+    # settles + (left − settles)·e^(−kh), written so that tiny writes lose no precision
+    value = left * math.exp(-k * h) - settles * math.expm1(-k * h)
+    return min(float(total), max(0.0, value))
+
+
+def disk_sync_in(left: float, total: float, bandwidth: float, writes: float) -> float:
+    """Seconds until the disk copy is in sync; infinite when it never will be."""
+    if left <= _BYTE:
+        return 0.0
+    if bandwidth <= 0 or total <= 0:
+        return math.inf
+    if writes <= _NO_WRITES:
+        return left / bandwidth
+    if writes >= bandwidth:
+        return math.inf
+    # ln((left − settles)/−settles)·T/w with settles = T·(w − B)/w, kept precise for tiny w
+    return math.log1p(left * writes / (total * (bandwidth - writes))) * total / writes
+
+
 class Migration:
     """One migration from `source` to `destination`, starting at elapsed time 0."""
+
+    # Class defaults, so that a model kept by an older version (without disks) reads back.
+    disk_total: int = 0
+    disk_writes: float = 0.0
+    disk_synced_at: float | None = 0.0
+    _disk_left: float = 0.0
+    _disk_rate: float = 0.0
 
     def __init__(
         self,
@@ -147,9 +195,18 @@ class Migration:
         destination: str = "destination",
         tuning: Tuning | None = None,
         writer: Writer = Writer.SEQUENTIAL,
+        disk: int = 0,
+        disk_writes: float = 0.0,
     ) -> None:
         if memory <= 0 or bandwidth <= 0:
             raise ValueError("memory and bandwidth must be positive")
+        if disk < 0 or disk_writes < 0:
+            raise ValueError("disk and disk_writes cannot be negative")
+        self.disk_total = disk
+        self.disk_writes = float(disk_writes)
+        self._disk_left = float(disk)  # bytes of disk still to copy (0 once in sync)
+        self._disk_rate = 0.0  # bytes/s the disk copy last moved
+        self.disk_synced_at = 0.0 if disk == 0 else None  # elapsed time the disks synced
         self.memory = memory
         self.working_set = min(working_set, memory)
         self.pattern = change_rate
@@ -204,13 +261,23 @@ class Migration:
     # ----------------------------------------------------------------- state
 
     @property
+    def disks_in_sync(self) -> bool:
+        return self.disk_synced_at is not None
+
+    @property
+    def disk_remaining(self) -> float:
+        return 0.0 if self.disks_in_sync else self._disk_left
+
+    @property
     def bandwidth(self) -> float:
-        """Bytes/s actually available now (link share or cap, whichever is lower)."""
+        """Bytes/s actually available now (link share or cap, whichever is lower) for
+        what is being copied; while the disks are mirrored, less the guest's disk writes."""
         if not self.link_up:
             return 0.0
-        if self.cap is None:
-            return self.link_bandwidth
-        return max(0.0, min(self.link_bandwidth, self.cap))
+        available = self.link_bandwidth if self.cap is None else min(self.link_bandwidth, self.cap)
+        if self.disk_total and self.disks_in_sync and self.phase is Phase.COPYING:
+            available -= self.disk_writes
+        return max(0.0, available)
 
     @property
     def remaining(self) -> float:
@@ -318,6 +385,7 @@ class Migration:
     def pause(self) -> None:
         """Stop the guest until the rest is copied; the blackout lasts until completion."""
         self._refuse_if_ended()
+        self._refuse_if_disks_behind()
         if self.phase is Phase.HANDOVER:
             raise ActionRefused("the instance already runs on the destination")
         if self.phase is Phase.COMPLETING:
@@ -338,6 +406,7 @@ class Migration:
             raise ActionRefused("the instance is already stopped for the final copy")
         if not self.link_up:
             raise ActionRefused("the link to the destination is down")
+        self._refuse_if_disks_behind()
         self._left = self.remaining
         self.phase = Phase.HANDOVER
         self.handed_over = True
@@ -418,6 +487,9 @@ class Migration:
         if self._cancel_at is not None or self._refuse_at is not None:
             return max(0.0, min(times))
         rate = self._rate()
+        if self.phase is Phase.COPYING and not self.disks_in_sync:
+            times.append(disk_sync_in(self._disk_left, self.disk_total, rate, self.disk_writes))
+            return max(0.0, min(times))
         if self.phase is Phase.COPYING:
             writes = self.change_rate_now()
             if self._sync_left > 0:
@@ -464,6 +536,12 @@ class Migration:
         if rate > 0:
             self._last_rate = rate
         if self._cancel_at is not None or self._refuse_at is not None:
+            return
+        if self.phase is Phase.COPYING and not self.disks_in_sync:
+            # Only the disks move; memory copying begins once they are in sync.
+            left = disk_after(self._disk_left, self.disk_total, rate, self.disk_writes, h)
+            self._disk_rate = rate
+            self._disk_left = left
             return
         if self.phase is Phase.COPYING:
             if self._sync_left > 0:
@@ -531,6 +609,10 @@ class Migration:
             return
         if self._cancel_at is not None or self._refuse_at is not None:
             return
+        if self.phase is Phase.COPYING and not self.disks_in_sync:
+            if self._disk_left > _BYTE:
+                return
+            self._disks_synced()
         if self.phase is Phase.COPYING and self._sync_left <= 0 and self.bandwidth > 0:
             # Like the hypervisor: before each burst, and when the pass is fully sent, a remainder
             # below the threshold is re-counted (a new pass: the unsent rest plus what
@@ -548,6 +630,15 @@ class Migration:
             self._end(Phase.COMPLETED, Side.DESTINATION)
         elif self.phase is Phase.HANDOVER and self._left <= _BYTE:
             self._end(Phase.COMPLETED, Side.DESTINATION)
+
+    def _disks_synced(self) -> None:
+        """The disks are in sync (mirrored from now on): memory's pass 1 begins now."""
+        self._disk_left = 0.0
+        self.disk_synced_at = self.elapsed
+        self._pass_started = self.elapsed
+        self.pass_starts[0] = self.elapsed
+        self._period_started = self.elapsed
+        self._window = self._window_at(self.elapsed)
 
     def _end_pass(self) -> None:
         merged = self._merged()
@@ -601,6 +692,12 @@ class Migration:
         self._cancel_at = None
         self._refuse_at = None
 
+    def _refuse_if_disks_behind(self) -> None:
+        if not self.disks_in_sync:
+            raise ActionRefused(
+                f"the disks are not in sync yet ({round(self._disk_left)} bytes still to copy)"
+            )
+
     def _refuse_if_ended(self) -> None:
         if self.phase.finished:
             raise ActionRefused(f"the migration has already ended ({self.phase.value})")
@@ -623,6 +720,8 @@ class Migration:
         expected: float | None = None
         if self.phase in (Phase.COPYING, Phase.COMPLETING) and self.bandwidth > 0:
             expected = remaining / self.bandwidth
+        if not self.disks_in_sync and not self.phase.finished:
+            rate, expected = 0.0, None  # memory has not begun moving
         return Sample(
             time=time,
             memory_total=self.memory,
@@ -635,6 +734,9 @@ class Migration:
             blackout_budget=self.budget,
             slowdown=self.slowdown,
             expected_blackout=expected,
+            disk_total=self.disk_total,
+            disk_remaining=round(self.disk_remaining),
+            disk_rate=self._disk_rate,
         )
 
     def _current_rate(self) -> float:

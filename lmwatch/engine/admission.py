@@ -10,6 +10,7 @@ import hashlib
 import json
 import uuid
 
+from lmwatch.drivers.base import destination_of
 from lmwatch.errors import Conflict, Invalid
 from lmwatch.model import InstanceInfo, MigrationRequest, State
 from lmwatch.profiles import NoProfile, ProfileRegistry, Selection, UnknownProfile
@@ -20,6 +21,8 @@ def validate(request: MigrationRequest) -> None:
     """Refuse a request that can never run, before anything is asked or recorded."""
     if request.source == request.destination:
         raise Invalid("source and destination are the same host")
+    if request.force and request.destination is None:
+        raise Invalid("force needs a named destination")
 
 
 def fingerprint(request: MigrationRequest) -> str:
@@ -31,6 +34,8 @@ def fingerprint(request: MigrationRequest) -> str:
             "destination": request.destination,
             "labels": dict(sorted(request.labels.items())),
             "profile": request.profile,
+            # Only when set: earlier keys keep their fingerprints.
+            **({"force": True} if request.force else {}),
         },
         sort_keys=True,
     )
@@ -87,7 +92,7 @@ def new_record(
         id=str(uuid.uuid4()),
         instance=request.instance,
         source=request.source,
-        destination=request.destination,
+        destination=destination_of(request),
         labels=labels,
         requested_profile=request.profile,
         profile_name=selection.profile.name,

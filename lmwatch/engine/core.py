@@ -12,12 +12,13 @@ import asyncio
 import builtins
 import dataclasses
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from lmwatch import policies
 from lmwatch.clock import Clock
-from lmwatch.drivers.base import Driver
-from lmwatch.engine import admission, machine, recovery
+from lmwatch.drivers.base import Driver, NotOnSource, UnknownHost
+from lmwatch.engine import admission, machine, placing, recovery
+from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.records import Supervision, log, status_of
@@ -30,6 +31,7 @@ from lmwatch.metrics import Metrics
 from lmwatch.model import (
     Action,
     Decision,
+    InstanceInfo,
     JobResult,
     MigrationRequest,
     Phase,
@@ -37,6 +39,7 @@ from lmwatch.model import (
     Rule,
     State,
 )
+from lmwatch.policies.placement import GROUP_LABEL, How, Need, Placement, choose
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import Event, MigrationRecord, Store
@@ -102,6 +105,7 @@ class Engine:
             settings=self.settings,
         )
         self._submit_lock = asyncio.Lock()
+        self.drains = Drains(self)  # draining hosts: lmwatch/engine/drains.py
         self._store_task: asyncio.Task[None] | None = None
         self.metrics.watch_store(store)
         self._started = False
@@ -131,10 +135,12 @@ class Engine:
                 log.info("reattaching", migration=record.id, instance=record.instance)
                 supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
         self._schedule()
+        self.drains.start()  # after the migrations they follow are tracked again
 
     async def stop(self) -> None:
         """Stop supervising (the migrations themselves go on; a new engine takes them back)."""
         self._stopping = True
+        await self.drains.stop()
         tasks = [s.task for s in self._supervisions.values() if s.task is not None]
         if self._store_task is not None:
             tasks.append(self._store_task)
@@ -213,10 +219,13 @@ class Engine:
     async def submit(
         self, request: MigrationRequest, idempotency_key: str | None = None
     ) -> tuple[MigrationRecord, bool]:
-        """Accept a migration: checked, recorded durably, queued.
+        """Accept a migration: placed, checked, recorded durably, queued.
 
-        Returns the record and whether it is a replay of an earlier identical
-        request with the same Idempotency-Key. Nothing is recorded on refusal.
+        Without a destination lmwatch chooses one (`place`); a named one is checked
+        (pre-flight, group rule, free memory less reservations) unless `force`, which
+        skips the memory checks only. Returns the record and whether it is a replay
+        of an earlier identical request with the same Idempotency-Key. Nothing is
+        recorded on refusal.
         """
         admission.validate(request)
         fingerprint = admission.fingerprint(request)
@@ -224,13 +233,47 @@ class Engine:
         if earlier is not None:
             return self.get(earlier), True
         self._effects.refuse_unless_writable()
+        how = How.FORCED if request.force else How.NAMED
+        chosen: Placement | None = None
+        if request.destination is None:
+            how = How.CHOSEN
+            chosen = await self.place(
+                request.instance,
+                source=request.source,
+                profile=request.profile,
+                labels=request.labels,
+            )
+            if chosen.host is None:
+                raise placing.NoDestination(chosen.reason)
+            request = dataclasses.replace(request, destination=chosen.host)
+        assert request.destination is not None
         # Asking the hypervisor may take a while: other submissions go on meanwhile.
         info = await self._effects.preflight(request)
+        host = await self._effects.host_info(request.destination)
         async with self._submit_lock:
             earlier = admission.replayed(self.store, request, idempotency_key, fingerprint)
             if earlier is not None:
                 return self.get(earlier), True
             labels, selection = admission.select(self.profiles, request, info)
+            # Reservations as they are now, under the lock: no two submissions both
+            # take the last room on a host.
+            load = placing.loads(s.record for s in self._supervisions.values())
+            found = placing.candidate(
+                request.destination,
+                host,
+                load.get(request.destination, placing.HostLoad()),
+                instance=info.name,
+            )
+            need = Need(
+                instance=info.name,
+                source=request.source,
+                memory=info.memory_bytes,
+                group=labels.get(GROUP_LABEL) or None,
+                profile=selection.profile.name,
+            )
+            reason = placing.check_named(need, found, forced=how is How.FORCED)
+            if chosen is not None:
+                reason = chosen.reason
             record, accepted = admission.new_record(
                 request,
                 info,
@@ -240,11 +283,73 @@ class Engine:
                 idempotency_key=idempotency_key,
                 fingerprint=fingerprint,
             )
+            record = dataclasses.replace(record, placement=placing.placement_json(how, reason))
+            accepted = f"{accepted}; destination {how.value}: {reason}"
             self._effects.accept(record, accepted)
+            self.metrics.placements.labels(how.value).inc()
             self._track(record, selection.profile)
             self._effects.announce(record, accepted)
         self._schedule()
         return record, False
+
+    async def place(
+        self,
+        instance: str,
+        *,
+        source: str | None = None,
+        destinations: Sequence[str] | None = None,
+        exclude: Collection[str] = (),
+        profile: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Placement:
+        """Where lmwatch would move `instance` now, and why; moves nothing.
+
+        Candidates are `destinations` when given (each must be a known host), else
+        every configured host; never the source nor `exclude`. The instance's labels
+        are its own overlaid with `labels`; `profile` names a profile to use instead
+        of selecting one (it says whether handover is counted on)."""
+        known = list(await self._effects.hosts())
+        if destinations is not None:
+            unknown = [d for d in destinations if d not in known]
+            if unknown:
+                raise UnknownHost(f"no host named {unknown[0]!r}")
+        info: InstanceInfo = await self._effects.describe_instance(instance)
+        if source is not None and info.host != source:
+            raise NotOnSource(f"instance {info.name!r} runs on {info.host}, not on {source}")
+        request = MigrationRequest(
+            instance=info.name,
+            source=info.host,
+            destination=None,
+            labels=dict(labels or {}),
+            profile=profile,
+        )
+        merged, selection = admission.select(self.profiles, request, info)
+        pool = [
+            h
+            for h in (destinations if destinations is not None else known)
+            if h != info.host and h not in exclude
+        ]
+        load = placing.loads(s.record for s in self._supervisions.values())
+        candidates = await placing.survey(
+            effects=self._effects, request=request, hosts=sorted(set(pool)), load=load
+        )
+        need = Need(
+            instance=info.name,
+            source=info.host,
+            memory=info.memory_bytes,
+            group=merged.get(GROUP_LABEL) or None,
+            handover=selection.profile.handover_allowed,
+            profile=selection.profile.name,
+        )
+        placement = choose(need, candidates, per_destination=self.settings.max_per_destination)
+        log.info(
+            "placed",
+            instance=info.name,
+            source=info.host,
+            destination=placement.host,
+            candidates=len(candidates),
+        )
+        return placement
 
     async def force_complete(self, migration_id: str, accept_pause: bool = False) -> Decision:
         """Finish now in the least disruptive way the profile allows."""
@@ -266,6 +371,8 @@ class Engine:
             except policies.ForceRefused as refused:
                 raise Conflict(refused.reason) from refused
             decision = dataclasses.replace(decision, rule=Rule.OPERATOR_FINISH)
+            if not supervision.history[-1].disks_in_sync:
+                supervision.force_pending = accept_pause  # applied once they are in sync
             await self._effects.apply(supervision, decision, origin="operator")
             return decision
 
@@ -331,5 +438,6 @@ class Engine:
             if supervision.record.state.finished:
                 self._supervisions.pop(supervision.record.id, None)
                 self._effects.forget(supervision.record)
+                self.drains.wake()
             if not self._stopping:
                 self._schedule()

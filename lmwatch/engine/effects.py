@@ -32,6 +32,7 @@ from lmwatch.model import (
     Capabilities,
     ChangeRate,
     Decision,
+    HostInfo,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -145,6 +146,9 @@ class Effects:
             "passes": sample.passes,
             "blackout_budget": sample.blackout_budget,
             "slowdown": sample.slowdown,
+            "disk_total": sample.disk_total,
+            "disk_remaining": sample.disk_remaining,
+            "disk_rate": sample.disk_rate,
             "prediction": prediction_json(prediction),
         }
         supervision.record = dataclasses.replace(supervision.record, progress=progress)
@@ -157,6 +161,8 @@ class Effects:
         self.metrics.remaining.labels(*labels).set(sample.memory_remaining)
         self.metrics.transfer_rate.labels(*labels).set(sample.transfer_rate)
         self.metrics.change_rate.labels(*labels).set(sample.change_rate)
+        self.metrics.disk_remaining.labels(*labels).set(sample.disk_remaining)
+        self.metrics.disk_rate.labels(*labels).set(sample.disk_rate)
         if prediction is not None:
             eta = prediction.eta_seconds
             self.metrics.eta.labels(*labels).set(float("nan") if eta is None else eta)
@@ -188,6 +194,18 @@ class Effects:
 
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
         return await self.driver.preflight(request)
+
+    async def hosts(self) -> list[str]:
+        return list(await self.driver.hosts())
+
+    async def host_info(self, host: str) -> HostInfo:
+        return await self.driver.host_info(host)
+
+    async def describe_instance(self, instance: str, host: str | None = None) -> InstanceInfo:
+        return await self.driver.describe(instance, host)
+
+    async def capabilities_between(self, source: str, destination: str) -> Capabilities:
+        return await self.driver.capabilities(source, destination)
 
     async def sample(self, supervision: Supervision) -> Sample:
         return await self.driver.sample(supervision.record.id)

@@ -50,6 +50,10 @@ class Supervision:
     # An operator's force-complete paused it: the pause is theirs, not held to the
     # profile's bound (the policy never cancels it for running long).
     pause_by_operator: bool = False
+    # An operator asked to finish while the local disks were not in sync: applied once
+    # they are (the value: whether a pause beyond the profile was accepted). Not kept
+    # across a restart.
+    force_pending: bool | None = None
     beat: float | None = None  # clock time its supervision last came round (watchdog)
 
 
@@ -77,6 +81,7 @@ def request_of(record: MigrationRecord) -> MigrationRequest:
         destination=record.destination,
         labels=dict(record.labels),
         profile=record.requested_profile,
+        force=(record.placement or {}).get("how") == "forced",
     )
 
 

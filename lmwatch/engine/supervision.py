@@ -25,6 +25,7 @@ from lmwatch.model import (
     JobResult,
     MigrationContext,
     Phase,
+    Rule,
     Sample,
     State,
 )
@@ -112,7 +113,12 @@ class Supervisor:
                 switchover=self.learned.switchover(record.source, record.destination),
             )
             started_at = self.clock.now()
-            deadline = policies.deadline_at(supervision.profile, record.memory_bytes, started_at)
+            deadline = policies.deadline_at(
+                supervision.profile,
+                record.memory_bytes,
+                started_at,
+                disk_bytes=info.local_disk_bytes,
+            )
             self.effects.update(
                 supervision,
                 "decision",
@@ -198,6 +204,7 @@ class Supervisor:
     async def _decide(self, supervision: Supervision, sample: Sample) -> None:
         """Ask the policy what to do after this sample, show the progress, carry it out."""
         self.refresh_profile(supervision)
+        pending = supervision.force_pending is not None and sample.disks_in_sync
         decision = policies.decide(
             supervision.profile,
             list(supervision.history),
@@ -207,7 +214,20 @@ class Supervisor:
         )
         supervision.last_prediction = decision.prediction
         self.effects.publish(supervision, sample, decision.prediction)
-        await self.effects.apply(supervision, decision, origin="policy")
+        origin = "policy"
+        if pending:  # the disks are in sync: the operator's request to finish was decided on
+            supervision.force_pending = None
+            if decision.rule is Rule.OPERATOR_FINISH:
+                origin = "operator"
+            else:
+                self.effects.event(
+                    supervision,
+                    "note",
+                    "the request to finish, made while the disks were copied, cannot be "
+                    "carried out now that they are in sync: the profile allows no way to "
+                    "finish now",
+                )
+        await self.effects.apply(supervision, decision, origin=origin)
 
     def _enter(self, supervision: Supervision, state: State, *, handed_over: bool) -> None:
         """Record that the job moved on to another phase."""
@@ -253,8 +273,9 @@ class Supervisor:
             )
         else:
             notes = policies.review_profile_change(supervision.profile, new, plan_from(record))
+            disk_bytes = max((s.disk_total for s in supervision.history), default=0)
             deadline = (
-                policies.deadline_at(new, record.memory_bytes, record.started_at)
+                policies.deadline_at(new, record.memory_bytes, record.started_at, disk_bytes)
                 if record.started_at is not None
                 else record.deadline_at
             )
@@ -287,7 +308,8 @@ class Supervisor:
             deadline_at=record.deadline_at,
             paused=record.paused,
             paused_at=supervision.paused_at,
-            accept_pause=supervision.pause_by_operator,
+            force=supervision.force_pending is not None,
+            accept_pause=supervision.pause_by_operator or bool(supervision.force_pending),
             handed_over=record.handed_over,
             switchover=self.learned.switchover(record.source, record.destination),
             change_rate_before_start=None if measured is None else measured.bytes_per_second,

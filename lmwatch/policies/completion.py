@@ -5,7 +5,16 @@ The rules, in order (DESIGN.md section 4):
 1. paused by us, and at the rate the rest now moves the pause would outlast its
    bound (the link stalled or slowed) -> cancel, so the instance resumes on the
    source; otherwise, past copying (paused, handed over, completing, ended) -> continue;
-2. an operator asked to finish now -> as force-complete, when the profile allows it;
+2. the local disks are not in sync yet (they are copied before memory) -> only
+   continue or cancel, since the guest may stop or move only once its disks are
+   whole on the destination: no pause, no handover, and no change of the blackout
+   budget either (a raised budget lets the hypervisor stop the guest sooner, and
+   nothing is known of memory yet to size it; one above the limit is lowered once
+   the disks are in sync, before memory's budget matters). Cancel when the evidence
+   says the copy never gets in sync (the guest writes its disks faster than the
+   link copies) or cannot before the deadline, or when the deadline came; otherwise
+   continue (an operator's request to finish waits for the sync);
+2b. an operator asked to finish now -> as force-complete, when the profile allows it;
 3. the budget is above what `max_blackout` leaves after the switchover -> lower it;
 4. the deadline has come, or is as close as finishing takes -> `on_deadline`
    (complete within the profile, or cancel);
@@ -15,7 +24,9 @@ The rules, in order (DESIGN.md section 4):
    first pass cannot end before the deadline and nothing else could finish it;
    otherwise continue;
 6. copying converges on its own (at the current slow-down) within the blackout
-   budget -> continue;
+   budget -> continue; but when the guest is being slowed and, near the start of a
+   pass, a pause that fits `max_pause` takes less of the guest's time than the
+   slowing still would (slow-down level x time to converge) -> pause;
 7. the floor fits `max_blackout` after the switchover -> raise the budget;
 8. near the start of a pass, handover fits `max_degraded` (armed at start) -> hand over;
 9. near the start of a pass, a pause fits `max_pause` -> pause;
@@ -40,8 +51,10 @@ from lmwatch.policies.estimators import (
     DEFAULT,
     Analysis,
     DirtyModel,
+    DiskOutlook,
     PolicySettings,
     analyse,
+    disk_outlook,
     duration_text,
     project,
     rate_text,
@@ -71,7 +84,8 @@ def decide(
 ) -> Decision:
     """The next step for a running migration; pure, never raises on valid input."""
     a = analyse(history, ctx, settings)
-    prediction = a.prediction()
+    disks = disk_outlook(history, settings)
+    prediction = a.prediction() if disks is None else disk_prediction(a, disks, ctx)
 
     stalled = pause_outlasting(profile, history, ctx)
     if stalled is not None:
@@ -81,6 +95,10 @@ def decide(
         return Decision(
             Action.CONTINUE, f"nothing to do: {done}", prediction, rule=Rule.PAST_COPYING
         )
+
+    if disks is not None:
+        rule, action, why = _disk_phase(profile, disks, ctx, now)
+        return Decision(action, why, prediction, rule=rule)
 
     if ctx.force:
         try:
@@ -125,6 +143,9 @@ def decide(
         return Decision(Action.CONTINUE, _gathering(a), prediction, rule=Rule.FIRST_PASS)
 
     if a.converges:
+        cheaper = _pause_cheaper_than_slowing(profile, a, ctx, prediction, settings)
+        if cheaper is not None:
+            return replace(cheaper, rule=Rule.PAUSE_CHEAPER_THAN_SLOWING)
         return Decision(Action.CONTINUE, _converging(a, ctx, now), prediction, rule=Rule.CONVERGES)
 
     rates = _rates_text(a)
@@ -148,6 +169,68 @@ def decide(
         )
 
     return _beyond_blackout(profile, a, ctx, now, head, prediction, settings)
+
+
+def disk_prediction(a: Analysis, disks: DiskOutlook, ctx: MigrationContext) -> Prediction:
+    """The prediction while the disks are copied: the time until they are in sync, then
+    a first pass of memory (at the link less the mirrored disk writes), then the stop."""
+    base = a.prediction()
+    eta: float | None = None
+    if disks.seconds is not None and not disks.never and disks.rate:
+        memory_rate = disks.rate - (disks.writes or 0.0)
+        if memory_rate > 0:
+            eta = disks.seconds + a.memory / memory_rate + ctx.switchover
+    return replace(base, eta_seconds=eta, converges=False if disks.never else None)
+
+
+def _disk_phase(
+    profile: Profile, disks: DiskOutlook, ctx: MigrationContext, now: float
+) -> tuple[Rule, Action, str]:
+    """While the disks are not in sync: continue, or cancel (never anything that forces)."""
+    left = f"{format_size(disks.remaining)} of {format_size(disks.total)}"
+    if disks.evidence and disks.never:
+        return (
+            Rule.DISKS_NEVER_SYNC,
+            Action.CANCEL,
+            f"the disks cannot get in sync: the guest writes them at about "
+            f"{rate_text(disks.writes)}, the link copies {rate_text(disks.rate)}, so "
+            f"rewritten blocks keep {left} to copy; the instance may not stop or move "
+            "before its disks are in sync; cancelling",
+        )
+    if ctx.deadline_at is not None and now >= ctx.deadline_at:
+        took = duration_text(max(0.0, now - ctx.started_at))
+        return (
+            Rule.DEADLINE,
+            Action.CANCEL,
+            f"deadline reached after {took} with the disks not in sync ({left} left); "
+            "the instance may not stop or move before they are; cancelling",
+        )
+    if (
+        ctx.deadline_at is not None
+        and disks.evidence
+        and disks.seconds is not None
+        and now + disks.seconds > ctx.deadline_at
+    ):
+        return (
+            Rule.DISKS_MISS_DEADLINE,
+            Action.CANCEL,
+            f"the disks need about {duration_text(disks.seconds)} more to get in sync "
+            f"({left} left at {rate_text(disks.rate)}, the guest writing them at about "
+            f"{rate_text(disks.writes)}), past the deadline in "
+            f"{duration_text(ctx.deadline_at - now)}, and nothing may finish the "
+            "migration before they are in sync; cancelling now rather than at the deadline",
+        )
+    text = f"copying the disks first: {left} left"
+    if disks.rate:
+        text += f" at {rate_text(disks.rate)}"
+    if disks.seconds is not None and not disks.never:
+        text += f", in sync in about {duration_text(disks.seconds)}"
+    elif disks.never:
+        text += ", not yet converging"
+    text += "; memory is copied once they are"
+    if ctx.force:
+        text += "; the request to finish applies once the disks are in sync"
+    return Rule.DISK_COPY, Action.CONTINUE, text
 
 
 def _deadline_lead(
@@ -205,6 +288,40 @@ def _converging(a: Analysis, ctx: MigrationContext, now: float) -> str:
     if ctx.deadline_at is not None and a.eta is not None and now + a.eta > ctx.deadline_at:
         text += f", after the deadline in {duration_text(ctx.deadline_at - now)}"
     return text
+
+
+def _pause_cheaper_than_slowing(
+    profile: Profile,
+    a: Analysis,
+    ctx: MigrationContext,
+    prediction: Prediction,
+    settings: PolicySettings,
+) -> Decision | None:
+    """Pause now when copying converges only with the guest slowed, and the pause
+    costs the guest less time than the slowing still will.
+
+    A guest slowed by a fraction `level` loses `level` of every second until copying
+    converges; a pause loses every second it lasts. Both are within the profile, so
+    take the one that takes less of the guest. Only near the start of a pass, where
+    the remainder is known (as for every pause).
+    """
+    assert a.transfer_rate
+    level = a.latest.slowdown if a.latest is not None else 0.0
+    if level <= 0 or a.eta is None or not a.fresh:
+        return None
+    stop = a.finish_bound / a.transfer_rate + ctx.switchover
+    if not pause_fits(profile, a, stop, settings):
+        return None
+    slowed = level * a.eta
+    if stop >= slowed:
+        return None
+    return Decision(
+        Action.PAUSE,
+        f"copying converges only with the guest slowed by {level:.0%}: about "
+        f"{duration_text(a.eta)} more, {duration_text(slowed)} of its time; pausing now "
+        f"takes about {duration_text(stop)} (limit {duration_text(profile.max_pause)})",
+        replace(prediction, eta_seconds=stop),
+    )
 
 
 def _early_finish(

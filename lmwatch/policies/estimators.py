@@ -58,7 +58,11 @@ class PolicySettings:
     slow_down_passes_per_step: int = 2  # the hypervisor raises the throttle this often
     slow_down_bad_ratio: float = 0.5  # a pass is "bad" when it dirtied this share of its size
     slow_down_initial: float = 0.2  # start level when nothing says more is needed
-    max_initial_slowdown: float = 0.6  # cap on a higher start level chosen at start
+    max_initial_slowdown: float = 0.8  # cap on a higher start level chosen at start
+    slow_down_step: float = 0.1  # the hypervisor raises the level by this much each time
+    # A start level is chosen to finish within this share of the deadline (the rest is
+    # for a measurement before the start that saw less than the guest writes).
+    slowdown_deadline_share: float = 0.5
     fit_pairs: int = 4  # most recent (pass duration, remainder) pairs the model is fitted to
     # The hypervisor sends in bursts this long and checks before each one whether what is
     # left is below the threshold (transfer rate × budget); it judges the slow-down over
@@ -74,11 +78,16 @@ class PolicySettings:
     max_wait: float = 3600.0  # without a deadline, no hope keeps a migration waiting longer
     convergence_margin: float = 0.1  # start plan: D above B * (1 - margin) will not converge
     measure_window: float = 10.0  # longest window a measurement before start covers, seconds
+    # The disk copy's outlook is read from samples at least this many seconds apart,
+    # once this share of the disks has been copied (the first moments say little).
+    disk_window: float = 10.0
+    disk_evidence_share: float = 0.05
 
 
 DEFAULT = PolicySettings()
 
 _MAX_PROJECTED_PASSES = 400
+_NO_WRITES = 1e-3  # bytes/s of disk writes below which there are none
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +299,84 @@ class Analysis:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class DiskOutlook:
+    """The copy of an instance's local disks, while they are not yet in sync.
+
+    The guest's writes land on blocks at random: those already copied must be copied
+    again, so what is left, R of T, moves as dR/dt = −B + w·(T − R)/T at the copy's
+    rate B and the guest's disk write rate w. It reaches 0 only if w < B; the time it
+    takes follows from the same equation. `writes` is w as the samples show it.
+    """
+
+    total: int
+    remaining: int
+    rate: float | None  # B, bytes/s the copy moves (None: not reported yet)
+    writes: float | None  # w, bytes/s (None: not enough seen yet)
+    seconds: float | None  # until in sync (math.inf: never; None: unknown)
+    evidence: bool  # seen long enough, and far enough into the copy, to act on
+
+    @property
+    def never(self) -> bool:
+        return self.seconds is not None and math.isinf(self.seconds)
+
+
+def disk_sync_seconds(remaining: float, total: float, rate: float, writes: float) -> float:
+    """Seconds until a disk copy with `remaining` of `total` left is in sync (math.inf:
+    never), copying at `rate` while the guest writes at `writes` (bytes/s)."""
+    if remaining <= 0:
+        return 0.0
+    if rate <= 0 or total <= 0:
+        return math.inf
+    if writes <= _NO_WRITES:
+        return remaining / rate
+    if writes >= rate:
+        return math.inf  # what is left settles near T·(1 − B/w), never 0
+    # ln((R − S)/−S)·T/w with S = T·(w − B)/w, kept precise for tiny w
+    return math.log1p(remaining * writes / (total * (rate - writes))) * total / writes
+
+
+def disk_outlook(
+    history: Sequence[Sample], settings: PolicySettings = DEFAULT
+) -> DiskOutlook | None:
+    """The disk copy's outlook; None when there are no local disks or they are in sync."""
+    if not history:
+        return None
+    latest = history[-1]
+    if latest.disk_total <= 0 or latest.disks_in_sync or latest.phase is not Phase.COPYING:
+        return None
+    total = float(latest.disk_total)
+    copying = [s for s in history if s.disk_total > 0 and not s.disks_in_sync]
+    rates = [s.disk_rate for s in copying[-30:] if s.disk_rate > 0]
+    rate = _ewma(rates, settings.ewma_alpha)
+    writes: float | None = None
+    evidence = False
+    earlier = next(
+        (s for s in reversed(copying) if s.time <= latest.time - settings.disk_window), None
+    )
+    if earlier is not None and rate:
+        span = latest.time - earlier.time
+        between = [s.disk_rate for s in copying if earlier.time < s.time <= latest.time]
+        moving = statistics.fmean(between) if between else rate
+        copied = total - (earlier.disk_remaining + latest.disk_remaining) / 2
+        if copied >= settings.disk_evidence_share * total:
+            # the integral of (T − R)/T over the span is (T − R_mean)/T · span
+            rewritten = latest.disk_remaining - earlier.disk_remaining + moving * span
+            writes = max(0.0, rewritten * total / (copied * span))
+            evidence = True
+    seconds: float | None = None
+    if rate:
+        seconds = disk_sync_seconds(latest.disk_remaining, total, rate, writes or 0.0)
+    return DiskOutlook(
+        total=latest.disk_total,
+        remaining=latest.disk_remaining,
+        rate=rate,
+        writes=writes,
+        seconds=seconds,
+        evidence=evidence,
+    )
+
+
 def _ewma(values: Sequence[float], alpha: float) -> float | None:
     if not values:
         return None
@@ -314,6 +401,7 @@ def _transfer_rate(history: Sequence[Sample], alpha: float) -> float | None:
     rate = _ewma(readings, alpha)
     if rate is not None:
         return rate
+    history = [s for s in history if s.disks_in_sync]  # memory moves only once they are
     if len(history) >= 2:
         moved = history[-1].memory_transferred - history[0].memory_transferred
         elapsed = history[-1].time - history[0].time
@@ -346,6 +434,18 @@ def observe_passes(
     last: dict[int, Sample] = {}
     peak: dict[int, int] = {}
     order: list[int] = []
+    memory_start: float | None = ctx.started_at
+    behind = [i for i, s in enumerate(history) if s.disk_total > 0 and not s.disks_in_sync]
+    if behind:
+        # Memory's pass 1 begins when the disks are in sync: between the last sample
+        # that saw them behind and the next one (estimated from the rate they moved at).
+        tail = history[behind[-1]]
+        nxt = history[behind[-1] + 1] if behind[-1] + 1 < len(history) else None
+        at = tail.time + (tail.disk_remaining / tail.disk_rate if tail.disk_rate > 0 else 0.0)
+        memory_start = at if nxt is None else min(max(at, tail.time), nxt.time)
+        history = history[behind[-1] + 1 :]
+    elif history and history[0].disk_total > 0:
+        memory_start = None  # the disks synced before these samples: pass 1's start unseen
     for sample in history:
         n = sample.passes
         if n < 1:
@@ -364,7 +464,7 @@ def observe_passes(
         start: float | None = None
         carried = 0.0
         if n == 1:
-            start = ctx.started_at
+            start = memory_start
             size = float(max(peak[n], head.memory_total or ctx.memory_bytes))
         elif previous == n - 1 and bandwidth:
             tail = last[n - 1]

@@ -5,6 +5,10 @@ fits `max_blackout`; a handover that fits `max_degraded`; a pause that fits
 `max_pause`; then, because someone asked to finish now, a handover or a pause
 longer than the profile's bound (reported as such); then a pause the operator
 explicitly accepted. Otherwise `ForceRefused`.
+
+While the instance's local disks are not in sync nothing may stop or move the
+guest: a request to finish then is accepted and answered with `continue`, saying
+that it applies once the disks are in sync (the engine keeps it until then).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from lmwatch.policies.estimators import (
     Analysis,
     PolicySettings,
     analyse,
+    disk_outlook,
     duration_text,
+    rate_text,
 )
 from lmwatch.policies.violations import pause_bound
 from lmwatch.profiles.schema import Profile
@@ -259,6 +265,21 @@ def force_complete(
         return Decision(
             Action.CONTINUE,
             f"nothing to force: {done}",
+            analysis.prediction(),
+        )
+    disks = disk_outlook(history, settings)
+    if disks is not None:
+        when = (
+            f"in about {duration_text(disks.seconds)}"
+            if disks.seconds is not None and not disks.never
+            else "when they are"
+        )
+        speed = f" at {rate_text(disks.rate)}" if disks.rate else ""
+        return Decision(
+            Action.CONTINUE,
+            f"finishing on request once the disks are in sync ({format_size(disks.remaining)} "
+            f"of {format_size(disks.total)} left{speed}, {when}): the instance may not stop "
+            "or move before its disks are whole on the destination",
             analysis.prediction(),
         )
     decision = finish_now(profile, analysis, ctx, accept_pause, "finishing on request", settings)

@@ -7,14 +7,25 @@ whenever the profile allows them and the hosts can do them.
 from __future__ import annotations
 
 from lmwatch.model import Capabilities, InstanceInfo, StartPlan
-from lmwatch.policies.estimators import DEFAULT, PolicySettings, duration_text, rate_text
+from lmwatch.policies.estimators import (
+    DEFAULT,
+    DirtyModel,
+    PolicySettings,
+    duration_text,
+    project,
+    rate_text,
+)
 from lmwatch.profiles.schema import Profile
 from lmwatch.units import format_size
 
 
-def deadline_at(profile: Profile, memory_bytes: int, started_at: float) -> float | None:
-    """Absolute clock time of the profile's deadline, or None when it has none."""
-    seconds = profile.deadline_seconds(memory_bytes)
+def deadline_at(
+    profile: Profile, memory_bytes: int, started_at: float, disk_bytes: int = 0
+) -> float | None:
+    """Absolute clock time of the profile's deadline, or None when it has none.
+
+    A deadline per GiB counts every byte that moves: memory and local disks."""
+    seconds = profile.deadline_seconds(memory_bytes + disk_bytes)
     return None if seconds is None else started_at + seconds
 
 
@@ -57,11 +68,19 @@ def plan_start(
     if arm_slow_down:
         if stuck:
             assert change_rate is not None and bandwidth is not None
-            wanted = 1 - bandwidth * (1 - settings.convergence_margin) / change_rate
-            initial = round(min(settings.max_initial_slowdown, max(initial, wanted)), 2)
+            initial, why = initial_slowdown(
+                profile,
+                info.memory_bytes,
+                change_rate,
+                bandwidth,
+                budget,
+                switch,
+                settings,
+                disk_bytes=info.local_disk_bytes,
+            )
             parts.append(
                 f"slow-down armed at {initial:.0%} from the start because the guest changes "
-                f"{rate_text(change_rate)} and the link moves {rate_text(bandwidth)}"
+                f"{rate_text(change_rate)} and the link moves {rate_text(bandwidth)}{why}"
             )
         else:
             parts.append("slow-down armed")
@@ -78,5 +97,70 @@ def plan_start(
         arm_slow_down=arm_slow_down,
         blackout_budget=budget,
         slow_down_initial=initial,
+        slow_down_step=settings.slow_down_step,
         reason="; ".join(parts),
     )
+
+
+def initial_slowdown(
+    profile: Profile,
+    memory: int,
+    change_rate: float,
+    bandwidth: float,
+    budget: float,
+    switchover: float,
+    settings: PolicySettings = DEFAULT,
+    *,
+    disk_bytes: int = 0,
+) -> tuple[float, str]:
+    """The level slowing starts at, when the hypervisor finds copying does not converge,
+    and what the plan says about it (text to append).
+
+    The level that barely brings the change rate under the link's is the least that
+    can converge; but the hypervisor raises the level only every few passes, and a
+    pass over a large guest lasts minutes, so a level that converges slowly can run
+    into the deadline. So, with a deadline: the lowest level, from that one up to
+    `max_initial_slowdown` in steps of `slow_down_step`, whose projection (the guest
+    rewriting at the measured rate over all of its memory, the hypervisor's throttle
+    schedule, finishing by a pause where the profile allows one) finishes within
+    `slowdown_deadline_share` of what the deadline leaves after the local disks are
+    copied (at the link's bandwidth, before memory). None finishing: the highest.
+    """
+    least = 1 - bandwidth * (1 - settings.convergence_margin) / change_rate
+    base = round(min(settings.max_initial_slowdown, max(settings.slow_down_initial, least)), 2)
+    deadline = profile.deadline_seconds(memory + disk_bytes)
+    if deadline is None:
+        return base, ""
+    target = max(0.0, deadline - disk_bytes / bandwidth) * settings.slowdown_deadline_share
+    finish = budget
+    if profile.may_pause:
+        finish = max(finish, (profile.max_pause - switchover) / settings.pause_safety)
+    model = DirtyModel(rate=change_rate, working_set=float(memory))
+    level = base
+    while True:
+        projection = project(
+            model,
+            bandwidth,
+            finish,
+            unsent=float(memory),
+            elapsed_in_pass=0.0,
+            overhead=0.0,
+            switchover=switchover,
+            slow_step=settings.slow_down_step,
+            slow_initial=level,
+            slow_armed=True,
+            settings=settings,
+        )
+        if projection.seconds is not None and projection.seconds <= target:
+            if level <= base:
+                return base, ""
+            return level, (
+                f"; a lower level would not finish within {duration_text(target)} "
+                f"(of the {duration_text(deadline)} deadline)"
+            )
+        if level >= settings.max_initial_slowdown - 1e-9:
+            return level, (
+                f"; no level finishes within {duration_text(target)} "
+                f"(of the {duration_text(deadline)} deadline) on that measurement"
+            )
+        level = round(min(settings.max_initial_slowdown, level + settings.slow_down_step), 2)

@@ -13,6 +13,9 @@ image shows that the host-side block check catches one bad block.
 The guest's own check is proven the same way: one bit flipped behind the disk
 writer's back (lmw.dkselftest) shows as diskbad=1.
 
+A drain of host a (POST /v1/drains) with two guests, one with the local disk, lands
+both on b intact: running, no bad page or block, b's image sha256 = the guest's.
+
 Pre-flight: a destination whose pool cannot hold the disk, or whose pool is not
 active, is refused with 409 insufficient-resources before anything starts.
 
@@ -209,3 +212,54 @@ def test_guest_disk_check_catches_a_flipped_bit() -> None:
     finally:
         rigctl.destroy_everywhere(name)
         rigctl.remove_disk_image("a", name)
+
+
+@pytest.mark.scenario("drain a: memory + disk guest")
+def test_drain_of_a_host_with_a_disk_guest_lands_everything_intact(
+    daemon: Daemon, disk_guest: str, summary: Any
+) -> None:
+    """POST /v1/drains empties host a of two guests, one of them with a local disk it
+    keeps writing; both land on b and run, no page and no block was lost, and b's
+    image is the disk the guest sees."""
+    other = f"{NAME}-mem"
+    untouched = rigctl.file_sha256(disk_guest)
+    try:
+        rigctl.define_guest("a", other, write_mib=16, rate_mib=4)
+        rigctl.define_guest("a", NAME, write_mib=16, rate_mib=4, disk={**WRITE, "secs": 45})
+        for name in (other, NAME):
+            rigctl.wait_heartbeat(name, 90.0, 1)
+        answer = daemon.expect(202, "POST", "/v1/drains", {"host": "a"})
+        assert sorted(i["instance"] for i in answer["instances"]) == [NAME, other], answer
+        assert answer["blocked"] == [], answer
+        deadline = time.monotonic() + 180
+        while True:
+            drain = daemon.expect(200, "GET", f"/v1/drains/{answer['id']}")
+            if drain["state"] not in ("running", "cancelling"):
+                break
+            assert time.monotonic() < deadline, drain
+            time.sleep(0.5)
+        summary.note(
+            "drain a: memory + disk guest",
+            f"{drain['state']}: "
+            + ", ".join(
+                f"{i['instance']} {i['state']} to {i['destination']}" for i in drain["instances"]
+            ),
+        )
+        assert drain["state"] == "completed", drain
+        assert drain["instances_remaining"] == 0, drain
+        assert {i["state"] for i in drain["instances"]} == {"moved"}, drain
+        for name in (other, NAME):
+            assert rigctl.where_running(name) == ["b"], name
+            assert rigctl.heartbeats_continue(name, 3.0), name
+            hb = rigctl.last_heartbeat(name, "b")
+            assert hb is not None and hb["bad"] == 0, (name, hb)
+        final, guest_sum = rigctl.wait_disk_sum(NAME, "b", timeout=120)
+        assert final["diskbad"] == 0, final
+        on_b = rigctl.disk_image_path(NAME, "b")
+        assert rigctl.file_sha256(on_b) == guest_sum != untouched
+        assert rigctl.check_disk_image(on_b, WRITE["mib"]) == {
+            "stamped": final["blocks"],
+            "bad": 0,
+        }
+    finally:
+        rigctl.destroy_everywhere(other)

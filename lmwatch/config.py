@@ -41,6 +41,17 @@ class HostConfig(BaseModel):
         default=None, description="Address the destination listens on for migration traffic."
     )
     bandwidth: Rate | None = Field(default=None, description="Bytes/s cap for migrations.")
+    shared_storage: list[str] | None = Field(
+        default=None,
+        description=(
+            "Directories this host shares with other hosts at the same path; a disk is "
+            "copied with its instance unless both hosts list its directory."
+        ),
+    )
+    disks_address: str | None = Field(
+        default=None,
+        description="Where disk data goes when this host is the destination (tcp://HOST[:PORT]).",
+    )
 
 
 class Settings(BaseSettings):

@@ -135,3 +135,21 @@ seed_caps() {  # copy cached capabilities into host $1: its own from the rig cac
     done
     return 1
 }
+
+# Each host's storage pool for instance disks: a directory pool "lmw-images" with
+# target /var/lib/libvirt/images, inside the host's own bind-mounted /var/lib/libvirt
+# (on the machine: $BASE/<h>/lib/images), so the two hosts' images are distinct files
+# at the same path.  A disk migrated with its instance is created on the destination in
+# the pool whose target is the disk's directory.
+POOL=lmw-images
+POOL_TARGET=/var/lib/libvirt/images
+ensure_pool() {  # define, build and start host $1's pool unless it is active
+    local uri; uri=$(host_uri "$1")
+    if timeout 20 virsh -q -c "$uri" pool-info "$POOL" 2>/dev/null | grep -qE '^State: +running'; then return 0; fi
+    if ! timeout 20 virsh -q -c "$uri" pool-info "$POOL" >/dev/null 2>&1; then
+        timeout 20 virsh -q -c "$uri" pool-define-as "$POOL" dir --target "$POOL_TARGET" >/dev/null
+    fi
+    timeout 20 virsh -q -c "$uri" pool-build "$POOL" >/dev/null 2>&1 || true
+    timeout 20 virsh -q -c "$uri" pool-start "$POOL" >/dev/null
+    timeout 20 virsh -q -c "$uri" pool-autostart "$POOL" >/dev/null 2>&1 || true
+}

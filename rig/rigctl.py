@@ -24,8 +24,11 @@ where the guest runs (newest file when it runs nowhere or on both).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import random
 import re
+import struct
 import subprocess
 import threading
 import time
@@ -49,6 +52,14 @@ EMULATOR = "/usr/bin/qemu-system-x86_64"
 GUEST_SERIAL_PATH = "/var/log/libvirt/qemu/{name}.serial.log"
 
 _HB_RE = re.compile(r"^hb ((?:\w+=\w+ ?)+)\s*$")
+_DK_RE = re.compile(r"^dk (done )?((?:\w+=\w+ ?)+)\s*$")
+_DKSUM_RE = re.compile(r"^dksum ([0-9a-f]{64})\s*$")
+# each host's storage pool for instance disks (rig/lib.sh: ensure_pool), as libvirt
+# sees it; on the machine it is $RIG_DIR/<host>/lib/images
+POOL = "lmw-images"
+POOL_TARGET = "/var/lib/libvirt/images"
+DISK_BLOCK = 4096
+DISK_MAGIC = 0x6C6D776469736B0A  # "lmwdisk\n", as in guest/diskw.c
 WRITER_MODES = ("seq", "random")  # lmw.mode: sweep pages in order, or pick them at random
 
 
@@ -163,11 +174,16 @@ def domain_xml(
     selftest: int = 0,
     vcpus: int = 1,
     mode: str = "seq",
+    disk: dict | None = None,
 ) -> str:
     """Domain XML of a rig guest (type='qemu': TCG, kernel+initramfs, no disk).
 
     mode: how the writer picks pages, "seq" (in order, wrapping around) or "random"
-    (uniformly over write_mib)."""
+    (uniformly over write_mib).
+    disk: the disk variant, {"rate_kib": K, "secs": T, "mib": M, "selftest": S}: a raw
+    virtio disk `vda` at `disk_image_path(name)` (in the host's pool) that the guest's
+    disk writer writes at K KiB/s for T s into its first M MiB (0: all), then checks
+    and checksums (see guest/diskw.c)."""
     if mode not in WRITER_MODES:
         raise ValueError(f"unknown writer mode {mode!r} (expected one of {WRITER_MODES})")
     cmdline = (
@@ -175,6 +191,18 @@ def domain_xml(
         f"lmw.mib={int(write_mib)} lmw.rate={int(rate_mib)} lmw.selftest={int(selftest)} "
         f"lmw.mode={mode}"
     )
+    disk_xml = ""
+    if disk is not None:
+        cmdline += (
+            f" lmw.dkrate={max(1, int(disk.get('rate_kib', 256)))}"
+            f" lmw.dksecs={int(disk.get('secs', 60))} lmw.dkmib={int(disk.get('mib', 0))}"
+            f" lmw.dkselftest={int(disk.get('selftest', 0))}"
+        )
+        disk_xml = f"""<disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file={quoteattr(disk_image_path(name))}/>
+      <target dev='vda' bus='virtio'/>
+    </disk>"""
     meta = ""
     if labels:
         items = "".join(
@@ -202,6 +230,7 @@ def domain_xml(
   <devices>
     <emulator>{EMULATOR}</emulator>
     <controller type='usb' model='none'/>
+    {disk_xml}
     <serial type='file'>
       <source path={quoteattr(serial)} append='on'/>
       <target port='0'/>
@@ -224,6 +253,7 @@ def define_guest(
     start: bool = True,
     replace: bool = True,
     mode: str = "seq",
+    disk: dict | None = None,
 ):
     """Define (persistent) or create (transient) and start guest `name` on `host`.
 
@@ -234,14 +264,16 @@ def define_guest(
     show bad>0).  labels become
     <metadata><lmw:labels xmlns:lmw="https://lmwatch.dev/xmlns/labels/1">.
     replace=True first destroys/undefines a guest of that name on both hosts and
-    truncates its serial logs.  Returns the virDomain (its connection stays open)."""
+    truncates its serial logs.  Returns the virDomain (its connection stays open).
+    disk: the disk variant (see `domain_xml`); its image must exist on `host` first
+    (`make_disk_image`)."""
     _need_libvirt()
     if replace:
         destroy_everywhere(name)
     for path in serial_log(name).values():
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    xml = domain_xml(name, mem_mib, write_mib, rate_mib, labels, selftest, mode=mode)
+    xml = domain_xml(name, mem_mib, write_mib, rate_mib, labels, selftest, mode=mode, disk=disk)
     conn = connect(host)
     if persistent:
         dom = conn.defineXML(xml)
@@ -457,6 +489,136 @@ def _tail_text(path: str, n: int = 400) -> str:
         return "<no file>"
 
 
+# --------------------------------------------------------------------------- disks
+
+
+def disk_image_path(name: str, host: str | None = None) -> str:
+    """The disk image of guest `name`: the path libvirt sees (no host), or the file
+    on the machine for `host` (each host has its own, in its own pool)."""
+    if host is None:
+        return f"{POOL_TARGET}/{name}.img"
+    return os.path.join(host_dir(host), "lib", "images", f"{name}.img")
+
+
+def make_disk_image(host: str, name: str, mib: int = 64, seed: int | None = None) -> str:
+    """Create `name`'s raw disk image on `host`, `mib` MiB of pseudo-random bytes (so
+    that the copy has to move every block and an untouched image differs from a
+    written one); removes the image on the other host. Refreshes both pools.
+    Returns the file's path on the machine."""
+    path = disk_image_path(name, host)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        for _ in range(int(mib)):
+            f.write(rng.randbytes(1 << 20))
+    remove_disk_image(other_host(host), name)
+    refresh_pools()
+    return path
+
+
+def remove_disk_image(host: str, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(disk_image_path(name, host))
+
+
+def refresh_pools() -> None:
+    """Let each host's pool see files created or removed behind its back."""
+    _need_libvirt()
+    for h in HOSTS:
+        conn = connect(h)
+        try:
+            conn.storagePoolLookupByName(POOL).refresh(0)
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _mix(idx: int, gen: int) -> int:
+    m = (1 << 64) - 1
+    x = ((idx * 0x9E3779B97F4A7C15) & m) ^ ((gen + 0x632BE59BD9B4E019) & m)
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & m
+    x ^= x >> 27
+    return x ^ DISK_MAGIC
+
+
+def check_disk_image(path: str, mib: int = 0) -> dict[str, int]:
+    """Check the guest's stamped blocks in an image file on the machine, as the guest
+    does: {"stamped": blocks that carry the stamp of their own index, "bad": those of
+    them whose content is not exactly what that index and generation give}. Blocks
+    never written (the random fill) carry no stamp. `mib`: only the first MiB (0: all)."""
+    stamped = bad = 0
+    limit = int(mib) * (1 << 20) if mib else None
+    with open(path, "rb") as f:
+        idx = 0
+        while limit is None or idx * DISK_BLOCK < limit:
+            block = f.read(DISK_BLOCK)
+            if len(block) < DISK_BLOCK:
+                break
+            words = struct.unpack(f"<{DISK_BLOCK // 8}Q", block)
+            if words[0] == DISK_MAGIC ^ idx:
+                stamped += 1
+                h = _mix(idx, words[1])
+                want = [(h + w) & ((1 << 64) - 1) for w in range(2, DISK_BLOCK // 8)]
+                if list(words[2:]) != want:
+                    bad += 1
+            idx += 1
+    return {"stamped": stamped, "bad": bad}
+
+
+def parse_disk_line(line: str) -> dict | None:
+    """'dk n=3 w=384 blocks=384 diskbad=0' -> {'n': 3, ..., 'done': False}; the final
+    'dk done ...' line has 'done': True; 'dksum HEX' -> {'sum': HEX}. Else None."""
+    text = line.strip().replace("\r", "")
+    m = _DKSUM_RE.match(text)
+    if m:
+        return {"sum": m.group(1)}
+    m = _DK_RE.match(text)
+    if not m:
+        return None
+    out: dict = {
+        k: int(v) if v.isdigit() else v for k, v in (kv.split("=") for kv in m.group(2).split())
+    }
+    out["done"] = bool(m.group(1))
+    return out
+
+
+def disk_lines(name: str, host: str) -> list[dict]:
+    """Every disk-writer line in `name`'s serial log on `host`, oldest first."""
+    try:
+        with open(serial_log(name, host), errors="replace") as f:
+            return [d for d in map(parse_disk_line, f) if d]
+    except FileNotFoundError:
+        return []
+
+
+def wait_disk_sum(name: str, host: str, timeout: float = 120.0) -> tuple[dict, str]:
+    """Wait for the disk writer's final line and the guest's checksum on `host`'s
+    serial log: returns ({'w', 'blocks', 'diskbad', ...}, sha256 hex)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = disk_lines(name, host)
+        done = [d for d in lines if d.get("done")]
+        sums = [d["sum"] for d in lines if "sum" in d]
+        if done and sums:
+            return done[-1], sums[-1]
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"no disk checksum from {name} on {host} within {timeout}s; "
+                f"serial tail: {_tail_text(serial_log(name, host))}"
+            )
+        time.sleep(0.5)
+
+
 # --------------------------------------------------------------------------- direct migrations
 
 
@@ -622,12 +784,16 @@ __all__ = [
     "URI_B",
     "WRITER_MODES",
     "DirectMigration",
+    "check_disk_image",
     "connect",
     "define_guest",
     "destroy_everywhere",
+    "disk_image_path",
+    "disk_lines",
     "domain_states",
     "domain_xml",
     "down",
+    "file_sha256",
     "heartbeats",
     "heartbeats_continue",
     "host_dir",
@@ -635,15 +801,20 @@ __all__ = [
     "host_uri",
     "last_heartbeat",
     "lookup",
+    "make_disk_image",
     "migrate_flags",
     "migrate_params",
     "other_host",
+    "parse_disk_line",
     "parse_heartbeat",
     "qemu_log",
+    "refresh_pools",
+    "remove_disk_image",
     "restart_host",
     "rig_available",
     "serial_log",
     "up",
+    "wait_disk_sum",
     "wait_heartbeat",
     "where_active",
     "where_running",

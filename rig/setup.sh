@@ -9,7 +9,7 @@ t0=$(date +%s.%N)
 step() { local now; now=$(date +%s.%N); printf '[setup %6.1fs] %s\n' "$(awk -v a="$now" -v b="$t0" 'BEGIN{print a-b}')" "$*"; }
 
 export DEBIAN_FRONTEND=noninteractive
-BPO_PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-dev libvirt-clients pkg-config)
+BPO_PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage libvirt-dev libvirt-clients pkg-config)
 BASE_PKGS=(busybox-static cpio gcc libc6-dev gzip util-linux)
 
 # 1. bookworm-backports in the Suites: line of the main archive entry

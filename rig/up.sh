@@ -20,6 +20,7 @@ for h in "${HOSTS[@]}"; do
 done
 for h in "${started[@]}"; do wait_host "$h" 90; done
 for h in "${started[@]}"; do save_caps "$h"; done
+for h in "${HOSTS[@]}"; do ensure_pool "$h" || { echo "host $h: storage pool $POOL did not start" >&2; exit 1; }; done
 {
     echo "LMWATCH_RIG_DIR=$BASE"
     echo "LMWATCH_RIG_URI_A=$(host_uri a)"

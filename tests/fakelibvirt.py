@@ -33,6 +33,13 @@ CONSTANTS: dict[str, Any] = {
     "VIR_MIGRATE_UNDEFINE_SOURCE": 16,
     "VIR_MIGRATE_AUTO_CONVERGE": 8192,
     "VIR_MIGRATE_POSTCOPY": 32768,
+    "VIR_MIGRATE_NON_SHARED_DISK": 64,
+    "VIR_MIGRATE_PARAM_MIGRATE_DISKS": "migrate_disks",
+    "VIR_MIGRATE_PARAM_DISKS_URI": "disks_uri",
+    "VIR_MIGRATE_PARAM_DISKS_PORT": "disks_port",
+    "VIR_ERR_NO_STORAGE_POOL": 49,
+    "VIR_STORAGE_POOL_INACTIVE": 0,
+    "VIR_STORAGE_POOL_RUNNING": 2,
     "VIR_MIGRATE_PARAM_URI": "migrate_uri",
     "VIR_MIGRATE_PARAM_LISTEN_ADDRESS": "listen_address",
     "VIR_MIGRATE_PARAM_BANDWIDTH": "bandwidth",
@@ -107,6 +114,15 @@ def gone() -> libvirtError:
     )
 
 
+def disk_xml(target: str, path: str, kind: str = "file", extra: str = "") -> str:
+    """A `<disk>` element: a file or block disk at `path` seen by the guest as `target`."""
+    attr = "file" if kind == "file" else "dev"
+    return (
+        f"<disk type='{kind}' device='disk'><driver name='qemu' type='raw'/>"
+        f"<source {attr}='{path}'/><target dev='{target}' bus='virtio'/>{extra}</disk>"
+    )
+
+
 def domain_xml(name: str, virt: str = "qemu", devices: str = "", cpu: str = "") -> str:
     return (
         f"<domain type='{virt}'><name>{name}</name><memory unit='KiB'>131072</memory>"
@@ -131,6 +147,7 @@ class FakeDomain:
     fail_with: dict[str, libvirtError] = field(default_factory=dict)
     release: threading.Event = field(default_factory=threading.Event)
     outcome: libvirtError | None = None
+    disk_sizes: dict[str, int] = field(default_factory=dict)  # target -> capacity bytes
 
     def _call(self, what: str, *args: Any) -> None:
         self.host.check()
@@ -156,6 +173,13 @@ class FakeDomain:
 
     def XMLDesc(self, flags: int = 0) -> str:
         return self.xml or domain_xml(self.name)
+
+    def blockInfo(self, target: str, flags: int = 0) -> list[int]:
+        self._alive()._call("blockInfo", target)
+        if target not in self.disk_sizes:
+            raise libvirtError(f"invalid argument: invalid path {target} not assigned to domain", 8)
+        size = self.disk_sizes[target]
+        return [size, size, size]
 
     def metadata(self, kind: int, uri: str, flags: int = 0) -> str:
         if self.labels_xml is None:
@@ -237,6 +261,7 @@ class FakeHost:
     nodes: int = 1
     describes_cells: bool = True  # getCapabilities() has <topology><cells>
     opens: int = 0
+    pools: dict[str, FakePool] = field(default_factory=dict)  # by target path
     callbacks: dict[int, tuple[int, Any, Any]] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -247,6 +272,48 @@ class FakeHost:
         dom = FakeDomain(name=name, host=self, **kwargs)
         self.domains[name] = dom
         return dom
+
+
+@dataclass
+class FakePool:
+    """A storage pool: name, state and free bytes (`info()`)."""
+
+    name: str
+    available: int
+    state: int = 2  # VIR_STORAGE_POOL_RUNNING
+    capacity: int = 64 * 1024**3
+    refreshed: int = 0
+    target: str = ""  # set by FakeHost.pools' key when looked up
+
+    def info(self) -> list[int]:
+        return [self.state, self.capacity, self.capacity - self.available, self.available]
+
+    def refresh(self, flags: int = 0) -> int:
+        self.refreshed += 1
+        return 0
+
+    def name_(self) -> str:
+        return self.name
+
+
+class PoolHandle:
+    def XMLDesc(self, flags: int = 0) -> str:
+        return (
+            f"<pool type='dir'><name>{self.pool.name}</name>"
+            f"<target><path>{self.pool.target}</path></target></pool>"
+        )
+
+    def __init__(self, pool: FakePool) -> None:
+        self.pool = pool
+
+    def name(self) -> str:
+        return self.pool.name
+
+    def info(self) -> list[int]:
+        return self.pool.info()
+
+    def refresh(self, flags: int = 0) -> int:
+        return self.pool.refresh(flags)
 
 
 class FakeConnect:
@@ -272,6 +339,23 @@ class FakeConnect:
             if dom.uuid == uuid:
                 return DomainHandle(dom)
         raise no_domain(uuid)
+
+    def storagePoolLookupByTargetPath(self, path: str) -> PoolHandle:
+        self._check()
+        pool = self.host.pools.get(path.rstrip("/") or "/")
+        if pool is None or pool.state != C.VIR_STORAGE_POOL_RUNNING:  # as libvirt: active only
+            raise libvirtError(
+                f"Storage pool not found: no storage pool with matching target path '{path}'",
+                C.VIR_ERR_NO_STORAGE_POOL,
+                18,
+            )
+        return PoolHandle(pool)
+
+    def listAllStoragePools(self, flags: int = 0) -> list[PoolHandle]:
+        self._check()
+        for target, pool in self.host.pools.items():
+            pool.target = target
+        return [PoolHandle(pool) for pool in self.host.pools.values()]
 
     def getLibVersion(self) -> int:
         self._check()
@@ -410,7 +494,13 @@ class FakeCloud:
         `release=False` leaves the migrate call blocked (a call whose connection died).
         """
         dom = self.hosts[src].domains.pop(name)
-        moved = self.hosts[dst].add(name, uuid=dom.uuid, xml=dom.xml, labels_xml=dom.labels_xml)
+        moved = self.hosts[dst].add(
+            name,
+            uuid=dom.uuid,
+            xml=dom.xml,
+            labels_xml=dom.labels_xml,
+            disk_sizes=dict(dom.disk_sizes),
+        )
         moved.state = (C.VIR_DOMAIN_RUNNING, C.VIR_DOMAIN_RUNNING_MIGRATED)
         moved.completed = completed
         dom.job = {"type": 0}

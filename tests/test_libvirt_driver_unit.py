@@ -15,7 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lmwatch import daemon
 from lmwatch.clock import VirtualClock
+from lmwatch.config import Settings
 from lmwatch.drivers import libvirt_conn, libvirt_events
 from lmwatch.drivers.base import (
     ActionRefused,
@@ -33,17 +35,23 @@ from lmwatch.drivers.libvirt_conn import HostBusy, HostLost, backoff_delay, in_d
 from lmwatch.drivers.libvirt_driver import HostConfig, LibvirtDriver, build_libvirt_driver
 from lmwatch.drivers.libvirt_mapping import (
     UNLIMITED_MIB_S,
+    DiskFacts,
     ErrorCause,
     Where,
     decide_outcome,
+    disk_progress,
+    disk_rate_between,
+    disks_uri,
     domain_facts,
     error_cause,
     host_topology,
     listen_host,
+    local_disks,
     migrate_call,
     neutral_text,
     parse_labels,
     stats_to_sample,
+    writable_disks,
 )
 from lmwatch.drivers.preflight import format_cpuset, parse_cpuset, parse_cpuset_strict
 from lmwatch.model import MIB, ChangeRate, MigrationRequest, Phase, StartPlan
@@ -52,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import itertools
 import re
 
-from fakelibvirt import ABORTED, C, FakeCloud, domain_xml
+from fakelibvirt import ABORTED, C, FakeCloud, FakePool, disk_xml, domain_xml
 
 NS = "https://lmwatch.dev/xmlns/labels/1"
 LABELS = (
@@ -1896,3 +1904,372 @@ async def test_instances_on_unknown_or_silent_host(cloud: FakeCloud, driver: Lib
     cloud.hosts["b"].up = False
     with pytest.raises(HostUnreachable):
         await driver.instances_on("b")
+
+
+# --------------------------------------------------------------------------- local disks
+
+IMAGES = "/srv/images"  # a path is user data, shown as it is: keep this one neutral
+DISK_STATS = {  # the disk phase: the mirror copies, memory has not started
+    "type": C.VIR_DOMAIN_JOB_UNBOUNDED,
+    "operation": C.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT,
+    "memory_total": 0,
+    "memory_remaining": 0,
+    "memory_processed": 0,
+    "memory_iteration": 0,
+    "disk_total": 64 * MIB,
+    "disk_remaining": 48 * MIB,
+    "disk_processed": 16 * MIB,
+    "disk_bps": 8 * MIB,
+}
+
+
+def _with_disks(c: FakeCloud, *extra: str) -> Any:
+    """vm1 with a 64 MiB local file disk (vda), a 1 GiB file disk on shared storage
+    (vdb), a cdrom, a read-only disk and a network disk; b has a pool for the images."""
+    devices = (
+        disk_xml("vda", f"{IMAGES}/vm1.img")
+        + disk_xml("vdb", "/mnt/shared/vm1-data.img")
+        + "<disk type='file' device='cdrom'><source file='/iso/boot.iso'/>"
+        "<target dev='hdc' bus='ide'/><readonly/></disk>"
+        + disk_xml("vdc", f"{IMAGES}/base.img", extra="<readonly/>")
+        + "<disk type='network' device='disk'><source protocol='rbd' name='pool/vm1'/>"
+        "<target dev='vdd' bus='virtio'/></disk>" + "".join(extra)
+    )
+    dom = c.hosts["a"].domains["vm1"]
+    dom.xml = domain_xml("vm1", devices=devices)
+    dom.disk_sizes = {"vda": 64 * MIB, "vdb": 1024 * MIB, "vdc": 32 * MIB, "vdd": 10 * MIB}
+    c.hosts["b"].pools[IMAGES] = FakePool("images", available=1024 * MIB)
+    return dom
+
+
+@pytest.fixture
+async def shared_driver(cloud: FakeCloud, clock: VirtualClock) -> AsyncIterator[LibvirtDriver]:
+    """Both hosts declare /mnt/shared shared (only b declares /srv/b)."""
+    hosts = {
+        name: HostConfig(
+            uri=host.uri,
+            migration_address="tcp://127.0.0.1",
+            shared_storage=["/mnt/shared"] + (["/srv/b"] if name == "b" else []),
+        )
+        for name, host in cloud.hosts.items()
+    }
+    drv = LibvirtDriver(hosts, clock)
+    yield drv
+    for host in cloud.hosts.values():
+        for dom in host.domains.values():
+            dom.release.set()
+    await drv.close()
+
+
+def test_writable_disks_keep_only_file_and_block_disks_the_guest_writes() -> None:
+    xml = domain_xml(
+        "x",
+        devices=disk_xml("vda", "/img/x.img")
+        + disk_xml("vdb", "/dev/vg/x", kind="block")
+        + disk_xml("vdc", "/img/shared.img", extra="<shareable/>")
+        + disk_xml("vdd", "/img/ro.img", extra="<readonly/>")
+        + "<disk type='file' device='cdrom'><target dev='hdc'/></disk>"
+        + "<disk type='network' device='disk'><source protocol='nbd'/><target dev='vde'/></disk>"
+        + "<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vdf'/>"
+        "</disk>",
+    )
+    assert writable_disks(xml) == [
+        DiskFacts("vda", "/img/x.img", "file"),
+        DiskFacts("vdb", "/dev/vg/x", "block"),
+    ]
+    assert writable_disks(domain_xml("y")) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "shared", "local"),
+    [
+        ("/img/x.img", (), True),  # nothing declared: local
+        ("/mnt/nfs/x.img", (["/mnt/nfs"],), False),  # one host (describe)
+        ("/mnt/nfs/x.img", (["/mnt/nfs"], ["/mnt/nfs/"]), False),  # both hosts
+        ("/mnt/nfs/x.img", (["/mnt/nfs"], []), True),  # the destination does not see it
+        ("/mnt/nfs/x.img", (["/mnt/nfs"], ["/mnt"]), False),
+        ("/mnt/nfs2/x.img", (["/mnt/nfs"], ["/mnt/nfs"]), True),  # a prefix, not a directory
+        ("/mnt/nfs/../img/x.img", (["/mnt/nfs"], ["/mnt/nfs"]), True),
+    ],
+)
+def test_local_disks_need_both_hosts_to_share_the_directory(
+    path: str, shared: tuple[list[str], ...], local: bool
+) -> None:
+    disk = DiskFacts("vda", path, "file")
+    assert local_disks([disk], *shared) == ([disk] if local else [])
+
+
+@pytest.mark.parametrize(
+    ("stats", "disk_bytes", "expected"),
+    [
+        ({}, 0, (0, 0, 0.0)),  # no local disk
+        ({"memory_total": 0}, 64 * MIB, (64 * MIB, 64 * MIB, 0.0)),  # setup: all remaining
+        (DISK_STATS, 64 * MIB, (64 * MIB, 48 * MIB, 8 * MIB)),
+        ({**DISK_STATS, "disk_total": 0}, 64 * MIB, (64 * MIB, 64 * MIB, 8 * MIB)),
+        # memory moves: the mirrors are ready, a rest written meanwhile is not "behind"
+        (
+            {**RUNNING_STATS, "disk_total": 70 * MIB, "disk_remaining": MIB},
+            64 * MIB,
+            (70 * MIB, 0, 0.0),
+        ),
+        ({**RUNNING_STATS}, 64 * MIB, (64 * MIB, 0, 0.0)),
+    ],
+)
+def test_disk_progress(stats: dict[str, Any], disk_bytes: int, expected: tuple[Any, ...]) -> None:
+    assert disk_progress(stats, disk_bytes) == expected
+    sample = stats_to_sample(
+        stats, now=0, phase=Phase.COPYING, blackout_budget=0.3, disk_bytes=disk_bytes
+    )
+    assert (sample.disk_total, sample.disk_remaining, sample.disk_rate) == expected
+    assert sample.disks_in_sync == (expected[1] == 0)
+
+
+def test_migrate_call_copies_only_the_named_disks() -> None:
+    plain = migrate_call(
+        C, PLAN, instance="vm1", migration_address="tcp://127.0.0.1", link_bandwidth=None
+    )
+    assert not plain.flags & C.VIR_MIGRATE_NON_SHARED_DISK
+    assert "migrate_disks" not in plain.params and "disks_uri" not in plain.params
+    call = migrate_call(
+        C,
+        PLAN,
+        instance="vm1",
+        migration_address="tcp://127.0.0.1:49152",
+        link_bandwidth=None,
+        disks=["vda", "vdb"],
+    )
+    assert call.flags == plain.flags | C.VIR_MIGRATE_NON_SHARED_DISK
+    assert call.params["migrate_disks"] == ["vda", "vdb"]
+    assert call.params["disks_uri"] == "tcp://127.0.0.1"
+    own = migrate_call(
+        C,
+        PLAN,
+        instance="vm1",
+        migration_address=None,
+        link_bandwidth=None,
+        disks=["vda"],
+        disks_address="tcp://10.1.0.2:50000",
+    )
+    assert own.params["disks_uri"] == "tcp://10.1.0.2:50000"
+    nowhere = migrate_call(
+        C, PLAN, instance="vm1", migration_address=None, link_bandwidth=None, disks=["vda"]
+    )
+    assert "disks_uri" not in nowhere.params  # the hypervisor's default address
+    assert disks_uri("tcp://[::1]:4000") == "tcp://[::1]"
+
+
+def test_shared_storage_must_be_absolute() -> None:
+    assert HostConfig(uri="x", shared_storage="/mnt/nfs").shared_storage == ("/mnt/nfs",)
+    with pytest.raises(ValueError, match="absolute"):
+        HostConfig(uri="x", shared_storage=["mnt/nfs"])
+
+
+async def test_describe_and_preflight_report_local_disk_bytes(
+    cloud: FakeCloud, driver: LibvirtDriver, shared_driver: LibvirtDriver
+) -> None:
+    _with_disks(cloud)
+    # nothing declared shared: vda and vdb are local (the read-only, cdrom and network
+    # disks never are)
+    assert (await driver.describe("vm1")).local_disk_bytes == (64 + 1024) * MIB
+    cloud.hosts["b"].pools["/mnt/shared"] = FakePool("shared", available=2048 * MIB)
+    assert (await driver.preflight(REQ)).local_disk_bytes == (64 + 1024) * MIB
+    # /mnt/shared is shared by both: only vda moves
+    assert (await shared_driver.describe("vm1")).local_disk_bytes == 64 * MIB
+    assert (await shared_driver.preflight(REQ)).local_disk_bytes == 64 * MIB
+    assert (await driver.describe("vm1", "a")).local_disk_bytes > 0
+
+
+async def test_instance_without_disks_has_no_local_disk(driver: LibvirtDriver) -> None:
+    assert (await driver.describe("vm1")).local_disk_bytes == 0
+    assert (await driver.preflight(REQ)).local_disk_bytes == 0
+
+
+def _no_pool(c: FakeCloud) -> None:
+    _with_disks(c)
+    c.hosts["b"].pools.clear()
+
+
+def _pool_too_small(c: FakeCloud) -> None:
+    _with_disks(c)
+    c.hosts["b"].pools[IMAGES].available = 40 * MIB
+
+
+def _pool_inactive(c: FakeCloud) -> None:
+    _with_disks(c)
+    c.hosts["b"].pools[IMAGES].state = C.VIR_STORAGE_POOL_INACTIVE
+
+
+def _two_disks_one_pool(c: FakeCloud) -> None:
+    dom = _with_disks(c, disk_xml("vde", f"{IMAGES}/vm1-b.img"))
+    dom.disk_sizes["vde"] = 64 * MIB
+    c.hosts["b"].pools[IMAGES].available = 100 * MIB  # room for one, not for both
+
+
+@pytest.mark.parametrize(
+    ("arrange", "says"),
+    [
+        (
+            _no_pool,
+            f"b has no storage pool for {IMAGES}, where instance 'vm1' keeps 64 MiB of "
+            f"local disk; define and start a storage pool with that target on b",
+        ),
+        (
+            _pool_too_small,
+            f"b has 40 MiB free in storage pool 'images' ({IMAGES}); instance "
+            "'vm1' needs 64 MiB for its local disks there",
+        ),
+        (_pool_inactive, f"storage pool 'images' for {IMAGES} on b is not active"),
+        (_two_disks_one_pool, "needs 128 MiB for its local disks there"),
+    ],
+)
+async def test_preflight_refuses_when_the_destination_cannot_hold_the_disks(
+    cloud: FakeCloud,
+    shared_driver: LibvirtDriver,
+    arrange: Callable[[FakeCloud], None],
+    says: str,
+) -> None:
+    arrange(cloud)
+    with pytest.raises(InsufficientResources) as caught:
+        await shared_driver.preflight(REQ)
+    assert says in str(caught.value)
+    assert caught.value.status == 409
+    assert not FORBIDDEN.search(str(caught.value))
+    assert not any(call[0] == "migrateToURI3" for call in cloud.hosts["a"].domains["vm1"].calls)
+
+
+async def test_preflight_passes_with_room_in_the_pool(
+    cloud: FakeCloud, shared_driver: LibvirtDriver
+) -> None:
+    _with_disks(cloud)
+    cloud.hosts["b"].pools[IMAGES].available = 64 * MIB
+    assert (await shared_driver.preflight(REQ)).local_disk_bytes == 64 * MIB
+    assert cloud.hosts["b"].pools[IMAGES].refreshed == 1  # free space read fresh
+
+
+async def test_start_copies_the_local_disks(
+    cloud: FakeCloud, shared_driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = _with_disks(cloud)
+    dom.job = dict(DISK_STATS)
+    await shared_driver.start("m1", REQ, PLAN)
+    _, _, params, flags = next(c for c in dom.calls if c[0] == "migrateToURI3")
+    assert flags == BASE | C.VIR_MIGRATE_NON_SHARED_DISK
+    assert params["migrate_disks"] == ["vda"]  # not the shared vdb, not the read-only ones
+    assert params["disks_uri"] == "tcp://127.0.0.1"
+    # the disk phase: memory statistics are all zero
+    sample = await shared_driver.sample("m1")
+    assert (sample.phase, sample.passes) == (Phase.COPYING, 1)
+    assert (sample.disk_total, sample.disk_remaining, sample.disk_rate) == (
+        64 * MIB,
+        48 * MIB,
+        8 * MIB,
+    )
+    assert not sample.disks_in_sync
+    assert (sample.memory_total, sample.memory_remaining) == (128 * MIB, 128 * MIB)
+    # the mirror stops reporting for a moment: still not in sync
+    dom.job = {k: v for k, v in DISK_STATS.items() if not k.startswith("disk_")}
+    assert (await shared_driver.sample("m1")).disk_remaining == 48 * MIB
+    # memory moves: in sync, passes counted from memory
+    dom.job = {**RUNNING_STATS, "disk_total": 66 * MIB, "disk_remaining": 0, "disk_bps": 0}
+    sample = await shared_driver.sample("m1")
+    assert sample.disks_in_sync and sample.passes == 3
+    assert sample.memory_remaining == 40 * MIB
+    # completed statistics carry the disk keys as 0 (libvirt 11): the last figures stay
+    cloud.complete("vm1", "a", "b", {"type": 3, "downtime": 300, "disk_total": 0})
+    result = await finished(shared_driver, clock)
+    assert (result.phase, result.running_on) == (Phase.COMPLETED, "b")
+    final = await shared_driver.sample("m1")
+    assert (final.disk_total, final.disk_remaining) == (66 * MIB, 0)
+
+
+async def test_start_without_local_disks_copies_none(
+    cloud: FakeCloud, shared_driver: LibvirtDriver
+) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.xml = domain_xml("vm1", devices=disk_xml("vda", "/mnt/shared/vm1.img"))
+    dom.disk_sizes = {"vda": 64 * MIB}
+    dom.job = dict(RUNNING_STATS)
+    await shared_driver.start("m1", REQ, PLAN)
+    _, _, params, flags = next(c for c in dom.calls if c[0] == "migrateToURI3")
+    assert flags == BASE and "migrate_disks" not in params
+    sample = await shared_driver.sample("m1")
+    assert (sample.disk_total, sample.disk_remaining) == (0, 0)
+
+
+async def test_reattach_during_the_disk_copy(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    dom = _with_disks(cloud)
+    dom.job = {k: v for k, v in DISK_STATS.items() if not k.startswith("disk_")}
+    assert await driver.reattach("m1", REQ, PLAN) is None
+    sample = await driver.sample("m1")
+    # the mirror has not reported: the local disks (vda and vdb, nothing shared) remain
+    assert (sample.disk_total, sample.disk_remaining) == ((64 + 1024) * MIB,) * 2
+    dom.job = dict(DISK_STATS)
+    assert (await driver.sample("m1")).disk_remaining == 48 * MIB
+    cloud.complete("vm1", "a", "b", {"type": 3, "downtime": 300})
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.COMPLETED, "b")
+
+
+@pytest.mark.parametrize(
+    ("before", "now", "processed", "rate"),
+    [
+        (None, 5.0, 10 * MIB, None),
+        ((4.0, 2 * MIB), 5.0, 10 * MIB, 8 * MIB),
+        ((4.8, 2 * MIB), 5.0, 10 * MIB, None),  # too close together
+        ((4.0, 12 * MIB), 5.0, 10 * MIB, None),  # the counter went back
+        ((3.0, 10 * MIB), 5.0, 10 * MIB, 0.0),
+    ],
+)
+def test_disk_rate_between(
+    before: tuple[float, int] | None, now: float, processed: int, rate: float | None
+) -> None:
+    assert disk_rate_between(before, now, processed) == rate
+
+
+async def test_disk_rate_measured_when_the_statistics_give_none(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    """libvirt 11 reports the mirror's progress but no `disk_bps`: the rate comes
+    from `disk_processed` between samples."""
+    dom = _with_disks(cloud)
+    phase = {k: v for k, v in DISK_STATS.items() if k != "disk_bps"}
+    dom.job = dict(phase)
+    await driver.start("m1", REQ, PLAN)
+    assert (await driver.sample("m1")).disk_rate == 0.0  # one reading: unknown yet
+    await clock.advance(1.0)
+    dom.job = {**phase, "disk_processed": 28 * MIB, "disk_remaining": 36 * MIB}
+    sample = await driver.sample("m1")
+    assert sample.disk_rate == pytest.approx(12 * MIB)
+    assert sample.disk_remaining == 36 * MIB
+    await clock.advance(0.1)  # too soon for a new figure: the last one stays
+    dom.job = {**phase, "disk_processed": 29 * MIB, "disk_remaining": 35 * MIB}
+    assert (await driver.sample("m1")).disk_rate == pytest.approx(12 * MIB)
+    await clock.advance(0.9)
+    dom.job = {**phase, "disk_processed": 36 * MIB, "disk_remaining": 28 * MIB}
+    assert (await driver.sample("m1")).disk_rate == pytest.approx(8 * MIB)
+
+
+def test_shared_storage_and_disks_address_from_the_daemon_config() -> None:
+    settings = Settings(
+        driver="libvirt",
+        hosts={
+            "a": {"uri": "x://a", "shared_storage": ["/mnt/nfs"]},
+            "b": {"uri": "x://b", "disks_address": "tcp://10.1.0.2"},
+        },
+    )
+    drv = build_libvirt_driver(daemon._host_options(settings), VirtualClock())
+    assert drv._hosts["a"].shared_storage == ("/mnt/nfs",)
+    assert drv._hosts["b"].shared_storage == ()
+    assert drv._hosts["b"].disks_address == "tcp://10.1.0.2"
+
+
+async def test_host_info_and_instances_on_count_local_disks(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    _with_disks(cloud)
+    info = await driver.host_info("a")
+    assert next(i for i in info.instances if i.name == "vm1").local_disk_bytes == 1088 * MIB
+    found = await driver.instances_on("a")
+    assert next(i for i in found if i.name == "vm1").local_disk_bytes == 1088 * MIB

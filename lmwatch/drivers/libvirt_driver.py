@@ -17,6 +17,12 @@
 - Every message that leaves the driver (exceptions, `JobResult.error`/`note`) is
   neutral: lmwatch's words for the operation, a classified cause and libvirt's text
   through `neutral_text`; the raw text goes only to the driver's log.
+- Local disks (writable file/block disks not under a directory both hosts declare
+  in `shared_storage`) move with the instance: pre-flight checks that the
+  destination has an active storage pool with room for them in each disk's
+  directory (libvirt creates them there), `start` copies exactly those disks
+  (non-shared disk mode) to the destination's migration address, and samples
+  report the copy (`disk_*`; memory is copied once the disks are in sync).
 - Everything libvirt-specific (flags, statistics keys, XML) is translated in
   `libvirt_mapping`; `import libvirt` happens on first use, so lmwatch imports
   without libvirt-python installed.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import posixpath
 import uuid as uuidlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,26 +68,31 @@ from lmwatch.drivers.libvirt_mapping import (
     DIRTYRATE_MEASURED,
     LABELS_NS,
     UNLIMITED_MIB_S,
+    DiskFacts,
     DomainFacts,
     HostTopology,
     Where,
     bandwidth_mib_s,
     decide_outcome,
+    disk_rate_between,
     domain_facts,
     downtime_ms,
     host_cpu_xml,
     host_topology,
     job_has_ended,
+    local_disks,
     measured_blackout,
     migrate_call,
     neutral_text,
     parse_labels,
     pinning_missing,
+    pool_target,
     slowdown_from,
     stats_to_sample,
     topology_from_info,
     transferred_from,
     where_from_state,
+    writable_disks,
 )
 from lmwatch.drivers.preflight import identity_refusal
 from lmwatch.logs import get_logger
@@ -122,6 +134,15 @@ class HostConfig(BaseModel):
     `call_threads`: how many calls to this host run at once (each on a thread);
     `call_queue`: how many more may wait for one before calls are refused. The
     migrate calls themselves (one per running migration) are not counted.
+    `shared_storage`: directories whose files this host shares with other hosts
+    (NFS, a cluster file system) at the same path. An instance's file or block disk
+    is copied with it unless its path lies under a shared directory of *both* the
+    source and the destination: by default every such disk is local, because a
+    path that merely exists on both hosts is usually two different files (a
+    directory pool per host), and taking a local disk for shared would lose its
+    data, while copying a shared one only costs time.
+    `disks_address`: where disk data is sent when this host is the destination,
+    "tcp://HOST[:PORT]"; defaults to the host of `migration_address`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -132,6 +153,19 @@ class HostConfig(BaseModel):
     bandwidth: float | None = None  # bytes/s
     call_threads: int = Field(default=CALL_THREADS, ge=1, le=64)
     call_queue: int = Field(default=CALL_QUEUE, ge=0)
+    shared_storage: tuple[str, ...] = ()
+    disks_address: str | None = None
+
+    @field_validator("shared_storage", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            for path in value:
+                if not isinstance(path, str) or not path.startswith("/"):
+                    raise ValueError(f"shared_storage entries are absolute paths, not {path!r}")
+        return value
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -181,6 +215,8 @@ class _Job:
     last_stats: dict[str, Any] = field(default_factory=dict)
     passes_seen: int = 0
     memory_bytes: int = 0
+    disk_bytes: int = 0  # capacity of the local disks copied with the instance
+    disk_seen: tuple[float, int] | None = None  # (when, disk_processed) last measured from
     transferred_seen: int = 0
     max_slowdown: float = 0.0
     result: JobResult | None = None
@@ -343,6 +379,7 @@ class LibvirtDriver:
                     raise
                 return None
         state, reason = dom.state()
+        xml = dom.XMLDesc(0)
         try:
             labels_xml = dom.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, LABELS_NS, 0)
         except lv.libvirtError:
@@ -353,23 +390,53 @@ class LibvirtDriver:
             "state": state,
             "reason": reason,
             "max_kib": dom.maxMemory(),
-            "xml": dom.XMLDesc(0),
+            "xml": xml,
             "labels": parse_labels(labels_xml),
+            "disks": self._disk_sizes(dom, xml),
         }
+
+    def _disk_sizes(self, dom: Any, xml: str) -> list[tuple[DiskFacts, int]]:
+        """The domain's writable file/block disks with their capacity in bytes
+        (thread side); a disk whose size cannot be read counts 0."""
+        sized = []
+        for disk in writable_disks(xml):
+            try:
+                capacity = int(dom.blockInfo(disk.target, 0)[0])
+            except self._lv.libvirtError as error:
+                log.warning("disk-size-unknown", disk=disk.target, error=str(error))
+                capacity = 0
+            sized.append((disk, capacity))
+        return sized
 
     async def _domain_on(self, host: str, instance: str) -> dict[str, Any] | None:
         return await self._link(host).call(
             lambda c: self._read_domain(c, instance), what=f"lookup of {instance}"
         )
 
-    def _info(self, host: str, dom: Mapping[str, Any]) -> InstanceInfo:
+    def _info(
+        self, host: str, dom: Mapping[str, Any], destination: str | None = None
+    ) -> InstanceInfo:
+        local = self._local_disks(dom.get("disks", ()), host, destination)
         return InstanceInfo(
             name=dom["name"],
             uuid=dom["uuid"],
             host=host,
             memory_bytes=int(dom["max_kib"]) * 1024,
             labels=dom["labels"],
+            local_disk_bytes=sum(size for _, size in local),
         )
+
+    def _local_disks(
+        self,
+        disks: Sequence[tuple[DiskFacts, int]],
+        source: str,
+        destination: str | None = None,
+    ) -> list[tuple[DiskFacts, int]]:
+        """The disks that move with the instance: not under a directory that the
+        source (and the destination, when one is named) declare shared."""
+        shared = [self._hosts[h].shared_storage for h in (source, destination) if h is not None]
+        keep = set(local_disks([d for d, _ in disks], *shared))
+        return [(d, size) for d, size in disks if d in keep]
 
     async def describe(self, instance: str, host: str | None = None) -> InstanceInfo:
         if host is not None:
@@ -456,7 +523,66 @@ class LibvirtDriver:
                 f"instance {request.instance!r} needs {need // MIB} MiB"
             )
         await self._check_cpu(request, facts)
-        return self._info(src, dom)
+        info = self._info(src, dom, dst)
+        await self._check_disk_room(request, self._local_disks(dom["disks"], src, dst))
+        return info
+
+    async def _check_disk_room(
+        self, request: MigrationRequest, disks: Sequence[tuple[DiskFacts, int]]
+    ) -> None:
+        """The destination must be able to create the local disks it receives.
+
+        The hypervisor creates each file disk on the destination in the storage pool
+        whose target is the disk's directory, at the disk's full capacity (a raw
+        image may be filled completely by the copy). So every such directory needs
+        an active pool there with room for the disks that go into it; without one
+        the migration would fail only after it started. Block disks are not created:
+        the destination must provide the device, which is not checked here.
+        """
+        lv = self._lv
+        by_dir: dict[str, int] = {}
+        for disk, size in disks:
+            if disk.kind == "file":
+                folder = posixpath.dirname(disk.path) or "/"
+                by_dir[folder] = by_dir.get(folder, 0) + size
+        dst, name = destination_of(request), request.instance
+        for folder, need in sorted(by_dir.items()):
+
+            def room(conn: Any, folder: str = folder) -> tuple[str, int, int] | None:
+                try:
+                    pool = conn.storagePoolLookupByTargetPath(folder)
+                except lv.libvirtError as error:
+                    if error.get_error_code() != getattr(lv, "VIR_ERR_NO_STORAGE_POOL", 49):
+                        raise
+                    # the lookup finds active pools only: say so when one is defined
+                    for other in conn.listAllStoragePools(0):
+                        if pool_target(other.XMLDesc(0)) == posixpath.normpath(folder):
+                            return str(other.name()), int(other.info()[0]), 0
+                    return None
+                with contextlib.suppress(lv.libvirtError):
+                    pool.refresh(0)
+                state, _capacity, _allocation, available = pool.info()
+                return str(pool.name()), int(state), int(available)
+
+            found = await self._link(dst).call(room, what="storage pool lookup")
+            if found is None:
+                raise InsufficientResources(
+                    f"{dst} has no storage pool for {folder}, where instance {name!r} keeps "
+                    f"{need // MIB} MiB of local disk; define and start a storage pool with "
+                    f"that target on {dst} so the disks can be created there"
+                )
+            pool_name, state, available = found
+            if state != getattr(lv, "VIR_STORAGE_POOL_RUNNING", 2):
+                raise InsufficientResources(
+                    f"storage pool {pool_name!r} for {folder} on {dst} is not active; start "
+                    f"it to receive the local disks of instance {name!r}"
+                )
+            if available < need:
+                raise InsufficientResources(
+                    f"{dst} has {available // MIB} MiB free in storage pool {pool_name!r} "
+                    f"({folder}); instance {name!r} needs {need // MIB} MiB for its local "
+                    f"disks there"
+                )
 
     async def host_info(self, host: str) -> HostInfo:
         """Free memory as the host reports it, and the instances running there.
@@ -482,6 +608,7 @@ class LibvirtDriver:
                         "uuid": handle.UUIDString(),
                         "max_kib": handle.maxMemory(),
                         "labels": parse_labels(labels_xml),
+                        "disks": self._disk_sizes(handle, handle.XMLDesc(0)),
                     }
                 )
             return free, doms
@@ -760,20 +887,24 @@ class LibvirtDriver:
             raise Incompatible(
                 f"the hypervisors on {request.source} and {to} cannot slow the guest"
             )
+        max_downtime = downtime_ms(plan.blackout_budget)
+
+        def prepare(dom: Any) -> tuple[int, list[tuple[DiskFacts, int]]]:
+            dom.migrateSetMaxDowntime(max_downtime, 0)
+            return int(dom.maxMemory()) * 1024, self._disk_sizes(dom, dom.XMLDesc(0))
+
+        memory_bytes, disks = await self._on_domain(
+            request.source, request.instance, prepare, what="setting the blackout budget"
+        )
+        local = self._local_disks(disks, request.source, to)
         call = migrate_call(
             lv,
             plan,
             instance=request.instance,
             migration_address=dest.migration_address,
             link_bandwidth=dest.bandwidth,
-        )
-
-        def prepare(dom: Any) -> int:
-            dom.migrateSetMaxDowntime(call.max_downtime_ms, 0)
-            return int(dom.maxMemory()) * 1024
-
-        memory_bytes = await self._on_domain(
-            request.source, request.instance, prepare, what="setting the blackout budget"
+            disks=[d.target for d, _ in local],
+            disks_address=dest.disks_address,
         )
         job = _Job(
             id=migration_id,
@@ -783,6 +914,7 @@ class LibvirtDriver:
             blackout_budget=plan.blackout_budget,
             started_at=self._clock.now(),
             memory_bytes=memory_bytes,
+            disk_bytes=sum(size for _, size in local),
         )
         self._jobs[migration_id] = job
         peer_uri = dest.peer_uri or dest.uri
@@ -805,6 +937,7 @@ class LibvirtDriver:
             source=request.source,
             destination=destination_of(request),
             flags=call.flags,
+            local_disks=",".join(d.target for d, _ in local) or None,
         )
         await self._wait_accepted(job)
 
@@ -924,11 +1057,25 @@ class LibvirtDriver:
             phase = job.running_phase() if job.aborted else Phase.COMPLETING
             return self._sample_from(job, job.last_stats, phase)
         job.last_stats = {**job.last_stats, **stats}  # early or late readings lack keys
+        self._note_disk_rate(job, stats)
         job.max_slowdown = max(job.max_slowdown, slowdown_from(stats))
         processed = stats.get("memory_processed")
         if isinstance(processed, int | float):
             job.transferred_seen = max(job.transferred_seen, int(processed))
         return self._sample_from(job, job.last_stats, job.running_phase())
+
+    def _note_disk_rate(self, job: _Job, stats: Mapping[str, Any]) -> None:
+        """Keep a measured disk copy rate in `job.last_stats['disk_bps']` when the
+        statistics give none: from `disk_processed` between readings."""
+        processed = stats.get("disk_processed")
+        if "disk_bps" in stats or not isinstance(processed, int | float):
+            return
+        now = self._clock.now()
+        rate = disk_rate_between(job.disk_seen, now, int(processed))
+        if job.disk_seen is None or rate is not None or int(processed) < job.disk_seen[1]:
+            job.disk_seen = (now, int(processed))
+        if rate is not None:
+            job.last_stats["disk_bps"] = rate
 
     def _ended(self, job: _Job) -> bool:
         if job.task is not None:
@@ -961,12 +1108,16 @@ class LibvirtDriver:
             blackout_budget=job.blackout_budget,
             passes_seen=job.passes_seen,
             memory_bytes=job.memory_bytes,
+            disk_bytes=job.disk_bytes,
         )
 
     def _terminal_sample(self, job: _Job) -> Sample:
         assert job.result is not None
         base = self._sample_from(job, job.completed_stats or job.last_stats, job.result.phase)
         remaining = 0 if job.result.phase is Phase.COMPLETED else base.memory_remaining
+        disks = base
+        if job.completed_stats and not job.completed_stats.get("disk_total"):
+            disks = self._sample_from(job, job.last_stats, job.result.phase)
         return Sample(
             time=base.time,
             memory_total=base.memory_total,
@@ -979,6 +1130,9 @@ class LibvirtDriver:
             blackout_budget=job.blackout_budget,
             slowdown=0.0,
             expected_blackout=None,
+            disk_total=disks.disk_total,
+            disk_remaining=0 if job.result.phase is Phase.COMPLETED else disks.disk_remaining,
+            disk_rate=0.0,
         )
 
     async def result(self, migration_id: str) -> JobResult:
@@ -1222,6 +1376,15 @@ class LibvirtDriver:
                 job.memory_bytes = await self._on_domain(
                     job.source, job.name, lambda d: int(d.maxMemory()) * 1024, what="memory size"
                 )
+            with contextlib.suppress(DriverError):
+                disks = await self._on_domain(
+                    job.source,
+                    job.name,
+                    lambda d: self._disk_sizes(d, d.XMLDesc(0)),
+                    what="disk sizes",
+                )
+                local = self._local_disks(disks, job.source, job.destination)
+                job.disk_bytes = sum(size for _, size in local)
             with contextlib.suppress(DriverError):
                 job.last_stats = await self._job_stats(job)
                 job.transferred_seen = int(job.last_stats.get("memory_processed", 0) or 0)

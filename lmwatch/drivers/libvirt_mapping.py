@@ -11,6 +11,7 @@ against a fake module in tests.
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
@@ -55,17 +56,20 @@ def stats_to_sample(
     blackout_budget: float,
     passes_seen: int = 0,
     memory_bytes: int = 0,
+    disk_bytes: int = 0,
 ) -> Sample:
     """Map a `jobStats()` dictionary to a neutral `Sample`.
 
     While the job sets up, the statistics carry no sizes yet (all zero): the
-    instance's memory then counts as all remaining, not as nothing left.
+    instance's memory then counts as all remaining, not as nothing left. The same
+    holds for local disks (`disk_bytes` > 0), see `disk_progress`.
     """
     total = int(_num(stats, "memory_total"))
     remaining = int(_num(stats, "memory_remaining"))
     if total == 0 and memory_bytes > 0:
         total = remaining = memory_bytes
     downtime_ms = stats.get("downtime")
+    disk_total, disk_remaining, disk_rate = disk_progress(stats, disk_bytes)
     return Sample(
         time=now,
         memory_total=total,
@@ -80,7 +84,49 @@ def stats_to_sample(
         expected_blackout=(
             float(downtime_ms) / 1000.0 if isinstance(downtime_ms, int | float) else None
         ),
+        disk_total=disk_total,
+        disk_remaining=disk_remaining,
+        disk_rate=disk_rate,
     )
+
+
+def disk_progress(stats: Mapping[str, Any], disk_bytes: int) -> tuple[int, int, float]:
+    """(total, remaining, bytes/s) of the local disks' copy from `jobStats()`.
+
+    libvirt reports the disk mirror as `disk_total`, `disk_remaining`, `disk_bps`,
+    and starts copying memory only once every mirror is ready (in sync; from then
+    on each guest write goes to both copies and the rest is flushed in the final
+    stop). So: before memory moves, the disks count as all remaining until the
+    mirror reports (`disk_bytes`, the local disks' capacity: never "in sync" by a
+    missing key); once memory moves, they are in sync whatever small rest the
+    mirror still shows. Without local disks (`disk_bytes` 0) only reported numbers
+    count.
+    """
+    rate = _num(stats, "disk_bps")
+    total = int(_num(stats, "disk_total"))
+    remaining = int(_num(stats, "disk_remaining"))
+    memory_moves = _num(stats, "memory_processed") > 0 or _num(stats, "memory_total") > 0
+    if disk_bytes > 0:
+        if total == 0:
+            total = remaining = disk_bytes  # the mirror has not reported yet
+        if memory_moves:
+            remaining = 0
+    return total, min(remaining, total) if total else remaining, rate
+
+
+MIN_RATE_WINDOW = 0.5  # seconds: a rate from readings closer together says little
+
+
+def disk_rate_between(before: tuple[float, int] | None, now: float, processed: int) -> float | None:
+    """Bytes/s of the disk copy between two readings of `disk_processed` (libvirt
+    11 reports no `disk_bps` for the mirror); None when it cannot be told: no earlier
+    reading, readings under `MIN_RATE_WINDOW` apart, or a counter that went back."""
+    if before is None:
+        return None
+    then, done = before
+    if now - then < MIN_RATE_WINDOW or processed < done:
+        return None
+    return (processed - done) / (now - then)
 
 
 def slowdown_from(stats: Mapping[str, Any]) -> float:
@@ -130,8 +176,16 @@ def migrate_call(
     instance: str,
     migration_address: str | None,
     link_bandwidth: float | None,
+    disks: Sequence[str] = (),
+    disks_address: str | None = None,
 ) -> MigrateCall:
-    """Flags and parameters for a peer-to-peer live migration under `plan`."""
+    """Flags and parameters for a peer-to-peer live migration under `plan`.
+
+    `disks`: targets ('vda', ...) of the instance's local disks; they are copied
+    with it (non-shared disk mode, only these disks). Their copy goes to
+    `disks_address` ('tcp://HOST[:PORT]'), by default the host of
+    `migration_address`, so that disk data takes the same network as memory.
+    """
     flags = (
         lv.VIR_MIGRATE_LIVE
         | lv.VIR_MIGRATE_PEER2PEER
@@ -150,6 +204,12 @@ def migrate_call(
         host = listen_host(migration_address)
         if host:
             params[lv.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = host
+    if disks:
+        flags |= lv.VIR_MIGRATE_NON_SHARED_DISK
+        params[lv.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(disks)
+        target = disks_address or disks_uri(migration_address)
+        if target:
+            params[lv.VIR_MIGRATE_PARAM_DISKS_URI] = target
     mib = bandwidth_mib_s(plan.bandwidth, link_bandwidth)
     if mib is not None:
         params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = mib
@@ -164,6 +224,14 @@ def _percent(fraction: float) -> int:
 
 def downtime_ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
+
+
+def disks_uri(migration_address: str | None) -> str | None:
+    """'tcp://127.0.0.1:49152' -> 'tcp://127.0.0.1' (the port is the hypervisor's choice)."""
+    host = listen_host(migration_address) if migration_address else None
+    if not host:
+        return None
+    return f"tcp://[{host}]" if ":" in host else f"tcp://{host}"
 
 
 def listen_host(migration_address: str) -> str | None:
@@ -235,6 +303,60 @@ def domain_facts(xml: str) -> DomainFacts:
         pinned_cpus=pinned_cpus,
         pinned_nodes=pinned_nodes,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DiskFacts:
+    """A writable file or block disk of a domain: what may have to move with it."""
+
+    target: str  # 'vda'
+    path: str  # the file or device on the host
+    kind: str  # 'file' or 'block'
+
+
+def writable_disks(xml: str) -> list[DiskFacts]:
+    """The domain's disks that hold its own data on a host path: `<disk type='file'|
+    'block' device='disk'>` with a source, not read-only and not shareable.
+
+    Network disks (and pool volumes, whose path is not in the XML) are storage that
+    other hosts reach too; CD-ROMs, floppies and read-only disks need no copy.
+    """
+    disks = []
+    for disk in ET.fromstring(xml).findall("./devices/disk"):
+        kind = disk.get("type", "file")
+        if kind not in ("file", "block") or disk.get("device", "disk") not in ("disk", "lun"):
+            continue
+        if disk.find("./readonly") is not None or disk.find("./shareable") is not None:
+            continue
+        source, target = disk.find("./source"), disk.find("./target")
+        path = source.get("file" if kind == "file" else "dev") if source is not None else None
+        dev = target.get("dev") if target is not None else None
+        if path and dev:
+            disks.append(DiskFacts(target=dev, path=path, kind=kind))
+    return disks
+
+
+def under(path: str, prefixes: Sequence[str]) -> bool:
+    """Whether `path` lies in one of the directories `prefixes` (or is one)."""
+    norm = posixpath.normpath(path)
+    for prefix in prefixes:
+        p = posixpath.normpath(prefix)
+        if norm == p or norm.startswith(p.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def local_disks(disks: Sequence[DiskFacts], *shared: Sequence[str]) -> list[DiskFacts]:
+    """The disks that must be copied: those not on storage every host involved
+    declares shared (a path counts as shared only when it lies under a shared
+    directory of each of `shared`, one list per host)."""
+    return [d for d in disks if not (shared and all(under(d.path, s) for s in shared))]
+
+
+def pool_target(pool_xml: str) -> str | None:
+    """The directory of a storage pool (`<target><path>`), normalised; None without one."""
+    path = ET.fromstring(pool_xml).findtext("./target/path")
+    return posixpath.normpath(path) if path else None
 
 
 def _local(tag: str) -> str:

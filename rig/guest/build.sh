@@ -9,7 +9,10 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 CACHE="${LMWATCH_RIG_CACHE:-/var/cache/lmwatch-rig}"
 mkdir -p "$CACHE/kernel"
 
-hash=$(cat "$HERE/writer.c" "$HERE/init" "$HERE/build.sh" | sha256sum | cut -c1-16)
+# the virtio block driver and what it needs, in load order (modules of the Debian
+# kernel; the disk variant of the guest loads them from /modules in the initramfs)
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
+hash=$(cat "$HERE/writer.c" "$HERE/diskw.c" "$HERE/init" "$HERE/build.sh" | sha256sum | cut -c1-16)
 out="$CACHE/guest-$hash"
 if [[ -s "$out/vmlinuz" && -s "$out/initrd.img" ]]; then
     ln -sfn "guest-$hash" "$CACHE/current"
@@ -19,8 +22,10 @@ fi
 
 # --- kernel: reuse any cached 6.1 kernel, else download the newest one apt knows
 kdir=$(ls -d "$CACHE"/kernel/linux-image-6.1.0-*-amd64 2>/dev/null | sort -V | tail -1 || true)
-if [[ -z "$kdir" || ! -s "$kdir/vmlinuz" ]]; then
+if [[ -z "$kdir" || ! -s "$kdir/vmlinuz" || ! -s "$kdir/modules/virtio_blk.ko" ]]; then
     pkg=$(apt-cache pkgnames linux-image-6.1.0- | grep -E '^linux-image-6\.1\.0-[0-9]+-amd64$' | sort -V | tail -1)
+    # a kernel cached before the modules were kept: fetch that same version again
+    [[ -n "$kdir" && -s "$kdir/vmlinuz" ]] && pkg=$(basename "$kdir")
     [[ -n "$pkg" ]] || { echo "guest: no linux-image-6.1.0-*-amd64 known to apt (apt-get update?)" >&2; exit 1; }
     tmp=$(mktemp -d); chmod 755 "$tmp"; chown _apt "$tmp" 2>/dev/null || true   # apt downloads as _apt
     echo "guest: downloading $pkg"
@@ -28,6 +33,12 @@ if [[ -z "$kdir" || ! -s "$kdir/vmlinuz" ]]; then
     dpkg-deb -x "$tmp"/linux-image-*.deb "$tmp/x"
     kdir="$CACHE/kernel/$pkg"
     mkdir -p "$kdir"
+    mkdir -p "$kdir/modules"
+    for m in "${MODULES[@]}"; do
+        f=$(find "$tmp/x/lib/modules" -name "$m.ko" | head -1)
+        [[ -n "$f" ]] || { echo "guest: module $m not in $pkg" >&2; exit 1; }
+        cp "$f" "$kdir/modules/$m.ko"
+    done
     cp "$tmp"/x/boot/vmlinuz-* "$kdir/vmlinuz.tmp" && mv "$kdir/vmlinuz.tmp" "$kdir/vmlinuz"
     rm -rf "$tmp"
 fi
@@ -43,6 +54,9 @@ case "$file_ok" in *"not a dynamic"*|*"statically linked"*) ;; *) echo "guest: /
 ln -s busybox "$root/bin/sh"
 install -m 0755 "$HERE/init" "$root/init"
 gcc -O2 -static -Wall -o "$root/writer" "$HERE/writer.c"
+gcc -O2 -static -Wall -o "$root/diskw" "$HERE/diskw.c"
+mkdir -p "$root/modules"
+for m in "${MODULES[@]}"; do cp "$kdir/modules/$m.ko" "$root/modules/"; done
 mknod -m 600 "$root/dev/console" c 5 1
 mknod -m 666 "$root/dev/null" c 1 3
 mknod -m 660 "$root/dev/ttyS0" c 4 64

@@ -285,3 +285,45 @@ async def test_source_daemon_restart_mid_migration() -> None:
             assert result.running_on == "a" and where == ["a"], (result, where)
         assert result.running_on is not None
         await assert_runs_healthy(name, result.running_on)
+
+
+async def test_disk_copy_then_memory() -> None:
+    """An instance with a 64 MiB local disk that it writes: pre-flight counts the disk,
+    samples show the disk copy first (not in sync, no memory moved, a measured disk
+    rate), then memory passes with the disks in sync; it ends up healthy on b."""
+    name = "lmw-drv-disk"
+    await asyncio.to_thread(rigctl.make_disk_image, "a", name, 64, 5)
+    disk = {"rate_kib": 512, "secs": 30, "mib": 8}
+    try:
+        async with (
+            guest(name, write_mib=16, rate_mib=4, disk=disk) as name,
+            opened() as driver,
+        ):
+            request = MigrationRequest(name, "a", "b")
+            assert (await driver.preflight(request)).local_disk_bytes == 64 * MIB
+            started = time.monotonic()
+            await driver.start("m-disk", request, busy_plan())
+            samples = await follow(driver, "m-disk")
+            result = await driver.result("m-disk")
+            copying = [s for s in samples if not s.disks_in_sync]
+            record(
+                name,
+                result,
+                started,
+                disk_samples=len(copying),
+                disk_rate_mib_s=max((round(s.disk_rate / MIB, 1) for s in copying), default=0),
+            )
+            assert (result.phase, result.running_on) == (Phase.COMPLETED, "b"), result.error
+            assert copying, samples
+            assert all(s.memory_transferred == 0 and s.passes == 1 for s in copying)
+            assert all(s.disk_total >= 64 * MIB for s in copying)
+            assert any(0 < s.disk_remaining < 64 * MIB for s in copying)
+            assert any(s.disk_rate > 4 * MIB for s in copying), [s.disk_rate for s in copying]
+            memory = [s for s in samples if s.memory_transferred > 0 and not s.phase.finished]
+            assert memory and all(s.disks_in_sync for s in memory)
+            assert samples.index(copying[-1]) < samples.index(memory[0])
+            assert samples[-1].disk_remaining == 0 and samples[-1].disk_total >= 64 * MIB
+            await assert_runs_healthy(name, "b")
+    finally:
+        for host in rigctl.HOSTS:
+            await asyncio.to_thread(rigctl.remove_disk_image, host, name)

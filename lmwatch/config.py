@@ -52,6 +52,14 @@ class HostConfig(BaseModel):
         default=None,
         description="Where disk data goes when this host is the destination (tcp://HOST[:PORT]).",
     )
+    call_threads: int | None = Field(
+        default=None, ge=1, le=64, description="Calls to this host that run at once (default 4)."
+    )
+    call_queue: int | None = Field(
+        default=None,
+        ge=0,
+        description="Calls that may wait for one before they fail at once (default 64).",
+    )
 
 
 class Settings(BaseSettings):

@@ -2257,12 +2257,16 @@ def test_shared_storage_and_disks_address_from_the_daemon_config() -> None:
         hosts={
             "a": {"uri": "x://a", "shared_storage": ["/mnt/nfs"]},
             "b": {"uri": "x://b", "disks_address": "tcp://10.1.0.2"},
+            "c": {"uri": "x://c", "call_threads": 2, "call_queue": 8},
         },
     )
     drv = build_libvirt_driver(daemon._host_options(settings), VirtualClock())
     assert drv._hosts["a"].shared_storage == ("/mnt/nfs",)
     assert drv._hosts["b"].shared_storage == ()
     assert drv._hosts["b"].disks_address == "tcp://10.1.0.2"
+    # the call pool's size, as the README documents it
+    assert (drv._hosts["c"].call_threads, drv._hosts["c"].call_queue) == (2, 8)
+    assert drv._hosts["a"].call_threads == 4 and drv._hosts["a"].call_queue == 64
 
 
 async def test_host_info_and_instances_on_count_local_disks(

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import DriverError
 from lmwatch.engine.effects import Effects
-from lmwatch.engine.records import Supervision, log, plan_from
+from lmwatch.engine.records import FORCE_PENDING, Supervision, log, plan_from
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.model import Action, JobResult, Phase
 from lmwatch.profiles.schema import Profile
@@ -56,6 +56,24 @@ def paused_by_operator(store: Store, record: MigrationRecord) -> bool:
         e.action == Action.PAUSE.value and (e.data or {}).get("origin") == "operator"
         for e in store.events(record.id)
     )
+
+
+def force_pending(store: Store, record: MigrationRecord) -> bool | None:
+    """An operator's force-complete still waiting for the disks to be in sync when
+    lmwatch stopped (its `accept_pause`), or None: the last timeline entry that says.
+
+    Only a migration with local disks that is neither paused nor handed over can have
+    one, so the others' timelines are not read (a restart with many stays quick)."""
+    progress = record.progress or {}
+    if record.paused or record.handed_over or not progress.get("disk_total"):
+        return None
+    pending: bool | None = None
+    for event in store.events(record.id):
+        data = event.data or {}
+        if FORCE_PENDING in data:
+            value = data[FORCE_PENDING]
+            pending = None if value is None else bool(value)
+    return pending
 
 
 async def keep_store(store: Store, clock: Clock, settings: EngineSettings) -> None:

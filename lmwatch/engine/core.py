@@ -3,7 +3,9 @@
 It accepts migrations (admission), starts them as the per-host limits allow
 (scheduler), runs one supervision task per migration (supervision) and takes them
 back after a restart (recovery). Everything that touches the driver, the store and
-the metrics goes through the effect runner (effects).
+the metrics goes through the effect runner (effects). Operator commands on a started
+migration go to its supervision's inbox and are answered from there; a queued one is
+cancelled here, in one step with nothing awaited.
 """
 
 from __future__ import annotations

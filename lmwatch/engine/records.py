@@ -108,6 +108,8 @@ class Command:
 def post(supervision: Supervision, what: Cancel | Force) -> asyncio.Future[Any]:
     """Put an operator's command in the migration's inbox; its answer comes later."""
     answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    # A caller that went away (shielded) leaves nobody to read a refusal: read it here.
+    answer.add_done_callback(lambda done: done.cancelled() or done.exception())
     supervision.inbox.append(Command(what, answer))
     supervision.mail.set()
     return answer

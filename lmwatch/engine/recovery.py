@@ -3,6 +3,8 @@ with back-off and giving up after a while, and retrying store writes that failed
 
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import ValidationError
 
 from lmwatch.clock import Clock
@@ -117,11 +119,17 @@ class Recovery:
                     return None
 
     async def tolerate(
-        self, supervision: Supervision, error: DriverError, operation: str = "sample"
+        self,
+        supervision: Supervision,
+        error: DriverError,
+        operation: str = "sample",
+        *,
+        wake: asyncio.Event | None = None,
     ) -> bool:
         """Keep trying through a hypervisor outage for a while; fail the migration after.
 
-        Returns True after backing off (try again), False once it has given up.
+        Returns True after backing off (try again), False once it has given up. `wake`
+        (an operator's command arrived) cuts the back-off short.
         """
         self.effects.hypervisor_error(operation)
         now = self.clock.now()
@@ -136,7 +144,17 @@ class Recovery:
             await self._give_up(supervision, error, now - first)
             return False
         backoff = self.settings.error_backoff
-        await self.clock.sleep(backoff[min(failures - 1, len(backoff) - 1)])
+        delay = backoff[min(failures - 1, len(backoff) - 1)]
+        if wake is None:
+            await self.clock.sleep(delay)
+            return True
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        waiter = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waiter.cancel()
         return True
 
     async def _give_up(self, supervision: Supervision, error: DriverError, silent: float) -> None:

@@ -201,7 +201,10 @@ class Supervisor:
             try:
                 sample = await self.sample(supervision)
             except DriverError as error:
-                if await self.recovery.tolerate(supervision, error):
+                # Commands are carried out through an outage too (with what was seen
+                # so far), as they were when the operator's call acted itself.
+                if await self.recovery.tolerate(supervision, error, wake=supervision.mail):
+                    await self.take_commands(supervision)
                     continue
                 return
             supervision.history.append(sample)

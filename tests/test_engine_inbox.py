@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from test_engine import Rig
 from test_engine_disks import DISK_INVENTORY
 
@@ -191,3 +192,24 @@ async def test_a_force_pending_during_the_disk_copy_survives_a_restart(tmp_path:
     assert events.index(pauses[0]) > restarted
     assert driver.where("files") == "b"
     await second.stop()
+
+
+async def test_a_command_waiting_when_the_supervision_stops_is_answered(tmp_path: Path) -> None:
+    """A cancel waiting while the restarted daemon cannot reach the host again gets a
+    clear 409 when the daemon stops, not an answer that never comes."""
+    rig = Rig(tmp_path, error_tolerance=900.0)
+    await rig.engine.start()
+    mid = await rig.migrate("busy-plain")
+    await _copying(rig, mid)
+    await rig.engine.stop()
+    rig.driver.inject_fault("source_gone", host="a", duration=600)
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    await rig.clock.advance(2.0)  # re-attaching, backing off: the host does not answer
+    cancel = asyncio.ensure_future(rig.engine.cancel(mid))
+    await rig.clock.advance(2.0)
+    assert not cancel.done()
+    await rig.engine.stop()
+    with pytest.raises(Conflict, match="stopping"):
+        await asyncio.wait_for(cancel, timeout=10)
+    assert rig.actions(mid) == []

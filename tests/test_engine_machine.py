@@ -55,6 +55,15 @@ def test_an_ended_job_is_finished_and_nothing_else(phase: Phase) -> None:
     assert step(status(), Sampled(phase)) == (status(), (Finish(),))
 
 
+def test_nothing_is_decided_once_the_hypervisor_took_a_cancel() -> None:
+    """The effect runner used to skip decisions on a flag; the machine says it now."""
+    assert step(status(cancelling=True), Sampled(Phase.COPYING)) == (status(cancelling=True), ())
+    after, effects = step(status(cancelling=True), Sampled(Phase.COMPLETING))
+    assert after.state is State.COMPLETING
+    assert effects == (EnterState(State.COMPLETING, handed_over=False),)
+    assert step(status(cancelling=True), Sampled(Phase.CANCELLED))[1] == (Finish(),)
+
+
 # -- cancel ----------------------------------------------------------------------------
 
 

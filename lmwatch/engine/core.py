@@ -3,7 +3,9 @@
 It accepts migrations (admission), starts them as the per-host limits allow
 (scheduler), runs one supervision task per migration (supervision) and takes them
 back after a restart (recovery). Everything that touches the driver, the store and
-the metrics goes through the effect runner (effects).
+the metrics goes through the effect runner (effects). Operator commands on a started
+migration go to its supervision's inbox and are answered from there; a queued one is
+cancelled here, in one step with nothing awaited.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import builtins
 import dataclasses
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
 
-from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import Driver, NotOnSource, UnknownHost
 from lmwatch.engine import admission, machine, placing, recovery
 from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
-from lmwatch.engine.records import Supervision, log, status_of
+from lmwatch.engine.records import Cancel, Force, Supervision, log, post, status_of
 from lmwatch.engine.scheduler import HostLimits, Slot, startable
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.engine.supervision import Supervisor
@@ -29,14 +31,12 @@ from lmwatch.errors import Conflict, NotFound
 from lmwatch.events import EventHub
 from lmwatch.metrics import Metrics
 from lmwatch.model import (
-    Action,
     Decision,
     InstanceInfo,
     JobResult,
     MigrationRequest,
     Phase,
     Prediction,
-    Rule,
     State,
 )
 from lmwatch.policies.placement import GROUP_LABEL, How, Need, Placement, choose
@@ -131,6 +131,7 @@ class Engine:
             supervision.generation = -1  # the file may have changed while we were away
             if record.paused:
                 supervision.pause_by_operator = recovery.paused_by_operator(self.store, record)
+            supervision.force_pending = recovery.force_pending(self.store, record)
             if record.state is not State.QUEUED:
                 log.info("reattaching", migration=record.id, instance=record.instance)
                 supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
@@ -352,53 +353,50 @@ class Engine:
         return placement
 
     async def force_complete(self, migration_id: str, accept_pause: bool = False) -> Decision:
-        """Finish now in the least disruptive way the profile allows."""
+        """Finish now in the least disruptive way the profile allows.
+
+        The command goes to the migration's inbox; its supervision task carries it out
+        between polls and answers (the decision, or Conflict with the reason)."""
         supervision = self._running(migration_id, "force-complete")
-        async with supervision.lock:
-            _, todo = machine.step(status_of(supervision), machine.ForceRequested())
-            _refuse(todo)
-            if not supervision.history:
-                supervision.history.append(await self._supervisor.sample(supervision))
-            try:
-                decision = policies.force_complete(
-                    supervision.profile,
-                    list(supervision.history),
-                    self._supervisor.context(supervision),
-                    self.clock.now(),
-                    accept_pause,
-                    self.settings.policy,
-                )
-            except policies.ForceRefused as refused:
-                raise Conflict(refused.reason) from refused
-            decision = dataclasses.replace(decision, rule=Rule.OPERATOR_FINISH)
-            if not supervision.history[-1].disks_in_sync:
-                supervision.force_pending = accept_pause  # applied once they are in sync
-            await self._effects.apply(supervision, decision, origin="operator")
-            return decision
+        decision: Decision = await self._ask(supervision, Force(accept_pause))
+        return decision
 
     async def cancel(self, migration_id: str) -> MigrationRecord:
+        """Cancel a migration: a queued one at once, a started one through its inbox."""
         supervision = self._supervisions.get(migration_id)
         record = self.get(migration_id)
         if record.state.finished or supervision is None:
             raise Conflict(f"migration {migration_id} has already {record.state.value}")
-        async with supervision.lock:  # the start holds it too: never cancel half-started
-            _, todo = machine.step(status_of(supervision), machine.CancelRequested())
-            _refuse(todo)
-            if machine.CancelBeforeStart() in todo:  # its start, if due, sees it finished
-                await self._effects.finish(
-                    supervision,
-                    JobResult(phase=Phase.CANCELLED, error=None),
-                    reason="cancelled by an operator before it started",
-                )
-                if supervision.task is None:
-                    self._supervisions.pop(migration_id, None)
-                self._schedule()
-            elif machine.CancelJob() in todo:
-                decision = Decision(
-                    Action.CANCEL, "cancelled by an operator", rule=Rule.OPERATOR_CANCEL
-                )
-                await self._effects.apply(supervision, decision, origin="operator")
-            return supervision.record
+        if record.state is State.QUEUED:
+            return self._cancel_queued(supervision)
+        answer: MigrationRecord = await self._ask(supervision, Cancel())
+        return answer
+
+    def _cancel_queued(self, supervision: Supervision) -> MigrationRecord:
+        """End a migration that has not started. Nothing here awaits, so nothing comes
+        between the check and the end: a start due later finds it finished."""
+        _, todo = machine.step(status_of(supervision), machine.CancelRequested())
+        _refuse(todo)
+        self._effects.end(
+            supervision,
+            JobResult(phase=Phase.CANCELLED, error=None),
+            reason="cancelled by an operator before it started",
+        )
+        if supervision.task is None:
+            self._supervisions.pop(supervision.record.id, None)
+        self._schedule()
+        return supervision.record
+
+    async def _ask(self, supervision: Supervision, what: Cancel | Force) -> Any:
+        """Send an operator's command to the migration's supervision task; its answer."""
+        task = supervision.task
+        if self._stopping or task is None or task.done():
+            raise Conflict(
+                f"migration {supervision.record.id} is not being supervised now; "
+                "send the command again once lmwatch has taken it back"
+            )
+        # Shielded: once sent, the command is carried out even if its caller goes away.
+        return await asyncio.shield(post(supervision, what))
 
     def _running(self, migration_id: str, what: str) -> Supervision:
         record = self.get(migration_id)
@@ -435,6 +433,7 @@ class Engine:
         try:
             await self._supervisor.run(supervision, reattach=reattach)
         finally:
+            self._supervisor.refuse_waiting(supervision)  # nobody is left to carry them out
             if supervision.record.state.finished:
                 self._supervisions.pop(supervision.record.id, None)
                 self._effects.forget(supervision.record)

@@ -262,8 +262,6 @@ class Effects:
         record = supervision.record
         action = decision.action
         mlog = log.bind(migration=record.id, instance=record.instance, origin=origin)
-        if supervision.cancelling:
-            return  # a cancel is under way; nothing else applies or needs recording
         self.metrics.decisions.labels(action.value).inc()
         if action is Action.CONTINUE:
             self._log_continue(supervision, decision)
@@ -296,7 +294,7 @@ class Effects:
                 supervision.handed_over_at = self.clock.now()
             elif action is Action.CANCEL:
                 await self.driver.cancel(record.id)
-                supervision.cancelling = True
+                supervision.cancel_sent_at = self.clock.now()
         except ActionRefused as refused:
             self.hypervisor_error(action.value)
             self.event(supervision, "error", f"{action.value} refused: {refused}")
@@ -344,6 +342,11 @@ class Effects:
         self, supervision: Supervision, result: JobResult, reason: str | None = None
     ) -> None:
         """Record how a migration ended, check it against its profile, count it."""
+        self.end(supervision, result, reason)
+
+    def end(self, supervision: Supervision, result: JobResult, reason: str | None = None) -> None:
+        """`finish` without awaiting: a queued migration's cancel checks and ends it in
+        one step, so no start can come in between."""
         record = supervision.record
         now = self.clock.now()
         method = method_of(result, record)

@@ -119,11 +119,13 @@ def _sampled(status: Status, phase: Phase) -> tuple[Status, tuple[Effect, ...]]:
     if phase.finished:
         return status, (Finish(),)
     state = _STATE_OF_PHASE[phase]
+    # Once the hypervisor took a cancel, nothing is decided: the job is ending.
+    decide: tuple[Effect, ...] = () if status.cancelling else (Decide(),)
     if state is status.state:
-        return status, (Decide(),)
+        return status, decide
     handed_over = status.handed_over or state is State.HANDOVER
     entered = EnterState(state, handed_over=state is State.HANDOVER)
-    return replace(status, state=state, handed_over=handed_over), (entered, Decide())
+    return replace(status, state=state, handed_over=handed_over), (entered, *decide)
 
 
 def _cancel(status: Status) -> tuple[Status, tuple[Effect, ...]]:

@@ -36,14 +36,18 @@ class Supervision:
     profile: Profile
     generation: int
     history: deque[Sample]
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Operator commands waiting for the supervision task, oldest first (see `Command`).
+    inbox: deque[Command] = field(default_factory=deque)
+    mail: asyncio.Event = field(default_factory=asyncio.Event)  # set when the inbox fills
     task: asyncio.Task[None] | None = None
     last_logged: tuple[Action, str, float] | None = None
     last_prediction: Prediction | None = None
     first_error_at: float | None = None  # start of the current run of driver errors
     failures: int = 0
     progress_saved_at: float = 0.0
-    cancelling: bool = False  # a cancel reached the hypervisor; wait for it to end
+    # Clock time the hypervisor took a cancel (the operator's or the policy's): the
+    # state machine then waits for the job to end and decides nothing more.
+    cancel_sent_at: float | None = None
     change_rate: ChangeRate | None = None  # measured (or reused) before start
     handed_over_at: float | None = None  # clock time the instance resumed on the destination
     paused_at: float | None = None  # clock time we paused it (None after a restart)
@@ -51,8 +55,8 @@ class Supervision:
     # profile's bound (the policy never cancels it for running long).
     pause_by_operator: bool = False
     # An operator asked to finish while the local disks were not in sync: applied once
-    # they are (the value: whether a pause beyond the profile was accepted). Not kept
-    # across a restart.
+    # they are (the value: whether a pause beyond the profile was accepted). Kept on
+    # the timeline (`FORCE_PENDING` in an entry's data), so a restart restores it.
     force_pending: bool | None = None
     beat: float | None = None  # clock time its supervision last came round (watchdog)
 
@@ -65,8 +69,50 @@ def status_of(supervision: Supervision) -> Status:
         state=record.state,
         paused=record.paused,
         handed_over=record.handed_over,
-        cancelling=supervision.cancelling,
+        cancelling=supervision.cancel_sent_at is not None,
     )
+
+
+FORCE_PENDING = "force_pending"  # timeline data key: a pending force-complete, or None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """An operator's cancel."""
+
+
+@dataclass(frozen=True, slots=True)
+class Force:
+    """An operator's force-complete."""
+
+    accept_pause: bool = False
+
+
+@dataclass(eq=False)
+class Command:
+    """An operator's command in a migration's inbox, with the future its caller awaits:
+    the supervision task alone carries it out and answers (a result or the error)."""
+
+    what: Cancel | Force
+    answer: asyncio.Future[Any]
+
+    def reply(self, value: Any) -> None:
+        if not self.answer.done():
+            self.answer.set_result(value)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(error)
+
+
+def post(supervision: Supervision, what: Cancel | Force) -> asyncio.Future[Any]:
+    """Put an operator's command in the migration's inbox; its answer comes later."""
+    answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    # A caller that went away (shielded) leaves nobody to read a refusal: read it here.
+    answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+    supervision.inbox.append(Command(what, answer))
+    supervision.mail.set()
+    return answer
 
 
 def plan_from(record: MigrationRecord) -> StartPlan:

@@ -3,12 +3,14 @@ with back-off and giving up after a while, and retrying store writes that failed
 
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import ValidationError
 
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import DriverError
 from lmwatch.engine.effects import Effects
-from lmwatch.engine.records import Supervision, log, plan_from
+from lmwatch.engine.records import FORCE_PENDING, Supervision, log, plan_from
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.model import Action, JobResult, Phase
 from lmwatch.profiles.schema import Profile
@@ -58,6 +60,24 @@ def paused_by_operator(store: Store, record: MigrationRecord) -> bool:
     )
 
 
+def force_pending(store: Store, record: MigrationRecord) -> bool | None:
+    """An operator's force-complete still waiting for the disks to be in sync when
+    lmwatch stopped (its `accept_pause`), or None: the last timeline entry that says.
+
+    Only a migration with local disks that is neither paused nor handed over can have
+    one, so the others' timelines are not read (a restart with many stays quick)."""
+    progress = record.progress or {}
+    if record.paused or record.handed_over or not progress.get("disk_total"):
+        return None
+    pending: bool | None = None
+    for event in store.events(record.id):
+        data = event.data or {}
+        if FORCE_PENDING in data:
+            value = data[FORCE_PENDING]
+            pending = None if value is None else bool(value)
+    return pending
+
+
 async def keep_store(store: Store, clock: Clock, settings: EngineSettings) -> None:
     """Check now and then that the store file is still there, and while writes
     fail, retry them with back-off until the store takes them again."""
@@ -99,11 +119,17 @@ class Recovery:
                     return None
 
     async def tolerate(
-        self, supervision: Supervision, error: DriverError, operation: str = "sample"
+        self,
+        supervision: Supervision,
+        error: DriverError,
+        operation: str = "sample",
+        *,
+        wake: asyncio.Event | None = None,
     ) -> bool:
         """Keep trying through a hypervisor outage for a while; fail the migration after.
 
-        Returns True after backing off (try again), False once it has given up.
+        Returns True after backing off (try again), False once it has given up. `wake`
+        (an operator's command arrived) cuts the back-off short.
         """
         self.effects.hypervisor_error(operation)
         now = self.clock.now()
@@ -118,7 +144,17 @@ class Recovery:
             await self._give_up(supervision, error, now - first)
             return False
         backoff = self.settings.error_backoff
-        await self.clock.sleep(backoff[min(failures - 1, len(backoff) - 1)])
+        delay = backoff[min(failures - 1, len(backoff) - 1)]
+        if wake is None:
+            await self.clock.sleep(delay)
+            return True
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        waiter = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait((sleeper, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waiter.cancel()
         return True
 
     async def _give_up(self, supervision: Supervision, error: DriverError, silent: float) -> None:

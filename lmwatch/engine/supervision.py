@@ -2,11 +2,18 @@
 
 Deciding is left to `policies`; doing to the effect runner; outages and re-attaching
 to recovery. What remains here is the order of things for one migration.
+
+The supervision task is the only one that acts on its migration. Operator commands
+(cancel, force-complete) arrive in its inbox (`records.post`); the task takes them
+right after the start returns and between polls (a command wakes it at once), runs
+them through the state machine, applies the effects and answers the caller. So a
+command never interleaves with the start or with a decision, without any lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -16,12 +23,23 @@ from lmwatch.drivers.base import DriverError, Refused
 from lmwatch.engine import machine
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
-from lmwatch.engine.records import Supervision, log, plan_from, request_of, status_of
+from lmwatch.engine.records import (
+    FORCE_PENDING,
+    Cancel,
+    Supervision,
+    log,
+    plan_from,
+    request_of,
+    status_of,
+)
 from lmwatch.engine.recovery import Recovery
 from lmwatch.engine.settings import EngineSettings
+from lmwatch.errors import Conflict
 from lmwatch.model import (
+    Action,
     Capabilities,
     ChangeRate,
+    Decision,
     JobResult,
     MigrationContext,
     Phase,
@@ -30,6 +48,15 @@ from lmwatch.model import (
     State,
 )
 from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
+
+_STOPPING = "lmwatch is stopping; the command was not carried out: send it again once it is back"
+
+
+def _refuse(effects: tuple[machine.Effect, ...]) -> None:
+    """Raise the state machine's refusal of an operator's command, if it refused."""
+    for effect in effects:
+        if isinstance(effect, machine.Refuse):
+            raise Conflict(effect.text)
 
 
 class Supervisor:
@@ -88,12 +115,10 @@ class Supervisor:
     # -- the start ------------------------------------------------------------------------
 
     async def _start(self, supervision: Supervision) -> bool:
-        async with supervision.lock:
-            if supervision.record.state.finished:  # cancelled while queued
-                return False
-            return await self._start_locked(supervision)
-
-    async def _start_locked(self, supervision: Supervision) -> bool:
+        """Start the job; False when it did not start. Commands that arrive meanwhile
+        wait in the inbox and are taken as soon as it has started."""
+        if supervision.record.state.finished:  # cancelled while queued
+            return False
         self.refresh_profile(supervision)  # plan with the profile in force now
         record = supervision.record
         now = self.clock.now()
@@ -144,6 +169,7 @@ class Supervisor:
             return False
         self.effects.started(supervision)
         self.effects.update(supervision, "state", "copying started", state=State.COPYING)
+        await self.take_commands(supervision)
         return True
 
     async def _change_rate_for_start(
@@ -179,25 +205,127 @@ class Supervisor:
             try:
                 sample = await self.sample(supervision)
             except DriverError as error:
-                if await self.recovery.tolerate(supervision, error):
+                # Commands are carried out through an outage too (with what was seen
+                # so far), as they were when the operator's call acted itself.
+                if await self.recovery.tolerate(supervision, error, wake=supervision.mail):
+                    await self.take_commands(supervision)
                     continue
                 return
             supervision.history.append(sample)
-            async with supervision.lock:
-                event = machine.Sampled(sample.phase)
-                _, todo = machine.step(status_of(supervision), event)
-                for effect in todo:
-                    match effect:
-                        case machine.Finish():
-                            result = await self.effects.result(supervision)
-                            await self.effects.finish(supervision, result)
-                            return
-                        case machine.EnterState(state=state, handed_over=handed_over):
-                            self._enter(supervision, state, handed_over=handed_over)
-                        case machine.Decide():
-                            await self._decide(supervision, sample)
-            await self.effects.wait_event(supervision, settings.poll_interval)
-            self.effects.poll_lag(self.clock.now() - scheduled - settings.poll_interval)
+            event = machine.Sampled(sample.phase)
+            _, todo = machine.step(status_of(supervision), event)
+            for effect in todo:
+                match effect:
+                    case machine.Finish():
+                        result = await self.effects.result(supervision)
+                        await self.effects.finish(supervision, result)
+                        return
+                    case machine.EnterState(state=state, handed_over=handed_over):
+                        self._enter(supervision, state, handed_over=handed_over)
+                    case machine.Decide():
+                        await self._decide(supervision, sample)
+            if await self._wait(supervision, settings.poll_interval):
+                self.effects.poll_lag(self.clock.now() - scheduled - settings.poll_interval)
+            await self.take_commands(supervision)
+
+    async def _wait(self, supervision: Supervision, timeout: float) -> bool:
+        """Wait for the next poll (or a driver event), or until a command arrives.
+        True when the wait ran its course, False when a command cut it short."""
+        if supervision.inbox:
+            return False
+        supervision.mail.clear()
+        waiting = asyncio.ensure_future(self.effects.wait_event(supervision, timeout))
+        mail = asyncio.ensure_future(supervision.mail.wait())
+        try:
+            await asyncio.wait((waiting, mail), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            mail.cancel()
+        if waiting.done() and not waiting.cancelled():
+            waiting.result()  # a driver error surfaces as it did before
+            return True
+        return False
+
+    # -- operator commands ----------------------------------------------------------------
+
+    async def take_commands(self, supervision: Supervision) -> None:
+        """Carry out the commands in the inbox in arrival order, answering each."""
+        while supervision.inbox:
+            command = supervision.inbox.popleft()
+            mlog = log.bind(migration=supervision.record.id, command=type(command.what).__name__)
+            try:
+                if isinstance(command.what, Cancel):
+                    command.reply(await self._cancel(supervision))
+                else:
+                    command.reply(await self._force(supervision, command.what.accept_pause))
+            except asyncio.CancelledError:
+                command.fail(Conflict(_STOPPING))
+                raise
+            except Exception as error:  # the caller's answer (409, a hypervisor error)
+                mlog.info("command-refused", error=str(error))
+                command.fail(error)
+        supervision.mail.clear()
+
+    def refuse_waiting(self, supervision: Supervision) -> None:
+        """Answer the commands still waiting once the supervision task has ended."""
+        while supervision.inbox:
+            command = supervision.inbox.popleft()
+            event: machine.Event = (
+                machine.CancelRequested()
+                if isinstance(command.what, Cancel)
+                else machine.ForceRequested()
+            )
+            _, todo = machine.step(status_of(supervision), event)
+            refusals = [e.text for e in todo if isinstance(e, machine.Refuse)]
+            command.fail(Conflict(refusals[0] if refusals else _STOPPING))
+
+    async def _cancel(self, supervision: Supervision) -> Any:
+        """An operator's cancel: the job is asked to stop; it ends as cancelled later."""
+        _, todo = machine.step(status_of(supervision), machine.CancelRequested())
+        _refuse(todo)
+        if machine.CancelBeforeStart() in todo:  # the engine ends queued ones itself
+            self.effects.end(
+                supervision,
+                JobResult(phase=Phase.CANCELLED, error=None),
+                reason="cancelled by an operator before it started",
+            )
+        elif machine.CancelJob() in todo:
+            decision = Decision(
+                Action.CANCEL, "cancelled by an operator", rule=Rule.OPERATOR_CANCEL
+            )
+            await self.effects.apply(supervision, decision, origin="operator")
+        return supervision.record
+
+    async def _force(self, supervision: Supervision, accept_pause: bool) -> Decision:
+        """An operator's force-complete: finish now in the least disruptive way the
+        profile allows, or once the local disks are in sync."""
+        _, todo = machine.step(status_of(supervision), machine.ForceRequested())
+        _refuse(todo)
+        if not supervision.history:
+            supervision.history.append(await self.sample(supervision))
+        try:
+            decision = policies.force_complete(
+                supervision.profile,
+                list(supervision.history),
+                self.context(supervision),
+                self.clock.now(),
+                accept_pause,
+                self.settings.policy,
+            )
+        except policies.ForceRefused as refused:
+            raise Conflict(refused.reason) from refused
+        decision = dataclasses.replace(decision, rule=Rule.OPERATOR_FINISH)
+        if not supervision.history[-1].disks_in_sync:
+            supervision.force_pending = accept_pause  # applied once they are in sync
+            self.effects.event(
+                supervision,
+                "note",
+                "the request to finish is kept until the disks are in sync"
+                + (" (a pause beyond the profile accepted)" if accept_pause else ""),
+                data={FORCE_PENDING: accept_pause},
+            )
+        await self.effects.apply(supervision, decision, origin="operator")
+        return decision
 
     async def sample(self, supervision: Supervision) -> Sample:
         sample = await self.effects.sample(supervision)
@@ -222,6 +350,12 @@ class Supervisor:
             supervision.force_pending = None
             if decision.rule is Rule.OPERATOR_FINISH:
                 origin = "operator"
+                self.effects.event(
+                    supervision,
+                    "note",
+                    "the disks are in sync: carrying out the request to finish",
+                    data={FORCE_PENDING: None},
+                )
             else:
                 self.effects.event(
                     supervision,
@@ -229,8 +363,11 @@ class Supervisor:
                     "the request to finish, made while the disks were copied, cannot be "
                     "carried out now that they are in sync: the profile allows no way to "
                     "finish now",
+                    data={FORCE_PENDING: None},
                 )
-        await self.effects.apply(supervision, decision, origin=origin)
+        # Nobody awaits a pending request's answer: a refusal is on the timeline.
+        with contextlib.suppress(Conflict, DriverError):
+            await self.effects.apply(supervision, decision, origin=origin)
 
     def _enter(self, supervision: Supervision, state: State, *, handed_over: bool) -> None:
         """Record that the job moved on to another phase."""

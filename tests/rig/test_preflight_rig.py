@@ -1,4 +1,5 @@
-"""Pre-flight against the real rig: a name the destination already defines.
+"""Pre-flight and placement against the real rig: a name the destination already
+defines; a destination lmwatch chooses, and one forced.
 
 libvirt refuses an incoming instance whose name the destination defines with another
 uuid (or whose uuid it defines under another name) only once the migration has
@@ -133,3 +134,33 @@ def test_same_name_and_uuid_defined_on_destination_migrates(
     assert done["state"] == "completed", done
     assert rigctl.where_running(NAME) == ["b"]
     assert uuid_on("b", NAME) == source_uuid
+
+
+def test_destination_chosen_explained_and_forced(daemon: Daemon, source_uuid: str) -> None:
+    """Without a destination lmwatch chooses one (b, the only other host) and says why,
+    the explain call says the same without moving anything, and a forced move back
+    is recorded as forced; the guest runs intact after both."""
+    rigctl.wait_heartbeat(NAME, 90.0, 2)
+    explained = daemon.expect(200, "GET", f"/v1/instances/{NAME}/placement")
+    assert explained["destination"] == "b", explained
+    assert explained["reason"].startswith("b:"), explained
+    assert rigctl.where_running(NAME) == ["a"]  # explaining moved nothing
+    got, chosen = daemon.request("POST", "/v1/migrations", {"instance": NAME, "source": "a"})
+    assert got == 202, chosen
+    assert chosen["destination"] == "b", chosen
+    assert chosen["placement"]["how"] == "chosen", chosen
+    assert chosen["placement"]["reason"].startswith("b:"), chosen
+    assert not FORBIDDEN.search(str(chosen["placement"])), chosen
+    done = daemon.wait_finished(chosen["id"], timeout=120)
+    assert done["state"] == "completed", done
+    assert rigctl.where_running(NAME) == ["b"]
+    body = {"instance": NAME, "source": "b", "destination": "a", "force": True}
+    got, forced = daemon.request("POST", "/v1/migrations", body)
+    assert got == 202, forced
+    assert forced["placement"]["how"] == "forced", forced
+    done = daemon.wait_finished(forced["id"], timeout=120)
+    assert done["state"] == "completed", done
+    assert rigctl.where_running(NAME) == ["a"]
+    assert rigctl.heartbeats_continue(NAME, 3.0)
+    hb = rigctl.last_heartbeat(NAME, "a")
+    assert hb is not None and hb["bad"] == 0, hb

@@ -573,3 +573,25 @@ async def test_instances_on_follows_where_instances_run(
     driver.inject_fault("source_gone", host="host-b", duration=30)
     with pytest.raises(HostUnreachable):
         await driver.instances_on("host-b")
+
+
+async def test_host_info_agrees_with_where_while_instances_move() -> None:
+    # The default inventory, with moves in every state: copying, handed over (running
+    # on the destination before it completes), completed, cancelled.
+    clock = VirtualClock()
+    driver = SimDriver(default_inventory(), clock)
+    await driver.start("copying", request("db-1"), PLAIN)
+    await driver.start("handed", request("db-2", "host-b", "host-a"), ARMED)
+    await driver.start("done", request("web-1"), PLAIN)
+    await driver.start("cancelled", request("cache-1", "host-a", "host-c"), PLAIN)
+    await clock.advance(1.0)
+    await driver.handover("handed")
+    await driver.cancel("cancelled")
+    assert driver.where("db-2") == "host-a"  # running there before it completes
+    for seconds in (0.5, 5.0, 60.0):
+        await clock.advance(seconds)
+        hosts = {h.name for h in driver.inventory.hosts}
+        for host in sorted(hosts):
+            info = await driver.host_info(host)
+            expected = [i.name for i in driver.inventory.instances if driver.where(i.name) == host]
+            assert [i.name for i in info.instances] == expected, (host, seconds)

@@ -451,13 +451,30 @@ class SimDriver:
         self._known_host(host)
         if not self._host_up(host):
             raise HostUnreachable(f"{host} does not answer")
-        self._sync()
+        self._sync_host(host)  # the jobs leaving or reaching it: its memory, who runs there
+        here = self._running_on(host)
         running = tuple(
             self._info(instance, host)
             for instance in self.inventory.instances
-            if self.where(instance.name) == host
+            if instance.name in here
         )
         return HostInfo(name=host, free_memory=self._free[host], instances=running)
+
+    def _running_on(self, host: str) -> set[str]:
+        """Names of the instances running on `host` now (as `where` says), from the
+        kept placement and the unfinished jobs of its links only (its links advanced)."""
+        here = {name for name, at in self._where.items() if at == host}
+        for key, link in self._links.items():
+            if host not in key:
+                continue
+            for job in link.jobs:
+                if job.model.phase.finished or job.model.running_on is not Side.DESTINATION:
+                    continue
+                if job.source == host:
+                    here.discard(job.instance.name)
+                if job.destination == host:
+                    here.add(job.instance.name)
+        return here
 
     async def capabilities(self, source: str, destination: str) -> Capabilities:
         src, dst = self.inventory.host(source), self.inventory.host(destination)

@@ -595,3 +595,4 @@ async def test_host_info_agrees_with_where_while_instances_move() -> None:
             info = await driver.host_info(host)
             expected = [i.name for i in driver.inventory.instances if driver.where(i.name) == host]
             assert [i.name for i in info.instances] == expected, (host, seconds)
+            assert [i.name for i in await driver.instances_on(host)] == expected

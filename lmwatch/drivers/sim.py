@@ -387,7 +387,7 @@ class SimDriver:
         self._known_host(host)
         if not self._host_up(host):
             raise HostUnreachable(f"{host} does not answer")
-        return [info for info in self.instances() if info.host == host]
+        return list(self._instances_on(host))
 
     async def preflight(self, request: MigrationRequest) -> InstanceInfo:
         source, destination = request.source, destination_of(request)
@@ -451,14 +451,19 @@ class SimDriver:
         self._known_host(host)
         if not self._host_up(host):
             raise HostUnreachable(f"{host} does not answer")
-        self._sync_host(host)  # the jobs leaving or reaching it: its memory, who runs there
+        running = self._instances_on(host)  # advances its links: its memory is current
+        return HostInfo(name=host, free_memory=self._free[host], instances=running)
+
+    def _instances_on(self, host: str) -> tuple[InstanceInfo, ...]:
+        """The instances running on `host` now, in inventory order (as `where` says),
+        after advancing only the jobs leaving or reaching it."""
+        self._sync_host(host)
         here = self._running_on(host)
-        running = tuple(
+        return tuple(
             self._info(instance, host)
             for instance in self.inventory.instances
             if instance.name in here
         )
-        return HostInfo(name=host, free_memory=self._free[host], instances=running)
 
     def _running_on(self, host: str) -> set[str]:
         """Names of the instances running on `host` now (as `where` says), from the

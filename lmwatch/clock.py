@@ -11,7 +11,9 @@ import heapq
 import itertools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -54,13 +56,33 @@ class VirtualClock:
     """Time moves only when `advance` or `run_until` moves it.
 
     Sleepers wake in deadline order; between wake-ups every ready task runs, so
-    the order of events is the one wall-clock time would give.
+    the order of events is the one wall-clock time would give. While work outside
+    the event loop is awaited through `hold` (the store's writer thread), time stands
+    still: it takes milliseconds of wall-clock time, not the minutes virtual time
+    could jump meanwhile.
     """
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._now = start
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        self._held = 0  # awaits of work outside the loop under way
+
+    async def hold(self, work: Awaitable[T]) -> T:
+        """Await `work` (done outside the event loop) with time standing still."""
+        self._held += 1
+        try:
+            return await work
+        finally:
+            self._held -= 1
+
+    async def _wait_held(self, give_up: float, idle_wait: float = 0.0005) -> bool:
+        """Wait in real time while held; False when that outlasts `give_up`."""
+        while self._held:
+            if time.monotonic() > give_up:
+                return False
+            await asyncio.sleep(idle_wait)
+        return True
 
     def now(self) -> float:
         return self._now
@@ -91,6 +113,9 @@ class VirtualClock:
         target = self._now + seconds
         while True:
             await self._settle()
+            if self._held:
+                await self._wait_held(time.monotonic() + 30.0)
+                continue
             wake = self.next_wakeup
             if wake is None or wake > target:
                 break
@@ -127,6 +152,10 @@ class VirtualClock:
                 result = await result
             if result:
                 return True
+            if self._held:
+                if not await self._wait_held(give_up, idle_wait):
+                    return False
+                continue
             wake = self.next_wakeup
             if wake is None:
                 if time.monotonic() > give_up:
@@ -137,3 +166,11 @@ class VirtualClock:
                 self._now = end
                 return False
             self._wake_due(wake)
+
+
+async def outside(clock: Clock, work: Awaitable[T]) -> T:
+    """Await work done outside the event loop (a disk write by the store's writer
+    thread); a virtual clock stands still meanwhile."""
+    if isinstance(clock, VirtualClock):
+        return await clock.hold(work)
+    return await work

@@ -1,37 +1,50 @@
 """Durable record of every migration, its state changes and its decisions (SQLite, WAL).
 
-A request is committed before it is acknowledged and every transition is its own
-transaction, so a crash of the daemon loses no accepted migration and no outcome.
-Calls are short and synchronous; the engine runs them on the event loop thread.
+One writer thread owns the write connection and commits every change in order,
+batching those that wait into one transaction; callers on the event loop queue a
+change and return at once, so the loop never waits on the disk. Reads run on the
+caller's thread, each thread with a read connection of its own (WAL: readers never
+wait for the writer), and show the changes still waiting (read-your-writes): the
+API never shows an older state than the engine wrote. `close` writes what waits.
+
+Accepting a migration (or a drain) is durable before it is acknowledged: it is
+queued like any change (behind those already waiting), its transaction is flushed
+(`synchronous=FULL`, which also makes everything before it durable), and the caller
+waits for it (`insert_async` on the event loop; `insert` blocks).
 
 Durability (docs/scale.md): the log is written with `synchronous=NORMAL`, so a
 transition costs a write to the log but no disk flush; a daemon that crashes or is
-killed loses nothing (the operating system holds what was written), a power loss or
-kernel crash may lose the transitions of the last moments (the store stays
-consistent; a restart re-attaches and asks the hypervisor how those jobs ended).
-Accepting a migration is flushed (`synchronous=FULL` for that transaction, which also
-makes everything before it durable): an acknowledged request survives a power loss.
+killed loses nothing written (the operating system holds it) and no acknowledged
+acceptance; transitions still queued when the process dies (the last milliseconds)
+are lost, as are those of the last moments on a power loss or kernel crash (the store
+stays consistent; a restart re-attaches and asks the hypervisor how those jobs ended).
 
 A write that fails (a full disk, an I/O error) never reaches the caller: the change
-is kept in memory, in order, reads show it, and `flush` writes it, once, when the
-store takes writes again (the engine retries with back-off). Meanwhile `problem`
-says why the store is not healthy, and the daemon accepts no new migration. The same
-holds when the file at the store's path is no longer the one open (deleted or
-replaced): the daemon goes on recording into the file it has open, keeps a full copy
-of it next to the path (`<store>.rescued`), and says how to put it back.
+is kept in memory, in order, reads show it, and the writer holds until `retry` (the
+engine retries with back-off) or `flush`, then writes it, once. Meanwhile `problem`
+says why the store is not healthy, and the daemon accepts no new migration (an
+acceptance in a transaction that fails is refused, never kept). The same holds when
+the file at the store's path is no longer the one open (deleted or replaced): the
+daemon goes on recording into the file it has open, keeps a full copy of it next to
+the path (`<store>.rescued`), and says how to put it back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import concurrent.futures
 import errno
 import fcntl
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
+import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -366,63 +379,137 @@ def _drain_from_row(row: sqlite3.Row) -> DrainRecord:
         raise StoreError(f"store row for drain {row['id']} cannot be read: {error}") from None
 
 
-@dataclass(frozen=True, slots=True)
-class _Write:
-    """One transaction not written yet: columns of a migration to set, and/or an event."""
+_EventTuple = tuple[float, str, str, str | None, str | None, Mapping[str, Any] | None]
 
-    migration_id: str
-    row: dict[str, Any]
-    event: tuple[float, str, str, str | None, str | None, Mapping[str, Any] | None] | None
+
+@dataclass(slots=True, eq=False)
+class _Write:
+    """One change not on disk yet, in the writer's queue: columns of a migration to
+    set and/or an event, a new migration (an acceptance), or a drain (new or changed).
+
+    Mutable in two places only: the writer sets `rowid` inside the transaction that
+    writes the event (reads use it to tell a written event from a waiting one), and
+    `refused` when an acceptance breaks a constraint (it alone is dropped)."""
+
+    seq: int
+    migration_id: str | None
+    row: dict[str, Any] = field(default_factory=dict)
+    event: _EventTuple | None = None
+    insert: MigrationRecord | None = None  # a new migration; `event` is its first entry
+    drain: DrainRecord | None = None
+    new_drain: bool = False
+    # Someone waits for it to be on disk (an acceptance before its 202).
+    done: concurrent.futures.Future[None] | None = None
+    rowid: int | None = None
+    refused: StoreError | None = None
+
+    @property
+    def durable(self) -> bool:
+        """Acknowledged to a client once written: flushed to disk with its batch."""
+        return self.insert is not None or self.new_drain
 
 
 # What a write can fail with: SQLite's errors (full disk, I/O error, read-only file)
 # and the operating system's.
 _WRITE_ERRORS = (sqlite3.Error, OSError)
 
+_BATCH = 512  # most writes one transaction of the writer takes
+
+
+def _settle(future: concurrent.futures.Future[None], error: BaseException | None) -> None:
+    """Answer whoever waits for a durable write (they may have stopped waiting)."""
+    with suppress(concurrent.futures.InvalidStateError):
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
 
 class Store:
+    """The store. Reads run on the caller's thread (each thread its own read
+    connection); writes are queued and committed, in order, by one writer thread that
+    alone uses the write connection (`_db`), so a caller on the event loop never waits
+    for the disk. Until a change is written, reads show it (read-your-writes): the
+    latest record of each migration with changes waiting is kept in `_unwritten`."""
+
     def __init__(self, connection: sqlite3.Connection, path: str) -> None:
-        self._db = connection
+        self._db = connection  # the write connection: the writer thread's alone once started
         self.path = path
-        # Writes that failed, oldest first, and the latest record of each migration
-        # they change: reads show these until `flush` has written them.
-        self._pending: deque[_Write] = deque()
-        self._unwritten: dict[str, MigrationRecord] = {}
+        # Everything below `_lock` is shared with the writer thread.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[_Write] = deque()  # waiting, oldest first
+        self._inflight: builtins.list[_Write] = []  # being written now (after the queue)
+        self._seq = 0
+        # Latest record (and seq of its last waiting write) of each migration with
+        # changes not written yet; the same for drains.
+        self._unwritten: dict[str, tuple[MigrationRecord, int]] = {}
+        self._unwritten_drains: dict[str, tuple[DrainRecord, int]] = {}
         self._write_error: str | None = None  # why the last write failed (None: writable)
+        self._held = False  # a write failed: the writer waits for `retry`/`flush`
+        self._probe: float | None = None  # with nothing waiting: write a probe (its time)
+        self._attempts = 0  # transactions the writer tried (ended, either way)
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._readers = threading.local()
+        self._connections: builtins.list[sqlite3.Connection] = []
         self._file_error: str | None = None  # the file at `path` is not the open one
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._changes = 0  # writes since open (the rescue copy is refreshed when it grows)
         self._rescued_at: int | None = None
-        self._failure_listeners: list[Callable[[], None]] = []
+        self._failure_listeners: builtins.list[Callable[[], None]] = []
+        self._scratch: str | None = None  # the temporary directory of a ':memory:' store
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Store:
         """Open (creating if new) the store; StoreError with a clear reason otherwise."""
         text = str(path)
-        if text != ":memory:":
-            file = Path(text)
-            if not file.parent.is_dir():
-                raise StoreError(f"store directory {file.parent} does not exist")
-            # A file without write bits is read-only for us even when running as root.
-            if file.exists() and (not os.access(file, os.W_OK) or not file.stat().st_mode & 0o222):
-                raise StoreError(f"store file {file} is not writable (read-only)")
-            if not file.exists() and not os.access(file.parent, os.W_OK):
-                raise StoreError(f"store directory {file.parent} is not writable")
+        scratch: str | None = None
+        if text == ":memory:":
+            # Reads and writes use connections of their own, so they need one file: a
+            # private temporary one, removed on close (the store is still forgotten).
+            scratch = tempfile.mkdtemp(prefix="lmwatch-store-")
+            text = os.path.join(scratch, "store.db")
+        file = Path(text)
+        if not file.parent.is_dir():
+            raise StoreError(f"store directory {file.parent} does not exist")
+        # A file without write bits is read-only for us even when running as root.
+        if file.exists() and (not os.access(file, os.W_OK) or not file.stat().st_mode & 0o222):
+            raise StoreError(f"store file {file} is not writable (read-only)")
+        if not file.exists() and not os.access(file.parent, os.W_OK):
+            raise StoreError(f"store directory {file.parent} is not writable")
         try:
             connection = sqlite3.connect(text, isolation_level=None, check_same_thread=False)
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")  # FULL for acceptance: insert()
+            connection.execute("PRAGMA synchronous=NORMAL")  # FULL for acceptances
             connection.execute("PRAGMA foreign_keys=ON")
             connection.execute("PRAGMA busy_timeout=5000")
             store = cls(connection, text)
+            store._scratch = scratch
             store._migrate()
+            store._reader()
         except sqlite3.Error as error:
             raise StoreError(f"cannot use store {text}: {error}") from error
-        if text != ":memory:":
-            info = os.stat(text)
-            store._identity = (info.st_dev, info.st_ino)
+        info = os.stat(text)
+        store._identity = (info.st_dev, info.st_ino)
+        store._thread = threading.Thread(
+            target=store._run_writer, name="lmwatch-store-writer", daemon=True
+        )
+        store._thread.start()
         return store
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (opened on first use)."""
+        connection: sqlite3.Connection | None = getattr(self._readers, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA busy_timeout=5000")
+            self._readers.connection = connection
+            with self._lock:
+                self._connections.append(connection)
+        return connection
 
     def _migrate(self) -> None:
         # executescript commits on its own; it runs outside an explicit transaction.
@@ -469,29 +556,253 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
-        """Write what is still pending if the store takes it, refresh the rescue copy
-        when the file was lost, and close. What cannot be written is logged."""
-        if self._pending or self._write_error is not None:
-            self.flush()
-        if self._pending:
+        """Write what is waiting (retrying once if writes were failing), refresh the
+        rescue copy when the file was lost, and close. What cannot be written is logged."""
+        if self._thread is None:
+            return
+        self.flush()
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        self._thread.join()
+        self._thread = None
+        if self._queue:
             log.error(
                 "store-writes-lost",
                 path=self.path,
-                pending=len(self._pending),
-                migrations=len({write.migration_id for write in self._pending}),
+                pending=len(self._queue),
+                migrations=len({w.migration_id for w in self._queue}),
                 error=self._write_error,
                 note="a restart re-attaches the running migrations and reads them from the hosts",
             )
+            for write in self._queue:
+                if write.done is not None:
+                    _settle(write.done, StoreUnwritable("the store was closed"))
         if self._file_error is not None:
             self._rescue(force=True)
+        for connection in self._connections:
+            connection.close()
         self._db.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def healthy(self) -> bool:
         try:
-            self._db.execute("SELECT 1").fetchone()
+            self._reader().execute("SELECT 1").fetchone()
         except sqlite3.Error:
             return False
         return True
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _run_writer(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and self._probe is None and (self._held or not self._queue):
+                    self._wake.wait()
+                if self._probe is None and (self._held or not self._queue):
+                    return  # closing, and nothing it may write
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), _BATCH))]
+                self._inflight = batch
+                probe = self._probe
+            error: BaseException | None = None
+            try:
+                if batch:
+                    self._commit(batch)
+                else:
+                    self._write_probe(probe)
+            except _WRITE_ERRORS as failure:
+                error = failure
+            except BaseException as failure:  # a bug: keep the writes, say so
+                log.exception("store-writer-error", path=self.path, error=repr(failure))
+                error = failure
+            self._written(batch, error)
+
+    def _commit(self, batch: builtins.list[_Write]) -> None:
+        durable = any(write.durable for write in batch)
+        try:
+            with self._flushed() if durable else nullcontext(), self._transaction():
+                for write in batch:
+                    self._apply(write)
+        except BaseException:
+            for write in batch:
+                write.rowid = None
+                write.refused = None
+            raise
+
+    def _apply(self, write: _Write) -> None:
+        db = self._db
+        if write.insert is not None:
+            values = _to_row(write.insert)
+            columns = ", ".join(values)
+            marks = ", ".join("?" for _ in values)
+            try:
+                db.execute(
+                    f"INSERT INTO migrations({columns}) VALUES({marks})", tuple(values.values())
+                )
+            except sqlite3.IntegrityError as error:  # this one only; the batch goes on
+                write.refused = StoreError(f"cannot record migration {write.insert.id}: {error}")
+                return
+        if write.row:
+            assignments = ", ".join(f"{key}=?" for key in write.row)
+            db.execute(
+                f"UPDATE migrations SET {assignments} WHERE id=?",
+                (*write.row.values(), write.migration_id),
+            )
+        if write.event is not None:
+            assert write.migration_id is not None
+            write.rowid = self._add_event(write.migration_id, *write.event)
+        drain = write.drain
+        if drain is not None and write.new_drain:
+            db.execute(
+                "INSERT INTO drains(id, host, state, created_at, finished_at, body) "
+                "VALUES(?, ?, ?, ?, ?, ?)",
+                (
+                    drain.id,
+                    drain.host,
+                    drain.state.value,
+                    drain.created_at,
+                    drain.finished_at,
+                    drain.body(),
+                ),
+            )
+        elif drain is not None:
+            db.execute(
+                "UPDATE drains SET state=?, finished_at=?, body=? WHERE id=?",
+                (drain.state.value, drain.finished_at, drain.body(), drain.id),
+            )
+
+    def _write_probe(self, at: float | None) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES('write_checked_at', ?)",
+                (str(at or 0.0),),
+            )
+
+    def _written(self, batch: builtins.list[_Write], error: BaseException | None) -> None:
+        """After a transaction: forget what it wrote, or keep it (in order) and hold."""
+        answers: builtins.list[tuple[concurrent.futures.Future[None], BaseException | None]]
+        answers = []
+        with self._wake:
+            self._inflight = []
+            self._attempts += 1
+            self._probe = None
+            if error is None:
+                for write in batch:
+                    self._forget(write)
+                    if write.done is not None:
+                        answers.append((write.done, write.refused))
+                self._changes += len(batch)
+                resumed = self._write_error is not None
+                self._write_error = None
+                self._held = False
+            else:
+                kept: builtins.list[_Write] = []
+                refusal = StoreUnwritable(
+                    f"the store cannot be written: {str(error) or type(error).__name__}; "
+                    "retry later"
+                )
+                for write in batch:
+                    if write.durable:  # never acknowledged: the client is told, not kept
+                        if write.done is not None:
+                            answers.append((write.done, refusal))
+                    else:
+                        kept.append(write)
+                self._queue.extendleft(reversed(kept))
+                self._write_error = str(error) or type(error).__name__
+                self._held = True
+                resumed = False
+            pending = len(self._queue)
+            self._wake.notify_all()
+        for future, outcome in answers:
+            _settle(future, outcome)
+        if resumed:
+            log.info("store-writes-resumed", path=self.path, written=len(batch))
+        if error is not None:
+            migration = batch[0].migration_id if batch else None
+            self._failed(error, migration, pending)
+
+    def _forget(self, write: _Write) -> None:
+        """A write is on disk: reads need no longer show it from memory."""
+        if write.migration_id is not None and write.row:
+            latest = self._unwritten.get(write.migration_id)
+            if latest is not None and latest[1] == write.seq:
+                del self._unwritten[write.migration_id]
+        if write.drain is not None:
+            drain = self._unwritten_drains.get(write.drain.id)
+            if drain is not None and drain[1] == write.seq:
+                del self._unwritten_drains[write.drain.id]
+
+    def _enqueue(self, write: _Write) -> None:
+        """Queue a change for the writer (after those already waiting); the caller
+        holds `_lock` and has given it its seq."""
+        last = self._queue[-1] if self._queue else None
+        if (
+            last is not None
+            and write.event is None
+            and write.drain is None
+            and write.insert is None
+            and last.event is None
+            and last.drain is None
+            and last.insert is None
+            and last.migration_id == write.migration_id
+        ):
+            # Consecutive column updates of one migration (progress) merge.
+            last.row = {**last.row, **write.row}
+            last.seq = write.seq
+        else:
+            self._queue.append(write)
+        self._wake.notify_all()
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def retry(self, now: float | None = None) -> None:
+        """Let the writer try again (after a failure), without waiting for it; with
+        nothing waiting, a small write probes the store."""
+        with self._wake:
+            if self._write_error is None and not self._held:
+                return
+            self._held = False
+            if not self._queue:
+                self._probe = now or 0.0
+            self._wake.notify_all()
+
+    def flush(self, now: float | None = None) -> bool:
+        """Write everything waiting and wait for it; whether the store takes writes.
+        After a failure this is one more attempt. Blocks: not for the event loop."""
+        with self._wake:
+            if self._thread is None:
+                return self._write_error is None and not self._queue
+            if self._write_error is None and not self._queue and not self._inflight:
+                return True
+            self._held = False
+            if not self._queue and not self._inflight:
+                self._probe = now or 0.0
+            attempts = self._attempts
+            self._wake.notify_all()
+            while self._queue or self._inflight or self._probe is not None:
+                if self._held and self._attempts > attempts:
+                    break  # it failed again
+                self._wake.wait()
+            return self._write_error is None
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until the writer has nothing left it may write now (all written, or
+        held after a failure); whether it got there in `timeout`. For tests and tools."""
+        with self._wake:
+            return self._wake.wait_for(
+                lambda: (
+                    self._thread is None
+                    or (
+                        not self._inflight
+                        and (self._held or not self._queue)
+                        and self._probe is None
+                    )
+                ),
+                timeout,
+            )
 
     # -- health -----------------------------------------------------------------------
 
@@ -507,21 +818,24 @@ class Store:
         """Why the store cannot take new work now (None: it can), for operators."""
         if self._file_error is not None:
             return self._file_error
-        if self._write_error is not None:
-            kept = len(self._pending)
+        error = self._write_error
+        if error is not None:
+            kept = self.pending()
             return (
-                f"the store cannot be written: {self._write_error}; "
+                f"the store cannot be written: {error}; "
                 f"{kept} change{'s' if kept != 1 else ''} kept in memory until it can; "
                 "free space on its file system (or fix the error); retry later"
             )
         return None
 
     def failing(self) -> bool:
-        """Whether writes are failing (and `flush` should be retried)."""
+        """Whether writes are failing (and `retry` is due)."""
         return self._write_error is not None
 
     def pending(self) -> int:
-        return len(self._pending)
+        """Changes not written yet (waiting, or being written)."""
+        with self._lock:
+            return len(self._queue) + len(self._inflight)
 
     def check_file(self) -> str | None:
         """Whether the file at the path is still the one open; `problem()` after.
@@ -573,10 +887,12 @@ class Store:
         if not force and self._rescued_at == self._changes:
             return None
         temporary = self.rescue_path + ".tmp"
+        changes = self._changes
         try:
             target = sqlite3.connect(temporary)
             try:
-                self._db.backup(target)
+                # Through a read connection: the write connection is the writer's.
+                self._reader().backup(target)
             finally:
                 target.close()
             os.replace(temporary, self.rescue_path)
@@ -585,114 +901,52 @@ class Store:
                 os.unlink(temporary)
             log.error("store-rescue-failed", path=self.path, rescue=self.rescue_path, error=error)
             return str(error)
-        self._rescued_at = self._changes
+        self._rescued_at = changes
         log.info("store-rescued", path=self.path, rescue=self.rescue_path)
         return None
 
-    def _failed(self, error: BaseException, migration_id: str | None) -> None:
-        first = self._write_error is None
-        self._write_error = str(error) or type(error).__name__
+    def _failed(self, error: BaseException, migration_id: str | None, pending: int) -> None:
         for listener in self._failure_listeners:
             listener()
-        (log.error if first else log.warning)(
+        log.error(
             "store-write-failed",
             path=self.path,
             migration=migration_id,
-            pending=len(self._pending),
-            error=self._write_error,
+            pending=pending,
+            error=str(error) or type(error).__name__,
             note="changes are kept in memory and written when the store takes writes again",
         )
 
-    def _write(self, write: _Write, record: MigrationRecord | None) -> None:
-        """Write now, or keep it (after the ones already waiting) for `flush`."""
-        if record is not None:
-            self._unwritten[record.id] = record
-        if self._pending or self._write_error is not None:
-            last = self._pending[-1] if self._pending else None
-            if (
-                last is not None
-                and write.event is None
-                and last.event is None
-                and last.migration_id == write.migration_id
-            ):
-                # Consecutive column updates of one migration (progress) merge.
-                self._pending[-1] = replace(last, row={**last.row, **write.row})
-            else:
-                self._pending.append(write)
-            return
-        try:
-            self._commit(write)
-        except _WRITE_ERRORS as error:
-            self._pending.append(write)
-            self._failed(error, write.migration_id)
-            return
-        if record is not None:
-            self._unwritten.pop(record.id, None)
-
-    def _commit(self, write: _Write) -> None:
-        with self._transaction():
-            if write.row:
-                assignments = ", ".join(f"{key}=?" for key in write.row)
-                self._db.execute(
-                    f"UPDATE migrations SET {assignments} WHERE id=?",
-                    (*write.row.values(), write.migration_id),
-                )
-            if write.event is not None:
-                self._add_event(write.migration_id, *write.event)
-        self._changes += 1
-
-    def flush(self, now: float | None = None) -> bool:
-        """Write the kept changes, oldest first, each once; whether the store is
-        writable again. With none kept, a small write probes it."""
-        if self._write_error is None and not self._pending:
-            return True
-        written = 0
-        try:
-            if not self._pending:
-                with self._transaction():
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO meta(key, value) VALUES('write_checked_at', ?)",
-                        (str(now or 0.0),),
-                    )
-            while self._pending:
-                self._commit(self._pending[0])
-                self._pending.popleft()
-                written += 1
-        except _WRITE_ERRORS as error:
-            self._failed(error, self._pending[0].migration_id if self._pending else None)
-            return False
-        self._unwritten.clear()
-        self._write_error = None
-        log.info("store-writes-resumed", path=self.path, written=written)
-        return True
-
     # -- migrations -------------------------------------------------------------
 
-    def insert(self, record: MigrationRecord, reason: str) -> None:
-        """Persist a newly accepted migration and its first event, atomically.
-
-        Unlike the other writes this one raises (StoreUnwritable) when it cannot be
-        written: a migration is acknowledged only once it is on disk."""
+    def insert_soon(self, record: MigrationRecord, reason: str) -> concurrent.futures.Future[None]:
+        """Queue a newly accepted migration and its first event (one transaction,
+        flushed); the future is done once it is on disk, or fails with StoreUnwritable
+        (StoreError for a constraint) when it cannot be written: a migration is
+        acknowledged only once it is on disk. Reads show it once it is written."""
         problem = self.problem()
         if problem is not None:
             raise StoreUnwritable(problem)
-        values = _to_row(record)
-        columns = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
-        try:
-            with self._flushed(), self._transaction():
-                self._db.execute(
-                    f"INSERT INTO migrations({columns}) VALUES({marks})", tuple(values.values())
-                )
-                self._add_event(record.id, record.created_at, "state", reason, None, record.state)
-        except sqlite3.IntegrityError as error:
-            raise StoreError(f"cannot record migration {record.id}: {error}") from error
-        except _WRITE_ERRORS as error:
-            self._failed(error, record.id)
-            raise StoreUnwritable(
-                f"the store cannot be written: {self._write_error}; retry later"
-            ) from error
-        self._changes += 1
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        event = (record.created_at, "state", reason, None, record.state.value, None)
+        with self._wake:
+            if self._closing or self._thread is None:
+                raise StoreUnwritable("the store is closed")
+            write = _Write(self._next_seq(), record.id, event=event, insert=record, done=done)
+            self._enqueue(write)
+        return done
+
+    async def insert_async(self, record: MigrationRecord, reason: str) -> None:
+        """`insert` for the event loop: waits for the disk without blocking the loop."""
+        await asyncio.wrap_future(self.insert_soon(record, reason))
+
+    def insert(self, record: MigrationRecord, reason: str) -> None:
+        """Persist a newly accepted migration and its first event, atomically and
+        flushed, and wait for it (blocks: on the event loop use `insert_async`).
+
+        Unlike the other writes this one raises (StoreUnwritable) when it cannot be
+        written: a migration is acknowledged only once it is on disk."""
+        self.insert_soon(record, reason).result()
 
     def update(
         self,
@@ -703,7 +957,8 @@ class Store:
         data: Mapping[str, Any] | None = None,
         **changes: Any,
     ) -> MigrationRecord:
-        """Apply `changes` to a migration (and log `event` = (kind, reason, action)) atomically.
+        """Apply `changes` to a migration (and log `event` = (kind, reason, action)),
+        written atomically later, in order, by the writer; returns at once.
 
         Never raises for a write that fails: the change is kept and written later."""
         updated = replace(record, **changes)
@@ -712,9 +967,14 @@ class Store:
         if event is not None:
             kind, reason, action = event
             when = at if at is not None else updated.created_at
-            logged = (when, kind, reason, action, changes.get("state"), data)
+            state = changes.get("state")
+            logged = (when, kind, reason, action, None if state is None else str(state), data)
         if row or logged is not None:
-            self._write(_Write(record.id, row, logged), updated)
+            with self._wake:
+                seq = self._next_seq()
+                if row:
+                    self._unwritten[record.id] = (updated, seq)
+                self._enqueue(_Write(seq, record.id, row=row, event=logged))
         return updated
 
     def add_event(
@@ -726,8 +986,10 @@ class Store:
         action: str | None = None,
         data: Mapping[str, Any] | None = None,
     ) -> None:
-        """Log an event of a migration; kept and written later when the write fails."""
-        self._write(_Write(migration_id, {}, (at, kind, reason, action, None, data)), None)
+        """Log an event of a migration: queued for the writer; returns at once."""
+        with self._wake:
+            event = (at, kind, reason, action, None, data)
+            self._enqueue(_Write(self._next_seq(), migration_id, event=event))
 
     def _add_event(
         self,
@@ -738,75 +1000,129 @@ class Store:
         action: str | None,
         state: str | None,
         data: Mapping[str, Any] | None = None,
-    ) -> None:
-        self._db.execute(
+    ) -> int | None:
+        cursor = self._db.execute(
             "INSERT INTO events(migration_id, at, kind, action, state, reason, data) "
             "VALUES(?, ?, ?, ?, ?, ?, ?)",
             (migration_id, at, kind, action, state, reason, json.dumps(data or {})),
         )
+        return cursor.lastrowid
 
-    def _latest(self, record: MigrationRecord) -> MigrationRecord:
-        return self._unwritten.get(record.id, record)
+    def _overlay(self) -> dict[str, MigrationRecord]:
+        """The migrations with changes not written yet, as they are now.
+
+        Taken before reading the file: a change written meanwhile is in the file or
+        here, never in neither."""
+        with self._lock:
+            if not self._unwritten:
+                return {}
+            return {key: record for key, (record, _) in self._unwritten.items()}
+
+    @staticmethod
+    def _merge(
+        rows: Iterable[sqlite3.Row],
+        overlay: Mapping[str, MigrationRecord],
+        keep: Callable[[MigrationRecord], bool],
+        after: tuple[float, str] | None = None,
+    ) -> builtins.list[MigrationRecord]:
+        """Rows read (in list order) with the changes not written yet laid over them:
+        those that `keep` passes, in list order, after `after` when given."""
+        seen: set[str] = set()
+        records: builtins.list[MigrationRecord] = []
+        for row in rows:
+            key = row["id"]
+            seen.add(key)
+            record = overlay.get(key)
+            if record is None:
+                record = _from_row(row)
+            if keep(record):
+                records.append(record)
+        extra = [
+            record
+            for key, record in overlay.items()
+            if key not in seen
+            and keep(record)
+            and (after is None or (record.created_at, record.id) > after)
+        ]
+        if extra:
+            records.extend(extra)
+            records.sort(key=lambda r: (r.created_at, r.id))
+        return records
 
     def get(self, migration_id: str) -> MigrationRecord | None:
-        if migration_id in self._unwritten:
-            return self._unwritten[migration_id]
-        row = self._db.execute("SELECT * FROM migrations WHERE id=?", (migration_id,)).fetchone()
+        with self._lock:
+            latest = self._unwritten.get(migration_id)
+        if latest is not None:
+            return latest[0]
+        row = (
+            self._reader()
+            .execute("SELECT * FROM migrations WHERE id=?", (migration_id,))
+            .fetchone()
+        )
         return None if row is None else _from_row(row)
 
     def by_idempotency_key(self, key: str) -> MigrationRecord | None:
-        row = self._db.execute(
-            "SELECT * FROM migrations WHERE idempotency_key=?", (key,)
-        ).fetchone()
-        return None if row is None else self._latest(_from_row(row))
+        overlay = self._overlay()
+        row = (
+            self._reader()
+            .execute("SELECT * FROM migrations WHERE idempotency_key=?", (key,))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return overlay.get(row["id"]) or _from_row(row)
 
     def list(self, state: State | None = None) -> list[MigrationRecord]:
-        if state is None or self._unwritten:
-            rows = self._db.execute("SELECT * FROM migrations ORDER BY created_at, id")
+        """Every migration (of one state), in list order; reads the whole table: on
+        the event loop use `page` (or call this from a worker thread)."""
+        overlay = self._overlay()
+        if state is None:
+            rows = self._reader().execute("SELECT * FROM migrations ORDER BY created_at, id")
         else:
-            rows = self._db.execute(
+            rows = self._reader().execute(
                 "SELECT * FROM migrations WHERE state=? ORDER BY created_at, id", (state.value,)
             )
-        records = [self._latest(_from_row(row)) for row in rows.fetchall()]
-        return [r for r in records if state is None or r.state is state]
+        return self._merge(rows, overlay, lambda r: state is None or r.state is state)
 
     def page(
         self, state: State | None = None, *, limit: int, after: str | None = None
     ) -> builtins.list[MigrationRecord]:
         """At most `limit` migrations in list order (created_at, id), after the migration
         `after` (a cursor: the last id of the previous page; [] when unknown)."""
-        if self._unwritten:  # changes not written yet decide states: read through list()
-            records = self.list(state)
-            if after is not None:
-                known = self.get(after)
-                if known is None:
-                    return []
-                key = (known.created_at, known.id)
-                records = [r for r in records if (r.created_at, r.id) > key]
-            return records[:limit]
+        overlay = self._overlay()
+        reader = self._reader()
         where: builtins.list[str] = []
         params: builtins.list[Any] = []
         if state is not None:
             where.append("state=?")
             params.append(state.value)
+        cursor: tuple[float, str] | None = None
         if after is not None:
-            cursor = self._db.execute(
-                "SELECT created_at, id FROM migrations WHERE id=?", (after,)
-            ).fetchone()
-            if cursor is None:
-                return []
+            known = overlay.get(after)
+            if known is not None:
+                cursor = (known.created_at, known.id)
+            else:
+                row = reader.execute(
+                    "SELECT created_at, id FROM migrations WHERE id=?", (after,)
+                ).fetchone()
+                if row is None:
+                    return []
+                cursor = (row["created_at"], row["id"])
             where.append("(created_at, id) > (?, ?)")
-            params += [cursor["created_at"], cursor["id"]]
+            params += list(cursor)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
-        rows = self._db.execute(
-            f"SELECT * FROM migrations {clause}ORDER BY created_at, id LIMIT ?", (*params, limit)
+        # Rows whose change not written yet takes them out of the page: read that many more.
+        rows = reader.execute(
+            f"SELECT * FROM migrations {clause}ORDER BY created_at, id LIMIT ?",
+            (*params, limit + len(overlay)),
         )
-        return [_from_row(row) for row in rows.fetchall()]
+        keep: Callable[[MigrationRecord], bool] = lambda r: state is None or r.state is state  # noqa: E731
+        return self._merge(rows, overlay, keep, cursor)[:limit]
 
     def unreadable(self) -> builtins.list[CorruptRecord]:
         """Every migration row that cannot be decoded, each with its id and why."""
         problems: builtins.list[CorruptRecord] = []
-        for row in self._db.execute("SELECT * FROM migrations ORDER BY created_at, id"):
+        for row in self._reader().execute("SELECT * FROM migrations ORDER BY created_at, id"):
             try:
                 _from_row(row)
             except CorruptRecord as problem:
@@ -814,31 +1130,42 @@ class Store:
         return problems
 
     def unfinished(self) -> builtins.list[MigrationRecord]:
-        if self._unwritten:
-            return [r for r in self.list() if not r.state.finished]
+        overlay = self._overlay()
         finished = tuple(s.value for s in State if s.finished)
-        rows = self._db.execute(
+        rows = self._reader().execute(
             "SELECT * FROM migrations WHERE state NOT IN (?, ?, ?) ORDER BY created_at, id",
             finished,
         )
-        return [_from_row(row) for row in rows.fetchall()]
+        return self._merge(rows, overlay, lambda r: not r.state.finished)
 
     def active_for_instance(self, instance: str) -> MigrationRecord | None:
-        if self._unwritten:  # changes not written yet decide states
-            return next((r for r in self.unfinished() if r.instance == instance), None)
+        overlay = self._overlay()
         finished = tuple(s.value for s in State if s.finished)
-        row = self._db.execute(
+        rows = self._reader().execute(
             "SELECT * FROM migrations WHERE instance=? AND state NOT IN (?, ?, ?) "
-            "ORDER BY created_at, id LIMIT 1",
+            "ORDER BY created_at, id",
             (instance, *finished),
-        ).fetchone()
-        return None if row is None else _from_row(row)
+        )
+        active = self._merge(
+            rows, overlay, lambda r: r.instance == instance and not r.state.finished
+        )
+        return active[0] if active else None
 
     def events(self, migration_id: str) -> builtins.list[Event]:
         """The migration's events, with those not written yet after the written ones."""
-        rows = self._db.execute(
-            "SELECT * FROM events WHERE migration_id=? ORDER BY seq", (migration_id,)
-        ).fetchall()
+        with self._lock:  # first: an event written meanwhile is in the file or here
+            waiting = [
+                write
+                for write in (*self._inflight, *self._queue)
+                if write.migration_id == migration_id
+                and write.event is not None
+                and write.insert is None
+            ]
+        rows = (
+            self._reader()
+            .execute("SELECT * FROM events WHERE migration_id=? ORDER BY seq", (migration_id,))
+            .fetchall()
+        )
         events = [
             Event(
                 seq=row["seq"],
@@ -852,10 +1179,13 @@ class Store:
             )
             for row in rows
         ]
+        read = {event.seq for event in events}
         seq = events[-1].seq if events else 0
-        for write in self._pending:
-            if write.migration_id != migration_id or write.event is None:
-                continue
+        for write in waiting:
+            rowid = write.rowid  # set in the transaction that writes it
+            if rowid is not None and rowid in read:
+                continue  # written since: read from the file above
+            assert write.event is not None
             at, kind, reason, action, state, data = write.event
             seq += 1  # provisional: the real one is given when it is written
             events.append(
@@ -865,64 +1195,55 @@ class Store:
 
     # -- drains -----------------------------------------------------------------
 
-    def insert_drain(self, drain: DrainRecord) -> None:
-        """Persist a new drain (flushed); StoreUnwritable when it cannot be written:
-        a drain is acknowledged only once it is on disk."""
+    def insert_drain_soon(self, drain: DrainRecord) -> concurrent.futures.Future[None]:
+        """Queue a new drain (flushed); the future is done once it is on disk, or fails
+        with StoreUnwritable: a drain is acknowledged only once it is on disk."""
         problem = self.problem()
         if problem is not None:
             raise StoreUnwritable(problem)
-        try:
-            with self._flushed(), self._transaction():
-                self._db.execute(
-                    "INSERT INTO drains(id, host, state, created_at, finished_at, body) "
-                    "VALUES(?, ?, ?, ?, ?, ?)",
-                    (
-                        drain.id,
-                        drain.host,
-                        drain.state.value,
-                        drain.created_at,
-                        drain.finished_at,
-                        drain.body(),
-                    ),
-                )
-        except _WRITE_ERRORS as error:
-            self._failed(error, None)
-            raise StoreUnwritable(
-                f"the store cannot be written: {self._write_error}; retry later"
-            ) from error
-        self._changes += 1
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._wake:
+            if self._closing or self._thread is None:
+                raise StoreUnwritable("the store is closed")
+            self._enqueue(_Write(self._next_seq(), None, drain=drain, new_drain=True, done=done))
+        return done
+
+    async def insert_drain_async(self, drain: DrainRecord) -> None:
+        await asyncio.wrap_future(self.insert_drain_soon(drain))
+
+    def insert_drain(self, drain: DrainRecord) -> None:
+        """Persist a new drain (flushed) and wait for it (blocks); StoreUnwritable when
+        it cannot be written: a drain is acknowledged only once it is on disk."""
+        self.insert_drain_soon(drain).result()
 
     def update_drain(self, drain: DrainRecord) -> bool:
-        """Write a drain's new state; False (logged, kept by the caller, written with
-        its next change) when the store does not take it now."""
-        try:
-            with self._transaction():
-                self._db.execute(
-                    "UPDATE drains SET state=?, finished_at=?, body=? WHERE id=?",
-                    (drain.state.value, drain.finished_at, drain.body(), drain.id),
-                )
-        except _WRITE_ERRORS as error:
-            log.warning("drain-write-failed", drain=drain.id, path=self.path, error=str(error))
-            return False
-        self._changes += 1
+        """Queue a drain's new state for the writer (kept, in order, while writes
+        fail; reads show it meanwhile); returns at once."""
+        with self._wake:
+            seq = self._next_seq()
+            self._unwritten_drains[drain.id] = (drain, seq)
+            self._enqueue(_Write(seq, None, drain=drain))
         return True
 
+    def _drains_overlay(self) -> dict[str, DrainRecord]:
+        with self._lock:
+            return {key: drain for key, (drain, _) in self._unwritten_drains.items()}
+
     def get_drain(self, drain_id: str) -> DrainRecord | None:
-        row = self._db.execute("SELECT * FROM drains WHERE id=?", (drain_id,)).fetchone()
+        overlay = self._drains_overlay()
+        if drain_id in overlay:
+            return overlay[drain_id]
+        row = self._reader().execute("SELECT * FROM drains WHERE id=?", (drain_id,)).fetchone()
         return None if row is None else _drain_from_row(row)
 
     def drains(self) -> builtins.list[DrainRecord]:
         """Every drain, oldest first."""
-        rows = self._db.execute("SELECT * FROM drains ORDER BY created_at, id").fetchall()
-        return [_drain_from_row(row) for row in rows]
+        overlay = self._drains_overlay()
+        rows = self._reader().execute("SELECT * FROM drains ORDER BY created_at, id").fetchall()
+        return [overlay.get(row["id"]) or _drain_from_row(row) for row in rows]
 
     def unfinished_drains(self) -> builtins.list[DrainRecord]:
-        unfinished = tuple(s.value for s in DrainState if not s.finished)
-        marks = ", ".join("?" for _ in unfinished)
-        rows = self._db.execute(
-            f"SELECT * FROM drains WHERE state IN ({marks}) ORDER BY created_at, id", unfinished
-        ).fetchall()
-        return [_drain_from_row(row) for row in rows]
+        return [drain for drain in self.drains() if not drain.state.finished]
 
 
 def _to_row(record: MigrationRecord) -> dict[str, Any]:

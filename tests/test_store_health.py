@@ -67,6 +67,13 @@ def stored_timeline(path: str, migration_id: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
+def written(store: Store) -> bool:
+    """Whether the store takes writes, once its writer thread has tried what waits
+    (virtual time runs ahead of the thread: wait for it, in real time)."""
+    assert store.settle(5)
+    return not store.failing()
+
+
 def stored_state(path: str, migration_id: str) -> str:
     with sqlite3.connect(path) as connection:
         row = connection.execute("SELECT state FROM migrations WHERE id=?", (migration_id,))
@@ -108,10 +115,12 @@ def test_a_failed_commit_does_not_leave_the_transaction_open(store: Store) -> No
     disk = faulty(store)
     disk.fail_commits = 1
     starting = store.update(queued, event=("state", "starting", None), at=2.0, state=State.STARTING)
+    assert store.settle(5)  # the writer thread tried it
     assert store.failing()
     assert not disk._connection.in_transaction
     assert store.flush(3.0)
     store.update(starting, event=("state", "copying", None), at=4.0, state=State.COPYING)
+    assert store.settle(5)
     assert stored_timeline(store.path, "m1") == [
         (1.0, "state", "accepted", None),
         (2.0, "state", "starting", None),
@@ -131,6 +140,7 @@ def test_failed_writes_are_kept_shown_and_written_once_in_order(store: Store) ->
     copying = store.update(
         progressed, event=("state", "copying", None), at=4.0, state=State.COPYING
     )
+    assert store.settle(5)
     assert store.failing() and store.problem() is not None
     assert "database or disk is full" in (store.problem() or "")
     # Reads show what is not written yet.
@@ -162,6 +172,7 @@ def test_a_new_migration_is_not_recorded_while_writes_fail(store: Store) -> None
     disk = faulty(store)
     disk.full = True
     store.update(queued, event=("state", "starting", None), at=2.0, state=State.STARTING)
+    assert store.settle(5)
     disk.full = False  # even if this one could be written: it would jump the queue
     with pytest.raises(Exception, match="cannot be written"):
         record(store, "m2")
@@ -208,6 +219,7 @@ async def test_a_full_disk_spell_orphans_nothing(
         assert await clock.run_until(
             lambda: engine.get(ids["quiet2"]).state is not State.QUEUED, limit=60
         )
+        assert not written(store)
     assert disk.failures > 0
     assert "store-write-failed" in caplog.text and f"path={store.path}" in caplog.text
 
@@ -235,7 +247,7 @@ async def test_a_full_disk_spell_orphans_nothing(
     assert disk.full  # all of it happened without a single write
 
     disk.full = False
-    assert await clock.run_until(lambda: not store.failing(), limit=120)
+    assert await clock.run_until(lambda: written(store), limit=120)
     assert (await api.get("/readyz")).status == 200
     scraped = (await api.get("/metrics")).text
     assert metric(scraped, "lmwatch_store_healthy") == 1
@@ -265,7 +277,7 @@ async def test_a_submission_that_finds_the_disk_full_is_refused_until_it_is_not(
     assert (await api.get("/readyz")).status == 503
     assert engine.list() == []
     disk.full = False
-    assert await clock.run_until(lambda: not store.failing(), limit=60)
+    assert await clock.run_until(lambda: written(store), limit=60)
     assert (await api.get("/readyz")).status == 200
     assert (await api.post("/v1/migrations", body)).status == 202
 

@@ -286,12 +286,20 @@ class Engine:
             )
             record = dataclasses.replace(record, placement=placing.placement_json(how, reason))
             accepted = f"{accepted}; destination {how.value}: {reason}"
-            self._effects.accept(record, accepted)
-            self.metrics.placements.labels(how.value).inc()
-            self._track(record, selection.profile)
-            self._effects.announce(record, accepted)
+            # Shielded: once on disk it is tracked, even if the caller went away.
+            await asyncio.shield(self._accept(record, accepted, selection.profile, how))
         self._schedule()
         return record, False
+
+    async def _accept(
+        self, record: MigrationRecord, reason: str, profile: Profile, how: How
+    ) -> None:
+        """Record an accepted migration durably (the loop goes on while the writer
+        flushes it), then track it."""
+        await self._effects.accept(record, reason)
+        self.metrics.placements.labels(how.value).inc()
+        self._track(record, profile)
+        self._effects.announce(record, reason)
 
     async def place(
         self,

@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from lmwatch.clock import outside
 from lmwatch.drivers.base import DriverError, UnknownHost
 from lmwatch.errors import Conflict, Invalid, NotFound, ProblemError
 from lmwatch.logs import get_logger
@@ -324,7 +325,7 @@ class Drains:
                 reason=f"moving {len(movable)} instance(s) off {host}",
             )
             drain = self._concluded(drain, now) or drain
-            engine.store.insert_drain(drain)
+            await outside(engine.clock, engine.store.insert_drain_async(drain))
             blocked = [i.instance for i in ordered if i.state is ItemState.BLOCKED]
             log.info(
                 "drain-accepted",

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from lmwatch import policies
-from lmwatch.clock import Clock
+from lmwatch.clock import Clock, outside
 from lmwatch.drivers.base import ActionRefused, Driver, DriverError
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.records import (
@@ -102,11 +102,12 @@ class Effects:
         if kind in ("note", "error"):
             log.info(kind, migration=supervision.record.id, reason=reason)
 
-    def accept(self, record: MigrationRecord, reason: str) -> None:
-        """Record an accepted migration durably; StoreUnavailable when the store refuses."""
+    async def accept(self, record: MigrationRecord, reason: str) -> None:
+        """Record an accepted migration durably (the writer thread flushes it; the
+        loop goes on meanwhile); StoreUnavailable when the store refuses."""
         self.refuse_unless_writable()
         try:
-            self.store.insert(record, reason)
+            await outside(self.clock, self.store.insert_async(record, reason))
         except StoreUnwritable as error:
             raise StoreUnavailable(str(error)) from error
 

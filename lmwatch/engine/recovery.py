@@ -89,10 +89,12 @@ async def keep_store(store: Store, clock: Clock, settings: EngineSettings) -> No
         await clock.sleep(delay or settings.store_check_interval)
         try:
             store.check_file()
-            if not store.failing() or store.flush(clock.now()):
-                attempts = 0
-            else:
+            if store.failing():
+                # The writer thread tries again; the next round sees how it went.
+                store.retry(clock.now())
                 attempts += 1
+            else:
+                attempts = 0
         except Exception as error:  # never stop watching the store
             log.exception("store-watch-error", path=store.path, error=repr(error))
 

@@ -1,0 +1,284 @@
+"""The store's one writer thread (issue 8): a change queued on the event loop returns
+at once, the writer commits the queue in order, reads show what waits, an acceptance
+is on disk before it returns, and nothing acknowledged is lost when the process dies.
+
+A slow disk is injected between the store and its write connection (`SlowDisk`):
+every COMMIT waits for the test to open the gate (or two seconds, so that code that
+commits on the caller's thread fails the test instead of hanging it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmwatch.model import State
+from lmwatch.store import DrainRecord, DrainState, MigrationRecord, Store
+
+
+class SlowDisk:
+    """Stands in for the store's write connection: COMMIT waits for `gate`."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+        self.gate = threading.Event()
+        self.commits_started = 0
+        self.commits_done = 0
+        self.commit_threads: set[int] = set()
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.lstrip().upper().startswith("COMMIT"):
+            self.commits_started += 1
+            self.commit_threads.add(threading.get_ident())
+            self.gate.wait(2.0)
+            cursor = self._connection.execute(sql, *args)
+            self.commits_done += 1
+            return cursor
+        return self._connection.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+
+def slow(store: Store) -> SlowDisk:
+    disk = SlowDisk(store._db)
+    store._db = disk  # type: ignore[assignment]
+    return disk
+
+
+def _record(number: int, state: State = State.QUEUED) -> MigrationRecord:
+    return MigrationRecord(
+        id=f"m{number:04d}",
+        instance=f"vm{number}",
+        source="a",
+        destination="b",
+        labels={},
+        requested_profile=None,
+        profile_name="default",
+        profile_reason="the default",
+        profile={"name": "default"},
+        memory_bytes=1024,
+        state=state,
+        created_at=1000.0 + number,
+    )
+
+
+def _on_disk(path: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as connection:
+        return connection.execute(sql, args).fetchall()
+
+
+async def test_a_write_on_the_loop_does_not_wait_for_a_slow_commit(store: Store) -> None:
+    records = [_record(n) for n in range(3)]
+    for record in records:
+        store.insert(record, "accepted")
+    disk = slow(store)
+    loop_thread = threading.get_ident()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    ticking = asyncio.create_task(ticker())
+    updated = []
+    for record in records:
+        updated.append(
+            store.update(record, event=("state", "starting", None), at=2.0, state=State.STARTING)
+        )
+        store.add_event(record.id, 3.0, "note", "a note")
+    # Every call returned with no commit done: the disk is the writer thread's.
+    assert disk.commits_done == 0
+    await asyncio.sleep(0.05)
+    assert disk.commits_started >= 1 and disk.commits_done == 0  # the writer is stuck in one
+    assert ticks > 5  # and the loop ran on meanwhile
+    # Read-your-writes while nothing is written yet.
+    assert store.get("m0001") == updated[1]
+    assert [r.id for r in store.list(State.STARTING)] == ["m0000", "m0001", "m0002"]
+    assert store.list(State.QUEUED) == []
+    assert [r.id for r in store.page(State.STARTING, limit=2)] == ["m0000", "m0001"]
+    assert [r.id for r in store.page(State.STARTING, limit=2, after="m0001")] == ["m0002"]
+    assert [r.state for r in store.unfinished()] == [State.STARTING] * 3
+    active = store.active_for_instance("vm2")
+    assert active is not None and active.state is State.STARTING
+    assert [e.reason for e in store.events("m0002")] == ["accepted", "starting", "a note"]
+    assert _on_disk(store.path, "SELECT DISTINCT state FROM migrations") == [("queued",)]
+    disk.gate.set()
+    assert store.settle(5)
+    ticking.cancel()
+    assert disk.commit_threads and loop_thread not in disk.commit_threads
+    assert _on_disk(store.path, "SELECT DISTINCT state FROM migrations") == [("starting",)]
+    assert [e.reason for e in store.events("m0002")] == ["accepted", "starting", "a note"]
+    assert store.get("m0001") == updated[1]
+
+
+async def test_an_acceptance_waits_for_the_disk_without_stopping_the_loop(store: Store) -> None:
+    disk = slow(store)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    ticking = asyncio.create_task(ticker())
+    accepting = asyncio.create_task(store.insert_async(_record(1), "accepted"))
+    await asyncio.sleep(0.05)
+    assert not accepting.done()  # not acknowledged before it is on disk
+    assert ticks > 5
+    assert store.get("m0001") is None  # nor shown
+    disk.gate.set()
+    await asyncio.wait_for(accepting, 5)
+    ticking.cancel()
+    assert _on_disk(store.path, "SELECT id FROM migrations") == [("m0001",)]
+    assert store.get("m0001") == _record(1)
+
+
+def test_writes_reach_the_file_in_the_order_they_were_made(store: Store) -> None:
+    records = {n: _record(n) for n in range(20)}
+    for record in records.values():
+        store.insert(record, "accepted")
+    expected = []
+    for step in range(30):
+        number = (step * 7) % 20
+        record = records[number]
+        if step % 3 == 0:
+            store.add_event(record.id, 10.0 + step, "note", f"note {step}")
+        else:
+            records[number] = store.update(
+                record,
+                event=("decision", f"step {step}", None),
+                at=10.0 + step,
+                progress={"step": step},
+            )
+        store.update(records[number], progress={"step": step, "more": True})  # merges
+        records[number] = store.get(record.id) or record
+        expected.append((record.id, 10.0 + step))
+    store.close()
+    rows = _on_disk(store.path, "SELECT migration_id, at FROM events WHERE at < 100 ORDER BY seq")
+    assert rows == expected
+    reopened = Store.open(store.path)
+    try:
+        for number, record in records.items():
+            assert reopened.get(record.id) == record, number
+    finally:
+        reopened.close()
+
+
+def test_close_writes_everything_queued(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "s.db")
+    record = store.update(_record(1), state=State.COPYING)  # no row yet: nothing to update
+    store.insert(_record(2), "accepted")
+    for step in range(200):
+        store.add_event("m0002", float(step), "note", f"n{step}")
+    store.update(_record(2), event=("state", "copying", None), at=300.0, state=State.COPYING)
+    store.close()
+    assert record.state is State.COPYING
+    assert _on_disk(store.path, "SELECT COUNT(*) FROM events WHERE migration_id='m0002'") == [
+        (202,)
+    ]
+    assert _on_disk(store.path, "SELECT state FROM migrations WHERE id='m0002'") == [("copying",)]
+
+
+def test_a_writer_error_keeps_the_changes_and_writes_them_once(store: Store) -> None:
+    store.insert(_record(1), "accepted")
+
+    class Broken:
+        def __init__(self, connection: sqlite3.Connection) -> None:
+            self.connection = connection
+            self.broken = True
+
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if self.broken and sql.startswith("UPDATE"):
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.connection.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.connection, name)
+
+    broken = Broken(store._db)
+    store._db = broken  # type: ignore[assignment]
+    copying = store.update(
+        _record(1), event=("state", "copying", None), at=2.0, state=State.COPYING
+    )
+    assert store.settle(5)
+    assert store.failing() and "disk I/O error" in (store.problem() or "")
+    assert store.get("m0001") == copying
+    with pytest.raises(Exception, match="cannot be written"):
+        store.insert(_record(2), "accepted")
+    broken.broken = False
+    store.retry(3.0)
+    assert store.settle(5) and not store.failing() and store.pending() == 0
+    assert _on_disk(store.path, "SELECT reason FROM events ORDER BY seq") == [
+        ("accepted",),
+        ("copying",),
+    ]
+
+
+def test_a_drain_change_is_queued_and_shown(store: Store) -> None:
+    drain = DrainRecord(id="d1", host="a", state=DrainState.RUNNING, created_at=1.0, items=())
+    store.insert_drain(drain)
+    disk = slow(store)
+    done = DrainRecord(
+        id="d1", host="a", state=DrainState.COMPLETED, created_at=1.0, items=(), finished_at=2.0
+    )
+    assert store.update_drain(done)
+    assert disk.commits_done == 0
+    assert store.get_drain("d1") == done
+    assert store.unfinished_drains() == []
+    disk.gate.set()
+    assert store.settle(5)
+    assert _on_disk(store.path, "SELECT state FROM drains") == [("completed",)]
+
+
+_CRASHER = """
+import os, signal, sys
+from lmwatch.store import Store, MigrationRecord
+from lmwatch.model import State
+store = Store.open(sys.argv[1])
+for n in range(200):
+    record = MigrationRecord(
+        id=f"m{n:04d}", instance=f"vm{n}", source="a", destination="b", labels={},
+        requested_profile=None, profile_name="p", profile_reason="r", profile={},
+        memory_bytes=1, state=State.QUEUED, created_at=float(n),
+    )
+    store.insert(record, "accepted")
+    print(record.id, flush=True)  # acknowledged
+    for k in range(20):  # transitions queued behind it, never waited for
+        store.update(record, event=("note", f"k{k}", None), at=float(n), progress={"k": k})
+    if n == 150:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_process_loses_no_acknowledged_acceptance(tmp_path: Path) -> None:
+    path = tmp_path / "crash.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASHER, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    acknowledged = done.stdout.split()
+    assert len(acknowledged) == 151
+    stored = {row[0] for row in _on_disk(str(path), "SELECT id FROM migrations")}
+    assert set(acknowledged) <= stored
+    reopened = Store.open(path)
+    try:
+        assert reopened.unreadable() == []
+        assert {r.id for r in reopened.unfinished()} == stored
+    finally:
+        reopened.close()

@@ -17,8 +17,10 @@ from lmwatch.clock import VirtualClock
 from lmwatch.drivers import simphysics
 from lmwatch.drivers.inventory import Inventory, load_inventory_text
 from lmwatch.drivers.sim import SimDriver
+from lmwatch.engine import Engine, EngineSettings
 from lmwatch.metrics import Metrics
 from lmwatch.model import MigrationRequest, StartPlan, State
+from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import MigrationRecord, Store
 
 PLAN = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
@@ -216,3 +218,120 @@ async def test_metrics_are_rendered_off_the_event_loop(
     answer = await api.get("/metrics")
     assert answer.status == 200
     assert threads and threads[0] != threading.get_ident()
+
+
+# --- admission and scheduling keep per-host figures (no walk over every migration) ----
+
+
+class _CountingDict(dict[str, Any]):
+    """The engine's supervisions, counting every one a caller looks at."""
+
+    visits = 0
+
+    def values(self) -> Any:
+        for value in super().values():
+            self.visits += 1
+            yield value
+
+    def items(self) -> Any:
+        for item in super().items():
+            self.visits += 1
+            yield item
+
+    def __iter__(self) -> Any:
+        for key in super().__iter__():
+            self.visits += 1
+            yield key
+
+
+async def _one_more(
+    tmp_path: Any, registry: ProfileRegistry, queued: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, int]:
+    """Supervisions looked at and rows decoded to admit one more migration, with
+    `queued` already waiting on the same source (limit: one under way per host)."""
+    clock = VirtualClock()
+    store = Store.open(tmp_path / f"n{queued}.db")
+    engine = Engine(
+        driver=SimDriver(_inventory(2, queued + 2), clock),
+        store=store,
+        profiles=registry,
+        clock=clock,
+        settings=EngineSettings(max_per_source=1, max_per_destination=1),
+    )
+    await engine.start()
+    try:
+        for k in range(queued):
+            await engine.submit(
+                MigrationRequest(instance=f"vm0-{k}", source="s0", destination="d0")
+            )
+        assert engine.active_count() == queued
+        counting = _CountingDict(engine._supervisions)
+        engine._supervisions = counting
+        decoded = [0]
+        original = store_module._from_row
+
+        def counted(row: Any) -> MigrationRecord:
+            decoded[0] += 1
+            return original(row)
+
+        monkeypatch.setattr(store_module, "_from_row", counted)
+        named = MigrationRequest(instance=f"vm0-{queued}", source="s0", destination="d0")
+        await engine.submit(named)
+        chosen = MigrationRequest(instance=f"vm0-{queued + 1}", source="s0", destination=None)
+        record, _ = await engine.submit(chosen)
+        assert record.destination in ("d0", "s1", "d1")
+        monkeypatch.undo()
+        return counting.visits, decoded[0]
+    finally:
+        await engine.stop()
+        store.close()
+
+
+async def test_admitting_the_nth_migration_looks_at_no_other(
+    tmp_path: Any, registry: ProfileRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    few = await _one_more(tmp_path, registry, 5, monkeypatch)
+    many = await _one_more(tmp_path, registry, 60, monkeypatch)
+    assert many == few  # the same work, whatever the number already accepted
+    visits, decoded = many
+    assert visits == 0  # no walk over the supervisions (reservations, the scheduler)
+    assert decoded <= 2  # at most the instance's own record
+
+
+async def test_a_freed_slot_starts_the_oldest_queued_migration_of_its_hosts(
+    tmp_path: Any, registry: ProfileRegistry
+) -> None:
+    clock = VirtualClock()
+    store = Store.open(tmp_path / "s.db")
+    engine = Engine(
+        driver=SimDriver(_inventory(3, 3), clock),
+        store=store,
+        profiles=registry,
+        clock=clock,
+        settings=EngineSettings(max_per_source=1, max_per_destination=1),
+    )
+    await engine.start()
+    try:
+        ids = {}
+        for p in (0, 1):
+            for k in range(3):
+                record, _ = await engine.submit(
+                    MigrationRequest(instance=f"vm{p}-{k}", source=f"s{p}", destination=f"d{p}")
+                )
+                ids[p, k] = record.id
+                clock._now += 1.0  # distinct acceptance times
+        states = lambda: {key: engine.get(i).state for key, i in ids.items()}  # noqa: E731
+        assert states()[0, 1] is State.QUEUED and states()[1, 1] is State.QUEUED
+        assert states()[0, 0] is not State.QUEUED and states()[1, 0] is not State.QUEUED
+        await engine.cancel(ids[0, 2])  # a queued one leaves the queue, freeing nothing
+        assert await clock.run_until(lambda: engine.get(ids[0, 0]).state.finished, limit=3600)
+        assert await clock.run_until(
+            lambda: engine.get(ids[0, 1]).state is not State.QUEUED, limit=60
+        )
+        assert engine.get(ids[0, 2]).state is State.CANCELLED
+        assert await clock.run_until(lambda: engine.finished(ids.values()), limit=3 * 3600)
+        assert engine.metrics.queued._value.get() == 0
+        assert engine.metrics.active._value.get() == 0
+    finally:
+        await engine.stop()
+        store.close()

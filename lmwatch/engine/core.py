@@ -20,11 +20,12 @@ from typing import Any
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import Driver, NotOnSource, UnknownHost
 from lmwatch.engine import admission, machine, placing, recovery
+from lmwatch.engine.book import Book
 from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.records import Cancel, Force, Supervision, log, post, status_of
-from lmwatch.engine.scheduler import HostLimits, Slot, startable
+from lmwatch.engine.scheduler import HostLimits, Slot, startable_among
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.engine.supervision import Supervisor
 from lmwatch.errors import Conflict, NotFound
@@ -79,6 +80,7 @@ class Engine:
         # Timeline entries and progress go out here too (GET /v1/events); never blocks.
         self.hub = hub if hub is not None else EventHub()
         self._supervisions: dict[str, Supervision] = {}
+        self._book = Book()  # what they hold on each host, kept as they come and go
         self._learned = Learned(
             switchover_memory=self.settings.switchover_memory,
             default_switchover=self.settings.policy.switchover_seconds,
@@ -135,7 +137,8 @@ class Engine:
             if record.state is not State.QUEUED:
                 log.info("reattaching", migration=record.id, instance=record.instance)
                 supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
-        self._schedule()
+                self._book.start(record.id)
+        self._schedule(self._book.queued_all())
         self.drains.start()  # after the migrations they follow are tracked again
 
     async def stop(self) -> None:
@@ -149,6 +152,7 @@ class Engine:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._supervisions.clear()
+        self._book = Book()
 
     def _track(self, record: MigrationRecord, profile: Profile) -> Supervision:
         supervision = Supervision(
@@ -158,7 +162,13 @@ class Engine:
             history=deque(maxlen=self.settings.history),
         )
         self._supervisions[record.id] = supervision
+        self._book.add(record)
         return supervision
+
+    def _untrack(self, migration_id: str) -> Slot | None:
+        """Stop tracking a migration; the slot it held (to schedule others in)."""
+        self._supervisions.pop(migration_id, None)
+        return self._book.remove(migration_id)
 
     # -- queries --------------------------------------------------------------------
 
@@ -258,11 +268,10 @@ class Engine:
             labels, selection = admission.select(self.profiles, request, info)
             # Reservations as they are now, under the lock: no two submissions both
             # take the last room on a host.
-            load = placing.loads(s.record for s in self._supervisions.values())
             found = placing.candidate(
                 request.destination,
                 host,
-                load.get(request.destination, placing.HostLoad()),
+                self._book.load(request.destination),
                 instance=info.name,
             )
             need = Need(
@@ -288,7 +297,8 @@ class Engine:
             accepted = f"{accepted}; destination {how.value}: {reason}"
             # Shielded: once on disk it is tracked, even if the caller went away.
             await asyncio.shield(self._accept(record, accepted, selection.profile, how))
-        self._schedule()
+        # Only the new one can start now: the others could not before, and nothing freed.
+        self._schedule([_slot(record)])
         return record, False
 
     async def _accept(
@@ -338,9 +348,10 @@ class Engine:
             for h in (destinations if destinations is not None else known)
             if h != info.host and h not in exclude
         ]
-        load = placing.loads(s.record for s in self._supervisions.values())
+        hosts = sorted(set(pool))
+        load = {h: self._book.load(h) for h in hosts}
         candidates = await placing.survey(
-            effects=self._effects, request=request, hosts=sorted(set(pool)), load=load
+            effects=self._effects, request=request, hosts=hosts, load=load
         )
         need = Need(
             instance=info.name,
@@ -391,8 +402,7 @@ class Engine:
             reason="cancelled by an operator before it started",
         )
         if supervision.task is None:
-            self._supervisions.pop(supervision.record.id, None)
-        self._schedule()
+            self._untrack(supervision.record.id)  # it held no slot: nothing else can start
         return supervision.record
 
     async def _ask(self, supervision: Supervision, what: Cancel | Force) -> Any:
@@ -417,34 +427,32 @@ class Engine:
 
     # -- queue ----------------------------------------------------------------------
 
-    def _schedule(self) -> None:
-        """Start the queued migrations the scheduler lets start now."""
+    def _schedule(self, queued: Iterable[Slot]) -> None:
+        """Start those of `queued` the scheduler lets start now. Callers pass the only
+        ones a change can let start (see `scheduler.startable_among`): a new migration,
+        or the queued ones on the hosts of one that ended; the cost does not grow with
+        the number of migrations."""
         if not self._started or self._stopping:
             return
-        supervisions = self._supervisions
-        running = [_slot(s.record) for s in supervisions.values() if s.task is not None]
-        queued = [
-            _slot(s.record)
-            for s in supervisions.values()
-            if s.task is None and not s.record.state.finished
-        ]
+        book = self._book
         limits = HostLimits(self.settings.max_per_source, self.settings.max_per_destination)
-        for migration_id in startable(queued, running, limits):
-            supervision = supervisions[migration_id]
+        for migration_id in startable_among(queued, book.leaving, book.arriving, limits):
+            supervision = self._supervisions[migration_id]
+            if supervision.task is not None or supervision.record.state.finished:
+                continue
             supervision.task = asyncio.create_task(self._run(supervision, reattach=False))
-        self._effects.queue_sizes(
-            active=sum(1 for s in supervisions.values() if s.task),
-            queued=sum(1 for s in supervisions.values() if not s.task),
-        )
+            book.start(migration_id)
+        self._effects.queue_sizes(active=book.active, queued=book.queued)
 
     async def _run(self, supervision: Supervision, *, reattach: bool) -> None:
         try:
             await self._supervisor.run(supervision, reattach=reattach)
         finally:
             self._supervisor.refuse_waiting(supervision)  # nobody is left to carry them out
+            freed: Slot | None = None
             if supervision.record.state.finished:
-                self._supervisions.pop(supervision.record.id, None)
+                freed = self._untrack(supervision.record.id)
                 self._effects.forget(supervision.record)
                 self.drains.wake()
-            if not self._stopping:
-                self._schedule()
+            if not self._stopping and freed is not None:
+                self._schedule(self._book.queued_on(freed.source, freed.destination))

@@ -28,7 +28,7 @@ from lmwatch.logs import get_logger
 from lmwatch.metrics import CONTENT_TYPE_LATEST, Metrics
 from lmwatch.model import MigrationRequest, State
 from lmwatch.profiles import ProfileError, ProfileRegistry, SelectionError
-from lmwatch.store import DrainRecord, ItemState, StoreError, StoreUnwritable
+from lmwatch.store import DrainRecord, ItemState, MigrationRecord, StoreError, StoreUnwritable
 
 log = get_logger("lmwatch.api")
 
@@ -341,16 +341,29 @@ async def list_migrations(request: web.Request) -> web.Response:
     after = request.query.get("after")
     if after is not None and limit is None:
         limit = schemas.MAX_PAGE
+    if limit is None:
+        # The whole table: read and rendered in worker threads, not on the event loop
+        # (the live records of supervised migrations are laid over it).
+        everything = await engine.list_everything(state)
+        rendered = await asyncio.to_thread(_whole_list, everything)
+        return web.Response(body=rendered, content_type="application/json")
     records = engine.list(state, limit=limit, after=after)
     # Running migrations hold fresher progress in memory than in the store.
     fresh = [engine.get(record.id) if not record.state.finished else record for record in records]
-    cursor = records[-1].id if limit is not None and len(records) == limit else None
+    cursor = records[-1].id if len(records) == limit else None
     body = schemas.dump(
         schemas.MigrationList(migrations=[schemas.migration_summary(r) for r in fresh], next=cursor)
     )
-    if limit is None:
-        del body["next"]  # the unpaged answer is what it always was
     return web.json_response(body)
+
+
+def _whole_list(records: list[MigrationRecord]) -> bytes:
+    """The unpaged answer (what it always was: no `next`), as JSON."""
+    body = schemas.dump(
+        schemas.MigrationList(migrations=[schemas.migration_summary(r) for r in records])
+    )
+    del body["next"]
+    return json.dumps(body).encode()
 
 
 async def get_migration(request: web.Request) -> web.Response:

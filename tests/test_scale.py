@@ -6,7 +6,9 @@ links scanned), which is what grows with N when something is quadratic.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -335,3 +337,36 @@ async def test_a_freed_slot_starts_the_oldest_queued_migration_of_its_hosts(
     finally:
         await engine.stop()
         store.close()
+
+
+async def test_the_whole_list_is_read_off_the_event_loop(
+    api: Api, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = await api.post(
+        "/v1/migrations", {"instance": "quiet", "source": "a", "destination": "b"}
+    )
+    assert answer.status == 202, answer.text
+    loop_thread = threading.get_ident()
+    readers: list[int] = []
+    original = engine.store.list
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    def slow_list(state: State | None = None) -> list[MigrationRecord]:
+        readers.append(threading.get_ident())
+        time.sleep(0.2)  # a table of tens of thousands of records
+        return original(state)
+
+    monkeypatch.setattr(engine.store, "list", slow_list)
+    ticking = asyncio.create_task(ticker())
+    whole = await api.get("/v1/migrations")
+    ticking.cancel()
+    assert whole.status == 200 and "next" not in whole.body
+    assert [m["id"] for m in whole.body["migrations"]] == [answer.body["id"]]
+    assert readers and loop_thread not in readers
+    assert ticks > 20  # the loop went on while the table was read

@@ -193,6 +193,17 @@ class Engine:
             records = self.store.page(state, limit=limit or MAX_PAGE, after=after)
         return [live[r.id].record if r.id in live else r for r in records]
 
+    async def list_everything(self, state: State | None = None) -> builtins.list[MigrationRecord]:
+        """`list` without paging, read in a worker thread (its own read connection):
+        a whole table of tens of thousands of records does not stop the event loop."""
+        live = {key: s.record for key, s in self._supervisions.items()}
+        store = self.store
+
+        def read() -> builtins.list[MigrationRecord]:
+            return [live.get(r.id, r) for r in store.list(state)]
+
+        return await asyncio.to_thread(read)
+
     def events(self, migration_id: str) -> builtins.list[Event]:
         self.get(migration_id)
         return self.store.events(migration_id)

@@ -14,7 +14,12 @@ submits N migrations through the HTTP API and then, while they run, measures:
 - the daemon's CPU share (its CPU time / wall time over the window) and RSS;
 - latency p50/p99 of `GET /v1/migrations/{id}` and of a page of the list
   (`GET /v1/migrations?limit=100`);
-- POST throughput during submission.
+- POST throughput during submission;
+- with `--restart`, after the window: the daemon is killed (SIGKILL) and started
+  again on the same store, and the time from that start to every migration that was
+  unfinished being back under supervision (each has been sampled by the new daemon:
+  its `lmwatch_migration_remaining_bytes` series is back, or it has finished), with
+  the time to the first answer of `/healthz` beside it.
 
 The figures are measured on the machine it runs on and printed as a table;
 nothing is asserted. See docs/scale.md.
@@ -29,6 +34,7 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -62,6 +68,9 @@ class Result:
     list_p50: float | None
     list_p99: float | None
     note: str = ""
+    restart_unfinished: int | None = None  # unfinished when killed
+    restart_up_s: float | None = None  # start to the first answer of /healthz
+    restart_s: float | None = None  # start to all of them supervised again (None: not in time)
 
 
 def inventory_yaml(count: int, per_link: int = PER_LINK) -> str:
@@ -139,8 +148,65 @@ async def _timed(session: aiohttp.ClientSession, url: str) -> float:
     return time.perf_counter() - began
 
 
+def _unfinished(store: Path) -> set[str]:
+    """The migrations the store holds as unfinished (read as the daemon would)."""
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as connection:
+        rows = connection.execute(
+            "SELECT id FROM migrations WHERE state NOT IN ('completed', 'failed', 'cancelled')"
+        )
+        return {row[0] for row in rows}
+
+
+_REMAINING = re.compile(r'^lmwatch_migration_remaining_bytes\{[^}]*migration="([^"]+)"', re.M)
+
+
+async def _restart(
+    env: dict[str, str], store: Path, workdir: Path, count: int, limit: float
+) -> tuple[subprocess.Popen[bytes], int, float | None, float | None]:
+    """Start the daemon on the killed one's store; the time to /healthz and to every
+    unfinished migration being supervised again (sampled, or finished)."""
+    unfinished = _unfinished(store)
+    port = _free_port()
+    env = {**env, "LMWATCH_PORT": str(port)}
+    log = (workdir / f"daemon-{count}-restart.log").open("w")
+    began = time.perf_counter()
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "lmwatch.cli", "serve"], env=env, stdout=log, stderr=log
+    )
+    log.close()
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    up: float | None = None
+    back: float | None = None
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        while time.perf_counter() - began < limit and back is None:
+            try:
+                if up is None:
+                    async with session.get(f"{base}/healthz") as response:
+                        if response.status == 200:
+                            up = time.perf_counter() - began
+                else:
+                    async with session.get(f"{base}/metrics") as response:
+                        text = await response.text()
+                    missing = unfinished - set(_REMAINING.findall(text))
+                    if missing and len(missing) < 50:
+                        missing &= _unfinished(store)  # those that finished meanwhile count
+                    if not missing:
+                        back = time.perf_counter() - began
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    return daemon, len(unfinished), up, back
+
+
 async def _measure(
-    count: int, duration: float, workdir: Path, submit_timeout: float, per_link: int
+    count: int,
+    duration: float,
+    workdir: Path,
+    submit_timeout: float,
+    per_link: int,
+    restart: bool = False,
 ) -> Result:
     inventory = workdir / f"inventory-{count}.yaml"
     inventory.write_text(inventory_yaml(count, per_link))
@@ -218,7 +284,7 @@ async def _measure(
                 float(v) for v in _DECISIONS.findall(first)
             )
             h0, h1 = _histogram(first), _histogram(last)
-            return Result(
+            result = Result(
                 count=count,
                 submitted=len(ids),
                 post_per_s=len(ids) / submit_time if submit_time > 0 else float("nan"),
@@ -234,6 +300,14 @@ async def _measure(
                 list_p99=_quantile(pages, 0.99),
                 note=note + ("" if len(gets) >= 20 else f" only {len(gets)} GETs"),
             )
+        if restart:
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait()
+            daemon, unfinished, up, back = await _restart(env, store, workdir, count, 120.0)
+            result.restart_unfinished = unfinished
+            result.restart_up_s = up
+            result.restart_s = back
+        return result
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -252,6 +326,18 @@ def _lag(value: float | None) -> str:
     if value is None:
         return "-"
     return "> 5000" if value == float("inf") else f"<= {value * 1000:.0f}"
+
+
+def restart_table(results: list[Result]) -> str:
+    rows = [
+        "| migrations | unfinished when killed | start to /healthz s | start to all supervised s |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        up = "-" if r.restart_up_s is None else f"{r.restart_up_s:.1f}"
+        back = "not within 120 s" if r.restart_s is None else f"{r.restart_s:.1f}"
+        rows.append(f"| {r.count} | {r.restart_unfinished} | {up} | {back} |")
+    return "\n".join(rows)
 
 
 def table(results: list[Result]) -> str:
@@ -285,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         help="migrations per source/destination pair (and the per-host limits)",
     )
     parser.add_argument("--workdir", default=None, help="keep stores and logs here")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="after the window, SIGKILL the daemon and time its restart on the same store",
+    )
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
     results: list[Result] = []
@@ -293,12 +384,22 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         for count in counts:
             result = asyncio.run(
-                _measure(count, args.duration, workdir, args.submit_timeout, args.per_link)
+                _measure(
+                    count,
+                    args.duration,
+                    workdir,
+                    args.submit_timeout,
+                    args.per_link,
+                    restart=args.restart,
+                )
             )
             results.append(result)
             print(table([result]).splitlines()[-1], flush=True)
     print()
     print(table(results))
+    if args.restart:
+        print()
+        print(restart_table(results))
     return 0
 
 

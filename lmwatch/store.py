@@ -443,6 +443,8 @@ class Store:
         self._queue: deque[_Write] = deque()  # waiting, oldest first
         self._inflight: builtins.list[_Write] = []  # being written now (after the queue)
         self._durable = 0  # acceptances waiting in the queue (someone waits for them)
+        # Callers waiting for every change up to a seq to be written (`written_soon`).
+        self._barriers: builtins.list[tuple[int, concurrent.futures.Future[None]]] = []
         self._seq = 0
         # Latest record (and seq of its last waiting write) of each migration with
         # changes not written yet; the same for drains.
@@ -581,6 +583,9 @@ class Store:
             for write in self._queue:
                 if write.done is not None:
                     _settle(write.done, StoreUnwritable("the store was closed"))
+        for _, future in self._barriers:
+            _settle(future, None)
+        self._barriers = []
         if self._file_error is not None:
             self._rescue(force=True)
         for connection in self._connections:
@@ -605,7 +610,12 @@ class Store:
                     self._wake.wait()
                 if self._probe is None and (self._held or not self._queue):
                     return  # closing, and nothing it may write
-                urgent = self._closing or self._durable > 0 or self._probe is not None
+                urgent = (
+                    self._closing
+                    or self._durable > 0
+                    or self._probe is not None
+                    or bool(self._barriers)
+                )
             if not urgent:
                 # Let the changes of this moment join one transaction: fewer commits,
                 # and fewer hand-overs of the interpreter lock to and from the loop.
@@ -703,6 +713,12 @@ class Store:
                     if write.done is not None:
                         answers.append((write.done, write.refused))
                 self._changes += len(batch)
+                through = batch[-1].seq if batch else 0  # seqs grow along the queue
+                if not self._queue:
+                    through = self._seq
+                reached = [b for b in self._barriers if b[0] <= through]
+                self._barriers = [b for b in self._barriers if b[0] > through]
+                answers += [(future, None) for _, future in reached]
                 resumed = self._write_error is not None
                 self._write_error = None
                 self._held = False
@@ -722,6 +738,9 @@ class Store:
                 self._write_error = str(error) or type(error).__name__
                 self._held = True
                 resumed = False
+                # Kept in memory, in order: nobody waits for the disk to come back.
+                answers += [(future, None) for _, future in self._barriers]
+                self._barriers = []
             pending = len(self._queue)
             self._wake.notify_all()
         for future, outcome in answers:
@@ -769,6 +788,23 @@ class Store:
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
+
+    def written_soon(self) -> concurrent.futures.Future[None]:
+        """Done once every change queued so far is in the file (not flushed: a crash
+        of the daemon no longer loses it), or kept in memory because writes fail.
+        Intent before action: the engine waits for it before acting on a host."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._wake:
+            if self._thread is None or self._held or not (self._queue or self._inflight):
+                future.set_result(None)
+                return future
+            self._barriers.append((self._seq, future))
+            self._wake.notify_all()
+        return future
+
+    async def written(self) -> None:
+        """`written_soon` for the event loop."""
+        await asyncio.wrap_future(self.written_soon())
 
     def retry(self, now: float | None = None) -> None:
         """Let the writer try again (after a failure), without waiting for it; with

@@ -20,7 +20,10 @@ from typing import Any
 
 import pytest
 
-from lmwatch.model import State
+from lmwatch.clock import VirtualClock
+from lmwatch.drivers.sim import SimDriver
+from lmwatch.engine import Engine
+from lmwatch.model import MigrationRequest, State
 from lmwatch.store import DrainRecord, DrainState, MigrationRecord, Store
 
 
@@ -282,3 +285,68 @@ def test_a_killed_process_loses_no_acknowledged_acceptance(tmp_path: Path) -> No
         assert {r.id for r in reopened.unfinished()} == stored
     finally:
         reopened.close()
+
+
+# --- intent before action: the engine waits for the writer before acting on a host --
+
+
+async def test_an_action_on_the_hypervisor_waits_for_its_intent_to_be_in_the_file(
+    engine: Engine,
+    driver: SimDriver,
+    store: Store,
+    clock: VirtualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    request = MigrationRequest(instance="strict", source="a", destination="b")
+    record, _ = await engine.submit(request)
+    assert await clock.run_until(lambda: engine.get(record.id).state is State.COPYING)
+    assert store.settle(5)
+    disk = slow(store)
+    threading.Timer(0.3, disk.gate.set).start()  # a slow disk: 300 ms a commit
+    seen: list[list[tuple[Any, ...]]] = []
+    original = driver.cancel
+
+    async def cancel(migration_id: str) -> None:
+        seen.append(
+            _on_disk(
+                store.path,
+                "SELECT kind, action FROM events WHERE migration_id=? AND action='cancel'",
+                migration_id,
+            )
+        )
+        await original(migration_id)
+
+    monkeypatch.setattr(driver, "cancel", cancel)
+    await engine.cancel(record.id)
+    assert seen == [[("decision", "cancel")]]  # on disk before the hypervisor was asked
+    assert await clock.run_until(lambda: engine.finished([record.id]), limit=600)
+
+
+def test_waiting_for_the_writer_ends_when_writes_fail(store: Store) -> None:
+    store.insert(_record(1), "accepted")
+    assert store.written_soon().done()  # nothing waits
+    disk = slow(store)
+    store.add_event("m0001", 2.0, "note", "a note")
+    waiting = store.written_soon()
+    assert not waiting.done()
+    disk.gate.set()
+    waiting.result(timeout=5)
+    assert _on_disk(store.path, "SELECT COUNT(*) FROM events") == [(2,)]
+
+    class Full:
+        def __init__(self, connection: sqlite3.Connection) -> None:
+            self.connection = connection
+
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql.startswith("INSERT"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.connection.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.connection, name)
+
+    store._db = Full(disk._connection)  # type: ignore[assignment]
+    store.add_event("m0001", 3.0, "note", "another")
+    store.written_soon().result(timeout=5)  # kept in memory: nobody waits for space
+    assert store.failing() and store.pending() == 1
+    assert store.written_soon().done()

@@ -229,12 +229,20 @@ class Effects:
         record = supervision.record
         return await self.driver.describe(record.instance, record.source)
 
+    async def recorded(self) -> None:
+        """Wait until what was recorded is in the store's file (the writer thread
+        writes it; the loop goes on): intent before action, so a crash after acting
+        still leaves a trace. Returns at once while writes fail (they are kept)."""
+        await outside(self.clock, self.store.written())
+
     async def start_job(self, supervision: Supervision, plan: StartPlan) -> None:
         record = supervision.record
+        await self.recorded()
         await self.driver.start(record.id, request_of(record), plan)
 
     async def stop_job(self, supervision: Supervision) -> None:
         """Ask the hypervisor to stop a job lmwatch gives up on (not an operator cancel)."""
+        await self.recorded()
         await self.driver.cancel(supervision.record.id)
 
     async def measure_change_rate(self, supervision: Supervision) -> ChangeRate | None:
@@ -282,6 +290,7 @@ class Effects:
             changes["handed_over"] = True
         self.update(supervision, "decision", decision.reason, action=action.value, data=data)
         mlog.info("decision", action=action.value, reason=decision.reason)
+        await self.recorded()
         try:
             if action is Action.RAISE_BLACKOUT:
                 assert decision.blackout_budget is not None

@@ -1167,6 +1167,19 @@ class Store:
         keep: Callable[[MigrationRecord], bool] = lambda r: state is None or r.state is state  # noqa: E731
         return self._merge(rows, overlay, keep, cursor)[:limit]
 
+    def scan(self) -> tuple[builtins.list[MigrationRecord], builtins.list[CorruptRecord]]:
+        """Every migration in list order, each row decoded once, and every row that
+        cannot be decoded (with its id and why): what a start needs, in one pass."""
+        overlay = self._overlay()
+        records: builtins.list[MigrationRecord] = []
+        problems: builtins.list[CorruptRecord] = []
+        for row in self._reader().execute("SELECT * FROM migrations ORDER BY created_at, id"):
+            try:
+                records.append(overlay.get(row["id"]) or _from_row(row))
+            except CorruptRecord as problem:
+                problems.append(problem)
+        return records, problems
+
     def unreadable(self) -> builtins.list[CorruptRecord]:
         """Every migration row that cannot be decoded, each with its id and why."""
         problems: builtins.list[CorruptRecord] = []

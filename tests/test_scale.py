@@ -7,6 +7,7 @@ links scanned), which is what grows with N when something is quadratic.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -370,3 +371,34 @@ async def test_the_whole_list_is_read_off_the_event_loop(
     assert [m["id"] for m in whole.body["migrations"]] == [answer.body["id"]]
     assert readers and loop_thread not in readers
     assert ticks > 20  # the loop went on while the table was read
+
+
+async def test_a_start_decodes_each_stored_migration_once(
+    store: Store, registry: ProfileRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profile = {"name": "default", "max_blackout": "1s"}
+    for number in range(40):
+        state = State.COMPLETED if number % 4 == 0 else State.QUEUED
+        store.insert(dataclasses.replace(_record(number, state), profile=profile), "accepted")
+    decoded = [0]
+    original = store_module._from_row
+
+    def counted(row: Any) -> MigrationRecord:
+        decoded[0] += 1
+        return original(row)
+
+    monkeypatch.setattr(store_module, "_from_row", counted)
+    clock = VirtualClock()
+    engine = Engine(
+        driver=SimDriver(_inventory(1, 1), clock),
+        store=store,
+        profiles=registry,
+        clock=clock,
+        settings=EngineSettings(max_per_source=0, max_per_destination=0),
+    )
+    await engine.start()
+    try:
+        assert engine.active_count() == 30
+        assert decoded[0] == 40  # every row once: checked, taken back or learned from
+    finally:
+        await engine.stop()

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from lmwatch.clock import Clock
+from lmwatch.clock import Clock, outside
 from lmwatch.drivers.base import Driver, NotOnSource, UnknownHost
 from lmwatch.engine import admission, machine, placing, recovery
 from lmwatch.engine.book import Book
@@ -119,16 +119,16 @@ class Engine:
         """Take back every migration the store holds as unfinished, then run the queue.
 
         A stored migration that cannot be read stops the start with UnreadableStore,
-        before anything is tracked, started or written (see `recovery.unfinished`).
+        before anything is tracked, started or written (see `recovery.read_back`).
         """
-        unfinished = recovery.unfinished(self.store)
+        back = recovery.read_back(self.store)
         self._started = True
         self._store_task = asyncio.create_task(
             recovery.keep_store(self.store, self.clock, self.settings)
         )
-        for record in self.store.list(State.COMPLETED):
+        for record in back.completed:
             self._learned.learn_switchover(record)
-        for record, profile in unfinished:
+        for record, profile in back.unfinished:
             supervision = self._track(record, profile)
             supervision.generation = -1  # the file may have changed while we were away
             if record.paused:
@@ -153,6 +153,8 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._supervisions.clear()
         self._book = Book()
+        # What it recorded is in the file when it has stopped (or kept, while writes fail).
+        await outside(self.clock, self.store.written())
 
     def _track(self, record: MigrationRecord, profile: Profile) -> Supervision:
         supervision = Supervision(

@@ -4,6 +4,7 @@ with back-off and giving up after a while, and retrying store writes that failed
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
@@ -12,7 +13,7 @@ from lmwatch.drivers.base import DriverError
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.records import FORCE_PENDING, Supervision, log, plan_from
 from lmwatch.engine.settings import EngineSettings
-from lmwatch.model import Action, JobResult, Phase
+from lmwatch.model import Action, JobResult, Phase, State
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import CorruptRecord, MigrationRecord, Store, UnreadableStore
 
@@ -25,8 +26,17 @@ def first_problem(error: ValidationError) -> str:
     return f"{where}: {first['msg']}" + (f" (and {more} more)" if more else "")
 
 
-def unfinished(store: Store) -> list[tuple[MigrationRecord, Profile]]:
-    """Every migration the store holds as unfinished, with its profile.
+@dataclass(frozen=True, slots=True)
+class ReadBack:
+    """What a start takes from the store, every row decoded once."""
+
+    unfinished: list[tuple[MigrationRecord, Profile]]  # with their profiles
+    completed: list[MigrationRecord]  # what switchover times are learned from
+
+
+def read_back(store: Store) -> ReadBack:
+    """Every migration the store holds as unfinished, with its profile, and the
+    completed ones, from one pass over the table.
 
     A stored migration that cannot be read raises UnreadableStore, before anything
     is tracked, started or written. Refusing is deliberate: skipping the row would
@@ -34,10 +44,13 @@ def unfinished(store: Store) -> list[tuple[MigrationRecord, Profile]]:
     nothing would then finish, cancel or record it. The operator is told which row
     and how to look at it, and repairs or removes it.
     """
-    problems = store.unreadable()
-    records = [] if problems else store.unfinished()
+    records, problems = store.scan()
+    if problems:
+        raise UnreadableStore(store.path, problems)
     taken: list[tuple[MigrationRecord, Profile]] = []
     for record in records:
+        if record.state.finished:
+            continue
         try:
             taken.append((record, Profile.model_validate(record.profile)))
         except ValidationError as error:
@@ -49,7 +62,7 @@ def unfinished(store: Store) -> list[tuple[MigrationRecord, Profile]]:
                 problems.append(CorruptRecord(record.id, f"column plan: {error}"))
     if problems:
         raise UnreadableStore(store.path, problems)
-    return taken
+    return ReadBack(taken, [r for r in records if r.state is State.COMPLETED])
 
 
 def paused_by_operator(store: Store, record: MigrationRecord) -> bool:

@@ -1011,6 +1011,9 @@ class Store:
         Never raises for a write that fails: the change is kept and written later."""
         updated = replace(record, **changes)
         row = {key: value for key, value in _to_row(updated).items() if key in changes}
+        decoded = {key: json.loads(row[key]) for key in _JSON_FIELDS if row.get(key) is not None}
+        if decoded:  # shown as it will read back from the file (lists, not tuples)
+            updated = replace(updated, **decoded)
         logged = None
         if event is not None:
             kind, reason, action = event

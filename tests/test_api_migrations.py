@@ -52,8 +52,14 @@ async def until(clock: VirtualClock, engine: Engine, migration_id: str, *states:
     assert held, engine.get(migration_id).state
 
 
-def snapshot(store: Store, engine: Engine, driver: SimDriver) -> Any:
-    """Everything a request could change: records, events, supervision, instances."""
+async def snapshot(store: Store, engine: Engine, driver: SimDriver) -> Any:
+    """Everything a request could change: records, events, supervision, instances.
+
+    Taken once every supervision waits for virtual time (none waits for the store's
+    writer thread) and what they recorded is in the file (final event numbers)."""
+    assert isinstance(engine.clock, VirtualClock)
+    await engine.clock.advance(0)
+    assert store.settle(5)
     records = store.list()
     return (
         records,
@@ -116,11 +122,11 @@ async def test_idempotency_key_with_another_body_is_409(
 ) -> None:
     headers = {"Idempotency-Key": "k-2"}
     await api.post("/v1/migrations", body(), headers=headers)
-    before = snapshot(store, engine, driver)
+    before = await snapshot(store, engine, driver)
     answer = await api.post("/v1/migrations", body("quiet2"), headers=headers)
     assert answer.status == 409
     assert "Idempotency-Key" in answer.body["detail"]
-    assert snapshot(store, engine, driver) == before
+    assert await snapshot(store, engine, driver) == before
 
 
 async def test_second_migration_of_a_migrating_instance_is_409(api: Api) -> None:
@@ -166,7 +172,7 @@ async def test_bad_create_is_refused_and_changes_nothing(
     headers: dict[str, str],
 ) -> None:
     await start(api, "quiet3")  # something already there, which must stay as it is
-    before = snapshot(store, engine, driver)
+    before = await snapshot(store, engine, driver)
     if isinstance(payload, bytes):
         answer = await api.call("POST", "/v1/migrations", data=payload, headers=headers)
     else:
@@ -178,7 +184,7 @@ async def test_bad_create_is_refused_and_changes_nothing(
     if status == 422 and not isinstance(payload, bytes) and payload != body(profile="nope"):
         assert answer.body["errors"], answer.body
         assert all(e["loc"][0] in ("body", "header") for e in answer.body["errors"])
-    assert snapshot(store, engine, driver) == before
+    assert await snapshot(store, engine, driver) == before
 
 
 async def test_unknown_field_is_named_in_the_error(api: Api) -> None:
@@ -213,11 +219,11 @@ async def test_every_post_needs_the_token(
     path: str,
 ) -> None:
     migration = await start(api)
-    before = snapshot(store, engine, driver)
+    before = await snapshot(store, engine, driver)
     answer = await api.post(path.format(id=migration["id"]), body("quiet2"), auth=authorization)
     assert answer.status == 401
     assert answer.headers["WWW-Authenticate"].startswith("Bearer")
-    assert snapshot(store, engine, driver) == before
+    assert await snapshot(store, engine, driver) == before
 
 
 async def test_gets_need_no_token(api: Api) -> None:
@@ -327,10 +333,10 @@ async def test_force_complete_is_409_when_the_profile_allows_no_way(
 ) -> None:
     migration = await start(api, "strict")
     await clock.advance(1.0)
-    before = snapshot(store, engine, driver)
+    before = await snapshot(store, engine, driver)
     refused = await api.post(f"/v1/migrations/{migration['id']}/force-complete", {})
     assert refused.status == 409, refused.text
-    assert snapshot(store, engine, driver) == before
+    assert await snapshot(store, engine, driver) == before
     accepted = await api.post(
         f"/v1/migrations/{migration['id']}/force-complete", {"accept_pause": True}
     )
@@ -362,14 +368,14 @@ async def test_bad_force_complete_body_changes_nothing(
 ) -> None:
     migration = await start(api, "strict")
     await clock.advance(1.0)
-    before = snapshot(store, engine, driver)
+    before = await snapshot(store, engine, driver)
     path = f"/v1/migrations/{migration['id']}/force-complete"
     if isinstance(payload, bytes):
         answer = await api.call("POST", path, data=payload)
     else:
         answer = await api.post(path, payload)
     assert answer.status == status, answer.text
-    assert snapshot(store, engine, driver) == before
+    assert await snapshot(store, engine, driver) == before
 
 
 async def test_force_complete_before_copying_and_after_the_end_is_409(
@@ -421,11 +427,11 @@ async def test_cancel_after_completion_is_409_and_changes_nothing(
 ) -> None:
     migration = await start(api, "quiet")
     await until(clock, engine, migration["id"], State.COMPLETED)
-    before = snapshot(store, engine, driver)
+    before = await snapshot(store, engine, driver)
     answer = await api.post(f"/v1/migrations/{migration['id']}/cancel")
     assert answer.status == 409
     assert "completed" in answer.body["detail"]
-    assert snapshot(store, engine, driver) == before
+    assert await snapshot(store, engine, driver) == before
 
 
 async def test_a_hypervisor_failure_during_force_complete_is_503(

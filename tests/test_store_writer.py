@@ -9,6 +9,7 @@ commits on the caller's thread fails the test instead of hanging it)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -23,6 +24,7 @@ import pytest
 from lmwatch.clock import VirtualClock
 from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine
+from lmwatch.errors import Conflict, StoreUnavailable
 from lmwatch.model import MigrationRequest, State
 from lmwatch.store import DrainRecord, DrainState, MigrationRecord, Store
 
@@ -36,9 +38,16 @@ class SlowDisk:
         self.commits_started = 0
         self.commits_done = 0
         self.commit_threads: set[int] = set()
+        self.accepted = 0  # migrations inserted in the open transaction
+        self.acceptances: list[int] = []  # migrations inserted, per transaction with some
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.startswith("INSERT INTO migrations"):
+            self.accepted += 1
         if sql.lstrip().upper().startswith("COMMIT"):
+            if self.accepted:
+                self.acceptances.append(self.accepted)
+                self.accepted = 0
             self.commits_started += 1
             self.commit_threads.add(threading.get_ident())
             self.gate.wait(2.0)
@@ -350,3 +359,81 @@ def test_waiting_for_the_writer_ends_when_writes_fail(store: Store) -> None:
     store.written_soon().result(timeout=5)  # kept in memory: nobody waits for space
     assert store.failing() and store.pending() == 1
     assert store.written_soon().done()
+
+
+# --- acceptances: checked in turn, written together ---------------------------------
+
+
+async def test_concurrent_acceptances_share_one_flush(
+    engine: Engine, store: Store, clock: VirtualClock
+) -> None:
+    disk = slow(store)
+    threading.Timer(0.3, disk.gate.set).start()  # a slow disk: 300 ms a commit
+    requests = [
+        MigrationRequest(instance=name, source="a", destination="b")
+        for name in ("quiet", "quiet2", "quiet3", "strict")
+    ]
+    accepted = await asyncio.gather(*(engine.submit(r) for r in requests))
+    assert [replayed for _, replayed in accepted] == [False] * 4
+    # Checked one after another, written together: at most the first one alone.
+    assert sum(disk.acceptances) == 4 and len(disk.acceptances) <= 2
+    ids = {record.id for record, _ in accepted}
+    assert {row[0] for row in _on_disk(store.path, "SELECT id FROM migrations")} == ids
+
+
+async def test_a_request_is_checked_against_acceptances_not_yet_on_disk(
+    engine: Engine, store: Store
+) -> None:
+    disk = slow(store)
+    threading.Timer(0.3, disk.gate.set).start()
+    first = MigrationRequest(instance="quiet", source="a", destination="b")
+    other = MigrationRequest(instance="quiet", source="a", destination="b")
+    keyed = MigrationRequest(instance="quiet2", source="a", destination="b")
+    results = await asyncio.gather(
+        engine.submit(first),
+        engine.submit(other),
+        engine.submit(keyed, "k1"),
+        engine.submit(keyed, "k1"),
+        engine.submit(dataclasses.replace(keyed, labels={"x": "y"}), "k1"),
+        return_exceptions=True,
+    )
+    record, replayed = results[0]  # type: ignore[misc]
+    assert not replayed
+    assert isinstance(results[1], Conflict) and "already migrating" in str(results[1])
+    keyed_record, keyed_replayed = results[2]  # type: ignore[misc]
+    replay, was_replayed = results[3]  # type: ignore[misc]
+    assert replay.id == keyed_record.id and was_replayed  # answered once it is on disk
+    assert not keyed_replayed
+    assert isinstance(results[4], Conflict) and "Idempotency-Key" in str(results[4])
+    on_disk = {row[0] for row in _on_disk(store.path, "SELECT id FROM migrations")}
+    assert on_disk == {record.id, keyed_record.id}
+
+
+async def test_an_acceptance_whose_write_fails_is_refused_and_holds_nothing(
+    engine: Engine, store: Store, clock: VirtualClock
+) -> None:
+    class FailsOnce:
+        def __init__(self, connection: sqlite3.Connection) -> None:
+            self.connection = connection
+            self.failing = True
+
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if self.failing and sql.startswith("COMMIT"):
+                self.failing = False
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.connection.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.connection, name)
+
+    store._db = FailsOnce(store._db)  # type: ignore[assignment]
+    request = MigrationRequest(instance="quiet", source="a", destination="b")
+    with pytest.raises(StoreUnavailable, match="cannot be written"):
+        await engine.submit(request)
+    assert engine._book.load("b").reservations == 0
+    assert engine._accepting == {}
+    assert store.settle(5) and store.failing()
+    store.retry()
+    assert store.settle(5) and not store.failing()
+    record, replayed = await engine.submit(request)
+    assert not replayed and engine.get(record.id).instance == "quiet"

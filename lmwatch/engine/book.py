@@ -53,9 +53,14 @@ class Book:
             host = self._hosts[name] = _Host()
         return host
 
-    def add(self, record: MigrationRecord) -> None:
-        """A migration is tracked (queued until `start`)."""
-        if record.id in self._entries:
+    def add(self, record: MigrationRecord, *, queue: bool = True) -> None:
+        """A migration is tracked (queued until `start`). With `queue` False it only
+        reserves (its acceptance is not on disk yet): a later `add` queues it."""
+        known = self._entries.get(record.id)
+        if known is not None:
+            if queue and record.id not in self._running:
+                self._host(record.source).queued[record.id] = known.slot
+                self._host(record.destination).queued[record.id] = known.slot
             return
         slot = Slot(record.id, record.source, record.destination, record.created_at)
         entry = _Entry(slot, record.memory_bytes, record.labels.get(GROUP_LABEL) or None)
@@ -67,8 +72,9 @@ class Book:
             destination.groups[entry.group] += 1
         source = self._host(record.source)
         source.leaving += 1
-        source.queued[record.id] = slot
-        destination.queued[record.id] = slot
+        if queue:
+            source.queued[record.id] = slot
+            destination.queued[record.id] = slot
 
     def start(self, migration_id: str) -> None:
         """Its supervision started: it takes a slot on both hosts."""

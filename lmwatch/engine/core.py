@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import concurrent.futures
 import dataclasses
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lmwatch.clock import Clock, outside
@@ -33,6 +35,7 @@ from lmwatch.events import EventHub
 from lmwatch.metrics import Metrics
 from lmwatch.model import (
     Decision,
+    HostInfo,
     InstanceInfo,
     JobResult,
     MigrationRequest,
@@ -57,6 +60,14 @@ def _refuse(effects: tuple[machine.Effect, ...]) -> None:
 
 def _slot(record: MigrationRecord) -> Slot:
     return Slot(record.id, record.source, record.destination, record.created_at)
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepting:
+    """A migration accepted and checked, on its way to disk (`done`)."""
+
+    record: MigrationRecord
+    done: concurrent.futures.Future[None]
 
 
 class Engine:
@@ -107,6 +118,9 @@ class Engine:
             settings=self.settings,
         )
         self._submit_lock = asyncio.Lock()
+        # Acceptances queued for the disk and not written yet, by instance and by key.
+        self._accepting: dict[str, _Accepting] = {}
+        self._accepting_keys: dict[str, _Accepting] = {}
         self.drains = Drains(self)  # draining hosts: lmwatch/engine/drains.py
         self._store_task: asyncio.Task[None] | None = None
         self.metrics.watch_store(store)
@@ -275,51 +289,108 @@ class Engine:
         info = await self._effects.preflight(request)
         host = await self._effects.host_info(request.destination)
         async with self._submit_lock:
-            earlier = admission.replayed(self.store, request, idempotency_key, fingerprint)
-            if earlier is not None:
-                return self.get(earlier), True
-            labels, selection = admission.select(self.profiles, request, info)
-            # Reservations as they are now, under the lock: no two submissions both
-            # take the last room on a host.
-            found = placing.candidate(
-                request.destination,
-                host,
-                self._book.load(request.destination),
-                instance=info.name,
-            )
-            need = Need(
-                instance=info.name,
-                source=request.source,
-                memory=info.memory_bytes,
-                group=labels.get(GROUP_LABEL) or None,
-                profile=selection.profile.name,
-            )
-            reason = placing.check_named(need, found, forced=how is How.FORCED)
-            if chosen is not None:
-                reason = chosen.reason
-            record, accepted = admission.new_record(
-                request,
-                info,
-                labels,
-                selection,
-                now=self.clock.now(),
-                idempotency_key=idempotency_key,
-                fingerprint=fingerprint,
-            )
-            record = dataclasses.replace(record, placement=placing.placement_json(how, reason))
-            accepted = f"{accepted}; destination {how.value}: {reason}"
-            # Shielded: once on disk it is tracked, even if the caller went away.
-            await asyncio.shield(self._accept(record, accepted, selection.profile, how))
-        # Only the new one can start now: the others could not before, and nothing freed.
-        self._schedule([_slot(record)])
-        return record, False
+            replaying = self._being_accepted(request, idempotency_key, fingerprint)
+            if replaying is None:
+                earlier = admission.replayed(self.store, request, idempotency_key, fingerprint)
+                if earlier is not None:
+                    return self.get(earlier), True
+                waiting, accepted, profile = self._check_and_queue(
+                    request, idempotency_key, fingerprint, info, host, how, chosen
+                )
+        if replaying is not None:
+            # A replay of a request being accepted: answered once that one is on disk.
+            await asyncio.shield(self._effects.accepted(replaying.done))
+            return self.get(replaying.record.id), True
+        # Shielded: once on disk it is tracked, even if the caller went away.
+        await asyncio.shield(self._accept(waiting, accepted, profile, how))
+        # Only the new one can start now: the others could not, and nothing freed.
+        self._schedule([_slot(waiting.record)])
+        return waiting.record, False
 
-    async def _accept(
-        self, record: MigrationRecord, reason: str, profile: Profile, how: How
-    ) -> None:
-        """Record an accepted migration durably (the loop goes on while the writer
-        flushes it), then track it."""
-        await self._effects.accept(record, reason)
+    def _check_and_queue(
+        self,
+        request: MigrationRequest,
+        idempotency_key: str | None,
+        fingerprint: str,
+        info: InstanceInfo,
+        host: HostInfo,
+        how: How,
+        chosen: Placement | None,
+    ) -> tuple[_Accepting, str, Profile]:
+        """Under the submission lock: select the profile, check the destination against
+        the reservations as they are now (no two submissions both take the last room
+        on a host), queue the record for the disk (acceptances are written in the
+        order they were checked) and reserve at once. The disk is waited for outside
+        the lock, so the acceptances of concurrent submissions share one flush."""
+        assert request.destination is not None
+        labels, selection = admission.select(self.profiles, request, info)
+        found = placing.candidate(
+            request.destination,
+            host,
+            self._book.load(request.destination),
+            instance=info.name,
+        )
+        need = Need(
+            instance=info.name,
+            source=request.source,
+            memory=info.memory_bytes,
+            group=labels.get(GROUP_LABEL) or None,
+            profile=selection.profile.name,
+        )
+        reason = placing.check_named(need, found, forced=how is How.FORCED)
+        if chosen is not None:
+            reason = chosen.reason
+        record, accepted = admission.new_record(
+            request,
+            info,
+            labels,
+            selection,
+            now=self.clock.now(),
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+        )
+        record = dataclasses.replace(record, placement=placing.placement_json(how, reason))
+        accepted = f"{accepted}; destination {how.value}: {reason}"
+        waiting = _Accepting(record, self._effects.accept_soon(record, accepted))
+        self._book.add(record, queue=False)
+        self._accepting[record.instance] = waiting
+        if idempotency_key is not None:
+            self._accepting_keys[idempotency_key] = waiting
+        return waiting, accepted, selection.profile
+
+    def _being_accepted(
+        self, request: MigrationRequest, idempotency_key: str | None, fingerprint: str
+    ) -> _Accepting | None:
+        """An acceptance on its way to disk this request replays (same key), or None;
+        Conflict as `admission.replayed` says it once that one is on disk."""
+        if idempotency_key is not None and idempotency_key in self._accepting_keys:
+            replayed = self._accepting_keys[idempotency_key]
+            if replayed.record.request_fingerprint != fingerprint:
+                raise Conflict(
+                    "this Idempotency-Key was used for a different request; use a new key"
+                )
+            return replayed
+        other = self._accepting.get(request.instance)
+        if other is not None:
+            raise Conflict(
+                f"instance {request.instance!r} is already migrating "
+                f"(migration {other.record.id}, {other.record.state.value})"
+            )
+        return None
+
+    async def _accept(self, waiting: _Accepting, reason: str, profile: Profile, how: How) -> None:
+        """Wait until an acceptance is on disk (the loop goes on; others are checked
+        and queued meanwhile), then track it; its reservation goes if it failed."""
+        record = waiting.record
+        try:
+            await self._effects.accepted(waiting.done)
+        except BaseException:
+            self._book.remove(record.id)
+            raise
+        finally:
+            self._accepting.pop(record.instance, None)
+            if record.idempotency_key is not None:
+                self._accepting_keys.pop(record.idempotency_key, None)
         self.metrics.placements.labels(how.value).inc()
         self._track(record, profile)
         self._effects.announce(record, reason)

@@ -7,6 +7,8 @@ records it (intent before action, so a crash still leaves a trace) and publishes
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 from typing import Any
 
@@ -102,12 +104,21 @@ class Effects:
         if kind in ("note", "error"):
             log.info(kind, migration=supervision.record.id, reason=reason)
 
-    async def accept(self, record: MigrationRecord, reason: str) -> None:
-        """Record an accepted migration durably (the writer thread flushes it; the
-        loop goes on meanwhile); StoreUnavailable when the store refuses."""
+    def accept_soon(self, record: MigrationRecord, reason: str) -> concurrent.futures.Future[None]:
+        """Queue an accepted migration for the writer thread (behind what waits);
+        StoreUnavailable at once when the store takes no new work. Done once it is on
+        disk (see `accepted`)."""
         self.refuse_unless_writable()
         try:
-            await outside(self.clock, self.store.insert_async(record, reason))
+            return self.store.insert_soon(record, reason)
+        except StoreUnwritable as error:
+            raise StoreUnavailable(str(error)) from error
+
+    async def accepted(self, done: concurrent.futures.Future[None]) -> None:
+        """Wait (off the loop) until a queued acceptance is on disk; StoreUnavailable
+        when its transaction failed (it is then not recorded)."""
+        try:
+            await outside(self.clock, asyncio.wrap_future(done))
         except StoreUnwritable as error:
             raise StoreUnavailable(str(error)) from error
 

@@ -703,6 +703,7 @@ class Store:
         """After a transaction: forget what it wrote, or keep it (in order) and hold."""
         answers: builtins.list[tuple[concurrent.futures.Future[None], BaseException | None]]
         answers = []
+        first = False
         with self._wake:
             self._inflight = []
             self._attempts += 1
@@ -735,6 +736,7 @@ class Store:
                     else:
                         kept.append(write)
                 self._queue.extendleft(reversed(kept))
+                first = self._write_error is None
                 self._write_error = str(error) or type(error).__name__
                 self._held = True
                 resumed = False
@@ -749,7 +751,7 @@ class Store:
             log.info("store-writes-resumed", path=self.path, written=len(batch))
         if error is not None:
             migration = batch[0].migration_id if batch else None
-            self._failed(error, migration, pending)
+            self._failed(error, migration, pending, first=first)
 
     def _forget(self, write: _Write) -> None:
         """A write is on disk: reads need no longer show it from memory."""
@@ -953,10 +955,12 @@ class Store:
         log.info("store-rescued", path=self.path, rescue=self.rescue_path)
         return None
 
-    def _failed(self, error: BaseException, migration_id: str | None, pending: int) -> None:
+    def _failed(
+        self, error: BaseException, migration_id: str | None, pending: int, *, first: bool
+    ) -> None:
         for listener in self._failure_listeners:
             listener()
-        log.error(
+        (log.error if first else log.warning)(
             "store-write-failed",
             path=self.path,
             migration=migration_id,

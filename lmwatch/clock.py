@@ -153,7 +153,9 @@ class VirtualClock:
             if result:
                 return True
             if self._held:
-                if not await self._wait_held(give_up, idle_wait):
+                # Each wait for work outside the loop gets `real_timeout` of its own:
+                # a long run in virtual time may take longer than that in all.
+                if not await self._wait_held(time.monotonic() + real_timeout, idle_wait):
                     return False
                 continue
             wake = self.next_wakeup

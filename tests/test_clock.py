@@ -89,3 +89,25 @@ async def test_a_wall_clock_step_of_an_hour_does_not_fire_a_deadline(
     finally:
         await engine.stop()
         store.close()
+
+
+async def test_a_long_run_in_virtual_time_may_wait_for_work_outside_the_loop_at_any_point() -> None:
+    import concurrent.futures
+    import threading
+
+    from lmwatch.clock import VirtualClock, outside
+
+    clock = VirtualClock()
+    done: list[bool] = []
+
+    async def worker() -> None:
+        await clock.sleep(10)
+        time.sleep(0.2)  # the run has taken more real time than `real_timeout` by now
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        threading.Timer(0.01, future.set_result, (None,)).start()
+        await outside(clock, asyncio.wrap_future(future))  # a short wait of its own
+        done.append(True)
+
+    task = asyncio.create_task(worker())
+    assert await clock.run_until(lambda: bool(done), real_timeout=0.1)
+    await task

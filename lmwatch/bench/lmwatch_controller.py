@@ -8,7 +8,6 @@ decisions turned into commands exactly as the engine applies them.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -32,8 +31,6 @@ from lmwatch.model import (
     StartPlan,
 )
 
-HISTORY = 900  # samples kept, as the engine keeps them
-
 
 class LmwatchController:
     """Plans with `policies.plan_start` and decides with `policies.decide`."""
@@ -45,7 +42,7 @@ class LmwatchController:
     def __init__(self, setting: Setting, settings: policies.PolicySettings | None = None) -> None:
         self.setting = setting
         self.settings = settings or policies.DEFAULT
-        self.history: deque[Sample] = deque(maxlen=HISTORY)
+        self.track = policies.tracked((), self.settings)  # the samples, as the engine folds them
         self.ctx: MigrationContext | None = None
         self.predictions: list[tuple[float, float | None]] = []
         self.reasons: list[tuple[float, str, str]] = []
@@ -78,8 +75,8 @@ class LmwatchController:
 
     def step(self, sample: Sample, now: float) -> Sequence[Command]:
         assert self.ctx is not None, "start() first"
-        self.history.append(sample)
-        decision = policies.decide(self.setting.profile, self.history, self.ctx, now, self.settings)
+        self.track.add(sample)
+        decision = policies.decide(self.setting.profile, self.track, self.ctx, now, self.settings)
         prediction = decision.prediction
         if prediction is not None and sample.passes >= 2:
             self.predictions.append((now, prediction.eta_seconds))

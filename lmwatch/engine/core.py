@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
-from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import Driver, NotOnSource, UnknownHost
 from lmwatch.engine import admission, machine, placing, recovery
@@ -155,7 +155,7 @@ class Engine:
             record=record,
             profile=profile,
             generation=self.profiles.generation,
-            history=deque(maxlen=self.settings.history),
+            track=policies.tracked((), self.settings.policy),
         )
         self._supervisions[record.id] = supervision
         return supervision

@@ -18,9 +18,9 @@ from lmwatch.model import (
     MigrationRequest,
     Phase,
     Prediction,
-    Sample,
     StartPlan,
 )
+from lmwatch.policies.track import Track
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import MigrationRecord
 
@@ -35,7 +35,7 @@ class Supervision:
     record: MigrationRecord
     profile: Profile
     generation: int
-    history: deque[Sample]
+    track: Track  # its samples, folded in as they come (what the estimators keep)
     # Operator commands waiting for the supervision task, oldest first (see `Command`).
     inbox: deque[Command] = field(default_factory=deque)
     mail: asyncio.Event = field(default_factory=asyncio.Event)  # set when the inbox fills

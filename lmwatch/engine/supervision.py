@@ -211,7 +211,7 @@ class Supervisor:
                     await self.take_commands(supervision)
                     continue
                 return
-            supervision.history.append(sample)
+            supervision.track.add(sample)
             event = machine.Sampled(sample.phase)
             _, todo = machine.step(status_of(supervision), event)
             for effect in todo:
@@ -301,12 +301,12 @@ class Supervisor:
         profile allows, or once the local disks are in sync."""
         _, todo = machine.step(status_of(supervision), machine.ForceRequested())
         _refuse(todo)
-        if not supervision.history:
-            supervision.history.append(await self.sample(supervision))
+        if not supervision.track:
+            supervision.track.add(await self.sample(supervision))
         try:
             decision = policies.force_complete(
                 supervision.profile,
-                list(supervision.history),
+                supervision.track,
                 self.context(supervision),
                 self.clock.now(),
                 accept_pause,
@@ -315,7 +315,8 @@ class Supervisor:
         except policies.ForceRefused as refused:
             raise Conflict(refused.reason) from refused
         decision = dataclasses.replace(decision, rule=Rule.OPERATOR_FINISH)
-        if not supervision.history[-1].disks_in_sync:
+        latest = supervision.track.latest
+        if latest is not None and not latest.disks_in_sync:
             supervision.force_pending = accept_pause  # applied once they are in sync
             self.effects.event(
                 supervision,
@@ -338,7 +339,7 @@ class Supervisor:
         pending = supervision.force_pending is not None and sample.disks_in_sync
         decision = policies.decide(
             supervision.profile,
-            list(supervision.history),
+            supervision.track,
             self.context(supervision),
             self.clock.now(),
             self.settings.policy,
@@ -413,7 +414,7 @@ class Supervisor:
             )
         else:
             notes = policies.review_profile_change(supervision.profile, new, plan_from(record))
-            disk_bytes = max((s.disk_total for s in supervision.history), default=0)
+            disk_bytes = supervision.track.max_disk_total
             deadline = (
                 policies.deadline_at(new, record.memory_bytes, record.started_at, disk_bytes)
                 if record.started_at is not None

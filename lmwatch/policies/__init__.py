@@ -4,10 +4,11 @@ No I/O, no clock, no randomness: every function depends only on its arguments.
 """
 
 from lmwatch.policies.completion import decide
-from lmwatch.policies.estimators import DEFAULT, PolicySettings, estimate
+from lmwatch.policies.estimators import DEFAULT, PolicySettings, estimate, tracked
 from lmwatch.policies.forcing import ForceRefused, force_complete
 from lmwatch.policies.review import review_profile_change
 from lmwatch.policies.start import deadline_at, plan_start
+from lmwatch.policies.track import Track
 from lmwatch.policies.violations import (
     Finish,
     Violation,
@@ -21,6 +22,7 @@ __all__ = [
     "Finish",
     "ForceRefused",
     "PolicySettings",
+    "Track",
     "Violation",
     "deadline_at",
     "decide",
@@ -30,5 +32,6 @@ __all__ = [
     "measured_switchover",
     "plan_start",
     "review_profile_change",
+    "tracked",
     "violations",
 ]

@@ -43,21 +43,22 @@ the operator set, while slowing degrades the guest for many passes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
-from lmwatch.model import Action, Decision, MigrationContext, Prediction, Rule, Sample
+from lmwatch.model import Action, Decision, MigrationContext, Prediction, Rule
 from lmwatch.policies.estimators import (
     DEFAULT,
     Analysis,
     DirtyModel,
     DiskOutlook,
+    History,
     PolicySettings,
     analyse,
     disk_outlook,
     duration_text,
     project,
     rate_text,
+    tracked,
 )
 from lmwatch.policies.forcing import (
     ForceRefused,
@@ -77,12 +78,15 @@ from lmwatch.units import format_size
 
 def decide(
     profile: Profile,
-    history: Sequence[Sample],
+    history: History,
     ctx: MigrationContext,
     now: float,
     settings: PolicySettings = DEFAULT,
 ) -> Decision:
-    """The next step for a running migration; pure, never raises on valid input."""
+    """The next step for a running migration; pure, never raises on valid input.
+
+    `history` is the migration's samples, as a list or already folded (`Track`)."""
+    history = tracked(history, settings)
     a = analyse(history, ctx, settings)
     disks = disk_outlook(history, settings)
     prediction = a.prediction() if disks is None else disk_prediction(a, disks, ctx)
@@ -120,7 +124,7 @@ def decide(
         )
 
     if ctx.deadline_at is not None and now >= ctx.deadline_at - _deadline_lead(
-        profile, a, ctx, history, settings
+        profile, a, ctx, settings
     ):
         return replace(_on_deadline(profile, a, ctx, now, prediction, settings), rule=Rule.DEADLINE)
 
@@ -237,7 +241,6 @@ def _deadline_lead(
     profile: Profile,
     a: Analysis,
     ctx: MigrationContext,
-    history: Sequence[Sample],
     settings: PolicySettings,
 ) -> float:
     """How long before the deadline `on_deadline: complete` must act to finish in time."""
@@ -245,7 +248,7 @@ def _deadline_lead(
         return 0.0
     if not (handover_usable(profile, ctx) or profile.may_pause):
         return 0.0  # only copying itself can finish it: nothing to start early
-    poll = history[-1].time - history[-2].time if len(history) >= 2 else 1.0
+    poll = a.poll
     stop = (a.stop_seconds() or 0.0) * a.margin(
         max(settings.pause_safety, settings.handover_safety), settings
     )

@@ -7,6 +7,8 @@ links scanned), which is what grows with N when something is quadratic.
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +19,10 @@ from lmwatch.clock import VirtualClock
 from lmwatch.drivers import simphysics
 from lmwatch.drivers.inventory import Inventory, load_inventory_text
 from lmwatch.drivers.sim import SimDriver
+from lmwatch.engine import Engine, EngineSettings
 from lmwatch.metrics import Metrics
 from lmwatch.model import MigrationRequest, StartPlan, State
+from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import MigrationRecord, Store
 
 PLAN = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
@@ -216,3 +220,57 @@ async def test_metrics_are_rendered_off_the_event_loop(
     answer = await api.get("/metrics")
     assert answer.status == 200
     assert threads and threads[0] != threading.get_ident()
+
+
+# --- the poll path: polls spread over the interval -------------------------------------
+
+
+async def test_migrations_started_together_poll_spread_over_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 migrations started at one instant: their polls do not all come due at once."""
+    count = 40
+    clock = VirtualClock()
+    driver = SimDriver(_inventory(1, per_link=count), clock)
+    store = Store.open(tmp_path / "lmwatch.db")
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  - name: default\n    max_blackout: 300ms\n")
+    engine = Engine(
+        driver=driver,
+        store=store,
+        profiles=ProfileRegistry(profiles),
+        clock=clock,
+        metrics=Metrics(),
+        settings=EngineSettings(
+            poll_interval=1.0,
+            max_per_source=count,
+            max_per_destination=count,
+            measure_change_rate=False,
+        ),
+    )
+    polls: list[float] = []
+    original = driver.sample
+
+    async def sample(migration_id: str) -> Any:
+        polls.append(clock.now())
+        return await original(migration_id)
+
+    monkeypatch.setattr(driver, "sample", sample)
+    await engine.start()
+    try:
+        for k in range(count):
+            request = MigrationRequest(instance=f"vm0-{k}", source="s0", destination="d0")
+            await engine.submit(request)
+        await clock.advance(0.0)
+        polls.clear()
+        started = clock.now()
+        await clock.advance(5.0)
+    finally:
+        await engine.stop()
+        store.close()
+    # the fifth second (every migration polls once in each second)
+    window = [t - started for t in polls if started + 3.0 <= t < started + 4.0]
+    assert len(window) == count
+    tenths = Counter(int((t % 1.0) * 10) for t in window)
+    assert len(tenths) >= 8  # spread over at least 8 of the 10 tenths of the interval
+    assert max(tenths.values()) <= count // 4  # no tenth has more than a quarter of them

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import zlib
 from typing import Any
 
 from lmwatch import policies
@@ -57,6 +58,11 @@ def _refuse(effects: tuple[machine.Effect, ...]) -> None:
     for effect in effects:
         if isinstance(effect, machine.Refuse):
             raise Conflict(effect.text)
+
+
+def poll_phase(key: str, interval: float) -> float:
+    """A stable offset in [0, interval) for the polls of the migration `key`."""
+    return zlib.crc32(key.encode()) / 2**32 * interval
 
 
 class Supervisor:
@@ -199,6 +205,10 @@ class Supervisor:
 
     async def _supervise(self, supervision: Supervision) -> None:
         settings = self.settings
+        interval = settings.poll_interval
+        # The first poll is now; the next ones keep to this migration's own phase of
+        # the interval, so that migrations started together do not poll in one burst.
+        wait = poll_phase(supervision.record.id, interval) or interval
         while True:
             scheduled = self.clock.now()
             supervision.beat = scheduled
@@ -224,8 +234,12 @@ class Supervisor:
                         self._enter(supervision, state, handed_over=handed_over)
                     case machine.Decide():
                         await self._decide(supervision, sample)
-            if await self._wait(supervision, settings.poll_interval):
-                self.effects.poll_lag(self.clock.now() - scheduled - settings.poll_interval)
+            # due one interval (the first time: the phase) after this poll began, however
+            # long the poll took
+            due = scheduled + wait
+            if await self._wait(supervision, max(0.0, due - self.clock.now())):
+                self.effects.poll_lag(self.clock.now() - due)
+            wait = interval
             await self.take_commands(supervision)
 
     async def _wait(self, supervision: Supervision, timeout: float) -> bool:

@@ -225,11 +225,8 @@ async def test_metrics_are_rendered_off_the_event_loop(
 # --- the poll path: polls spread over the interval -------------------------------------
 
 
-async def test_migrations_started_together_poll_spread_over_the_interval(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """40 migrations started at one instant: their polls do not all come due at once."""
-    count = 40
+def _engine(tmp_path: Path, count: int) -> tuple[Engine, SimDriver, VirtualClock, Store]:
+    """An engine in virtual time that may run `count` migrations on one link at once."""
     clock = VirtualClock()
     driver = SimDriver(_inventory(1, per_link=count), clock)
     store = Store.open(tmp_path / "lmwatch.db")
@@ -248,6 +245,20 @@ async def test_migrations_started_together_poll_spread_over_the_interval(
             measure_change_rate=False,
         ),
     )
+    return engine, driver, clock, store
+
+
+async def _submit(engine: Engine, count: int) -> None:
+    for k in range(count):
+        await engine.submit(MigrationRequest(instance=f"vm0-{k}", source="s0", destination="d0"))
+
+
+async def test_migrations_started_together_poll_spread_over_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 migrations started at one instant: their polls do not all come due at once."""
+    count = 40
+    engine, driver, clock, store = _engine(tmp_path, count)
     polls: list[float] = []
     original = driver.sample
 
@@ -258,9 +269,7 @@ async def test_migrations_started_together_poll_spread_over_the_interval(
     monkeypatch.setattr(driver, "sample", sample)
     await engine.start()
     try:
-        for k in range(count):
-            request = MigrationRequest(instance=f"vm0-{k}", source="s0", destination="d0")
-            await engine.submit(request)
+        await _submit(engine, count)
         await clock.advance(0.0)
         polls.clear()
         started = clock.now()
@@ -268,9 +277,66 @@ async def test_migrations_started_together_poll_spread_over_the_interval(
     finally:
         await engine.stop()
         store.close()
-    # the fifth second (every migration polls once in each second)
+    # the fourth second (every migration polls once in each second)
     window = [t - started for t in polls if started + 3.0 <= t < started + 4.0]
     assert len(window) == count
     tenths = Counter(int((t % 1.0) * 10) for t in window)
     assert len(tenths) >= 8  # spread over at least 8 of the 10 tenths of the interval
     assert max(tenths.values()) <= count // 4  # no tenth has more than a quarter of them
+
+
+async def test_progress_is_published_only_to_listeners_and_gauges_are_looked_up_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 5
+    engine, driver, clock, store = _engine(tmp_path, count)
+    published: list[str] = []
+    publish = engine.hub.publish
+
+    def counted_publish(type_: str, data: Any) -> Any:
+        published.append(type_)
+        return publish(type_, data)
+
+    monkeypatch.setattr(engine.hub, "publish", counted_publish)
+    lookups = [0]
+    gauge = engine._effects.metrics.remaining
+    labels = gauge.labels
+
+    def counted_labels(*values: str) -> Any:
+        lookups[0] += 1
+        return labels(*values)
+
+    monkeypatch.setattr(gauge, "labels", counted_labels)
+    polls = [0]
+    original = driver.sample
+
+    async def sample(migration_id: str) -> Any:
+        polls[0] += 1
+        return await original(migration_id)
+
+    monkeypatch.setattr(driver, "sample", sample)
+    await engine.start()
+    try:
+        await _submit(engine, count)
+        await clock.advance(10.0)
+        assert polls[0] >= 10 * count
+        assert "progress" not in published  # nobody listens
+        assert lookups[0] == count  # one lookup per migration, not one per poll
+        subscription = engine.hub.subscribe()
+        await clock.advance(2.0)
+        assert published.count("progress") >= count  # a listener gets every migration's
+        assert subscription.queue
+    finally:
+        await engine.stop()
+        store.close()
+
+
+def test_prediction_json_is_the_prediction_s_fields() -> None:
+    from dataclasses import asdict
+
+    from lmwatch.engine.records import prediction_json
+    from lmwatch.model import Prediction
+
+    prediction = Prediction(1.0, 2.0, 3, None, 0.5, False, 7, 0.25)
+    assert prediction_json(prediction) == asdict(prediction)
+    assert prediction_json(None) is None

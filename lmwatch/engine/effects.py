@@ -157,19 +157,20 @@ class Effects:
         if sample.time - supervision.progress_saved_at >= 5.0:
             supervision.progress_saved_at = sample.time
             self.update(supervision, None, "", progress=progress)
-        labels = metric_labels(supervision.record)
-        self.metrics.remaining.labels(*labels).set(sample.memory_remaining)
-        self.metrics.transfer_rate.labels(*labels).set(sample.transfer_rate)
-        self.metrics.change_rate.labels(*labels).set(sample.change_rate)
-        self.metrics.disk_remaining.labels(*labels).set(sample.disk_remaining)
-        self.metrics.disk_rate.labels(*labels).set(sample.disk_rate)
+        gauges = supervision.gauges
+        if gauges is None:
+            gauges = self.metrics.migration_gauges(metric_labels(supervision.record))
+            supervision.gauges = gauges
+        gauges.remaining.set(sample.memory_remaining)
+        gauges.transfer_rate.set(sample.transfer_rate)
+        gauges.change_rate.set(sample.change_rate)
+        gauges.disk_remaining.set(sample.disk_remaining)
+        gauges.disk_rate.set(sample.disk_rate)
         if prediction is not None:
             eta = prediction.eta_seconds
-            self.metrics.eta.labels(*labels).set(float("nan") if eta is None else eta)
+            gauges.eta.set(float("nan") if eta is None else eta)
             blackout = prediction.blackout_seconds
-            self.metrics.predicted_blackout.labels(*labels).set(
-                float("nan") if blackout is None else blackout
-            )
+            gauges.predicted_blackout.set(float("nan") if blackout is None else blackout)
 
     # -- metrics ------------------------------------------------------------------------
 

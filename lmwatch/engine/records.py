@@ -10,6 +10,7 @@ from typing import Any
 
 from lmwatch.engine.machine import Status
 from lmwatch.logs import get_logger
+from lmwatch.metrics import MigrationGauges
 from lmwatch.model import (
     Action,
     ChangeRate,
@@ -58,6 +59,7 @@ class Supervision:
     # they are (the value: whether a pause beyond the profile was accepted). Kept on
     # the timeline (`FORCE_PENDING` in an entry's data), so a restart restores it.
     force_pending: bool | None = None
+    gauges: MigrationGauges | None = None  # its per-migration series, looked up once
     beat: float | None = None  # clock time its supervision last came round (watchdog)
 
 
@@ -153,5 +155,11 @@ def method_of(result: JobResult, record: MigrationRecord) -> Method:
     return Method.CONVERGED
 
 
+_PREDICTION_FIELDS = tuple(f.name for f in dataclasses.fields(Prediction))
+
+
 def prediction_json(prediction: Prediction | None) -> dict[str, Any] | None:
-    return None if prediction is None else dataclasses.asdict(prediction)
+    """The prediction as a dict (its fields are plain values: no deep copy needed)."""
+    if prediction is None:
+        return None
+    return {name: getattr(prediction, name) for name in _PREDICTION_FIELDS}

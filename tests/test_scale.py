@@ -340,3 +340,33 @@ def test_prediction_json_is_the_prediction_s_fields() -> None:
     prediction = Prediction(1.0, 2.0, 3, None, 0.5, False, 7, 0.25)
     assert prediction_json(prediction) == asdict(prediction)
     assert prediction_json(None) is None
+
+
+# --- the collector ---------------------------------------------------------------------
+
+
+def test_serve_freezes_start_up_and_collects_less_often_once_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 2,000 migrations the collector's full scans stopped the loop for 0.2-0.6 s every
+    second or two, freeing nothing: `lmwatch serve` settles it once it is ready."""
+    import gc
+
+    from lmwatch import daemon
+
+    calls: list[str] = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "set_threshold", lambda *t: calls.append(f"threshold {t}"))
+
+    async def run(settings: Any, *, on_ready: Any = None, **_: Any) -> None:
+        calls.append("started")
+        assert on_ready is not None
+        on_ready([("127.0.0.1", 1)])
+        calls.append("stopped")
+
+    monkeypatch.setattr(daemon, "run", run)
+    monkeypatch.setattr(daemon, "configure", lambda *_: None)  # leave the test's logging
+    assert daemon.serve(daemon.settings_from({})) == 0
+    young, older = daemon.GC_YOUNG_THRESHOLD, daemon.GC_OLDER_THRESHOLD
+    assert calls == ["started", "freeze", f"threshold {(young, older, older)}", "stopped"]
+    assert young >= 10 * 700  # far above Python's default

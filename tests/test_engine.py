@@ -7,14 +7,14 @@ import itertools
 from pathlib import Path
 
 import pytest
+from enginerig import EngineRig
 
-from lmwatch.clock import VirtualClock
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.errors import Conflict, Invalid
 from lmwatch.metrics import Metrics
-from lmwatch.model import ChangeRate, Method, MigrationRequest, Phase, State
+from lmwatch.model import ChangeRate, Method, Phase, State
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import SCHEMA_VERSION, Store, StoreError
 
@@ -87,43 +87,16 @@ profiles:
 """
 
 
-class Rig:
-    """An engine on a simulated inventory, in virtual time."""
+class Rig(EngineRig):
+    """An engine on the inventory above, in virtual time; each new engine counts its
+    metrics from zero, as a restarted daemon does."""
 
     def __init__(self, tmp_path: Path, profiles: str = PROFILES, **settings: object) -> None:
-        self.clock = VirtualClock()
-        self.driver = SimDriver(load_inventory_text(INVENTORY), self.clock)
-        self.profile_file = tmp_path / "profiles.yaml"
-        self.profile_file.write_text(profiles)
-        self.registry = ProfileRegistry(self.profile_file)
-        self.store = Store.open(tmp_path / "lmwatch.db")
-        self.settings = EngineSettings(**settings)  # type: ignore[arg-type]
-        self.engine = self.new_engine()
+        super().__init__(tmp_path, INVENTORY, profiles, EngineSettings(**settings))  # type: ignore[arg-type]
 
     def new_engine(self) -> Engine:
-        return Engine(
-            driver=self.driver,
-            store=self.store,
-            profiles=self.registry,
-            clock=self.clock,
-            metrics=Metrics(),
-            settings=self.settings,
-        )
-
-    async def migrate(self, instance: str, source: str = "a", dest: str = "b") -> str:
-        record, _ = await self.engine.submit(MigrationRequest(instance, source, dest))
-        return record.id
-
-    async def finish(self, *ids: str, limit: float = 4 * 3600) -> None:
-        done = await self.clock.run_until(lambda: self.engine.finished(ids), limit=limit)
-        assert done, [self.engine.get(i).state for i in ids]
-
-    def actions(self, migration_id: str) -> list[str]:
-        return [
-            e.action
-            for e in self.store.events(migration_id)
-            if e.kind == "decision" and e.action not in (None, "continue", "start")
-        ]
+        self.metrics = Metrics()
+        return super().new_engine()
 
 
 @pytest.fixture

@@ -41,6 +41,13 @@ class Metrics:
         self.started = Counter(
             "lmwatch_migrations_started", "Migrations started, by profile.", ["profile"], registry=r
         )
+        self.restarts = Counter(
+            "lmwatch_restarts",
+            "Migrations started again from the beginning with a higher slow-down start "
+            "level (the guest's writing outgrew the start plan), by profile.",
+            ["profile"],
+            registry=r,
+        )
         self.finished = Counter(
             "lmwatch_migrations_finished",
             "Migrations finished, by final state and completion method.",

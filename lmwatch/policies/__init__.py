@@ -6,6 +6,7 @@ No I/O, no clock, no randomness: every function depends only on its arguments.
 from lmwatch.policies.completion import decide
 from lmwatch.policies.estimators import DEFAULT, PolicySettings, estimate
 from lmwatch.policies.forcing import ForceRefused, force_complete
+from lmwatch.policies.restart import restart_plan
 from lmwatch.policies.review import review_profile_change
 from lmwatch.policies.start import deadline_at, plan_start
 from lmwatch.policies.violations import (
@@ -29,6 +30,7 @@ __all__ = [
     "learned_switchover",
     "measured_switchover",
     "plan_start",
+    "restart_plan",
     "review_profile_change",
     "violations",
 ]

@@ -1,0 +1,177 @@
+"""Engine + store + simulator + real policies: a migration started again at a higher
+slow-down start level when the guest's writing outgrew the start plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmwatch.clock import VirtualClock
+from lmwatch.drivers.base import DriverError
+from lmwatch.drivers.inventory import load_inventory_text
+from lmwatch.drivers.sim import SimDriver
+from lmwatch.engine import Engine, EngineSettings
+from lmwatch.metrics import Metrics
+from lmwatch.model import MigrationRequest, Phase, State
+from lmwatch.profiles import ProfileRegistry
+from lmwatch.schemas import migration_summary
+from lmwatch.store import Store
+
+# A guest that writes 30 MiB/s at the start and 400 MiB/s more every minute, up to
+# 2 GiB/s, over a 1 Gbit/s link: at the hypervisor's schedule (20 %, +10 % every two
+# passes of minutes) it misses the 30-minute deadline; started again at 80 % it fits.
+INVENTORY = """
+hosts:
+  - {name: a, memory: 512GiB}
+  - {name: b, memory: 512GiB}
+links:
+  - {between: [a, b], bandwidth: 1Gbit/s}
+default_bandwidth: 1Gbit/s
+instances:
+  - name: grower
+    host: a
+    memory: 32GiB
+    working_set: 16GiB
+    writer: random
+    change_rate: {pattern: growing, start: 30MiB/s, per_minute: 400MiB/s, max: 2GiB/s}
+"""
+
+PROFILES = """
+profiles:
+  - name: batch
+    max_blackout: 1s
+    may_pause: true
+    max_pause: 5s
+    may_slow_down: true
+    deadline: 30m
+    on_deadline: complete
+"""
+
+
+class Rig:
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock = VirtualClock()
+        self.driver = SimDriver(load_inventory_text(INVENTORY), self.clock)
+        profiles = tmp_path / "profiles.yaml"
+        profiles.write_text(PROFILES)
+        self.registry = ProfileRegistry(profiles)
+        self.store = Store.open(tmp_path / "lmwatch.db")
+        self.metrics = Metrics()
+        self.engine = self.new_engine()
+
+    def new_engine(self) -> Engine:
+        self.metrics = Metrics()
+        return Engine(
+            driver=self.driver,
+            store=self.store,
+            profiles=self.registry,
+            clock=self.clock,
+            metrics=self.metrics,
+            settings=EngineSettings(poll_interval=1.0),
+        )
+
+    async def migrate(self) -> str:
+        record, _ = await self.engine.submit(MigrationRequest("grower", "a", "b"))
+        return record.id
+
+    async def finish(self, mid: str) -> None:
+        done = await self.clock.run_until(lambda: self.engine.finished([mid]), limit=4 * 3600)
+        assert done, self.engine.get(mid).state
+
+    def events(self, mid: str, kind: str, action: str | None = None) -> list[Any]:
+        return [
+            e
+            for e in self.store.events(mid)
+            if e.kind == kind and (action is None or e.action == action)
+        ]
+
+    def counter(self, name: str) -> float:
+        return sum(
+            s.value
+            for family in self.metrics.registry.collect()
+            if family.name == name
+            for s in family.samples
+            if s.name.endswith("_total")
+        )
+
+
+async def test_a_growing_writer_is_started_again_once_and_completes(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    await rig.engine.start()
+    mid = await rig.migrate()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED
+    assert record.outcome is not None and record.outcome["total_seconds"] <= 1800
+    restarts = rig.events(mid, "decision", "restart")
+    assert len(restarts) == 1
+    assert "starting again with the slow-down from 80%" in restarts[0].reason
+    assert restarts[0].data["rule"] == "start-again"
+    again = [e for e in rig.events(mid, "state") if "copying started again" in e.reason]
+    assert len(again) == 1 and again[0].at >= restarts[0].at
+    # The plan in the store is the new one; the API's view counts the restart.
+    assert record.plan is not None and record.plan["slow_down_initial"] == 0.8
+    assert record.restart is not None and record.restart["pending"] is False
+    assert migration_summary(record).restarts == 1
+    assert rig.counter("lmwatch_restarts") == 1
+    # Never reported cancelled on the way.
+    assert not [e for e in rig.events(mid, "state") if e.state == State.CANCELLED.value]
+    await rig.engine.stop()
+
+
+async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    await rig.engine.start()
+    mid = await rig.migrate()
+    cancelled: list[str] = []
+    cancel = rig.driver.cancel
+
+    async def record_cancel(migration_id: str) -> None:
+        await cancel(migration_id)
+        cancelled.append(migration_id)
+
+    rig.driver.cancel = record_cancel  # type: ignore[method-assign]
+    assert await rig.clock.run_until(lambda: bool(cancelled), limit=3600)
+    await rig.engine.stop()  # lmwatch dies before the job has even ended
+    assert rig.store.get(mid).restart["pending"] is True  # type: ignore[index, union-attr]
+    await rig.clock.advance(10.0)  # the job ends cancelled while nobody watches
+    assert (await rig.driver.result(mid)).phase is Phase.CANCELLED
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED
+    assert len([e for e in rig.events(mid, "state") if "copying started again" in e.reason]) == 1
+    assert not [e for e in rig.events(mid, "state") if e.state == State.CANCELLED.value]
+    assert record.restart is not None and record.restart["count"] == 1
+    assert len(rig.events(mid, "decision", "restart")) == 1
+    await rig.engine.stop()
+
+
+async def test_a_new_start_that_fails_ends_the_migration_failed_and_says_why(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    start = rig.driver.start
+    calls = 0
+
+    async def second_start_fails(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise DriverError("b refused the incoming instance")
+        await start(*args)
+
+    rig.driver.start = second_start_fails  # type: ignore[method-assign]
+    await rig.engine.start()
+    mid = await rig.migrate()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.FAILED
+    ended = rig.events(mid, "state")[-1]
+    assert "new start failed: b refused the incoming instance" in ended.reason
+    assert "keeps running on a" in ended.reason
+    assert rig.driver.where("grower") == "a"
+    await rig.engine.stop()

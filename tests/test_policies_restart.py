@@ -99,7 +99,9 @@ def test_a_slowed_guest_that_outgrew_its_plan_is_started_again_at_a_higher_level
 
 def test_no_restart_before_a_pass_was_seen_to_its_end() -> None:
     history = [s for s in samples(900.0) if s.passes == 1]
-    decision = decide(PROFILE, history, context(), history[-1].time)
+    now = history[-1].time
+    assert restart_outlook(PROFILE, analyse(history, context()), context(), now, DEFAULT) is None
+    decision = decide(PROFILE, history, context(), now)
     assert decision.action is not Action.RESTART
 
 

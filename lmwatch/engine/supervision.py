@@ -431,6 +431,7 @@ class Supervisor:
                     return False
             supervision.cancel_sent_at = self.clock.now()
         while ended is None:
+            supervision.beat = self.clock.now()
             try:
                 sample = await self.sample(supervision)
             except DriverError as error:

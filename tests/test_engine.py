@@ -671,6 +671,7 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE migrations DROP COLUMN uuid")
     db.execute("ALTER TABLE migrations DROP COLUMN placement")
+    db.execute("ALTER TABLE migrations DROP COLUMN restart")
     db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     db.commit()
     db.close()
@@ -678,7 +679,24 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     assert version["value"] == str(SCHEMA_VERSION)
     columns = [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
-    assert "uuid" in columns and "placement" in columns
+    assert "uuid" in columns and "placement" in columns and "restart" in columns
+
+
+def test_a_version_4_store_gains_the_restart_column_and_keeps_its_rows(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    Store.open(path).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE migrations DROP COLUMN restart")
+    db.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    store = Store.open(path)
+    columns = [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
+    assert "restart" in columns
+    version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert version["value"] == str(SCHEMA_VERSION) == "5"
 
 
 async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(

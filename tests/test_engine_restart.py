@@ -3,6 +3,7 @@ slow-down start level when the guest's writing outgrew the start plan."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,37 @@ async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(
     assert not [e for e in rig.events(mid, "state") if e.state == State.CANCELLED.value]
     assert record.restart is not None and record.restart["count"] == 1
     assert len(rig.events(mid, "decision", "restart")) == 1
+    await rig.engine.stop()
+
+
+async def test_a_crash_after_the_intent_and_before_the_cancel_cancels_and_starts_again(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    await rig.engine.start()
+    mid = await rig.migrate()
+    asked: list[str] = []
+    cancel = rig.driver.cancel
+
+    async def never_returns(migration_id: str) -> None:
+        asked.append(migration_id)
+        await asyncio.Event().wait()  # lmwatch dies before the hypervisor got the cancel
+
+    rig.driver.cancel = never_returns  # type: ignore[method-assign]
+    assert await rig.clock.run_until(lambda: bool(asked), limit=3600)
+    await rig.engine.stop()
+    assert rig.store.get(mid).restart["pending"] is True  # type: ignore[index, union-attr]
+    await rig.clock.advance(10.0)
+    assert (await rig.driver.sample(mid)).phase is Phase.COPYING  # the old job runs on
+    rig.driver.cancel = cancel  # type: ignore[method-assign]
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED
+    assert record.plan is not None and record.plan["slow_down_initial"] == 0.8
+    assert len([e for e in rig.events(mid, "state") if "copying started again" in e.reason]) == 1
+    assert not [e for e in rig.events(mid, "state") if e.state == State.CANCELLED.value]
     await rig.engine.stop()
 
 

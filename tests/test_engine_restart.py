@@ -7,16 +7,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from lmwatch.clock import VirtualClock
+from enginerig import EngineRig
+
 from lmwatch.drivers.base import DriverError
-from lmwatch.drivers.inventory import load_inventory_text
-from lmwatch.drivers.sim import SimDriver
-from lmwatch.engine import Engine, EngineSettings
-from lmwatch.metrics import Metrics
-from lmwatch.model import MigrationRequest, Phase, State
-from lmwatch.profiles import ProfileRegistry
+from lmwatch.model import Phase, State
 from lmwatch.schemas import migration_summary
-from lmwatch.store import Store
 
 # A guest that writes 30 MiB/s at the start and 400 MiB/s more every minute, up to
 # 2 GiB/s, over a 1 Gbit/s link: at the hypervisor's schedule (20 %, +10 % every two
@@ -49,83 +44,66 @@ profiles:
 """
 
 
-class Rig:
-    def __init__(self, tmp_path: Path) -> None:
-        self.clock = VirtualClock()
-        self.driver = SimDriver(load_inventory_text(INVENTORY), self.clock)
-        profiles = tmp_path / "profiles.yaml"
-        profiles.write_text(PROFILES)
-        self.registry = ProfileRegistry(profiles)
-        self.store = Store.open(tmp_path / "lmwatch.db")
-        self.metrics = Metrics()
-        self.engine = self.new_engine()
+def rig_for(tmp_path: Path, *, durable_world: bool = False) -> EngineRig:
+    return EngineRig(tmp_path, INVENTORY, PROFILES, durable_world=durable_world)
 
-    def new_engine(self) -> Engine:
-        self.metrics = Metrics()
-        return Engine(
-            driver=self.driver,
-            store=self.store,
-            profiles=self.registry,
-            clock=self.clock,
-            metrics=self.metrics,
-            settings=EngineSettings(poll_interval=1.0),
-        )
 
-    async def migrate(self) -> str:
-        record, _ = await self.engine.submit(MigrationRequest("grower", "a", "b"))
-        return record.id
+def events(rig: EngineRig, mid: str, kind: str, action: str | None = None) -> list[Any]:
+    return [
+        e
+        for e in rig.store.events(mid)
+        if e.kind == kind and (action is None or e.action == action)
+    ]
 
-    async def finish(self, mid: str) -> None:
-        done = await self.clock.run_until(lambda: self.engine.finished([mid]), limit=4 * 3600)
-        assert done, self.engine.get(mid).state
 
-    def events(self, mid: str, kind: str, action: str | None = None) -> list[Any]:
-        return [
-            e
-            for e in self.store.events(mid)
-            if e.kind == kind and (action is None or e.action == action)
-        ]
+def started_again(rig: EngineRig, mid: str) -> list[Any]:
+    return [e for e in events(rig, mid, "state") if "copying started again" in e.reason]
 
-    def counter(self, name: str) -> float:
-        return sum(
-            s.value
-            for family in self.metrics.registry.collect()
-            if family.name == name
-            for s in family.samples
-            if s.name.endswith("_total")
-        )
+
+def ended_cancelled(rig: EngineRig, mid: str) -> list[Any]:
+    return [e for e in events(rig, mid, "state") if e.state == State.CANCELLED.value]
+
+
+def counter(rig: EngineRig, name: str) -> float:
+    return sum(
+        s.value
+        for family in rig.metrics.registry.collect()
+        if family.name == name
+        for s in family.samples
+        if s.name.endswith("_total")
+    )
 
 
 async def test_a_growing_writer_is_started_again_once_and_completes(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
+    rig = rig_for(tmp_path)
     await rig.engine.start()
-    mid = await rig.migrate()
+    mid = await rig.migrate("grower")
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.state is State.COMPLETED
     assert record.outcome is not None and record.outcome["total_seconds"] <= 1800
-    restarts = rig.events(mid, "decision", "restart")
+    restarts = events(rig, mid, "decision", "restart")
     assert len(restarts) == 1
     assert "starting again with the slow-down from 80%" in restarts[0].reason
     assert restarts[0].data["rule"] == "start-again"
-    again = [e for e in rig.events(mid, "state") if "copying started again" in e.reason]
+    again = started_again(rig, mid)
     assert len(again) == 1 and again[0].at >= restarts[0].at
     # The plan in the store is the new one; the API's view counts the restart.
     assert record.plan is not None and record.plan["slow_down_initial"] == 0.8
     assert record.restart is not None and record.restart["pending"] is False
     assert migration_summary(record).restarts == 1
-    assert rig.counter("lmwatch_restarts") == 1
+    assert counter(rig, "lmwatch_restarts") == 1
     # Never reported cancelled on the way.
-    assert not [e for e in rig.events(mid, "state") if e.state == State.CANCELLED.value]
+    assert not ended_cancelled(rig, mid)
     await rig.engine.stop()
 
 
 async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(
     tmp_path: Path,
 ) -> None:
-    rig = Rig(tmp_path)
+    rig = rig_for(tmp_path)
     await rig.engine.start()
-    mid = await rig.migrate()
+    mid = await rig.migrate("grower")
     cancelled: list[str] = []
     cancel = rig.driver.cancel
 
@@ -144,21 +122,22 @@ async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.state is State.COMPLETED
-    assert len([e for e in rig.events(mid, "state") if "copying started again" in e.reason]) == 1
-    assert not [e for e in rig.events(mid, "state") if e.state == State.CANCELLED.value]
+    assert len(started_again(rig, mid)) == 1
+    assert not ended_cancelled(rig, mid)
     assert record.restart is not None and record.restart["count"] == 1
-    assert len(rig.events(mid, "decision", "restart")) == 1
+    assert len(events(rig, mid, "decision", "restart")) == 1
     await rig.engine.stop()
 
 
 async def test_a_crash_after_the_intent_and_before_the_cancel_cancels_and_starts_again(
     tmp_path: Path,
 ) -> None:
-    rig = Rig(tmp_path)
+    # The simulated hosts keep their world in the store file: the daemon restarts as
+    # beside real hosts, its store opened again, the job running on meanwhile.
+    rig = rig_for(tmp_path, durable_world=True)
     await rig.engine.start()
-    mid = await rig.migrate()
+    mid = await rig.migrate("grower")
     asked: list[str] = []
-    cancel = rig.driver.cancel
 
     async def never_returns(migration_id: str) -> None:
         asked.append(migration_id)
@@ -166,26 +145,22 @@ async def test_a_crash_after_the_intent_and_before_the_cancel_cancels_and_starts
 
     rig.driver.cancel = never_returns  # type: ignore[method-assign]
     assert await rig.clock.run_until(lambda: bool(asked), limit=3600)
-    await rig.engine.stop()
     assert rig.store.get(mid).restart["pending"] is True  # type: ignore[index, union-attr]
-    await rig.clock.advance(10.0)
-    assert (await rig.driver.sample(mid)).phase is Phase.COPYING  # the old job runs on
-    rig.driver.cancel = cancel  # type: ignore[method-assign]
-    rig.engine = rig.new_engine()
-    await rig.engine.start()
+    await rig.restart(down_for=10.0)  # a new driver on the kept world: the job runs on
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.state is State.COMPLETED
     assert record.plan is not None and record.plan["slow_down_initial"] == 0.8
-    assert len([e for e in rig.events(mid, "state") if "copying started again" in e.reason]) == 1
-    assert not [e for e in rig.events(mid, "state") if e.state == State.CANCELLED.value]
+    assert len(started_again(rig, mid)) == 1
+    assert not ended_cancelled(rig, mid)
+    assert any("supervision resumed after a restart" in e.reason for e in events(rig, mid, "note"))
     await rig.engine.stop()
 
 
 async def test_a_new_start_that_fails_ends_the_migration_failed_and_says_why(
     tmp_path: Path,
 ) -> None:
-    rig = Rig(tmp_path)
+    rig = rig_for(tmp_path)
     start = rig.driver.start
     calls = 0
 
@@ -198,11 +173,11 @@ async def test_a_new_start_that_fails_ends_the_migration_failed_and_says_why(
 
     rig.driver.start = second_start_fails  # type: ignore[method-assign]
     await rig.engine.start()
-    mid = await rig.migrate()
+    mid = await rig.migrate("grower")
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.state is State.FAILED
-    ended = rig.events(mid, "state")[-1]
+    ended = events(rig, mid, "state")[-1]
     assert "new start failed: b refused the incoming instance" in ended.reason
     assert "keeps running on a" in ended.reason
     assert rig.driver.where("grower") == "a"

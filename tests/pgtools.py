@@ -162,7 +162,10 @@ class PgCluster:
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to the cluster, until `cut()` closes every
-    connection through it and refuses new ones (`restore()` accepts them again)."""
+    connection through it and refuses new ones, or `hold()` silently drops whatever
+    is sent either way (a partition: the connections stay open, nothing arrives).
+    `restore()` forwards again (after a hold the connections' streams are broken:
+    cut them first)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -170,6 +173,7 @@ class TcpProxy:
         self._listener.settimeout(0.1)
         self.port = int(self._listener.getsockname()[1])
         self._open = True
+        self._held = False
         self._stopping = False
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -188,6 +192,10 @@ class TcpProxy:
                 if not self._open:
                     client.close()
                     continue
+                if self._held:  # accepted, and never answered
+                    self._sockets.append(client)
+                    threading.Thread(target=self._pipe, args=(client, None), daemon=True).start()
+                    continue
                 try:
                     server = socket.create_connection(("127.0.0.1", self.target_port), 5)
                 except OSError:
@@ -197,17 +205,22 @@ class TcpProxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket | None) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if sink is not None and not self._held:
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
             for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+                if s is not None:
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+    def hold(self) -> None:
+        with self._lock:
+            self._held = True
 
     def cut(self) -> None:
         with self._lock:
@@ -221,6 +234,7 @@ class TcpProxy:
     def restore(self) -> None:
         with self._lock:
             self._open = True
+            self._held = False
 
     def close(self) -> None:
         self._stopping = True

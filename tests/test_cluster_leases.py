@@ -82,6 +82,7 @@ def test_members_claim_disjoint_work_and_all_of_it(
             gate.wait()
             while batch := leases.claim(conn, me, "migration", limit=7):
                 mine += batch
+                time.sleep(0.02)  # works the batch before it asks for more
             claimed[name] = mine
 
     threads = [threading.Thread(target=member, args=(f"d{i}",)) for i in range(members)]
@@ -136,7 +137,7 @@ def test_a_member_that_stops_renewing_loses_its_work_to_another_within_the_lease
         return len(taken) == 20
 
     took = wait_for(all_taken, TERMS.lease + 5, step=POLL) - stopped
-    assert took <= TERMS.lease + POLL + 0.3
+    assert took <= TERMS.lease + POLL + 0.5
     assert {c.key for c in taken} == set(keys)
     assert {c.token for c in taken} == {2}  # each claim fences the one before
 
@@ -200,9 +201,12 @@ def test_no_member_claims_a_unit_while_its_owner_writes_under_its_claim(
 # -- cut off ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["cut", "hold"])
 def test_a_member_cut_off_from_the_database_stops_acting_before_its_lease_expires(
-    db: Connection, pg_cluster: PgCluster, pg_url: str, keepers: list[LeaseKeeper]
+    db: Connection, pg_cluster: PgCluster, pg_url: str, keepers: list[LeaseKeeper], how: str
 ) -> None:
+    """cut: its connections are closed and new ones refused (its renewals fail);
+    hold: nothing it sends arrives, nothing comes back (its renewal hangs)."""
     database = pg_url.rsplit("/", 1)[1].split("?")[0]
     proxy = TcpProxy(pg_cluster.port)
     try:
@@ -214,7 +218,10 @@ def test_a_member_cut_off_from_the_database_stops_acting_before_its_lease_expire
         held = leases.claim(db, member, "migration")
         assert len(held) == 2
 
-        proxy.cut()
+        if how == "cut":
+            proxy.cut()
+        else:
+            proxy.hold()
         time.sleep(0.05)
         before = time.monotonic()
         (remaining,) = db.execute(
@@ -225,9 +232,12 @@ def test_a_member_cut_off_from_the_database_stops_acting_before_its_lease_expire
         assert remaining is not None
         expires = before + float(remaining)  # the lease runs at least until then
 
+        until = cut_off.tenure().acting_until
+        assert until is not None and until <= expires - TERMS.margin + 0.05
         stopped = wait_for(lambda: not cut_off.may_act(), TERMS.lease + 1, step=0.005)
         assert stopped < expires
-        assert expires - stopped >= TERMS.margin - 0.05
+        if how == "hold":
+            assert cut_off.failures == 0  # its renewal still hangs: the clock stopped it
         took: list[leases.Claim] = []
 
         def all_taken() -> bool:
@@ -238,6 +248,7 @@ def test_a_member_cut_off_from_the_database_stops_acting_before_its_lease_expire
         wait_for(all_taken, TERMS.lease + 2, step=0.02)
         assert time.monotonic() >= expires - 0.05  # not before the cut-off lease ran out
         # Let it back: its old claims write nothing; it registers again and may act.
+        proxy.cut()
         proxy.restore()
         wait_for(cut_off.may_act, 10)
         assert cut_off.incarnations == 2 and cut_off.member is not None

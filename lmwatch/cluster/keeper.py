@@ -73,6 +73,11 @@ class LeaseKeeper:
             return may_act(self._monotonic(), self._sent_at, self.terms)
 
     @property
+    def failures(self) -> int:
+        """Consecutive renewals that failed (one that hangs has not failed yet)."""
+        return self._failures
+
+    @property
     def member(self) -> leases.Member | None:
         with self._lock:
             return self._member

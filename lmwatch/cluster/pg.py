@@ -24,7 +24,8 @@ Unreachable = (psycopg.OperationalError, psycopg.InterfaceError)
 
 def connect(url: str, *, timeout: float = 5.0) -> Connection:
     """An autocommit connection (transactions are explicit: `with conn.transaction()`),
-    with TCP keepalives so that a dead peer is noticed while idle."""
+    with TCP keepalives so that a dead peer is noticed while idle, and a limit on how
+    long sent data may go unacknowledged (a partition) before the connection fails."""
     return psycopg.connect(
         url,
         autocommit=True,
@@ -33,5 +34,6 @@ def connect(url: str, *, timeout: float = 5.0) -> Connection:
         keepalives_idle=max(1, round(timeout)),
         keepalives_interval=1,
         keepalives_count=3,
+        tcp_user_timeout=max(1000, round(timeout * 1000)),
         application_name="lmwatch",
     )

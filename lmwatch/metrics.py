@@ -56,6 +56,13 @@ class Metrics:
         self.started = Counter(
             "lmwatch_migrations_started", "Migrations started, by profile.", ["profile"], registry=r
         )
+        self.restarts = Counter(
+            "lmwatch_restarts",
+            "Migrations started again from the beginning with a higher slow-down start "
+            "level (the guest's writing outgrew the start plan), by profile.",
+            ["profile"],
+            registry=r,
+        )
         self.finished = Counter(
             "lmwatch_migrations_finished",
             "Migrations finished, by final state and completion method.",
@@ -195,10 +202,12 @@ class Metrics:
     def count_violations_from_zero(self, profiles: ProfileRegistry) -> None:
         """Expose every profile's violation counters at 0 before the first violation, for
         the profiles loaded now and after each reload: a rule on their increase then sees
-        the first one too (a counter that appears at 1 shows no increase)."""
+        the first one too (a counter that appears at 1 shows no increase). The same for
+        the count of migrations started again."""
 
         def zero(profile_set: ProfileSet) -> None:
             for profile in profile_set.profiles:
+                self.restarts.labels(profile.name)
                 for kind in VIOLATION_KINDS:
                     self.violations.labels(profile.name, kind)
 

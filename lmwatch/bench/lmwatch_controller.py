@@ -18,6 +18,7 @@ from lmwatch.bench.controller import (
     Controller,
     Handover,
     Pause,
+    Restart,
     SetBudget,
     Setting,
 )
@@ -95,7 +96,28 @@ class LmwatchController:
             return [Handover()]
         if action is Action.CANCEL:
             return [Cancel()]
+        if action is Action.RESTART:
+            assert decision.slow_down_initial is not None
+            plan = policies.restart_plan(self.ctx, decision)
+            # The new job's samples start from pass 1 again; the deadline stays. Its
+            # start plan was made for the rate seen now (no measurement window).
+            self.track = policies.tracked((), self.settings)
+            self.ctx = replace(
+                self.ctx,
+                plan=plan,
+                restarts=self.ctx.restarts + 1,
+                job_started_at=now,
+                change_rate_before_start=decision.planned_rate,
+                change_rate_window=None,
+            )
+            return [Restart(plan)]
         return []
+
+    def restarted(self, at: float) -> None:
+        """The runner started the new job at `at` (as the engine knows when its start
+        returned)."""
+        assert self.ctx is not None
+        self.ctx = replace(self.ctx, job_started_at=at)
 
     def finished(self, result: JobResult) -> None:
         return None

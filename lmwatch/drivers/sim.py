@@ -511,8 +511,17 @@ class SimDriver:
         return ChangeRate(rate, window)
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
-        if migration_id in self._jobs:
-            raise DriverError(f"migration {migration_id!r} was already started")
+        earlier = self._jobs.get(migration_id)
+        if earlier is not None:
+            self._sync_link(self._link_of(earlier))
+            if not earlier.model.phase.finished:
+                raise DriverError(f"migration {migration_id!r} was already started")
+        # Started again after its job ended (a restart with a new plan): the guest's
+        # writing goes on where it was when that job began, not from its beginning.
+        pattern_at = 0.0
+        if earlier is not None:  # its model was advanced to `ended_at`, then left alone
+            seen = earlier.ended_at if earlier.ended_at is not None else self.clock.now()
+            pattern_at = earlier.model.elapsed + max(0.0, self.clock.now() - seen)
         info = await self.preflight(request)
         destination = destination_of(request)
         caps = await self.capabilities(request.source, destination)
@@ -543,6 +552,7 @@ class SimDriver:
             writer=Writer(instance.writer),
             disk=instance.disk,
             disk_writes=instance.disk_writes,
+            start=pattern_at,
         )
         if refusing == "job":
             model.refuse()

@@ -313,6 +313,60 @@ class Effects:
         if decision.note:
             self.event(supervision, "note", decision.note)
 
+    def intend_restart(
+        self, supervision: Supervision, decision: Decision, intent: dict[str, Any]
+    ) -> None:
+        """Record the policy's decision to start again, with the new plan, before the
+        job is stopped (a daemon restarted in between then starts the new job)."""
+        record = supervision.record
+        self.metrics.decisions.labels(Action.RESTART.value).inc()
+        data = {
+            "origin": "policy",
+            "rule": None if decision.rule is None else decision.rule.value,
+            "prediction": prediction_json(decision.prediction),
+            "slow_down_initial": decision.slow_down_initial,
+        }
+        self.update(
+            supervision,
+            "decision",
+            decision.reason,
+            action=Action.RESTART.value,
+            data=data,
+            restart=intent,
+        )
+        log.info(
+            "decision",
+            migration=record.id,
+            instance=record.instance,
+            origin="policy",
+            action=Action.RESTART.value,
+            reason=decision.reason,
+        )
+
+    def started_again(
+        self, supervision: Supervision, plan: StartPlan, restart: dict[str, Any]
+    ) -> None:
+        """The new job of a restart started: its plan is the migration's plan now."""
+        record = supervision.record
+        self.metrics.restarts.labels(record.profile_name).inc()
+        self.update(
+            supervision,
+            "state",
+            f"copying started again: {plan.reason}" if plan.reason else "copying started again",
+            state=State.COPYING,
+            plan=dataclasses.asdict(plan),
+            blackout_budget=plan.blackout_budget,
+            restart=restart,
+            data={"restarts": restart.get("count")},
+        )
+        log.info(
+            "started-again",
+            migration=record.id,
+            instance=record.instance,
+            restarts=restart.get("count"),
+            slow_down_initial=plan.slow_down_initial,
+        )
+
     def _log_continue(self, supervision: Supervision, decision: Decision) -> None:
         """Record 'continue' when the rule behind it changes, or every so often."""
         now = self.clock.now()

@@ -72,7 +72,14 @@ def status_of(supervision: Supervision) -> Status:
         paused=record.paused,
         handed_over=record.handed_over,
         cancelling=supervision.cancel_sent_at is not None,
+        restarting=restart_pending(supervision.record),
     )
+
+
+def restart_pending(record: MigrationRecord) -> bool:
+    """Whether the migration's job is being stopped to start again (the intent was
+    recorded; the new job has not started yet)."""
+    return bool((record.restart or {}).get("pending"))
 
 
 FORCE_PENDING = "force_pending"  # timeline data key: a pending force-complete, or None

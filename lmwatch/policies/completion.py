@@ -32,6 +32,12 @@ The rules, in order (DESIGN.md section 4):
 9. near the start of a pass, a pause fits `max_pause` -> pause;
 10. the only evidence is one pass and its most hopeful reading still converges ->
     continue (one more pass decides; it is short);
+10b. the guest is being slowed (armed at start), it writes faster than the start
+    plan assumed, at the hypervisor's schedule of raising the slow-down copying does
+    not finish before the deadline, but a job started now at a higher start level
+    (chosen as the start plan chooses it, for the rate seen now, counting the time
+    to start again and the local disks' copy again) would -> start again with that
+    level (at most `max_restarts` times; never once paused or handed over);
 11. slowing the guest is armed and finishes before the deadline -> continue;
 12. the remainder still shrinks, the rates vary, or quieter phases were seen, and
     the deadline leaves time -> continue;
@@ -72,6 +78,7 @@ from lmwatch.policies.forcing import (
     pause_fits,
     pause_outlasting,
 )
+from lmwatch.policies.restart import restart_outlook, restart_reason
 from lmwatch.profiles.schema import OnDeadline, Profile
 from lmwatch.units import format_size
 
@@ -618,6 +625,16 @@ def _beyond_blackout(
     assert a.transfer_rate
     copy = a.finish_bound / a.transfer_rate
     stop = copy + ctx.switchover
+    again = restart_outlook(profile, a, ctx, now, settings)
+    if again is not None:
+        return Decision(
+            Action.RESTART,
+            f"{head}; {restart_reason(again, settings)}",
+            replace(prediction, eta_seconds=again.seconds),
+            slow_down_initial=again.level,
+            planned_rate=again.rate,
+            rule=Rule.START_AGAIN,
+        )
     slowing = _slowing(profile, a, ctx, now, settings)
     if slowing is not None:
         return Decision(Action.CONTINUE, slowing, prediction, rule=Rule.SLOWING)

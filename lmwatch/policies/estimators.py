@@ -64,6 +64,11 @@ class PolicySettings:
     # A start level is chosen to finish within this share of the deadline (the rest is
     # for a measurement before the start that saw less than the guest writes).
     slowdown_deadline_share: float = 0.5
+    # A slowed migration whose guest outgrew its start plan may be started again at a
+    # higher start level this many times; starting again (stopping the job, starting
+    # the new one) is assumed to cost `restart_seconds`.
+    max_restarts: int = 1
+    restart_seconds: float = 10.0
     fit_pairs: int = 4  # most recent (pass duration, remainder) pairs the model is fitted to
     # The hypervisor sends in bursts this long and checks before each one whether what is
     # left is below the threshold (transfer rate × budget); it judges the slow-down over
@@ -448,7 +453,9 @@ def observe_passes(
     rewritten: what is left now, plus what was sent since, minus what was left then.
     """
     track = tracked(history, settings)
-    memory_start = track.memory_start(ctx.started_at)
+    memory_start = track.memory_start(
+        ctx.started_at if ctx.job_started_at is None else ctx.job_started_at
+    )
     starts: list[tuple[int, float, float, float, float]] = []  # number, start, size, slow, rest
     previous: PassSeen | None = None
     for seen in track.passes():

@@ -19,6 +19,7 @@ from lmwatch.clock import VirtualClock
 from lmwatch.drivers import simphysics
 from lmwatch.drivers.inventory import Inventory, load_inventory_text
 from lmwatch.drivers.sim import SimDriver
+from lmwatch.drivers.sim_world import SqliteWorld
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.metrics import Metrics
 from lmwatch.model import MigrationRequest, StartPlan, State
@@ -370,3 +371,55 @@ def test_serve_freezes_start_up_and_collects_less_often_once_ready(
     young, older = daemon.GC_YOUNG_THRESHOLD, daemon.GC_OLDER_THRESHOLD
     assert calls == ["started", "freeze", f"threshold {(young, older, older)}", "stopped"]
     assert young >= 10 * 700  # far above Python's default
+
+
+class _CountingWorld(SqliteWorld):
+    """The SQLite keeper, remembering which jobs each save wrote."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.saved: list[set[str]] = []
+
+    def save(self, state, at, jobs, *, drop=()):  # type: ignore[no-untyped-def]
+        self.saved.append(set(jobs))
+        super().save(state, at, jobs, drop=drop)
+
+
+async def test_the_periodic_world_save_writes_the_advanced_links_jobs_not_every_job(
+    tmp_path: Path,
+) -> None:
+    """Once `save_every` has passed, a poll saves its own link's jobs (and the world's
+    small state), never every job of every link at once: at thousands of jobs that one
+    save stalled the daemon. A restarted simulator still finds every job."""
+    pairs = 20
+    hosts = "\n".join(
+        f"  - {{name: s{i}, memory: 64GiB}}\n  - {{name: d{i}, memory: 64GiB}}"
+        for i in range(pairs)
+    )
+    instances = "\n".join(
+        f"  - {{name: vm{i}, host: s{i}, memory: 16GiB, working_set: 16MiB, change_rate: 1MiB/s}}"
+        for i in range(pairs)
+    )
+    text = f"hosts:\n{hosts}\ndefault_bandwidth: 1GiB/s\ninstances:\n{instances}\n"
+    clock = VirtualClock()
+    world = _CountingWorld(str(tmp_path / "world.db"))
+    driver = SimDriver(load_inventory_text(text), clock, world=world, save_every=5.0)
+    plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+    for i in range(pairs):
+        await driver.start(f"m{i}", MigrationRequest(f"vm{i}", f"s{i}", f"d{i}"), plan)
+    await clock.advance(6.0)
+    world.saved.clear()
+    await driver.sample("m3")
+    assert world.saved and max(len(jobs) for jobs in world.saved) == 1
+    assert set().union(*world.saved) == {"m3"}
+    world.saved.clear()
+    for i in range(pairs):
+        await driver.sample(f"m{i}")
+    assert max(len(jobs) for jobs in world.saved) == 1  # every link saved its own, in turn
+    assert set().union(*world.saved) == {f"m{i}" for i in range(pairs) if i != 3}
+    world.close()
+    again = SimDriver(
+        load_inventory_text(text), clock, world=SqliteWorld(str(tmp_path / "world.db"))
+    )
+    for i in range(pairs):
+        assert (await again.sample(f"m{i}")).memory_transferred > 0

@@ -195,8 +195,11 @@ class EventHub:
         self.publish(kind, build)
 
     def progress(self, record: MigrationRecord, at: float) -> None:
-        """The progress `record` holds (a fresh dict each sample: never changed after)."""
-        if not record.progress:
+        """The progress `record` holds (a fresh dict each sample: never changed after).
+
+        Only while someone listens: progress is a snapshot the next one replaces, so
+        none is kept for replay when there is nobody to send it to."""
+        if not record.progress or not self._subscribers:
             return
         progress = record.progress
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,7 +20,7 @@ from lmwatch.profiles import ProfileRegistry
 from lmwatch.profiles.schema import ProfileSet
 from lmwatch.store import Store
 
-__all__ = ["CONTENT_TYPE_LATEST", "VIOLATION_KINDS", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "VIOLATION_KINDS", "Metrics", "MigrationGauges"]
 
 # No `*_created` series: one more series per counter and histogram child that no
 # dashboard or rule uses (process-wide in prometheus-client; lmwatch is the process).
@@ -27,6 +28,20 @@ disable_created_metrics()
 
 # The kinds `lmwatch.policies.violations` reports.
 VIOLATION_KINDS = ("blackout", "pause", "handover", "slow-down", "deadline")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationGauges:
+    """The series of one running migration (children of the labelled gauges)."""
+
+    remaining: Gauge
+    transfer_rate: Gauge
+    change_rate: Gauge
+    disk_remaining: Gauge
+    disk_rate: Gauge
+    eta: Gauge
+    predicted_blackout: Gauge
+
 
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
 _BLACKOUT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, float("inf"))
@@ -40,6 +55,13 @@ class Metrics:
         r = self.registry
         self.started = Counter(
             "lmwatch_migrations_started", "Migrations started, by profile.", ["profile"], registry=r
+        )
+        self.restarts = Counter(
+            "lmwatch_restarts",
+            "Migrations started again from the beginning with a higher slow-down start "
+            "level (the guest's writing outgrew the start plan), by profile.",
+            ["profile"],
+            registry=r,
         )
         self.finished = Counter(
             "lmwatch_migrations_finished",
@@ -180,10 +202,12 @@ class Metrics:
     def count_violations_from_zero(self, profiles: ProfileRegistry) -> None:
         """Expose every profile's violation counters at 0 before the first violation, for
         the profiles loaded now and after each reload: a rule on their increase then sees
-        the first one too (a counter that appears at 1 shows no increase)."""
+        the first one too (a counter that appears at 1 shows no increase). The same for
+        the count of migrations started again."""
 
         def zero(profile_set: ProfileSet) -> None:
             for profile in profile_set.profiles:
+                self.restarts.labels(profile.name)
                 for kind in VIOLATION_KINDS:
                     self.violations.labels(profile.name, kind)
 
@@ -207,6 +231,18 @@ class Metrics:
 
         publish(profiles.current)
         profiles.subscribe(publish)
+
+    def migration_gauges(self, labels: tuple[str, str, str, str]) -> MigrationGauges:
+        """The per-migration series of one migration (to set without a lookup each time)."""
+        return MigrationGauges(
+            remaining=self.remaining.labels(*labels),
+            transfer_rate=self.transfer_rate.labels(*labels),
+            change_rate=self.change_rate.labels(*labels),
+            disk_remaining=self.disk_remaining.labels(*labels),
+            disk_rate=self.disk_rate.labels(*labels),
+            eta=self.eta.labels(*labels),
+            predicted_blackout=self.predicted_blackout.labels(*labels),
+        )
 
     def forget(self, labels: tuple[str, str, str, str]) -> None:
         """Drop the per-migration series once it has finished."""

@@ -59,6 +59,9 @@ class Action(StrEnum):
     PAUSE = "pause"  # stop the instance until the rest is copied
     HANDOVER = "handover"  # resume on the destination before all memory arrived
     CANCEL = "cancel"  # stop migrating; the instance keeps running on the source
+    # Stop this job and start copying again from the beginning with a new plan (a
+    # higher slow-down start level); the instance keeps running on the source meanwhile.
+    RESTART = "restart"
 
 
 class Method(StrEnum):
@@ -209,6 +212,7 @@ class Rule(StrEnum):
     RAISE_BUDGET = "raise-budget"
     FINISH_WITHIN_BOUNDS = "finish-within-bounds"
     ONE_PASS_HOPEFUL = "one-pass-hopeful"
+    START_AGAIN = "start-again"
     SLOWING = "slowing"
     QUIETER_PHASE_SEEN = "quieter-phase-seen"
     STILL_SHRINKING = "still-shrinking"
@@ -223,6 +227,8 @@ class Decision:
     reason: str  # a sentence an operator understands
     prediction: Prediction | None = None
     blackout_budget: float | None = None  # for RAISE_BLACKOUT: the new budget, seconds
+    slow_down_initial: float | None = None  # for RESTART: the new start's slow-down level
+    planned_rate: float | None = None  # for RESTART: the write rate (bytes/s) it is planned for
     note: str | None = None  # e.g. a profile edit that cannot apply to this migration
     rule: Rule | None = None  # which rule decided (None: made outside `decide`)
 
@@ -246,6 +252,10 @@ class MigrationContext:
     switchover: float = 0.05
     change_rate_before_start: float | None = None  # bytes/s, measured before start
     change_rate_window: float | None = None  # seconds that measurement covered, when known
+    restarts: int = 0  # times this migration was started again (`Action.RESTART`)
+    # Clock time the current hypervisor job began: `started_at` unless the migration
+    # was started again (then the deadline still counts from `started_at`).
+    job_started_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

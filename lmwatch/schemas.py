@@ -257,6 +257,12 @@ class MigrationSummary(_Response):
         description="How the destination was placed; null for migrations accepted before "
         "lmwatch recorded it."
     )
+    restarts: int = Field(
+        default=0,
+        description="Times lmwatch started copying again from the beginning with a higher "
+        "slow-down start level, because the guest's writing outgrew the start plan "
+        "(the timeline says why).",
+    )
 
 
 class Migration(MigrationSummary):
@@ -618,6 +624,7 @@ def _summary_fields(record: MigrationRecord) -> dict[str, Any]:
         "prediction": _prediction(progress.get("prediction")),
         "outcome": _outcome(record.outcome),
         "placement": _placement(record.placement),
+        "restarts": int((record.restart or {}).get("count") or 0),
     }
 
 

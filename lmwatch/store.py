@@ -56,7 +56,7 @@ from lmwatch.model import State
 
 log = get_logger("lmwatch.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,7 +85,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     outcome TEXT,
     idempotency_key TEXT UNIQUE,
     request_fingerprint TEXT,
-    placement TEXT
+    placement TEXT,
+    restart TEXT
 );
 CREATE INDEX IF NOT EXISTS migrations_state ON migrations(state);
 CREATE INDEX IF NOT EXISTS migrations_instance ON migrations(instance);
@@ -114,7 +115,7 @@ CREATE INDEX IF NOT EXISTS drains_host ON drains(host, state);
 CREATE INDEX IF NOT EXISTS drains_created ON drains(created_at, id);
 """
 
-_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome", "placement")
+_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome", "placement", "restart")
 _BOOL_FIELDS = ("paused", "handed_over")
 
 
@@ -253,6 +254,10 @@ class MigrationRecord:
     # How the destination was placed: {"how": "chosen"|"named"|"forced", "reason": ...};
     # None for migrations accepted before placement was recorded.
     placement: Mapping[str, Any] | None = None
+    # Starting the migration again (`Action.RESTART`): {"count", "pending", "plan",
+    # "planned_rate", "job_started_at"}; None when it never was. `pending` holds from
+    # the intent (written before the job is cancelled) until the new job started.
+    restart: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,6 +537,8 @@ class Store:
             if version < 3:  # version 2 did not say how the destination was placed
                 self._db.execute("ALTER TABLE migrations ADD COLUMN placement TEXT")
             # version 4 added the drains table (created above, IF NOT EXISTS)
+            if version < 5:  # version 4 could not start a migration again
+                self._db.execute("ALTER TABLE migrations ADD COLUMN restart TEXT")
             self._db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
                 (str(SCHEMA_VERSION),),

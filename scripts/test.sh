@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything the tests need, then the tests: Python packages, the real two-host
-# rig where this machine allows it (root on Debian with apt), and pytest.
+# Everything the tests need, then the tests: Python packages, PostgreSQL's server and
+# the real two-host rig where this machine allows it (root on Debian with apt), and pytest.
 # Without the rig the real-hypervisor tests skip with the reason; with CI=true
 # such a skip fails the run.
 set -euo pipefail
@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 # shellcheck source=venv.sh
 . scripts/venv.sh
 venv_install test
+
+# PostgreSQL's server for the tests of several daemons on one database (each session
+# starts a throwaway cluster of its own); without it those tests skip and say why.
+bash scripts/postgres.sh || echo "postgres: not installed; the PostgreSQL tests will skip" >&2
 
 rig_started=0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -r /etc/debian_version ] \

@@ -1,8 +1,10 @@
 """Shared fixtures: a virtual clock, a small simulated inventory, profiles from text,
-an engine, and an API client that checks every answer against the OpenAPI document."""
+an engine, an API client that checks every answer against the OpenAPI document, and a
+real PostgreSQL (tests/pgtools.py) for the tests that need one."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from apitools import SMALL_INVENTORY, SMALL_PROFILES, TOKEN, Api, OpenApiChecker
+from pgtools import PgCluster, availability, running_cluster
 
 from lmwatch.api import create_app
 from lmwatch.clock import VirtualClock
@@ -108,3 +111,22 @@ async def api(
 ) -> Api:
     client = await aiohttp_client(create_app(engine, registry, metrics, TOKEN))
     return Api(client, TOKEN, checker)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL server for the session. Without PostgreSQL the tests
+    using it skip with the reason; under CI=true they fail: CI never passes by skipping."""
+    ok, why = availability()
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL not available under CI=true: {why}")
+        pytest.skip(f"PostgreSQL not available: {why}")
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A fresh, empty database of the session's cluster."""
+    return pg_cluster.database()

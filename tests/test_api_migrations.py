@@ -34,6 +34,7 @@ MIGRATION_FIELDS = {
     "prediction",
     "timeline",
     "outcome",
+    "restarts",
 }
 
 

@@ -12,11 +12,14 @@ from lmwatch.bench.controller import (
     Command,
     Handover,
     Pause,
+    Restart,
     SetBudget,
     SetCap,
     Setting,
 )
 from lmwatch.bench.corpus import GBIT, GIB, MIB, LinkEvent, Workload, generate
+from lmwatch.bench.judge import judge
+from lmwatch.bench.lmwatch_controller import lmwatch_factory
 from lmwatch.bench.runner import (
     NO_DEADLINE_LIMIT,
     Run,
@@ -26,7 +29,7 @@ from lmwatch.bench.runner import (
     run_many,
     setting_for,
 )
-from lmwatch.drivers.inventory import ConstantRate
+from lmwatch.drivers.inventory import ConstantRate, GrowingRate
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.schema import Profile
 
@@ -256,3 +259,67 @@ def test_the_benchmark_profiles_copy_the_examples_and_add_strict() -> None:
     )
     assert (strict.may_pause, strict.max_pause, strict.on_deadline.value) == (False, 0.0, "cancel")
     assert strict.deadline_seconds(GIB) == 600.0
+
+
+# -- starting again -------------------------------------------------------------------
+
+GROWING_BATCH = Profile(
+    name="batch",
+    max_blackout=1.0,
+    may_pause=True,
+    max_pause=5.0,
+    may_slow_down=True,
+    deadline=1800.0,
+)
+
+
+def growing() -> Workload:
+    """30 MiB/s at the start, 400 MiB/s more every minute up to 2 GiB/s, over 1 Gbit/s:
+    the hypervisor's slow-down schedule from the measured rate misses the deadline."""
+    return Workload(
+        name="grower",
+        memory=32 * GIB,
+        working_set=16 * GIB,
+        writer="random",
+        change_rate=GrowingRate(
+            pattern="growing", start=30 * MIB, per_minute=400 * MIB, max=2 * GIB
+        ),
+        bandwidth=1 * GBIT,
+        switchover=0.05,
+    )
+
+
+def test_a_restart_loses_what_was_copied_but_not_the_time_spent() -> None:
+    slowed = StartPlan(arm_handover=False, arm_slow_down=True, blackout_budget=0.3)
+    simulation = Simulation(growing(), slowed)
+    simulation.advance_to(900.0)
+    before = simulation.sample()
+    assert before.passes >= 2 and simulation.max_slowdown > 0
+    higher = StartPlan(
+        arm_handover=False, arm_slow_down=True, blackout_budget=0.3, slow_down_initial=0.8
+    )
+    assert simulation.apply(Restart(higher))
+    assert simulation.restarts == 1
+    started = simulation.migration.started
+    assert started > 900.0  # the cancel took its time, then the new job started
+    after = simulation.sample()
+    assert after.passes == 1 and after.memory_remaining > 0.95 * 32 * GIB  # copied again
+    assert after.time == simulation.now >= started
+    # The guest's writing went on where it was (the growth is not started over).
+    assert simulation.migration.change_rate_now() == pytest.approx(
+        growing().change_rate.at(simulation.now)
+    )
+    simulation.advance_to(3600.0)
+    record = simulation.record(profile="batch", controller="x")
+    assert record.restarts == 1
+    assert record.total_seconds > started  # the time already spent counts
+    assert record.max_slowdown >= before.slowdown
+    assert record.passes > after.passes
+
+
+def test_lmwatch_starts_a_growing_writer_again_and_finishes_it_cleanly() -> None:
+    result = run(growing(), GROWING_BATCH, lmwatch_factory)
+    assert result.restarts == 1
+    assert result.outcome == "completed"
+    verdict = judge(result, GROWING_BATCH, growing())
+    assert verdict.clean, verdict

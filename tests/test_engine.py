@@ -7,14 +7,14 @@ import itertools
 from pathlib import Path
 
 import pytest
+from enginerig import EngineRig
 
-from lmwatch.clock import VirtualClock
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.errors import Conflict, Invalid
 from lmwatch.metrics import Metrics
-from lmwatch.model import ChangeRate, Method, MigrationRequest, Phase, State
+from lmwatch.model import ChangeRate, Method, Phase, State
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import SCHEMA_VERSION, Store, StoreError
 
@@ -87,43 +87,16 @@ profiles:
 """
 
 
-class Rig:
-    """An engine on a simulated inventory, in virtual time."""
+class Rig(EngineRig):
+    """An engine on the inventory above, in virtual time; each new engine counts its
+    metrics from zero, as a restarted daemon does."""
 
     def __init__(self, tmp_path: Path, profiles: str = PROFILES, **settings: object) -> None:
-        self.clock = VirtualClock()
-        self.driver = SimDriver(load_inventory_text(INVENTORY), self.clock)
-        self.profile_file = tmp_path / "profiles.yaml"
-        self.profile_file.write_text(profiles)
-        self.registry = ProfileRegistry(self.profile_file)
-        self.store = Store.open(tmp_path / "lmwatch.db")
-        self.settings = EngineSettings(**settings)  # type: ignore[arg-type]
-        self.engine = self.new_engine()
+        super().__init__(tmp_path, INVENTORY, profiles, EngineSettings(**settings))  # type: ignore[arg-type]
 
     def new_engine(self) -> Engine:
-        return Engine(
-            driver=self.driver,
-            store=self.store,
-            profiles=self.registry,
-            clock=self.clock,
-            metrics=Metrics(),
-            settings=self.settings,
-        )
-
-    async def migrate(self, instance: str, source: str = "a", dest: str = "b") -> str:
-        record, _ = await self.engine.submit(MigrationRequest(instance, source, dest))
-        return record.id
-
-    async def finish(self, *ids: str, limit: float = 4 * 3600) -> None:
-        done = await self.clock.run_until(lambda: self.engine.finished(ids), limit=limit)
-        assert done, [self.engine.get(i).state for i in ids]
-
-    def actions(self, migration_id: str) -> list[str]:
-        return [
-            e.action
-            for e in self.store.events(migration_id)
-            if e.kind == "decision" and e.action not in (None, "continue", "start")
-        ]
+        self.metrics = Metrics()
+        return super().new_engine()
 
 
 @pytest.fixture
@@ -698,6 +671,7 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute("ALTER TABLE migrations DROP COLUMN uuid")
     db.execute("ALTER TABLE migrations DROP COLUMN placement")
+    db.execute("ALTER TABLE migrations DROP COLUMN restart")
     db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     db.commit()
     db.close()
@@ -705,7 +679,24 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     assert version["value"] == str(SCHEMA_VERSION)
     columns = [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
-    assert "uuid" in columns and "placement" in columns
+    assert "uuid" in columns and "placement" in columns and "restart" in columns
+
+
+def test_a_version_4_store_gains_the_restart_column_and_keeps_its_rows(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    Store.open(path).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE migrations DROP COLUMN restart")
+    db.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    store = Store.open(path)
+    columns = [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
+    assert "restart" in columns
+    version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert version["value"] == str(SCHEMA_VERSION) == "5"
 
 
 async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(

@@ -7,18 +7,17 @@ from pathlib import Path
 
 import pytest
 from apitools import Api
+from enginerig import EngineRig
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmwatch.clock import VirtualClock
 from lmwatch.drivers.inventory import Inventory, load_inventory_text
 from lmwatch.drivers.sim import SimDriver
-from lmwatch.drivers.sim_world import SqliteWorld
-from lmwatch.engine import Engine, EngineSettings
-from lmwatch.metrics import Metrics
+from lmwatch.engine import Engine
 from lmwatch.model import GIB, MigrationRequest, State
-from lmwatch.profiles import ProfileRegistry
 from lmwatch.render import migration_detail, progress_line
-from lmwatch.store import Store
+
+ONE_PROFILE = "profiles:\n  - name: default\n    max_blackout: 500ms\n"
 
 DISK_INVENTORY = """
 hosts:
@@ -137,46 +136,21 @@ async def test_an_operators_finish_during_the_disk_copy_applies_once_in_sync(
 
 async def test_a_restart_mid_disk_copy_reattaches_and_finishes(tmp_path: Path) -> None:
     """lmwatch and the simulated hosts' world both restart while the disk is copied."""
-    clock = VirtualClock()
-    profiles = tmp_path / "profiles.yaml"
-    profiles.write_text("profiles:\n  - name: default\n    max_blackout: 500ms\n")
-    store_path = tmp_path / "lmwatch.db"
-
-    def new_engine() -> tuple[Engine, SimDriver, Store]:
-        store = Store.open(store_path)
-        driver = SimDriver(
-            load_inventory_text(DISK_INVENTORY), clock, world=SqliteWorld(str(store_path))
-        )
-        engine = Engine(
-            driver=driver,
-            store=store,
-            profiles=ProfileRegistry(profiles),
-            clock=clock,
-            metrics=Metrics(),
-            settings=EngineSettings(poll_interval=1.0),
-        )
-        return engine, driver, store
-
-    first, _, first_store = new_engine()
-    await first.start()
-    record, _ = await first.submit(MigrationRequest("files", "a", "b"))
-    await clock.advance(6.0)
-    assert first.get(record.id).progress is not None
-    await first.stop()
-    first_store.close()
-    await clock.advance(3.0)  # nobody watches; the disk copy goes on
-
-    second, driver, store = new_engine()
-    await second.start()
-    await clock.advance(1.0)
+    rig = EngineRig(tmp_path, DISK_INVENTORY, ONE_PROFILE, durable_world=True)
+    await rig.engine.start()
+    record, _ = await rig.engine.submit(MigrationRequest("files", "a", "b"))
+    await rig.clock.advance(6.0)
+    assert rig.engine.get(record.id).progress is not None
+    second = await rig.restart(down_for=3.0)  # nobody watches; the disk copy goes on
+    await rig.clock.advance(1.0)
     progress = second.get(record.id).progress
     assert progress is not None and 0 < progress["disk_remaining"] < 20 * GIB
     assert progress["memory_transferred"] == 0
-    assert await clock.run_until(lambda: second.finished([record.id]), limit=600)
+    assert await rig.clock.run_until(lambda: second.finished([record.id]), limit=600)
     done = second.get(record.id)
     assert done.state is State.COMPLETED
-    assert driver.where("files") == "b" and driver.free_storage("b") == 80 * GIB
-    reasons = [e.reason for e in store.events(record.id)]
+    assert rig.driver.where("files") == "b" and rig.driver.free_storage("b") == 80 * GIB
+    reasons = [e.reason for e in rig.store.events(record.id)]
     assert any("resumed after a restart" in r for r in reasons)
-    assert sum(1 for e in store.events(record.id) if e.state == "completed") == 1
+    assert sum(1 for e in rig.store.events(record.id) if e.state == "completed") == 1
     await second.stop()

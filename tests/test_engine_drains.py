@@ -6,17 +6,13 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from enginerig import EngineRig
 
-from lmwatch.clock import VirtualClock
 from lmwatch.drivers.base import UnknownHost
-from lmwatch.drivers.inventory import load_inventory_text
-from lmwatch.drivers.sim import SimDriver
-from lmwatch.engine import Engine, EngineSettings
+from lmwatch.engine import EngineSettings
 from lmwatch.errors import Conflict, Invalid, NotFound
-from lmwatch.metrics import Metrics
 from lmwatch.model import GIB
-from lmwatch.profiles import ProfileRegistry
-from lmwatch.store import DrainRecord, DrainState, ItemState, Store
+from lmwatch.store import DrainRecord, DrainState, ItemState
 
 # `src` holds the instances; `b` is the big, fast destination, `c` a small one on a slow
 # link, `empty` has nothing on it. `huge` fits nowhere; `never` rewrites faster than
@@ -59,26 +55,10 @@ profiles:
 """
 
 
-class Rig:
+class Rig(EngineRig):
     def __init__(self, tmp_path: Path, inventory: str = INVENTORY) -> None:
-        self.clock = VirtualClock()
-        self.driver = SimDriver(load_inventory_text(inventory), self.clock)
-        path = tmp_path / "profiles.yaml"
-        path.write_text(PROFILES)
-        self.registry = ProfileRegistry(path)
-        self.store = Store.open(tmp_path / "lmwatch.db")
-        self.metrics = Metrics()
-        self.engine = self.new_engine()
-
-    def new_engine(self) -> Engine:
-        return Engine(
-            driver=self.driver,
-            store=self.store,
-            profiles=self.registry,
-            clock=self.clock,
-            metrics=self.metrics,
-            settings=EngineSettings(poll_interval=1.0, max_per_source=2, max_per_destination=2),
-        )
+        settings = EngineSettings(poll_interval=1.0, max_per_source=2, max_per_destination=2)
+        super().__init__(tmp_path, inventory, PROFILES, settings, source="src")
 
     def drain(self, drain_id: str) -> DrainRecord:
         return self.engine.drains.get(drain_id)

@@ -7,19 +7,14 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from enginerig import EngineRig
 from test_engine import Rig
-from test_engine_disks import DISK_INVENTORY
+from test_engine_disks import DISK_INVENTORY, ONE_PROFILE
 
-from lmwatch.clock import VirtualClock
-from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
-from lmwatch.drivers.sim_world import SqliteWorld
-from lmwatch.engine import Engine, EngineSettings
 from lmwatch.errors import Conflict
-from lmwatch.metrics import Metrics
 from lmwatch.model import Action, MigrationRequest, StartPlan, State
-from lmwatch.profiles import ProfileRegistry
-from lmwatch.store import MigrationRecord, Store
+from lmwatch.store import MigrationRecord
 
 
 class SlowStart(SimDriver):
@@ -148,49 +143,26 @@ async def test_a_cancel_during_a_hypervisor_outage_cuts_the_back_off_short(
 async def test_a_force_pending_during_the_disk_copy_survives_a_restart(tmp_path: Path) -> None:
     """The operator's request to finish, made while the disks were copied, is carried
     out after a restart once they are in sync (paused, as accepted), not forgotten."""
-    clock = VirtualClock()
-    profiles = tmp_path / "profiles.yaml"
-    profiles.write_text("profiles:\n  - name: default\n    max_blackout: 500ms\n")
-    store_path = tmp_path / "lmwatch.db"
-
-    def new_engine() -> tuple[Engine, SimDriver, Store]:
-        store = Store.open(store_path)
-        driver = SimDriver(
-            load_inventory_text(DISK_INVENTORY), clock, world=SqliteWorld(str(store_path))
-        )
-        engine = Engine(
-            driver=driver,
-            store=store,
-            profiles=ProfileRegistry(profiles),
-            clock=clock,
-            metrics=Metrics(),
-            settings=EngineSettings(poll_interval=1.0),
-        )
-        return engine, driver, store
-
-    first, _, first_store = new_engine()
-    await first.start()
-    record, _ = await first.submit(MigrationRequest("files", "a", "b"))
-    await clock.advance(4.0)
-    decision = await first.force_complete(record.id, accept_pause=True)
+    rig = EngineRig(tmp_path, DISK_INVENTORY, ONE_PROFILE, durable_world=True)
+    await rig.engine.start()
+    record, _ = await rig.engine.submit(MigrationRequest("files", "a", "b"))
+    await rig.clock.advance(4.0)
+    decision = await rig.engine.force_complete(record.id, accept_pause=True)
     assert decision.action is Action.CONTINUE and "once the disks are in sync" in decision.reason
-    await first.stop()
-    first_store.close()
 
-    second, driver, store = new_engine()
-    await second.start()
-    assert await clock.run_until(lambda: second.finished([record.id]), limit=600)
+    second = await rig.restart()
+    assert await rig.clock.run_until(lambda: second.finished([record.id]), limit=600)
     done = second.get(record.id)
     assert done.state is State.COMPLETED
     assert done.outcome is not None and done.outcome["method"] == "paused"
-    events = store.events(record.id)
+    events = rig.store.events(record.id)
     pauses = [e for e in events if e.action == "pause"]
     assert len(pauses) == 1
     assert pauses[0].reason.startswith("finishing on request")
     assert (pauses[0].data or {}).get("origin") == "operator"
     restarted = next(i for i, e in enumerate(events) if "resumed after a restart" in e.reason)
     assert events.index(pauses[0]) > restarted
-    assert driver.where("files") == "b"
+    assert rig.driver.where("files") == "b"
     await second.stop()
 
 

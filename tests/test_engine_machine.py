@@ -15,6 +15,7 @@ from lmwatch.engine.machine import (
     Refusal,
     Refuse,
     Sampled,
+    StartAgain,
     Status,
     step,
 )
@@ -26,6 +27,16 @@ def status(state: State = State.COPYING, **flags: bool) -> Status:
 
 
 # -- samples -------------------------------------------------------------------------
+
+
+def test_a_job_stopped_to_start_again_starts_the_new_one_when_it_ends_cancelled() -> None:
+    restarting = status(restarting=True)
+    assert step(restarting, Sampled(Phase.CANCELLED)) == (restarting, (StartAgain(),))
+    assert step(restarting, Sampled(Phase.COPYING)) == (restarting, ())  # nothing decided
+    # It completed or failed before the cancel took: that is how the migration ended.
+    assert step(restarting, Sampled(Phase.COMPLETED)) == (restarting, (Finish(),))
+    assert step(restarting, Sampled(Phase.FAILED)) == (restarting, (Finish(),))
+    assert step(status(), Sampled(Phase.CANCELLED)) == (status(), (Finish(),))
 
 
 def test_a_sample_in_the_same_phase_asks_the_policy() -> None:

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from enginerig import EngineRig
 
-from lmwatch.clock import VirtualClock
 from lmwatch.drivers.base import Incompatible, InsufficientResources, NotOnSource, UnknownHost
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
@@ -15,10 +15,7 @@ from lmwatch.engine import Engine, EngineSettings
 from lmwatch.engine.placing import GroupConflict, NoDestination
 from lmwatch.engine.records import request_of
 from lmwatch.errors import Invalid
-from lmwatch.metrics import Metrics
-from lmwatch.model import MigrationRequest, State
-from lmwatch.profiles import ProfileRegistry
-from lmwatch.store import Store
+from lmwatch.model import State
 
 # b has room for four of the 4 GiB instances; c cannot hand over; d is small.
 INVENTORY = """
@@ -60,31 +57,9 @@ profiles:
 """
 
 
-class Rig:
+class Rig(EngineRig):
     def __init__(self, tmp_path: Path) -> None:
-        self.clock = VirtualClock()
-        self.driver = SimDriver(load_inventory_text(INVENTORY), self.clock)
-        profiles = tmp_path / "profiles.yaml"
-        profiles.write_text(PROFILES)
-        self.registry = ProfileRegistry(profiles)
-        self.store = Store.open(tmp_path / "lmwatch.db")
-        self.metrics = Metrics()
-        self.engine = self.new_engine()
-
-    def new_engine(self) -> Engine:
-        return Engine(
-            driver=self.driver,
-            store=self.store,
-            profiles=self.registry,
-            clock=self.clock,
-            metrics=self.metrics,
-            settings=EngineSettings(max_per_destination=2),
-        )
-
-    async def submit(self, instance: str, dest: str | None = "b", **extra: object) -> str:
-        request = MigrationRequest(instance, "a", dest, **extra)  # type: ignore[arg-type]
-        record, _ = await self.engine.submit(request)
-        return record.id
+        super().__init__(tmp_path, INVENTORY, PROFILES, EngineSettings(max_per_destination=2))
 
 
 @pytest.fixture

@@ -886,6 +886,35 @@ async def test_cancel_leaves_instance_on_source(
     assert result.transferred == 100 * MIB  # the most seen, not the reset statistics
 
 
+async def test_a_cancelled_migration_starts_again_under_the_same_id(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    """A restart with a higher slow-down start level: the abort's job has ended (its
+    migrate call returned), then the same id starts a new job on the same domain."""
+    dom = await started(cloud, driver)
+    await driver.sample("m1")
+    await driver.cancel("m1")
+    assert (await finished(driver, clock)).phase is Phase.CANCELLED
+    # libvirt has no job on the domain any more: the next migrate call is a new job.
+    dom.release, dom.outcome = threading.Event(), None
+    dom.job = dict(RUNNING_STATS)
+    slowed = StartPlan(
+        arm_handover=False, arm_slow_down=True, blackout_budget=0.6, slow_down_initial=0.8
+    )
+    await driver.start("m1", REQ, slowed)
+    calls = [c for c in dom.calls if c[0] == "migrateToURI3"]
+    assert len(calls) == 2
+    _, _, params, flags = calls[-1]
+    assert flags & C.VIR_MIGRATE_AUTO_CONVERGE
+    assert params[C.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] == 80
+    sample = await driver.sample("m1")
+    assert sample.phase is Phase.COPYING  # the new job, not the cancelled one
+    moved = cloud.complete("vm1", "a", "b", {"type": 3, "downtime": 200})
+    assert moved is not None
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.COMPLETED, "b")
+
+
 async def test_failure_keeps_the_error(
     cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
 ) -> None:

@@ -127,7 +127,7 @@ def test_serve_configures_the_log_format(monkeypatch: pytest.MonkeyPatch) -> Non
     seen: list[tuple[Any, ...]] = []
     monkeypatch.setattr(daemon, "configure", lambda *args: seen.append(args))
 
-    async def nothing(settings: Settings) -> None:
+    async def nothing(settings: Settings, **_: Any) -> None:
         return None
 
     monkeypatch.setattr(daemon, "run", nothing)

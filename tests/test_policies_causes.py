@@ -303,6 +303,7 @@ def _reattached(
     controller = LmwatchController(setting)
     controller.start()
     decisions: list[Decision] = []
+    seen: list[Sample] = []  # what the controller has seen
     while t < limit:
         t += 1.0
         simulation.advance_to(t)
@@ -310,7 +311,8 @@ def _reattached(
             break
         sample = simulation.sample()
         assert controller.ctx is not None
-        decisions.append(policies.decide(profile, [*controller.history, sample], controller.ctx, t))
+        seen.append(sample)
+        decisions.append(policies.decide(profile, seen, controller.ctx, t))
         for command in controller.step(sample, t):
             simulation.apply(command)
     return simulation.record(profile=profile.name, controller="lmwatch"), controller, decisions

@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import threading
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from lmwatch.clock import VirtualClock
 from lmwatch.drivers import simphysics
 from lmwatch.drivers.inventory import Inventory, load_inventory_text
 from lmwatch.drivers.sim import SimDriver
+from lmwatch.drivers.sim_world import SqliteWorld
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.metrics import Metrics
 from lmwatch.model import MigrationRequest, StartPlan, State
@@ -221,6 +224,208 @@ async def test_metrics_are_rendered_off_the_event_loop(
     answer = await api.get("/metrics")
     assert answer.status == 200
     assert threads and threads[0] != threading.get_ident()
+
+
+# --- the poll path: polls spread over the interval -------------------------------------
+
+
+def _engine(tmp_path: Path, count: int) -> tuple[Engine, SimDriver, VirtualClock, Store]:
+    """An engine in virtual time that may run `count` migrations on one link at once."""
+    clock = VirtualClock()
+    driver = SimDriver(_inventory(1, per_link=count), clock)
+    store = Store.open(tmp_path / "lmwatch.db")
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  - name: default\n    max_blackout: 300ms\n")
+    engine = Engine(
+        driver=driver,
+        store=store,
+        profiles=ProfileRegistry(profiles),
+        clock=clock,
+        metrics=Metrics(),
+        settings=EngineSettings(
+            poll_interval=1.0,
+            max_per_source=count,
+            max_per_destination=count,
+            measure_change_rate=False,
+        ),
+    )
+    return engine, driver, clock, store
+
+
+async def _submit(engine: Engine, count: int) -> None:
+    for k in range(count):
+        await engine.submit(MigrationRequest(instance=f"vm0-{k}", source="s0", destination="d0"))
+
+
+async def test_migrations_started_together_poll_spread_over_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 migrations started at one instant: their polls do not all come due at once."""
+    count = 40
+    engine, driver, clock, store = _engine(tmp_path, count)
+    polls: list[float] = []
+    original = driver.sample
+
+    async def sample(migration_id: str) -> Any:
+        polls.append(clock.now())
+        return await original(migration_id)
+
+    monkeypatch.setattr(driver, "sample", sample)
+    await engine.start()
+    try:
+        await _submit(engine, count)
+        await clock.advance(0.0)
+        polls.clear()
+        started = clock.now()
+        await clock.advance(5.0)
+    finally:
+        await engine.stop()
+        store.close()
+    # the fourth second (every migration polls once in each second)
+    window = [t - started for t in polls if started + 3.0 <= t < started + 4.0]
+    assert len(window) == count
+    tenths = Counter(int((t % 1.0) * 10) for t in window)
+    assert len(tenths) >= 8  # spread over at least 8 of the 10 tenths of the interval
+    assert max(tenths.values()) <= count // 4  # no tenth has more than a quarter of them
+
+
+async def test_progress_is_published_only_to_listeners_and_gauges_are_looked_up_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 5
+    engine, driver, clock, store = _engine(tmp_path, count)
+    published: list[str] = []
+    publish = engine.hub.publish
+
+    def counted_publish(type_: str, data: Any) -> Any:
+        published.append(type_)
+        return publish(type_, data)
+
+    monkeypatch.setattr(engine.hub, "publish", counted_publish)
+    lookups = [0]
+    gauge = engine._effects.metrics.remaining
+    labels = gauge.labels
+
+    def counted_labels(*values: str) -> Any:
+        lookups[0] += 1
+        return labels(*values)
+
+    monkeypatch.setattr(gauge, "labels", counted_labels)
+    polls = [0]
+    original = driver.sample
+
+    async def sample(migration_id: str) -> Any:
+        polls[0] += 1
+        return await original(migration_id)
+
+    monkeypatch.setattr(driver, "sample", sample)
+    await engine.start()
+    try:
+        await _submit(engine, count)
+        await clock.advance(10.0)
+        assert polls[0] >= 10 * count
+        assert "progress" not in published  # nobody listens
+        assert lookups[0] == count  # one lookup per migration, not one per poll
+        subscription = engine.hub.subscribe()
+        await clock.advance(2.0)
+        assert published.count("progress") >= count  # a listener gets every migration's
+        assert subscription.queue
+    finally:
+        await engine.stop()
+        store.close()
+
+
+def test_prediction_json_is_the_prediction_s_fields() -> None:
+    from dataclasses import asdict
+
+    from lmwatch.engine.records import prediction_json
+    from lmwatch.model import Prediction
+
+    prediction = Prediction(1.0, 2.0, 3, None, 0.5, False, 7, 0.25)
+    assert prediction_json(prediction) == asdict(prediction)
+    assert prediction_json(None) is None
+
+
+# --- the collector ---------------------------------------------------------------------
+
+
+def test_serve_freezes_start_up_and_collects_less_often_once_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 2,000 migrations the collector's full scans stopped the loop for 0.2-0.6 s every
+    second or two, freeing nothing: `lmwatch serve` settles it once it is ready."""
+    import gc
+
+    from lmwatch import daemon
+
+    calls: list[str] = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "set_threshold", lambda *t: calls.append(f"threshold {t}"))
+
+    async def run(settings: Any, *, on_ready: Any = None, **_: Any) -> None:
+        calls.append("started")
+        assert on_ready is not None
+        on_ready([("127.0.0.1", 1)])
+        calls.append("stopped")
+
+    monkeypatch.setattr(daemon, "run", run)
+    monkeypatch.setattr(daemon, "configure", lambda *_: None)  # leave the test's logging
+    assert daemon.serve(daemon.settings_from({})) == 0
+    young, older = daemon.GC_YOUNG_THRESHOLD, daemon.GC_OLDER_THRESHOLD
+    assert calls == ["started", "freeze", f"threshold {(young, older, older)}", "stopped"]
+    assert young >= 10 * 700  # far above Python's default
+
+
+class _CountingWorld(SqliteWorld):
+    """The SQLite keeper, remembering which jobs each save wrote."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.saved: list[set[str]] = []
+
+    def save(self, state, at, jobs, *, drop=()):  # type: ignore[no-untyped-def]
+        self.saved.append(set(jobs))
+        super().save(state, at, jobs, drop=drop)
+
+
+async def test_the_periodic_world_save_writes_the_advanced_links_jobs_not_every_job(
+    tmp_path: Path,
+) -> None:
+    """Once `save_every` has passed, a poll saves its own link's jobs (and the world's
+    small state), never every job of every link at once: at thousands of jobs that one
+    save stalled the daemon. A restarted simulator still finds every job."""
+    pairs = 20
+    hosts = "\n".join(
+        f"  - {{name: s{i}, memory: 64GiB}}\n  - {{name: d{i}, memory: 64GiB}}"
+        for i in range(pairs)
+    )
+    instances = "\n".join(
+        f"  - {{name: vm{i}, host: s{i}, memory: 16GiB, working_set: 16MiB, change_rate: 1MiB/s}}"
+        for i in range(pairs)
+    )
+    text = f"hosts:\n{hosts}\ndefault_bandwidth: 1GiB/s\ninstances:\n{instances}\n"
+    clock = VirtualClock()
+    world = _CountingWorld(str(tmp_path / "world.db"))
+    driver = SimDriver(load_inventory_text(text), clock, world=world, save_every=5.0)
+    plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+    for i in range(pairs):
+        await driver.start(f"m{i}", MigrationRequest(f"vm{i}", f"s{i}", f"d{i}"), plan)
+    await clock.advance(6.0)
+    world.saved.clear()
+    await driver.sample("m3")
+    assert world.saved and max(len(jobs) for jobs in world.saved) == 1
+    assert set().union(*world.saved) == {"m3"}
+    world.saved.clear()
+    for i in range(pairs):
+        await driver.sample(f"m{i}")
+    assert max(len(jobs) for jobs in world.saved) == 1  # every link saved its own, in turn
+    assert set().union(*world.saved) == {f"m{i}" for i in range(pairs) if i != 3}
+    world.close()
+    again = SimDriver(
+        load_inventory_text(text), clock, world=SqliteWorld(str(tmp_path / "world.db"))
+    )
+    for i in range(pairs):
+        assert (await again.sample(f"m{i}")).memory_transferred > 0
 
 
 # --- admission and scheduling keep per-host figures (no walk over every migration) ----

@@ -596,3 +596,39 @@ async def test_host_info_agrees_with_where_while_instances_move() -> None:
             expected = [i.name for i in driver.inventory.instances if driver.where(i.name) == host]
             assert [i.name for i in info.instances] == expected, (host, seconds)
             assert [i.name for i in await driver.instances_on(host)] == expected
+
+
+async def test_a_cancelled_migration_can_be_started_again_and_the_guest_writes_on() -> None:
+    inventory = load_inventory_text("""
+hosts:
+  - {name: host-a, memory: 64GiB}
+  - {name: host-b, memory: 64GiB}
+default_bandwidth: 100MiB/s
+instances:
+  - name: grower
+    host: host-a
+    memory: 8GiB
+    working_set: 2GiB
+    change_rate: {pattern: growing, start: 10MiB/s, per_minute: 60MiB/s, max: 50MiB/s}
+""")
+    clock = VirtualClock()
+    driver = SimDriver(inventory, clock)
+    await driver.start("m1", request("grower"), PLAIN)
+    await clock.advance(30.0)
+    with pytest.raises(DriverError, match="already started"):
+        await driver.start("m1", request("grower"), PLAIN)  # still running
+    await driver.cancel("m1")
+    await clock.advance(5.0)
+    assert (await driver.result("m1")).phase is Phase.CANCELLED
+    slowed = dataclasses.replace(ARMED, slow_down_initial=0.5)
+    await driver.start("m1", request("grower"), slowed)
+    sample = await driver.sample("m1")
+    assert sample.phase is Phase.COPYING and sample.passes == 1
+    assert sample.memory_remaining == 8 * GIB  # copying begins anew
+    job = driver._jobs["m1"]
+    assert job.model.plan == slowed
+    # 35 s after the first start the guest writes 10 + 35 MiB/s, not 10 again.
+    assert job.model.change_rate_now() == pytest.approx(45 * MIB)
+    await clock.advance(1800.0)
+    assert (await driver.result("m1")).phase is Phase.COMPLETED
+    assert driver.where("grower") == "host-b"

@@ -59,7 +59,15 @@ class Cancel:
     """Stop migrating; the guest keeps running on the source."""
 
 
-Command = SetBudget | SetCap | Pause | Handover | Cancel
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """Stop this job and start copying again with `plan` once it has ended; the time
+    spent so far counts, what was copied is lost."""
+
+    plan: StartPlan
+
+
+Command = SetBudget | SetCap | Pause | Handover | Cancel | Restart
 
 
 class Controller(Protocol):

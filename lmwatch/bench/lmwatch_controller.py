@@ -8,7 +8,6 @@ decisions turned into commands exactly as the engine applies them.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -19,6 +18,7 @@ from lmwatch.bench.controller import (
     Controller,
     Handover,
     Pause,
+    Restart,
     SetBudget,
     Setting,
 )
@@ -32,8 +32,6 @@ from lmwatch.model import (
     StartPlan,
 )
 
-HISTORY = 900  # samples kept, as the engine keeps them
-
 
 class LmwatchController:
     """Plans with `policies.plan_start` and decides with `policies.decide`."""
@@ -45,7 +43,7 @@ class LmwatchController:
     def __init__(self, setting: Setting, settings: policies.PolicySettings | None = None) -> None:
         self.setting = setting
         self.settings = settings or policies.DEFAULT
-        self.history: deque[Sample] = deque(maxlen=HISTORY)
+        self.track = policies.tracked((), self.settings)  # the samples, as the engine folds them
         self.ctx: MigrationContext | None = None
         self.predictions: list[tuple[float, float | None]] = []
         self.reasons: list[tuple[float, str, str]] = []
@@ -78,8 +76,8 @@ class LmwatchController:
 
     def step(self, sample: Sample, now: float) -> Sequence[Command]:
         assert self.ctx is not None, "start() first"
-        self.history.append(sample)
-        decision = policies.decide(self.setting.profile, self.history, self.ctx, now, self.settings)
+        self.track.add(sample)
+        decision = policies.decide(self.setting.profile, self.track, self.ctx, now, self.settings)
         prediction = decision.prediction
         if prediction is not None and sample.passes >= 2:
             self.predictions.append((now, prediction.eta_seconds))
@@ -98,7 +96,28 @@ class LmwatchController:
             return [Handover()]
         if action is Action.CANCEL:
             return [Cancel()]
+        if action is Action.RESTART:
+            assert decision.slow_down_initial is not None
+            plan = policies.restart_plan(self.ctx, decision)
+            # The new job's samples start from pass 1 again; the deadline stays. Its
+            # start plan was made for the rate seen now (no measurement window).
+            self.track = policies.tracked((), self.settings)
+            self.ctx = replace(
+                self.ctx,
+                plan=plan,
+                restarts=self.ctx.restarts + 1,
+                job_started_at=now,
+                change_rate_before_start=decision.planned_rate,
+                change_rate_window=None,
+            )
+            return [Restart(plan)]
         return []
+
+    def restarted(self, at: float) -> None:
+        """The runner started the new job at `at` (as the engine knows when its start
+        returned)."""
+        assert self.ctx is not None
+        self.ctx = replace(self.ctx, job_started_at=at)
 
     def finished(self, result: JobResult) -> None:
         return None

@@ -26,6 +26,7 @@ from lmwatch.bench.controller import (
     ControllerFactory,
     Handover,
     Pause,
+    Restart,
     SetBudget,
     SetCap,
     Setting,
@@ -46,6 +47,9 @@ OUTCOMES = ("completed", "cancelled", "failed", UNFINISHED)
 _EPS = 1e-9
 WAKE_MARGIN = 1e-3  # seconds past a pass boundary a woken controller samples (as the driver)
 MIN_WAKE = 0.05  # seconds: the shortest sleep between two samples of a woken controller
+# Seconds from a job's end (after a cancel) to the new job's start when a controller
+# starts again: the engine sees the end at its next poll, then starts the new job.
+RESTART_GAP = 1.0
 
 
 def bench_profiles(path: str | Path | None = None) -> list[Profile]:
@@ -111,6 +115,7 @@ class Run:
     eta_at: float | None = None  # when the ETA used for accuracy was made
     eta_predicted: float | None = None  # seconds to completion it predicted
     eta_actual: float | None = None  # seconds it actually took from then (completed runs)
+    restarts: int = 0  # times the controller started the migration again
 
     @property
     def eta_ratio(self) -> float | None:
@@ -149,6 +154,9 @@ class Simulation:
         self.paused_at: float | None = None
         self.handed_over_at: float | None = None
         self.cancelled_at: float | None = None
+        self.restarts = 0  # jobs started again (`Restart`)
+        self._earlier_slowdown = 0.0  # highest slow-down of the jobs before the current
+        self._earlier_passes = 0
 
     # -- state -------------------------------------------------------------------------
 
@@ -171,7 +179,7 @@ class Simulation:
 
     @property
     def max_slowdown(self) -> float:
-        return self.migration.max_slowdown
+        return max(self._earlier_slowdown, self.migration.max_slowdown)
 
     @property
     def paused(self) -> bool:
@@ -247,12 +255,34 @@ class Simulation:
                 migration.cancel()
                 if self.cancelled_at is None:
                     self.cancelled_at = migration.elapsed
+            elif isinstance(command, Restart):
+                self._restart(command.plan)
             else:  # pragma: no cover - the Command union is closed
                 raise TypeError(f"not a command: {command!r}")
         except ActionRefused:
             self.refused += 1
             return False
         return True
+
+    def _restart(self, plan: StartPlan) -> None:
+        """Cancel the job, wait until it has ended, and start a new one with `plan`
+        `RESTART_GAP` seconds later (link events on the way apply)."""
+        migration = self.migration
+        if migration.paused or migration.handed_over:
+            raise ActionRefused("the instance is already stopped or handed over")
+        migration.cancel()
+        while not migration.phase.finished:
+            step = migration.next_event_in()
+            self.advance_to(migration.elapsed + (0.1 if step is None else max(step, 1e-3)))
+        if migration.phase is not Phase.CANCELLED:
+            return  # it ended otherwise meanwhile (failed): nothing to start again
+        self._earlier_slowdown = max(self._earlier_slowdown, migration.max_slowdown)
+        self._earlier_passes += migration.passes
+        at = migration.elapsed + RESTART_GAP
+        self.plan = plan
+        self.migration = migration.again(plan, at)
+        self.restarts += 1
+        self.advance_to(at)  # the link events due by the new start
 
     # -- branching -------------------------------------------------------------------------
 
@@ -308,8 +338,8 @@ class Simulation:
             pause_seconds=pause_seconds,
             handed_over=migration.handed_over,
             degraded_seconds=degraded,
-            max_slowdown=migration.max_slowdown,
-            passes=migration.passes,
+            max_slowdown=self.max_slowdown,
+            passes=self._earlier_passes + migration.passes,
             decisions=decisions,
             commands=self.commands,
             refused=self.refused,
@@ -318,6 +348,7 @@ class Simulation:
             eta_at=eta_at,
             eta_predicted=eta_predicted,
             eta_actual=eta_actual,
+            restarts=self.restarts,
         )
 
 
@@ -373,8 +404,14 @@ def run(
         if first_pass_ended is None and sample.passes >= 2:
             first_pass_ended = now
         decisions += 1
+        restarts = simulation.restarts
         for command in step(sample, now):
             apply(command)
+        if simulation.restarts != restarts:  # a new job: the controller learns when it began
+            migration = simulation.migration
+            restarted = getattr(controller, "restarted", None)
+            if restarted is not None:
+                restarted(migration.started)
     if simulation.finished:
         controller.finished(simulation.result())
     return simulation.record(

@@ -86,6 +86,7 @@ class _Link:
     key: tuple[str, str]
     last: float  # clock time the jobs below were advanced to
     jobs: list[_Job] = field(default_factory=list)  # not yet settled
+    saved_at: float = float("-inf")  # clock time its jobs were last kept (periodic save)
 
 
 @dataclass(slots=True)
@@ -174,8 +175,16 @@ class SimDriver:
             self._settle(link)
         link.last = max(link.last, now)
         self._settle(link)
-        if self._world is not None and now - self._saved_at >= self._save_every:
-            self._save()
+        if self._world is not None:
+            # Periodic saves, spread: each link's jobs when that link is advanced, the
+            # rest of the world on its own; never every job at once (at thousands of
+            # jobs one save of all of them stalled the daemon for a tenth of a second).
+            # A link not advanced meanwhile has jobs unchanged since their last save.
+            if now - link.saved_at >= self._save_every:
+                link.saved_at = now
+                self._save([job.migration_id for job in link.jobs])
+            if now - self._saved_at >= self._save_every:
+                self._save(prune=True)
 
     def _settle(self, link: _Link) -> None:
         ended: list[str] = []
@@ -511,8 +520,17 @@ class SimDriver:
         return ChangeRate(rate, window)
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
-        if migration_id in self._jobs:
-            raise DriverError(f"migration {migration_id!r} was already started")
+        earlier = self._jobs.get(migration_id)
+        if earlier is not None:
+            self._sync_link(self._link_of(earlier))
+            if not earlier.model.phase.finished:
+                raise DriverError(f"migration {migration_id!r} was already started")
+        # Started again after its job ended (a restart with a new plan): the guest's
+        # writing goes on where it was when that job began, not from its beginning.
+        pattern_at = 0.0
+        if earlier is not None:  # its model was advanced to `ended_at`, then left alone
+            seen = earlier.ended_at if earlier.ended_at is not None else self.clock.now()
+            pattern_at = earlier.model.elapsed + max(0.0, self.clock.now() - seen)
         info = await self.preflight(request)
         destination = destination_of(request)
         caps = await self.capabilities(request.source, destination)
@@ -543,6 +561,7 @@ class SimDriver:
             writer=Writer(instance.writer),
             disk=instance.disk,
             disk_writes=instance.disk_writes,
+            start=pattern_at,
         )
         if refusing == "job":
             model.refuse()
@@ -654,24 +673,25 @@ class SimDriver:
         link = self._links.get((job.source, job.destination))
         return self._saved_at if link is None else link.last
 
-    def _save(self, migration_ids: Iterable[str] | None = None) -> None:
-        """Keep the world and these jobs (None: every job not yet ended); ended jobs
-        are kept a day for a restarted daemon to read their results, and dropped by the
-        periodic full save (a save of a few jobs does not walk all of them)."""
+    def _save(self, migration_ids: Iterable[str] | None = None, *, prune: bool = False) -> None:
+        """Keep the world and these jobs (None: every job not yet ended). Ended jobs
+        are kept a day for a restarted daemon to read their results; `prune` (the
+        periodic save of the world, with no job unless named) drops older ones."""
         if self._world is None:
             return
         now = self.clock.now()
         old: list[str] = []
-        if migration_ids is None:
+        if migration_ids is None and not prune:
             ids = [job_id for job_id, job in self._jobs.items() if not job.settled]
+        else:
+            ids = list(migration_ids or ())
+        if migration_ids is None:
             self._saved_at = now
             old = [
                 job_id
                 for job_id, job in self._jobs.items()
                 if job.ended_at is not None and now - job.ended_at > _KEEP_ENDED
             ]
-        else:
-            ids = list(migration_ids)
         for job_id in old:
             job = self._jobs.pop(job_id)
             if self._latest.get(job.instance.name) is job:

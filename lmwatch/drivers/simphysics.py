@@ -174,10 +174,15 @@ def disk_sync_in(left: float, total: float, bandwidth: float, writes: float) -> 
 
 
 class Migration:
-    """One migration from `source` to `destination`, starting at elapsed time 0."""
+    """One migration from `source` to `destination`, starting at elapsed time `start`.
+
+    `start` is where the guest's rate pattern is when the job begins: 0 for a first
+    job; for a job started again after a cancel, the time the guest already ran
+    since the first (its writing goes on where it was, e.g. a growing writer)."""
 
     # Class defaults, so that a model kept by an older version (without disks) reads back.
     disk_total: int = 0
+    started: float = 0.0
     disk_writes: float = 0.0
     disk_synced_at: float | None = 0.0
     _disk_left: float = 0.0
@@ -197,6 +202,7 @@ class Migration:
         writer: Writer = Writer.SEQUENTIAL,
         disk: int = 0,
         disk_writes: float = 0.0,
+        start: float = 0.0,
     ) -> None:
         if memory <= 0 or bandwidth <= 0:
             raise ValueError("memory and bandwidth must be positive")
@@ -206,7 +212,8 @@ class Migration:
         self.disk_writes = float(disk_writes)
         self._disk_left = float(disk)  # bytes of disk still to copy (0 once in sync)
         self._disk_rate = 0.0  # bytes/s the disk copy last moved
-        self.disk_synced_at = 0.0 if disk == 0 else None  # elapsed time the disks synced
+        start = max(0.0, float(start))
+        self.disk_synced_at = start if disk == 0 else None  # elapsed time the disks synced
         self.memory = memory
         self.working_set = min(working_set, memory)
         self.pattern = change_rate
@@ -220,20 +227,21 @@ class Migration:
         self.cap: float | None = plan.bandwidth
         self.budget = plan.blackout_budget
         self.phase = Phase.COPYING
-        self.elapsed = 0.0
+        self.elapsed = start
+        self.started = start
         self.passes = 1
         self.running_on = Side.SOURCE
         self.error: str | None = None
         self.finished_at: float | None = None  # elapsed time the job ended
         self.pass_remainders: list[float] = [float(memory)]  # bytes to send, per pass
-        self.pass_starts: list[float] = [0.0]  # elapsed time each pass began
+        self.pass_starts: list[float] = [start]  # elapsed time each pass began
 
         self._unsent = float(memory)  # bytes still to send in this pass
         self._dirty = 0.0  # distinct bytes dirtied since this pass began
         self._sync_left = 0.0
-        self._window = 0  # index of the last burst boundary whose check was made
-        self._pass_started = 0.0
-        self._period_started = 0.0  # the change-rate period (>= 1 s between updates)
+        self._window = self._window_at(start)  # the last burst boundary whose check was made
+        self._pass_started = start
+        self._period_started = start  # the change-rate period (>= 1 s between updates)
         self._period_dirty = 0.0  # bytes newly dirtied at the syncs of this period
         self._period_sent = 0.0  # bytes transferred when the period began
         self._stretch = 0.0  # distinct bytes the previous pass dirtied
@@ -421,6 +429,33 @@ class Migration:
         self._refuse_if_ended()
         if self._cancel_at is None:
             self._cancel_at = self.elapsed + self.tuning.cancel_delay
+
+    def again(self, plan: StartPlan, at: float) -> Migration:
+        """A new job of the same guest over the same link, started at elapsed time `at`
+        (after this one ended): copying begins anew (disks first, then memory) with
+        `plan`, the guest's writing goes on where it was, and the link stays as it is
+        (its share, and a break still counting towards the link's timeout)."""
+        if not self.phase.finished:
+            raise ActionRefused("the migration has not ended yet")
+        new = Migration(
+            memory=self.memory,
+            working_set=self.working_set,
+            change_rate=self.pattern,
+            bandwidth=self.link_bandwidth,
+            plan=plan,
+            source=self.source,
+            destination=self.destination,
+            tuning=self.tuning,
+            writer=self.writer,
+            disk=self.disk_total,
+            disk_writes=self.disk_writes,
+            start=max(at, self.elapsed),
+        )
+        if not self.link_up:
+            new.link_up = False
+            broken = self._link_broken_at
+            new._link_broken_at = new.elapsed if broken is None else broken
+        return new
 
     # ----------------------------------------------------------------- faults
 

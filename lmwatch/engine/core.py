@@ -14,11 +14,11 @@ import asyncio
 import builtins
 import concurrent.futures
 import dataclasses
-from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lmwatch import policies
 from lmwatch.clock import Clock, outside
 from lmwatch.drivers.base import Driver, NotOnSource, UnknownHost
 from lmwatch.engine import admission, machine, placing, recovery
@@ -175,7 +175,7 @@ class Engine:
             record=record,
             profile=profile,
             generation=self.profiles.generation,
-            history=deque(maxlen=self.settings.history),
+            track=policies.tracked((), self.settings.policy),
         )
         self._supervisions[record.id] = supervision
         self._book.add(record)

@@ -169,19 +169,20 @@ class Effects:
         if sample.time - supervision.progress_saved_at >= 5.0:
             supervision.progress_saved_at = sample.time
             self.update(supervision, None, "", progress=progress)
-        labels = metric_labels(supervision.record)
-        self.metrics.remaining.labels(*labels).set(sample.memory_remaining)
-        self.metrics.transfer_rate.labels(*labels).set(sample.transfer_rate)
-        self.metrics.change_rate.labels(*labels).set(sample.change_rate)
-        self.metrics.disk_remaining.labels(*labels).set(sample.disk_remaining)
-        self.metrics.disk_rate.labels(*labels).set(sample.disk_rate)
+        gauges = supervision.gauges
+        if gauges is None:
+            gauges = self.metrics.migration_gauges(metric_labels(supervision.record))
+            supervision.gauges = gauges
+        gauges.remaining.set(sample.memory_remaining)
+        gauges.transfer_rate.set(sample.transfer_rate)
+        gauges.change_rate.set(sample.change_rate)
+        gauges.disk_remaining.set(sample.disk_remaining)
+        gauges.disk_rate.set(sample.disk_rate)
         if prediction is not None:
             eta = prediction.eta_seconds
-            self.metrics.eta.labels(*labels).set(float("nan") if eta is None else eta)
+            gauges.eta.set(float("nan") if eta is None else eta)
             blackout = prediction.blackout_seconds
-            self.metrics.predicted_blackout.labels(*labels).set(
-                float("nan") if blackout is None else blackout
-            )
+            gauges.predicted_blackout.set(float("nan") if blackout is None else blackout)
 
     # -- metrics ------------------------------------------------------------------------
 
@@ -332,6 +333,60 @@ class Effects:
             self.update(supervision, None, "", **changes)
         if decision.note:
             self.event(supervision, "note", decision.note)
+
+    def intend_restart(
+        self, supervision: Supervision, decision: Decision, intent: dict[str, Any]
+    ) -> None:
+        """Record the policy's decision to start again, with the new plan, before the
+        job is stopped (a daemon restarted in between then starts the new job)."""
+        record = supervision.record
+        self.metrics.decisions.labels(Action.RESTART.value).inc()
+        data = {
+            "origin": "policy",
+            "rule": None if decision.rule is None else decision.rule.value,
+            "prediction": prediction_json(decision.prediction),
+            "slow_down_initial": decision.slow_down_initial,
+        }
+        self.update(
+            supervision,
+            "decision",
+            decision.reason,
+            action=Action.RESTART.value,
+            data=data,
+            restart=intent,
+        )
+        log.info(
+            "decision",
+            migration=record.id,
+            instance=record.instance,
+            origin="policy",
+            action=Action.RESTART.value,
+            reason=decision.reason,
+        )
+
+    def started_again(
+        self, supervision: Supervision, plan: StartPlan, restart: dict[str, Any]
+    ) -> None:
+        """The new job of a restart started: its plan is the migration's plan now."""
+        record = supervision.record
+        self.metrics.restarts.labels(record.profile_name).inc()
+        self.update(
+            supervision,
+            "state",
+            f"copying started again: {plan.reason}" if plan.reason else "copying started again",
+            state=State.COPYING,
+            plan=dataclasses.asdict(plan),
+            blackout_budget=plan.blackout_budget,
+            restart=restart,
+            data={"restarts": restart.get("count")},
+        )
+        log.info(
+            "started-again",
+            migration=record.id,
+            instance=record.instance,
+            restarts=restart.get("count"),
+            slow_down_initial=plan.slow_down_initial,
+        )
 
     def _log_continue(self, supervision: Supervision, decision: Decision) -> None:
         """Record 'continue' when the rule behind it changes, or every so often."""

@@ -28,6 +28,9 @@ class Status:
     paused: bool = False
     handed_over: bool = False
     cancelling: bool = False  # a cancel reached the hypervisor; wait for it to end
+    # The job is being stopped to start again with a new plan (`Action.RESTART`): its
+    # end as cancelled starts the new job instead of ending the migration.
+    restarting: bool = False
 
 
 # -- events ----------------------------------------------------------------------------
@@ -77,6 +80,11 @@ class Finish:
 
 
 @dataclass(frozen=True, slots=True)
+class StartAgain:
+    """The job stopped for a restart has ended as cancelled: start the new one."""
+
+
+@dataclass(frozen=True, slots=True)
 class CancelBeforeStart:
     """Record a queued migration as cancelled; nothing runs on a host yet."""
 
@@ -101,7 +109,7 @@ class Refuse:
     text: str
 
 
-Effect = EnterState | Decide | Finish | CancelBeforeStart | CancelJob | Refuse
+Effect = EnterState | Decide | Finish | StartAgain | CancelBeforeStart | CancelJob | Refuse
 
 
 def step(status: Status, event: Event) -> tuple[Status, tuple[Effect, ...]]:
@@ -116,8 +124,12 @@ def step(status: Status, event: Event) -> tuple[Status, tuple[Effect, ...]]:
 
 
 def _sampled(status: Status, phase: Phase) -> tuple[Status, tuple[Effect, ...]]:
+    if phase is Phase.CANCELLED and status.restarting:
+        return status, (StartAgain(),)
     if phase.finished:
         return status, (Finish(),)
+    if status.restarting:
+        return status, ()  # the job is being stopped: nothing to decide
     state = _STATE_OF_PHASE[phase]
     # Once the hypervisor took a cancel, nothing is decided: the job is ending.
     decide: tuple[Effect, ...] = () if status.cancelling else (Decide(),)

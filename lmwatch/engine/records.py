@@ -10,6 +10,7 @@ from typing import Any
 
 from lmwatch.engine.machine import Status
 from lmwatch.logs import get_logger
+from lmwatch.metrics import MigrationGauges
 from lmwatch.model import (
     Action,
     ChangeRate,
@@ -18,9 +19,9 @@ from lmwatch.model import (
     MigrationRequest,
     Phase,
     Prediction,
-    Sample,
     StartPlan,
 )
+from lmwatch.policies.track import Track
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import MigrationRecord
 
@@ -35,7 +36,7 @@ class Supervision:
     record: MigrationRecord
     profile: Profile
     generation: int
-    history: deque[Sample]
+    track: Track  # its samples, folded in as they come (what the estimators keep)
     # Operator commands waiting for the supervision task, oldest first (see `Command`).
     inbox: deque[Command] = field(default_factory=deque)
     mail: asyncio.Event = field(default_factory=asyncio.Event)  # set when the inbox fills
@@ -58,6 +59,7 @@ class Supervision:
     # they are (the value: whether a pause beyond the profile was accepted). Kept on
     # the timeline (`FORCE_PENDING` in an entry's data), so a restart restores it.
     force_pending: bool | None = None
+    gauges: MigrationGauges | None = None  # its per-migration series, looked up once
     beat: float | None = None  # clock time its supervision last came round (watchdog)
 
 
@@ -70,7 +72,14 @@ def status_of(supervision: Supervision) -> Status:
         paused=record.paused,
         handed_over=record.handed_over,
         cancelling=supervision.cancel_sent_at is not None,
+        restarting=restart_pending(supervision.record),
     )
+
+
+def restart_pending(record: MigrationRecord) -> bool:
+    """Whether the migration's job is being stopped to start again (the intent was
+    recorded; the new job has not started yet)."""
+    return bool((record.restart or {}).get("pending"))
 
 
 FORCE_PENDING = "force_pending"  # timeline data key: a pending force-complete, or None
@@ -153,5 +162,11 @@ def method_of(result: JobResult, record: MigrationRecord) -> Method:
     return Method.CONVERGED
 
 
+_PREDICTION_FIELDS = tuple(f.name for f in dataclasses.fields(Prediction))
+
+
 def prediction_json(prediction: Prediction | None) -> dict[str, Any] | None:
-    return None if prediction is None else dataclasses.asdict(prediction)
+    """The prediction as a dict (its fields are plain values: no deep copy needed)."""
+    if prediction is None:
+        return None
+    return {name: getattr(prediction, name) for name in _PREDICTION_FIELDS}

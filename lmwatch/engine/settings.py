@@ -15,7 +15,6 @@ class EngineSettings:
     error_tolerance: float = 90.0  # seconds of failing driver calls before a migration fails
     error_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0)
     continue_log_interval: float = 30.0  # how often an unchanged "continue" is logged
-    history: int = 900  # samples kept per migration for the estimators
     measure_change_rate: bool = True
     change_rate_max_age: float = 600.0  # seconds a pre-start measurement is reused for
     switchover_memory: int = 20  # measured switchover costs kept per host pair

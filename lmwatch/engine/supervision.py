@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import zlib
 from typing import Any
 
 from lmwatch import policies
 from lmwatch.clock import Clock
-from lmwatch.drivers.base import DriverError, Refused
+from lmwatch.drivers.base import ActionRefused, DriverError, Refused
 from lmwatch.engine import machine
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
@@ -30,6 +31,7 @@ from lmwatch.engine.records import (
     log,
     plan_from,
     request_of,
+    restart_pending,
     status_of,
 )
 from lmwatch.engine.recovery import Recovery
@@ -45,6 +47,7 @@ from lmwatch.model import (
     Phase,
     Rule,
     Sample,
+    StartPlan,
     State,
 )
 from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
@@ -57,6 +60,11 @@ def _refuse(effects: tuple[machine.Effect, ...]) -> None:
     for effect in effects:
         if isinstance(effect, machine.Refuse):
             raise Conflict(effect.text)
+
+
+def poll_phase(key: str, interval: float) -> float:
+    """A stable offset in [0, interval) for the polls of the migration `key`."""
+    return zlib.crc32(key.encode()) / 2**32 * interval
 
 
 class Supervisor:
@@ -87,7 +95,11 @@ class Supervisor:
                 result = await self.recovery.reattach(supervision)
                 if supervision.record.state.finished:
                     return  # the hypervisor stayed away too long; recorded as failed
-                if result is not None:
+                if restart_pending(supervision.record):
+                    if not await self._resume_restart(supervision, result):
+                        return
+                    self.effects.event(supervision, "note", "supervision resumed after a restart")
+                elif result is not None:
                     await self.effects.finish(
                         supervision, result, reason="ended while lmwatch was not watching"
                     )
@@ -199,6 +211,10 @@ class Supervisor:
 
     async def _supervise(self, supervision: Supervision) -> None:
         settings = self.settings
+        interval = settings.poll_interval
+        # The first poll is now; the next ones keep to this migration's own phase of
+        # the interval, so that migrations started together do not poll in one burst.
+        wait = poll_phase(supervision.record.id, interval) or interval
         while True:
             scheduled = self.clock.now()
             supervision.beat = scheduled
@@ -211,7 +227,7 @@ class Supervisor:
                     await self.take_commands(supervision)
                     continue
                 return
-            supervision.history.append(sample)
+            supervision.track.add(sample)
             event = machine.Sampled(sample.phase)
             _, todo = machine.step(status_of(supervision), event)
             for effect in todo:
@@ -224,8 +240,12 @@ class Supervisor:
                         self._enter(supervision, state, handed_over=handed_over)
                     case machine.Decide():
                         await self._decide(supervision, sample)
-            if await self._wait(supervision, settings.poll_interval):
-                self.effects.poll_lag(self.clock.now() - scheduled - settings.poll_interval)
+            # due one interval (the first time: the phase) after this poll began, however
+            # long the poll took
+            due = scheduled + wait
+            if await self._wait(supervision, max(0.0, due - self.clock.now())):
+                self.effects.poll_lag(self.clock.now() - due)
+            wait = interval
             await self.take_commands(supervision)
 
     async def _wait(self, supervision: Supervision, timeout: float) -> bool:
@@ -301,12 +321,12 @@ class Supervisor:
         profile allows, or once the local disks are in sync."""
         _, todo = machine.step(status_of(supervision), machine.ForceRequested())
         _refuse(todo)
-        if not supervision.history:
-            supervision.history.append(await self.sample(supervision))
+        if not supervision.track:
+            supervision.track.add(await self.sample(supervision))
         try:
             decision = policies.force_complete(
                 supervision.profile,
-                list(supervision.history),
+                supervision.track,
                 self.context(supervision),
                 self.clock.now(),
                 accept_pause,
@@ -315,7 +335,8 @@ class Supervisor:
         except policies.ForceRefused as refused:
             raise Conflict(refused.reason) from refused
         decision = dataclasses.replace(decision, rule=Rule.OPERATOR_FINISH)
-        if not supervision.history[-1].disks_in_sync:
+        latest = supervision.track.latest
+        if latest is not None and not latest.disks_in_sync:
             supervision.force_pending = accept_pause  # applied once they are in sync
             self.effects.event(
                 supervision,
@@ -338,7 +359,7 @@ class Supervisor:
         pending = supervision.force_pending is not None and sample.disks_in_sync
         decision = policies.decide(
             supervision.profile,
-            list(supervision.history),
+            supervision.track,
             self.context(supervision),
             self.clock.now(),
             self.settings.policy,
@@ -365,9 +386,114 @@ class Supervisor:
                     "finish now",
                     data={FORCE_PENDING: None},
                 )
+        if decision.action is Action.RESTART:
+            await self._restart(supervision, decision)
+            return
         # Nobody awaits a pending request's answer: a refusal is on the timeline.
         with contextlib.suppress(Conflict, DriverError):
             await self.effects.apply(supervision, decision, origin=origin)
+
+    # -- starting again ------------------------------------------------------------------
+
+    async def _restart(self, supervision: Supervision, decision: Decision) -> None:
+        """Stop the job and start it again with a higher slow-down start level.
+
+        The intent (with the new plan) is recorded before the job is cancelled, so a
+        daemon restarted in between starts the new job instead of reporting the
+        migration cancelled. A cancel the hypervisor refuses (the job is ending
+        anyway) drops the intent; supervising goes on."""
+        record = supervision.record
+        ctx = self.context(supervision)
+        plan = policies.restart_plan(ctx, decision)
+        before = dict(record.restart) if record.restart else None
+        intent = {
+            **(before or {}),
+            "count": ctx.restarts + 1,
+            "pending": True,
+            "plan": dataclasses.asdict(plan),
+            "planned_rate": decision.planned_rate,
+        }
+        self.effects.intend_restart(supervision, decision, intent)
+        try:
+            await self.effects.stop_job(supervision)
+        except DriverError as error:
+            self.effects.hypervisor_error(Action.RESTART.value)
+            self.effects.update(
+                supervision,
+                "error",
+                f"{Action.RESTART.value} failed: stopping the job: {error}; copying goes on",
+                restart=before,
+            )
+            return
+        supervision.cancel_sent_at = self.clock.now()
+        await self._resume_restart(supervision, None)
+
+    async def _resume_restart(self, supervision: Supervision, ended: JobResult | None) -> bool:
+        """Wait until the stopped job has ended, then start the new one; False when the
+        migration ended instead (recorded).
+
+        `ended`: the job's result when it is known to have ended already (re-attached
+        after a restart of lmwatch), else None. A job re-attached still running is
+        stopped first (lmwatch stopped before it could cancel it)."""
+        record = supervision.record
+        if ended is None and supervision.cancel_sent_at is None:
+            try:
+                await self.effects.stop_job(supervision)
+            except ActionRefused:
+                pass  # already being stopped, or it ended: the samples say which
+            except DriverError as error:
+                if not await self.recovery.tolerate(supervision, error, operation="cancel"):
+                    return False
+            supervision.cancel_sent_at = self.clock.now()
+        while ended is None:
+            supervision.beat = self.clock.now()
+            try:
+                sample = await self.sample(supervision)
+            except DriverError as error:
+                if await self.recovery.tolerate(supervision, error):
+                    continue
+                return False
+            _, todo = machine.step(status_of(supervision), machine.Sampled(sample.phase))
+            if machine.StartAgain() in todo:
+                break
+            if machine.Finish() in todo:
+                ended = await self.effects.result(supervision)
+                break
+            await self.effects.wait_event(supervision, self.settings.poll_interval)
+        # A job stopped by lmwatch shows as cancelled; read back after lmwatch restarted,
+        # a hypervisor may report it failed with the instance still on the source.
+        if ended is not None and not (
+            ended.phase is Phase.CANCELLED
+            or (ended.phase is Phase.FAILED and ended.running_on == record.source)
+        ):
+            await self.effects.finish(supervision, ended)
+            return False
+        return await self._start_again(supervision)
+
+    async def _start_again(self, supervision: Supervision) -> bool:
+        """Start the new job with the plan the intent recorded; False when it cannot
+        start (then the migration ends failed, the instance still on the source)."""
+        record = supervision.record
+        restart = dict(record.restart or {})
+        plan = StartPlan(**restart["plan"])
+        try:
+            await self.effects.start_job(supervision, plan)
+        except (DriverError, Refused) as error:
+            self.effects.hypervisor_error("start")
+            await self.effects.finish(
+                supervision,
+                JobResult(phase=Phase.FAILED, error=str(error), running_on=record.source),
+                reason=(
+                    "the job was stopped to start again with a higher slow-down, but the "
+                    f"new start failed: {error}; the instance keeps running on {record.source}"
+                ),
+            )
+            return False
+        supervision.track = policies.tracked((), self.settings.policy)  # a new job
+        supervision.cancel_sent_at = None
+        restart.update(pending=False, job_started_at=self.clock.now())
+        self.effects.started_again(supervision, plan, restart)
+        return True
 
     def _enter(self, supervision: Supervision, state: State, *, handed_over: bool) -> None:
         """Record that the job moved on to another phase."""
@@ -413,7 +539,7 @@ class Supervisor:
             )
         else:
             notes = policies.review_profile_change(supervision.profile, new, plan_from(record))
-            disk_bytes = max((s.disk_total for s in supervision.history), default=0)
+            disk_bytes = supervision.track.max_disk_total
             deadline = (
                 policies.deadline_at(new, record.memory_bytes, record.started_at, disk_bytes)
                 if record.started_at is not None
@@ -440,6 +566,12 @@ class Supervisor:
         record = supervision.record
         plan = plan_from(record)
         measured = supervision.change_rate
+        restart = record.restart or {}
+        job_started_at = restart.get("job_started_at")
+        rate = None if measured is None else measured.bytes_per_second
+        window = None if measured is None else measured.window
+        if job_started_at is not None:  # started again: planned for the rate seen then
+            rate, window = restart.get("planned_rate"), None
         return MigrationContext(
             started_at=record.started_at or record.created_at,
             memory_bytes=record.memory_bytes,
@@ -452,6 +584,8 @@ class Supervisor:
             accept_pause=supervision.pause_by_operator or bool(supervision.force_pending),
             handed_over=record.handed_over,
             switchover=self.learned.switchover(record.source, record.destination),
-            change_rate_before_start=None if measured is None else measured.bytes_per_second,
-            change_rate_window=None if measured is None else measured.window,
+            change_rate_before_start=rate,
+            change_rate_window=window,
+            restarts=int(restart.get("count") or 0),
+            job_started_at=job_started_at,
         )

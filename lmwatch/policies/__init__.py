@@ -4,10 +4,12 @@ No I/O, no clock, no randomness: every function depends only on its arguments.
 """
 
 from lmwatch.policies.completion import decide
-from lmwatch.policies.estimators import DEFAULT, PolicySettings, estimate
+from lmwatch.policies.estimators import DEFAULT, PolicySettings, estimate, tracked
 from lmwatch.policies.forcing import ForceRefused, force_complete
+from lmwatch.policies.restart import restart_plan
 from lmwatch.policies.review import review_profile_change
 from lmwatch.policies.start import deadline_at, plan_start
+from lmwatch.policies.track import Track
 from lmwatch.policies.violations import (
     Finish,
     Violation,
@@ -21,6 +23,7 @@ __all__ = [
     "Finish",
     "ForceRefused",
     "PolicySettings",
+    "Track",
     "Violation",
     "deadline_at",
     "decide",
@@ -29,6 +32,8 @@ __all__ = [
     "learned_switchover",
     "measured_switchover",
     "plan_start",
+    "restart_plan",
     "review_profile_change",
+    "tracked",
     "violations",
 ]

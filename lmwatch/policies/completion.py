@@ -32,6 +32,12 @@ The rules, in order (DESIGN.md section 4):
 9. near the start of a pass, a pause fits `max_pause` -> pause;
 10. the only evidence is one pass and its most hopeful reading still converges ->
     continue (one more pass decides; it is short);
+10b. the guest is being slowed (armed at start), it writes faster than the start
+    plan assumed, at the hypervisor's schedule of raising the slow-down copying does
+    not finish before the deadline, but a job started now at a higher start level
+    (chosen as the start plan chooses it, for the rate seen now, counting the time
+    to start again and the local disks' copy again) would -> start again with that
+    level (at most `max_restarts` times; never once paused or handed over);
 11. slowing the guest is armed and finishes before the deadline -> continue;
 12. the remainder still shrinks, the rates vary, or quieter phases were seen, and
     the deadline leaves time -> continue;
@@ -43,21 +49,22 @@ the operator set, while slowing degrades the guest for many passes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
-from lmwatch.model import Action, Decision, MigrationContext, Prediction, Rule, Sample
+from lmwatch.model import Action, Decision, MigrationContext, Prediction, Rule
 from lmwatch.policies.estimators import (
     DEFAULT,
     Analysis,
     DirtyModel,
     DiskOutlook,
+    History,
     PolicySettings,
     analyse,
     disk_outlook,
     duration_text,
     project,
     rate_text,
+    tracked,
 )
 from lmwatch.policies.forcing import (
     ForceRefused,
@@ -71,18 +78,22 @@ from lmwatch.policies.forcing import (
     pause_fits,
     pause_outlasting,
 )
+from lmwatch.policies.restart import restart_outlook, restart_reason
 from lmwatch.profiles.schema import OnDeadline, Profile
 from lmwatch.units import format_size
 
 
 def decide(
     profile: Profile,
-    history: Sequence[Sample],
+    history: History,
     ctx: MigrationContext,
     now: float,
     settings: PolicySettings = DEFAULT,
 ) -> Decision:
-    """The next step for a running migration; pure, never raises on valid input."""
+    """The next step for a running migration; pure, never raises on valid input.
+
+    `history` is the migration's samples, as a list or already folded (`Track`)."""
+    history = tracked(history, settings)
     a = analyse(history, ctx, settings)
     disks = disk_outlook(history, settings)
     prediction = a.prediction() if disks is None else disk_prediction(a, disks, ctx)
@@ -120,7 +131,7 @@ def decide(
         )
 
     if ctx.deadline_at is not None and now >= ctx.deadline_at - _deadline_lead(
-        profile, a, ctx, history, settings
+        profile, a, ctx, settings
     ):
         return replace(_on_deadline(profile, a, ctx, now, prediction, settings), rule=Rule.DEADLINE)
 
@@ -237,7 +248,6 @@ def _deadline_lead(
     profile: Profile,
     a: Analysis,
     ctx: MigrationContext,
-    history: Sequence[Sample],
     settings: PolicySettings,
 ) -> float:
     """How long before the deadline `on_deadline: complete` must act to finish in time."""
@@ -245,7 +255,7 @@ def _deadline_lead(
         return 0.0
     if not (handover_usable(profile, ctx) or profile.may_pause):
         return 0.0  # only copying itself can finish it: nothing to start early
-    poll = history[-1].time - history[-2].time if len(history) >= 2 else 1.0
+    poll = a.poll
     stop = (a.stop_seconds() or 0.0) * a.margin(
         max(settings.pause_safety, settings.handover_safety), settings
     )
@@ -615,6 +625,16 @@ def _beyond_blackout(
     assert a.transfer_rate
     copy = a.finish_bound / a.transfer_rate
     stop = copy + ctx.switchover
+    again = restart_outlook(profile, a, ctx, now, settings)
+    if again is not None:
+        return Decision(
+            Action.RESTART,
+            f"{head}; {restart_reason(again, settings)}",
+            replace(prediction, eta_seconds=again.seconds),
+            slow_down_initial=again.level,
+            planned_rate=again.rate,
+            rule=Rule.START_AGAIN,
+        )
     slowing = _slowing(profile, a, ctx, now, settings)
     if slowing is not None:
         return Decision(Action.CONTINUE, slowing, prediction, rule=Rule.SLOWING)

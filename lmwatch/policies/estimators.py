@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from lmwatch.model import MigrationContext, Phase, Prediction, Sample
+from lmwatch.policies.track import KEPT_PASSES, RECENT, PassSeen, Track
 from lmwatch.units import format_duration, format_size
 
 
@@ -63,6 +64,11 @@ class PolicySettings:
     # A start level is chosen to finish within this share of the deadline (the rest is
     # for a measurement before the start that saw less than the guest writes).
     slowdown_deadline_share: float = 0.5
+    # A slowed migration whose guest outgrew its start plan may be started again at a
+    # higher start level this many times; starting again (stopping the job, starting
+    # the new one) is assumed to cost `restart_seconds`.
+    max_restarts: int = 1
+    restart_seconds: float = 10.0
     fit_pairs: int = 4  # most recent (pass duration, remainder) pairs the model is fitted to
     # The hypervisor sends in bursts this long and checks before each one whether what is
     # left is below the threshold (transfer rate × budget); it judges the slow-down over
@@ -82,9 +88,22 @@ class PolicySettings:
     # once this share of the disks has been copied (the first moments say little).
     disk_window: float = 10.0
     disk_evidence_share: float = 0.05
+    # Passes remembered (and pairs read from samples several passes apart): older ones
+    # no longer count as evidence, so what is kept per migration stays bounded.
+    kept_passes: int = KEPT_PASSES
 
 
 DEFAULT = PolicySettings()
+
+History = Sequence[Sample] | Track  # a migration's samples, as a list or folded
+
+
+def tracked(history: History, settings: PolicySettings = DEFAULT) -> Track:
+    """`history` folded into a track (itself when it is one)."""
+    if isinstance(history, Track):
+        return history
+    return Track.of(history, settings.kept_passes, settings.disk_window)
+
 
 _MAX_PROJECTED_PASSES = 400
 _NO_WRITES = 1e-3  # bytes/s of disk writes below which there are none
@@ -235,6 +254,7 @@ class Analysis:
     switchover: float
     in_pass: float = 0.0  # seconds since the current pass began (0 when not seen)
     rate_variation: float = 0.0  # coefficient of variation of recent transfer rates
+    poll: float = 1.0  # seconds between the last two samples (1 with fewer samples)
 
     def margin(self, minimum: float, settings: PolicySettings) -> float:
         """Factor a predicted duration is multiplied by before it is held to a bound."""
@@ -336,18 +356,18 @@ def disk_sync_seconds(remaining: float, total: float, rate: float, writes: float
     return math.log1p(remaining * writes / (total * (rate - writes))) * total / writes
 
 
-def disk_outlook(
-    history: Sequence[Sample], settings: PolicySettings = DEFAULT
-) -> DiskOutlook | None:
+def disk_outlook(history: History, settings: PolicySettings = DEFAULT) -> DiskOutlook | None:
     """The disk copy's outlook; None when there are no local disks or they are in sync."""
-    if not history:
+    track = tracked(history, settings)
+    latest = track.latest
+    if latest is None:
         return None
-    latest = history[-1]
     if latest.disk_total <= 0 or latest.disks_in_sync or latest.phase is not Phase.COPYING:
         return None
     total = float(latest.disk_total)
-    copying = [s for s in history if s.disk_total > 0 and not s.disks_in_sync]
-    rates = [s.disk_rate for s in copying[-30:] if s.disk_rate > 0]
+    copying = track.copying
+    rates = [s.disk_rate for s in itertools.islice(reversed(copying), RECENT) if s.disk_rate > 0]
+    rates.reverse()
     rate = _ewma(rates, settings.ewma_alpha)
     writes: float | None = None
     evidence = False
@@ -396,25 +416,26 @@ def _variation(values: Sequence[float]) -> float:
     return statistics.pstdev(values) / mean
 
 
-def _transfer_rate(history: Sequence[Sample], alpha: float) -> float | None:
-    readings = [s.transfer_rate for s in history[-30:] if s.transfer_rate > 0]
+def _transfer_rate(track: Track, alpha: float) -> float | None:
+    readings = [s.transfer_rate for s in track.recent if s.transfer_rate > 0]
     rate = _ewma(readings, alpha)
     if rate is not None:
         return rate
-    history = [s for s in history if s.disks_in_sync]  # memory moves only once they are
-    if len(history) >= 2:
-        moved = history[-1].memory_transferred - history[0].memory_transferred
-        elapsed = history[-1].time - history[0].time
+    first, last = track.first_synced, track.last_synced  # memory moves only once in sync
+    if track.synced >= 2 and first is not None and last is not None:
+        moved = last.memory_transferred - first.memory_transferred
+        elapsed = last.time - first.time
         if moved > 0 and elapsed > 0:
             return moved / elapsed
     return None
 
 
 def observe_passes(
-    history: Sequence[Sample],
+    history: History,
     ctx: MigrationContext,
     bandwidth: float | None,
     interval: float = DEFAULT.recount_interval,
+    settings: PolicySettings = DEFAULT,
 ) -> list[PassRecord]:
     """Passes whose start the samples show, with their sizes and durations.
 
@@ -422,7 +443,8 @@ def observe_passes(
     lies between the last sample of one and the first of the next), or for pass 1,
     which starts with the migration. After a restart the samples begin mid-pass:
     that pass is not counted, so evidence is rebuilt from what is seen, never
-    guessed from a single sample.
+    guessed from a single sample. Only the passes the track keeps count (the last
+    `kept_passes`, as if the samples began with the pass before them).
 
     The pass before was counted again once what it had left fell below the threshold
     (transfer rate × the budget then), before the next burst of `interval` seconds
@@ -430,44 +452,21 @@ def observe_passes(
     new pass. Where the boundary lies between two samples does not change what was
     rewritten: what is left now, plus what was sent since, minus what was left then.
     """
-    first: dict[int, Sample] = {}
-    last: dict[int, Sample] = {}
-    peak: dict[int, int] = {}
-    order: list[int] = []
-    memory_start: float | None = ctx.started_at
-    behind = [i for i, s in enumerate(history) if s.disk_total > 0 and not s.disks_in_sync]
-    if behind:
-        # Memory's pass 1 begins when the disks are in sync: between the last sample
-        # that saw them behind and the next one (estimated from the rate they moved at).
-        tail = history[behind[-1]]
-        nxt = history[behind[-1] + 1] if behind[-1] + 1 < len(history) else None
-        at = tail.time + (tail.disk_remaining / tail.disk_rate if tail.disk_rate > 0 else 0.0)
-        memory_start = at if nxt is None else min(max(at, tail.time), nxt.time)
-        history = history[behind[-1] + 1 :]
-    elif history and history[0].disk_total > 0:
-        memory_start = None  # the disks synced before these samples: pass 1's start unseen
-    for sample in history:
-        n = sample.passes
-        if n < 1:
-            continue
-        if n not in first:
-            first[n] = sample
-            order.append(n)
-            peak[n] = sample.memory_remaining
-        else:
-            peak[n] = max(peak[n], sample.memory_remaining)
-        last[n] = sample
+    track = tracked(history, settings)
+    memory_start = track.memory_start(
+        ctx.started_at if ctx.job_started_at is None else ctx.job_started_at
+    )
     starts: list[tuple[int, float, float, float, float]] = []  # number, start, size, slow, rest
-    previous: int | None = None
-    for n in order:
-        head = first[n]
+    previous: PassSeen | None = None
+    for seen in track.passes():
+        n, head = seen.number, seen.head
         start: float | None = None
         carried = 0.0
         if n == 1:
             start = memory_start
-            size = float(max(peak[n], head.memory_total or ctx.memory_bytes))
-        elif previous == n - 1 and bandwidth:
-            tail = last[n - 1]
+            size = float(max(seen.peak, head.memory_total or ctx.memory_bytes))
+        elif previous is not None and previous.number == n - 1 and bandwidth:
+            tail = previous.last
             threshold = bandwidth * max(0.0, tail.blackout_budget)
             moved = max(0.0, float(head.memory_transferred - tail.memory_transferred))
             # what the pass before still sent: down to the threshold, or all of it
@@ -481,11 +480,11 @@ def observe_passes(
             # the two samples beyond that (no more than the link could move; nothing is
             # sent while the pass starts up).
             sent = min(moved - before, bandwidth * (head.time - start))
-            size = max(float(peak[n]), head.memory_remaining + sent)
+            size = max(float(seen.peak), head.memory_remaining + sent)
             carried = min(carried, size)
         if start is not None:
             starts.append((n, start, size, head.slowdown, carried))
-        previous = n
+        previous = seen
     records: list[PassRecord] = []
     for i, (n, start, size, slow, carried) in enumerate(starts):
         duration = None
@@ -495,9 +494,7 @@ def observe_passes(
     return records
 
 
-def _pairs(
-    records: Sequence[PassRecord], history: Sequence[Sample]
-) -> list[tuple[float, float, float]]:
+def _pairs(records: Sequence[PassRecord], track: Track) -> list[tuple[float, float, float]]:
     """(duration of pass n, slow-down during it, bytes rewritten during it), oldest first.
 
     What pass n+1 had to send, less the rest pass n carried over to it.
@@ -512,14 +509,7 @@ def _pairs(
         if rec_a.duration is not None and rec_b.number == rec_a.number + 1:
             rewritten = max(0.0, rec_b.size - rec_b.carried)
             timed.append((rec_b.started, (rec_a.duration, rec_a.slowdown, rewritten)))
-    for a, b in itertools.pairwise(history):
-        jump = b.passes - a.passes
-        if jump < 2 or a.passes < 2 or b.phase is not Phase.COPYING:
-            continue
-        moved = b.memory_transferred - a.memory_transferred
-        elapsed = b.time - a.time
-        if moved >= 0 and elapsed > 0:
-            timed.append((b.time, (elapsed / jump, b.slowdown, moved / jump)))
+    timed.extend(track.jumps)  # the last `kept_passes` of them
     timed.sort(key=lambda item: item[0])
     return [pair for _, pair in timed]
 
@@ -649,21 +639,22 @@ def quiet_rate(
 
 
 def analyse(
-    history: Sequence[Sample], ctx: MigrationContext, settings: PolicySettings = DEFAULT
+    history: History, ctx: MigrationContext, settings: PolicySettings = DEFAULT
 ) -> Analysis:
     """Derive rates, the dirtying model, floor, convergence and ETA from the samples."""
-    if not isinstance(history, list | tuple):
-        history = tuple(history)
-    latest = history[-1] if history else None
+    track = tracked(history, settings)
+    recent = track.recent
+    latest = track.latest
+    before = track.previous
     memory = latest.memory_total if latest and latest.memory_total > 0 else ctx.memory_bytes
     remaining = latest.memory_remaining if latest else memory
     passes = latest.passes if latest else 0
-    rate = _transfer_rate(history, settings.ewma_alpha)
-    records = observe_passes(history, ctx, rate, settings.recount_interval)
-    pairs = _pairs(records, history)
-    recent = pairs[-settings.fit_pairs :]
+    rate = _transfer_rate(track, settings.ewma_alpha)
+    records = observe_passes(track, ctx, rate, settings.recount_interval, settings)
+    pairs = _pairs(records, track)
+    last_pairs = pairs[-settings.fit_pairs :]
     model = fit_model(
-        _telling(pairs, recent), memory, ctx.change_rate_before_start, ctx.change_rate_window
+        _telling(pairs, last_pairs), memory, ctx.change_rate_before_start, ctx.change_rate_window
     )
     # the time a pass took beyond sending what it sent (its size less the rest carried on)
     overheads = [
@@ -672,15 +663,15 @@ def analyse(
         if rate and (d := a.duration) is not None and a.number >= 2 and b.number == a.number + 1
     ]
     overhead = statistics.median(overheads[-5:]) if overheads else 0.0
-    reported = [s.change_rate for s in history[-30:] if s.passes >= 2 and s.change_rate > 0]
+    reported = [s.change_rate for s in recent if s.passes >= 2 and s.change_rate > 0]
     change = _ewma(reported, settings.ewma_alpha)
 
     level = latest.slowdown if latest else 0.0
     current = records[-1] if records and records[-1].number == passes else None
     in_pass = max(0.0, latest.time - current.started) if latest and current else 0.0
-    poll = history[-1].time - history[-2].time if len(history) >= 2 else 1.0
+    poll = latest.time - before.time if latest and before else 1.0
     fresh = current is None or in_pass <= max(2.0 * poll, 0.1 * current.size / (rate or 1.0))
-    if len(history) >= 2 and history[-1].passes - history[-2].passes >= 2:
+    if latest and before and latest.passes - before.passes >= 2:
         fresh = True  # passes are shorter than the time between samples
     finish = float(remaining)
     if model is not None:
@@ -698,7 +689,7 @@ def analyse(
         ]
     )
     written = 2 * fastest * in_pass if latest is not None and current else 0.0
-    if model is not None and len(recent) >= 2:  # a fitted working set bounds it too
+    if model is not None and len(last_pairs) >= 2:  # a fitted working set bounds it too
         written = min(written, model.working_set)
     bound = remaining + written
     if latest is not None and current is None:  # the pass's start was not seen
@@ -723,9 +714,9 @@ def analyse(
     sizes = [r.size for r in records if r.number >= 2]
     shrinking = len(sizes) >= 2 and sizes[-1] < settings.plateau_ratio * sizes[-2]
     confidence = 0.0
-    if model is not None and len(recent) >= 1:
-        evidence = min(1.0, len(recent) / 3)
-        variation = _variation(_pair_rates(recent, model)) if len(recent) >= 2 else 0.5
+    if model is not None and len(last_pairs) >= 1:
+        evidence = min(1.0, len(last_pairs) / 3)
+        variation = _variation(_pair_rates(last_pairs, model)) if len(last_pairs) >= 2 else 0.5
         confidence = round(evidence * (1.0 - min(1.0, variation)), 3)
 
     analysis = Analysis(
@@ -751,7 +742,8 @@ def analyse(
         fresh=fresh,
         switchover=ctx.switchover,
         in_pass=in_pass,
-        rate_variation=_variation([s.transfer_rate for s in history[-30:] if s.transfer_rate > 0]),
+        rate_variation=_variation([s.transfer_rate for s in recent if s.transfer_rate > 0]),
+        poll=poll,
     )
     # "Converges" means on its own at the current slow-down; the ETA counts the
     # slow-down the hypervisor will add when it was armed at start.
@@ -766,7 +758,7 @@ def analyse(
 
 
 def estimate(
-    history: Sequence[Sample], ctx: MigrationContext, settings: PolicySettings = DEFAULT
+    history: History, ctx: MigrationContext, settings: PolicySettings = DEFAULT
 ) -> Prediction:
     """The prediction reported on every migration (ETA, blackout, convergence)."""
     return analyse(history, ctx, settings).prediction()

@@ -13,24 +13,26 @@ that it applies once the disks are in sync (the engine keeps it until then).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
-from lmwatch.model import Action, Decision, MigrationContext, Phase, Prediction, Sample
+from lmwatch.model import Action, Decision, MigrationContext, Phase, Prediction
 from lmwatch.policies.estimators import (
     DEFAULT,
     Analysis,
+    History,
     PolicySettings,
     analyse,
     disk_outlook,
     duration_text,
     rate_text,
+    tracked,
 )
+from lmwatch.policies.track import PAUSE_WINDOW
 from lmwatch.policies.violations import pause_bound
 from lmwatch.profiles.schema import Profile
 from lmwatch.units import format_size
 
-_RATE_WINDOW = 1.0  # seconds: the shortest span a paused transfer rate is measured over
+_RATE_WINDOW = PAUSE_WINDOW  # seconds: the shortest span a paused rate is measured over
 
 
 class ForceRefused(Exception):
@@ -77,20 +79,19 @@ def pause_fits(
     return stop * analysis.margin(settings.pause_safety, settings) <= profile.max_pause
 
 
-def already_finishing(history: Sequence[Sample], ctx: MigrationContext) -> str | None:
+def already_finishing(history: History, ctx: MigrationContext) -> str | None:
     """Why there is nothing to do, when the migration is past copying."""
     if ctx.handed_over:
         return "it has been handed over; the rest of its memory is arriving"
     if ctx.paused:
         return "it is paused; the rest of its memory is being copied"
-    if history and history[-1].phase is not Phase.COPYING:
-        return f"it is {history[-1].phase.value}"
+    latest = tracked(history).latest
+    if latest is not None and latest.phase is not Phase.COPYING:
+        return f"it is {latest.phase.value}"
     return None
 
 
-def pause_outlasting(
-    profile: Profile, history: Sequence[Sample], ctx: MigrationContext
-) -> str | None:
+def pause_outlasting(profile: Profile, history: History, ctx: MigrationContext) -> str | None:
     """Why our pause will outlast its bound at the rate the rest now moves, or None.
 
     A pause is chosen because its copy was predicted to fit; if the link then stalls
@@ -102,10 +103,11 @@ def pause_outlasting(
     """
     if not ctx.paused or ctx.handed_over or ctx.accept_pause:
         return None
-    stopped = [s for s in history if s.phase is Phase.COMPLETING]
-    if len(stopped) < 2:
+    track = tracked(history)
+    stopped = track.stopped  # the latest samples taken while it was stopped
+    if track.stopped_count < 2 or track.first_stopped is None:
         return None
-    start = ctx.paused_at if ctx.paused_at is not None else stopped[0].time
+    start = ctx.paused_at if ctx.paused_at is not None else track.first_stopped.time
     last = stopped[-1]
     before = next((s for s in reversed(stopped) if s.time <= last.time - _RATE_WINDOW), None)
     if before is None:
@@ -249,7 +251,7 @@ def nothing_allowed(profile: Profile, ctx: MigrationContext) -> str:
 
 def force_complete(
     profile: Profile,
-    history: Sequence[Sample],
+    history: History,
     ctx: MigrationContext,
     now: float,
     accept_pause: bool,
@@ -259,15 +261,16 @@ def force_complete(
 
     Raises `ForceRefused` when the profile allows none and `accept_pause` is False.
     """
-    analysis = analyse(history, ctx, settings)
-    done = already_finishing(history, ctx)
+    track = tracked(history, settings)
+    analysis = analyse(track, ctx, settings)
+    done = already_finishing(track, ctx)
     if done is not None:
         return Decision(
             Action.CONTINUE,
             f"nothing to force: {done}",
             analysis.prediction(),
         )
-    disks = disk_outlook(history, settings)
+    disks = disk_outlook(track, settings)
     if disks is not None:
         when = (
             f"in about {duration_text(disks.seconds)}"

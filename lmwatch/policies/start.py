@@ -6,6 +6,8 @@ whenever the profile allows them and the hosts can do them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lmwatch.model import Capabilities, InstanceInfo, StartPlan
 from lmwatch.policies.estimators import (
     DEFAULT,
@@ -126,41 +128,115 @@ def initial_slowdown(
     `slowdown_deadline_share` of what the deadline leaves after the local disks are
     copied (at the link's bandwidth, before memory). None finishing: the highest.
     """
-    least = 1 - bandwidth * (1 - settings.convergence_margin) / change_rate
-    base = round(min(settings.max_initial_slowdown, max(settings.slow_down_initial, least)), 2)
+    base = least_slowdown(change_rate, bandwidth, settings)
     deadline = profile.deadline_seconds(memory + disk_bytes)
     if deadline is None:
         return base, ""
     target = max(0.0, deadline - disk_bytes / bandwidth) * settings.slowdown_deadline_share
-    finish = budget
-    if profile.may_pause:
-        finish = max(finish, (profile.max_pause - switchover) / settings.pause_safety)
-    model = DirtyModel(rate=change_rate, working_set=float(memory))
-    level = base
-    while True:
-        projection = project(
-            model,
-            bandwidth,
-            finish,
-            unsent=float(memory),
-            elapsed_in_pass=0.0,
-            overhead=0.0,
-            switchover=switchover,
-            slow_step=settings.slow_down_step,
-            slow_initial=level,
-            slow_armed=True,
-            settings=settings,
+    choice = choose_slowdown(
+        profile, memory, change_rate, bandwidth, budget, switchover, target, settings
+    )
+    if choice.fits:
+        if choice.level <= base:
+            return base, ""
+        return choice.level, (
+            f"; a lower level would not finish within {duration_text(target)} "
+            f"(of the {duration_text(deadline)} deadline)"
         )
-        if projection.seconds is not None and projection.seconds <= target:
-            if level <= base:
-                return base, ""
-            return level, (
-                f"; a lower level would not finish within {duration_text(target)} "
-                f"(of the {duration_text(deadline)} deadline)"
-            )
+    return choice.level, (
+        f"; no level finishes within {duration_text(target)} "
+        f"(of the {duration_text(deadline)} deadline) on that measurement"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SlowdownChoice:
+    """A slow-down start level and what its projection says."""
+
+    level: float
+    seconds: float | None  # from the start to the end of the job at that level; None: never
+    fits: bool  # `seconds` is within the target the level was chosen for
+
+
+def least_slowdown(change_rate: float, bandwidth: float, settings: PolicySettings) -> float:
+    """The level that barely brings `change_rate` under the link's (at least the default
+    start level, at most `max_initial_slowdown`)."""
+    least = 1 - bandwidth * (1 - settings.convergence_margin) / change_rate
+    return round(min(settings.max_initial_slowdown, max(settings.slow_down_initial, least)), 2)
+
+
+def start_projection(
+    profile: Profile,
+    memory: int,
+    change_rate: float,
+    bandwidth: float,
+    budget: float,
+    switchover: float,
+    level: float,
+    settings: PolicySettings = DEFAULT,
+    *,
+    working_set: float | None = None,
+) -> float | None:
+    """Seconds a job started now takes to finish with slowing from `level`, the guest
+    rewriting at `change_rate` over `working_set` (unknown before the start: all of
+    its memory) and the hypervisor raising the level on its schedule; it finishes once
+    what is left fits the budget, or a pause where the profile allows one. None: never."""
+    written = float(memory) if working_set is None else min(float(memory), working_set)
+    return project(
+        DirtyModel(rate=change_rate, working_set=written),
+        bandwidth,
+        finish_budget(profile, budget, switchover, settings),
+        unsent=float(memory),
+        elapsed_in_pass=0.0,
+        overhead=0.0,
+        switchover=switchover,
+        slow_step=settings.slow_down_step,
+        slow_initial=level,
+        slow_armed=True,
+        settings=settings,
+    ).seconds
+
+
+def finish_budget(
+    profile: Profile, budget: float, switchover: float, settings: PolicySettings
+) -> float:
+    """Seconds of copy the final stop may take: the blackout budget, or a pause where
+    the profile allows one."""
+    if profile.may_pause:
+        return max(budget, (profile.max_pause - switchover) / settings.pause_safety)
+    return budget
+
+
+def choose_slowdown(
+    profile: Profile,
+    memory: int,
+    change_rate: float,
+    bandwidth: float,
+    budget: float,
+    switchover: float,
+    target: float,
+    settings: PolicySettings = DEFAULT,
+    *,
+    working_set: float | None = None,
+) -> SlowdownChoice:
+    """The lowest start level, from `least_slowdown` up to `max_initial_slowdown` in
+    steps of `slow_down_step`, whose `start_projection` finishes within `target`
+    seconds; none finishing: the highest, with `fits` false."""
+    level = least_slowdown(change_rate, bandwidth, settings)
+    while True:
+        seconds = start_projection(
+            profile,
+            memory,
+            change_rate,
+            bandwidth,
+            budget,
+            switchover,
+            level,
+            settings,
+            working_set=working_set,
+        )
+        if seconds is not None and seconds <= target:
+            return SlowdownChoice(level, seconds, True)
         if level >= settings.max_initial_slowdown - 1e-9:
-            return level, (
-                f"; no level finishes within {duration_text(target)} "
-                f"(of the {duration_text(deadline)} deadline) on that measurement"
-            )
+            return SlowdownChoice(level, seconds, False)
         level = round(min(settings.max_initial_slowdown, level + settings.slow_down_step), 2)

@@ -1,0 +1,13 @@
+"""Several daemons on one PostgreSQL database: members, leases with fencing.
+
+- `pg`: connections (psycopg 3, synchronous, one connection per thread);
+- `schema`: the tables (`cluster_members`, `cluster_leases`);
+- `leases`: register and renew a member, offer, claim, release and retire work,
+  writes fenced by a claim's token;
+- `keeper`: the thread that keeps a member's lease and says when it may act;
+- `hosts`: one round of a member taking its share of the source hosts.
+
+The decisions (when to renew, when to stop acting, which member gets which host)
+are pure functions in `lmwatch.policies.leases`. docs/cluster.md says what exists
+and what comes next.
+"""

@@ -1,0 +1,39 @@
+"""Connections to PostgreSQL.
+
+The driver is psycopg 3, used synchronously, one connection per thread. lmwatch's
+store writes through one writer thread that makes plain blocking calls (the SQLite
+store's shape, which the PostgreSQL store keeps), and the lease keeper is a thread
+of its own: both want a blocking driver whose connection belongs to one thread.
+asyncpg is asyncio-only, so it would need a second event loop in each such thread
+or a move of the store's writes onto the daemon's loop; psycopg 3 fits the threads
+as they are, still offers an async API if that changes, and its binary wheel brings
+its own libpq (the `postgres` extra), so a deployment needs nothing else installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+Connection = psycopg.Connection[Any]
+# The errors that mean "the database cannot be reached now" (server gone, restarted,
+# connection cut): retry on a new connection.
+Unreachable = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+def connect(url: str, *, timeout: float = 5.0) -> Connection:
+    """An autocommit connection (transactions are explicit: `with conn.transaction()`),
+    with TCP keepalives so that a dead peer is noticed while idle, and a limit on how
+    long sent data may go unacknowledged (a partition) before the connection fails."""
+    return psycopg.connect(
+        url,
+        autocommit=True,
+        connect_timeout=max(1, round(timeout)),
+        keepalives=1,
+        keepalives_idle=max(1, round(timeout)),
+        keepalives_interval=1,
+        keepalives_count=3,
+        tcp_user_timeout=max(1000, round(timeout * 1000)),
+        application_name="lmwatch",
+    )

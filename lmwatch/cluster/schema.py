@@ -1,0 +1,33 @@
+"""The cluster's tables, created once by whichever member comes first."""
+
+from __future__ import annotations
+
+from lmwatch.cluster.pg import Connection
+
+# Taken while creating the tables, so that members starting at once do not race.
+_SCHEMA_LOCK = 0x6C6D_7761_7463_6801
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cluster_members (
+    id bigserial PRIMARY KEY,
+    name text NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    expires_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cluster_leases (
+    kind text NOT NULL,
+    key text NOT NULL,
+    owner bigint,
+    token bigint NOT NULL DEFAULT 0,
+    claimed_at timestamptz,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX IF NOT EXISTS cluster_leases_owner ON cluster_leases (owner);
+"""
+
+
+def ensure_schema(conn: Connection) -> None:
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+            conn.execute(statement)

@@ -1,0 +1,170 @@
+"""Starting a slowed migration again at a higher slow-down start level.
+
+The hypervisor raises its slow-down by a fixed step every few passes from the level
+it started at, and neither can be changed while the job runs. When the guest's
+writing grew beyond what the start plan was made for (a measurement before the
+start saw a quieter guest), that schedule can run past the deadline, while a job
+started now at a higher level, chosen as the start plan chooses it but for the rate
+seen now, would still finish in time. Starting again loses what was copied (and the
+local disks' copy) and costs the time to stop the job and start the new one; the
+projection counts all of it from now.
+
+`restart_outlook` is the one calculation: the reason text, the prediction and the
+decision all read its figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from lmwatch.model import Decision, MigrationContext, Sample, StartPlan
+from lmwatch.policies.estimators import Analysis, PolicySettings, duration_text, project, rate_text
+from lmwatch.policies.start import choose_slowdown, finish_budget
+from lmwatch.profiles.schema import Profile
+
+
+@dataclass(frozen=True, slots=True)
+class RestartOutlook:
+    """The current job at the hypervisor's schedule against a job started again now."""
+
+    rate: float  # bytes/s the guest writes now (unslowed), as the passes show
+    assumed: float | None  # bytes/s the start plan was made for (None: not measured)
+    level_now: float  # the slow-down in force now
+    current: float | None  # seconds until the current job finishes; None: never
+    level: float  # the new job's start level
+    seconds: float  # from now until the new job finishes: cost, disks again, memory
+    cost: float  # of `seconds`, stopping this job and starting the new one
+    disks: float  # of `seconds`, copying the local disks again
+    left: float  # seconds until the deadline
+
+
+def restart_outlook(
+    profile: Profile,
+    a: Analysis,
+    ctx: MigrationContext,
+    now: float,
+    settings: PolicySettings,
+) -> RestartOutlook | None:
+    """The case for starting again now, or None when there is none.
+
+    There is one when the guest is being slowed (armed at start), this migration was
+    not started again already (`max_restarts`), it is still copying, there is
+    evidence (a pass seen from its start to its end), the guest writes faster than
+    the start plan assumed, the current job at the hypervisor's own schedule does not
+    finish before the deadline, and a job started now at a level above the one in
+    force would (the cost of starting again and the disks' copy included).
+
+    The new job's projection is the start plan's (`start.choose_slowdown`), fed with
+    the write rate and the working set the passes show.
+    """
+    plan = ctx.plan
+    latest = a.latest
+    if not (plan.arm_slow_down and profile.may_slow_down) or ctx.deadline_at is None:
+        return None
+    if ctx.restarts >= settings.max_restarts or ctx.paused or ctx.handed_over:
+        return None
+    if latest is None or a.model is None or not a.transfer_rate or a.pairs < 1:
+        return None  # no evidence yet: not a pass seen from its start to its end
+    rate = a.model.rate
+    assumed = ctx.change_rate_before_start
+    if assumed is not None and rate <= assumed:
+        return None  # the start plan was made for this rate already
+    left = ctx.deadline_at - now
+    finish = finish_budget(profile, ctx.blackout_budget, ctx.switchover, settings)
+    current = project(
+        a.model,
+        a.transfer_rate,
+        finish,
+        unsent=float(a.remaining),
+        elapsed_in_pass=a.in_pass,
+        overhead=a.overhead,
+        switchover=ctx.switchover,
+        slowdown=latest.slowdown,
+        slow_step=plan.slow_down_step,
+        slow_initial=plan.slow_down_initial,
+        slow_armed=True,
+        settings=settings,
+    ).seconds
+    if current is not None and current <= left:
+        return None  # the current schedule finishes in time
+    disks = _disk_bytes(latest) / a.transfer_rate
+    available = left - settings.restart_seconds - disks
+    if available <= 0:
+        return None
+    # The lowest level that finishes within the share of what is left the start plan
+    # keeps (the guest may still be growing); none does: the highest, if it finishes.
+    choice = choose_slowdown(
+        profile,
+        a.memory,
+        rate,
+        a.transfer_rate,
+        ctx.blackout_budget,
+        ctx.switchover,
+        available * settings.slowdown_deadline_share,
+        settings,
+        working_set=a.model.working_set,
+    )
+    if choice.seconds is None or choice.seconds > available:
+        return None
+    level_now = max(latest.slowdown, plan.slow_down_initial)
+    if choice.level <= level_now + 1e-9:
+        return None  # no higher level than the one in force: starting again gains nothing
+    return RestartOutlook(
+        rate=rate,
+        assumed=assumed,
+        level_now=latest.slowdown,
+        current=current,
+        level=choice.level,
+        seconds=settings.restart_seconds + disks + choice.seconds,
+        cost=settings.restart_seconds,
+        disks=disks,
+        left=left,
+    )
+
+
+def restart_reason(outlook: RestartOutlook, settings: PolicySettings) -> str:
+    """What an operator reads: the evidence and the two projections."""
+    o = outlook
+    assumed = "" if o.assumed is None else f" (the start plan was made for {rate_text(o.assumed)})"
+    if o.current is None:
+        current = "copying would not finish"
+    else:
+        current = (
+            f"copying would finish in about {duration_text(o.current)}, "
+            f"past the deadline in {duration_text(o.left)}"
+        )
+    again = f"about {duration_text(o.cost)} to start again"
+    if o.disks > 0:
+        again += f" and {duration_text(o.disks)} to copy the local disks again"
+    return (
+        f"the guest now writes about {rate_text(o.rate)}{assumed}; slowed by "
+        f"{o.level_now:.0%} now and raised by {settings.slow_down_step:.0%} every "
+        f"{settings.slow_down_passes_per_step} passes, {current}; starting again with the "
+        f"slow-down from {o.level:.0%} finishes in about {duration_text(o.seconds)} "
+        f"({again}); starting again"
+    )
+
+
+def _disk_bytes(sample: Sample) -> int:
+    return sample.disk_total
+
+
+def restart_plan(ctx: MigrationContext, decision: Decision) -> StartPlan:
+    """The plan a migration is started again with, after `decision` (an
+    `Action.RESTART`): the same as before, with the new slow-down start level and the
+    blackout budget in force now."""
+    plan = ctx.plan
+    level = decision.slow_down_initial
+    if level is None:
+        raise ValueError("a restart decision carries its slow-down start level")
+    rate = decision.planned_rate
+    wrote = "" if rate is None else f" for a guest writing about {rate_text(rate)}"
+    return replace(
+        plan,
+        slow_down_initial=level,
+        blackout_budget=ctx.blackout_budget,
+        reason=(
+            f"started again with the slow-down armed at {level:.0%} from the start "
+            f"(was {plan.slow_down_initial:.0%}){wrote}"
+        ),
+    )

@@ -1,0 +1,101 @@
+"""The harness the engine tests share: an engine on a simulated inventory, in virtual
+time, with its profiles, store and metrics, and what a test does with it (submit,
+run until finished, read the actions taken, restart the daemon)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmwatch.clock import VirtualClock
+from lmwatch.drivers.inventory import load_inventory_text
+from lmwatch.drivers.sim import SimDriver
+from lmwatch.drivers.sim_world import SqliteWorld
+from lmwatch.engine import Engine, EngineSettings
+from lmwatch.metrics import Metrics
+from lmwatch.model import MigrationRequest
+from lmwatch.profiles import ProfileRegistry
+from lmwatch.store import Store
+
+
+class EngineRig:
+    """One simulated cloud and one lmwatch engine supervising it.
+
+    With `durable_world` the simulated hosts keep their world in the store file, so
+    `restart` behaves as a daemon restarted beside real hosts: jobs went on meanwhile
+    and moved instances stay moved. Without it the driver outlives the engines
+    (`new_engine`), which is the same thing seen from the engine."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        inventory: str,
+        profiles: str,
+        settings: EngineSettings | None = None,
+        *,
+        durable_world: bool = False,
+        source: str = "a",
+    ) -> None:
+        self.clock = VirtualClock()
+        self.inventory = load_inventory_text(inventory)
+        self.profile_file = tmp_path / "profiles.yaml"
+        self.profile_file.write_text(profiles)
+        self.registry = ProfileRegistry(self.profile_file)
+        self.store_path = tmp_path / "lmwatch.db"
+        self.store = Store.open(self.store_path)
+        self.durable_world = durable_world
+        self.driver = self.new_driver()
+        self.metrics = Metrics()
+        self.settings = settings if settings is not None else EngineSettings(poll_interval=1.0)
+        self.source = source
+        self.engine = self.new_engine()
+
+    def new_driver(self) -> SimDriver:
+        world = SqliteWorld(str(self.store_path)) if self.durable_world else None
+        return SimDriver(self.inventory, self.clock, world=world)
+
+    def new_engine(self) -> Engine:
+        """An engine on this rig's driver, store, profiles and metrics (not started)."""
+        return Engine(
+            driver=self.driver,
+            store=self.store,
+            profiles=self.registry,
+            clock=self.clock,
+            metrics=self.metrics,
+            settings=self.settings,
+        )
+
+    async def restart(self, down_for: float = 0.0) -> Engine:
+        """Stop the daemon, let `down_for` seconds pass, open its store (and world)
+        again and start a new one."""
+        await self.engine.stop()
+        self.store.close()
+        await self.clock.advance(down_for)
+        self.store = Store.open(self.store_path)
+        if self.durable_world:
+            self.driver = self.new_driver()
+        self.metrics = Metrics()
+        self.engine = self.new_engine()
+        await self.engine.start()
+        return self.engine
+
+    async def submit(
+        self, instance: str, dest: str | None = "b", source: str | None = None, **extra: object
+    ) -> str:
+        request = MigrationRequest(instance, source or self.source, dest, **extra)  # type: ignore[arg-type]
+        record, _ = await self.engine.submit(request)
+        return record.id
+
+    async def migrate(self, instance: str, source: str = "a", dest: str = "b") -> str:
+        return await self.submit(instance, dest, source)
+
+    async def finish(self, *ids: str, limit: float = 4 * 3600) -> None:
+        done = await self.clock.run_until(lambda: self.engine.finished(ids), limit=limit)
+        assert done, [self.engine.get(i).state for i in ids]
+
+    def actions(self, migration_id: str) -> list[str]:
+        """The actions decided for a migration, in order, besides continuing."""
+        return [
+            e.action
+            for e in self.store.events(migration_id)
+            if e.kind == "decision" and e.action not in (None, "continue", "start")
+        ]

@@ -1,0 +1,184 @@
+"""Engine + store + simulator + real policies: a migration started again at a higher
+slow-down start level when the guest's writing outgrew the start plan."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from enginerig import EngineRig
+
+from lmwatch.drivers.base import DriverError
+from lmwatch.model import Phase, State
+from lmwatch.schemas import migration_summary
+
+# A guest that writes 30 MiB/s at the start and 400 MiB/s more every minute, up to
+# 2 GiB/s, over a 1 Gbit/s link: at the hypervisor's schedule (20 %, +10 % every two
+# passes of minutes) it misses the 30-minute deadline; started again at 80 % it fits.
+INVENTORY = """
+hosts:
+  - {name: a, memory: 512GiB}
+  - {name: b, memory: 512GiB}
+links:
+  - {between: [a, b], bandwidth: 1Gbit/s}
+default_bandwidth: 1Gbit/s
+instances:
+  - name: grower
+    host: a
+    memory: 32GiB
+    working_set: 16GiB
+    writer: random
+    change_rate: {pattern: growing, start: 30MiB/s, per_minute: 400MiB/s, max: 2GiB/s}
+"""
+
+PROFILES = """
+profiles:
+  - name: batch
+    max_blackout: 1s
+    may_pause: true
+    max_pause: 5s
+    may_slow_down: true
+    deadline: 30m
+    on_deadline: complete
+"""
+
+
+def rig_for(tmp_path: Path, *, durable_world: bool = False) -> EngineRig:
+    return EngineRig(tmp_path, INVENTORY, PROFILES, durable_world=durable_world)
+
+
+def events(rig: EngineRig, mid: str, kind: str, action: str | None = None) -> list[Any]:
+    return [
+        e
+        for e in rig.store.events(mid)
+        if e.kind == kind and (action is None or e.action == action)
+    ]
+
+
+def started_again(rig: EngineRig, mid: str) -> list[Any]:
+    return [e for e in events(rig, mid, "state") if "copying started again" in e.reason]
+
+
+def ended_cancelled(rig: EngineRig, mid: str) -> list[Any]:
+    return [e for e in events(rig, mid, "state") if e.state == State.CANCELLED.value]
+
+
+def counter(rig: EngineRig, name: str) -> float:
+    return sum(
+        s.value
+        for family in rig.metrics.registry.collect()
+        if family.name == name
+        for s in family.samples
+        if s.name.endswith("_total")
+    )
+
+
+async def test_a_growing_writer_is_started_again_once_and_completes(tmp_path: Path) -> None:
+    rig = rig_for(tmp_path)
+    await rig.engine.start()
+    mid = await rig.migrate("grower")
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED
+    assert record.outcome is not None and record.outcome["total_seconds"] <= 1800
+    restarts = events(rig, mid, "decision", "restart")
+    assert len(restarts) == 1
+    assert "starting again with the slow-down from 80%" in restarts[0].reason
+    assert restarts[0].data["rule"] == "start-again"
+    again = started_again(rig, mid)
+    assert len(again) == 1 and again[0].at >= restarts[0].at
+    # The plan in the store is the new one; the API's view counts the restart.
+    assert record.plan is not None and record.plan["slow_down_initial"] == 0.8
+    assert record.restart is not None and record.restart["pending"] is False
+    assert migration_summary(record).restarts == 1
+    assert counter(rig, "lmwatch_restarts") == 1
+    # Never reported cancelled on the way.
+    assert not ended_cancelled(rig, mid)
+    await rig.engine.stop()
+
+
+async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(
+    tmp_path: Path,
+) -> None:
+    rig = rig_for(tmp_path)
+    await rig.engine.start()
+    mid = await rig.migrate("grower")
+    cancelled: list[str] = []
+    cancel = rig.driver.cancel
+
+    async def record_cancel(migration_id: str) -> None:
+        await cancel(migration_id)
+        cancelled.append(migration_id)
+
+    rig.driver.cancel = record_cancel  # type: ignore[method-assign]
+    assert await rig.clock.run_until(lambda: bool(cancelled), limit=3600)
+    await rig.engine.stop()  # lmwatch dies before the job has even ended
+    assert rig.store.get(mid).restart["pending"] is True  # type: ignore[index, union-attr]
+    await rig.clock.advance(10.0)  # the job ends cancelled while nobody watches
+    assert (await rig.driver.result(mid)).phase is Phase.CANCELLED
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED
+    assert len(started_again(rig, mid)) == 1
+    assert not ended_cancelled(rig, mid)
+    assert record.restart is not None and record.restart["count"] == 1
+    assert len(events(rig, mid, "decision", "restart")) == 1
+    await rig.engine.stop()
+
+
+async def test_a_crash_after_the_intent_and_before_the_cancel_cancels_and_starts_again(
+    tmp_path: Path,
+) -> None:
+    # The simulated hosts keep their world in the store file: the daemon restarts as
+    # beside real hosts, its store opened again, the job running on meanwhile.
+    rig = rig_for(tmp_path, durable_world=True)
+    await rig.engine.start()
+    mid = await rig.migrate("grower")
+    asked: list[str] = []
+
+    async def never_returns(migration_id: str) -> None:
+        asked.append(migration_id)
+        await asyncio.Event().wait()  # lmwatch dies before the hypervisor got the cancel
+
+    rig.driver.cancel = never_returns  # type: ignore[method-assign]
+    assert await rig.clock.run_until(lambda: bool(asked), limit=3600)
+    assert rig.store.get(mid).restart["pending"] is True  # type: ignore[index, union-attr]
+    await rig.restart(down_for=10.0)  # a new driver on the kept world: the job runs on
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED
+    assert record.plan is not None and record.plan["slow_down_initial"] == 0.8
+    assert len(started_again(rig, mid)) == 1
+    assert not ended_cancelled(rig, mid)
+    assert any("supervision resumed after a restart" in e.reason for e in events(rig, mid, "note"))
+    await rig.engine.stop()
+
+
+async def test_a_new_start_that_fails_ends_the_migration_failed_and_says_why(
+    tmp_path: Path,
+) -> None:
+    rig = rig_for(tmp_path)
+    start = rig.driver.start
+    calls = 0
+
+    async def second_start_fails(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise DriverError("b refused the incoming instance")
+        await start(*args)
+
+    rig.driver.start = second_start_fails  # type: ignore[method-assign]
+    await rig.engine.start()
+    mid = await rig.migrate("grower")
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.FAILED
+    ended = events(rig, mid, "state")[-1]
+    assert "new start failed: b refused the incoming instance" in ended.reason
+    assert "keeps running on a" in ended.reason
+    assert rig.driver.where("grower") == "a"
+    await rig.engine.stop()

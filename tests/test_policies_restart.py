@@ -1,0 +1,156 @@
+"""Rule 10b of `decide`: start a slowed migration again at a higher slow-down start
+level when the guest's writing outgrew the start plan (pure; samples from the
+simulator's migration model)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lmwatch.drivers.inventory import GrowingRate
+from lmwatch.drivers.simphysics import Migration, Writer
+from lmwatch.model import GIB, MIB, Action, MigrationContext, Rule, Sample, StartPlan
+from lmwatch.policies import DEFAULT, decide, restart_plan
+from lmwatch.policies.estimators import analyse, duration_text
+from lmwatch.policies.restart import restart_outlook
+from lmwatch.profiles.schema import Profile
+
+MEMORY = 32 * GIB
+BANDWIDTH = 125_000_000.0  # 1 Gbit/s
+# Writes 30 MiB/s at the start (what a measurement before it saw), 400 MiB/s more every
+# minute, up to 2 GiB/s, at random over 16 GiB.
+GROWING = GrowingRate(pattern="growing", start=30 * MIB, per_minute=400 * MIB, max=2 * GIB)
+MEASURED = 62 * MIB  # bytes/s the start plan was made for
+DEADLINE = 1800.0
+PROFILE = Profile(
+    name="batch",
+    max_blackout=1.0,
+    may_pause=True,
+    max_pause=5.0,
+    may_slow_down=True,
+    deadline=DEADLINE,
+)
+PLAN = StartPlan(arm_handover=False, arm_slow_down=True, blackout_budget=0.3)
+
+
+def samples(until: float, plan: StartPlan = PLAN) -> list[Sample]:
+    """One sample a second of the migration model, until `until` seconds."""
+    model = Migration(
+        memory=MEMORY,
+        working_set=16 * GIB,
+        change_rate=GROWING,
+        bandwidth=BANDWIDTH,
+        plan=plan,
+        writer=Writer.RANDOM,
+    )
+    taken = []
+    t = 0.0
+    while t < until and not model.phase.finished:
+        t += 1.0
+        model.advance(1.0)
+        taken.append(model.snapshot(t))
+    return taken
+
+
+def context(**changes: object) -> MigrationContext:
+    ctx = MigrationContext(
+        started_at=0.0,
+        memory_bytes=MEMORY,
+        plan=PLAN,
+        blackout_budget=0.3,
+        deadline_at=DEADLINE,
+        change_rate_before_start=MEASURED,
+        change_rate_window=10.0,
+    )
+    return replace(ctx, **changes)  # type: ignore[arg-type]
+
+
+def after_two_passes() -> list[Sample]:
+    history = samples(900.0)
+    end = next(i for i, s in enumerate(history) if s.passes >= 3)
+    return history[: end + 1]
+
+
+def test_a_slowed_guest_that_outgrew_its_plan_is_started_again_at_a_higher_level() -> None:
+    history = after_two_passes()
+    now = history[-1].time
+    decision = decide(PROFILE, history, context(), now)
+    assert decision.action is Action.RESTART
+    assert decision.rule is Rule.START_AGAIN
+    assert decision.slow_down_initial is not None
+    assert decision.slow_down_initial > PLAN.slow_down_initial
+    # One calculation: the prediction and the reason carry the outlook's figures.
+    outlook = restart_outlook(PROFILE, analyse(history, context()), context(), now, DEFAULT)
+    assert outlook is not None
+    assert decision.slow_down_initial == outlook.level
+    assert decision.planned_rate == outlook.rate
+    assert decision.prediction is not None
+    assert decision.prediction.eta_seconds == outlook.seconds
+    assert f"finishes in about {duration_text(outlook.seconds)}" in decision.reason
+    assert now + outlook.seconds <= DEADLINE
+    # ...where the current job at the hypervisor's schedule would not finish in time.
+    assert outlook.current is None or now + outlook.current > DEADLINE
+    assert "starting again" in decision.reason
+    # The plan it starts again with: the new level, the budget in force.
+    plan = restart_plan(context(blackout_budget=0.6), decision)
+    assert plan.slow_down_initial == decision.slow_down_initial
+    assert plan.blackout_budget == 0.6
+    assert plan.arm_slow_down
+
+
+def test_no_restart_before_a_pass_was_seen_to_its_end() -> None:
+    history = [s for s in samples(900.0) if s.passes == 1]
+    now = history[-1].time
+    assert restart_outlook(PROFILE, analyse(history, context()), context(), now, DEFAULT) is None
+    decision = decide(PROFILE, history, context(), now)
+    assert decision.action is not Action.RESTART
+
+
+def test_no_second_restart() -> None:
+    history = after_two_passes()
+    decision = decide(PROFILE, history, context(restarts=1), history[-1].time)
+    assert decision.action is not Action.RESTART
+
+
+def test_no_restart_when_the_new_job_would_not_finish_before_the_deadline() -> None:
+    history = after_two_passes()
+    now = history[-1].time
+    ctx = context(deadline_at=now + 600.0)  # a new first pass alone takes ~275s, then more
+    assert restart_outlook(PROFILE, analyse(history, ctx), ctx, now, DEFAULT) is None
+    assert decide(PROFILE, history, ctx, now).action is not Action.RESTART
+
+
+def test_no_restart_once_paused_or_handed_over() -> None:
+    history = after_two_passes()
+    now = history[-1].time
+    for ctx in (context(paused=True, paused_at=now - 1), context(handed_over=True)):
+        assert restart_outlook(PROFILE, analyse(history, ctx), ctx, now, DEFAULT) is None
+        assert decide(PROFILE, history, ctx, now).action is not Action.RESTART
+
+
+def test_no_restart_without_slowing_or_a_deadline() -> None:
+    history = after_two_passes()
+    now = history[-1].time
+    unslowed = replace(PLAN, arm_slow_down=False)
+    for profile, ctx in (
+        (PROFILE, context(plan=unslowed)),
+        (PROFILE.model_copy(update={"deadline": None}), context(deadline_at=None)),
+    ):
+        assert decide(profile, history, ctx, now).action is not Action.RESTART
+
+
+def test_no_restart_when_the_plan_was_made_for_the_rate_seen_now() -> None:
+    history = after_two_passes()
+    ctx = context(change_rate_before_start=4 * GIB)
+    assert decide(PROFILE, history, ctx, history[-1].time).action is not Action.RESTART
+
+
+def test_the_new_job_is_read_from_its_own_start() -> None:
+    """After a restart the samples start from pass 1 again at `job_started_at`."""
+    history = [replace(s, time=s.time + 400.0) for s in after_two_passes()]
+    ctx = context(restarts=1, job_started_at=400.0, change_rate_before_start=None)
+    a = analyse(history, ctx)
+    first = analyse(after_two_passes(), context(change_rate_before_start=None))
+    assert a.records[0].started == first.records[0].started + 400.0
+    assert a.model is not None and first.model is not None
+    assert abs(a.model.rate - first.model.rate) <= 1e-6 * first.model.rate
+    assert abs(a.model.working_set - first.model.working_set) <= 1e-6 * first.model.working_set

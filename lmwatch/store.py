@@ -1291,14 +1291,13 @@ class Store:
         it cannot be written: a drain is acknowledged only once it is on disk."""
         self.insert_drain_soon(drain).result()
 
-    def update_drain(self, drain: DrainRecord) -> bool:
+    def update_drain(self, drain: DrainRecord) -> None:
         """Queue a drain's new state for the writer (kept, in order, while writes
         fail; reads show it meanwhile); returns at once."""
         with self._wake:
             seq = self._next_seq()
             self._unwritten_drains[drain.id] = (drain, seq)
             self._enqueue(_Write(seq, None, drain=drain))
-        return True
 
     def _drains_overlay(self) -> dict[str, DrainRecord]:
         with self._lock:

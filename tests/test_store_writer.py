@@ -245,7 +245,7 @@ def test_a_drain_change_is_queued_and_shown(store: Store) -> None:
     done = DrainRecord(
         id="d1", host="a", state=DrainState.COMPLETED, created_at=1.0, items=(), finished_at=2.0
     )
-    assert store.update_drain(done)
+    store.update_drain(done)
     assert disk.commits_done == 0
     assert store.get_drain("d1") == done
     assert store.unfinished_drains() == []

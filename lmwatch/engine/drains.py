@@ -140,7 +140,6 @@ class Drains:
         self.engine = engine
         self._live: dict[str, DrainRecord] = {}  # unfinished drains, latest state
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._unwritten: set[str] = set()
         self._lock = asyncio.Lock()  # submissions: one drain per host
         self._guards: dict[str, asyncio.Lock] = {}  # a drain's step and its cancel
         self._wakers: dict[str, asyncio.Event] = {}  # a migration ended: look now
@@ -469,7 +468,6 @@ class Drains:
             return await self._step(self._live[drain_id])
 
     async def _step(self, drain: DrainRecord) -> DrainRecord:
-        drain_id = drain.id
         for index, item in enumerate(drain.items):
             if item.state is ItemState.MIGRATING:
                 after = self._followed(drain, item)
@@ -489,8 +487,6 @@ class Drains:
         concluded = self._concluded(drain, self.engine.clock.now())
         if concluded is not None:
             drain = concluded
-            self._save(drain)
-        elif drain_id in self._unwritten:
             self._save(drain)
         self._publish()
         return drain
@@ -709,12 +705,9 @@ class Drains:
             self._live.pop(drain.id, None)
         else:
             self._live[drain.id] = drain
-        if self.engine.store.update_drain(drain):
-            self._unwritten.discard(drain.id)
-        else:
-            self._unwritten.add(drain.id)
-            if drain.state.finished:
-                self._live[drain.id] = drain  # keep showing it until it is written
+        # Queued for the store's writer, which keeps it while writes fail; the
+        # store's reads show it meanwhile.
+        self.engine.store.update_drain(drain)
         self._publish()
 
     def _publish(self) -> None:

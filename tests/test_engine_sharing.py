@@ -3,6 +3,7 @@ copy must not take part of the bandwidth that stop was sized with."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from enginerig import EngineRig
@@ -64,5 +65,36 @@ async def test_a_move_does_not_join_a_link_while_another_is_in_its_final_stop(
         assert started is not None and done is not None
         assert stop_began < started
         assert started >= done - rig.engine.settings.poll_interval
+    finally:
+        await rig.engine.stop()
+
+
+SLOW_LINK = INVENTORY.replace("bandwidth: 25Gbit/s", "bandwidth: 1Gbit/s")
+
+
+async def test_a_cancel_cuts_short_the_wait_for_a_finishing_move_on_the_link(
+    tmp_path: Path,
+) -> None:
+    """A move waiting to join a link is not deaf: a cancel sent meanwhile is carried
+    out at once, not after the other move's long final copy."""
+    rig = EngineRig(
+        tmp_path, SLOW_LINK, PROFILES, EngineSettings(poll_interval=1.0, max_per_destination=2)
+    )
+    await rig.engine.start()
+    try:
+        first = await rig.submit("first", "b")
+        await rig.clock.advance(0.5)
+        await rig.driver.pause(first)  # 4GiB left at 1Gbit/s: a stop of about 34 s
+        assert (await rig.driver.sample(first)).phase is Phase.COMPLETING
+        second = await rig.submit("second", "b")
+        await rig.clock.advance(1.0)
+        assert rig.engine.get(second).state is State.STARTING  # waiting for the link
+        asked = rig.clock.now()
+        cancel = asyncio.ensure_future(rig.engine.cancel(second))
+        done = await rig.clock.run_until(cancel.done, limit=60)
+        assert done and rig.clock.now() - asked < 5.0
+        assert (await rig.driver.sample(first)).phase is Phase.COMPLETING  # still stopped
+        await rig.finish(second)
+        assert rig.engine.get(second).state is State.CANCELLED
     finally:
         await rig.engine.stop()

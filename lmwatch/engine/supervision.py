@@ -196,10 +196,14 @@ class Supervisor:
     async def _join_link(self, supervision: Supervision) -> None:
         """Wait until no other move over the same link is finishing (stopped for its
         final copy, or handed over): a move started meanwhile would take part of the
-        bandwidth that finish was sized with (`policies.sharing`)."""
+        bandwidth that finish was sized with (`policies.sharing`). An operator's
+        command cuts the wait short: it is carried out once the job has started."""
         record = supervision.record
         switchover = self.learned.switchover(record.source, record.destination)
         for _ in range(_JOIN_CHECKS):
+            supervision.mail.clear()
+            if supervision.inbox:
+                return
             samples = []
             for peer in self.link_peers(supervision):
                 try:
@@ -216,7 +220,13 @@ class Supervisor:
                 destination=record.destination,
                 seconds=round(wait, 3),
             )
-            await self.clock.sleep(wait)
+            sleeping = asyncio.ensure_future(self.clock.sleep(wait))
+            mail = asyncio.ensure_future(supervision.mail.wait())
+            try:
+                await asyncio.wait((sleeping, mail), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeping.cancel()
+                mail.cancel()
 
     async def _change_rate_for_start(
         self, supervision: Supervision, capabilities: Capabilities

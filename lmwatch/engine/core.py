@@ -116,6 +116,7 @@ class Engine:
             learned=self._learned,
             clock=clock,
             settings=self.settings,
+            link_peers=self._link_peers,
         )
         self._submit_lock = asyncio.Lock()
         # Acceptances queued for the disk and not written yet, by instance and by key.
@@ -508,6 +509,19 @@ class Engine:
         if record.state in (State.QUEUED, State.STARTING):
             raise Conflict(f"cannot {what}: migration {migration_id} has not started copying yet")
         return supervision
+
+    def _link_peers(self, supervision: Supervision) -> builtins.list[Supervision]:
+        """The other migrations with a job under way over the same link."""
+        record = supervision.record
+        return [
+            other
+            for other in self._supervisions.values()
+            if other is not supervision
+            and other.record.source == record.source
+            and other.record.destination == record.destination
+            and other.record.state not in (State.QUEUED, State.STARTING)
+            and not other.record.state.finished
+        ]
 
     # -- queue ----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from lmwatch import policies
@@ -50,8 +51,13 @@ from lmwatch.model import (
     StartPlan,
     State,
 )
+from lmwatch.policies import sharing
 from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
 
+# At most this many waits for a finishing move on the link before a start goes ahead
+# (each wait is as long as that finish should still take; a finish that overruns them
+# all is stuck, and the start is not held back by it for ever).
+_JOIN_CHECKS = 8
 _STOPPING = "lmwatch is stopping; the command was not carried out: send it again once it is back"
 
 
@@ -77,8 +83,10 @@ class Supervisor:
         learned: Learned,
         clock: Clock,
         settings: EngineSettings,
+        link_peers: Callable[[Supervision], list[Supervision]] = lambda _: [],
     ) -> None:
         self.effects = effects
+        self.link_peers = link_peers  # the other migrations under way over the same link
         self.recovery = recovery
         self.profiles = profiles
         self.learned = learned
@@ -143,6 +151,7 @@ class Supervisor:
             capabilities = await self.effects.capabilities(supervision)
             change_rate = await self._change_rate_for_start(supervision, capabilities)
             supervision.change_rate = change_rate
+            await self._join_link(supervision)
             plan = policies.plan_start(
                 supervision.profile,
                 info,
@@ -183,6 +192,41 @@ class Supervisor:
         self.effects.update(supervision, "state", "copying started", state=State.COPYING)
         await self.take_commands(supervision)
         return True
+
+    async def _join_link(self, supervision: Supervision) -> None:
+        """Wait until no other move over the same link is finishing (stopped for its
+        final copy, or handed over): a move started meanwhile would take part of the
+        bandwidth that finish was sized with (`policies.sharing`). An operator's
+        command cuts the wait short: it is carried out once the job has started."""
+        record = supervision.record
+        switchover = self.learned.switchover(record.source, record.destination)
+        for _ in range(_JOIN_CHECKS):
+            supervision.mail.clear()
+            if supervision.inbox:
+                return
+            samples = []
+            for peer in self.link_peers(supervision):
+                try:
+                    samples.append(await self.effects.sample(peer))
+                except DriverError:
+                    continue  # its own supervision deals with it
+            wait = sharing.join_wait(samples, switchover)
+            if wait <= 0:
+                return
+            log.info(
+                "link-join-wait",
+                migration=record.id,
+                source=record.source,
+                destination=record.destination,
+                seconds=round(wait, 3),
+            )
+            sleeping = asyncio.ensure_future(self.clock.sleep(wait))
+            mail = asyncio.ensure_future(supervision.mail.wait())
+            try:
+                await asyncio.wait((sleeping, mail), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeping.cancel()
+                mail.cancel()
 
     async def _change_rate_for_start(
         self, supervision: Supervision, capabilities: Capabilities
@@ -477,6 +521,7 @@ class Supervisor:
         restart = dict(record.restart or {})
         plan = StartPlan(**restart["plan"])
         try:
+            await self._join_link(supervision)
             await self.effects.start_job(supervision, plan)
         except (DriverError, Refused) as error:
             self.effects.hypervisor_error("start")

@@ -72,11 +72,13 @@ def test_a_replay_and_a_reused_key(tmp_path: Path) -> None:
         INFO,
         {"role": "db"},
         selection,
+        migration_id="m-1",
         now=10.0,
         idempotency_key="k1",
         fingerprint=fingerprint,
     )
     assert record.state is State.QUEUED and record.profile_name == "db"
+    assert record.id == "m-1"
     assert reason == f"accepted; profile 'db': {selection.reason}"
     store.insert(record, reason)
     assert admission.replayed(store, request(), "k1", fingerprint) == record.id

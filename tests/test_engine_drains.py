@@ -9,7 +9,7 @@ import pytest
 from enginerig import EngineRig
 
 from lmwatch.drivers.base import UnknownHost
-from lmwatch.engine import EngineSettings
+from lmwatch.engine import Engine, EngineSettings
 from lmwatch.errors import Conflict, Invalid, NotFound
 from lmwatch.model import GIB
 from lmwatch.store import DrainRecord, DrainState, ItemState
@@ -361,3 +361,28 @@ async def test_a_store_that_refuses_for_a_while_delays_the_drain_without_failing
     assert refusals["left"] == 0
     assert done.state is DrainState.COMPLETED
     assert {i.state for i in done.items} == {ItemState.MOVED}
+
+
+async def test_ids_come_from_the_injected_generator(tmp_path: Path) -> None:
+    """Runs that must repeat exactly (the drain benchmark) give the engine its ids: a
+    migration's id sets the phase of its polls."""
+    rig = Rig(tmp_path)
+    ids = iter(f"00000000-0000-4000-8000-{n:012d}" for n in range(100))
+    engine = Engine(
+        driver=rig.driver,
+        store=rig.store,
+        profiles=rig.registry,
+        clock=rig.clock,
+        metrics=rig.metrics,
+        settings=rig.settings,
+        new_id=lambda: next(ids),
+    )
+    await engine.start()
+    drain = await engine.drains.submit("src")
+    assert drain.id == "00000000-0000-4000-8000-000000000000"
+    assert await rig.clock.run_until(
+        lambda: all(i.migration_id for i in engine.drains.get(drain.id).items), limit=3600
+    )
+    migration_ids = {i.migration_id for i in engine.drains.get(drain.id).items}
+    assert migration_ids <= {f"00000000-0000-4000-8000-{n:012d}" for n in range(1, 100)}
+    await engine.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 
 from lmwatch.drivers.base import destination_of
 from lmwatch.errors import Conflict, Invalid
@@ -83,13 +82,14 @@ def new_record(
     labels: dict[str, str],
     selection: Selection,
     *,
+    migration_id: str,
     now: float,
     idempotency_key: str | None,
     fingerprint: str,
 ) -> tuple[MigrationRecord, str]:
     """The queued record of an accepted migration and the reason recorded with it."""
     record = MigrationRecord(
-        id=str(uuid.uuid4()),
+        id=migration_id,
         instance=request.instance,
         source=request.source,
         destination=destination_of(request),

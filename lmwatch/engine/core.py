@@ -14,7 +14,8 @@ import asyncio
 import builtins
 import concurrent.futures
 import dataclasses
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +82,12 @@ class Engine:
         metrics: Metrics | None = None,
         settings: EngineSettings | None = None,
         hub: EventHub | None = None,
+        new_id: Callable[[], str] | None = None,
     ) -> None:
         self.driver = driver
+        # Ids of accepted migrations and drains; injected where runs must repeat
+        # exactly (a migration's id also sets the phase of its polls).
+        self.new_id: Callable[[], str] = new_id or (lambda: str(uuid.uuid4()))
         self.store = store
         self.profiles = profiles
         self.clock = clock
@@ -346,6 +351,7 @@ class Engine:
             info,
             labels,
             selection,
+            migration_id=self.new_id(),
             now=self.clock.now(),
             idempotency_key=idempotency_key,
             fingerprint=fingerprint,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -314,7 +313,7 @@ class Drains:
             )
             now = engine.clock.now()
             drain = DrainRecord(
-                id=str(uuid.uuid4()),
+                id=engine.new_id(),
                 host=host,
                 state=DrainState.RUNNING,
                 created_at=now,

@@ -391,6 +391,29 @@ async def test_profile_edit_mid_migration_is_applied_or_explained(rig: Rig) -> N
     assert "handover" not in rig.actions(mid)
 
 
+async def test_a_budget_lowered_to_nothing_stays_lowered_and_the_deadline_still_comes(
+    rig: Rig,
+) -> None:
+    # An operator tightens the profile below what the switchover alone takes (50 ms
+    # assumed): the budget goes to 0 once, and the profile's deadline still ends it.
+    mid = await rig.migrate("busy-plain")
+    await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    rig.profile_file.write_text(
+        PROFILES.replace(
+            "  - name: strict\n    max_blackout: 300ms\n    deadline: 2h\n",
+            "  - name: strict\n    max_blackout: 40ms\n    deadline: 10m\n",
+        )
+    )
+    rig.registry.reload()
+    await rig.finish(mid, limit=3600)
+    record = rig.engine.get(mid)
+    assert record.state is State.CANCELLED
+    assert record.blackout_budget == 0.0
+    lowered = [e.reason for e in rig.store.events(mid) if "lowering the budget" in e.reason]
+    assert len(lowered) == 1, lowered
+    assert lowered[0].endswith("to 0ms")
+
+
 async def test_accepted_request_is_durable_before_it_is_acknowledged(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     await rig.engine.start()

@@ -621,7 +621,11 @@ class Supervisor:
             started_at=record.started_at or record.created_at,
             memory_bytes=record.memory_bytes,
             plan=plan,
-            blackout_budget=record.blackout_budget or plan.blackout_budget,
+            # A budget lowered to 0 is a budget: `or` would fall back to the plan's
+            # and lower it again at every poll, forever.
+            blackout_budget=(
+                plan.blackout_budget if record.blackout_budget is None else record.blackout_budget
+            ),
             deadline_at=record.deadline_at,
             paused=record.paused,
             paused_at=supervision.paused_at,

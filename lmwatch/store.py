@@ -43,6 +43,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext, suppress
@@ -467,6 +468,10 @@ class Store:
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._changes = 0  # writes since open (the rescue copy is refreshed when it grows)
         self._rescued_at: int | None = None
+        self._lost: str | None = None  # how the file at `path` was lost (`check_file`)
+        self._rescue_source: sqlite3.Connection | None = None
+        self._rescue_lock = threading.Lock()  # one copy at a time (watcher, close)
+        self._rescue_error: str | None = None  # why the last rescue copy failed
         self._failure_listeners: builtins.list[Callable[[], None]] = []
         self._scratch: str | None = None  # the temporary directory of a ':memory:' store
 
@@ -499,6 +504,11 @@ class Store:
             store._scratch = scratch
             store._migrate()
             store._reader()
+            # Opened now, while the file is there, and read once (SQLite opens the file
+            # on first use): it copies the database to `rescue_path` should the file be
+            # deleted later (`keep_rescue`).
+            store._rescue_source = store._connect_existing()
+            store._rescue_source.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as error:
             raise StoreError(f"cannot use store {text}: {error}") from error
         info = os.stat(text)
@@ -513,13 +523,22 @@ class Store:
         """This thread's read connection (opened on first use)."""
         connection: sqlite3.Connection | None = getattr(self._readers, "connection", None)
         if connection is None:
-            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                connection = self._connect_existing()
+            except sqlite3.Error as error:
+                raise StoreError(f"cannot read store {self.path}: {error}") from error
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA busy_timeout=5000")
             self._readers.connection = connection
             with self._lock:
                 self._connections.append(connection)
         return connection
+
+    def _connect_existing(self) -> sqlite3.Connection:
+        """A connection to the file at `path`, which must exist: a reader must never
+        create an empty store where the operator deleted the file."""
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
 
     def _migrate(self) -> None:
         # executescript commits on its own; it runs outside an explicit transaction.
@@ -597,6 +616,8 @@ class Store:
             self._rescue(force=True)
         for connection in self._connections:
             connection.close()
+        if self._rescue_source is not None:
+            self._rescue_source.close()
         self._db.close()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
@@ -900,7 +921,8 @@ class Store:
         A store file deleted or replaced while the daemon runs would lose every
         later write at the next start. The daemon keeps recording into the file it
         has open (the running migrations go on), accepts nothing new, and keeps a
-        copy of it at `rescue_path`, refreshed as it changes and when the store closes.
+        copy of it at `rescue_path` (`keep_rescue`, refreshed as it changes and when
+        the store closes). Cheap (one `stat`): fit for the event loop.
         """
         if self._identity is None:
             return self.problem()
@@ -917,39 +939,72 @@ class Store:
             if self._file_error is not None:
                 log.info("store-file-back", path=self.path)
             self._file_error = None
+            self._lost = None
             return self.problem()
-        copy = self._rescue(force=False)
-        if copy is None:
+        self._lost = what
+        self._say_lost()
+        return self._file_error
+
+    def file_lost(self) -> bool:
+        """Whether the last `check_file` found the file at the path gone or replaced."""
+        return self._lost is not None
+
+    def keep_rescue(self) -> None:
+        """While the file is lost (`check_file`), copy the open database to
+        `rescue_path` when it changed since the last copy. Blocks (it copies the
+        whole database): for a worker thread, not the event loop."""
+        if self._lost is None:
+            return
+        self._rescue_error = self._rescue(force=False)
+        self._say_lost()
+
+    def _say_lost(self) -> None:
+        """The operator's message for a lost file, from the last copy's outcome."""
+        if self._lost is None:
+            return
+        if self._rescue_error is not None:
             saved = (
-                f"lmwatch keeps a copy of everything it recorded in {self.rescue_path}; stop "
+                f"the copy to {self.rescue_path} failed ({self._rescue_error}); do not stop "
+                "lmwatch: free space, it retries"
+            )
+        elif self._rescued_at is None:
+            saved = (
+                f"lmwatch is copying everything it recorded to {self.rescue_path}; stop "
                 f"lmwatch (it refreshes the copy as it stops), move {self.rescue_path} to "
                 f"{self.path} and start it again"
             )
         else:
             saved = (
-                f"the copy to {self.rescue_path} failed ({copy}); do not stop lmwatch: "
-                "free space, it retries"
+                f"lmwatch keeps a copy of everything it recorded in {self.rescue_path}; stop "
+                f"lmwatch (it refreshes the copy as it stops), move {self.rescue_path} to "
+                f"{self.path} and start it again"
             )
         message = (
-            f"the store file {self.path} {what} while lmwatch ran; running migrations are "
-            f"still supervised, new ones are refused; {saved}"
+            f"the store file {self.path} {self._lost} while lmwatch ran; running migrations "
+            f"are still supervised, new ones are refused; {saved}"
         )
         if message != self._file_error:
             log.error("store-file-lost", path=self.path, rescue=self.rescue_path, detail=message)
         self._file_error = message
-        return message
 
     def _rescue(self, *, force: bool) -> str | None:
         """Copy the open database to `rescue_path` (None: done, else why not)."""
-        if not force and self._rescued_at == self._changes:
-            return None
+        with self._rescue_lock:
+            if not force and self._rescued_at == self._changes:
+                return None
+            return self._copy_to_rescue()
+
+    def _copy_to_rescue(self) -> str | None:
+        source = self._rescue_source
+        if source is None:
+            return "the store was not opened from a file"
         temporary = self.rescue_path + ".tmp"
         changes = self._changes
         try:
             target = sqlite3.connect(temporary)
             try:
-                # Through a read connection: the write connection is the writer's.
-                self._reader().backup(target)
+                # Through its own connection: the write connection is the writer's.
+                source.backup(target)
             finally:
                 target.close()
             os.replace(temporary, self.rescue_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lmwatch.clock import VirtualClock
 from lmwatch.engine import Engine
 from lmwatch.model import State
-from lmwatch.store import MigrationRecord, Store
+from lmwatch.store import MigrationRecord, Store, StoreError
 
 WRITES = ("INSERT", "UPDATE", "DELETE", "COMMIT")
 
@@ -344,3 +345,31 @@ async def test_a_replaced_store_file_is_not_written_over(
     assert refused.status == 503
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT COUNT(*) FROM migrations").fetchone()[0] == 0
+
+
+def test_noticing_a_deleted_file_copies_nothing_and_no_read_re_creates_it(
+    store: Store,
+) -> None:
+    # `check_file` runs on the event loop (every acceptance, /readyz): it only looks.
+    # The copy, which reads the whole database, is `keep_rescue`'s, in a worker thread.
+    record(store)
+    assert store.settle(5)
+    path = Path(store.path)
+    rescue = Path(store.rescue_path)
+    os.unlink(path)
+    problem = store.check_file()
+    assert problem is not None and "was deleted" in problem
+    assert store.file_lost()
+    assert not rescue.exists()
+    # A read from a thread that never read before finds no file, and makes none.
+    with ThreadPoolExecutor(1) as pool, pytest.raises(StoreError, match="unable to open"):
+        pool.submit(store.list).result()
+    assert not path.exists()
+    store.keep_rescue()
+    assert rescue.exists()
+    assert f"keeps a copy of everything it recorded in {rescue}" in (store.check_file() or "")
+    copy = Store.open(rescue)
+    try:
+        assert copy.get("m1") is not None
+    finally:
+        copy.close()

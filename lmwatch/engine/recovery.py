@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from lmwatch.clock import Clock
+from lmwatch.clock import Clock, outside
 from lmwatch.drivers.base import DriverError
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.records import FORCE_PENDING, Supervision, log, plan_from
@@ -102,6 +102,9 @@ async def keep_store(store: Store, clock: Clock, settings: EngineSettings) -> No
         await clock.sleep(delay or settings.store_check_interval)
         try:
             store.check_file()
+            if store.file_lost():
+                # Copying the whole database takes a while: not on the event loop.
+                await outside(clock, asyncio.to_thread(store.keep_rescue))
             if store.failing():
                 # The writer thread tries again; the next round sees how it went.
                 store.retry(clock.now())

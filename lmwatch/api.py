@@ -347,14 +347,13 @@ async def list_migrations(request: web.Request) -> web.Response:
         everything = await engine.list_everything(state)
         rendered = await asyncio.to_thread(_whole_list, everything)
         return web.Response(body=rendered, content_type="application/json")
+    # Running migrations come with the fresher progress they hold in memory.
     records = engine.list(state, limit=limit, after=after)
-    # Running migrations hold fresher progress in memory than in the store.
-    fresh = [engine.get(record.id) if not record.state.finished else record for record in records]
     cursor = records[-1].id if len(records) == limit else None
-    body = schemas.dump(
-        schemas.MigrationList(migrations=[schemas.migration_summary(r) for r in fresh], next=cursor)
+    page = schemas.MigrationList(
+        migrations=[schemas.migration_summary(r) for r in records], next=cursor
     )
-    return web.json_response(body)
+    return _json(page)
 
 
 def _whole_list(records: list[MigrationRecord]) -> bytes:

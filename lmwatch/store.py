@@ -1141,9 +1141,16 @@ class Store:
         overlay: Mapping[str, MigrationRecord],
         keep: Callable[[MigrationRecord], bool],
         after: tuple[float, str] | None = None,
+        limit: int | None = None,
     ) -> builtins.list[MigrationRecord]:
         """Rows read (in list order) with the changes not written yet laid over them:
-        those that `keep` passes, in list order, after `after` when given."""
+        those that `keep` passes, in list order, after `after` when given; with `limit`,
+        the first `limit` of them.
+
+        With a limit, rows are read and decoded only until `limit` of them are kept:
+        a migration's place in the order never changes, so any change not written yet
+        that belongs before the last row kept is either one of the rows read or not
+        in the file at all (laid in from the overlay below)."""
         seen: set[str] = set()
         records: builtins.list[MigrationRecord] = []
         for row in rows:
@@ -1154,6 +1161,8 @@ class Store:
                 record = _from_row(row)
             if keep(record):
                 records.append(record)
+                if limit is not None and len(records) >= limit:
+                    break
         extra = [
             record
             for key, record in overlay.items()
@@ -1164,7 +1173,7 @@ class Store:
         if extra:
             records.extend(extra)
             records.sort(key=lambda r: (r.created_at, r.id))
-        return records
+        return records if limit is None else records[:limit]
 
     def get(self, migration_id: str) -> MigrationRecord | None:
         with self._lock:
@@ -1234,7 +1243,7 @@ class Store:
             (*params, limit + len(overlay)),
         )
         keep: Callable[[MigrationRecord], bool] = lambda r: state is None or r.state is state  # noqa: E731
-        return self._merge(rows, overlay, keep, cursor)[:limit]
+        return self._merge(rows, overlay, keep, cursor, limit)
 
     def scan(self) -> tuple[builtins.list[MigrationRecord], builtins.list[CorruptRecord]]:
         """Every migration in list order, each row decoded once, and every row that

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from lmwatch import store as store_module
 from lmwatch.clock import VirtualClock
 from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine
@@ -437,3 +438,45 @@ async def test_an_acceptance_whose_write_fails_is_refused_and_holds_nothing(
     assert store.settle(5) and not store.failing()
     record, replayed = await engine.submit(request)
     assert not replayed and engine.get(record.id).instance == "quiet"
+
+
+async def test_a_page_decodes_only_the_rows_it_returns_however_much_waits_unwritten(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At 2,000 migrations hundreds of progress changes wait for the writer at any
+    # moment; a page of 10 must not read and decode that many rows more.
+    records = [_record(n) for n in range(300)]
+    for record in records:
+        store.insert(record, "accepted")
+    disk = slow(store)
+    # Changes held unwritten: every other migration starts (a page filtered by state
+    # must see it).
+    for record in records[::2]:
+        store.update(record, event=("state", "starting", None), at=2.0, state=State.STARTING)
+    decoded = 0
+    real = store_module._from_row
+
+    def counting(row: sqlite3.Row) -> MigrationRecord:
+        nonlocal decoded
+        decoded += 1
+        return real(row)
+
+    monkeypatch.setattr(store_module, "_from_row", counting)
+    everything = store.list()
+    starting = store.list(State.STARTING)
+    queued = store.list(State.QUEUED)
+    assert len(starting) == 150 and len(queued) == 150
+    for state, whole in ((None, everything), (State.STARTING, starting), (State.QUEUED, queued)):
+        after: str | None = None
+        shown: list[str] = []
+        while True:
+            decoded = 0
+            page = store.page(state, limit=10, after=after)
+            assert decoded <= 10
+            if not page:
+                break
+            shown += [r.id for r in page]
+            after = page[-1].id
+        assert shown == [r.id for r in whole]
+    disk.gate.set()
+    assert store.settle(5)

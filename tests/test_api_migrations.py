@@ -3,7 +3,9 @@ in virtual time. Every answer is also checked against the OpenAPI document (conf
 
 from __future__ import annotations
 
+import json
 import re
+import sqlite3
 from typing import Any
 
 import pytest
@@ -450,3 +452,175 @@ async def test_a_hypervisor_failure_during_force_complete_is_503(
     assert "connection reset" in answer.body["detail"]
     again = (await api.get(f"/v1/migrations/{migration['id']}")).body
     assert again["state"] == "copying"
+
+
+# --- a finished migration's body ----------------------------------------------------
+
+# A finished migration's row as lmwatch wrote it when these parts were JSON dicts
+# (`json.dumps(..., sort_keys=True)`), restarted once, its prediction still there.
+_OLD_PLAN = {
+    "arm_handover": False,
+    "arm_slow_down": True,
+    "bandwidth": None,
+    "blackout_budget": 0.3,
+    "reason": "slow-down armed",
+    "slow_down_initial": 0.2,
+    "slow_down_step": 0.1,
+}
+_OLD_ROW = {
+    "id": "m-old",
+    "instance": "quiet",
+    "source": "a",
+    "destination": "b",
+    "labels": '{"team": "x"}',
+    "requested_profile": None,
+    "profile_name": "default",
+    "profile_reason": "fallback",
+    "profile": '{"name": "default"}',
+    "memory_bytes": 8 << 30,
+    "uuid": None,
+    "state": "completed",
+    "created_at": 1_800_000_000.0,
+    "started_at": 1_800_000_001.0,
+    "finished_at": 1_800_000_031.5,
+    "deadline_at": 1_800_000_601.0,
+    "plan": json.dumps({**_OLD_PLAN, "slow_down_initial": 0.4}, sort_keys=True),
+    "blackout_budget": 0.3,
+    "paused": 0,
+    "handed_over": 0,
+    "progress": json.dumps(
+        {
+            "time": 1_800_000_031.0,
+            "memory_remaining_seen": 1 << 20,
+            "memory_total": 8 << 30,
+            "memory_remaining": 0,
+            "memory_transferred": 9 << 30,
+            "transfer_rate": 1.25e9,
+            "change_rate": 2.5e8,
+            "passes": 4,
+            "blackout_budget": 0.3,
+            "slowdown": 0.2,
+            "disk_total": 4 << 30,
+            "disk_remaining": 0,
+            "disk_rate": 5e8,
+            "prediction": {
+                "transfer_rate": 1.25e9,
+                "change_rate": 2.5e8,
+                "remaining": 1 << 20,
+                "eta_seconds": 0.5,
+                "blackout_seconds": 0.0125,
+                "converges": True,
+                "floor_bytes": None,
+                "confidence": 0.75,
+            },
+        },
+        sort_keys=True,
+    ),
+    "outcome": json.dumps(
+        {
+            "method": "slowed",
+            "total_seconds": 30.5,
+            "blackout_seconds": 0.02,
+            "passes": 4,
+            "transferred_bytes": 9 << 30,
+            "error": None,
+            "running_on": "b",
+        },
+        sort_keys=True,
+    ),
+    "idempotency_key": None,
+    "request_fingerprint": None,
+    "placement": '{"how": "named", "reason": "b: named by the request"}',
+    "restart": json.dumps(
+        {
+            "count": 1,
+            "pending": False,
+            "plan": {**_OLD_PLAN, "slow_down_initial": 0.4},
+            "planned_rate": 3e8,
+            "job_started_at": 1_800_000_011.0,
+        },
+        sort_keys=True,
+    ),
+}
+_FINISHED_BODY = {
+    "id": "m-old",
+    "instance": "quiet",
+    "source": "a",
+    "destination": "b",
+    "labels": {"team": "x"},
+    "state": "completed",
+    "profile": {"name": "default", "reason": "fallback", "requested": None},
+    "created_at": "2027-01-15T08:00:00.000Z",
+    "started_at": "2027-01-15T08:00:01.000Z",
+    "finished_at": "2027-01-15T08:00:31.500Z",
+    "deadline_at": "2027-01-15T08:10:01.000Z",
+    "progress": {
+        "memory_total_bytes": 8 << 30,
+        "memory_remaining_bytes": 0,
+        "memory_transferred_bytes": 9 << 30,
+        "percent_copied": 100.0,
+        "passes": 4,
+        "transfer_rate_bytes_per_second": 1.25e9,
+        "change_rate_bytes_per_second": 2.5e8,
+        "blackout_budget_seconds": 0.3,
+        "slowdown": 0.2,
+        "disk": {
+            "total_bytes": 4 << 30,
+            "remaining_bytes": 0,
+            "percent_copied": 100.0,
+            "rate_bytes_per_second": 5e8,
+            "in_sync": True,
+        },
+    },
+    "prediction": {
+        "eta_seconds": 0.5,
+        "blackout_seconds": 0.0125,
+        "converges": True,
+        "confidence": 0.75,
+        "floor_bytes": None,
+    },
+    "outcome": {
+        "method": "slowed",
+        "total_seconds": 30.5,
+        "blackout_seconds": 0.02,
+        "passes": 4,
+        "transferred_bytes": 9 << 30,
+        "error": None,
+    },
+    "placement": {"how": "named", "reason": "b: named by the request"},
+    "restarts": 1,
+    "timeline": [
+        {
+            "at": "2027-01-15T08:00:31.500Z",
+            "kind": "state",
+            "action": None,
+            "state": "completed",
+            "reason": "completed (slowed)",
+        }
+    ],
+}
+
+
+def _write_old_row(path: str) -> None:
+    """The row and its last event, written straight into the store file."""
+    with sqlite3.connect(path) as db:
+        columns = ", ".join(_OLD_ROW)
+        marks = ", ".join("?" for _ in _OLD_ROW)
+        db.execute(f"INSERT INTO migrations({columns}) VALUES({marks})", tuple(_OLD_ROW.values()))
+        db.execute(
+            "INSERT INTO events(migration_id, at, kind, action, state, reason, data) "
+            "VALUES('m-old', 1800000031.5, 'state', NULL, 'completed', 'completed (slowed)', "
+            "?)",
+            (_OLD_ROW["outcome"],),
+        )
+
+
+async def test_a_finished_migration_s_body_is_what_it_always_was(api: Api, store: Store) -> None:
+    _write_old_row(store.path)
+    answer = await api.get("/v1/migrations/m-old")
+    assert answer.status == 200, answer.text
+    assert answer.body == _FINISHED_BODY
+    listed = await api.get("/v1/migrations?state=completed")
+    assert listed.body["migrations"] == [
+        {key: value for key, value in _FINISHED_BODY.items() if key != "timeline"}
+    ]

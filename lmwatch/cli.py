@@ -739,7 +739,8 @@ async def simulate_command(out: Output, args: argparse.Namespace) -> int:
             f"{format_size(inventory.bandwidth(report.source, report.destination))}/s"
         )
         out.line(f"profile {report.profile}: {report.profile_reason}")
-        out.line(_report_outcome(report.state, report.outcome, report.finished, report.duration))
+        outcome = report.as_json()["outcome"]
+        out.line(_report_outcome(report.state, outcome, report.finished, report.duration))
         out.line("timeline")
         lines = timeline_lines(report.timeline, 0.0, collapse=not args.verbose)
         out.lines(f"  {line}" for line in lines)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lmwatch import schemas
+from lmwatch.records import prediction_from
 from lmwatch.store import MigrationRecord
 
 PROGRESS = "progress"
@@ -188,20 +189,20 @@ class EventHub:
                 action=action,
                 reason=reason,
                 origin=origin if isinstance(origin, str) else None,
-                prediction=schemas.prediction_out(details.get("prediction")),
+                prediction=schemas.prediction_out(prediction_from(details.get("prediction"))),
             )
             return schemas.dump(body)
 
         self.publish(kind, build)
 
     def progress(self, record: MigrationRecord, at: float) -> None:
-        """The progress `record` holds (a fresh dict each sample: never changed after).
+        """The progress `record` holds (immutable: built later, it is still this one's).
 
         Only while someone listens: progress is a snapshot the next one replaces, so
         none is kept for replay when there is nobody to send it to."""
-        if not record.progress or not self._subscribers:
-            return
         progress = record.progress
+        if progress is None or not self._subscribers:
+            return
 
         def build() -> dict[str, Any]:
             body = schemas.ProgressEventData(
@@ -210,7 +211,7 @@ class EventHub:
                 at=datetime.fromtimestamp(at, UTC),
                 state=record.state,
                 progress=schemas.progress_out(progress),
-                prediction=schemas.prediction_out(progress.get("prediction")),
+                prediction=schemas.prediction_out(progress.prediction),
             )
             return schemas.dump(body)
 

@@ -9,7 +9,7 @@ bytes, durations seconds, rates bytes/second.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -24,7 +24,8 @@ from pydantic import (
 )
 from pydantic.json_schema import models_json_schema
 
-from lmwatch.model import Action, Method, State
+from lmwatch import records
+from lmwatch.model import Action, Method, Prediction, State
 from lmwatch.policies.placement import Placement
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import Event, MigrationRecord
@@ -517,42 +518,38 @@ def timestamp(value: float | datetime | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC)
 
 
-def _progress(data: Mapping[str, Any] | None) -> Progress | None:
-    if not data:
+def progress_out(progress: records.Progress | None) -> Progress | None:
+    if progress is None:
         return None
-    total = int(data.get("memory_total") or 0)
-    remaining = int(data.get("memory_remaining") or 0)
+    total = progress.memory_total
+    remaining = progress.memory_remaining
     percent = 0.0 if total <= 0 else min(100.0, max(0.0, 100.0 * (total - remaining) / total))
     return Progress(
         memory_total_bytes=total,
         memory_remaining_bytes=remaining,
-        memory_transferred_bytes=int(data.get("memory_transferred") or 0),
+        memory_transferred_bytes=progress.memory_transferred,
         percent_copied=percent,
-        passes=int(data.get("passes") or 0),
-        transfer_rate_bytes_per_second=float(data.get("transfer_rate") or 0.0),
-        change_rate_bytes_per_second=float(data.get("change_rate") or 0.0),
-        blackout_budget_seconds=float(data.get("blackout_budget") or 0.0),
-        slowdown=float(data.get("slowdown") or 0.0),
-        disk=_disk_progress(data),
+        passes=progress.passes,
+        transfer_rate_bytes_per_second=progress.transfer_rate,
+        change_rate_bytes_per_second=progress.change_rate,
+        blackout_budget_seconds=progress.blackout_budget,
+        slowdown=progress.slowdown,
+        disk=_disk_progress(progress),
     )
 
 
-def _disk_progress(data: Mapping[str, Any]) -> DiskProgress | None:
-    total = int(data.get("disk_total") or 0)
+def _disk_progress(progress: records.Progress) -> DiskProgress | None:
+    total = progress.disk_total
     if total <= 0:
         return None
-    remaining = int(data.get("disk_remaining") or 0)
+    remaining = progress.disk_remaining
     return DiskProgress(
         total_bytes=total,
         remaining_bytes=remaining,
         percent_copied=min(100.0, max(0.0, 100.0 * (total - remaining) / total)),
-        rate_bytes_per_second=float(data.get("disk_rate") or 0.0),
+        rate_bytes_per_second=progress.disk_rate,
         in_sync=remaining <= 0,
     )
-
-
-def progress_out(data: Mapping[str, Any] | None) -> Progress | None:
-    return _progress(data)
 
 
 def _finite(value: Any) -> float | None:
@@ -562,33 +559,28 @@ def _finite(value: Any) -> float | None:
     return number if number == number and number not in (float("inf"), float("-inf")) else None
 
 
-def _prediction(data: Mapping[str, Any] | None) -> PredictionOut | None:
-    if not data:
+def prediction_out(prediction: Prediction | None) -> PredictionOut | None:
+    if prediction is None:
         return None
-    floor = data.get("floor_bytes")
     return PredictionOut(
-        eta_seconds=_finite(data.get("eta_seconds")),
-        blackout_seconds=_finite(data.get("blackout_seconds")),
-        converges=data.get("converges"),
-        confidence=min(1.0, max(0.0, float(data.get("confidence") or 0.0))),
-        floor_bytes=None if floor is None else int(floor),
+        eta_seconds=_finite(prediction.eta_seconds),
+        blackout_seconds=_finite(prediction.blackout_seconds),
+        converges=prediction.converges,
+        confidence=min(1.0, max(0.0, prediction.confidence)),
+        floor_bytes=prediction.floor_bytes,
     )
 
 
-def prediction_out(data: Mapping[str, Any] | None) -> PredictionOut | None:
-    return _prediction(data)
-
-
-def _outcome(data: Mapping[str, Any] | None) -> Outcome | None:
-    if not data:
+def _outcome(outcome: records.Outcome | None) -> Outcome | None:
+    if outcome is None:
         return None
     return Outcome(
-        method=Method(data["method"]),
-        total_seconds=float(data.get("total_seconds") or 0.0),
-        blackout_seconds=_finite(data.get("blackout_seconds")),
-        passes=int(data.get("passes") or 0),
-        transferred_bytes=int(data.get("transferred_bytes") or 0),
-        error=data.get("error"),
+        method=outcome.method,
+        total_seconds=outcome.total_seconds,
+        blackout_seconds=_finite(outcome.blackout_seconds),
+        passes=outcome.passes,
+        transferred_bytes=outcome.transferred_bytes,
+        error=outcome.error,
     )
 
 
@@ -603,7 +595,7 @@ def timeline_entry(event: Event) -> TimelineEntry:
 
 
 def _summary_fields(record: MigrationRecord) -> dict[str, Any]:
-    progress = record.progress or {}
+    progress = record.progress
     return {
         "id": record.id,
         "instance": record.instance,
@@ -620,18 +612,18 @@ def _summary_fields(record: MigrationRecord) -> dict[str, Any]:
         "started_at": timestamp(record.started_at),
         "finished_at": timestamp(record.finished_at),
         "deadline_at": timestamp(record.deadline_at),
-        "progress": _progress(record.progress),
-        "prediction": _prediction(progress.get("prediction")),
+        "progress": progress_out(progress),
+        "prediction": None if progress is None else prediction_out(progress.prediction),
         "outcome": _outcome(record.outcome),
         "placement": _placement(record.placement),
-        "restarts": int((record.restart or {}).get("count") or 0),
+        "restarts": 0 if record.restart is None else record.restart.count,
     }
 
 
-def _placement(data: Mapping[str, Any] | None) -> PlacementApplied | None:
-    if not data or data.get("how") not in ("chosen", "named", "forced"):
+def _placement(placed: records.Placed | None) -> PlacementApplied | None:
+    if placed is None:
         return None
-    return PlacementApplied(how=data["how"], reason=str(data.get("reason", "")))
+    return PlacementApplied(how=placed.how.value, reason=placed.reason)
 
 
 def migration_summary(record: MigrationRecord) -> MigrationSummary:

@@ -17,6 +17,7 @@ from lmwatch.drivers.inventory import Inventory, InventoryError
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.model import MigrationRequest
 from lmwatch.profiles.registry import ProfileRegistry
+from lmwatch.records import Outcome, outcome_json
 from lmwatch.store import Event, Store
 
 SOURCE_HOST = "host-a"
@@ -36,7 +37,7 @@ class SimulationReport:
     profile_reason: str
     state: str  # final state (or the state at `limit` when it did not finish)
     finished: bool
-    outcome: Mapping[str, Any] | None
+    outcome: Outcome | None
     timeline: tuple[Mapping[str, Any], ...]  # `at` in virtual seconds since submission
     duration: float  # virtual seconds from submission to the end (or to `limit`)
     memory_bytes: int = 0
@@ -52,7 +53,7 @@ class SimulationReport:
             "state": self.state,
             "finished": self.finished,
             "duration_seconds": self.duration,
-            "outcome": None if self.outcome is None else dict(self.outcome),
+            "outcome": None if self.outcome is None else outcome_json(self.outcome),
             "timeline": [dict(entry) for entry in self.timeline],
         }
 
@@ -202,7 +203,7 @@ async def simulate(
             profile_reason=final.profile_reason,
             state=final.state.value,
             finished=finished,
-            outcome=None if final.outcome is None else dict(final.outcome),
+            outcome=final.outcome,
             timeline=timeline,
             duration=end - begin,
             memory_bytes=final.memory_bytes,

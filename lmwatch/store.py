@@ -52,8 +52,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from lmwatch import records
 from lmwatch.logs import get_logger
-from lmwatch.model import State
+from lmwatch.model import StartPlan, State
+from lmwatch.records import Outcome, Placed, Progress, Restarts
 
 log = get_logger("lmwatch.store")
 
@@ -116,7 +118,7 @@ CREATE INDEX IF NOT EXISTS drains_host ON drains(host, state);
 CREATE INDEX IF NOT EXISTS drains_created ON drains(created_at, id);
 """
 
-_JSON_FIELDS = ("labels", "profile", "plan", "progress", "outcome", "placement", "restart")
+_JSON_FIELDS = records.JSON_COLUMNS
 _BOOL_FIELDS = ("paused", "handed_over")
 
 
@@ -228,6 +230,10 @@ def _read_pid(descriptor: int) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class MigrationRecord:
+    """A migration as the store holds it. Its parts (plan, progress, outcome,
+    placement, restart) are typed values; each is a TEXT column holding JSON, written
+    and read by `lmwatch.records` alone."""
+
     id: str
     instance: str
     source: str
@@ -244,21 +250,19 @@ class MigrationRecord:
     started_at: float | None = None
     finished_at: float | None = None
     deadline_at: float | None = None
-    plan: Mapping[str, Any] | None = None
+    plan: StartPlan | None = None
     blackout_budget: float | None = None
     paused: bool = False
     handed_over: bool = False
-    progress: Mapping[str, Any] | None = None  # last sample and prediction
-    outcome: Mapping[str, Any] | None = None
+    progress: Progress | None = None  # last sample and prediction
+    outcome: Outcome | None = None
     idempotency_key: str | None = None
     request_fingerprint: str | None = None
-    # How the destination was placed: {"how": "chosen"|"named"|"forced", "reason": ...};
-    # None for migrations accepted before placement was recorded.
-    placement: Mapping[str, Any] | None = None
-    # Starting the migration again (`Action.RESTART`): {"count", "pending", "plan",
-    # "planned_rate", "job_started_at"}; None when it never was. `pending` holds from
-    # the intent (written before the job is cancelled) until the new job started.
-    restart: Mapping[str, Any] | None = None
+    # How the destination was placed; None for migrations accepted before placement
+    # was recorded.
+    placement: Placed | None = None
+    # Starting the migration again (`Action.RESTART`); None when it never was.
+    restart: Restarts | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1076,10 +1080,7 @@ class Store:
 
         Never raises for a write that fails: the change is kept and written later."""
         updated = replace(record, **changes)
-        row = {key: value for key, value in _to_row(updated).items() if key in changes}
-        decoded = {key: json.loads(row[key]) for key in _JSON_FIELDS if row.get(key) is not None}
-        if decoded:  # shown as it will read back from the file (lists, not tuples)
-            updated = replace(updated, **decoded)
+        row = _to_row(updated, changes)
         logged = None
         if event is not None:
             kind, reason, action = event
@@ -1384,12 +1385,13 @@ class Store:
         return [drain for drain in self.drains() if not drain.state.finished]
 
 
-def _to_row(record: MigrationRecord) -> dict[str, Any]:
+def _to_row(record: MigrationRecord, only: Iterable[str] | None = None) -> dict[str, Any]:
+    """The columns of a record (those named in `only`, when given), encoded."""
     row: dict[str, Any] = {}
-    for name in MigrationRecord.__slots__:
+    for name in MigrationRecord.__slots__ if only is None else only:
         value = getattr(record, name)
         if name in _JSON_FIELDS:
-            value = None if value is None else json.dumps(dict(value), sort_keys=True)
+            value = records.encode(name, value)
         elif name in _BOOL_FIELDS:
             value = int(value)
         elif name == "state":
@@ -1399,15 +1401,14 @@ def _to_row(record: MigrationRecord) -> dict[str, Any]:
 
 
 def _from_row(row: sqlite3.Row) -> MigrationRecord:
-    """The record a row holds; CorruptRecord naming the row and column otherwise."""
+    """The record a row holds; CorruptRecord naming the row and column otherwise.
+
+    The JSON columns hold JSON objects (TEXT); `lmwatch.records` decodes them."""
     values: dict[str, Any] = dict(row)
     column = "id"
     try:
         for column in _JSON_FIELDS:
-            raw = values[column]
-            values[column] = None if raw is None else json.loads(raw)
-            if values[column] is not None and not isinstance(values[column], dict):
-                raise ValueError(f"a JSON {type(values[column]).__name__}, not an object")
+            values[column] = records.decode(column, values[column])
         for column in _BOOL_FIELDS:
             values[column] = bool(values[column])
         column = "state"

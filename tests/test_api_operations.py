@@ -151,11 +151,11 @@ async def test_metrics_count_a_finished_migration(
     )
     outcome = engine.get(migration_id).outcome
     assert outcome is not None
-    assert total == outcome["total_seconds"] > 0
+    assert total == outcome.total_seconds > 0
     blackout = next(
         s.value for s in found["lmwatch_blackout_seconds"].samples if s.name.endswith("_sum")
     )
-    assert blackout == outcome["blackout_seconds"]
+    assert blackout == outcome.blackout_seconds
     assert not [
         s
         for s in found["lmwatch_migration_remaining_bytes"].samples

@@ -113,12 +113,12 @@ async def test_idle_instance_converges_without_any_forcing_decision(rig: Rig) ->
     record = rig.engine.get(mid)
     assert record.state is State.COMPLETED
     assert record.outcome is not None
-    assert record.outcome["method"] == Method.CONVERGED.value
+    assert record.outcome.method == Method.CONVERGED.value
     assert rig.actions(mid) == []
     assert rig.driver.where("idle") == "b"
     # 4 GiB over 1 GiB/s: about four seconds plus a short last pass.
-    assert 3.5 < record.outcome["total_seconds"] < 15
-    assert record.progress is not None and record.progress["memory_remaining"] == 0
+    assert 3.5 < record.outcome.total_seconds < 15
+    assert record.progress is not None and record.progress.memory_remaining == 0
 
 
 async def test_unchanged_continue_decisions_are_not_logged_every_poll(rig: Rig) -> None:
@@ -134,11 +134,11 @@ async def test_never_converging_database_is_handed_over(rig: Rig) -> None:
     record = rig.engine.get(mid)
     assert record.state is State.COMPLETED
     assert record.outcome is not None
-    assert record.outcome["method"] == Method.HANDOVER.value
+    assert record.outcome.method == Method.HANDOVER.value
     assert "handover" in rig.actions(mid)
     assert "pause" not in rig.actions(mid)
     # Decided from the rates soon after the first pass, not at the 20 minute deadline.
-    assert record.outcome["total_seconds"] < 120
+    assert record.outcome.total_seconds < 120
 
 
 async def test_never_converging_batch_is_paused_within_max_pause(rig: Rig) -> None:
@@ -146,9 +146,9 @@ async def test_never_converging_batch_is_paused_within_max_pause(rig: Rig) -> No
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.outcome is not None
-    assert record.outcome["method"] == Method.PAUSED.value
-    assert record.outcome["blackout_seconds"] is not None
-    assert record.outcome["blackout_seconds"] <= 10.0
+    assert record.outcome.method == Method.PAUSED.value
+    assert record.outcome.blackout_seconds is not None
+    assert record.outcome.blackout_seconds <= 10.0
     assert "handover" not in rig.actions(mid)
 
 
@@ -179,7 +179,7 @@ async def test_hopeless_instance_is_cancelled_early_with_the_reason(rig: Rig) ->
     assert record.outcome is not None
     # The deadline was two hours: a steady, hopeless workload is given up on after
     # half of it (workloads change phase), well before the deadline itself.
-    assert 3600 <= record.outcome["total_seconds"] < 5400
+    assert 3600 <= record.outcome.total_seconds < 5400
     cancel = [e for e in rig.store.events(mid) if e.action == "cancel"]
     assert cancel and "steady" in cancel[0].reason
     assert cancel[0].data["rule"] == "waiting-stopped-paying"
@@ -324,7 +324,7 @@ async def test_force_complete_refused_when_the_profile_allows_nothing(rig: Rig) 
     assert decision.action.value == "pause"
     await rig.finish(mid)
     record = rig.engine.get(mid)
-    assert record.outcome is not None and record.outcome["method"] == "paused"
+    assert record.outcome is not None and record.outcome.method == "paused"
 
 
 async def test_an_accepted_pause_stays_the_operators_after_a_restart(tmp_path: Path) -> None:
@@ -343,7 +343,7 @@ async def test_an_accepted_pause_stays_the_operators_after_a_restart(tmp_path: P
     await rig.engine.start()
     await rig.finish(mid)
     record = rig.engine.get(mid)
-    assert record.outcome is not None and record.outcome["method"] == "paused", record.outcome
+    assert record.outcome is not None and record.outcome.method == "paused", record.outcome
     await rig.engine.stop()
 
 
@@ -387,7 +387,7 @@ async def test_profile_edit_mid_migration_is_applied_or_explained(rig: Rig) -> N
     assert any("handover" in n for n in notes[1:]) or any("handover" in n for n in notes)
     record = rig.engine.get(mid)
     assert record.outcome is not None
-    assert record.outcome["method"] == "paused"
+    assert record.outcome.method == "paused"
     assert "handover" not in rig.actions(mid)
 
 
@@ -523,7 +523,7 @@ async def test_a_profile_edited_while_lmwatch_was_down_applies_after_restart(
     await second.start()
     await rig.clock.run_until(lambda: second.get(mid).state.finished)
     record = second.get(mid)
-    assert record.outcome is not None and record.outcome["method"] == "paused"
+    assert record.outcome is not None and record.outcome.method == "paused"
     assert any("edited profile" in e.reason for e in rig.store.events(mid))
     await second.stop()
 
@@ -663,7 +663,7 @@ async def test_switchover_is_learned_and_an_exceeded_profile_is_recorded(tmp_pat
     await rig.finish(first)
     record = rig.engine.get(first)
     assert record.state is State.COMPLETED
-    assert record.outcome is not None and record.outcome["blackout_seconds"] > 0.3
+    assert record.outcome is not None and record.outcome.blackout_seconds > 0.3
     violations = [e for e in rig.store.events(first) if e.kind == "violation"]
     assert violations and "blackout" in violations[0].reason
     assert (
@@ -677,7 +677,7 @@ async def test_switchover_is_learned_and_an_exceeded_profile_is_recorded(tmp_pat
     second = await rig.migrate("idle", "a", "b")
     await rig.finish(second)
     plan = rig.engine.get(second).plan
-    assert plan is not None and plan["blackout_budget"] <= 0.3 - learned + 1e-9
+    assert plan is not None and plan.blackout_budget <= 0.3 - learned + 1e-9
     assert not [e for e in rig.store.events(second) if e.kind == "violation"]
     # A new engine on the same store remembers what was learned.
     await rig.engine.stop()
@@ -744,6 +744,8 @@ async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(
         ("plan", "[1, 2]", "column plan: a JSON list, not an object"),
         ("plan", '{"arm_handover": true}', "column plan: StartPlan.__init__() missing"),
         ("state", "copyng", "column state: 'copyng' is not a valid State"),
+        ("progress", '{"passes": "three"}', "column progress: passes: not a number: 'three'"),
+        ("restart", '{"count": 1, "pending": true}', "column restart: pending without the plan"),
         ("profile", '{"name": "x", "max_blackout": "soon"}', "column profile: max_blackout: Value"),
     ],
 )
@@ -799,12 +801,12 @@ async def test_a_queued_migration_starts_with_the_profile_in_force_when_it_start
     assert rig.engine.get(queued).state is State.QUEUED
     await rig.finish(first, queued)
     record = rig.engine.get(queued)
-    assert record.plan is not None and record.plan["arm_handover"] is True
+    assert record.plan is not None and record.plan.arm_handover is True
     assert record.profile["handover"] == "allowed"
     events = rig.store.events(queued)
     changed = [i for i, e in enumerate(events) if "reloaded while queued" in e.reason]
     started = [i for i, e in enumerate(events) if e.action == "start"]
     assert changed and started and changed[0] < started[0]
     assert record.state is State.COMPLETED
-    assert record.outcome is not None and record.outcome["method"] == "handover"
+    assert record.outcome is not None and record.outcome.method == "handover"
     await rig.engine.stop()

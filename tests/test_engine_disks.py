@@ -144,8 +144,8 @@ async def test_a_restart_mid_disk_copy_reattaches_and_finishes(tmp_path: Path) -
     second = await rig.restart(down_for=3.0)  # nobody watches; the disk copy goes on
     await rig.clock.advance(1.0)
     progress = second.get(record.id).progress
-    assert progress is not None and 0 < progress["disk_remaining"] < 20 * GIB
-    assert progress["memory_transferred"] == 0
+    assert progress is not None and 0 < progress.disk_remaining < 20 * GIB
+    assert progress.memory_transferred == 0
     assert await rig.clock.run_until(lambda: second.finished([record.id]), limit=600)
     done = second.get(record.id)
     assert done.state is State.COMPLETED

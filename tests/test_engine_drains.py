@@ -258,7 +258,8 @@ async def test_drain_metrics(rig: Rig) -> None:
 
 def test_an_instance_eta_falls_back_to_its_deadline() -> None:
     from lmwatch.engine.drains import eta
-    from lmwatch.model import State
+    from lmwatch.model import Prediction, State
+    from lmwatch.records import Progress
     from lmwatch.store import DrainItem, MigrationRecord
 
     item = DrainItem("x", GIB, 12.0, state=ItemState.MIGRATING, migration_id="m")
@@ -278,36 +279,36 @@ def test_an_instance_eta_falls_back_to_its_deadline() -> None:
         deadline_at=400.0,
     )
     assert eta(item, record, 150.0) == 12.0  # not started: the expected duration
+
+    def predicted(eta_seconds: float | None) -> Prediction:
+        return Prediction(0.0, 0.0, 0, eta_seconds, None, None)
+
     running = dataclasses.replace(
-        record, state=State.COPYING, progress={"prediction": {"eta_seconds": 7.5}}
+        record, state=State.COPYING, progress=Progress(prediction=predicted(7.5))
     )
     assert eta(item, running, 150.0) == 7.5
-    hopeless = dataclasses.replace(
-        running, progress={"passes": 3, "prediction": {"eta_seconds": None}}
-    )
+    hopeless = dataclasses.replace(running, progress=Progress(passes=3, prediction=predicted(None)))
     assert eta(item, hopeless, 150.0) == 250.0  # its profile acts by the deadline
     # In the first pass, before any prediction: what the pass still takes, not the
     # deadline (an operator read "empty in 19.7m" for a one-minute drain).
     first = dataclasses.replace(
         running,
-        progress={
-            "passes": 1,
-            "memory_total": GIB,
-            "memory_remaining": GIB // 2,
-            "transfer_rate": GIB / 10,
-            "prediction": {"eta_seconds": None},
-        },
+        progress=Progress(
+            passes=1,
+            memory_total=GIB,
+            memory_remaining=GIB // 2,
+            transfer_rate=GIB / 10,
+            prediction=predicted(None),
+        ),
     )
     assert eta(item, first, 150.0) == pytest.approx(5.0)
     assert eta(item, first, 398.0) == pytest.approx(2.0)  # never past the deadline
+    assert first.progress is not None
     disks = dataclasses.replace(
         first,
-        progress={
-            **first.progress,
-            "memory_remaining": GIB,
-            "disk_remaining": 4 * GIB,
-            "disk_rate": GIB / 2,
-        },
+        progress=dataclasses.replace(
+            first.progress, memory_remaining=GIB, disk_remaining=4 * GIB, disk_rate=GIB / 2
+        ),
     )
     assert eta(item, disks, 150.0) == pytest.approx(8.0 + 10.0)
     assert eta(item, dataclasses.replace(hopeless, deadline_at=None), 150.0) is None

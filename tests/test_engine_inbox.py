@@ -154,7 +154,7 @@ async def test_a_force_pending_during_the_disk_copy_survives_a_restart(tmp_path:
     assert await rig.clock.run_until(lambda: second.finished([record.id]), limit=600)
     done = second.get(record.id)
     assert done.state is State.COMPLETED
-    assert done.outcome is not None and done.outcome["method"] == "paused"
+    assert done.outcome is not None and done.outcome.method == "paused"
     events = rig.store.events(record.id)
     pauses = [e for e in events if e.action == "pause"]
     assert len(pauses) == 1

@@ -98,8 +98,8 @@ async def test_chosen_destination_is_recorded_with_its_reason(rig: Rig) -> None:
     mid = await rig.submit("w1", None)
     record = rig.engine.get(mid)
     assert record.destination == "b"  # most free memory (c: 12 GiB, d: 8 GiB)
-    assert record.placement is not None and record.placement["how"] == "chosen"
-    assert record.placement["reason"].startswith("b: most free memory after reservations")
+    assert record.placement is not None and record.placement.how == "chosen"
+    assert record.placement.reason.startswith("b: most free memory after reservations")
     accepted = rig.store.events(mid)[0].reason
     assert "destination chosen: b: most free memory" in accepted
     assert rig.metrics.registry.get_sample_value("lmwatch_placements_total", {"how": "chosen"}) == 1
@@ -108,7 +108,7 @@ async def test_chosen_destination_is_recorded_with_its_reason(rig: Rig) -> None:
     second = rig.engine.get(await rig.submit("w2", None))
     assert second.destination == "c"
     assert second.placement is not None
-    assert "fewest migrations" in second.placement["reason"]
+    assert "fewest migrations" in second.placement.reason
 
 
 async def test_the_group_rule_named_refused_and_chosen_elsewhere(rig: Rig) -> None:
@@ -119,7 +119,7 @@ async def test_the_group_rule_named_refused_and_chosen_elsewhere(rig: Rig) -> No
     record = rig.engine.get(await rig.submit("g1", None))
     assert record.destination != "b"
     assert record.placement is not None
-    assert "b rejected: instance of group 'shard'" in record.placement["reason"]
+    assert "b rejected: instance of group 'shard'" in record.placement.reason
 
 
 async def test_handover_profiles_avoid_hosts_that_cannot_take_handover(rig: Rig) -> None:
@@ -137,7 +137,7 @@ async def test_forced_skips_capacity_but_never_the_instances_protection(rig: Rig
         await rig.submit("w3", "d")
     mid = await rig.submit("w3", "d", force=True)
     record = rig.engine.get(mid)
-    assert record.placement is not None and record.placement["how"] == "forced"
+    assert record.placement is not None and record.placement.how == "forced"
     assert "destination forced" in rig.store.events(mid)[0].reason
     assert rig.metrics.registry.get_sample_value("lmwatch_placements_total", {"how": "forced"}) == 1
     with pytest.raises(Incompatible, match="pinned to host CPUs 6-7"):

@@ -12,6 +12,7 @@ from enginerig import EngineRig
 from lmwatch.drivers.base import DriverError
 from lmwatch.model import Phase, State
 from lmwatch.schemas import migration_summary
+from lmwatch.store import Store
 
 # A guest that writes 30 MiB/s at the start and 400 MiB/s more every minute, up to
 # 2 GiB/s, over a 1 Gbit/s link: at the hypervisor's schedule (20 %, +10 % every two
@@ -81,7 +82,7 @@ async def test_a_growing_writer_is_started_again_once_and_completes(tmp_path: Pa
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.state is State.COMPLETED
-    assert record.outcome is not None and record.outcome["total_seconds"] <= 1800
+    assert record.outcome is not None and record.outcome.total_seconds <= 1800
     restarts = events(rig, mid, "decision", "restart")
     assert len(restarts) == 1
     assert "starting again with the slow-down from 80%" in restarts[0].reason
@@ -89,13 +90,21 @@ async def test_a_growing_writer_is_started_again_once_and_completes(tmp_path: Pa
     again = started_again(rig, mid)
     assert len(again) == 1 and again[0].at >= restarts[0].at
     # The plan in the store is the new one; the API's view counts the restart.
-    assert record.plan is not None and record.plan["slow_down_initial"] == 0.8
-    assert record.restart is not None and record.restart["pending"] is False
+    assert record.plan is not None and record.plan.slow_down_initial == 0.8
+    assert record.restart is not None and record.restart.pending is False
     assert migration_summary(record).restarts == 1
     assert counter(rig, "lmwatch_restarts") == 1
     # Never reported cancelled on the way.
     assert not ended_cancelled(rig, mid)
     await rig.engine.stop()
+    # What the engine held is exactly what the file holds (plan, restarts, progress,
+    # outcome, placement: each encoded and decoded without loss).
+    assert rig.store.flush()
+    reopened = Store.open(rig.store_path)
+    try:
+        assert reopened.get(mid) == record
+    finally:
+        reopened.close()
 
 
 async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(
@@ -114,7 +123,7 @@ async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(
     rig.driver.cancel = record_cancel  # type: ignore[method-assign]
     assert await rig.clock.run_until(lambda: bool(cancelled), limit=3600)
     await rig.engine.stop()  # lmwatch dies before the job has even ended
-    assert rig.store.get(mid).restart["pending"] is True  # type: ignore[index, union-attr]
+    assert rig.store.get(mid).restart.pending is True  # type: ignore[union-attr]
     await rig.clock.advance(10.0)  # the job ends cancelled while nobody watches
     assert (await rig.driver.result(mid)).phase is Phase.CANCELLED
     rig.engine = rig.new_engine()
@@ -124,7 +133,7 @@ async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(
     assert record.state is State.COMPLETED
     assert len(started_again(rig, mid)) == 1
     assert not ended_cancelled(rig, mid)
-    assert record.restart is not None and record.restart["count"] == 1
+    assert record.restart is not None and record.restart.count == 1
     assert len(events(rig, mid, "decision", "restart")) == 1
     await rig.engine.stop()
 
@@ -145,12 +154,12 @@ async def test_a_crash_after_the_intent_and_before_the_cancel_cancels_and_starts
 
     rig.driver.cancel = never_returns  # type: ignore[method-assign]
     assert await rig.clock.run_until(lambda: bool(asked), limit=3600)
-    assert rig.store.get(mid).restart["pending"] is True  # type: ignore[index, union-attr]
+    assert rig.store.get(mid).restart.pending is True  # type: ignore[union-attr]
     await rig.restart(down_for=10.0)  # a new driver on the kept world: the job runs on
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.state is State.COMPLETED
-    assert record.plan is not None and record.plan["slow_down_initial"] == 0.8
+    assert record.plan is not None and record.plan.slow_down_initial == 0.8
     assert len(started_again(rig, mid)) == 1
     assert not ended_cancelled(rig, mid)
     assert any("supervision resumed after a restart" in e.reason for e in events(rig, mid, "note"))

@@ -56,7 +56,7 @@ async def test_a_move_does_not_join_a_link_while_another_is_in_its_final_stop(
             record = rig.engine.get(mid)
             assert record.state is State.COMPLETED
             assert record.outcome is not None
-            assert record.outcome["blackout_seconds"] <= 0.5, record.outcome
+            assert record.outcome.blackout_seconds <= 0.5, record.outcome
             assert not [e for e in rig.store.events(mid) if e.kind == "violation"]
         # The second started only once the first had left its stop (not merely queued:
         # the per-destination limit let it start at once).

@@ -338,8 +338,8 @@ async def test_progress_is_published_only_to_listeners_and_gauges_are_looked_up_
 def test_prediction_json_is_the_prediction_s_fields() -> None:
     from dataclasses import asdict
 
-    from lmwatch.engine.records import prediction_json
     from lmwatch.model import Prediction
+    from lmwatch.records import prediction_json
 
     prediction = Prediction(1.0, 2.0, 3, None, 0.5, False, 7, 0.25)
     assert prediction_json(prediction) == asdict(prediction)

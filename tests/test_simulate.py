@@ -56,11 +56,11 @@ async def test_an_idle_instance_converges_with_no_forcing_decision() -> None:
     assert report.finished
     assert report.state == "completed"
     assert report.outcome is not None
-    assert report.outcome["method"] == "converged"
+    assert report.outcome.method == "converged"
     assert not FORCING & set(_actions(report))
     # One pass of 4 GiB at 1 GiB/s, then a short one.
     assert 4.0 <= report.duration < 10.0
-    assert report.outcome["blackout_seconds"] <= 0.3
+    assert report.outcome.blackout_seconds <= 0.3
 
 
 STRICT_DEADLINE = 3600.0
@@ -81,7 +81,7 @@ async def test_a_never_converging_instance_ends_as_its_profile_says(
     assert report.finished
     assert (report.profile, report.state) == (profile, state)
     assert report.outcome is not None
-    assert report.outcome["method"] == method
+    assert report.outcome.method == method
     assert action in _actions(report)
     if profile == "strict":
         # Nothing but a short blackout is allowed: it gives up once the steady rates
@@ -163,7 +163,7 @@ async def test_an_instance_that_writes_nothing_converges_no_faster_than_the_link
     inventory = scenario(memory=memory, change_rate=0, bandwidth=bandwidth)
     report = await simulate(inventory, "instance-1", profiles_text=PROFILES, profile="strict")
     assert report.outcome is not None
-    assert report.outcome["method"] == "converged"
+    assert report.outcome.method == "converged"
     assert report.duration >= memory / bandwidth - 1e-6
     assert not FORCING & set(_actions(report))
 

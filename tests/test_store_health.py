@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lmwatch.clock import VirtualClock
 from lmwatch.engine import Engine
 from lmwatch.model import State
+from lmwatch.records import Progress
 from lmwatch.store import MigrationRecord, Store, StoreError
 
 WRITES = ("INSERT", "UPDATE", "DELETE", "COMMIT")
@@ -136,8 +137,8 @@ def test_failed_writes_are_kept_shown_and_written_once_in_order(store: Store) ->
     disk.full = True
     starting = store.update(queued, event=("state", "starting", None), at=2.0, state=State.STARTING)
     store.add_event("m1", 3.0, "note", "a note")
-    progressed = store.update(starting, progress={"passes": 1})
-    progressed = store.update(progressed, progress={"passes": 2})
+    progressed = store.update(starting, progress=Progress(passes=1))
+    progressed = store.update(progressed, progress=Progress(passes=2))
     copying = store.update(
         progressed, event=("state", "copying", None), at=4.0, state=State.COPYING
     )

@@ -27,6 +27,7 @@ from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine
 from lmwatch.errors import Conflict, StoreUnavailable
 from lmwatch.model import MigrationRequest, State
+from lmwatch.records import Progress
 from lmwatch.store import DrainRecord, DrainState, MigrationRecord, Store
 
 
@@ -173,9 +174,9 @@ def test_writes_reach_the_file_in_the_order_they_were_made(store: Store) -> None
                 record,
                 event=("decision", f"step {step}", None),
                 at=10.0 + step,
-                progress={"step": step},
+                progress=Progress(passes=step),
             )
-        store.update(records[number], progress={"step": step, "more": True})  # merges
+        store.update(records[number], progress=Progress(passes=step, memory_total=1))  # merges
         records[number] = store.get(record.id) or record
         expected.append((record.id, 10.0 + step))
     store.close()
@@ -259,6 +260,7 @@ _CRASHER = """
 import os, signal, sys
 from lmwatch.store import Store, MigrationRecord
 from lmwatch.model import State
+from lmwatch.records import Progress
 store = Store.open(sys.argv[1])
 for n in range(200):
     record = MigrationRecord(
@@ -269,7 +271,8 @@ for n in range(200):
     store.insert(record, "accepted")
     print(record.id, flush=True)  # acknowledged
     for k in range(20):  # transitions queued behind it, never waited for
-        store.update(record, event=("note", f"k{k}", None), at=float(n), progress={"k": k})
+        step = Progress(passes=k)
+        store.update(record, event=("note", f"k{k}", None), at=float(n), progress=step)
     if n == 150:
         os.kill(os.getpid(), signal.SIGKILL)
 """

@@ -47,6 +47,7 @@ from lmwatch.model import (
 from lmwatch.policies.placement import GROUP_LABEL, How, Need, Placement, choose
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.profiles.schema import Profile
+from lmwatch.records import Placed
 from lmwatch.store import Event, MigrationRecord, Store
 
 MAX_PAGE = 1000  # most migrations one page of the list holds
@@ -356,7 +357,7 @@ class Engine:
             idempotency_key=idempotency_key,
             fingerprint=fingerprint,
         )
-        record = dataclasses.replace(record, placement=placing.placement_json(how, reason))
+        record = dataclasses.replace(record, placement=Placed(how, reason))
         accepted = f"{accepted}; destination {how.value}: {reason}"
         waiting = _Accepting(record, self._effects.accept_soon(record, accepted))
         self._book.add(record, queue=False)

@@ -36,8 +36,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from lmwatch.clock import outside
 from lmwatch.drivers.base import DriverError, UnknownHost
@@ -46,6 +46,7 @@ from lmwatch.logs import get_logger
 from lmwatch.model import InstanceInfo, MigrationRequest, State
 from lmwatch.policies import drain as policy
 from lmwatch.policies.placement import Placement
+from lmwatch.records import Progress
 from lmwatch.store import DrainItem, DrainRecord, DrainState, ItemState, MigrationRecord
 
 if TYPE_CHECKING:
@@ -85,10 +86,10 @@ def fraction(item: DrainItem, record: MigrationRecord | None) -> float:
     """How far an instance's move has got (0..1): memory copied of its migration."""
     if item.state is ItemState.MOVED:
         return 1.0
-    if record is None or not record.progress:
+    if record is None or record.progress is None:
         return 0.0
-    total = float(record.progress.get("memory_total") or 0)
-    remaining = float(record.progress.get("memory_remaining") or 0)
+    total = float(record.progress.memory_total)
+    remaining = float(record.progress.memory_remaining)
     return 0.0 if total <= 0 else min(1.0, max(0.0, (total - remaining) / total))
 
 
@@ -100,12 +101,11 @@ def eta(item: DrainItem, record: MigrationRecord | None, now: float) -> float | 
     duration before it runs. None: nothing says."""
     if item.state.finished:
         return 0.0
-    if record is None or record.state is State.QUEUED or not record.progress:
+    if record is None or record.state is State.QUEUED or record.progress is None:
         return item.expected_seconds
     progress = record.progress
-    prediction = progress.get("prediction") or {}
-    value = prediction.get("eta_seconds")
-    number = None if value is None else float(value)
+    prediction = progress.prediction
+    number = None if prediction is None else prediction.eta_seconds
     if number is not None and number == number and number != float("inf"):
         return number
     left = None if record.deadline_at is None else max(0.0, record.deadline_at - now)
@@ -115,21 +115,21 @@ def eta(item: DrainItem, record: MigrationRecord | None, now: float) -> float | 
     return left
 
 
-def _first_pass_left(progress: Mapping[str, Any]) -> float | None:
+def _first_pass_left(progress: Progress) -> float | None:
     """Seconds the disk copy and the first memory pass still take, while in them."""
-    rate = float(progress.get("transfer_rate") or 0)
-    disk_left = float(progress.get("disk_remaining") or 0)
-    disk_rate = float(progress.get("disk_rate") or 0)
-    if int(progress.get("passes") or 0) > 1:
+    rate = float(progress.transfer_rate)
+    disk_left = float(progress.disk_remaining)
+    disk_rate = float(progress.disk_rate)
+    if progress.passes > 1:
         return None
     if disk_left > 0:
         if disk_rate <= 0:
             return None
-        memory = float(progress.get("memory_total") or 0)
+        memory = float(progress.memory_total)
         return disk_left / disk_rate + memory / (rate or disk_rate)
     if rate <= 0:
         return None
-    return float(progress.get("memory_remaining") or 0) / rate
+    return float(progress.memory_remaining) / rate
 
 
 class Drains:
@@ -540,7 +540,7 @@ class Drains:
         )
 
     def _why_ended(self, record: MigrationRecord) -> str:
-        error = (record.outcome or {}).get("error")
+        error = None if record.outcome is None else record.outcome.error
         if error:
             return str(error)
         for event in reversed(self.engine.store.events(record.id)):

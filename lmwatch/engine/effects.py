@@ -22,7 +22,6 @@ from lmwatch.engine.records import (
     method_of,
     metric_labels,
     plan_from,
-    prediction_json,
     request_of,
 )
 from lmwatch.engine.settings import EngineSettings
@@ -44,6 +43,7 @@ from lmwatch.model import (
     StartPlan,
     State,
 )
+from lmwatch.records import Outcome, Progress, Restarts, outcome_json, prediction_json
 from lmwatch.store import MigrationRecord, Store, StoreUnwritable
 
 
@@ -145,24 +145,25 @@ class Effects:
     ) -> None:
         """Show a sample's progress: on the record, the event hub and the gauges."""
         seen = sample.memory_remaining
-        if sample.phase is not Phase.COPYING and supervision.record.progress:
-            seen = int(supervision.record.progress.get("memory_remaining_seen") or seen)
-        progress: dict[str, Any] = {
-            "time": sample.time,
-            "memory_remaining_seen": seen,  # last remainder seen while copying
-            "memory_total": sample.memory_total,
-            "memory_remaining": sample.memory_remaining,
-            "memory_transferred": sample.memory_transferred,
-            "transfer_rate": sample.transfer_rate,
-            "change_rate": sample.change_rate,
-            "passes": sample.passes,
-            "blackout_budget": sample.blackout_budget,
-            "slowdown": sample.slowdown,
-            "disk_total": sample.disk_total,
-            "disk_remaining": sample.disk_remaining,
-            "disk_rate": sample.disk_rate,
-            "prediction": prediction_json(prediction),
-        }
+        last = supervision.record.progress
+        if sample.phase is not Phase.COPYING and last is not None:
+            seen = last.memory_remaining_seen or seen
+        progress = Progress(
+            time=sample.time,
+            memory_remaining_seen=seen,
+            memory_total=sample.memory_total,
+            memory_remaining=sample.memory_remaining,
+            memory_transferred=sample.memory_transferred,
+            transfer_rate=sample.transfer_rate,
+            change_rate=sample.change_rate,
+            passes=sample.passes,
+            blackout_budget=sample.blackout_budget,
+            slowdown=sample.slowdown,
+            disk_total=sample.disk_total,
+            disk_remaining=sample.disk_remaining,
+            disk_rate=sample.disk_rate,
+            prediction=prediction,
+        )
         supervision.record = dataclasses.replace(supervision.record, progress=progress)
         self.hub.progress(supervision.record, sample.time)
         # Progress is persisted at most every few seconds; it is cheap to lose.
@@ -335,7 +336,7 @@ class Effects:
             self.event(supervision, "note", decision.note)
 
     def intend_restart(
-        self, supervision: Supervision, decision: Decision, intent: dict[str, Any]
+        self, supervision: Supervision, decision: Decision, intent: Restarts
     ) -> None:
         """Record the policy's decision to start again, with the new plan, before the
         job is stopped (a daemon restarted in between then starts the new job)."""
@@ -364,9 +365,7 @@ class Effects:
             reason=decision.reason,
         )
 
-    def started_again(
-        self, supervision: Supervision, plan: StartPlan, restart: dict[str, Any]
-    ) -> None:
+    def started_again(self, supervision: Supervision, plan: StartPlan, restart: Restarts) -> None:
         """The new job of a restart started: its plan is the migration's plan now."""
         record = supervision.record
         self.metrics.restarts.labels(record.profile_name).inc()
@@ -375,16 +374,16 @@ class Effects:
             "state",
             f"copying started again: {plan.reason}" if plan.reason else "copying started again",
             state=State.COPYING,
-            plan=dataclasses.asdict(plan),
+            plan=plan,
             blackout_budget=plan.blackout_budget,
             restart=restart,
-            data={"restarts": restart.get("count")},
+            data={"restarts": restart.count},
         )
         log.info(
             "started-again",
             migration=record.id,
             instance=record.instance,
-            restarts=restart.get("count"),
+            restarts=restart.count,
             slow_down_initial=plan.slow_down_initial,
         )
 
@@ -432,20 +431,21 @@ class Effects:
         }.get(result.phase, State.FAILED)
         started = record.started_at or record.created_at
         total = now - started
-        outcome = {
-            "method": method.value,
-            "total_seconds": total,
-            "blackout_seconds": result.blackout_seconds,
-            "passes": result.passes,
-            "transferred_bytes": result.transferred,
-            "error": result.error,
-            "running_on": result.running_on,
-        }
-        progress = dict(record.progress) if record.progress else None
+        outcome = Outcome(
+            method=method,
+            total_seconds=total,
+            blackout_seconds=result.blackout_seconds,
+            passes=result.passes,
+            transferred_bytes=result.transferred,
+            error=result.error,
+            running_on=result.running_on,
+        )
+        progress = record.progress
         if progress is not None and state is State.COMPLETED:
-            progress["memory_remaining"] = 0
-            progress["memory_transferred"] = max(
-                result.transferred, int(progress.get("memory_transferred") or 0)
+            progress = dataclasses.replace(
+                progress,
+                memory_remaining=0,
+                memory_transferred=max(result.transferred, progress.memory_transferred),
             )
         text = (
             reason
@@ -463,7 +463,7 @@ class Effects:
             finished_at=now,
             outcome=outcome,
             progress=progress,
-            data=outcome,
+            data=outcome_json(outcome),
         )
         if result.note:
             self.event(supervision, "note", result.note)

@@ -10,6 +10,7 @@ from collections import deque
 
 from lmwatch import policies
 from lmwatch.model import ChangeRate, Method, State
+from lmwatch.records import Progress
 from lmwatch.store import MigrationRecord
 
 
@@ -30,19 +31,21 @@ class Learned:
 
     def learn_switchover(self, record: MigrationRecord) -> None:
         """Learn from a completed migration how long its switchover took."""
-        outcome = record.outcome or {}
-        blackout = outcome.get("blackout_seconds")
-        if record.state is not State.COMPLETED or not isinstance(blackout, int | float):
+        outcome = record.outcome
+        if record.state is not State.COMPLETED or outcome is None:
             return
-        if record.paused or outcome.get("method") == Method.PAUSED.value:
+        blackout = outcome.blackout_seconds
+        if blackout is None:
+            return
+        if record.paused or outcome.method is Method.PAUSED:
             return  # a pause's length depends on what was left, not on the hosts
-        progress = record.progress or {}
+        progress = record.progress or Progress()
         measured = policies.measured_switchover(
-            float(blackout),
+            blackout,
             handed_over=record.handed_over,
             budget=float(record.blackout_budget or 0.0),
-            remaining=float(progress.get("memory_remaining_seen") or 0.0),
-            rate=float(progress.get("transfer_rate") or 0.0),
+            remaining=float(progress.memory_remaining_seen),
+            rate=progress.transfer_rate,
             burst=self._burst,
         )
         key = (record.source, record.destination)

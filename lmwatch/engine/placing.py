@@ -29,7 +29,6 @@ from lmwatch.model import Capabilities, HostInfo, InstanceInfo, MigrationRequest
 from lmwatch.policies.placement import (
     GROUP_LABEL,
     Candidate,
-    How,
     Need,
     Placement,
     rejection,
@@ -192,11 +191,6 @@ def check_named(need: Need, found: Candidate, *, forced: bool) -> str:
     )
 
 
-def placement_json(how: How, reason: str) -> dict[str, str]:
-    """What the record keeps of a placement."""
-    return {"how": how.value, "reason": reason}
-
-
 __all__ = [
     "GroupConflict",
     "HostLoad",
@@ -205,6 +199,5 @@ __all__ = [
     "candidate",
     "check_named",
     "loads",
-    "placement_json",
     "survey",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from lmwatch.model import (
     Prediction,
     StartPlan,
 )
+from lmwatch.policies.placement import How
 from lmwatch.policies.track import Track
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import MigrationRecord
@@ -79,7 +79,7 @@ def status_of(supervision: Supervision) -> Status:
 def restart_pending(record: MigrationRecord) -> bool:
     """Whether the migration's job is being stopped to start again (the intent was
     recorded; the new job has not started yet)."""
-    return bool((record.restart or {}).get("pending"))
+    return record.restart is not None and record.restart.pending
 
 
 FORCE_PENDING = "force_pending"  # timeline data key: a pending force-complete, or None
@@ -126,7 +126,7 @@ def post(supervision: Supervision, what: Cancel | Force) -> asyncio.Future[Any]:
 
 def plan_from(record: MigrationRecord) -> StartPlan:
     assert record.plan is not None
-    return StartPlan(**record.plan)
+    return record.plan
 
 
 def request_of(record: MigrationRecord) -> MigrationRequest:
@@ -136,7 +136,7 @@ def request_of(record: MigrationRecord) -> MigrationRequest:
         destination=record.destination,
         labels=dict(record.labels),
         profile=record.requested_profile,
-        force=(record.placement or {}).get("how") == "forced",
+        force=record.placement is not None and record.placement.how is How.FORCED,
     )
 
 
@@ -156,17 +156,7 @@ def method_of(result: JobResult, record: MigrationRecord) -> Method:
         return Method.PAUSED
     if result.slowdown > 0:
         return Method.SLOWED
-    initial = record.plan.get("blackout_budget") if record.plan else None
+    initial = None if record.plan is None else record.plan.blackout_budget
     if initial is not None and (record.blackout_budget or 0) > initial + 1e-9:
         return Method.BLACKOUT_RAISED
     return Method.CONVERGED
-
-
-_PREDICTION_FIELDS = tuple(f.name for f in dataclasses.fields(Prediction))
-
-
-def prediction_json(prediction: Prediction | None) -> dict[str, Any] | None:
-    """The prediction as a dict (its fields are plain values: no deep copy needed)."""
-    if prediction is None:
-        return None
-    return {name: getattr(prediction, name) for name in _PREDICTION_FIELDS}

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from lmwatch.clock import Clock, outside
 from lmwatch.drivers.base import DriverError
 from lmwatch.engine.effects import Effects
-from lmwatch.engine.records import FORCE_PENDING, Supervision, log, plan_from
+from lmwatch.engine.records import FORCE_PENDING, Supervision, log
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.model import Action, JobResult, Phase, State
 from lmwatch.profiles.schema import Profile
@@ -55,11 +55,6 @@ def read_back(store: Store) -> ReadBack:
             taken.append((record, Profile.model_validate(record.profile)))
         except ValidationError as error:
             problems.append(CorruptRecord(record.id, f"column profile: {first_problem(error)}"))
-        if record.plan is not None:
-            try:
-                plan_from(record)
-            except TypeError as error:
-                problems.append(CorruptRecord(record.id, f"column plan: {error}"))
     if problems:
         raise UnreadableStore(store.path, problems)
     return ReadBack(taken, [r for r in records if r.state is State.COMPLETED])
@@ -79,8 +74,8 @@ def force_pending(store: Store, record: MigrationRecord) -> bool | None:
 
     Only a migration with local disks that is neither paused nor handed over can have
     one, so the others' timelines are not read (a restart with many stays quick)."""
-    progress = record.progress or {}
-    if record.paused or record.handed_over or not progress.get("disk_total"):
+    progress = record.progress
+    if record.paused or record.handed_over or progress is None or not progress.disk_total:
         return None
     pending: bool | None = None
     for event in store.events(record.id):

@@ -48,11 +48,11 @@ from lmwatch.model import (
     Phase,
     Rule,
     Sample,
-    StartPlan,
     State,
 )
 from lmwatch.policies import sharing
 from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
+from lmwatch.records import Restarts
 
 # At most this many waits for a finishing move on the link before a start goes ahead
 # (each wait is as long as that finish should still take; a finish that overruns them
@@ -173,7 +173,7 @@ class Supervisor:
                 "decision",
                 plan.reason or "start planned",
                 action="start",
-                plan=dataclasses.asdict(plan),
+                plan=plan,
                 blackout_budget=plan.blackout_budget,
                 deadline_at=deadline,
                 started_at=started_at,
@@ -449,14 +449,14 @@ class Supervisor:
         record = supervision.record
         ctx = self.context(supervision)
         plan = policies.restart_plan(ctx, decision)
-        before = dict(record.restart) if record.restart else None
-        intent = {
-            **(before or {}),
-            "count": ctx.restarts + 1,
-            "pending": True,
-            "plan": dataclasses.asdict(plan),
-            "planned_rate": decision.planned_rate,
-        }
+        before = record.restart
+        intent = dataclasses.replace(
+            before or Restarts(),
+            count=ctx.restarts + 1,
+            pending=True,
+            plan=plan,
+            planned_rate=decision.planned_rate,
+        )
         self.effects.intend_restart(supervision, decision, intent)
         try:
             await self.effects.stop_job(supervision)
@@ -518,8 +518,9 @@ class Supervisor:
         """Start the new job with the plan the intent recorded; False when it cannot
         start (then the migration ends failed, the instance still on the source)."""
         record = supervision.record
-        restart = dict(record.restart or {})
-        plan = StartPlan(**restart["plan"])
+        restart = record.restart
+        assert restart is not None and restart.plan is not None  # pending: it has one
+        plan = restart.plan
         try:
             await self._join_link(supervision)
             await self.effects.start_job(supervision, plan)
@@ -536,7 +537,7 @@ class Supervisor:
             return False
         supervision.track = policies.tracked((), self.settings.policy)  # a new job
         supervision.cancel_sent_at = None
-        restart.update(pending=False, job_started_at=self.clock.now())
+        restart = dataclasses.replace(restart, pending=False, job_started_at=self.clock.now())
         self.effects.started_again(supervision, plan, restart)
         return True
 
@@ -611,12 +612,12 @@ class Supervisor:
         record = supervision.record
         plan = plan_from(record)
         measured = supervision.change_rate
-        restart = record.restart or {}
-        job_started_at = restart.get("job_started_at")
+        restart = record.restart or Restarts()
+        job_started_at = restart.job_started_at
         rate = None if measured is None else measured.bytes_per_second
         window = None if measured is None else measured.window
         if job_started_at is not None:  # started again: planned for the rate seen then
-            rate, window = restart.get("planned_rate"), None
+            rate, window = restart.planned_rate, None
         return MigrationContext(
             started_at=record.started_at or record.created_at,
             memory_bytes=record.memory_bytes,
@@ -635,6 +636,6 @@ class Supervisor:
             switchover=self.learned.switchover(record.source, record.destination),
             change_rate_before_start=rate,
             change_rate_window=window,
-            restarts=int(restart.get("count") or 0),
+            restarts=restart.count,
             job_started_at=job_started_at,
         )

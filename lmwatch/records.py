@@ -160,13 +160,18 @@ def restarts_json(restarts: Restarts) -> dict[str, Any]:
 # -- from JSON -------------------------------------------------------------------------
 
 
+# Reads are on the API's path (a page decodes its rows): the common case comes first.
+
+
 def _number(data: Mapping[str, Any], key: str, default: float = 0.0) -> float:
     value = data.get(key)
+    if type(value) is float:
+        return value
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{key}: not a number: {value!r}")
-    return float(value)
+    if type(value) is int:  # not bool: type(True) is bool
+        return float(value)
+    raise ValueError(f"{key}: not a number: {value!r}")
 
 
 def _maybe_number(data: Mapping[str, Any], key: str) -> float | None:
@@ -174,6 +179,9 @@ def _maybe_number(data: Mapping[str, Any], key: str) -> float | None:
 
 
 def _count(data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key)
+    if type(value) is int:
+        return value
     return int(_number(data, key))
 
 

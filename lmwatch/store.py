@@ -52,7 +52,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from lmwatch import records
+from lmwatch import records as parts
 from lmwatch.logs import get_logger
 from lmwatch.model import StartPlan, State
 from lmwatch.records import Outcome, Placed, Progress, Restarts
@@ -118,7 +118,7 @@ CREATE INDEX IF NOT EXISTS drains_host ON drains(host, state);
 CREATE INDEX IF NOT EXISTS drains_created ON drains(created_at, id);
 """
 
-_JSON_FIELDS = records.JSON_COLUMNS
+_JSON_FIELDS = parts.JSON_COLUMNS
 _BOOL_FIELDS = ("paused", "handed_over")
 
 
@@ -1391,7 +1391,7 @@ def _to_row(record: MigrationRecord, only: Iterable[str] | None = None) -> dict[
     for name in MigrationRecord.__slots__ if only is None else only:
         value = getattr(record, name)
         if name in _JSON_FIELDS:
-            value = records.encode(name, value)
+            value = parts.encode(name, value)
         elif name in _BOOL_FIELDS:
             value = int(value)
         elif name == "state":
@@ -1408,7 +1408,7 @@ def _from_row(row: sqlite3.Row) -> MigrationRecord:
     column = "id"
     try:
         for column in _JSON_FIELDS:
-            values[column] = records.decode(column, values[column])
+            values[column] = parts.decode(column, values[column])
         for column in _BOOL_FIELDS:
             values[column] = bool(values[column])
         column = "state"

@@ -3,6 +3,7 @@ in virtual time. Every answer is also checked against the OpenAPI document (conf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sqlite3
@@ -624,3 +625,27 @@ async def test_a_finished_migration_s_body_is_what_it_always_was(api: Api, store
     assert listed.body["migrations"] == [
         {key: value for key, value in _FINISHED_BODY.items() if key != "timeline"}
     ]
+
+
+async def test_a_finished_migration_written_again_has_the_same_text_and_body(
+    api: Api, store: Store
+) -> None:
+    """Read from the old row and written by this version, the parts are the same text
+    in the file, and the API shows the same body."""
+    _write_old_row(store.path)
+    record = store.get("m-old")
+    assert record is not None
+    store.insert(dataclasses.replace(record, id="m-new", instance="other"), "accepted")
+    assert store.flush()
+    parts = ("plan", "progress", "outcome", "placement", "restart")
+    with sqlite3.connect(store.path) as db:
+        written = db.execute(
+            f"SELECT {', '.join(parts)} FROM migrations WHERE id='m-new'"
+        ).fetchone()
+    assert dict(zip(parts, written, strict=True)) == {part: _OLD_ROW[part] for part in parts}
+    answer = await api.get("/v1/migrations/m-new")
+    assert answer.status == 200, answer.text
+    expected = {**_FINISHED_BODY, "id": "m-new", "instance": "other"}
+    assert {k: v for k, v in answer.body.items() if k != "timeline"} == {
+        k: v for k, v in expected.items() if k != "timeline"
+    }

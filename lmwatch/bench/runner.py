@@ -100,7 +100,9 @@ class Run:
     controller: str
     outcome: str  # completed | cancelled | failed | unfinished
     total_seconds: float  # start to end (to the limit when unfinished)
-    blackout_seconds: float | None  # measured final stop; a pause's length when paused
+    # measured final stop (also one that ended without completing: the guest was
+    # stopped on the source until the job ended); a pause's length when paused
+    blackout_seconds: float | None
     paused: bool
     pause_seconds: float | None
     handed_over: bool
@@ -316,6 +318,8 @@ class Simulation:
         outcome = migration.phase.value if finished else UNFINISHED
         completed = migration.phase is Phase.COMPLETED
         blackout = migration.blackout if completed else None
+        if not completed and not migration.paused:
+            blackout = migration.stopped_seconds  # a final copy that failed: stopped until then
         pause_seconds: float | None = None
         if migration.paused:
             if completed and blackout is not None:

@@ -118,6 +118,9 @@ class Run:
     eta_predicted: float | None = None  # seconds to completion it predicted
     eta_actual: float | None = None  # seconds it actually took from then (completed runs)
     restarts: int = 0  # times the controller started the migration again
+    # what the controller did and why, for controllers that say (lmwatch does): one
+    # (seconds since start, action, reason) per sample it answered with an action
+    actions: tuple[tuple[float, str, str], ...] = ()
 
     @property
     def eta_ratio(self) -> float | None:
@@ -131,7 +134,10 @@ class Run:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Run:
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+        fields = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
+        if "actions" in fields:  # lists once read back from JSON
+            fields["actions"] = tuple((float(t), str(a), str(r)) for t, a, r in fields["actions"])
+        return cls(**fields)
 
 
 class Simulation:
@@ -310,6 +316,7 @@ class Simulation:
         controller: str,
         decisions: int = 0,
         eta: tuple[float, float] | None = None,
+        actions: tuple[tuple[float, str, str], ...] = (),
     ) -> Run:
         """This simulation as a `Run` (at its end, or now when it has not finished)."""
         migration = self.migration
@@ -353,6 +360,7 @@ class Simulation:
             eta_predicted=eta_predicted,
             eta_actual=eta_actual,
             restarts=self.restarts,
+            actions=actions,
         )
 
 
@@ -365,6 +373,12 @@ def _first_eta(controller: object, after: float | None) -> tuple[float, float] |
         if at >= after - _EPS and seconds is not None:
             return float(at), float(seconds)
     return None
+
+
+def _actions(controller: object) -> tuple[tuple[float, str, str], ...]:
+    """What the controller did and why, when it keeps a record (`reasons`)."""
+    reasons = getattr(controller, "reasons", None) or ()
+    return tuple((round(float(at), 3), str(action), str(why)) for at, action, why in reasons)
 
 
 def run(
@@ -423,6 +437,7 @@ def run(
         controller=controller.name if name is None else name,
         decisions=decisions,
         eta=_first_eta(controller, first_pass_ended),
+        actions=_actions(controller),
     )
 
 

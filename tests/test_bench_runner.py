@@ -245,6 +245,23 @@ def test_a_link_that_breaks_during_the_final_stop_fails_with_the_stop_as_blackou
     assert whole.blackout_seconds == pytest.approx(4 * GIB / (10 * GBIT) + 0.02, rel=0.05)
 
 
+class StoppingThenCancelling(Stopping):
+    """Stops the guest at once (as `Stopping`) and cancels the job a second in."""
+
+    def step(self, sample: Sample, now: float) -> Sequence[Command]:
+        return [Cancel()] if now >= 1.0 else ()
+
+
+def test_a_job_cancelled_during_the_final_stop_counts_the_stop_as_blackout() -> None:
+    result = run(workload(), LENIENT, StoppingThenCancelling)
+    assert result.outcome == "cancelled" and not result.paused
+    # stopped at the first burst, resumed on the source when the cancel took effect
+    assert result.blackout_seconds == pytest.approx(result.total_seconds - 0.1, abs=0.05)
+    assert judge(result, LENIENT, workload()).violations == (
+        f"blackout {result.blackout_seconds:.1f}s over 1s",
+    )
+
+
 def test_run_dict_round_trip() -> None:
     result = run(workload(rate=100 * MIB), LENIENT, Idle)
     assert Run.from_dict(result.as_dict()) == result

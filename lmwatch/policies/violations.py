@@ -60,8 +60,9 @@ def violations(profile: Profile, finish: Finish) -> tuple[Violation, ...]:
 
     - the final blackout of a completion counts against `max_blackout` (after a
       handover it is the short switch to the destination), and so does a final stop
-      that ended without completing (the link broke during it: the guest resumed on
-      the source only when the job ended), when one was measured;
+      that ended without completing (the link broke, or the job was cancelled,
+      during it: the guest resumed on the source only when the job ended), when one
+      was measured;
     - a pause counts against `max_pause` where pausing is allowed; where it is not,
       a pause longer than `max_blackout` is a violation (a shorter stop looks like a
       blackout to the instance's users);

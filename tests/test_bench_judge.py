@@ -153,3 +153,14 @@ def test_violations_add_up() -> None:
 def test_what_happened_before_an_unclean_end_still_counts(outcome: str) -> None:
     run = replace(COMPLETED, outcome=outcome, blackout_seconds=None, max_slowdown=0.1)
     assert "slowed though not allowed" in judge(run, LATENCY, WORKLOAD).violations
+
+
+def test_a_final_stop_that_ended_in_a_failure_counts_as_blackout() -> None:
+    # The link broke during the final copy: the guest stayed stopped on the source until
+    # the job failed (the runner records that stop as the blackout).
+    stopped = replace(COMPLETED, outcome="failed", blackout_seconds=30.4)
+    verdict = judge(stopped, LATENCY, WORKLOAD)
+    assert verdict.failed and not verdict.clean
+    assert verdict.violations == ("blackout 30.4s over 300ms",)
+    short = judge(replace(stopped, blackout_seconds=0.2), LATENCY, WORKLOAD)
+    assert short.failed and short.violations == ()

@@ -242,6 +242,7 @@ async def test_bench_command_writes_results_and_gates(
         (["--corpus", "/nonexistent.yaml"], "cannot read"),
         (["--controllers", "idle", "--gate"], "--gate needs the lmwatch controller"),
         (["--count", "0"], "at least 1"),
+        (["--seed", "1", "--count", "2", "--workload", "s1-0001,nobody"], "no workload nobody"),
     ],
 )
 async def test_bench_command_usage_errors(
@@ -250,3 +251,36 @@ async def test_bench_command_usage_errors(
     status, _, err = await _cli("bench", "--out", str(tmp_path), *argv)
     assert status == 2
     assert message in err
+
+
+async def test_bench_command_runs_single_workloads_and_keeps_lmwatch_actions(
+    tmp_path: Path,
+) -> None:
+    status, out, err = await _cli(
+        "bench",
+        "--seed",
+        "1",
+        "--count",
+        "3",
+        "--workload",
+        "s1-0001",
+        "--controllers",
+        "lmwatch",
+        "--out",
+        str(tmp_path),
+        "--processes",
+        "1",
+    )
+    assert status == 0, err
+    assert "only s1-0001" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["workloads"] == ["s1-0001"]
+    runs = [Run.from_dict(r) for r in data["runs"]]
+    assert {r.workload for r in runs} == {"s1-0001"} and len(runs) == 3
+    # lmwatch's decisions other than "continue", with when and why (it raises the
+    # budget of this guest under strict, whose copying does not converge on its own)
+    acted = [a for r in runs for a in r.actions]
+    assert acted, "lmwatch acted on none of the runs"
+    for at, action, why in acted:
+        assert 0 < at <= max(r.total_seconds for r in runs)
+        assert action != "continue" and why

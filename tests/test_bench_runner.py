@@ -220,6 +220,48 @@ def test_a_link_that_stays_broken_fails_the_run() -> None:
     assert result.outcome == "failed" and result.note and not result.lost
 
 
+class Stopping(Idle):
+    """Lets the hypervisor stop the guest at once: a budget larger than the whole copy."""
+
+    def start(self) -> StartPlan:
+        return StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=60.0)
+
+
+def test_a_link_that_breaks_during_the_final_stop_fails_with_the_stop_as_blackout() -> None:
+    # 4 GiB at 10 Gbit/s: the guest is stopped at once and the copy takes 3.4 s; the link
+    # breaks 2 s into it and stays broken, so the job fails after the link's timeout and
+    # the guest resumes on the source only then: it was stopped the whole time.
+    broken = workload(events=(LinkEvent(2.0, "break"),))
+    result = run(broken, LENIENT, Stopping)
+    assert result.outcome == "failed" and not result.lost and not result.paused
+    assert result.blackout_seconds is not None
+    assert 30.0 < result.blackout_seconds <= result.total_seconds < result.blackout_seconds + 0.2
+    assert judge(result, LENIENT, broken).violations == (
+        f"blackout {result.blackout_seconds:.1f}s over 1s",
+    )
+    # The same stop without the break completes with its measured blackout.
+    whole = run(workload(), LENIENT, Stopping)
+    assert whole.outcome == "completed" and whole.blackout_seconds is not None
+    assert whole.blackout_seconds == pytest.approx(4 * GIB / (10 * GBIT) + 0.02, rel=0.05)
+
+
+class StoppingThenCancelling(Stopping):
+    """Stops the guest at once (as `Stopping`) and cancels the job a second in."""
+
+    def step(self, sample: Sample, now: float) -> Sequence[Command]:
+        return [Cancel()] if now >= 1.0 else ()
+
+
+def test_a_job_cancelled_during_the_final_stop_counts_the_stop_as_blackout() -> None:
+    result = run(workload(), LENIENT, StoppingThenCancelling)
+    assert result.outcome == "cancelled" and not result.paused
+    # stopped at the first burst, resumed on the source when the cancel took effect
+    assert result.blackout_seconds == pytest.approx(result.total_seconds - 0.1, abs=0.05)
+    assert judge(result, LENIENT, workload()).violations == (
+        f"blackout {result.blackout_seconds:.1f}s over 1s",
+    )
+
+
 def test_run_dict_round_trip() -> None:
     result = run(workload(rate=100 * MIB), LENIENT, Idle)
     assert Run.from_dict(result.as_dict()) == result

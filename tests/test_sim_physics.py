@@ -364,6 +364,23 @@ def test_broken_link_stalls_then_fails_with_instance_on_source() -> None:
     assert result.error is not None and "broke" in result.error
 
 
+def test_a_link_broken_during_the_final_stop_fails_and_the_stop_lasts_until_then() -> None:
+    # QEMU resumes the stopped guest on the source only when the failed job has ended.
+    model = make(memory=8 * GIB, rate=1 * MIB, bandwidth=1 * GIB)
+    model.pause()  # stopped at once: 8 s of copying
+    assert model.stopped_seconds is None  # not ended yet
+    run(model, 2)
+    model.break_link()
+    run(model, TUNING.link_timeout + 2)
+    assert model.phase is Phase.FAILED and model.running_on is Side.SOURCE
+    assert model.result().blackout_seconds is None  # no completion, no measured blackout
+    assert model.stopped_seconds == pytest.approx(2 + TUNING.link_timeout, abs=0.1)
+    completed = make(memory=8 * GIB, rate=1 * MIB, bandwidth=1 * GIB)
+    completed.pause()
+    run(completed, 10)
+    assert completed.phase is Phase.COMPLETED and completed.stopped_seconds is None
+
+
 def test_link_restored_in_time_lets_the_migration_finish() -> None:
     model = make(memory=8 * GIB, rate=1 * MIB, bandwidth=1 * GIB)
     run(model, 2)

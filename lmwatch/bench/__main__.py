@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--count", type=int, default=None, help=f"workloads to generate ({DEFAULT_COUNT})"
     )
+    source.add_argument(
+        "--workload",
+        metavar="NAME[,NAME]",
+        help="only these workloads of the corpus (to look at single runs: results.json "
+        "lists each run's verdict and lmwatch's actions with their reasons)",
+    )
     parser.add_argument(
         "--profiles", metavar="FILE", help="profiles file (default: the benchmark profiles)"
     )
@@ -112,6 +118,19 @@ def available_controllers() -> tuple[dict[str, ControllerFactory], list[str], An
 
 
 def _workloads(args: argparse.Namespace) -> tuple[list[Workload], dict[str, Any]]:
+    workloads, origin = _corpus(args)
+    names = [name.strip() for name in (args.workload or "").split(",") if name.strip()]
+    if not names:
+        return workloads, origin
+    known = {w.name for w in workloads}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"no workload {', '.join(unknown)} in this corpus")
+    chosen = [w for w in workloads if w.name in names]
+    return chosen, {**origin, "workloads": [w.name for w in chosen]}
+
+
+def _corpus(args: argparse.Namespace) -> tuple[list[Workload], dict[str, Any]]:
     from lmwatch.bench.corpus import REPORT_SEED, generate, load_corpus
 
     if args.corpus:
@@ -170,6 +189,8 @@ def bench_command(out: Output, args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     described = origin.get("corpus") or f"seed {origin['seed']}, {origin['count']} workloads"
+    if "workloads" in origin:
+        described += f", only {', '.join(origin['workloads'])}"
     out.line(
         f"corpus: {described}; profiles: {', '.join(p.name for p in profiles)}; "
         f"controllers: {', '.join(chosen) or '-'}{' + hindsight bound' if with_bound else ''}; "

@@ -4,7 +4,10 @@ A run is clean when it completed and broke none of its profile's promises. The
 rules are the daemon's own (`lmwatch.policies.violations`; docs/benchmark.md):
 
 - the final blackout of a completion counts against `max_blackout`; after a
-  handover that blackout is the short switch to the destination;
+  handover that blackout is the short switch to the destination; a final stop
+  that did not complete (the link broke, or the job was cancelled, during it)
+  counts too, for as long as the guest stayed stopped on the source (until the
+  job ended);
 - a pause counts against `max_pause` when the profile allows pausing; when it does
   not, a pause is a violation once it lasted longer than `max_blackout` (a shorter
   stop is indistinguishable from a blackout for the instance's users);

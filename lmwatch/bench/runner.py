@@ -100,7 +100,9 @@ class Run:
     controller: str
     outcome: str  # completed | cancelled | failed | unfinished
     total_seconds: float  # start to end (to the limit when unfinished)
-    blackout_seconds: float | None  # measured final stop; a pause's length when paused
+    # measured final stop (also one that ended without completing: the guest was
+    # stopped on the source until the job ended); a pause's length when paused
+    blackout_seconds: float | None
     paused: bool
     pause_seconds: float | None
     handed_over: bool
@@ -116,6 +118,9 @@ class Run:
     eta_predicted: float | None = None  # seconds to completion it predicted
     eta_actual: float | None = None  # seconds it actually took from then (completed runs)
     restarts: int = 0  # times the controller started the migration again
+    # what the controller did and why, for controllers that say (lmwatch does): one
+    # (seconds since start, action, reason) per sample it answered with an action
+    actions: tuple[tuple[float, str, str], ...] = ()
 
     @property
     def eta_ratio(self) -> float | None:
@@ -129,7 +134,10 @@ class Run:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Run:
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+        fields = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
+        if "actions" in fields:  # lists once read back from JSON
+            fields["actions"] = tuple((float(t), str(a), str(r)) for t, a, r in fields["actions"])
+        return cls(**fields)
 
 
 class Simulation:
@@ -308,6 +316,7 @@ class Simulation:
         controller: str,
         decisions: int = 0,
         eta: tuple[float, float] | None = None,
+        actions: tuple[tuple[float, str, str], ...] = (),
     ) -> Run:
         """This simulation as a `Run` (at its end, or now when it has not finished)."""
         migration = self.migration
@@ -316,6 +325,8 @@ class Simulation:
         outcome = migration.phase.value if finished else UNFINISHED
         completed = migration.phase is Phase.COMPLETED
         blackout = migration.blackout if completed else None
+        if not completed and not migration.paused:
+            blackout = migration.stopped_seconds  # a final copy that failed: stopped until then
         pause_seconds: float | None = None
         if migration.paused:
             if completed and blackout is not None:
@@ -349,6 +360,7 @@ class Simulation:
             eta_predicted=eta_predicted,
             eta_actual=eta_actual,
             restarts=self.restarts,
+            actions=actions,
         )
 
 
@@ -361,6 +373,12 @@ def _first_eta(controller: object, after: float | None) -> tuple[float, float] |
         if at >= after - _EPS and seconds is not None:
             return float(at), float(seconds)
     return None
+
+
+def _actions(controller: object) -> tuple[tuple[float, str, str], ...]:
+    """What the controller did and why, when it keeps a record (`reasons`)."""
+    reasons = getattr(controller, "reasons", None) or ()
+    return tuple((round(float(at), 3), str(action), str(why)) for at, action, why in reasons)
 
 
 def run(
@@ -419,6 +437,7 @@ def run(
         controller=controller.name if name is None else name,
         decisions=decisions,
         eta=_first_eta(controller, first_pass_ended),
+        actions=_actions(controller),
     )
 
 

@@ -338,6 +338,18 @@ class Migration:
         return self.remaining
 
     @property
+    def stopped_seconds(self) -> float | None:
+        """How long the guest was stopped for a final copy that did not complete (a
+        break or a cancel during it): the hypervisor resumes it on the source when the
+        job ends, so the stop lasted until then. None when it was not stopped, or the
+        job completed (then `blackout` is the stop) or has not ended yet."""
+        if self._stopped_at is None or self.finished_at is None:
+            return None
+        if self.phase is Phase.COMPLETED or self.running_on is not Side.SOURCE:
+            return None
+        return max(0.0, self.finished_at - self._stopped_at)
+
+    @property
     def cancelling(self) -> bool:
         return self._cancel_at is not None and not self.phase.finished
 

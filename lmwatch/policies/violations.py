@@ -18,7 +18,9 @@ TOLERANCE = 1e-6  # seconds; measurements equal to a bound are within it
 class Finish:
     """What was measured about a migration that ended (completed or not)."""
 
-    blackout: float | None  # measured final stop (a pause's whole length when paused)
+    # measured final stop (a pause's whole length when paused; for a job that did not
+    # complete, a final stop until the guest resumed on the source, when measured)
+    blackout: float | None
     paused: bool = False
     handed_over: bool = False
     degraded: float | None = None  # seconds run on the destination while memory arrived
@@ -57,7 +59,10 @@ def violations(profile: Profile, finish: Finish) -> tuple[Violation, ...]:
     the engine's timeline and metric both come from here.
 
     - the final blackout of a completion counts against `max_blackout` (after a
-      handover it is the short switch to the destination);
+      handover it is the short switch to the destination), and so does a final stop
+      that ended without completing (the link broke, or the job was cancelled,
+      during it: the guest resumed on the source only when the job ended), when one
+      was measured;
     - a pause counts against `max_pause` where pausing is allowed; where it is not,
       a pause longer than `max_blackout` is a violation (a shorter stop looks like a
       blackout to the instance's users);
@@ -77,7 +82,7 @@ def violations(profile: Profile, finish: Finish) -> tuple[Violation, ...]:
                 else "paused though not allowed"
             )
             found.append(Violation("pause", text))
-    elif finish.completed and _over(blackout, profile.max_blackout):
+    elif _over(blackout, profile.max_blackout):
         assert blackout is not None
         found.append(
             Violation(

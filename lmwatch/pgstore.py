@@ -68,6 +68,22 @@ def where(url: str) -> str:
     return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
 
 
+# Server states that mean "not there now" rather than "refused this write": shutting
+# down, crashed, starting up.
+_GOING_AWAY = frozenset({"57P01", "57P02", "57P03"})
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether an error means the database cannot be reached (connection lost,
+    refused, server going away) rather than that it refused a write (a full disk)."""
+    if isinstance(error, psycopg.InterfaceError):
+        return True
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = error.sqlstate
+    return state is None or state.startswith("08") or state in _GOING_AWAY
+
+
 def _words(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -234,7 +250,7 @@ class PostgresBackend:
     def unwritable(self, error: BaseException) -> str:
         if isinstance(error, StoreLocked | StoreError):
             return str(error)
-        if isinstance(error, Unreachable):
+        if unreachable(error):
             return f"the database at {self.where} cannot be reached: {_words(error)}"
         return f"the database at {self.where} cannot be written: {_words(error)}"
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
 import psycopg
@@ -39,13 +40,16 @@ from psycopg.rows import dict_row
 
 from lmwatch.cluster.pg import Unreachable, connect
 from lmwatch.logs import get_logger
-from lmwatch.store import _EVENT_INSERT, _SCHEMA, StoreError, StoreLocked
+from lmwatch.store import _EVENT_INSERT, _SCHEMA, StoreError, StoreLocked, StoreUnwritable
 
 log = get_logger("lmwatch.pgstore")
 
 # The advisory lock one daemon holds on its database ("lmwa"): below 2**32, so that
 # pg_locks shows it as objid with classid 0.
 STORE_LOCK = 0x6C6D_7761
+# How long a daemon waits for the lock before it gives up: a daemon that was killed
+# holds it until the server has noticed its connection closed (milliseconds).
+LOCK_GRACE = 2.0
 
 
 def dialect(schema: str) -> str:
@@ -93,7 +97,7 @@ class Connection:
     dicts. Opened (again) on use when it was lost. A read, or the BEGIN of a write
     transaction, is tried once more on a new connection when the old one was lost (the
     first use after a restart of the server finds it closed); a reader says "cannot be
-    reached" as StoreError when that fails too.
+    reached" as StoreUnwritable (nothing new is accepted meanwhile) when that fails too.
 
     The writer's connection is never replaced inside a transaction: a transaction
     whose connection was lost fails as a whole and the writer retries it later."""
@@ -163,7 +167,7 @@ class Connection:
         except Unreachable as error:
             if not self._reads:
                 raise
-            raise StoreError(self._backend.unwritable(error)) from error
+            raise StoreUnwritable(self._backend.unwritable(error)) from error
 
     def executescript(self, script: str) -> None:
         for statement in script.split(";"):
@@ -172,6 +176,11 @@ class Connection:
 
     def close(self) -> None:
         if self._conn is not None:
+            if not self._reads and not self._conn.closed:
+                # Let go of the store's lock now: the server ends a closed session a
+                # moment later, and a daemon started again at once must find it free.
+                with suppress(psycopg.Error):
+                    self._conn.execute("SELECT pg_advisory_unlock_all()")
             self._conn.close()
             self._conn = None
 
@@ -196,8 +205,15 @@ class PostgresBackend:
         """This daemon's claim on the database, on the write connection's session;
         StoreLocked when another daemon holds it."""
         conn.execute("SELECT set_config('application_name', %s, false)", (self.holder,))
-        row = conn.execute("SELECT pg_try_advisory_lock(%s) AS taken", (STORE_LOCK,)).fetchone()
-        if row is not None and row["taken"]:
+        deadline = time.monotonic() + LOCK_GRACE
+        while True:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s) AS taken", (STORE_LOCK,))
+            found = row.fetchone()
+            taken = found is not None and bool(found["taken"])
+            if taken or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if taken:
             # Transitions are not flushed (SQLite's synchronous=NORMAL); acceptances are.
             conn.execute("SET synchronous_commit TO off")
             return

@@ -855,6 +855,7 @@ class Store:
                 resumed = self._write_error is not None
                 self._write_error = None
                 self._unwritable = None
+                self._unreadable = None  # it answered: whatever a read met has passed
                 self._held = False
             else:
                 kept: builtins.list[_Write] = []

@@ -480,3 +480,37 @@ async def test_a_page_decodes_only_the_rows_it_returns_however_much_waits_unwrit
         assert shown == [r.id for r in whole]
     disk.gate.set()
     assert store.settle(5)
+
+
+def test_an_acceptance_that_breaks_a_constraint_is_refused_alone(store: Store) -> None:
+    # In one transaction with others (PostgreSQL aborts a transaction at its first
+    # failed statement: the acceptance is undone alone, to a savepoint).
+    store.insert(_record(1), "accepted")
+    disk = slow(store)
+    store.add_event("m0001", 2.0, "note", "held at its commit")  # the writer waits here
+    _wait_until(lambda: disk.commits_started == 1)
+    twice = store.insert_soon(_record(1), "accepted again")  # the same id
+    fresh = store.insert_soon(_record(2), "accepted")
+    store.add_event("m0001", 3.0, "note", "after")
+    disk.gate.set()
+    with pytest.raises(store_module.StoreError, match="cannot record migration m0001"):
+        twice.result(timeout=5)
+    fresh.result(timeout=5)
+    assert store.settle(5) and not store.failing()
+    assert disk.acceptances == [2]  # both tried in one transaction; one went in
+    assert on_disk(store, "SELECT id FROM migrations ORDER BY id") == [("m0001",), ("m0002",)]
+    assert on_disk(store, "SELECT reason FROM events ORDER BY seq") == [
+        ("accepted",),
+        ("held at its commit",),
+        ("accepted",),
+        ("after",),
+    ]
+
+
+def _wait_until(condition: Any, timeout: float = 5.0) -> None:
+    import time
+
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, "timed out"
+        time.sleep(0.005)

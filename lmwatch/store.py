@@ -1,4 +1,5 @@
-"""Durable record of every migration, its state changes and its decisions (SQLite, WAL).
+"""Durable record of every migration, its state changes and its decisions (SQLite, WAL;
+or a PostgreSQL database through the same Store: the `Backend` seam, lmwatch/pgstore.py).
 
 One writer thread owns the write connection and commits every change in order,
 batching those that wait into one transaction; callers on the event loop queue a

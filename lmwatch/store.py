@@ -575,8 +575,12 @@ class Store:
         """Open (creating if new) the store: a SQLite file, or the PostgreSQL database
         a `postgresql://` URL names; StoreError with a clear reason otherwise."""
         if is_database_url(path):
-            from lmwatch.pgstore import open_database  # psycopg: the `postgres` extra
-
+            try:
+                from lmwatch.pgstore import open_database
+            except ImportError as error:
+                raise StoreError(
+                    f"a PostgreSQL store needs psycopg ({error}): install lmwatch[postgres]"
+                ) from None
             writer, backend = open_database(str(path))
             database = cls(writer, backend.location, backend)
             try:

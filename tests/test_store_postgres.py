@@ -25,7 +25,7 @@ from storetools import on_disk
 
 from lmwatch.config import ConfigError, load_settings
 from lmwatch.model import State
-from lmwatch.store import MigrationRecord, Store, StoreLocked, StoreUnwritable
+from lmwatch.store import MigrationRecord, Store, StoreError, StoreLocked, StoreUnwritable
 
 
 def _record(number: int) -> MigrationRecord:
@@ -426,3 +426,10 @@ async def test_readyz_says_the_database_cannot_be_reached_and_recovers(
         "/v1/migrations", {"instance": "quiet", "source": "a", "destination": "b"}
     )
     assert accepted.status == 202, accepted.text
+
+
+def test_without_psycopg_a_store_url_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "lmwatch.pgstore", raising=False)
+    with pytest.raises(StoreError, match=r"needs psycopg .*install lmwatch\[postgres\]"):
+        Store.open("postgresql://lmwatch@127.0.0.1:1/none")

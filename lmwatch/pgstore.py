@@ -155,7 +155,7 @@ class Connection:
 
     def _again(self, query: str, params: Any) -> psycopg.Cursor[Any]:
         """Run `query`, once more on a new connection if the old one was lost (the
-        server restarted meanwhile); a reader says "cannot be reached" as StoreError."""
+        server restarted meanwhile); a reader says "cannot be reached" as StoreUnwritable."""
         try:
             return self._connection().execute(query, params)
         except Unreachable:

@@ -551,8 +551,9 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready while the store answers and takes writes, its file is the one open, and
     every host answers; otherwise 503 saying what is wrong (the store first)."""
     engine = request.app[ENGINE]
+    answers = engine.store.healthy()  # first: a database that does not answer says why
     store_problem = engine.store.check_file()
-    store_ok = engine.store.healthy() and store_problem is None
+    store_ok = answers and store_problem is None
     detail: str | None = None
     try:
         hosts = dict(await engine.driver.reachable())

@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8787)")
     serve.add_argument("--profiles", help="profiles file")
     serve.add_argument("--store", help="store file")
+    serve.add_argument(
+        "--store-url",
+        help="PostgreSQL store, postgresql://... instead of the file (a password in it is "
+        "seen by other users: prefer $LMWATCH_STORE_URL or the config file)",
+    )
     serve.add_argument("--inventory", help="simulator inventory file")
     # Also accepted before the command (`lmwatch --token X serve`); prefer a file or
     # $LMWATCH_TOKEN on shared machines: other users can see command lines.
@@ -359,6 +364,7 @@ def _serve(args: argparse.Namespace) -> int:
             "port": args.port,
             "profiles": args.profiles,
             "store": args.store,
+            "store_url": args.store_url,
             "inventory": args.inventory,
             "token": args.token,
             "token_file": args.token_file,

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     allow_insecure: bool = False
     store_path: Path = Path("./lmwatch.db")
+    # A PostgreSQL database instead of the SQLite file (docs/cluster.md):
+    # postgresql://user@host:port/database; not with store_path.
+    store_url: str | None = None
     profiles_path: Path | None = None  # None: the profiles shipped with lmwatch
     # "sim", or the name of a real driver (lmwatch/drivers/<name>_driver.py).
     driver: str = Field(default="sim", pattern=r"^[a-z][a-z0-9]*$")
@@ -116,6 +119,15 @@ class Settings(BaseSettings):
             raise ValueError("read_token is empty")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("set both tls_cert and tls_key, or neither")
+        if self.store_url is not None:
+            if "store_path" in self.model_fields_set:
+                raise ValueError("set store_path or store_url, not both")
+            scheme = self.store_url.partition("://")[0]
+            if "://" not in self.store_url or scheme not in ("postgresql", "postgres"):
+                raise ValueError(
+                    f"store_url must be a postgresql:// URL, not {scheme!r} "
+                    "(a SQLite store is given by store_path)"
+                )
         if self.driver != "sim" and not self.hosts:
             raise ValueError(f"driver {self.driver!r} needs at least one entry under hosts")
         return self

@@ -371,6 +371,16 @@ def _make_driver(settings: Settings, clock: Clock) -> Driver:
         )
     except InventoryError as error:
         raise StartupError(f"invalid inventory: {error}") from None
+    if settings.store_url is not None:
+        # Kept beside the migrations, in the database (one daemon per database for now).
+        from lmwatch.drivers.sim_world_pg import PostgresWorld
+
+        try:
+            return SimDriver(inventory, clock, world=PostgresWorld(settings.store_url))
+        except Exception as error:  # psycopg's errors: the driver is an optional extra
+            raise StartupError(
+                f"cannot keep the simulated world in the store database: {error}"
+            ) from None
     if str(settings.store_path) == ":memory:":
         return SimDriver(inventory, clock)
     # The simulated hosts keep their instances and jobs across restarts, as real
@@ -396,9 +406,10 @@ def _lock_store(settings: Settings) -> StoreLock | None:
     """The store's lock, taken before anything touches the store, the token or a host.
 
     A second daemon on the same store stops here with nothing changed; an
-    in-memory store belongs to its process alone and needs no lock.
+    in-memory store belongs to its process alone and needs no lock. A database store
+    takes its lock as it opens (lmwatch/pgstore.py), before it changes anything.
     """
-    if str(settings.store_path) == ":memory:":
+    if str(settings.store_path) == ":memory:" or settings.store_url is not None:
         return None
     try:
         return StoreLock.acquire(settings.store_path)
@@ -410,7 +421,9 @@ def _lock_store(settings: Settings) -> StoreLock | None:
 
 def _open_store(settings: Settings) -> Store:
     try:
-        return Store.open(settings.store_path)
+        return Store.open(settings.store_url or settings.store_path)
+    except StoreLocked as error:
+        raise StartupError(str(error)) from None
     except StoreError as error:
         raise StartupError(f"cannot open the store: {error}") from None
 
@@ -520,7 +533,7 @@ async def run(
             "listening",
             addresses=" ".join(f"{host}:{port}" for host, port in addresses),
             scheme="https" if daemon.ssl_context is not None else "http",
-            store=str(settings.store_path),
+            store=daemon.store.path,
             profiles=daemon.registry.source,
             driver=daemon.driver.name,
         )

@@ -1,4 +1,5 @@
-"""Durable record of every migration, its state changes and its decisions (SQLite, WAL).
+"""Durable record of every migration, its state changes and its decisions (SQLite, WAL;
+or a PostgreSQL database through the same Store: the `Backend` seam, lmwatch/pgstore.py).
 
 One writer thread owns the write connection and commits every change in order,
 batching those that wait into one transaction; callers on the event loop queue a
@@ -46,11 +47,11 @@ import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lmwatch import records as parts
 from lmwatch.logs import get_logger
@@ -143,12 +144,21 @@ class UnreadableStore(StoreError):
         super().__init__(
             "\n".join(
                 f"{problem}; lmwatch refuses to start rather than forget an accepted "
-                f"migration; inspect it with: sqlite3 {path} "
+                f"migration; inspect it with: {_inspect_tool(path)} {path} "
                 f"\"SELECT * FROM migrations WHERE id='{problem.migration_id}'\", "
                 "then repair or delete the row"
                 for problem in problems
             )
         )
+
+
+def _inspect_tool(location: str) -> str:
+    return "psql" if is_database_url(location) else "sqlite3"
+
+
+def is_database_url(location: str | os.PathLike[str]) -> bool:
+    """Whether a store location names a PostgreSQL database rather than a file."""
+    return str(location).startswith(("postgresql://", "postgres://"))
 
 
 class StoreUnwritable(StoreError):
@@ -424,6 +434,88 @@ class _Write:
 # and the operating system's.
 _WRITE_ERRORS = (sqlite3.Error, OSError)
 
+
+class Backend(Protocol):
+    """What differs between the databases a store keeps its records in (SQLite,
+    PostgreSQL: lmwatch/pgstore.py); the writer thread, the read-your-writes overlay,
+    batching and the barriers are the store's, the same on both.
+
+    Connections run the store's SQL (`?` placeholders, rows read by column name)."""
+
+    location: str  # where the records are, for logs and messages (never a password)
+    schema: str  # the tables and indexes, in this database's dialect
+    begin: str  # the statement opening a write transaction
+    write_errors: tuple[type[BaseException], ...]  # a write that fails now: kept, retried
+    constraint_errors: tuple[type[BaseException], ...]  # an acceptance refused, alone
+    advice: str  # what an operator does while writes fail ("...; " or "")
+
+    def connect_reader(self) -> Any:
+        """A new read connection."""
+
+    def durable(self, db: Any) -> AbstractContextManager[None]:
+        """Around a write transaction that must be flushed before it returns."""
+
+    def refusable(self, db: Any) -> AbstractContextManager[None]:
+        """Around a statement that may break a constraint, inside a transaction: when
+        it does, the statement alone is undone and the transaction goes on."""
+
+    def insert_event(self, db: Any, values: tuple[Any, ...]) -> int:
+        """Insert an event row (columns: `_EVENT_COLUMNS`); its seq."""
+
+    def unwritable(self, error: BaseException) -> str:
+        """Why the store cannot be written, for operators (without "retry later")."""
+
+
+_EVENT_COLUMNS = "migration_id, at, kind, action, state, reason, data"
+_EVENT_INSERT = f"INSERT INTO events({_EVENT_COLUMNS}) VALUES(?, ?, ?, ?, ?, ?, ?)"
+
+
+class SqliteBackend:
+    """A store file (WAL). The file-only parts (identity check, rescue copy, the
+    `.lock` file) are the Store's and `StoreLock`'s."""
+
+    schema = _SCHEMA
+    begin = "BEGIN IMMEDIATE"
+    write_errors: tuple[type[BaseException], ...] = _WRITE_ERRORS
+    constraint_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
+    advice = "free space on its file system (or fix the error); "
+
+    def __init__(self, path: str) -> None:
+        self.location = path
+
+    def connect_existing(self) -> sqlite3.Connection:
+        """A connection to the file at the path, which must exist: a reader must never
+        create an empty store where the operator deleted the file."""
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.location)) + "?mode=rw"
+        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+    def connect_reader(self) -> sqlite3.Connection:
+        try:
+            connection = self.connect_existing()
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot read store {self.location}: {error}") from error
+        connection.row_factory = sqlite3.Row
+        connection.execute("PRAGMA busy_timeout=5000")
+        return connection
+
+    @contextmanager
+    def durable(self, db: Any) -> Iterator[None]:
+        db.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            db.execute("PRAGMA synchronous=NORMAL")
+
+    def refusable(self, db: Any) -> AbstractContextManager[None]:
+        return nullcontext()  # SQLite undoes the failed statement alone
+
+    def insert_event(self, db: Any, values: tuple[Any, ...]) -> int:
+        return int(db.execute(_EVENT_INSERT, values).lastrowid)
+
+    def unwritable(self, error: BaseException) -> str:
+        return f"the store cannot be written: {str(error) or type(error).__name__}"
+
+
 _BATCH = 512  # most writes one transaction of the writer takes
 _GATHER = 0.005  # seconds the writer lets changes gather before a transaction (not acceptances)
 
@@ -444,9 +536,10 @@ class Store:
     for the disk. Until a change is written, reads show it (read-your-writes): the
     latest record of each migration with changes waiting is kept in `_unwritten`."""
 
-    def __init__(self, connection: sqlite3.Connection, path: str) -> None:
+    def __init__(self, connection: Any, path: str, backend: Backend | None = None) -> None:
         self._db = connection  # the write connection: the writer thread's alone once started
         self.path = path
+        self._backend: Backend = backend if backend is not None else SqliteBackend(path)
         # Everything below `_lock` is shared with the writer thread.
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -461,13 +554,15 @@ class Store:
         self._unwritten: dict[str, tuple[MigrationRecord, int]] = {}
         self._unwritten_drains: dict[str, tuple[DrainRecord, int]] = {}
         self._write_error: str | None = None  # why the last write failed (None: writable)
+        self._unwritable: str | None = None  # the same, for operators (the backend's words)
+        self._unreadable: str | None = None  # why the last health check could not read
         self._held = False  # a write failed: the writer waits for `retry`/`flush`
         self._probe: float | None = None  # with nothing waiting: write a probe (its time)
         self._attempts = 0  # transactions the writer tried (ended, either way)
         self._closing = False
         self._thread: threading.Thread | None = None
         self._readers = threading.local()
-        self._connections: builtins.list[sqlite3.Connection] = []
+        self._connections: builtins.list[Any] = []
         self._file_error: str | None = None  # the file at `path` is not the open one
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._changes = 0  # writes since open (the rescue copy is refreshed when it grows)
@@ -481,7 +576,28 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Store:
-        """Open (creating if new) the store; StoreError with a clear reason otherwise."""
+        """Open (creating if new) the store: a SQLite file, or the PostgreSQL database
+        a `postgresql://` URL names; StoreError with a clear reason otherwise."""
+        if is_database_url(path):
+            try:
+                from lmwatch.pgstore import open_database
+            except ImportError as error:
+                raise StoreError(
+                    f"a PostgreSQL store needs psycopg ({error}): install lmwatch[postgres]"
+                ) from None
+            writer, backend = open_database(str(path))
+            database = cls(writer, backend.location, backend)
+            try:
+                database._migrate()
+                database._reader()
+            except backend.write_errors as error:
+                database._close_connections()
+                raise StoreError(f"cannot use store {backend.location}: {error}") from error
+            except BaseException:
+                database._close_connections()
+                raise
+            database._start_writer()
+            return database
         text = str(path)
         scratch: str | None = None
         if text == ":memory:":
@@ -504,49 +620,41 @@ class Store:
             connection.execute("PRAGMA synchronous=NORMAL")  # FULL for acceptances
             connection.execute("PRAGMA foreign_keys=ON")
             connection.execute("PRAGMA busy_timeout=5000")
-            store = cls(connection, text)
+            store = cls(connection, text, SqliteBackend(text))
             store._scratch = scratch
             store._migrate()
             store._reader()
             # Opened now, while the file is there, and read once (SQLite opens the file
             # on first use): it copies the database to `rescue_path` should the file be
             # deleted later (`keep_rescue`).
-            store._rescue_source = store._connect_existing()
+            store._rescue_source = SqliteBackend(text).connect_existing()
             store._rescue_source.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as error:
             raise StoreError(f"cannot use store {text}: {error}") from error
         info = os.stat(text)
         store._identity = (info.st_dev, info.st_ino)
-        store._thread = threading.Thread(
-            target=store._run_writer, name="lmwatch-store-writer", daemon=True
-        )
-        store._thread.start()
+        store._start_writer()
         return store
 
-    def _reader(self) -> sqlite3.Connection:
+    def _start_writer(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run_writer, name="lmwatch-store-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _reader(self) -> Any:
         """This thread's read connection (opened on first use)."""
-        connection: sqlite3.Connection | None = getattr(self._readers, "connection", None)
+        connection: Any = getattr(self._readers, "connection", None)
         if connection is None:
-            try:
-                connection = self._connect_existing()
-            except sqlite3.Error as error:
-                raise StoreError(f"cannot read store {self.path}: {error}") from error
-            connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA busy_timeout=5000")
+            connection = self._backend.connect_reader()
             self._readers.connection = connection
             with self._lock:
                 self._connections.append(connection)
         return connection
 
-    def _connect_existing(self) -> sqlite3.Connection:
-        """A connection to the file at `path`, which must exist: a reader must never
-        create an empty store where the operator deleted the file."""
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=rw"
-        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-
     def _migrate(self) -> None:
         # executescript commits on its own; it runs outside an explicit transaction.
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(self._backend.schema)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         version = SCHEMA_VERSION if row is None else int(row["value"])
         if version > SCHEMA_VERSION:
@@ -563,13 +671,14 @@ class Store:
             if version < 5:  # version 4 could not start a migration again
                 self._db.execute("ALTER TABLE migrations ADD COLUMN restart TEXT")
             self._db.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)",
+                "INSERT INTO meta(key, value) VALUES('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(SCHEMA_VERSION),),
             )
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute(self._backend.begin)
         try:
             yield
             self._db.execute("COMMIT")
@@ -577,18 +686,9 @@ class Store:
             # A COMMIT that fails (SQLITE_FULL) leaves the transaction open: roll it
             # back too, or every later BEGIN fails ("within a transaction").
             if self._db.in_transaction:
-                with suppress(sqlite3.Error):
+                with suppress(*self._backend.write_errors):
                     self._db.execute("ROLLBACK")
             raise
-
-    @contextmanager
-    def _flushed(self) -> Iterator[None]:
-        """The transaction inside is flushed to disk before it returns."""
-        self._db.execute("PRAGMA synchronous=FULL")
-        try:
-            yield
-        finally:
-            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
         """Write what is waiting (retrying once if writes were failing), refresh the
@@ -618,19 +718,25 @@ class Store:
         self._barriers = []
         if self._file_error is not None:
             self._rescue(force=True)
+        self._close_connections()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def _close_connections(self) -> None:
         for connection in self._connections:
             connection.close()
         if self._rescue_source is not None:
             self._rescue_source.close()
         self._db.close()
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def healthy(self) -> bool:
+        errors: tuple[type[BaseException], ...] = (StoreError, *self._backend.write_errors)
         try:
             self._reader().execute("SELECT 1").fetchone()
-        except sqlite3.Error:
+        except errors as error:
+            self._unreadable = self._backend.unwritable(error)
             return False
+        self._unreadable = None
         return True
 
     # -- the writer thread --------------------------------------------------------------
@@ -663,7 +769,7 @@ class Store:
                     self._commit(batch)
                 else:
                     self._write_probe(probe)
-            except _WRITE_ERRORS as failure:
+            except self._backend.write_errors as failure:
                 error = failure
             except BaseException as failure:  # a bug: keep the writes, say so
                 log.exception("store-writer-error", path=self.path, error=repr(failure))
@@ -673,7 +779,7 @@ class Store:
     def _commit(self, batch: builtins.list[_Write]) -> None:
         durable = any(write.durable for write in batch)
         try:
-            with self._flushed() if durable else nullcontext(), self._transaction():
+            with self._backend.durable(self._db) if durable else nullcontext(), self._transaction():
                 for write in batch:
                     self._apply(write)
         except BaseException:
@@ -689,10 +795,12 @@ class Store:
             columns = ", ".join(values)
             marks = ", ".join("?" for _ in values)
             try:
-                db.execute(
-                    f"INSERT INTO migrations({columns}) VALUES({marks})", tuple(values.values())
-                )
-            except sqlite3.IntegrityError as error:  # this one only; the batch goes on
+                with self._backend.refusable(db):
+                    db.execute(
+                        f"INSERT INTO migrations({columns}) VALUES({marks})",
+                        tuple(values.values()),
+                    )
+            except self._backend.constraint_errors as error:  # this one only; the batch goes on
                 write.refused = StoreError(f"cannot record migration {write.insert.id}: {error}")
                 return
         if write.row:
@@ -727,7 +835,8 @@ class Store:
     def _write_probe(self, at: float | None) -> None:
         with self._transaction():
             self._db.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES('write_checked_at', ?)",
+                "INSERT INTO meta(key, value) VALUES('write_checked_at', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(at or 0.0),),
             )
 
@@ -754,13 +863,13 @@ class Store:
                 answers += [(future, None) for _, future in reached]
                 resumed = self._write_error is not None
                 self._write_error = None
+                self._unwritable = None
+                self._unreadable = None  # it answered: whatever a read met has passed
                 self._held = False
             else:
                 kept: builtins.list[_Write] = []
-                refusal = StoreUnwritable(
-                    f"the store cannot be written: {str(error) or type(error).__name__}; "
-                    "retry later"
-                )
+                unwritable = self._backend.unwritable(error)
+                refusal = StoreUnwritable(f"{unwritable}; retry later")
                 for write in batch:
                     if write.durable:  # never acknowledged: the client is told, not kept
                         if write.done is not None:
@@ -770,6 +879,7 @@ class Store:
                 self._queue.extendleft(reversed(kept))
                 first = self._write_error is None
                 self._write_error = str(error) or type(error).__name__
+                self._unwritable = unwritable
                 self._held = True
                 resumed = False
                 # Kept in memory, in order: nobody waits for the disk to come back.
@@ -900,14 +1010,16 @@ class Store:
         """Why the store cannot take new work now (None: it can), for operators."""
         if self._file_error is not None:
             return self._file_error
-        error = self._write_error
-        if error is not None:
+        unwritable = self._unwritable
+        if self._write_error is not None and unwritable is not None:
             kept = self.pending()
             return (
-                f"the store cannot be written: {error}; "
+                f"{unwritable}; "
                 f"{kept} change{'s' if kept != 1 else ''} kept in memory until it can; "
-                "free space on its file system (or fix the error); retry later"
+                f"{self._backend.advice}retry later"
             )
+        if self._unreadable is not None:
+            return f"{self._unreadable}; retry later"
         return None
 
     def failing(self) -> bool:
@@ -1119,12 +1231,8 @@ class Store:
         state: str | None,
         data: Mapping[str, Any] | None = None,
     ) -> int | None:
-        cursor = self._db.execute(
-            "INSERT INTO events(migration_id, at, kind, action, state, reason, data) "
-            "VALUES(?, ?, ?, ?, ?, ?, ?)",
-            (migration_id, at, kind, action, state, reason, json.dumps(data or {})),
-        )
-        return cursor.lastrowid
+        values = (migration_id, at, kind, action, state, reason, json.dumps(data or {}))
+        return self._backend.insert_event(self._db, values)
 
     def _overlay(self) -> dict[str, MigrationRecord]:
         """The migrations with changes not written yet, as they are now.

@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from apitools import SMALL_INVENTORY, SMALL_PROFILES, TOKEN, Api, OpenApiChecker
 from pgtools import PgCluster, availability, running_cluster
+from storetools import KINDS
 
 from lmwatch.api import create_app
 from lmwatch.clock import VirtualClock
@@ -130,3 +131,21 @@ def pg_cluster() -> Iterator[PgCluster]:
 def pg_url(pg_cluster: PgCluster) -> str:
     """A fresh, empty database of the session's cluster."""
     return pg_cluster.database()
+
+
+@pytest.fixture(params=KINDS)
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a fresh store of each kind is (the shared store suite: a module runs its
+    tests on both by overriding `store` with `shared_store`): a SQLite file in
+    tmp_path, or an empty PostgreSQL database (skipped without PostgreSQL, failed
+    under CI=true)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "lmwatch.db")
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def shared_store(store_location: str) -> Iterator[Store]:
+    opened = Store.open(store_location)
+    yield opened
+    opened.close()

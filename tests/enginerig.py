@@ -9,21 +9,24 @@ from pathlib import Path
 from lmwatch.clock import VirtualClock
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
-from lmwatch.drivers.sim_world import SqliteWorld
+from lmwatch.drivers.sim_world import SqliteWorld, WorldKeeper
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.metrics import Metrics
 from lmwatch.model import MigrationRequest
 from lmwatch.profiles import ProfileRegistry
-from lmwatch.store import Store
+from lmwatch.store import Store, is_database_url
 
 
 class EngineRig:
     """One simulated cloud and one lmwatch engine supervising it.
 
-    With `durable_world` the simulated hosts keep their world in the store file, so
-    `restart` behaves as a daemon restarted beside real hosts: jobs went on meanwhile
-    and moved instances stay moved. Without it the driver outlives the engines
-    (`new_engine`), which is the same thing seen from the engine."""
+    With `durable_world` the simulated hosts keep their world in the store (its file,
+    or its database), so `restart` behaves as a daemon restarted beside real hosts:
+    jobs went on meanwhile and moved instances stay moved. Without it the driver
+    outlives the engines (`new_engine`), which is the same thing seen from the engine.
+
+    `store_location` is where the store is opened (and opened again at `restart`): a
+    SQLite file (by default `lmwatch.db` in tmp_path) or a postgresql:// URL."""
 
     def __init__(
         self,
@@ -34,13 +37,14 @@ class EngineRig:
         *,
         durable_world: bool = False,
         source: str = "a",
+        store_location: str | None = None,
     ) -> None:
         self.clock = VirtualClock()
         self.inventory = load_inventory_text(inventory)
         self.profile_file = tmp_path / "profiles.yaml"
         self.profile_file.write_text(profiles)
         self.registry = ProfileRegistry(self.profile_file)
-        self.store_path = tmp_path / "lmwatch.db"
+        self.store_path = store_location or str(tmp_path / "lmwatch.db")
         self.store = Store.open(self.store_path)
         self.durable_world = durable_world
         self.driver = self.new_driver()
@@ -50,7 +54,13 @@ class EngineRig:
         self.engine = self.new_engine()
 
     def new_driver(self) -> SimDriver:
-        world = SqliteWorld(str(self.store_path)) if self.durable_world else None
+        world: WorldKeeper | None = None
+        if self.durable_world and is_database_url(self.store_path):
+            from lmwatch.drivers.sim_world_pg import PostgresWorld
+
+            world = PostgresWorld(self.store_path)
+        elif self.durable_world:
+            world = SqliteWorld(self.store_path)
         return SimDriver(self.inventory, self.clock, world=world)
 
     def new_engine(self) -> Engine:

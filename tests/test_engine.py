@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from enginerig import EngineRig
+from storetools import on_disk, run_sql
 
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
@@ -16,7 +17,7 @@ from lmwatch.errors import Conflict, Invalid
 from lmwatch.metrics import Metrics
 from lmwatch.model import ChangeRate, Method, Phase, State
 from lmwatch.profiles import ProfileRegistry
-from lmwatch.store import SCHEMA_VERSION, Store, StoreError
+from lmwatch.store import SCHEMA_VERSION, MigrationRecord, Store, StoreError, is_database_url
 
 INVENTORY = """
 hosts:
@@ -91,8 +92,21 @@ class Rig(EngineRig):
     """An engine on the inventory above, in virtual time; each new engine counts its
     metrics from zero, as a restarted daemon does."""
 
-    def __init__(self, tmp_path: Path, profiles: str = PROFILES, **settings: object) -> None:
-        super().__init__(tmp_path, INVENTORY, profiles, EngineSettings(**settings))  # type: ignore[arg-type]
+    def __init__(
+        self,
+        tmp_path: Path,
+        profiles: str = PROFILES,
+        *,
+        store_location: str | None = None,
+        **settings: object,
+    ) -> None:
+        super().__init__(
+            tmp_path,
+            INVENTORY,
+            profiles,
+            EngineSettings(**settings),  # type: ignore[arg-type]
+            store_location=store_location,
+        )
 
     def new_engine(self) -> Engine:
         self.metrics = Metrics()
@@ -196,8 +210,10 @@ async def test_hopeless_instance_is_cancelled_early_with_the_reason(rig: Rig) ->
         )
 
 
-async def test_restart_mid_migration_supervises_to_the_end_exactly_once(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
+async def test_restart_mid_migration_supervises_to_the_end_exactly_once(
+    tmp_path: Path, store_location: str
+) -> None:
+    rig = Rig(tmp_path, store_location=store_location)
     await rig.engine.start()
     mid = await rig.migrate("big")
     await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
@@ -225,8 +241,10 @@ async def test_restart_mid_migration_supervises_to_the_end_exactly_once(tmp_path
     await second.stop()
 
 
-async def test_restart_after_the_job_ended_unwatched_records_the_truth(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
+async def test_restart_after_the_job_ended_unwatched_records_the_truth(
+    tmp_path: Path, store_location: str
+) -> None:
+    rig = Rig(tmp_path, store_location=store_location)
     await rig.engine.start()
     mid = await rig.migrate("idle")
     await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
@@ -327,10 +345,12 @@ async def test_force_complete_refused_when_the_profile_allows_nothing(rig: Rig) 
     assert record.outcome is not None and record.outcome.method == "paused"
 
 
-async def test_an_accepted_pause_stays_the_operators_after_a_restart(tmp_path: Path) -> None:
+async def test_an_accepted_pause_stays_the_operators_after_a_restart(
+    tmp_path: Path, store_location: str
+) -> None:
     """The profile allows no pause; the operator forced one and accepted it. A restart
     mid-pause must not hold it to the profile's bound (which would cancel it)."""
-    rig = Rig(tmp_path)
+    rig = Rig(tmp_path, store_location=store_location)
     await rig.engine.start()
     mid = await rig.migrate("busy-plain")
     await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
@@ -414,15 +434,16 @@ async def test_a_budget_lowered_to_nothing_stays_lowered_and_the_deadline_still_
     assert lowered[0].endswith("to 0ms")
 
 
-async def test_accepted_request_is_durable_before_it_is_acknowledged(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
+async def test_accepted_request_is_durable_before_it_is_acknowledged(
+    tmp_path: Path, store_location: str
+) -> None:
+    rig = Rig(tmp_path, store_location=store_location)
     await rig.engine.start()
     mid = await rig.migrate("idle")
-    # A second connection to the same file sees it at once.
-    other = Store.open(tmp_path / "lmwatch.db")
-    stored = other.get(mid)
-    assert stored is not None and stored.instance == "idle"
+    # A connection of its own to the same database sees it at once.
+    assert on_disk(store_location, "SELECT instance FROM migrations WHERE id=?", mid) == [("idle",)]
     await rig.engine.stop()
+    rig.store.close()
 
 
 def test_store_refuses_a_missing_directory(tmp_path: Path) -> None:
@@ -686,40 +707,72 @@ async def test_switchover_is_learned_and_an_exceeded_profile_is_recorded(tmp_pat
     assert rig.engine.switchover("a", "b") == pytest.approx(learned)
 
 
-def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
-    import sqlite3
+def _columns(location: str) -> list[str]:
+    """The migrations table's columns, as the database itself lists them."""
+    if is_database_url(location):
+        sql = "SELECT column_name FROM information_schema.columns WHERE table_name='migrations'"
+    else:
+        sql = "SELECT name FROM pragma_table_info('migrations')"
+    return [row[0] for row in on_disk(location, sql)]
 
-    path = tmp_path / "old.db"
+
+def test_a_version_1_store_is_upgraded_in_place(store_location: str) -> None:
+    path = store_location
     Store.open(path).close()
-    db = sqlite3.connect(path)
-    db.execute("ALTER TABLE migrations DROP COLUMN uuid")
-    db.execute("ALTER TABLE migrations DROP COLUMN placement")
-    db.execute("ALTER TABLE migrations DROP COLUMN restart")
-    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    run_sql(
+        path,
+        "ALTER TABLE migrations DROP COLUMN uuid",
+        "ALTER TABLE migrations DROP COLUMN placement",
+        "ALTER TABLE migrations DROP COLUMN restart",
+        "UPDATE meta SET value='1' WHERE key='schema_version'",
+    )
+    assert "uuid" not in _columns(path)
     store = Store.open(path)
     version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     assert version["value"] == str(SCHEMA_VERSION)
-    columns = [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
+    store.close()
+    columns = _columns(path)
     assert "uuid" in columns and "placement" in columns and "restart" in columns
 
 
-def test_a_version_4_store_gains_the_restart_column_and_keeps_its_rows(tmp_path: Path) -> None:
-    import sqlite3
-
-    path = tmp_path / "old.db"
-    Store.open(path).close()
-    db = sqlite3.connect(path)
-    db.execute("ALTER TABLE migrations DROP COLUMN restart")
-    db.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+def test_a_version_4_store_gains_the_restart_column_and_keeps_its_rows(
+    store_location: str,
+) -> None:
+    path = store_location
     store = Store.open(path)
-    columns = [r["name"] for r in store._db.execute("PRAGMA table_info(migrations)")]
-    assert "restart" in columns
-    version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert version["value"] == str(SCHEMA_VERSION) == "5"
+    store.insert(_stored_record("m-old"), "accepted")
+    store.close()
+    run_sql(
+        path,
+        "ALTER TABLE migrations DROP COLUMN restart",
+        "UPDATE meta SET value='4' WHERE key='schema_version'",
+    )
+    store = Store.open(path)
+    try:
+        assert "restart" in _columns(path)
+        version = store._db.execute("SELECT value FROM meta WHERE key='schema_version'")
+        assert version.fetchone()["value"] == str(SCHEMA_VERSION) == "5"
+        kept = store.get("m-old")
+        assert kept is not None and kept.restart is None and kept.instance == "vm-old"
+    finally:
+        store.close()
+
+
+def _stored_record(migration_id: str) -> MigrationRecord:
+    return MigrationRecord(
+        id=migration_id,
+        instance="vm-old",
+        source="a",
+        destination="b",
+        labels={},
+        requested_profile=None,
+        profile_name="default",
+        profile_reason="the default",
+        profile={},
+        memory_bytes=1,
+        state=State.QUEUED,
+        created_at=1.0,
+    )
 
 
 async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(
@@ -750,21 +803,16 @@ async def test_a_failed_change_rate_measurement_does_not_stop_the_migration(
     ],
 )
 async def test_a_corrupt_row_stops_the_start_naming_it_and_changing_nothing(
-    tmp_path: Path, column: str, value: str, reason: str
+    tmp_path: Path, store_location: str, column: str, value: str, reason: str
 ) -> None:
-    import sqlite3
-
     from lmwatch.store import UnreadableStore
 
-    rig = Rig(tmp_path)
+    rig = Rig(tmp_path, store_location=store_location)
     await rig.engine.start()
     mid = await rig.migrate("big")
     await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
     await rig.engine.stop()
-    db = sqlite3.connect(tmp_path / "lmwatch.db")
-    db.execute(f"UPDATE migrations SET {column}=? WHERE id=?", (value, mid))
-    db.commit()
-    db.close()
+    run_sql(store_location, f"UPDATE migrations SET {column}='{value}' WHERE id='{mid}'")
     events = len(rig.store.events(mid))
     second = rig.new_engine()
     with pytest.raises(UnreadableStore) as refused:
@@ -772,9 +820,8 @@ async def test_a_corrupt_row_stops_the_start_naming_it_and_changing_nothing(
     message = str(refused.value)
     assert f"store row for migration {mid} cannot be read: {reason}" in message
     assert "refuses to start" in message
-    assert f"sqlite3 {tmp_path / 'lmwatch.db'} \"SELECT * FROM migrations WHERE id='{mid}'\"" in (
-        message
-    )
+    tool = "psql" if is_database_url(store_location) else "sqlite3"
+    assert f"{tool} {rig.store.path} \"SELECT * FROM migrations WHERE id='{mid}'\"" in message
     assert "\n" not in message  # one line per unreadable row
     assert second.active_count() == 0
     assert len(rig.store.events(mid)) == events  # nothing was written

@@ -45,8 +45,16 @@ profiles:
 """
 
 
-def rig_for(tmp_path: Path, *, durable_world: bool = False) -> EngineRig:
-    return EngineRig(tmp_path, INVENTORY, PROFILES, durable_world=durable_world)
+def rig_for(
+    tmp_path: Path, *, durable_world: bool = False, store_location: str | None = None
+) -> EngineRig:
+    return EngineRig(
+        tmp_path,
+        INVENTORY,
+        PROFILES,
+        durable_world=durable_world,
+        store_location=store_location,
+    )
 
 
 def events(rig: EngineRig, mid: str, kind: str, action: str | None = None) -> list[Any]:
@@ -139,11 +147,11 @@ async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(
 
 
 async def test_a_crash_after_the_intent_and_before_the_cancel_cancels_and_starts_again(
-    tmp_path: Path,
+    tmp_path: Path, store_location: str
 ) -> None:
-    # The simulated hosts keep their world in the store file: the daemon restarts as
-    # beside real hosts, its store opened again, the job running on meanwhile.
-    rig = rig_for(tmp_path, durable_world=True)
+    # The simulated hosts keep their world in the store (file or database): the daemon
+    # restarts as beside real hosts, its store opened again, the job running on meanwhile.
+    rig = rig_for(tmp_path, durable_world=True, store_location=store_location)
     await rig.engine.start()
     mid = await rig.migrate("grower")
     asked: list[str] = []

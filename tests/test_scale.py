@@ -134,8 +134,9 @@ def _record(number: int, state: State = State.COPYING) -> MigrationRecord:
 
 
 def test_admission_decodes_only_the_instance_s_record(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    shared_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = shared_store  # of each kind (SQLite, PostgreSQL)
     for number in range(60):
         store.insert(_record(number), "accepted")
     decoded = [0]
@@ -152,7 +153,8 @@ def test_admission_decodes_only_the_instance_s_record(
     assert decoded[0] == 1  # not every unfinished record
 
 
-def test_store_pages_follow_list_order(store: Store) -> None:
+def test_store_pages_follow_list_order(shared_store: Store) -> None:
+    store = shared_store  # of each kind (SQLite, PostgreSQL)
     for number in (3, 1, 2, 5, 4):
         state = State.COMPLETED if number % 2 else State.COPYING
         store.insert(_record(number, state), "accepted")

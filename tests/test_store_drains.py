@@ -1,13 +1,14 @@
 """Drains in the store: written whole, read back, found when unfinished; a store of
-an older version gains the table."""
+an older version gains the table, one of a newer version is refused. On both kinds of
+store (SQLite, PostgreSQL) but for the deleted file, which only SQLite has."""
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from pathlib import Path
 
 import pytest
+from storetools import on_disk, run_sql
 
 from lmwatch.store import (
     SCHEMA_VERSION,
@@ -16,6 +17,7 @@ from lmwatch.store import (
     DrainState,
     ItemState,
     Store,
+    StoreError,
     StoreUnwritable,
 )
 
@@ -44,8 +46,8 @@ def _drain(drain_id: str = "d1", host: str = "host-a") -> DrainRecord:
     )
 
 
-def test_a_drain_round_trips(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "s.db")
+def test_a_drain_round_trips(store_location: str) -> None:
+    store = Store.open(store_location)
     drain = _drain()
     store.insert_drain(drain)
     assert store.get_drain("d1") == drain
@@ -58,22 +60,25 @@ def test_a_drain_round_trips(tmp_path: Path) -> None:
     )
     store.update_drain(moved)
     store.close()
-    again = Store.open(tmp_path / "s.db")
-    assert again.get_drain("d1") == moved
-    assert again.get_drain("nope") is None
-    assert again.unfinished_drains() == []
-    assert again.drains() == [moved]
+    again = Store.open(store_location)
+    try:
+        assert again.get_drain("d1") == moved
+        assert again.get_drain("nope") is None
+        assert again.unfinished_drains() == []
+        assert again.drains() == [moved]
+    finally:
+        again.close()
 
 
-def test_unfinished_drains_are_found(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "s.db")
+def test_unfinished_drains_are_found(shared_store: Store) -> None:
+    store = shared_store
     store.insert_drain(_drain("d1"))
     store.insert_drain(dataclasses.replace(_drain("d2", "host-b"), state=DrainState.CANCELLED))
     store.insert_drain(dataclasses.replace(_drain("d3", "host-c"), state=DrainState.CANCELLING))
     assert [d.id for d in store.unfinished_drains()] == ["d1", "d3"]
 
 
-def test_a_drain_is_refused_while_the_store_cannot_be_written(tmp_path: Path) -> None:
+def test_a_drain_is_refused_while_the_store_file_is_lost(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "s.db")
     (tmp_path / "s.db").unlink()  # the file at the path is no longer the open one
     assert store.check_file() is not None
@@ -81,17 +86,35 @@ def test_a_drain_is_refused_while_the_store_cannot_be_written(tmp_path: Path) ->
         store.insert_drain(_drain())
 
 
-def test_a_version_3_store_gains_the_drains_table(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
+def test_a_version_3_store_gains_the_drains_table(store_location: str) -> None:
+    path = store_location
     Store.open(path).close()
-    db = sqlite3.connect(path)
-    db.execute("DROP TABLE drains")
-    db.execute("ALTER TABLE migrations DROP COLUMN restart")  # added by version 5
-    db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    run_sql(
+        path,
+        "DROP TABLE drains",
+        "ALTER TABLE migrations DROP COLUMN restart",  # added by version 5
+        "UPDATE meta SET value='3' WHERE key='schema_version'",
+    )
     store = Store.open(path)
-    row = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert row["value"] == str(SCHEMA_VERSION)
-    store.insert_drain(_drain())
-    assert store.get_drain("d1") is not None
+    try:
+        row = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        assert row["value"] == str(SCHEMA_VERSION)
+        store.insert_drain(_drain())
+        assert store.get_drain("d1") is not None
+        assert store._db.execute("SELECT restart FROM migrations").fetchall() == []
+    finally:
+        store.close()
+
+
+def test_a_store_of_a_newer_version_is_refused_untouched(store_location: str) -> None:
+    Store.open(store_location).close()
+    newer = str(SCHEMA_VERSION + 1)
+    run_sql(store_location, f"UPDATE meta SET value='{newer}' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match=f"schema version {newer} is newer than this lmwatch"):
+        Store.open(store_location)
+    assert on_disk(store_location, "SELECT value FROM meta WHERE key='schema_version'") == [
+        (newer,)
+    ]
+    # The refused store let go of its database (a PostgreSQL store: of its lock).
+    run_sql(store_location, f"UPDATE meta SET value='{SCHEMA_VERSION}'")
+    Store.open(store_location).close()

@@ -2,9 +2,11 @@
 daemon runs: supervision goes on, nothing new is accepted, readiness and metrics say
 so, and every change reaches the store once, in order, when it takes writes again.
 
-Failures are injected between the store and its SQLite connection (`FaultyDisk`): a
-full disk makes SQLite's writes fail with "database or disk is full", which is what
-the proxy raises, statement by statement, while reads go on."""
+Failures are injected between the store and its connection (`FaultyDisk`): a full
+disk makes the database's writes fail with "database or disk is full" (SQLite's
+error, or PostgreSQL's DiskFull), which is what the proxy raises, statement by
+statement, while reads go on. Every test runs on both kinds of store but those of a
+file deleted or replaced, which only a SQLite store has."""
 
 from __future__ import annotations
 
@@ -18,28 +20,30 @@ from typing import Any
 import pytest
 from apitools import Api
 from prometheus_client.parser import text_string_to_metric_families
+from storetools import disk_full, on_disk
 
 from lmwatch.clock import VirtualClock
 from lmwatch.engine import Engine
 from lmwatch.model import State
 from lmwatch.records import Progress
-from lmwatch.store import MigrationRecord, Store, StoreError
+from lmwatch.store import MigrationRecord, Store, StoreError, is_database_url
 
 WRITES = ("INSERT", "UPDATE", "DELETE", "COMMIT")
 
 
 class FaultyDisk:
-    """Stands in for a store's SQLite connection. While `full`, every statement that
-    writes fails as on a full disk; `fail_commits` fails that many COMMITs only (the
-    case where SQLite leaves the transaction open)."""
+    """Stands in for a store's connection. While `full`, every statement that writes
+    fails as on a full disk; `fail_commits` fails that many COMMITs only (the case
+    where SQLite leaves the transaction open)."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: Any, error: Exception) -> None:
         self._connection = connection
+        self._error = error
         self.full = False
         self.fail_commits = 0
         self.failures = 0
 
-    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+    def execute(self, sql: str, *args: Any) -> Any:
         verb = sql.lstrip().split(None, 1)[0].upper()
         failing = self.full and verb in WRITES
         if verb == "COMMIT" and self.fail_commits > 0:
@@ -47,7 +51,7 @@ class FaultyDisk:
             failing = True
         if failing:
             self.failures += 1
-            raise sqlite3.OperationalError("database or disk is full")
+            raise self._error
         return self._connection.execute(sql, *args)
 
     def __getattr__(self, name: str) -> Any:
@@ -55,18 +59,24 @@ class FaultyDisk:
 
 
 def faulty(store: Store) -> FaultyDisk:
-    disk = FaultyDisk(store._db)
+    disk = FaultyDisk(store._db, disk_full(store))
     store._db = disk  # type: ignore[assignment]
     return disk
 
 
-def stored_timeline(path: str, migration_id: str) -> list[tuple[Any, ...]]:
+@pytest.fixture
+def store(shared_store: Store) -> Store:
+    """Of each kind: the engine and API fixtures of this module use it too."""
+    return shared_store
+
+
+def stored_timeline(store: Store, migration_id: str) -> list[tuple[Any, ...]]:
     """What is on disk, read through a connection of its own."""
-    with sqlite3.connect(path) as connection:
-        return connection.execute(
-            "SELECT at, kind, reason, action FROM events WHERE migration_id=? ORDER BY seq",
-            (migration_id,),
-        ).fetchall()
+    return on_disk(
+        store,
+        "SELECT at, kind, reason, action FROM events WHERE migration_id=? ORDER BY seq",
+        migration_id,
+    )
 
 
 def written(store: Store) -> bool:
@@ -76,10 +86,8 @@ def written(store: Store) -> bool:
     return not store.failing()
 
 
-def stored_state(path: str, migration_id: str) -> str:
-    with sqlite3.connect(path) as connection:
-        row = connection.execute("SELECT state FROM migrations WHERE id=?", (migration_id,))
-        return str(row.fetchone()[0])
+def stored_state(store: Store, migration_id: str) -> str:
+    return str(on_disk(store, "SELECT state FROM migrations WHERE id=?", migration_id)[0][0])
 
 
 def metric(text: str, name: str) -> float:
@@ -123,12 +131,12 @@ def test_a_failed_commit_does_not_leave_the_transaction_open(store: Store) -> No
     assert store.flush(3.0)
     store.update(starting, event=("state", "copying", None), at=4.0, state=State.COPYING)
     assert store.settle(5)
-    assert stored_timeline(store.path, "m1") == [
+    assert stored_timeline(store, "m1") == [
         (1.0, "state", "accepted", None),
         (2.0, "state", "starting", None),
         (4.0, "state", "copying", None),
     ]
-    assert stored_state(store.path, "m1") == "copying"
+    assert stored_state(store, "m1") == "copying"
 
 
 def test_failed_writes_are_kept_shown_and_written_once_in_order(store: Store) -> None:
@@ -150,23 +158,23 @@ def test_failed_writes_are_kept_shown_and_written_once_in_order(store: Store) ->
     assert [r.id for r in store.unfinished()] == ["m1"]
     assert store.list(State.COPYING) == [copying]
     assert [e.reason for e in store.events("m1")] == ["accepted", "starting", "a note", "copying"]
-    assert stored_timeline(store.path, "m1") == [(1.0, "state", "accepted", None)]
+    assert stored_timeline(store, "m1") == [(1.0, "state", "accepted", None)]
     # A retry that fails again writes nothing, not even a part.
     assert not store.flush(5.0)
-    assert stored_timeline(store.path, "m1") == [(1.0, "state", "accepted", None)]
+    assert stored_timeline(store, "m1") == [(1.0, "state", "accepted", None)]
     disk.full = False
     assert store.flush(6.0)
     assert not store.failing() and store.problem() is None and store.pending() == 0
-    assert stored_timeline(store.path, "m1") == [
+    assert stored_timeline(store, "m1") == [
         (1.0, "state", "accepted", None),
         (2.0, "state", "starting", None),
         (3.0, "note", "a note", None),
         (4.0, "state", "copying", None),
     ]
-    assert stored_state(store.path, "m1") == "copying"
+    assert stored_state(store, "m1") == "copying"
     assert store.get("m1") == copying
     assert store.flush(7.0)  # nothing left: nothing written twice
-    assert len(stored_timeline(store.path, "m1")) == 4
+    assert len(stored_timeline(store, "m1")) == 4
 
 
 def test_a_new_migration_is_not_recorded_while_writes_fail(store: Store) -> None:
@@ -228,13 +236,18 @@ async def test_a_full_disk_spell_orphans_nothing(
     ready = await api.get("/readyz")
     assert ready.status == 503
     assert ready.body["ready"] is False and ready.body["store"] is False
-    assert "the store cannot be written" in ready.body["detail"]
+    assert "cannot be written: database or disk is full" in ready.body["detail"]
     refused = await api.post(
         "/v1/migrations", {"instance": "quiet3", "source": "a", "destination": "b"}
     )
     assert refused.status == 503
     assert refused.content_type == "application/problem+json"
-    assert refused.body["detail"].startswith("the store cannot be written: database or disk")
+    assert refused.body["detail"].startswith(
+        f"the database at {store.path.removeprefix('postgresql://')} cannot be written: "
+        "database or disk is full"
+        if is_database_url(store.path)
+        else "the store cannot be written: database or disk is full"
+    )
     assert "retry later" in refused.body["detail"]
     scraped = (await api.get("/metrics")).text
     assert metric(scraped, "lmwatch_store_healthy") == 0
@@ -255,11 +268,11 @@ async def test_a_full_disk_spell_orphans_nothing(
     assert metric(scraped, "lmwatch_store_healthy") == 1
     for instance, migration_id in ids.items():
         expected = [entry for owner, entry in published if owner == migration_id]
-        on_disk = stored_timeline(store.path, migration_id)
+        on_disk = stored_timeline(store, migration_id)
         # Everything that was published is on disk, once, in order.
         assert on_disk == expected, instance
-        assert stored_state(store.path, migration_id) == engine.get(migration_id).state.value
-    assert stored_state(store.path, ids["strict"]) == "cancelled"
+        assert stored_state(store, migration_id) == engine.get(migration_id).state.value
+    assert stored_state(store, ids["strict"]) == "cancelled"
     again = await api.post(
         "/v1/migrations", {"instance": "quiet3", "source": "a", "destination": "b"}
     )
@@ -274,7 +287,7 @@ async def test_a_submission_that_finds_the_disk_full_is_refused_until_it_is_not(
     body = {"instance": "quiet", "source": "a", "destination": "b"}
     refused = await api.post("/v1/migrations", body)
     assert refused.status == 503
-    assert "the store cannot be written" in refused.body["detail"]
+    assert "cannot be written: database or disk is full" in refused.body["detail"]
     assert "retry later" in refused.body["detail"]
     assert (await api.get("/readyz")).status == 503
     assert engine.list() == []
@@ -284,6 +297,7 @@ async def test_a_submission_that_finds_the_disk_full_is_refused_until_it_is_not(
     assert (await api.post("/v1/migrations", body)).status == 202
 
 
+@pytest.mark.parametrize("store_location", ["sqlite"], indirect=True)  # a file's own
 async def test_a_deleted_store_file_stops_new_work_and_loses_nothing(
     api: Api, engine: Engine, clock: VirtualClock, store: Store, tmp_path: Path
 ) -> None:
@@ -330,6 +344,7 @@ async def test_a_deleted_store_file_stops_new_work_and_loses_nothing(
         reopened.close()
 
 
+@pytest.mark.parametrize("store_location", ["sqlite"], indirect=True)  # a file's own
 async def test_a_replaced_store_file_is_not_written_over(
     api: Api, engine: Engine, store: Store
 ) -> None:
@@ -348,6 +363,7 @@ async def test_a_replaced_store_file_is_not_written_over(
         assert connection.execute("SELECT COUNT(*) FROM migrations").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("store_location", ["sqlite"], indirect=True)  # a file's own
 def test_noticing_a_deleted_file_copies_nothing_and_no_read_re_creates_it(
     store: Store,
 ) -> None:

@@ -1,6 +1,7 @@
 """The store's one writer thread (issue 8): a change queued on the event loop returns
 at once, the writer commits the queue in order, reads show what waits, an acceptance
 is on disk before it returns, and nothing acknowledged is lost when the process dies.
+Every test runs on both kinds of store (a SQLite file, a PostgreSQL database).
 
 A slow disk is injected between the store and its write connection (`SlowDisk`):
 every COMMIT waits for the test to open the gate (or two seconds, so that code that
@@ -12,7 +13,6 @@ import asyncio
 import dataclasses
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from storetools import disk_full, io_error, on_disk, url_of
 
 from lmwatch import store as store_module
 from lmwatch.clock import VirtualClock
@@ -34,7 +35,7 @@ from lmwatch.store import DrainRecord, DrainState, MigrationRecord, Store
 class SlowDisk:
     """Stands in for the store's write connection: COMMIT waits for `gate`."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: Any) -> None:
         self._connection = connection
         self.gate = threading.Event()
         self.commits_started = 0
@@ -43,7 +44,7 @@ class SlowDisk:
         self.accepted = 0  # migrations inserted in the open transaction
         self.acceptances: list[int] = []  # migrations inserted, per transaction with some
 
-    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+    def execute(self, sql: str, *args: Any) -> Any:
         if sql.startswith("INSERT INTO migrations"):
             self.accepted += 1
         if sql.lstrip().upper().startswith("COMMIT"):
@@ -85,9 +86,10 @@ def _record(number: int, state: State = State.QUEUED) -> MigrationRecord:
     )
 
 
-def _on_disk(path: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(path) as connection:
-        return connection.execute(sql, args).fetchall()
+@pytest.fixture
+def store(shared_store: Store) -> Store:
+    """Of each kind: the engine and API fixtures of this module use it too."""
+    return shared_store
 
 
 async def test_a_write_on_the_loop_does_not_wait_for_a_slow_commit(store: Store) -> None:
@@ -126,12 +128,12 @@ async def test_a_write_on_the_loop_does_not_wait_for_a_slow_commit(store: Store)
     active = store.active_for_instance("vm2")
     assert active is not None and active.state is State.STARTING
     assert [e.reason for e in store.events("m0002")] == ["accepted", "starting", "a note"]
-    assert _on_disk(store.path, "SELECT DISTINCT state FROM migrations") == [("queued",)]
+    assert on_disk(store, "SELECT DISTINCT state FROM migrations") == [("queued",)]
     disk.gate.set()
     assert store.settle(5)
     ticking.cancel()
     assert disk.commit_threads and loop_thread not in disk.commit_threads
-    assert _on_disk(store.path, "SELECT DISTINCT state FROM migrations") == [("starting",)]
+    assert on_disk(store, "SELECT DISTINCT state FROM migrations") == [("starting",)]
     assert [e.reason for e in store.events("m0002")] == ["accepted", "starting", "a note"]
     assert store.get("m0001") == updated[1]
 
@@ -155,7 +157,7 @@ async def test_an_acceptance_waits_for_the_disk_without_stopping_the_loop(store:
     disk.gate.set()
     await asyncio.wait_for(accepting, 5)
     ticking.cancel()
-    assert _on_disk(store.path, "SELECT id FROM migrations") == [("m0001",)]
+    assert on_disk(store, "SELECT id FROM migrations") == [("m0001",)]
     assert store.get("m0001") == _record(1)
 
 
@@ -180,9 +182,9 @@ def test_writes_reach_the_file_in_the_order_they_were_made(store: Store) -> None
         records[number] = store.get(record.id) or record
         expected.append((record.id, 10.0 + step))
     store.close()
-    rows = _on_disk(store.path, "SELECT migration_id, at FROM events WHERE at < 100 ORDER BY seq")
+    rows = on_disk(store, "SELECT migration_id, at FROM events WHERE at < 100 ORDER BY seq")
     assert rows == expected
-    reopened = Store.open(store.path)
+    reopened = Store.open(url_of(store))
     try:
         for number, record in records.items():
             assert reopened.get(record.id) == record, number
@@ -190,8 +192,8 @@ def test_writes_reach_the_file_in_the_order_they_were_made(store: Store) -> None
         reopened.close()
 
 
-def test_close_writes_everything_queued(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "s.db")
+def test_close_writes_everything_queued(store_location: str) -> None:
+    store = Store.open(store_location)
     record = store.update(_record(1), state=State.COPYING)  # no row yet: nothing to update
     store.insert(_record(2), "accepted")
     for step in range(200):
@@ -199,23 +201,21 @@ def test_close_writes_everything_queued(tmp_path: Path) -> None:
     store.update(_record(2), event=("state", "copying", None), at=300.0, state=State.COPYING)
     store.close()
     assert record.state is State.COPYING
-    assert _on_disk(store.path, "SELECT COUNT(*) FROM events WHERE migration_id='m0002'") == [
-        (202,)
-    ]
-    assert _on_disk(store.path, "SELECT state FROM migrations WHERE id='m0002'") == [("copying",)]
+    assert on_disk(store, "SELECT COUNT(*) FROM events WHERE migration_id='m0002'") == [(202,)]
+    assert on_disk(store, "SELECT state FROM migrations WHERE id='m0002'") == [("copying",)]
 
 
 def test_a_writer_error_keeps_the_changes_and_writes_them_once(store: Store) -> None:
     store.insert(_record(1), "accepted")
 
     class Broken:
-        def __init__(self, connection: sqlite3.Connection) -> None:
+        def __init__(self, connection: Any) -> None:
             self.connection = connection
             self.broken = True
 
-        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        def execute(self, sql: str, *args: Any) -> Any:
             if self.broken and sql.startswith("UPDATE"):
-                raise sqlite3.OperationalError("disk I/O error")
+                raise io_error(store)
             return self.connection.execute(sql, *args)
 
         def __getattr__(self, name: str) -> Any:
@@ -234,7 +234,7 @@ def test_a_writer_error_keeps_the_changes_and_writes_them_once(store: Store) -> 
     broken.broken = False
     store.retry(3.0)
     assert store.settle(5) and not store.failing() and store.pending() == 0
-    assert _on_disk(store.path, "SELECT reason FROM events ORDER BY seq") == [
+    assert on_disk(store, "SELECT reason FROM events ORDER BY seq") == [
         ("accepted",),
         ("copying",),
     ]
@@ -253,7 +253,7 @@ def test_a_drain_change_is_queued_and_shown(store: Store) -> None:
     assert store.unfinished_drains() == []
     disk.gate.set()
     assert store.settle(5)
-    assert _on_disk(store.path, "SELECT state FROM drains") == [("completed",)]
+    assert on_disk(store, "SELECT state FROM drains") == [("completed",)]
 
 
 _CRASHER = """
@@ -278,8 +278,8 @@ for n in range(200):
 """
 
 
-def test_a_killed_process_loses_no_acknowledged_acceptance(tmp_path: Path) -> None:
-    path = tmp_path / "crash.db"
+def test_a_killed_process_loses_no_acknowledged_acceptance(store_location: str) -> None:
+    path = store_location
     done = subprocess.run(
         [sys.executable, "-c", _CRASHER, str(path)],
         capture_output=True,
@@ -290,7 +290,7 @@ def test_a_killed_process_loses_no_acknowledged_acceptance(tmp_path: Path) -> No
     assert done.returncode == -signal.SIGKILL, done.stderr
     acknowledged = done.stdout.split()
     assert len(acknowledged) == 151
-    stored = {row[0] for row in _on_disk(str(path), "SELECT id FROM migrations")}
+    stored = {row[0] for row in on_disk(path, "SELECT id FROM migrations")}
     assert set(acknowledged) <= stored
     reopened = Store.open(path)
     try:
@@ -321,8 +321,8 @@ async def test_an_action_on_the_hypervisor_waits_for_its_intent_to_be_in_the_fil
 
     async def cancel(migration_id: str) -> None:
         seen.append(
-            _on_disk(
-                store.path,
+            on_disk(
+                store,
                 "SELECT kind, action FROM events WHERE migration_id=? AND action='cancel'",
                 migration_id,
             )
@@ -344,15 +344,15 @@ def test_waiting_for_the_writer_ends_when_writes_fail(store: Store) -> None:
     assert not waiting.done()
     disk.gate.set()
     waiting.result(timeout=5)
-    assert _on_disk(store.path, "SELECT COUNT(*) FROM events") == [(2,)]
+    assert on_disk(store, "SELECT COUNT(*) FROM events") == [(2,)]
 
     class Full:
-        def __init__(self, connection: sqlite3.Connection) -> None:
+        def __init__(self, connection: Any) -> None:
             self.connection = connection
 
-        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        def execute(self, sql: str, *args: Any) -> Any:
             if sql.startswith("INSERT"):
-                raise sqlite3.OperationalError("database or disk is full")
+                raise disk_full(store)
             return self.connection.execute(sql, *args)
 
         def __getattr__(self, name: str) -> Any:
@@ -382,7 +382,7 @@ async def test_concurrent_acceptances_share_one_flush(
     # Checked one after another, written together: at most the first one alone.
     assert sum(disk.acceptances) == 4 and len(disk.acceptances) <= 2
     ids = {record.id for record, _ in accepted}
-    assert {row[0] for row in _on_disk(store.path, "SELECT id FROM migrations")} == ids
+    assert {row[0] for row in on_disk(store, "SELECT id FROM migrations")} == ids
 
 
 async def test_a_request_is_checked_against_acceptances_not_yet_on_disk(
@@ -409,22 +409,22 @@ async def test_a_request_is_checked_against_acceptances_not_yet_on_disk(
     assert replay.id == keyed_record.id and was_replayed  # answered once it is on disk
     assert not keyed_replayed
     assert isinstance(results[4], Conflict) and "Idempotency-Key" in str(results[4])
-    on_disk = {row[0] for row in _on_disk(store.path, "SELECT id FROM migrations")}
-    assert on_disk == {record.id, keyed_record.id}
+    stored = {row[0] for row in on_disk(store, "SELECT id FROM migrations")}
+    assert stored == {record.id, keyed_record.id}
 
 
 async def test_an_acceptance_whose_write_fails_is_refused_and_holds_nothing(
     engine: Engine, store: Store, clock: VirtualClock
 ) -> None:
     class FailsOnce:
-        def __init__(self, connection: sqlite3.Connection) -> None:
+        def __init__(self, connection: Any) -> None:
             self.connection = connection
             self.failing = True
 
-        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        def execute(self, sql: str, *args: Any) -> Any:
             if self.failing and sql.startswith("COMMIT"):
                 self.failing = False
-                raise sqlite3.OperationalError("database or disk is full")
+                raise disk_full(store)
             return self.connection.execute(sql, *args)
 
         def __getattr__(self, name: str) -> Any:
@@ -459,7 +459,7 @@ async def test_a_page_decodes_only_the_rows_it_returns_however_much_waits_unwrit
     decoded = 0
     real = store_module._from_row
 
-    def counting(row: sqlite3.Row) -> MigrationRecord:
+    def counting(row: Any) -> MigrationRecord:
         nonlocal decoded
         decoded += 1
         return real(row)
@@ -483,3 +483,37 @@ async def test_a_page_decodes_only_the_rows_it_returns_however_much_waits_unwrit
         assert shown == [r.id for r in whole]
     disk.gate.set()
     assert store.settle(5)
+
+
+def test_an_acceptance_that_breaks_a_constraint_is_refused_alone(store: Store) -> None:
+    # In one transaction with others (PostgreSQL aborts a transaction at its first
+    # failed statement: the acceptance is undone alone, to a savepoint).
+    store.insert(_record(1), "accepted")
+    disk = slow(store)
+    store.add_event("m0001", 2.0, "note", "held at its commit")  # the writer waits here
+    _wait_until(lambda: disk.commits_started == 1)
+    twice = store.insert_soon(_record(1), "accepted again")  # the same id
+    fresh = store.insert_soon(_record(2), "accepted")
+    store.add_event("m0001", 3.0, "note", "after")
+    disk.gate.set()
+    with pytest.raises(store_module.StoreError, match="cannot record migration m0001"):
+        twice.result(timeout=5)
+    fresh.result(timeout=5)
+    assert store.settle(5) and not store.failing()
+    assert disk.acceptances == [2]  # both tried in one transaction; one went in
+    assert on_disk(store, "SELECT id FROM migrations ORDER BY id") == [("m0001",), ("m0002",)]
+    assert on_disk(store, "SELECT reason FROM events ORDER BY seq") == [
+        ("accepted",),
+        ("held at its commit",),
+        ("accepted",),
+        ("after",),
+    ]
+
+
+def _wait_until(condition: Any, timeout: float = 5.0) -> None:
+    import time
+
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, "timed out"
+        time.sleep(0.005)

@@ -74,7 +74,24 @@ def test_a_completion_within_the_profile_is_clean() -> None:
 
 def test_blackout_over_max_blackout() -> None:
     assert verdict(blackout_seconds=0.31) == (False, ("blackout 0.31s over 300ms",))
-    assert verdict(BATCH, blackout_seconds=1.5) == (False, ("blackout 1.5s over 1s",))
+    no_pause = Profile(name="no-pause", max_blackout=1.0)
+    assert verdict(no_pause, blackout_seconds=1.5) == (False, ("blackout 1.5s over 1s",))
+
+
+def test_where_pausing_is_allowed_a_final_stop_may_last_as_long_as_a_pause() -> None:
+    # batch: max_blackout 1 s, pausing allowed up to 5 s. A final stop that ran 1.5 s
+    # (the link slowed during it) stopped the guest no longer than a pause may.
+    assert verdict(BATCH, blackout_seconds=1.5) == (True, ())
+    assert verdict(BATCH, blackout_seconds=5.0) == (True, ())
+    assert verdict(BATCH, blackout_seconds=5.5) == (False, ("blackout 5.5s over 5s",))
+    # ... and so does one that ended without completing (the guest resumed on the
+    # source): not clean, since it did not finish, but no promise was broken
+    failed = {"outcome": "failed", "blackout_seconds": 1.5}
+    assert verdict(BATCH, **failed) == (False, ())
+    # a profile whose max_pause is below max_blackout keeps max_blackout
+    short = BATCH.model_copy(update={"max_pause": 0.5})
+    assert verdict(short, blackout_seconds=0.9) == (True, ())
+    assert verdict(short, blackout_seconds=1.2) == (False, ("blackout 1.2s over 1s",))
 
 
 def test_pause_is_judged_against_max_pause() -> None:

@@ -28,6 +28,7 @@ default_bandwidth: 1GiB/s
 instances:
   - {name: small, host: a, memory: 1GiB, working_set: 16MiB, change_rate: 1MiB/s}
   - {name: big, host: a, memory: 16GiB, working_set: 16MiB, change_rate: 1MiB/s}
+  - {name: large, host: a, memory: 16GiB, working_set: 16MiB, change_rate: 1MiB/s}
 """
 PLAIN = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
 
@@ -128,7 +129,7 @@ async def test_a_job_another_driver_holds_is_seen_where_it_is_now(pg_url: str) -
     await mover.start("m", request("small"), PLAIN)
     await clock.advance(10.0)  # the mover is not asked anything meanwhile
     assert other.where("small") == "b"
-    assert {i.name: i.host for i in other.instances()} == {"small": "b", "big": "a"}
+    assert {i.name: i.host for i in other.instances()} == {"small": "b", "big": "a", "large": "a"}
 
 
 async def test_a_fault_injected_through_one_driver_reaches_the_others(pg_url: str) -> None:
@@ -146,6 +147,24 @@ async def test_a_fault_injected_through_one_driver_reaches_the_others(pg_url: st
     assert (await second.sample("m")).memory_transferred == stalled.memory_transferred
     first.clear_faults()
     await second.start("n", request("small"), PLAIN)
+
+
+async def test_a_link_is_shared_with_the_jobs_other_drivers_hold_on_it(pg_url: str) -> None:
+    """The documented model: a driver shares a link among its own jobs on it and the
+    others' unended jobs on it as read at its last periodic save."""
+    clock = VirtualClock()
+    first = driver(pg_url, clock, save_every=1.0)
+    second = driver(pg_url, clock, save_every=1.0)
+    await first.start("m", request("big"), PLAIN)
+    await second.start("n", request("large"), PLAIN)
+    await clock.advance(0.25)
+    for sim, job in ((first, "m"), (second, "n")):
+        await clock.advance(1.0)
+        await sim.sample(job)  # a periodic save: counts the other's job
+    before = (await first.sample("m")).memory_transferred
+    await clock.advance(0.5)
+    after = (await first.sample("m")).memory_transferred
+    assert after - before == pytest.approx(0.25 * GIB, rel=0.05)  # half of 1 GiB/s
 
 
 # ---------------------------------------------------------------- several at once

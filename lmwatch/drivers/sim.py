@@ -662,7 +662,8 @@ class SimDriver:
         link.jobs.append(job)
         self._jobs[migration_id] = job
         self._latest[instance.name] = job
-        self._save([migration_id])  # before the start is acknowledged
+        if self._shared is None:
+            self._save([migration_id])  # before the start is acknowledged
 
     async def sample(self, migration_id: str) -> Sample:
         job = self._job(migration_id)

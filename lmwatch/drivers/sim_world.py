@@ -166,8 +166,8 @@ class JobTaken(Exception):
 class SharedWorld(Protocol):
     """A world several drivers (in several processes) change at once, row by row:
     one row per instance (its host), per host (its free memory and storage), per
-    job (its state and its holder). `holder` names this keeper's driver incarnation,
-    `name` the daemon it belongs to (the same across its restarts).
+    job (its state and its holder). `holder` names this keeper's driver incarnation:
+    `name` (the daemon's, for people reading the rows) and a random part.
     Reads raise `DriverError` when the world cannot be read."""
 
     name: str

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import pickle
+import signal
+from typing import Any
 
 import psycopg
 import pytest
@@ -82,6 +85,67 @@ async def test_a_job_is_taken_over_where_its_dead_holder_left_it(pg_url: str) ->
     # The instance moved once: its memory left a and reached b once.
     third = driver(pg_url, clock)
     assert third.free_memory("a") == 80 * GIB and third.free_memory("b") == 48 * GIB
+
+
+START = 1_800_000_000.0  # every process's virtual clock starts here
+
+
+async def _start_and_hang(url: str, ready: Any) -> None:
+    clock = VirtualClock(START)
+    sim = driver(url, clock, save_every=1.0)
+    await sim.start("m", request("big"), PLAIN)
+    await clock.advance(5.0)
+    await sim.sample("m")  # saved at START + 5
+    ready.set()
+    await asyncio.sleep(3600)  # until killed
+
+
+def start_and_hang(url: str, ready: Any) -> None:
+    asyncio.run(_start_and_hang(url, ready))
+
+
+async def test_a_job_of_a_killed_process_is_taken_over_by_another(pg_url: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    process = context.Process(target=start_and_hang, args=(pg_url, ready))
+    process.start()
+    try:
+        assert ready.wait(60)
+    finally:
+        os.kill(process.pid or 0, signal.SIGKILL)
+        process.join(10)
+    assert holder_of(pg_url, "m")[1] == START + 5.0
+    clock = VirtualClock(START + 7.0)
+    sim = driver(pg_url, clock)
+    assert await sim.reattach("m", request("big"), PLAIN) is None
+    now = await sim.sample("m")
+    assert now.phase is Phase.COPYING
+    assert now.memory_transferred == pytest.approx(7 * GIB, rel=0.02)  # 1 GiB/s since START
+    await clock.advance(30.0)
+    assert (await sim.result("m")).phase is Phase.COMPLETED
+    assert sim.where("big") == "b" and sim.free_memory("b") == 48 * GIB
+
+
+async def test_two_drivers_starting_one_instance_at_once_start_it_once(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both checked before either started: the database refuses the second start."""
+    clock = VirtualClock()
+    first = driver(pg_url, clock)
+    second = driver(pg_url, clock)
+    checked = await second.preflight(request("big"))
+
+    async def stale_preflight(_: MigrationRequest) -> Any:
+        return checked
+
+    monkeypatch.setattr(second, "preflight", stale_preflight)
+    await first.start("m", request("big"), PLAIN)
+    with pytest.raises(Refused, match="already migrating"):
+        await second.start("n", request("big"), PLAIN)
+    with pytest.raises(DriverError, match="no migration 'n' is known"):
+        await second.sample("n")
+    await clock.advance(30.0)
+    assert first.where("big") == "b" and second.free_memory("b") == 48 * GIB
 
 
 async def test_an_action_on_a_job_taken_over_is_refused_and_not_written(pg_url: str) -> None:

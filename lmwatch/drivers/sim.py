@@ -34,8 +34,16 @@ from lmwatch.drivers.base import (
 )
 from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
 from lmwatch.drivers.preflight import identity_refusal, pinning_refusal
-from lmwatch.drivers.sim_world import SavedWorld, WorldKeeper
+from lmwatch.drivers.sim_world import (
+    JobRow,
+    JobTaken,
+    Move,
+    SavedWorld,
+    SharedWorld,
+    WorldKeeper,
+)
 from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
+from lmwatch.logs import get_logger
 from lmwatch.model import (
     Capabilities,
     ChangeRate,
@@ -49,6 +57,8 @@ from lmwatch.model import (
 )
 from lmwatch.units import format_size
 
+log = get_logger("lmwatch.drivers.sim")
+
 FAULTS = (
     "link_break",
     "link_restore",
@@ -60,6 +70,8 @@ _MEASURE_WINDOW = 10.0  # seconds a change-rate measurement before start covers
 _WAKE_MARGIN = 1e-3  # seconds past an expected event, so that it has happened
 _WORLD_VERSION = 1  # of what `_save` writes; another version is not read back
 _KEEP_ENDED = 24 * 3600.0  # seconds an ended job stays kept (a restart may ask its result)
+_SAVE_EVERY = 30.0  # seconds between periodic saves of a world kept by one driver
+_SHARE_EVERY = 2.0  # ... of a shared world's jobs (what a takeover replays at most)
 
 
 def _disk_of(instance: Instance) -> int:
@@ -87,6 +99,7 @@ class _Link:
     last: float  # clock time the jobs below were advanced to
     jobs: list[_Job] = field(default_factory=list)  # not yet settled
     saved_at: float = float("-inf")  # clock time its jobs were last kept (periodic save)
+    others: int = 0  # jobs on it held by other drivers of a shared world (as last read)
 
 
 @dataclass(slots=True)
@@ -109,8 +122,8 @@ class SimDriver:
         *,
         step: float = 0.1,
         tuning: Tuning | None = None,
-        world: WorldKeeper | None = None,
-        save_every: float = 30.0,
+        world: WorldKeeper | SharedWorld | None = None,
+        save_every: float | None = None,
     ) -> None:
         self.inventory = inventory
         self.clock = clock
@@ -124,13 +137,26 @@ class SimDriver:
         self._faults = _Faults()
         self._links: dict[tuple[str, str], _Link] = {}
         self._latest: dict[str, _Job] = {}  # instance name -> its latest job
-        self._world = world
+        # A world kept whole by this driver alone, or shared row by row with others.
+        self._shared = world if isinstance(world, SharedWorld) else None
+        self._world = None if isinstance(world, SharedWorld) else world
+        self._lost: set[str] = set()  # jobs another driver of the shared world took over
+        # Instances a job of another driver moves (as `where` last read them).
+        self._others_moving: set[str] = set()
+        if save_every is None:
+            save_every = _SHARE_EVERY if self._shared is not None else _SAVE_EVERY
         self._save_every = save_every
         self._saved_at = clock.now()
-        if world is not None:
-            saved = world.load()
+        if self._world is not None:
+            saved = self._world.load()
             if saved is not None:
                 self._restore(saved)
+        if self._shared is not None:
+            self._shared.seed(
+                {i.name: i.host for i in inventory.instances},
+                {h.name: (h.memory, h.disk) for h in inventory.hosts},
+            )
+            self._pull_faults()
 
     # ------------------------------------------------------------ the model
 
@@ -140,10 +166,16 @@ class SimDriver:
             self._sync_link(link)
 
     def _sync_host(self, host: str) -> None:
-        """Advance the jobs leaving or reaching `host` (they change its free memory)."""
+        """Advance the jobs leaving or reaching `host` (they change its free memory);
+        read what the shared world says it has free."""
         for key, link in list(self._links.items()):
             if host in key:
                 self._sync_link(link)
+        if self._shared is not None:
+            free, storage = self._shared.host(host)
+            self._free[host] = free
+            if self._storage.get(host) is not None and storage is not None:
+                self._storage[host] = storage
 
     def _sync_instance(self, instance: str) -> _Job | None:
         """Advance the instance's latest job's link; that job, if any."""
@@ -162,7 +194,7 @@ class SimDriver:
             moving = sum(1 for job in active if job.model.moving)
             bandwidth = self.inventory.bandwidth(*link.key)
             for job in active:
-                job.model.set_link_bandwidth(bandwidth / max(1, moving))
+                job.model.set_link_bandwidth(bandwidth / max(1, moving + link.others))
             dt = now - link.last
             if moving > 1:
                 # Shares change only when a job ends: advance to the next such moment.
@@ -175,7 +207,7 @@ class SimDriver:
             self._settle(link)
         link.last = max(link.last, now)
         self._settle(link)
-        if self._world is not None:
+        if self._world is not None or self._shared is not None:
             # Periodic saves, spread: each link's jobs when that link is advanced, the
             # rest of the world on its own; never every job at once (at thousands of
             # jobs one save of all of them stalled the daemon for a tenth of a second).
@@ -183,11 +215,14 @@ class SimDriver:
             if now - link.saved_at >= self._save_every:
                 link.saved_at = now
                 self._save([job.migration_id for job in link.jobs])
+                if self._shared is not None:
+                    link.others = self._shared.others_on(*link.key)
             if now - self._saved_at >= self._save_every:
                 self._save(prune=True)
 
     def _settle(self, link: _Link) -> None:
         ended: list[str] = []
+        moves: dict[str, Move] = {}
         for job in link.jobs:
             if job.settled or not job.model.phase.finished:
                 continue
@@ -202,9 +237,17 @@ class SimDriver:
                 self._move_disk(job)
             elif side is Side.NOWHERE:
                 self._where[job.instance.name] = None
+            if side is not Side.SOURCE:
+                moves[job.migration_id] = Move(
+                    instance=job.instance.name,
+                    source=job.source,
+                    destination=job.destination if side is Side.DESTINATION else None,
+                    memory=job.instance.memory,
+                    disk=_disk_of(job.instance),
+                )
         link.jobs = [job for job in link.jobs if not job.settled]
         if ended:
-            self._save(ended)  # where the instances run now, and each job's end
+            self._save(ended, moves=moves)  # where the instances run now, each job's end
 
     def _move_disk(self, job: _Job) -> None:
         """The instance's disks now live on the destination (its copy on the source is gone)."""
@@ -244,9 +287,13 @@ class SimDriver:
 
     def _job(self, migration_id: str) -> _Job:
         job = self._jobs.get(migration_id)
+        if job is None and migration_id not in self._lost:
+            job = self._adopt(migration_id)  # kept by an earlier or another driver
         if job is None:
             raise DriverError(f"no migration {migration_id!r} is known to the simulator")
         self._sync_link(self._link_of(job))
+        if migration_id not in self._jobs:  # its save found it taken over meanwhile
+            raise DriverError(f"no migration {migration_id!r} is known to the simulator")
         if not self._host_up(job.source):
             raise DriverError(f"{job.source} does not answer")
         return job
@@ -277,17 +324,33 @@ class SimDriver:
         """The host the instance runs on now; None when it was lost."""
         found = self._instance(instance)
         self._sync_instance(found.name)
-        job = self._active_job_of(found.name)
+        if self._shared is not None:
+            host, others = self._shared.instance(found.name)
+            self._where[found.name] = host
+            self._others_moving.discard(found.name)
+            self._see_others(others)
+        return self._where_now(found.name)
+
+    def _where_now(self, name: str) -> str | None:
+        """Where the instance runs, from the kept placement and its job (both current)."""
+        job = self._active_job_of(name)
         if job is not None and job.model.running_on is Side.DESTINATION:
             return job.destination
-        return self._where[found.name]
+        return self._where[name]
 
     def instances(self) -> list[InstanceInfo]:
         """Every instance that still runs somewhere, with its current host."""
         self._sync()
+        if self._shared is not None:
+            kept = self._shared.placement()
+            for name in self._where:
+                if name in kept:
+                    self._where[name] = kept[name]
+            self._others_moving.clear()
+            self._see_others(self._shared.others_jobs())
         result = []
         for instance in self.inventory.instances:
-            host = self.where(instance.name)
+            host = self._where_now(instance.name)
             if host is not None:
                 result.append(self._info(instance, host))
         return result
@@ -319,7 +382,12 @@ class SimDriver:
           complete on the destination when handed over or fast enough).
         - `driver_error_on_sample(count=n, migration_id=None)`: the next n `sample`
           calls raise DriverError (only for that migration when one is named).
+
+        In a shared world the faults but `driver_error_on_sample` reach every driver
+        (each reads them before a start and at its periodic save); that one counts
+        the calls of this driver only.
         """
+        self._pull_faults()
         self._sync()
         if kind in ("link_break", "link_restore"):
             a, b = params["between"]
@@ -358,15 +426,18 @@ class SimDriver:
         else:
             raise ValueError(f"unknown fault {kind!r} (known: {', '.join(FAULTS)})")
         self._sync()
+        self._push_faults()
         self._save()
 
     def clear_faults(self) -> None:
         """Heal every link, let every host answer and accept instances again."""
+        self._pull_faults()
         self._sync()
         for pair in list(self._faults.broken):
             a, b = sorted(pair)
             self.inject_fault("link_restore", between=(a, b))
         self._faults = _Faults()
+        self._push_faults()
         self._save()
 
     # ------------------------------------------------------ Driver protocol
@@ -412,7 +483,7 @@ class SimDriver:
         now_on = self.where(found.name)
         if now_on is None:
             raise UnknownInstance(f"instance {found.name!r} was lost and runs nowhere")
-        if self._active_job_of(found.name) is not None:
+        if self._active_job_of(found.name) is not None or found.name in self._others_moving:
             raise Refused(f"instance {found.name!r} is already migrating")
         if now_on == destination:
             raise AlreadyOnDestination(f"instance {found.name!r} already runs on {destination}")
@@ -477,7 +548,17 @@ class SimDriver:
     def _running_on(self, host: str) -> set[str]:
         """Names of the instances running on `host` now (as `where` says), from the
         kept placement and the unfinished jobs of its links only (its links advanced)."""
-        here = {name for name, at in self._where.items() if at == host}
+        if self._shared is not None:
+            here = self._shared.instances_on(host) & self._where.keys()
+            for name in here:
+                self._where[name] = host
+            for name, (on, _) in self._others_now(self._shared.others_jobs(host)).items():
+                if on == host:
+                    here.add(name)
+                else:
+                    here.discard(name)
+        else:
+            here = {name for name, at in self._where.items() if at == host}
         for key, link in self._links.items():
             if host not in key:
                 continue
@@ -532,6 +613,7 @@ class SimDriver:
             seen = earlier.ended_at if earlier.ended_at is not None else self.clock.now()
             pattern_at = earlier.model.elapsed + max(0.0, self.clock.now() - seen)
         info = await self.preflight(request)
+        self._pull_faults()  # a shared world's faults as they are now
         destination = destination_of(request)
         caps = await self.capabilities(request.source, destination)
         if plan.arm_handover and not caps.handover:
@@ -571,10 +653,17 @@ class SimDriver:
         if link is None:
             link = self._links[key] = _Link(key, self.clock.now())
         self._sync_link(link)  # the others share the link from now on
+        if self._shared is not None:
+            try:  # kept, held by this driver, before anything else sees it
+                self._shared.start_job(self._row(job, link.last))
+            except JobTaken as taken:
+                raise Refused(str(taken)) from None
+            self._lost.discard(migration_id)
         link.jobs.append(job)
         self._jobs[migration_id] = job
         self._latest[instance.name] = job
-        self._save([migration_id])  # before the start is acknowledged
+        if self._shared is None:
+            self._save([migration_id])  # before the start is acknowledged
 
     async def sample(self, migration_id: str) -> Sample:
         job = self._job(migration_id)
@@ -593,35 +682,37 @@ class SimDriver:
 
     async def set_blackout_budget(self, migration_id: str, seconds: float) -> None:
         self._job(migration_id).model.set_budget(seconds)
-        self._save([migration_id])
+        self._keep(migration_id)
 
     async def set_bandwidth(self, migration_id: str, bytes_per_second: float | None) -> None:
         self._job(migration_id).model.set_cap(bytes_per_second)
-        self._save([migration_id])
+        self._keep(migration_id)
 
     async def pause(self, migration_id: str) -> None:
         job = self._job(migration_id)
         job.model.pause()
         self._settle(self._link_of(job))
-        self._save([migration_id])
+        self._keep(migration_id)
 
     async def handover(self, migration_id: str) -> None:
         job = self._job(migration_id)
         job.model.handover()
         self._settle(self._link_of(job))
-        self._save([migration_id])
+        self._keep(migration_id)
 
     async def cancel(self, migration_id: str) -> None:
         job = self._job(migration_id)
         if job.model.phase is Phase.HANDOVER or job.model.handed_over:
             raise ActionRefused("cannot cancel once handed over")
         job.model.cancel()
-        self._save([migration_id])
+        self._keep(migration_id)
 
     async def reattach(
         self, migration_id: str, request: MigrationRequest, plan: StartPlan
     ) -> JobResult | None:
         job = self._jobs.get(migration_id)
+        if job is None and self._shared is not None:
+            job = self._adopt(migration_id)  # continued from where its row left it
         if job is None:
             host = (
                 self.where(request.instance) if self.inventory.instance(request.instance) else None
@@ -659,10 +750,13 @@ class SimDriver:
         await self.clock.sleep(max(0.0, delay))
 
     async def close(self) -> None:
-        if self._world is not None:
+        if self._world is not None or self._shared is not None:
             self._sync()
             self._save()
+        if self._world is not None:
             self._world.close()
+        if self._shared is not None:
+            self._shared.close()
 
     # ------------------------------------------------------------ durability
 
@@ -673,10 +767,21 @@ class SimDriver:
         link = self._links.get((job.source, job.destination))
         return self._saved_at if link is None else link.last
 
-    def _save(self, migration_ids: Iterable[str] | None = None, *, prune: bool = False) -> None:
+    def _save(
+        self,
+        migration_ids: Iterable[str] | None = None,
+        *,
+        prune: bool = False,
+        moves: dict[str, Move] | None = None,
+    ) -> None:
         """Keep the world and these jobs (None: every job not yet ended). Ended jobs
         are kept a day for a restarted daemon to read their results; `prune` (the
-        periodic save of the world, with no job unless named) drops older ones."""
+        periodic save of the world, with no job unless named) drops older ones.
+        `moves`: what the named jobs' ends change (a shared world applies them with
+        the jobs; a world kept whole takes the placement as it is)."""
+        if self._shared is not None:
+            self._save_shared(migration_ids, prune=prune, moves=moves or {})
+            return
         if self._world is None:
             return
         now = self.clock.now()
@@ -754,3 +859,175 @@ class SimDriver:
                 job.model.advance(shared.last - at)
         for each in list(self._links.values()):
             self._settle(each)
+
+    # ------------------------------------------------------------ a shared world
+
+    def _row(self, job: _Job, at: float, move: Move | None = None) -> JobRow:
+        return JobRow(
+            id=job.migration_id,
+            instance=job.instance.name,
+            source=job.source,
+            destination=job.destination,
+            state=pickle.dumps(job),
+            at=at,
+            ended=job.settled,
+            move=move,
+        )
+
+    def _save_shared(
+        self, migration_ids: Iterable[str] | None, *, prune: bool, moves: dict[str, Move]
+    ) -> None:
+        """`_save` for a shared world: the jobs named (None: every one not yet ended)
+        written while this driver holds them; those another took over are dropped."""
+        assert self._shared is not None
+        now = self.clock.now()
+        if migration_ids is None and not prune:
+            ids = [job_id for job_id, job in self._jobs.items() if not job.settled]
+        else:
+            ids = list(migration_ids or ())
+        if migration_ids is None:
+            self._saved_at = now
+            old = [
+                job_id
+                for job_id, job in self._jobs.items()
+                if job.ended_at is not None and now - job.ended_at > _KEEP_ENDED
+            ]
+            for job_id in old:
+                job = self._jobs.pop(job_id)
+                if self._latest.get(job.instance.name) is job:
+                    del self._latest[job.instance.name]
+            if prune:
+                self._shared.prune(now - _KEEP_ENDED)
+                self._pull_faults()
+        rows = [
+            self._row(self._jobs[job_id], self._job_time(self._jobs[job_id]), moves.get(job_id))
+            for job_id in ids
+            if job_id in self._jobs
+        ]
+        lost = self._shared.save_jobs(rows)
+        for job_id in lost:
+            self._drop_lost(job_id)
+
+    def _drop_lost(self, migration_id: str) -> None:
+        """Forget a job another driver took over: it is simulated there now."""
+        job = self._jobs.pop(migration_id, None)
+        self._lost.add(migration_id)
+        if job is None:
+            return
+        link = self._links.get((job.source, job.destination))
+        if link is not None and job in link.jobs:
+            link.jobs.remove(job)
+        if self._latest.get(job.instance.name) is job:
+            del self._latest[job.instance.name]
+        log.info(
+            "sim-job-taken-over",
+            migration_id=migration_id,
+            holder=self._shared.holder if self._shared is not None else None,
+        )
+
+    def _keep(self, migration_id: str) -> None:
+        """Save a job an action changed; a job taken over meanwhile is no longer known."""
+        self._save([migration_id])
+        if migration_id in self._lost:
+            raise DriverError(f"no migration {migration_id!r} is known to the simulator")
+
+    def _adopt(self, migration_id: str) -> _Job | None:
+        """Take over a job kept in the shared world (by another driver, or by this
+        daemon before it restarted): become its holder and continue it from where its
+        row left it, advanced on its own to now (its link's jobs here are advanced to
+        now first); None when the world has no such job."""
+        if self._shared is None:
+            return None
+        taken = self._shared.take_job(migration_id)
+        if taken is None:
+            return None
+        blob, at = taken
+        job = pickle.loads(blob)
+        if not isinstance(job, _Job):
+            return None
+        self._lost.discard(migration_id)
+        now = self.clock.now()
+        key = (job.source, job.destination)
+        link = self._links.get(key)
+        if link is None:
+            link = self._links[key] = _Link(key, now)
+        self._sync_link(link)
+        if not job.settled:
+            active = [j for j in link.jobs if j.model.moving] + [job]
+            share = self.inventory.bandwidth(*key) / max(1, len(active) + link.others)
+            job.model.set_link_bandwidth(share)
+            job.model.advance(max(0.0, now - at))
+            link.jobs.append(job)
+        self._jobs[migration_id] = job
+        latest = self._latest.get(job.instance.name)
+        if latest is None or latest.settled or latest is job:
+            self._latest[job.instance.name] = job
+        log.info("sim-job-adopted", migration_id=migration_id, kept_at=at, replayed=now - at)
+        self._settle(link)
+        return job
+
+    def _others_now(
+        self, kept: Iterable[tuple[bytes, float]]
+    ) -> dict[str, tuple[str | None, bool]]:
+        """Where other drivers' jobs (as kept) have their instances now, and whether
+        they still move them: each job's copy advanced on its own from its kept time,
+        as the hosts went on with it whoever watches (its holder applies the end)."""
+        now = self.clock.now()
+        seen: dict[str, tuple[str | None, bool]] = {}
+        for blob, at in kept:
+            job = pickle.loads(blob)
+            if not isinstance(job, _Job) or job.instance.name not in self._where:
+                continue
+            job.model.advance(max(0.0, now - at))
+            side = job.model.running_on
+            host = {Side.SOURCE: job.source, Side.DESTINATION: job.destination}.get(side)
+            seen[job.instance.name] = (host, not job.model.phase.finished)
+        return seen
+
+    def _see_others(self, kept: Iterable[tuple[bytes, float]]) -> None:
+        """Take other drivers' jobs into the placement this driver answers from."""
+        for name, (host, moving) in self._others_now(kept).items():
+            self._where[name] = host
+            if moving:
+                self._others_moving.add(name)
+
+    def _pull_faults(self) -> None:
+        """Take the shared world's faults, applying the links broken or healed and the
+        hosts gone since last read to the jobs this driver holds."""
+        if self._shared is None:
+            return
+        blob = self._shared.faults()
+        if blob is None:
+            return
+        kept = pickle.loads(blob)
+        if not isinstance(kept, dict) or kept.get("version") != _WORLD_VERSION:
+            return
+        broken: set[frozenset[str]] = kept["broken"]
+        gone: dict[str, float] = kept["gone_until"]
+        for job in self._jobs.values():
+            pair = frozenset((job.source, job.destination))
+            if pair in broken and pair not in self._faults.broken:
+                job.model.break_link()
+            elif pair in self._faults.broken and pair not in broken:
+                job.model.restore_link()
+            if gone.get(job.source, float("-inf")) > self._faults.gone_until.get(
+                job.source, float("-inf")
+            ):
+                job.model.lose_source()
+        self._faults.broken = set(broken)
+        self._faults.refusing = dict(kept["refusing"])
+        self._faults.gone_until = dict(gone)
+
+    def _push_faults(self) -> None:
+        if self._shared is None:
+            return
+        self._shared.save_faults(
+            pickle.dumps(
+                {
+                    "version": _WORLD_VERSION,
+                    "broken": self._faults.broken,
+                    "refusing": self._faults.refusing,
+                    "gone_until": self._faults.gone_until,
+                }
+            )
+        )

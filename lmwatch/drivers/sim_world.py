@@ -22,7 +22,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from lmwatch.logs import get_logger
 
@@ -126,3 +126,106 @@ class SqliteWorld:
 
     def close(self) -> None:
         self._db.close()
+
+
+# ------------------------------------------------------------ a shared world
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Where a job's end puts its instance: from `source` to `destination` (None:
+    lost), with the memory and local disk it takes along."""
+
+    instance: str
+    source: str
+    destination: str | None
+    memory: int
+    disk: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One job as a shared world keeps it: its state at `at` (a clock time on the
+    wall-clock epoch), and, for a job that has just ended, what its end moves."""
+
+    id: str
+    instance: str
+    source: str
+    destination: str
+    state: bytes
+    at: float
+    ended: bool
+    move: Move | None = None
+
+
+class JobTaken(Exception):
+    """Another job of the same instance is under way (held by another driver)."""
+
+
+@runtime_checkable
+class SharedWorld(Protocol):
+    """A world several drivers (in several processes) change at once, row by row:
+    one row per instance (its host), per host (its free memory and storage), per
+    job (its state and its holder). `holder` names this keeper's driver incarnation:
+    `name` (the daemon's, for people reading the rows) and a random part.
+    Reads raise `DriverError` when the world cannot be read."""
+
+    name: str
+    holder: str
+
+    def seed(
+        self, instances: Mapping[str, str | None], hosts: Mapping[str, tuple[int, int | None]]
+    ) -> None:
+        """Add the instances and hosts the world does not know yet (as placed by the
+        inventory); known ones keep their kept values."""
+        ...
+
+    def instance(self, name: str) -> tuple[str | None, list[tuple[bytes, float]]]:
+        """Where the kept placement puts the instance (None: lost), and the kept
+        state and time of a job of another holder that moves it and has not ended."""
+        ...
+
+    def instances_on(self, host: str) -> set[str]: ...
+
+    def placement(self) -> dict[str, str | None]: ...
+
+    def host(self, name: str) -> tuple[int, int | None]:
+        """The host's free memory and free local storage (None: not modelled)."""
+        ...
+
+    def start_job(self, job: JobRow) -> None:
+        """Keep a new job (or a job started again), held by this keeper's holder;
+        `JobTaken` when another unended job moves the same instance."""
+        ...
+
+    def save_jobs(self, jobs: Iterable[JobRow]) -> set[str]:
+        """Keep these jobs and apply their moves, each only while this holder holds
+        it; the ids held by another holder now (nothing of theirs written)."""
+        ...
+
+    def take_job(self, job_id: str) -> tuple[bytes, float] | None:
+        """Become the job's holder; its kept state and time (None: no such job)."""
+        ...
+
+    def others_jobs(self, host: str | None = None) -> list[tuple[bytes, float]]:
+        """The kept state and time of the jobs not ended held by other holders (only
+        those leaving or reaching `host` when one is named)."""
+        ...
+
+    def others_on(self, source: str, destination: str) -> int:
+        """Jobs on this link that have not ended, held by other holders."""
+        ...
+
+    def faults(self) -> bytes | None: ...
+
+    def save_faults(self, state: bytes) -> None: ...
+
+    def prune(self, before: float) -> None:
+        """Forget the jobs that ended before `before`."""
+        ...
+
+    def load(self) -> SavedWorld | None:
+        """What is kept, for a look (tests, tools): a pickled placement and every job."""
+        ...
+
+    def close(self) -> None: ...

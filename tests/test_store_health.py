@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,16 @@ def stored_timeline(store: Store, migration_id: str) -> list[tuple[Any, ...]]:
         "SELECT at, kind, reason, action FROM events WHERE migration_id=? ORDER BY seq",
         migration_id,
     )
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 5.0) -> bool:
+    """Whether `text` is logged within `timeout` real seconds (by another thread)."""
+    give_up = time.monotonic() + timeout
+    while text not in caplog.text:
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def written(store: Store) -> bool:
@@ -231,7 +242,9 @@ async def test_a_full_disk_spell_orphans_nothing(
         )
         assert not written(store)
     assert disk.failures > 0
-    assert "store-write-failed" in caplog.text and f"path={store.path}" in caplog.text
+    # The writer thread logs the failure just after it has made it visible (failing()):
+    # wait for the line in real time.
+    assert logged(caplog, "store-write-failed") and f"path={store.path}" in caplog.text
 
     ready = await api.get("/readyz")
     assert ready.status == 503

@@ -1,4 +1,5 @@
-"""The cluster's tables, created once by whichever member comes first."""
+"""The cluster's tables (members, leases, operator commands), created once by
+whichever member comes first."""
 
 from __future__ import annotations
 
@@ -23,6 +24,26 @@ CREATE TABLE IF NOT EXISTS cluster_leases (
     PRIMARY KEY (kind, key)
 );
 CREATE INDEX IF NOT EXISTS cluster_leases_owner ON cluster_leases (owner);
+CREATE TABLE IF NOT EXISTS cluster_commands (
+    id bigserial PRIMARY KEY,
+    migration_id text NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('cancel', 'force-complete')),
+    params jsonb NOT NULL DEFAULT '{}',
+    posted_by text NOT NULL,
+    posted_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    taken_by text,
+    taken_at timestamptz,
+    takes integer NOT NULL DEFAULT 0,
+    outcome text CHECK (outcome IN ('accepted', 'refused')),
+    status integer,
+    problem text,
+    detail text,
+    result jsonb,
+    applied_by text,
+    decided_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS cluster_commands_pending ON cluster_commands (migration_id)
+    WHERE outcome IS NULL;
 """
 
 

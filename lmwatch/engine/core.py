@@ -22,7 +22,7 @@ from typing import Any
 from lmwatch import policies
 from lmwatch.clock import Clock, outside
 from lmwatch.drivers.base import Driver, NotOnSource, UnknownHost
-from lmwatch.engine import admission, machine, placing, recovery
+from lmwatch.engine import admission, commands, machine, placing, recovery
 from lmwatch.engine.book import Book
 from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
@@ -133,6 +133,15 @@ class Engine:
         self.metrics.watch_store(store)
         self._started = False
         self._stopping = False
+        # With a PostgreSQL store, operator commands reach the daemon supervising a
+        # migration through the database (engine/commands.py).
+        self._database = commands.database_url(store)
+        self.relay: commands.Relay | None = None
+        if self._database is not None:
+            self.relay = commands.Relay(
+                self._database, wait=self.settings.command_wait, poll=self.settings.command_poll
+            )
+        self._commands_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -161,6 +170,9 @@ class Engine:
                 self._book.start(record.id)
         self._schedule(self._book.queued_all())
         self.drains.start()  # after the migrations they follow are tracked again
+        if self._database is not None:
+            taker = commands.CommandTaker(self, self._database)
+            self._commands_task = asyncio.create_task(taker.run())
 
     async def stop(self) -> None:
         """Stop supervising (the migrations themselves go on; a new engine takes them back)."""
@@ -169,6 +181,8 @@ class Engine:
         tasks = [s.task for s in self._supervisions.values() if s.task is not None]
         if self._store_task is not None:
             tasks.append(self._store_task)
+        if self._commands_task is not None:
+            tasks.append(self._commands_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -254,6 +268,27 @@ class Engine:
     def switchover(self, source: str, destination: str) -> float:
         """Seconds of switchover to plan with between two hosts (learned, or the default)."""
         return self._learned.switchover(source, destination)
+
+    def supervised(self) -> builtins.list[str]:
+        """The migrations this engine supervises (queued or started): the operator
+        commands for these are its to carry out."""
+        return builtins.list(self._supervisions)
+
+    def elsewhere(self, migration_id: str) -> bool:
+        """Whether an operator's command on this migration is for another daemon:
+        unfinished, not supervised here, on a store daemons share (404 if unknown)."""
+        if self.relay is None or migration_id in self._supervisions:
+            return False
+        return not self.get(migration_id).state.finished
+
+    def note(self, migration_id: str, text: str, data: dict[str, Any]) -> None:
+        """A note on a migration's timeline (supervised here or not)."""
+        supervision = self._supervisions.get(migration_id)
+        if supervision is not None:
+            self._effects.event(supervision, "note", text, data=data)
+            return
+        self.store.add_event(migration_id, self.clock.now(), "note", text, None, data)
+        log.info("note", migration=migration_id, reason=text)
 
     def finished(self, ids: Iterable[str]) -> bool:
         """Whether every one of these migrations has ended (tests and `simulate`)."""

@@ -20,4 +20,11 @@ class EngineSettings:
     switchover_memory: int = 20  # measured switchover costs kept per host pair
     store_check_interval: float = 5.0  # seconds between checks that the store file is there
     store_retry: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)  # back-off of failed writes
+    # Operator commands between daemons on one PostgreSQL store (engine/commands.py):
+    # how long an API waits for the owner's outcome, how often an owner looks for
+    # commands besides being notified, and after how long a command taken by a daemon
+    # that recorded no outcome may be taken by another.
+    command_wait: float = 5.0
+    command_poll: float = 1.0
+    command_retake_after: float = 30.0
     policy: policies.PolicySettings = field(default_factory=policies.PolicySettings)

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -29,6 +29,9 @@ from lmwatch.metrics import CONTENT_TYPE_LATEST, Metrics
 from lmwatch.model import MigrationRequest, State
 from lmwatch.profiles import ProfileError, ProfileRegistry, SelectionError
 from lmwatch.store import DrainRecord, ItemState, MigrationRecord, StoreError, StoreUnwritable
+
+if TYPE_CHECKING:
+    from lmwatch.cluster.commands import Kind  # psycopg: there with a PostgreSQL store
 
 log = get_logger("lmwatch.api")
 
@@ -377,6 +380,8 @@ async def force_complete(request: web.Request) -> web.Response:
     migration_id = request.match_info["id"]
     engine.get(migration_id)  # 404 before looking at the body
     body = await _body(request, schemas.ForceCompleteRequest, optional=True)
+    if engine.elsewhere(migration_id):
+        return await _relayed(engine, migration_id, "force-complete", body.accept_pause)
     decision = await engine.force_complete(migration_id, accept_pause=body.accept_pause)
     record = engine.get(migration_id)
     blackout = None if decision.prediction is None else decision.prediction.blackout_seconds
@@ -392,8 +397,45 @@ async def force_complete(request: web.Request) -> web.Response:
 async def cancel_migration(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     migration_id = request.match_info["id"]
+    if engine.elsewhere(migration_id):
+        return await _relayed(engine, migration_id, "cancel")
     record = await engine.cancel(migration_id)
     return _json(schemas.migration(record, engine.events(migration_id)), 202)
+
+
+async def _relayed(
+    engine: Engine, migration_id: str, kind: Kind, accept_pause: bool = False
+) -> web.Response:
+    """An operator's command on a migration another daemon supervises: passed on through
+    the database; the owner's answer, as its own API gives it (the record as the store
+    holds it once the owner wrote it), or `CommandPending` when none came in time."""
+    assert engine.relay is not None
+    params = {"accept_pause": accept_pause} if kind == "force-complete" else {}
+    command, outcome = await engine.relay.ask(migration_id, kind, params)
+    migration = schemas.migration(engine.get(migration_id), engine.events(migration_id))
+    if outcome is None:
+        pending = schemas.CommandPending(
+            pending=schemas.PendingCommand(
+                id=command.id,
+                kind=kind,
+                accept_pause=accept_pause,
+                posted_at=command.posted_at,
+                posted_through=command.posted_by,
+            ),
+            detail=f"migration {migration_id} is supervised by another daemon, which did not "
+            f"answer within {engine.relay.wait:g} s; the {kind} is recorded (command "
+            f"{command.id}) and is carried out when a daemon supervising the migration takes "
+            "it; its outcome shows on the migration's timeline",
+            migration=migration,
+        )
+        return _json(pending, 202, {"Location": f"/v1/migrations/{migration_id}"})
+    if outcome.outcome == "refused":
+        raise ApiError(outcome.status, outcome.problem or "conflict", outcome.detail or "")
+    if kind == "cancel":
+        return _json(migration, 202)
+    assert outcome.result is not None
+    decision = schemas.DecisionOut(**outcome.result)
+    return _json(schemas.ForceCompleteResponse(migration=migration, decision=decision), 202)
 
 
 def drain_out(engine: Engine, drain: DrainRecord) -> schemas.Drain:

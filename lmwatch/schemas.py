@@ -295,6 +295,32 @@ class ForceCompleteResponse(_Response):
     decision: DecisionOut
 
 
+class PendingCommand(_Response):
+    """An operator's command recorded in the database the daemons share, for the
+    daemon supervising the migration, and not carried out yet."""
+
+    id: int = Field(
+        description="The command's number; its outcome shows on the migration's timeline with it."
+    )
+    kind: Literal["cancel", "force-complete"]
+    accept_pause: bool = Field(
+        description="force-complete: whether a pause beyond the profile was accepted."
+    )
+    posted_at: Timestamp
+    posted_through: str = Field(description="The daemon that recorded it.")
+
+
+class CommandPending(_Response):
+    """The answer (202) when another daemon supervises the migration and did not answer
+    in time: the command is recorded and is carried out when a daemon supervising the
+    migration takes it (it is not lost if that daemon stops); its outcome then shows on
+    the migration's timeline. Sending it again is not needed."""
+
+    pending: PendingCommand
+    detail: str
+    migration: Migration
+
+
 class ProfilesOut(_Response):
     source: str = Field(description="File the profiles were loaded from.")
     generation: int = Field(description="Increases with every successful load.")
@@ -681,6 +707,7 @@ _RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Migration,
     MigrationList,
     ForceCompleteResponse,
+    CommandPending,
     ProfilesOut,
     ProfileSelectionOut,
     PlacementOut,
@@ -725,6 +752,19 @@ def _json(model: type[BaseModel], description: str, **extra: Any) -> dict[str, A
     }
     answer.update(extra)
     return answer
+
+
+def _or_pending(model: type[BaseModel], description: str) -> dict[str, Any]:
+    """The answer of an operator's command: `model`, or `CommandPending` when the daemon
+    supervising the migration is another one and did not answer in time."""
+    return {
+        "description": f"{description} Several daemons on one database: the same when "
+        "another daemon supervises the migration and answers within a few seconds "
+        "(its refusals are answered as they are, 409 with its text); a `CommandPending` "
+        "when it does not: the command is recorded and carried out when a daemon "
+        "supervising the migration takes it.",
+        "content": {"application/json": {"schema": {"oneOf": [_ref(model), _ref(CommandPending)]}}},
+    }
 
 
 def _problem(description: str, **extra: Any) -> dict[str, Any]:
@@ -928,7 +968,7 @@ def _paths() -> dict[str, Any]:
                 "parameters": [_MIGRATION_ID],
                 "requestBody": _body(ForceCompleteRequest, False),
                 "responses": {
-                    "202": _json(ForceCompleteResponse, "The decision taken."),
+                    "202": _or_pending(ForceCompleteResponse, "The decision taken."),
                     "400": _MALFORMED,
                     "401": _UNAUTHORIZED,
                     "404": _NO_MIGRATION,
@@ -948,7 +988,7 @@ def _paths() -> dict[str, Any]:
                 "security": _SECURED,
                 "parameters": [_MIGRATION_ID],
                 "responses": {
-                    "202": _json(Migration, "Cancelling."),
+                    "202": _or_pending(Migration, "Cancelling."),
                     "401": _UNAUTHORIZED,
                     "404": _NO_MIGRATION,
                     "409": _problem("Finished, or past the point of no return (handover)."),

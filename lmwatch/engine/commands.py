@@ -9,7 +9,7 @@
 - `Relay`, the side of a daemon asked to act on a migration it does not supervise:
   post a command and wait, up to `command_wait` seconds, for the owner's outcome.
 
-Nothing of this runs with a SQLite store: one daemon supervises every unfinished
+Nothing of this runs (nor is imported) with a SQLite store: one daemon supervises every unfinished
 migration itself. The module docstring of lmwatch.cluster.commands says why a command
 whose owner stopped between taking and recording it is never carried out twice.
 """
@@ -38,7 +38,7 @@ from lmwatch.engine.records import FORCE_PENDING
 from lmwatch.errors import ProblemError, StoreUnavailable
 from lmwatch.logs import get_logger
 from lmwatch.model import Decision
-from lmwatch.store import Event, Store
+from lmwatch.store import Event
 
 if TYPE_CHECKING:
     from lmwatch.engine.core import Engine
@@ -47,12 +47,6 @@ log = get_logger("lmwatch.commands")
 T = TypeVar("T")
 
 COMMAND = "command"  # timeline data key: the id of the command an entry is about
-
-
-def database_url(store: Store) -> str | None:
-    """The URL of the store's PostgreSQL database; None for a SQLite store."""
-    url = getattr(store._backend, "url", None)  # only PostgresBackend has one
-    return url if isinstance(url, str) else None
 
 
 def daemon_name() -> str:

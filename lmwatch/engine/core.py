@@ -17,12 +17,12 @@ import dataclasses
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmwatch import policies
 from lmwatch.clock import Clock, outside
 from lmwatch.drivers.base import Driver, NotOnSource, UnknownHost
-from lmwatch.engine import admission, commands, machine, placing, recovery
+from lmwatch.engine import admission, machine, placing, recovery
 from lmwatch.engine.book import Book
 from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
@@ -49,6 +49,9 @@ from lmwatch.profiles import ProfileRegistry
 from lmwatch.profiles.schema import Profile
 from lmwatch.records import Placed
 from lmwatch.store import Event, MigrationRecord, Store
+
+if TYPE_CHECKING:
+    from lmwatch.engine.commands import Relay
 
 MAX_PAGE = 1000  # most migrations one page of the list holds
 
@@ -135,9 +138,11 @@ class Engine:
         self._stopping = False
         # With a PostgreSQL store, operator commands reach the daemon supervising a
         # migration through the database (engine/commands.py).
-        self._database = commands.database_url(store)
-        self.relay: commands.Relay | None = None
+        self._database: str | None = getattr(store._backend, "url", None)  # PostgreSQL's
+        self.relay: Relay | None = None
         if self._database is not None:
+            from lmwatch.engine import commands  # psycopg: there with a PostgreSQL store
+
             self.relay = commands.Relay(
                 self._database, wait=self.settings.command_wait, poll=self.settings.command_poll
             )
@@ -171,6 +176,8 @@ class Engine:
         self._schedule(self._book.queued_all())
         self.drains.start()  # after the migrations they follow are tracked again
         if self._database is not None:
+            from lmwatch.engine import commands
+
             taker = commands.CommandTaker(self, self._database)
             self._commands_task = asyncio.create_task(taker.run())
 

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     poll_interval: Seconds = 1.0
     max_per_source: int = Field(default=2, ge=1)
     max_per_destination: int = Field(default=2, ge=1)
+    # PostgreSQL store: how long an operator's command on a migration another daemon
+    # supervises waits for that daemon's answer (lmwatch/engine/commands.py).
+    command_wait: Seconds = 5.0
     profile_check_interval: Seconds = 1.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line

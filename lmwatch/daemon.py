@@ -456,6 +456,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
                 poll_interval=settings.poll_interval,
                 max_per_source=settings.max_per_source,
                 max_per_destination=settings.max_per_destination,
+                command_wait=settings.command_wait,
             ),
         )
         try:

@@ -22,10 +22,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 from apitools import SMALL_INVENTORY, SMALL_PROFILES, TOKEN, Api, OpenApiChecker
 
+from lmwatch import daemon
 from lmwatch.api import create_app
 from lmwatch.clock import VirtualClock
 from lmwatch.cluster import commands
 from lmwatch.cluster.pg import connect
+from lmwatch.config import Settings
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
@@ -216,3 +218,13 @@ def test_without_psycopg_a_sqlite_daemon_still_imports() -> None:
         "import lmwatch.daemon, lmwatch.api, lmwatch.engine.core\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_command_wait_is_a_daemon_setting(tmp_path: Path) -> None:
+    settings = Settings(store_path=tmp_path / "x.db", token="t" * 32, command_wait="2s")
+    built = await daemon.build(settings, clock=VirtualClock())
+    try:
+        assert built.engine.settings.command_wait == 2.0
+    finally:
+        await built.close()
+    assert Settings().command_wait == 5.0

@@ -204,3 +204,26 @@ def test_earlier_outcome_reads_the_timeline() -> None:
         },
     )
     assert earlier_outcome([intent, said], command) == Outcome.refused("a", 409, "conflict", "no")
+
+
+async def test_a_command_that_failed_to_apply_is_taken_again_after_retake_after(
+    rig: Rig, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mid = await copying(rig, "big")
+    real_note = rig.engine.note
+    failures: list[int] = []
+
+    def note_failing_once(migration_id: str, text: str, data: dict[str, object]) -> None:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("the store refused the entry")
+        real_note(migration_id, text, data)
+
+    monkeypatch.setattr(rig.engine, "note", note_failing_once)
+    command = post(pg_url, mid, "cancel")
+    began = time.monotonic()
+    found = await outcome(pg_url, command)
+    assert failures and time.monotonic() - began >= 1.0  # retake_after of this rig
+    assert found.outcome == "accepted"
+    assert row(pg_url, command)[0] == 2
+    assert rig.actions(mid) == ["cancel"]

@@ -13,9 +13,9 @@ down, so every waiter also polls.
 
 Exactly once. A take is a row-level claim (`FOR UPDATE SKIP LOCKED`): of two takers
 at once, each gets other rows. A taken command carries its taker (`taken_by`, one
-incarnation of one daemon) and is not offered again to anyone while that taker may
-still be applying it, i.e. for `retake_after` seconds after the take; an outcome is
-recorded only by the current taker and only once. If the taker dies between taking
+incarnation of one daemon) and is not offered again while that taker may still be
+applying it, i.e. for `retake_after` seconds after the take; an outcome is recorded
+only by the current taker and only once. If the taker dies between taking
 and recording, the next owner takes the command again (`takes` > 1). Applying it
 again would be harmful where the first application reached the hypervisor (a second
 cancel or pause sent to a job), and the new owner cannot ask the dead one. So the
@@ -130,8 +130,9 @@ def take(
     limit: int = 100,
 ) -> list[Command]:
     """Claim the pending commands of these migrations for `taker`, oldest first: those
-    nobody took, and those another taker took over `retake_after` seconds ago without
-    recording an outcome. Rows another taker is claiming now are skipped."""
+    nobody took, and those taken over `retake_after` seconds ago without an outcome
+    (their taker stopped, or failed to carry them out; it may be this one, which takes
+    one command at a time). Rows another taker is claiming now are skipped."""
     ids = list(migration_ids)
     if not ids:
         return []
@@ -139,8 +140,8 @@ def take(
         "WITH free AS ("
         "  SELECT id FROM cluster_commands"
         "  WHERE migration_id = ANY(%(ids)s::text[]) AND outcome IS NULL"
-        "    AND (taken_by IS NULL OR (taken_by <> %(me)s"
-        "      AND taken_at < clock_timestamp() - make_interval(secs => %(retake)s)))"
+        "    AND (taken_by IS NULL"
+        "      OR taken_at < clock_timestamp() - make_interval(secs => %(retake)s))"
         "  ORDER BY id LIMIT %(limit)s"
         "  FOR UPDATE SKIP LOCKED"
         ") "

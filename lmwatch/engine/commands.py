@@ -121,8 +121,7 @@ class CommandTaker:
         self.engine = engine
         self.url = url
         self.name = name or daemon_name()
-        # One incarnation of this daemon: a command it took is never taken again by
-        # itself, and a restarted daemon is another taker.
+        # One incarnation of this daemon (a restarted daemon is another taker).
         self.taker = f"{self.name} #{uuid.uuid4().hex[:8]}"
         self._conn: Connection | None = None  # takes and records
         self._listener: Connection | None = None  # LISTEN, waited on in its own thread
@@ -160,7 +159,12 @@ class CommandTaker:
         taken = await self._in(self._work, self._take, ids, retake)
         done = 0
         for command in taken:
-            done += await self.apply(command)
+            try:
+                done += await self.apply(command)
+            except (psycopg.Error, OSError):
+                raise
+            except Exception:  # a bug, or the store: taken again after `retake_after`
+                log.exception("command-failed", migration=command.migration_id, command=command.id)
         return done
 
     async def apply(self, command: Command) -> bool:

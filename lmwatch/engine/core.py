@@ -195,6 +195,8 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._supervisions.clear()
         self._book = Book()
+        if self.relay is not None:
+            self.relay.close()  # commands waited for now end on their own (command_wait)
         # What it recorded is in the file when it has stopped (or kept, while writes fail).
         await outside(self.clock, self.store.written())
 

@@ -21,12 +21,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from apitools import SMALL_INVENTORY, SMALL_PROFILES, TOKEN, Api, OpenApiChecker
+from pgtools import free_port
 
 from lmwatch import daemon
 from lmwatch.api import create_app
 from lmwatch.clock import VirtualClock
 from lmwatch.cluster import commands
 from lmwatch.cluster.pg import connect
+from lmwatch.cluster.schema import ensure_schema
 from lmwatch.config import Settings
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
@@ -101,6 +103,7 @@ async def api(
 
 def command_rows(url: str, migration_id: str) -> list[tuple[Any, ...]]:
     with connect(url) as conn:
+        ensure_schema(conn)
         return [
             tuple(r)
             for r in conn.execute(
@@ -228,3 +231,19 @@ async def test_command_wait_is_a_daemon_setting(tmp_path: Path) -> None:
     finally:
         await built.close()
     assert Settings().command_wait == 5.0
+
+
+async def test_a_database_that_cannot_be_reached_records_nothing_and_says_so(
+    cluster: Cluster, api: Api
+) -> None:
+    from lmwatch.engine.commands import Relay
+
+    mid = await cluster.copying("quiet")
+    closed = f"postgresql://127.0.0.1:{free_port()}/lmwatch"
+    cluster.api.relay = Relay(closed, wait=1.0, poll=0.2)
+    answer = await api.post(f"/v1/migrations/{mid}/cancel")
+    assert answer.status == 503
+    assert answer.body["type"] == "urn:lmwatch:problem:store-unavailable"
+    assert "cannot be reached" in answer.body["detail"]
+    assert "nothing was recorded" in answer.body["detail"]
+    assert command_rows(cluster.url, mid) == []

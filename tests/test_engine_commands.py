@@ -227,3 +227,22 @@ async def test_a_command_that_failed_to_apply_is_taken_again_after_retake_after(
     assert found.outcome == "accepted"
     assert row(pg_url, command)[0] == 2
     assert rig.actions(mid) == ["cancel"]
+
+
+async def test_a_command_whose_notification_was_lost_is_taken_by_polling(
+    rig: Rig, pg_url: str
+) -> None:
+    mid = await copying(rig, "big")
+    with connect(pg_url) as conn:  # a row without its NOTIFY
+        ensure_schema(conn)
+        found = conn.execute(
+            "INSERT INTO cluster_commands (migration_id, kind, posted_by)"
+            " VALUES (%s, 'cancel', 'daemon b') RETURNING id, posted_at",
+            (mid,),
+        ).fetchone()
+    assert found is not None
+    command = Command(int(found[0]), mid, "cancel", {}, "daemon b", found[1])
+    began = time.monotonic()
+    assert (await outcome(pg_url, command)).outcome == "accepted"
+    assert time.monotonic() - began < 2.0  # command_poll is 0.2 s here
+    assert rig.actions(mid) == ["cancel"]

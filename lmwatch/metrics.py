@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,6 +20,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.profiles.schema import ProfileSet
 from lmwatch.store import Store
+
+if TYPE_CHECKING:
+    from lmwatch.cluster.membership import Membership
+    from lmwatch.engine.core import Engine
 
 __all__ = ["CONTENT_TYPE_LATEST", "VIOLATION_KINDS", "Metrics", "MigrationGauges"]
 
@@ -194,6 +199,39 @@ class Metrics:
         """Expose whether `store` takes new work, and count its failed writes."""
         self.store_healthy.set_function(lambda: 1.0 if store.problem() is None else 0.0)
         store.on_write_failure(self.store_write_failures.inc)
+
+    def watch_membership(self, membership: Membership, engine: Engine) -> None:
+        """A daemon that shares its database with others: its role (name, leases held
+        by kind, migrations owned, whether the database answers)."""
+        r = self.registry
+        Gauge(
+            "lmwatch_member_info",
+            "1, labelled with this daemon's name among the daemons sharing the database.",
+            ["member"],
+            registry=r,
+        ).labels(membership.name).set(1)
+        leases = Gauge(
+            "lmwatch_member_leases",
+            "Leases this daemon holds, by kind (host: source hosts; migration: migrations).",
+            ["kind"],
+            registry=r,
+        )
+
+        def held(kind: str) -> Callable[[], float]:
+            return lambda: float(membership.held_by_kind().get(kind, 0))
+
+        for kind in ("host", "migration"):
+            leases.labels(kind).set_function(held(kind))
+        Gauge(
+            "lmwatch_migrations_owned",
+            "Migrations this daemon supervises now (owned through their claims).",
+            registry=r,
+        ).set_function(lambda: float(len(engine.supervised())))
+        Gauge(
+            "lmwatch_store_reachable",
+            "1 while the store's database answers this daemon's lease and rounds, else 0.",
+            registry=r,
+        ).set_function(lambda: 1.0 if membership.reachable else 0.0)
 
     def count_reload_failures(self, profiles: ProfileRegistry) -> None:
         """Count every rejected reload of `profiles`, however it was triggered."""

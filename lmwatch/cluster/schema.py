@@ -23,6 +23,11 @@ CREATE TABLE IF NOT EXISTS cluster_leases (
     PRIMARY KEY (kind, key)
 );
 CREATE INDEX IF NOT EXISTS cluster_leases_owner ON cluster_leases (owner);
+CREATE TABLE IF NOT EXISTS cluster_slots (
+    migration_id text PRIMARY KEY,
+    destination text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cluster_slots_destination ON cluster_slots (destination);
 """
 
 

@@ -15,6 +15,7 @@ from pgtools import PgCluster, TcpProxy
 from storetools import on_disk, run_sql
 
 from lmwatch.engine.effects import NotOwner
+from lmwatch.errors import Conflict
 from lmwatch.model import Action, Decision, State
 
 FINISHED = ("completed", "failed", "cancelled")
@@ -244,5 +245,24 @@ async def test_no_action_unless_its_intent_was_written_under_a_current_claim(
             return claim is not None and claim.token == held.token + 1
 
         await cluster.wait(again, 5)
+    finally:
+        await cluster.close()
+
+
+async def test_a_command_for_a_migration_another_member_supervises_is_refused_saying_so(
+    tmp_path: Path, pg_url: str
+) -> None:
+    cluster = Cluster(tmp_path, pg_url, inventory(2, 1, memory="4GiB"))
+    try:
+        nodes = [await cluster.add(f"m{n}") for n in range(2)]
+        ids = [await cluster.submit(nodes[0], f"vm-{i}-0", f"s{i}", "d0") for i in range(2)]
+        await cluster.wait(lambda: all(cluster.owner_of(i) is not None for i in ids), 10)
+        for migration_id in ids:
+            owner = cluster.owner_of(migration_id)
+            other = next(n for n in nodes if n is not owner)
+            with pytest.raises(Conflict, match="supervised by another lmwatch daemon"):
+                await other.engine.cancel(migration_id)
+            with pytest.raises(Conflict, match="supervised by another lmwatch daemon"):
+                await other.engine.force_complete(migration_id)
     finally:
         await cluster.close()

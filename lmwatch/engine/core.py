@@ -552,6 +552,7 @@ class Engine:
         """Cancel a migration: a queued one at once, a started one through its inbox."""
         supervision = self._supervisions.get(migration_id)
         record = self.get(migration_id)
+        self._refuse_elsewhere(record, supervision)
         if record.state.finished or supervision is None:
             raise Conflict(f"migration {migration_id} has already {record.state.value}")
         if record.state is State.QUEUED:
@@ -573,6 +574,14 @@ class Engine:
             self._untrack(supervision.record.id)  # it held no slot: nothing else can start
         return supervision.record
 
+    def _refuse_elsewhere(self, record: MigrationRecord, supervision: Supervision | None) -> None:
+        """Conflict for an unfinished migration another member supervises."""
+        if self.membership is not None and supervision is None and not record.state.finished:
+            raise Conflict(
+                f"migration {record.id} is supervised by another lmwatch daemon sharing "
+                "this database; send the command to that daemon"
+            )
+
     async def _ask(self, supervision: Supervision, what: Cancel | Force) -> Any:
         """Send an operator's command to the migration's supervision task; its answer."""
         task = supervision.task
@@ -587,6 +596,7 @@ class Engine:
     def _running(self, migration_id: str, what: str) -> Supervision:
         record = self.get(migration_id)
         supervision = self._supervisions.get(migration_id)
+        self._refuse_elsewhere(record, supervision)
         if record.state.finished or supervision is None:
             raise Conflict(f"cannot {what}: migration {migration_id} has {record.state.value}")
         if record.state in (State.QUEUED, State.STARTING):

@@ -5,17 +5,23 @@ claim in its transaction; an acceptance offers its migration's unit."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
+from pgtools import PgCluster, TcpProxy
 from storetools import on_disk
 
 from lmwatch.cluster import leases
 from lmwatch.cluster.fencing import MIGRATION, Fencing
+from lmwatch.cluster.membership import Membership
 from lmwatch.cluster.pg import Connection, connect
 from lmwatch.cluster.schema import ensure_schema
 from lmwatch.model import State
+from lmwatch.policies.leases import LeaseTerms
 from lmwatch.store import MigrationRecord, Store
 
 
@@ -131,3 +137,47 @@ def test_without_fencing_a_postgresql_store_writes_as_before(pg_url: str) -> Non
         assert on_disk(pg_url, "SELECT count(*) FROM cluster_leases") == [(0,)]
     finally:
         store.close()
+
+
+def test_a_transaction_a_cut_off_member_left_hanging_frees_its_locks_before_its_lease_ends(
+    pg_cluster: PgCluster, pg_url: str, db: Connection
+) -> None:
+    proxy = TcpProxy(pg_cluster.port)
+    database = pg_url.rsplit("/", 1)[1].split("?", 1)[0]
+    membership = Membership(
+        pg_cluster.url(database, port=proxy.port), "a", LeaseTerms.for_lease(3.0)
+    )
+    try:
+        conn = membership._connection()
+        member = leases.register(conn, "a", 3.0)
+        leases.offer(conn, MIGRATION, ["m0001"])
+        (claim,) = leases.claim(conn, member, MIGRATION)
+        locked, finish = threading.Event(), threading.Event()
+
+        def hang() -> None:
+            with contextlib.suppress(Exception), leases.fenced(conn, claim):
+                locked.set()
+                finish.wait(30)  # the member is cut off here, inside its transaction
+
+        worker = threading.Thread(target=hang)
+        worker.start()
+        assert locked.wait(5)
+        proxy.hold()
+        cut = time.monotonic()
+        row = "SELECT 1 FROM cluster_leases WHERE key = 'm0001' FOR UPDATE NOWAIT"
+        while True:
+            try:
+                with db.transaction():
+                    db.execute(row)
+                break
+            except psycopg.errors.LockNotAvailable:
+                assert time.monotonic() - cut < 10, "the row stayed locked"
+                time.sleep(0.05)
+        freed = time.monotonic() - cut
+        # Freed by the server after the idle limit, before the lease could have run out.
+        assert freed < membership.terms.lease - membership.terms.renew_every, freed
+        finish.set()
+        worker.join(30)
+    finally:
+        proxy.close()
+        membership.stop()

@@ -50,9 +50,14 @@ StaleListener = Callable[[str, str], None]  # (migration id, why)
 
 class Fencing:
     """The claims this member writes under, by migration id (thread-safe: the engine
-    sets them on the loop, the store's writer reads them)."""
+    sets them on the loop, the store's writer reads them).
 
-    def __init__(self) -> None:
+    `idle_limit` (seconds): the server ends a writer's transaction that waits longer
+    than this for its next statement (a daemon cut off mid-transaction), so that the
+    claims it locked are free before its lease can have run out."""
+
+    def __init__(self, idle_limit: float = 2.0) -> None:
+        self.idle_limit = idle_limit
         self._lock = threading.Lock()
         self._claims: dict[str, Claim] = {}
         self._listeners: list[StaleListener] = []
@@ -90,6 +95,10 @@ class Fencing:
         whose changes must be dropped, with why."""
         if not migration_ids:
             return {}
+        db.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', ?, true)",
+            (f"{round(self.idle_limit * 1000)}ms",),
+        )
         with self._lock:
             claims = {m: self._claims.get(m) for m in migration_ids}
         known = {m: c for m, c in claims.items() if c is not None}

@@ -54,7 +54,12 @@ class Membership:
         self.name = name
         self.terms = terms
         self.keeper = keeper if keeper is not None else LeaseKeeper(url, name, terms)
-        self.fencing = Fencing()
+        # A transaction of this member's left hanging (cut off mid-way) is ended by the
+        # server this long after its last statement: the rows and destination locks
+        # it holds are free before its lease can have run out.
+        # (Below two thirds of a lease: the least time from a cut to the lease's end.)
+        self.idle_limit = min(max(terms.margin, 1.0), terms.lease / 2)
+        self.fencing = Fencing(self.idle_limit)
         self._conn: Connection | None = None
         self._lock = threading.Lock()  # one worker thread uses the connection at a time
         self._offered = False
@@ -82,6 +87,10 @@ class Membership:
     def _connection(self) -> Connection:
         if self._conn is None or self._conn.closed:
             self._conn = connect(self.url)
+            self._conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (f"{round(self.idle_limit * 1000)}ms",),
+            )
             ensure_schema(self._conn)
         return self._conn
 

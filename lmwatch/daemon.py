@@ -496,8 +496,6 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             ),
             membership=membership,
         )
-        if membership is not None:
-            metrics.watch_membership(membership, engine)
         try:
             await engine.start()
         except StoreError as error:

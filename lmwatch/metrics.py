@@ -23,7 +23,6 @@ from lmwatch.store import Store
 
 if TYPE_CHECKING:
     from lmwatch.cluster.membership import Membership
-    from lmwatch.engine.core import Engine
 
 __all__ = ["CONTENT_TYPE_LATEST", "VIOLATION_KINDS", "Metrics", "MigrationGauges"]
 
@@ -200,38 +199,43 @@ class Metrics:
         self.store_healthy.set_function(lambda: 1.0 if store.problem() is None else 0.0)
         store.on_write_failure(self.store_write_failures.inc)
 
-    def watch_membership(self, membership: Membership, engine: Engine) -> None:
-        """A daemon that shares its database with others: its role (name, leases held
-        by kind, migrations owned, whether the database answers)."""
-        r = self.registry
-        Gauge(
-            "lmwatch_member_info",
-            "1, labelled with this daemon's name among the daemons sharing the database.",
-            ["member"],
-            registry=r,
-        ).labels(membership.name).set(1)
+    def watch_role(
+        self, store: Store, supervised: Callable[[], int], membership: Membership | None
+    ) -> None:
+        """The daemon's role among those sharing its database (docs/cluster.md): its
+        leases by kind (labelled with its name), the migrations it supervises, and
+        whether the database answers. A daemon alone on its store holds no leases,
+        supervises what it has, and its store answers while it takes writes."""
         leases = Gauge(
             "lmwatch_member_leases",
-            "Leases this daemon holds, by kind (host: source hosts; migration: migrations).",
-            ["kind"],
-            registry=r,
+            "Leases this daemon holds, by its member name and kind (host: source hosts; "
+            "migration: migrations claimed); 0 for a daemon alone on its store.",
+            ["member", "kind"],
+            registry=self.registry,
         )
+        Gauge(
+            "lmwatch_migrations_owned",
+            "Migrations this daemon supervises now (with a shared database: those it owns).",
+            registry=self.registry,
+        ).set_function(lambda: float(supervised()))
+        reachable = Gauge(
+            "lmwatch_store_reachable",
+            "1 while the store's database answers (with a shared database: this daemon's "
+            "last lease renewal and round), else 0.",
+            registry=self.registry,
+        )
+        if membership is None:
+            for kind in ("host", "migration"):
+                leases.labels("", kind).set(0)
+            reachable.set_function(lambda: 1.0 if store.problem() is None else 0.0)
+            return
 
         def held(kind: str) -> Callable[[], float]:
             return lambda: float(membership.held_by_kind().get(kind, 0))
 
         for kind in ("host", "migration"):
-            leases.labels(kind).set_function(held(kind))
-        Gauge(
-            "lmwatch_migrations_owned",
-            "Migrations this daemon supervises now (owned through their claims).",
-            registry=r,
-        ).set_function(lambda: float(len(engine.supervised())))
-        Gauge(
-            "lmwatch_store_reachable",
-            "1 while the store's database answers this daemon's lease and rounds, else 0.",
-            registry=r,
-        ).set_function(lambda: 1.0 if membership.reachable else 0.0)
+            leases.labels(membership.name, kind).set_function(held(kind))
+        reachable.set_function(lambda: 1.0 if membership.reachable else 0.0)
 
     def count_reload_failures(self, profiles: ProfileRegistry) -> None:
         """Count every rejected reload of `profiles`, however it was triggered."""

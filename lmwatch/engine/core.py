@@ -142,6 +142,7 @@ class Engine:
         # the migrations it owns, and writes and acts under their claims.
         self.membership = membership
         self._ownership: Ownership | None = None
+        self.metrics.watch_role(store, lambda: len(self._supervisions), membership)
         if membership is not None:
             store.fence(membership.fencing)
             self._ownership = Ownership(self, membership)

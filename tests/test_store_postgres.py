@@ -349,7 +349,7 @@ def test_serve_two_members_on_one_store_url_both_ready_and_a_killed_one_is_taken
 
         with urllib.request.urlopen(f"{daemons[0][1]}/metrics", timeout=10) as response:
             metrics = response.read().decode()
-        assert 'lmwatch_member_leases{member="a",kind="host"}' in metrics
+        assert 'lmwatch_member_leases{kind="host",member="a"}' in metrics
         assert "lmwatch_migrations_owned 0.0" in metrics
         assert "lmwatch_store_reachable 1.0" in metrics
     finally:

@@ -193,6 +193,24 @@ class Metrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, float("inf")),
             registry=r,
         )
+        self.member_leases = Gauge(
+            "lmwatch_member_leases",
+            "Leases this daemon holds, by its member name and kind (host: source hosts; "
+            "migration: migrations claimed); 0 for a daemon alone on its store.",
+            ["member", "kind"],
+            registry=r,
+        )
+        self.migrations_owned = Gauge(
+            "lmwatch_migrations_owned",
+            "Migrations this daemon supervises now (with a shared database: those it owns).",
+            registry=r,
+        )
+        self.store_reachable = Gauge(
+            "lmwatch_store_reachable",
+            "1 while the store's database answers (with a shared database: this daemon's "
+            "last lease renewal and round), else 0.",
+            registry=r,
+        )
 
     def watch_store(self, store: Store) -> None:
         """Expose whether `store` takes new work, and count its failed writes."""
@@ -206,24 +224,8 @@ class Metrics:
         leases by kind (labelled with its name), the migrations it supervises, and
         whether the database answers. A daemon alone on its store holds no leases,
         supervises what it has, and its store answers while it takes writes."""
-        leases = Gauge(
-            "lmwatch_member_leases",
-            "Leases this daemon holds, by its member name and kind (host: source hosts; "
-            "migration: migrations claimed); 0 for a daemon alone on its store.",
-            ["member", "kind"],
-            registry=self.registry,
-        )
-        Gauge(
-            "lmwatch_migrations_owned",
-            "Migrations this daemon supervises now (with a shared database: those it owns).",
-            registry=self.registry,
-        ).set_function(lambda: float(supervised()))
-        reachable = Gauge(
-            "lmwatch_store_reachable",
-            "1 while the store's database answers (with a shared database: this daemon's "
-            "last lease renewal and round), else 0.",
-            registry=self.registry,
-        )
+        leases, reachable = self.member_leases, self.store_reachable
+        self.migrations_owned.set_function(lambda: float(supervised()))
         if membership is None:
             for kind in ("host", "migration"):
                 leases.labels("", kind).set(0)

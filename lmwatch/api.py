@@ -609,8 +609,21 @@ async def readyz(request: web.Request) -> web.Response:
         detail = "the store does not answer"
     elif down and detail is None:
         detail = "unreachable: " + ", ".join(down)
+    role: schemas.Role | None = None
+    membership = engine.membership
+    if membership is not None:
+        acting = membership.may_act()
+        role = schemas.Role(
+            member=membership.name,
+            may_act=acting,
+            leases=membership.held_by_kind(),
+            migrations_owned=len(engine.supervised()),
+            database_reachable=membership.reachable,
+        )
+        if not acting and detail is None:
+            detail = f"member {membership.name} holds no running lease on the store database"
     ready = store_ok and detail is None
-    answer = schemas.Readiness(ready=ready, store=store_ok, hosts=hosts, detail=detail)
+    answer = schemas.Readiness(ready=ready, store=store_ok, hosts=hosts, detail=detail, role=role)
     return _json(answer, 200 if ready else 503)
 
 

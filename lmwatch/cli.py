@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="PostgreSQL store, postgresql://... instead of the file (a password in it is "
         "seen by other users: prefer $LMWATCH_STORE_URL or the config file)",
     )
+    serve.add_argument(
+        "--member",
+        help="this daemon's name among the daemons sharing a store_url (default: the host "
+        "name; two daemons must not share one)",
+    )
     serve.add_argument("--inventory", help="simulator inventory file")
     # Also accepted before the command (`lmwatch --token X serve`); prefer a file or
     # $LMWATCH_TOKEN on shared machines: other users can see command lines.
@@ -365,6 +370,7 @@ def _serve(args: argparse.Namespace) -> int:
             "profiles": args.profiles,
             "store": args.store,
             "store_url": args.store_url,
+            "member": args.member,
             "inventory": args.inventory,
             "token": args.token,
             "token_file": args.token_file,

@@ -7,6 +7,7 @@ written with units (`1s`, `10Gbit/s`) and are stored in seconds and bytes/second
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -85,6 +86,11 @@ class Settings(BaseSettings):
     # A PostgreSQL database instead of the SQLite file (docs/cluster.md):
     # postgresql://user@host:port/database; not with store_path.
     store_url: str | None = None
+    # With store_url, this daemon's name among the daemons sharing the database (a
+    # later registration under the same name replaces the earlier one: give each its
+    # own), and its lease in seconds (docs/cluster.md).
+    member: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
+    lease: Seconds = Field(default=10.0, ge=1.0)
     profiles_path: Path | None = None  # None: the profiles shipped with lmwatch
     # "sim", or the name of a real driver (lmwatch/drivers/<name>_driver.py).
     driver: str = Field(default="sim", pattern=r"^[a-z][a-z0-9]*$")

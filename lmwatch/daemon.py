@@ -24,10 +24,11 @@ import sqlite3
 import ssl
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -43,6 +44,9 @@ from lmwatch.metrics import Metrics
 from lmwatch.profiles import ProfileError, ProfileRegistry
 from lmwatch.sdnotify import Notifier
 from lmwatch.store import Store, StoreError, StoreLock, StoreLocked
+
+if TYPE_CHECKING:
+    from lmwatch.cluster.membership import Membership
 
 log = get_logger("lmwatch.daemon")
 
@@ -81,6 +85,7 @@ class Daemon:
     app: web.Application
     lock: StoreLock | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    membership: Membership | None = None  # with a store_url: one of several daemons
     ssl_context: ssl.SSLContext | None = None
 
     async def close(self) -> None:
@@ -91,6 +96,8 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.driver.close()
         self.store.close()
+        if self.membership is not None:
+            self.membership.stop()
         if self.lock is not None:
             self.lock.release()
 
@@ -428,6 +435,34 @@ def _open_store(settings: Settings) -> Store:
         raise StartupError(f"cannot open the store: {error}") from None
 
 
+JOIN_WAIT = 5.0  # seconds a member waits for its first registration at start
+
+
+async def _join(settings: Settings) -> Membership | None:
+    """With a store_url, this daemon as a member of the daemons sharing the database:
+    its lease kept from now on (docs/cluster.md). None with a SQLite store."""
+    if settings.store_url is None:
+        return None
+    from lmwatch.cluster.membership import Membership
+    from lmwatch.policies.leases import LeaseTerms
+
+    membership = Membership(
+        settings.store_url, settings.member, LeaseTerms.for_lease(settings.lease)
+    )
+    membership.start()
+    deadline = time.monotonic() + JOIN_WAIT
+    while membership.keeper.member is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if membership.keeper.member is None:
+        membership.stop()
+        raise StartupError(
+            f"cannot join the daemons of the store database as member {settings.member!r}: "
+            "the database did not register it in time; retry later"
+        )
+    log.info("member-joined", member=settings.member, lease=settings.lease)
+    return membership
+
+
 async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
     """Open everything and start the engine (not yet listening)."""
     clock = clock or WallClock()
@@ -437,8 +472,10 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
     store: Store | None = None
     driver: Driver | None = None
     engine: Engine | None = None
+    membership: Membership | None = None
     try:
         store = _open_store(settings)
+        membership = await _join(settings)
         registry = _open_profiles(settings, clock)
         token = resolve_token(settings)
         read_token = resolve_read_token(settings)
@@ -458,6 +495,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
                 max_per_destination=settings.max_per_destination,
                 command_wait=settings.command_wait,
             ),
+            membership=membership,
         )
         try:
             await engine.start()
@@ -471,6 +509,8 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
                 await driver.close()
         if store is not None:
             store.close()
+        if membership is not None:
+            membership.stop()
         if lock is not None:
             lock.release()
         raise
@@ -484,6 +524,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
     )
     daemon = Daemon(settings, store, registry, driver, engine, metrics, token, clock, app, lock)
     daemon.ssl_context = context
+    daemon.membership = membership
     daemon.tasks.append(asyncio.create_task(registry.watch(clock, settings.profile_check_interval)))
     return daemon
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,6 +20,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.profiles.schema import ProfileSet
 from lmwatch.store import Store
+
+if TYPE_CHECKING:
+    from lmwatch.cluster.membership import Membership
 
 __all__ = ["CONTENT_TYPE_LATEST", "VIOLATION_KINDS", "Metrics", "MigrationGauges"]
 
@@ -189,11 +193,51 @@ class Metrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, float("inf")),
             registry=r,
         )
+        self.member_leases = Gauge(
+            "lmwatch_member_leases",
+            "Leases this daemon holds, by its member name and kind (host: source hosts; "
+            "migration: migrations claimed); 0 for a daemon alone on its store.",
+            ["member", "kind"],
+            registry=r,
+        )
+        self.migrations_owned = Gauge(
+            "lmwatch_migrations_owned",
+            "Migrations this daemon supervises now (with a shared database: those it owns).",
+            registry=r,
+        )
+        self.store_reachable = Gauge(
+            "lmwatch_store_reachable",
+            "1 while the store's database answers (with a shared database: this daemon's "
+            "last lease renewal and round), else 0.",
+            registry=r,
+        )
 
     def watch_store(self, store: Store) -> None:
         """Expose whether `store` takes new work, and count its failed writes."""
         self.store_healthy.set_function(lambda: 1.0 if store.problem() is None else 0.0)
         store.on_write_failure(self.store_write_failures.inc)
+
+    def watch_role(
+        self, store: Store, supervised: Callable[[], int], membership: Membership | None
+    ) -> None:
+        """The daemon's role among those sharing its database (docs/cluster.md): its
+        leases by kind (labelled with its name), the migrations it supervises, and
+        whether the database answers. A daemon alone on its store holds no leases,
+        supervises what it has, and its store answers while it takes writes."""
+        leases, reachable = self.member_leases, self.store_reachable
+        self.migrations_owned.set_function(lambda: float(supervised()))
+        if membership is None:
+            for kind in ("host", "migration"):
+                leases.labels("", kind).set(0)
+            reachable.set_function(lambda: 1.0 if store.problem() is None else 0.0)
+            return
+
+        def held(kind: str) -> Callable[[], float]:
+            return lambda: float(membership.held_by_kind().get(kind, 0))
+
+        for kind in ("host", "migration"):
+            leases.labels(membership.name, kind).set_function(held(kind))
+        reachable.set_function(lambda: 1.0 if membership.reachable else 0.0)
 
     def count_reload_failures(self, profiles: ProfileRegistry) -> None:
         """Count every rejected reload of `profiles`, however it was triggered."""

@@ -16,11 +16,9 @@ says "the database at host:port/db cannot be reached: ...; retry later". The wri
 connection is opened again before the next transaction (never inside one), the
 readers on their next read.
 
-One daemon per database: the write connection holds a session-level advisory lock
-(`STORE_LOCK`) from open to close, and takes it again when it reconnects, before it
-writes anything; a second daemon stops at open with "another lmwatch daemon uses
-this store". Leases (lmwatch/cluster/, docs/cluster.md) replace this lock once
-several daemons share a database.
+Several daemons may share one database (docs/cluster.md): the store creates the
+cluster's tables as it opens, and a daemon that is a cluster member writes each
+migration's changes under its claim (`Store.fence`, lmwatch/cluster/fencing.py).
 """
 
 from __future__ import annotations
@@ -28,9 +26,8 @@ from __future__ import annotations
 import os
 import re
 import socket
-import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import psycopg
@@ -39,17 +36,11 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from lmwatch.cluster.pg import Unreachable, connect
+from lmwatch.cluster.schema import ensure_schema
 from lmwatch.logs import get_logger
-from lmwatch.store import _EVENT_INSERT, _SCHEMA, StoreError, StoreLocked, StoreUnwritable
+from lmwatch.store import _EVENT_INSERT, _SCHEMA, StoreError, StoreUnwritable
 
 log = get_logger("lmwatch.pgstore")
-
-# The advisory lock one daemon holds on its database ("lmwa"): below 2**32, so that
-# pg_locks shows it as objid with classid 0.
-STORE_LOCK = 0x6C6D_7761
-# How long a daemon waits for the lock before it gives up: a daemon that was killed
-# holds it until the server has noticed its connection closed (milliseconds).
-LOCK_GRACE = 2.0
 
 
 def dialect(schema: str) -> str:
@@ -118,7 +109,7 @@ class Connection:
             try:
                 conn.row_factory = dict_row
                 if not self._reads:
-                    self._backend.take_lock(conn)
+                    self._backend.prepare_writer(conn)
             except BaseException:
                 conn.close()
                 raise
@@ -176,11 +167,6 @@ class Connection:
 
     def close(self) -> None:
         if self._conn is not None:
-            if not self._reads and not self._conn.closed:
-                # Let go of the store's lock now: the server ends a closed session a
-                # moment later, and a daemon started again at once must find it free.
-                with suppress(psycopg.Error):
-                    self._conn.execute("SELECT pg_advisory_unlock_all()")
             self._conn.close()
             self._conn = None
 
@@ -190,7 +176,7 @@ class PostgresBackend:
 
     schema = dialect(_SCHEMA)
     begin = "BEGIN"
-    write_errors: tuple[type[BaseException], ...] = (psycopg.Error, OSError, StoreLocked)
+    write_errors: tuple[type[BaseException], ...] = (psycopg.Error, OSError)
     constraint_errors: tuple[type[BaseException], ...] = (psycopg.IntegrityError,)
     advice = ""
 
@@ -198,41 +184,15 @@ class PostgresBackend:
         self.url = url
         self.where = where(url)
         self.location = f"postgresql://{self.where}"
-        # Who holds the lock, as other sessions see it (pg_stat_activity).
+        # Who writes, as other sessions see it (pg_stat_activity).
         self.holder = f"lmwatch pid {os.getpid()} on {socket.gethostname()}"[:63]
 
-    def take_lock(self, conn: psycopg.Connection[Any]) -> None:
-        """This daemon's claim on the database, on the write connection's session;
-        StoreLocked when another daemon holds it."""
+    def prepare_writer(self, conn: psycopg.Connection[Any]) -> None:
+        """The write connection's session: named (pg_stat_activity shows which daemon
+        it is), and transitions not flushed (SQLite's synchronous=NORMAL; acceptances
+        are: `durable`)."""
         conn.execute("SELECT set_config('application_name', %s, false)", (self.holder,))
-        deadline = time.monotonic() + LOCK_GRACE
-        while True:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s) AS taken", (STORE_LOCK,))
-            found = row.fetchone()
-            taken = found is not None and bool(found["taken"])
-            if taken or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        if taken:
-            # Transitions are not flushed (SQLite's synchronous=NORMAL); acceptances are.
-            conn.execute("SET synchronous_commit TO off")
-            return
-        holder = conn.execute(
-            "SELECT a.application_name AS name, a.client_addr AS addr FROM pg_locks l "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-            "AND l.granted AND l.classid = 0 AND l.objid = %s",
-            (STORE_LOCK,),
-        ).fetchone()
-        who = "unknown"
-        if holder is not None:
-            who = holder["name"] or "a session without a name"
-            if holder["addr"] is not None:
-                who += f" from {holder['addr']}"
-        raise StoreLocked(
-            f"another lmwatch daemon uses this store: the database at {self.where} is "
-            f"held by {who} (advisory lock {STORE_LOCK}); stop it first or give this one "
-            "another database"
-        )
+        conn.execute("SET synchronous_commit TO off")
 
     def connect_reader(self) -> Connection:
         return Connection(self, reads=True)
@@ -264,7 +224,7 @@ class PostgresBackend:
         return int(row["seq"])
 
     def unwritable(self, error: BaseException) -> str:
-        if isinstance(error, StoreLocked | StoreError):
+        if isinstance(error, StoreError):
             return str(error)
         if unreachable(error):
             return f"the database at {self.where} cannot be reached: {_words(error)}"
@@ -272,16 +232,17 @@ class PostgresBackend:
 
 
 def open_database(url: str) -> tuple[Connection, PostgresBackend]:
-    """The write connection (holding the store's lock) and the backend of the database
-    at `url`; StoreLocked when another daemon uses it, StoreError when it cannot be
-    reached."""
+    """The write connection and the backend of the database at `url` (with the
+    cluster's tables created); StoreError when it cannot be reached."""
     backend = PostgresBackend(url)
     writer = Connection(backend, reads=False)
     try:
         writer.execute("SELECT 1")
+        with connect(url) as plain:
+            ensure_schema(plain)
     except Unreachable as error:
         raise StoreError(
             f"cannot use store {backend.location}: {backend.unwritable(error)}"
         ) from None
-    log.info("store-database", where=backend.where, lock=STORE_LOCK)
+    log.info("store-database", where=backend.where)
     return writer, backend

@@ -382,6 +382,18 @@ class Health(_Response):
     status: Literal["ok"]
 
 
+class Role(_Response):
+    """This daemon's part among the daemons sharing one database (docs/cluster.md)."""
+
+    member: str = Field(description="This daemon's name among them.")
+    may_act: bool = Field(description="Its lease runs: it may act on the migrations it owns.")
+    leases: dict[str, int] = Field(
+        description="Leases held by kind: host (source hosts), migration."
+    )
+    migrations_owned: int = Field(description="Migrations it supervises now.")
+    database_reachable: bool = Field(description="The database answered its last lease round.")
+
+
 class Readiness(_Response):
     ready: bool
     store: bool = Field(
@@ -389,6 +401,9 @@ class Readiness(_Response):
     )
     hosts: dict[str, bool] = Field(description="Host name -> whether it answers.")
     detail: str | None = None
+    role: Role | None = Field(
+        default=None, description="With a store database shared by several daemons: this one's."
+    )
 
 
 class MigrationEventData(_Response):

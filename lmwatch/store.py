@@ -51,12 +51,15 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lmwatch import records as parts
 from lmwatch.logs import get_logger
 from lmwatch.model import StartPlan, State
 from lmwatch.records import Outcome, Placed, Progress, Restarts
+
+if TYPE_CHECKING:
+    from lmwatch.cluster.fencing import Fencing
 
 log = get_logger("lmwatch.store")
 
@@ -573,6 +576,11 @@ class Store:
         self._rescue_error: str | None = None  # why the last rescue copy failed
         self._failure_listeners: builtins.list[Callable[[], None]] = []
         self._scratch: str | None = None  # the temporary directory of a ':memory:' store
+        # Several daemons on one database: each migration's changes are written under
+        # its claim (lmwatch/cluster/fencing.py); None: written as they come (SQLite,
+        # or one daemon).
+        self._fencing: Fencing | None = None
+        self._committed = 0  # every change up to this seq is written (or was dropped)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Store:
@@ -776,17 +784,46 @@ class Store:
                 error = failure
             self._written(batch, error)
 
+    def fence(self, fencing: Fencing) -> None:
+        """Write each migration's changes under its claim from now on (before the
+        writer has anything to write: set once, at start)."""
+        self._fencing = fencing
+
     def _commit(self, batch: builtins.list[_Write]) -> None:
         durable = any(write.durable for write in batch)
+        fencing = self._fencing
+        stale: dict[str, str] = {}
+        retired: builtins.list[str] = []
         try:
             with self._backend.durable(self._db) if durable else nullcontext(), self._transaction():
+                if fencing is not None:
+                    claimed = {
+                        w.migration_id
+                        for w in batch
+                        if w.migration_id is not None and w.insert is None
+                    }
+                    stale = fencing.admit(self._db, claimed)
                 for write in batch:
+                    if fencing is None:
+                        self._apply(write)
+                        continue
+                    if write.insert is None and write.migration_id in stale:
+                        continue  # written by nobody: the claim is not ours (any more)
                     self._apply(write)
+                    if write.insert is not None and write.refused is None:
+                        fencing.offer(self._db, write.insert.id)
+                    state = write.row.get("state")
+                    ends = state is not None and State(state).finished
+                    if write.migration_id is not None and ends:
+                        fencing.retire(self._db, write.migration_id)
+                        retired.append(write.migration_id)
         except BaseException:
             for write in batch:
                 write.rowid = None
                 write.refused = None
             raise
+        if fencing is not None:
+            fencing.committed(retired, stale)
 
     def _apply(self, write: _Write) -> None:
         db = self._db
@@ -858,6 +895,7 @@ class Store:
                 through = batch[-1].seq if batch else 0  # seqs grow along the queue
                 if not self._queue:
                     through = self._seq
+                self._committed = max(self._committed, through)
                 reached = [b for b in self._barriers if b[0] <= through]
                 self._barriers = [b for b in self._barriers if b[0] > through]
                 answers += [(future, None) for _, future in reached]
@@ -949,6 +987,16 @@ class Store:
     async def written(self) -> None:
         """`written_soon` for the event loop."""
         await asyncio.wrap_future(self.written_soon())
+
+    def last_seq(self) -> int:
+        """The seq of the latest change queued (see `committed_through`)."""
+        with self._lock:
+            return self._seq
+
+    def committed_through(self) -> int:
+        """Every change up to this seq is written (those of a stale claim dropped)."""
+        with self._lock:
+            return self._committed
 
     def retry(self, now: float | None = None) -> None:
         """Let the writer try again (after a failure), without waiting for it; with

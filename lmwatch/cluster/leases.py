@@ -172,7 +172,13 @@ def _why_stale(conn: Connection, held_claim: Claim) -> str:
     ).fetchone()
     if row is None:
         return "no such unit: retired"
-    owner, token, name, live = row
+    return describe_stale(held_claim, row[0], row[1], row[2], row[3])
+
+
+def describe_stale(
+    held_claim: Claim, owner: int | None, token: int, name: str | None, live: bool | None
+) -> str:
+    """Why `held_claim` is stale, given its unit's row as it is now."""
     if owner == held_claim.member and token == held_claim.token:
         return "the member's lease has run out"
     if owner is None:

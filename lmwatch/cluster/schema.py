@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS cluster_commands (
 );
 CREATE INDEX IF NOT EXISTS cluster_commands_pending ON cluster_commands (migration_id)
     WHERE outcome IS NULL;
+CREATE TABLE IF NOT EXISTS cluster_slots (
+    migration_id text PRIMARY KEY,
+    destination text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cluster_slots_destination ON cluster_slots (destination);
 """
 
 

@@ -88,6 +88,21 @@ class Book:
         self.leaving[slot.source] += 1
         self.arriving[slot.destination] += 1
 
+    def unstart(self, migration_id: str) -> None:
+        """Its start did not happen after all (no room on the destination across the
+        daemons): queued again, its slots free."""
+        entry = self._entries.get(migration_id)
+        if entry is None or migration_id not in self._running:
+            return
+        slot = entry.slot
+        self._running.discard(migration_id)
+        self._host(slot.source).queued[migration_id] = slot
+        self._host(slot.destination).queued[migration_id] = slot
+        for counter, host in ((self.leaving, slot.source), (self.arriving, slot.destination)):
+            counter[host] -= 1
+            if counter[host] <= 0:
+                del counter[host]
+
     def remove(self, migration_id: str) -> Slot | None:
         """It is no longer tracked (it ended): what it held is free. Its slot, if known."""
         entry = self._entries.pop(migration_id, None)

@@ -27,6 +27,7 @@ from lmwatch.engine.book import Book
 from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
+from lmwatch.engine.ownership import Ownership
 from lmwatch.engine.records import Cancel, Force, Supervision, log, post, status_of
 from lmwatch.engine.scheduler import HostLimits, Slot, startable_among
 from lmwatch.engine.settings import EngineSettings
@@ -51,6 +52,7 @@ from lmwatch.records import Placed
 from lmwatch.store import Event, MigrationRecord, Store
 
 if TYPE_CHECKING:
+    from lmwatch.cluster.membership import Membership
     from lmwatch.engine.commands import Relay
 
 MAX_PAGE = 1000  # most migrations one page of the list holds
@@ -87,6 +89,7 @@ class Engine:
         settings: EngineSettings | None = None,
         hub: EventHub | None = None,
         new_id: Callable[[], str] | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self.driver = driver
         # Ids of accepted migrations and drains; injected where runs must repeat
@@ -147,6 +150,15 @@ class Engine:
                 self._database, wait=self.settings.command_wait, poll=self.settings.command_poll
             )
         self._commands_task: asyncio.Task[None] | None = None
+        # Several daemons on one database (docs/cluster.md): this one supervises only
+        # the migrations it owns, and writes and acts under their claims.
+        self.membership = membership
+        self._ownership: Ownership | None = None
+        self.metrics.watch_role(store, lambda: len(self._supervisions), membership)
+        if membership is not None:
+            store.fence(membership.fencing)
+            self._ownership = Ownership(self, membership)
+            self._effects.may_act = self._ownership.may_act
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -163,16 +175,12 @@ class Engine:
         )
         for record in back.completed:
             self._learned.learn_switchover(record)
-        for record, profile in back.unfinished:
-            supervision = self._track(record, profile)
-            supervision.generation = -1  # the file may have changed while we were away
-            if record.paused:
-                supervision.pause_by_operator = recovery.paused_by_operator(self.store, record)
-            supervision.force_pending = recovery.force_pending(self.store, record)
-            if record.state is not State.QUEUED:
-                log.info("reattaching", migration=record.id, instance=record.instance)
-                supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
-                self._book.start(record.id)
+        if self._ownership is not None:
+            # A member takes back only what it owns, round by round (ownership.py).
+            self._ownership.start()
+        else:
+            for record, profile in back.unfinished:
+                self._take_back(record, profile)
         self._schedule(self._book.queued_all())
         self.drains.start()  # after the migrations they follow are tracked again
         if self._database is not None:
@@ -181,9 +189,71 @@ class Engine:
             taker = commands.CommandTaker(self, self._database)
             self._commands_task = asyncio.create_task(taker.run())
 
+    def _take_back(self, record: MigrationRecord, profile: Profile) -> None:
+        """Track a stored unfinished migration again: re-attached (the evidence rebuilt
+        before any forcing decision: recovery.py), or queued."""
+        supervision = self._track(record, profile)
+        supervision.generation = -1  # the file may have changed while we were away
+        if record.paused:
+            supervision.pause_by_operator = recovery.paused_by_operator(self.store, record)
+        supervision.force_pending = recovery.force_pending(self.store, record)
+        if record.state is not State.QUEUED:
+            log.info("reattaching", migration=record.id, instance=record.instance)
+            supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
+            self._book.start(record.id)
+
+    # -- ownership (several daemons) --------------------------------------------------
+
+    def supervised(self) -> builtins.set[str]:
+        """The migrations this engine supervises (or holds queued) now: the ones it
+        owns, and whose operator commands are its to carry out."""
+        return builtins.set(self._supervisions)
+
+    def take_over(self, migration_id: str) -> bool:
+        """Supervise a migration this member now owns, read from the store; False
+        when there is nothing to supervise (unknown, or its profile unreadable)."""
+        if migration_id in self._supervisions or self._stopping:
+            return True
+        record = self.store.get(migration_id)
+        if record is None:
+            return False
+        if record.state.finished:
+            return True  # its outcome is on its way to the database
+        try:
+            profile = Profile.model_validate(record.profile)
+        except ValueError as error:
+            log.error("cannot-take-over", migration=migration_id, error=str(error))
+            return False
+        log.info("taking-over", migration=migration_id, state=record.state.value)
+        self._take_back(record, profile)
+        return True
+
+    async def stop_supervising(self, migration_id: str, why: str) -> None:
+        """Stop supervising a migration at once, without acting and without writing
+        an outcome (another member owns it now, or this one may no longer act)."""
+        supervision = self._supervisions.get(migration_id)
+        if supervision is None or supervision.record.state.finished:
+            return
+        if self.membership is not None:
+            self.membership.fencing.drop(migration_id)  # nothing more is written for it
+        task = supervision.task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._supervisor.refuse_waiting(supervision)
+        if self._supervisions.get(migration_id) is supervision:
+            self._untrack(migration_id)
+            self._effects.forget(supervision.record)
+        log.warning("supervision-stopped", migration=migration_id, why=why)
+
+    def schedule_all(self) -> None:
+        self._schedule(self._book.queued_all())
+
     async def stop(self) -> None:
         """Stop supervising (the migrations themselves go on; a new engine takes them back)."""
         self._stopping = True
+        if self._ownership is not None:
+            await self._ownership.stop()
         await self.drains.stop()
         tasks = [s.task for s in self._supervisions.values() if s.task is not None]
         if self._store_task is not None:
@@ -277,11 +347,6 @@ class Engine:
     def switchover(self, source: str, destination: str) -> float:
         """Seconds of switchover to plan with between two hosts (learned, or the default)."""
         return self._learned.switchover(source, destination)
-
-    def supervised(self) -> builtins.list[str]:
-        """The migrations this engine supervises (queued or started): the operator
-        commands for these are its to carry out."""
-        return builtins.list(self._supervisions)
 
     def elsewhere(self, migration_id: str) -> bool:
         """Whether an operator's command on this migration is for another daemon:
@@ -444,6 +509,12 @@ class Engine:
             if record.idempotency_key is not None:
                 self._accepting_keys.pop(record.idempotency_key, None)
         self.metrics.placements.labels(how.value).inc()
+        if self._ownership is not None:
+            # Supervised by the owner of its source host (maybe this one, next round).
+            self._book.remove(record.id)
+            self._effects.announce(record, reason)
+            self._ownership.wake()
+            return
         self._track(record, profile)
         self._effects.announce(record, reason)
 
@@ -520,6 +591,7 @@ class Engine:
         """Cancel a migration: a queued one at once, a started one through its inbox."""
         supervision = self._supervisions.get(migration_id)
         record = self.get(migration_id)
+        self._refuse_elsewhere(record, supervision)
         if record.state.finished or supervision is None:
             raise Conflict(f"migration {migration_id} has already {record.state.value}")
         if record.state is State.QUEUED:
@@ -541,6 +613,14 @@ class Engine:
             self._untrack(supervision.record.id)  # it held no slot: nothing else can start
         return supervision.record
 
+    def _refuse_elsewhere(self, record: MigrationRecord, supervision: Supervision | None) -> None:
+        """Conflict for an unfinished migration another member supervises."""
+        if self.membership is not None and supervision is None and not record.state.finished:
+            raise Conflict(
+                f"migration {record.id} is supervised by another lmwatch daemon sharing "
+                "this database; send the command to that daemon"
+            )
+
     async def _ask(self, supervision: Supervision, what: Cancel | Force) -> Any:
         """Send an operator's command to the migration's supervision task; its answer."""
         task = supervision.task
@@ -555,6 +635,7 @@ class Engine:
     def _running(self, migration_id: str, what: str) -> Supervision:
         record = self.get(migration_id)
         supervision = self._supervisions.get(migration_id)
+        self._refuse_elsewhere(record, supervision)
         if record.state.finished or supervision is None:
             raise Conflict(f"cannot {what}: migration {migration_id} has {record.state.value}")
         if record.state in (State.QUEUED, State.STARTING):
@@ -586,12 +667,38 @@ class Engine:
         book = self._book
         limits = HostLimits(self.settings.max_per_source, self.settings.max_per_destination)
         for migration_id in startable_among(queued, book.leaving, book.arriving, limits):
-            supervision = self._supervisions[migration_id]
+            supervision = self._supervisions.get(migration_id)
+            if supervision is None:
+                continue  # accepted here, supervised by its source host's owner
             if supervision.task is not None or supervision.record.state.finished:
                 continue
-            supervision.task = asyncio.create_task(self._run(supervision, reattach=False))
+            if self.membership is not None:
+                supervision.task = asyncio.create_task(self._run_with_slot(supervision))
+            else:
+                supervision.task = asyncio.create_task(self._run(supervision, reattach=False))
             book.start(migration_id)
         self._effects.queue_sizes(active=book.active, queued=book.queued)
+
+    async def _run_with_slot(self, supervision: Supervision) -> None:
+        """Start once the destination has room counted across every member (a slot in
+        the database); without one it stays queued and is tried again next round."""
+        assert self.membership is not None
+        record = supervision.record
+        claim = self.membership.fencing.claim_of(record.id)
+        taken = claim is not None and await outside(
+            self.clock,
+            asyncio.to_thread(
+                self.membership.take_slot,
+                claim,
+                record.destination,
+                self.settings.max_per_destination,
+            ),
+        )
+        if not taken:
+            supervision.task = None
+            self._book.unstart(record.id)
+            return
+        await self._run(supervision, reattach=False)
 
     async def _run(self, supervision: Supervision, *, reattach: bool) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from lmwatch import policies
@@ -47,6 +48,12 @@ from lmwatch.records import Outcome, Progress, Restarts, outcome_json, predictio
 from lmwatch.store import MigrationRecord, Store, StoreUnwritable
 
 
+class NotOwner(Exception):
+    """This daemon may no longer act on the migration: its lease is running out, or
+    the migration's claim went to another member (several daemons, docs/cluster.md).
+    Its supervision stops here without acting and without writing an outcome."""
+
+
 class Effects:
     def __init__(
         self,
@@ -66,6 +73,9 @@ class Effects:
         self.clock = clock
         self.settings = settings
         self.learned = learned
+        # Several daemons on one database: whether this one may act on a migration
+        # now (its lease runs and it holds the migration's claim). None: always.
+        self.may_act: Callable[[str], bool] | None = None
 
     # -- the record and the timeline ---------------------------------------------------
 
@@ -242,20 +252,39 @@ class Effects:
         record = supervision.record
         return await self.driver.describe(record.instance, record.source)
 
-    async def recorded(self) -> None:
+    async def recorded(self, supervision: Supervision) -> None:
         """Wait until what was recorded is in the store's file (the writer thread
         writes it; the loop goes on): intent before action, so a crash after acting
-        still leaves a trace. Returns at once while writes fail (they are kept)."""
-        await outside(self.clock, self.store.written())
+        still leaves a trace. Returns at once while writes fail (they are kept).
+
+        With several daemons the intent must be written under the migration's claim
+        and the daemon must still hold it, or NotOwner: no action without both. Writes
+        that fail are waited for (checked again every quarter poll) while it may act."""
+        gate = self.may_act
+        if gate is None:
+            await outside(self.clock, self.store.written())
+            return
+        migration_id = supervision.record.id
+        target = self.store.last_seq()
+        while True:
+            await outside(self.clock, self.store.written())
+            if self.store.committed_through() >= target or not gate(migration_id):
+                break
+            await self.clock.sleep(self.settings.poll_interval / 4)
+        if not gate(migration_id):
+            raise NotOwner(
+                f"migration {migration_id}: this daemon's lease or its claim on the "
+                "migration is gone; another daemon takes it over"
+            )
 
     async def start_job(self, supervision: Supervision, plan: StartPlan) -> None:
         record = supervision.record
-        await self.recorded()
+        await self.recorded(supervision)
         await self.driver.start(record.id, request_of(record), plan)
 
     async def stop_job(self, supervision: Supervision) -> None:
         """Ask the hypervisor to stop a job lmwatch gives up on (not an operator cancel)."""
-        await self.recorded()
+        await self.recorded(supervision)
         await self.driver.cancel(supervision.record.id)
 
     async def measure_change_rate(self, supervision: Supervision) -> ChangeRate | None:
@@ -303,7 +332,7 @@ class Effects:
             changes["handed_over"] = True
         self.update(supervision, "decision", decision.reason, action=action.value, data=data)
         mlog.info("decision", action=action.value, reason=decision.reason)
-        await self.recorded()
+        await self.recorded(supervision)
         try:
             if action is Action.RAISE_BLACKOUT:
                 assert decision.blackout_budget is not None

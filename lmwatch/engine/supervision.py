@@ -23,7 +23,7 @@ from lmwatch import policies
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import ActionRefused, DriverError, Refused
 from lmwatch.engine import machine
-from lmwatch.engine.effects import Effects
+from lmwatch.engine.effects import Effects, NotOwner
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.records import (
     FORCE_PENDING,
@@ -119,6 +119,8 @@ class Supervisor:
             await self._supervise(supervision)
         except asyncio.CancelledError:
             raise
+        except NotOwner as lost:  # another daemon takes it over: no action, no outcome
+            mlog.warning("supervision-given-up", why=str(lost))
         except Exception as error:  # a bug must not leave the migration unaccounted for
             mlog.exception("supervisor-crashed", error=repr(error))
             if not supervision.record.state.finished:

@@ -614,11 +614,14 @@ class Engine:
         return supervision.record
 
     def _refuse_elsewhere(self, record: MigrationRecord, supervision: Supervision | None) -> None:
-        """Conflict for an unfinished migration another member supervises."""
+        """Conflict for an unfinished migration another member supervises. The API
+        passes such commands on through the database (`elsewhere`, engine/commands.py);
+        this answers the moment the migration changed hands between that check and
+        this call."""
         if self.membership is not None and supervision is None and not record.state.finished:
             raise Conflict(
                 f"migration {record.id} is supervised by another lmwatch daemon sharing "
-                "this database; send the command to that daemon"
+                "this database now; send the command again"
             )
 
     async def _ask(self, supervision: Supervision, what: Cancel | Force) -> Any:

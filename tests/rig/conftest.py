@@ -171,7 +171,15 @@ def free_port() -> int:
 class Daemon:
     """The real lmwatch daemon in a subprocess, reached over its HTTP API only."""
 
-    def __init__(self, workdir: Path, profiles_text: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        profiles_text: str,
+        *,
+        store_url: str | None = None,
+        member: str | None = None,
+        lease: float | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -186,16 +194,21 @@ class Daemon:
             }
             for h in rigctl.HOSTS
         }
-        config = {
+        config: JsonDict = {
             "driver": "libvirt",
             "hosts": hosts,
             "token": TOKEN,
-            "store_path": str(workdir / "lmwatch.db"),
             "profiles_path": str(workdir / "profiles.yaml"),
             "poll_interval": POLL_INTERVAL,
             "port": self.port,
             "log_level": "INFO",
         }
+        if store_url is None:
+            config["store_path"] = str(workdir / "lmwatch.db")
+        else:  # a member of a cluster of daemons on one PostgreSQL database
+            config["store_url"] = store_url
+            config["member"] = member
+            config["lease"] = lease
         self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_offset = 0
@@ -358,12 +371,13 @@ def timeline_text(migration: JsonDict) -> str:
 @pytest.fixture(scope="module")
 def daemon_factory(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[[str], Daemon]]:
+) -> Iterator[Callable[..., Daemon]]:
     """Start real daemons with a given profiles text; all stopped (SIGTERM) at the end."""
     started: list[Daemon] = []
 
-    def make(profiles_text: str) -> Daemon:
-        d = Daemon(tmp_path_factory.mktemp("lmwatch"), profiles_text)
+    def make(profiles_text: str, **cluster: Any) -> Daemon:
+        """`cluster`: store_url, member and lease of a daemon in a cluster."""
+        d = Daemon(tmp_path_factory.mktemp("lmwatch"), profiles_text, **cluster)
         started.append(d)
         d.start()
         return d

@@ -68,10 +68,11 @@ def test_two_stores_open_one_database_at_once(pg_url: str) -> None:
     tables = "SELECT table_name FROM information_schema.tables WHERE table_name LIKE ?"
     found = sorted(t for (t,) in on_disk(pg_url, tables, "cluster%"))
     assert found == [
+        "cluster_commands",
         "cluster_leases",
         "cluster_members",
         "cluster_slots",
-    ]  # members, leases, slots: made at open
+    ]  # commands, members, leases, slots: made at open
 
 
 # --- values and durability ---------------------------------------------------------

@@ -20,6 +20,7 @@ from storetools import on_disk
 
 from lmwatch.bench.cluster_daemons import (
     FINISHED,
+    PROFILES,
     Daemon,
     call,
     lease_holder,
@@ -27,21 +28,6 @@ from lmwatch.bench.cluster_daemons import (
 
 LEASE = 2.0
 POLL = 0.2
-
-PROFILES = """
-profiles:
-  - name: handover
-    match: {labels: {kind: busy}}
-    max_blackout: 300ms
-    handover: allowed
-    max_degraded: 120s
-    deadline: 10m
-    on_deadline: complete
-  - name: plain
-    max_blackout: 300ms
-    deadline: 10m
-    on_deadline: cancel
-"""
 
 
 def inventory(sources: int, per_source: int, *, memory: str, link: str) -> str:

@@ -24,6 +24,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
 
+from lmwatch.bench.cluster_daemons import lease_holder
+
 pytestmark = pytest.mark.rig
 
 Daemon = Any  # tests/rig/conftest.py: Daemon (the real daemon, over HTTP)
@@ -51,19 +53,6 @@ def guest() -> Iterator[None]:
     rigctl.define_guest("a", BUSY, write_mib=32, rate_mib=40)
     yield
     rigctl.destroy_everywhere(BUSY)
-
-
-def holder(store_url: str, migration_id: str) -> str | None:
-    """The member whose lease on the migration runs, by the database."""
-    import psycopg
-
-    with psycopg.connect(store_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT m.name FROM cluster_leases l JOIN cluster_members m ON m.id = l.owner "
-            "WHERE l.kind = 'migration' AND l.key = %s AND m.expires_at > now()",
-            (migration_id,),
-        ).fetchone()
-    return None if row is None else str(row[0])
 
 
 def timeline_text(migration: JsonDict) -> str:
@@ -95,14 +84,14 @@ def test_the_other_daemon_finishes_a_migration_whose_owner_was_killed(
             "copying pass 2",
         )
         assert m["state"] == "copying", timeline_text(m)
-        owner = holder(pg_url, mid)
+        owner = lease_holder(pg_url, mid)
         assert owner in daemons, f"lease of {mid} held by {owner!r}"
         other = daemons["m2" if owner == "m1" else "m1"]
         daemons[owner].kill()
         killed = time.monotonic()
         taken = None
         while time.monotonic() < killed + LEASE + 30:
-            if holder(pg_url, mid) == other.member:
+            if lease_holder(pg_url, mid) == other.member:
                 taken = time.monotonic() - killed
                 break
             time.sleep(0.05)

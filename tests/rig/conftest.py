@@ -181,6 +181,7 @@ class Daemon:
         lease: float | None = None,
     ) -> None:
         self.workdir = workdir
+        self.member = member
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "daemon.log"

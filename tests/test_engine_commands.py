@@ -246,3 +246,28 @@ async def test_a_command_whose_notification_was_lost_is_taken_by_polling(
     assert (await outcome(pg_url, command)).outcome == "accepted"
     assert time.monotonic() - began < 2.0  # command_poll is 0.2 s here
     assert rig.actions(mid) == ["cancel"]
+
+
+async def test_a_command_for_a_migration_that_ended_first_is_answered_as_one_daemon_would(
+    rig: Rig, pg_url: str
+) -> None:
+    """Posted for a migration that ended before any owner took the command (no daemon
+    supervises it any more): answered with the refusal one daemon's API gives, by
+    whichever daemon takes it, and nothing goes on the ended migration's timeline."""
+    mid = await copying(rig, "big")
+    await rig.engine.cancel(mid)
+    await rig.finish(mid)
+    assert mid not in rig.engine.supervised()
+    await rig.store.written()
+    entries = len(rig.store.events(mid))
+    expected = {
+        "cancel": f"migration {mid} has already cancelled",
+        "force-complete": f"cannot force-complete: migration {mid} has cancelled",
+    }
+    for kind, detail in expected.items():
+        command = post(pg_url, mid, kind)
+        found = await outcome(pg_url, command)
+        assert found == Outcome.refused(commands_name(rig), 409, "conflict", detail)
+        assert row(pg_url, command)[:2] == (1, "refused")
+    assert len(rig.store.events(mid)) == entries
+    assert rig.actions(mid) == ["cancel"]

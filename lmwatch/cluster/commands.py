@@ -40,6 +40,7 @@ from typing import Any, Literal
 from psycopg.types.json import Jsonb
 
 from lmwatch.cluster.pg import Connection
+from lmwatch.model import State
 
 CHANNEL_POSTED = "lmwatch_commands"
 CHANNEL_DONE = "lmwatch_command_outcomes"
@@ -47,6 +48,8 @@ CHANNEL_DONE = "lmwatch_command_outcomes"
 Kind = Literal["cancel", "force-complete"]
 KINDS: tuple[Kind, ...] = ("cancel", "force-complete")
 Result = Literal["accepted", "refused"]
+# The states of a migration no daemon supervises any more.
+ENDED = tuple(sorted(state.value for state in State if state.finished))
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,29 @@ def take(
         " takes = c.takes + 1"
         " FROM free WHERE c.id = free.id RETURNING " + _TAKEN,
         {"ids": ids, "me": taker, "retake": retake_after, "limit": limit},
+    ).fetchall()
+    return sorted((_command(r) for r in rows), key=lambda c: c.id)
+
+
+def take_ended(
+    conn: Connection, taker: str, *, retake_after: float, limit: int = 100
+) -> list[Command]:
+    """Claim, as `take` does, the pending commands of migrations that have ended: no
+    daemon supervises them any more, so any may answer them (with the refusal one
+    daemon gives a command for an ended migration)."""
+    rows = conn.execute(
+        "WITH free AS ("
+        "  SELECT c.id FROM cluster_commands c JOIN migrations m ON m.id = c.migration_id"
+        "  WHERE c.outcome IS NULL AND m.state = ANY(%(ended)s::text[])"
+        "    AND (c.taken_by IS NULL"
+        "      OR c.taken_at < clock_timestamp() - make_interval(secs => %(retake)s))"
+        "  ORDER BY c.id LIMIT %(limit)s"
+        "  FOR UPDATE OF c SKIP LOCKED"
+        ") "
+        "UPDATE cluster_commands c SET taken_by = %(me)s, taken_at = clock_timestamp(),"
+        " takes = c.takes + 1"
+        " FROM free WHERE c.id = free.id RETURNING " + _TAKEN,
+        {"ended": list(ENDED), "me": taker, "retake": retake_after, "limit": limit},
     ).fetchall()
     return sorted((_command(r) for r in rows), key=lambda c: c.id)
 

@@ -5,7 +5,9 @@
   (`Engine.supervised`, what "owned" means here) and applies each through the engine
   method the local API uses (`cancel`, `force_complete`), then records the outcome
   once the migration's timeline entries are written, so that whoever reads the store
-  after the outcome sees them.
+  after the outcome sees them. It also answers the pending commands of migrations
+  that ended before their owner took them (no daemon supervises those any more):
+  with the refusal one daemon gives, recorded as the outcome only.
 - `Relay`, the side of a daemon asked to act on a migration it does not supervise:
   post a command and wait, up to `command_wait` seconds, for the owner's outcome.
 
@@ -153,19 +155,40 @@ class CommandTaker:
         """Take and carry out the pending commands of the supervised migrations; how
         many were recorded."""
         ids = self.engine.supervised()
-        if not ids:
-            return 0
         retake = self.engine.settings.command_retake_after
-        taken = await self._in(self._work, self._take, ids, retake)
+        taken = await self._in(self._work, self._take, ids, retake) if ids else []
+        ended = await self._in(self._work, self._take_ended, retake)
         done = 0
-        for command in taken:
+        for command, apply in [
+            *((c, self.apply) for c in taken),
+            *((c, self.answer) for c in ended),
+        ]:
             try:
-                done += await self.apply(command)
+                done += await apply(command)
             except (psycopg.Error, OSError):
                 raise
             except Exception:  # a bug, or the store: taken again after `retake_after`
                 log.exception("command-failed", migration=command.migration_id, command=command.id)
         return done
+
+    async def answer(self, command: Command) -> bool:
+        """A command for a migration that ended before any owner took it: the answer
+        one daemon gives (the engine refuses it, acting on nothing), or, taken again,
+        what its earlier taker did. Nothing goes on the ended migration's timeline."""
+        outcome = None
+        if command.takes > 1:
+            outcome = earlier_outcome(self.engine.store.events(command.migration_id), command)
+        if outcome is None:
+            outcome = await self._carry_out(command)
+        log.info(
+            "command-answered",
+            migration=command.migration_id,
+            command=command.id,
+            kind=command.kind,
+            outcome=outcome.outcome,
+            detail=outcome.detail,
+        )
+        return await self._record_outcome(command, outcome)
 
     async def apply(self, command: Command) -> bool:
         engine = self.engine
@@ -198,9 +221,17 @@ class CommandTaker:
             )
             clog.info("command-applied", outcome=outcome.outcome, detail=outcome.detail)
         await outside(engine.clock, engine.store.written())
+        return await self._record_outcome(command, outcome)
+
+    async def _record_outcome(self, command: Command, outcome: Outcome) -> bool:
         recorded = await self._in(self._work, self._record, command, outcome)
         if not recorded:
-            clog.warning("command-outcome-not-recorded", why="taken again by another daemon")
+            log.warning(
+                "command-outcome-not-recorded",
+                migration=command.migration_id,
+                command=command.id,
+                why="taken again by another daemon",
+            )
             return False
         self.applied += 1
         return True
@@ -234,6 +265,9 @@ class CommandTaker:
 
     def _take(self, ids: list[str], retake_after: float) -> list[Command]:
         return commands.take(self._connection(), ids, self.taker, retake_after=retake_after)
+
+    def _take_ended(self, retake_after: float) -> list[Command]:
+        return commands.take_ended(self._connection(), self.taker, retake_after=retake_after)
 
     def _record(self, command: Command, outcome: Outcome) -> bool:
         return commands.record(self._connection(), command, self.taker, outcome)

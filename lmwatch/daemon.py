@@ -96,8 +96,8 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.driver.close()
         self.store.close()
-        if self.membership is not None:
-            self.membership.stop()
+        if self.membership is not None:  # everything is written: hand the work over now
+            self.membership.stop(resign=True)
         if self.lock is not None:
             self.lock.release()
 

@@ -54,8 +54,8 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
     (tmp_path / "profiles.yaml").write_text(PROFILES)
 
-    def start(member: str, store_url: str) -> Daemon:
-        daemon = Daemon(tmp_path, member, store_url, LEASE, POLL)
+    def start(member: str, store_url: str, lease: float = LEASE) -> Daemon:
+        daemon = Daemon(tmp_path, member, store_url, lease, POLL)
         started.append(daemon)
         daemon.start()
         return daemon
@@ -180,6 +180,39 @@ def test_a_sigkilled_owner_is_taken_over_within_the_lease_and_a_poll(
     # Within the lease plus a poll; a little more for two processes on a busy machine.
     assert max(taken.values()) <= LEASE + POLL + 1.0, taken
     survivor = next(d for m, d in nodes.items() if m != victim)
+    wait_all_finished(survivor, ids, 240)
+    assert_exactly_once(pg_url, survivor, ids)
+    for migration_id in ids:
+        assert record(survivor, migration_id)["state"] == "completed"
+
+
+def test_a_daemon_stopped_cleanly_hands_its_migrations_over_at_once(
+    tmp_path: Path, pg_url: str, daemons: Callable[..., Daemon]
+) -> None:
+    """SIGTERM (a planned stop: a rolling upgrade) ends the daemon's lease once its
+    changes are written: the others take its migrations over at their next round, not
+    a lease later."""
+    lease = 20.0
+    (tmp_path / "inventory.yaml").write_text(inventory(4, 2, memory="4GiB", link="1Gbit/s"))
+    nodes = {m: daemons(m, pg_url, lease) for m in ("m1", "m2")}
+    ids = [submit(nodes["m1"], f"vm-{k}-1", f"s{k}", f"d{k}") for k in range(4)]
+    time.sleep(3 * POLL)
+    holders = {i: lease_holder(pg_url, i) for i in ids}
+    assert all(h in nodes for h in holders.values()), holders
+    victim = holders[ids[0]]
+    assert victim is not None
+    mine = [i for i, h in holders.items() if h == victim]
+    nodes[victim].stop()
+    stopped = time.monotonic()
+    survivor = next(d for m, d in nodes.items() if m != victim)
+    taken: dict[str, float] = {}
+    while len(taken) < len(mine) and time.monotonic() < stopped + lease:
+        for migration_id in mine:
+            if migration_id not in taken and lease_holder(pg_url, migration_id) == survivor.member:
+                taken[migration_id] = time.monotonic() - stopped
+        time.sleep(0.02)
+    assert sorted(taken) == sorted(mine)
+    assert max(taken.values()) <= 5 * POLL + 1.0, taken  # a lease is 20 s here
     wait_all_finished(survivor, ids, 240)
     assert_exactly_once(pg_url, survivor, ids)
     for migration_id in ids:

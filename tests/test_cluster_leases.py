@@ -142,6 +142,25 @@ def test_a_member_that_stops_renewing_loses_its_work_to_another_within_the_lease
     assert {c.token for c in taken} == {2}  # each claim fences the one before
 
 
+def test_a_member_that_resigns_hands_its_work_over_at_once(
+    db: Connection, pg_url: str, keepers: list[LeaseKeeper]
+) -> None:
+    """A clean stop ends the lease: the work is free now, not once the lease ran out."""
+    terms = LeaseTerms(lease=30.0, renew_every=5.0, margin=2.0, retry_after=0.1)
+    keys = [f"m{i:02d}" for i in range(5)]
+    leases.offer(db, "migration", keys)
+    first = start_keeper(keepers, pg_url, "first", terms)
+    second = start_keeper(keepers, pg_url, "second", terms)
+    assert first.member is not None and second.member is not None
+    assert len(leases.claim(db, first.member, "migration")) == 5
+    assert leases.claim(db, second.member, "migration") == []
+    assert first.resign()
+    assert not first.may_act() and first.member is None
+    assert [m.name for m in leases.live_members(db)] == ["second"]
+    assert {c.key for c in leases.claim(db, second.member, "migration")} == set(keys)
+    assert not first.resign()  # once
+
+
 # -- fencing ---------------------------------------------------------------------------
 
 

@@ -152,3 +152,24 @@ class LeaseKeeper:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+
+    def resign(self) -> bool:
+        """Stop renewing and end the lease now, so that other members take the work
+        over at their next round instead of once the lease has run out; whether it
+        was ended (False: not registered, already run out, or the database could not
+        be reached: then it runs out as after `stop`)."""
+        self.stop()
+        with self._lock:
+            member = self._member
+            self._member = None
+            self._sent_at = None
+        if member is None:
+            return False
+        try:
+            with self._connector(self.url) as conn:
+                ended = leases.resign(conn, member)
+        except psycopg.Error as error:
+            log.warning("lease-not-ended", member=self.name, id=member.id, error=str(error))
+            return False
+        log.info("member-resigned", member=self.name, id=member.id, ended=ended)
+        return ended

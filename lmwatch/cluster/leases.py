@@ -96,6 +96,18 @@ def renew(conn: Connection, member: Member, lease: float) -> Member:
     return Member(id=member.id, name=member.name, expires_at=row[0])
 
 
+def resign(conn: Connection, member: Member) -> bool:
+    """End a running lease now (a clean stop, once everything was written): every
+    unit the member holds may be claimed at once, as after its lease had run out.
+    Whether it was still running."""
+    row = conn.execute(
+        "UPDATE cluster_members SET expires_at = clock_timestamp()"
+        " WHERE id = %s AND expires_at > clock_timestamp() RETURNING id",
+        (member.id,),
+    ).fetchone()
+    return row is not None
+
+
 def live_members(conn: Connection) -> list[Member]:
     rows = conn.execute(
         "SELECT id, name, expires_at FROM cluster_members"

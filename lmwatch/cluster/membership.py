@@ -69,10 +69,15 @@ class Membership:
     def start(self) -> None:
         self.keeper.start()
 
-    def stop(self) -> None:
-        """Stop renewing (the lease runs out; nothing is released: another member
-        takes the work over once it has)."""
-        self.keeper.stop()
+    def stop(self, *, resign: bool = False) -> None:
+        """Stop renewing. With `resign` (a clean stop, after the store has written
+        everything) the lease ends now and another member takes the work over at its
+        next round; without it (or when the database cannot be reached) the lease
+        runs out first."""
+        if resign:
+            self.keeper.resign()
+        else:
+            self.keeper.stop()
         with self._lock:
             self._drop()
 

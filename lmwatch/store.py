@@ -304,6 +304,9 @@ class DrainState(StrEnum):
         return self in (DrainState.COMPLETED, DrainState.FAILED, DrainState.CANCELLED)
 
 
+_DRAINS_ENDED = ", ".join(f"'{state.value}'" for state in DrainState if state.finished)
+
+
 class ItemState(StrEnum):
     """Where one instance of a drain stands."""
 
@@ -864,9 +867,14 @@ class Store:
                 ),
             )
         elif drain is not None:
+            # A drain's state never moves back: not out of an end, and not from
+            # cancelling to running (with several daemons, a cancel recorded through
+            # another daemon's API stands until the daemon running the drain reads it).
             db.execute(
-                "UPDATE drains SET state=?, finished_at=?, body=? WHERE id=?",
-                (drain.state.value, drain.finished_at, drain.body(), drain.id),
+                "UPDATE drains SET state=?, finished_at=?, body=? WHERE id=?"
+                f" AND state NOT IN ({_DRAINS_ENDED})"
+                f" AND NOT (state = '{DrainState.CANCELLING}' AND ? = '{DrainState.RUNNING}')",
+                (drain.state.value, drain.finished_at, drain.body(), drain.id, drain.state.value),
             )
 
     def _write_probe(self, at: float | None) -> None:

@@ -70,6 +70,31 @@ def test_a_drain_round_trips(store_location: str) -> None:
         again.close()
 
 
+def test_a_drain_state_never_moves_back(store_location: str) -> None:
+    """A cancel recorded through one daemon stands against another daemon's older
+    copy of the running drain; an ended drain stays ended."""
+    store = Store.open(store_location)
+    drain = _drain()
+    store.insert_drain(drain)
+    cancelling = dataclasses.replace(drain, state=DrainState.CANCELLING, reason="cancelled")
+    store.update_drain(cancelling)
+    store.update_drain(dataclasses.replace(drain, reason="still running"))  # the older copy
+    store.close()
+    store = Store.open(store_location)
+    try:
+        assert store.get_drain("d1") == cancelling
+        ended = dataclasses.replace(cancelling, state=DrainState.CANCELLED, finished_at=1.9e9)
+        store.update_drain(ended)
+        store.update_drain(cancelling)
+    finally:
+        store.close()
+    again = Store.open(store_location)
+    try:
+        assert again.get_drain("d1") == ended
+    finally:
+        again.close()
+
+
 def test_unfinished_drains_are_found(shared_store: Store) -> None:
     store = shared_store
     store.insert_drain(_drain("d1"))

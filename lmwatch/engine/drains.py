@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from lmwatch.clock import outside
@@ -155,12 +155,49 @@ class Drains:
 
     def start(self) -> None:
         """Take back every unfinished drain the store holds (after the engine has
-        taken back its migrations)."""
-        for drain in self.engine.store.unfinished_drains():
-            log.info("drain-resumed", drain=drain.id, host=drain.host)
-            self._live[drain.id] = drain
-            self._spawn(drain.id)
+        taken back its migrations). With several daemons on one database a drain is
+        run by the member holding its host: the ownership rounds call `follow`."""
+        if self.engine.membership is None:
+            for drain in self.engine.store.unfinished_drains():
+                self._adopt(drain, "drain-resumed")
         self._publish()
+
+    def _adopt(self, drain: DrainRecord, event: str) -> None:
+        log.info(event, drain=drain.id, host=drain.host)
+        self._live[drain.id] = drain
+        self._spawn(drain.id)
+
+    def _runs_here(self, host: str) -> bool:
+        """Whether this daemon runs the drains of `host`: always alone; with several
+        daemons, while it holds the host (as of its last ownership round)."""
+        membership = self.engine.membership
+        if membership is None:
+            return True
+        last = membership.last
+        return last is not None and host in last.hosts and membership.may_act()
+
+    async def follow(self, hosts: Collection[str]) -> None:
+        """Run exactly the unfinished drains of `hosts`, the source hosts this member
+        holds now (several daemons on one database): stop running those of other
+        hosts (their records stay; the host's holder takes them over), take over those
+        not run here yet. A drain stopped between choosing a destination and handing
+        the migration over resumes as after a restart (the same key)."""
+        for drain_id, drain in builtins.list(self._live.items()):
+            if drain.host not in hosts:
+                await self._let_go(drain_id)
+        for drain in self.engine.store.unfinished_drains():
+            if drain.host in hosts and drain.id not in self._live:
+                self._adopt(drain, "drain-taken-over")
+        self._publish()
+
+    async def _let_go(self, drain_id: str) -> None:
+        task = self._tasks.pop(drain_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        drain = self._live.pop(drain_id, None)
+        if drain is not None:
+            log.info("drain-given-up", drain=drain_id, host=drain.host, why="host held elsewhere")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -285,7 +322,8 @@ class Drains:
             raise Invalid(f"no profile named {profile!r} is loaded")
         engine._effects.refuse_unless_writable()
         async with self._lock:
-            for other in self._live.values():
+            # (the store's: with several daemons another may run it)
+            for other in (*self._live.values(), *engine.store.unfinished_drains()):
                 if other.host == host and not other.state.finished:
                     raise Conflict(f"host {host} is already draining (drain {other.id})")
             running = await engine.driver.instances_on(host)
@@ -333,9 +371,12 @@ class Drains:
                 blocked=",".join(blocked) or None,
                 state=drain.state.value,
             )
-            if not drain.state.finished:
-                self._live[drain.id] = drain
-                self._spawn(drain.id)
+            if not drain.state.finished and drain.id not in self._live:
+                if self._runs_here(host):
+                    self._live[drain.id] = drain
+                    self._spawn(drain.id)
+                else:  # the member holding the host takes it at its next round
+                    log.info("drain-passed-on", drain=drain.id, host=host)
         self._publish()
         return drain
 
@@ -467,6 +508,17 @@ class Drains:
             return await self._step(self._live[drain_id])
 
     async def _step(self, drain: DrainRecord) -> DrainRecord:
+        if self.engine.membership is not None:
+            stored = self.engine.store.get_drain(drain.id)
+            if stored is not None and stored.state.finished:  # ended through another daemon
+                self._live.pop(drain.id, None)
+                self._publish()
+                return stored
+            if stored is not None and (stored.state, drain.state) == (
+                DrainState.CANCELLING,
+                DrainState.RUNNING,
+            ):  # cancelled through another daemon's API: carried out here
+                drain = self._cancel(drain)
         for index, item in enumerate(drain.items):
             if item.state is ItemState.MIGRATING:
                 after = self._followed(drain, item)
@@ -700,7 +752,9 @@ class Drains:
         return dataclasses.replace(drain, state=state, finished_at=now, reason=reason)
 
     def _save(self, drain: DrainRecord) -> None:
-        if drain.state.finished:
+        if drain.id not in self._live:
+            pass  # run by another daemon (a cancel through this one's API): the store only
+        elif drain.state.finished:
             self._live.pop(drain.id, None)
         else:
             self._live[drain.id] = drain

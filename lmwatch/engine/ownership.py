@@ -9,7 +9,8 @@ Every poll interval (and soon after an acceptance) a round of the membership
   once: its task is cancelled, nothing is acted on and no outcome is written;
 - a migration owned and not supervised is taken back through the restart path
   (re-attached, the evidence rebuilt before any forcing decision), or queued;
-- claims given up (host moved) are released once their supervision has stopped.
+- claims given up (host moved) are released once their supervision has stopped;
+- the drains of the hosts it holds are run here, and only those (`Drains.follow`).
 
 A migration whose changes the store dropped for a stale claim (the store's listener)
 is stopped the same way, at once.
@@ -93,6 +94,7 @@ class Ownership:
     async def stop_all(self, why: str) -> None:
         for migration_id in sorted(self.engine.supervised()):
             await self.engine.stop_supervising(migration_id, why)
+        await self.engine.drains.follow(())
 
     async def round_once(self) -> None:
         engine = self.engine
@@ -127,3 +129,4 @@ class Ownership:
                 if not engine.take_over(migration_id):
                     fencing.drop(migration_id)
         engine.schedule_all()
+        await engine.drains.follow(found.hosts)  # the drains of the hosts held here

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmwatch.model import GIB, MIB, Capabilities, InstanceInfo
-from lmwatch.policies import DEFAULT, deadline_at, plan_start
+from lmwatch.policies import DEFAULT, deadline_at, learned_switchover, plan_start
 from lmwatch.profiles.schema import Deadline, Profile
 
 INFO = InstanceInfo(name="vm1", uuid="u", host="a", memory_bytes=4 * GIB)
@@ -157,3 +157,31 @@ def test_start_level_leaves_the_disk_copy_its_share_of_the_deadline() -> None:
         profile, replace(info, local_disk_bytes=100 * GIB), Capabilities(), 300 * MIB, 200 * MIB
     )
     assert DEFAULT.slow_down_initial < alone.slow_down_initial < with_disk.slow_down_initial
+
+
+@pytest.mark.parametrize(
+    ("measured", "planned"),
+    [
+        ((), DEFAULT.switchover_seconds),  # nothing measured yet
+        ((0.04,), 0.04),
+        ((0.04, 0.36), 0.36),  # two figures cannot tell a disturbed one: the larger
+        ((0.04, 0.05, 0.06), 0.06),  # steady: the largest, never less than measured
+        ((0.05, 0.36, 0.04, 0.05), 0.05),  # one final stop slowed by something else
+        ((0.05, 0.12, 0.06), 0.12),  # within 3x the median: a real spread, kept
+        ((0.36, 0.38, 0.35), 0.38),  # a slow pair is slow: all of it kept
+    ],
+)
+def test_the_learned_switchover_leaves_out_a_disturbed_measurement(
+    measured: tuple[float, ...], planned: float
+) -> None:
+    assert learned_switchover(measured, DEFAULT.switchover_seconds) == pytest.approx(planned)
+
+
+def test_one_disturbed_final_stop_does_not_leave_a_profile_without_budget() -> None:
+    """A 356 ms figure among steady 50 ms ones (the link shared during one final
+    stop) must not take a 300 ms profile's whole budget: with no budget nothing
+    completes, and nothing would ever correct the figure."""
+    switchover = learned_switchover((0.05, 0.05, 0.356, 0.05), DEFAULT.switchover_seconds)
+    profile = Profile(name="p", max_blackout=0.3)
+    plan = plan_start(profile, INFO, Capabilities(), None, None, switchover=switchover)
+    assert plan.blackout_budget == pytest.approx(0.25)

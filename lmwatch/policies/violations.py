@@ -6,6 +6,7 @@ metric) and the benchmark's judge scores runs with the same rules.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -146,7 +147,27 @@ def measured_switchover(
     return max(0.0, blackout - max(0.0, copy - burst))
 
 
+# A measured switchover this many times the typical one (the median) had another
+# cause: the final stop ran slow because the link was shared or slowed under it.
+DISTURBED_SWITCHOVER = 3.0
+
+
 def learned_switchover(measured: Iterable[float], default: float) -> float:
-    """The switchover cost to plan with: the default until measured, then the largest seen."""
-    values = list(measured)
-    return max(values) if values else default
+    """The switchover cost to plan with: the default until measured, then the largest
+    seen, so that the next blackout is not underestimated.
+
+    From three measurements on, one over `DISTURBED_SWITCHOVER` times their median
+    is left out: the cost of a host pair's switchover is steady, and such a figure
+    was a final stop slowed by something else (the link shared or slowed during it;
+    `measured_switchover` cannot tell). Kept, it would be planned with for every
+    later migration between the pair and, once above a profile's `max_blackout`,
+    leave that profile no budget at all, so no migration could complete and correct
+    it."""
+    values = sorted(measured)
+    if not values:
+        return default
+    if len(values) >= 3:
+        median = statistics.median(values)
+        steady = [v for v in values if v <= DISTURBED_SWITCHOVER * median]
+        return max(steady)
+    return values[-1]

@@ -47,7 +47,14 @@ from lmwatch.model import InstanceInfo, MigrationRequest, State
 from lmwatch.policies import drain as policy
 from lmwatch.policies.placement import Placement
 from lmwatch.records import Progress
-from lmwatch.store import DrainItem, DrainRecord, DrainState, ItemState, MigrationRecord
+from lmwatch.store import (
+    DrainItem,
+    DrainRecord,
+    DrainState,
+    ItemState,
+    MigrationRecord,
+    StoreUnwritable,
+)
 
 if TYPE_CHECKING:
     from lmwatch.engine.core import Engine
@@ -185,9 +192,15 @@ class Drains:
         for drain_id, drain in builtins.list(self._live.items()):
             if drain.host not in hosts:
                 await self._let_go(drain_id)
-        for drain in self.engine.store.unfinished_drains():
-            if drain.host in hosts and drain.id not in self._live:
-                self._adopt(drain, "drain-taken-over")
+        if hosts:  # (none: nothing to read; the database may be out of reach)
+            try:
+                unfinished = self.engine.store.unfinished_drains()
+            except StoreUnwritable as error:  # cannot be reached: the next round
+                log.warning("drains-unread", error=str(error))
+                unfinished = []
+            for drain in unfinished:
+                if drain.host in hosts and drain.id not in self._live:
+                    self._adopt(drain, "drain-taken-over")
         self._publish()
 
     async def _let_go(self, drain_id: str) -> None:

@@ -39,8 +39,7 @@ from typing import Any, Literal
 
 from psycopg.types.json import Jsonb
 
-from lmwatch.cluster.pg import Connection
-from lmwatch.model import State
+from lmwatch.cluster.pg import ENDED, Connection
 
 CHANNEL_POSTED = "lmwatch_commands"
 CHANNEL_DONE = "lmwatch_command_outcomes"
@@ -48,8 +47,6 @@ CHANNEL_DONE = "lmwatch_command_outcomes"
 Kind = Literal["cancel", "force-complete"]
 KINDS: tuple[Kind, ...] = ("cancel", "force-complete")
 Result = Literal["accepted", "refused"]
-# The states of a migration no daemon supervises any more.
-ENDED = tuple(sorted(state.value for state in State if state.finished))
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +121,38 @@ def post(
     return _command(row)
 
 
+def _claim(
+    conn: Connection,
+    which: str,
+    params: dict[str, Any],
+    taker: str,
+    retake_after: float,
+    limit: int,
+    *,
+    with_migration: bool = False,
+) -> list[Command]:
+    """Claim for `taker`, oldest first, the pending commands `which` picks (a condition
+    on `c`, the command, and with `with_migration` on `m`, its migration): those
+    nobody took, and those taken over `retake_after` seconds ago without an outcome.
+    Rows another taker is claiming now are skipped."""
+    joined = " JOIN migrations m ON m.id = c.migration_id" if with_migration else ""
+    rows = conn.execute(
+        "WITH free AS ("
+        f"  SELECT c.id FROM cluster_commands c{joined}"
+        f"  WHERE c.outcome IS NULL AND {which}"
+        "    AND (c.taken_by IS NULL"
+        "      OR c.taken_at < clock_timestamp() - make_interval(secs => %(retake)s))"
+        "  ORDER BY c.id LIMIT %(limit)s"
+        "  FOR UPDATE OF c SKIP LOCKED"
+        ") "
+        "UPDATE cluster_commands c SET taken_by = %(me)s, taken_at = clock_timestamp(),"
+        " takes = c.takes + 1"
+        " FROM free WHERE c.id = free.id RETURNING " + _TAKEN,
+        {**params, "me": taker, "retake": retake_after, "limit": limit},
+    ).fetchall()
+    return sorted((_command(r) for r in rows), key=lambda c: c.id)
+
+
 def take(
     conn: Connection,
     migration_ids: Iterable[str],
@@ -139,21 +168,8 @@ def take(
     ids = list(migration_ids)
     if not ids:
         return []
-    rows = conn.execute(
-        "WITH free AS ("
-        "  SELECT id FROM cluster_commands"
-        "  WHERE migration_id = ANY(%(ids)s::text[]) AND outcome IS NULL"
-        "    AND (taken_by IS NULL"
-        "      OR taken_at < clock_timestamp() - make_interval(secs => %(retake)s))"
-        "  ORDER BY id LIMIT %(limit)s"
-        "  FOR UPDATE SKIP LOCKED"
-        ") "
-        "UPDATE cluster_commands c SET taken_by = %(me)s, taken_at = clock_timestamp(),"
-        " takes = c.takes + 1"
-        " FROM free WHERE c.id = free.id RETURNING " + _TAKEN,
-        {"ids": ids, "me": taker, "retake": retake_after, "limit": limit},
-    ).fetchall()
-    return sorted((_command(r) for r in rows), key=lambda c: c.id)
+    which = "c.migration_id = ANY(%(ids)s::text[])"
+    return _claim(conn, which, {"ids": ids}, taker, retake_after, limit)
 
 
 def take_ended(
@@ -162,21 +178,9 @@ def take_ended(
     """Claim, as `take` does, the pending commands of migrations that have ended: no
     daemon supervises them any more, so any may answer them (with the refusal one
     daemon gives a command for an ended migration)."""
-    rows = conn.execute(
-        "WITH free AS ("
-        "  SELECT c.id FROM cluster_commands c JOIN migrations m ON m.id = c.migration_id"
-        "  WHERE c.outcome IS NULL AND m.state = ANY(%(ended)s::text[])"
-        "    AND (c.taken_by IS NULL"
-        "      OR c.taken_at < clock_timestamp() - make_interval(secs => %(retake)s))"
-        "  ORDER BY c.id LIMIT %(limit)s"
-        "  FOR UPDATE OF c SKIP LOCKED"
-        ") "
-        "UPDATE cluster_commands c SET taken_by = %(me)s, taken_at = clock_timestamp(),"
-        " takes = c.takes + 1"
-        " FROM free WHERE c.id = free.id RETURNING " + _TAKEN,
-        {"ended": list(ENDED), "me": taker, "retake": retake_after, "limit": limit},
-    ).fetchall()
-    return sorted((_command(r) for r in rows), key=lambda c: c.id)
+    which = "m.state = ANY(%(ended)s::text[])"
+    params = {"ended": list(ENDED)}
+    return _claim(conn, which, params, taker, retake_after, limit, with_migration=True)
 
 
 def record(conn: Connection, command: Command, taker: str, outcome: Outcome) -> bool:

@@ -24,14 +24,13 @@ from lmwatch.cluster import leases
 from lmwatch.cluster.fencing import MIGRATION, Fencing
 from lmwatch.cluster.hosts import HOST, balance_hosts
 from lmwatch.cluster.keeper import LeaseKeeper
-from lmwatch.cluster.pg import Connection, connect
+from lmwatch.cluster.pg import ENDED, Connection, connect
 from lmwatch.cluster.schema import ensure_schema
 from lmwatch.logs import get_logger
 from lmwatch.policies.leases import LeaseTerms
 
 log = get_logger("lmwatch.cluster")
 
-_FINISHED = ("completed", "failed", "cancelled")
 # Destination slots are counted under this transaction lock, one per destination.
 _SLOT_LOCK = "lmwatch-destination:"
 
@@ -132,7 +131,7 @@ class Membership:
             conn.execute(
                 "INSERT INTO cluster_leases (kind, key) SELECT 'migration', id FROM migrations"
                 " WHERE state <> ALL(%s) ON CONFLICT DO NOTHING",
-                (list(_FINISHED),),
+                (list(ENDED),),
             )
             self._offered = True
         mine = [c.key for c in balance_hosts(conn, member, hosts).held]
@@ -191,7 +190,7 @@ class Membership:
                         "SELECT count(*) FROM cluster_slots s JOIN migrations m"
                         " ON m.id = s.migration_id"
                         " WHERE s.destination = %s AND m.state <> ALL(%s)",
-                        (destination, list(_FINISHED)),
+                        (destination, list(ENDED)),
                     ).fetchone()
                     if row is not None and int(row[0]) >= limit:
                         return False

@@ -16,10 +16,14 @@ from typing import Any
 
 import psycopg
 
+from lmwatch.model import State
+
 Connection = psycopg.Connection[Any]
 # The errors that mean "the database cannot be reached now" (server gone, restarted,
 # connection cut): retry on a new connection.
 Unreachable = (psycopg.OperationalError, psycopg.InterfaceError)
+# The `migrations.state` values of a migration that ended: no member supervises it.
+ENDED = tuple(sorted(state.value for state in State if state.finished))
 
 
 def connect(url: str, *, timeout: float = 5.0) -> Connection:

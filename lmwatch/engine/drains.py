@@ -335,9 +335,10 @@ class Drains:
             raise Invalid(f"no profile named {profile!r} is loaded")
         engine._effects.refuse_unless_writable()
         async with self._lock:
-            # (the store's: with several daemons another may run it)
-            for other in (*self._live.values(), *engine.store.unfinished_drains()):
-                if other.host == host and not other.state.finished:
+            # From the store (its reads show changes not written yet): with several
+            # daemons, another may run the host's drain.
+            for other in engine.store.unfinished_drains():
+                if other.host == host:
                     raise Conflict(f"host {host} is already draining (drain {other.id})")
             running = await engine.driver.instances_on(host)
             rates = await self._change_rates(host, [info.name for info in running])

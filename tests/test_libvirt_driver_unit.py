@@ -1719,6 +1719,48 @@ async def test_many_calls_to_one_host_use_at_most_four_threads(
     await real_until(lambda: not host_threads("a"))  # an idle host keeps no thread
 
 
+async def test_a_caller_given_its_answer_finds_the_thread_free(clock: VirtualClock) -> None:
+    """One thread, no queue: the next call right after an answer is run, not refused
+    because the thread that answered had not yet let go of its place."""
+    executor = libvirt_conn.HostExecutor("a", clock, workers=1, queue_limit=0)
+    try:
+        for n in range(300):
+            assert await executor.submit(lambda n=n: n) == n
+    finally:
+        executor.shutdown()
+
+
+async def test_waiting_calls_are_served_when_only_set_aside_threads_come_back(
+    clock: VirtualClock,
+) -> None:
+    """Two threads hang and are set aside; the spare one hangs too, with a call
+    waiting behind it. When the first two come back, one serves the waiting call
+    (nothing else would start a thread for it)."""
+    executor = libvirt_conn.HostExecutor(
+        "a", clock, workers=2, queue_limit=5, hang_after=10.0, spare=1
+    )
+    first, spare = Blocker(), Blocker()
+    try:
+        hung = [executor.submit(first, None) for _ in range(2)]
+        await real_until(lambda: first.running == 2)
+        await clock.advance(11.0)
+        stuck = executor.submit(spare, None)  # the two are set aside; a third thread
+        await real_until(lambda: spare.running == 1)
+        waiting = executor.submit(lambda: "served")
+        assert executor.depth == 1
+        await clock.advance(11.0)
+        with pytest.raises(HostBusy, match="have not answered"):
+            executor.submit(lambda: 0)  # sets the third aside too: none serves the queue
+        first.gate.set()
+        assert await asyncio.wait_for(waiting, 2) == "served"
+        await asyncio.wait_for(asyncio.gather(*hung), 2)
+    finally:
+        first.gate.set()
+        spare.gate.set()
+        executor.shutdown()
+    await asyncio.wait_for(stuck, 2)
+
+
 async def test_the_bound_is_set_per_host(cloud: FakeCloud, clock: VirtualClock) -> None:
     hosts = {
         "a": HostConfig(uri=cloud.hosts["a"].uri, call_threads=2, call_queue=3),

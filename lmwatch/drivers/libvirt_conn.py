@@ -93,11 +93,17 @@ class _Call:
     future: asyncio.Future[Any]
 
     def run(self) -> None:  # worker thread
-        value: Any
+        self.hand_over(*self.execute())
+
+    def execute(self) -> tuple[bool, Any]:  # worker thread
+        """Run the call: (True, its value) or (False, what it raised)."""
         try:
-            ok, value = True, self.fn()
+            return True, self.fn()
         except BaseException as error:  # handed to the awaiting side
-            ok, value = False, error
+            return False, error
+
+    def hand_over(self, ok: bool, value: Any) -> None:  # worker thread
+        """Give the outcome to the loop that waits for it."""
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
             self.loop.call_soon_threadsafe(self._deliver, ok, value)
 
@@ -186,37 +192,17 @@ class HostExecutor:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         call = _Call(functools.partial(fn, *args), loop, future)
-        queue = self._queue
-        with self._lock:
-            if self._closed:
-                raise HostBusy(f"host {self.host}: the driver is shutting down")
-            self._set_aside_hung()
-            while queue.calls and self._room():  # threads were set aside: the oldest first
-                self._start_worker(queue.calls.popleft())
-            if self._room():
-                queue.refusing = False
-                self._start_worker(call)
-                return future
-            active = sum(1 for w in self._threads if not w.hung)
-            if not active:
-                self._refuse(
-                    f"{len(self._threads)} calls have not answered for over {self.hang_after:.0f} s"
-                )
-            if len(queue.calls) >= self.queue_limit:
-                self._refuse(f"{len(queue.calls)} calls already waiting")
-            queue.refusing = False
-            queue.calls.append(call)
-            depth = len(queue.calls)
-            if not queue.warned and depth >= max(1, self.queue_limit // 2):
-                queue.warned = True
-                log.warning(
-                    "host-calls-queued",
-                    host=self.host,
-                    waiting=depth,
-                    limit=self.queue_limit,
-                    threads=len(self._threads),
-                )
-        future.add_done_callback(functools.partial(self._withdraw, call))
+        # Threads start once the lock is let go: a call that returns at once must not
+        # find the lock still held by the thread that started it.
+        starting: list[threading.Thread] = []
+        try:
+            with self._lock:
+                queued = self._admit(call, starting)
+        finally:
+            for thread in starting:
+                thread.start()
+        if queued:
+            future.add_done_callback(functools.partial(self._withdraw, call))
         return future
 
     def shutdown(self) -> None:
@@ -233,6 +219,39 @@ class HostExecutor:
 
     # -- under the lock --------------------------------------------------------------
 
+    def _admit(self, call: _Call, starting: list[threading.Thread]) -> bool:
+        """Give `call` a new thread (put in `starting`) or queue it; True when queued.
+        Threads freed by set-aside calls go to the oldest waiting calls first."""
+        queue = self._queue
+        if self._closed:
+            raise HostBusy(f"host {self.host}: the driver is shutting down")
+        self._set_aside_hung()
+        while queue.calls and self._room():
+            starting.append(self._new_worker(queue.calls.popleft()))
+        if self._room():
+            queue.refusing = False
+            starting.append(self._new_worker(call))
+            return False
+        if not self._active():
+            self._refuse(
+                f"{len(self._threads)} calls have not answered for over {self.hang_after:.0f} s"
+            )
+        if len(queue.calls) >= self.queue_limit:
+            self._refuse(f"{len(queue.calls)} calls already waiting")
+        queue.refusing = False
+        queue.calls.append(call)
+        depth = len(queue.calls)
+        if not queue.warned and depth >= max(1, self.queue_limit // 2):
+            queue.warned = True
+            log.warning(
+                "host-calls-queued",
+                host=self.host,
+                waiting=depth,
+                limit=self.queue_limit,
+                threads=len(self._threads),
+            )
+        return True
+
     def _refuse(self, why: str) -> None:
         if not self._queue.refusing:
             self._queue.refusing = True
@@ -247,8 +266,11 @@ class HostExecutor:
 
     def _room(self) -> bool:
         """Whether one more thread may start."""
-        active = sum(1 for w in self._threads if not w.hung)
-        return active < self.workers and len(self._threads) < self.workers + self.spare
+        return self._active() < self.workers and len(self._threads) < self.workers + self.spare
+
+    def _active(self) -> int:
+        """Threads serving calls (not set aside)."""
+        return sum(1 for w in self._threads if not w.hung)
 
     def _set_aside_hung(self) -> None:
         now = self._clock.now()
@@ -264,27 +286,44 @@ class HostExecutor:
                 spare=self.spare,
             )
 
-    def _start_worker(self, call: _Call) -> None:
+    def _new_worker(self, call: _Call) -> threading.Thread:
+        """A thread for `call`, counted at once, for the caller to start."""
         worker = _Worker(f"{self.thread_prefix}{next(self._serial)}", self._clock.now())
         self._threads.append(worker)
-        thread = threading.Thread(
+        return threading.Thread(
             target=self._work, args=(worker, call), name=worker.name, daemon=True
         )
-        thread.start()
 
     # -- threads -----------------------------------------------------------------------
 
     def _work(self, me: _Worker, call: _Call) -> None:
-        while True:
-            call.run()
+        """Run calls until none waits. A caller gets its outcome only once this thread
+        has taken the next call or left: a caller that submits again at once finds
+        the thread's place free, not still held by the call it just got back."""
+        following: _Call | None = call
+        while following is not None:
+            call = following
+            outcome = call.execute()
             with self._lock:
-                if me.hung or self._closed or not self._queue.calls:
-                    self._threads.remove(me)
-                    return
-                call = self._queue.calls.popleft()
-                if not self._queue.calls:
-                    self._queue.warned = False
-                me.busy_since = self._clock.now()
+                following = self._take_next(me)
+            call.hand_over(*outcome)
+
+    def _take_next(self, me: _Worker) -> _Call | None:  # under the lock
+        """The next waiting call for `me`, or None when `me` ends (it leaves the list).
+
+        A set-aside thread whose call came back after all takes waiting calls again
+        when fewer than `workers` threads serve them: it may be the last thread left.
+        """
+        if me.hung and self._queue.calls and self._active() < self.workers:
+            me.hung = False
+        if me.hung or self._closed or not self._queue.calls:
+            self._threads.remove(me)
+            return None
+        call = self._queue.calls.popleft()
+        if not self._queue.calls:
+            self._queue.warned = False
+        me.busy_since = self._clock.now()
+        return call
 
     def _withdraw(self, call: _Call, future: asyncio.Future[Any]) -> None:  # loop thread
         if future.cancelled():

@@ -446,6 +446,7 @@ def _hopeful_reading_converges(
         elapsed_in_pass=in_pass,
         overhead=a.overhead,
         switchover=ctx.switchover,
+        outside=a.outside(hopeful),
         settings=settings,
     ).converges
 
@@ -560,6 +561,7 @@ def _would_finish(
         elapsed_in_pass=0.0,
         overhead=a.overhead,
         switchover=ctx.switchover,
+        outside=a.outside(model),
         settings=settings,
     )
     return outlook.converges or _fits_somehow(profile, ctx, outlook.floor, a, settings)

@@ -20,9 +20,13 @@ The hypervisor does not send a pass to its end: it counts the changed pages agai
 as soon as what the pass still has to send falls below the threshold `B · T`
 (transfer rate × blackout budget), checked before each burst it sends, and stops
 the guest if the new count is below the threshold too. The rest of a pass is
-carried into the next, so a pass starts with `rest + f(duration)` to send: the
-pairs take the rest off (only what was rewritten is a point of `f`), and the
-projection carries it.
+carried into the next, and the hypervisor's bitmap counts a page once: a page the
+guest rewrites while it is still in the unsent rest adds nothing. A random writer
+touches each page of `W` alike, so of the `f(duration)` distinct pages it dirtied
+those outside the rest, `f(duration)·(1 − rest/W)`, are added
+(`DirtyModel.next_count`, the one calculation the fit, the pair rates and the
+projection share). The first pass's rest lies all over memory, and only its part in
+the working set overlaps what the guest dirties.
 """
 
 from __future__ import annotations

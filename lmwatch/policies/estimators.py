@@ -155,8 +155,12 @@ class DirtyModel:
         """What the next count holds after a pass of `seconds` that left `rest` unsent
         (`outside` of it outside the working set): the rest, and the pages dirtied
         meanwhile outside it (the hypervisor counts a page once)."""
-        dirtied = self.dirtied(seconds, slowdown)
-        return rest + dirtied * (1.0 - self.overlap(rest, outside))
+        return rest + self.added(seconds, slowdown, self.overlap(rest, outside))
+
+    def added(self, seconds: float, slowdown: float, overlap: float) -> float:
+        """Of the pages dirtied in `seconds`, those not in a rest that covers `overlap`
+        of the working set (what they add to the count)."""
+        return self.dirtied(seconds, slowdown) * (1.0 - overlap)
 
     def outside(self, spread: float, memory: float) -> float:
         """Of `spread` bytes lying all over memory (the first pass's unsent rest), those
@@ -586,13 +590,17 @@ def _rewrites(model: DirtyModel, pair: Pair, memory: float) -> float:
     return model.next_count(pair.rest, pair.duration, pair.slowdown, outside) - pair.rest
 
 
-def _distinct(pair: Pair, working_set: float, memory: float) -> float:
-    """`f(duration)` read from a pair, given the working set: what the guest dirtied
-    outside the rest is the share of its pages the rest did not cover (that share
-    taken as at least 1 − `_MOST_OVERLAP`: beyond, the pair says little of `f`)."""
-    model = DirtyModel(0.0, working_set)
-    share = model.overlap(pair.rest, model.outside(pair.spread, memory))
-    return pair.rewritten / (1.0 - min(_MOST_OVERLAP, share))
+def _overlap(pair: Pair, working_set: float, memory: float) -> float:
+    """Share of a working set of `working_set` bytes the pair's rest covered."""
+    shape = DirtyModel(0.0, working_set)
+    return shape.overlap(pair.rest, shape.outside(pair.spread, memory))
+
+
+def _distinct(pair: Pair, overlap: float) -> float:
+    """`f(duration)` read from a pair whose rest covered `overlap` of the working set:
+    what the guest dirtied outside the rest is the share of its pages the rest did not
+    cover (taken as at least 1 − `_MOST_OVERLAP`: beyond, the pair says little of `f`)."""
+    return pair.rewritten / (1.0 - min(_MOST_OVERLAP, overlap))
 
 
 def _written(working_set: float, distinct: float) -> float:
@@ -620,7 +628,8 @@ def _fit_at(
     """The best model with one of these working sets: (error, its index, model)."""
     best: tuple[float, int, DirtyModel] | None = None
     for k, w in enumerate(working_sets):
-        ys = [_written(w, _distinct(p, w, memory)) for p in points]
+        shares = [_overlap(p, w, memory) for p in points]
+        ys = [_written(w, _distinct(p, share)) for p, share in zip(points, shares, strict=True)]
         # Candidate rates: the least-squares line through the origin, and the rate each
         # pair implies on its own (a saturated pair says little; a short pass says most).
         slope = sum(y * p.duration for y, p in zip(ys, points, strict=True)) / sum(
@@ -632,8 +641,8 @@ def _fit_at(
                 continue
             model = DirtyModel(d, w)
             error = 0.0
-            for p in points:
-                predicted = max(_rewrites(model, p, memory), 1.0)
+            for p, share in zip(points, shares, strict=True):  # as `_rewrites` reads them
+                predicted = max(model.added(p.duration, p.slowdown, share), 1.0)
                 error += math.log(predicted / p.rewritten) ** 2
             if best is None or error < best[0] - 1e-12:
                 best = (error, k, model)
@@ -677,7 +686,7 @@ def fit_model(
         cap = max(cap, points[-1].rewritten * 1.0001)
     elif len(points) == 1:
         (point,) = points
-        linear = _distinct(point, cap, memory) / point.duration
+        linear = _distinct(point, _overlap(point, cap, memory)) / point.duration
         if measured_rate is not None and measured_rate > linear * 1.2:
             working_set = _solve_working_set(measured_rate, point, memory, cap)
             return DirtyModel(measured_rate, working_set)
@@ -692,7 +701,7 @@ def fit_model(
     if found is None:
         return None
     k = found[1]
-    fine = _log_steps(coarse[max(0, k - 1)], coarse[min(len(coarse) - 1, k + 1)], 20)
+    fine = _log_steps(coarse[max(0, k - 1)], coarse[min(len(coarse) - 1, k + 1)], 10)
     refined = _fit_at(fine, points, memory)
     if refined is not None and refined[0] < found[0]:
         found = refined
@@ -708,7 +717,7 @@ def _pair_rates(pairs: Sequence[Pair], model: DirtyModel, memory: float) -> list
         if effective <= 0 or p.rewritten <= 0 or w <= 0:
             rates.append(0.0)
             continue
-        rates.append(_written(w, _distinct(p, w, memory)) / effective)
+        rates.append(_written(w, _distinct(p, _overlap(p, w, memory))) / effective)
     return rates
 
 

@@ -35,6 +35,7 @@ from lmwatch.drivers.inventory import ConstantRate
 from lmwatch.drivers.simphysics import Migration, Writer
 from lmwatch.model import GIB, MIB, Decision, MigrationContext, Sample, StartPlan
 from lmwatch.policies.estimators import DirtyModel, analyse, quiet_rate
+from lmwatch.policies.track import Pair
 from lmwatch.profiles.schema import Deadline, OnDeadline, Profile
 
 
@@ -242,10 +243,10 @@ def test_4_only_passes_that_left_clearly_less_than_the_model_say_quieter() -> No
     what the model predicts, so it is no quieter phase. A pass that left a sixth of
     the prediction is one, and its rate is what it implies."""
     model = DirtyModel(rate=28.6 * MIB, working_set=45.8 * MIB)
-    busy = [(5.5, 0.0, 30.0 * MIB), (2.1, 0.0, 30.9 * MIB), (2.0, 0.0, 31.4 * MIB)]
-    assert quiet_rate(busy, model) is None
-    quiet = (2.0, 0.0, 5.0 * MIB)
-    rate = quiet_rate([*busy, quiet], model)
+    busy = [Pair(5.5, 0.0, 30.0 * MIB), Pair(2.1, 0.0, 30.9 * MIB), Pair(2.0, 0.0, 31.4 * MIB)]
+    assert quiet_rate(busy, model, 128 * MIB) is None
+    quiet = Pair(2.0, 0.0, 5.0 * MIB)
+    rate = quiet_rate([*busy, quiet], model, 128 * MIB)
     assert rate is not None
     assert rate == pytest.approx(-45.8 * math.log1p(-5.0 / 45.8) / 2.0 * MIB)
 

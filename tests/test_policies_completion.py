@@ -629,3 +629,34 @@ def test_capped_change_rate_readings_do_not_make_the_current_slowdown_look_enoug
     assert decision.prediction is not None
     assert decision.prediction.eta_seconds is not None
     assert decision.prediction.eta_seconds >= 4 * w.working_set / w.bandwidth
+
+
+@pytest.mark.parametrize("change_mib", [3500, 4000])
+def test_budget_raised_where_the_larger_rest_lets_copying_converge(change_mib: int) -> None:
+    """A random writer over 632 MiB hovering at a 300 ms budget with a remainder whose
+    copy needs more than the limit (472 ms after the switchover). The floor moves with
+    the budget: the larger rest a larger budget leaves holds more of what the guest
+    dirties next, and with the budget at the limit copying converges (the history at
+    that budget does). The budget is raised to the limit, not given up on."""
+    strict = Profile(
+        name="strict",
+        max_blackout=0.5,
+        may_slow_down=False,
+        handover="forbidden",
+        may_pause=False,
+        max_pause=0.0,
+    )
+    w = workload(5376, change_mib, 1181, 632, "random")
+    limit = 0.5 - 0.028
+    at_limit = history(w, max_passes=40, polls_per_pass=2, budget=limit)
+    assert at_limit[-1].phase is Phase.COMPLETING
+    samples = history(w, max_passes=12, polls_per_pass=2, budget=0.3)
+    assert samples[-1].passes == 12  # it does not converge at 300 ms
+    ctx = context(w, budget=0.3, switchover=0.028)
+    first = next(i for i, s in enumerate(samples) if s.passes == 5)
+    a = analyse(samples[: first + 1], ctx)
+    assert a.floor is not None and a.transfer_rate
+    assert a.floor / a.transfer_rate > limit  # the floor at 300 ms needs more than the limit
+    decision = decide(strict, samples[: first + 1], ctx, samples[first].time)
+    assert decision.action is Action.RAISE_BLACKOUT
+    assert decision.blackout_budget == pytest.approx(limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from lmwatch.model import MIB
 from lmwatch.policies import estimate
 from lmwatch.policies.estimators import DirtyModel, analyse, fit_model, project
+from lmwatch.policies.track import Pair
 
 try:
     from test_policies_support import BURST, Workload, context, history, workload
@@ -41,21 +43,21 @@ def _at_pass_start(samples: list, passes: int) -> list:  # type: ignore[type-arg
         pytest.param(workload(4096, 0, 100, 1024), 2, True, 0, id="idle"),
         pytest.param(workload(2048, 30, 100, 512), 3, True, 0, id="busy-converging"),
         pytest.param(workload(2048, 30, 100, 512), 4, True, 0, id="busy-converging-later"),
-        # a pass-start remainder settles at the working set plus the rest carried over:
-        # the threshold (30 MiB) less half a burst (5 MiB) on average
-        pytest.param(workload(2048, 150, 100, 1024), 3, False, 1049, id="stuck-at-working-set"),
+        # a pass-start remainder settles at the working set: the rest carried over lies
+        # in it, and the hypervisor counts a page once
+        pytest.param(workload(2048, 150, 100, 1024), 3, False, 1024, id="stuck-at-working-set"),
         pytest.param(
             workload(2048, 150, 100, 100),
             3,
             False,
-            125,
+            100,
             id="small-working-set-needs-1s",
         ),
         # Random writers: the reported rate saturates (distinct pages per pass second)
         pytest.param(workload(2048, 30, 100, 512, "random"), 3, True, 0, id="random-converging"),
-        # D = 3 B over 1 GiB: what is rewritten settles at the fixed point
-        # R = W (1 - exp(-3 R / W)), 0.94 W, plus the rest carried over
-        pytest.param(workload(2048, 300, 100, 1024, "random"), 3, False, 988, id="random-stuck"),
+        # D = 3 B over 1 GiB: with the rest c carried over (25 MiB on average), what is
+        # dirtied outside it settles at x = (W - c) (1 - exp(-3 x / W)); the count at c + x
+        pytest.param(workload(2048, 300, 100, 1024, "random"), 3, False, 960, id="random-stuck"),
     ],
 )
 def test_convergence_table(
@@ -160,7 +162,8 @@ def test_confidence_grows_with_passes_and_drops_with_unsteady_rates() -> None:
     w = workload(2048, 150, 100, 1024, "random")
     samples = history(w, max_passes=5)
     values = [estimate(samples[:cut], context(w)).confidence for cut in range(1, len(samples) + 1)]
-    assert values == sorted(values)
+    # (up to the noise of the rest carried over, which the samples place within a burst)
+    assert all(later >= earlier - 0.01 for earlier, later in itertools.pairwise(values))
     assert values[-1] == pytest.approx(1.0, abs=0.02)
     # The guest's writing changes from pass to pass: the model explains it poorly.
     unsteady = history(w, max_passes=5, changes=[150 * MIB, 40 * MIB, 300 * MIB, 60 * MIB])
@@ -226,7 +229,7 @@ def _random_passes(rate: float, working_set: float, passes: int):  # type: ignor
     duration = 20.48  # pass 1: 2 GiB
     for _ in range(passes):
         left = model.dirtied(duration)
-        pairs.append((duration, 0.0, left))
+        pairs.append(Pair(duration, 0.0, left))
         duration = left / (100 * MIB)
     return pairs
 
@@ -249,7 +252,9 @@ def test_fit_of_one_pair_is_the_hopeful_straight_line_unless_measured_faster() -
     (pair,) = _random_passes(300 * MIB, 1024 * MIB, 1)
     hopeful = fit_model([pair], 2048 * MIB)
     assert hopeful is not None
-    assert hopeful.rate == pytest.approx(pair[2] / 20.48)  # 50 MiB/s: looks like it converges
+    assert hopeful.rate == pytest.approx(
+        pair.rewritten / 20.48
+    )  # 50 MiB/s: looks like it converges
     measured = fit_model([pair], 2048 * MIB, measured_rate=300 * MIB)
     assert measured is not None
     assert measured.rate == pytest.approx(300 * MIB)
@@ -276,7 +281,11 @@ def test_one_pair_and_a_saturated_measurement_fix_rate_and_working_set(window: f
 
 
 def test_fit_explains_passes_that_all_left_the_working_set() -> None:
-    pairs = [(20.48, 0.0, 100.0 * MIB), (1.0, 0.0, 100.0 * MIB), (1.0, 0.0, 100.0 * MIB)]
+    pairs = [
+        Pair(20.48, 0.0, 100.0 * MIB),
+        Pair(1.0, 0.0, 100.0 * MIB),
+        Pair(1.0, 0.0, 100.0 * MIB),
+    ]
     model = fit_model(pairs, 2048 * MIB)
     assert model is not None
     assert model.dirtied(1.0) >= 0.9 * 100 * MIB
@@ -299,9 +308,9 @@ def test_projection_follows_passes_until_the_remainder_fits() -> None:
 
 
 def test_projection_settles_at_the_fixed_point() -> None:
-    """D = 3 B over 1 GiB rewrites what settles where R = W (1 - exp(-3 R / W)), about
-    0.94 W, whatever the remainder projected from; each pass also carries the rest below
-    the threshold (30 MiB less half a 10 MiB burst)."""
+    """D = 3 B over 1 GiB, whatever the remainder projected from: each pass carries the
+    rest c below the threshold (30 MiB less half a 10 MiB burst), and what the guest
+    dirties outside it settles where x = (W - c) (1 - exp(-3 x / W)), 934 MiB."""
     outlook = project(
         DirtyModel(300 * MIB, 1024 * MIB),
         100 * MIB,
@@ -312,4 +321,79 @@ def test_projection_settles_at_the_fixed_point() -> None:
         switchover=0.05,
     )
     assert not outlook.converges and outlook.seconds is None
-    assert outlook.floor == pytest.approx(0.9405 * 1024 * MIB + 25 * MIB, rel=0.01)
+    assert outlook.floor == pytest.approx(934.3 * MIB + 25 * MIB, rel=0.01)
+
+
+# --- the rest carried over: the hypervisor counts a page once -----------------------------
+
+# s3-0222 (development seed 3): a random writer at 6.6 GiB/s over 632 MiB of 5.25 GiB,
+# behind a link of 1.2 GiB/s; its passes, one or a few bursts long, carry a rest of about
+# half the working set.
+S3_0222 = {"memory": 5376 * MIB, "rate": 6790 * MIB, "working_set": 632 * MIB}
+
+
+def _overlapping_pairs(rate: float, working_set: float) -> list[Pair]:
+    """Pairs of a random writer whose passes carried a large rest: what the next pass
+    had beyond that rest is `f(t)·(1 − rest/W)` (pages rewritten inside the rest are
+    still counted once)."""
+    truth = DirtyModel(rate, working_set)
+    passes = [(0.1, 300 * MIB), (0.2, 260 * MIB), (0.1, 330 * MIB), (0.3, 240 * MIB)]
+    return [Pair(t, 0.0, truth.dirtied(t) * (1 - rest / working_set), rest) for t, rest in passes]
+
+
+def test_fit_reads_what_was_dirtied_outside_the_rest_carried_over() -> None:
+    """Read as `f(t)` itself, those pairs gave a working set of a fraction of the true
+    one (166 MiB for s3-0222's 632 MiB)."""
+    pairs = _overlapping_pairs(S3_0222["rate"], S3_0222["working_set"])
+    model = fit_model(pairs, S3_0222["memory"])
+    assert model is not None
+    assert model.working_set == pytest.approx(S3_0222["working_set"], rel=0.03)
+    for p in pairs:  # and the counts it predicts are those seen
+        assert model.next_count(p.rest, p.duration) == pytest.approx(p.rest + p.rewritten, rel=0.02)
+
+
+def test_fit_of_a_sequential_writer_over_all_of_memory_stays_linear() -> None:
+    """A sequential writer over all of memory: what its passes leave grows linearly with
+    their duration; the rest carried over covers a sliver of memory and changes next
+    to nothing (the fit reads the same as without it)."""
+    memory, rate = 4096 * MIB, 80 * MIB
+    durations = (3.0, 1.2, 0.5, 0.2)
+    model = fit_model([Pair(t, 0.0, rate * t, 25 * MIB) for t in durations], memory)
+    bare = fit_model([Pair(t, 0.0, rate * t) for t in durations], memory)
+    assert model is not None and bare is not None
+    for t in (0.1, 1.0, 3.0):
+        assert model.dirtied(t) == pytest.approx(rate * t, rel=0.03)
+        assert model.next_count(25 * MIB, t) - 25 * MIB == pytest.approx(bare.dirtied(t), rel=0.01)
+
+
+def test_first_pass_rest_lies_all_over_memory() -> None:
+    """Pass 1 leaves its rest spread over memory, mostly outside a small working set:
+    what the guest dirties next overlaps it only by rest/M."""
+    model = DirtyModel(1024 * MIB, 100 * MIB)
+    memory, rest = 8192 * MIB, 300 * MIB
+    outside = model.outside(rest, memory)
+    assert outside == pytest.approx(rest * (1 - 100 / 8192))
+    assert model.next_count(rest, 1.0, outside=outside) == pytest.approx(
+        rest + model.dirtied(1.0) * (1 - rest / memory)
+    )
+    # inside the working set, a rest of three quarters of it leaves a quarter to dirty
+    assert model.next_count(75 * MIB, 1.0) == pytest.approx(75 * MIB + model.dirtied(1.0) / 4)
+
+
+def test_a_guest_hovering_at_the_threshold_is_not_predicted_to_converge() -> None:
+    """s3-0222's guest once its budget was raised to 472 ms: each pass carries about
+    500 MiB of the 632 MiB working set, and what the guest dirties outside it comes
+    back about as fast as a burst sends, so the count hovers just above the threshold
+    pass after pass. Reading the pairs as f(t) itself, the fit saw a working set of
+    about 115 MiB and predicted convergence within about a second."""
+    w = workload(5376, 6790, 1181, 632, "random")
+    budget = 0.472
+    samples = history(w, max_passes=14, polls_per_pass=2, budget=budget)
+    assert samples[-1].passes == 14  # never stopped: every count above the threshold
+    ctx = context(w, budget=budget, switchover=0.028)
+    for passes in (6, 9, 12):
+        p = analyse(_at_pass_start(samples, passes), ctx)
+        assert p.model is not None
+        assert p.model.working_set > 0.85 * w.working_set, passes
+        assert p.converges is False and p.eta is None, passes
+        assert p.floor is not None and p.floor > w.bandwidth * budget

@@ -3,9 +3,12 @@
 The model is DESIGN.md section 4, with passes that end like the real hypervisor's
 (simphysics): a pass sends in bursts of `BURST` seconds and is counted again before
 the first burst that would begin below the threshold `B * budget` (or once it is all
-sent); its unsent rest `c` is carried over, so each later pass starts with
-`R(n+1) = c + f(t_pass(n))`, `f(t) = min(W, D_eff * t)` for a sequential writer and
-`f(t) = W * (1 - exp(-D_eff * t / W))` for a random one. A count `R <= B * budget`
+sent); its unsent rest `c` is carried over, and the hypervisor counts a page once, so
+each later pass starts with `c` and the pages dirtied outside it: of the part `c_in`
+of `c` in the working set (the first pass's rest lies all over memory, `c·W/M` of it
+in the working set), `R(n+1) = c + f(t)·(1 − c_in/W)` for a random writer
+(`f(t) = W * (1 - exp(-D_eff * t / W))`), and `c + min(D_eff·t, W − c_in)` for a
+sequential one (its stretch reaches the rest only once it wraps). A count `R <= B * budget`
 completes; the blackout is then `R / B` plus the switchover cost. The change rate
 reported from pass 2 on is what a hypervisor reports: distinct bytes newly dirtied
 during the previous pass over its duration, `f(t) / t`, which falls below `D` once
@@ -48,6 +51,22 @@ class Workload:
         if self.writer == "random":
             return self.working_set * -math.expm1(-written / self.working_set)
         return min(float(self.working_set), written)
+
+    def count(self, rest: float, outside: float, seconds: float, slowdown: float = 0.0) -> float:
+        """The next count after `seconds` of writing: the unsent `rest` (`outside` of it
+        outside the working set) and the pages dirtied outside it, each counted once."""
+        working_set = float(max(self.working_set, 1))
+        inside = max(0.0, rest - outside)
+        dirtied = self.dirtied(seconds, slowdown)
+        if self.writer == "random":
+            new = dirtied * (1.0 - min(1.0, inside / working_set))
+        else:
+            new = min(dirtied, max(0.0, working_set - inside))
+        return min(float(self.memory), rest + new)
+
+    def outside_share(self) -> float:
+        """Share of the first pass's bytes outside the working set."""
+        return max(0.0, 1.0 - self.working_set / self.memory)
 
 
 SWITCHOVER = 0.05  # seconds: the switchover cost the contexts carry unless told otherwise
@@ -107,6 +126,7 @@ def history(
     """
     samples: list[Sample] = []
     state = _State(time=start, remaining=w.memory, budget=budget, slowdown=slowdown)
+    state.outside = w.outside_share()
     for n in range(1, max_passes + 1):
         for sample in _pass_samples(w, state, n, polls_per_pass, report_change):
             samples.append(sample)
@@ -128,6 +148,7 @@ class _State:
     pass_size: float = 0.0  # seconds the pass just ended took
     reported: float = 0.0  # change rate reported for that pass (distinct bytes / seconds)
     bad_passes: int = 0  # passes in a row that dirtied half of what they sent or more
+    outside: float = 0.0  # share of the pass's count outside the working set (never rewritten)
 
 
 def _sample(w: Workload, state: _State, n: int, phase: Phase, report_change: bool) -> Sample:
@@ -171,8 +192,11 @@ def _pass_samples(
 def _end_pass(w: Workload, state: _State, n: int) -> bool:
     """Start the next pass; True when the hypervisor completes instead."""
     duration = state.pass_size
-    dirtied = w.dirtied(duration, state.slowdown)
-    state.remaining = state.remaining + dirtied  # the rest carried over, and the rewritten
+    rest = state.remaining
+    outside = rest * state.outside
+    state.remaining = w.count(rest, outside, duration, state.slowdown)
+    state.outside = outside / state.remaining if state.remaining > 0 else 0.0
+    dirtied = state.remaining - rest  # newly dirty at the count
     state.reported = dirtied / duration if duration > 0 else 0.0
     bad = dirtied >= SLOW_DOWN_BAD_RATIO * duration * w.bandwidth  # of what it sent
     state.bad_passes = state.bad_passes + 1 if bad else 0
@@ -230,6 +254,7 @@ def simulate(
         change_rate_before_start=measured,
     )
     state = _State(time=0.0, remaining=w.memory, budget=ctx.blackout_budget, slowdown=0.0)
+    state.outside = w.outside_share()
     run.budgets.append(state.budget)
     for n in range(1, max_passes + 1):
         size = state.remaining
@@ -253,10 +278,11 @@ def simulate(
             elif decision.action is not Action.CONTINUE:
                 run.outcome = decision.action.value
                 run.ended_at = state.time
-                domain = w.memory if n == 1 else max(w.working_set, 1)
-                left = min(
-                    float(domain),
-                    state.remaining + w.dirtied(state.time - state.pass_start, state.slowdown),
+                left = w.count(
+                    state.remaining,
+                    state.remaining * state.outside,
+                    state.time - state.pass_start,
+                    state.slowdown,
                 )
                 if decision.action is Action.PAUSE:
                     run.blackout = left / w.bandwidth + switchover

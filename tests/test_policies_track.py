@@ -20,7 +20,7 @@ from lmwatch.model import Action, MigrationContext, Phase, Sample, StartPlan
 from lmwatch.policies import completion
 from lmwatch.policies.estimators import PolicySettings, analyse, disk_outlook
 from lmwatch.policies.forcing import pause_outlasting
-from lmwatch.policies.track import RECENT, PassSeen, Track
+from lmwatch.policies.track import RECENT, Pair, PassSeen, Track
 from lmwatch.profiles.schema import Profile
 
 GIB = 1 << 30
@@ -98,7 +98,7 @@ class ScanTrack(Track):
         return iter(list(seen.values())[-(self.kept_passes + 1) :])
 
     @property  # type: ignore[override]
-    def jumps(self) -> list[tuple[float, tuple[float, float, float]]]:
+    def jumps(self) -> list[tuple[float, Pair]]:
         timed = []
         for a, b in itertools.pairwise(self.history):
             jump = b.passes - a.passes
@@ -107,7 +107,9 @@ class ScanTrack(Track):
             moved = b.memory_transferred - a.memory_transferred
             elapsed = b.time - a.time
             if moved >= 0 and elapsed > 0:
-                timed.append((b.time, (elapsed / jump, b.slowdown, moved / jump)))
+                sent = moved / jump
+                rest = max(0.0, (a.memory_remaining + b.memory_remaining - sent) / 2)
+                timed.append((b.time, Pair(elapsed / jump, b.slowdown, sent, rest)))
         return timed[-self.kept_passes :]
 
     @property

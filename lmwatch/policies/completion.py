@@ -399,13 +399,34 @@ def _raise_step(
     prediction: Prediction,
     settings: PolicySettings,
 ) -> Decision | None:
-    """Raise the budget toward what the floor needs, when that fits after the switchover."""
+    """Raise the budget toward what the floor needs, when that fits after the switchover.
+
+    The floor moves with the budget: a larger budget leaves a larger rest at each pass's
+    end, which holds more of what the guest dirties next (a page is counted once). So a
+    floor above the limit does not rule raising out: copying may still converge with
+    the budget at the limit, as the projection with it says.
+    """
     assert a.floor is not None and a.transfer_rate
     need = a.floor / a.transfer_rate
     blackout = need + ctx.switchover
     current = ctx.blackout_budget
-    if need > limit or current >= limit:
+    if current >= limit:
         return None
+    why = (
+        f"about {duration_text(blackout)} of blackout with the switchover, above the "
+        f"current budget of {duration_text(current)}"
+    )
+    if need > limit:
+        at_limit = a.project_with(ctx, limit, settings, slowing=False)
+        if at_limit is None or not at_limit.converges:
+            return None
+        why = (
+            f"about {duration_text(blackout)} of blackout with the switchover at the current "
+            f"budget of {duration_text(current)}, but with a budget of "
+            f"{duration_text(limit)} each pass carries more of what the guest rewrites "
+            "and copying converges"
+        )
+        need = limit
     step = max(current * settings.blackout_step_factor, current + settings.blackout_min_step)
     target = min(limit, need * settings.budget_margin)
     new = min(limit, max(target, min(step, limit)))
@@ -416,10 +437,9 @@ def _raise_step(
         prediction = replace(prediction, eta_seconds=outlook.seconds)
     return Decision(
         Action.RAISE_BLACKOUT,
-        f"{rates}: about {duration_text(blackout)} of blackout with the switchover, above "
-        f"the current budget of {duration_text(current)}; raising the budget to "
-        f"{duration_text(new)} (limit {duration_text(profile.max_blackout)} including "
-        f"{duration_text(ctx.switchover)} of switchover)",
+        f"{rates}: {why}; raising the budget to {duration_text(new)} (limit "
+        f"{duration_text(profile.max_blackout)} including {duration_text(ctx.switchover)} "
+        "of switchover)",
         prediction,
         blackout_budget=new,
     )
@@ -446,6 +466,7 @@ def _hopeful_reading_converges(
         elapsed_in_pass=in_pass,
         overhead=a.overhead,
         switchover=ctx.switchover,
+        outside=a.outside(hopeful),
         settings=settings,
     ).converges
 
@@ -560,6 +581,7 @@ def _would_finish(
         elapsed_in_pass=0.0,
         overhead=a.overhead,
         switchover=ctx.switchover,
+        outside=a.outside(model),
         settings=settings,
     )
     return outlook.converges or _fits_somehow(profile, ctx, outlook.floor, a, settings)

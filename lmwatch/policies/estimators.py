@@ -20,9 +20,13 @@ The hypervisor does not send a pass to its end: it counts the changed pages agai
 as soon as what the pass still has to send falls below the threshold `B · T`
 (transfer rate × blackout budget), checked before each burst it sends, and stops
 the guest if the new count is below the threshold too. The rest of a pass is
-carried into the next, so a pass starts with `rest + f(duration)` to send: the
-pairs take the rest off (only what was rewritten is a point of `f`), and the
-projection carries it.
+carried into the next, and the hypervisor's bitmap counts a page once: a page the
+guest rewrites while it is still in the unsent rest adds nothing. A random writer
+touches each page of `W` alike, so of the `f(duration)` distinct pages it dirtied
+those outside the rest, `f(duration)·(1 − rest/W)`, are added
+(`DirtyModel.next_count`, the one calculation the fit, the pair rates and the
+projection share). The first pass's rest lies all over memory, and only its part in
+the working set overlaps what the guest dirties.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from lmwatch.model import MigrationContext, Phase, Prediction, Sample
-from lmwatch.policies.track import KEPT_PASSES, RECENT, PassSeen, Track
+from lmwatch.policies.track import KEPT_PASSES, RECENT, Pair, PassSeen, Track
 from lmwatch.units import format_duration, format_size
 
 
@@ -119,6 +123,9 @@ class PassRecord:
     duration: float | None  # seconds, once the next pass has started
     slowdown: float  # guest slow-down while it ran
     carried: float = 0.0  # of `size`, the rest the pass before left unsent (not rewritten)
+    # of `size`, bytes lying all over memory: the first pass's, and what later passes
+    # carried of them (the rest of the count lies in the working set)
+    spread: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +140,34 @@ class DirtyModel:
         if self.working_set <= 0:
             return 0.0
         return self.working_set * -math.expm1(-written / self.working_set)
+
+    def overlap(self, rest: float, outside: float = 0.0) -> float:
+        """Share of the working set an unsent rest covers (`outside` of it lies
+        elsewhere): the share of the pages the guest dirties that are in it already."""
+        if self.working_set <= 0:
+            return 0.0
+        inside = max(0.0, rest - max(0.0, outside))
+        return min(1.0, inside / self.working_set)
+
+    def next_count(
+        self, rest: float, seconds: float, slowdown: float = 0.0, outside: float = 0.0
+    ) -> float:
+        """What the next count holds after a pass of `seconds` that left `rest` unsent
+        (`outside` of it outside the working set): the rest, and the pages dirtied
+        meanwhile outside it (the hypervisor counts a page once)."""
+        return rest + self.added(seconds, slowdown, self.overlap(rest, outside))
+
+    def added(self, seconds: float, slowdown: float, overlap: float) -> float:
+        """Of the pages dirtied in `seconds`, those not in a rest that covers `overlap`
+        of the working set (what they add to the count)."""
+        return self.dirtied(seconds, slowdown) * (1.0 - overlap)
+
+    def outside(self, spread: float, memory: float) -> float:
+        """Of `spread` bytes lying all over memory (the first pass's unsent rest), those
+        outside the working set (never rewritten)."""
+        if memory <= 0 or spread <= 0:
+            return 0.0
+        return spread * max(0.0, 1.0 - self.working_set / memory)
 
     def with_rate(self, rate: float) -> DirtyModel:
         return DirtyModel(rate=rate, working_set=self.working_set)
@@ -161,6 +196,7 @@ def project(
     slow_step: float = 0.0,
     slow_initial: float = 0.0,
     slow_armed: bool = False,
+    outside: float = 0.0,
     settings: PolicySettings | None = None,
 ) -> Projection:
     """Follow passes until a count fits `bandwidth * budget` or stops shrinking.
@@ -168,8 +204,10 @@ def project(
     Like the hypervisor, a pass sends until what it has left is below the threshold
     (checked before each burst: on average half a burst past it, at least one burst,
     at most all of it), then counts again: the next pass has that rest plus what the
-    guest rewrote meanwhile, `f(duration)`. A count below the threshold stops the
-    guest.
+    guest dirtied meanwhile outside it (`DirtyModel.next_count`). A count below the
+    threshold stops the guest. `outside`: bytes of `unsent` outside the working set
+    (the first pass's, lying all over memory), never rewritten; what a pass sends
+    takes from them in proportion.
 
     With slowing armed, the throttle rises like the hypervisor raises it: after
     `slow_down_passes_per_step` periods (of at least `slow_down_period` seconds) in a
@@ -188,13 +226,14 @@ def project(
     seconds = sent / bandwidth  # the rest of the current pass
     duration = elapsed_in_pass + seconds
     rest = unsent - sent
+    outside = min(max(0.0, outside), unsent) * (rest / unsent if unsent > 0 else 0.0)
     period = [elapsed_in_pass, bandwidth * elapsed_in_pass + sent, 0.0]  # time, sent, dirty
     level = slowdown
     bad = 0
     previous = math.inf
     for n in range(1, _MAX_PROJECTED_PASSES + 1):
-        dirtied = model.dirtied(duration, level)
-        left = rest + dirtied
+        left = model.next_count(rest, duration, level, outside)
+        dirtied = left - rest
         if left <= capacity:
             return Projection(True, seconds + left / bandwidth + switchover, 0.0, n)
         raised = False
@@ -219,6 +258,7 @@ def project(
             return Projection(False, None, left, n)
         previous = left
         sent = sends(left, False)
+        outside *= (left - sent) / left if left > 0 else 0.0
         rest = left - sent
         duration = sent / bandwidth + overhead
         seconds += duration
@@ -255,6 +295,13 @@ class Analysis:
     in_pass: float = 0.0  # seconds since the current pass began (0 when not seen)
     rate_variation: float = 0.0  # coefficient of variation of recent transfer rates
     poll: float = 1.0  # seconds between the last two samples (1 with fewer samples)
+    # of `remaining`, bytes lying all over memory (the first pass's), not only in the
+    # working set
+    spread: float = 0.0
+
+    def outside(self, model: DirtyModel) -> float:
+        """Bytes of `remaining` outside `model`'s working set (never rewritten)."""
+        return model.outside(self.spread, self.memory)
 
     def margin(self, minimum: float, settings: PolicySettings) -> float:
         """Factor a predicted duration is multiplied by before it is held to a bound."""
@@ -288,6 +335,7 @@ class Analysis:
             slow_step=plan.slow_down_step,
             slow_initial=plan.slow_down_initial,
             slow_armed=plan.arm_slow_down and slowing,
+            outside=self.outside(self.model),
             settings=settings,
         )
 
@@ -490,135 +538,191 @@ def observe_passes(
         duration = None
         if i + 1 < len(starts) and starts[i + 1][0] == n + 1:
             duration = max(starts[i + 1][1] - start, 1e-6)
-        records.append(PassRecord(n, start, size, duration, slow, carried))
+        # pass 1 sends memory; a pass carries on what its predecessor left of that
+        spread = size if n == 1 else 0.0
+        if n > 1 and records and records[-1].number == n - 1 and records[-1].size > 0:
+            prior = records[-1]
+            spread = min(carried, prior.spread * carried / prior.size)
+        records.append(PassRecord(n, start, size, duration, slow, carried, spread))
     return records
 
 
-def _pairs(records: Sequence[PassRecord], track: Track) -> list[tuple[float, float, float]]:
-    """(duration of pass n, slow-down during it, bytes rewritten during it), oldest first.
-
-    What pass n+1 had to send, less the rest pass n carried over to it.
+def _pairs(records: Sequence[PassRecord], track: Track) -> list[Pair]:
+    """Pass n's duration and slow-down, what pass n+1 had to send less the rest pass n
+    carried over to it (the pages dirtied outside that rest), and that rest; oldest first.
 
     From consecutive passes whose boundaries the samples show; and where passes are
     shorter than the time between samples (several passes between two samples), from
     their average: k passes in `dt` seconds that sent `moved` bytes each lasted about
     `dt / k` and left about `moved / k` for the next.
     """
-    timed: list[tuple[float, tuple[float, float, float]]] = []
+    timed: list[tuple[float, Pair]] = []
     for rec_a, rec_b in itertools.pairwise(records):
         if rec_a.duration is not None and rec_b.number == rec_a.number + 1:
             rewritten = max(0.0, rec_b.size - rec_b.carried)
-            timed.append((rec_b.started, (rec_a.duration, rec_a.slowdown, rewritten)))
+            pair = Pair(rec_a.duration, rec_a.slowdown, rewritten, rec_b.carried, rec_b.spread)
+            timed.append((rec_b.started, pair))
     timed.extend(track.jumps)  # the last `kept_passes` of them
     timed.sort(key=lambda item: item[0])
     return [pair for _, pair in timed]
 
 
-def _telling(
-    pairs: Sequence[tuple[float, float, float]], recent: Sequence[tuple[float, float, float]]
-) -> list[tuple[float, float, float]]:
+def _telling(pairs: Sequence[Pair], recent: Sequence[Pair]) -> list[Pair]:
     """The recent pairs, and the latest older one of another duration when they all
     lasted about as long: pairs of one duration fix one point of `f`, which cannot tell
     the working set from the rate (passes that end at the threshold of a steady guest
     all last alike, and the noise in what they left then picks any working set)."""
-    durations = [t for t, _, _ in recent]
+    durations = [p.duration for p in recent]
     if len(recent) < 2 or max(durations) > 1.1 * min(durations):
         return list(recent)
     low, high = min(durations) / 1.1, max(durations) * 1.1
     older = pairs[: len(pairs) - len(recent)]
-    other = next((p for p in reversed(older) if not low <= p[0] <= high), None)
+    other = next((p for p in reversed(older) if not low <= p.duration <= high), None)
     return list(recent) if other is None else [other, *recent]
 
 
-def _solve_working_set(rate: float, seconds: float, dirtied: float, cap: float) -> float:
-    """W with W·(1 − exp(−rate·seconds/W)) = dirtied (W in [dirtied, cap])."""
-    written = rate * seconds
-    if written <= dirtied * 1.001:
+_MOST_OVERLAP = 0.9  # a rest covering more of the working set is read as covering this
+
+
+def _rewrites(model: DirtyModel, pair: Pair, memory: float) -> float:
+    """What the model says the next pass had beyond the rest `pair`'s pass left."""
+    outside = model.outside(pair.spread, memory)
+    return model.next_count(pair.rest, pair.duration, pair.slowdown, outside) - pair.rest
+
+
+def _overlap(pair: Pair, working_set: float, memory: float) -> float:
+    """Share of a working set of `working_set` bytes the pair's rest covered."""
+    shape = DirtyModel(0.0, working_set)
+    return shape.overlap(pair.rest, shape.outside(pair.spread, memory))
+
+
+def _distinct(pair: Pair, overlap: float) -> float:
+    """`f(duration)` read from a pair whose rest covered `overlap` of the working set:
+    what the guest dirtied outside the rest is the share of its pages the rest did not
+    cover (taken as at least 1 − `_MOST_OVERLAP`: beyond, the pair says little of `f`)."""
+    return pair.rewritten / (1.0 - min(_MOST_OVERLAP, overlap))
+
+
+def _written(working_set: float, distinct: float) -> float:
+    """Bytes written to dirty `distinct` bytes of the working set (`f` inverted)."""
+    return -working_set * math.log1p(-min(distinct / working_set, 0.999999))
+
+
+def _solve_working_set(rate: float, pair: Pair, memory: float, cap: float) -> float:
+    """W in [pair.rewritten, cap] with which writing at `rate` explains the pair."""
+    if _rewrites(DirtyModel(rate, cap), pair, memory) <= pair.rewritten:
         return cap
-    lo, hi = dirtied, cap
-    if hi * -math.expm1(-written / hi) <= dirtied:
-        return cap
+    lo, hi = pair.rewritten, cap
     for _ in range(60):
         mid = (lo + hi) / 2
-        if mid * -math.expm1(-written / mid) < dirtied:
+        if _rewrites(DirtyModel(rate, mid), pair, memory) < pair.rewritten:
             lo = mid
         else:
             hi = mid
     return hi
 
 
+def _fit_at(
+    working_sets: Sequence[float], points: Sequence[Pair], memory: float
+) -> tuple[float, int, DirtyModel] | None:
+    """The best model with one of these working sets: (error, its index, model)."""
+    best: tuple[float, int, DirtyModel] | None = None
+    for k, w in enumerate(working_sets):
+        shares = [_overlap(p, w, memory) for p in points]
+        ys = [_written(w, _distinct(p, share)) for p, share in zip(points, shares, strict=True)]
+        # Candidate rates: the least-squares line through the origin, and the rate each
+        # pair implies on its own (a saturated pair says little; a short pass says most).
+        slope = sum(y * p.duration for y, p in zip(ys, points, strict=True)) / sum(
+            p.duration * p.duration for p in points
+        )
+        candidates = {slope, *(y / p.duration for y, p in zip(ys, points, strict=True))}
+        for d in candidates:
+            if d <= 0:
+                continue
+            model = DirtyModel(d, w)
+            error = 0.0
+            for p, share in zip(points, shares, strict=True):  # as `_rewrites` reads them
+                predicted = max(model.added(p.duration, p.slowdown, share), 1.0)
+                error += math.log(predicted / p.rewritten) ** 2
+            if best is None or error < best[0] - 1e-12:
+                best = (error, k, model)
+    return best
+
+
+def _log_steps(low: float, high: float, steps: int) -> list[float]:
+    return [low * (high / low) ** (k / steps) for k in range(steps + 1)]
+
+
 def fit_model(
-    pairs: Sequence[tuple[float, float, float]],
+    pairs: Sequence[Pair],
     memory: float,
     measured_rate: float | None = None,
     measured_window: float | None = None,
 ) -> DirtyModel | None:
     """The dirtying model that best explains the pairs (least squares in log space).
 
-    One pair fixes one point of `f`. A change rate measured before the start is
-    another: the hypervisor counts the distinct bytes dirtied in its window, so it is
-    `f(window) / window`, saturated like any pass; with its window known the two
-    points fix both the rate and the working set. Without the window, the
-    measurement is taken as the write rate when it exceeds the straight line through
-    the pair; without a measurement the straight line is taken, the most hopeful
-    reading, which the next pair corrects.
+    One pair fixes one point of `f`: what the next pass had beyond the rest is what
+    the guest dirtied outside that rest, `f(t)·(1 − rest/W)` (`DirtyModel.next_count`),
+    so each candidate working set reads `f(t)` from the pair its own way. A change rate
+    measured before the start is another point: the hypervisor counts the distinct
+    bytes dirtied in its window, so it is `f(window) / window`, saturated like any
+    pass; with its window known the two points fix both the rate and the working set.
+    Without the window, the measurement is taken as the write rate when it exceeds the
+    straight line through the pair; without a measurement the straight line is taken,
+    the most hopeful reading, which the next pair corrects.
     """
-    points = [(t * (1 - slow), r) for t, slow, r in pairs if t > 0 and r > 0 and slow < 1]
+    usable = [p for p in pairs if p.duration > 0 and p.rewritten > 0 and p.slowdown < 1]
     if not pairs:
         return None
-    if not points:  # passes left nothing behind: the guest does not write
+    if not usable:  # passes left nothing behind: the guest does not write
         return DirtyModel(rate=0.0, working_set=max(memory, 1.0))
-    cap = max(memory, max(r for _, r in points) * 1.0001)
+    # the slow-down taken into the time the guest wrote at its full rate
+    points = [replace(p, duration=p.duration * (1 - p.slowdown), slowdown=0.0) for p in usable]
+    cap = max(memory, max(p.rewritten for p in points) * 1.0001)
     if len(points) == 1 and measured_rate and measured_window:
         # The measurement is one more point of the same curve: distinct bytes dirtied
         # in its window. With the pass it fixes both the rate and the working set.
-        points.append((measured_window, measured_rate * measured_window))
-        cap = max(cap, points[-1][1] * 1.0001)
+        points.append(Pair(measured_window, 0.0, measured_rate * measured_window))
+        cap = max(cap, points[-1].rewritten * 1.0001)
     elif len(points) == 1:
-        t, r = points[0]
-        linear = r / t
+        (point,) = points
+        linear = _distinct(point, _overlap(point, cap, memory)) / point.duration
         if measured_rate is not None and measured_rate > linear * 1.2:
-            return DirtyModel(measured_rate, _solve_working_set(measured_rate, t, r, cap))
+            working_set = _solve_working_set(measured_rate, point, memory, cap)
+            return DirtyModel(measured_rate, working_set)
         return DirtyModel(linear, cap)
-    top = max(r for _, r in points)
-    best: tuple[float, DirtyModel] | None = None
-    for k in range(41):
-        w = top * 1.0005 * (cap / (top * 1.0005)) ** (k / 40) if cap > top * 1.0005 else cap
-        ys = [-w * math.log1p(-min(r / w, 0.999999)) for _, r in points]
-        # Candidate rates: the least-squares line through the origin, and the rate each
-        # pair implies on its own (a saturated pair says little; a short pass says most).
-        slope = sum(y * t for y, (t, _) in zip(ys, points, strict=True)) / sum(
-            t * t for t, _ in points
-        )
-        candidates = {slope, *(y / t for y, (t, _) in zip(ys, points, strict=True))}
-        for d in candidates:
-            if d <= 0:
-                continue
-            model = DirtyModel(d, w)
-            error = 0.0
-            for t, r in points:
-                predicted = max(model.dirtied(t), 1.0)
-                error += math.log(predicted / r) ** 2
-            if best is None or error < best[0] - 1e-12:
-                best = (error, model)
-    return None if best is None else best[1]
+    low = max(p.rewritten for p in points) * 1.0005
+    if cap <= low:
+        found = _fit_at([cap], points, memory)
+        return None if found is None else found[2]
+    # a coarse grid of working sets, then a finer one around the best of it
+    coarse = _log_steps(low, cap, 40)
+    found = _fit_at(coarse, points, memory)
+    if found is None:
+        return None
+    k = found[1]
+    fine = _log_steps(coarse[max(0, k - 1)], coarse[min(len(coarse) - 1, k + 1)], 10)
+    refined = _fit_at(fine, points, memory)
+    if refined is not None and refined[0] < found[0]:
+        found = refined
+    return found[2]
 
 
-def _pair_rates(pairs: Sequence[tuple[float, float, float]], model: DirtyModel) -> list[float]:
+def _pair_rates(pairs: Sequence[Pair], model: DirtyModel, memory: float) -> list[float]:
     """The write rate each pair implies, given the fitted working set."""
     w = model.working_set
     rates = []
-    for t, slow, r in pairs:
-        effective = t * (1 - slow)
-        if effective <= 0 or r <= 0:
+    for p in pairs:
+        effective = p.duration * (1 - p.slowdown)
+        if effective <= 0 or p.rewritten <= 0 or w <= 0:
             rates.append(0.0)
             continue
-        rates.append(-w * math.log1p(-min(r / w, 0.999999)) / effective)
+        rates.append(_written(w, _distinct(p, _overlap(p, w, memory))) / effective)
     return rates
 
 
 def quiet_rate(
-    pairs: Sequence[tuple[float, float, float]], model: DirtyModel, below: float = 0.5
+    pairs: Sequence[Pair], model: DirtyModel, memory: float, below: float = 0.5
 ) -> float | None:
     """The lowest write rate a pass showed, counting only passes that left clearly
     less than the model says (under half): a quieter phase seen, not a reading.
@@ -629,11 +733,11 @@ def quiet_rate(
     and that phantom quiet phase would keep a hopeless migration waiting. A remainder
     measured well under the model's prediction is a fact about the guest instead.
     """
-    rates = _pair_rates(pairs, model)
+    rates = _pair_rates(pairs, model, memory)
     quiet = [
         rate
-        for (t, slow, r), rate in zip(pairs, rates, strict=True)
-        if rate > 0 and r < below * model.dirtied(t, slow)
+        for p, rate in zip(pairs, rates, strict=True)
+        if rate > 0 and p.rewritten < below * _rewrites(model, p, memory)
     ]
     return min(quiet) if quiet else None
 
@@ -673,10 +777,14 @@ def analyse(
     fresh = current is None or in_pass <= max(2.0 * poll, 0.1 * current.size / (rate or 1.0))
     if latest and before and latest.passes - before.passes >= 2:
         fresh = True  # passes are shorter than the time between samples
+    if current is not None:
+        spread = current.spread * remaining / current.size if current.size > 0 else 0.0
+    else:
+        spread = float(remaining) if passes <= 1 else 0.0
     finish = float(remaining)
     if model is not None:
-        dirtied = model.dirtied(in_pass, level)
-        finish = min(max(model.working_set, remaining), remaining + dirtied)
+        outside = model.outside(spread, memory)
+        finish = min(float(memory), model.next_count(remaining, in_pass, level, outside))
     elif passes <= 1 and ctx.change_rate_before_start and latest is not None:
         finish = min(memory, remaining + ctx.change_rate_before_start * in_pass)
     # What the guest dirtied since the pass began is not reported until it ends: for
@@ -699,8 +807,8 @@ def analyse(
     best_model: DirtyModel | None = None
     steady = False
     if model is not None and pairs:
-        rates = _pair_rates(pairs, model)
-        quiet = quiet_rate(pairs, model)
+        rates = _pair_rates(pairs, model, memory)
+        quiet = quiet_rate(pairs, model, memory)
         best_model = model if quiet is None else model.with_rate(quiet)
         window = rates[-settings.steady_pairs :]
         steady = (
@@ -716,7 +824,9 @@ def analyse(
     confidence = 0.0
     if model is not None and len(last_pairs) >= 1:
         evidence = min(1.0, len(last_pairs) / 3)
-        variation = _variation(_pair_rates(last_pairs, model)) if len(last_pairs) >= 2 else 0.5
+        variation = (
+            _variation(_pair_rates(last_pairs, model, memory)) if len(last_pairs) >= 2 else 0.5
+        )
         confidence = round(evidence * (1.0 - min(1.0, variation)), 3)
 
     analysis = Analysis(
@@ -744,6 +854,7 @@ def analyse(
         in_pass=in_pass,
         rate_variation=_variation([s.transfer_rate for s in recent if s.transfer_rate > 0]),
         poll=poll,
+        spread=min(spread, float(remaining)),
     )
     # "Converges" means on its own at the current slow-down; the ETA counts the
     # slow-down the hypervisor will add when it was armed at start.

@@ -83,6 +83,7 @@ def restart_outlook(
         slow_step=plan.slow_down_step,
         slow_initial=plan.slow_down_initial,
         slow_armed=True,
+        outside=a.outside(a.model),
         settings=settings,
     ).seconds
     if current is not None and current <= left:

@@ -182,8 +182,9 @@ def start_projection(
     its memory) and the hypervisor raising the level on its schedule; it finishes once
     what is left fits the budget, or a pause where the profile allows one. None: never."""
     written = float(memory) if working_set is None else min(float(memory), working_set)
+    model = DirtyModel(rate=change_rate, working_set=written)
     return project(
-        DirtyModel(rate=change_rate, working_set=written),
+        model,
         bandwidth,
         finish_budget(profile, budget, switchover, settings),
         unsent=float(memory),
@@ -193,6 +194,7 @@ def start_projection(
         slow_step=settings.slow_down_step,
         slow_initial=level,
         slow_armed=True,
+        outside=model.outside(memory, memory),  # the first pass sends all of memory
         settings=settings,
     ).seconds
 

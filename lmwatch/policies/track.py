@@ -33,7 +33,20 @@ PAUSE_WINDOW = 1.0  # seconds: the shortest span a paused transfer rate is measu
 KEPT_PASSES = 100  # passes (and pairs from several passes per poll) remembered
 DISK_WINDOW = 10.0  # seconds: span the disk copy's outlook is read over
 
-Pair = tuple[float, float, float]  # (pass duration, slow-down, bytes rewritten)
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """A pass and what the next one had to send beyond the rest it carried over.
+
+    The hypervisor counts a page once: pages rewritten while still in the unsent rest
+    add nothing, so `rewritten` is what the guest dirtied outside `rest`.
+    """
+
+    duration: float  # seconds the pass lasted
+    slowdown: float  # guest slow-down while it ran
+    rewritten: float  # bytes the next pass had to send less the rest carried over
+    rest: float = 0.0  # bytes the pass left unsent, carried into the next
+    spread: float = 0.0  # of `rest`, bytes lying all over memory (the first pass's rest)
 
 
 @dataclass(slots=True)
@@ -196,13 +209,9 @@ class Track:
     def _jump(self, a: Sample, b: Sample) -> None:
         """Passes shorter than the time between samples: k passes in `dt` seconds that
         sent `moved` bytes each lasted about `dt / k` and left about `moved / k`."""
-        jump = b.passes - a.passes
-        if jump < 2 or a.passes < 2 or b.phase is not Phase.COPYING:
-            return
-        moved = b.memory_transferred - a.memory_transferred
-        elapsed = b.time - a.time
-        if moved >= 0 and elapsed > 0:
-            self.jumps.append((b.time, (elapsed / jump, b.slowdown, moved / jump)))
+        pair = jump_pair(a, b)
+        if pair is not None:
+            self.jumps.append((b.time, pair))
 
     @staticmethod
     def _keep(kept: deque[Sample], sample: Sample, window: float, least: int) -> None:
@@ -212,3 +221,23 @@ class Track:
         horizon = sample.time - window
         while len(kept) > least and kept[1].time <= horizon:
             kept.popleft()
+
+
+def jump_pair(a: Sample, b: Sample) -> Pair | None:
+    """The average pass between two samples several passes apart (None otherwise).
+
+    k passes in `dt` seconds that sent `moved` bytes lasted `dt / k` each and sent
+    `moved / k`; a pass sends from its count down to the rest it carries over, and a
+    sample falls anywhere within it, so a sample's remainder is on average that rest
+    plus half of what the pass sent.
+    """
+    jump = b.passes - a.passes
+    if jump < 2 or a.passes < 2 or b.phase is not Phase.COPYING:
+        return None
+    moved = b.memory_transferred - a.memory_transferred
+    elapsed = b.time - a.time
+    if moved < 0 or elapsed <= 0:
+        return None
+    sent = moved / jump
+    rest = max(0.0, (a.memory_remaining + b.memory_remaining) / 2 - sent / 2)
+    return Pair(elapsed / jump, b.slowdown, sent, rest)

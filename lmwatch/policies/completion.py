@@ -27,7 +27,9 @@ The rules, in order (DESIGN.md section 4):
    budget -> continue; but when the guest is being slowed and, near the start of a
    pass, a pause that fits `max_pause` takes less of the guest's time than the
    slowing still would (slow-down level x time to converge) -> pause;
-7. the floor fits `max_blackout` after the switchover -> raise the budget;
+7. the floor fits `max_blackout` after the switchover, or copying converges with
+   the budget at that limit (a larger budget leaves a larger rest, which holds more
+   of what the guest dirties next) -> raise the budget;
 8. near the start of a pass, handover fits `max_degraded` (armed at start) -> hand over;
 9. near the start of a pass, a pause fits `max_pause` -> pause;
 10. the only evidence is one pass and its most hopeful reading still converges ->

@@ -66,6 +66,7 @@ def where(url: str) -> str:
 # Server states that mean "not there now" rather than "refused this write": shutting
 # down, crashed, starting up.
 _GOING_AWAY = frozenset({"57P01", "57P02", "57P03"})
+_DRAIN_LOCK = "lmwatch-drains-of:"  # + host: the advisory lock of its new drains
 
 
 def unreachable(error: BaseException) -> bool:
@@ -222,6 +223,11 @@ class PostgresBackend:
     def insert_event(self, db: Any, values: tuple[Any, ...]) -> int:
         row = db.execute(_EVENT_INSERT + " RETURNING seq", values).fetchone()
         return int(row["seq"])
+
+    def lock_host_drains(self, db: Any, host: str) -> None:
+        """A lock of the host's drains until the transaction ends: a second daemon's
+        transaction waits for it, and its next statement sees the first's drain."""
+        db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (_DRAIN_LOCK + host,))
 
     def unwritable(self, error: BaseException) -> str:
         if isinstance(error, StoreError):

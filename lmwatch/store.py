@@ -169,6 +169,11 @@ class StoreUnwritable(StoreError):
     accepted until it does; what is running goes on."""
 
 
+class HostDraining(StoreError):
+    """A new drain of a host that another unfinished drain (perhaps recorded through
+    another daemon) already moves instances off: it is not recorded."""
+
+
 class StoreLocked(StoreError):
     """Another daemon holds the store's lock."""
 
@@ -468,6 +473,10 @@ class Backend(Protocol):
     def insert_event(self, db: Any, values: tuple[Any, ...]) -> int:
         """Insert an event row (columns: `_EVENT_COLUMNS`); its seq."""
 
+    def lock_host_drains(self, db: Any, host: str) -> None:
+        """Inside a write transaction: until it ends, no other daemon's transaction
+        records a drain of `host` (so at most one unfinished drain per host)."""
+
     def unwritable(self, error: BaseException) -> str:
         """Why the store cannot be written, for operators (without "retry later")."""
 
@@ -517,6 +526,10 @@ class SqliteBackend:
 
     def insert_event(self, db: Any, values: tuple[Any, ...]) -> int:
         return int(db.execute(_EVENT_INSERT, values).lastrowid)
+
+    def lock_host_drains(self, db: Any, host: str) -> None:
+        """Nothing to do: one daemon writes a store file, and its transactions take
+        turns."""
 
     def unwritable(self, error: BaseException) -> str:
         return f"the store cannot be written: {str(error) or type(error).__name__}"
@@ -854,6 +867,18 @@ class Store:
             write.rowid = self._add_event(write.migration_id, *write.event)
         drain = write.drain
         if drain is not None and write.new_drain:
+            # The check the daemon made before accepting saw only what was committed;
+            # another daemon may have recorded a drain of the host since.
+            self._backend.lock_host_drains(db, drain.host)
+            other = db.execute(
+                f"SELECT id FROM drains WHERE host=? AND state NOT IN ({_DRAINS_ENDED}) LIMIT 1",
+                (drain.host,),
+            ).fetchone()
+            if other is not None:
+                write.refused = HostDraining(
+                    f"host {drain.host} is already draining (drain {other['id']})"
+                )
+                return
             db.execute(
                 "INSERT INTO drains(id, host, state, created_at, finished_at, body) "
                 "VALUES(?, ?, ?, ?, ?, ?)",

@@ -15,6 +15,7 @@ from lmwatch.store import (
     DrainItem,
     DrainRecord,
     DrainState,
+    HostDraining,
     ItemState,
     Store,
     StoreError,
@@ -93,6 +94,39 @@ def test_a_drain_state_never_moves_back(store_location: str) -> None:
         assert again.get_drain("d1") == ended
     finally:
         again.close()
+
+
+def test_a_second_unfinished_drain_of_a_host_is_refused(store_location: str) -> None:
+    """Two drains of one host recorded at once (on PostgreSQL through two daemons'
+    stores): one is written, the other refused; once the first ends, the host may be
+    drained again."""
+    first = Store.open(store_location)
+    second = Store.open(store_location) if store_location.startswith("postgres") else first
+    try:
+        waits = [first.insert_drain_soon(_drain("d1")), second.insert_drain_soon(_drain("d2"))]
+        refusals: list[str | None] = []
+        for wait in waits:
+            try:
+                wait.result(10)
+                refusals.append(None)
+            except HostDraining as refused:
+                refusals.append(str(refused))
+        assert refusals.count(None) == 1, refusals
+        kept, other = ("d1", "d2") if refusals[0] is None else ("d2", "d1")
+        assert refusals == [None, f"host host-a is already draining (drain {kept})"] or (
+            refusals == [f"host host-a is already draining (drain {kept})", None]
+        )
+        assert [d.id for d in first.unfinished_drains()] == [kept]
+        assert first.get_drain(other) is None and second.get_drain(other) is None
+        drain = first.get_drain(kept)
+        assert drain is not None
+        first.update_drain(dataclasses.replace(drain, state=DrainState.COMPLETED, finished_at=2e9))
+        first.insert_drain(_drain("d3"))  # written after the end, in order
+        assert [d.id for d in first.unfinished_drains()] == ["d3"]
+    finally:
+        first.close()
+        if second is not first:
+            second.close()
 
 
 def test_unfinished_drains_are_found(shared_store: Store) -> None:

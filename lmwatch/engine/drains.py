@@ -51,6 +51,7 @@ from lmwatch.store import (
     DrainItem,
     DrainRecord,
     DrainState,
+    HostDraining,
     ItemState,
     MigrationRecord,
     StoreUnwritable,
@@ -375,7 +376,10 @@ class Drains:
                 reason=f"moving {len(movable)} instance(s) off {host}",
             )
             drain = self._concluded(drain, now) or drain
-            await outside(engine.clock, engine.store.insert_drain_async(drain))
+            try:
+                await outside(engine.clock, engine.store.insert_drain_async(drain))
+            except HostDraining as refused:  # recorded through another daemon meanwhile
+                raise Conflict(str(refused)) from None
             blocked = [i.instance for i in ordered if i.state is ItemState.BLOCKED]
             log.info(
                 "drain-accepted",

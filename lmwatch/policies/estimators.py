@@ -806,6 +806,7 @@ def analyse(
 
     best_model: DirtyModel | None = None
     steady = False
+    rates: list[float] = []  # the write rate each pair implies (with the model's W)
     if model is not None and pairs:
         rates = _pair_rates(pairs, model, memory)
         quiet = quiet_rate(pairs, model, memory)
@@ -824,9 +825,7 @@ def analyse(
     confidence = 0.0
     if model is not None and len(last_pairs) >= 1:
         evidence = min(1.0, len(last_pairs) / 3)
-        variation = (
-            _variation(_pair_rates(last_pairs, model, memory)) if len(last_pairs) >= 2 else 0.5
-        )
+        variation = _variation(rates[-len(last_pairs) :]) if len(last_pairs) >= 2 else 0.5
         confidence = round(evidence * (1.0 - min(1.0, variation)), 3)
 
     analysis = Analysis(

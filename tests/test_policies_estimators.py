@@ -307,6 +307,36 @@ def test_projection_follows_passes_until_the_remainder_fits() -> None:
     assert outlook.seconds is not None and 5.0 < outlook.seconds < 8.0
 
 
+def test_projection_counts_the_guest_time_slowing_takes() -> None:
+    """`slowed`: every projected second of copying before the final stop, times the
+    level in force; none without slowing, and more when the hypervisor raises it."""
+
+    def outlook(level: float, armed: bool = False) -> tuple[float, float]:
+        p = project(
+            DirtyModel(60 * MIB, 1024 * MIB),
+            100 * MIB,
+            0.3,
+            unsent=500 * MIB,
+            elapsed_in_pass=0.0,
+            overhead=0.0,
+            switchover=0.05,
+            slowdown=level,
+            slow_step=0.1,
+            slow_initial=0.2,
+            slow_armed=armed,
+        )
+        assert p.converges and p.seconds is not None
+        return p.seconds, p.slowed
+
+    seconds, slowed = outlook(0.0)
+    assert slowed == 0.0
+    seconds, slowed = outlook(0.5)
+    copying = seconds - 0.05  # the final stop copies at most the 0.3 s budget
+    assert 0.5 * (copying - 0.3) <= slowed <= 0.5 * copying
+    seconds, slowed = outlook(0.5, armed=True)
+    assert 0.5 * (seconds - 0.05 - 0.3) <= slowed <= 0.99 * (seconds - 0.05)
+
+
 def test_projection_settles_at_the_fixed_point() -> None:
     """D = 3 B over 1 GiB, whatever the remainder projected from: each pass carries the
     rest c below the threshold (30 MiB less half a 10 MiB burst), and what the guest

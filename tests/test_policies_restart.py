@@ -4,6 +4,7 @@ simulator's migration model)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from lmwatch.drivers.inventory import GrowingRate
@@ -127,15 +128,49 @@ def test_no_restart_once_paused_or_handed_over() -> None:
         assert decide(PROFILE, history, ctx, now).action is not Action.RESTART
 
 
-def test_no_restart_without_slowing_or_a_deadline() -> None:
+def test_no_restart_without_slowing() -> None:
     history = after_two_passes()
     now = history[-1].time
     unslowed = replace(PLAN, arm_slow_down=False)
-    for profile, ctx in (
-        (PROFILE, context(plan=unslowed)),
-        (PROFILE.model_copy(update={"deadline": None}), context(deadline_at=None)),
-    ):
-        assert decide(profile, history, ctx, now).action is not Action.RESTART
+    assert decide(PROFILE, history, context(plan=unslowed), now).action is not Action.RESTART
+
+
+def test_a_schedule_that_finishes_in_time_but_slowly_is_started_again_for_speed() -> None:
+    """The deadline leaves the hypervisor's schedule time enough, but a job started now
+    at a higher level finishes in well under half the time, taking less of the guest's
+    time in slowing: start again (deadline or not)."""
+    history = after_two_passes()
+    now = history[-1].time
+    for deadline in (3600.0, None):
+        profile = PROFILE.model_copy(update={"deadline": deadline})
+        ctx = context(deadline_at=deadline)
+        outlook = restart_outlook(profile, analyse(history, ctx), ctx, now, DEFAULT)
+        assert outlook is not None and outlook.in_time
+        assert outlook.current is not None and now + outlook.current <= (deadline or math.inf)
+        assert outlook.seconds <= DEFAULT.restart_gain * outlook.current
+        assert outlook.slowed <= outlook.slowed_now
+        assert outlook.level > PLAN.slow_down_initial
+        decision = decide(profile, history, ctx, now)
+        assert decision.action is Action.RESTART and decision.rule is Rule.START_AGAIN
+        assert decision.slow_down_initial == outlook.level
+        assert decision.prediction is not None
+        assert decision.prediction.eta_seconds == outlook.seconds
+        # the reason carries both projections' figures: time and the guest's share
+        for figure in (outlook.current, outlook.slowed_now, outlook.seconds, outlook.slowed):
+            assert duration_text(figure) in decision.reason
+
+
+def test_no_restart_for_speed_when_the_gain_would_not_outlast_the_projections_error() -> None:
+    history = after_two_passes()
+    now = history[-1].time
+    profile = PROFILE.model_copy(update={"deadline": 3600.0})
+    ctx = context(deadline_at=3600.0)
+    outlook = restart_outlook(profile, analyse(history, ctx), ctx, now, DEFAULT)
+    assert outlook is not None and outlook.current is not None
+    # a gain the new job does not reach: the current schedule is kept
+    settings = replace(DEFAULT, restart_gain=0.9 * outlook.seconds / outlook.current)
+    assert restart_outlook(profile, analyse(history, ctx, settings), ctx, now, settings) is None
+    assert decide(profile, history, ctx, now, settings).action is not Action.RESTART
 
 
 def test_no_restart_when_the_plan_was_made_for_the_rate_seen_now() -> None:

@@ -35,11 +35,13 @@ The rules, in order (DESIGN.md section 4):
 10. the only evidence is one pass and its most hopeful reading still converges ->
     continue (one more pass decides; it is short);
 10b. the guest is being slowed (armed at start), it writes faster than the start
-    plan assumed, at the hypervisor's schedule of raising the slow-down copying does
-    not finish before the deadline, but a job started now at a higher start level
-    (chosen as the start plan chooses it, for the rate seen now, counting the time
-    to start again and the local disks' copy again) would -> start again with that
-    level (at most `max_restarts` times; never once paused or handed over);
+    plan assumed, and a job started now at a higher start level (chosen as the start
+    plan chooses it, for the rate seen now, counting the time to start again and the
+    local disks' copy again) either finishes before the deadline where the
+    hypervisor's schedule of raising the slow-down does not, or finishes in at most
+    `restart_gain` of the time that schedule still needs, taking no more of the
+    guest's time in slowing -> start again with that level (at most `max_restarts`
+    times; never once paused or handed over);
 11. slowing the guest is armed and finishes before the deadline -> continue;
 12. the remainder still shrinks, the rates vary, or quieter phases were seen, and
     the deadline leaves time -> continue;

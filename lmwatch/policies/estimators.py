@@ -73,6 +73,11 @@ class PolicySettings:
     # the new one) is assumed to cost `restart_seconds`.
     max_restarts: int = 1
     restart_seconds: float = 10.0
+    # ...and, deadline or not, when the new job would take at most this share of the
+    # time the current one still needs, taking no more of the guest's time in slowing:
+    # starting again throws away what was copied, so only a win that outlasts the
+    # projections' error (ETA within ±50 %) is worth it.
+    restart_gain: float = 0.5
     fit_pairs: int = 4  # most recent (pass duration, remainder) pairs the model is fitted to
     # The hypervisor sends in bursts this long and checks before each one whether what is
     # left is below the threshold (transfer rate × budget); it judges the slow-down over
@@ -181,6 +186,9 @@ class Projection:
     seconds: float | None  # until the job completes (final stop included); None if never
     floor: float  # remainder copying settles at (0 when it converges)
     passes: int
+    # guest-seconds the slowing takes until the job completes (each pass's duration
+    # times the level in force during it); what the guest pays for finishing this way
+    slowed: float = 0.0
 
 
 def project(
@@ -224,6 +232,7 @@ def project(
 
     sent = sends(unsent, True)
     seconds = sent / bandwidth  # the rest of the current pass
+    slowed = seconds * slowdown
     duration = elapsed_in_pass + seconds
     rest = unsent - sent
     outside = min(max(0.0, outside), unsent) * (rest / unsent if unsent > 0 else 0.0)
@@ -235,7 +244,7 @@ def project(
         left = model.next_count(rest, duration, level, outside)
         dirtied = left - rest
         if left <= capacity:
-            return Projection(True, seconds + left / bandwidth + switchover, 0.0, n)
+            return Projection(True, seconds + left / bandwidth + switchover, 0.0, n, slowed)
         raised = False
         if slow_armed:
             period[2] += dirtied
@@ -255,16 +264,17 @@ def project(
             and (not slow_armed or (level >= s.max_slowdown and not raised))
         )
         if settled:
-            return Projection(False, None, left, n)
+            return Projection(False, None, left, n, slowed)
         previous = left
         sent = sends(left, False)
         outside *= (left - sent) / left if left > 0 else 0.0
         rest = left - sent
         duration = sent / bandwidth + overhead
         seconds += duration
+        slowed += duration * level
         period[0] += duration
         period[1] += sent
-    return Projection(False, None, previous, _MAX_PROJECTED_PASSES)
+    return Projection(False, None, previous, _MAX_PROJECTED_PASSES, slowed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,10 @@
 The hypervisor raises its slow-down by a fixed step every few passes from the level
 it started at, and neither can be changed while the job runs. When the guest's
 writing grew beyond what the start plan was made for (a measurement before the
-start saw a quieter guest), that schedule can run past the deadline, while a job
-started now at a higher level, chosen as the start plan chooses it but for the rate
-seen now, would still finish in time. Starting again loses what was copied (and the
-local disks' copy) and costs the time to stop the job and start the new one; the
+start saw a quieter guest), that schedule can run past the deadline, or take far
+longer than a job started now at a higher level, chosen as the start plan chooses
+it but for the rate seen now. Starting again loses what was copied (and the local
+disks' copy) and costs the time to stop the job and start the new one; the
 projection counts all of it from now.
 
 `restart_outlook` is the one calculation: the reason text, the prediction and the
@@ -15,6 +15,7 @@ decision all read its figures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from lmwatch.model import Decision, MigrationContext, Sample, StartPlan
@@ -35,7 +36,16 @@ class RestartOutlook:
     seconds: float  # from now until the new job finishes: cost, disks again, memory
     cost: float  # of `seconds`, stopping this job and starting the new one
     disks: float  # of `seconds`, copying the local disks again
-    left: float  # seconds until the deadline
+    left: float  # seconds until the deadline (infinite without one)
+    # guest-seconds taken by slowing until the current job finishes (infinite: never),
+    # and until the new one does
+    slowed_now: float = math.inf
+    slowed: float = 0.0
+
+    @property
+    def in_time(self) -> bool:
+        """The current job finishes before the deadline: starting again is for speed."""
+        return self.current is not None and self.current <= self.left
 
 
 def restart_outlook(
@@ -50,16 +60,21 @@ def restart_outlook(
     There is one when the guest is being slowed (armed at start), this migration was
     not started again already (`max_restarts`), it is still copying, there is
     evidence (a pass seen from its start to its end), the guest writes faster than
-    the start plan assumed, the current job at the hypervisor's own schedule does not
-    finish before the deadline, and a job started now at a level above the one in
-    force would (the cost of starting again and the disks' copy included).
+    the start plan assumed, and a job started now at a level above the one in force
+    (the cost of starting again and the disks' copy included) either
+
+    - finishes before the deadline, where the current job at the hypervisor's own
+      schedule does not; or
+    - finishes within `restart_gain` of the time the current job still needs, with
+      no more of the guest's time taken by slowing (sooner, and no dearer for the
+      guest), deadline or not.
 
     The new job's projection is the start plan's (`start.choose_slowdown`), fed with
     the write rate and the working set the passes show.
     """
     plan = ctx.plan
     latest = a.latest
-    if not (plan.arm_slow_down and profile.may_slow_down) or ctx.deadline_at is None:
+    if not (plan.arm_slow_down and profile.may_slow_down):
         return None
     if ctx.restarts >= settings.max_restarts or ctx.paused or ctx.handed_over:
         return None
@@ -69,7 +84,7 @@ def restart_outlook(
     assumed = ctx.change_rate_before_start
     if assumed is not None and rate <= assumed:
         return None  # the start plan was made for this rate already
-    left = ctx.deadline_at - now
+    left = math.inf if ctx.deadline_at is None else ctx.deadline_at - now
     finish = finish_budget(profile, ctx.blackout_budget, ctx.switchover, settings)
     current = project(
         a.model,
@@ -85,15 +100,25 @@ def restart_outlook(
         slow_armed=True,
         outside=a.outside(a.model),
         settings=settings,
-    ).seconds
-    if current is not None and current <= left:
-        return None  # the current schedule finishes in time
+    )
     disks = _disk_bytes(latest) / a.transfer_rate
-    available = left - settings.restart_seconds - disks
+    cost = settings.restart_seconds + disks
+    in_time = current.seconds is not None and current.seconds <= left
+    if in_time:
+        assert current.seconds is not None
+        # sooner: the new job within the gain of what the current one still needs
+        available = current.seconds * settings.restart_gain - cost
+        target = available
+        slowed_now = current.slowed
+    else:
+        # The lowest level that finishes within the share of what is left the start
+        # plan keeps (the guest may still be growing); none does: the highest, if it
+        # finishes.
+        available = left - cost
+        target = available * settings.slowdown_deadline_share
+        slowed_now = math.inf
     if available <= 0:
         return None
-    # The lowest level that finishes within the share of what is left the start plan
-    # keeps (the guest may still be growing); none does: the highest, if it finishes.
     choice = choose_slowdown(
         profile,
         a.memory,
@@ -101,12 +126,14 @@ def restart_outlook(
         a.transfer_rate,
         ctx.blackout_budget,
         ctx.switchover,
-        available * settings.slowdown_deadline_share,
+        target,
         settings,
         working_set=a.model.working_set,
     )
     if choice.seconds is None or choice.seconds > available:
         return None
+    if in_time and choice.slowed > slowed_now:
+        return None  # sooner, but dearer for the guest
     level_now = max(latest.slowdown, plan.slow_down_initial)
     if choice.level <= level_now + 1e-9:
         return None  # no higher level than the one in force: starting again gains nothing
@@ -114,12 +141,14 @@ def restart_outlook(
         rate=rate,
         assumed=assumed,
         level_now=latest.slowdown,
-        current=current,
+        current=current.seconds,
         level=choice.level,
-        seconds=settings.restart_seconds + disks + choice.seconds,
+        seconds=cost + choice.seconds,
         cost=settings.restart_seconds,
         disks=disks,
         left=left,
+        slowed_now=slowed_now,
+        slowed=choice.slowed,
     )
 
 
@@ -129,6 +158,11 @@ def restart_reason(outlook: RestartOutlook, settings: PolicySettings) -> str:
     assumed = "" if o.assumed is None else f" (the start plan was made for {rate_text(o.assumed)})"
     if o.current is None:
         current = "copying would not finish"
+    elif o.in_time:
+        current = (
+            f"copying would finish in about {duration_text(o.current)}, "
+            f"{duration_text(o.slowed_now)} of the guest's time taken by slowing"
+        )
     else:
         current = (
             f"copying would finish in about {duration_text(o.current)}, "
@@ -137,12 +171,13 @@ def restart_reason(outlook: RestartOutlook, settings: PolicySettings) -> str:
     again = f"about {duration_text(o.cost)} to start again"
     if o.disks > 0:
         again += f" and {duration_text(o.disks)} to copy the local disks again"
+    taken = f", {duration_text(o.slowed)} of the guest's time" if o.in_time else ""
     return (
         f"the guest now writes about {rate_text(o.rate)}{assumed}; slowed by "
         f"{o.level_now:.0%} now and raised by {settings.slow_down_step:.0%} every "
         f"{settings.slow_down_passes_per_step} passes, {current}; starting again with the "
         f"slow-down from {o.level:.0%} finishes in about {duration_text(o.seconds)} "
-        f"({again}); starting again"
+        f"({again}){taken}; starting again"
     )
 
 

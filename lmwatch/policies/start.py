@@ -13,6 +13,7 @@ from lmwatch.policies.estimators import (
     DEFAULT,
     DirtyModel,
     PolicySettings,
+    Projection,
     duration_text,
     project,
     rate_text,
@@ -156,6 +157,7 @@ class SlowdownChoice:
     level: float
     seconds: float | None  # from the start to the end of the job at that level; None: never
     fits: bool  # `seconds` is within the target the level was chosen for
+    slowed: float = 0.0  # guest-seconds the slowing takes until then (`Projection.slowed`)
 
 
 def least_slowdown(change_rate: float, bandwidth: float, settings: PolicySettings) -> float:
@@ -176,11 +178,11 @@ def start_projection(
     settings: PolicySettings = DEFAULT,
     *,
     working_set: float | None = None,
-) -> float | None:
-    """Seconds a job started now takes to finish with slowing from `level`, the guest
-    rewriting at `change_rate` over `working_set` (unknown before the start: all of
-    its memory) and the hypervisor raising the level on its schedule; it finishes once
-    what is left fits the budget, or a pause where the profile allows one. None: never."""
+) -> Projection:
+    """A job started now with slowing from `level`, the guest rewriting at
+    `change_rate` over `working_set` (unknown before the start: all of its memory) and
+    the hypervisor raising the level on its schedule; it finishes once what is left
+    fits the budget, or a pause where the profile allows one."""
     written = float(memory) if working_set is None else min(float(memory), working_set)
     model = DirtyModel(rate=change_rate, working_set=written)
     return project(
@@ -196,7 +198,7 @@ def start_projection(
         slow_armed=True,
         outside=model.outside(memory, memory),  # the first pass sends all of memory
         settings=settings,
-    ).seconds
+    )
 
 
 def finish_budget(
@@ -226,7 +228,7 @@ def choose_slowdown(
     seconds; none finishing: the highest, with `fits` false."""
     level = least_slowdown(change_rate, bandwidth, settings)
     while True:
-        seconds = start_projection(
+        projection = start_projection(
             profile,
             memory,
             change_rate,
@@ -237,8 +239,9 @@ def choose_slowdown(
             settings,
             working_set=working_set,
         )
+        seconds = projection.seconds
         if seconds is not None and seconds <= target:
-            return SlowdownChoice(level, seconds, True)
+            return SlowdownChoice(level, seconds, True, projection.slowed)
         if level >= settings.max_initial_slowdown - 1e-9:
-            return SlowdownChoice(level, seconds, False)
+            return SlowdownChoice(level, seconds, False, projection.slowed)
         level = round(min(settings.max_initial_slowdown, level + settings.slow_down_step), 2)

@@ -24,12 +24,14 @@ from lmwatch.bench.runner import (
     NO_DEADLINE_LIMIT,
     Run,
     Simulation,
+    bench_profiles,
     default_limit,
     run,
     run_many,
     setting_for,
 )
-from lmwatch.drivers.inventory import ConstantRate, GrowingRate
+from lmwatch.drivers.inventory import ConstantRate, GrowingRate, PhasedRate
+from lmwatch.drivers.inventory import Phase as RatePhase
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.schema import Profile
 
@@ -365,3 +367,34 @@ def test_lmwatch_starts_a_growing_writer_again_and_finishes_it_cleanly() -> None
     assert result.outcome == "completed"
     verdict = judge(result, GROWING_BATCH, growing())
     assert verdict.clean, verdict
+
+
+def test_lmwatch_waits_most_of_a_strict_deadline_for_a_quieter_phase() -> None:
+    """Strict (10 minutes, cancel at the deadline): a guest that writes faster than the
+    link carries for 7 minutes, then quietly. Its readings are steady and hopeless for
+    well over half the window and nothing showed a quieter phase, yet the deadline
+    still leaves time: lmwatch waits until three quarters of the window have passed
+    (a phase change within the rest is then unlikely, not before), and so completes
+    in the quiet phase, as simply waiting does."""
+    strict = next(p for p in bench_profiles() if p.name == "strict")
+    quiet_from = 420.0
+    guest = Workload(
+        name="phased",
+        memory=4 * GIB,
+        working_set=1 * GIB,
+        writer="random",
+        change_rate=PhasedRate(
+            pattern="phased",
+            phases=(
+                RatePhase(rate=5 * GIB, duration=quiet_from),
+                RatePhase(rate=20 * MIB, duration=600.0),
+            ),
+            repeat=False,
+        ),
+        bandwidth=10 * GBIT,
+        switchover=0.02,
+    )
+    result = run(guest, strict, lmwatch_factory)
+    assert result.outcome == "completed", result.actions
+    assert quiet_from < result.total_seconds < 0.75 * 600.0
+    assert judge(result, strict, guest).clean

@@ -44,7 +44,9 @@ The rules, in order (DESIGN.md section 4):
     times; never once paused or handed over);
 11. slowing the guest is armed and finishes before the deadline -> continue;
 12. the remainder still shrinks, the rates vary, or quieter phases were seen, and
-    the deadline leaves time -> continue;
+    the deadline leaves time -> continue; so does a guest whose steady readings say
+    nothing would finish it, until `patience` (three quarters) of the deadline
+    window has passed (without a deadline, `min_patience`): workloads change phase;
 13. otherwise cancel, saying why: waiting has stopped paying.
 
 Handover and pause come before slowing because each finishes now within a bound
@@ -550,7 +552,7 @@ def _hope(
     elapsed = now - ctx.started_at
     if ctx.deadline_at is not None:
         window = max(ctx.deadline_at - ctx.started_at, 0.0)
-        wait = min(0.75 * window, max(settings.min_patience, settings.patience * window))
+        wait = settings.patience * window
         if elapsed < wait:
             return (
                 Rule.PATIENCE,

@@ -87,8 +87,11 @@ class PolicySettings:
     steady_variation: float = 0.15  # pass rates varying less than this are steady
     steady_pairs: int = 4  # pairs needed before steadiness counts as evidence
     # Giving up early on steady, hopeless readings waits this share of the deadline
-    # window, at least `min_patience` seconds, and never more than 3/4 of the window.
-    patience: float = 0.5
+    # window. Readings steady for T seconds say a phase lasts about that long: the
+    # chance that it changes within the S seconds left is then about S / (T + S), under
+    # a quarter only once T > 3 S, after three quarters of the window. Without a
+    # deadline, `min_patience` seconds.
+    patience: float = 0.75
     min_patience: float = 300.0
     max_wait: float = 3600.0  # without a deadline, no hope keeps a migration waiting longer
     convergence_margin: float = 0.1  # start plan: D above B * (1 - margin) will not converge

@@ -124,6 +124,48 @@ def test_simulation_advances_and_applies_link_events_in_order() -> None:
     assert sim.sample().memory_transferred > sent
 
 
+class Woken(Idle):
+    """Never acts; woken at each pass boundary like lmwatch, it notes its samples."""
+
+    name = "woken"
+    wake_on_pass = True
+
+    def __init__(self, setting: Setting) -> None:
+        super().__init__(setting)
+        self.samples: list[Sample] = []
+
+    def step(self, sample: Sample, now: float) -> Sequence[Command]:
+        self.samples.append(sample)
+        return ()
+
+
+def test_a_woken_controller_samples_the_pass_a_link_event_brought_forward() -> None:
+    """The link breaks at 0.5 s and comes back at 1.1 s: the sample taken during the
+    break plans the next one a poll later, but the first pass now ends at about 1.9 s,
+    and the hypervisor's event wakes the engine then, whatever moved it."""
+    guest = workload(
+        rate=2 * GIB,
+        memory=3 * GIB // 2,
+        events=(LinkEvent(0.5, "break"), LinkEvent(1.1, "restore")),
+    )
+    controllers: list[Woken] = []
+
+    def factory(setting: Setting) -> Woken:
+        controllers.append(Woken(setting))
+        return controllers[-1]
+
+    run(guest, OPEN, factory, limit=5.0)
+    (controller,) = controllers
+    # when the first pass ended, from the model stepped finely
+    fine = Simulation(guest, controller.start())
+    t = 0.0
+    while fine.sample().passes < 2:
+        t += 0.001
+        fine.advance_to(t)
+    first = next(s for s in controller.samples if s.passes >= 2)
+    assert t - 0.002 <= first.time <= t + 0.01, (t, [s.time for s in controller.samples])
+
+
 def test_refused_commands_are_counted_no_ops() -> None:
     sim = Simulation(workload(memory=64 * GIB), StartPlan(False, False, 0.3))
     sim.advance_to(1.0)

@@ -622,3 +622,18 @@ def test_a_disk_copy_syncs_exactly_when_the_guest_writes_slower_than_the_link(
     elif writes >= bandwidth:
         assert not model.disks_in_sync and math.isinf(expected)
         assert model.snapshot(model.elapsed).disk_remaining > 0
+
+
+def test_the_next_pass_boundary_is_foreseen_while_the_pass_begins() -> None:
+    """Just after a boundary (the dirty bitmap still being synced) the next one is
+    where the hypervisor counts again: at the first burst that begins below the
+    threshold, not once the whole count is sent (the engine is woken then)."""
+    model = make(memory=4 * GIB, working_set=1 * GIB, rate=600 * MIB, bandwidth=1 * GIB)
+    while model.passes < 3:
+        model.advance(1e-4)  # to just past the boundary: the bitmap sync takes 5 ms
+    foreseen = model.next_event_in()
+    assert foreseen is not None
+    start, passes = model.elapsed, model.passes
+    while model.passes == passes and not model.phase.finished:
+        model.advance(1e-4)
+    assert model.elapsed - start == pytest.approx(foreseen, abs=2e-4)

@@ -229,6 +229,13 @@ class Simulation:
         if t > migration.elapsed:
             migration.advance(t - migration.elapsed)
 
+    @property
+    def next_link_event_at(self) -> float | None:
+        """When the next link event is due (seconds since start), None when none is."""
+        if self._next_event >= len(self._events):
+            return None
+        return self._events[self._next_event].at
+
     def _apply_event(self, event: LinkEvent) -> None:
         if event.kind == "bandwidth":
             assert event.value is not None
@@ -364,6 +371,16 @@ class Simulation:
         )
 
 
+def _wake(migration: Migration, sampled: float, target: float) -> float:
+    """The next sample of a woken controller: at `target`, or just past the next pass
+    boundary or phase change if that comes first (at least `MIN_WAKE` after the sample
+    taken at `sampled`)."""
+    upcoming = migration.next_event_in()
+    if upcoming is None:
+        return target
+    return min(target, max(migration.elapsed + upcoming + WAKE_MARGIN, sampled + MIN_WAKE))
+
+
 def _first_eta(controller: object, after: float | None) -> tuple[float, float] | None:
     """The controller's first ETA made once the first pass had ended (if it predicts)."""
     predictions = getattr(controller, "predictions", None)
@@ -409,11 +426,19 @@ def run(
     # (`wake_on_pass`) is woken the same way, at most every `MIN_WAKE` seconds.
     wake = bool(getattr(controller, "wake_on_pass", False))
     while True:
-        target = min(migration.elapsed + poll, end)
+        sampled = migration.elapsed
+        target = min(sampled + poll, end)
         if wake:
-            upcoming = migration.next_event_in()
-            if upcoming is not None:
-                target = min(target, migration.elapsed + max(upcoming + WAKE_MARGIN, MIN_WAKE))
+            target = _wake(migration, sampled, target)
+            # A link event changes when the next pass or stop comes: the driver's event
+            # wakes the engine then, whatever moved it.
+            following = simulation.next_link_event_at
+            while following is not None and following < target - _EPS:
+                simulation.advance_to(following)
+                if migration.finished_at is not None:
+                    break
+                target = _wake(migration, sampled, target)
+                following = simulation.next_link_event_at
         simulation.advance_to(target)
         if migration.finished_at is not None or migration.elapsed >= end - _EPS:
             break

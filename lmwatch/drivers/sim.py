@@ -785,22 +785,7 @@ class SimDriver:
         if self._world is None:
             return
         now = self.clock.now()
-        old: list[str] = []
-        if migration_ids is None and not prune:
-            ids = [job_id for job_id, job in self._jobs.items() if not job.settled]
-        else:
-            ids = list(migration_ids or ())
-        if migration_ids is None:
-            self._saved_at = now
-            old = [
-                job_id
-                for job_id, job in self._jobs.items()
-                if job.ended_at is not None and now - job.ended_at > _KEEP_ENDED
-            ]
-        for job_id in old:
-            job = self._jobs.pop(job_id)
-            if self._latest.get(job.instance.name) is job:
-                del self._latest[job.instance.name]
+        ids, old = self._saving(migration_ids, prune=prune, now=now)
         state = pickle.dumps(
             {
                 "version": _WORLD_VERSION,
@@ -874,17 +859,17 @@ class SimDriver:
             move=move,
         )
 
-    def _save_shared(
-        self, migration_ids: Iterable[str] | None, *, prune: bool, moves: dict[str, Move]
-    ) -> None:
-        """`_save` for a shared world: the jobs named (None: every one not yet ended)
-        written while this driver holds them; those another took over are dropped."""
-        assert self._shared is not None
-        now = self.clock.now()
+    def _saving(
+        self, migration_ids: Iterable[str] | None, *, prune: bool, now: float
+    ) -> tuple[list[str], list[str]]:
+        """The jobs a save writes (those named; None: every one not yet settled, or
+        with `prune` none), and those it forgets: a save of them all forgets the jobs
+        that ended long ago."""
         if migration_ids is None and not prune:
             ids = [job_id for job_id, job in self._jobs.items() if not job.settled]
         else:
             ids = list(migration_ids or ())
+        old: list[str] = []
         if migration_ids is None:
             self._saved_at = now
             old = [
@@ -896,9 +881,19 @@ class SimDriver:
                 job = self._jobs.pop(job_id)
                 if self._latest.get(job.instance.name) is job:
                     del self._latest[job.instance.name]
-            if prune:
-                self._shared.prune(now - _KEEP_ENDED)
-                self._pull_faults()
+        return ids, old
+
+    def _save_shared(
+        self, migration_ids: Iterable[str] | None, *, prune: bool, moves: dict[str, Move]
+    ) -> None:
+        """`_save` for a shared world: the jobs named (None: every one not yet ended)
+        written while this driver holds them; those another took over are dropped."""
+        assert self._shared is not None
+        now = self.clock.now()
+        ids, _ = self._saving(migration_ids, prune=prune, now=now)
+        if migration_ids is None and prune:
+            self._shared.prune(now - _KEEP_ENDED)
+            self._pull_faults()
         rows = [
             self._row(self._jobs[job_id], self._job_time(self._jobs[job_id]), moves.get(job_id))
             for job_id in ids

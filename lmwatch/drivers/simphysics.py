@@ -381,6 +381,15 @@ class Migration:
         """Index of the last burst boundary at or before elapsed time `t`."""
         return math.floor((t + _TICK) / self.tuning.recount_interval)
 
+    def _first_check(self, after: float, rate: float) -> float:
+        """Seconds until the first burst that begins with the remainder below the
+        threshold, sending from `after` seconds on (the pass ends there)."""
+        below = self.elapsed + after + max(0.0, self._unsent - self._threshold()) / rate
+        check = self._window_from(below)
+        if self._window_at(check) <= self._window:  # this boundary was checked
+            check = (self._window + 1) * self.tuning.recount_interval
+        return check - self.elapsed
+
     def _window_from(self, t: float) -> float:
         """Elapsed time of the first burst boundary at or after `t`."""
         interval = self.tuning.recount_interval
@@ -544,14 +553,10 @@ class Migration:
                     times.append(self._sync_left)
                 elif rate > 0:
                     times.append(self._sync_left + self._unsent / rate)  # the pass's end
+                    times.append(self._first_check(self._sync_left, rate))  # ...or sooner
             elif rate > 0:
                 times.append(self._unsent / rate)  # fully sent: synced at once
-                # the first burst that begins with the remainder below the threshold
-                below = self.elapsed + max(0.0, self._unsent - self._threshold()) / rate
-                check = self._window_from(below)
-                if self._window_at(check) <= self._window:  # this boundary was checked
-                    check = (self._window + 1) * self.tuning.recount_interval
-                times.append(check - self.elapsed)
+                times.append(self._first_check(0.0, rate))
             if minor:
                 if (
                     self.writer is Writer.SEQUENTIAL

@@ -735,7 +735,12 @@ def _pair_rates(pairs: Sequence[Pair], model: DirtyModel, memory: float) -> list
 
 
 def quiet_rate(
-    pairs: Sequence[Pair], model: DirtyModel, memory: float, below: float = 0.5
+    pairs: Sequence[Pair],
+    model: DirtyModel,
+    memory: float,
+    below: float = 0.5,
+    *,
+    rates: Sequence[float] | None = None,
 ) -> float | None:
     """The lowest write rate a pass showed, counting only passes that left clearly
     less than the model says (under half): a quieter phase seen, not a reading.
@@ -745,8 +750,10 @@ def quiet_rate(
     "implies" a rate a third of the true one when the fitted W shifts by a few MiB,
     and that phantom quiet phase would keep a hopeless migration waiting. A remainder
     measured well under the model's prediction is a fact about the guest instead.
+    `rates`: the pairs' rates as `_pair_rates` reads them, when already at hand.
     """
-    rates = _pair_rates(pairs, model, memory)
+    if rates is None:
+        rates = _pair_rates(pairs, model, memory)
     quiet = [
         rate
         for p, rate in zip(pairs, rates, strict=True)
@@ -822,7 +829,7 @@ def analyse(
     rates: list[float] = []  # the write rate each pair implies (with the model's W)
     if model is not None and pairs:
         rates = _pair_rates(pairs, model, memory)
-        quiet = quiet_rate(pairs, model, memory)
+        quiet = quiet_rate(pairs, model, memory, rates=rates)
         best_model = model if quiet is None else model.with_rate(quiet)
         window = rates[-settings.steady_pairs :]
         steady = (

@@ -427,3 +427,20 @@ def test_a_guest_hovering_at_the_threshold_is_not_predicted_to_converge() -> Non
         assert p.model.working_set > 0.85 * w.working_set, passes
         assert p.converges is False and p.eta is None, passes
         assert p.floor is not None and p.floor > w.bandwidth * budget
+
+
+def test_a_fit_is_kept_for_the_samples_of_a_pass_that_ask_again() -> None:
+    """The pairs change only when a pass ends; the samples in between ask for the same
+    fit (the costliest part of a decision), and get the one already made."""
+    from lmwatch.policies import estimators
+
+    pairs = [Pair(10.0, 0.0, 300 * MIB), Pair(4.0, 0.0, 200 * MIB)]
+    first = fit_model(pairs, 4096 * MIB)
+    hits = estimators._fit.cache_info().hits
+    again = fit_model(list(pairs), 4096 * MIB)
+    assert again is first
+    assert estimators._fit.cache_info().hits == hits + 1
+    # other pairs, or another measurement before the start: fitted anew
+    other = fit_model([*pairs, Pair(2.0, 0.0, 150 * MIB)], 4096 * MIB)
+    measured = fit_model(pairs, 4096 * MIB, 50 * MIB, 2.0)
+    assert other is not first and measured is not first

@@ -31,6 +31,7 @@ the working set overlaps what the guest dirties.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import statistics
@@ -594,6 +595,7 @@ def _telling(pairs: Sequence[Pair], recent: Sequence[Pair]) -> list[Pair]:
     return list(recent) if other is None else [other, *recent]
 
 
+_FITS_KEPT = 4096  # fits kept: one per migration supervised, with room to spare
 _MOST_OVERLAP = 0.9  # a rest covering more of the working set is read as covering this
 
 
@@ -671,6 +673,21 @@ def fit_model(
     memory: float,
     measured_rate: float | None = None,
     measured_window: float | None = None,
+) -> DirtyModel | None:
+    """The dirtying model that best explains the pairs (least squares in log space):
+    `_fit`, whose latest results are kept. The fit searches working sets and is most
+    of what a decision costs, while the pairs change only when a pass ends: every
+    other sample of a pass (and of each of up to thousands of migrations) asks for
+    the same fit again."""
+    return _fit(tuple(pairs), float(memory), measured_rate, measured_window)
+
+
+@functools.lru_cache(maxsize=_FITS_KEPT)
+def _fit(
+    pairs: tuple[Pair, ...],
+    memory: float,
+    measured_rate: float | None,
+    measured_window: float | None,
 ) -> DirtyModel | None:
     """The dirtying model that best explains the pairs (least squares in log space).
 

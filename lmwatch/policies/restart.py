@@ -117,8 +117,8 @@ def restart_outlook(
         available = left - cost
         target = available * settings.slowdown_deadline_share
         slowed_now = math.inf
-    if available <= 0:
-        return None
+    if available < a.memory / a.transfer_rate:
+        return None  # a new job sends all of memory at least once: it cannot be quicker
     choice = choose_slowdown(
         profile,
         a.memory,

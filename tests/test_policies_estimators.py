@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from lmwatch.model import MIB
 from lmwatch.policies import estimate
-from lmwatch.policies.estimators import DirtyModel, analyse, fit_model, project
+from lmwatch.policies.estimators import DirtyModel, Projection, analyse, fit_model, project
 from lmwatch.policies.track import Pair
 
 try:
@@ -291,18 +292,25 @@ def test_fit_explains_passes_that_all_left_the_working_set() -> None:
     assert model.dirtied(1.0) >= 0.9 * 100 * MIB
 
 
-def test_projection_follows_passes_until_the_remainder_fits() -> None:
-    """D = 30 % of B: each pass leaves under a third of the last; 500 MiB fits 0.3 s after
-    a few passes."""
-    outlook = project(
-        DirtyModel(30 * MIB, 1024 * MIB),
+def from_a_pass_start(model: DirtyModel, unsent: float, **slowing: Any) -> Projection:
+    """`project` from the start of a pass over a 100 MiB/s link, with a 0.3 s budget and
+    a 50 ms switchover."""
+    return project(
+        model,
         100 * MIB,
         0.3,
-        unsent=500 * MIB,
+        unsent=unsent,
         elapsed_in_pass=0.0,
         overhead=0.0,
         switchover=0.05,
+        **slowing,
     )
+
+
+def test_projection_follows_passes_until_the_remainder_fits() -> None:
+    """D = 30 % of B: each pass leaves under a third of the last; 500 MiB fits 0.3 s after
+    a few passes."""
+    outlook = from_a_pass_start(DirtyModel(30 * MIB, 1024 * MIB), 500 * MIB)
     assert outlook.converges and outlook.passes >= 2
     assert outlook.seconds is not None and 5.0 < outlook.seconds < 8.0
 
@@ -312,14 +320,9 @@ def test_projection_counts_the_guest_time_slowing_takes() -> None:
     level in force; none without slowing, and more when the hypervisor raises it."""
 
     def outlook(level: float, armed: bool = False) -> tuple[float, float]:
-        p = project(
+        p = from_a_pass_start(
             DirtyModel(60 * MIB, 1024 * MIB),
-            100 * MIB,
-            0.3,
-            unsent=500 * MIB,
-            elapsed_in_pass=0.0,
-            overhead=0.0,
-            switchover=0.05,
+            500 * MIB,
             slowdown=level,
             slow_step=0.1,
             slow_initial=0.2,
@@ -341,15 +344,7 @@ def test_projection_settles_at_the_fixed_point() -> None:
     """D = 3 B over 1 GiB, whatever the remainder projected from: each pass carries the
     rest c below the threshold (30 MiB less half a 10 MiB burst), and what the guest
     dirties outside it settles where x = (W - c) (1 - exp(-3 x / W)), 934 MiB."""
-    outlook = project(
-        DirtyModel(300 * MIB, 1024 * MIB),
-        100 * MIB,
-        0.3,
-        unsent=200 * MIB,
-        elapsed_in_pass=0.0,
-        overhead=0.0,
-        switchover=0.05,
-    )
+    outlook = from_a_pass_start(DirtyModel(300 * MIB, 1024 * MIB), 200 * MIB)
     assert not outlook.converges and outlook.seconds is None
     assert outlook.floor == pytest.approx(934.3 * MIB + 25 * MIB, rel=0.01)
 

@@ -103,11 +103,10 @@ def restart_outlook(
     )
     disks = _disk_bytes(latest) / a.transfer_rate
     cost = settings.restart_seconds + disks
-    in_time = current.seconds is not None and current.seconds <= left
-    if in_time:
-        assert current.seconds is not None
+    finishes = current.seconds
+    if finishes is not None and finishes <= left:
         # sooner: the new job within the gain of what the current one still needs
-        available = current.seconds * settings.restart_gain - cost
+        available = finishes * settings.restart_gain - cost
         target = available
         slowed_now = current.slowed
     else:
@@ -132,8 +131,8 @@ def restart_outlook(
     )
     if choice.seconds is None or choice.seconds > available:
         return None
-    if in_time and choice.slowed > slowed_now:
-        return None  # sooner, but dearer for the guest
+    if choice.slowed > slowed_now:
+        return None  # sooner, but dearer for the guest (never so when late: infinite)
     level_now = max(latest.slowdown, plan.slow_down_initial)
     if choice.level <= level_now + 1e-9:
         return None  # no higher level than the one in force: starting again gains nothing
@@ -141,7 +140,7 @@ def restart_outlook(
         rate=rate,
         assumed=assumed,
         level_now=latest.slowdown,
-        current=current.seconds,
+        current=finishes,
         level=choice.level,
         seconds=cost + choice.seconds,
         cost=settings.restart_seconds,

@@ -440,3 +440,22 @@ def test_lmwatch_waits_most_of_a_strict_deadline_for_a_quieter_phase() -> None:
     assert result.outcome == "completed", result.actions
     assert quiet_from < result.total_seconds < 0.75 * 600.0
     assert judge(result, strict, guest).clean
+
+
+def test_lmwatch_hands_over_once_the_link_is_back_after_a_refused_handover() -> None:
+    """A guest that writes far faster than the link carries, on latency-critical: lmwatch
+    hands over at its first sample. The link is down then, so the migration refuses;
+    like the engine, lmwatch must not take the handover as done, and hands over once
+    the link carries again."""
+    latency_critical = next(p for p in bench_profiles() if p.name == "latency-critical")
+    guest = workload(
+        rate=20 * GIB,
+        memory=8 * GIB,
+        working_set=3 * GIB,
+        events=(LinkEvent(0.5, "break"), LinkEvent(4.0, "restore")),
+    )
+    result = run(guest, latency_critical, lmwatch_factory)
+    assert result.refused >= 1  # the handover while the link was down
+    assert result.handed_over and result.outcome == "completed", result.actions
+    verdict = judge(result, latency_critical, guest)
+    assert verdict.clean, verdict

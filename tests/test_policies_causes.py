@@ -315,7 +315,7 @@ def _reattached(
         seen.append(sample)
         decisions.append(policies.decide(profile, seen, controller.ctx, t))
         for command in controller.step(sample, t):
-            simulation.apply(command)
+            controller.applied(command, simulation.apply(command))
     return simulation.record(profile=profile.name, controller="lmwatch"), controller, decisions
 
 

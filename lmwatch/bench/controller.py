@@ -87,4 +87,9 @@ class Controller(Protocol):
         ...
 
 
+# A controller may also define `applied(command, accepted)`: the runner then tells it,
+# after each command, whether the migration took it or refused it (as the engine learns
+# from the driver's answer).
+
+
 ControllerFactory = Callable[[Setting], Controller]

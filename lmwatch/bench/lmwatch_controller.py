@@ -47,6 +47,7 @@ class LmwatchController:
         self.ctx: MigrationContext | None = None
         self.predictions: list[tuple[float, float | None]] = []
         self.reasons: list[tuple[float, str, str]] = []
+        self._pending: tuple[Command, dict[str, object]] | None = None  # awaiting `applied`
 
     def start(self) -> StartPlan:
         s = self.setting
@@ -86,14 +87,12 @@ class LmwatchController:
             self.reasons.append((now, action.value, decision.reason))
         if action is Action.RAISE_BLACKOUT:
             assert decision.blackout_budget is not None
-            self.ctx = replace(self.ctx, blackout_budget=decision.blackout_budget)
-            return [SetBudget(decision.blackout_budget)]
+            budget = decision.blackout_budget
+            return self._proposing(SetBudget(budget), blackout_budget=budget)
         if action is Action.PAUSE:
-            self.ctx = replace(self.ctx, paused=True, paused_at=now)
-            return [Pause()]
+            return self._proposing(Pause(), paused=True, paused_at=now)
         if action is Action.HANDOVER:
-            self.ctx = replace(self.ctx, handed_over=True)
-            return [Handover()]
+            return self._proposing(Handover(), handed_over=True)
         if action is Action.CANCEL:
             return [Cancel()]
         if action is Action.RESTART:
@@ -112,6 +111,19 @@ class LmwatchController:
             )
             return [Restart(plan)]
         return []
+
+    def _proposing(self, command: Command, **changes: object) -> list[Command]:
+        self._pending = (command, changes)
+        return [command]
+
+    def applied(self, command: Command, accepted: bool) -> None:
+        """Like the engine, record a new budget, a pause or a handover only once the
+        migration took it: a refused one (a handover while the link is down) changes
+        nothing, and the policy decides again at the next sample."""
+        pending, self._pending = self._pending, None
+        if accepted and pending is not None and pending[0] is command:
+            assert self.ctx is not None
+            self.ctx = replace(self.ctx, **pending[1])  # type: ignore[arg-type]
 
     def restarted(self, at: float) -> None:
         """The runner started the new job at `at` (as the engine knows when its start

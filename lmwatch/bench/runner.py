@@ -425,6 +425,7 @@ def run(
     # `wait_event`), so it samples each pass at its start; a controller that says so
     # (`wake_on_pass`) is woken the same way, at most every `MIN_WAKE` seconds.
     wake = bool(getattr(controller, "wake_on_pass", False))
+    applied = getattr(controller, "applied", None)
     while True:
         sampled = migration.elapsed
         target = min(sampled + poll, end)
@@ -449,7 +450,9 @@ def run(
         decisions += 1
         restarts = simulation.restarts
         for command in step(sample, now):
-            apply(command)
+            accepted = apply(command)
+            if applied is not None:
+                applied(command, accepted)
         if simulation.restarts != restarts:  # a new job: the controller learns when it began
             migration = simulation.migration
             restarted = getattr(controller, "restarted", None)

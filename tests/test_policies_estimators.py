@@ -126,6 +126,23 @@ def test_transfer_rate_from_bytes_moved_when_not_reported() -> None:
     assert p.transfer_rate == pytest.approx(w.bandwidth)
 
 
+def test_a_link_that_slows_is_believed_at_once_and_one_that_speeds_up_slowly() -> None:
+    """The link drops to a third mid-pass: the next prediction uses the dropped rate,
+    not an average that still remembers the old one (a final stop or a handover
+    decided on it would run long). A link that comes back is trusted gradually."""
+    w = workload(2048, 30, 100, 512)
+    samples = history(w, max_passes=1, polls_per_pass=6)[:4]
+    dropped = [
+        *samples,
+        replace(samples[-1], time=samples[-1].time + 1, transfer_rate=w.bandwidth / 3),
+    ]
+    assert estimate(dropped, context(w)).transfer_rate == pytest.approx(w.bandwidth / 3)
+    slow = [replace(s, transfer_rate=w.bandwidth / 3) for s in samples]
+    back = [*slow, replace(slow[-1], time=slow[-1].time + 1, transfer_rate=w.bandwidth)]
+    rate = estimate(back, context(w)).transfer_rate
+    assert w.bandwidth / 3 < rate < 0.6 * w.bandwidth
+
+
 def _eta_case(change: float, writer: str, seen: int, tolerance: float):  # type: ignore[no-untyped-def]
     return pytest.param(change, writer, seen, tolerance, id=f"{writer}-{change}-pass{seen}")
 

@@ -51,6 +51,10 @@ class PolicySettings:
     blackout_min_step: float = 0.05  # ...by at least this many seconds
     initial_blackout: float = 0.3  # seconds; never above what max_blackout leaves
     ewma_alpha: float = 0.3
+    # A transfer-rate reading this share below the average is believed at once: a link
+    # slows in steps (another flow, a failed path) and stays slow a while, so a
+    # prediction must not lean on the speed it had; a faster link is believed slowly.
+    rate_drop: float = 0.2
     max_slowdown: float = 0.99
     # A predicted degraded time or pause, times a margin, must fit its bound; the margin
     # is at least these and grows with how much the transfer rate has varied (a pass
@@ -478,11 +482,13 @@ def _variation(values: Sequence[float]) -> float:
     return statistics.pstdev(values) / mean
 
 
-def _transfer_rate(track: Track, alpha: float) -> float | None:
+def _transfer_rate(track: Track, alpha: float, drop: float) -> float | None:
+    """What the link carries now: the recent readings' average, or the latest one when
+    it lies more than `drop` below that average."""
     readings = [s.transfer_rate for s in track.recent if s.transfer_rate > 0]
     rate = _ewma(readings, alpha)
     if rate is not None:
-        return rate
+        return readings[-1] if readings[-1] < (1 - drop) * rate else rate
     first, last = track.first_synced, track.last_synced  # memory moves only once in sync
     if track.synced >= 2 and first is not None and last is not None:
         moved = last.memory_transferred - first.memory_transferred
@@ -790,7 +796,7 @@ def analyse(
     memory = latest.memory_total if latest and latest.memory_total > 0 else ctx.memory_bytes
     remaining = latest.memory_remaining if latest else memory
     passes = latest.passes if latest else 0
-    rate = _transfer_rate(track, settings.ewma_alpha)
+    rate = _transfer_rate(track, settings.ewma_alpha, settings.rate_drop)
     records = observe_passes(track, ctx, rate, settings.recount_interval, settings)
     pairs = _pairs(records, track)
     last_pairs = pairs[-settings.fit_pairs :]

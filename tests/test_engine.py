@@ -10,6 +10,7 @@ import pytest
 from enginerig import EngineRig
 from storetools import on_disk, run_sql
 
+from lmwatch.drivers.base import ActionRefused
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
@@ -859,3 +860,33 @@ async def test_a_queued_migration_starts_with_the_profile_in_force_when_it_start
     assert record.state is State.COMPLETED
     assert record.outcome is not None and record.outcome.method == "handover"
     await rig.engine.stop()
+
+
+async def test_a_handover_the_hypervisor_refuses_is_not_taken_as_done(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hypervisor refuses the policy's first two handovers (as when the link is
+    down at that moment): the record must not say handed over, and the policy decides
+    again at its next samples, until one is taken."""
+    handover = rig.driver.handover
+    refusals = 2
+
+    async def refusing(migration_id: str) -> None:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise ActionRefused("the link to the destination is down")
+        await handover(migration_id)
+
+    monkeypatch.setattr(rig.driver, "handover", refusing)
+    mid = await rig.migrate("busy-db")
+    assert await rig.clock.run_until(
+        lambda: any("handover refused" in e.reason for e in rig.store.events(mid)), limit=600
+    )
+    assert not rig.engine.get(mid).handed_over
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert refusals == 0 and record.state is State.COMPLETED, record.outcome
+    assert record.outcome is not None and record.outcome.method == Method.HANDOVER.value
+    assert record.handed_over and rig.driver.where("busy-db") == "b"
+    assert rig.actions(mid).count("handover") == 3  # two refused, then the one taken

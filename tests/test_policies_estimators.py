@@ -129,14 +129,27 @@ def test_transfer_rate_from_bytes_moved_when_not_reported() -> None:
 def test_a_link_that_slows_is_believed_at_once_and_one_that_speeds_up_slowly() -> None:
     """The link drops to a third mid-pass: the next prediction uses the dropped rate,
     not an average that still remembers the old one (a final stop or a handover
-    decided on it would run long). A link that comes back is trusted gradually."""
+    decided on it would run long). A reading that dips while the bytes moved since the
+    sample before show no drop (a bitmap sync slowed the hypervisor's last fraction
+    of a second) is not believed. A link that comes back is trusted gradually."""
     w = workload(2048, 30, 100, 512)
     samples = history(w, max_passes=1, polls_per_pass=6)[:4]
-    dropped = [
-        *samples,
-        replace(samples[-1], time=samples[-1].time + 1, transfer_rate=w.bandwidth / 3),
-    ]
+    last = samples[-1]
+
+    def one_second_later(rate: float, moved: float) -> list:  # type: ignore[type-arg]
+        later = replace(
+            last,
+            time=last.time + 1,
+            transfer_rate=rate,
+            memory_transferred=last.memory_transferred + round(moved),
+            memory_remaining=last.memory_remaining - round(moved),
+        )
+        return [*samples, later]
+
+    dropped = one_second_later(w.bandwidth / 3, moved=w.bandwidth / 3)
     assert estimate(dropped, context(w)).transfer_rate == pytest.approx(w.bandwidth / 3)
+    dipped = one_second_later(w.bandwidth / 3, moved=w.bandwidth)
+    assert estimate(dipped, context(w)).transfer_rate > 0.75 * w.bandwidth
     slow = [replace(s, transfer_rate=w.bandwidth / 3) for s in samples]
     back = [*slow, replace(slow[-1], time=slow[-1].time + 1, transfer_rate=w.bandwidth)]
     rate = estimate(back, context(w)).transfer_rate

@@ -5,6 +5,11 @@ then sees one `Sample` every `poll_interval` seconds of virtual time and answers
 with commands, which the runner applies to the simulated migration in order.
 Controllers never see the workload's hidden parameters (working set, writer kind,
 rate pattern, link events): only what a real system sees.
+
+Optional, looked up by the runner: `wake_on_pass` (sample each pass at its start, as
+the engine is woken by the driver's event), `applied(command, accepted)` (told after
+each command whether the migration took it, as the engine learns from the driver's
+answer) and `restarted(at)` (when a new job began).
 """
 
 from __future__ import annotations
@@ -85,11 +90,6 @@ class Controller(Protocol):
     def finished(self, result: JobResult) -> None:
         """The migration ended (controllers that learn across runs may keep something)."""
         ...
-
-
-# A controller may also define `applied(command, accepted)`: the runner then tells it,
-# after each command, whether the migration took it or refused it (as the engine learns
-# from the driver's answer).
 
 
 ControllerFactory = Callable[[Setting], Controller]

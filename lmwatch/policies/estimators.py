@@ -484,11 +484,33 @@ def _variation(values: Sequence[float]) -> float:
 
 def _transfer_rate(track: Track, alpha: float, drop: float) -> float | None:
     """What the link carries now: the recent readings' average, or the latest one when
-    it lies more than `drop` below that average."""
+    it lies more than `drop` below that average and the bytes moved since the sample
+    before say so too (the hypervisor's reading covers its last fraction of a second,
+    which a dirty-bitmap sync alone may have slowed)."""
     readings = [s.transfer_rate for s in track.recent if s.transfer_rate > 0]
     rate = _ewma(readings, alpha)
-    if rate is not None:
-        return readings[-1] if readings[-1] < (1 - drop) * rate else rate
+    if rate is None:
+        return _moved_rate(track)
+    low = (1 - drop) * rate
+    if readings[-1] < low:
+        moved = _interval_rate(track)
+        if moved is not None and moved < low:
+            return readings[-1]
+    return rate
+
+
+def _interval_rate(track: Track) -> float | None:
+    """Bytes moved per second between the last two samples (None across a new job)."""
+    latest, before = track.latest, track.previous
+    if latest is None or before is None or latest.time <= before.time:
+        return None
+    moved = latest.memory_transferred - before.memory_transferred
+    return moved / (latest.time - before.time) if moved >= 0 else None
+
+
+def _moved_rate(track: Track) -> float | None:
+    """Bytes moved per second since memory began moving, when the hypervisor reports no
+    transfer rate."""
     first, last = track.first_synced, track.last_synced  # memory moves only once in sync
     if track.synced >= 2 and first is not None and last is not None:
         moved = last.memory_transferred - first.memory_transferred

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmwatch.model import MIB
+from lmwatch.model import MIB, Sample
 from lmwatch.policies import estimate
 from lmwatch.policies.estimators import DirtyModel, Projection, analyse, fit_model, project
 from lmwatch.policies.track import Pair
@@ -136,7 +136,7 @@ def test_a_link_that_slows_is_believed_at_once_and_one_that_speeds_up_slowly() -
     samples = history(w, max_passes=1, polls_per_pass=6)[:4]
     last = samples[-1]
 
-    def one_second_later(rate: float, moved: float) -> list:  # type: ignore[type-arg]
+    def one_second_later(rate: float, moved: float) -> list[Sample]:
         later = replace(
             last,
             time=last.time + 1,

@@ -47,7 +47,7 @@ class LmwatchController:
         self.ctx: MigrationContext | None = None
         self.predictions: list[tuple[float, float | None]] = []
         self.reasons: list[tuple[float, str, str]] = []
-        self._pending: tuple[Command, dict[str, object]] | None = None  # awaiting `applied`
+        self._pending: tuple[Command, MigrationContext] | None = None  # awaiting `applied`
 
     def start(self) -> StartPlan:
         s = self.setting
@@ -88,11 +88,11 @@ class LmwatchController:
         if action is Action.RAISE_BLACKOUT:
             assert decision.blackout_budget is not None
             budget = decision.blackout_budget
-            return self._proposing(SetBudget(budget), blackout_budget=budget)
+            return self._proposing(SetBudget(budget), replace(self.ctx, blackout_budget=budget))
         if action is Action.PAUSE:
-            return self._proposing(Pause(), paused=True, paused_at=now)
+            return self._proposing(Pause(), replace(self.ctx, paused=True, paused_at=now))
         if action is Action.HANDOVER:
-            return self._proposing(Handover(), handed_over=True)
+            return self._proposing(Handover(), replace(self.ctx, handed_over=True))
         if action is Action.CANCEL:
             return [Cancel()]
         if action is Action.RESTART:
@@ -112,8 +112,9 @@ class LmwatchController:
             return [Restart(plan)]
         return []
 
-    def _proposing(self, command: Command, **changes: object) -> list[Command]:
-        self._pending = (command, changes)
+    def _proposing(self, command: Command, then: MigrationContext) -> list[Command]:
+        """`command`, and the context that holds once the migration has taken it."""
+        self._pending = (command, then)
         return [command]
 
     def applied(self, command: Command, accepted: bool) -> None:
@@ -122,8 +123,7 @@ class LmwatchController:
         nothing, and the policy decides again at the next sample."""
         pending, self._pending = self._pending, None
         if accepted and pending is not None and pending[0] is command:
-            assert self.ctx is not None
-            self.ctx = replace(self.ctx, **pending[1])  # type: ignore[arg-type]
+            self.ctx = pending[1]
 
     def restarted(self, at: float) -> None:
         """The runner started the new job at `at` (as the engine knows when its start

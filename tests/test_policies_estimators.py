@@ -11,10 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmwatch.model import MIB, Sample
+from lmwatch.model import MIB, Phase, Sample
 from lmwatch.policies import estimate
-from lmwatch.policies.estimators import DirtyModel, Projection, analyse, fit_model, project
-from lmwatch.policies.track import Pair
+from lmwatch.policies.estimators import (
+    DEFAULT,
+    DirtyModel,
+    Projection,
+    analyse,
+    fit_model,
+    observe_passes,
+    plateau_above,
+    project,
+)
+from lmwatch.policies.track import Pair, Track
 
 try:
     from test_policies_support import BURST, Workload, context, history, workload
@@ -469,3 +478,51 @@ def test_a_fit_is_kept_for_the_samples_of_a_pass_that_ask_again() -> None:
     other = fit_model([*pairs, Pair(2.0, 0.0, 150 * MIB)], 4096 * MIB)
     measured = fit_model(pairs, 4096 * MIB, 50 * MIB, 2.0)
     assert other is not first and measured is not first
+
+
+PLATEAU_GUEST = workload(memory_mib=2048, change_mib=1000, bandwidth_mib=1000, ws_mib=52)
+
+
+def _passes_at(counts_mib: list[float], budgets: list[float] | None = None) -> list[Sample]:
+    """One sample at the start of each pass (pass 1: 2 GiB), each pass sent to its end
+    at 1,000 MiB/s before the next begins with the given count."""
+    samples: list[Sample] = []
+    t = sent = 0.0
+    for n, count in enumerate([2048.0, *counts_mib], 1):
+        budget = budgets[n - 1] if budgets else 0.05
+        samples.append(
+            Sample(
+                time=t,
+                memory_total=2048 * MIB,
+                memory_remaining=int(count * MIB),
+                memory_transferred=int(sent * MIB),
+                transfer_rate=1000 * MIB,
+                change_rate=1000 * MIB if n >= 2 else 0.0,
+                passes=n,
+                phase=Phase.COPYING,
+                blackout_budget=budget,
+            )
+        )
+        t += count / 1000
+        sent += count
+    return samples
+
+
+def _plateau(samples: list[Sample], budget: float = 0.05) -> float | None:
+    track = Track.of(samples)
+    records = observe_passes(track, context(PLATEAU_GUEST, budget=budget), 1000 * MIB)
+    return plateau_above(records, track, budget, DEFAULT.plateau_passes)
+
+
+def test_passes_that_keep_ending_above_the_threshold_are_a_floor() -> None:
+    # 50 ms at 1,000 MiB/s: a 50 MiB threshold; every count above it began a new pass.
+    n = DEFAULT.plateau_passes
+    assert _plateau(_passes_at([400, 120, *[52] * n])) == pytest.approx(52 * MIB, rel=0.01)
+    # still shrinking: not a plateau, however slowly
+    assert _plateau(_passes_at([400, 120, *[60 - k for k in range(n)]])) is None
+    # the budget changed during the last passes: they say nothing of this one
+    raised = [0.05] * (n + 3)
+    raised[-2] = 0.04
+    assert _plateau(_passes_at([400, 120, *[52] * n], raised)) is None
+    # too few passes at the plateau to tell
+    assert _plateau(_passes_at([400, *[52] * (n - 2)])) is None

@@ -91,6 +91,9 @@ class PolicySettings:
     slow_down_period: float = 1.0
     steady_variation: float = 0.15  # pass rates varying less than this are steady
     steady_pairs: int = 4  # pairs needed before steadiness counts as evidence
+    # This many passes in a row at one budget, the last count no smaller than the
+    # others, are a plateau above the threshold, whatever a fit projects.
+    plateau_passes: int = 8
     # Giving up early on steady, hopeless readings waits this share of the deadline
     # window. Readings steady for T seconds say a phase lasts about that long: the
     # chance that it changes within the S seconds left is then about S / (T + S), under
@@ -925,11 +928,43 @@ def analyse(
     alone = analysis.project_with(ctx, ctx.blackout_budget, settings, slowing=False)
     if alone is None:
         return analysis
-    eta = alone.seconds
-    if not alone.converges and ctx.plan.arm_slow_down:
+    alone_converges, settles, eta = alone.converges, alone.floor, alone.seconds
+    # A stop projected at the next count or the one after, while the passes keep ending
+    # above the threshold at this budget, is the fit's error: the plateau is the floor.
+    if alone_converges and alone.passes <= 2 and rate:
+        above = plateau_above(records, track, ctx.blackout_budget, settings.plateau_passes)
+        if above is not None:
+            alone_converges, settles, eta = False, max(above, rate * ctx.blackout_budget), None
+    if not alone_converges and ctx.plan.arm_slow_down:
         slowed = analysis.project_with(ctx, ctx.blackout_budget, settings)
         eta = None if slowed is None else slowed.seconds
-    return replace(analysis, converges=alone.converges, floor=int(alone.floor), eta=eta)
+    return replace(analysis, converges=alone_converges, floor=int(settles), eta=eta)
+
+
+def plateau_above(
+    records: Sequence[PassRecord], track: Track, budget: float, passes: int
+) -> float | None:
+    """The largest of the last `passes` pass-start counts, when they are a plateau
+    above the threshold (None otherwise).
+
+    Every pass the hypervisor begins is a count that did not fit the threshold, else
+    it would have stopped the guest. So passes in a row, all begun at the current
+    budget and the last no smaller than the ones before, say copying is not converging
+    at this budget, whatever a fit projects: near the threshold passes last a burst or
+    two, and a fit a few per cent optimistic projects a stop at every sample while the
+    guest runs on to the deadline (a working set just above the threshold)."""
+    last = records[-passes:]
+    if passes < 2 or len(last) < passes or last[0].number < 2:
+        return None
+    if any(r.number != last[0].number + i for i, r in enumerate(last)):
+        return None
+    budgets = {seen.number: seen.head.blackout_budget for seen in track.passes()}
+    if any(abs(budgets.get(r.number, math.nan) - budget) > 1e-9 for r in last):
+        return None
+    sizes = [r.size for r in last]
+    if sizes[-1] < min(sizes[:-1]):
+        return None  # still shrinking
+    return max(sizes)
 
 
 def estimate(

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestServer
+from clitools import TOKEN, Cli, accepted_id, served
 
 from lmwatch import cli
-from lmwatch.api import create_app
-from lmwatch.clock import VirtualClock
-from lmwatch.drivers.inventory import load_inventory_text
-from lmwatch.drivers.sim import SimDriver
-from lmwatch.engine import Engine, EngineSettings
-from lmwatch.metrics import Metrics
 from lmwatch.model import State
-from lmwatch.profiles import ProfileRegistry
-from lmwatch.store import Store
-
-TOKEN = "test-token"
 
 INVENTORY = """
 hosts:
@@ -71,85 +59,24 @@ HYPERVISOR_WORDS = re.compile(
 )
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@dataclass
-class Api:
-    clock: VirtualClock
-    engine: Engine
-    url: str
-
-    async def run(self, *argv: str, token: str | None = TOKEN) -> Result:
-        out, err = io.StringIO(), io.StringIO()
-        auth = ["--token", token] if token else []
-        code = await cli.run(
-            ["--url", self.url, *auth, *argv], stdout=out, stderr=err, clock=self.clock
-        )
-        return Result(code, out.getvalue(), err.getvalue())
-
-    async def run_with_time(self, *argv: str, limit: float = 4 * 3600) -> Result:
-        """Run a command while virtual time moves (for `--follow`)."""
-        task = asyncio.create_task(self.run(*argv))
-        assert await self.clock.run_until(task.done, limit=limit)
-        return await task
-
-    async def until_state(self, migration_id: str, *states: State, limit: float = 3600) -> None:
-        ok = await self.clock.run_until(
-            lambda: self.engine.get(migration_id).state in states, limit=limit
-        )
-        assert ok, self.engine.get(migration_id).state
-
-
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    clock = VirtualClock()
-    driver = SimDriver(load_inventory_text(INVENTORY), clock)
-    profiles = tmp_path / "profiles.yaml"
-    profiles.write_text(PROFILES)
-    registry = ProfileRegistry(profiles, clock=clock)
-    metrics = Metrics()
-    engine = Engine(
-        driver=driver,
-        store=Store.open(tmp_path / "lmwatch.db"),
-        profiles=registry,
-        clock=clock,
-        metrics=metrics,
-        settings=EngineSettings(poll_interval=1.0),
-    )
-    await engine.start()
-    server = TestServer(create_app(engine, registry, metrics, TOKEN))
-    await server.start_server()
-    try:
-        yield Api(clock, engine, str(server.make_url("")).rstrip("/"))
-    finally:
-        await server.close()
-        await engine.stop()
-        await driver.close()
+async def api(tmp_path: Path) -> AsyncIterator[Cli]:
+    async with served(tmp_path, INVENTORY, PROFILES) as served_api:
+        yield served_api
 
 
-def _id(result: Result) -> str:
-    first = result.out.splitlines()[0].strip()
-    assert re.fullmatch(r"[0-9a-f-]{36}", first), result.out
-    return first
-
-
-async def test_migrate_prints_the_accepted_id(api: Api) -> None:
+async def test_migrate_prints_the_acceptedaccepted_id(api: Cli) -> None:
     result = await api.run("migrate", "idle", "--from", "a", "--to", "b")
     assert result.code == 0, result.err
-    migration_id = _id(result)
+    migration_id = accepted_id(result)
     assert api.engine.get(migration_id).instance == "idle"
     assert len(result.out.splitlines()) == 1
 
 
-async def test_migrate_follow_runs_to_completion_and_exits_zero(api: Api) -> None:
+async def test_migrate_follow_runs_to_completion_and_exits_zero(api: Cli) -> None:
     result = await api.run_with_time("migrate", "idle", "--from", "a", "--to", "b", "--follow")
     assert result.code == 0, result.out + result.err
-    migration_id = _id(result)
+    migration_id = accepted_id(result)
     lines = result.out.splitlines()
     assert lines[1].startswith("profile default:")
     assert lines[-1].startswith("completed (converged)")
@@ -162,7 +89,7 @@ async def test_migrate_follow_runs_to_completion_and_exits_zero(api: Api) -> Non
     assert entries[-1].split(": ")[0].endswith("state completed")
 
 
-async def test_follow_of_a_cancelled_migration_exits_non_zero(api: Api) -> None:
+async def test_follow_of_a_cancelled_migration_exits_non_zero(api: Cli) -> None:
     result = await api.run_with_time(
         "migrate", "busy-strict", "--from", "a", "--to", "b", "--follow"
     )
@@ -171,7 +98,7 @@ async def test_follow_of_a_cancelled_migration_exits_non_zero(api: Api) -> None:
     assert any(" decision cancel: " in line for line in result.out.splitlines())
 
 
-async def test_follow_shows_progress_lines_as_they_change(api: Api) -> None:
+async def test_follow_shows_progress_lines_as_they_change(api: Cli) -> None:
     result = await api.run_with_time("migrate", "busy-db", "--from", "a", "--to", "b", "--follow")
     assert result.code == 0, result.out + result.err
     progress = [line for line in result.out.splitlines() if " copied  pass " in line]
@@ -180,8 +107,8 @@ async def test_follow_shows_progress_lines_as_they_change(api: Api) -> None:
     assert result.out.splitlines()[-1].startswith("completed (handover)")
 
 
-async def test_status_lists_migrations_and_shows_one_in_detail(api: Api) -> None:
-    migration_id = _id(await api.run("migrate", "idle", "--from", "a", "--to", "b"))
+async def test_status_lists_migrations_and_shows_one_in_detail(api: Cli) -> None:
+    migration_id = accepted_id(await api.run("migrate", "idle", "--from", "a", "--to", "b"))
     await api.until_state(migration_id, State.COMPLETED)
 
     listing = await api.run("status")
@@ -198,13 +125,13 @@ async def test_status_lists_migrations_and_shows_one_in_detail(api: Api) -> None
     assert re.search(r"\+\d+\.\ds state completed: completed \(converged\)", detail.out)
 
 
-async def test_status_with_an_empty_filter(api: Api) -> None:
+async def test_status_with_an_empty_filter(api: Cli) -> None:
     result = await api.run("status", "--state", "failed")
     assert (result.code, result.out.strip()) == (0, "no migrations in state failed")
 
 
-async def test_force_complete_prints_the_decision(api: Api) -> None:
-    migration_id = _id(await api.run("migrate", "busy-db", "--from", "a", "--to", "b"))
+async def test_force_complete_prints_the_decision(api: Cli) -> None:
+    migration_id = accepted_id(await api.run("migrate", "busy-db", "--from", "a", "--to", "b"))
     await api.until_state(migration_id, State.COPYING)
     await api.clock.advance(3)
     result = await api.run("force-complete", migration_id)
@@ -215,8 +142,8 @@ async def test_force_complete_prints_the_decision(api: Api) -> None:
     assert f"migration {migration_id} is " in result.out
 
 
-async def test_force_complete_refused_reports_the_problem(api: Api) -> None:
-    migration_id = _id(await api.run("migrate", "busy-strict", "--from", "a", "--to", "b"))
+async def test_force_complete_refused_reports_the_problem(api: Cli) -> None:
+    migration_id = accepted_id(await api.run("migrate", "busy-strict", "--from", "a", "--to", "b"))
     await api.until_state(migration_id, State.COPYING)
     await api.clock.advance(3)
     result = await api.run("force-complete", migration_id)
@@ -231,8 +158,8 @@ async def test_force_complete_refused_reports_the_problem(api: Api) -> None:
     assert "predicted blackout " in accepted.out
 
 
-async def test_cancel_stops_a_running_migration(api: Api) -> None:
-    migration_id = _id(await api.run("migrate", "busy-plain", "--from", "a", "--to", "b"))
+async def test_cancel_stops_a_running_migration(api: Cli) -> None:
+    migration_id = accepted_id(await api.run("migrate", "busy-plain", "--from", "a", "--to", "b"))
     await api.until_state(migration_id, State.COPYING)
     result = await api.run("cancel", migration_id)
     assert result.code == 0, result.err
@@ -241,8 +168,8 @@ async def test_cancel_stops_a_running_migration(api: Api) -> None:
     await api.until_state(migration_id, State.CANCELLED)
 
 
-async def test_cancel_after_it_finished_is_refused(api: Api) -> None:
-    migration_id = _id(await api.run("migrate", "idle", "--from", "a", "--to", "b"))
+async def test_cancel_after_it_finished_is_refused(api: Cli) -> None:
+    migration_id = accepted_id(await api.run("migrate", "idle", "--from", "a", "--to", "b"))
     await api.until_state(migration_id, State.COMPLETED)
     result = await api.run("cancel", migration_id)
     assert result.code == 1
@@ -257,19 +184,19 @@ async def test_cancel_after_it_finished_is_refused(api: Api) -> None:
         ("force-complete", "0000000-no-such-id"),
     ],
 )
-async def test_unknown_id_is_an_error_with_the_message(api: Api, argv: tuple[str, ...]) -> None:
+async def test_unknown_id_is_an_error_with_the_message(api: Cli, argv: tuple[str, ...]) -> None:
     result = await api.run(*argv)
     assert result.code == 1
     assert "no migration with id '0000000-no-such-id'" in result.err
 
 
-async def test_refused_request_shows_the_problem_detail(api: Api) -> None:
+async def test_refused_request_shows_the_problem_detail(api: Cli) -> None:
     result = await api.run("migrate", "nobody", "--from", "a", "--to", "b")
     assert result.code == 1
     assert "nobody" in result.err
 
 
-async def test_missing_token_is_refused(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_missing_token_is_refused(api: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LMWATCH_TOKEN", raising=False)
     result = await api.run("migrate", "idle", "--from", "a", "--to", "b", token=None)
     assert result.code == 1
@@ -277,7 +204,7 @@ async def test_missing_token_is_refused(api: Api, monkeypatch: pytest.MonkeyPatc
 
 
 async def test_token_from_file_and_environment(
-    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    api: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -285,7 +212,7 @@ async def test_token_from_file_and_environment(
         "migrate", "idle", "--from", "a", "--to", "b", "--token-file", str(token_file), token=None
     )
     assert result.code == 0, result.err
-    await api.until_state(_id(result), State.COMPLETED)
+    await api.until_state(accepted_id(result), State.COMPLETED)
     monkeypatch.setenv("LMWATCH_TOKEN", TOKEN)
     again = await api.run("migrate", "idle", "--from", "b", "--to", "a", token=None)
     assert again.code == 0, again.err
@@ -300,7 +227,7 @@ async def test_unreachable_daemon_is_a_clear_error() -> None:
     assert "cannot reach lmwatch at http://127.0.0.1:9" in err.getvalue()
 
 
-async def test_profiles_explain_names_the_profile_and_every_candidate(api: Api) -> None:
+async def test_profiles_explain_names_the_profile_and_every_candidate(api: Cli) -> None:
     result = await api.run("profiles", "explain", "busy-plain", "--label", "tier=database")
     assert result.code == 0, result.err
     lines = result.out.splitlines()
@@ -313,7 +240,7 @@ async def test_profiles_explain_names_the_profile_and_every_candidate(api: Api) 
     assert plain.out.splitlines()[0] == "busy-plain: profile 'default'"
 
 
-async def test_profiles_list_shows_the_loaded_profiles(api: Api) -> None:
+async def test_profiles_list_shows_the_loaded_profiles(api: Cli) -> None:
     result = await api.run("profiles", "list")
     assert result.code == 0, result.err
     names = [line.split()[0] for line in result.out.splitlines()[2:]]
@@ -322,7 +249,7 @@ async def test_profiles_list_shows_the_loaded_profiles(api: Api) -> None:
 
 
 async def test_no_output_uses_hypervisor_words(
-    api: Api, capsys: pytest.CaptureFixture[str]
+    api: Cli, capsys: pytest.CaptureFixture[str]
 ) -> None:
     outputs: list[str] = []
     for argv in (
@@ -353,7 +280,7 @@ async def test_no_output_uses_hypervisor_words(
     assert HYPERVISOR_WORDS.search(text) is None, HYPERVISOR_WORDS.search(text)
 
 
-async def test_place_shows_the_choice_and_every_host(api: Api) -> None:
+async def test_place_shows_the_choice_and_every_host(api: Cli) -> None:
     before = api.engine.list()
     result = await api.run("place", "idle")
     assert result.code == 0, result.err
@@ -378,11 +305,11 @@ async def test_place_shows_the_choice_and_every_host(api: Api) -> None:
     assert unknown.code == 1 and "z" in unknown.err
 
 
-async def test_migrate_without_destination_says_where_and_why(api: Api) -> None:
+async def test_migrate_without_destination_says_where_and_why(api: Cli) -> None:
     await api.run("migrate", "busy-plain", "--from", "a", "--to", "b")
     result = await api.run("migrate", "idle", "--from", "a")
     assert result.code == 0, result.err
-    migration_id = _id(result)
+    migration_id = accepted_id(result)
     assert api.engine.get(migration_id).destination == "b"
     assert result.out.splitlines()[1].startswith("to b: b: the only one")
     status = await api.run("status", migration_id)

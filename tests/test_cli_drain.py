@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestServer
-
-from lmwatch import cli
-from lmwatch.api import create_app
-from lmwatch.clock import VirtualClock
-from lmwatch.drivers.inventory import load_inventory_text
-from lmwatch.drivers.sim import SimDriver
-from lmwatch.engine import Engine, EngineSettings
-from lmwatch.metrics import Metrics
-from lmwatch.profiles import ProfileRegistry
-from lmwatch.store import Store
-
-TOKEN = "test-token"
+from clitools import Cli, accepted_id, served
 
 INVENTORY = """
 hosts:
@@ -49,69 +35,16 @@ profiles:
 """
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@dataclass
-class Api:
-    clock: VirtualClock
-    engine: Engine
-    url: str
-
-    async def run(self, *argv: str) -> Result:
-        out, err = io.StringIO(), io.StringIO()
-        code = await cli.run(
-            ["--url", self.url, "--token", TOKEN, *argv], stdout=out, stderr=err, clock=self.clock
-        )
-        return Result(code, out.getvalue(), err.getvalue())
-
-    async def run_with_time(self, *argv: str, limit: float = 4 * 3600) -> Result:
-        task = asyncio.create_task(self.run(*argv))
-        assert await self.clock.run_until(task.done, limit=limit)
-        return await task
-
-
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    clock = VirtualClock()
-    driver = SimDriver(load_inventory_text(INVENTORY), clock)
-    profiles = tmp_path / "profiles.yaml"
-    profiles.write_text(PROFILES)
-    registry = ProfileRegistry(profiles, clock=clock)
-    metrics = Metrics()
-    engine = Engine(
-        driver=driver,
-        store=Store.open(tmp_path / "lmwatch.db"),
-        profiles=registry,
-        clock=clock,
-        metrics=metrics,
-        settings=EngineSettings(poll_interval=1.0),
-    )
-    await engine.start()
-    server = TestServer(create_app(engine, registry, metrics, TOKEN))
-    await server.start_server()
-    try:
-        yield Api(clock, engine, str(server.make_url("")).rstrip("/"))
-    finally:
-        await server.close()
-        await engine.stop()
-        await driver.close()
+async def api(tmp_path: Path) -> AsyncIterator[Cli]:
+    async with served(tmp_path, INVENTORY, PROFILES) as served_api:
+        yield served_api
 
 
-def _id(result: Result) -> str:
-    first = result.out.splitlines()[0].strip()
-    assert re.fullmatch(r"[0-9a-f-]{36}", first), result.out
-    return first
-
-
-async def test_drain_follow_shows_each_instance_and_the_total_until_empty(api: Api) -> None:
+async def test_drain_follow_shows_each_instance_and_the_total_until_empty(api: Cli) -> None:
     result = await api.run_with_time("drain", "a", "--follow")
     assert result.code == 0, result.err
-    drain_id = _id(result)
+    drain_id = accepted_id(result)
     lines = result.out.splitlines()
     for name in ("one", "two", "three"):
         assert any(line.startswith(f"{name}  migrating") for line in lines), result.out
@@ -123,10 +56,10 @@ async def test_drain_follow_shows_each_instance_and_the_total_until_empty(api: A
     assert api.engine.drains.get(drain_id).state.value == "completed"
 
 
-async def test_drain_with_destinations_and_status(api: Api) -> None:
+async def test_drain_with_destinations_and_status(api: Cli) -> None:
     started = await api.run("drain", "a", "--destinations", "c")
     assert started.code == 0, started.err
-    drain_id = _id(started)
+    drain_id = accepted_id(started)
     drain = api.engine.drains.get(drain_id)
     assert drain.destinations == ("c",)
     listed = await api.run("drain", "--status")
@@ -139,7 +72,7 @@ async def test_drain_with_destinations_and_status(api: Api) -> None:
 
 
 async def test_drain_blocked_instances_are_printed_and_a_failed_drain_exits_1(
-    api: Api,
+    api: Cli,
 ) -> None:
     result = await api.run("drain", "a", "--destinations", "tiny")
     assert result.code == 1
@@ -148,21 +81,21 @@ async def test_drain_blocked_instances_are_printed_and_a_failed_drain_exits_1(
     assert "failed" in result.out
 
 
-async def test_drain_of_an_empty_host_says_so(api: Api) -> None:
+async def test_drain_of_an_empty_host_says_so(api: Cli) -> None:
     result = await api.run("drain", "c")
     assert result.code == 0, result.err
     assert "already empty" in result.out
 
 
-async def test_drain_cancel(api: Api) -> None:
-    drain_id = _id(await api.run("drain", "a"))
+async def test_drain_cancel(api: Cli) -> None:
+    drain_id = accepted_id(await api.run("drain", "a"))
     result = await api.run("drain", "--cancel", drain_id[:8])
     assert result.code == 0, result.err
     assert f"drain {drain_id} " in result.out
     assert re.search(r"(cancelling|cancelled)", result.out)
 
 
-async def test_drain_refusals_and_usage(api: Api) -> None:
+async def test_drain_refusals_and_usage(api: Cli) -> None:
     unknown = await api.run("drain", "nowhere")
     assert unknown.code == 1 and "nowhere" in unknown.err
     itself = await api.run("drain", "a", "--destinations", "a")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from neutral import HYPERVISOR_WORDS
 
 from lmwatch import cli
 from lmwatch.bench.corpus import GBIT, GIB, Workload, generate, load_corpus
@@ -29,9 +29,6 @@ from lmwatch.drivers.inventory import ConstantRate
 from lmwatch.model import StartPlan
 from lmwatch.profiles.schema import Profile
 
-HYPERVISOR_WORDS = re.compile(
-    r"post-?copy|suspend|downtime|auto-?converge|libvirt|qemu|xbzrle", re.IGNORECASE
-)
 PROFILE = Profile.model_validate(
     {"name": "p", "max_blackout": "300ms", "deadline": "20m", "on_deadline": "cancel"}
 )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from clitools import TOKEN, Cli, accepted_id, served
+from neutral import HYPERVISOR_WORDS
 
 from lmwatch import cli
 from lmwatch.model import State
@@ -53,10 +54,6 @@ profiles:
     deadline: 1h
     on_deadline: cancel
 """
-
-HYPERVISOR_WORDS = re.compile(
-    r"post-?copy|suspend|downtime|auto-?converge|libvirt|qemu|xbzrle", re.IGNORECASE
-)
 
 
 @pytest.fixture

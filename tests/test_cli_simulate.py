@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from neutral import HYPERVISOR_WORDS
 
 from lmwatch import cli
 
@@ -35,10 +36,6 @@ links:
 instances:
   - {name: web-7, host: left, memory: 2GiB, working_set: 64MiB, change_rate: 1MiB/s}
 """
-
-HYPERVISOR_WORDS = re.compile(
-    r"post-?copy|suspend|downtime|auto-?converge|libvirt|qemu|xbzrle", re.IGNORECASE
-)
 
 
 async def _simulate(*argv: str) -> tuple[int, str, str]:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from neutral import HYPERVISOR_WORDS
 
 from lmwatch.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-FORBIDDEN = re.compile(
-    r"post.?copy|suspend|downtime|auto.?converge|xbzrle|libvirt|qemu|virDomain", re.IGNORECASE
-)
+FORBIDDEN = HYPERVISOR_WORDS
 
 
 def _hits(text: str) -> list[str]:

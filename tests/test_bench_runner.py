@@ -476,3 +476,30 @@ def test_passes_ending_just_above_a_small_budget_limit_are_not_taken_for_a_stop(
     assert result.outcome == "completed", result.actions
     assert result.handed_over and result.total_seconds < 10.0, result.actions
     assert judge(result, tight, guest).clean
+
+
+def test_passes_begun_between_samples_count_as_passes_that_did_not_fit() -> None:
+    """A 2 GiB guest rewriting an 83.8 MB working set over a 2.74 GB/s link, under a
+    profile whose `max_blackout` leaves a 30 ms budget after its 281 ms switchover: a
+    threshold of 82.1 MB, 2 % under the working set. Each pass is sent whole in about
+    35 ms and begins again with the whole working set, so the guest never stops; the
+    controller samples at most every 50 ms, so most passes begin unseen, and the
+    sizes of those whose start it saw put the working set below the threshold: a stop
+    was projected at every sample (until 120 s of 120 here, the deadline in the
+    benchmark). The pass count says how many began at the budget, each one a count
+    that did not fit: copying does not converge, and latency-critical hands over."""
+    latency_critical = next(p for p in bench_profiles() if p.name == "latency-critical")
+    tight = latency_critical.model_copy(update={"max_blackout": 0.311})
+    guest = Workload(
+        name="just-above",
+        memory=2 * GIB,
+        working_set=83_770_000,
+        writer="sequential",
+        change_rate=ConstantRate(rate=66e9),
+        bandwidth=2.7375e9,
+        switchover=0.281,
+    )
+    result = run(guest, tight, lmwatch_factory, limit=120.0)
+    assert result.outcome == "completed", result.actions
+    assert result.handed_over and result.total_seconds < 5.0, result.actions
+    assert judge(result, tight, guest).clean

@@ -526,3 +526,24 @@ def test_passes_that_keep_ending_above_the_threshold_are_a_floor() -> None:
     assert _plateau(_passes_at([400, 120, *[52] * n], raised)) is None
     # too few passes at the plateau to tell
     assert _plateau(_passes_at([400, *[52] * (n - 2)])) is None
+
+
+def test_passes_begun_between_samples_still_count() -> None:
+    # Passes shorter than the time between samples: the samples see some of them.
+    n = DEFAULT.plateau_passes
+    counts = [400, 120, *[52] * (2 * n)]
+    every = _passes_at(counts)
+    # two passes seen in every three (the start of every third recorded): the plateau
+    two_of_three = [s for s in every if s.passes < 4 or s.passes % 3 != 0]
+    assert _plateau(two_of_three) == pytest.approx(52 * MIB, rel=0.02)
+    # ...and shrinking, however slowly, is still seen
+    shrinking = _passes_at([400, 120, *[70 - k for k in range(2 * n)]])
+    assert _plateau([s for s in shrinking if s.passes < 4 or s.passes % 3 != 0]) is None
+    # every other pass seen: no start recorded, but the count of passes begun at this
+    # budget says they did not fit (the threshold is the floor)
+    every_other = [s for s in every if s.passes < 4 or s.passes % 2 == 0]
+    assert _plateau(every_other) == 0.0
+    # the budget of the pass seen before the last ones is another: they say nothing
+    raised = [0.04] * (len(counts) + 1)
+    raised[-n + 1 :] = [0.05] * (n - 1)
+    assert _plateau([s for s in _passes_at(counts, raised) if s.passes % 2 == 0]) is None

@@ -944,27 +944,35 @@ def analyse(
 def plateau_above(
     records: Sequence[PassRecord], track: Track, budget: float, passes: int
 ) -> float | None:
-    """The largest of the last `passes` pass-start counts, when they are a plateau
-    above the threshold (None otherwise).
+    """The largest count recorded of the last `passes` passes begun (0 when none was
+    recorded), when they are a plateau above the threshold (None otherwise).
 
     Every pass the hypervisor begins is a count that did not fit the threshold, else
-    it would have stopped the guest. So passes in a row, all begun at the current
-    budget and the last no smaller than the ones before, say copying is not converging
-    at this budget, whatever a fit projects: near the threshold passes last a burst or
-    two, and a fit a few per cent optimistic projects a stop at every sample while the
-    guest runs on to the deadline (a working set just above the threshold)."""
-    last = records[-passes:]
-    if passes < 2 or len(last) < passes or last[0].number < 2:
+    it would have stopped the guest. So `passes` passes begun in a row, all at the
+    current budget, the last count recorded no smaller than the ones before, say
+    copying is not converging at this budget, whatever a fit projects: near the
+    threshold passes last a burst or two, and a fit a few per cent optimistic projects
+    a stop at every sample while the guest runs on to the deadline (a working set just
+    above the threshold). Passes shorter than the time between samples begin unseen:
+    the pass count says how many began, and only the passes whose start the samples
+    show (`records`) say what they held."""
+    seen = [(p.number, p.head.blackout_budget) for p in track.passes()]
+    if passes < 2 or not seen:
         return None
-    if any(r.number != last[0].number + i for i, r in enumerate(last)):
+    first = seen[-1][0] - passes + 1  # the first pass of the last `passes` begun
+    if first < 2:
         return None
-    budgets = {seen.number: seen.head.blackout_budget for seen in track.passes()}
-    if any(abs(budgets.get(r.number, math.nan) - budget) > 1e-9 for r in last):
+    # A pass seen began at the budget of its first sample; one begun unseen, at the
+    # budget of the pass seen before it (a budget changes by command, and a command is
+    # followed by a sample).
+    before = [b for n, b in seen if n <= first]
+    since = [b for n, b in seen if n > first]
+    if not before or any(abs(b - budget) > 1e-9 for b in (before[-1], *since)):
         return None
-    sizes = [r.size for r in last]
-    if sizes[-1] < min(sizes[:-1]):
+    sizes = [r.size for r in records if r.number >= first]
+    if len(sizes) >= 2 and sizes[-1] < min(sizes[:-1]):
         return None  # still shrinking
-    return max(sizes)
+    return max(sizes, default=0.0)
 
 
 def estimate(

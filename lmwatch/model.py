@@ -198,6 +198,7 @@ class Rule(StrEnum):
 
     PAUSE_OUTLASTS_BOUND = "pause-outlasts-bound"
     PAST_COPYING = "past-copying"
+    SWITCH_OUTLASTS_BOUND = "switch-outlasts-bound"
     DISKS_NEVER_SYNC = "disks-never-sync"
     DISKS_MISS_DEADLINE = "disks-miss-deadline"
     DISK_COPY = "disk-copy"
@@ -250,6 +251,8 @@ class MigrationContext:
     # Seconds the final stop costs beyond copying the remainder (stop, device state,
     # resume), as learned for this host pair; budgets leave room for it.
     switchover: float = 0.05
+    # The shortest switchover measured on this host pair (None: none measured yet).
+    switchover_least: float | None = None
     change_rate_before_start: float | None = None  # bytes/s, measured before start
     change_rate_window: float | None = None  # seconds that measurement covered, when known
     restarts: int = 0  # times this migration was started again (`Action.RESTART`)

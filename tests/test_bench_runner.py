@@ -478,6 +478,32 @@ def test_passes_ending_just_above_a_small_budget_limit_are_not_taken_for_a_stop(
     assert judge(result, tight, guest).clean
 
 
+def test_no_handover_when_the_switch_alone_outlasts_the_allowed_blackout() -> None:
+    """A 5 GiB guest whose random writes outrun a 600 MB/s link, between hosts whose
+    switch (stop, device state, resume) takes 298 ms, under a profile that allows the
+    instance 200 ms stopped: a handover would fit its 30 s of degraded running, but
+    its blackout is that switch. No completion stays within the profile, and the
+    hindsight bound cancels; lmwatch handed over (a violation) and now cancels at its
+    first decision."""
+    latency_critical = next(p for p in bench_profiles() if p.name == "latency-critical")
+    short = latency_critical.model_copy(update={"max_blackout": 0.2})
+    guest = Workload(
+        name="slow-switch",
+        memory=5_100_273_664,
+        working_set=1_068_498_944,
+        writer="random",
+        change_rate=ConstantRate(rate=618_659_840.0),
+        bandwidth=602_500_000.0,
+        switchover=0.298,
+    )
+    result = run(guest, short, lmwatch_factory)
+    verdict = judge(result, short, guest)
+    assert verdict.violations == () and verdict.cancelled, (verdict, result.actions)
+    assert not result.handed_over and len(result.actions) == 1, result.actions
+    at, action, why = result.actions[0]
+    assert at <= 1.0 and action == "cancel" and "took at least 298ms" in why
+
+
 def test_passes_begun_between_samples_count_as_passes_that_did_not_fit() -> None:
     """A 2 GiB guest rewriting an 83.8 MB working set over a 2.74 GB/s link, under a
     profile whose `max_blackout` leaves a 30 ms budget after its 281 ms switchover: a

@@ -710,6 +710,56 @@ async def test_switchover_is_learned_and_an_exceeded_profile_is_recorded(tmp_pat
     assert rig.engine.switchover("a", "b") == pytest.approx(learned)
 
 
+TIGHT = PROFILES.replace(
+    "profiles:\n",
+    "profiles:\n"
+    "  - name: tight\n"
+    "    match: {labels: {tier: tight}}\n"
+    "    max_blackout: 100ms\n"
+    "    handover: allowed\n"
+    "    deadline: 20m\n"
+    "    on_deadline: complete\n",
+    1,
+)
+TIGHT_SWITCH = SLOW_SWITCH.replace(
+    "  - {name: big, host: a,",
+    "  - {name: tight-db, host: a, memory: 2GiB, working_set: 64MiB, change_rate: 1MiB/s,\n"
+    "     labels: {tier: tight}}\n"
+    "  - {name: big, host: a,",
+    1,
+)
+
+
+async def test_a_profile_shorter_than_the_measured_switch_is_cancelled_at_once(
+    tmp_path: Path,
+) -> None:
+    """Once the switch between two hosts has been measured at about 200 ms, a profile
+    that allows 100 ms stopped cannot be met there by any way to finish: its migration
+    is cancelled at the first decision, saying why, and the instance stays put. Before
+    the measurement (the assumed 50 ms) the same migration is tried."""
+    rig = Rig(tmp_path, TIGHT)
+    rig.driver = SimDriver(load_inventory_text(TIGHT_SWITCH), rig.clock)
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    tried = await rig.migrate("tight-db")  # nothing measured yet: planned with 50 ms
+    await rig.finish(tried)
+    assert rig.engine.get(tried).state is State.COMPLETED
+    assert not [e for e in rig.store.events(tried) if e.action == "cancel"]
+    back = await rig.migrate("tight-db", "b", "a")
+    await rig.finish(back)
+    learned = rig.engine.switchover("a", "b")
+    assert learned >= 0.14
+    mid = await rig.migrate("tight-db")
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.CANCELLED
+    cancel = [e for e in rig.store.events(mid) if e.action == "cancel"]
+    assert cancel and cancel[0].data["rule"] == "switch-outlasts-bound", cancel
+    assert "the 100ms the profile allows" in cancel[0].reason
+    assert record.outcome is not None and record.outcome.total_seconds < 2.0
+    assert rig.driver.where("tight-db") == "a"
+
+
 def _columns(location: str) -> list[str]:
     """The migrations table's columns, as the database itself lists them."""
     if is_database_url(location):

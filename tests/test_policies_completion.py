@@ -126,6 +126,32 @@ def test_handover_waits_when_degraded_time_would_be_too_long() -> None:
     assert Action.HANDOVER not in run.actions
 
 
+def test_a_switch_measured_longer_than_any_stop_allowed_cancels_at_once() -> None:
+    # The switch alone (stop, device state, resume) took 250 ms each time it was measured
+    # between these hosts; the profile allows the instance 200 ms stopped. A handover's
+    # blackout is that switch: it could not stay within the profile, nor a final stop.
+    profile = Profile(name="p", max_blackout=0.2, handover="allowed", max_degraded=30)
+    samples = history(STUCK, max_passes=2, budget=0.0, polls_per_pass=1)
+    now = samples[-1].time
+    ctx = context(STUCK, plan(handover=True, budget=0.0), switchover=0.25)
+    measured = replace(ctx, switchover_least=0.25)
+    decision = decide(profile, samples, measured, now)
+    assert decision.action is Action.CANCEL and decision.rule is Rule.SWITCH_OUTLASTS_BOUND
+    assert "at least 250ms" in decision.reason and "the 200ms" in decision.reason
+    # not measured (the default assumed for the pair): no such verdict
+    assert decide(profile, samples, ctx, now).action is Action.HANDOVER
+    # one switch measured short enough (the longest may have been slowed): no verdict
+    assert decide(profile, samples, replace(ctx, switchover_least=0.15), now).action is (
+        Action.HANDOVER
+    )
+    # where pausing is allowed a stop may last max_pause, which the switch fits
+    pausing = profile.model_copy(update={"may_pause": True, "max_pause": 5.0})
+    assert decide(pausing, samples, measured, now).rule is not Rule.SWITCH_OUTLASTS_BOUND
+    # an operator who asked to finish is not answered by a cancel
+    forced = decide(profile, samples, replace(measured, force=True, accept_pause=True), now)
+    assert forced.rule is Rule.OPERATOR_FINISH and forced.action is not Action.CANCEL
+
+
 def test_never_converging_is_paused_when_the_pause_fits() -> None:
     profile = Profile(name="p", may_pause=True, max_pause=15)
     run = simulate(decide, profile, STUCK, plan())

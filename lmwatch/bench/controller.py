@@ -33,6 +33,7 @@ class Setting:
     profile: Profile  # the availability profile the run is judged against
     switchover: float  # seconds of switchover cost learned so far for this host pair
     change_rate_window: float | None = None  # seconds the change-rate measurement covered
+    switchover_measured: bool = True  # measured on the pair; False: a value assumed for it
 
 
 @dataclass(frozen=True, slots=True)

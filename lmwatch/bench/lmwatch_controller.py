@@ -70,6 +70,7 @@ class LmwatchController:
             blackout_budget=plan.blackout_budget,
             deadline_at=policies.deadline_at(s.profile, s.memory, 0.0),
             switchover=s.switchover,
+            switchover_least=s.switchover if s.switchover_measured else None,
             change_rate_before_start=measured,
             change_rate_window=s.change_rate_window,
         )

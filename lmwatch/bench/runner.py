@@ -88,6 +88,7 @@ def setting_for(workload: Workload, profile: Profile, switchover: float | None =
         change_rate_window=MEASURE_SECONDS,
         profile=profile,
         switchover=workload.switchover if switchover is None else switchover,
+        switchover_measured=switchover is None,
     )
 
 

@@ -29,6 +29,11 @@ class Learned:
         measured = self._switchovers.get((source, destination), ())
         return policies.learned_switchover(measured, self._default_switchover)
 
+    def switchover_least(self, source: str, destination: str) -> float | None:
+        """The shortest switchover measured between two hosts (None: none measured)."""
+        measured = self._switchovers.get((source, destination))
+        return min(measured) if measured else None
+
     def learn_switchover(self, record: MigrationRecord) -> None:
         """Learn from a completed migration how long its switchover took."""
         outcome = record.outcome

@@ -636,6 +636,7 @@ class Supervisor:
             accept_pause=supervision.pause_by_operator or bool(supervision.force_pending),
             handed_over=record.handed_over,
             switchover=self.learned.switchover(record.source, record.destination),
+            switchover_least=self.learned.switchover_least(record.source, record.destination),
             change_rate_before_start=rate,
             change_rate_window=window,
             restarts=restart.count,

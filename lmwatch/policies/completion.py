@@ -5,6 +5,10 @@ The rules, in order (DESIGN.md section 4):
 1. paused by us, and at the rate the rest now moves the pause would outlast its
    bound (the link stalled or slowed) -> cancel, so the instance resumes on the
    source; otherwise, past copying (paused, handed over, completing, ended) -> continue;
+1b. the switch alone (stop, device state, resume) took longer than any stop the
+   profile allows every time it was measured on this host pair -> cancel at once, unless an
+   operator asked to finish: no completion, by a final stop, a pause or a handover,
+   could stay within the profile, and copying on would only delay saying so;
 2. the local disks are not in sync yet (they are copied before memory) -> only
    continue or cancel, since the guest may stop or move only once its disks are
    whole on the destination: no pause, no handover, and no change of the blackout
@@ -83,8 +87,10 @@ from lmwatch.policies.forcing import (
     nothing_allowed,
     pause_fits,
     pause_outlasting,
+    switch_outlasts_bound,
 )
 from lmwatch.policies.restart import restart_outlook, restart_reason
+from lmwatch.policies.violations import stop_bound
 from lmwatch.profiles.schema import OnDeadline, Profile
 from lmwatch.units import format_size
 
@@ -111,6 +117,18 @@ def decide(
     if done is not None:
         return Decision(
             Action.CONTINUE, f"nothing to do: {done}", prediction, rule=Rule.PAST_COPYING
+        )
+
+    if not ctx.force and switch_outlasts_bound(profile, ctx):
+        return Decision(
+            Action.CANCEL,
+            "the switch to the destination alone took at least "
+            f"{duration_text(ctx.switchover_least or 0.0)} each time it was measured between "
+            f"these hosts, longer than the {duration_text(stop_bound(profile))} the profile "
+            "allows the instance to be stopped: no way to finish stays within the profile; "
+            "cancelling",
+            prediction,
+            rule=Rule.SWITCH_OUTLASTS_BOUND,
         )
 
     if disks is not None:

@@ -28,7 +28,7 @@ from lmwatch.policies.estimators import (
     tracked,
 )
 from lmwatch.policies.track import PAUSE_WINDOW
-from lmwatch.policies.violations import pause_bound
+from lmwatch.policies.violations import pause_bound, stop_bound
 from lmwatch.profiles.schema import Profile
 from lmwatch.units import format_size
 
@@ -57,6 +57,16 @@ def handover_usable(profile: Profile, ctx: MigrationContext) -> bool:
     return profile.handover_allowed and ctx.plan.arm_handover
 
 
+def switch_outlasts_bound(profile: Profile, ctx: MigrationContext) -> bool:
+    """Every switch measured on this host pair (stopping the guest, moving its device
+    state, resuming it) took longer than any stop the profile allows: no way to
+    complete, by a final stop, a pause or a handover, stays within it. Never on the
+    assumed default, nor when one measured switch was short enough (the longest may
+    have been slowed by something else)."""
+    least = ctx.switchover_least
+    return least is not None and least > stop_bound(profile) + 1e-9
+
+
 def handover_fits(
     profile: Profile,
     ctx: MigrationContext,
@@ -64,8 +74,9 @@ def handover_fits(
     copy: float | None,
     settings: PolicySettings,
 ) -> bool:
-    """A handover now, `copy` seconds of degraded running, fits `max_degraded`."""
-    if copy is None or not handover_usable(profile, ctx):
+    """A handover now, `copy` seconds of degraded running, fits `max_degraded`, and its
+    blackout (the switch to the destination) fits the profile."""
+    if copy is None or not handover_usable(profile, ctx) or switch_outlasts_bound(profile, ctx):
         return False
     return copy * analysis.margin(settings.handover_safety, settings) <= profile.max_degraded
 

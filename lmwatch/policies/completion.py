@@ -6,9 +6,9 @@ The rules, in order (DESIGN.md section 4):
    bound (the link stalled or slowed) -> cancel, so the instance resumes on the
    source; otherwise, past copying (paused, handed over, completing, ended) -> continue;
 1b. the switch alone (stop, device state, resume) took longer than any stop the
-   profile allows every time it was measured on this host pair -> cancel at once, unless an
-   operator asked to finish: no completion, by a final stop, a pause or a handover,
-   could stay within the profile, and copying on would only delay saying so;
+   profile allows every time it was measured on this host pair -> cancel at once,
+   unless an operator asked to finish: no completion, by a final stop, a pause or a
+   handover, could stay within the profile, and copying on would only delay saying so;
 2. the local disks are not in sync yet (they are copied before memory) -> only
    continue or cancel, since the guest may stop or move only once its disks are
    whole on the destination: no pause, no handover, and no change of the blackout

@@ -208,6 +208,7 @@ class Rule(StrEnum):
     DEADLINE = "deadline"
     NO_PROGRESS_YET = "no-progress-yet"
     FIRST_PASS = "first-pass"
+    WINDOWS_FILLED = "windows-filled"
     CONVERGES = "converges"
     PAUSE_CHEAPER_THAN_SLOWING = "pause-cheaper-than-slowing"
     RAISE_BUDGET = "raise-budget"

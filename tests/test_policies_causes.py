@@ -32,8 +32,17 @@ from lmwatch.bench.corpus import Workload, workload_from_mapping
 from lmwatch.bench.lmwatch_controller import LmwatchController, lmwatch_factory
 from lmwatch.bench.runner import Run, Simulation, run, setting_for
 from lmwatch.drivers.inventory import ConstantRate
-from lmwatch.drivers.simphysics import Migration, Writer
-from lmwatch.model import GIB, MIB, Decision, MigrationContext, Sample, StartPlan
+from lmwatch.drivers.simphysics import Migration, Writer, measured_change_rate
+from lmwatch.model import (
+    GIB,
+    MIB,
+    Action,
+    Decision,
+    MigrationContext,
+    Rule,
+    Sample,
+    StartPlan,
+)
 from lmwatch.policies.estimators import DirtyModel, analyse, quiet_rate
 from lmwatch.policies.track import Pair
 from lmwatch.profiles.schema import Deadline, OnDeadline, Profile
@@ -88,6 +97,65 @@ def test_1_a_saturating_random_writer_is_not_called_converging() -> None:
         assert 0.75 * GIB <= prediction.floor_bytes <= 1.0 * GIB, f"pass {n}"
     # once the long first pass has left the fitted window, the floor is the fixed point
     assert prediction.floor_bytes == pytest.approx(fixed_point, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("write_rate", "converges"),
+    [
+        pytest.param(2860 * MIB, False, id="rewrites-the-working-set-many-times-a-pass"),
+        pytest.param(300 * MIB, True, id="fills-it-just-once-in-the-windows-seen"),
+    ],
+)
+def test_1_windows_that_all_filled_the_working_set_give_no_eta_until_one_does_not(
+    write_rate: float, converges: bool
+) -> None:
+    """A sequential writer over 468 MiB fills its working set in the 2 s measurement
+    before the start and in the 5 s first pass alike: both count about W, which says
+    only that it writes at least ~W/2 s. At that least rate copying converges; faster,
+    it never does. The policy used to read the least rate and predict a finish in about
+    a second for a guest that never converged (a first ETA 230x too short). Now it
+    makes no prediction until the second pass, too short to fill W, has been counted."""
+    bandwidth = 1038 * MIB
+    working_set = 468 * MIB
+    plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+    migration = Migration(
+        memory=5632 * MIB,
+        working_set=working_set,
+        change_rate=ConstantRate(rate=write_rate),
+        bandwidth=bandwidth,
+        plan=plan,
+        writer=Writer.SEQUENTIAL,
+    )
+    window = 2.0
+    measured = measured_change_rate(
+        ConstantRate(rate=write_rate), working_set, Writer.SEQUENTIAL, window
+    )
+    assert measured * window == pytest.approx(working_set)  # the window filled W
+    ctx = MigrationContext(
+        started_at=0.0,
+        memory_bytes=5632 * MIB,
+        plan=plan,
+        blackout_budget=0.3,
+        deadline_at=600.0,
+        switchover=0.15,
+        change_rate_before_start=measured,
+        change_rate_window=window,
+    )
+    strict = Profile(name="strict", max_blackout=0.5, deadline=Deadline(fixed=600))
+    samples = _samples_of(migration, until=8.0, poll=0.1)
+
+    def decided_at_start_of(n: int) -> Decision:
+        start = next(i for i, s in enumerate(samples) if s.passes == n)
+        return policies.decide(strict, samples[: start + 1], ctx, samples[start].time)
+
+    second = decided_at_start_of(2)
+    assert second.rule is Rule.WINDOWS_FILLED and second.action is Action.CONTINUE
+    assert second.prediction is not None
+    assert second.prediction.converges is None and second.prediction.eta_seconds is None
+    assert "at least" in second.reason
+    third = decided_at_start_of(3)  # the second pass was counted: it tells
+    assert third.prediction is not None and third.prediction.converges is converges
+    assert (third.prediction.eta_seconds is not None) is converges
 
 
 # -- 2. the switchover cost inside max_blackout -------------------------------------------

@@ -27,6 +27,10 @@ The rules, in order (DESIGN.md section 4):
    outruns the link, hand over or pause if that fits now; cancel when even the
    first pass cannot end before the deadline and nothing else could finish it;
    otherwise continue;
+5b. every window seen (the passes, with the measurement before the start) filled the
+   guest's working set, so they say only that it writes at least some rate; copying
+   converges at that least rate but not at a faster one, and the current pass is too
+   short to fill the working set -> continue, with no ETA: its count tells which;
 6. copying converges on its own (at the current slow-down) within the blackout
    budget -> continue; but when the guest is being slowed and, near the start of a
    pass, a pause that fits `max_pause` takes less of the guest's time than the
@@ -177,6 +181,9 @@ def decide(
             return Decision(Action.CANCEL, hopeless, prediction, rule=Rule.FIRST_PASS)
         return Decision(Action.CONTINUE, _gathering(a), prediction, rule=Rule.FIRST_PASS)
 
+    if a.saturated:
+        return Decision(Action.CONTINUE, _saturated(a), prediction, rule=Rule.WINDOWS_FILLED)
+
     if a.converges:
         cheaper = _pause_cheaper_than_slowing(profile, a, ctx, prediction, settings)
         if cheaper is not None:
@@ -310,6 +317,19 @@ def _rates_text(a: Analysis) -> str:
         f"the guest writes about {rate_text(a.model.rate)} over a working set of about "
         f"{format_size(a.model.working_set)}, the link moves {rate_text(a.transfer_rate)}, "
         f"the remainder settles near {format_size(a.floor)}"
+    )
+
+
+def _saturated(a: Analysis) -> str:
+    assert a.model is not None and a.floor is not None and a.transfer_rate
+    this_pass = a.in_pass + a.remaining / a.transfer_rate
+    return (
+        f"every window seen filled the working set of about "
+        f"{format_size(a.model.working_set)}: the guest writes at least "
+        f"{rate_text(a.model.rate)}, maybe far more; copying converges at that rate, "
+        f"while faster writing leaves about {format_size(a.floor)} at every count; this "
+        f"pass (about {duration_text(this_pass)}) is too short to fill the working set, "
+        "so its count tells which"
     )
 
 

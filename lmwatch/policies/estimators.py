@@ -319,6 +319,10 @@ class Analysis:
     # of `remaining`, bytes lying all over memory (the first pass's), not only in the
     # working set
     spread: float = 0.0
+    # Every window seen filled the working set, so the write rate is known only from
+    # below; copying converges at that least rate, not at a faster one, and the current
+    # pass will tell (`converges` is then None).
+    saturated: bool = False
 
     def outside(self, model: DirtyModel) -> float:
         """Bytes of `remaining` outside `model`'s working set (never rewritten)."""
@@ -335,17 +339,20 @@ class Analysis:
         settings: PolicySettings,
         *,
         slowing: bool = True,
+        model: DirtyModel | None = None,
     ) -> Projection | None:
         """Passes from now on with a blackout budget (None without a model).
 
         With `slowing`, the throttle keeps rising as the hypervisor raises it when the
-        migration started with slowing armed; without, it stays where it is.
+        migration started with slowing armed; without, it stays where it is. `model`:
+        another reading of the guest's writing than the fitted one.
         """
-        if self.model is None or not self.transfer_rate or self.latest is None:
+        model = model or self.model
+        if model is None or not self.transfer_rate or self.latest is None:
             return None
         plan = ctx.plan
         return project(
-            self.model,
+            model,
             self.transfer_rate,
             budget,
             unsent=float(self.remaining),
@@ -356,7 +363,7 @@ class Analysis:
             slow_step=plan.slow_down_step,
             slow_initial=plan.slow_down_initial,
             slow_armed=plan.arm_slow_down and slowing,
-            outside=self.outside(self.model),
+            outside=self.outside(model),
             settings=settings,
         )
 
@@ -626,6 +633,12 @@ def _telling(pairs: Sequence[Pair], recent: Sequence[Pair]) -> list[Pair]:
     return list(recent) if other is None else [other, *recent]
 
 
+# A window in which the guest dirtied this share of its working set or more bounds its
+# write rate from below only (the count cannot grow past the working set).
+SATURATED = 0.9
+# What "faster" means for a rate bounded from below only: this many times the least
+# rate the windows allow (a pass this much shorter would be as full as they were).
+FASTER_READING = 10.0
 _FITS_KEPT = 4096  # fits kept: one per migration supervised, with room to spare
 _MOST_OVERLAP = 0.9  # a rest covering more of the working set is read as covering this
 
@@ -732,20 +745,13 @@ def _fit(
     straight line through the pair; without a measurement the straight line is taken,
     the most hopeful reading, which the next pair corrects.
     """
-    usable = [p for p in pairs if p.duration > 0 and p.rewritten > 0 and p.slowdown < 1]
     if not pairs:
         return None
-    if not usable:  # passes left nothing behind: the guest does not write
+    points = fit_points(pairs, measured_rate, measured_window)
+    if not points:  # passes left nothing behind: the guest does not write
         return DirtyModel(rate=0.0, working_set=max(memory, 1.0))
-    # the slow-down taken into the time the guest wrote at its full rate
-    points = [replace(p, duration=p.duration * (1 - p.slowdown), slowdown=0.0) for p in usable]
     cap = max(memory, max(p.rewritten for p in points) * 1.0001)
-    if len(points) == 1 and measured_rate and measured_window:
-        # The measurement is one more point of the same curve: distinct bytes dirtied
-        # in its window. With the pass it fixes both the rate and the working set.
-        points.append(Pair(measured_window, 0.0, measured_rate * measured_window))
-        cap = max(cap, points[-1].rewritten * 1.0001)
-    elif len(points) == 1:
+    if len(points) == 1:
         (point,) = points
         linear = _distinct(point, _overlap(point, cap, memory)) / point.duration
         if measured_rate is not None and measured_rate > linear * 1.2:
@@ -767,6 +773,29 @@ def _fit(
     if refined is not None and refined[0] < found[0]:
         found = refined
     return found[2]
+
+
+def fit_points(
+    pairs: Sequence[Pair], measured_rate: float | None, measured_window: float | None
+) -> list[Pair]:
+    """The points `_fit` fits: the pairs that show writing, with the slow-down taken
+    into the time the guest wrote at its full rate; and, beside a single pair, the
+    measurement before the start with its window: one more point of the same curve
+    (distinct bytes dirtied in the window), which with the pass fixes both the rate
+    and the working set."""
+    usable = [p for p in pairs if p.duration > 0 and p.rewritten > 0 and p.slowdown < 1]
+    points = [replace(p, duration=p.duration * (1 - p.slowdown), slowdown=0.0) for p in usable]
+    if len(points) == 1 and measured_rate and measured_window:
+        points.append(Pair(measured_window, 0.0, measured_rate * measured_window))
+    return points
+
+
+def filled(model: DirtyModel, seconds: float) -> bool:
+    """Would the guest, writing as `model` says, dirty nearly all of its working set
+    (`SATURATED`) in `seconds`? Such a window says only that it writes at least that
+    fast: the hypervisor counts a page once, however often it is rewritten."""
+    w = model.working_set
+    return w > 0 and model.dirtied(seconds) >= SATURATED * w
 
 
 def _pair_rates(pairs: Sequence[Pair], model: DirtyModel, memory: float) -> list[float]:
@@ -825,9 +854,8 @@ def analyse(
     records = observe_passes(track, ctx, rate, settings.recount_interval, settings)
     pairs = _pairs(records, track)
     last_pairs = pairs[-settings.fit_pairs :]
-    model = fit_model(
-        _telling(pairs, last_pairs), memory, ctx.change_rate_before_start, ctx.change_rate_window
-    )
+    telling = _telling(pairs, last_pairs)
+    model = fit_model(telling, memory, ctx.change_rate_before_start, ctx.change_rate_window)
     # the time a pass took beyond sending what it sent (its size less the rest carried on)
     overheads = [
         max(0.0, d - (a.size - b.carried) / rate)
@@ -935,6 +963,24 @@ def analyse(
         above = plateau_above(records, track, ctx.blackout_budget, settings.plateau_passes)
         if above is not None:
             alone_converges, settles, eta = False, max(above, rate * ctx.blackout_budget), None
+    if alone_converges and model is not None and rate and current is not None:
+        # Every window seen filled the working set: the guest writes at least the fitted
+        # rate, maybe far faster. When copying converges only at the least of those rates
+        # and the current pass is short enough not to fill it, its count tells which.
+        points = fit_points(telling, ctx.change_rate_before_start, ctx.change_rate_window)
+        if points and all(filled(model, p.duration) for p in points):
+            faster = model.with_rate(model.rate * FASTER_READING)
+            worst = analysis.project_with(
+                ctx, ctx.blackout_budget, settings, slowing=False, model=faster
+            )
+            if (
+                worst is not None
+                and not worst.converges
+                and not filled(model, in_pass + remaining / rate)
+            ):
+                return replace(
+                    analysis, converges=None, floor=int(worst.floor), eta=None, saturated=True
+                )
     if not alone_converges and ctx.plan.arm_slow_down:
         slowed = analysis.project_with(ctx, ctx.blackout_budget, settings)
         eta = None if slowed is None else slowed.seconds

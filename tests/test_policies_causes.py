@@ -274,6 +274,39 @@ def test_4_a_busy_phase_is_waited_out_when_the_deadline_is_far() -> None:
     assert result.blackout_seconds is not None and result.blackout_seconds <= 0.5
 
 
+def test_4_patience_counts_from_when_passes_began_to_show_the_rate() -> None:
+    """A 5-minute first pass (117 GiB over 400 MiB/s) averages a guest whose busy
+    phases (540-640 MiB/s) give way to a quiet one (84 MiB/s) every 270 s. After it,
+    passes show only busy writing, steady for 150 s by 450 s, when a patience counted
+    from the start (three quarters of 600 s) gave up, 27 s before the quiet phase.
+    Counted from when passes began to show the rate, a phase steady for 150 s with 150 s
+    left still changes with a chance of about one half: lmwatch waits, and copying
+    converges in the quiet phase."""
+    strict = Profile(
+        name="strict", max_blackout=0.5, deadline=Deadline(fixed=600), on_deadline=OnDeadline.CANCEL
+    )
+    phases: Mapping[str, Any] = {
+        "pattern": "phased",
+        "repeat": True,
+        "phases": [
+            {"rate": "541MiB/s", "duration": "111s"},
+            {"rate": "641MiB/s", "duration": "96s"},
+            {"rate": "84MiB/s", "duration": "63s"},
+        ],
+    }
+    workload = _workload(
+        memory="116.75GiB",
+        working_set="3497MiB",
+        writer="random",
+        change_rate=phases,
+        bandwidth="3.35Gbit/s",
+    )
+    result = run(workload, strict, lmwatch_factory)
+    assert result.outcome == "completed", result.actions
+    assert 477 < result.total_seconds < 540  # in the second quiet phase
+    assert result.blackout_seconds is not None and result.blackout_seconds <= 0.5
+
+
 @pytest.mark.parametrize("working_set", [30 * MIB, 34 * MIB, 40 * MIB])
 @pytest.mark.parametrize("poll", [0.5, 1.0])
 def test_4_a_steady_writer_shows_no_quieter_phase(working_set: int, poll: float) -> None:

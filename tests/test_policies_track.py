@@ -83,6 +83,11 @@ class ScanTrack(Track):
         _, start = self._cut()
         return started_at if start == "started" else start  # type: ignore[return-value]
 
+    @property
+    def repeating(self) -> Sample | None:
+        history, _ = self._cut()
+        return next((s for s in history if s.passes >= 2), None)
+
     def passes(self) -> Iterator[PassSeen]:
         history, _ = self._cut()
         seen: dict[int, PassSeen] = {}

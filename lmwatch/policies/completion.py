@@ -53,8 +53,10 @@ The rules, in order (DESIGN.md section 4):
 11. slowing the guest is armed and finishes before the deadline -> continue;
 12. the remainder still shrinks, the rates vary, or quieter phases were seen, and
     the deadline leaves time -> continue; so does a guest whose steady readings say
-    nothing would finish it, until `patience` (three quarters) of the deadline
-    window has passed (without a deadline, `min_patience`): workloads change phase;
+    nothing would finish it, while the phase it shows may still change before the
+    deadline: until the readings have been steady three times as long as the deadline
+    leaves (`patience`; counted from the first pass after the first, as a first pass
+    averages all phases; without a deadline, `min_patience`): workloads change phase;
 13. otherwise cancel, saying why: waiting has stopped paying.
 
 Handover and pause come before slowing because each finishes now within a bound
@@ -589,14 +591,13 @@ def _hope(
         )
     elapsed = now - ctx.started_at
     if ctx.deadline_at is not None:
-        window = max(ctx.deadline_at - ctx.started_at, 0.0)
-        wait = settings.patience * window
-        if elapsed < wait:
+        wait = _patience_left(a, ctx, now, settings)
+        if wait > 0:
             return (
                 Rule.PATIENCE,
                 f"nothing seen so far would finish it, but the deadline is "
                 f"{duration_text(ctx.deadline_at - now)} away and workloads change phase; "
-                f"waiting {duration_text(wait - elapsed)} more before giving up",
+                f"waiting {duration_text(wait)} more before giving up",
             )
     elif elapsed < settings.min_patience:
         return (
@@ -604,6 +605,28 @@ def _hope(
             "nothing seen so far would finish it; waiting a little longer for a change",
         )
     return None
+
+
+def _patience_left(
+    a: Analysis, ctx: MigrationContext, now: float, settings: PolicySettings
+) -> float:
+    """Seconds to keep waiting for a phase change before giving up (0: give up now).
+
+    Readings steady for T seconds say a phase lasts about that long, so it changes within
+    the S seconds left with a chance of about S / (T + S); waiting stops paying once that
+    falls under 1 − `patience` (T > 3 S: three quarters of the deadline window when the
+    readings began with the migration). T counts from the first pass after the first:
+    a first pass averages the guest's rate over all of its phases, so a long one says
+    nothing of how long the phase now seen lasts.
+    """
+    assert ctx.deadline_at is not None
+    left = max(0.0, ctx.deadline_at - now)
+    if settings.patience >= 1.0:
+        return left
+    since = ctx.started_at if a.passes_since is None else max(ctx.started_at, a.passes_since)
+    steady = max(0.0, now - since)
+    ratio = settings.patience / (1.0 - settings.patience)  # T / S at which to give up
+    return max(0.0, (ratio * left - steady) / (1.0 + ratio))
 
 
 def _would_finish(

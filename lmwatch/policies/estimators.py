@@ -323,6 +323,9 @@ class Analysis:
     # below; copying converges at that least rate, not at a faster one, and the current
     # pass will tell (`converges` is then None).
     saturated: bool = False
+    # Clock time of the first sample of a pass after memory's first (None before): since
+    # then the passes show the guest's rate pass by pass; the first pass averages it.
+    passes_since: float | None = None
 
     def outside(self, model: DirtyModel) -> float:
         """Bytes of `remaining` outside `model`'s working set (never rewritten)."""
@@ -950,6 +953,7 @@ def analyse(
         rate_variation=_variation([s.transfer_rate for s in recent if s.transfer_rate > 0]),
         poll=poll,
         spread=min(spread, float(remaining)),
+        passes_since=None if track.repeating is None else track.repeating.time,
     )
     # "Converges" means on its own at the current slow-down; the ETA counts the
     # slow-down the hypervisor will add when it was armed at start.

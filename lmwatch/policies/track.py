@@ -7,6 +7,7 @@ migration's age, and what is kept is bounded:
 - the last `RECENT` samples (rates, the interval between polls);
 - the first and the last sample with the disks in sync (the fallback transfer rate);
 - where memory's first pass began: the last sample with the disks behind, and the next;
+- the first sample of a later pass of memory (since when passes show the guest's rate);
 - for each of the last `kept_passes + 1` passes seen since then, its first and last
   sample and the largest remainder it showed (pass records are built from these);
 - the last `kept_passes` pairs read from samples several passes apart;
@@ -79,6 +80,7 @@ class Track:
         "last_synced",
         "max_disk_total",
         "recent",
+        "repeating",
         "stopped_count",
         "synced",
     )
@@ -95,6 +97,7 @@ class Track:
         self._behind: Sample | None = None
         self._after_behind: Sample | None = None
         self._passes: dict[int, PassSeen] = {}  # in the order first seen
+        self.repeating: Sample | None = None  # the first sample of a pass after the first
         self._highest = 0  # highest pass number counted since the disks were behind
         self.jumps: deque[tuple[float, Pair]] = deque(maxlen=kept_passes)  # (time, pair)
         self._copying: deque[Sample] = deque()
@@ -180,6 +183,7 @@ class Track:
             self._behind, self._after_behind = sample, None
             self._passes.clear()
             self._highest = 0
+            self.repeating = None
         else:
             if self._behind is not None and self._after_behind is None:
                 self._after_behind = sample
@@ -194,6 +198,8 @@ class Track:
         n = sample.passes
         if n < 1:
             return
+        if n >= 2 and self.repeating is None:
+            self.repeating = sample
         seen = self._passes.get(n)
         if seen is not None:
             seen.peak = max(seen.peak, sample.memory_remaining)

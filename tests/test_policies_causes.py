@@ -247,28 +247,32 @@ def test_3_a_hopeless_workload_is_paused_right_after_the_first_pass() -> None:
 # -- 4. time left is evidence too -------------------------------------------------------------
 
 
+# 500ms, nothing else, 10 minutes, cancel at the deadline
+STRICT = Profile(
+    name="strict", max_blackout=0.5, deadline=Deadline(fixed=600), on_deadline=OnDeadline.CANCEL
+)
+
+
+def _phased(*phases: tuple[str, str], repeat: bool) -> Mapping[str, Any]:
+    """A phased change rate: (rate, duration) each."""
+    return {
+        "pattern": "phased",
+        "repeat": repeat,
+        "phases": [{"rate": rate, "duration": duration} for rate, duration in phases],
+    }
+
+
 def test_4_a_busy_phase_is_waited_out_when_the_deadline_is_far() -> None:
     """Busy for 200s (3x the link's rate), then quiet. A strict profile (500ms, nothing
     else, 10 minutes, cancel at the deadline) gives the busy phase time to pass."""
-    strict = Profile(
-        name="strict", max_blackout=0.5, deadline=Deadline(fixed=600), on_deadline=OnDeadline.CANCEL
-    )
-    phases: Mapping[str, Any] = {
-        "pattern": "phased",
-        "repeat": False,
-        "phases": [
-            {"rate": "300MiB/s", "duration": "200s"},
-            {"rate": "2MiB/s", "duration": "1h"},
-        ],
-    }
     workload = _workload(
         memory="2GiB",
         working_set="1GiB",
         writer="random",
-        change_rate=phases,
+        change_rate=_phased(("300MiB/s", "200s"), ("2MiB/s", "1h"), repeat=False),
         bandwidth="100MiB/s",
     )
-    result = run(workload, strict, lmwatch_factory)
+    result = run(workload, STRICT, lmwatch_factory)
     assert result.outcome == "completed"
     assert 200 < result.total_seconds < 600
     assert result.blackout_seconds is not None and result.blackout_seconds <= 0.5
@@ -282,26 +286,17 @@ def test_4_patience_counts_from_when_passes_began_to_show_the_rate() -> None:
     Counted from when passes began to show the rate, a phase steady for 150 s with 150 s
     left still changes with a chance of about one half: lmwatch waits, and copying
     converges in the quiet phase."""
-    strict = Profile(
-        name="strict", max_blackout=0.5, deadline=Deadline(fixed=600), on_deadline=OnDeadline.CANCEL
+    busy_then_quiet = _phased(
+        ("541MiB/s", "111s"), ("641MiB/s", "96s"), ("84MiB/s", "63s"), repeat=True
     )
-    phases: Mapping[str, Any] = {
-        "pattern": "phased",
-        "repeat": True,
-        "phases": [
-            {"rate": "541MiB/s", "duration": "111s"},
-            {"rate": "641MiB/s", "duration": "96s"},
-            {"rate": "84MiB/s", "duration": "63s"},
-        ],
-    }
     workload = _workload(
         memory="116.75GiB",
         working_set="3497MiB",
         writer="random",
-        change_rate=phases,
+        change_rate=busy_then_quiet,
         bandwidth="3.35Gbit/s",
     )
-    result = run(workload, strict, lmwatch_factory)
+    result = run(workload, STRICT, lmwatch_factory)
     assert result.outcome == "completed", result.actions
     assert 477 < result.total_seconds < 540  # in the second quiet phase
     assert result.blackout_seconds is not None and result.blackout_seconds <= 0.5

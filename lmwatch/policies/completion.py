@@ -51,8 +51,9 @@ The rules, in order (DESIGN.md section 4):
     guest's time in slowing -> start again with that level (at most `max_restarts`
     times; never once paused or handed over);
 11. slowing the guest is armed and finishes before the deadline -> continue;
-12. the remainder still shrinks, the rates vary, or quieter phases were seen, and
-    the deadline leaves time -> continue; so does a guest whose steady readings say
+12. the remainder still shrinks, the rates vary (counts that all filled the working
+    set vary when the counts do), or quieter phases were seen, and the deadline
+    leaves time -> continue; so does a guest whose steady readings say
     nothing would finish it, while the phase it shows may still change before the
     deadline: until the readings have been steady three times as long as the deadline
     leaves (`patience`; counted from the first pass after the first, as a first pass

@@ -308,7 +308,7 @@ class Analysis:
     eta: float | None
     confidence: float
     shrinking: bool  # pass-start remainders still shrinking
-    steady: bool  # pass rates steady enough that waiting will not change them
+    steady: bool  # pass readings steady enough that waiting will not change them
     finish_remaining: int  # bytes left to move if the guest stopped now (expected)
     finish_bound: int  # the same, assuming the fastest writing seen (for acting on it)
     fresh: bool  # the current pass began moments ago, so what it left is well known
@@ -814,6 +814,27 @@ def _pair_rates(pairs: Sequence[Pair], model: DirtyModel, memory: float) -> list
     return rates
 
 
+def _filled_counts(pairs: Sequence[Pair], model: DirtyModel, memory: float) -> list[float] | None:
+    """What `pairs` measured, when every one of them filled the working set: the
+    distinct bytes each pass dirtied; None when one did not (then the write rate each
+    implies, `_pair_rates`, is the reading).
+
+    A count that filled the working set bounds the write rate from below only, and the
+    rate it implies through the model is ill-conditioned: on a real host a few MiB more
+    or less from pass to pass (the guest's kernel, page-cache writeback) swing it by
+    several times, and those swings, read as a varying rate, kept a hopeless migration
+    waiting for steadier readings until its deadline. Such passes are steady when their
+    counts are.
+    """
+    w = model.working_set
+    if w <= 0 or not pairs:
+        return None
+    distinct = [_distinct(p, _overlap(p, w, memory)) for p in pairs]
+    if any(d < SATURATED * w for d in distinct):
+        return None
+    return distinct
+
+
 def quiet_rate(
     pairs: Sequence[Pair],
     model: DirtyModel,
@@ -910,7 +931,9 @@ def analyse(
         rates = _pair_rates(pairs, model, memory)
         quiet = quiet_rate(pairs, model, memory, rates=rates)
         best_model = model if quiet is None else model.with_rate(quiet)
-        window = rates[-settings.steady_pairs :]
+        window = _filled_counts(pairs[-settings.steady_pairs :], model, memory)
+        if window is None:
+            window = rates[-settings.steady_pairs :]
         steady = (
             len(window) >= settings.steady_pairs and _variation(window) < settings.steady_variation
         )

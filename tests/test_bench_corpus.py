@@ -85,6 +85,15 @@ def test_the_documented_format_loads_in_base_units() -> None:
     assert growing.first_pass == pytest.approx(8 * GIB / GBIT)
 
 
+def test_jitter_is_read_written_and_absent_by_default() -> None:
+    text = "workloads:\n  - {name: a, memory: 1GiB, bandwidth: 1GiB/s, jitter: 0.05}"
+    (jittery,) = load_corpus_text(text)
+    assert jittery.jitter == 0.05
+    assert "jitter: 0.05" in dump_corpus([jittery])
+    assert all(w.jitter == 0.0 for w in generate(7, 24))
+    assert "jitter" not in dump_corpus(generate(7, 24))
+
+
 def test_dump_and_load_round_trip(tmp_path: Path) -> None:
     workloads = load_corpus_text(EXAMPLE) + generate(7, 24)
     path = tmp_path / "corpus.yaml"
@@ -124,6 +133,7 @@ def test_dump_and_load_round_trip(tmp_path: Path) -> None:
             "used twice",
         ),
         ("workloads:\n  - {name: a, memory: 1GiB, bandwidth: 1GiB/s, colour: red}", "colour"),
+        ("workloads:\n  - {name: a, memory: 1GiB, bandwidth: 1GiB/s, jitter: 0.8}", "jitter"),
     ],
 )
 def test_bad_corpus_files_say_where(text: str, message: str) -> None:

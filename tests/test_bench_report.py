@@ -240,6 +240,7 @@ async def test_bench_command_writes_results_and_gates(
         (["--controllers", "idle", "--gate"], "--gate needs the lmwatch controller"),
         (["--count", "0"], "at least 1"),
         (["--seed", "1", "--count", "2", "--workload", "s1-0001,nobody"], "no workload nobody"),
+        (["--seed", "1", "--count", "2", "--jitter", "0.9"], "--jitter must be between"),
     ],
 )
 async def test_bench_command_usage_errors(
@@ -281,3 +282,16 @@ async def test_bench_command_runs_single_workloads_and_keeps_lmwatch_actions(
     for at, action, why in acted:
         assert 0 < at <= max(r.total_seconds for r in runs)
         assert action != "continue" and why
+
+
+async def test_bench_command_jitter_reaches_the_runs_and_the_written_corpus(
+    tmp_path: Path,
+) -> None:
+    """`--jitter` moves every workload's working set from pass to pass, says so, and
+    the corpus written beside the results carries it, so the run can be repeated."""
+    argv = ["--seed", "1", "--count", "2", "--controllers", "lmwatch", "--processes", "1"]
+    status, out, err = await _cli("bench", *argv, "--jitter", "0.05", "--out", str(tmp_path))
+    assert status == 0, err
+    assert "working sets moving ±5% a pass" in out
+    assert "jitter: 0.05" in (tmp_path / "corpus.yaml").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["jitter"] == 0.05

@@ -637,3 +637,59 @@ def test_the_next_pass_boundary_is_foreseen_while_the_pass_begins() -> None:
     while model.passes == passes and not model.phase.finished:
         model.advance(1e-4)
     assert model.elapsed - start == pytest.approx(foreseen, abs=2e-4)
+
+
+# ------------------------------------------------------------------ the host's jitter
+
+
+def _counts(jitter: float, seed: int, passes: int = 16) -> list[float]:
+    """What each pass of a busy random writer (32MiB, filled every pass) left."""
+    model = Migration(
+        memory=128 * MIB,
+        working_set=32 * MIB,
+        change_rate=ConstantRate(rate=250 * MIB),
+        bandwidth=16 * MIB,
+        plan=StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3),
+        writer=Writer.RANDOM,
+        jitter=jitter,
+        jitter_seed=seed,
+    )
+    run_to_pass(model, passes)
+    return model.pass_remainders[6:]  # once the first pass's rest has gone
+
+
+def test_jitter_moves_each_pass_working_set_within_its_share_and_repeats() -> None:
+    """A real host's own writing moves a busy guest's working set a few per cent from
+    pass to pass; the simulator draws it per pass from a seed, so a rerun (the
+    hindsight bound's, or a controller's) sees the same counts."""
+    steady = _counts(0.0, seed=1)
+    assert max(steady) - min(steady) < 0.01 * MIB
+    moved = _counts(0.05, seed=1)
+    assert moved == _counts(0.05, seed=1)
+    assert moved != _counts(0.05, seed=2)
+    assert all(0.94 * 32 * MIB <= c <= 1.06 * 32 * MIB for c in moved)
+    assert max(moved) - min(moved) > 0.03 * 32 * MIB
+
+
+def test_a_migration_started_again_keeps_the_working_set_without_jitter() -> None:
+    model = make(memory=1 * GIB, working_set=256 * MIB, rate=2 * GIB, bandwidth=1 * GIB)
+    model.jitter, model.jitter_seed = 0.1, 3
+    run_to_pass(model, 4)
+    model.cancel()
+    run(model, 5.0)
+    assert model.phase.finished
+    again = model.again(model.plan, model.elapsed)
+    assert again.working_set == again.base_working_set == 256 * MIB
+    assert again.jitter == 0.1 and again.jitter_seed == 3
+
+
+def test_jitter_must_be_a_share() -> None:
+    with pytest.raises(ValueError, match="jitter"):
+        Migration(
+            memory=GIB,
+            working_set=GIB,
+            change_rate=ConstantRate(rate=0.0),
+            bandwidth=GIB,
+            plan=StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3),
+            jitter=1.0,
+        )

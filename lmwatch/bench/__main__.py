@@ -44,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--count", type=int, default=None, help=f"workloads to generate ({DEFAULT_COUNT})"
     )
     source.add_argument(
+        "--jitter",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="move each workload's working set by up to ± this share from pass to pass, "
+        "as a real host's own writing does (e.g. 0.05; default: as the corpus says)",
+    )
+    source.add_argument(
         "--workload",
         metavar="NAME[,NAME]",
         help="only these workloads of the corpus (to look at single runs: results.json "
@@ -119,6 +127,14 @@ def available_controllers() -> tuple[dict[str, ControllerFactory], list[str], An
 
 def _workloads(args: argparse.Namespace) -> tuple[list[Workload], dict[str, Any]]:
     workloads, origin = _corpus(args)
+    jitter = getattr(args, "jitter", None)
+    if jitter is not None:
+        from dataclasses import replace
+
+        if not 0.0 <= jitter <= 0.5:
+            raise ValueError("--jitter must be between 0 and 0.5")
+        workloads = [replace(w, jitter=jitter) for w in workloads]
+        origin = {**origin, "jitter": jitter}
     names = [name.strip() for name in (args.workload or "").split(",") if name.strip()]
     if not names:
         return workloads, origin
@@ -189,6 +205,8 @@ def bench_command(out: Output, args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     described = origin.get("corpus") or f"seed {origin['seed']}, {origin['count']} workloads"
+    if "jitter" in origin:
+        described += f", working sets moving ±{origin['jitter']:.0%} a pass"
     if "workloads" in origin:
         described += f", only {', '.join(origin['workloads'])}"
     out.line(

@@ -85,6 +85,9 @@ class Workload:
     bandwidth: float  # bytes/s, nominal
     switchover: float  # seconds of final-stop cost for this host pair
     link_events: tuple[LinkEvent, ...] = ()
+    # the host's own writing: each pass's working set moves by up to ± this share of it
+    # (`simphysics.jittered`); 0 in generated corpora, `lmwatch bench --jitter` sets it
+    jitter: float = 0.0
 
     @property
     def first_pass(self) -> float:
@@ -127,6 +130,7 @@ class _WorkloadSpec(_Frozen):
     bandwidth: float = Field(gt=0)
     switchover: float = Field(default=0.05, ge=0)
     link_events: tuple[_EventSpec, ...] = ()
+    jitter: float = Field(default=0.0, ge=0, le=0.5)
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -200,6 +204,7 @@ def workload_from_mapping(data: Mapping[str, Any], *, where: str = "") -> Worklo
         bandwidth=spec.bandwidth,
         switchover=spec.switchover,
         link_events=tuple(events),
+        jitter=spec.jitter,
     )
 
 
@@ -329,6 +334,8 @@ def workload_to_mapping(workload: Workload) -> dict[str, Any]:
                 entry["value"] = event.value
             events.append(entry)
         data["link_events"] = events
+    if workload.jitter:
+        data["jitter"] = workload.jitter
     return data
 
 

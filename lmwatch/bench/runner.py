@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy as copylib
 import multiprocessing
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -155,6 +156,8 @@ class Simulation:
             plan=plan,
             tuning=Tuning(device_state=workload.switchover),
             writer=Writer(workload.writer),
+            jitter=workload.jitter,
+            jitter_seed=zlib.crc32(workload.name.encode()),
         )
         self._events: tuple[LinkEvent, ...] = tuple(workload.link_events)
         self._next_event = 0

@@ -126,13 +126,15 @@ def available_controllers() -> tuple[dict[str, ControllerFactory], list[str], An
 
 
 def _workloads(args: argparse.Namespace) -> tuple[list[Workload], dict[str, Any]]:
+    from lmwatch.bench.corpus import MAX_JITTER
+
     workloads, origin = _corpus(args)
-    jitter = getattr(args, "jitter", None)
+    jitter = args.jitter
     if jitter is not None:
         from dataclasses import replace
 
-        if not 0.0 <= jitter <= 0.5:
-            raise ValueError("--jitter must be between 0 and 0.5")
+        if not 0.0 <= jitter <= MAX_JITTER:
+            raise ValueError(f"--jitter must be between 0 and {MAX_JITTER:g}")
         workloads = [replace(w, jitter=jitter) for w in workloads]
         origin = {**origin, "jitter": jitter}
     names = [name.strip() for name in (args.workload or "").split(",") if name.strip()]

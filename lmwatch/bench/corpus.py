@@ -54,6 +54,7 @@ WRITERS: tuple[WriterName, WriterName] = ("sequential", "random")
 DEV_SEEDS = (1, 2, 3)
 REPORT_SEED = 20261202
 MAX_FIRST_PASS = 900.0  # seconds: the generator keeps one full copy of memory below this
+MAX_JITTER = 0.5  # the largest share a workload's working set may move by a pass
 MAX_WRITE_RATE = 32.0 * GIB  # bytes/s: the generator's typical change rate stays below this
 
 
@@ -130,7 +131,7 @@ class _WorkloadSpec(_Frozen):
     bandwidth: float = Field(gt=0)
     switchover: float = Field(default=0.05, ge=0)
     link_events: tuple[_EventSpec, ...] = ()
-    jitter: float = Field(default=0.0, ge=0, le=0.5)
+    jitter: float = Field(default=0.0, ge=0, le=MAX_JITTER)
 
     @field_validator("bandwidth", mode="before")
     @classmethod

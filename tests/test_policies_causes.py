@@ -18,7 +18,7 @@ blackout above `max_blackout`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmwatch import policies
-from lmwatch.bench.controller import Controller, Setting
+from lmwatch.bench.controller import Command, Controller, Setting
 from lmwatch.bench.corpus import Workload, workload_from_mapping
 from lmwatch.bench.lmwatch_controller import LmwatchController, lmwatch_factory
 from lmwatch.bench.runner import Run, Simulation, run, setting_for
@@ -156,6 +156,49 @@ def test_1_windows_that_all_filled_the_working_set_give_no_eta_until_one_does_no
     third = decided_at_start_of(3)  # the second pass was counted: it tells
     assert third.prediction is not None and third.prediction.converges is converges
     assert (third.prediction.eta_seconds is not None) is converges
+
+
+@pytest.mark.parametrize("write_rate", ["2000MiB/s", "2860MiB/s", "4000MiB/s", "8000MiB/s"])
+@pytest.mark.parametrize("switchover", ["100ms", "151ms"])
+@pytest.mark.parametrize("bandwidth", ["1000MiB/s", "1038.3MiB/s"])
+def test_1_passes_of_one_duration_do_not_pick_the_working_set(
+    write_rate: str, switchover: str, bandwidth: str
+) -> None:
+    """A sequential writer sweeping 468 MiB of 5.5 GiB, faster than the link: after the
+    5 s first pass, every pass ends at the threshold within 0.1-0.2 s, and what each
+    left depends on where the sweep stood. Pairs of about one duration fix one point of
+    the saturating curve; the fit used to take them alone (or with a pass hardly
+    longer) and, from one sample to the next, read a working set of 1.6 GiB or all of
+    memory at a twentieth of the rate. With it, a strict profile raised its budget on a
+    projected floor below every count seen (`s7-0082`). The first pass, whose count
+    shows how far the writes spread in 5 s, now takes part: the working set stays read
+    as about what it is."""
+    profile = Profile(
+        name="strict", max_blackout=0.5, deadline=Deadline(fixed=600), on_deadline=OnDeadline.CANCEL
+    )
+    workload = _workload(
+        memory="5632MiB",
+        working_set="468MiB",
+        writer="sequential",
+        change_rate=write_rate,
+        bandwidth=bandwidth,
+        switchover=switchover,
+    )
+    read: list[tuple[float, float]] = []  # (time, working set fitted), from pass 3 on
+
+    class Watching(LmwatchController):
+        def step(self, sample: Sample, now: float) -> Sequence[Command]:
+            commands = super().step(sample, now)
+            if sample.passes >= 3 and self.ctx is not None:
+                model = analyse(self.track, self.ctx, self.settings).model
+                assert model is not None
+                read.append((now, model.working_set / MIB))
+            return commands
+
+    run(workload, profile, Watching, limit=15.0)
+    assert len(read) > 20
+    wrong = [(t, round(w)) for t, w in read if not 0.8 * 468 <= w <= 1.25 * 468]
+    assert not wrong
 
 
 # -- 2. the switchover cost inside max_blackout -------------------------------------------

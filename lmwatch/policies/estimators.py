@@ -622,18 +622,39 @@ def _pairs(records: Sequence[PassRecord], track: Track) -> list[Pair]:
     return [pair for _, pair in timed]
 
 
+# Recent pairs whose durations span this factor tell the working set from the rate.
+_TELLING_SPAN = 2.0
+
+
 def _telling(pairs: Sequence[Pair], recent: Sequence[Pair]) -> list[Pair]:
-    """The recent pairs, and the latest older one of another duration when they all
-    lasted about as long: pairs of one duration fix one point of `f`, which cannot tell
-    the working set from the rate (passes that end at the threshold of a steady guest
-    all last alike, and the noise in what they left then picks any working set)."""
+    """The recent pairs, and, when their durations span less than `_TELLING_SPAN`, the
+    older pair whose duration lies farthest from theirs.
+
+    Pairs of about one duration fix one point of `f`, which cannot tell the working set
+    from the rate: passes that end at the threshold of a steady guest all last alike,
+    and the noise in what they left (a sequential writer's position in its sweep, a real
+    host's jitter) then picks any working set, from one sample to the next. The pass
+    most unlike them tells most: often the long first pass, whose count shows how far
+    the guest's writes spread when given time."""
     durations = [p.duration for p in recent]
-    if len(recent) < 2 or max(durations) > 1.1 * min(durations):
+    if len(recent) < 2 or max(durations) >= _TELLING_SPAN * min(durations):
         return list(recent)
     low, high = min(durations) / 1.1, max(durations) * 1.1
-    older = pairs[: len(pairs) - len(recent)]
-    other = next((p for p in reversed(older) if not low <= p.duration <= high), None)
-    return list(recent) if other is None else [other, *recent]
+    older = [p for p in pairs[: len(pairs) - len(recent)] if not low <= p.duration <= high]
+    if not older:
+        return list(recent)
+    middle = math.sqrt(low * high)
+    other = max(reversed(older), key=lambda p: abs(math.log(p.duration / middle)))
+    return [other, *recent]
+
+
+def _rate_now(model: DirtyModel, recent: Sequence[Pair], memory: float) -> DirtyModel:
+    """`model`'s working set, with the rate the recent pairs read through it. An older
+    pair of another duration (`_telling`) told the working set from the rate; the
+    guest may write faster or slower now than when that pass was counted."""
+    points = fit_points(recent, None, None)
+    found = _fit_at([model.working_set], points, memory) if points else None
+    return model if found is None else found[2]
 
 
 # A window in which the guest dirtied this share of its working set or more bounds its
@@ -880,6 +901,8 @@ def analyse(
     last_pairs = pairs[-settings.fit_pairs :]
     telling = _telling(pairs, last_pairs)
     model = fit_model(telling, memory, ctx.change_rate_before_start, ctx.change_rate_window)
+    if model is not None and len(telling) > len(last_pairs):
+        model = _rate_now(model, last_pairs, memory)
     # the time a pass took beyond sending what it sent (its size less the rest carried on)
     overheads = [
         max(0.0, d - (a.size - b.carried) / rate)

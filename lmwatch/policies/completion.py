@@ -30,7 +30,8 @@ The rules, in order (DESIGN.md section 4):
 5b. every window seen (the passes, with the measurement before the start) filled the
    guest's working set, so they say only that it writes at least some rate; copying
    converges at that least rate but not at a faster one, and the current pass is too
-   short to fill the working set -> continue, with no ETA: its count tells which;
+   short to fill the working set -> continue, with no ETA: its count tells which
+   (converging at both, the ETA is the longer of the two readings');
 6. copying converges on its own (at the current slow-down) within the blackout
    budget -> continue; but when the guest is being slowed and, near the start of a
    pass, a pause that fits `max_pause` takes less of the guest's time than the

@@ -1031,6 +1031,11 @@ def analyse(
                 return replace(
                     analysis, converges=None, floor=int(worst.floor), eta=None, saturated=True
                 )
+            if worst is not None and worst.converges and worst.seconds is not None:
+                # converging either way: finishing takes as long as the faster reading says
+                # (every pass then fills the working set, and only what lies outside it
+                # shrinks), or as the fitted rate says, whichever is longer
+                eta = max(eta or 0.0, worst.seconds)
     if not alone_converges and ctx.plan.arm_slow_down:
         slowed = analysis.project_with(ctx, ctx.blackout_budget, settings)
         eta = None if slowed is None else slowed.seconds

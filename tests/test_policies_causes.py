@@ -64,6 +64,12 @@ def _samples_of(migration: Migration, until: float, poll: float = 1.0) -> list[S
     return samples
 
 
+# 500ms, nothing else, 10 minutes, cancel at the deadline
+STRICT = Profile(
+    name="strict", max_blackout=0.5, deadline=Deadline(fixed=600), on_deadline=OnDeadline.CANCEL
+)
+
+
 # -- 1. the reported change rate saturates ---------------------------------------------------
 
 
@@ -173,9 +179,6 @@ def test_1_when_every_window_filled_the_working_set_the_eta_holds_at_any_faster_
     up to 1.76 times too short (`s4-0256`); it is now the longer of that and the
     faster reading's (`FASTER_READING`), within a quarter of what happens for every
     writer and rate here, the evidence being the same for all of them."""
-    profile = Profile(
-        name="strict", max_blackout=0.5, deadline=Deadline(fixed=600), on_deadline=OnDeadline.CANCEL
-    )
     workload = _workload(
         memory="2816MiB",
         working_set=working_set,
@@ -184,7 +187,7 @@ def test_1_when_every_window_filled_the_working_set_the_eta_holds_at_any_faster_
         bandwidth="450.6MiB/s",
         switchover="65ms",
     )
-    result = run(workload, profile, lmwatch_factory)
+    result = run(workload, STRICT, lmwatch_factory)
     assert result.outcome == "completed"
     assert result.eta_ratio is not None and 0.75 <= result.eta_ratio <= 1.33, (
         result.eta_predicted,
@@ -207,9 +210,6 @@ def test_1_passes_of_one_duration_do_not_pick_the_working_set(
     projected floor below every count seen (`s7-0082`). The first pass, whose count
     shows how far the writes spread in 5 s, now takes part: the working set stays read
     as about what it is."""
-    profile = Profile(
-        name="strict", max_blackout=0.5, deadline=Deadline(fixed=600), on_deadline=OnDeadline.CANCEL
-    )
     workload = _workload(
         memory="5632MiB",
         working_set="468MiB",
@@ -229,7 +229,7 @@ def test_1_passes_of_one_duration_do_not_pick_the_working_set(
                 read.append((now, model.working_set / MIB))
             return commands
 
-    run(workload, profile, Watching, limit=15.0)
+    run(workload, STRICT, Watching, limit=15.0)
     assert len(read) > 20
     wrong = [(t, round(w)) for t, w in read if not 0.8 * 468 <= w <= 1.25 * 468]
     assert not wrong
@@ -322,12 +322,6 @@ def test_3_a_hopeless_workload_is_paused_right_after_the_first_pass() -> None:
 
 
 # -- 4. time left is evidence too -------------------------------------------------------------
-
-
-# 500ms, nothing else, 10 minutes, cancel at the deadline
-STRICT = Profile(
-    name="strict", max_blackout=0.5, deadline=Deadline(fixed=600), on_deadline=OnDeadline.CANCEL
-)
 
 
 def _phased(*phases: tuple[str, str], repeat: bool) -> Mapping[str, Any]:

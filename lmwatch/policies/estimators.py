@@ -940,8 +940,12 @@ def analyse(
         ]
     )
     written = 2 * fastest * in_pass if latest is not None and current else 0.0
-    if model is not None and len(last_pairs) >= 2:  # a fitted working set bounds it too
-        written = min(written, model.working_set)
+    if model is not None and len(last_pairs) >= 2:
+        # A fitted working set bounds it too: the guest writes only there, and a page
+        # still unsent is counted once however often it is rewritten, so what writing
+        # adds is at most the part of the working set the unsent rest does not hold.
+        inside = max(0.0, remaining - model.outside(spread, memory))
+        written = min(written, max(0.0, model.working_set - inside))
     bound = remaining + written
     if latest is not None and current is None:  # the pass's start was not seen
         bound = float(max(remaining, memory if passes <= 1 else remaining))

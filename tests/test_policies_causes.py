@@ -240,6 +240,52 @@ def test_1_passes_of_one_duration_do_not_pick_the_working_set(
     assert not wrong
 
 
+@pytest.mark.parametrize(
+    "write_rate",
+    [
+        pytest.param("150MiB/s", id="steady"),
+        pytest.param("200MiB/s", id="steady-faster"),
+        pytest.param(
+            {"pattern": "growing", "start": "74.5MiB/s", "per_minute": "29.8MiB/s"},
+            id="growing",
+        ),
+    ],
+)
+def test_1_the_first_pass_still_tells_the_working_set_after_a_hundred_passes(
+    write_rate: str | Mapping[str, str],
+) -> None:
+    """A random writer over 629 MiB of 24 GiB, about as fast as a 136 MiB/s link: after
+    the 3-minute first pass, passes of a few seconds follow, a hundred of them long
+    before the deadline. Their pairs fix one point of the curve; the first pass's pair
+    tells the working set. It used to leave the passes kept after a hundred more, and
+    the fit then read anything from 348 MiB to all of memory (`s4-0071`, waiting out
+    the deadline on a "quieter phase" that memory-wide reading implied). Memory's
+    first passes are now kept however long the migration runs."""
+    workload = _workload(
+        memory="24GiB",
+        working_set="629MiB",
+        writer="random",
+        change_rate=write_rate,
+        bandwidth="1.14Gbit/s",
+        switchover="24ms",
+    )
+    read: list[tuple[int, float]] = []  # (pass, working set fitted), from pass 3 on
+
+    class Watching(LmwatchController):
+        def step(self, sample: Sample, now: float) -> Sequence[Command]:
+            commands = super().step(sample, now)
+            if sample.passes >= 3 and self.ctx is not None:
+                model = analyse(self.track, self.ctx, self.settings).model
+                assert model is not None
+                read.append((sample.passes, model.working_set / MIB))
+            return commands
+
+    run(workload, STRICT, Watching)
+    assert max(n for n, _ in read) > 110  # well past a hundred passes
+    wrong = [(n, round(w)) for n, w in read if not 0.8 * 629 <= w <= 1.25 * 629]
+    assert not wrong
+
+
 @pytest.mark.parametrize("memory", ["24GiB", "25.5GiB", "27GiB"])
 @pytest.mark.parametrize("write_rate", ["40GiB/s", "64GiB/s"])
 @pytest.mark.parametrize("writer", ["sequential", "random"])

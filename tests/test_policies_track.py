@@ -20,7 +20,7 @@ from lmwatch.model import Action, MigrationContext, Phase, Sample, StartPlan
 from lmwatch.policies import completion
 from lmwatch.policies.estimators import PolicySettings, analyse, disk_outlook
 from lmwatch.policies.forcing import pause_outlasting
-from lmwatch.policies.track import RECENT, Pair, PassSeen, Track
+from lmwatch.policies.track import OPENING_PASSES, RECENT, Pair, PassSeen, Track
 from lmwatch.profiles.schema import Profile
 
 GIB = 1 << 30
@@ -100,7 +100,10 @@ class ScanTrack(Track):
             else:
                 seen[n].peak = max(seen[n].peak, sample.memory_remaining)
                 seen[n].last = sample
-        return iter(list(seen.values())[-(self.kept_passes + 1) :])
+        passes = list(seen.values())
+        last = passes[-(self.kept_passes + 1) :]
+        opening = [p for p in passes[: len(passes) - len(last)] if p.number <= OPENING_PASSES]
+        return iter(opening + last)
 
     @property  # type: ignore[override]
     def jumps(self) -> list[tuple[float, Pair]]:
@@ -305,6 +308,20 @@ def test_what_a_track_keeps_does_not_grow_with_the_migration_s_age() -> None:
     decision = completion.decide(PROFILE, long, ctx, 20_000.0, policy)
     assert decision == completion.decide(PROFILE, scan, ctx, 20_000.0, policy)
     assert decision.action is Action.CANCEL  # the pause outlasts its bound at this rate
+
+
+def test_memory_s_first_passes_are_kept_however_long_the_migration_runs() -> None:
+    """The long first pass and its pair tell the working set from the rate; the
+    passes kept besides them are the last `kept_passes + 1`."""
+    samples = [
+        dataclasses.replace(s, disk_total=0, disk_remaining=0, disk_rate=0.0)
+        for s in _long_migration(1_000)
+    ]
+    track = Track.of(samples, kept_passes=10)
+    numbers = [p.number for p in track.passes()]
+    seen = sorted({s.passes for s in samples})
+    assert seen[-1] > 300
+    assert numbers == [1, 2, *seen[-11:]]
 
 
 def test_the_engine_keeps_a_track_not_the_samples() -> None:

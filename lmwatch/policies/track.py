@@ -8,8 +8,10 @@ migration's age, and what is kept is bounded:
 - the first and the last sample with the disks in sync (the fallback transfer rate);
 - where memory's first pass began: the last sample with the disks behind, and the next;
 - the first sample of a later pass of memory (since when passes show the guest's rate);
-- for each of the last `kept_passes + 1` passes seen since then, its first and last
-  sample and the largest remainder it showed (pass records are built from these);
+- for each of the last `kept_passes + 1` passes seen since then, and for memory's
+  first two passes (the long first pass and its pair, which show how far the guest's
+  writes spread when given time, however long the migration runs), its first and
+  last sample and the largest remainder it showed (pass records are built from these);
 - the last `kept_passes` pairs read from samples several passes apart;
 - the samples of the disk copy, and of a pause, back to the newest one at least a
   window older than the latest (and at least `RECENT` of the disk copy's);
@@ -32,6 +34,7 @@ from lmwatch.model import Phase, Sample
 RECENT = 30  # samples the rates and their variation are read from
 PAUSE_WINDOW = 1.0  # seconds: the shortest span a paused transfer rate is measured over
 KEPT_PASSES = 100  # passes (and pairs from several passes per poll) remembered
+OPENING_PASSES = 2  # memory's first passes, remembered besides the last `KEPT_PASSES`
 DISK_WINDOW = 10.0  # seconds: span the disk copy's outlook is read over
 
 
@@ -209,8 +212,9 @@ class Track:
             return  # went back to a pass no longer kept
         self._highest = n
         self._passes[n] = PassSeen(n, sample, sample, sample.memory_remaining)
-        if len(self._passes) > self.kept_passes + 1:
-            del self._passes[next(iter(self._passes))]
+        opening = sum(1 for k in range(1, OPENING_PASSES + 1) if k in self._passes)
+        if len(self._passes) - opening > self.kept_passes + 1:
+            del self._passes[next(k for k in self._passes if k > OPENING_PASSES)]
 
     def _jump(self, a: Sample, b: Sample) -> None:
         """Passes shorter than the time between samples: k passes in `dt` seconds that

@@ -836,24 +836,33 @@ def _pair_rates(pairs: Sequence[Pair], model: DirtyModel, memory: float) -> list
 
 
 def _filled_counts(pairs: Sequence[Pair], model: DirtyModel, memory: float) -> list[float] | None:
-    """What `pairs` measured, when every one of them filled the working set: the
-    distinct bytes each pass dirtied; None when one did not (then the write rate each
-    implies, `_pair_rates`, is the reading).
+    """What `pairs` measured, when every one of them filled the working set: the part
+    of it each next count held (the rest the pass left there, and what the guest
+    dirtied beside it); None when one did not (then the write rate each implies,
+    `_pair_rates`, is the reading).
 
     A count that filled the working set bounds the write rate from below only, and the
     rate it implies through the model is ill-conditioned: on a real host a few MiB more
     or less from pass to pass (the guest's kernel, page-cache writeback) swing it by
     several times, and those swings, read as a varying rate, kept a hopeless migration
     waiting for steadier readings until its deadline. Such passes are steady when their
-    counts are.
+    counts are. What decides is how much of the working set the count holds, not what
+    the pass dirtied alone: with a rest covering `o` of it and a count covering `c`, the
+    rate read is proportional to log((1 − o) / (1 − c)), which a count near all of it
+    swings however large the rest (a sequential writer's passes ending at the threshold
+    leave 60-75 % of its working set and the next count holds nearly all of it). The
+    largest count is measured against the fitted working set, the others against the
+    smaller of the two: a fit of counts that all filled the working set can read it a
+    few per cent above all of them.
     """
     w = model.working_set
     if w <= 0 or not pairs:
         return None
-    distinct = [_distinct(p, _overlap(p, w, memory)) for p in pairs]
-    if any(d < SATURATED * w for d in distinct):
+    held = [_overlap(p, w, memory) * w + p.rewritten for p in pairs]
+    top = max(held)
+    if top < SATURATED * w or min(held) < SATURATED * min(w, top):
         return None
-    return distinct
+    return held
 
 
 def quiet_rate(

@@ -18,7 +18,7 @@ blackout above `max_blackout`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -67,6 +67,20 @@ def _samples_of(migration: Migration, until: float, poll: float = 1.0) -> list[S
 
 def _first_command_at(controller: LmwatchController, action: str) -> float | None:
     return next((t for t, a, _ in controller.reasons if a == action), None)
+
+
+def _keeping(
+    make: Callable[[Setting], LmwatchController],
+) -> tuple[list[LmwatchController], Callable[[Setting], Controller]]:
+    """A controller factory, and the list of the controllers it made (to read their
+    decisions after the run)."""
+    controllers: list[LmwatchController] = []
+
+    def factory(setting: Setting) -> Controller:
+        controllers.append(make(setting))
+        return controllers[-1]
+
+    return controllers, factory
 
 
 # 500ms, nothing else, 10 minutes, cancel at the deadline
@@ -316,11 +330,7 @@ def test_1_rewriting_an_unsent_working_set_adds_nothing_to_a_handover(
         bandwidth="10GiB/s",
         switchover="60ms",
     )
-    controllers: list[LmwatchController] = []
-
-    def factory(setting: Setting) -> Controller:
-        controllers.append(LmwatchController(setting))
-        return controllers[-1]
+    controllers, factory = _keeping(LmwatchController)
 
     result = run(workload, profile, factory)
     assert result.outcome == "completed" and result.handed_over
@@ -397,11 +407,7 @@ def test_3_a_hopeless_workload_is_paused_right_after_the_first_pass() -> None:
         change_rate="300MiB/s",
         bandwidth="100MiB/s",
     )
-    controllers: list[LmwatchController] = []
-
-    def factory(setting: Setting) -> Controller:
-        controllers.append(_MeasuredBeforeStart(setting))
-        return controllers[-1]
+    controllers, factory = _keeping(_MeasuredBeforeStart)
 
     result = run(workload, profile, factory)
     assert result.outcome == "completed" and result.paused

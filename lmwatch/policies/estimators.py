@@ -546,8 +546,9 @@ def observe_passes(
     lies between the last sample of one and the first of the next), or for pass 1,
     which starts with the migration. After a restart the samples begin mid-pass:
     that pass is not counted, so evidence is rebuilt from what is seen, never
-    guessed from a single sample. Only the passes the track keeps count (the last
-    `kept_passes`, as if the samples began with the pass before them).
+    guessed from a single sample. Only the passes the track keeps count (memory's
+    first two, and the last `kept_passes + 1`, the first of which only as the pass
+    before the others: as if the samples began with it).
 
     The pass before was counted again once what it had left fell below the threshold
     (transfer rate × the budget then), before the next burst of `interval` seconds

@@ -214,6 +214,26 @@ def test_1_when_every_window_filled_the_working_set_the_eta_holds_at_any_faster_
     )
 
 
+def _working_sets_read(
+    workload: Workload, limit: float | None = None
+) -> list[tuple[float, int, float]]:
+    """(time, pass, working set fitted in MiB) at every sample from pass 3 on, as
+    lmwatch reads it running `workload` under `STRICT`."""
+    read: list[tuple[float, int, float]] = []
+
+    class Watching(LmwatchController):
+        def step(self, sample: Sample, now: float) -> Sequence[Command]:
+            commands = super().step(sample, now)
+            if sample.passes >= 3 and self.ctx is not None:
+                model = analyse(self.track, self.ctx, self.settings).model
+                assert model is not None
+                read.append((now, sample.passes, model.working_set / MIB))
+            return commands
+
+    run(workload, STRICT, Watching, limit=limit)
+    return read
+
+
 @pytest.mark.parametrize("write_rate", ["2000MiB/s", "2860MiB/s", "4000MiB/s", "8000MiB/s"])
 @pytest.mark.parametrize("switchover", ["100ms", "151ms"])
 @pytest.mark.parametrize("bandwidth", ["1000MiB/s", "1038.3MiB/s"])
@@ -237,20 +257,9 @@ def test_1_passes_of_one_duration_do_not_pick_the_working_set(
         bandwidth=bandwidth,
         switchover=switchover,
     )
-    read: list[tuple[float, float]] = []  # (time, working set fitted), from pass 3 on
-
-    class Watching(LmwatchController):
-        def step(self, sample: Sample, now: float) -> Sequence[Command]:
-            commands = super().step(sample, now)
-            if sample.passes >= 3 and self.ctx is not None:
-                model = analyse(self.track, self.ctx, self.settings).model
-                assert model is not None
-                read.append((now, model.working_set / MIB))
-            return commands
-
-    run(workload, STRICT, Watching, limit=15.0)
+    read = _working_sets_read(workload, limit=15.0)
     assert len(read) > 20
-    wrong = [(t, round(w)) for t, w in read if not 0.8 * 468 <= w <= 1.25 * 468]
+    wrong = [(t, round(w)) for t, _, w in read if not 0.8 * 468 <= w <= 1.25 * 468]
     assert not wrong
 
 
@@ -283,20 +292,9 @@ def test_1_the_first_pass_still_tells_the_working_set_after_a_hundred_passes(
         bandwidth="1.14Gbit/s",
         switchover="24ms",
     )
-    read: list[tuple[int, float]] = []  # (pass, working set fitted), from pass 3 on
-
-    class Watching(LmwatchController):
-        def step(self, sample: Sample, now: float) -> Sequence[Command]:
-            commands = super().step(sample, now)
-            if sample.passes >= 3 and self.ctx is not None:
-                model = analyse(self.track, self.ctx, self.settings).model
-                assert model is not None
-                read.append((sample.passes, model.working_set / MIB))
-            return commands
-
-    run(workload, STRICT, Watching)
-    assert max(n for n, _ in read) > 110  # well past a hundred passes
-    wrong = [(n, round(w)) for n, w in read if not 0.8 * 629 <= w <= 1.25 * 629]
+    read = _working_sets_read(workload)
+    assert max(n for _, n, _ in read) > 110  # well past a hundred passes
+    wrong = [(n, round(w)) for _, n, w in read if not 0.8 * 629 <= w <= 1.25 * 629]
     assert not wrong
 
 

@@ -115,6 +115,39 @@ async def test_a_drain_empties_the_host_longest_first_within_the_host_limit(rig:
     assert stored is not None and stored.state is DrainState.COMPLETED
 
 
+TWO_DRAINED = """
+hosts:
+  - {name: src, memory: 512GiB}
+  - {name: other, memory: 1024GiB}
+  - {name: b, memory: 96GiB}
+default_bandwidth: 1GiB/s
+instances:
+  - {name: q1, host: src, memory: 2GiB, working_set: 64MiB, change_rate: 1MiB/s}
+  - {name: q2, host: src, memory: 4GiB, working_set: 64MiB, change_rate: 1MiB/s}
+  - {name: o1, host: other, memory: 2GiB, working_set: 64MiB, change_rate: 1MiB/s}
+"""
+
+
+async def test_a_drained_host_is_no_destination_for_another_drain(tmp_path: Path) -> None:
+    """`src` is being drained (to `b`) when `other` is: `src` has the most free memory
+    for `other`'s instance, so placement alone would put it there, and what lands on a
+    host whose drain listed its instances already stays there when that drain
+    completes. `b` takes it, and both hosts end empty."""
+    rig = Rig(tmp_path, TWO_DRAINED)
+    await rig.engine.start()
+    try:
+        first = await rig.engine.drains.submit("src", ["b"])
+        second = await rig.engine.drains.submit("other")
+        for drain in (first, second):
+            done = await rig.until_done(drain.id)
+            assert done.state is DrainState.COMPLETED, done
+            assert {i.destination for i in done.items} == {"b"}, done.items
+        assert await rig.driver.instances_on("src") == []
+        assert await rig.driver.instances_on("other") == []
+    finally:
+        await rig.engine.stop()
+
+
 async def test_the_drain_eta_counts_parallel_slots(rig: Rig) -> None:
     drain = await rig.engine.drains.submit("src")
     eta = rig.engine.drains.eta(drain)

@@ -286,6 +286,17 @@ class Drains:
                 queued.append(item.expected_seconds)
         return policy.makespan(running, queued, self.slots)
 
+    def _draining(self, host: str) -> tuple[str, ...]:
+        """The other hosts being drained (through any daemon): never a destination, as
+        what lands there would have to move again, and a drain that listed its
+        instances already would leave it behind."""
+        try:
+            drains = self.engine.store.unfinished_drains()
+        except StoreUnwritable as error:  # cannot be read now: placed as if none were
+            log.warning("drains-unread", error=str(error))
+            return ()
+        return tuple(sorted({d.host for d in drains if d.host != host}))
+
     async def _place(
         self,
         instance: str,
@@ -448,7 +459,9 @@ class Drains:
             )
             return following, {}
         try:
-            placement = await self._place(instance, host, destinations, (), profile)
+            placement = await self._place(
+                instance, host, destinations, self._draining(host), profile
+            )
         except ProblemError as error:
             blocked = DrainItem(
                 instance, memory, 0.0, state=ItemState.BLOCKED, reason=error.message
@@ -632,7 +645,11 @@ class Drains:
             return drain
         try:
             placement = await self._place(
-                item.instance, drain.host, drain.destinations, tried, drain.profile
+                item.instance,
+                drain.host,
+                drain.destinations,
+                (*tried, *self._draining(drain.host)),
+                drain.profile,
             )
         except ProblemError as error:
             if policy.on_refusal(error.kind, error.message) == policy.LEFT_HOST:

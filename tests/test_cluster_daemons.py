@@ -65,6 +65,9 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         daemon.stop()
 
 
+WRITTEN_WITHIN = 10.0  # seconds a daemon's store may take to write what it answered
+
+
 def submit(daemon: Daemon, instance: str, source: str, destination: str) -> str:
     status, answer = call(
         daemon.base,
@@ -97,13 +100,20 @@ def wait_all_finished(daemon: Daemon, ids: list[str], timeout: float) -> None:
 def assert_exactly_once(url: str, daemon: Daemon, ids: list[str]) -> None:
     """One final state each, in the database and in the timeline; no pause, handover
     or cancel decided twice; every claim retired."""
-    rows = on_disk(
-        url,
-        "SELECT migration_id, count(*) FROM events WHERE kind = 'state' AND state IN (?, ?, ?) "
-        "GROUP BY migration_id",
-        *FINISHED,
-    )
-    counts = {str(r[0]): int(r[1]) for r in rows}
+    # The daemon answers from memory; its store writes behind: read the database
+    # once it has written every final state (or give up after `WRITTEN_WITHIN`).
+    give_up = time.monotonic() + WRITTEN_WITHIN
+    while True:
+        rows = on_disk(
+            url,
+            "SELECT migration_id, count(*) FROM events WHERE kind = 'state' "
+            "AND state IN (?, ?, ?) GROUP BY migration_id",
+            *FINISHED,
+        )
+        counts = {str(r[0]): int(r[1]) for r in rows}
+        if set(ids) <= set(counts) or time.monotonic() > give_up:
+            break
+        time.sleep(0.1)
     assert sorted(counts) == sorted(ids)
     assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
     for migration_id in ids:

@@ -287,15 +287,14 @@ class Drains:
         return policy.makespan(running, queued, self.slots)
 
     def _draining(self, host: str) -> tuple[str, ...]:
-        """The other hosts being drained (through any daemon): never a destination, as
-        what lands there would have to move again, and a drain that listed its
-        instances already would leave it behind."""
+        """The other hosts being drained (through any daemon), as the store has them
+        now: never a destination (`_other_drained`)."""
         try:
             drains = self.engine.store.unfinished_drains()
         except StoreUnwritable as error:  # cannot be read now: placed as if none were
             log.warning("drains-unread", error=str(error))
             return ()
-        return tuple(sorted({d.host for d in drains if d.host != host}))
+        return _other_drained(drains, host)
 
     async def _place(
         self,
@@ -349,16 +348,18 @@ class Drains:
         async with self._lock:
             # From the store (its reads show changes not written yet): with several
             # daemons, another may run the host's drain.
-            for other in engine.store.unfinished_drains():
+            unfinished = engine.store.unfinished_drains()
+            for other in unfinished:
                 if other.host == host:
                     raise Conflict(f"host {host} is already draining (drain {other.id})")
+            draining = _other_drained(unfinished, host)
             running = await engine.driver.instances_on(host)
             rates = await self._change_rates(host, [info.name for info in running])
             items: list[DrainItem] = []
             room: dict[str, dict[str, int | None]] = {}
             for info in running:
                 item, accepting = await self._plan(
-                    host, info, rates.get(info.name), wanted, profile
+                    host, info, rates.get(info.name), wanted, profile, draining
                 )
                 items.append(item)
                 room[info.name] = accepting
@@ -438,10 +439,12 @@ class Drains:
         change_rate: float | None,
         destinations: Sequence[str] | None,
         profile: str | None,
+        draining: Sequence[str],
     ) -> tuple[DrainItem, dict[str, int | None]]:
         """An instance's entry at submission: blocked (and why) when no host can take
-        it now, else its expected move duration to where placement would put it; and
-        the room each accepting host has for it (bytes after reservations)."""
+        it now, else its expected move duration to where placement would put it (never
+        one of the other `draining` hosts); and the room each accepting host has for
+        it (bytes after reservations)."""
         instance = info.name
         memory = int(info.memory_bytes)
         disk = info.local_disk_bytes
@@ -459,9 +462,7 @@ class Drains:
             )
             return following, {}
         try:
-            placement = await self._place(
-                instance, host, destinations, self._draining(host), profile
-            )
+            placement = await self._place(instance, host, destinations, draining, profile)
         except ProblemError as error:
             blocked = DrainItem(
                 instance, memory, 0.0, state=ItemState.BLOCKED, reason=error.message
@@ -809,3 +810,10 @@ class Drains:
                 key = (drain.id, drain.host, item.state.value)
                 counts[key] = counts.get(key, 0) + 1
         self.engine.metrics.drains(active, counts)
+
+
+def _other_drained(drains: Iterable[DrainRecord], host: str) -> tuple[str, ...]:
+    """The hosts of `drains` other than `host`: never a destination of its drain, as
+    what lands there would have to move again, and a drain that listed its instances
+    already would leave it behind."""
+    return tuple(sorted({d.host for d in drains if d.host != host}))

@@ -935,8 +935,8 @@ def analyse(
     else:
         spread = float(remaining) if passes <= 1 else 0.0
     finish = float(remaining)
+    outside = 0.0 if model is None else model.outside(spread, memory)
     if model is not None:
-        outside = model.outside(spread, memory)
         finish = min(float(memory), model.next_count(remaining, in_pass, level, outside))
     elif passes <= 1 and ctx.change_rate_before_start and latest is not None:
         finish = min(memory, remaining + ctx.change_rate_before_start * in_pass)
@@ -954,8 +954,7 @@ def analyse(
         # A fitted working set bounds it too: the guest writes only there, and a page
         # still unsent is counted once however often it is rewritten, so what writing
         # adds is at most the part of the working set the unsent rest does not hold.
-        inside = max(0.0, remaining - model.outside(spread, memory))
-        written = min(written, max(0.0, model.working_set - inside))
+        written = min(written, model.working_set * (1.0 - model.overlap(remaining, outside)))
     bound = remaining + written
     if latest is not None and current is None:  # the pass's start was not seen
         bound = float(max(remaining, memory if passes <= 1 else remaining))

@@ -10,8 +10,9 @@ from enginerig import EngineRig
 
 from lmwatch.drivers.base import UnknownHost
 from lmwatch.engine import Engine, EngineSettings
+from lmwatch.engine.placing import DestinationDraining
 from lmwatch.errors import Conflict, Invalid, NotFound
-from lmwatch.model import GIB
+from lmwatch.model import GIB, State
 from lmwatch.store import DrainRecord, DrainState, ItemState
 
 # `src` holds the instances; `b` is the big, fast destination, `c` a small one on a slow
@@ -144,6 +145,77 @@ async def test_a_drained_host_is_no_destination_for_another_drain(tmp_path: Path
             assert {i.destination for i in done.items} == {"b"}, done.items
         assert await rig.driver.instances_on("src") == []
         assert await rig.driver.instances_on("other") == []
+    finally:
+        await rig.engine.stop()
+
+
+async def test_nothing_is_moved_onto_a_host_being_drained(tmp_path: Path) -> None:
+    """While `src` is drained, a migration naming it is refused (409, forced too), and
+    lmwatch never chooses it, saying why; once the drain ends it takes them again."""
+    rig = Rig(tmp_path, TWO_DRAINED)
+    await rig.engine.start()
+    try:
+        drain = await rig.engine.drains.submit("src", ["b"])
+        for force in (False, True):
+            with pytest.raises(DestinationDraining, match=f"src is being drained .*{drain.id}"):
+                await rig.submit("o1", "src", "other", force=force)
+        placement = await rig.engine.place("o1")
+        assert placement.host == "b"
+        assert placement.rejected["src"] == f"src is being drained (drain {drain.id})"
+        assert rig.store.active_for_instance("o1") is None  # nothing recorded
+        assert (await rig.until_done(drain.id)).state is DrainState.COMPLETED
+        assert (await rig.engine.place("o1")).host == "src"  # the most free memory again
+    finally:
+        await rig.engine.stop()
+
+
+# `late` arrives on `src` from `c` over a slow link; `q1` leaves `src` within seconds.
+ARRIVING = """
+hosts:
+  - {name: src, memory: 64GiB}
+  - {name: b, memory: 96GiB}
+  - {name: c, memory: 64GiB}
+links:
+  - {between: [src, b], bandwidth: 1GiB/s}
+default_bandwidth: 256MiB/s
+instances:
+  - {name: q1, host: src, memory: 1GiB, working_set: 64MiB, change_rate: 1MiB/s}
+  - {name: late, host: c, memory: 16GiB, working_set: 64MiB, change_rate: 1MiB/s}
+"""
+
+
+async def test_a_drain_moves_what_arrives_after_it_listed_the_host(tmp_path: Path) -> None:
+    """A migration to `src` accepted before its drain lands after the drain has listed
+    `src` and moved `q1`: the drain waits for it, finds `late` there, moves it too, and
+    completes only with `src` empty."""
+    rig = Rig(tmp_path, ARRIVING)
+    await rig.engine.start()
+    try:
+        arriving = await rig.submit("late", "src", "c")
+        drain = await rig.engine.drains.submit("src")
+        assert [i.instance for i in drain.items] == ["q1"]
+        done = await rig.until_done(drain.id)
+        assert rig.engine.get(arriving).state is State.COMPLETED
+        assert done.state is DrainState.COMPLETED, done
+        late = next(i for i in done.items if i.instance == "late")
+        assert late.state is ItemState.MOVED
+        assert late.reason.startswith("moved to"), late
+        assert await rig.driver.instances_on("src") == []
+    finally:
+        await rig.engine.stop()
+
+
+async def test_a_drain_of_an_empty_host_waits_for_what_is_arriving(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, ARRIVING.replace("{name: q1, host: src", "{name: q1, host: b"))
+    await rig.engine.start()
+    try:
+        await rig.submit("late", "src", "c")
+        drain = await rig.engine.drains.submit("src")
+        assert drain.state is DrainState.RUNNING and drain.items == ()
+        done = await rig.until_done(drain.id)
+        assert done.state is DrainState.COMPLETED, done
+        assert [(i.instance, i.state) for i in done.items] == [("late", ItemState.MOVED)]
+        assert await rig.driver.instances_on("src") == []
     finally:
         await rig.engine.stop()
 

@@ -82,6 +82,14 @@ def test_the_group_rule_and_handover_reject() -> None:
     assert forced.host is None
 
 
+def test_a_host_being_drained_is_rejected_forced_or_not() -> None:
+    drained = host("b", 512 * GIB, drain="d-1")
+    placement = choose(NEED, [drained, host("c", 8 * GIB)], per_destination=2)
+    assert placement.host == "c"
+    assert placement.rejected == {"b": "b is being drained (drain d-1)"}
+    assert choose(NEED, [drained], per_destination=2, forced=True).host is None
+
+
 def test_source_and_excluded_hosts_are_never_candidates() -> None:
     placement = choose(NEED, [host("a"), host("b"), host("c")], per_destination=2, exclude={"b"})
     assert placement.host == "c"
@@ -111,6 +119,7 @@ candidates = st.builds(
     arriving=st.integers(0, 4),
     leaving=st.integers(0, 4),
     groups=st.frozensets(st.sampled_from(["x", "y"]), max_size=2),
+    drain=st.one_of(st.none(), st.just("d-1")),
 )
 needs = st.builds(
     Need,
@@ -138,6 +147,7 @@ def test_never_the_source_an_excluded_or_a_rejected_host(
         chosen = next(c for c in hosts if c.host == placement.host)
         assert chosen.refused is None
         assert not (need.group and need.group in chosen.groups)
+        assert chosen.drain is None
         assert chosen.available is None or chosen.available >= need.memory
     else:
         considered = {c.host for c in hosts} - exclude - {need.source}

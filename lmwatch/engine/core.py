@@ -49,7 +49,7 @@ from lmwatch.policies.placement import GROUP_LABEL, How, Need, Placement, choose
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.profiles.schema import Profile
 from lmwatch.records import Placed
-from lmwatch.store import Event, MigrationRecord, Store
+from lmwatch.store import Event, MigrationRecord, Store, StoreUnwritable
 
 if TYPE_CHECKING:
     from lmwatch.cluster.membership import Membership
@@ -445,6 +445,7 @@ class Engine:
             host,
             self._book.load(request.destination),
             instance=info.name,
+            drain=self.drained_hosts().get(request.destination),
         )
         need = Need(
             instance=info.name,
@@ -558,7 +559,11 @@ class Engine:
         hosts = sorted(set(pool))
         load = {h: self._book.load(h) for h in hosts}
         candidates = await placing.survey(
-            effects=self._effects, request=request, hosts=hosts, load=load
+            effects=self._effects,
+            request=request,
+            hosts=hosts,
+            load=load,
+            drains=self.drained_hosts(),
         )
         need = Need(
             instance=info.name,
@@ -577,6 +582,17 @@ class Engine:
             candidates=len(candidates),
         )
         return placement
+
+    def drained_hosts(self) -> dict[str, str]:
+        """Host -> the unfinished drain emptying it, as the store has them now (drains
+        through any daemon): never a destination. Unreadable (the database out of
+        reach): none, and said in the log; the drain waits for what arrives anyway."""
+        try:
+            drains = self.store.unfinished_drains()
+        except StoreUnwritable as error:
+            log.warning("drains-unread", error=str(error))
+            return {}
+        return {drain.host: drain.id for drain in drains}
 
     async def force_complete(self, migration_id: str, accept_pause: bool = False) -> Decision:
         """Finish now in the least disruptive way the profile allows.

@@ -18,6 +18,12 @@ a migration that fails there is tried on another host (up to `MAX_ATTEMPTS` host
 a migration its profile cancelled is not: it could not finish within bounds, and the
 drain reports that instance as failed.
 
+A drained host is no destination (placement rejects it, a migration naming it is
+refused), but a migration accepted to it before the drain still lands there after the
+listing at submission. So a drain whose every entry has ended first waits for the
+migrations arriving at its host, then lists the host again and moves what it finds
+(`_relisted`): it completes only when the host is empty.
+
 Each instance's expected move counts the change rate its guest shows at submission
 (measured for all at once) and the fastest link to a host that can take it; it is
 sent, at its turn, to the host among those placement accepts where it should end
@@ -286,16 +292,6 @@ class Drains:
                 queued.append(item.expected_seconds)
         return policy.makespan(running, queued, self.slots)
 
-    def _draining(self, host: str) -> tuple[str, ...]:
-        """The other hosts being drained (through any daemon), as the store has them
-        now: never a destination (`_other_drained`)."""
-        try:
-            drains = self.engine.store.unfinished_drains()
-        except StoreUnwritable as error:  # cannot be read now: placed as if none were
-            log.warning("drains-unread", error=str(error))
-            return ()
-        return _other_drained(drains, host)
-
     async def _place(
         self,
         instance: str,
@@ -352,14 +348,13 @@ class Drains:
             for other in unfinished:
                 if other.host == host:
                     raise Conflict(f"host {host} is already draining (drain {other.id})")
-            draining = _other_drained(unfinished, host)
             running = await engine.driver.instances_on(host)
             rates = await self._change_rates(host, [info.name for info in running])
             items: list[DrainItem] = []
             room: dict[str, dict[str, int | None]] = {}
             for info in running:
                 item, accepting = await self._plan(
-                    host, info, rates.get(info.name), wanted, profile, draining
+                    host, info, rates.get(info.name), wanted, profile
                 )
                 items.append(item)
                 room[info.name] = accepting
@@ -387,7 +382,8 @@ class Drains:
                 profile=profile,
                 reason=f"moving {len(movable)} instance(s) off {host}",
             )
-            drain = self._concluded(drain, now) or drain
+            if not self._arriving(host):  # else it waits for them, then looks again
+                drain = self._concluded(drain, now) or drain
             try:
                 await outside(engine.clock, engine.store.insert_drain_async(drain))
             except HostDraining as refused:  # recorded through another daemon meanwhile
@@ -439,12 +435,11 @@ class Drains:
         change_rate: float | None,
         destinations: Sequence[str] | None,
         profile: str | None,
-        draining: Sequence[str],
     ) -> tuple[DrainItem, dict[str, int | None]]:
         """An instance's entry at submission: blocked (and why) when no host can take
         it now, else its expected move duration to where placement would put it (never
-        one of the other `draining` hosts); and the room each accepting host has for
-        it (bytes after reservations)."""
+        a host being drained: placement rejects those); and the room each accepting
+        host has for it (bytes after reservations)."""
         instance = info.name
         memory = int(info.memory_bytes)
         disk = info.local_disk_bytes
@@ -462,7 +457,7 @@ class Drains:
             )
             return following, {}
         try:
-            placement = await self._place(instance, host, destinations, draining, profile)
+            placement = await self._place(instance, host, destinations, (), profile)
         except ProblemError as error:
             blocked = DrainItem(
                 instance, memory, 0.0, state=ItemState.BLOCKED, reason=error.message
@@ -559,6 +554,22 @@ class Drains:
                     self._save(drain)
             elif item.state is ItemState.SUBMITTING:  # a restart between choice and answer
                 drain = await self._hand_over(drain, index)
+        drain = await self._start_pending(drain)
+        if drain.state is DrainState.RUNNING and all(i.state.finished for i in drain.items):
+            drain, settled = await self._relisted(drain)
+            if not settled:  # something is arriving, or the host cannot be listed now
+                self._publish()
+                return drain
+            drain = await self._start_pending(drain)
+        concluded = self._concluded(drain, self.engine.clock.now())
+        if concluded is not None:
+            drain = concluded
+            self._save(drain)
+        self._publish()
+        return drain
+
+    async def _start_pending(self, drain: DrainRecord) -> DrainRecord:
+        """Hand the engine as many pending instances as free slots allow."""
         while drain.state is DrainState.RUNNING:
             pending = [i.instance for i in drain.items if i.state is ItemState.PENDING]
             in_flight = sum(1 for i in drain.items if i.state in _IN_FLIGHT)
@@ -567,12 +578,58 @@ class Drains:
                 break
             index = next(n for n, i in enumerate(drain.items) if i.instance == chosen[0])
             drain = await self._start(drain, index)
-        concluded = self._concluded(drain, self.engine.clock.now())
-        if concluded is not None:
-            drain = concluded
-            self._save(drain)
-        self._publish()
         return drain
+
+    def _arriving(self, host: str) -> list[MigrationRecord]:
+        """Unfinished migrations to `host` (through any daemon): accepted before its
+        drain was, they land there after the drain listed the host's instances."""
+        return [m for m in self.engine.store.unfinished() if m.destination == host]
+
+    async def _relisted(self, drain: DrainRecord) -> tuple[DrainRecord, bool]:
+        """Before a drain whose every entry has ended concludes: the host as it is now.
+
+        Not settled while a migration is still arriving there (the next round looks
+        again) or while the host cannot be listed. An instance found there that the
+        drain has no entry for (one that landed after the listing at submission) gets
+        a pending entry, placed like the others. Returns the drain and whether the
+        host was seen settled."""
+        host = drain.host
+        try:
+            arriving = self._arriving(host)
+            running = await self.engine.driver.instances_on(host)
+        except (StoreUnwritable, DriverError, ProblemError) as error:
+            log.warning("drain-host-unlisted", drain=drain.id, host=host, error=str(error))
+            return drain, False
+        if arriving:
+            log.info(
+                "drain-waits-for-arrivals",
+                drain=drain.id,
+                host=host,
+                migrations=",".join(m.id for m in arriving),
+            )
+            return drain, False
+        known = {i.instance for i in drain.items}
+        newcomers = [info for info in running if info.name not in known]
+        if not newcomers:
+            return drain, True
+        rates = await self._change_rates(host, [info.name for info in newcomers])
+        added: list[DrainItem] = []
+        for info in newcomers:
+            item, _ = await self._plan(
+                host, info, rates.get(info.name), drain.destinations, drain.profile
+            )
+            added.append(
+                dataclasses.replace(item, reason=f"arrived after the drain began; {item.reason}")
+            )
+        log.info(
+            "drain-newcomers",
+            drain=drain.id,
+            host=host,
+            instances=",".join(i.instance for i in added),
+        )
+        drain = dataclasses.replace(drain, items=(*drain.items, *added))
+        self._save(drain)
+        return drain, True
 
     def _followed(self, drain: DrainRecord, item: DrainItem) -> DrainItem:
         """An instance's entry once its migration has ended (unchanged before)."""
@@ -649,7 +706,7 @@ class Drains:
                 item.instance,
                 drain.host,
                 drain.destinations,
-                (*tried, *self._draining(drain.host)),
+                tried,
                 drain.profile,
             )
         except ProblemError as error:
@@ -810,10 +867,3 @@ class Drains:
                 key = (drain.id, drain.host, item.state.value)
                 counts[key] = counts.get(key, 0) + 1
         self.engine.metrics.drains(active, counts)
-
-
-def _other_drained(drains: Iterable[DrainRecord], host: str) -> tuple[str, ...]:
-    """The hosts of `drains` other than `host`: never a destination of its drain, as
-    what lands there would have to move again, and a drain that listed its instances
-    already would leave it behind."""
-    return tuple(sorted({d.host for d in drains if d.host != host}))

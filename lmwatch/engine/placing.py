@@ -45,6 +45,13 @@ class GroupConflict(Refused):
     kind = "anti-affinity"
 
 
+class DestinationDraining(Refused):
+    """The destination is being drained: nothing is moved onto a host being emptied."""
+
+    status = 409
+    kind = "destination-draining"
+
+
 class NoDestination(Refused):
     """No host can take the instance; the message gives every host's reason."""
 
@@ -87,9 +94,11 @@ def candidate(
     handover: bool = True,
     bandwidth: float | None = None,
     instance: str | None = None,
+    drain: str | None = None,
 ) -> Candidate:
     """A candidate from what the driver said about `host` and what migrations hold there.
-    `instance` (the one being placed) does not count towards the host's groups."""
+    `instance` (the one being placed) does not count towards the host's groups; `drain`
+    is the drain emptying the host, if any."""
     groups = set(load.groups)
     if info is not None:
         for other in info.instances:
@@ -107,6 +116,7 @@ def candidate(
         arriving=load.reservations,
         leaving=load.leaving,
         groups=frozenset(groups),
+        drain=drain,
     )
 
 
@@ -130,12 +140,16 @@ async def survey(
     request: MigrationRequest,
     hosts: Sequence[str],
     load: Mapping[str, HostLoad],
+    drains: Mapping[str, str],
 ) -> list[Candidate]:
     """Ask the driver about each of `hosts` as a destination for `request`, at once:
     its pre-flight (a refusal becomes the host's rejection), free memory, instances
-    and the pair's capabilities."""
+    and the pair's capabilities. A host being drained (`drains`: host -> drain id)
+    is not asked: nothing goes there."""
 
     async def one(host: str) -> Candidate:
+        if host in drains:
+            return candidate(host, None, load.get(host, HostLoad()), drain=drains[host])
         refused: str | None = None
         info: HostInfo | None = None
         handover, bandwidth = True, None
@@ -171,8 +185,14 @@ async def survey(
 
 def check_named(need: Need, found: Candidate, *, forced: bool) -> str:
     """Why a named destination may take the instance (the placement reason), or
-    raise: GroupConflict for the group rule (forced too), InsufficientResources when
-    free memory less reservations is short (not when forced)."""
+    raise: DestinationDraining when a drain is emptying it, GroupConflict for the group
+    rule (both forced too), InsufficientResources when free memory less reservations
+    is short (not when forced)."""
+    if found.drain is not None:
+        raise DestinationDraining(
+            f"{found.host} is being drained (drain {found.drain}): nothing is moved onto "
+            "a host being emptied; choose another or cancel that drain"
+        )
     # The handover preference only steers choosing; a named host keeps today's
     # behaviour (the start plan says when handover cannot be armed).
     why = rejection(need, dataclasses.replace(found, handover=True), forced=forced)
@@ -192,6 +212,7 @@ def check_named(need: Need, found: Candidate, *, forced: bool) -> str:
 
 
 __all__ = [
+    "DestinationDraining",
     "GroupConflict",
     "HostLoad",
     "NoDestination",

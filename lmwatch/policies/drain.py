@@ -197,6 +197,7 @@ _DESTINATION_KINDS = frozenset(
         "hypervisor-error",
         "anti-affinity",
         "no-destination",
+        "destination-draining",
     }
 )
 

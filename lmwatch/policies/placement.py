@@ -3,13 +3,15 @@
 A candidate is rejected, with the first reason that applies, when:
 
 1. it is the source, or one of the hosts the caller excluded (never listed);
-2. the pre-flight refused it (CPU model or pinning, non-movable devices, name taken,
+2. it is being drained (by any daemon): nothing is moved onto a host being emptied,
+   forced or not;
+3. the pre-flight refused it (CPU model or pinning, non-movable devices, name taken,
    unreachable, ...): the refusal's own sentence;
-3. two instances sharing a `group` label would run on it (an instance of that group
+4. two instances sharing a `group` label would run on it (an instance of that group
    runs there or is arriving);
-4. the instance's profile allows handover and the pair cannot hand over (the profile
+5. the instance's profile allows handover and the pair cannot hand over (the profile
    counts on it to finish within its bounds);
-5. its free memory, less what queued and running migrations to it reserve, is
+6. its free memory, less what queued and running migrations to it reserve, is
    below the instance's memory (not checked when `forced`).
 
 The others are ranked, best first, by:
@@ -58,6 +60,7 @@ class Candidate:
     arriving: int = 0  # migrations queued or running to it
     leaving: int = 0  # migrations queued or running from it
     groups: frozenset[str] = frozenset()  # `group` labels of instances there or arriving
+    drain: str | None = None  # the id of the drain emptying it, when one is
 
     @property
     def available(self) -> int | None:
@@ -90,7 +93,9 @@ class Placement:
 
 
 def rejection(need: Need, candidate: Candidate, *, forced: bool = False) -> str | None:
-    """Why `candidate` cannot take the instance (rules 2-5 above); None when it can."""
+    """Why `candidate` cannot take the instance (rules 2-6 above); None when it can."""
+    if candidate.drain is not None:
+        return f"{candidate.host} is being drained (drain {candidate.drain})"
     if candidate.refused is not None:
         return candidate.refused
     if need.group and need.group in candidate.groups:

@@ -519,7 +519,9 @@ async def test_reattach_retries_while_the_hypervisor_is_away(
 
 
 async def test_a_cancel_under_way_is_not_repeated_at_every_poll(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, poll_interval=0.05)  # polls faster than the cancel takes
+    # Polls faster than the cancel takes; a short deadline, so that the cancel comes
+    # within minutes (the fallback's 2 h would take 100,000 polls to get there).
+    rig = Rig(tmp_path, PROFILES.replace("deadline: 2h", "deadline: 4m"), poll_interval=0.05)
     await rig.engine.start()
     mid = await rig.migrate("busy-plain")
     await rig.finish(mid)

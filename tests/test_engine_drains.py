@@ -194,6 +194,15 @@ async def test_a_drain_moves_what_arrives_after_it_listed_the_host(tmp_path: Pat
         arriving = await rig.submit("late", "src", "c")
         drain = await rig.engine.drains.submit("src")
         assert [i.instance for i in drain.items] == ["q1"]
+        waiting = await rig.clock.run_until(
+            lambda: "still arriving" in rig.drain(drain.id).reason, limit=60
+        )
+        assert waiting, rig.drain(drain.id)
+        assert rig.drain(drain.id).reason == (
+            f"waiting for what is still arriving at src to move it too: late from c "
+            f"(migration {arriving})"
+        )
+        assert rig.store.get_drain(drain.id).reason == rig.drain(drain.id).reason
         done = await rig.until_done(drain.id)
         assert rig.engine.get(arriving).state is State.COMPLETED
         assert done.state is DrainState.COMPLETED, done

@@ -580,7 +580,7 @@ class Drains:
             drain = await self._start(drain, index)
         return drain
 
-    def _arriving(self, host: str) -> list[MigrationRecord]:
+    def _arriving(self, host: str) -> builtins.list[MigrationRecord]:
         """Unfinished migrations to `host` (through any daemon): accepted before its
         drain was, they land there after the drain listed the host's instances."""
         return [m for m in self.engine.store.unfinished() if m.destination == host]
@@ -598,16 +598,12 @@ class Drains:
             arriving = self._arriving(host)
             running = await self.engine.driver.instances_on(host)
         except (StoreUnwritable, DriverError, ProblemError) as error:
-            log.warning("drain-host-unlisted", drain=drain.id, host=host, error=str(error))
-            return drain, False
+            why = f"every instance has left {host}, which cannot be listed again now: {error}"
+            return self._waiting(drain, why), False
         if arriving:
-            log.info(
-                "drain-waits-for-arrivals",
-                drain=drain.id,
-                host=host,
-                migrations=",".join(m.id for m in arriving),
-            )
-            return drain, False
+            names = ", ".join(f"{m.instance} from {m.source} (migration {m.id})" for m in arriving)
+            why = f"waiting for what is still arriving at {host} to move it too: {names}"
+            return self._waiting(drain, why), False
         known = {i.instance for i in drain.items}
         newcomers = [info for info in running if info.name not in known]
         if not newcomers:
@@ -627,9 +623,20 @@ class Drains:
             host=host,
             instances=",".join(i.instance for i in added),
         )
-        drain = dataclasses.replace(drain, items=(*drain.items, *added))
+        movable = sum(1 for i in (*drain.items, *added) if i.state is not ItemState.BLOCKED)
+        reason = f"moving {movable} instance(s) off {host} ({len(added)} arrived after it began)"
+        drain = dataclasses.replace(drain, items=(*drain.items, *added), reason=reason)
         self._save(drain)
         return drain, True
+
+    def _waiting(self, drain: DrainRecord, why: str) -> DrainRecord:
+        """The drain with `why` as its reason (saved and logged when it changes)."""
+        if drain.reason == why:
+            return drain
+        log.warning("drain-not-settled", drain=drain.id, host=drain.host, why=why)
+        drain = dataclasses.replace(drain, reason=why)
+        self._save(drain)
+        return drain
 
     def _followed(self, drain: DrainRecord, item: DrainItem) -> DrainItem:
         """An instance's entry once its migration has ended (unchanged before)."""

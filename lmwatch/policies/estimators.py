@@ -492,7 +492,8 @@ def _variation(values: Sequence[float]) -> float:
     mean = statistics.fmean(values)
     if mean <= 0:
         return 0.0
-    return statistics.pstdev(values) / mean
+    # In floats: statistics.pstdev computes exactly, in fractions, at every decision.
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values)) / mean
 
 
 def _transfer_rate(track: Track, alpha: float, drop: float) -> float | None:

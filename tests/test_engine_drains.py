@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,17 @@ async def rig(tmp_path: Path) -> Rig:
     await rig.engine.stop()
 
 
+@asynccontextmanager
+async def running(tmp_path: Path, inventory: str) -> AsyncIterator[Rig]:
+    """A rig on `inventory` whose engine runs inside the block."""
+    rig = Rig(tmp_path, inventory)
+    await rig.engine.start()
+    try:
+        yield rig
+    finally:
+        await rig.engine.stop()
+
+
 @pytest.fixture
 async def hard(tmp_path: Path) -> Rig:
     rig = Rig(tmp_path, INVENTORY + EXTRA)
@@ -134,9 +147,7 @@ async def test_a_drained_host_is_no_destination_for_another_drain(tmp_path: Path
     for `other`'s instance, so placement alone would put it there, and what lands on a
     host whose drain listed its instances already stays there when that drain
     completes. `b` takes it, and both hosts end empty."""
-    rig = Rig(tmp_path, TWO_DRAINED)
-    await rig.engine.start()
-    try:
+    async with running(tmp_path, TWO_DRAINED) as rig:
         first = await rig.engine.drains.submit("src", ["b"])
         second = await rig.engine.drains.submit("other")
         for drain in (first, second):
@@ -145,16 +156,12 @@ async def test_a_drained_host_is_no_destination_for_another_drain(tmp_path: Path
             assert {i.destination for i in done.items} == {"b"}, done.items
         assert await rig.driver.instances_on("src") == []
         assert await rig.driver.instances_on("other") == []
-    finally:
-        await rig.engine.stop()
 
 
 async def test_nothing_is_moved_onto_a_host_being_drained(tmp_path: Path) -> None:
     """While `src` is drained, a migration naming it is refused (409, forced too), and
     lmwatch never chooses it, saying why; once the drain ends it takes them again."""
-    rig = Rig(tmp_path, TWO_DRAINED)
-    await rig.engine.start()
-    try:
+    async with running(tmp_path, TWO_DRAINED) as rig:
         drain = await rig.engine.drains.submit("src", ["b"])
         for force in (False, True):
             with pytest.raises(DestinationDraining, match=f"src is being drained .*{drain.id}"):
@@ -165,8 +172,6 @@ async def test_nothing_is_moved_onto_a_host_being_drained(tmp_path: Path) -> Non
         assert rig.store.active_for_instance("o1") is None  # nothing recorded
         assert (await rig.until_done(drain.id)).state is DrainState.COMPLETED
         assert (await rig.engine.place("o1")).host == "src"  # the most free memory again
-    finally:
-        await rig.engine.stop()
 
 
 # `late` arrives on `src` from `c` over a slow link; `q1` leaves `src` within seconds.
@@ -188,9 +193,7 @@ async def test_a_drain_moves_what_arrives_after_it_listed_the_host(tmp_path: Pat
     """A migration to `src` accepted before its drain lands after the drain has listed
     `src` and moved `q1`: the drain waits for it, finds `late` there, moves it too, and
     completes only with `src` empty."""
-    rig = Rig(tmp_path, ARRIVING)
-    await rig.engine.start()
-    try:
+    async with running(tmp_path, ARRIVING) as rig:
         arriving = await rig.submit("late", "src", "c")
         drain = await rig.engine.drains.submit("src")
         assert [i.instance for i in drain.items] == ["q1"]
@@ -210,14 +213,11 @@ async def test_a_drain_moves_what_arrives_after_it_listed_the_host(tmp_path: Pat
         assert late.state is ItemState.MOVED
         assert late.reason.startswith("moved to"), late
         assert await rig.driver.instances_on("src") == []
-    finally:
-        await rig.engine.stop()
 
 
 async def test_a_drain_of_an_empty_host_waits_for_what_is_arriving(tmp_path: Path) -> None:
-    rig = Rig(tmp_path, ARRIVING.replace("{name: q1, host: src", "{name: q1, host: b"))
-    await rig.engine.start()
-    try:
+    empty = ARRIVING.replace("{name: q1, host: src", "{name: q1, host: b")
+    async with running(tmp_path, empty) as rig:
         await rig.submit("late", "src", "c")
         drain = await rig.engine.drains.submit("src")
         assert drain.state is DrainState.RUNNING and drain.items == ()
@@ -225,8 +225,6 @@ async def test_a_drain_of_an_empty_host_waits_for_what_is_arriving(tmp_path: Pat
         assert done.state is DrainState.COMPLETED, done
         assert [(i.instance, i.state) for i in done.items] == [("late", ItemState.MOVED)]
         assert await rig.driver.instances_on("src") == []
-    finally:
-        await rig.engine.stop()
 
 
 async def test_the_drain_eta_counts_parallel_slots(rig: Rig) -> None:

@@ -349,13 +349,11 @@ class Drains:
                 if other.host == host:
                     raise Conflict(f"host {host} is already draining (drain {other.id})")
             running = await engine.driver.instances_on(host)
-            rates = await self._change_rates(host, [info.name for info in running])
             items: list[DrainItem] = []
             room: dict[str, dict[str, int | None]] = {}
-            for info in running:
-                item, accepting = await self._plan(
-                    host, info, rates.get(info.name), wanted, profile
-                )
+            for info, (item, accepting) in zip(
+                running, await self._entries(host, running, wanted, profile), strict=True
+            ):
                 items.append(item)
                 room[info.name] = accepting
             movable = [i for i in items if i.state is not ItemState.BLOCKED]
@@ -427,6 +425,20 @@ class Drains:
             log.info("drain-change-rates-late", host=host, instances=len(instances))
             return {}
         return {name: rate for name, rate in answers if rate is not None}
+
+    async def _entries(
+        self,
+        host: str,
+        running: Sequence[InstanceInfo],
+        destinations: Sequence[str] | None,
+        profile: str | None,
+    ) -> builtins.list[tuple[DrainItem, dict[str, int | None]]]:
+        """`_plan` for each of `running`, in order, their change rates measured at once."""
+        rates = await self._change_rates(host, [info.name for info in running])
+        return [
+            await self._plan(host, info, rates.get(info.name), destinations, profile)
+            for info in running
+        ]
 
     async def _plan(
         self,
@@ -608,15 +620,11 @@ class Drains:
         newcomers = [info for info in running if info.name not in known]
         if not newcomers:
             return drain, True
-        rates = await self._change_rates(host, [info.name for info in newcomers])
-        added: list[DrainItem] = []
-        for info in newcomers:
-            item, _ = await self._plan(
-                host, info, rates.get(info.name), drain.destinations, drain.profile
-            )
-            added.append(
-                dataclasses.replace(item, reason=f"arrived after the drain began; {item.reason}")
-            )
+        entries = await self._entries(host, newcomers, drain.destinations, drain.profile)
+        added = [
+            dataclasses.replace(item, reason=f"arrived after the drain began; {item.reason}")
+            for item, _ in entries
+        ]
         log.info(
             "drain-newcomers",
             drain=drain.id,

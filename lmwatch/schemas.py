@@ -358,6 +358,9 @@ class PlacementCandidate(_Response):
     arriving: int = Field(description="Migrations queued or running to it.")
     leaving: int = Field(description="Migrations queued or running from it.")
     groups: list[str] = Field(description="`group` labels of instances there or arriving.")
+    drain: str | None = Field(
+        description="The drain emptying the host, when one is: such a host is never chosen."
+    )
 
 
 class PlacementOut(_Response):
@@ -699,6 +702,7 @@ def placement_out(placement: Placement) -> PlacementOut:
                 arriving=c.arriving,
                 leaving=c.leaving,
                 groups=sorted(c.groups),
+                drain=c.drain,
             )
             for c in sorted(placement.candidates, key=lambda c: c.host)
         ],

@@ -15,6 +15,7 @@ from lmwatch.engine import Engine, EngineSettings
 from lmwatch.engine.placing import DestinationDraining
 from lmwatch.errors import Conflict, Invalid, NotFound
 from lmwatch.model import GIB, State
+from lmwatch.schemas import placement_out
 from lmwatch.store import DrainRecord, DrainState, ItemState
 
 # `src` holds the instances; `b` is the big, fast destination, `c` a small one on a slow
@@ -169,6 +170,10 @@ async def test_nothing_is_moved_onto_a_host_being_drained(tmp_path: Path) -> Non
         placement = await rig.engine.place("o1")
         assert placement.host == "b"
         assert placement.rejected["src"] == f"src is being drained (drain {drain.id})"
+        # the explain call names the drain beside the reason
+        answer = {c.host: c for c in placement_out(placement).candidates}
+        assert answer["src"].drain == drain.id and not answer["src"].accepted
+        assert answer["b"].drain is None and answer["b"].accepted
         assert rig.store.active_for_instance("o1") is None  # nothing recorded
         assert (await rig.until_done(drain.id)).state is DrainState.COMPLETED
         assert (await rig.engine.place("o1")).host == "src"  # the most free memory again

@@ -547,3 +547,33 @@ def test_passes_begun_between_samples_still_count() -> None:
     raised = [0.04] * (len(counts) + 1)
     raised[-n + 1 :] = [0.05] * (n - 1)
     assert _plateau([s for s in _passes_at(counts, raised) if s.passes % 2 == 0]) is None
+
+
+def test_a_pass_that_has_ended_keeps_its_record_whatever_the_link_reads_later() -> None:
+    """A pass's boundary is placed with the rate the pass before sent at, not with the
+    latest reading: on a real host every reading differs a little, and re-placing every
+    boundary at each sample changed the evidence fitted, so the fit (most of what a
+    decision costs) was made anew at every sample of every migration."""
+    w = workload(2048, 150, 100, 1024, "random")
+    samples = history(w, max_passes=5, polls_per_pass=4)
+    # readings that wobble by a few per cent, as a real link's do
+    samples = [
+        replace(s, transfer_rate=s.transfer_rate * (1.0 + 0.04 * math.sin(3.0 * i)))
+        for i, s in enumerate(samples)
+    ]
+    last = samples[-1]
+    assert last.passes >= 4 and last.phase is Phase.COPYING
+    ctx = context(w)
+    before = analyse(samples, ctx)
+    # one more sample of the same pass, the link reading a tenth slower
+    later = replace(
+        last,
+        time=last.time + 0.5,
+        memory_remaining=max(0, last.memory_remaining - int(0.5 * last.transfer_rate)),
+        memory_transferred=last.memory_transferred + int(0.5 * last.transfer_rate),
+        transfer_rate=0.9 * last.transfer_rate,
+    )
+    after = analyse([*samples, later], ctx)
+    assert after.transfer_rate != before.transfer_rate
+    assert after.records == before.records  # every pass as it was, the current one too
+    assert after.model is not None and after.model == before.model

@@ -534,10 +534,22 @@ def _moved_rate(track: Track) -> float | None:
     return None
 
 
+def _rate_then(seen: PassSeen, current: float | None) -> float | None:
+    """The rate a pass sent at: the bytes moved between its first and last sample (no
+    dirty-bitmap sync lies between them, so this is the link's rate then, not a single
+    reading a sync may have slowed); with one sample, its reading; where it reported
+    none either, the rate now."""
+    head, last = seen.head, seen.last
+    moved = last.memory_transferred - head.memory_transferred
+    if last.time > head.time and moved > 0:
+        return moved / (last.time - head.time)
+    return last.transfer_rate if last.transfer_rate > 0 else current
+
+
 def observe_passes(
     history: History,
     ctx: MigrationContext,
-    bandwidth: float | None,
+    current_rate: float | None,
     interval: float = DEFAULT.recount_interval,
     settings: PolicySettings = DEFAULT,
 ) -> list[PassRecord]:
@@ -556,6 +568,11 @@ def observe_passes(
     (half a burst past it on average), or was all sent; its rest is carried into the
     new pass. Where the boundary lies between two samples does not change what was
     rewritten: what is left now, plus what was sent since, minus what was left then.
+
+    The rate then is the one the pass before sent at (`_rate_then`), not
+    `current_rate`: a pass that has ended keeps the record it had, however the link
+    changes later, so the evidence fitted (and the fit, kept per evidence) stays the
+    same for every sample of the next pass, as it did for the hypervisor.
     """
     track = tracked(history, settings)
     memory_start = track.memory_start(
@@ -570,7 +587,11 @@ def observe_passes(
         if n == 1:
             start = memory_start
             size = float(max(seen.peak, head.memory_total or ctx.memory_bytes))
-        elif previous is not None and previous.number == n - 1 and bandwidth:
+        elif (
+            previous is not None
+            and previous.number == n - 1
+            and (bandwidth := _rate_then(previous, current_rate))
+        ):
             tail = previous.last
             threshold = bandwidth * max(0.0, tail.blackout_budget)
             moved = max(0.0, float(head.memory_transferred - tail.memory_transferred))

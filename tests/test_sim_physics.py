@@ -671,6 +671,29 @@ def test_jitter_moves_each_pass_working_set_within_its_share_and_repeats() -> No
     assert max(moved) - min(moved) > 0.03 * 32 * MIB
 
 
+def test_jitter_moves_each_transfer_rate_reading_not_the_bytes_moved() -> None:
+    """A real host's transfer-rate reading covers its last fraction of a second and
+    scatters from one reading to the next; what the link carries does not."""
+    readings: dict[float, list[float]] = {}
+    moved: dict[float, list[int]] = {}
+    for jitter in (0.0, 0.05):
+        model = make(memory=8 * GIB, working_set=256 * MIB, rate=100 * MIB)
+        model.jitter, model.jitter_seed = jitter, 3
+        for _ in range(6):
+            run(model, 0.5)
+            sample = model.snapshot(model.elapsed)
+            readings.setdefault(jitter, []).append(sample.transfer_rate)
+            moved.setdefault(jitter, []).append(sample.memory_transferred)
+    assert readings[0.0] == [GIB] * 6
+    assert all(0.95 * GIB <= r <= 1.05 * GIB for r in readings[0.05])
+    assert len(set(readings[0.05])) == 6
+    assert moved[0.05] == moved[0.0]
+    again = make(memory=8 * GIB, working_set=256 * MIB, rate=100 * MIB)
+    again.jitter, again.jitter_seed = 0.05, 3
+    run(again, 0.5)
+    assert again.snapshot(again.elapsed).transfer_rate == readings[0.05][0]  # repeats
+
+
 def test_a_migration_started_again_keeps_the_working_set_without_jitter() -> None:
     model = make(memory=1 * GIB, working_set=256 * MIB, rate=2 * GIB, bandwidth=1 * GIB)
     model.jitter, model.jitter_seed = 0.1, 3

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SHARE",
         help="move each workload's working set by up to ± this share from pass to pass, "
-        "as a real host's own writing does (e.g. 0.05; default: as the corpus says)",
+        "as a real host's own writing does, and each transfer-rate reading by as much "
+        "(e.g. 0.05; default: as the corpus says)",
     )
     source.add_argument(
         "--workload",
@@ -208,7 +209,9 @@ def bench_command(out: Output, args: argparse.Namespace) -> int:
 
     described = origin.get("corpus") or f"seed {origin['seed']}, {origin['count']} workloads"
     if "jitter" in origin:
-        described += f", working sets moving ±{origin['jitter']:.0%} a pass"
+        described += (
+            f", working sets moving ±{origin['jitter']:.0%} a pass and rate readings as much"
+        )
     if "workloads" in origin:
         described += f", only {', '.join(origin['workloads'])}"
     out.line(

@@ -87,7 +87,8 @@ class Workload:
     switchover: float  # seconds of final-stop cost for this host pair
     link_events: tuple[LinkEvent, ...] = ()
     # the host's own writing: each pass's working set moves by up to ± this share of it
-    # (`simphysics.jittered`); 0 in generated corpora, `lmwatch bench --jitter` sets it
+    # (`simphysics.jittered`), and each transfer-rate reading as much
+    # (`simphysics.read_rate`); 0 in generated corpora, `lmwatch bench --jitter` sets it
     jitter: float = 0.0
 
     @property

@@ -126,6 +126,18 @@ def jittered(base: int, memory: int, jitter: float, seed: int, number: int) -> i
     return max(1, min(memory, round(base * (1.0 + jitter * (2.0 * draw - 1.0)))))
 
 
+def read_rate(rate: float, jitter: float, seed: int, time: float) -> float:
+    """The transfer rate the hypervisor reports at `time`: `rate` moved by up to
+    ±`jitter` of it. A real host's reading covers its last fraction of a second, which
+    a dirty-bitmap sync, the guest's own traffic or the network's scheduling slow or
+    speed by a few per cent from one reading to the next; the bytes moved are what the
+    link carried. Fixed by `seed` and the time (to the millisecond), like `jittered`."""
+    if not jitter or rate <= 0:
+        return rate
+    draw = zlib.crc32(f"{seed}:rate:{time:.3f}".encode()) / 0xFFFFFFFF  # in [0, 1]
+    return rate * (1.0 + jitter * (2.0 * draw - 1.0))
+
+
 class Side(StrEnum):
     SOURCE = "source"
     DESTINATION = "destination"
@@ -807,6 +819,7 @@ class Migration:
             expected = remaining / self.bandwidth
         if not self.disks_in_sync and not self.phase.finished:
             rate, expected = 0.0, None  # memory has not begun moving
+        rate = read_rate(rate, self.jitter, self.jitter_seed, time)
         return Sample(
             time=time,
             memory_total=self.memory,

@@ -160,10 +160,7 @@ class DirtyModel:
     def overlap(self, rest: float, outside: float = 0.0) -> float:
         """Share of the working set an unsent rest covers (`outside` of it lies
         elsewhere): the share of the pages the guest dirties that are in it already."""
-        if self.working_set <= 0:
-            return 0.0
-        inside = max(0.0, rest - max(0.0, outside))
-        return min(1.0, inside / self.working_set)
+        return _covered(self.working_set, rest, outside)
 
     def next_count(
         self, rest: float, seconds: float, slowdown: float = 0.0, outside: float = 0.0
@@ -181,12 +178,25 @@ class DirtyModel:
     def outside(self, spread: float, memory: float) -> float:
         """Of `spread` bytes lying all over memory (the first pass's unsent rest), those
         outside the working set (never rewritten)."""
-        if memory <= 0 or spread <= 0:
-            return 0.0
-        return spread * max(0.0, 1.0 - self.working_set / memory)
+        return _outside(self.working_set, spread, memory)
 
     def with_rate(self, rate: float) -> DirtyModel:
         return DirtyModel(rate=rate, working_set=self.working_set)
+
+
+def _covered(working_set: float, rest: float, outside: float) -> float:
+    """`DirtyModel.overlap` for a working set of `working_set` bytes."""
+    if working_set <= 0:
+        return 0.0
+    inside = max(0.0, rest - max(0.0, outside))
+    return min(1.0, inside / working_set)
+
+
+def _outside(working_set: float, spread: float, memory: float) -> float:
+    """`DirtyModel.outside` for a working set of `working_set` bytes."""
+    if memory <= 0 or spread <= 0:
+        return 0.0
+    return spread * max(0.0, 1.0 - working_set / memory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,8 +708,7 @@ def _rewrites(model: DirtyModel, pair: Pair, memory: float) -> float:
 
 def _overlap(pair: Pair, working_set: float, memory: float) -> float:
     """Share of a working set of `working_set` bytes the pair's rest covered."""
-    shape = DirtyModel(0.0, working_set)
-    return shape.overlap(pair.rest, shape.outside(pair.spread, memory))
+    return _covered(working_set, pair.rest, _outside(working_set, pair.spread, memory))
 
 
 def _distinct(pair: Pair, overlap: float) -> float:
@@ -742,16 +751,21 @@ def _fit_at(
             p.duration * p.duration for p in points
         )
         candidates = {slope, *(y / p.duration for y, p in zip(ys, points, strict=True))}
+        # per point, what `DirtyModel(d, w).added` computes from d, in the same order of
+        # operations (the same figures): this loop is most of what a fit costs
+        terms = [
+            (max(0.0, 1.0 - p.slowdown), max(0.0, p.duration), 1.0 - share, p.rewritten)
+            for p, share in zip(points, shares, strict=True)
+        ]
         for d in candidates:
             if d <= 0:
                 continue
-            model = DirtyModel(d, w)
             error = 0.0
-            for p, share in zip(points, shares, strict=True):  # as `_rewrites` reads them
-                predicted = max(model.added(p.duration, p.slowdown, share), 1.0)
-                error += math.log(predicted / p.rewritten) ** 2
+            for unslowed, time, outside, rewritten in terms:  # as `_rewrites` reads them
+                dirtied = w * -math.expm1(-(d * unslowed * time) / w) if w > 0 else 0.0
+                error += math.log(max(dirtied * outside, 1.0) / rewritten) ** 2
             if best is None or error < best[0] - 1e-12:
-                best = (error, k, model)
+                best = (error, k, DirtyModel(d, w))
     return best
 
 

@@ -480,6 +480,31 @@ async def test_preflight_pinning_and_definitions(
     assert driver.where(instance) == "host-a"
 
 
+async def test_an_instance_with_jitter_reports_scattered_transfer_rates() -> None:
+    """`jitter` in the inventory is a real host's noise: the transfer-rate readings
+    scatter within the share, the bytes moved do not."""
+    inventory = load_inventory_text("""
+hosts: [{name: host-a, memory: 64GiB}, {name: host-b, memory: 64GiB}]
+default_bandwidth: 1GiB/s
+instances:
+  - {name: noisy, host: host-a, memory: 16GiB, working_set: 64MiB, jitter: 0.05}
+  - {name: exact, host: host-a, memory: 16GiB, working_set: 64MiB}
+""")
+    clock = VirtualClock()
+    driver = SimDriver(inventory, clock)
+    await driver.start("n", request("noisy"), PLAIN)
+    await driver.start("e", request("exact"), PLAIN)
+    readings: dict[str, list[float]] = {"n": [], "e": []}
+    for _ in range(5):
+        await clock.advance(0.7)
+        for job in readings:
+            readings[job].append((await driver.sample(job)).transfer_rate)
+    shared = readings["e"][0]  # the two share the link
+    assert readings["e"] == [shared] * 5
+    assert all(0.95 * shared <= r <= 1.05 * shared for r in readings["n"])
+    assert len(set(readings["n"])) == 5
+
+
 # ------------------------------------------------------------------ local disks
 
 DISKS = load_inventory_text("""

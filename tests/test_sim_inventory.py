@@ -252,6 +252,22 @@ instances:
     assert g is not None and g.disk == 0 and g.disk_writes == 0
 
 
+def test_jitter_is_a_share_and_absent_by_default() -> None:
+    inv = load_inventory_text("""
+hosts: [{name: a, memory: 8GiB}]
+instances:
+  - {name: f, host: a, memory: 1GiB, jitter: 0.05}
+  - {name: g, host: a, memory: 1GiB}
+""")
+    assert inv.instance("f").jitter == 0.05  # type: ignore[union-attr]
+    assert inv.instance("g").jitter == 0.0  # type: ignore[union-attr]
+    with pytest.raises(InventoryError, match="jitter"):
+        load_inventory_text("""
+hosts: [{name: a, memory: 8GiB}]
+instances: [{name: f, host: a, memory: 1GiB, jitter: 0.9}]
+""")
+
+
 def test_disk_writes_without_a_disk_are_refused() -> None:
     with pytest.raises(InventoryError, match="disk_writes is given but the instance has no disk"):
         load_inventory_text("""

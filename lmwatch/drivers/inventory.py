@@ -300,6 +300,9 @@ class Instance(_Frozen):
     # how fast the guest writes to it (blocks rewritten after their copy move again).
     disk: Size = 0
     disk_writes: Rate = 0.0
+    # A real host's noise: each pass's working set, and each transfer-rate reading,
+    # moves by up to ± this share (`simphysics.jittered`, `simphysics.read_rate`).
+    jitter: float = Field(default=0.0, ge=0.0, le=0.5)
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -644,6 +645,8 @@ class SimDriver:
             disk=instance.disk,
             disk_writes=instance.disk_writes,
             start=pattern_at,
+            jitter=instance.jitter,
+            jitter_seed=zlib.crc32(instance.name.encode()),
         )
         if refusing == "job":
             model.refuse()

@@ -620,3 +620,22 @@ async def test_a_start_decodes_each_stored_migration_once(
         assert decoded[0] == 40  # every row once: checked, taken back or learned from
     finally:
         await engine.stop()
+
+
+def test_the_busy_scale_inventory_has_noisy_instances_that_never_converge_alone() -> None:
+    """`python -m lmwatch.bench.scale --busy`: every instance writes faster than its
+    share of the link copies and carries a real host's noise."""
+    from lmwatch.bench.scale import BUSY_PROFILES, PER_JOB_MIB_S, inventory_yaml
+    from lmwatch.profiles import load_profiles_text
+
+    quiet = load_inventory_text(inventory_yaml(20, per_link=10))
+    busy = load_inventory_text(inventory_yaml(20, per_link=10, busy=True))
+    assert len(busy.instances) == len(quiet.instances) == 20
+    assert all(i.jitter == 0.0 for i in quiet.instances)
+    for instance in busy.instances:
+        assert instance.jitter == 0.05 and instance.writer == "random"
+        assert instance.change_rate.rate > PER_JOB_MIB_S * 1024**2  # type: ignore[union-attr]
+    # ... under a profile that only waits, for the window to see them all
+    (waiting,) = load_profiles_text(BUSY_PROFILES).profiles
+    assert not (waiting.may_slow_down or waiting.may_pause or waiting.handover_allowed)
+    assert waiting.deadline.fixed == 3600.0

@@ -73,7 +73,33 @@ class Result:
     restart_s: float | None = None  # start to all of them supervised again (None: not in time)
 
 
-def inventory_yaml(count: int, per_link: int = PER_LINK) -> str:
+# `--busy`: instances whose passes end every few seconds well above what fits a final
+# stop (a random writer of 120 MiB/s over 256 MiB, a first pass of ~20 s), with a real
+# host's noise (`jitter`): every sample after the first pass asks for the dirtying
+# model,
+BUSY_INSTANCE = (
+    "memory: 1GiB, working_set: 256MiB, change_rate: 120MiB/s, writer: random, jitter: 0.05"
+)
+
+
+# ... under a profile that only waits (no slow-down, pause or handover; an hour's
+# deadline), so that they stay under supervision through the window.
+BUSY_PROFILES = """\
+version: 1
+profiles:
+  - name: waiting
+    description: Waits for copying to finish; never slowed, paused or handed over.
+    match: {}
+    max_blackout: 300ms
+    may_slow_down: false
+    handover: forbidden
+    may_pause: false
+    deadline: 1h
+    on_deadline: cancel
+"""
+
+
+def inventory_yaml(count: int, per_link: int = PER_LINK, busy: bool = False) -> str:
     """Hosts in pairs, `per_link` instances per pair, one link per pair."""
     pairs = max(1, -(-count // per_link))
     lines = ["hosts:"]
@@ -85,12 +111,10 @@ def inventory_yaml(count: int, per_link: int = PER_LINK) -> str:
         lines.append(f"  - {{between: [s{p}, d{p}], bandwidth: {per_link * PER_JOB_MIB_S}MiB/s}}")
     lines.append("default_bandwidth: 100MiB/s")
     lines.append("instances:")
+    quiet = f"memory: {INSTANCE_MEMORY_GIB}GiB, working_set: 256MiB, change_rate: 4MiB/s"
     for i in range(count):
         p = i // per_link
-        lines.append(
-            f"  - {{name: vm{i}, host: s{p}, memory: {INSTANCE_MEMORY_GIB}GiB, "
-            f"working_set: 256MiB, change_rate: 4MiB/s}}"
-        )
+        lines.append(f"  - {{name: vm{i}, host: s{p}, {BUSY_INSTANCE if busy else quiet}}}")
     return "\n".join(lines) + "\n"
 
 
@@ -207,9 +231,13 @@ async def _measure(
     submit_timeout: float,
     per_link: int,
     restart: bool = False,
+    busy: bool = False,
 ) -> Result:
     inventory = workdir / f"inventory-{count}.yaml"
-    inventory.write_text(inventory_yaml(count, per_link))
+    inventory.write_text(inventory_yaml(count, per_link, busy))
+    profiles = workdir / "profiles-busy.yaml"
+    if busy:
+        profiles.write_text(BUSY_PROFILES)
     store = workdir / f"store-{count}.db"
     port = _free_port()
     env = {
@@ -223,6 +251,8 @@ async def _measure(
         "LMWATCH_LOG_LEVEL": "WARNING",
         "LMWATCH_HTTP_MAX_CONNECTIONS": "1000",
     }
+    if busy:
+        env["LMWATCH_PROFILES_PATH"] = str(profiles)
     log = (workdir / f"daemon-{count}.log").open("w")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "lmwatch.cli", "serve"], env=env, stdout=log, stderr=log
@@ -370,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         default=PER_LINK,
         help="migrations per source/destination pair (and the per-host limits)",
     )
+    parser.add_argument(
+        "--busy",
+        action="store_true",
+        help="instances whose passes never converge on their own, with a real host's noise "
+        "in their working sets and transfer-rate readings (every decision fits a model)",
+    )
     parser.add_argument("--workdir", default=None, help="keep stores and logs here")
     parser.add_argument(
         "--restart",
@@ -391,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.submit_timeout,
                     args.per_link,
                     restart=args.restart,
+                    busy=args.busy,
                 )
             )
             results.append(result)

@@ -510,7 +510,7 @@ def _passes_at(counts_mib: list[float], budgets: list[float] | None = None) -> l
 
 def _plateau(samples: list[Sample], budget: float = 0.05) -> float | None:
     track = Track.of(samples)
-    records = observe_passes(track, context(PLATEAU_GUEST, budget=budget), 1000 * MIB)
+    records = observe_passes(track, context(PLATEAU_GUEST, budget=budget))
     return plateau_above(records, track, budget, DEFAULT.plateau_passes)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,6 +42,14 @@ class ScanTrack(Track):
 
     def __bool__(self) -> bool:
         return bool(self.history)
+
+    @property  # type: ignore[override]
+    def evidence(self) -> int:
+        return len(self.history)
+
+    @property  # type: ignore[override]
+    def derived(self) -> dict[str, Any]:
+        return {}  # nothing kept: every view computed from the whole history each time
 
     @property  # type: ignore[override]
     def recent(self) -> list[Sample]:
@@ -257,6 +266,31 @@ def test_deciding_from_the_fold_equals_deciding_from_the_whole_history(
     assert completion.decide(profile, history, ctx, now, policy) == completion.decide(
         profile, track, ctx, now, policy
     )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    history=histories(),
+    ctx=contexts(),
+    kept=st.sampled_from([2, 5, 100]),
+    now=st.sampled_from([50.0, 400.0]),
+    profile=st.sampled_from(PROFILES),
+)
+def test_a_track_decided_at_every_sample_decides_as_a_fresh_fold(
+    history: list[Sample], ctx: MigrationContext, kept: int, now: float, profile: Profile
+) -> None:
+    """What the estimators keep on a track between samples (`Track.derived`) is never
+    stale: deciding at every sample, as the engine does, gives at each one what a
+    track folded afresh from the samples so far gives."""
+    policy = PolicySettings(kept_passes=kept)
+    track = Track(policy.kept_passes, policy.disk_window)
+    for i, sample in enumerate(history):
+        track.add(sample)
+        fresh = Track.of(history[: i + 1], policy.kept_passes, policy.disk_window)
+        assert analyse(track, ctx, policy) == analyse(fresh, ctx, policy)
+        assert completion.decide(profile, track, ctx, now, policy) == completion.decide(
+            profile, fresh, ctx, now, policy
+        )
 
 
 def _long_migration(samples: int) -> Iterator[Sample]:

@@ -544,22 +544,27 @@ def _moved_rate(track: Track) -> float | None:
     return None
 
 
-def _rate_then(seen: PassSeen, current: float | None) -> float | None:
+def _rate_then(seen: PassSeen, following: Sample) -> float | None:
     """The rate a pass sent at: the bytes moved between its first and last sample (no
     dirty-bitmap sync lies between them, so this is the link's rate then, not a single
     reading a sync may have slowed); with one sample, its reading; where it reported
-    none either, the rate now."""
+    none either, the bytes moved from it to `following` (the next pass's first sample);
+    None when nothing moved."""
     head, last = seen.head, seen.last
     moved = last.memory_transferred - head.memory_transferred
     if last.time > head.time and moved > 0:
         return moved / (last.time - head.time)
-    return last.transfer_rate if last.transfer_rate > 0 else current
+    if last.transfer_rate > 0:
+        return last.transfer_rate
+    moved = following.memory_transferred - last.memory_transferred
+    if following.time > last.time and moved > 0:
+        return moved / (following.time - last.time)
+    return None
 
 
 def observe_passes(
     history: History,
     ctx: MigrationContext,
-    current_rate: float | None,
     interval: float = DEFAULT.recount_interval,
     settings: PolicySettings = DEFAULT,
 ) -> list[PassRecord]:
@@ -579,10 +584,10 @@ def observe_passes(
     new pass. Where the boundary lies between two samples does not change what was
     rewritten: what is left now, plus what was sent since, minus what was left then.
 
-    The rate then is the one the pass before sent at (`_rate_then`), not
-    `current_rate`: a pass that has ended keeps the record it had, however the link
-    changes later, so the evidence fitted (and the fit, kept per evidence) stays the
-    same for every sample of the next pass, as it did for the hypervisor.
+    The rate then is the one the pass before sent at (`_rate_then`), not the latest
+    reading: a pass that has ended keeps the record it had, however the link changes
+    later, so the records are the same for every sample of the next pass, as they were
+    for the hypervisor (and `_evidence` builds them once per change of the passes).
     """
     track = tracked(history, settings)
     memory_start = track.memory_start(
@@ -600,7 +605,7 @@ def observe_passes(
         elif (
             previous is not None
             and previous.number == n - 1
-            and (bandwidth := _rate_then(previous, current_rate))
+            and (bandwidth := _rate_then(previous, head))
         ):
             tail = previous.last
             threshold = bandwidth * max(0.0, tail.blackout_budget)
@@ -681,7 +686,11 @@ def _telling(pairs: Sequence[Pair], recent: Sequence[Pair]) -> list[Pair]:
     return [other, *recent]
 
 
-def _rate_now(model: DirtyModel, recent: Sequence[Pair], memory: float) -> DirtyModel:
+_FITS_KEPT = 4096  # fits kept: one per migration supervised, with room to spare
+
+
+@functools.lru_cache(maxsize=_FITS_KEPT)
+def _rate_now(model: DirtyModel, recent: tuple[Pair, ...], memory: float) -> DirtyModel:
     """`model`'s working set, with the rate the recent pairs read through it. An older
     pair of another duration (`_telling`) told the working set from the rate; the
     guest may write faster or slower now than when that pass was counted."""
@@ -696,7 +705,6 @@ SATURATED = 0.9
 # What "faster" means for a rate bounded from below only: this many times the least
 # rate the windows allow (a pass this much shorter would be as full as they were).
 FASTER_READING = 10.0
-_FITS_KEPT = 4096  # fits kept: one per migration supervised, with room to spare
 _MOST_OVERLAP = 0.9  # a rest covering more of the working set is read as covering this
 
 
@@ -930,6 +938,59 @@ def quiet_rate(
     return min(quiet) if quiet else None
 
 
+def _evidence(
+    track: Track, ctx: MigrationContext, settings: PolicySettings
+) -> tuple[tuple[object, ...], tuple[PassRecord, ...], tuple[Pair, ...]]:
+    """The pass records and pairs the samples show, and the key they are kept under.
+
+    They change only when a pass begins (or a jump, a larger remainder, the disks'
+    sync is seen: `Track.evidence`), while every kept pass is read to build them: they
+    are built once per change and kept on the track, not at every sample."""
+    key = (
+        track.evidence,
+        ctx.started_at,
+        ctx.job_started_at,
+        ctx.memory_bytes,
+        settings.recount_interval,
+    )
+    kept = track.derived.get("evidence")
+    if kept is not None and kept[0] == key:
+        records, pairs = kept[1]
+        return key, records, pairs
+    records = tuple(observe_passes(track, ctx, settings.recount_interval, settings))
+    pairs = tuple(_pairs(records, track))
+    track.derived["evidence"] = (key, (records, pairs))
+    return key, records, pairs
+
+
+def _readings(
+    track: Track,
+    key: tuple[object, ...],
+    pairs: Sequence[Pair],
+    model: DirtyModel,
+    memory: float,
+    settings: PolicySettings,
+) -> tuple[Sequence[float], DirtyModel, bool]:
+    """What the pairs say through `model`: the write rate each implies
+    (`_pair_rates`), the model at the quietest rate seen (`quiet_rate`), and whether
+    the last `steady_pairs` are steady. Kept on the track under the evidence's `key`
+    and the model, which stay the same for every sample of a pass."""
+    full = (key, model, memory, settings.steady_pairs, settings.steady_variation)
+    kept = track.derived.get("readings")
+    if kept is not None and kept[0] == full:
+        readings: tuple[Sequence[float], DirtyModel, bool] = kept[1]
+        return readings
+    rates = tuple(_pair_rates(pairs, model, memory))
+    quiet = quiet_rate(pairs, model, memory, rates=rates)
+    best = model if quiet is None else model.with_rate(quiet)
+    window = _filled_counts(pairs[-settings.steady_pairs :], model, memory)
+    if window is None:
+        window = list(rates[-settings.steady_pairs :])
+    steady = len(window) >= settings.steady_pairs and _variation(window) < settings.steady_variation
+    track.derived["readings"] = (full, (rates, best, steady))
+    return rates, best, steady
+
+
 def analyse(
     history: History, ctx: MigrationContext, settings: PolicySettings = DEFAULT
 ) -> Analysis:
@@ -942,8 +1003,7 @@ def analyse(
     remaining = latest.memory_remaining if latest else memory
     passes = latest.passes if latest else 0
     rate = _transfer_rate(track, settings.ewma_alpha, settings.rate_drop)
-    records = observe_passes(track, ctx, rate, settings.recount_interval, settings)
-    pairs = _pairs(records, track)
+    key, records, pairs = _evidence(track, ctx, settings)
     last_pairs = pairs[-settings.fit_pairs :]
     telling = _telling(pairs, last_pairs)
     model = fit_model(telling, memory, ctx.change_rate_before_start, ctx.change_rate_window)
@@ -998,17 +1058,9 @@ def analyse(
 
     best_model: DirtyModel | None = None
     steady = False
-    rates: list[float] = []  # the write rate each pair implies (with the model's W)
+    rates: Sequence[float] = ()  # the write rate each pair implies (with the model's W)
     if model is not None and pairs:
-        rates = _pair_rates(pairs, model, memory)
-        quiet = quiet_rate(pairs, model, memory, rates=rates)
-        best_model = model if quiet is None else model.with_rate(quiet)
-        window = _filled_counts(pairs[-settings.steady_pairs :], model, memory)
-        if window is None:
-            window = rates[-settings.steady_pairs :]
-        steady = (
-            len(window) >= settings.steady_pairs and _variation(window) < settings.steady_variation
-        )
+        rates, best_model, steady = _readings(track, key, pairs, model, memory, settings)
 
     floor: int | None = None
     converges: bool | None = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from lmwatch.model import Phase, Sample
 
@@ -74,7 +75,9 @@ class Track:
         "_passes",
         "_stopped",
         "count",
+        "derived",
         "disk_window",
+        "evidence",
         "first",
         "first_stopped",
         "first_synced",
@@ -108,6 +111,12 @@ class Track:
         self.stopped_count = 0
         self.first_stopped: Sample | None = None
         self.max_disk_total = 0
+        # Counts changes to what pass records are built from (the passes kept, their
+        # first sample and largest remainder, the last sample of a pass once the next
+        # has begun, the pairs from jumps, where memory's first pass began): the
+        # estimators keep what they derive from those, under this count, in `derived`.
+        self.evidence = 0
+        self.derived: dict[str, tuple[Any, Any]] = {}
 
     @classmethod
     def of(
@@ -170,6 +179,7 @@ class Track:
         self.count += 1
         if self.first is None:
             self.first = sample
+            self.evidence += 1
         self.recent.append(sample)
         self.max_disk_total = max(self.max_disk_total, sample.disk_total)
         if sample.disks_in_sync:
@@ -184,12 +194,14 @@ class Track:
             # memory's passes begin once the disks are in sync: what came before is not
             # a pass of memory
             self._behind, self._after_behind = sample, None
+            self.evidence += 1
             self._passes.clear()
             self._highest = 0
             self.repeating = None
         else:
             if self._behind is not None and self._after_behind is None:
                 self._after_behind = sample
+                self.evidence += 1
             self._count_pass(sample)
         if sample.phase is Phase.COMPLETING:
             self.stopped_count += 1
@@ -205,12 +217,17 @@ class Track:
             self.repeating = sample
         seen = self._passes.get(n)
         if seen is not None:
-            seen.peak = max(seen.peak, sample.memory_remaining)
-            seen.last = sample
+            if sample.memory_remaining > seen.peak:
+                seen.peak = sample.memory_remaining
+                self.evidence += 1
+            seen.last = sample  # read for records only once the next pass has begun
+            if n != self._highest:
+                self.evidence += 1  # (samples do not go back; should one, it counts)
             return
         if n <= self._highest:
             return  # went back to a pass no longer kept
         self._highest = n
+        self.evidence += 1
         self._passes[n] = PassSeen(n, sample, sample, sample.memory_remaining)
         opening = sum(1 for k in range(1, OPENING_PASSES + 1) if k in self._passes)
         if len(self._passes) - opening > self.kept_passes + 1:
@@ -222,6 +239,7 @@ class Track:
         pair = jump_pair(a, b)
         if pair is not None:
             self.jumps.append((b.time, pair))
+            self.evidence += 1
 
     @staticmethod
     def _keep(kept: deque[Sample], sample: Sample, window: float, least: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -179,6 +180,26 @@ async def test_nothing_is_moved_onto_a_host_being_drained(tmp_path: Path) -> Non
         assert (await rig.engine.place("o1")).host == "src"  # the most free memory again
 
 
+async def test_a_drain_reads_the_hosts_being_drained_once_to_plan_its_instances(
+    tmp_path: Path,
+) -> None:
+    """Submitting a drain places each of the host's instances; which hosts are being
+    drained is read from the store once for all of them, not once per instance."""
+    async with running(tmp_path, INVENTORY) as rig:
+        read = rig.store.unfinished_drains
+        calls = 0
+
+        def counted() -> list[DrainRecord]:
+            nonlocal calls
+            calls += 1
+            return read()
+
+        rig.store.unfinished_drains = counted  # type: ignore[method-assign]
+        drain = await rig.engine.drains.submit("src")
+        assert len(drain.items) == 5
+        assert calls <= 2, calls  # the conflict check, and the placements' one read
+
+
 # `late` arrives on `src` from `c` over a slow link; `q1` leaves `src` within seconds.
 ARRIVING = """
 hosts:
@@ -194,10 +215,14 @@ instances:
 """
 
 
-async def test_a_drain_moves_what_arrives_after_it_listed_the_host(tmp_path: Path) -> None:
+async def test_a_drain_moves_what_arrives_after_it_listed_the_host(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A migration to `src` accepted before its drain lands after the drain has listed
-    `src` and moved `q1`: the drain waits for it, finds `late` there, moves it too, and
-    completes only with `src` empty."""
+    `src` and moved `q1`: the drain waits for it (an ordinary wait, logged as such, not
+    as a warning), finds `late` there, moves it too, and completes only with `src`
+    empty."""
+    caplog.set_level(logging.INFO, logger="lmwatch.drains")
     async with running(tmp_path, ARRIVING) as rig:
         arriving = await rig.submit("late", "src", "c")
         drain = await rig.engine.drains.submit("src")
@@ -211,6 +236,8 @@ async def test_a_drain_moves_what_arrives_after_it_listed_the_host(tmp_path: Pat
             f"(migration {arriving})"
         )
         assert rig.store.get_drain(drain.id).reason == rig.drain(drain.id).reason
+        waits = [r for r in caplog.records if "drain-not-settled" in r.getMessage()]
+        assert waits and {r.levelno for r in waits} == {logging.INFO}
         done = await rig.until_done(drain.id)
         assert rig.engine.get(arriving).state is State.COMPLETED
         assert done.state is DrainState.COMPLETED, done

@@ -528,13 +528,16 @@ class Engine:
         exclude: Collection[str] = (),
         profile: str | None = None,
         labels: Mapping[str, str] | None = None,
+        drains: Mapping[str, str] | None = None,
     ) -> Placement:
         """Where lmwatch would move `instance` now, and why; moves nothing.
 
         Candidates are `destinations` when given (each must be a known host), else
         every configured host; never the source nor `exclude`. The instance's labels
         are its own overlaid with `labels`; `profile` names a profile to use instead
-        of selecting one (it says whether handover is counted on)."""
+        of selecting one (it says whether handover is counted on). `drains`: the hosts
+        being drained, when the caller has just read them (`drained_hosts`) for
+        several placements; read here otherwise."""
         known = list(await self._effects.hosts())
         if destinations is not None:
             unknown = [d for d in destinations if d not in known]
@@ -563,7 +566,7 @@ class Engine:
             request=request,
             hosts=hosts,
             load=load,
-            drains=self.drained_hosts(),
+            drains=self.drained_hosts() if drains is None else drains,
         )
         need = Need(
             instance=info.name,

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from lmwatch.clock import outside
@@ -299,15 +299,17 @@ class Drains:
         destinations: Sequence[str] | None,
         exclude: Sequence[str],
         profile: str | None,
+        drains: Mapping[str, str] | None = None,
     ) -> Placement:
         """Where placement would put the instance now (`Engine.place`: explains, moves
-        nothing)."""
+        nothing); `drains` as `Engine.place` takes them."""
         return await self.engine.place(
             instance,
             source=source,
             destinations=None if destinations is None else list(destinations),
             exclude=tuple(exclude),
             profile=profile,
+            drains=drains,
         )
 
     # -- commands -------------------------------------------------------------------
@@ -433,10 +435,12 @@ class Drains:
         destinations: Sequence[str] | None,
         profile: str | None,
     ) -> builtins.list[tuple[DrainItem, dict[str, int | None]]]:
-        """`_plan` for each of `running`, in order, their change rates measured at once."""
+        """`_plan` for each of `running`, in order, their change rates measured at once
+        and the hosts being drained read once."""
         rates = await self._change_rates(host, [info.name for info in running])
+        drains = self.engine.drained_hosts()
         return [
-            await self._plan(host, info, rates.get(info.name), destinations, profile)
+            await self._plan(host, info, rates.get(info.name), destinations, profile, drains)
             for info in running
         ]
 
@@ -447,6 +451,7 @@ class Drains:
         change_rate: float | None,
         destinations: Sequence[str] | None,
         profile: str | None,
+        drains: Mapping[str, str],
     ) -> tuple[DrainItem, dict[str, int | None]]:
         """An instance's entry at submission: blocked (and why) when no host can take
         it now, else its expected move duration to where placement would put it (never
@@ -469,7 +474,7 @@ class Drains:
             )
             return following, {}
         try:
-            placement = await self._place(instance, host, destinations, (), profile)
+            placement = await self._place(instance, host, destinations, (), profile, drains)
         except ProblemError as error:
             blocked = DrainItem(
                 instance, memory, 0.0, state=ItemState.BLOCKED, reason=error.message
@@ -611,11 +616,11 @@ class Drains:
             running = await self.engine.driver.instances_on(host)
         except (StoreUnwritable, DriverError, ProblemError) as error:
             why = f"every instance has left {host}, which cannot be listed again now: {error}"
-            return self._waiting(drain, why), False
+            return self._waiting(drain, why, problem=True), False
         if arriving:
             names = ", ".join(f"{m.instance} from {m.source} (migration {m.id})" for m in arriving)
             why = f"waiting for what is still arriving at {host} to move it too: {names}"
-            return self._waiting(drain, why), False
+            return self._waiting(drain, why, problem=False), False
         known = {i.instance for i in drain.items}
         newcomers = [info for info in running if info.name not in known]
         if not newcomers:
@@ -637,11 +642,14 @@ class Drains:
         self._save(drain)
         return drain, True
 
-    def _waiting(self, drain: DrainRecord, why: str) -> DrainRecord:
-        """The drain with `why` as its reason (saved and logged when it changes)."""
+    def _waiting(self, drain: DrainRecord, why: str, *, problem: bool) -> DrainRecord:
+        """The drain with `why` as its reason (saved and logged when it changes: as a
+        warning when it is a `problem`, not an ordinary wait for what arrives)."""
         if drain.reason == why:
             return drain
-        log.warning("drain-not-settled", drain=drain.id, host=drain.host, why=why)
+        (log.warning if problem else log.info)(
+            "drain-not-settled", drain=drain.id, host=drain.host, why=why
+        )
         drain = dataclasses.replace(drain, reason=why)
         self._save(drain)
         return drain

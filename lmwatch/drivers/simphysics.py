@@ -122,8 +122,13 @@ def jittered(base: int, memory: int, jitter: float, seed: int, number: int) -> i
     kernel, page cache and other processes add or spare a few per cent from pass to
     pass (on the rig, 30-33MiB for a writer of 32MiB). The draw is fixed by `seed`
     and the pass number, so every run of one workload sees the same sequence."""
-    draw = zlib.crc32(f"{seed}:{number}".encode()) / 0xFFFFFFFF  # in [0, 1]
-    return max(1, min(memory, round(base * (1.0 + jitter * (2.0 * draw - 1.0)))))
+    return max(1, min(memory, round(_scattered(base, jitter, f"{seed}:{number}"))))
+
+
+def _scattered(value: float, jitter: float, key: str) -> float:
+    """`value` moved by up to ±`jitter` of it, by a draw fixed by `key`."""
+    draw = zlib.crc32(key.encode()) / 0xFFFFFFFF  # in [0, 1]
+    return value * (1.0 + jitter * (2.0 * draw - 1.0))
 
 
 def read_rate(rate: float, jitter: float, seed: int, time: float) -> float:
@@ -134,8 +139,7 @@ def read_rate(rate: float, jitter: float, seed: int, time: float) -> float:
     link carried. Fixed by `seed` and the time (to the millisecond), like `jittered`."""
     if not jitter or rate <= 0:
         return rate
-    draw = zlib.crc32(f"{seed}:rate:{time:.3f}".encode()) / 0xFFFFFFFF  # in [0, 1]
-    return rate * (1.0 + jitter * (2.0 * draw - 1.0))
+    return _scattered(rate, jitter, f"{seed}:rate:{time:.3f}")
 
 
 class Side(StrEnum):

@@ -480,6 +480,60 @@ def test_a_fit_is_kept_for_the_samples_of_a_pass_that_ask_again() -> None:
     assert other is not first and measured is not first
 
 
+_MEMORY = 4096 * MIB
+_PAIRS = st.lists(
+    st.builds(
+        Pair,
+        duration=st.floats(0.1, 120.0),
+        slowdown=st.sampled_from([0.0, 0.0, 0.3]),
+        rewritten=st.floats(1.0, 2048.0).map(lambda mib: mib * MIB),
+        rest=st.floats(0.0, 1024.0).map(lambda mib: mib * MIB),
+        spread=st.sampled_from([0.0, 0.0, 512 * MIB]),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pairs=_PAIRS, shares=st.lists(st.floats(0.05, 1.0), min_size=1, max_size=5))
+def test_a_fit_picks_the_candidate_the_models_own_calculation_errs_least_on(
+    pairs: list[Pair], shares: list[float]
+) -> None:
+    """`_fit_at` computes every working set, candidate rate and pair at once; what it
+    picks must be what `DirtyModel.next_count` (through `_rewrites`, the calculation
+    the projections share) says explains the pairs best, candidate by candidate."""
+    from lmwatch.policies import estimators
+
+    points = pairs  # as given: slowed pairs too (`fit_points` folds the slow-down in)
+    working_sets = [max(p.rewritten for p in points) * 1.0005 + s * _MEMORY for s in sorted(shares)]
+
+    def error(model: DirtyModel) -> float:
+        return sum(
+            math.log(max(estimators._rewrites(model, p, _MEMORY), 1.0) / p.rewritten) ** 2
+            for p in points
+        )
+
+    candidates = []
+    for w in working_sets:
+        ys = [
+            estimators._written(w, estimators._distinct(p, estimators._overlap(p, w, _MEMORY)))
+            for p in points
+        ]
+        slope = sum(y * p.duration for y, p in zip(ys, points, strict=True)) / sum(
+            p.duration**2 for p in points
+        )
+        for d in [slope, *(y / p.duration for y, p in zip(ys, points, strict=True))]:
+            if d > 0:
+                candidates.append(DirtyModel(d, w))
+    found = estimators._fit_at(working_sets, points, _MEMORY)
+    assert found is not None
+    least = min(error(m) for m in candidates)
+    assert found[0] == pytest.approx(least, rel=1e-9, abs=1e-9)
+    assert error(found[2]) == pytest.approx(least, rel=1e-9, abs=1e-9)
+    assert found[2].working_set == working_sets[found[1]]
+
+
 PLATEAU_GUEST = workload(memory_mib=2048, change_mib=1000, bandwidth_mib=1000, ws_mib=52)
 
 

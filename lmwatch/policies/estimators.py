@@ -38,6 +38,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from lmwatch.model import MigrationContext, Phase, Prediction, Sample
 from lmwatch.policies.track import KEPT_PASSES, RECENT, Pair, PassSeen, Track
 from lmwatch.units import format_duration, format_size
@@ -748,33 +750,50 @@ def _solve_working_set(rate: float, pair: Pair, memory: float, cap: float) -> fl
 def _fit_at(
     working_sets: Sequence[float], points: Sequence[Pair], memory: float
 ) -> tuple[float, int, DirtyModel] | None:
-    """The best model with one of these working sets: (error, its index, model)."""
-    best: tuple[float, int, DirtyModel] | None = None
-    for k, w in enumerate(working_sets):
-        shares = [_overlap(p, w, memory) for p in points]
-        ys = [_written(w, _distinct(p, share)) for p, share in zip(points, shares, strict=True)]
-        # Candidate rates: the least-squares line through the origin, and the rate each
-        # pair implies on its own (a saturated pair says little; a short pass says most).
-        slope = sum(y * p.duration for y, p in zip(ys, points, strict=True)) / sum(
-            p.duration * p.duration for p in points
-        )
-        candidates = {slope, *(y / p.duration for y, p in zip(ys, points, strict=True))}
-        # per point, what `DirtyModel(d, w).added` computes from d, in the same order of
-        # operations (the same figures): this loop is most of what a fit costs
-        terms = [
-            (max(0.0, 1.0 - p.slowdown), max(0.0, p.duration), 1.0 - share, p.rewritten)
-            for p, share in zip(points, shares, strict=True)
-        ]
-        for d in candidates:
-            if d <= 0:
-                continue
-            error = 0.0
-            for unslowed, time, outside, rewritten in terms:  # as `_rewrites` reads them
-                dirtied = w * -math.expm1(-(d * unslowed * time) / w) if w > 0 else 0.0
-                error += math.log(max(dirtied * outside, 1.0) / rewritten) ** 2
-            if best is None or error < best[0] - 1e-12:
-                best = (error, k, DirtyModel(d, w))
-    return best
+    """The best model with one of these working sets: (error, its index, model).
+
+    For each working set `w`, each pair's rest covers its share of `w` (`_overlap`),
+    through which the pair reads bytes written (`_written` of `_distinct`). The
+    candidate rates are the least-squares line through the origin of those readings,
+    and the rate each pair implies on its own (a saturated pair says little; a short
+    pass says most). A candidate's error is the squared log error of what
+    `DirtyModel(d, w)` says each next pass had beyond its rest (`_rewrites`) against
+    what it had. Every working set, candidate and pair is computed at once, as arrays:
+    this is most of what a decision costs.
+    """
+    if not working_sets or not points:
+        return None
+    w = np.asarray(working_sets, dtype=float)[:, None]  # (working sets, 1)
+    duration = np.array([p.duration for p in points])
+    rest = np.array([p.rest for p in points])
+    spread = np.array([p.spread for p in points])
+    rewritten = np.array([p.rewritten for p in points])
+    unslowed = np.array([max(0.0, 1.0 - p.slowdown) for p in points])
+    time = np.maximum(duration, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        # `_outside`, `_covered`, `_distinct`, `_written` for every (working set, pair)
+        if memory > 0:
+            outside = np.where(spread > 0, spread * np.maximum(0.0, 1.0 - w / memory), 0.0)
+        else:
+            outside = np.zeros_like(w * spread)
+        inside = np.maximum(0.0, rest - np.maximum(0.0, outside))
+        share = np.where(w > 0, np.minimum(1.0, inside / w), 0.0)
+        distinct = rewritten / (1.0 - np.minimum(_MOST_OVERLAP, share))
+        ys = -w * np.log1p(-np.minimum(distinct / w, 0.999999))
+        slope = (ys * duration).sum(axis=1, keepdims=True) / (duration * duration).sum()
+        rates = np.concatenate([slope, ys / duration], axis=1)  # (working sets, candidates)
+        # `DirtyModel(d, w).added`, as `_rewrites` reads it, for every candidate and pair
+        exposure = (rates[:, :, None] * unslowed) * time  # (working sets, candidates, pairs)
+        wide = w[:, :, None]
+        dirtied = np.where(wide > 0, wide * -np.expm1(-exposure / wide), 0.0)
+        added = dirtied * (1.0 - share)[:, None, :]
+        error = (np.log(np.maximum(added, 1.0) / rewritten) ** 2).sum(axis=2)
+    error = np.where((rates > 0) & np.isfinite(error), error, np.inf)
+    best = int(np.argmin(error))  # the first of equals: the smallest working set
+    k, c = divmod(best, error.shape[1])
+    if not math.isfinite(float(error[k, c])):
+        return None
+    return float(error[k, c]), k, DirtyModel(float(rates[k, c]), float(working_sets[k]))
 
 
 def _log_steps(low: float, high: float, steps: int) -> list[float]:

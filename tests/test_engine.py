@@ -942,3 +942,28 @@ async def test_a_handover_the_hypervisor_refuses_is_not_taken_as_done(
     assert record.outcome is not None and record.outcome.method == Method.HANDOVER.value
     assert record.handed_over and rig.driver.where("busy-db") == "b"
     assert rig.actions(mid).count("handover") == 3  # two refused, then the one taken
+
+
+async def test_a_final_stop_whose_link_breaks_is_cancelled_so_the_instance_resumes(
+    rig: Rig,
+) -> None:
+    """The hypervisor stopped the guest for its final copy and the link broke under it:
+    waiting would keep it stopped until the link times out (30s). lmwatch cancels once
+    it sees nothing move, and the instance runs on the source again within seconds."""
+    mid = await rig.migrate("idle")
+    for _ in range(10_000):
+        await rig.clock.advance(0.02)
+        if (await rig.driver.sample(mid)).phase is Phase.COMPLETING:
+            break
+    stopped_at = rig.clock.now()
+    rig.driver.inject_fault("link_break", between=("a", "b"))
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.CANCELLED, record.outcome
+    cancel = next(e for e in rig.store.events(mid) if e.action == "cancel")
+    assert "stopped for its final copy" in cancel.reason and "nothing has moved" in cancel.reason
+    assert cancel.at - stopped_at <= 3.0
+    assert rig.driver.where("idle") == "a"
+    # the stop was longer than the profile allows, and the record says so
+    violation = next(e for e in rig.store.events(mid) if e.kind == "violation")
+    assert "blackout" in violation.reason and "over 300ms" in violation.reason

@@ -353,9 +353,9 @@ class Drains:
             running = await engine.driver.instances_on(host)
             items: list[DrainItem] = []
             room: dict[str, dict[str, int | None]] = {}
-            for info, (item, accepting) in zip(
-                running, await self._entries(host, running, wanted, profile), strict=True
-            ):
+            drained = {other.host: other.id for other in unfinished}  # read just now
+            entries = await self._entries(host, running, wanted, profile, drained)
+            for info, (item, accepting) in zip(running, entries, strict=True):
                 items.append(item)
                 room[info.name] = accepting
             movable = [i for i in items if i.state is not ItemState.BLOCKED]
@@ -434,11 +434,14 @@ class Drains:
         running: Sequence[InstanceInfo],
         destinations: Sequence[str] | None,
         profile: str | None,
+        drains: Mapping[str, str] | None = None,
     ) -> builtins.list[tuple[DrainItem, dict[str, int | None]]]:
         """`_plan` for each of `running`, in order, their change rates measured at once
-        and the hosts being drained read once."""
+        and the hosts being drained (`drains`, when the caller has just read them) read
+        once."""
         rates = await self._change_rates(host, [info.name for info in running])
-        drains = self.engine.drained_hosts()
+        if drains is None:
+            drains = self.engine.drained_hosts()
         return [
             await self._plan(host, info, rates.get(info.name), destinations, profile, drains)
             for info in running

@@ -339,6 +339,7 @@ class DrainItem:
     attempts: tuple[tuple[str, str], ...] = ()  # (destination, why it did not move there)
     reason: str = ""  # the last thing that happened to it, in words
     warning: str = ""  # said at submission: why it may not find room at its turn
+    moves: int = 0  # times this drain moved it off the host before (it was put back)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -351,6 +352,7 @@ class DrainItem:
             "attempts": [list(a) for a in self.attempts],
             "reason": self.reason,
             "warning": self.warning,
+            "moves": self.moves,
         }
 
     @classmethod
@@ -365,6 +367,7 @@ class DrainItem:
             attempts=tuple((str(d), str(r)) for d, r in data.get("attempts", ())),
             reason=str(data.get("reason", "")),
             warning=str(data.get("warning", "")),
+            moves=int(data.get("moves", 0)),
         )
 
 

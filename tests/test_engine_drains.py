@@ -15,7 +15,7 @@ from lmwatch.drivers.base import UnknownHost
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.engine.placing import DestinationDraining
 from lmwatch.errors import Conflict, Invalid, NotFound
-from lmwatch.model import GIB, State
+from lmwatch.model import GIB, MigrationRequest, StartPlan, State
 from lmwatch.schemas import placement_out
 from lmwatch.store import DrainRecord, DrainState, ItemState
 
@@ -245,6 +245,33 @@ async def test_a_drain_moves_what_arrives_after_it_listed_the_host(
         late = next(i for i in done.items if i.instance == "late")
         assert late.state is ItemState.MOVED
         assert late.reason.startswith("moved to"), late
+        assert await rig.driver.instances_on("src") == []
+
+
+async def test_an_instance_put_back_on_the_host_is_moved_again(tmp_path: Path) -> None:
+    """The drain moved `q1` off `src`; while it waits for `late` to arrive, something
+    other than lmwatch moves `q1` back. The host is not empty while `q1` runs there:
+    the drain moves it again, saying why, and completes only with `src` empty."""
+    async with running(tmp_path, ARRIVING) as rig:
+        await rig.submit("late", "src", "c")
+        drain = await rig.engine.drains.submit("src")
+        assert await rig.clock.run_until(
+            lambda: rig.drain(drain.id).items[0].state is ItemState.MOVED, limit=60
+        )
+        first = rig.drain(drain.id).items[0].migration_id
+        assert first is not None
+        plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+        back = MigrationRequest("q1", rig.driver.where("q1") or "b", "src")
+        await rig.driver.start("not-lmwatch", back, plan)
+        assert await rig.clock.run_until(lambda: rig.driver.where("q1") == "src", limit=60)
+        done = await rig.until_done(drain.id)
+        assert done.state is DrainState.COMPLETED, done
+        q1 = next(i for i in done.items if i.instance == "q1")
+        assert q1.state is ItemState.MOVED and q1.moves == 1, q1
+        assert q1.reason == f"moved to {q1.destination} (again: put back on src 1 time(s))"
+        assert q1.migration_id != first
+        assert rig.engine.get(first).state is State.COMPLETED
+        assert [i.instance for i in done.items] == ["q1", "late"]
         assert await rig.driver.instances_on("src") == []
 
 

@@ -625,23 +625,42 @@ class Drains:
             why = f"waiting for what is still arriving at {host} to move it too: {names}"
             return self._waiting(drain, why, problem=False), False
         known = {i.instance for i in drain.items}
-        newcomers = [info for info in running if info.name not in known]
+        # one the drain moved away that runs there again (put back by something else
+        # than lmwatch) is moved again: the host is not empty while it is there
+        moved = {i.instance for i in drain.items if i.state is ItemState.MOVED}
+        newcomers = [info for info in running if info.name not in known or info.name in moved]
         if not newcomers:
             return drain, True
         entries = await self._entries(host, newcomers, drain.destinations, drain.profile)
-        added = [
-            dataclasses.replace(item, reason=f"arrived after the drain began; {item.reason}")
+        how = {
+            info.name: "came back after it was moved"
+            if info.name in moved
+            else "arrived after the drain began"
+            for info in newcomers
+        }
+        before = {i.instance: i for i in drain.items}
+        fresh = {
+            item.instance: dataclasses.replace(
+                item,
+                reason=f"{how[item.instance]}; {item.reason}",
+                moves=before[item.instance].moves + 1 if item.instance in moved else 0,
+            )
             for item, _ in entries
-        ]
+        }
+        # a returning instance's entry is replaced where it stood; newcomers come last
+        items = [fresh.pop(i.instance) if i.instance in fresh else i for i in drain.items]
+        items += fresh.values()
         log.info(
             "drain-newcomers",
             drain=drain.id,
             host=host,
-            instances=",".join(i.instance for i in added),
+            instances=",".join(info.name for info in newcomers),
         )
-        movable = sum(1 for i in (*drain.items, *added) if i.state is not ItemState.BLOCKED)
-        reason = f"moving {movable} instance(s) off {host} ({len(added)} arrived after it began)"
-        drain = dataclasses.replace(drain, items=(*drain.items, *added), reason=reason)
+        movable = sum(1 for i in items if i.state is not ItemState.BLOCKED)
+        reason = (
+            f"moving {movable} instance(s) off {host} ({len(newcomers)} arrived after it began)"
+        )
+        drain = dataclasses.replace(drain, items=tuple(items), reason=reason)
         self._save(drain)
         return drain, True
 
@@ -672,7 +691,10 @@ class Drains:
                 item,
                 state=ItemState.MOVED,
                 destination=destination,
-                reason=f"moved to {destination}",
+                reason=f"moved to {destination}"
+                + (
+                    f" (again: put back on {drain.host} {item.moves} time(s))" if item.moves else ""
+                ),
             )
         why = self._why_ended(record)
         attempts = (*item.attempts, (destination, why))
@@ -775,6 +797,8 @@ class Drains:
         item = drain.items[index]
         assert item.destination is not None
         key = f"drain-{drain.id}-{item.instance}-{len(item.attempts)}"
+        if item.moves:  # moved off the host before and put back: a new migration
+            key += f"-again-{item.moves}"
         request = MigrationRequest(
             instance=item.instance,
             source=drain.host,

@@ -525,12 +525,12 @@ class Effects:
         stopped = result.blackout_seconds
         if stopped is None and supervision.paused_at is not None and record.finished_at:
             stopped = max(0.0, record.finished_at - supervision.paused_at)  # until it resumed
-        seen = supervision.track.first_stopped
-        if stopped is None and not completed and seen is not None and record.finished_at:
+        began = supervision.track.stop_began
+        if stopped is None and not completed and began is not None and record.finished_at:
             # a final stop that did not complete (the link broke under it, or it was
-            # cancelled): the guest stayed stopped until the job ended, at least from the
-            # first sample that saw it stopped
-            stopped = max(0.0, record.finished_at - seen.time)
+            # cancelled): the guest stayed stopped until the job ended, at least since
+            # the first of the samples before the end that saw it stopped
+            stopped = max(0.0, record.finished_at - began)
         finish = policies.Finish(
             blackout=stopped,
             paused=result.paused or record.paused,

@@ -179,7 +179,8 @@ def _stop_outlasting(
         return None
     if so_far > bound and rest <= bound:
         # Already over its bound (samples come a second apart): the breach is there
-        # either way, and finishing stops it less than the bound longer, moved.
+        # either way, and finishing keeps the guest stopped no more than the bound
+        # longer, with the instance moved.
         return None
     return (
         f"{stop} {duration_text(so_far)} ago; the rest ({format_size(left)}) now moves at "

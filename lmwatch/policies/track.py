@@ -87,6 +87,7 @@ class Track:
         "max_disk_total",
         "recent",
         "repeating",
+        "stop_began",
         "stopped_count",
         "synced",
     )
@@ -110,6 +111,9 @@ class Track:
         self._stopped: deque[Sample] = deque()
         self.stopped_count = 0
         self.first_stopped: Sample | None = None
+        # when the samples that saw the guest stopped, up to the latest that did not end
+        # the job, began (None: the latest such sample saw it running)
+        self.stop_began: float | None = None
         self.max_disk_total = 0
         # Counts changes to what pass records are built from (the passes kept, their
         # first sample and largest remainder, the last sample of a pass once the next
@@ -203,6 +207,11 @@ class Track:
                 self._after_behind = sample
                 self.evidence += 1
             self._count_pass(sample)
+        if sample.phase is Phase.COMPLETING:
+            if self.stop_began is None:
+                self.stop_began = sample.time
+        elif not sample.phase.finished:
+            self.stop_began = None
         if sample.phase is Phase.COMPLETING:
             self.stopped_count += 1
             if self.first_stopped is None:

@@ -146,6 +146,17 @@ class ScanTrack(Track):
         return self.stopped[0] if self.stopped else None
 
     @property  # type: ignore[override]
+    def stop_began(self) -> float | None:
+        ran = [
+            n
+            for n, s in enumerate(self.history)
+            if s.phase is not Phase.COMPLETING and not s.phase.finished
+        ]
+        after = self.history[ran[-1] + 1 :] if ran else self.history
+        stopped = [s for s in after if s.phase is Phase.COMPLETING]
+        return stopped[0].time if stopped else None
+
+    @property  # type: ignore[override]
     def max_disk_total(self) -> int:
         return max((s.disk_total for s in self.history), default=0)
 

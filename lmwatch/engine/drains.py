@@ -624,29 +624,22 @@ class Drains:
             names = ", ".join(f"{m.instance} from {m.source} (migration {m.id})" for m in arriving)
             why = f"waiting for what is still arriving at {host} to move it too: {names}"
             return self._waiting(drain, why, problem=False), False
-        known = {i.instance for i in drain.items}
+        before = {i.instance: i for i in drain.items}
         # one the drain moved away that runs there again (put back by something else
         # than lmwatch) is moved again: the host is not empty while it is there
-        moved = {i.instance for i in drain.items if i.state is ItemState.MOVED}
-        newcomers = [info for info in running if info.name not in known or info.name in moved]
+        moved = {name for name, i in before.items() if i.state is ItemState.MOVED}
+        newcomers = [info for info in running if info.name not in before or info.name in moved]
         if not newcomers:
             return drain, True
         entries = await self._entries(host, newcomers, drain.destinations, drain.profile)
-        how = {
-            info.name: "came back after it was moved"
-            if info.name in moved
-            else "arrived after the drain began"
-            for info in newcomers
-        }
-        before = {i.instance: i for i in drain.items}
-        fresh = {
-            item.instance: dataclasses.replace(
-                item,
-                reason=f"{how[item.instance]}; {item.reason}",
-                moves=before[item.instance].moves + 1 if item.instance in moved else 0,
+        fresh = {}
+        for item, _ in entries:
+            back = item.instance in moved
+            how = "came back after it was moved" if back else "arrived after the drain began"
+            moves = before[item.instance].moves + 1 if back else 0
+            fresh[item.instance] = dataclasses.replace(
+                item, reason=f"{how}; {item.reason}", moves=moves
             )
-            for item, _ in entries
-        }
         # a returning instance's entry is replaced where it stood; newcomers come last
         items = [fresh.pop(i.instance) if i.instance in fresh else i for i in drain.items]
         items += fresh.values()

@@ -130,11 +130,12 @@ def final_stop_outlasting(profile: Profile, history: History, ctx: MigrationCont
     """
     if ctx.paused or ctx.handed_over or ctx.accept_pause:
         return None
-    latest = tracked(history).latest
+    track = tracked(history)
+    latest = track.latest
     if latest is None or latest.phase is not Phase.COMPLETING:
         return None
     words = ("stopped for its final copy", "final stop")
-    return _stop_outlasting(history, ctx, stop_bound(profile), words, None)
+    return _stop_outlasting(track, ctx, stop_bound(profile), words, track.stop_began)
 
 
 def _stop_outlasting(

@@ -210,13 +210,12 @@ class Track:
         if sample.phase is Phase.COMPLETING:
             if self.stop_began is None:
                 self.stop_began = sample.time
-        elif not sample.phase.finished:
-            self.stop_began = None
-        if sample.phase is Phase.COMPLETING:
             self.stopped_count += 1
             if self.first_stopped is None:
                 self.first_stopped = sample
             self._keep(self._stopped, sample, PAUSE_WINDOW, 2)
+        elif not sample.phase.finished:  # running again (an end leaves the stop it ended)
+            self.stop_began = None
 
     def _count_pass(self, sample: Sample) -> None:
         n = sample.passes

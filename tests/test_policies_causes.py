@@ -417,6 +417,32 @@ def test_3_a_hopeless_workload_is_paused_right_after_the_first_pass() -> None:
     assert result.pause_seconds is not None and result.pause_seconds <= profile.max_pause
 
 
+def test_3_a_first_pass_handover_needs_room_for_the_link_to_slow() -> None:
+    """3 GiB/s over 2 GiB of a 14 GiB guest, a 700 MiB/s link that drops to 40 % ten
+    seconds in. The measurement before the start says copying cannot converge, and a
+    handover at the first sample would mean about 20 s of degraded running: within the
+    30 s limit, but not twice over. Handed over then, the drop stretched it to about
+    34 s (`s4-0031`). Waiting for the first pass to end leaves only what the guest
+    rewrote, about 2 GiB, and the handover then fits even at the slower rate."""
+    profile = LATENCY_CRITICAL_LIKE.model_copy(
+        update={"handover": HandoverPolicy.ALLOWED, "max_degraded": 30.0}
+    )
+    workload = _workload(
+        memory="14GiB",
+        working_set="2GiB",
+        writer="random",
+        change_rate="3GiB/s",
+        bandwidth="700MiB/s",
+        link_events=[{"at": "10s", "kind": "bandwidth", "value": 0.4}],
+    )
+    result = run(workload, profile, lmwatch_factory)
+    assert result.outcome == "completed" and result.handed_over, result.actions
+    assert result.degraded_seconds is not None
+    assert result.degraded_seconds <= profile.max_degraded, result.actions
+    handovers = [at for at, action, _ in result.actions if action == "handover"]
+    assert handovers and handovers[0] > 30.0  # after the first pass (about 35 s)
+
+
 # -- 4. time left is evidence too -------------------------------------------------------------
 
 

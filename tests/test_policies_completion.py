@@ -100,12 +100,29 @@ def test_never_converging_is_handed_over_when_allowed() -> None:
 
 
 def test_handed_over_at_once_when_the_prestart_rate_outruns_the_link_and_it_fits() -> None:
-    profile = Profile(name="p", handover="allowed", max_degraded=30)
+    # All 2 GiB at 100 MiB/s: about 21s of degraded running, within 60s with room to spare.
+    profile = Profile(name="p", handover="allowed", max_degraded=60)
     run = simulate(decide, profile, STUCK, plan(handover=True), measured=STUCK_MEASURED)
     assert run.outcome == "handover"
     assert len(run.samples) == 1  # at the first sample
     assert "before the start" in run.decisions[-1][1].reason
     assert run.degraded is not None and run.degraded <= profile.max_degraded
+
+
+def test_a_first_pass_handover_that_fits_without_room_to_spare_waits_for_the_pass_end() -> None:
+    # About 21s of degraded running fits 30s, but not 1.5 times over: a link that slowed
+    # under it would break the limit, and a handover cannot be taken back. After the
+    # first pass only the rewritten working set (1 GiB, about 10s) is left.
+    profile = Profile(name="p", handover="allowed", max_degraded=30)
+    run = simulate(decide, profile, STUCK, plan(handover=True), measured=STUCK_MEASURED)
+    first = run.decisions[0][1]
+    assert first.action is Action.CONTINUE
+    assert (
+        "about 20.5s of degraded running, within the 30.0s limit but not 1.5 times" in first.reason
+    )
+    assert run.outcome == "handover"
+    assert run.samples[-1].passes == 2  # at the start of pass 2
+    assert run.degraded is not None and run.degraded <= profile.max_degraded / 2
 
 
 def test_without_a_prestart_measurement_exactly_one_more_pass_decides() -> None:

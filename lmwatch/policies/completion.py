@@ -26,8 +26,10 @@ The rules, in order (DESIGN.md section 4):
    (complete within the profile, or cancel);
 5. no evidence yet (first pass, or passes not yet seen again after a restart) ->
    in the first pass, when the change rate measured before the start already
-   outruns the link, hand over or pause if that fits now; cancel when even the
-   first pass cannot end before the deadline and nothing else could finish it;
+   outruns the link, hand over or pause if that fits now (a handover only with room
+   for the link to slow, `first_pass_headroom` times over: it cannot be taken back,
+   and waiting for the pass to end leaves only what the guest rewrote); cancel when
+   even the first pass cannot end before the deadline and nothing else could finish it;
    otherwise continue;
 5b. every window seen (the passes, with the measurement before the start) filled the
    guest's working set, so they say only that it writes at least some rate; copying
@@ -373,7 +375,7 @@ def _pause_cheaper_than_slowing(
     level = a.latest.slowdown if a.latest is not None else 0.0
     if level <= 0 or a.eta is None or not a.fresh:
         return None
-    stop = a.finish_bound / a.transfer_rate + ctx.switchover
+    stop = _copy_now(a) + ctx.switchover
     if not pause_fits(profile, a, stop, settings):
         return None
     slowed = level * a.eta
@@ -396,10 +398,15 @@ def _early_finish(
     settings: PolicySettings,
 ) -> Decision | None:
     """In the first pass: hand over or pause now when the change rate measured before
-    the start already says copying cannot converge and what is left fits the bound.
+    the start already says copying cannot converge and what is left fits the bound
+    `first_pass_headroom` times over; when it fits only once, wait for the pass to end.
 
     The measured rate counts distinct pages over a short window, so it is at most
-    the guest's real write rate: if even it outruns the link, waiting cannot help.
+    the guest's real write rate: if even it outruns the link, waiting cannot help
+    copying converge. It does shrink what a handover or pause must move: the rest of
+    the first pass is all of memory not yet sent, the passes after it only what the
+    guest rewrote. Committing to the larger move leaves no room for the link to slow
+    under it.
     """
     measured = ctx.change_rate_before_start
     rate = a.transfer_rate
@@ -411,7 +418,21 @@ def _early_finish(
         f"copying cannot converge: before the start the guest changed at least "
         f"{rate_text(measured)}, the link moves {rate_text(rate)}"
     )
-    return _finish_within(profile, a, ctx, head, prediction, settings)
+    headroom = settings.first_pass_headroom
+    finish = _finish_within(profile, a, ctx, head, prediction, settings, headroom=headroom)
+    if finish is not None or not a.fresh:
+        return finish
+    copy = _copy_now(a)
+    if not handover_fits(profile, ctx, a, copy, settings):
+        return None
+    return Decision(
+        Action.CONTINUE,
+        f"{head}; a handover now would mean about {duration_text(copy)} of degraded "
+        f"running, within the {duration_text(profile.max_degraded)} limit but not "
+        f"{headroom:g} times over, and it cannot be taken back if the link slows: waiting "
+        "for the first pass to end, which leaves only what the guest rewrote",
+        prediction,
+    )
 
 
 def _first_pass_too_long(
@@ -681,18 +702,19 @@ def _finish_within(
     head: str,
     prediction: Prediction,
     settings: PolicySettings,
+    headroom: float = 1.0,
 ) -> Decision | None:
-    """Hand over or pause now, when either fits the profile's bound.
+    """Hand over or pause now, when either fits the profile's bound (a handover
+    `headroom` times over: unlike a pause, it cannot be taken back if the link slows).
 
     Only near the start of a pass: what the guest dirtied since is reported only when
     the pass ends, so later in a pass the remainder is a guess.
     """
-    assert a.transfer_rate
     if not a.fresh:
         return None
-    copy = a.finish_bound / a.transfer_rate
+    copy = _copy_now(a)
     stop = copy + ctx.switchover
-    if handover_fits(profile, ctx, a, copy, settings):
+    if handover_fits(profile, ctx, a, copy * headroom, settings):
         return Decision(
             Action.HANDOVER,
             f"{head}; handing over now, about {duration_text(copy)} of degraded running "
@@ -709,6 +731,13 @@ def _finish_within(
     return None
 
 
+def _copy_now(a: Analysis) -> float:
+    """Seconds to copy what is left now, assuming the fastest writing seen: a handover's
+    degraded running, or a pause's copy before the switchover."""
+    assert a.transfer_rate
+    return a.finish_bound / a.transfer_rate
+
+
 def _beyond_blackout(
     profile: Profile,
     a: Analysis,
@@ -719,8 +748,7 @@ def _beyond_blackout(
     settings: PolicySettings,
 ) -> Decision:
     """Neither blackout, handover nor pause finishes it now: slow, wait, or cancel."""
-    assert a.transfer_rate
-    copy = a.finish_bound / a.transfer_rate
+    copy = _copy_now(a)
     stop = copy + ctx.switchover
     again = restart_outlook(profile, a, ctx, now, settings)
     if again is not None:

@@ -63,6 +63,11 @@ class PolicySettings:
     # start's remainder is known; what the link will carry meanwhile is the doubt).
     handover_safety: float = 1.03
     pause_safety: float = 1.03
+    # In the first pass a handover must fit `max_degraded` this many times over: the
+    # link may slow under it and a handover cannot be taken back (a pause the link
+    # stretches past its bound is cancelled), while waiting for the pass to end
+    # shrinks what is left to about the working set.
+    first_pass_headroom: float = 1.5
     rate_variation_weight: float = 2.0
     switchover_seconds: float = 0.05  # assumed switchover cost when nothing was measured
     budget_margin: float = 1.1  # a budget is set this much above the bare need

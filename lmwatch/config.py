@@ -97,7 +97,6 @@ class Settings(BaseSettings):
     inventory_path: Path | None = None  # sim driver; None: the embedded inventory
     hosts: dict[str, HostConfig] = Field(default_factory=dict)
     poll_interval: Seconds = 1.0
-    stop_poll_interval: Seconds = 0.1  # ...while the guest is stopped
     max_per_source: int = Field(default=2, ge=1)
     max_per_destination: int = Field(default=2, ge=1)
     # PostgreSQL store: how long an operator's command on a migration another daemon

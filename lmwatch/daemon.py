@@ -491,7 +491,6 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Daemon:
             metrics=metrics,
             settings=EngineSettings(
                 poll_interval=settings.poll_interval,
-                stop_poll_interval=settings.stop_poll_interval,
                 max_per_source=settings.max_per_source,
                 max_per_destination=settings.max_per_destination,
                 command_wait=settings.command_wait,

@@ -78,7 +78,7 @@ Command = SetBudget | SetCap | Pause | Handover | Cancel | Restart
 
 class Controller(Protocol):
     name: str
-    poll_interval: float  # seconds of virtual time to the next sample (read at each)
+    poll_interval: float  # seconds of virtual time between samples
 
     def start(self) -> StartPlan:
         """How the migration starts (what is armed, the first blackout budget)."""

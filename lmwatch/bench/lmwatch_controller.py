@@ -3,9 +3,7 @@
 It does what the engine does for one migration, without the I/O: `plan_start`
 with the hosts' capabilities, the pre-start change-rate measurement and the
 switchover cost learned for the host pair, then `decide` on every sample, with
-decisions turned into commands exactly as the engine applies them, sampled as the
-engine samples (every `poll_interval`, every `stop_poll_interval` while the guest is
-stopped).
+decisions turned into commands exactly as the engine applies them.
 """
 
 from __future__ import annotations
@@ -24,27 +22,22 @@ from lmwatch.bench.controller import (
     SetBudget,
     Setting,
 )
-from lmwatch.engine.settings import EngineSettings
 from lmwatch.model import (
     Action,
     Capabilities,
     InstanceInfo,
     JobResult,
     MigrationContext,
-    Phase,
     Sample,
     StartPlan,
 )
-
-_ENGINE = EngineSettings()
 
 
 class LmwatchController:
     """Plans with `policies.plan_start` and decides with `policies.decide`."""
 
     name = "lmwatch"
-    poll_interval = _ENGINE.poll_interval  # the engine's defaults; while stopped:
-    stop_poll_interval = _ENGINE.stop_poll_interval
+    poll_interval = 1.0  # the engine's default
     wake_on_pass = True  # the engine's driver wakes it when a new pass begins
 
     def __init__(self, setting: Setting, settings: policies.PolicySettings | None = None) -> None:
@@ -86,8 +79,6 @@ class LmwatchController:
     def step(self, sample: Sample, now: float) -> Sequence[Command]:
         assert self.ctx is not None, "start() first"
         self.track.add(sample)
-        stopped = sample.phase is Phase.COMPLETING
-        self.poll_interval = self.stop_poll_interval if stopped else type(self).poll_interval
         decision = policies.decide(self.setting.profile, self.track, self.ctx, now, self.settings)
         prediction = decision.prediction
         if prediction is not None and sample.passes >= 2:

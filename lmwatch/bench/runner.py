@@ -6,8 +6,8 @@ commands (a command the model refuses is a no-op, counted in `refused`), and kee
 what the judge needs. It can be copied, so a search (the hindsight bound) can branch.
 
 `run()` is the loop: the controller plans the start, then sees a sample every
-`poll_interval` seconds (read again after each sample) and answers with commands,
-until the migration ends or the time limit comes (then the run is "unfinished").
+`poll_interval` seconds and answers with commands, until the migration ends or the
+time limit comes (then the run is "unfinished").
 """
 
 from __future__ import annotations
@@ -415,6 +415,9 @@ def run(
 
     The run is recorded under `name`, or the controller's own name."""
     controller = factory(setting_for(workload, profile, switchover))
+    poll = float(controller.poll_interval)
+    if not poll > 0:
+        raise ValueError(f"controller {controller.name!r} has poll_interval {poll!r}")
     simulation = Simulation(workload, controller.start())
     end = default_limit(profile, workload) if limit is None else limit
     decisions = 0
@@ -429,9 +432,6 @@ def run(
     applied = getattr(controller, "applied", None)
     while True:
         sampled = migration.elapsed
-        poll = float(controller.poll_interval)  # a controller may sample a stop closer
-        if not poll > 0:
-            raise ValueError(f"controller {controller.name!r} has poll_interval {poll!r}")
         target = min(sampled + poll, end)
         if wake:
             target = _wake(migration, sampled, target)

@@ -10,10 +10,6 @@ from lmwatch import policies
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     poll_interval: float = 1.0  # seconds between samples of one migration
-    # ...while its guest is stopped (the final stop, or a pause): a stop is bounded in
-    # tenths of a second, and a link that fails under it must be seen in time to
-    # resume the guest on the source (rule 1 of `policies.decide`).
-    stop_poll_interval: float = 0.1
     max_per_source: int = 2  # migrations leaving one host at once
     max_per_destination: int = 2  # migrations arriving at one host at once
     error_tolerance: float = 90.0  # seconds of failing driver calls before a migration fails

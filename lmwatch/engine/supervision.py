@@ -287,9 +287,7 @@ class Supervisor:
                     case machine.Decide():
                         await self._decide(supervision, sample)
             # due one interval (the first time: the phase) after this poll began, however
-            # long the poll took; a stopped guest is watched closely
-            if sample.phase is Phase.COMPLETING:
-                wait = min(wait, settings.stop_poll_interval)
+            # long the poll took
             due = scheduled + wait
             if await self._wait(supervision, max(0.0, due - self.clock.now())):
                 self.effects.poll_lag(self.clock.now() - due)

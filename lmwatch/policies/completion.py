@@ -123,10 +123,10 @@ def decide(
     disks = disk_outlook(history, settings)
     prediction = a.prediction() if disks is None else disk_prediction(a, disks, ctx)
 
-    stalled = pause_outlasting(profile, history, ctx, settings)
+    stalled = pause_outlasting(profile, history, ctx)
     if stalled is not None:
         return Decision(Action.CANCEL, stalled, prediction, rule=Rule.PAUSE_OUTLASTS_BOUND)
-    stalled = final_stop_outlasting(profile, history, ctx, settings)
+    stalled = final_stop_outlasting(profile, history, ctx)
     if stalled is not None:
         return Decision(Action.CANCEL, stalled, prediction, rule=Rule.STOP_OUTLASTS_BOUND)
     done = already_finishing(history, ctx)

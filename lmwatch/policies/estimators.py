@@ -70,9 +70,6 @@ class PolicySettings:
     first_pass_headroom: float = 1.5
     rate_variation_weight: float = 2.0
     switchover_seconds: float = 0.05  # assumed switchover cost when nothing was measured
-    # How long a cancel takes to resume a stopped guest on the source (as the simulator
-    # models the hypervisor: `simphysics.Tuning.cancel_delay`).
-    cancel_seconds: float = 0.2
     budget_margin: float = 1.1  # a budget is set this much above the bare need
     plateau_ratio: float = 0.9  # a pass-start remainder above ratio * previous = no shrink
     slow_down_passes_per_step: int = 2  # the hypervisor raises the throttle this often

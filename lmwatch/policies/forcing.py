@@ -32,11 +32,7 @@ from lmwatch.policies.violations import pause_bound, stop_bound
 from lmwatch.profiles.schema import Profile
 from lmwatch.units import format_size
 
-_RATE_WINDOW = PAUSE_WINDOW  # seconds: the longest span a stopped rate must be read over
-# ...and at most this share of the stop's bound: a link that stalls under a 300 ms
-# stop must be seen while cancelling can still end the stop within it (the engine
-# samples a stopped guest every `stop_poll_interval`).
-_RATE_SHARE = 0.25
+_RATE_WINDOW = PAUSE_WINDOW  # seconds: the shortest span a paused rate is measured over
 
 
 class ForceRefused(Exception):
@@ -106,12 +102,7 @@ def already_finishing(history: History, ctx: MigrationContext) -> str | None:
     return None
 
 
-def pause_outlasting(
-    profile: Profile,
-    history: History,
-    ctx: MigrationContext,
-    settings: PolicySettings = DEFAULT,
-) -> str | None:
+def pause_outlasting(profile: Profile, history: History, ctx: MigrationContext) -> str | None:
     """Why our pause will outlast its bound at the rate the rest now moves, or None.
 
     A pause is chosen because its copy was predicted to fit; if the link then stalls
@@ -119,21 +110,14 @@ def pause_outlasting(
     The bound is `max_pause` (`max_blackout` when the profile does not allow pausing:
     such a pause came from finishing within the profile). Not for a pause the operator
     accepted beyond the profile. The rate is measured over the last second or more of
-    the pause, or a quarter of the bound when that is shorter (samples taken closer
-    together say nothing about a stall).
+    the pause (samples taken closer together say nothing about a stall).
     """
     if not ctx.paused or ctx.handed_over or ctx.accept_pause:
         return None
-    words = ("paused", "pause")
-    return _stop_outlasting(history, ctx, pause_bound(profile), words, ctx.paused_at, settings)
+    return _stop_outlasting(history, ctx, pause_bound(profile), ("paused", "pause"), ctx.paused_at)
 
 
-def final_stop_outlasting(
-    profile: Profile,
-    history: History,
-    ctx: MigrationContext,
-    settings: PolicySettings = DEFAULT,
-) -> str | None:
+def final_stop_outlasting(profile: Profile, history: History, ctx: MigrationContext) -> str | None:
     """Why the final stop will outlast its bound at the rate the rest now moves, or None.
 
     The hypervisor stops the guest for its final copy once what is left fits the
@@ -151,7 +135,7 @@ def final_stop_outlasting(
     if latest is None or latest.phase is not Phase.COMPLETING:
         return None
     words = ("stopped for its final copy", "final stop")
-    return _stop_outlasting(track, ctx, stop_bound(profile), words, track.stop_began, settings)
+    return _stop_outlasting(track, ctx, stop_bound(profile), words, track.stop_began)
 
 
 def _stop_outlasting(
@@ -160,15 +144,12 @@ def _stop_outlasting(
     bound: float,
     words: tuple[str, str],
     since: float | None,
-    settings: PolicySettings,
 ) -> str | None:
     """Why a stop that began at `since` (None: at the first sample that saw the guest
     stopped) outlasts `bound`, from the rate the rest moved at over the last second or
-    more of it (a quarter of the bound, when that is shorter); None when it does not,
-    or that rate cannot be read yet, or when it outlasts the bound even if cancelled
-    now (a cancel takes `settings.cancel_seconds` to resume the guest) and finishing
-    takes no longer than the bound again. `words`: how the reason says the guest
-    stopped, and what the stop is called."""
+    more of it; None when it does not, or that rate cannot be read yet, or when it
+    already has and finishing takes no longer than the bound again. `words`: how the
+    reason says the guest stopped, and what the stop is called."""
     stop, name = words
     track = tracked(history)
     stopped = track.stopped  # the latest samples taken while it was stopped
@@ -176,8 +157,7 @@ def _stop_outlasting(
         return None
     start = since if since is not None else track.first_stopped.time
     last = stopped[-1]
-    window = min(_RATE_WINDOW, _RATE_SHARE * bound)
-    before = next((s for s in reversed(stopped) if s.time <= last.time - window), None)
+    before = next((s for s in reversed(stopped) if s.time <= last.time - _RATE_WINDOW), None)
     if before is None:
         return None
     interval = last.time - before.time
@@ -198,10 +178,10 @@ def _stop_outlasting(
     total = so_far + rest
     if total <= bound:
         return None
-    if so_far + settings.cancel_seconds > bound and rest <= bound:
-        # A cancel would not end the stop within its bound either (no sample saw it
-        # sooner): the breach is there either way, and finishing keeps the guest
-        # stopped no more than the bound longer, with the instance moved.
+    if so_far > bound and rest <= bound:
+        # Already over its bound (samples come a second apart): the breach is there
+        # either way, and finishing keeps the guest stopped no more than the bound
+        # longer, with the instance moved.
         return None
     return (
         f"{stop} {duration_text(so_far)} ago; the rest ({format_size(left)}) now moves at "

@@ -197,7 +197,6 @@ class Rule(StrEnum):
     person; code compares rules, never the text."""
 
     PAUSE_OUTLASTS_BOUND = "pause-outlasts-bound"
-    STOP_OUTLASTS_BOUND = "stop-outlasts-bound"
     PAST_COPYING = "past-copying"
     SWITCH_OUTLASTS_BOUND = "switch-outlasts-bound"
     DISKS_NEVER_SYNC = "disks-never-sync"

@@ -296,14 +296,13 @@ class StoppingThenCancelling(Stopping):
         return [Cancel()] if now >= 1.0 else ()
 
 
-def test_a_job_cancelled_during_the_final_stop_counts_the_stop_as_blackout() -> None:
+def test_a_cancel_during_the_hypervisors_final_stop_is_refused() -> None:
+    """QEMU holds its big lock from stopping the guest to the end of the final copy, and
+    libvirt's abort waits for it: the stop runs its course and the job completes."""
     result = run(workload(), LENIENT, StoppingThenCancelling)
-    assert result.outcome == "cancelled" and not result.paused
-    # stopped at the first burst, resumed on the source when the cancel took effect
-    assert result.blackout_seconds == pytest.approx(result.total_seconds - 0.1, abs=0.05)
-    assert judge(result, LENIENT, workload()).violations == (
-        f"blackout {result.blackout_seconds:.1f}s over 1s",
-    )
+    assert result.outcome == "completed" and not result.paused
+    assert result.refused >= 1
+    assert result.blackout_seconds == pytest.approx(4 * GIB / (10 * GBIT) + 0.02, rel=0.05)
 
 
 def test_run_dict_round_trip() -> None:

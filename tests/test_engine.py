@@ -944,26 +944,24 @@ async def test_a_handover_the_hypervisor_refuses_is_not_taken_as_done(
     assert rig.actions(mid).count("handover") == 3  # two refused, then the one taken
 
 
-async def test_a_final_stop_whose_link_breaks_is_cancelled_so_the_instance_resumes(
+async def test_a_final_stop_whose_link_breaks_is_recorded_with_its_violation(
     rig: Rig,
 ) -> None:
-    """The hypervisor stopped the guest for its final copy and the link broke under it:
-    waiting would keep it stopped until the link times out (30s). lmwatch cancels once
-    it sees nothing move, and the instance runs on the source again within seconds."""
+    """The hypervisor stopped the guest for its final copy and the link broke under it.
+    QEMU serves no command until that copy ends (it holds its big lock through it), so
+    nothing can cut the stop short: the job fails at the link's timeout (30s) and the
+    guest runs on the source again. The engine records how long it was stopped and the
+    violation that is; before, a job that did not complete had no stop on record."""
     mid = await rig.migrate("idle")
     for _ in range(10_000):
         await rig.clock.advance(0.02)
         if (await rig.driver.sample(mid)).phase is Phase.COMPLETING:
             break
-    stopped_at = rig.clock.now()
     rig.driver.inject_fault("link_break", between=("a", "b"))
     await rig.finish(mid)
     record = rig.engine.get(mid)
-    assert record.state is State.CANCELLED, record.outcome
-    cancel = next(e for e in rig.store.events(mid) if e.action == "cancel")
-    assert "stopped for its final copy" in cancel.reason and "nothing has moved" in cancel.reason
-    assert cancel.at - stopped_at <= 3.0
+    assert record.state is State.FAILED, record.outcome
     assert rig.driver.where("idle") == "a"
-    # the stop was longer than the profile allows, and the record says so
+    assert "cancel" not in rig.actions(mid)  # nothing lmwatch could do would be served
     violation = next(e for e in rig.store.events(mid) if e.kind == "violation")
     assert "blackout" in violation.reason and "over 300ms" in violation.reason

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmwatch.model import MIB, Action, MigrationContext, Phase, Rule, Sample
+from lmwatch.model import MIB, Action, MigrationContext, Phase, Sample
 from lmwatch.policies import ForceRefused, decide, force_complete
-from lmwatch.policies.forcing import final_stop_outlasting, pause_outlasting
+from lmwatch.policies.forcing import pause_outlasting
 from lmwatch.profiles.schema import Profile
 
 try:
@@ -263,71 +263,3 @@ def test_no_cancel_for_an_accepted_pause_a_finished_copy_or_one_sample() -> None
     assert pause_outlasting(PAUSING, _paused_history(200 * MIB, 0), _paused_context()) is None
     assert pause_outlasting(PAUSING, stalled[:2], _paused_context()) is None
     assert pause_outlasting(PAUSING, stalled, replace(_paused_context(), paused=False)) is None
-
-
-# -- a final stop that would outlast its bound ---------------------------------------------
-
-
-def _stopped_context(**fields: object) -> MigrationContext:
-    return replace(context(STUCK, plan()), **fields)  # type: ignore[arg-type]
-
-
-def test_a_final_stop_whose_link_broke_is_cancelled_so_the_instance_resumes() -> None:
-    """The hypervisor stopped the guest for its final copy; the link then broke, and
-    nothing moves: waiting would keep it stopped until the link's timeout."""
-    stalled = _paused_history(0, 200 * MIB)
-    reason = final_stop_outlasting(PAUSING, stalled, _stopped_context())
-    assert reason is not None
-    assert "stopped for its final copy 1.0s ago" in reason and "nothing has moved" in reason
-    assert "past 5.0s" in reason  # where pausing is allowed, a stop may last max_pause
-    decision = decide(PAUSING, stalled, _stopped_context(), now=11.2)
-    assert decision.action is Action.CANCEL and decision.reason == reason
-    assert decision.rule is Rule.STOP_OUTLASTS_BOUND
-    strict = Profile(name="s", max_blackout=0.5)
-    assert "past 500ms" in (final_stop_outlasting(strict, stalled, _stopped_context()) or "")
-
-
-@pytest.mark.parametrize(
-    ("moved", "left", "outlasts"),
-    [
-        (100 * MIB, 100 * MIB, False),  # 100MiB/s: done about 2s after it stopped
-        (20 * MIB, 180 * MIB, True),  # the link fell to 20MiB/s: 9s more, over 5s
-    ],
-)
-def test_a_slowed_final_stop_is_cancelled_only_when_it_would_outlast_its_bound(
-    moved: int, left: int, outlasts: bool
-) -> None:
-    reason = final_stop_outlasting(PAUSING, _paused_history(moved, left), _stopped_context())
-    assert (reason is not None) is outlasts
-    if reason is not None:
-        assert "the final stop would last about" in reason and "limit 5.0s" in reason
-
-
-@pytest.mark.parametrize(
-    ("left", "cancelled"),
-    [
-        (10 * MIB, False),  # 0.1s more at 100MiB/s: finishing adds less than the 300ms
-        (60 * MIB, True),  # 0.6s more: longer than the bound again
-    ],
-)
-def test_a_final_stop_already_over_its_bound_finishes_when_little_is_left(
-    left: int, cancelled: bool
-) -> None:
-    """Samples come a second apart: a 300ms stop seen twice has outlasted its bound
-    already. Cancelling then ends no breach; it is taken only when finishing would stop
-    the guest longer than the bound again (and always when nothing moves)."""
-    tight = Profile(name="t", max_blackout=0.3)
-    history = _paused_history(100 * MIB, left)
-    reason = final_stop_outlasting(tight, history, _stopped_context())
-    assert (reason is not None) is cancelled
-    assert final_stop_outlasting(tight, _paused_history(0, left), _stopped_context()) is not None
-
-
-def test_a_final_stop_is_not_cancelled_after_a_pause_a_handover_or_while_copying() -> None:
-    stalled = _paused_history(0, 200 * MIB)
-    assert final_stop_outlasting(PAUSING, stalled, _paused_context()) is None  # the pause's
-    assert final_stop_outlasting(PAUSING, stalled, _stopped_context(handed_over=True)) is None
-    assert final_stop_outlasting(PAUSING, stalled, _stopped_context(accept_pause=True)) is None
-    copying = [*stalled[:2], replace(stalled[2], phase=Phase.COPYING)]
-    assert final_stop_outlasting(PAUSING, copying, _stopped_context()) is None
-    assert final_stop_outlasting(PAUSING, stalled[:2], _stopped_context()) is None

@@ -336,6 +336,24 @@ def test_cancel_leaves_the_instance_on_the_source() -> None:
     assert model.result().running_on == "host-a"
 
 
+def test_a_cancel_is_refused_during_the_hypervisors_final_stop_but_not_our_pause() -> None:
+    """QEMU serves no command from stopping the guest for its final copy to the end of
+    that copy (`migration_completion` holds its big lock); a pause is pre-copy with the
+    guest suspended, and a cancel is served then."""
+    stopping = make(memory=4 * GIB, bandwidth=1 * GIB, budget=60.0)
+    run(stopping, 0.2, dt=0.05)
+    assert stopping.phase is Phase.COMPLETING and stopping.final_copy
+    with pytest.raises(ActionRefused, match="final copy"):
+        stopping.cancel()
+    paused = never_converging()
+    run(paused, 10)
+    paused.pause()
+    assert paused.phase is Phase.COMPLETING and not paused.final_copy
+    paused.cancel()
+    run(paused, 1, dt=0.05)
+    assert paused.phase is Phase.CANCELLED
+
+
 def test_actions_on_an_ended_migration_are_refused() -> None:
     model = make(memory=1 * GIB, bandwidth=1 * GIB)
     run(model, 10)

@@ -292,6 +292,9 @@ class Migration:
         self.max_slowdown = 0.0
         self._bad_passes = 0
         self.paused = False
+        # The hypervisor stopped the guest itself for the final copy (not our pause):
+        # it serves no command until that copy ends (`cancel`).
+        self.final_copy = False
         self.handed_over = False
         self._stopped_at: float | None = None
         self.blackout: float | None = None
@@ -482,10 +485,21 @@ class Migration:
         self._settle()
 
     def cancel(self) -> None:
-        """Stop migrating; the instance keeps running on the source shortly after."""
+        """Stop migrating; the instance keeps running on the source shortly after.
+
+        Not during the hypervisor's own final stop: QEMU holds its big lock from
+        stopping the guest to the end of the final copy (`migration_completion`), and
+        libvirt's abort waits for it; by then the job has completed, or failed with the
+        link. (A stop that is our pause is pre-copy with the guest suspended: abort
+        is served then.)"""
         if self.phase is Phase.HANDOVER:
             raise ActionRefused("cannot cancel once handed over")
         self._refuse_if_ended()
+        if self.phase is Phase.COMPLETING and self.final_copy:
+            raise ActionRefused(
+                "the guest is stopped for its final copy; the hypervisor takes no command "
+                "until that copy ends"
+            )
         if self._cancel_at is None:
             self._cancel_at = self.elapsed + self.tuning.cancel_delay
 
@@ -715,6 +729,7 @@ class Migration:
             if self._unsent <= _BYTE or (burst and self._fits(self._unsent)):
                 self._end_pass()
                 if self._fits(self._unsent):
+                    self.final_copy = True
                     self._stop_and_copy()
         if self.phase is Phase.COMPLETING and self._left <= _BYTE and self._device_left <= _TICK:
             assert self._stopped_at is not None

@@ -4,9 +4,9 @@ The rules, in order (DESIGN.md section 4):
 
 1. paused by us, and at the rate the rest now moves the pause would outlast its
    bound (the link stalled or slowed) -> cancel, so the instance resumes on the
-   source; so for the final stop, whose bound is the longest stop the profile allows
-   (the link broke under it: the guest would stay stopped until the link's timeout);
-   otherwise, past copying (paused, handed over, completing, ended) -> continue;
+   source (not for the hypervisor's own final stop: QEMU serves no command from
+   stopping the guest to the end of the final copy); otherwise, past copying
+   (paused, handed over, completing, ended) -> continue;
 1b. the switch alone (stop, device state, resume) took longer than any stop the
    profile allows every time it was measured on this host pair -> cancel at once,
    unless an operator asked to finish: no completion, by a final stop, a pause or a
@@ -92,7 +92,6 @@ from lmwatch.policies.forcing import (
     ForceRefused,
     already_finishing,
     blackout_limit,
-    final_stop_outlasting,
     finish_now,
     force_complete,
     handover_fits,
@@ -126,9 +125,6 @@ def decide(
     stalled = pause_outlasting(profile, history, ctx)
     if stalled is not None:
         return Decision(Action.CANCEL, stalled, prediction, rule=Rule.PAUSE_OUTLASTS_BOUND)
-    stalled = final_stop_outlasting(profile, history, ctx)
-    if stalled is not None:
-        return Decision(Action.CANCEL, stalled, prediction, rule=Rule.STOP_OUTLASTS_BOUND)
     done = already_finishing(history, ctx)
     if done is not None:
         return Decision(

@@ -114,48 +114,11 @@ def pause_outlasting(profile: Profile, history: History, ctx: MigrationContext) 
     """
     if not ctx.paused or ctx.handed_over or ctx.accept_pause:
         return None
-    return _stop_outlasting(history, ctx, pause_bound(profile), ("paused", "pause"), ctx.paused_at)
-
-
-def final_stop_outlasting(profile: Profile, history: History, ctx: MigrationContext) -> str | None:
-    """Why the final stop will outlast its bound at the rate the rest now moves, or None.
-
-    The hypervisor stops the guest for its final copy once what is left fits the
-    budget, a fraction of a second's worth at the rate then; if the link breaks or
-    slows under it, the guest stays stopped until the link's timeout (tens of seconds)
-    or the slowed copy ends. The bound is the longest stop the profile allows
-    (`stop_bound`); cancelling resumes the guest on the source. Not after a pause or a
-    handover (`pause_outlasting`, and nothing stops then), and not while an operator's
-    accepted pause holds.
-    """
-    if ctx.paused or ctx.handed_over or ctx.accept_pause:
-        return None
-    track = tracked(history)
-    latest = track.latest
-    if latest is None or latest.phase is not Phase.COMPLETING:
-        return None
-    words = ("stopped for its final copy", "final stop")
-    return _stop_outlasting(track, ctx, stop_bound(profile), words, track.stop_began)
-
-
-def _stop_outlasting(
-    history: History,
-    ctx: MigrationContext,
-    bound: float,
-    words: tuple[str, str],
-    since: float | None,
-) -> str | None:
-    """Why a stop that began at `since` (None: at the first sample that saw the guest
-    stopped) outlasts `bound`, from the rate the rest moved at over the last second or
-    more of it; None when it does not, or that rate cannot be read yet, or when it
-    already has and finishing takes no longer than the bound again. `words`: how the
-    reason says the guest stopped, and what the stop is called."""
-    stop, name = words
     track = tracked(history)
     stopped = track.stopped  # the latest samples taken while it was stopped
     if track.stopped_count < 2 or track.first_stopped is None:
         return None
-    start = since if since is not None else track.first_stopped.time
+    start = ctx.paused_at if ctx.paused_at is not None else track.first_stopped.time
     last = stopped[-1]
     before = next((s for s in reversed(stopped) if s.time <= last.time - _RATE_WINDOW), None)
     if before is None:
@@ -164,28 +127,23 @@ def _stop_outlasting(
     left = last.memory_remaining
     if interval <= 0 or left <= 0:
         return None
+    bound = pause_bound(profile)
     moved = max(0, last.memory_transferred - before.memory_transferred)
     so_far = max(0.0, last.time - start)
     if moved == 0:
         return (
-            f"{stop} {duration_text(so_far)} ago and nothing has moved for "
+            f"paused {duration_text(so_far)} ago and nothing has moved for "
             f"{duration_text(interval)} ({format_size(left)} left): the link has stalled, "
             f"and waiting would keep the instance stopped past {duration_text(bound)}; "
             "cancelling, so that it resumes on the source"
         )
     rate = moved / interval
-    rest = left / rate + ctx.switchover
-    total = so_far + rest
+    total = so_far + left / rate + ctx.switchover
     if total <= bound:
         return None
-    if so_far > bound and rest <= bound:
-        # Already over its bound (samples come a second apart): the breach is there
-        # either way, and finishing keeps the guest stopped no more than the bound
-        # longer, with the instance moved.
-        return None
     return (
-        f"{stop} {duration_text(so_far)} ago; the rest ({format_size(left)}) now moves at "
-        f"{format_size(rate)}/s, so the {name} would last about {duration_text(total)} "
+        f"paused {duration_text(so_far)} ago; the rest ({format_size(left)}) now moves at "
+        f"{format_size(rate)}/s, so the pause would last about {duration_text(total)} "
         f"(limit {duration_text(bound)}); cancelling, so that it resumes on the source"
     )
 

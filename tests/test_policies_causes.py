@@ -421,8 +421,8 @@ def test_3_a_first_pass_handover_needs_room_for_the_link_to_slow() -> None:
     """3 GiB/s over 2 GiB of a 14 GiB guest, a 700 MiB/s link that drops to 40 % ten
     seconds in. The measurement before the start says copying cannot converge, and a
     handover at the first sample would mean about 20 s of degraded running: within the
-    30 s limit, but not twice over. Handed over then, the drop stretched it to about
-    34 s (`s4-0031`). Waiting for the first pass to end leaves only what the guest
+    30 s limit, but not 1.5 times over. Handed over then, the drop stretched it to 35 s
+    (34 s in `s4-0031`). Waiting for the first pass to end leaves only what the guest
     rewrote, about 2 GiB, and the handover then fits even at the slower rate."""
     profile = LATENCY_CRITICAL_LIKE.model_copy(
         update={"handover": HandoverPolicy.ALLOWED, "max_degraded": 30.0}

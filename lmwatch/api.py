@@ -458,6 +458,7 @@ def drain_out(engine: Engine, drain: DrainRecord) -> schemas.Drain:
                 attempts=[schemas.DrainAttempt(destination=d, reason=r) for d, r in item.attempts],
                 reason=item.reason,
                 warning=item.warning,
+                moves=item.moves,
             )
         )
     moved = sum(1 for i in drain.items if i.state is ItemState.MOVED)

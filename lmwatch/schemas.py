@@ -487,6 +487,11 @@ class DrainEntry(_Response):
         description="Said at submission: why it may find no room at its turn (the hosts' "
         "room once the instances before it are placed); empty when none. It is still tried."
     )
+    moves: int = Field(
+        ge=0,
+        description="Times this drain moved it off the host before, each time something "
+        "else put it back (its current migration is a move of its own).",
+    )
 
 
 class Drain(_Response):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from enginerig import EngineRig
 
+from lmwatch.api import drain_out
 from lmwatch.drivers.base import UnknownHost
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.engine.placing import DestinationDraining
@@ -269,6 +270,8 @@ async def test_an_instance_put_back_on_the_host_is_moved_again(tmp_path: Path) -
         q1 = next(i for i in done.items if i.instance == "q1")
         assert q1.state is ItemState.MOVED and q1.moves == 1, q1
         assert q1.reason == f"moved to {q1.destination} (again: put back on src 1 time(s))"
+        shown = next(e for e in drain_out(rig.engine, done).instances if e.instance == "q1")
+        assert shown.moves == 1  # what the API shows
         assert q1.migration_id != first
         assert rig.engine.get(first).state is State.COMPLETED
         assert [i.instance for i in done.items] == ["q1", "late"]

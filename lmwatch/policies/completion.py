@@ -4,7 +4,7 @@ The rules, in order (DESIGN.md section 4):
 
 1. paused by us, and at the rate the rest now moves the pause would outlast its
    bound (the link stalled or slowed) -> cancel, so the instance resumes on the
-   source (not for the hypervisor's own final stop: QEMU serves no command from
+   source (not for the hypervisor's own final stop: it serves no command from
    stopping the guest to the end of the final copy); otherwise, past copying
    (paused, handed over, completing, ended) -> continue;
 1b. the switch alone (stop, device state, resume) took longer than any stop the

@@ -487,11 +487,11 @@ class Migration:
     def cancel(self) -> None:
         """Stop migrating; the instance keeps running on the source shortly after.
 
-        Not during the hypervisor's own final stop: QEMU holds its big lock from
-        stopping the guest to the end of the final copy (`migration_completion`), and
-        libvirt's abort waits for it; by then the job has completed, or failed with the
-        link. (A stop that is our pause is pre-copy with the guest suspended: abort
-        is served then.)"""
+        Not during the hypervisor's own final stop: the real one holds its main lock
+        from stopping the guest to the end of the final copy, and an abort waits for
+        it; by then the job has completed, or failed with the link (docs/benchmark.md,
+        "Could lmwatch cut short a final stop"). A stop that is our pause is pre-copy
+        with the guest stopped, and an abort is served then."""
         if self.phase is Phase.HANDOVER:
             raise ActionRefused("cannot cancel once handed over")
         self._refuse_if_ended()

@@ -267,7 +267,11 @@ class JobResult:
     """What the driver reports once a migration has ended."""
 
     phase: Phase  # COMPLETED, CANCELLED or FAILED
-    blackout_seconds: float | None = None  # measured final pause
+    # How long the instance was stopped at the end: the measured final pause of a
+    # completed migration, or, for one that did not complete, from the stop to running
+    # again on the source (the link broke under the final copy, say). None: not stopped,
+    # or not known.
+    blackout_seconds: float | None = None
     transferred: int = 0
     passes: int = 0
     paused: bool = False

@@ -950,8 +950,9 @@ async def test_a_final_stop_whose_link_breaks_is_recorded_with_its_violation(
     """The hypervisor stopped the guest for its final copy and the link broke under it.
     QEMU serves no command until that copy ends (it holds its big lock through it), so
     nothing can cut the stop short: the job fails at the link's timeout (30s) and the
-    guest runs on the source again. The engine records how long it was stopped and the
-    violation that is; before, a job that did not complete had no stop on record."""
+    guest runs on the source again. The driver reports how long it was stopped (the
+    hypervisor's statistics wait through such a stop, so samples cannot tell), and the
+    engine records it with the violation that is."""
     mid = await rig.migrate("idle")
     for _ in range(10_000):
         await rig.clock.advance(0.02)

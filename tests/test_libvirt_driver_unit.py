@@ -937,6 +937,52 @@ async def test_failed_pause_resumes_the_source(
     assert dom.state[0] == C.VIR_DOMAIN_RUNNING
 
 
+@pytest.mark.parametrize("resume_event", [True, False])
+async def test_a_final_stop_that_fails_reports_how_long_the_instance_was_stopped(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock, resume_event: bool
+) -> None:
+    """The hypervisor stops the instance for its final copy and the link breaks under
+    it: the job fails and the instance runs on the source again. The statistics call
+    waits through such a stop, so no sample saw it; the result says how long it lasted,
+    from the stop's event to the source's resume event (or to our resume, when the
+    instance was left paused). Before, a failed job reported no stop at all."""
+    dom = await started(cloud, driver)
+    await clock.advance(1.0)
+    cloud.fire(
+        "a",
+        C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+        dom,
+        C.VIR_DOMAIN_EVENT_SUSPENDED,
+        C.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED,
+    )
+    dom.state = (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_MIGRATION)
+    await clock.advance(15.0)  # t = 16: the link's timeout ends the job
+    if resume_event:
+        dom.state = (C.VIR_DOMAIN_RUNNING, C.VIR_DOMAIN_RUNNING_MIGRATION_CANCELED)
+        cloud.fire(
+            "a",
+            C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            dom,
+            C.VIR_DOMAIN_EVENT_RESUMED,
+            C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED,
+        )
+    cloud.fail("vm1", "a", "operation failed: Lost connection to destination host")
+    await clock.advance(2.0)  # t = 18: we learn of the end a little later
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.FAILED, "a")
+    assert result.blackout_seconds == pytest.approx(15.0 if resume_event else 17.0)
+    assert (("resume",) in dom.calls) is not resume_event
+
+
+async def test_a_cancelled_copy_that_never_stopped_reports_no_stop(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    await started(cloud, driver)
+    await driver.cancel("m1")
+    result = await finished(driver, clock)
+    assert result.phase is Phase.CANCELLED and result.blackout_seconds is None
+
+
 async def test_start_failure_raises(cloud: FakeCloud, driver: LibvirtDriver) -> None:
     dom = cloud.hosts["a"].domains["vm1"]
     dom.fail_with["migrateToURI3"] = cloud.libvirt.libvirtError(

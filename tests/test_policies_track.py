@@ -146,17 +146,6 @@ class ScanTrack(Track):
         return self.stopped[0] if self.stopped else None
 
     @property  # type: ignore[override]
-    def stop_began(self) -> float | None:
-        ran = [
-            n
-            for n, s in enumerate(self.history)
-            if s.phase is not Phase.COMPLETING and not s.phase.finished
-        ]
-        after = self.history[ran[-1] + 1 :] if ran else self.history
-        stopped = [s for s in after if s.phase is Phase.COMPLETING]
-        return stopped[0].time if stopped else None
-
-    @property  # type: ignore[override]
     def max_disk_total(self) -> int:
         return max((s.disk_total for s in self.history), default=0)
 
@@ -410,30 +399,3 @@ def test_passes_seen_before_the_disks_fell_behind_do_not_count() -> None:
     folded = analyse(Track.of(history), ctx, policy)
     assert [r.number for r in folded.records] == [3, 4]
     assert folded == analyse(ScanTrack(history, policy.kept_passes, policy.disk_window), ctx)
-
-
-def test_a_track_knows_when_the_stop_the_job_ended_in_began() -> None:
-    """`stop_began`: the first of the samples that saw the guest stopped up to the
-    latest that did not end the job; a stop the guest came out of is forgotten."""
-
-    def at(t: float, phase: Phase) -> Sample:
-        return Sample(
-            time=t,
-            memory_total=1 << 30,
-            memory_remaining=1 << 20,
-            memory_transferred=1 << 29,
-            transfer_rate=1e8,
-            change_rate=0.0,
-            passes=3,
-            phase=phase,
-        )
-
-    track = Track()
-    for sample in (at(1, Phase.COPYING), at(5, Phase.COMPLETING), at(6, Phase.COMPLETING)):
-        track.add(sample)
-    assert track.stop_began == 5
-    track.add(at(7, Phase.COPYING))  # it ran again (a pause outside lmwatch, say)
-    assert track.stop_began is None
-    track.add(at(8, Phase.COMPLETING))
-    track.add(at(9, Phase.CANCELLED))
-    assert track.stop_began == 8

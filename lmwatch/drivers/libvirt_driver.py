@@ -207,6 +207,8 @@ class _Job:
     paused_at: float | None = None
     handed_over: bool = False
     final_stop: bool = False  # the source stopped the instance for the last copy
+    final_stop_at: float | None = None  # when it did (its event)
+    source_resumed_at: float | None = None  # the instance last ran again on the source (event)
     ended_at: float | None = None  # when we learned that the job ended (event or call)
     resumed_at: float | None = None  # the instance resumed on the destination (event)
     end_event_at: float | None = None  # first job-completed / stopped event from the source
@@ -832,6 +834,8 @@ class LibvirtDriver:
             if event == lv.VIR_DOMAIN_EVENT_SUSPENDED and host == job.source:
                 if detail == lv.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED:
                     job.final_stop = True
+                    if job.final_stop_at is None:
+                        job.final_stop_at = self._clock.now()
                 elif detail == lv.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY:
                     job.handed_over = True
             elif event == lv.VIR_DOMAIN_EVENT_RESUMED:
@@ -839,6 +843,8 @@ class LibvirtDriver:
                     job.handed_over = True
                 if host == job.destination and job.resumed_at is None:
                     job.resumed_at = self._clock.now()
+                elif host == job.source:
+                    job.source_resumed_at = self._clock.now()
             elif event == lv.VIR_DOMAIN_EVENT_STOPPED and host == job.source:
                 now = self._clock.now()
                 job.ended_at = now if job.ended_at is None else job.ended_at
@@ -1179,7 +1185,7 @@ class LibvirtDriver:
         cannot be asked and the answer depends on it.
         """
         lv = self._lv
-        at_src, _ = await self._where(job.source, job.name)
+        at_src, src_reason = await self._where(job.source, job.name)
         if at_src in (Where.RUNNING, Where.PAUSED) and await self._still_migrating(job):
             if not job.adopted:
                 log.warning("migration-adopted", migration=job.id, why=job.error)
@@ -1193,7 +1199,10 @@ class LibvirtDriver:
             at_dst,
             error=job.error,
             cancel_requested=job.cancel_requested,
-            we_paused=job.paused,
+            # ours to resume: our pause, or the job's final stop of a running instance
+            # that the hypervisor left in place when the job failed
+            we_paused=job.paused
+            or (job.final_stop_at is not None and src_reason == lv.VIR_DOMAIN_PAUSED_MIGRATION),
             after_restart=job.after_restart,
         )
         if outcome.undecided:
@@ -1224,6 +1233,8 @@ class LibvirtDriver:
         blackout = measured_blackout(completed)
         if outcome.phase is Phase.COMPLETED and job.paused and job.paused_at is not None:
             blackout = max(blackout or 0.0, self._resumed_at(job, completed) - job.paused_at)
+        elif outcome.phase is not Phase.COMPLETED and outcome.running_on == job.source:
+            blackout = self._stop_on_the_source(job, resumed_by_us=note is not None)
         passes = max(
             job.passes_seen,
             int((completed or {}).get("memory_iteration", 0) or 0),
@@ -1252,6 +1263,26 @@ class LibvirtDriver:
             error=error,
         )
         job.changed.set()
+
+    def _stop_on_the_source(self, job: _Job, *, resumed_by_us: bool) -> float | None:
+        """How long a stop for the final copy (the hypervisor's, or our pause) that did
+        not complete kept the instance stopped on the source; None when it never stopped.
+
+        The hypervisor serves no statistics call during its final copy, so samples cannot
+        tell when it began: the stop's event does. It ends when the instance runs on the
+        source again (its resume event, or our resume when nothing resumed it).
+        """
+        began = job.paused_at if job.paused else job.final_stop_at
+        if began is None:
+            return None
+        now = self._clock.now()
+        if resumed_by_us:
+            ended = now
+        elif job.source_resumed_at is not None and job.source_resumed_at >= began:
+            ended = job.source_resumed_at
+        else:
+            ended = job.ended_at if job.ended_at is not None else now
+        return max(0.0, ended - began)
 
     def _resumed_at(self, job: _Job, completed: Mapping[str, Any] | None) -> float:
         """When the instance ran again on the destination (the end of a pause's blackout).

@@ -863,10 +863,10 @@ class Migration:
 
     def result(self) -> JobResult:
         hosts = {Side.SOURCE: self.source, Side.DESTINATION: self.destination}
-        known = self.phase is Phase.COMPLETED and self._blackout_known
+        blackout = self.blackout if self.phase is Phase.COMPLETED else self.stopped_seconds
         return JobResult(
             phase=self.phase,
-            blackout_seconds=self.blackout if known else None,
+            blackout_seconds=blackout if self._blackout_known else None,
             transferred=round(self.transferred),
             passes=self.passes,
             paused=self.paused,

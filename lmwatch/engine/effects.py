@@ -522,15 +522,9 @@ class Effects:
         degraded = None
         if supervision.handed_over_at is not None and record.finished_at is not None:
             degraded = max(0.0, record.finished_at - supervision.handed_over_at)
-        stopped = result.blackout_seconds
+        stopped = result.blackout_seconds  # the driver's: a stop that did not complete too
         if stopped is None and supervision.paused_at is not None and record.finished_at:
             stopped = max(0.0, record.finished_at - supervision.paused_at)  # until it resumed
-        began = supervision.track.stop_began
-        if stopped is None and not completed and began is not None and record.finished_at:
-            # a final stop that did not complete (the link broke under it, or it was
-            # cancelled): the guest stayed stopped until the job ended, at least since
-            # the first of the samples before the end that saw it stopped
-            stopped = max(0.0, record.finished_at - began)
         finish = policies.Finish(
             blackout=stopped,
             paused=result.paused or record.paused,

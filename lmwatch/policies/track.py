@@ -87,7 +87,6 @@ class Track:
         "max_disk_total",
         "recent",
         "repeating",
-        "stop_began",
         "stopped_count",
         "synced",
     )
@@ -111,9 +110,6 @@ class Track:
         self._stopped: deque[Sample] = deque()
         self.stopped_count = 0
         self.first_stopped: Sample | None = None
-        # when the samples that saw the guest stopped, up to the latest that did not end
-        # the job, began (None: the latest such sample saw it running)
-        self.stop_began: float | None = None
         self.max_disk_total = 0
         # Counts changes to what pass records are built from (the passes kept, their
         # first sample and largest remainder, the last sample of a pass once the next
@@ -208,14 +204,10 @@ class Track:
                 self.evidence += 1
             self._count_pass(sample)
         if sample.phase is Phase.COMPLETING:
-            if self.stop_began is None:
-                self.stop_began = sample.time
             self.stopped_count += 1
             if self.first_stopped is None:
                 self.first_stopped = sample
             self._keep(self._stopped, sample, PAUSE_WINDOW, 2)
-        elif not sample.phase.finished:  # running again (an end leaves the stop it ended)
-            self.stop_began = None
 
     def _count_pass(self, sample: Sample) -> None:
         n = sample.passes

@@ -109,7 +109,8 @@ class Metrics:
         )
         self.blackout = Histogram(
             "lmwatch_blackout_seconds",
-            "Measured final pause seen by instances, by method.",
+            "Final pause seen by instances, by method (measured; a stop that did not "
+            "complete counts until the instance ran again on the source).",
             ["method"],
             buckets=_BLACKOUT_BUCKETS,
             registry=r,

@@ -224,7 +224,11 @@ class TimelineEntry(_Response):
 class Outcome(_Response):
     method: Method
     total_seconds: float
-    blackout_seconds: float | None
+    blackout_seconds: float | None = Field(
+        description="How long the instance was stopped at the end: the measured final "
+        "pause of a completed migration; for one that did not complete, until the "
+        "instance ran again on the source. Null when it was not stopped or is not known."
+    )
     passes: int
     transferred_bytes: int
     error: str | None

@@ -454,6 +454,11 @@ async def started(cloud: FakeCloud, driver: LibvirtDriver, plan: StartPlan = PLA
     return dom
 
 
+def lifecycle(cloud: FakeCloud, host: str, dom: Any, event: int, detail: int) -> None:
+    """A lifecycle event of `dom` from `host` (stopped, resumed, and why)."""
+    cloud.fire(host, C.VIR_DOMAIN_EVENT_ID_LIFECYCLE, dom, event, detail)
+
+
 async def finished(driver: LibvirtDriver, clock: VirtualClock) -> Any:
     async def done() -> bool:
         return (await driver.sample("m1")).phase.finished
@@ -844,13 +849,7 @@ async def test_job_completed_event_keeps_stats(
     dom = await started(cloud, driver)
     cloud.fire("a", C.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION, dom, 7)
     assert (await driver.sample("m1")).passes == 7
-    cloud.fire(
-        "a",
-        C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-        dom,
-        C.VIR_DOMAIN_EVENT_SUSPENDED,
-        C.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED,
-    )
+    lifecycle(cloud, "a", dom, C.VIR_DOMAIN_EVENT_SUSPENDED, C.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED)
     assert (await driver.sample("m1")).phase is Phase.COMPLETING
     cloud.fire("a", C.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, dom, {"type": 3, "downtime": 180})
     cloud.complete("vm1", "a", "b", None)  # completed stats not readable afterwards
@@ -948,24 +947,12 @@ async def test_a_final_stop_that_fails_reports_how_long_the_instance_was_stopped
     instance was left paused). Before, a failed job reported no stop at all."""
     dom = await started(cloud, driver)
     await clock.advance(1.0)
-    cloud.fire(
-        "a",
-        C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-        dom,
-        C.VIR_DOMAIN_EVENT_SUSPENDED,
-        C.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED,
-    )
+    lifecycle(cloud, "a", dom, C.VIR_DOMAIN_EVENT_SUSPENDED, C.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED)
     dom.state = (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_MIGRATION)
     await clock.advance(15.0)  # t = 16: the link's timeout ends the job
     if resume_event:
         dom.state = (C.VIR_DOMAIN_RUNNING, C.VIR_DOMAIN_RUNNING_MIGRATION_CANCELED)
-        cloud.fire(
-            "a",
-            C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-            dom,
-            C.VIR_DOMAIN_EVENT_RESUMED,
-            C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED,
-        )
+        lifecycle(cloud, "a", dom, C.VIR_DOMAIN_EVENT_RESUMED, C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED)
     cloud.fail("vm1", "a", "operation failed: Lost connection to destination host")
     await clock.advance(2.0)  # t = 18: we learn of the end a little later
     result = await finished(driver, clock)
@@ -1341,22 +1328,12 @@ async def test_pause_blackout_ends_when_the_instance_resumes(
     await clock.advance(2.0)  # t = 3
     moved = cloud.complete("vm1", "a", "b", completed, release=False)
     if resumed_at is not None:
-        cloud.fire(
-            "b",
-            C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-            moved,
-            C.VIR_DOMAIN_EVENT_RESUMED,
-            C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED,
+        lifecycle(
+            cloud, "b", moved, C.VIR_DOMAIN_EVENT_RESUMED, C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED
         )
     await clock.advance(1.5)  # t = 4.5: the source confirms; the migrate call returns later
     cloud.fire("a", C.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, dom, completed)
-    cloud.fire(
-        "a",
-        C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-        dom,
-        C.VIR_DOMAIN_EVENT_STOPPED,
-        C.VIR_DOMAIN_EVENT_STOPPED_MIGRATED,
-    )
+    lifecycle(cloud, "a", dom, C.VIR_DOMAIN_EVENT_STOPPED, C.VIR_DOMAIN_EVENT_STOPPED_MIGRATED)
     await clock.advance(1.0)
     dom.release.set()
     result = await finished(driver, clock)
@@ -1377,12 +1354,8 @@ async def test_pause_blackout_of_a_reattached_job(
     completed = {"type": C.VIR_DOMAIN_JOB_COMPLETED, "downtime": 700, "time_elapsed": 7000}
     moved = cloud.complete("vm1", "a", "b", completed)
     if resume_event:
-        cloud.fire(
-            "b",
-            C.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-            moved,
-            C.VIR_DOMAIN_EVENT_RESUMED,
-            C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED,
+        lifecycle(
+            cloud, "b", moved, C.VIR_DOMAIN_EVENT_RESUMED, C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED
         )
     await clock.advance(1.5)  # t = 3.5: the source confirms
     cloud.fire("a", C.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, dom, completed)

@@ -1234,7 +1234,7 @@ class LibvirtDriver:
         if outcome.phase is Phase.COMPLETED and job.paused and job.paused_at is not None:
             blackout = max(blackout or 0.0, self._resumed_at(job, completed) - job.paused_at)
         elif outcome.phase is not Phase.COMPLETED and outcome.running_on == job.source:
-            blackout = self._stop_on_the_source(job, resumed_by_us=note is not None)
+            blackout = self._stop_on_the_source(job, resumed_by_us=outcome.resume_on == job.source)
         passes = max(
             job.passes_seen,
             int((completed or {}).get("memory_iteration", 0) or 0),

@@ -262,6 +262,8 @@ class FakeHost:
     nodes: int = 1
     describes_cells: bool = True  # getCapabilities() has <topology><cells>
     opens: int = 0
+    open_gate: threading.Event | None = None  # when set: an open waits for it (a hung daemon)
+    closes: int = 0  # connections closed
     pools: dict[str, FakePool] = field(default_factory=dict)  # by target path
     callbacks: dict[int, tuple[int, Any, Any]] = field(default_factory=dict)
 
@@ -425,6 +427,7 @@ class FakeConnect:
         return int(self.alive and self.host.up)
 
     def close(self) -> int:
+        self.host.closes += 1
         return 0
 
     def domainListGetStats(self, doms: list[Any], stats: int, flags: int = 0) -> list[Any]:
@@ -471,6 +474,8 @@ class FakeCloud:
         for host in self.hosts.values():
             if host.uri == uri:
                 host.opens += 1
+                if host.open_gate is not None:
+                    host.open_gate.wait()
                 host.check()
                 return FakeConnect(host)
         raise libvirtError(f"no host at {uri}", 38, 7)

@@ -1933,6 +1933,49 @@ async def test_close_does_not_wait_for_a_hung_call_or_a_hung_close(
         forever.set()
 
 
+async def test_an_open_that_never_answers_is_given_up_and_its_late_connection_closed(
+    cloud: FakeCloud, clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon that takes the socket and never answers: the open is bounded, the host
+    counts as unreachable (with its backoff), and nothing waits for it for good."""
+    monkeypatch.setattr(libvirt_conn, "OPEN_TIMEOUT", 0.2)
+    driver = LibvirtDriver({"a": HostConfig(uri=cloud.hosts["a"].uri)}, clock)
+    host = cloud.hosts["a"]
+    host.open_gate = threading.Event()
+    try:
+        with pytest.raises(HostLost, match="opening the connection did not answer within"):
+            await asyncio.wait_for(driver._link("a").call(lambda c: 1, what="a call"), 3)
+        with pytest.raises(HostLost, match="next attempt in"):  # backoff, no second open
+            await driver._link("a").call(lambda c: 1, what="a call")
+        assert host.opens == 1
+        host.open_gate.set()  # the daemon answers at last: that connection is not kept
+        await real_until(lambda: host.closes == 1)
+        assert driver._link("a").current is None
+        await clock.advance(1.0)
+        assert await driver._link("a").call(lambda c: 1, what="a call") == 1
+    finally:
+        host.open_gate.set()
+        await driver.close()
+
+
+async def test_a_call_whose_open_hangs_ends_within_its_own_timeout(
+    cloud: FakeCloud, clock: VirtualClock
+) -> None:
+    driver = LibvirtDriver({"a": HostConfig(uri=cloud.hosts["a"].uri)}, clock)
+    host = cloud.hosts["a"]
+    host.open_gate = threading.Event()
+    try:
+        with pytest.raises(HostLost, match="version check did not answer in time"):
+            await asyncio.wait_for(
+                driver._link("a").call(lambda c: 1, what="version check", timeout=0.2), 3
+            )
+        host.open_gate.set()
+        await real_until(lambda: host.closes == 1)  # given up, so closed when it came
+    finally:
+        host.open_gate.set()
+        await driver.close()
+
+
 SHUTDOWN_SCRIPT = """
 import asyncio, sys, threading
 sys.path.insert(0, {tests!r})

@@ -43,6 +43,7 @@ KEEPALIVE_COUNT = 3  # unanswered messages before the connection counts as dead
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 CALL_TIMEOUT = 60.0
+OPEN_TIMEOUT = 30.0  # seconds an open may take (a daemon may take the socket, then hang)
 CLOSE_TIMEOUT = 5.0  # seconds `close` waits for a connection to close at shutdown
 # libvirtd serves at most `max_client_requests` (default 5) calls of one connection
 # at once; more threads than that would only wait in its socket.
@@ -392,22 +393,36 @@ class HostLink:
             loop = self._loop or asyncio.get_running_loop()
             if self._aio is not None:
                 ensure_event_loop(self._aio, loop)
+            opening = self.executor.submit(self._open)
             try:
-                conn, ids = await self.executor.submit(self._open)
+                conn, ids = await asyncio.wait_for(asyncio.shield(opening), OPEN_TIMEOUT)
             except self._lv.libvirtError as error:
-                self._failures += 1
                 raw = _message(error)
-                self._last_error = neutral_text(raw)
-                self._retry_at = self._clock.now() + backoff_delay(self._failures)
+                self._failed(neutral_text(raw))
                 log.warning("host-unreachable", host=self.name, code=_code(error), error=raw)
                 raise HostLost(
                     f"host {self.name} is unreachable: {self._last_error}", _code(error)
                 ) from error
+            except BaseException as error:
+                # A daemon that takes the socket but never answers: no one waits for this
+                # open any more; the connection it may yet return is closed, not leaked.
+                opening.add_done_callback(_close_unwanted)
+                if not isinstance(error, TimeoutError):
+                    raise
+                self._failed(f"opening the connection did not answer within {OPEN_TIMEOUT:.0f} s")
+                log.warning("host-unreachable", host=self.name, error=self._last_error)
+                raise HostLost(f"host {self.name} is unreachable: {self._last_error}") from error
             self._conn, self._callback_ids = conn, ids
             self._failures = 0
             self._retry_at = 0.0
             log.info("host-connected", host=self.name)
             return conn
+
+    def _failed(self, why: str) -> None:
+        """An open failed: the next attempt waits for the backoff delay."""
+        self._failures += 1
+        self._last_error = why
+        self._retry_at = self._clock.now() + backoff_delay(self._failures)
 
     def _open(self) -> tuple[Any, list[int]]:
         conn = self._lv.open(self.uri)
@@ -474,10 +489,11 @@ class HostLink:
         the log line that keeps libvirt's raw message. Raises `HostBusy` at once when
         the host's calls are not being answered (see `HostExecutor`).
         """
-        conn = await self.connection()
+        conn = None
         try:
-            job = self.executor.submit(fn, conn)
-            return await (asyncio.wait_for(job, timeout) if timeout else job)
+            async with asyncio.timeout(timeout or None):
+                conn = await self.connection()  # an open that hangs counts as the call's
+                return await self.executor.submit(fn, conn)
         except TimeoutError as error:
             self.drop(f"{what} did not answer within {timeout:.0f} s")
             raise HostLost(f"host {self.name}: {what} did not answer in time") from error
@@ -555,6 +571,14 @@ def _close(conn: Any, ids: list[int], lv: Any) -> None:
         conn.unregisterCloseCallback()
     with contextlib.suppress(Exception):
         conn.close()
+
+
+def _close_unwanted(opening: asyncio.Future[tuple[Any, list[int]]]) -> None:
+    """Close the connection of an open that was given up (it answered too late)."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    conn, ids = opening.result()
+    threading_close(conn, ids, None)
 
 
 def threading_close(conn: Any, ids: list[int], lv: Any) -> None:

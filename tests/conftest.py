@@ -4,8 +4,12 @@ real PostgreSQL (tests/pgtools.py) for the tests that need one."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import io
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,33 @@ from lmwatch.metrics import Metrics
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.schemas import openapi_document
 from lmwatch.store import Store
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """A test still running after `faulthandler_timeout` prints where its asyncio tasks
+    wait (the thread stacks that faulthandler prints show only the event loop's wait)."""
+    after = float(item.config.getini("faulthandler_timeout") or 0)
+    timer = threading.Timer(after, _print_pending_tasks, (item,)) if after > 0 else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _print_pending_tasks(item: pytest.Item) -> None:
+    tasks = [t for t in gc.get_objects() if isinstance(t, asyncio.Task) and not t.done()]
+    text = io.StringIO()
+    print(f"\n{item.nodeid} still runs: {len(tasks)} asyncio tasks pending", file=text)
+    for task in tasks:
+        task.print_stack(file=text)
+    writer = item.config.get_terminal_writer()
+    writer.line(text.getvalue())
+    writer.flush()
 
 
 @pytest.fixture

@@ -262,7 +262,7 @@ class FakeHost:
     nodes: int = 1
     describes_cells: bool = True  # getCapabilities() has <topology><cells>
     opens: int = 0
-    open_gate: threading.Event | None = None  # when set: an open waits for it (a hung daemon)
+    open_gate: threading.Event | None = None  # if given: opens wait until it is set
     closes: int = 0  # connections closed
     pools: dict[str, FakePool] = field(default_factory=dict)  # by target path
     callbacks: dict[int, tuple[int, Any, Any]] = field(default_factory=dict)

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +38,7 @@ RIG_DIR = Path(__file__).resolve().parent
 TOKEN = "scn-rig-token"
 LINK = "16MiB/s"  # the busy guest (32 MiB rewritten at 40 MiB/s) never converges over it
 POLL_INTERVAL = 0.5
+PROBE_TIMEOUT = 20.0  # seconds the rig's hosts have to answer before each test
 
 JsonDict = dict[str, Any]
 
@@ -68,12 +70,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"rig not available: {why}"))
 
 
+def rig_answers(timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+    """rigctl.rig_available(), given up after `timeout` seconds: a daemon that takes the
+    socket and never answers would keep a plain open waiting for good."""
+    answer: list[tuple[bool, str]] = []
+    probe = threading.Thread(
+        target=lambda: answer.append(rigctl.rig_available()), name="rig-probe", daemon=True
+    )
+    probe.start()
+    probe.join(timeout)
+    return answer[0] if answer else (False, f"the rig's hosts did not answer within {timeout} s")
+
+
 @pytest.fixture(autouse=True)
 def _rig_gate(request: pytest.FixtureRequest) -> None:
-    """Under CI a missing rig is a failure, never a skip."""
+    """Under CI a missing rig is a failure, never a skip. Each test asks the rig again
+    (bounded): after a test that hung on it, the rest fail at once instead of each
+    hanging until its own timeout."""
     if not _in_rig_dir(request.node):
         return
     ok, why = rig_status()
+    if ok:
+        ok, why = rig_answers()
     if not ok:
         if os.environ.get("CI") == "true":
             pytest.fail(f"rig not available under CI=true: {why}")

@@ -147,6 +147,7 @@ def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summ
     direct_trips: list[float] = []
     lm_to_copying: list[float] = []  # POST accepted -> copying started, from the timeline
     lm_each: list[float] = []  # POST -> completed seen, per migration
+    lm_copying: list[float] = []  # copying started -> completed, from the timeline
     lm_after_job: list[float] = []  # the outcome's total_seconds, per migration
     direct_each: list[float] = []  # the migrate call, per migration
     direct_jobs: list[float] = []  # the job's own time_elapsed, per migration
@@ -165,6 +166,7 @@ def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summ
                 flags_plan = start_plan_of(daemon, m)
             states = {e["state"]: _at(e) for e in m["timeline"] if e["kind"] == "state"}
             lm_to_copying.append(states["copying"] - states["queued"])
+            lm_copying.append(states["completed"] - states["copying"])
             lm_after_job.append(m["outcome"]["total_seconds"])
         return time.monotonic() - t0
 
@@ -214,6 +216,12 @@ def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summ
             f"  direct per migration: migrate call median {statistics.median(direct_each):.2f}s "
             f"(the job's own time_elapsed {statistics.median(direct_jobs):.2f}s; the call "
             "returns after libvirt's confirm phase)",
+            "  each migration, in order: lmwatch POST -> completed "
+            + " ".join(f"{t:.2f}" for t in lm_each)
+            + "; of it copying -> completed "
+            + " ".join(f"{t:.2f}" for t in lm_copying)
+            + "; direct "
+            + " ".join(f"{t:.2f}" for t in direct_each),
             headline,
         ]
     )

@@ -137,6 +137,38 @@ def direct(src: str, dst: str, plan: StartPlan, flags: int) -> tuple[float, floa
     return took, job
 
 
+STOPPED = re.compile(r"^(\S+ \S+?)\+0000: shutting down, reason=migrated")
+
+
+def source_stops(host: str) -> list[float]:
+    """When the source's instance stopped at each migration away from `host` (libvirt
+    writes it to the instance's log), as Unix times."""
+    times = []
+    for line in Path(rigctl.qemu_log(GUEST, host)).read_text(errors="replace").splitlines():
+        found = STOPPED.match(line)
+        if found:
+            stamp = dt.datetime.fromisoformat(found.group(1)).replace(tzinfo=dt.UTC)
+            times.append(stamp.timestamp())
+    return times
+
+
+def source_stop_lines(spans: list[tuple[str, str, float, float]]) -> list[str]:
+    """Where each migration's time went around the source's stop (from the instance's
+    log): start -> stop, and stop -> seen done (lmwatch: completed in the API; direct:
+    the migrate call returned)."""
+    stops = {host: source_stops(host) for host in {src for _, src, _, _ in spans}}
+    split: dict[str, tuple[list[str], list[str]]] = {"lmwatch": ([], []), "direct": ([], [])}
+    for kind, src, began, ended in spans:
+        stop = next((t for t in stops[src] if began <= t <= ended), None)
+        before, after = split[kind]
+        before.append("-" if stop is None else f"{stop - began:.2f}")
+        after.append("-" if stop is None else f"{ended - stop:.2f}")
+    return [
+        f"  {kind}: start -> source stopped {' '.join(before)}; stopped -> done {' '.join(after)}"
+        for kind, (before, after) in split.items()
+    ]
+
+
 @pytest.mark.scenario("start overhead")
 def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summary: Any) -> None:
     rigctl.libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -148,6 +180,7 @@ def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summ
     lm_to_copying: list[float] = []  # POST accepted -> copying started, from the timeline
     lm_each: list[float] = []  # POST -> completed seen, per migration
     lm_copying: list[float] = []  # copying started -> completed, from the timeline
+    spans: list[tuple[str, str, float, float]] = []  # (kind, source, wall start, wall end)
     lm_after_job: list[float] = []  # the outcome's total_seconds, per migration
     direct_each: list[float] = []  # the migrate call, per migration
     direct_jobs: list[float] = []  # the job's own time_elapsed, per migration
@@ -159,7 +192,9 @@ def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summ
         nonlocal flags_plan
         t0 = time.monotonic()
         for src, dst in (("a", "b"), ("b", "a")):
+            began = time.time()
             took, m = through_lmwatch(daemon, src, dst)
+            spans.append(("lmwatch", src, began, time.time()))
             lm_each.append(took)
             profiles.add(m["profile"]["name"])
             if flags_plan is None:
@@ -174,7 +209,9 @@ def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summ
         assert flags_plan is not None
         t0 = time.monotonic()
         for src, dst in (("a", "b"), ("b", "a")):
+            began = time.time()
             took, job = direct(src, dst, flags_plan[1], flags_plan[0])
+            spans.append(("direct", src, began, time.time()))
             direct_each.append(took)
             direct_jobs.append(job)
         return time.monotonic() - t0
@@ -222,6 +259,7 @@ def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summ
             + " ".join(f"{t:.2f}" for t in lm_copying)
             + "; direct "
             + " ".join(f"{t:.2f}" for t in direct_each),
+            *source_stop_lines(spans),
             headline,
         ]
     )

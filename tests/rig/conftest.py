@@ -71,15 +71,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def rig_answers(timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
-    """rigctl.rig_available(), given up after `timeout` seconds: a daemon that takes the
-    socket and never answers would keep a plain open waiting for good."""
-    answer: list[tuple[bool, str]] = []
-    probe = threading.Thread(
-        target=lambda: answer.append(rigctl.rig_available()), name="rig-probe", daemon=True
-    )
-    probe.start()
-    probe.join(timeout)
-    return answer[0] if answer else (False, f"the rig's hosts did not answer within {timeout} s")
+    """rigctl.rig_available() within `timeout` seconds: asked again while a host refuses
+    (its daemon may be coming back from a restart), and given up when an answer does not
+    come (a daemon that takes the socket and never answers keeps a plain open waiting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer: list[tuple[bool, str]] = []
+        probe = threading.Thread(target=_probe, args=(answer,), name="rig-probe", daemon=True)
+        probe.start()
+        probe.join(max(0.1, deadline - time.monotonic()))
+        if not answer:
+            return False, f"the rig's hosts did not answer within {timeout:.0f} s"
+        ok, why = answer[0]
+        if ok or time.monotonic() >= deadline:
+            return ok, why
+        time.sleep(1.0)
+
+
+def _probe(answer: list[tuple[bool, str]]) -> None:
+    answer.append(rigctl.rig_available())
 
 
 @pytest.fixture(autouse=True)

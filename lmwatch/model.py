@@ -144,11 +144,21 @@ class StartPlan:
 
     arm_handover: bool
     arm_slow_down: bool
-    blackout_budget: float  # seconds
+    blackout_budget: float  # seconds, once the first pass is over
     slow_down_initial: float = 0.2  # fraction of guest CPU taken once slowing starts
     slow_down_step: float = 0.1
     bandwidth: float | None = None  # bytes/s cap; None = no cap
     reason: str = ""
+    # Seconds of budget the job starts with, held while the first pass copies the bulk
+    # of memory (`policies.start`); None: `blackout_budget` from the start.
+    first_pass_budget: float | None = None
+
+    @property
+    def starting_budget(self) -> float:
+        """The budget in force when the job starts."""
+        if self.first_pass_budget is None:
+            return self.blackout_budget
+        return min(self.first_pass_budget, self.blackout_budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +215,7 @@ class Rule(StrEnum):
     OPERATOR_FINISH = "operator-finish"
     OPERATOR_CANCEL = "operator-cancel"
     BUDGET_OVER_LIMIT = "budget-over-limit"
+    FIRST_PASS_OVER = "first-pass-over"
     DEADLINE = "deadline"
     NO_PROGRESS_YET = "no-progress-yet"
     FIRST_PASS = "first-pass"

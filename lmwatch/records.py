@@ -101,7 +101,7 @@ def prediction_json(prediction: Prediction | None) -> dict[str, Any] | None:
 
 
 def plan_json(plan: StartPlan) -> dict[str, Any]:
-    return {
+    data = {
         "arm_handover": plan.arm_handover,
         "arm_slow_down": plan.arm_slow_down,
         "bandwidth": plan.bandwidth,
@@ -110,6 +110,9 @@ def plan_json(plan: StartPlan) -> dict[str, Any]:
         "slow_down_initial": plan.slow_down_initial,
         "slow_down_step": plan.slow_down_step,
     }
+    if plan.first_pass_budget is not None:  # a plan without one reads as it was written
+        data["first_pass_budget"] = plan.first_pass_budget
+    return data
 
 
 def progress_json(progress: Progress) -> dict[str, Any]:
@@ -239,6 +242,7 @@ _PLAN_KEYS: dict[str, Callable[[Mapping[str, Any], str], Any]] = {
     "slow_down_step": _number,
     "bandwidth": _maybe_number,
     "reason": _maybe_text,
+    "first_pass_budget": _maybe_number,
 }
 
 

@@ -98,12 +98,13 @@ class Rig(EngineRig):
         tmp_path: Path,
         profiles: str = PROFILES,
         *,
+        inventory: str = INVENTORY,
         store_location: str | None = None,
         **settings: object,
     ) -> None:
         super().__init__(
             tmp_path,
-            INVENTORY,
+            inventory,
             profiles,
             EngineSettings(**settings),  # type: ignore[arg-type]
             store_location=store_location,
@@ -945,15 +946,26 @@ async def test_a_handover_the_hypervisor_refuses_is_not_taken_as_done(
 
 
 async def test_a_final_stop_whose_link_breaks_is_recorded_with_its_violation(
-    rig: Rig,
+    tmp_path: Path,
 ) -> None:
     """The hypervisor stopped the guest for its final copy and the link broke under it.
     QEMU serves no command until that copy ends (it holds its big lock through it), so
     nothing can cut the stop short: the job fails at the link's timeout (30s) and the
     guest runs on the source again. The driver reports how long it was stopped (the
     hypervisor's statistics wait through such a stop, so samples cannot tell), and the
-    engine records it with the violation that is."""
-    mid = await rig.migrate("idle")
+    engine records it with the violation that is. The guest rewrites 200MiB, so its
+    final stop copies them (about 200ms; an idle guest's lasts a few ms)."""
+    warm = "  - {name: warm, host: a, memory: 4GiB, working_set: 200MiB, change_rate: 2GiB/s}\n"
+    rig = Rig(tmp_path, inventory=INVENTORY + warm)
+    await rig.engine.start()
+    try:
+        await _break_the_link_under_the_final_stop(rig)
+    finally:
+        await rig.engine.stop()
+
+
+async def _break_the_link_under_the_final_stop(rig: Rig) -> None:
+    mid = await rig.migrate("warm")
     for _ in range(10_000):
         await rig.clock.advance(0.02)
         if (await rig.driver.sample(mid)).phase is Phase.COMPLETING:
@@ -962,7 +974,7 @@ async def test_a_final_stop_whose_link_breaks_is_recorded_with_its_violation(
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.state is State.FAILED, record.outcome
-    assert rig.driver.where("idle") == "a"
+    assert rig.driver.where("warm") == "a"
     assert "cancel" not in rig.actions(mid)  # nothing lmwatch could do would be served
     violation = next(e for e in rig.store.events(mid) if e.kind == "violation")
     assert "blackout" in violation.reason and "over 300ms" in violation.reason

@@ -55,6 +55,45 @@ def test_converging_busy_instance_finishes_with_no_action() -> None:
     assert any("finishes on its own" in d.reason for _, d in run.decisions)
 
 
+def test_the_first_pass_budget_is_raised_to_the_plans_once_the_first_pass_is_over() -> None:
+    """Rule 3b: the hypervisor holds the first pass's lower budget while it copies the
+    bulk of memory; the first decision after that pass raises it to the plan's, and the
+    rules read the migration as if the plan's were in force."""
+    w = workload(2048, 30, 100, 512)
+    held = plan(first_pass_budget=0.05)
+    ctx = context(w, held, budget=held.starting_budget)
+    samples = history(w, budget=0.05)
+    profile = Profile(name="p")
+    first = [s for s in samples if s.passes == 1]
+    during = decide(profile, first, ctx, first[-1].time)
+    assert during.action is Action.CONTINUE and during.rule is Rule.FIRST_PASS
+    upto = samples[: len(first) + 1]
+    assert upto[-1].passes == 2
+    after = decide(profile, upto, ctx, upto[-1].time)
+    assert after.action is Action.RAISE_BLACKOUT and after.rule is Rule.FIRST_PASS_OVER
+    assert after.blackout_budget == pytest.approx(0.3)
+    assert "the first pass is over" in after.reason and "300ms" in after.reason
+    # the prediction is the one made with the plan's budget
+    planned = decide(profile, upto, replace(ctx, blackout_budget=0.3), upto[-1].time)
+    assert planned.rule is not Rule.FIRST_PASS_OVER
+    assert after.prediction == planned.prediction
+
+
+def test_a_forcing_decision_is_not_delayed_by_raising_the_first_pass_budget() -> None:
+    """While the first pass's budget is still held (the raise was not taken, e.g. the
+    daemon was away), a rule that hands over acts at once: the budget no longer
+    matters."""
+    profile = Profile(name="p", handover="allowed", max_degraded=120)
+    held = plan(handover=True, first_pass_budget=0.05)
+    ctx = context(STUCK, held, budget=held.starting_budget, deadline_at=3600)
+    samples = history(STUCK, budget=0.05)
+    upto = samples[: next(i for i, s in enumerate(samples) if s.passes == 3) + 1]
+    decision = decide(profile, upto, ctx, upto[-1].time)
+    planned = decide(profile, upto, replace(ctx, blackout_budget=0.3), upto[-1].time)
+    assert planned.action is Action.HANDOVER
+    assert decision == planned
+
+
 def test_budget_raised_in_steps_until_the_floor_fits() -> None:
     # Working set 100MiB at 100MiB/s: the floor needs about 1s of blackout.
     profile = Profile(name="p", max_blackout=2.0)

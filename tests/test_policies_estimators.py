@@ -631,3 +631,25 @@ def test_a_pass_that_has_ended_keeps_its_record_whatever_the_link_reads_later() 
     assert after.transfer_rate != before.transfer_rate
     assert after.records == before.records  # every pass as it was, the current one too
     assert after.model is not None and after.model == before.model
+
+
+@pytest.mark.parametrize("in_pass", [0.001, 0.04, 0.099])
+def test_a_remainder_already_below_the_threshold_is_counted_at_the_next_check(
+    in_pass: float,
+) -> None:
+    """The hypervisor compares what is left with the threshold before each burst, every
+    `recount_interval` from the pass's start: a remainder already below it (a budget
+    just raised) is counted at the next of those checks, not at once, and holds what
+    the guest dirtied until then."""
+    model = DirtyModel(rate=float(50 * MIB), working_set=float(1024 * MIB))
+    bandwidth = float(100 * MIB)
+    unsent = float(20 * MIB)
+    projection = project(
+        model, bandwidth, 0.5, unsent=unsent, elapsed_in_pass=in_pass, overhead=0.0, switchover=0.0
+    )
+    assert projection.converges and projection.passes == 1
+    wait = DEFAULT.recount_interval - in_pass
+    count = model.next_count(unsent - bandwidth * wait, in_pass + wait)
+    assert projection.seconds == pytest.approx(wait + count / bandwidth)
+    counted_now = model.next_count(unsent, in_pass)
+    assert projection.seconds > counted_now / bandwidth + 0.9 * 50 * wait / 100

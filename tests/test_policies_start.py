@@ -185,3 +185,21 @@ def test_one_disturbed_final_stop_does_not_leave_a_profile_without_budget() -> N
     profile = Profile(name="p", max_blackout=0.3)
     plan = plan_start(profile, INFO, Capabilities(), None, None, switchover=switchover)
     assert plan.blackout_budget == pytest.approx(0.25)
+
+
+def test_the_first_pass_holds_a_lower_budget_and_the_plan_says_so() -> None:
+    plan = plan_start(Profile(name="p"), INFO, Capabilities(), None, None)
+    assert plan.blackout_budget == pytest.approx(0.3)
+    assert plan.first_pass_budget == pytest.approx(DEFAULT.first_pass_blackout)
+    assert plan.starting_budget == pytest.approx(DEFAULT.first_pass_blackout)
+    assert "a 50ms blackout budget during the first pass and a 300ms blackout budget after it" in (
+        plan.reason
+    )
+
+
+def test_no_first_pass_budget_when_the_plan_is_already_that_low() -> None:
+    plan = plan_start(Profile(name="p", max_blackout=0.1), INFO, Capabilities(), None, None)
+    assert plan.blackout_budget == pytest.approx(0.05)
+    assert plan.first_pass_budget is None
+    assert plan.starting_budget == pytest.approx(0.05)
+    assert "first pass" not in plan.reason

@@ -67,7 +67,7 @@ class LmwatchController:
             started_at=0.0,
             memory_bytes=s.memory,
             plan=plan,
-            blackout_budget=plan.blackout_budget,
+            blackout_budget=plan.starting_budget,
             deadline_at=policies.deadline_at(s.profile, s.memory, 0.0),
             switchover=s.switchover,
             switchover_least=s.switchover if s.switchover_measured else None,
@@ -105,6 +105,7 @@ class LmwatchController:
             self.ctx = replace(
                 self.ctx,
                 plan=plan,
+                blackout_budget=plan.starting_budget,
                 restarts=self.ctx.restarts + 1,
                 job_started_at=now,
                 change_rate_before_start=decision.planned_rate,

@@ -893,7 +893,7 @@ class LibvirtDriver:
             raise Incompatible(
                 f"the hypervisors on {request.source} and {to} cannot slow the guest"
             )
-        max_downtime = downtime_ms(plan.blackout_budget)
+        max_downtime = downtime_ms(plan.starting_budget)
 
         def prepare(dom: Any) -> tuple[int, list[tuple[DiskFacts, int]]]:
             dom.migrateSetMaxDowntime(max_downtime, 0)
@@ -917,7 +917,7 @@ class LibvirtDriver:
             request=request,
             plan=plan,
             name=request.instance,
-            blackout_budget=plan.blackout_budget,
+            blackout_budget=plan.starting_budget,
             started_at=self._clock.now(),
             memory_bytes=memory_bytes,
             disk_bytes=sum(size for _, size in local),

@@ -214,7 +214,7 @@ def migrate_call(
     if mib is not None:
         params[lv.VIR_MIGRATE_PARAM_BANDWIDTH] = mib
     return MigrateCall(
-        flags=flags, params=params, max_downtime_ms=downtime_ms(plan.blackout_budget)
+        flags=flags, params=params, max_downtime_ms=downtime_ms(plan.starting_budget)
     )
 
 

@@ -263,7 +263,7 @@ class Migration:
 
         self.link_bandwidth = float(bandwidth)
         self.cap: float | None = plan.bandwidth
-        self.budget = plan.blackout_budget
+        self.budget = plan.starting_budget
         self.phase = Phase.COPYING
         self.elapsed = start
         self.started = start

@@ -404,7 +404,7 @@ class Effects:
             f"copying started again: {plan.reason}" if plan.reason else "copying started again",
             state=State.COPYING,
             plan=plan,
-            blackout_budget=plan.blackout_budget,
+            blackout_budget=plan.starting_budget,
             restart=restart,
             data={"restarts": restart.count},
         )

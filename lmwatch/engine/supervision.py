@@ -176,7 +176,7 @@ class Supervisor:
                 plan.reason or "start planned",
                 action="start",
                 plan=plan,
-                blackout_budget=plan.blackout_budget,
+                blackout_budget=plan.starting_budget,
                 deadline_at=deadline,
                 started_at=started_at,
                 data={"change_rate": None if change_rate is None else change_rate.bytes_per_second},
@@ -627,7 +627,7 @@ class Supervisor:
             # A budget lowered to 0 is a budget: `or` would fall back to the plan's
             # and lower it again at every poll, forever.
             blackout_budget=(
-                plan.blackout_budget if record.blackout_budget is None else record.blackout_budget
+                plan.starting_budget if record.blackout_budget is None else record.blackout_budget
             ),
             deadline_at=record.deadline_at,
             paused=record.paused,

@@ -22,6 +22,10 @@ The rules, in order (DESIGN.md section 4):
    continue (an operator's request to finish waits for the sync);
 2b. an operator asked to finish now -> as force-complete, when the profile allows it;
 3. the budget is above what `max_blackout` leaves after the switchover -> lower it;
+3b. the first pass is over (or an operator asked to finish) and the hypervisor still
+   holds the first pass's lower budget (`plan_start`) -> raise it to the plan's,
+   unless a rule below acts otherwise; every rule reads the migration as if the
+   plan's budget were in force, since it is from the next decision on;
 4. the deadline has come, or is as close as finishing takes -> `on_deadline`
    (complete within the profile, or cancel);
 5. no evidence yet (first pass, or passes not yet seen again after a restart) ->
@@ -118,6 +122,48 @@ def decide(
 
     `history` is the migration's samples, as a list or already folded (`Track`)."""
     history = tracked(history, settings)
+    planned = _held_budget(profile, ctx)
+    if planned is None:
+        return _decide(profile, history, ctx, now, settings)
+    decision = _decide(profile, history, replace(ctx, blackout_budget=planned), now, settings)
+    latest = history.latest
+    over = latest is not None and latest.passes >= 2
+    if (
+        decision.action is not Action.CONTINUE
+        or decision.rule is Rule.PAST_COPYING
+        or not (over or ctx.force)
+    ):
+        return decision
+    when = "the first pass is over" if over else "finishing on request"
+    return Decision(
+        Action.RAISE_BLACKOUT,
+        f"{when}: raising the blackout budget from {duration_text(ctx.blackout_budget)} "
+        f"to the planned {duration_text(planned)}; the lower one kept a stop during the "
+        "first pass from copying a whole budget's worth of memory not yet sent, and "
+        f"what is left now is what the guest rewrote ({decision.reason})",
+        decision.prediction,
+        blackout_budget=planned,
+        rule=Rule.FIRST_PASS_OVER,
+    )
+
+
+def _held_budget(profile: Profile, ctx: MigrationContext) -> float | None:
+    """The budget the plan has for after the first pass, while the hypervisor still holds
+    the first pass's lower one (rule 3b); None otherwise."""
+    held = ctx.plan.first_pass_budget
+    if held is None or ctx.blackout_budget > held + 1e-9:
+        return None
+    planned = min(ctx.plan.blackout_budget, blackout_limit(profile, ctx))
+    return planned if planned > ctx.blackout_budget + 1e-9 else None
+
+
+def _decide(
+    profile: Profile,
+    history: History,
+    ctx: MigrationContext,
+    now: float,
+    settings: PolicySettings,
+) -> Decision:
     a = analyse(history, ctx, settings)
     disks = disk_outlook(history, settings)
     prediction = a.prediction() if disks is None else disk_prediction(a, disks, ctx)

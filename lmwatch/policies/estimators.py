@@ -52,6 +52,11 @@ class PolicySettings:
     blackout_step_factor: float = 2.0  # each raise multiplies the budget...
     blackout_min_step: float = 0.05  # ...by at least this many seconds
     initial_blackout: float = 0.3  # seconds; never above what max_blackout leaves
+    # Seconds of budget held while the first pass copies the bulk of memory: a stop
+    # there copies a budget's worth of memory never sent, whatever the guest rewrites,
+    # and a final stop can be neither watched nor cut short. After the first pass what
+    # is left is what the guest rewrote, and the budget goes up to the plan's.
+    first_pass_blackout: float = 0.05
     ewma_alpha: float = 0.3
     # A transfer-rate reading this share below the average is believed at once: a link
     # slows in steps (another flow, a failed path) and stays slow a while, so a
@@ -239,7 +244,10 @@ def project(
 
     Like the hypervisor, a pass sends until what it has left is below the threshold
     (checked before each burst: on average half a burst past it, at least one burst,
-    at most all of it), then counts again: the next pass has that rest plus what the
+    at most all of it; the current pass, whose bursts began at its start
+    `elapsed_in_pass` ago, up to the first check after that, even one already below
+    it, e.g. with a budget just raised), then counts again: the next pass has that
+    rest plus what the
     guest dirtied meanwhile outside it (`DirtyModel.next_count`). A count below the
     threshold stops the guest. `outside`: bytes of `unsent` outside the working set
     (the first pass's, lying all over memory), never rewritten; what a pass sends
@@ -251,12 +259,16 @@ def project(
     """
     s = settings or DEFAULT
     capacity = bandwidth * budget
-    burst = bandwidth * max(s.recount_interval, 1e-3)
+    window = max(s.recount_interval, 1e-3)
+    burst = bandwidth * window
 
     def sends(size: float, first: bool) -> float:
         """Bytes a pass of `size` sends before it is counted again."""
-        past = size - capacity + burst / 2
-        return min(size, max(past, 0.0 if first else burst))
+        if first:
+            below = max(0.0, elapsed_in_pass) + max(size - capacity, 0.0) / bandwidth
+            check = max(1, math.ceil(below / window - 1e-9)) * window
+            return min(size, bandwidth * (check - max(0.0, elapsed_in_pass)))
+        return min(size, max(size - capacity + burst / 2, burst))
 
     sent = sends(unsent, True)
     seconds = sent / bandwidth  # the rest of the current pass

@@ -187,7 +187,7 @@ def _disk_bytes(sample: Sample) -> int:
 def restart_plan(ctx: MigrationContext, decision: Decision) -> StartPlan:
     """The plan a migration is started again with, after `decision` (an
     `Action.RESTART`): the same as before, with the new slow-down start level and the
-    blackout budget in force now."""
+    blackout budget in force now (after the new job's first pass, as at the start)."""
     plan = ctx.plan
     level = decision.slow_down_initial
     if level is None:

@@ -41,19 +41,31 @@ def plan_start(
     settings: PolicySettings = DEFAULT,
     switchover: float | None = None,
 ) -> StartPlan:
-    """Arm what the profile allows and the hosts support; pick the first budget.
+    """Arm what the profile allows and the hosts support; pick the budgets.
 
     The budget leaves room for the switchover cost (learned for the host pair, or
     the conservative default), so that the blackout stays within `max_blackout`.
+    During the first pass a lower one is held (`first_pass_blackout`): the hypervisor
+    may stop the guest whenever what it has not sent yet fits the budget, and in the
+    first pass that is the tail of memory, a whole budget's worth however little the
+    guest rewrites, copied while the guest is stopped and exposed to the link slowing
+    or breaking under it. The decision after the first pass raises it.
     """
     arm_handover = profile.handover_allowed and capabilities.handover
     arm_slow_down = profile.may_slow_down and capabilities.slow_down
     switch = settings.switchover_seconds if switchover is None else switchover
     budget = min(settings.initial_blackout, max(0.0, profile.max_blackout - switch))
+    first_pass = settings.first_pass_blackout if settings.first_pass_blackout < budget else None
+    held = (
+        ""
+        if first_pass is None
+        else f"{duration_text(first_pass)} blackout budget during the first pass and a "
+    )
     parts = [
-        f"{info.name} ({format_size(info.memory_bytes)}) starts with a "
-        f"{duration_text(budget)} blackout budget (limit {duration_text(profile.max_blackout)}, "
-        f"{duration_text(switch)} of it for the switchover)"
+        f"{info.name} ({format_size(info.memory_bytes)}) starts with a {held}"
+        f"{duration_text(budget)} blackout budget{' after it' if held else ''} (limit "
+        f"{duration_text(profile.max_blackout)}, {duration_text(switch)} of it for the "
+        "switchover)"
     ]
 
     if arm_handover:
@@ -102,6 +114,7 @@ def plan_start(
         slow_down_initial=initial,
         slow_down_step=settings.slow_down_step,
         reason="; ".join(parts),
+        first_pass_budget=first_pass,
     )
 
 

@@ -77,6 +77,11 @@ def test_the_first_pass_budget_is_raised_to_the_plans_once_the_first_pass_is_ove
     planned = decide(profile, upto, replace(ctx, blackout_budget=0.3), upto[-1].time)
     assert planned.rule is not Rule.FIRST_PASS_OVER
     assert after.prediction == planned.prediction
+    assert after.reason.endswith(f"; then: {planned.reason}")
+    # an operator's request to finish raises it during the first pass already
+    forced = decide(profile, first, replace(ctx, force=True), first[-1].time)
+    assert forced.action is Action.RAISE_BLACKOUT and forced.rule is Rule.FIRST_PASS_OVER
+    assert forced.reason.startswith("finishing on request: raising the blackout budget")
 
 
 def test_a_forcing_decision_is_not_delayed_by_raising_the_first_pass_budget() -> None:

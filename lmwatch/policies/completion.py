@@ -134,13 +134,21 @@ def decide(
         or not (over or ctx.force)
     ):
         return decision
-    when = "the first pass is over" if over else "finishing on request"
+    raising = (
+        f"raising the blackout budget from {duration_text(ctx.blackout_budget)} to the "
+        f"planned {duration_text(planned)}"
+    )
+    if over:
+        why = (
+            f"the first pass is over: {raising} (the first pass held the lower one, so "
+            "that no stop copied a budget's worth of memory never sent; what is left "
+            "now is what the guest rewrote)"
+        )
+    else:
+        why = f"finishing on request: {raising}, held lower during the first pass"
     return Decision(
         Action.RAISE_BLACKOUT,
-        f"{when}: raising the blackout budget from {duration_text(ctx.blackout_budget)} "
-        f"to the planned {duration_text(planned)}; the lower one kept a stop during the "
-        "first pass from copying a whole budget's worth of memory not yet sent, and "
-        f"what is left now is what the guest rewrote ({decision.reason})",
+        f"{why}; then: {decision.reason}",
         decision.prediction,
         blackout_budget=planned,
         rule=Rule.FIRST_PASS_OVER,

@@ -149,6 +149,7 @@ class FakeDomain:
     release: threading.Event = field(default_factory=threading.Event)
     outcome: libvirtError | None = None
     disk_sizes: dict[str, int] = field(default_factory=dict)  # target -> capacity bytes
+    max_downtime: int = 300  # ms, as the hypervisor holds it (its default)
 
     def _call(self, what: str, *args: Any) -> None:
         self.host.check()
@@ -203,7 +204,12 @@ class FakeDomain:
 
     def migrateSetMaxDowntime(self, ms: int, flags: int = 0) -> int:
         self._alive()._call("migrateSetMaxDowntime", ms)
+        self.max_downtime = ms
         return 0
+
+    def migrateGetMaxDowntime(self, flags: int = 0) -> int:
+        self._alive()._call("migrateGetMaxDowntime")
+        return self.max_downtime
 
     def migrateSetMaxSpeed(self, mib: int, flags: int = 0) -> int:
         self._alive()._call("migrateSetMaxSpeed", mib)

@@ -1058,6 +1058,19 @@ async def test_reattach_adopts_a_running_job(
     assert result.blackout_seconds == pytest.approx(0.3)
 
 
+async def test_reattach_reports_the_budget_the_hypervisor_holds(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    """Restarted during the first pass, the daemon finds the first pass's budget in
+    force, not the plan's: its samples say what the hypervisor compares with."""
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.job = dict(RUNNING_STATS)
+    dom.max_downtime = 50
+    held = dataclasses.replace(PLAN, blackout_budget=0.3, first_pass_budget=0.05)
+    assert await driver.reattach("m1", REQ, held) is None
+    assert (await driver.sample("m1")).blackout_budget == pytest.approx(0.05)
+
+
 async def test_reattach_sees_handover_in_progress(cloud: FakeCloud, driver: LibvirtDriver) -> None:
     dom = cloud.hosts["a"].domains["vm1"]
     dom.job = dict(RUNNING_STATS)

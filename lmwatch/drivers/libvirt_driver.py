@@ -1407,6 +1407,14 @@ class LibvirtDriver:
                 job.memory_bytes = await self._on_domain(
                     job.source, job.name, lambda d: int(d.maxMemory()) * 1024, what="memory size"
                 )
+            with contextlib.suppress(DriverError, AttributeError):
+                # the budget in force: the plan's, a raised one, or the first pass's
+                job.blackout_budget = await self._on_domain(
+                    job.source,
+                    job.name,
+                    lambda d: int(d.migrateGetMaxDowntime(0)) / 1000.0,
+                    what="blackout budget",
+                )
             with contextlib.suppress(DriverError):
                 disks = await self._on_domain(
                     job.source,

@@ -111,7 +111,7 @@ def plan_json(plan: StartPlan) -> dict[str, Any]:
         "slow_down_step": plan.slow_down_step,
     }
     if plan.first_pass_budget is not None:  # a plan without one reads as it was written
-        data["first_pass_budget"] = plan.first_pass_budget
+        data = dict(sorted({**data, "first_pass_budget": plan.first_pass_budget}.items()))
     return data
 
 

@@ -101,17 +101,17 @@ def prediction_json(prediction: Prediction | None) -> dict[str, Any] | None:
 
 
 def plan_json(plan: StartPlan) -> dict[str, Any]:
-    data = {
+    data: dict[str, Any] = {
         "arm_handover": plan.arm_handover,
         "arm_slow_down": plan.arm_slow_down,
         "bandwidth": plan.bandwidth,
         "blackout_budget": plan.blackout_budget,
-        "reason": plan.reason,
-        "slow_down_initial": plan.slow_down_initial,
-        "slow_down_step": plan.slow_down_step,
     }
     if plan.first_pass_budget is not None:  # a plan without one reads as it was written
-        data = dict(sorted({**data, "first_pass_budget": plan.first_pass_budget}.items()))
+        data["first_pass_budget"] = plan.first_pass_budget
+    data["reason"] = plan.reason
+    data["slow_down_initial"] = plan.slow_down_initial
+    data["slow_down_step"] = plan.slow_down_step
     return data
 
 

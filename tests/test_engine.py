@@ -959,22 +959,18 @@ async def test_a_final_stop_whose_link_breaks_is_recorded_with_its_violation(
     rig = Rig(tmp_path, inventory=INVENTORY + warm)
     await rig.engine.start()
     try:
-        await _break_the_link_under_the_final_stop(rig)
+        mid = await rig.migrate("warm")
+        for _ in range(10_000):
+            await rig.clock.advance(0.02)
+            if (await rig.driver.sample(mid)).phase is Phase.COMPLETING:
+                break
+        rig.driver.inject_fault("link_break", between=("a", "b"))
+        await rig.finish(mid)
+        record = rig.engine.get(mid)
+        assert record.state is State.FAILED, record.outcome
+        assert rig.driver.where("warm") == "a"
+        assert "cancel" not in rig.actions(mid)  # nothing lmwatch could do would be served
+        violation = next(e for e in rig.store.events(mid) if e.kind == "violation")
+        assert "blackout" in violation.reason and "over 300ms" in violation.reason
     finally:
         await rig.engine.stop()
-
-
-async def _break_the_link_under_the_final_stop(rig: Rig) -> None:
-    mid = await rig.migrate("warm")
-    for _ in range(10_000):
-        await rig.clock.advance(0.02)
-        if (await rig.driver.sample(mid)).phase is Phase.COMPLETING:
-            break
-    rig.driver.inject_fault("link_break", between=("a", "b"))
-    await rig.finish(mid)
-    record = rig.engine.get(mid)
-    assert record.state is State.FAILED, record.outcome
-    assert rig.driver.where("warm") == "a"
-    assert "cancel" not in rig.actions(mid)  # nothing lmwatch could do would be served
-    violation = next(e for e in rig.store.events(mid) if e.kind == "violation")
-    assert "blackout" in violation.reason and "over 300ms" in violation.reason

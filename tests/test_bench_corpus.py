@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ import pytest
 from lmwatch.bench.corpus import (
     GBIT,
     GIB,
+    HARSH_LINKS,
     MAX_FIRST_PASS,
     MIB,
+    ORDINARY_LINKS,
     CorpusError,
     LinkEvent,
     Workload,
@@ -19,6 +22,7 @@ from lmwatch.bench.corpus import (
     generate,
     load_corpus,
     load_corpus_text,
+    with_links,
 )
 from lmwatch.drivers.inventory import BurstyRate, ConstantRate, GrowingRate, PhasedRate
 
@@ -180,3 +184,38 @@ def test_generator_covers_every_shape_writer_and_event_at_320() -> None:
         if w.change_rate.pattern == "constant"
     ]
     assert min(ratios) < 0.8 and max(ratios) > 10
+
+
+def test_harsh_links_redraw_only_the_link_events_from_each_workloads_name() -> None:
+    """`--links harsh`: each workload's drops and breaks drawn anew, as often as
+    docs/benchmark.md says, from its own name; nothing else about it changes."""
+    workloads = [replace(w, jitter=0.05) for w in generate(5, 2000)]
+    harsh = with_links(workloads, HARSH_LINKS)
+    for before, after in zip(workloads, harsh, strict=True):
+        assert replace(after, link_events=before.link_events) == before
+    assert with_links(workloads[7:9], HARSH_LINKS) == harsh[7:9]  # not from the corpus
+    drops = [
+        w for w in harsh if any(e.kind == "bandwidth" and e.value != 1.0 for e in w.link_events)
+    ]
+    breaks = [w for w in harsh if any(e.kind == "break" for e in w.link_events)]
+    assert 0.27 < len(drops) / len(harsh) < 0.33
+    assert 0.08 < len(breaks) / len(harsh) < 0.12
+    ordinary = [w for w in workloads if any(e.kind == "break" for e in w.link_events)]
+    assert len(breaks) > 1.6 * len(ordinary)  # the generator breaks one link in twenty
+    for workload in harsh:
+        times = [e.at for e in workload.link_events]
+        assert times == sorted(times) and all(t >= 1.0 for t in times)
+        kinds = [e.kind for e in workload.link_events if e.kind != "bandwidth"]
+        assert kinds in ([], ["break"], ["break", "restore"])
+        levels = [e.value for e in workload.link_events if e.kind == "bandwidth"]
+        assert levels[1:] in ([], [1.0])  # a drop, then maybe back to nominal
+        assert all(v is not None and 0.1 <= v <= 0.8 for v in levels[:1])
+    # Unlike the generator's, some come within the first fifth of a full copy.
+    assert any(e.at < 0.2 * w.memory / w.bandwidth - 1.0 for w in harsh for e in w.link_events)
+
+
+def test_ordinary_links_keep_the_generators_shares() -> None:
+    redrawn = with_links(generate(5, 2000), ORDINARY_LINKS)
+    breaks = sum(any(e.kind == "break" for e in w.link_events) for w in redrawn)
+    drops = sum(any(e.kind == "bandwidth" for e in w.link_events) for w in redrawn)
+    assert 0.04 < breaks / 2000 < 0.06 and 0.13 < drops / 2000 < 0.17

@@ -13,7 +13,7 @@ import pytest
 from neutral import HYPERVISOR_WORDS
 
 from lmwatch import cli
-from lmwatch.bench.corpus import GBIT, GIB, Workload, generate, load_corpus
+from lmwatch.bench.corpus import GBIT, GIB, HARSH_LINKS, Workload, generate, load_corpus, with_links
 from lmwatch.bench.report import (
     BOUND,
     HEADERS,
@@ -295,3 +295,18 @@ async def test_bench_command_jitter_reaches_the_runs_and_the_written_corpus(
     assert "working sets moving ±5% a pass" in out
     assert "jitter: 0.05" in (tmp_path / "corpus.yaml").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["jitter"] == 0.05
+
+
+async def test_bench_command_links_redraws_the_link_events_and_writes_them(
+    tmp_path: Path,
+) -> None:
+    """`--links harsh` draws every workload's link events anew, says so, and the corpus
+    written beside the results carries them, so the run can be repeated."""
+    argv = ["--seed", "5", "--count", "40", "--controllers", "lmwatch", "--processes", "1"]
+    status, out, err = await _cli("bench", *argv, "--links", "harsh", "--out", str(tmp_path))
+    assert status == 0, err
+    assert "link events drawn anew (harsh)" in out
+    written = load_corpus(tmp_path / "corpus.yaml")
+    assert written == with_links(generate(5, 40), HARSH_LINKS)
+    assert written != generate(5, 40)
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["links"] == "harsh"

@@ -53,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(e.g. 0.05; default: as the corpus says)",
     )
     source.add_argument(
+        "--links",
+        choices=("ordinary", "harsh"),
+        default=None,
+        help="draw every workload's link drops and breaks anew: 'harsh' twice as often, "
+        "deeper and from the first seconds on (a check against fitting the generator's "
+        "own faults); 'ordinary' as the generator draws them (default: as the corpus says)",
+    )
+    source.add_argument(
         "--workload",
         metavar="NAME[,NAME]",
         help="only these workloads of the corpus (to look at single runs: results.json "
@@ -127,9 +135,12 @@ def available_controllers() -> tuple[dict[str, ControllerFactory], list[str], An
 
 
 def _workloads(args: argparse.Namespace) -> tuple[list[Workload], dict[str, Any]]:
-    from lmwatch.bench.corpus import MAX_JITTER
+    from lmwatch.bench.corpus import LINKS, MAX_JITTER, with_links
 
     workloads, origin = _corpus(args)
+    if args.links is not None:
+        workloads = with_links(workloads, LINKS[args.links])
+        origin = {**origin, "links": args.links}
     jitter = args.jitter
     if jitter is not None:
         from dataclasses import replace
@@ -212,6 +223,8 @@ def bench_command(out: Output, args: argparse.Namespace) -> int:
         described += (
             f", working sets moving ±{origin['jitter']:.0%} a pass and rate readings as much"
         )
+    if "links" in origin:
+        described += f", link events drawn anew ({origin['links']})"
     if "workloads" in origin:
         described += f", only {', '.join(origin['workloads'])}"
     out.line(

@@ -32,7 +32,7 @@ import itertools
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
@@ -450,16 +450,7 @@ def draw(seed: int, index: int) -> Workload:
     pattern = _change_rate(rng, shape, level)
     switchover = parse_duration(f"{round(_log_uniform(rng, 10.0, 300.0))}ms")
     first_pass = memory / bandwidth
-    events: list[dict[str, Any]] = []
-    if rng.random() < 0.15:
-        at = _seconds(max(1.0, first_pass * rng.uniform(0.2, 2.0)))
-        events.append({"at": at, "kind": "bandwidth", "value": round(rng.uniform(0.2, 0.7), 2)})
-    if rng.random() < 0.05:
-        at = _seconds(max(1.0, first_pass * rng.uniform(0.2, 2.0)))
-        events.append({"at": at, "kind": "break"})
-        if rng.random() < 0.7:
-            events.append({"at": at + _seconds(rng.uniform(5.0, 60.0)), "kind": "restore"})
-    events.sort(key=lambda event: cast(float, event["at"]))
+    events = _link_events(rng, first_pass, ORDINARY_LINKS)
     return workload_from_mapping(
         {
             "name": f"s{seed}-{index:04d}",
@@ -472,6 +463,97 @@ def draw(seed: int, index: int) -> Workload:
             "link_events": events,
         }
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LinkTrouble:
+    """How often and how a workload's link drops or breaks (docs/benchmark.md).
+
+    Times are shares of one full copy of memory at the nominal bandwidth, in whole
+    seconds, at least `earliest`; a drop leaves `drop_to` of nominal; a broken link comes back
+    after `restore_after` seconds, or never."""
+
+    drop_chance: float
+    drop_at: tuple[float, float]
+    drop_to: tuple[float, float]
+    recover_chance: float  # a drop ends (back to nominal) after `recover_after`
+    recover_after: tuple[float, float]
+    break_chance: float
+    break_at: tuple[float, float]
+    restore_chance: float
+    restore_after: tuple[float, float]
+    earliest: float
+
+
+# What the generator draws: a drop in one workload of seven, a break in one of twenty.
+ORDINARY_LINKS = LinkTrouble(
+    drop_chance=0.15,
+    drop_at=(0.2, 2.0),
+    drop_to=(0.2, 0.7),
+    recover_chance=0.0,
+    recover_after=(0.0, 0.0),
+    break_chance=0.05,
+    break_at=(0.2, 2.0),
+    restore_chance=0.7,
+    restore_after=(5.0, 60.0),
+    earliest=1.0,
+)
+# `--links harsh`: twice as many drops, deeper, sooner or later, half of them ending;
+# twice as many breaks, from the first seconds on. A check that lmwatch was not fitted
+# to the generator's own faults.
+HARSH_LINKS = LinkTrouble(
+    drop_chance=0.3,
+    drop_at=(0.05, 3.0),
+    drop_to=(0.1, 0.8),
+    recover_chance=0.5,
+    recover_after=(1.0, 120.0),
+    break_chance=0.1,
+    break_at=(0.05, 3.0),
+    restore_chance=0.6,
+    restore_after=(2.0, 90.0),
+    earliest=1.0,
+)
+LINKS = {"ordinary": ORDINARY_LINKS, "harsh": HARSH_LINKS}
+
+
+def _link_events(
+    rng: random.Random, first_pass: float, trouble: LinkTrouble
+) -> list[dict[str, Any]]:
+    """The link events of one workload whose full copy takes `first_pass` seconds."""
+
+    def when(share: tuple[float, float]) -> float:
+        return _seconds(max(trouble.earliest, first_pass * rng.uniform(*share)))
+
+    events: list[dict[str, Any]] = []
+    if rng.random() < trouble.drop_chance:
+        at = when(trouble.drop_at)
+        events.append(
+            {"at": at, "kind": "bandwidth", "value": round(rng.uniform(*trouble.drop_to), 2)}
+        )
+        if trouble.recover_chance and rng.random() < trouble.recover_chance:
+            back = at + _seconds(rng.uniform(*trouble.recover_after))
+            events.append({"at": back, "kind": "bandwidth", "value": 1.0})
+    if rng.random() < trouble.break_chance:
+        at = when(trouble.break_at)
+        events.append({"at": at, "kind": "break"})
+        if rng.random() < trouble.restore_chance:
+            events.append(
+                {"at": at + _seconds(rng.uniform(*trouble.restore_after)), "kind": "restore"}
+            )
+    events.sort(key=lambda event: cast(float, event["at"]))
+    return events
+
+
+def with_links(workloads: Iterable[Workload], trouble: LinkTrouble) -> list[Workload]:
+    """`workloads` with their link events drawn anew from `trouble`, each from its own
+    name (so a workload's faults do not depend on which others are in the corpus)."""
+    redrawn = []
+    for workload in workloads:
+        rng = random.Random(f"lmwatch-bench-links:{workload.name}")
+        events = _link_events(rng, workload.memory / workload.bandwidth, trouble)
+        data = {**workload_to_mapping(workload), "link_events": events}
+        redrawn.append(replace(workload_from_mapping(data), jitter=workload.jitter))
+    return redrawn
 
 
 def generate(seed: int, count: int) -> list[Workload]:

@@ -32,7 +32,7 @@ import itertools
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
@@ -470,8 +470,8 @@ class LinkTrouble:
     """How often and how a workload's link drops or breaks (docs/benchmark.md).
 
     Times are shares of one full copy of memory at the nominal bandwidth, in whole
-    seconds, at least `earliest`; a drop leaves `drop_to` of nominal; a broken link comes back
-    after `restore_after` seconds, or never."""
+    seconds, at least `earliest`; a drop leaves `drop_to` of nominal; a broken link
+    comes back after `restore_after` seconds, or never."""
 
     drop_chance: float
     drop_at: tuple[float, float]
@@ -485,7 +485,7 @@ class LinkTrouble:
     earliest: float
 
 
-# What the generator draws: a drop in one workload of seven, a break in one of twenty.
+# What the generator draws: a drop in about one workload of seven, a break in one of twenty.
 ORDINARY_LINKS = LinkTrouble(
     drop_chance=0.15,
     drop_at=(0.2, 2.0),
@@ -552,7 +552,7 @@ def with_links(workloads: Iterable[Workload], trouble: LinkTrouble) -> list[Work
         rng = random.Random(f"lmwatch-bench-links:{workload.name}")
         events = _link_events(rng, workload.memory / workload.bandwidth, trouble)
         data = {**workload_to_mapping(workload), "link_events": events}
-        redrawn.append(replace(workload_from_mapping(data), jitter=workload.jitter))
+        redrawn.append(workload_from_mapping(data))
     return redrawn
 
 

@@ -530,6 +530,7 @@ def _link_events(
         events.append(
             {"at": at, "kind": "bandwidth", "value": round(rng.uniform(*trouble.drop_to), 2)}
         )
+        # No draw at all when drops never end: the generator's corpora keep their events.
         if trouble.recover_chance and rng.random() < trouble.recover_chance:
             back = at + _seconds(rng.uniform(*trouble.recover_after))
             events.append({"at": back, "kind": "bandwidth", "value": 1.0})

@@ -187,6 +187,64 @@ async def test_a_pause_whose_link_breaks_is_cancelled_within_max_pause(rig: Rig)
     assert rig.driver.where("busy-batch") == "a"
 
 
+async def test_a_pause_the_link_slows_is_ended_and_the_migration_started_again(rig: Rig) -> None:
+    """The link falls to 5 % right after lmwatch paused the guest: the pause would
+    outlast `max_pause` (10s), so the job is stopped and the instance runs on the
+    source again; the deadline (30m) leaves time for a new job, so the migration
+    starts again instead of ending cancelled, and completes once the link is back."""
+    mid = await rig.migrate("busy-batch")
+    assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
+    rig.driver.inject_fault("link_slow", between=("a", "b"), share=0.05)
+    assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=600)
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is not None and record.restart.count == 1
+    assert rig.driver.where("busy-batch") == "b"
+    events = rig.store.events(mid)
+    paused = next(e for e in events if e.action == "pause")
+    restart = next(e for e in events if e.action == "restart")
+    assert restart.data["rule"] == "pause-outlasts-bound"
+    assert "now moves at" in restart.reason and "starting again" in restart.reason
+    ended = next(e for e in events if e.reason.startswith("the pause ended"))
+    again = next(e for e in events if e.reason.startswith("copying started again"))
+    assert paused.at < restart.at <= ended.at <= again.at
+    assert ended.data["paused_seconds"] <= 10.0 and "runs on a again" in ended.reason
+    assert not [e for e in events if e.kind == "violation"]
+    # the new job was free to pause again; its pause is the one the outcome shows
+    assert record.outcome is not None
+    assert record.paused is (record.outcome.method == Method.PAUSED.value)
+
+
+async def test_a_restart_of_lmwatch_while_the_paused_job_stops_still_ends_the_pause_first(
+    tmp_path: Path, store_location: str
+) -> None:
+    """lmwatch stops right after deciding to start again from a stretched pause (the
+    intent is recorded, the job being stopped). The next daemon finds the job ended,
+    records the pause's end (the instance runs on the source again) and starts the
+    new job: one start again, one end of the pause, the migration completes."""
+    rig = Rig(tmp_path, store_location=store_location)
+    await rig.engine.start()
+    mid = await rig.migrate("busy-batch")
+    assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
+    rig.driver.inject_fault("link_slow", between=("a", "b"), share=0.05)
+    assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=600)
+    record = rig.engine.get(mid)
+    assert record.restart is not None and record.restart.pending and record.paused
+    await rig.restart(down_for=5.0)
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is not None and record.restart.count == 1
+    events = rig.store.events(mid)
+    assert len([e for e in events if e.reason.startswith("the pause ended")]) == 1
+    assert len([e for e in events if e.reason.startswith("copying started again")]) == 1
+    assert len([e for e in events if e.reason == "supervision resumed after a restart"]) == 1
+    await rig.engine.stop()
+
+
 async def test_hopeless_instance_is_cancelled_early_with_the_reason(rig: Rig) -> None:
     mid = await rig.migrate("busy-plain")
     await rig.finish(mid)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmwatch.model import MIB, Action, MigrationContext, Phase, Sample
-from lmwatch.policies import ForceRefused, decide, force_complete
+from lmwatch.model import MIB, Action, MigrationContext, Phase, Rule, Sample
+from lmwatch.policies import ForceRefused, decide, force_complete, restart_plan
 from lmwatch.policies.forcing import pause_outlasting
 from lmwatch.profiles.schema import Profile
 
@@ -227,11 +227,46 @@ def _paused_context(**fields: object) -> MigrationContext:
 
 
 def test_a_stalled_pause_is_cancelled_so_the_instance_resumes() -> None:
+    """A link that carries nothing cannot carry a new job either, and when it comes
+    back is unknown: the migration ends cancelled, even with no deadline."""
     history = _paused_history(0, 200 * MIB)
-    reason = pause_outlasting(PAUSING, history, _paused_context())
-    assert reason is not None and "nothing has moved" in reason and "5.0s" in reason
+    stretched = pause_outlasting(PAUSING, history, _paused_context())
+    assert stretched is not None and stretched.rate == 0
+    assert "nothing has moved" in stretched.why and "5.0s" in stretched.why
     decision = decide(PAUSING, history, _paused_context(), now=11.2)
-    assert decision.action is Action.CANCEL and decision.reason == reason
+    assert decision.action is Action.CANCEL
+    assert decision.reason == f"{stretched.why}; cancelling, so that it resumes on the source"
+
+
+def test_a_slowed_pause_far_from_the_deadline_starts_again_with_the_same_plan() -> None:
+    """The job is stopped either way (the instance resumes on the source); with time
+    left for a new job to copy memory once at the rate the link gives now, the
+    migration starts again instead of ending cancelled."""
+    history = _paused_history(20 * MIB, 180 * MIB)  # 20 MiB/s: 9s more, over 5s
+    stretched = pause_outlasting(PAUSING, history, _paused_context())
+    assert stretched is not None and stretched.rate == pytest.approx(20 * MIB)
+    # 2 GiB at 20 MiB/s: 102.4s, after 10s to start again
+    ctx = _paused_context(deadline_at=11.2 + 113.0)
+    decision = decide(PAUSING, history, ctx, now=11.2)
+    assert decision.action is Action.RESTART
+    assert decision.rule is Rule.PAUSE_OUTLASTS_BOUND
+    assert decision.reason.startswith(f"{stretched.why}; stopping the job, so that the instance")
+    assert "the deadline is 113.0s away" in decision.reason
+    assert "10.0s to start again" in decision.reason
+    assert "102.4s to copy memory at 20.0MiB/s" in decision.reason
+    again = restart_plan(ctx, decision)
+    assert again.slow_down_initial == ctx.plan.slow_down_initial
+    assert again.arm_handover == ctx.plan.arm_handover
+    assert again.blackout_budget == ctx.blackout_budget
+    assert "pause outlasted" in again.reason
+    # a deadline too close for that, or a migration started again already: cancelled
+    late = decide(PAUSING, history, _paused_context(deadline_at=11.2 + 110.0), now=11.2)
+    assert late.action is Action.CANCEL and late.rule is Rule.PAUSE_OUTLASTS_BOUND
+    again_once = decide(PAUSING, history, replace(ctx, restarts=1), now=11.2)
+    assert again_once.action is Action.CANCEL
+    # without a deadline, it starts again
+    free = decide(PAUSING, history, _paused_context(), now=11.2)
+    assert free.action is Action.RESTART and "no deadline" in free.reason
 
 
 @pytest.mark.parametrize(
@@ -245,10 +280,10 @@ def test_a_stalled_pause_is_cancelled_so_the_instance_resumes() -> None:
 def test_a_slowed_pause_is_cancelled_only_when_it_would_outlast_max_pause(
     moved: int, left: int, outlasts: bool
 ) -> None:
-    reason = pause_outlasting(PAUSING, _paused_history(moved, left), _paused_context())
-    assert (reason is not None) is outlasts
-    if reason is not None:
-        assert "would last about" in reason and "limit 5.0s" in reason
+    stretched = pause_outlasting(PAUSING, _paused_history(moved, left), _paused_context())
+    assert (stretched is not None) is outlasts
+    if stretched is not None:
+        assert "would last about" in stretched.why and "limit 5.0s" in stretched.why
 
 
 def test_samples_closer_than_a_second_say_nothing_about_a_stall() -> None:

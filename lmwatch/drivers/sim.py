@@ -62,6 +62,7 @@ log = get_logger("lmwatch.drivers.sim")
 
 FAULTS = (
     "link_break",
+    "link_slow",
     "link_restore",
     "destination_refuses",
     "source_gone",
@@ -106,6 +107,7 @@ class _Link:
 @dataclass(slots=True)
 class _Faults:
     broken: set[frozenset[str]] = field(default_factory=set)
+    slowed: dict[frozenset[str], float] = field(default_factory=dict)  # share of nominal
     refusing: dict[str, str] = field(default_factory=dict)  # host -> "start" | "job"
     gone_until: dict[str, float] = field(default_factory=dict)
     sample_errors: dict[str | None, int] = field(default_factory=dict)  # None: any job
@@ -193,7 +195,9 @@ class SimDriver:
             if not active:
                 break
             moving = sum(1 for job in active if job.model.moving)
-            bandwidth = self.inventory.bandwidth(*link.key)
+            bandwidth = self.inventory.bandwidth(*link.key) * self._faults.slowed.get(
+                frozenset(link.key), 1.0
+            )
             for job in active:
                 job.model.set_link_bandwidth(bandwidth / max(1, moving + link.others))
             dt = now - link.last
@@ -374,7 +378,9 @@ class SimDriver:
 
         - `link_break(between=(a, b))`: copying between a and b stalls; after the
           link timeout the job fails (instance on the source) — or, when handed
-          over, the instance is lost. `link_restore(between=(a, b))` heals it.
+          over, the instance is lost. `link_slow(between=(a, b), share=0.2)`: the
+          link carries only that share of its bandwidth. `link_restore(between=(a, b))`
+          heals either.
         - `destination_refuses(host=h, when="start"|"job")`: starting a migration
           to h raises DriverError, or the job fails within a second. Lasts until
           `clear_faults()`.
@@ -390,11 +396,21 @@ class SimDriver:
         """
         self._pull_faults()
         self._sync()
-        if kind in ("link_break", "link_restore"):
+        if kind == "link_slow":
+            a, b = params["between"]
+            self._known_host(a)
+            self._known_host(b)
+            share = float(params["share"])
+            if not 0 < share <= 1:
+                raise ValueError(f"link_slow: share must be in (0, 1], not {share!r}")
+            self._faults.slowed[frozenset((a, b))] = share
+        elif kind in ("link_break", "link_restore"):
             a, b = params["between"]
             self._known_host(a)
             self._known_host(b)
             pair = frozenset((a, b))
+            if kind == "link_restore":
+                self._faults.slowed.pop(pair, None)
             for job in self._jobs.values():
                 if frozenset((job.source, job.destination)) == pair:
                     if kind == "link_break":
@@ -1013,6 +1029,7 @@ class SimDriver:
             ):
                 job.model.lose_source()
         self._faults.broken = set(broken)
+        self._faults.slowed = dict(kept.get("slowed", {}))
         self._faults.refusing = dict(kept["refusing"])
         self._faults.gone_until = dict(gone)
 
@@ -1024,6 +1041,7 @@ class SimDriver:
                 {
                     "version": _WORLD_VERSION,
                     "broken": self._faults.broken,
+                    "slowed": self._faults.slowed,
                     "refusing": self._faults.refusing,
                     "gone_until": self._faults.gone_until,
                 }

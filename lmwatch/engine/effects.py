@@ -535,6 +535,34 @@ class Effects:
             deadline=profile.deadline_seconds(record.memory_bytes),
             completed=completed,
         )
+        self._record_violations(supervision, finish)
+
+    def pause_ended(self, supervision: Supervision, result: JobResult | None) -> None:
+        """The job of a paused migration ended without completing and the migration
+        starts again: the instance runs on the source again. Record how long it was
+        stopped, check that against the profile now (the new job is judged on its
+        own), and forget the pause. `result`: the ended job's, when it could be read."""
+        record = supervision.record
+        stopped = None if result is None else result.blackout_seconds
+        if stopped is None and supervision.paused_at is not None:
+            stopped = max(0.0, self.clock.now() - supervision.paused_at)
+        length = "for an unknown time" if stopped is None else f"for {stopped:.2f}s"
+        self.update(
+            supervision,
+            "note",
+            f"the pause ended: the instance was stopped {length} and runs on {record.source} again",
+            paused=False,
+            data={"paused_seconds": stopped},
+        )
+        self._record_violations(
+            supervision, policies.Finish(blackout=stopped, paused=True, completed=False)
+        )
+        supervision.paused_at = None
+        supervision.pause_by_operator = False
+
+    def _record_violations(self, supervision: Supervision, finish: policies.Finish) -> None:
+        record = supervision.record
+        profile = supervision.profile
         for violation in policies.violations(profile, finish):
             self.metrics.violations.labels(profile.name, violation.kind).inc()
             self.event(

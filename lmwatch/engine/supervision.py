@@ -106,7 +106,6 @@ class Supervisor:
                 if restart_pending(supervision.record):
                     if not await self._resume_restart(supervision, result):
                         return
-                    self.effects.event(supervision, "note", "supervision resumed after a restart")
                 elif result is not None:
                     await self.effects.finish(
                         supervision, result, reason="ended while lmwatch was not watching"
@@ -442,7 +441,9 @@ class Supervisor:
     # -- starting again ------------------------------------------------------------------
 
     async def _restart(self, supervision: Supervision, decision: Decision) -> None:
-        """Stop the job and start it again with a higher slow-down start level.
+        """Stop the job and start it again: with a higher slow-down start level, or with
+        the same plan after a pause the link stretched (the instance resumes on the
+        source in between; `Effects.pause_ended` records how long it was stopped).
 
         The intent (with the new plan) is recorded before the job is cancelled, so a
         daemon restarted in between starts the new job instead of reporting the
@@ -501,6 +502,9 @@ class Supervisor:
                 return False
             _, todo = machine.step(status_of(supervision), machine.Sampled(sample.phase))
             if machine.StartAgain() in todo:
+                if record.paused:  # how long the pause lasted: the ended job's account
+                    with contextlib.suppress(DriverError):
+                        ended = await self.effects.result(supervision)
                 break
             if machine.Finish() in todo:
                 ended = await self.effects.result(supervision)
@@ -514,6 +518,8 @@ class Supervisor:
         ):
             await self.effects.finish(supervision, ended)
             return False
+        if record.paused:
+            self.effects.pause_ended(supervision, ended)
         return await self._start_again(supervision)
 
     async def _start_again(self, supervision: Supervision) -> bool:
@@ -532,8 +538,8 @@ class Supervisor:
                 supervision,
                 JobResult(phase=Phase.FAILED, error=str(error), running_on=record.source),
                 reason=(
-                    "the job was stopped to start again with a higher slow-down, but the "
-                    f"new start failed: {error}; the instance keeps running on {record.source}"
+                    "the job was stopped to start again, but the new start failed: "
+                    f"{error}; the instance keeps running on {record.source}"
                 ),
             )
             return False

@@ -3,9 +3,12 @@
 The rules, in order (DESIGN.md section 4):
 
 1. paused by us, and at the rate the rest now moves the pause would outlast its
-   bound (the link stalled or slowed) -> cancel, so the instance resumes on the
-   source (not for the hypervisor's own final stop: it serves no command from
-   stopping the guest to the end of the final copy); otherwise, past copying
+   bound (the link stalled or slowed) -> stop the job, so the instance resumes on
+   the source (not for the hypervisor's own final stop: it serves no command from
+   stopping the guest to the end of the final copy): start again with the same plan
+   when the link still moves, the migration may still start again (`max_restarts`)
+   and the deadline leaves time for a new job to copy memory once at the rate the
+   link gives now, else cancel; otherwise, past copying
    (paused, handed over, completing, ended) -> continue;
 1b. the switch alone (stop, device state, resume) took longer than any stop the
    profile allows every time it was measured on this host pair -> cancel at once,
@@ -94,6 +97,7 @@ from lmwatch.policies.estimators import (
 )
 from lmwatch.policies.forcing import (
     ForceRefused,
+    OutlastingPause,
     already_finishing,
     blackout_limit,
     finish_now,
@@ -105,7 +109,12 @@ from lmwatch.policies.forcing import (
     pause_outlasting,
     switch_outlasts_bound,
 )
-from lmwatch.policies.restart import restart_outlook, restart_reason
+from lmwatch.policies.restart import (
+    pause_restart_reason,
+    restart_after_pause,
+    restart_outlook,
+    restart_reason,
+)
 from lmwatch.policies.violations import stop_bound
 from lmwatch.profiles.schema import OnDeadline, Profile
 from lmwatch.units import format_size
@@ -155,6 +164,35 @@ def decide(
     )
 
 
+def _pause_outlasts(
+    stretched: OutlastingPause,
+    a: Analysis,
+    ctx: MigrationContext,
+    now: float,
+    prediction: Prediction,
+    settings: PolicySettings,
+) -> Decision:
+    """Rule 1: our pause outlasts its bound; start again when that can still finish in
+    time, else cancel. Either way the job is stopped and the instance resumes."""
+    why = stretched.why
+    again = restart_after_pause(a, ctx, stretched.rate, now, settings)
+    if again is None:
+        return Decision(
+            Action.CANCEL,
+            f"{why}; cancelling, so that it resumes on the source",
+            prediction,
+            rule=Rule.PAUSE_OUTLASTS_BOUND,
+        )
+    return Decision(
+        Action.RESTART,
+        f"{why}; {pause_restart_reason(again)}",
+        prediction,
+        # the new job's evidence starts afresh: what its first decisions assume
+        planned_rate=ctx.change_rate_before_start if a.model is None else a.model.rate,
+        rule=Rule.PAUSE_OUTLASTS_BOUND,
+    )
+
+
 def _held_budget(profile: Profile, ctx: MigrationContext) -> float | None:
     """The budget the plan has for after the first pass, while the hypervisor still holds
     the first pass's lower one (rule 3b); None otherwise."""
@@ -178,7 +216,7 @@ def _decide(
 
     stalled = pause_outlasting(profile, history, ctx)
     if stalled is not None:
-        return Decision(Action.CANCEL, stalled, prediction, rule=Rule.PAUSE_OUTLASTS_BOUND)
+        return _pause_outlasts(stalled, a, ctx, now, prediction, settings)
     done = already_finishing(history, ctx)
     if done is not None:
         return Decision(

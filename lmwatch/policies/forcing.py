@@ -13,7 +13,7 @@ that it applies once the disks are in sync (the engine keeps it until then).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from lmwatch.model import Action, Decision, MigrationContext, Phase, Prediction
 from lmwatch.policies.estimators import (
@@ -102,7 +102,17 @@ def already_finishing(history: History, ctx: MigrationContext) -> str | None:
     return None
 
 
-def pause_outlasting(profile: Profile, history: History, ctx: MigrationContext) -> str | None:
+@dataclass(frozen=True, slots=True)
+class OutlastingPause:
+    """Our pause will outlast its bound: the evidence (the caller says what is done)."""
+
+    why: str  # as an operator reads it
+    rate: float  # bytes/s the rest moves at now; 0 when the link stalled
+
+
+def pause_outlasting(
+    profile: Profile, history: History, ctx: MigrationContext
+) -> OutlastingPause | None:
     """Why our pause will outlast its bound at the rate the rest now moves, or None.
 
     A pause is chosen because its copy was predicted to fit; if the link then stalls
@@ -131,20 +141,21 @@ def pause_outlasting(profile: Profile, history: History, ctx: MigrationContext) 
     moved = max(0, last.memory_transferred - before.memory_transferred)
     so_far = max(0.0, last.time - start)
     if moved == 0:
-        return (
+        return OutlastingPause(
             f"paused {duration_text(so_far)} ago and nothing has moved for "
             f"{duration_text(interval)} ({format_size(left)} left): the link has stalled, "
-            f"and waiting would keep the instance stopped past {duration_text(bound)}; "
-            "cancelling, so that it resumes on the source"
+            f"and waiting would keep the instance stopped past {duration_text(bound)}",
+            0.0,
         )
     rate = moved / interval
     total = so_far + left / rate + ctx.switchover
     if total <= bound:
         return None
-    return (
+    return OutlastingPause(
         f"paused {duration_text(so_far)} ago; the rest ({format_size(left)}) now moves at "
         f"{format_size(rate)}/s, so the pause would last about {duration_text(total)} "
-        f"(limit {duration_text(bound)}); cancelling, so that it resumes on the source"
+        f"(limit {duration_text(bound)})",
+        rate,
     )
 
 

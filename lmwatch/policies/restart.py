@@ -1,4 +1,5 @@
-"""Starting a slowed migration again at a higher slow-down start level.
+"""Starting a migration again: a slowed one at a higher slow-down start level, and
+one whose pause the link stretched.
 
 The hypervisor raises its slow-down by a fixed step every few passes from the level
 it started at, and neither can be changed while the job runs. When the guest's
@@ -11,6 +12,11 @@ projection counts all of it from now.
 
 `restart_outlook` is the one calculation: the reason text, the prediction and the
 decision all read its figures.
+
+A migration also starts again, with the same plan, when a pause of ours outlasts its
+bound because the link slowed or stalled under it (`restart_after_pause`): the job is
+stopped either way so that the instance resumes on the source, and ending the
+migration there would give up while the deadline may leave time for a new job.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from lmwatch.model import Decision, MigrationContext, Sample, StartPlan
+from lmwatch.model import Decision, MigrationContext, Rule, Sample, StartPlan
 from lmwatch.policies.estimators import Analysis, PolicySettings, duration_text, project, rate_text
 from lmwatch.policies.start import choose_slowdown, finish_budget
 from lmwatch.profiles.schema import Profile
@@ -184,14 +190,82 @@ def _disk_bytes(sample: Sample) -> int:
     return sample.disk_total
 
 
+@dataclass(frozen=True, slots=True)
+class PauseRestart:
+    """Starting again after a pause of ours that a slowed link stretched (rule 1),
+    instead of ending the migration cancelled: the job is stopped either way, so that
+    the instance resumes on the source."""
+
+    cost: float  # seconds to stop the job and start the new one
+    disks: float  # seconds to copy the local disks again
+    copy: float  # seconds to send memory once at the rate the link gives now
+    rate: float  # that rate, bytes/s
+    left: float  # seconds until the deadline (infinite without one)
+
+    @property
+    def seconds(self) -> float:
+        """The least a new job takes from now: it sends all of memory at least once."""
+        return self.cost + self.disks + self.copy
+
+
+def restart_after_pause(
+    a: Analysis, ctx: MigrationContext, rate: float, now: float, settings: PolicySettings
+) -> PauseRestart | None:
+    """The case for starting again once our pause outlasts its bound, or None.
+
+    `rate`: bytes/s the pause's copy moves at now. There is a case when the link
+    still moves (a stalled one cannot carry a new job, and when it comes back is
+    unknown: the migration ends cancelled), this migration may still start again
+    (`max_restarts`), and the deadline leaves time for the least a new job takes at
+    that rate: starting again, the local disks' copy again and one copy of memory.
+    The new job is judged from its first pass on like any other; a link that comes
+    back to speed makes it quicker than that.
+    """
+    if rate <= 0 or ctx.restarts >= settings.max_restarts:
+        return None
+    latest = a.latest
+    outlook = PauseRestart(
+        cost=settings.restart_seconds,
+        disks=0.0 if latest is None else _disk_bytes(latest) / rate,
+        copy=a.memory / rate,
+        rate=rate,
+        left=math.inf if ctx.deadline_at is None else ctx.deadline_at - now,
+    )
+    return outlook if outlook.seconds <= outlook.left else None
+
+
+def pause_restart_reason(outlook: PauseRestart) -> str:
+    """What an operator reads after the evidence that the pause outlasts its bound."""
+    o = outlook
+    parts = [f"about {duration_text(o.cost)} to start again"]
+    if o.disks > 0:
+        parts.append(f"{duration_text(o.disks)} to copy the local disks again")
+    parts.append(f"at least {duration_text(o.copy)} to copy memory at {rate_text(o.rate)}")
+    room = "no deadline" if math.isinf(o.left) else f"the deadline is {duration_text(o.left)} away"
+    return (
+        "stopping the job, so that the instance resumes on the source, and starting "
+        f"again: {room}, time for {', '.join(parts)}"
+    )
+
+
 def restart_plan(ctx: MigrationContext, decision: Decision) -> StartPlan:
     """The plan a migration is started again with, after `decision` (an
-    `Action.RESTART`): the same as before, with the new slow-down start level and the
-    blackout budget in force now (after the new job's first pass, as at the start)."""
+    `Action.RESTART`): the same as before, with the blackout budget in force now
+    (after the new job's first pass, as at the start) and the new slow-down start
+    level; after a pause that outlasted its bound, with the same level."""
     plan = ctx.plan
     level = decision.slow_down_initial
     if level is None:
-        raise ValueError("a restart decision carries its slow-down start level")
+        if decision.rule is not Rule.PAUSE_OUTLASTS_BOUND:
+            raise ValueError("a restart decision carries its slow-down start level")
+        return replace(
+            plan,
+            blackout_budget=ctx.blackout_budget,
+            reason=(
+                "started again with the same plan: the job before was stopped when its "
+                "pause outlasted the profile's bound (the link slowed or stalled)"
+            ),
+        )
     rate = decision.planned_rate
     wrote = "" if rate is None else f" for a guest writing about {rate_text(rate)}"
     return replace(

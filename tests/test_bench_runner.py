@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import ClassVar
 
 import pytest
@@ -528,3 +529,41 @@ def test_passes_begun_between_samples_count_as_passes_that_did_not_fit() -> None
     assert result.outcome == "completed", result.actions
     assert result.handed_over and result.total_seconds < 5.0, result.actions
     assert judge(result, tight, guest).clean
+
+
+def test_lmwatch_starts_again_when_the_link_slows_under_its_pause_and_finishes() -> None:
+    """A guest that never converges on batch: lmwatch pauses it after the first pass.
+    The link then falls to 5 % until 30 s: the pause would outlast `max_pause`, so the
+    job is stopped (the guest resumes on the source) and, the deadline being far,
+    started again; the new job finishes once the link is back. The first job's pause
+    is judged too."""
+    batch = next(p for p in bench_profiles() if p.name == "batch")
+    guest = workload(
+        rate=4 * GIB,
+        memory=4 * GIB,
+        working_set=2 * GIB,
+        events=(LinkEvent(4.0, "bandwidth", 0.05), LinkEvent(30.0, "bandwidth", 1.0)),
+    )
+    result = run(guest, batch, lmwatch_factory)
+    actions = [action for _, action, _ in result.actions]
+    assert actions.index("pause") < actions.index("restart"), result.actions
+    assert result.restarts == 1 and result.outcome == "completed", result.actions
+    assert result.earlier_pause_seconds is not None
+    assert 0 < result.earlier_pause_seconds <= batch.max_pause
+    verdict = judge(result, batch, guest)
+    assert verdict.clean, verdict
+    # the same first pause, had it lasted longer than the profile allows, is a violation
+    over = judge(replace(result, earlier_pause_seconds=batch.max_pause + 1), batch, guest)
+    assert not over.clean and over.violations == (f"pause {batch.max_pause + 1:.1f}s over 8s",)
+
+
+def test_a_paused_job_started_again_keeps_its_pause_for_the_judge() -> None:
+    simulation = Simulation(workload(rate=4 * GIB, working_set=2 * GIB), PLAN)
+    simulation.advance_to(5.0)
+    assert simulation.apply(Pause())
+    simulation.advance_to(6.0)
+    assert simulation.apply(Restart(PLAN))
+    assert simulation.restarts == 1 and not simulation.paused
+    record = simulation.record(profile="batch", controller="x")
+    assert not record.paused and record.pause_seconds is None
+    assert record.earlier_pause_seconds is not None and record.earlier_pause_seconds >= 1.0

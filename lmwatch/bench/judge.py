@@ -16,6 +16,8 @@ rules are the daemon's own (`lmwatch.policies.violations`; docs/benchmark.md):
 - any slow-down under a profile that forbids slowing is a violation;
 - a completion after the profile's deadline is a violation, and so is a run that
   had not ended when the runner stopped it ("did not finish");
+- a pause of a job stopped to start again (the guest resumed on the source when
+  that job ended) counts against the pause's bound like any other;
 - a cancel (the instance keeps running on the source) and a failure are not
   violations, but not clean either: the report counts them separately.
 """
@@ -55,6 +57,9 @@ def judge(run: Run, profile: Profile, workload: Workload) -> Verdict:
         completed=completed,
     )
     found = [v.text for v in violations(profile, finish)]
+    if run.earlier_pause_seconds is not None:  # a job stopped while paused, to start again
+        earlier = Finish(blackout=run.earlier_pause_seconds, paused=True, completed=False)
+        found.extend(v.text for v in violations(profile, earlier))
     if run.outcome == UNFINISHED:
         found.append("did not finish")
     return Verdict(

@@ -97,10 +97,10 @@ class LmwatchController:
         if action is Action.CANCEL:
             return [Cancel()]
         if action is Action.RESTART:
-            assert decision.slow_down_initial is not None
             plan = policies.restart_plan(self.ctx, decision)
             # The new job's samples start from pass 1 again; the deadline stays. Its
-            # start plan was made for the rate seen now (no measurement window).
+            # start plan was made for the rate seen now (no measurement window). A
+            # pause ends with the job stopped: the instance resumes on the source.
             self.track = policies.tracked((), self.settings)
             self.ctx = replace(
                 self.ctx,
@@ -110,6 +110,8 @@ class LmwatchController:
                 job_started_at=now,
                 change_rate_before_start=decision.planned_rate,
                 change_rate_window=None,
+                paused=False,
+                paused_at=None,
             )
             return [Restart(plan)]
         return []

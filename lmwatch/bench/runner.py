@@ -120,6 +120,9 @@ class Run:
     eta_predicted: float | None = None  # seconds to completion it predicted
     eta_actual: float | None = None  # seconds it actually took from then (completed runs)
     restarts: int = 0  # times the controller started the migration again
+    # the longest pause of a job stopped to start again (the guest was stopped until
+    # that job ended); judged as the daemon judges it, apart from the final job
+    earlier_pause_seconds: float | None = None
     # what the controller did and why, for controllers that say (lmwatch does): one
     # (seconds since start, action, reason) per sample it answered with an action
     actions: tuple[tuple[float, str, str], ...] = ()
@@ -169,6 +172,7 @@ class Simulation:
         self.restarts = 0  # jobs started again (`Restart`)
         self._earlier_slowdown = 0.0  # highest slow-down of the jobs before the current
         self._earlier_passes = 0
+        self._earlier_pause: float | None = None
 
     # -- state -------------------------------------------------------------------------
 
@@ -285,10 +289,11 @@ class Simulation:
 
     def _restart(self, plan: StartPlan) -> None:
         """Cancel the job, wait until it has ended, and start a new one with `plan`
-        `RESTART_GAP` seconds later (link events on the way apply)."""
+        `RESTART_GAP` seconds later (link events on the way apply). A paused guest
+        resumes on the source when the job ends: that pause is kept for the judge."""
         migration = self.migration
-        if migration.paused or migration.handed_over:
-            raise ActionRefused("the instance is already stopped or handed over")
+        if migration.handed_over:
+            raise ActionRefused("the instance is already handed over")
         migration.cancel()
         while not migration.phase.finished:
             step = migration.next_event_in()
@@ -297,6 +302,10 @@ class Simulation:
             return  # it ended otherwise meanwhile (failed): nothing to start again
         self._earlier_slowdown = max(self._earlier_slowdown, migration.max_slowdown)
         self._earlier_passes += migration.passes
+        if migration.paused and self.paused_at is not None:
+            ended = migration.finished_at if migration.finished_at is not None else self.now
+            self._earlier_pause = max(self._earlier_pause or 0.0, ended - self.paused_at)
+            self.paused_at = None
         at = migration.elapsed + RESTART_GAP
         self.plan = plan
         self.migration = migration.again(plan, at)
@@ -371,6 +380,7 @@ class Simulation:
             eta_predicted=eta_predicted,
             eta_actual=eta_actual,
             restarts=self.restarts,
+            earlier_pause_seconds=self._earlier_pause,
             actions=actions,
         )
 

@@ -228,6 +228,52 @@ async def test_cancel_leaves_instance_on_source() -> None:
         await assert_runs_healthy(name, "a")
 
 
+@pytest.mark.parametrize("reattached", [False, True], ids=["same-driver", "reattached"])
+async def test_a_paused_job_stopped_to_start_again_resumes_the_instance_first(
+    reattached: bool,
+) -> None:
+    """What the engine does when a pause outlasts its bound and the migration starts
+    again: pause, cancel during the pause's copy, and once the job ended start a new
+    job under the same id. In between, the instance runs (not paused) on the source;
+    the new job completes. `reattached`: a new driver (a restarted daemon, which does
+    not know the pause was lmwatch's) finds the job ending or ended; the hypervisor
+    itself resumed the instance when the job was aborted."""
+    mid = f"m-again-{int(reattached)}"
+    async with guest(f"lmw-drv-again-{int(reattached)}", write_mib=32, rate_mib=40) as name:
+        started = time.monotonic()
+        request = MigrationRequest(name, "a", "b")
+        first = LibvirtDriver(hosts(), WallClock())
+        await start_busy(first, name, mid, busy_plan())
+        await first.pause(mid)  # the rest (about 32 MiB) takes 2s over the 16 MiB/s link
+        await first.cancel(mid)
+        driver = first
+        if reattached:
+            await first.close()
+            driver = LibvirtDriver(hosts(), WallClock())
+            ended = await driver.reattach(mid, request, busy_plan())
+            if ended is None:  # still ending: follow it to its end
+                await follow(driver, mid)
+                ended = await driver.result(mid)
+        else:
+            await follow(driver, mid)
+            ended = await driver.result(mid)
+        try:
+            assert ended.running_on == "a", ended
+            assert ended.phase in (Phase.CANCELLED, Phase.FAILED), ended
+            await assert_runs_healthy(name, "a")  # running, not left paused
+            await driver.start(mid, request, busy_plan())
+            await follow(driver, mid, until=lambda s: s.passes >= 2)
+            await driver.pause(mid)
+            await follow(driver, mid)
+            result = await driver.result(mid)
+            record(name, result, started, first_phase=ended.phase.value)
+            assert result.phase is Phase.COMPLETED, result.error
+            assert result.running_on == "b"
+            await assert_runs_healthy(name, "b")
+        finally:
+            await driver.close()
+
+
 async def test_reattach_with_a_second_driver() -> None:
     async with guest("lmw-drv-reattach", write_mib=32, rate_mib=40) as name:
         request = MigrationRequest(name, "a", "b")

@@ -62,8 +62,9 @@ class Metrics:
         )
         self.restarts = Counter(
             "lmwatch_restarts",
-            "Migrations started again from the beginning with a higher slow-down start "
-            "level (the guest's writing outgrew the start plan), by profile.",
+            "Migrations started again from the beginning: with a higher slow-down start "
+            "level (the guest's writing outgrew the start plan), or after a pause the link "
+            "stretched beyond its bound, by profile.",
             ["profile"],
             registry=r,
         )

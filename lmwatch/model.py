@@ -60,7 +60,8 @@ class Action(StrEnum):
     HANDOVER = "handover"  # resume on the destination before all memory arrived
     CANCEL = "cancel"  # stop migrating; the instance keeps running on the source
     # Stop this job and start copying again from the beginning with a new plan (a
-    # higher slow-down start level); the instance keeps running on the source meanwhile.
+    # higher slow-down start level), or with the same one after a pause the link
+    # stretched; the instance keeps running on the source meanwhile.
     RESTART = "restart"
 
 

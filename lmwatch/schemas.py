@@ -264,9 +264,9 @@ class MigrationSummary(_Response):
     )
     restarts: int = Field(
         default=0,
-        description="Times lmwatch started copying again from the beginning with a higher "
-        "slow-down start level, because the guest's writing outgrew the start plan "
-        "(the timeline says why).",
+        description="Times lmwatch started copying again from the beginning: with a "
+        "higher slow-down start level, because the guest's writing outgrew the start plan, "
+        "or after a pause the link stretched beyond its bound (the timeline says why).",
     )
 
 

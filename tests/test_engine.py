@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 from enginerig import EngineRig
@@ -218,7 +219,7 @@ async def test_a_pause_the_link_slows_is_ended_and_the_migration_started_again(r
 
 
 async def test_a_restart_of_lmwatch_while_the_paused_job_stops_still_ends_the_pause_first(
-    tmp_path: Path, store_location: str
+    tmp_path: Path, store_location: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """lmwatch stops right after deciding to start again from a stretched pause (the
     intent is recorded, the job being stopped). The next daemon finds the job ended,
@@ -232,9 +233,18 @@ async def test_a_restart_of_lmwatch_while_the_paused_job_stops_still_ends_the_pa
     assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=600)
     record = rig.engine.get(mid)
     assert record.restart is not None and record.restart.pending and record.paused
+    asked: list[bool] = []
+    reattach = SimDriver.reattach
+
+    async def reattach_noting_the_pause(*args: Any, paused: bool = False) -> Any:
+        asked.append(paused)  # the driver is told the pause was lmwatch's
+        return await reattach(*args, paused=paused)
+
+    monkeypatch.setattr(SimDriver, "reattach", reattach_noting_the_pause)
     await rig.restart(down_for=5.0)
     rig.driver.inject_fault("link_restore", between=("a", "b"))
     await rig.finish(mid)
+    assert asked == [True]
     record = rig.engine.get(mid)
     assert record.state is State.COMPLETED, record.outcome
     assert record.restart is not None and record.restart.count == 1
@@ -561,11 +571,11 @@ async def test_reattach_retries_while_the_hypervisor_is_away(
     original = rig.driver.reattach
     failures = {"left": 3}
 
-    async def flaky(*args: object) -> object:
+    async def flaky(*args: object, **kwargs: object) -> object:
         if failures["left"]:
             failures["left"] -= 1
             raise DriverError("connection refused")
-        return await original(*args)  # type: ignore[arg-type]
+        return await original(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(rig.driver, "reattach", flaky)
     second = rig.new_engine()

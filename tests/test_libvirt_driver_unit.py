@@ -1137,6 +1137,26 @@ async def test_reattach_decision_table(
         assert "read back after a restart" in (result.error or "")
 
 
+@pytest.mark.parametrize("paused_by_us", [True, False])
+async def test_reattach_resumes_an_instance_lmwatch_paused_whose_job_ended(
+    cloud: FakeCloud, driver: LibvirtDriver, paused_by_us: bool
+) -> None:
+    """lmwatch paused the instance and stopped its job (a pause the link stretched),
+    then restarted before seeing the end. Some hypervisors leave the instance paused
+    on the source after an abort: the record's word that the pause was lmwatch's lets
+    the new driver resume it, as the old one would have. An instance lmwatch did not
+    pause is left as it is."""
+    cloud.hosts["a"].domains["vm1"].state = (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_USER)
+    result = await driver.reattach("m1", REQ, PLAN, paused=paused_by_us)
+    assert result is not None and result.running_on == "a"
+    state = tuple(cloud.hosts["a"].domains["vm1"].state)
+    if paused_by_us:
+        assert state[0] == C.VIR_DOMAIN_RUNNING
+        assert result.note is not None and "resumed there" in result.note
+    else:
+        assert state == (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_USER)
+
+
 async def test_unknown_migration_is_driver_error(driver: LibvirtDriver) -> None:
     with pytest.raises(DriverError):
         await driver.sample("nope")

@@ -154,12 +154,19 @@ class Driver(Protocol):
         ...
 
     async def reattach(
-        self, migration_id: str, request: MigrationRequest, plan: StartPlan
+        self,
+        migration_id: str,
+        request: MigrationRequest,
+        plan: StartPlan,
+        *,
+        paused: bool = False,
     ) -> JobResult | None:
         """After a daemon restart: find the job again.
 
         Returns None when it is still running (and now supervised again), or the
-        truthful result when it ended while nobody watched.
+        truthful result when it ended while nobody watched. `paused`: lmwatch paused
+        the instance (its record says so); a job that ended without completing then
+        leaves it resumed on the source, as `cancel` and a failure do.
         """
         ...
 

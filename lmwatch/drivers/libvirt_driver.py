@@ -1373,7 +1373,12 @@ class LibvirtDriver:
     # -- restart -------------------------------------------------------------------------
 
     async def reattach(
-        self, migration_id: str, request: MigrationRequest, plan: StartPlan
+        self,
+        migration_id: str,
+        request: MigrationRequest,
+        plan: StartPlan,
+        *,
+        paused: bool = False,
     ) -> JobResult | None:
         lv = self._lv
         self._link(request.source)
@@ -1387,6 +1392,9 @@ class LibvirtDriver:
             started_at=self._clock.now(),
             adopted=True,
             after_restart=True,
+            # ours to resume on the source if the job ended without completing (a job
+            # still running says afresh below whether the instance is paused)
+            paused=paused,
         )
         self._jobs[migration_id] = job
         at_src, reason = await self._where(request.source, request.instance)

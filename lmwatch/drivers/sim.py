@@ -727,8 +727,14 @@ class SimDriver:
         self._keep(migration_id)
 
     async def reattach(
-        self, migration_id: str, request: MigrationRequest, plan: StartPlan
+        self,
+        migration_id: str,
+        request: MigrationRequest,
+        plan: StartPlan,
+        *,
+        paused: bool = False,
     ) -> JobResult | None:
+        # `paused` is not needed: the model resumes its paused guest when the job ends
         job = self._jobs.get(migration_id)
         if job is None and self._shared is not None:
             job = self._adopt(migration_id)  # continued from where its row left it

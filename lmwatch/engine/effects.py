@@ -242,7 +242,9 @@ class Effects:
 
     async def reattach(self, supervision: Supervision) -> JobResult | None:
         record = supervision.record
-        return await self.driver.reattach(record.id, request_of(record), plan_from(record))
+        return await self.driver.reattach(
+            record.id, request_of(record), plan_from(record), paused=record.paused
+        )
 
     async def capabilities(self, supervision: Supervision) -> Capabilities:
         record = supervision.record

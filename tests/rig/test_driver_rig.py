@@ -235,9 +235,10 @@ async def test_a_paused_job_stopped_to_start_again_resumes_the_instance_first(
     """What the engine does when a pause outlasts its bound and the migration starts
     again: pause, cancel during the pause's copy, and once the job ended start a new
     job under the same id. In between, the instance runs (not paused) on the source;
-    the new job completes. `reattached`: a new driver (a restarted daemon, which does
-    not know the pause was lmwatch's) finds the job ending or ended; the hypervisor
-    itself resumed the instance when the job was aborted."""
+    the new job completes. `reattached`: a new driver (a restarted daemon, told by the
+    record that the pause was lmwatch's) finds the job ending or ended; whichever of
+    the hypervisor (this one resumes an aborted job's instance itself) and the driver
+    resumes it, it runs."""
     mid = f"m-again-{int(reattached)}"
     async with guest(f"lmw-drv-again-{int(reattached)}", write_mib=32, rate_mib=40) as name:
         started = time.monotonic()
@@ -250,7 +251,7 @@ async def test_a_paused_job_stopped_to_start_again_resumes_the_instance_first(
         if reattached:
             await first.close()
             driver = LibvirtDriver(hosts(), WallClock())
-            ended = await driver.reattach(mid, request, busy_plan())
+            ended = await driver.reattach(mid, request, busy_plan(), paused=True)
             if ended is None:  # still ending: follow it to its end
                 await follow(driver, mid)
                 ended = await driver.result(mid)

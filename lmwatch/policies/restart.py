@@ -263,7 +263,7 @@ def restart_plan(ctx: MigrationContext, decision: Decision) -> StartPlan:
             blackout_budget=ctx.blackout_budget,
             reason=(
                 "started again with the same plan: the job before was stopped when its "
-                "pause outlasted the profile's bound (the link slowed or stalled)"
+                "pause outlasted the profile's bound (the link slowed under it)"
             ),
         )
     rate = decision.planned_rate

@@ -1,0 +1,114 @@
+"""A pause the link stretches is ended and the migration started again, on real hosts.
+
+Through the real daemon: a busy guest (32 MiB rewritten at 40 MiB/s) never converges
+over the 16 MiB/s link, and the profile may pause it for up to 5 s: lmwatch pauses it
+(about 2 s of copy). As soon as the pause shows on the timeline, the test lowers the
+migration's bandwidth on the source to 4 MiB/s (what a link that slows under a pause
+looks like to the hypervisor): the rest would now keep the instance stopped past 5 s.
+lmwatch stops the job, so the instance runs on the source again, and, the deadline
+being far, starts the migration again; the new job gets the link's full bandwidth
+(its plan sets it) and finishes. Checked: the restart's reason, the pause's end on
+the timeline within max_pause, no violation, the guest intact on the destination,
+one restart.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
+import rigctl
+
+pytestmark = pytest.mark.rig
+
+Daemon = Any  # tests/rig/conftest.py: Daemon (the real daemon, over HTTP)
+JsonDict = dict[str, Any]
+
+BUSY = "ps-busy"
+MAX_PAUSE = 5.0  # seconds
+SLOWED_MIB = 4  # MiB/s the link carries once it slowed under the pause
+
+PROFILES = f"""
+version: 1
+profiles:
+  - name: ps-pause
+    description: may pause for a few seconds; never handed over, never slowed
+    max_blackout: 300ms
+    may_slow_down: false
+    handover: forbidden
+    may_pause: true
+    max_pause: {MAX_PAUSE * 1000:.0f}ms
+    deadline: 5m
+    on_deadline: cancel
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_factory: Any) -> Daemon:
+    d: Daemon = daemon_factory(PROFILES)
+    return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def guest() -> Iterator[None]:
+    rigctl.define_guest("a", BUSY, write_mib=32, rate_mib=40)
+    yield
+    rigctl.destroy_everywhere(BUSY)
+
+
+def explain(migration: JsonDict) -> str:
+    lines = "\n".join(
+        f"  {e['at']} {e['kind']:<8} {e['action'] or e['state'] or '':<14} {e['reason']}"
+        for e in migration.get("timeline", [])
+    )
+    return f"state {migration['state']}, outcome {migration['outcome']}\ntimeline:\n{lines}"
+
+
+def actions(migration: JsonDict) -> list[str]:
+    return [e["action"] for e in migration["timeline"] if e["kind"] == "decision"]
+
+
+@pytest.mark.scenario("a pause the link stretches starts the migration again")
+def test_a_pause_the_link_stretches_starts_the_migration_again(
+    daemon: Daemon, summary: Any
+) -> None:
+    name = "a pause the link stretches starts the migration again"
+    rigctl.wait_heartbeat(BUSY, 90, 3)  # booted, and the writer has swept its memory
+    src = rigctl.where_running(BUSY)[0]
+    dst = rigctl.other_host(src)
+    mid = daemon.submit(BUSY, src, dst, profile="ps-pause")["id"]
+    m = daemon.wait_until(mid, lambda m: "pause" in actions(m), 90, "a pause")
+    assert "pause" in actions(m), explain(m)
+    dom = rigctl.lookup(src, BUSY)
+    assert dom is not None
+    try:
+        dom.migrateSetMaxSpeed(SLOWED_MIB, 0)  # the link slows under the pause
+    finally:
+        dom.connect().close()
+    m = daemon.wait_finished(mid, 240)
+    summary.outcome(name, m)
+    timeline = m["timeline"]
+    restarts = [e for e in timeline if e["action"] == "restart"]
+    assert len(restarts) == 1, explain(m)
+    reason = restarts[0]["reason"]
+    assert reason.startswith("paused ") and "now moves at" in reason, explain(m)
+    assert "starting again" in reason, explain(m)
+    ended = [e for e in timeline if e["reason"].startswith("the pause ended")]
+    assert len(ended) == 1, explain(m)
+    length = re.search(r"stopped for ([0-9.]+)s", ended[0]["reason"])
+    assert length is not None, explain(m)
+    stopped = float(length.group(1))
+    assert stopped <= MAX_PAUSE, explain(m)
+    assert not [e for e in timeline if e["kind"] == "violation"], explain(m)
+    assert m["state"] == "completed" and m["restarts"] == 1, explain(m)
+    assert rigctl.where_running(BUSY) == [dst], rigctl.domain_states(BUSY)
+    assert rigctl.heartbeats_continue(BUSY, 2.0), f"{BUSY}: heartbeats stopped on {dst}"
+    hb = rigctl.last_heartbeat(BUSY)
+    assert hb is not None and hb["host"] == dst and hb["bad"] == 0, hb
+    summary.note(name, f"first pause ended after {stopped:.2f}s: {reason[:90]}")

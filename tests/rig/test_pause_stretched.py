@@ -24,6 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
+from rigchecks import actions, assert_intact_on, explain
 
 pytestmark = pytest.mark.rig
 
@@ -62,18 +63,6 @@ def guest() -> Iterator[None]:
     rigctl.destroy_everywhere(BUSY)
 
 
-def explain(migration: JsonDict) -> str:
-    lines = "\n".join(
-        f"  {e['at']} {e['kind']:<8} {e['action'] or e['state'] or '':<14} {e['reason']}"
-        for e in migration.get("timeline", [])
-    )
-    return f"state {migration['state']}, outcome {migration['outcome']}\ntimeline:\n{lines}"
-
-
-def actions(migration: JsonDict) -> list[str]:
-    return [e["action"] for e in migration["timeline"] if e["kind"] == "decision"]
-
-
 @pytest.mark.scenario("a pause the link stretches starts the migration again")
 def test_a_pause_the_link_stretches_starts_the_migration_again(
     daemon: Daemon, summary: Any
@@ -107,8 +96,5 @@ def test_a_pause_the_link_stretches_starts_the_migration_again(
     assert stopped <= MAX_PAUSE, explain(m)
     assert not [e for e in timeline if e["kind"] == "violation"], explain(m)
     assert m["state"] == "completed" and m["restarts"] == 1, explain(m)
-    assert rigctl.where_running(BUSY) == [dst], rigctl.domain_states(BUSY)
-    assert rigctl.heartbeats_continue(BUSY, 2.0), f"{BUSY}: heartbeats stopped on {dst}"
-    hb = rigctl.last_heartbeat(BUSY)
-    assert hb is not None and hb["host"] == dst and hb["bad"] == 0, hb
+    assert_intact_on(BUSY, dst)
     summary.note(name, f"first pause ended after {stopped:.2f}s: {reason[:90]}")

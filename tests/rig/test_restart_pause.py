@@ -29,6 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
+from rigchecks import assert_intact_on, explain
 
 pytestmark = pytest.mark.rig
 
@@ -67,31 +68,6 @@ def guest() -> Iterator[None]:
     rigctl.define_guest("a", BUSY, write_mib=BUSY_WRITE[0], rate_mib=BUSY_WRITE[1])
     yield
     rigctl.destroy_everywhere(BUSY)
-
-
-def timeline_text(migration: JsonDict) -> str:
-    return "\n".join(
-        f"  {e['at']} {e['kind']:<8} {e['action'] or e['state'] or '':<14} {e['reason']}"
-        for e in migration.get("timeline", [])
-    )
-
-
-def explain(migration: JsonDict) -> str:
-    return (
-        f"state {migration['state']}, outcome {migration['outcome']}\n"
-        f"timeline:\n{timeline_text(migration)}"
-    )
-
-
-def assert_intact_on(name: str, host: str) -> None:
-    other = rigctl.other_host(host)
-    assert rigctl.where_running(name) == [host], rigctl.domain_states(name)
-    state = rigctl.domain_states(name)[other]
-    assert state is None or state[0] == rigctl.libvirt.VIR_DOMAIN_SHUTOFF, state
-    assert rigctl.heartbeats_continue(name, 2.0), f"{name}: heartbeats stopped on {host}"
-    hb = rigctl.last_heartbeat(name)
-    assert hb is not None and hb["host"] == host, hb
-    assert hb["bad"] == 0, f"{name} lost memory: {hb}"
 
 
 @pytest.mark.scenario("restart, then pause only on evidence")

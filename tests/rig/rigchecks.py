@@ -1,0 +1,40 @@
+"""What the daemon-level rig tests check and print about a migration (its JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import rigctl
+
+JsonDict = dict[str, Any]
+
+
+def timeline_text(migration: JsonDict) -> str:
+    return "\n".join(
+        f"  {e['at']} {e['kind']:<8} {e['action'] or e['state'] or '':<14} {e['reason']}"
+        for e in migration.get("timeline", [])
+    )
+
+
+def explain(migration: JsonDict) -> str:
+    return (
+        f"state {migration['state']}, outcome {migration['outcome']}\n"
+        f"timeline:\n{timeline_text(migration)}"
+    )
+
+
+def actions(migration: JsonDict) -> list[str]:
+    return [e["action"] for e in migration["timeline"] if e["kind"] == "decision"]
+
+
+def assert_intact_on(name: str, host: str) -> None:
+    """Runs on `host` only (shut off or gone on the other), its heartbeats go on and it
+    lost no memory (bad=0)."""
+    other = rigctl.other_host(host)
+    assert rigctl.where_running(name) == [host], rigctl.domain_states(name)
+    state = rigctl.domain_states(name)[other]
+    assert state is None or state[0] == rigctl.libvirt.VIR_DOMAIN_SHUTOFF, state
+    assert rigctl.heartbeats_continue(name, 2.0), f"{name}: heartbeats stopped on {host}"
+    hb = rigctl.last_heartbeat(name)
+    assert hb is not None and hb["host"] == host, hb
+    assert hb["bad"] == 0, f"{name} lost memory: {hb}"

@@ -63,8 +63,9 @@ class Metrics:
         self.restarts = Counter(
             "lmwatch_restarts",
             "Migrations started again from the beginning: with a higher slow-down start "
-            "level (the guest's writing outgrew the start plan), or after a pause the link "
-            "stretched beyond its bound, by profile.",
+            "level (the guest's writing outgrew the start plan), after a pause the link "
+            "stretched beyond its bound, or after a job that failed with the instance still "
+            "on the source, by profile.",
             ["profile"],
             registry=r,
         )

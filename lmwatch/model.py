@@ -233,6 +233,7 @@ class Rule(StrEnum):
     RATES_VARY = "rates-vary"
     PATIENCE = "patience"
     WAITING_STOPPED_PAYING = "waiting-stopped-paying"
+    JOB_FAILED = "job-failed"  # after the job ended: start again (`restart_after_failure`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +244,8 @@ class Decision:
     blackout_budget: float | None = None  # for RAISE_BLACKOUT: the new budget, seconds
     slow_down_initial: float | None = None  # for RESTART: the new start's slow-down level
     planned_rate: float | None = None  # for RESTART: the write rate (bytes/s) it is planned for
+    # for RESTART after a failed job: the last clock time a new job may start
+    start_by: float | None = None
     note: str | None = None  # e.g. a profile edit that cannot apply to this migration
     rule: Rule | None = None  # which rule decided (None: made outside `decide`)
 

@@ -79,6 +79,8 @@ class Restarts:
     plan: StartPlan | None = None
     planned_rate: float | None = None  # bytes/s of writing the new plan was made for
     job_started_at: float | None = None  # clock time the current job began
+    # after a failed job: the last clock time the new job may start (tried until then)
+    start_by: float | None = None
 
 
 # -- to JSON ---------------------------------------------------------------------------
@@ -151,13 +153,16 @@ def placed_json(placed: Placed) -> dict[str, Any]:
 
 
 def restarts_json(restarts: Restarts) -> dict[str, Any]:
-    return {
+    data: dict[str, Any] = {
         "count": restarts.count,
         "job_started_at": restarts.job_started_at,
         "pending": restarts.pending,
         "plan": None if restarts.plan is None else plan_json(restarts.plan),
         "planned_rate": restarts.planned_rate,
     }
+    if restarts.start_by is not None:  # only after a failed job: older rows read the same
+        data["start_by"] = restarts.start_by
+    return data
 
 
 # -- from JSON -------------------------------------------------------------------------
@@ -309,6 +314,7 @@ def restarts_from(data: Mapping[str, Any]) -> Restarts:
         plan=None if plan is None else plan_from(_object(plan, "plan")),
         planned_rate=_maybe_number(data, "planned_rate"),
         job_started_at=_maybe_number(data, "job_started_at"),
+        start_by=_maybe_number(data, "start_by"),
     )
     if restarts.pending and restarts.plan is None:
         raise ValueError("pending without the plan to start again with")

@@ -266,7 +266,8 @@ class MigrationSummary(_Response):
         default=0,
         description="Times lmwatch started copying again from the beginning: with a "
         "higher slow-down start level, because the guest's writing outgrew the start plan, "
-        "or after a pause the link stretched beyond its bound (the timeline says why).",
+        "after a pause the link stretched beyond its bound, or after a job that failed with "
+        "the instance still on the source (the timeline says why).",
     )
 
 

@@ -1021,8 +1021,10 @@ async def test_a_final_stop_whose_link_breaks_is_recorded_with_its_violation(
     nothing can cut the stop short: the job fails at the link's timeout (30s) and the
     guest runs on the source again. The driver reports how long it was stopped (the
     hypervisor's statistics wait through such a stop, so samples cannot tell), and the
-    engine records it with the violation that is. The guest rewrites 200MiB, so its
-    final stop copies them (about 200ms; an idle guest's lasts a few ms)."""
+    engine records it with the violation that is, before it starts again (the
+    deadline leaves time); the new job completes once the link is back. The guest
+    rewrites 200MiB, so its final stop copies them (about 200ms; an idle guest's lasts
+    a few ms)."""
     warm = "  - {name: warm, host: a, memory: 4GiB, working_set: 200MiB, change_rate: 2GiB/s}\n"
     rig = Rig(tmp_path, inventory=INVENTORY + warm)
     await rig.engine.start()
@@ -1033,12 +1035,118 @@ async def test_a_final_stop_whose_link_breaks_is_recorded_with_its_violation(
             if (await rig.driver.sample(mid)).phase is Phase.COMPLETING:
                 break
         rig.driver.inject_fault("link_break", between=("a", "b"))
-        await rig.finish(mid)
-        record = rig.engine.get(mid)
-        assert record.state is State.FAILED, record.outcome
+        assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=120)
         assert rig.driver.where("warm") == "a"
         assert "cancel" not in rig.actions(mid)  # nothing lmwatch could do would be served
-        violation = next(e for e in rig.store.events(mid) if e.kind == "violation")
+        events = rig.store.events(mid)
+        violation = next(e for e in events if e.kind == "violation")
         assert "blackout" in violation.reason and "over 300ms" in violation.reason
+        stop = next(e for e in events if e.reason.startswith("the final stop did not complete"))
+        assert stop.data["stopped_seconds"] >= 30.0 and "runs on a again" in stop.reason
+        rig.driver.inject_fault("link_restore", between=("a", "b"))
+        await rig.finish(mid)
+        record = rig.engine.get(mid)
+        assert record.state is State.COMPLETED, record.outcome
+        assert rig.driver.where("warm") == "b"
+        violations = [e for e in rig.store.events(mid) if e.kind == "violation"]
+        assert len(violations) == 1  # the failed job's stop, once
     finally:
         await rig.engine.stop()
+
+
+SHORT_DEADLINE = """
+profiles:
+  - name: strict-soon
+    max_blackout: 300ms
+    deadline: 3m
+    on_deadline: cancel
+"""
+
+
+async def _break_while_copying(rig: Rig, instance: str) -> str:
+    mid = await rig.migrate(instance)
+    assert await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    await rig.clock.advance(2.0)
+    rig.driver.inject_fault("link_break", between=("a", "b"))
+    return mid
+
+
+async def test_a_job_the_broken_link_fails_is_started_again_once_the_link_carries(
+    rig: Rig,
+) -> None:
+    """The link breaks 2 s into copying and stays down past the hypervisor's timeout
+    (30 s): the job fails, the instance still on the source. The deadline (2h) leaves
+    time, so lmwatch tries a new job every 5 s; once the link is back one starts and
+    the migration completes."""
+    mid = await _break_while_copying(rig, "big")
+    assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=120)
+    await rig.clock.advance(30.0)
+    assert rig.engine.get(mid).state is not State.FAILED  # waiting for the link
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is not None and record.restart.count == 1
+    assert not record.restart.pending
+    assert rig.driver.where("big") == "b"
+    events = rig.store.events(mid)
+    restart = next(e for e in events if e.action == "restart")
+    assert restart.data["rule"] == "job-failed"
+    assert "the job failed" in restart.reason and "still runs on a" in restart.reason
+    waiting = next(e for e in events if e.reason.startswith("could not start again yet"))
+    again = next(e for e in events if e.reason.startswith("copying started again"))
+    assert restart.at <= waiting.at < again.at
+    assert again.at - restart.at >= 30.0  # not before the link came back
+
+
+async def test_a_link_that_stays_broken_ends_the_migration_failed_once_no_job_fits(
+    tmp_path: Path,
+) -> None:
+    """Never back: lmwatch tries until a new job would no longer finish before the
+    deadline (3m), then the migration ends failed, the instance on the source."""
+    rig = Rig(tmp_path, SHORT_DEADLINE)
+    await rig.engine.start()
+    mid = await _break_while_copying(rig, "big")
+    await rig.finish(mid, limit=600)
+    record = rig.engine.get(mid)
+    assert record.state is State.FAILED, record.outcome
+    assert record.outcome is not None and record.outcome.running_on == "a"
+    assert record.deadline_at is not None and record.finished_at is not None
+    # the last attempt still left time for a new job: 10 s to start, 8 s to copy 8GiB
+    assert record.deadline_at - 18.0 - 5.0 <= record.finished_at <= record.deadline_at - 18.0
+    events = rig.store.events(mid)
+    ended = [e for e in events if e.kind == "state" and e.state == State.FAILED.value]
+    assert ended and "tried" in ended[-1].reason and "keeps running on a" in ended[-1].reason
+    assert rig.driver.where("big") == "a"
+    await rig.engine.stop()
+
+
+async def test_an_operator_cancel_while_waiting_to_start_again_ends_it_cancelled(
+    rig: Rig,
+) -> None:
+    mid = await _break_while_copying(rig, "big")
+    assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=120)
+    with pytest.raises(Conflict, match="waits to start again"):
+        await rig.engine.force_complete(mid)
+    record = await rig.engine.cancel(mid)
+    assert record.state is State.CANCELLED
+    assert record.outcome is not None and record.outcome.running_on == "a"
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    await rig.clock.advance(60.0)
+    assert rig.engine.get(mid).state is State.CANCELLED  # no job started after it
+    assert rig.driver.where("big") == "a"
+
+
+async def test_a_restart_of_lmwatch_while_waiting_for_the_link_keeps_waiting(
+    rig: Rig,
+) -> None:
+    mid = await _break_while_copying(rig, "big")
+    assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=120)
+    await rig.restart(down_for=5.0)
+    assert rig.engine.get(mid).state is not State.FAILED
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is not None and record.restart.count == 1
+    assert rig.driver.where("big") == "b"

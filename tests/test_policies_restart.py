@@ -7,12 +7,24 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import pytest
+
 from lmwatch.drivers.inventory import GrowingRate
 from lmwatch.drivers.simphysics import Migration, Writer
-from lmwatch.model import GIB, MIB, Action, MigrationContext, Rule, Sample, StartPlan
+from lmwatch.model import (
+    GIB,
+    MIB,
+    Action,
+    JobResult,
+    MigrationContext,
+    Phase,
+    Rule,
+    Sample,
+    StartPlan,
+)
 from lmwatch.policies import DEFAULT, decide, restart_plan
 from lmwatch.policies.estimators import analyse, duration_text
-from lmwatch.policies.restart import restart_outlook
+from lmwatch.policies.restart import restart_after_failure, restart_outlook
 from lmwatch.profiles.schema import Profile
 
 MEMORY = 32 * GIB
@@ -189,3 +201,64 @@ def test_the_new_job_is_read_from_its_own_start() -> None:
     assert a.model is not None and first.model is not None
     assert abs(a.model.rate - first.model.rate) <= 1e-6 * first.model.rate
     assert abs(a.model.working_set - first.model.working_set) <= 1e-6 * first.model.working_set
+
+
+# -- after a failed job ---------------------------------------------------------------------
+
+FAILED_ON_SOURCE = JobResult(phase=Phase.FAILED, error="the link broke", running_on="a")
+
+
+def test_a_job_failed_with_the_instance_on_the_source_starts_again_while_time_is_left() -> None:
+    history = samples(60.0)
+    now = 100.0  # the link broke at 60 s; the job failed 40 s later
+    decision = restart_after_failure(history, context(), FAILED_ON_SOURCE, "a", now, DEFAULT)
+    assert decision is not None
+    assert decision.action is Action.RESTART and decision.rule is Rule.JOB_FAILED
+    # the least a new job takes: 10 s to start again and all of memory at the link's rate
+    least = DEFAULT.restart_seconds + MEMORY / BANDWIDTH
+    assert decision.start_by == pytest.approx(DEADLINE - least, rel=0.02)
+    assert "the link broke" in decision.reason and "still runs on a" in decision.reason
+    assert f"the deadline is {duration_text(DEADLINE - now)} away" in decision.reason
+    plan = restart_plan(context(), decision)
+    assert plan.slow_down_initial == PLAN.slow_down_initial and "failed" in plan.reason
+
+
+def test_no_start_again_when_no_new_job_fits_before_the_deadline() -> None:
+    history = samples(60.0)
+    least = DEFAULT.restart_seconds + MEMORY / BANDWIDTH
+    late = DEADLINE - least + 5.0
+    assert restart_after_failure(history, context(), FAILED_ON_SOURCE, "a", late, DEFAULT) is None
+    early = DEADLINE - least - 5.0
+    assert restart_after_failure(history, context(), FAILED_ON_SOURCE, "a", early, DEFAULT)
+
+
+def test_no_start_again_unless_the_instance_is_intact_on_the_source() -> None:
+    history = samples(60.0)
+    for ended in (
+        replace(FAILED_ON_SOURCE, running_on=None),  # lost, or not known
+        replace(FAILED_ON_SOURCE, running_on="b"),
+        replace(FAILED_ON_SOURCE, handed_over=True),
+        replace(FAILED_ON_SOURCE, phase=Phase.CANCELLED),
+    ):
+        assert restart_after_failure(history, context(), ended, "a", 100.0, DEFAULT) is None
+    handed = context(handed_over=True)
+    assert restart_after_failure(history, handed, FAILED_ON_SOURCE, "a", 100.0, DEFAULT) is None
+
+
+def test_no_second_start_again_after_a_failure() -> None:
+    history = samples(60.0)
+    again = context(restarts=DEFAULT.max_restarts)
+    assert restart_after_failure(history, again, FAILED_ON_SOURCE, "a", 100.0, DEFAULT) is None
+
+
+def test_no_start_again_when_the_link_never_moved_anything() -> None:
+    assert restart_after_failure([], context(), FAILED_ON_SOURCE, "a", 100.0, DEFAULT) is None
+
+
+def test_without_a_deadline_a_new_job_is_tried_for_a_while() -> None:
+    history = samples(60.0)
+    open_ended = context(deadline_at=None)
+    decision = restart_after_failure(history, open_ended, FAILED_ON_SOURCE, "a", 100.0, DEFAULT)
+    assert decision is not None
+    assert decision.start_by == 100.0 + DEFAULT.restart_wait_seconds
+    assert "no deadline" in decision.reason

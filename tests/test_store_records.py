@@ -49,7 +49,7 @@ RESTARTS = Restarts(count=2, pending=True, plan=PLAN, planned_rate=3e8, job_star
 # A plan that holds a lower budget during the first pass (`first_pass_budget`, written
 # only when there is one: a plan without it reads and writes as plans did before).
 HELD_PLAN = dataclasses.replace(PLAN, first_pass_budget=0.05)
-OMITTED_WHEN_NONE = {StartPlan: {"first_pass_budget"}}
+OMITTED_WHEN_NONE = {StartPlan: {"first_pass_budget"}, Restarts: {"start_by"}}
 
 PARTS: list[tuple[str, Any]] = [
     ("plan", PLAN),
@@ -61,6 +61,8 @@ PARTS: list[tuple[str, Any]] = [
     ("placement", PLACED),
     ("restart", RESTARTS),
     ("restart", Restarts(count=1)),
+    # after a failed job: the last moment to start the new job (written only then)
+    ("restart", dataclasses.replace(RESTARTS, start_by=1800.0)),
 ]
 
 

@@ -562,6 +562,24 @@ class Effects:
         supervision.paused_at = None
         supervision.pause_by_operator = False
 
+    def stop_ended(self, supervision: Supervision, result: JobResult) -> None:
+        """The failed job had stopped the instance for its final copy, and the migration
+        starts again: record how long it was stopped and check that against the
+        profile now (the new job is judged on its own)."""
+        stopped = result.blackout_seconds
+        if stopped is None:
+            return
+        self.event(
+            supervision,
+            "note",
+            f"the final stop did not complete: the instance was stopped for {stopped:.2f}s "
+            f"and runs on {supervision.record.source} again",
+            data={"stopped_seconds": stopped},
+        )
+        self._record_violations(
+            supervision, policies.Finish(blackout=stopped, paused=False, completed=False)
+        )
+
     def _record_violations(self, supervision: Supervision, finish: policies.Finish) -> None:
         record = supervision.record
         profile = supervision.profile

@@ -58,6 +58,9 @@ from lmwatch.records import Restarts
 # (each wait is as long as that finish should still take; a finish that overruns them
 # all is stuck, and the start is not held back by it for ever).
 _JOIN_CHECKS = 8
+_WAITING_TO_START = (
+    "the job failed and the migration waits to start again; nothing runs to finish yet"
+)
 _STOPPING = "lmwatch is stopping; the command was not carried out: send it again once it is back"
 
 
@@ -279,7 +282,10 @@ class Supervisor:
                 match effect:
                     case machine.Finish():
                         result = await self.effects.result(supervision)
-                        await self.effects.finish(supervision, result)
+                        if await self._restart_after_failure(supervision, result):
+                            break  # the new job runs: supervise it
+                        if not supervision.record.state.finished:
+                            await self.effects.finish(supervision, result)
                         return
                     case machine.EnterState(state=state, handed_over=handed_over):
                         self._enter(supervision, state, handed_over=handed_over)
@@ -522,31 +528,123 @@ class Supervisor:
             self.effects.pause_ended(supervision, ended)
         return await self._start_again(supervision)
 
+    async def _restart_after_failure(self, supervision: Supervision, ended: JobResult) -> bool:
+        """The job failed with the instance still on the source: start again when the
+        policy says the deadline leaves time (`policies.restart_after_failure`); False
+        when the migration ends with this job (or ended meanwhile, recorded)."""
+        record = supervision.record
+        if supervision.cancel_sent_at is not None:
+            return False  # a cancel of ours or an operator's: the end is the one asked for
+        ctx = self.context(supervision)
+        decision = policies.restart_after_failure(
+            supervision.track, ctx, ended, record.source, self.clock.now(), self.settings.policy
+        )
+        if decision is None:
+            return False
+        intent = dataclasses.replace(
+            record.restart or Restarts(),
+            count=ctx.restarts + 1,
+            pending=True,
+            plan=policies.restart_plan(ctx, decision),
+            planned_rate=decision.planned_rate,
+            start_by=decision.start_by,
+        )
+        self.effects.intend_restart(supervision, decision, intent)
+        if record.paused:
+            self.effects.pause_ended(supervision, ended)
+        else:
+            self.effects.stop_ended(supervision, ended)
+        return await self._start_again(supervision)
+
     async def _start_again(self, supervision: Supervision) -> bool:
         """Start the new job with the plan the intent recorded; False when it cannot
-        start (then the migration ends failed, the instance still on the source)."""
+        start (then the migration ends failed, the instance still on the source).
+
+        After a failed job the start is tried again every `restart_retry_seconds` until
+        the intent's `start_by` (the link may be down a while); an operator's cancel
+        meanwhile ends the migration cancelled."""
         record = supervision.record
         restart = record.restart
         assert restart is not None and restart.plan is not None  # pending: it has one
         plan = restart.plan
-        try:
-            await self._join_link(supervision)
-            await self.effects.start_job(supervision, plan)
-        except (DriverError, Refused) as error:
-            self.effects.hypervisor_error("start")
-            await self.effects.finish(
-                supervision,
-                JobResult(phase=Phase.FAILED, error=str(error), running_on=record.source),
-                reason=(
-                    "the job was stopped to start again, but the new start failed: "
-                    f"{error}; the instance keeps running on {record.source}"
-                ),
-            )
-            return False
+        retry = self.settings.policy.restart_retry_seconds
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await self._join_link(supervision)
+                await self.effects.start_job(supervision, plan)
+                break
+            except (DriverError, Refused) as error:
+                self.effects.hypervisor_error("start")
+                start_by = restart.start_by
+                # A refusal (the pre-flight's: no room, no such instance) is not the
+                # link: waiting does not change it.
+                if (
+                    isinstance(error, Refused)
+                    or start_by is None
+                    or self.clock.now() + retry > start_by
+                ):
+                    tried = "" if attempts == 1 else f" (tried {attempts} times)"
+                    before = "failed" if start_by is not None else "was stopped to start again"
+                    await self.effects.finish(
+                        supervision,
+                        JobResult(phase=Phase.FAILED, error=str(error), running_on=record.source),
+                        reason=(
+                            f"the job {before}, but the new start failed{tried}: {error}; "
+                            f"the instance keeps running on {record.source}"
+                        ),
+                    )
+                    return False
+                if attempts == 1:
+                    self.effects.event(
+                        supervision,
+                        "note",
+                        f"could not start again yet: {error}; trying every "
+                        f"{policies.duration_text(retry)}",
+                    )
+            if not await self._wait_to_retry(supervision, retry):
+                return False
         supervision.track = policies.tracked((), self.settings.policy)  # a new job
         supervision.cancel_sent_at = None
         restart = dataclasses.replace(restart, pending=False, job_started_at=self.clock.now())
         self.effects.started_again(supervision, plan, restart)
+        return True
+
+    async def _wait_to_retry(self, supervision: Supervision, seconds: float) -> bool:
+        """Wait `seconds` before trying a start again, answering commands meanwhile:
+        nothing runs to finish, and a cancel ends the migration (the instance stays on
+        the source). False when it ended so."""
+        supervision.beat = self.clock.now()
+        due = self.clock.now() + seconds
+        while self.clock.now() < due:
+            if not supervision.inbox:
+                supervision.mail.clear()
+                sleep = asyncio.ensure_future(self.clock.sleep(due - self.clock.now()))
+                mail = asyncio.ensure_future(supervision.mail.wait())
+                try:
+                    await asyncio.wait((sleep, mail), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    sleep.cancel()
+                    mail.cancel()
+            while supervision.inbox:
+                command = supervision.inbox.popleft()
+                if not isinstance(command.what, Cancel):
+                    command.fail(Conflict(_WAITING_TO_START))
+                    continue
+                source = supervision.record.source
+                self.effects.end(
+                    supervision,
+                    JobResult(phase=Phase.CANCELLED, running_on=source),
+                    reason=(
+                        "cancelled by an operator while waiting to start again; the "
+                        f"instance keeps running on {source}"
+                    ),
+                )
+                command.reply(supervision.record)
+                self.refuse_waiting(supervision)
+                return False
+            supervision.beat = self.clock.now()
         return True
 
     def _enter(self, supervision: Supervision, state: State, *, handed_over: bool) -> None:

@@ -4,9 +4,9 @@ No I/O, no clock, no randomness: every function depends only on its arguments.
 """
 
 from lmwatch.policies.completion import decide
-from lmwatch.policies.estimators import DEFAULT, PolicySettings, estimate, tracked
+from lmwatch.policies.estimators import DEFAULT, PolicySettings, duration_text, estimate, tracked
 from lmwatch.policies.forcing import ForceRefused, force_complete
-from lmwatch.policies.restart import restart_plan
+from lmwatch.policies.restart import restart_after_failure, restart_plan
 from lmwatch.policies.review import review_profile_change
 from lmwatch.policies.start import deadline_at, plan_start
 from lmwatch.policies.track import Track
@@ -27,11 +27,13 @@ __all__ = [
     "Violation",
     "deadline_at",
     "decide",
+    "duration_text",
     "estimate",
     "force_complete",
     "learned_switchover",
     "measured_switchover",
     "plan_start",
+    "restart_after_failure",
     "restart_plan",
     "review_profile_change",
     "tracked",

@@ -90,6 +90,11 @@ class PolicySettings:
     # the new one) is assumed to cost `restart_seconds`.
     max_restarts: int = 1
     restart_seconds: float = 10.0
+    # After a failed job (the instance still on the source), a new job is tried this
+    # often until the deadline no longer leaves time for it; without a deadline, for
+    # `restart_wait_seconds`.
+    restart_retry_seconds: float = 5.0
+    restart_wait_seconds: float = 600.0
     # ...and, deadline or not, when the new job would take at most this share of the
     # time the current one still needs, taking no more of the guest's time in slowing:
     # starting again throws away what was copied, so only a win that outlasts the

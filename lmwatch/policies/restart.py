@@ -14,9 +14,13 @@ projection counts all of it from now.
 decision all read its figures.
 
 A migration also starts again, with the same plan, when a pause of ours outlasts its
-bound because the link slowed or stalled under it (`restart_after_pause`): the job is
-stopped either way so that the instance resumes on the source, and ending the
-migration there would give up while the deadline may leave time for a new job.
+bound because the link slowed under it (`restart_after_pause`): the job is stopped
+either way so that the instance resumes on the source, and ending the migration there
+would give up while the deadline may leave time for a new job. And when its job failed
+while the instance kept running on the source (the link broke for longer than the
+hypervisor waits, say: `restart_after_failure`): the new job is started as soon as the
+hosts take it, tried again every `restart_retry_seconds` until the deadline no longer
+leaves time for it (`NewJob.start_by`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from lmwatch.model import Decision, MigrationContext, Rule, Sample, StartPlan
-from lmwatch.policies.estimators import Analysis, PolicySettings, duration_text, project, rate_text
+from lmwatch.model import (
+    Action,
+    Decision,
+    JobResult,
+    MigrationContext,
+    Phase,
+    Rule,
+    Sample,
+    StartPlan,
+)
+from lmwatch.policies.estimators import (
+    Analysis,
+    History,
+    PolicySettings,
+    analyse,
+    duration_text,
+    project,
+    rate_text,
+    tracked,
+)
 from lmwatch.policies.start import choose_slowdown, finish_budget
 from lmwatch.profiles.schema import Profile
 
@@ -191,10 +213,11 @@ def _disk_bytes(sample: Sample) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class PauseRestart:
-    """Starting again after a pause of ours that a slowed link stretched (rule 1),
-    instead of ending the migration cancelled: the job is stopped either way, so that
-    the instance resumes on the source."""
+class NewJob:
+    """The least a job started again takes, against the time left: after a pause of
+    ours that a slowed link stretched (rule 1; the job is stopped either way, so that
+    the instance resumes on the source), or after the job failed with the instance
+    still on the source."""
 
     cost: float  # seconds to stop the job and start the new one
     disks: float  # seconds to copy the local disks again
@@ -207,10 +230,19 @@ class PauseRestart:
         """The least a new job takes from now: it sends all of memory at least once."""
         return self.cost + self.disks + self.copy
 
+    @property
+    def fits(self) -> bool:
+        return self.seconds <= self.left
+
+    def start_by(self, now: float) -> float:
+        """The last clock time a new job still fits before the deadline (infinite
+        without one)."""
+        return now + self.left - self.seconds
+
 
 def restart_after_pause(
     a: Analysis, ctx: MigrationContext, rate: float, now: float, settings: PolicySettings
-) -> PauseRestart | None:
+) -> NewJob | None:
     """The case for starting again once our pause outlasts its bound, or None.
 
     `rate`: bytes/s the pause's copy moves at now. There is a case when the link
@@ -223,28 +255,85 @@ def restart_after_pause(
     """
     if rate <= 0 or ctx.restarts >= settings.max_restarts:
         return None
+    outlook = new_job(a, ctx, rate, now, settings)
+    return outlook if outlook.fits else None
+
+
+def new_job(
+    a: Analysis, ctx: MigrationContext, rate: float, now: float, settings: PolicySettings
+) -> NewJob:
+    """The least a job started now takes at `rate` (bytes/s, > 0), and the time left."""
     latest = a.latest
-    outlook = PauseRestart(
+    return NewJob(
         cost=settings.restart_seconds,
         disks=0.0 if latest is None else _disk_bytes(latest) / rate,
         copy=a.memory / rate,
         rate=rate,
         left=math.inf if ctx.deadline_at is None else ctx.deadline_at - now,
     )
-    return outlook if outlook.seconds <= outlook.left else None
 
 
-def pause_restart_reason(outlook: PauseRestart) -> str:
+def pause_restart_reason(outlook: NewJob) -> str:
     """What an operator reads after the evidence that the pause outlasts its bound."""
+    return (
+        "stopping the job, so that the instance resumes on the source, and starting "
+        f"again: {_room(outlook)}"
+    )
+
+
+def _room(outlook: NewJob) -> str:
     o = outlook
     parts = [f"about {duration_text(o.cost)} to start again"]
     if o.disks > 0:
         parts.append(f"{duration_text(o.disks)} to copy the local disks again")
     parts.append(f"at least {duration_text(o.copy)} to copy memory at {rate_text(o.rate)}")
     room = "no deadline" if math.isinf(o.left) else f"the deadline is {duration_text(o.left)} away"
-    return (
-        "stopping the job, so that the instance resumes on the source, and starting "
-        f"again: {room}, time for {', '.join(parts)}"
+    return f"{room}, time for {', '.join(parts)}"
+
+
+def restart_after_failure(
+    history: History,
+    ctx: MigrationContext,
+    ended: JobResult,
+    source: str,
+    now: float,
+    settings: PolicySettings,
+) -> Decision | None:
+    """Start again once the job failed, or None (the migration ends failed).
+
+    The job must have failed with the instance running on `source` as before (not
+    handed over, not lost: intact where it was); the migration must not have started
+    again already (`max_restarts`, shared with the other restarts); and the deadline
+    must leave time for the least a new job takes at the rate the link carried before
+    the failure (`new_job`). Without a deadline the new job is tried for
+    `restart_wait_seconds`. The decision's `start_by` is the last clock time to try.
+    """
+    if ended.phase is not Phase.FAILED or ended.running_on != source or ended.handed_over:
+        return None
+    if ctx.handed_over or ctx.restarts >= settings.max_restarts:
+        return None
+    a = analyse(tracked(history, settings), ctx, settings)
+    rate = a.transfer_rate
+    if not rate or rate <= 0:
+        return None  # the link never moved anything: nothing says a new job could
+    outlook = new_job(a, ctx, rate, now, settings)
+    if not outlook.fits:
+        return None
+    start_by = outlook.start_by(now)
+    if math.isinf(start_by):
+        start_by = now + settings.restart_wait_seconds
+        until = f"trying for {duration_text(settings.restart_wait_seconds)}"
+    else:
+        until = f"trying until {duration_text(start_by - now)} from now"
+    failed = ended.error or "no cause given"
+    return Decision(
+        Action.RESTART,
+        f"the job failed ({failed}) and the instance still runs on {source}; starting "
+        f"again as soon as the hosts take a new job, every "
+        f"{duration_text(settings.restart_retry_seconds)} ({until}): {_room(outlook)}",
+        planned_rate=ctx.change_rate_before_start if a.model is None else a.model.rate,
+        start_by=start_by,
+        rule=Rule.JOB_FAILED,
     )
 
 
@@ -256,15 +345,19 @@ def restart_plan(ctx: MigrationContext, decision: Decision) -> StartPlan:
     plan = ctx.plan
     level = decision.slow_down_initial
     if level is None:
-        if decision.rule is not Rule.PAUSE_OUTLASTS_BOUND:
+        if decision.rule is Rule.PAUSE_OUTLASTS_BOUND:
+            why = (
+                "the job before was stopped when its pause outlasted the profile's bound "
+                "(the link slowed under it)"
+            )
+        elif decision.rule is Rule.JOB_FAILED:
+            why = "the job before failed with the instance still on the source"
+        else:
             raise ValueError("a restart decision carries its slow-down start level")
         return replace(
             plan,
             blackout_budget=ctx.blackout_budget,
-            reason=(
-                "started again with the same plan: the job before was stopped when its "
-                "pause outlasted the profile's bound (the link slowed under it)"
-            ),
+            reason=f"started again with the same plan: {why}",
         )
     rate = decision.planned_rate
     wrote = "" if rate is None else f" for a guest writing about {rate_text(rate)}"

@@ -163,3 +163,17 @@ def test_bound_runs_covers_every_pair_in_order_over_workers() -> None:
     ]
     assert all(r.controller == BOUND for r in runs)
     assert runs == bound_runs(items, profiles, processes=1)
+
+
+def test_the_bound_starts_again_the_moment_a_link_that_failed_the_job_is_back() -> None:
+    broken = workload(
+        memory="4GiB",
+        working_set="64MiB",
+        change_rate="20MiB/s",
+        link_events=[{"at": "1s", "kind": "break"}, {"at": "50s", "kind": "restore"}],
+    )
+    result = bound_run(broken, STRICT)
+    assert result.outcome == "completed" and result.restarts == 1
+    assert judge(result, STRICT, broken).clean
+    # the job failed at 31 s (the link's timeout); the new one started at 50 s
+    assert 50.0 + broken.first_pass <= result.total_seconds < 50.0 + 2 * broken.first_pass

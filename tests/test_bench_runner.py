@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import ClassVar
@@ -567,3 +568,46 @@ def test_a_paused_job_started_again_keeps_its_pause_for_the_judge() -> None:
     record = simulation.record(profile="batch", controller="x")
     assert not record.paused and record.pause_seconds is None
     assert record.earlier_pause_seconds is not None and record.earlier_pause_seconds >= 1.0
+
+
+def test_lmwatch_starts_again_once_a_link_that_failed_the_job_is_back() -> None:
+    """A 32 GiB guest at 10 Gbit/s: the link breaks 5 s in and is back at 60 s. The
+    job fails at the link's timeout (35 s), the instance still on the source; lmwatch
+    tries a new job every 5 s (refused while the link is down) and the one started
+    once it is back completes, cleanly, long before the deadline."""
+    strict = next(p for p in bench_profiles() if p.name == "strict")
+    guest = workload(
+        memory=32 * GIB,
+        rate=10 * MIB,
+        events=(LinkEvent(5.0, "break"), LinkEvent(60.0, "restore")),
+    )
+    result = run(guest, strict, lmwatch_factory)
+    assert result.outcome == "completed" and result.restarts == 1, result.actions
+    assert [action for _, action, _ in result.actions] == ["restart"]
+    at, _, reason = result.actions[0]
+    assert 35.0 <= at < 37.0 and "the job failed" in reason
+    assert result.refused >= 4  # tried every 5 s while the link was down
+    first_try_after_restore = at + 5.0 * math.ceil((60.0 - at) / 5.0)
+    copy = 32 * GIB / (10 * GBIT)
+    assert result.total_seconds == pytest.approx(first_try_after_restore + copy, abs=2.0)
+    assert judge(result, strict, guest).clean
+    # a controller that does not start again (the baselines) ends failed
+    assert run(guest, strict, Idle).outcome == "failed"
+
+
+def test_a_final_stop_a_failed_job_ended_with_is_judged_after_a_new_job() -> None:
+    """The guest is stopped for its final copy when the link breaks: the failed job's
+    stop (until the link's timeout) is a violation even when a new job completes."""
+    stopping = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=60.0)
+    simulation = Simulation(workload(events=(LinkEvent(2.0, "break"),)), stopping)
+    simulation.advance_to(40.0)
+    assert simulation.phase is Phase.FAILED
+    assert not simulation.apply(Restart(PLAN))  # the link is still down: refused
+    simulation.migration.restore_link()
+    assert simulation.apply(Restart(PLAN)) and simulation.restarts == 1
+    simulation.advance_to(60.0)
+    record = simulation.record(profile=LENIENT.name, controller="x")
+    assert record.outcome == "completed"
+    assert record.earlier_stop_seconds is not None and record.earlier_stop_seconds > 30.0
+    verdict = judge(record, LENIENT, workload())
+    assert verdict.violations == (f"blackout {record.earlier_stop_seconds:.1f}s over 1s",)

@@ -23,6 +23,9 @@ The search:
   `MAX_GRID_POINTS` of them) and at every pass boundary (where the remainder is at a
   local extreme): from each, a copy pauses now and another hands over now (when the
   profile allows it), and each copy runs to its end;
+- a job that fails with the instance still on the source (the link broke for longer
+  than the hypervisor waits) is started again with the same plan the moment the link
+  carries again, once, as lmwatch may (`policies.restart_after_failure`);
 - pruning: nothing that ends after the best clean finish found so far (or after the
   deadline, or the runner's time limit) is explored; a pause or handover is not
   simulated when even at the link's nominal bandwidth it could not stay within the
@@ -41,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lmwatch.bench.controller import Cancel, Handover, Pause
+from lmwatch.bench.controller import Cancel, Handover, Pause, Restart
 from lmwatch.bench.corpus import Workload
 from lmwatch.bench.judge import judge
 from lmwatch.bench.runner import Run, Simulation, default_limit
@@ -179,7 +182,9 @@ class _Search:
         migration = simulation.migration
         next_grid = 0.0
         last_branch = -math.inf
-        while not simulation.finished and simulation.now < self.cutoff:
+        while simulation.now < self.cutoff:
+            if simulation.finished and not self._start_again(simulation, plan):
+                break
             now = simulation.now
             if now >= next_grid - 1e-9 or now - last_branch >= BOUNDARY_GAP * self.grid:
                 self._branch(simulation)
@@ -196,6 +201,19 @@ class _Search:
                 break
             simulation.advance_to(target)
         self._consider(simulation)
+
+    def _start_again(self, simulation: Simulation, plan: StartPlan) -> bool:
+        """After the job failed with the instance on the source: start again with the
+        same plan the moment the link carries again (once, as lmwatch may)."""
+        migration = simulation.migration
+        if simulation.restarts >= 1 or migration.phase is not Phase.FAILED:
+            return False
+        while not migration.link_up:
+            following = simulation.next_link_event_at
+            if following is None or following >= self.cutoff:
+                return False
+            simulation.advance_to(following)
+        return simulation.apply(Restart(plan))
 
     def run(self) -> Run:
         for plan in start_plans(self.workload, self.profile):

@@ -18,6 +18,7 @@ rules are the daemon's own (`lmwatch.policies.violations`; docs/benchmark.md):
   had not ended when the runner stopped it ("did not finish");
 - a pause of a job stopped to start again (the guest resumed on the source when
   that job ended) counts against the pause's bound like any other;
+- so does a final stop of a job that failed under it and was started again;
 - a cancel (the instance keeps running on the source) and a failure are not
   violations, but not clean either: the report counts them separately.
 """
@@ -59,6 +60,9 @@ def judge(run: Run, profile: Profile, workload: Workload) -> Verdict:
     found = [v.text for v in violations(profile, finish)]
     if run.earlier_pause_seconds is not None:  # a job stopped while paused, to start again
         earlier = Finish(blackout=run.earlier_pause_seconds, paused=True, completed=False)
+        found.extend(v.text for v in violations(profile, earlier))
+    if run.earlier_stop_seconds is not None:  # a final stop a failed job ended with
+        earlier = Finish(blackout=run.earlier_stop_seconds, completed=False)
         found.extend(v.text for v in violations(profile, earlier))
     if run.outcome == UNFINISHED:
         found.append("did not finish")

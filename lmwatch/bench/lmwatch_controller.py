@@ -25,12 +25,15 @@ from lmwatch.bench.controller import (
 from lmwatch.model import (
     Action,
     Capabilities,
+    Decision,
     InstanceInfo,
     JobResult,
     MigrationContext,
     Sample,
     StartPlan,
 )
+
+SOURCE = "source"  # the simulated source host's name (`simphysics.Migration`)
 
 
 class LmwatchController:
@@ -48,6 +51,8 @@ class LmwatchController:
         self.predictions: list[tuple[float, float | None]] = []
         self.reasons: list[tuple[float, str, str]] = []
         self._pending: tuple[Command, MigrationContext] | None = None  # awaiting `applied`
+        self._again: tuple[StartPlan, float] | None = None  # after a failed job: plan, start-by
+        self.retry_interval = self.settings.restart_retry_seconds
 
     def start(self) -> StartPlan:
         s = self.setting
@@ -97,24 +102,44 @@ class LmwatchController:
         if action is Action.CANCEL:
             return [Cancel()]
         if action is Action.RESTART:
-            plan = policies.restart_plan(self.ctx, decision)
-            # The new job's samples start from pass 1 again; the deadline stays. Its
-            # start plan was made for the rate seen now (no measurement window). A
-            # pause ends with the job stopped: the instance resumes on the source.
-            self.track = policies.tracked((), self.settings)
-            self.ctx = replace(
-                self.ctx,
-                plan=plan,
-                blackout_budget=plan.starting_budget,
-                restarts=self.ctx.restarts + 1,
-                job_started_at=now,
-                change_rate_before_start=decision.planned_rate,
-                change_rate_window=None,
-                paused=False,
-                paused_at=None,
-            )
-            return [Restart(plan)]
+            return [Restart(self._restarting(decision, now))]
         return []
+
+    def _restarting(self, decision: Decision, now: float) -> StartPlan:
+        """The new job's plan; the context it starts in, as the engine records it."""
+        assert self.ctx is not None
+        plan = policies.restart_plan(self.ctx, decision)
+        # The new job's samples start from pass 1 again; the deadline stays. Its
+        # start plan was made for the rate seen now (no measurement window). A
+        # pause ends with the job stopped: the instance resumes on the source.
+        self.track = policies.tracked((), self.settings)
+        self.ctx = replace(
+            self.ctx,
+            plan=plan,
+            blackout_budget=plan.starting_budget,
+            restarts=self.ctx.restarts + 1,
+            job_started_at=now,
+            change_rate_before_start=decision.planned_rate,
+            change_rate_window=None,
+            paused=False,
+            paused_at=None,
+        )
+        return plan
+
+    def after_failure(self, result: JobResult, now: float) -> Command | None:
+        """The job failed: a new job to try now (`policies.restart_after_failure`, then
+        every `retry_interval` until its start-by time), or None."""
+        assert self.ctx is not None
+        if self._again is None:
+            decision = policies.restart_after_failure(
+                self.track, self.ctx, result, SOURCE, now, self.settings
+            )
+            if decision is None or decision.start_by is None:
+                return None
+            self.reasons.append((now, decision.action.value, decision.reason))
+            self._again = (self._restarting(decision, now), decision.start_by)
+        plan, start_by = self._again
+        return Restart(plan) if now <= start_by else None
 
     def _proposing(self, command: Command, then: MigrationContext) -> list[Command]:
         """`command`, and the context that holds once the migration has taken it."""

@@ -123,6 +123,9 @@ class Run:
     # the longest pause of a job stopped to start again (the guest was stopped until
     # that job ended); judged as the daemon judges it, apart from the final job
     earlier_pause_seconds: float | None = None
+    # the longest final stop of a job that failed under it and was started again (the
+    # guest was stopped on the source until that job ended)
+    earlier_stop_seconds: float | None = None
     # what the controller did and why, for controllers that say (lmwatch does): one
     # (seconds since start, action, reason) per sample it answered with an action
     actions: tuple[tuple[float, str, str], ...] = ()
@@ -173,6 +176,7 @@ class Simulation:
         self._earlier_slowdown = 0.0  # highest slow-down of the jobs before the current
         self._earlier_passes = 0
         self._earlier_pause: float | None = None
+        self._earlier_stop: float | None = None
 
     # -- state -------------------------------------------------------------------------
 
@@ -227,12 +231,10 @@ class Simulation:
             return
         while self._next_event < len(self._events) and self._events[self._next_event].at <= t:
             event = self._events[self._next_event]
-            if migration.phase.finished:
-                break
             if event.at > migration.elapsed:
                 migration.advance(event.at - migration.elapsed)
-            if not migration.phase.finished:
-                self._apply_event(event)
+            # after the job ended too: a job started again takes the link as it is then
+            self._apply_event(event)
             self._next_event += 1
         if t > migration.elapsed:
             migration.advance(t - migration.elapsed)
@@ -279,7 +281,10 @@ class Simulation:
                 if self.cancelled_at is None:
                     self.cancelled_at = migration.elapsed
             elif isinstance(command, Restart):
-                self._restart(command.plan)
+                if migration.phase.finished:
+                    self._start_again(command.plan)
+                else:
+                    self._restart(command.plan)
             else:  # pragma: no cover - the Command union is closed
                 raise TypeError(f"not a command: {command!r}")
         except ActionRefused:
@@ -300,13 +305,29 @@ class Simulation:
             self.advance_to(migration.elapsed + (0.1 if step is None else max(step, 1e-3)))
         if migration.phase is not Phase.CANCELLED:
             return  # it ended otherwise meanwhile (failed): nothing to start again
+        self._new_job(plan, migration.elapsed + RESTART_GAP)
+
+    def _start_again(self, plan: StartPlan) -> None:
+        """Start a new job with `plan` now, after the job failed with the instance still
+        on the source; refused while the link is down (the hypervisor's start fails)."""
+        migration = self.migration
+        if migration.phase is not Phase.FAILED or migration.running_on is not Side.SOURCE:
+            raise ActionRefused("the job did not fail with the instance on the source")
+        if not migration.link_up:
+            raise ActionRefused("the link to the destination is down")
+        self._new_job(plan, migration.elapsed)
+
+    def _new_job(self, plan: StartPlan, at: float) -> None:
+        """Keep what the ended job did for the judge, and start the next one at `at`."""
+        migration = self.migration
         self._earlier_slowdown = max(self._earlier_slowdown, migration.max_slowdown)
         self._earlier_passes += migration.passes
         if migration.paused and self.paused_at is not None:
             ended = migration.finished_at if migration.finished_at is not None else self.now
             self._earlier_pause = max(self._earlier_pause or 0.0, ended - self.paused_at)
             self.paused_at = None
-        at = migration.elapsed + RESTART_GAP
+        elif migration.stopped_seconds is not None:
+            self._earlier_stop = max(self._earlier_stop or 0.0, migration.stopped_seconds)
         self.plan = plan
         self.migration = migration.again(plan, at)
         self.restarts += 1
@@ -381,8 +402,30 @@ class Simulation:
             eta_actual=eta_actual,
             restarts=self.restarts,
             earlier_pause_seconds=self._earlier_pause,
+            earlier_stop_seconds=self._earlier_stop,
             actions=actions,
         )
+
+
+def _after_failure(controller: object, simulation: Simulation, end: float) -> bool:
+    """The job ended: a controller that starts again after a failed job
+    (`after_failure(result, now) -> Restart | None`) tries a new job every
+    `retry_interval` seconds, as the engine does, while it says so. True when a new
+    job started."""
+    after = getattr(controller, "after_failure", None)
+    migration = simulation.migration
+    if after is None or migration.phase is not Phase.FAILED:
+        return False
+    retry = float(getattr(controller, "retry_interval", 5.0))
+    while True:
+        command = after(migration.result(), simulation.now)
+        if command is None:
+            return False
+        if simulation.apply(command):
+            return True
+        if simulation.now + retry >= end - _EPS:
+            return False
+        simulation.advance_to(simulation.now + retry)
 
 
 def _wake(migration: Migration, sampled: float, target: float) -> float:
@@ -455,18 +498,22 @@ def run(
                 target = _wake(migration, sampled, target)
                 following = simulation.next_link_event_at
         simulation.advance_to(target)
-        if migration.finished_at is not None or migration.elapsed >= end - _EPS:
+        if migration.elapsed >= end - _EPS:
             break
-        sample = simulation.sample()
-        now = migration.elapsed
-        if first_pass_ended is None and sample.passes >= 2:
-            first_pass_ended = now
-        decisions += 1
         restarts = simulation.restarts
-        for command in step(sample, now):
-            accepted = apply(command)
-            if applied is not None:
-                applied(command, accepted)
+        if migration.finished_at is not None:
+            if not _after_failure(controller, simulation, end):
+                break
+        else:
+            sample = simulation.sample()
+            now = migration.elapsed
+            if first_pass_ended is None and sample.passes >= 2:
+                first_pass_ended = now
+            decisions += 1
+            for command in step(sample, now):
+                accepted = apply(command)
+                if applied is not None:
+                    applied(command, accepted)
         if simulation.restarts != restarts:  # a new job: the controller learns when it began
             migration = simulation.migration
             restarted = getattr(controller, "restarted", None)

@@ -123,6 +123,21 @@ def migrate_flags(postcopy: bool = False, auto_converge: bool = False) -> int:
     return f
 
 
+MIGRATION_PORTS = (49152, 49279)  # both hosts' migration_port_min..max (lib.sh)
+
+
+def break_migration_streams() -> int:
+    """Reset every TCP connection on the hosts' migration ports (`ss -K`): what a
+    link that breaks under a migration looks like to QEMU (its stream fails at once).
+    Returns how many sockets were closed; raises RuntimeError when `ss` cannot."""
+    low, high = MIGRATION_PORTS
+    ports = f"( sport >= :{low} and sport <= :{high} ) or ( dport >= :{low} and dport <= :{high} )"
+    done = subprocess.run(["ss", "-K", "-tnH", ports], capture_output=True, text=True, timeout=10)
+    if done.returncode != 0:
+        raise RuntimeError(f"ss -K failed ({done.returncode}): {done.stderr.strip()}")
+    return len([line for line in done.stdout.splitlines() if line.strip()])
+
+
 def rig_available() -> tuple[bool, str]:
     """(True, "") when tests can use the rig, else (False, why) — for pytest.skip."""
     if libvirt is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -747,3 +748,35 @@ def test_budget_raised_where_the_larger_rest_lets_copying_converge(change_mib: i
     decision = decide(strict, samples[: first + 1], ctx, samples[first].time)
     assert decision.action is Action.RAISE_BLACKOUT
     assert decision.blackout_budget == pytest.approx(limit)
+
+
+def test_a_cancel_says_why_a_handover_just_under_its_limit_does_not_fit() -> None:
+    """A handover whose estimate is under `max_degraded` but not with the margin the
+    link's variation asks for is not taken; the cancel's reason shows both figures."""
+    deadline = 3600.0
+
+    def cancelled_with(max_degraded: float) -> tuple[str, str]:
+        profile = Profile(
+            name="p",
+            handover="allowed",
+            max_degraded=max_degraded,
+            deadline=Deadline(fixed=deadline),
+        )
+        run = simulate(
+            decide, profile, STUCK, plan(handover=True), deadline_at=deadline, max_passes=400
+        )
+        return run.outcome, run.decisions[-1][1].reason
+
+    outcome, reason = cancelled_with(1.0)
+    assert outcome == "cancel"
+    found = re.search(r"handover would mean about ([0-9.]+)s of degraded running", reason)
+    assert found is not None, reason
+    copy = float(found.group(1))
+    assert "margin" not in reason  # far over the limit: nothing more to say
+    outcome, reason = cancelled_with(copy * 1.01)
+    assert outcome == "cancel", reason
+    margin = re.search(r"; ([0-9.]+)s with the ([0-9]+)% margin the link's variation", reason)
+    assert margin is not None, reason
+    assert float(margin.group(1)) > copy * 1.01 and int(margin.group(2)) >= 3
+    outcome, _ = cancelled_with(copy * 1.2)
+    assert outcome == "handover"

@@ -857,14 +857,27 @@ def _beyond_blackout(
         return Decision(Action.CONTINUE, f"{head}; {why}", prediction, rule=rule)
     return Decision(
         Action.CANCEL,
-        _cancel_reason(profile, ctx, head, copy, stop, settings),
+        _cancel_reason(profile, a, ctx, head, copy, stop, settings),
         prediction,
         rule=Rule.WAITING_STOPPED_PAYING,
     )
 
 
+def _limit_text(seconds: float, limit: float, margin: float) -> str:
+    """`(limit …)`, and why an estimate under the limit does not fit: the margin
+    `handover_fits`/`pause_fits` hold it to."""
+    text = f"limit {duration_text(limit)}"
+    if seconds <= limit < seconds * margin:
+        text += (
+            f"; {duration_text(seconds * margin)} with the {margin - 1:.0%} margin "
+            "the link's variation asks for"
+        )
+    return f"({text})"
+
+
 def _cancel_reason(
     profile: Profile,
+    a: Analysis,
     ctx: MigrationContext,
     head: str,
     copy: float,
@@ -876,18 +889,20 @@ def _cancel_reason(
         f"(limit {duration_text(profile.max_blackout)})"
     ]
     if handover_usable(profile, ctx):
+        margin = a.margin(settings.handover_safety, settings)
         parts.append(
             f"handover would mean about {duration_text(copy)} of degraded running "
-            f"(limit {duration_text(profile.max_degraded)})"
+            f"{_limit_text(copy, profile.max_degraded, margin)}"
         )
     elif profile.handover_allowed:
         parts.append("handover was not armed when this migration started")
     else:
         parts.append("handover is forbidden")
     if profile.may_pause:
+        margin = a.margin(settings.pause_safety, settings)
         parts.append(
             f"a pause would last about {duration_text(stop)} "
-            f"(limit {duration_text(profile.max_pause)})"
+            f"{_limit_text(stop, profile.max_pause, margin)}"
         )
     else:
         parts.append("pausing is not allowed")

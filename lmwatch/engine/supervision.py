@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lmwatch import policies
@@ -69,6 +69,22 @@ def _refuse(effects: tuple[machine.Effect, ...]) -> None:
     for effect in effects:
         if isinstance(effect, machine.Refuse):
             raise Conflict(effect.text)
+
+
+async def _unless_mail(work: Awaitable[None], mail: asyncio.Event) -> bool:
+    """Wait for `work`, or until `mail` is set, whichever comes first. True when the
+    work ran its course (its error raised), False when mail cut it short."""
+    working = asyncio.ensure_future(work)
+    letter = asyncio.ensure_future(mail.wait())
+    try:
+        await asyncio.wait((working, letter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        working.cancel()
+        letter.cancel()
+    if working.done() and not working.cancelled():
+        working.result()
+        return True
+    return False
 
 
 def poll_phase(key: str, interval: float) -> float:
@@ -224,13 +240,7 @@ class Supervisor:
                 destination=record.destination,
                 seconds=round(wait, 3),
             )
-            sleeping = asyncio.ensure_future(self.clock.sleep(wait))
-            mail = asyncio.ensure_future(supervision.mail.wait())
-            try:
-                await asyncio.wait((sleeping, mail), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                sleeping.cancel()
-                mail.cancel()
+            await _unless_mail(self.clock.sleep(wait), supervision.mail)
 
     async def _change_rate_for_start(
         self, supervision: Supervision, capabilities: Capabilities
@@ -305,17 +315,8 @@ class Supervisor:
         if supervision.inbox:
             return False
         supervision.mail.clear()
-        waiting = asyncio.ensure_future(self.effects.wait_event(supervision, timeout))
-        mail = asyncio.ensure_future(supervision.mail.wait())
-        try:
-            await asyncio.wait((waiting, mail), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiting.cancel()
-            mail.cancel()
-        if waiting.done() and not waiting.cancelled():
-            waiting.result()  # a driver error surfaces as it did before
-            return True
-        return False
+        # a driver error surfaces as it did before
+        return await _unless_mail(self.effects.wait_event(supervision, timeout), supervision.mail)
 
     # -- operator commands ----------------------------------------------------------------
 
@@ -620,13 +621,7 @@ class Supervisor:
         while self.clock.now() < due:
             if not supervision.inbox:
                 supervision.mail.clear()
-                sleep = asyncio.ensure_future(self.clock.sleep(due - self.clock.now()))
-                mail = asyncio.ensure_future(supervision.mail.wait())
-                try:
-                    await asyncio.wait((sleep, mail), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    sleep.cancel()
-                    mail.cancel()
+                await _unless_mail(self.clock.sleep(due - self.clock.now()), supervision.mail)
             while supervision.inbox:
                 command = supervision.inbox.popleft()
                 if not isinstance(command.what, Cancel):

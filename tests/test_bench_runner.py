@@ -611,3 +611,19 @@ def test_a_final_stop_a_failed_job_ended_with_is_judged_after_a_new_job() -> Non
     assert record.earlier_stop_seconds is not None and record.earlier_stop_seconds > 30.0
     verdict = judge(record, LENIENT, workload())
     assert verdict.violations == (f"blackout {record.earlier_stop_seconds:.1f}s over 1s",)
+
+
+def test_a_run_whose_link_never_comes_back_ends_when_lmwatch_gives_up() -> None:
+    """The link breaks for good: lmwatch tries a new job every 5 s until the last
+    moment one still fits before the deadline, and the run (failed) ends then, as the
+    daemon's migration does, not when the job failed."""
+    strict = next(p for p in bench_profiles() if p.name == "strict")
+    guest = workload(memory=32 * GIB, rate=10 * MIB, events=(LinkEvent(5.0, "break"),))
+    result = run(guest, strict, lmwatch_factory)
+    assert result.outcome == "failed" and result.restarts == 0
+    deadline = strict.deadline_seconds(guest.memory)
+    assert deadline is not None
+    least = 10.0 + 32 * GIB / (10 * GBIT)  # to start again, one copy of memory
+    # (the rate measured over the copy is a little above nominal: the last try a bit later)
+    assert result.total_seconds == pytest.approx(deadline - least, abs=5.0 + 2.0)
+    assert run(guest, strict, Idle).total_seconds == pytest.approx(35.0, abs=1.0)

@@ -177,6 +177,9 @@ class Simulation:
         self._earlier_passes = 0
         self._earlier_pause: float | None = None
         self._earlier_stop: float | None = None
+        # when a controller that tried to start again after a failed job gave up: the
+        # migration ends then (None: it ended with the job)
+        self.gave_up_at: float | None = None
 
     # -- state -------------------------------------------------------------------------
 
@@ -363,6 +366,8 @@ class Simulation:
         migration = self.migration
         finished = self.finished
         end = migration.finished_at if finished and migration.finished_at is not None else self.now
+        if finished and self.gave_up_at is not None:
+            end = max(end, self.gave_up_at)
         outcome = migration.phase.value if finished else UNFINISHED
         completed = migration.phase is Phase.COMPLETED
         blackout = migration.blackout if completed else None
@@ -417,15 +422,20 @@ def _after_failure(controller: object, simulation: Simulation, end: float) -> bo
     if after is None or migration.phase is not Phase.FAILED:
         return False
     retry = float(getattr(controller, "retry_interval", 5.0))
+    tried = False
     while True:
         command = after(migration.result(), simulation.now)
         if command is None:
-            return False
+            break
         if simulation.apply(command):
             return True
+        tried = True
         if simulation.now + retry >= end - _EPS:
-            return False
+            break
         simulation.advance_to(simulation.now + retry)
+    if tried:  # the migration ends when the controller gives up, as the engine's does
+        simulation.gave_up_at = simulation.now
+    return False
 
 
 def _wake(migration: Migration, sampled: float, target: float) -> float:

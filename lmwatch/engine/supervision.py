@@ -597,6 +597,15 @@ class Supervisor:
                         ),
                     )
                     return False
+                log.info(
+                    "start-again-refused",
+                    migration=record.id,
+                    instance=record.instance,
+                    source=record.source,
+                    destination=record.destination,
+                    attempt=attempts,
+                    error=str(error),
+                )
                 if attempts == 1:
                     self.effects.event(
                         supervision,

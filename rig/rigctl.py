@@ -123,6 +123,20 @@ def migrate_flags(postcopy: bool = False, auto_converge: bool = False) -> int:
     return f
 
 
+def hold_handover_transfer(host: str, name: str, mib_per_second: int) -> None:
+    """Cap the transfer after a switch to the destination (QEMU's separate
+    post-copy bandwidth; unlimited by default, so the rest arrives in a blink)."""
+    _need_libvirt()
+    conn = connect(host)
+    try:
+        dom = _find(conn, name)
+        if dom is None:
+            raise RuntimeError(f"{name} is not on {host}")
+        dom.migrateSetMaxSpeed(mib_per_second, libvirt.VIR_DOMAIN_MIGRATE_MAX_SPEED_POSTCOPY)
+    finally:
+        conn.close()
+
+
 MIGRATION_PORTS = (49152, 49279)  # both hosts' migration_port_min..max (lib.sh)
 
 

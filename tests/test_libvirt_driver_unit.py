@@ -2449,3 +2449,57 @@ async def test_host_info_and_instances_on_count_local_disks(
     assert next(i for i in info.instances if i.name == "vm1").local_disk_bytes == 1088 * MIB
     found = await driver.instances_on("a")
     assert next(i for i in found if i.name == "vm1").local_disk_bytes == 1088 * MIB
+
+
+BROKE_IN_HANDOVER = "operation failed: job 'migration in' failed in post-copy phase"
+
+
+def _break_handover(cloud: FakeCloud, dom: Any) -> None:
+    """What libvirt 11.3 with QEMU 10 showed on the rig when the link broke after the
+    switch to the destination: the source's job stays open (migrating out), the source
+    is paused POSTCOPY_FAILED, the destination runs POSTCOPY_FAILED, and the migrate
+    call fails."""
+    moved = cloud.hosts["b"].add("vm1", uuid=dom.uuid)
+    moved.state = (C.VIR_DOMAIN_RUNNING, C.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED)
+    dom.state = (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED)
+    dom.outcome = cloud.libvirt.libvirtError(BROKE_IN_HANDOVER, 9)
+    dom.release.set()
+
+
+@pytest.mark.parametrize("call_returns", [True, False])
+async def test_a_handover_whose_link_broke_ends_failed_on_neither_host(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock, call_returns: bool
+) -> None:
+    """The job still looks alive on the source, so the migration was adopted and shown
+    as handed over for ever, nothing moving. It ends failed now, the instance counted
+    on neither host (its memory is split), with what the operator must know; also when
+    the migrate call has not returned (seen only in the source's state)."""
+    plan = StartPlan(arm_handover=True, arm_slow_down=False, blackout_budget=0.3)
+    dom = await started(cloud, driver, plan)
+    await driver.handover("m1")
+    lifecycle(cloud, "a", dom, C.VIR_DOMAIN_EVENT_SUSPENDED, C.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY)
+    assert (await driver.sample("m1")).phase is Phase.HANDOVER
+    if call_returns:
+        _break_handover(cloud, dom)
+    else:
+        dom.state = (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED)
+    result = await finished(driver, clock)
+    assert result.phase is Phase.FAILED and result.handed_over
+    assert result.running_on is None
+    assert result.error is not None
+    assert "the link broke during the handover" in result.error
+    assert "keep a running" in result.error
+    assert not FORBIDDEN.search(result.error)
+    dom.release.set()
+
+
+async def test_reattach_finds_a_handover_whose_link_broke(
+    cloud: FakeCloud, driver: LibvirtDriver
+) -> None:
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.job = dict(RUNNING_STATS)  # still migrating out, as far as the job says
+    dom.state = (C.VIR_DOMAIN_PAUSED, C.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED)
+    result = await driver.reattach("m1", REQ, PLAN)
+    assert result is not None
+    assert result.phase is Phase.FAILED and result.handed_over and result.running_on is None
+    assert (await driver.sample("m1")).phase is Phase.FAILED

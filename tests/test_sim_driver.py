@@ -312,7 +312,8 @@ async def test_link_break_during_handover_loses_the_instance(
     driver.inject_fault("link_break", between=("host-a", "host-b"))
     await clock.advance(40)
     result = await driver.result("m")
-    assert result.phase is Phase.FAILED and result.error is not None and "lost" in result.error
+    assert result.phase is Phase.FAILED and result.error is not None
+    assert "the link broke during the handover" in result.error
     assert driver.where("busy") is None
     assert "busy" not in {i.name for i in driver.instances()}
     with pytest.raises(UnknownInstance, match="lost"):

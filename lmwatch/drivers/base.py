@@ -91,6 +91,17 @@ class ActionRefused(DriverError):
     """The hypervisor cannot do this now (e.g. cancel after handover)."""
 
 
+def handover_broke_text(source: str, destination: str) -> str:
+    """Why a migration failed whose link broke after the handover: the instance runs
+    on the destination, waiting for the part of its memory the source still holds
+    (the hypervisor keeps both until the move is resumed). One text for every driver."""
+    return (
+        f"the link broke during the handover: the instance runs on {destination} but part "
+        f"of its memory is still on {source}, and it waits for it until the move is "
+        f"resumed; keep {source} running (stopping it loses the instance)"
+    )
+
+
 @runtime_checkable
 class Driver(Protocol):
     name: str

@@ -55,6 +55,7 @@ from lmwatch.drivers.base import (
     UnknownHost,
     UnknownInstance,
     destination_of,
+    handover_broke_text,
 )
 from lmwatch.drivers.libvirt_conn import (
     CALL_QUEUE,
@@ -77,6 +78,7 @@ from lmwatch.drivers.libvirt_mapping import (
     disk_rate_between,
     domain_facts,
     downtime_ms,
+    handover_broke,
     host_cpu_xml,
     host_topology,
     job_has_ended,
@@ -1062,6 +1064,11 @@ class LibvirtDriver:
             # the job is ending: completing, unless our abort is ending it
             phase = job.running_phase() if job.aborted else Phase.COMPLETING
             return self._sample_from(job, job.last_stats, phase)
+        if job.handed_over:  # a handover whose link broke shows only in the source's state
+            at_src, src_reason = await self._where(job.source, job.name)
+            if handover_broke(lv, at_src, src_reason):
+                self._handover_broke(job)
+                return self._terminal_sample(job)
         job.last_stats = {**job.last_stats, **stats}  # early or late readings lack keys
         self._note_disk_rate(job, stats)
         job.max_slowdown = max(job.max_slowdown, slowdown_from(stats))
@@ -1115,6 +1122,33 @@ class LibvirtDriver:
             passes_seen=job.passes_seen,
             memory_bytes=job.memory_bytes,
             disk_bytes=job.disk_bytes,
+        )
+
+    def _handover_broke(self, job: _Job) -> None:
+        """End a handover whose link broke (`handover_broke`): the source's job stays
+        open but moves nothing until the move is resumed, which this driver does not
+        do (the rig's daemon went away on the first resume tried). The migration ends
+        failed, the instance counted on neither host, so that no one stops the source
+        thinking it moved."""
+        error = handover_broke_text(job.source, job.destination)
+        job.adopted, job.task = True, None
+        job.handed_over = True
+        job.result = JobResult(
+            phase=Phase.FAILED,
+            transferred=job.transferred_seen,
+            passes=max(job.passes_seen, int(job.last_stats.get("memory_iteration", 0) or 0)),
+            paused=job.paused,
+            handed_over=True,
+            slowdown=job.max_slowdown,
+            error=error,
+            running_on=None,
+        )
+        log.error(
+            "handover-broke",
+            migration=job.id,
+            instance=job.name,
+            source=job.source,
+            destination=job.destination,
         )
 
     def _terminal_sample(self, job: _Job) -> Sample:
@@ -1186,6 +1220,9 @@ class LibvirtDriver:
         """
         lv = self._lv
         at_src, src_reason = await self._where(job.source, job.name)
+        if handover_broke(lv, at_src, src_reason):
+            self._handover_broke(job)
+            return
         if at_src in (Where.RUNNING, Where.PAUSED) and await self._still_migrating(job):
             if not job.adopted:
                 log.warning("migration-adopted", migration=job.id, why=job.error)
@@ -1403,6 +1440,9 @@ class LibvirtDriver:
             raise DriverError(
                 f"host {request.source} does not answer; cannot find migration {migration_id}"
             )
+        if handover_broke(lv, at_src, reason):  # its job looks alive, but nothing moves
+            self._handover_broke(job)
+            return job.result
         try:
             migrating = at_src in (Where.RUNNING, Where.PAUSED) and await self._still_migrating(job)
         except DriverError:

@@ -454,6 +454,15 @@ class Where(StrEnum):
     UNKNOWN = "unknown"  # the host did not answer
 
 
+def handover_broke(lv: Any, at_source: Where, source_reason: int | None) -> bool:
+    """Whether a handover lost its link: the source holds the rest of the instance's
+    memory, stopped for good (`PAUSED/POSTCOPY_FAILED`), while the instance runs on the
+    destination waiting for it (`RUNNING/POSTCOPY_FAILED`). The source's job still
+    shows as migrating, but nothing moves until the move is resumed."""
+    failed = getattr(lv, "VIR_DOMAIN_PAUSED_POSTCOPY_FAILED", 13)
+    return at_source is Where.PAUSED and source_reason == failed
+
+
 def where_from_state(lv: Any, state: int | None) -> Where:
     if state is None:
         return Where.ABSENT

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from lmwatch.drivers.base import ActionRefused
+from lmwatch.drivers.base import ActionRefused, handover_broke_text
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 
 _BYTE = 1.0  # tolerance on byte counts (floats)
@@ -687,11 +687,10 @@ class Migration:
             and self._link_broken_at + self.tuning.link_timeout <= now
         ):
             if self.phase is Phase.HANDOVER:
+                # Whole on neither host: the instance is stuck on the destination
+                # until the move is resumed, which lmwatch does not do.
                 self._end(
-                    Phase.FAILED,
-                    Side.NOWHERE,
-                    f"the link between {self.source} and {self.destination} broke during "
-                    "handover; the instance was lost and runs on neither host",
+                    Phase.FAILED, Side.NOWHERE, handover_broke_text(self.source, self.destination)
                 )
             else:
                 self._end(

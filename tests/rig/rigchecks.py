@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import rigctl
 
 JsonDict = dict[str, Any]
@@ -38,3 +40,27 @@ def assert_intact_on(name: str, host: str) -> None:
     hb = rigctl.last_heartbeat(name)
     assert hb is not None and hb["host"] == host, hb
     assert hb["bad"] == 0, f"{name} lost memory: {hb}"
+
+
+def module_daemon(profiles: str) -> Any:
+    """A module's `daemon` fixture: one real daemon on `profiles` for all its tests
+    (`daemon_factory`, tests/rig/conftest.py)."""
+
+    @pytest.fixture(scope="module")
+    def daemon(daemon_factory: Callable[[str], Any]) -> Any:
+        return daemon_factory(profiles)
+
+    return daemon
+
+
+def module_guest(name: str, host: str = "a", **guest: Any) -> Any:
+    """A module's guest, defined on `host` before its tests (`rigctl.define_guest`
+    with `guest`) and destroyed everywhere after them."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def defined() -> Iterator[None]:
+        rigctl.define_guest(host, name, **guest)
+        yield
+        rigctl.destroy_everywhere(name)
+
+    return defined

@@ -13,7 +13,7 @@ on neither host, saying that the source must be kept up.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
-from rigchecks import actions, explain
+from rigchecks import actions, explain, module_daemon, module_guest
 
 pytestmark = pytest.mark.rig
 
 Daemon = Any  # tests/rig/conftest.py: Daemon (the real daemon, over HTTP)
 
 BUSY = "hb-busy"
-PAUSED_POSTCOPY_FAILED = 13  # libvirt's reasons, as the hosts report them
+PAUSED = 3  # libvirt's state and reasons, as the hosts report them
+PAUSED_POSTCOPY = 12
+PAUSED_POSTCOPY_FAILED = 13
 RUNNING_POSTCOPY_FAILED = 11
 
 PROFILES = """
@@ -46,17 +48,8 @@ profiles:
 """
 
 
-@pytest.fixture(scope="module")
-def daemon(daemon_factory: Any) -> Daemon:
-    d: Daemon = daemon_factory(PROFILES)
-    return d
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guest() -> Iterator[None]:
-    rigctl.define_guest("a", BUSY, write_mib=32, rate_mib=40)
-    yield
-    rigctl.destroy_everywhere(BUSY)
+daemon = module_daemon(PROFILES)
+guest = module_guest(BUSY, write_mib=32, rate_mib=40)
 
 
 @pytest.mark.scenario("a handover whose link breaks ends failed")
@@ -70,6 +63,11 @@ def test_a_handover_whose_link_breaks_ends_failed(daemon: Daemon, summary: Any) 
     rigctl.hold_handover_transfer(src, BUSY, mib_per_second=2)
     m = daemon.wait_until(mid, lambda m: "handover" in actions(m), 90, "a handover")
     assert m["state"] == "handover", explain(m)
+    # the switch has happened on the hosts (the source stopped for it), not only been asked
+    deadline = time.monotonic() + 10
+    while rigctl.domain_states(BUSY)[src] != (PAUSED, PAUSED_POSTCOPY):
+        assert time.monotonic() < deadline, rigctl.domain_states(BUSY)
+        time.sleep(0.05)
     assert rigctl.break_migration_streams() >= 1, "no migration stream to break"
     m = daemon.wait_finished(mid, 60)
     summary.outcome(name, m)

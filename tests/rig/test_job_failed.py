@@ -12,7 +12,6 @@ no violation, the guest intact on the destination.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
-from rigchecks import actions, assert_intact_on, explain
+from rigchecks import actions, assert_intact_on, explain, module_daemon, module_guest
 
 pytestmark = pytest.mark.rig
 
@@ -43,17 +42,8 @@ profiles:
 """
 
 
-@pytest.fixture(scope="module")
-def daemon(daemon_factory: Any) -> Daemon:
-    d: Daemon = daemon_factory(PROFILES)
-    return d
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guest() -> Iterator[None]:
-    rigctl.define_guest("a", QUIET, write_mib=4, rate_mib=2)
-    yield
-    rigctl.destroy_everywhere(QUIET)
+daemon = module_daemon(PROFILES)
+guest = module_guest(QUIET, write_mib=4, rate_mib=2)
 
 
 def _moved(migration: JsonDict) -> int:

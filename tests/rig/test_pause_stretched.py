@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
-from rigchecks import actions, assert_intact_on, explain
+from rigchecks import actions, assert_intact_on, explain, module_daemon, module_guest
 
 pytestmark = pytest.mark.rig
 
@@ -50,17 +49,8 @@ profiles:
 """
 
 
-@pytest.fixture(scope="module")
-def daemon(daemon_factory: Any) -> Daemon:
-    d: Daemon = daemon_factory(PROFILES)
-    return d
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guest() -> Iterator[None]:
-    rigctl.define_guest("a", BUSY, write_mib=32, rate_mib=40)
-    yield
-    rigctl.destroy_everywhere(BUSY)
+daemon = module_daemon(PROFILES)
+guest = module_guest(BUSY, write_mib=32, rate_mib=40)
 
 
 @pytest.mark.scenario("a pause the link stretches starts the migration again")

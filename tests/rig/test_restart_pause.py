@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
-from rigchecks import assert_intact_on, explain
+from rigchecks import assert_intact_on, explain, module_daemon, module_guest
 
 pytestmark = pytest.mark.rig
 
@@ -57,17 +56,8 @@ profiles:
 """
 
 
-@pytest.fixture(scope="module")
-def daemon(daemon_factory: Any) -> Daemon:
-    d: Daemon = daemon_factory(PROFILES)
-    return d
-
-
-@pytest.fixture(scope="module", autouse=True)
-def guest() -> Iterator[None]:
-    rigctl.define_guest("a", BUSY, write_mib=BUSY_WRITE[0], rate_mib=BUSY_WRITE[1])
-    yield
-    rigctl.destroy_everywhere(BUSY)
+daemon = module_daemon(PROFILES)
+guest = module_guest(BUSY, write_mib=BUSY_WRITE[0], rate_mib=BUSY_WRITE[1])
 
 
 @pytest.mark.scenario("restart, then pause only on evidence")

@@ -1127,7 +1127,7 @@ class LibvirtDriver:
     def _handover_broke(self, job: _Job) -> None:
         """End a handover whose link broke (`handover_broke`): the source's job stays
         open but moves nothing until the move is resumed, which this driver does not
-        do (the rig's daemon went away on the first resume tried). The migration ends
+        do (the rig's destination daemon went away on each resume tried). The migration ends
         failed, the instance counted on neither host, so that no one stops the source
         thinking it moved."""
         error = handover_broke_text(job.source, job.destination)

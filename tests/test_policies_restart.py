@@ -210,13 +210,14 @@ FAILED_ON_SOURCE = JobResult(phase=Phase.FAILED, error="the link broke", running
 
 def test_a_job_failed_with_the_instance_on_the_source_starts_again_while_time_is_left() -> None:
     history = samples(60.0)
-    now = 100.0  # the link broke at 60 s; the job failed 40 s later
+    now = 1000.0  # the link broke at 60 s; the job failed, and lmwatch looks, later
     decision = restart_after_failure(history, context(), FAILED_ON_SOURCE, "a", now, DEFAULT)
     assert decision is not None
     assert decision.action is Action.RESTART and decision.rule is Rule.JOB_FAILED
     # the least a new job takes: 10 s to start again and all of memory at the link's rate
     least = DEFAULT.restart_seconds + MEMORY / BANDWIDTH
     assert decision.start_by == pytest.approx(DEADLINE - least, rel=0.02)
+    assert decision.start_by < now + DEFAULT.restart_wait_seconds  # the deadline binds
     assert "the link broke" in decision.reason and "still runs on a" in decision.reason
     assert f"the deadline is {duration_text(DEADLINE - now)} away" in decision.reason
     plan = restart_plan(context(), decision)
@@ -255,10 +256,15 @@ def test_no_start_again_when_the_link_never_moved_anything() -> None:
     assert restart_after_failure([], context(), FAILED_ON_SOURCE, "a", 100.0, DEFAULT) is None
 
 
-def test_without_a_deadline_a_new_job_is_tried_for_a_while() -> None:
+def test_a_new_job_is_tried_for_a_while_at_most() -> None:
+    """Not until a far deadline: a link down that long, or a destination that keeps
+    refusing, is not waited out."""
     history = samples(60.0)
+    for ctx in (context(deadline_at=None), context()):  # none, or 28 minutes away
+        decision = restart_after_failure(history, ctx, FAILED_ON_SOURCE, "a", 100.0, DEFAULT)
+        assert decision is not None
+        assert decision.start_by == 100.0 + DEFAULT.restart_wait_seconds
+        assert f"trying for {duration_text(DEFAULT.restart_wait_seconds)}" in decision.reason
     open_ended = context(deadline_at=None)
     decision = restart_after_failure(history, open_ended, FAILED_ON_SOURCE, "a", 100.0, DEFAULT)
-    assert decision is not None
-    assert decision.start_by == 100.0 + DEFAULT.restart_wait_seconds
-    assert "no deadline" in decision.reason
+    assert decision is not None and "no deadline" in decision.reason

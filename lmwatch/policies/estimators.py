@@ -91,8 +91,8 @@ class PolicySettings:
     max_restarts: int = 1
     restart_seconds: float = 10.0
     # After a failed job (the instance still on the source), a new job is tried this
-    # often until the deadline no longer leaves time for it; without a deadline, for
-    # `restart_wait_seconds`.
+    # often until the deadline no longer leaves time for it, and for
+    # `restart_wait_seconds` at most.
     restart_retry_seconds: float = 5.0
     restart_wait_seconds: float = 600.0
     # ...and, deadline or not, when the new job would take at most this share of the

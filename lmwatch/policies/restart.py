@@ -20,7 +20,7 @@ would give up while the deadline may leave time for a new job. And when its job 
 while the instance kept running on the source (the link broke for longer than the
 hypervisor waits, say: `restart_after_failure`): the new job is started as soon as the
 hosts take it, tried again every `restart_retry_seconds` until the deadline no longer
-leaves time for it (`NewJob.start_by`).
+leaves time for it (`NewJob.start_by`), for `restart_wait_seconds` at most.
 """
 
 from __future__ import annotations
@@ -305,8 +305,10 @@ def restart_after_failure(
     handed over, not lost: intact where it was); the migration must not have started
     again already (`max_restarts`, shared with the other restarts); and the deadline
     must leave time for the least a new job takes at the rate the link carried before
-    the failure (`new_job`). Without a deadline the new job is tried for
-    `restart_wait_seconds`. The decision's `start_by` is the last clock time to try.
+    the failure (`new_job`). The new job is tried until the last moment it still fits
+    before the deadline, and for `restart_wait_seconds` at most (a link down that long,
+    or a destination that keeps refusing, is not waited out). The decision's
+    `start_by` is the last clock time to try.
     """
     if ended.phase is not Phase.FAILED or ended.running_on != source or ended.handed_over:
         return None
@@ -319,12 +321,9 @@ def restart_after_failure(
     outlook = new_job(a, ctx, rate, now, settings)
     if not outlook.fits:
         return None
-    start_by = outlook.start_by(now)
-    if math.isinf(start_by):
-        start_by = now + settings.restart_wait_seconds
-        until = f"trying for {duration_text(settings.restart_wait_seconds)}"
-    else:
-        until = f"trying until {duration_text(start_by - now)} from now"
+    wait = min(outlook.start_by(now) - now, settings.restart_wait_seconds)
+    start_by = now + wait
+    until = f"trying for {duration_text(wait)}"
     failed = ended.error or "no cause given"
     return Decision(
         Action.RESTART,

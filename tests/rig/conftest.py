@@ -33,6 +33,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "rig"))
 import rigctl  # noqa: E402
+from rigchecks import timeline_text  # noqa: E402
 
 RIG_DIR = Path(__file__).resolve().parent
 TOKEN = "scn-rig-token"
@@ -388,13 +389,6 @@ class Daemon:
 
 
 FINISHED = ("completed", "cancelled", "failed")
-
-
-def timeline_text(migration: JsonDict) -> str:
-    return "\n".join(
-        f"  {e['at']} {e['kind']:<8} {e['action'] or e['state'] or '':<14} {e['reason']}"
-        for e in migration.get("timeline", [])
-    )
 
 
 @pytest.fixture(scope="module")

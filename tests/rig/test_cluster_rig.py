@@ -25,6 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
+from rigchecks import timeline_text
 
 from lmwatch.bench.cluster_daemons import lease_holder
 
@@ -56,13 +57,6 @@ def guest() -> Iterator[None]:
     rigctl.define_guest("a", BUSY, write_mib=32, rate_mib=40)
     yield
     rigctl.destroy_everywhere(BUSY)
-
-
-def timeline_text(migration: JsonDict) -> str:
-    return "\n".join(
-        f"  {e['at']} {e['kind']:<8} {e['action'] or e['state'] or '':<14} {e['reason']}"
-        for e in migration.get("timeline", [])
-    )
 
 
 @pytest.mark.scenario("two daemons, owner killed")

@@ -29,6 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
+from rigchecks import actions, explain
 
 pytestmark = pytest.mark.rig
 
@@ -158,26 +159,8 @@ def assert_intact_on(name: str, host: str, other: str) -> None:
     assert hb["bad"] == 0, f"{name} lost memory: {hb}"
 
 
-def actions(migration: JsonDict) -> list[str]:
-    return [e["action"] for e in migration["timeline"] if e["kind"] == "decision"]
-
-
 def terminal_events(migration: JsonDict) -> list[JsonDict]:
     return [e for e in migration["timeline"] if e["kind"] == "state" and e["state"] in FINISHED]
-
-
-def timeline_text(migration: JsonDict) -> str:
-    return "\n".join(
-        f"  {e['at']} {e['kind']:<8} {e['action'] or e['state'] or '':<14} {e['reason']}"
-        for e in migration.get("timeline", [])
-    )
-
-
-def explain(migration: JsonDict) -> str:
-    return (
-        f"state {migration['state']}, outcome {migration['outcome']}\n"
-        f"timeline:\n{timeline_text(migration)}"
-    )
 
 
 def finished(d: Daemon, mid: str, timeout: float, name: str) -> JsonDict:

@@ -810,6 +810,32 @@ async def test_handover_then_cancel_refused(
     assert result.blackout_seconds == pytest.approx(0.012)
 
 
+@pytest.mark.parametrize("handover", [True, False], ids=["handover", "last-copy"])
+async def test_a_completion_whose_statistics_are_gone_measures_its_blackout_from_events(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock, handover: bool
+) -> None:
+    """The migrate call can return before the source's job-completed event, and the
+    source's completed statistics are gone with its definition: the stop still has a
+    length, from the source's stop event to the destination's resume event."""
+    plan = StartPlan(arm_handover=handover, arm_slow_down=False, blackout_budget=0.3)
+    dom = await started(cloud, driver, plan)
+    if handover:
+        await driver.handover("m1")
+    stopped, resumed = (
+        (C.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY, C.VIR_DOMAIN_EVENT_RESUMED_POSTCOPY)
+        if handover
+        else (C.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED, C.VIR_DOMAIN_EVENT_RESUMED_MIGRATED)
+    )
+    lifecycle(cloud, "a", dom, C.VIR_DOMAIN_EVENT_SUSPENDED, stopped)
+    await clock.advance(0.04)
+    lifecycle(cloud, "b", dom, C.VIR_DOMAIN_EVENT_RESUMED, resumed)
+    await clock.advance(0.5)
+    cloud.complete("vm1", "a", "b", None)  # no completed statistics on either host
+    result = await finished(driver, clock)
+    assert result.phase is Phase.COMPLETED and result.handed_over is handover
+    assert result.blackout_seconds == pytest.approx(0.04)
+
+
 async def test_hypervisor_refusal_is_action_refused(
     cloud: FakeCloud, driver: LibvirtDriver
 ) -> None:

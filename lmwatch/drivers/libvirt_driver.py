@@ -208,6 +208,7 @@ class _Job:
     paused: bool = False
     paused_at: float | None = None
     handed_over: bool = False
+    handover_stop_at: float | None = None  # the source stopped it for the handover (event)
     final_stop: bool = False  # the source stopped the instance for the last copy
     final_stop_at: float | None = None  # when it did (its event)
     source_resumed_at: float | None = None  # the instance last ran again on the source (event)
@@ -840,6 +841,8 @@ class LibvirtDriver:
                         job.final_stop_at = self._clock.now()
                 elif detail == lv.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY:
                     job.handed_over = True
+                    if job.handover_stop_at is None:
+                        job.handover_stop_at = self._clock.now()
             elif event == lv.VIR_DOMAIN_EVENT_RESUMED:
                 if detail == lv.VIR_DOMAIN_EVENT_RESUMED_POSTCOPY:
                     job.handed_over = True
@@ -1270,6 +1273,8 @@ class LibvirtDriver:
         blackout = measured_blackout(completed)
         if outcome.phase is Phase.COMPLETED and job.paused and job.paused_at is not None:
             blackout = max(blackout or 0.0, self._resumed_at(job, completed) - job.paused_at)
+        elif outcome.phase is Phase.COMPLETED and blackout is None:
+            blackout = self._blackout_from_events(job)
         elif outcome.phase is not Phase.COMPLETED and outcome.running_on == job.source:
             blackout = self._stop_on_the_source(job, resumed_by_us=outcome.resume_on == job.source)
         passes = max(
@@ -1300,6 +1305,19 @@ class LibvirtDriver:
             error=error,
         )
         job.changed.set()
+
+    @staticmethod
+    def _blackout_from_events(job: _Job) -> float | None:
+        """The final stop of a completed job from its events, when the hypervisor's own
+        figure is missing: the migrate call can return before the source's job-completed
+        event, and with the source's definition removed its completed statistics are gone.
+        From the source's stop (for the last copy, or for the handover) to the instance
+        running on the destination; None when either event was not seen.
+        """
+        began = job.final_stop_at if job.final_stop_at is not None else job.handover_stop_at
+        if began is None or job.resumed_at is None or job.resumed_at < began:
+            return None
+        return job.resumed_at - began
 
     def _stop_on_the_source(self, job: _Job, *, resumed_by_us: bool) -> float | None:
         """How long a stop for the final copy (the hypervisor's, or our pause) that did

@@ -168,6 +168,39 @@ def test_a_woken_controller_samples_the_pass_a_link_event_brought_forward() -> N
     assert t - 0.002 <= first.time <= t + 0.01, (t, [s.time for s in controller.samples])
 
 
+@pytest.mark.parametrize("woken", [True, False], ids=["woken", "polling"])
+def test_the_first_sample_is_taken_at_the_start_as_the_engine_polls(woken: bool) -> None:
+    """The engine's first poll is as soon as the job is started, then one interval
+    later or at a pass's end; a controller here is sampled the same way."""
+    controllers: list[Woken] = []
+
+    def factory(setting: Setting) -> Woken:
+        controllers.append(Woken(setting))
+        controllers[-1].wake_on_pass = woken
+        return controllers[-1]
+
+    run(workload(rate=2 * GIB, memory=3 * GIB // 2), OPEN, factory, limit=3.0)
+    (controller,) = controllers
+    times = [s.time for s in controller.samples]
+    assert times[0] == 0.0 and controller.samples[0].passes == 1, times
+    assert times[1] > 0.0
+
+
+def test_lmwatch_decides_when_a_first_pass_shorter_than_a_poll_ends() -> None:
+    """Workload 62 of seed 7: 1.25 GiB, a guest rewriting 1.1 GiB at 4.9 GiB/s over a
+    1.7 GiB/s link, on latency-critical. Its first pass ends at 0.7 s, before the first
+    poll's interval is over. With no sample of it, the pass the next sample showed had
+    no known start, and lmwatch gathered evidence for two more passes before it handed
+    over (at 1.9 s, 2.5 s in all). Sampled at the start, as the engine does, the first
+    pass is seen whole and the handover comes when it ends."""
+    latency_critical = next(p for p in bench_profiles() if p.name == "latency-critical")
+    result = run(draw(7, 62), latency_critical, lmwatch_factory)
+    assert result.outcome == "completed" and result.handed_over, result.actions
+    ((at, action, _),) = result.actions
+    assert action == "handover" and at < 1.0, result.actions
+    assert judge(result, latency_critical, draw(7, 62)).clean
+
+
 def test_refused_commands_are_counted_no_ops() -> None:
     sim = Simulation(workload(memory=64 * GIB), StartPlan(False, False, 0.3))
     sim.advance_to(1.0)
@@ -445,15 +478,15 @@ def test_lmwatch_waits_most_of_a_strict_deadline_for_a_quieter_phase() -> None:
 
 def test_lmwatch_hands_over_once_the_link_is_back_after_a_refused_handover() -> None:
     """A guest that writes far faster than the link carries, on latency-critical: lmwatch
-    hands over at its first sample. The link is down then, so the migration refuses;
-    like the engine, lmwatch must not take the handover as done, and hands over once
-    the link carries again."""
+    hands over at its first sample (the start). The link is down then, so the migration
+    refuses; like the engine, lmwatch must not take the handover as done, and hands
+    over once the link carries again."""
     latency_critical = next(p for p in bench_profiles() if p.name == "latency-critical")
     guest = workload(
         rate=20 * GIB,
         memory=8 * GIB,
         working_set=3 * GIB,
-        events=(LinkEvent(0.5, "break"), LinkEvent(4.0, "restore")),
+        events=(LinkEvent(0.0, "break"), LinkEvent(4.0, "restore")),
     )
     result = run(guest, latency_critical, lmwatch_factory)
     assert result.refused >= 1  # the handover while the link was down

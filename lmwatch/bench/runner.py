@@ -493,10 +493,14 @@ def run(
     # (`wake_on_pass`) is woken the same way, at most every `MIN_WAKE` seconds.
     wake = bool(getattr(controller, "wake_on_pass", False))
     applied = getattr(controller, "applied", None)
+    # The first poll is at the start, as the engine's ("the first poll is now") and the
+    # monitor loops of the systems the baselines re-implement: it shows the first pass
+    # begun, so its end is known when the next sample shows the second.
+    first = True
     while True:
         sampled = migration.elapsed
-        target = min(sampled + poll, end)
-        if wake:
+        target = sampled if first else min(sampled + poll, end)
+        if wake and not first:
             target = _wake(migration, sampled, target)
             # A link event changes when the next pass or stop comes: the driver's event
             # wakes the engine then, whatever moved it.
@@ -508,6 +512,7 @@ def run(
                 target = _wake(migration, sampled, target)
                 following = simulation.next_link_event_at
         simulation.advance_to(target)
+        first = False
         if migration.elapsed >= end - _EPS:
             break
         restarts = simulation.restarts

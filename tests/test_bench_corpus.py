@@ -17,6 +17,7 @@ from lmwatch.bench.corpus import (
     ORDINARY_LINKS,
     CorpusError,
     LinkEvent,
+    LinkTrouble,
     Workload,
     dump_corpus,
     generate,
@@ -218,4 +219,18 @@ def test_ordinary_links_keep_the_generators_shares() -> None:
     redrawn = with_links(generate(5, 2000), ORDINARY_LINKS)
     breaks = sum(any(e.kind == "break" for e in w.link_events) for w in redrawn)
     drops = sum(any(e.kind == "bandwidth" for e in w.link_events) for w in redrawn)
-    assert 0.04 < breaks / 2000 < 0.06 and 0.13 < drops / 2000 < 0.17
+    # within three standard deviations of 5 % and 15 % over 2,000 draws
+    assert 0.035 < breaks / 2000 < 0.065 and 0.125 < drops / 2000 < 0.175
+
+
+@pytest.mark.parametrize("trouble", [ORDINARY_LINKS, HARSH_LINKS], ids=["ordinary", "harsh"])
+def test_link_faults_strike_anywhere_in_a_second(trouble: LinkTrouble) -> None:
+    """Faults at whole seconds struck at the instant every controller's one-second poll
+    looked (which then saw each one before acting), and those of short migrations all
+    at `earliest`: times are milliseconds, the early ones spread over a second."""
+    events = [e.at for w in with_links(generate(5, 2000), trouble) for e in w.link_events]
+    whole = sum(at == round(at) for at in events)
+    assert whole < 0.01 * len(events), whole
+    early = [at for at in events if at < 2 * trouble.earliest]
+    assert len(early) > 20 and max(Counter(early).values()) <= 3
+    assert all(at >= trouble.earliest for at in events)

@@ -396,6 +396,11 @@ def _seconds(value: float) -> float:
     return parse_duration(f"{_number(round(value))}s")
 
 
+def _instant(value: float) -> float:
+    """A moment as a corpus file writes it: milliseconds."""
+    return parse_duration(f"{_number(round(value, 3))}s")
+
+
 def _change_rate(rng: random.Random, shape: str, level: float) -> Any:
     """A pattern whose typical rate is about `level` bytes/s."""
     if shape == "constant":
@@ -469,8 +474,9 @@ def draw(seed: int, index: int) -> Workload:
 class LinkTrouble:
     """How often and how a workload's link drops or breaks (docs/benchmark.md).
 
-    Times are shares of one full copy of memory at the nominal bandwidth, in whole
-    seconds, at least `earliest`; a drop leaves `drop_to` of nominal; a broken link
+    Times are shares of one full copy of memory at the nominal bandwidth, in
+    milliseconds; one earlier than `earliest` is drawn again between `earliest` and
+    twice that; a drop leaves `drop_to` of nominal; a broken link
     comes back after `restore_after` seconds, or never."""
 
     drop_chance: float
@@ -522,7 +528,13 @@ def _link_events(
     """The link events of one workload whose full copy takes `first_pass` seconds."""
 
     def when(share: tuple[float, float]) -> float:
-        return _seconds(max(trouble.earliest, first_pass * rng.uniform(*share)))
+        # Anywhere in a second, as a real fault strikes: whole seconds lined every
+        # fault up with the controllers' one-second polls, and the short migrations'
+        # faults all on `earliest`.
+        at = first_pass * rng.uniform(*share)
+        if at < trouble.earliest:
+            at = trouble.earliest * (1.0 + rng.random())
+        return _instant(at)
 
     events: list[dict[str, Any]] = []
     if rng.random() < trouble.drop_chance:
@@ -532,14 +544,14 @@ def _link_events(
         )
         # No draw at all when drops never end: the generator's corpora keep their events.
         if trouble.recover_chance and rng.random() < trouble.recover_chance:
-            back = at + _seconds(rng.uniform(*trouble.recover_after))
+            back = _instant(at + rng.uniform(*trouble.recover_after))
             events.append({"at": back, "kind": "bandwidth", "value": 1.0})
     if rng.random() < trouble.break_chance:
         at = when(trouble.break_at)
         events.append({"at": at, "kind": "break"})
         if rng.random() < trouble.restore_chance:
             events.append(
-                {"at": at + _seconds(rng.uniform(*trouble.restore_after)), "kind": "restore"}
+                {"at": _instant(at + rng.uniform(*trouble.restore_after)), "kind": "restore"}
             )
     events.sort(key=lambda event: cast(float, event["at"]))
     return events

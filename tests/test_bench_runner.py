@@ -477,15 +477,16 @@ def test_lmwatch_waits_most_of_a_strict_deadline_for_a_quieter_phase() -> None:
 
 
 def test_lmwatch_hands_over_once_the_link_is_back_after_a_refused_handover() -> None:
-    """A guest that writes far faster than the link carries, on latency-critical: lmwatch
-    hands over at its first sample (the start). The link is down then, so the migration
-    refuses; like the engine, lmwatch must not take the handover as done, and hands
-    over once the link carries again."""
+    """A guest that writes far faster than the link carries, over most of its memory, on
+    latency-critical: lmwatch hands over at its first sample (the start; the first
+    pass's end would leave most of memory to move). The link is down then, so the
+    migration refuses; like the engine, lmwatch must not take the handover as done,
+    and hands over once the link carries again."""
     latency_critical = next(p for p in bench_profiles() if p.name == "latency-critical")
     guest = workload(
         rate=20 * GIB,
         memory=8 * GIB,
-        working_set=3 * GIB,
+        working_set=6 * GIB,
         events=(LinkEvent(0.0, "break"), LinkEvent(4.0, "restore")),
     )
     result = run(guest, latency_critical, lmwatch_factory)

@@ -154,6 +154,48 @@ def test_handed_over_at_once_when_the_prestart_rate_outruns_the_link_and_it_fits
     assert run.degraded is not None and run.degraded <= profile.max_degraded
 
 
+def test_a_first_pass_handover_waits_when_the_pass_end_may_leave_much_less() -> None:
+    # All 2 GiB at 100 MiB/s: about 21s of degraded running, within 60s with room to
+    # spare. But the measurement before the start counted only 300 MiB in its 2s: the
+    # first pass's end may leave as little as that (3s to move), so waiting may shorten
+    # the degraded running by far more than it delays the finish. It leaves the 1 GiB
+    # working set: 10s of degraded running instead of 21s, for 10s more in all.
+    profile = Profile(name="p", handover="allowed", max_degraded=60)
+    run = simulate(decide, profile, STUCK, plan(handover=True), measured=STUCK_MEASURED, window=2.0)
+    first = run.decisions[0][1]
+    assert first.action is Action.CONTINUE
+    assert "about 20.5s of degraded running, while the pass's end may leave as little as 3.0s" in (
+        first.reason
+    ), first.reason
+    assert run.outcome == "handover"
+    assert run.samples[-1].passes == 2  # at the start of pass 2
+    assert run.degraded is not None and run.degraded <= 11.0
+
+
+def test_a_first_pass_pause_waits_when_the_pass_end_may_leave_much_less() -> None:
+    # As above, with a pause allowed for 60s instead of a handover: pausing now would
+    # stop the instance for all of memory's copy; the pass's end leaves the working set.
+    profile = Profile(name="p", may_pause=True, max_pause=60)
+    run = simulate(decide, profile, STUCK, plan(), measured=STUCK_MEASURED, window=2.0)
+    first = run.decisions[0][1]
+    assert first.action is Action.CONTINUE
+    assert "a pause now would stop the instance for about 20.5s, while" in first.reason
+    assert run.outcome == "pause"
+    assert run.samples[-1].passes == 2
+
+
+def test_a_first_pass_handover_comes_at_once_when_the_pass_end_leaves_as_much() -> None:
+    # 512 MiB, every page of it rewritten at 150 MiB/s, over a 100 MiB/s link: the 5s
+    # measurement counted all of memory, so the first pass (5.1s) leaves all of it as
+    # well. Waiting would not shorten the degraded running: hand over at once.
+    guest = workload(memory_mib=512, change_mib=150, bandwidth_mib=100, ws_mib=512)
+    profile = Profile(name="p", handover="allowed", max_degraded=60)
+    measured = 512 * MIB / 5.0  # distinct pages over the window: all of memory
+    run = simulate(decide, profile, guest, plan(handover=True), measured=measured, window=5.0)
+    assert run.outcome == "handover"
+    assert len(run.samples) == 1, [d.reason for _, d in run.decisions]
+
+
 def test_a_first_pass_handover_that_fits_without_room_to_spare_waits_for_the_pass_end() -> None:
     # About 21s of degraded running fits 30s, but not 1.5 times over: a link that slowed
     # under it would break the limit, and a handover cannot be taken back. After the

@@ -94,6 +94,7 @@ def context(
     deadline_at: float | None = None,
     switchover: float = SWITCHOVER,
     change_rate_before_start: float | None = None,
+    change_rate_window: float | None = None,
     **kw: bool,
 ) -> MigrationContext:
     start_plan = start_plan or plan()
@@ -105,6 +106,7 @@ def context(
         deadline_at=deadline_at,
         switchover=switchover,
         change_rate_before_start=change_rate_before_start,
+        change_rate_window=change_rate_window,
         **kw,
     )
 
@@ -236,10 +238,12 @@ def simulate(
     slow_down_passes_per_step: int = 2,
     switchover: float = SWITCHOVER,
     measured: float | None = None,
+    window: float | None = None,
 ) -> Run:
     """Closed loop: poll, decide, apply, until it ends or `max_passes` passes.
 
-    `measured` is the change rate measured before the start (bytes/s), when there was one.
+    `measured` is the change rate measured before the start (bytes/s), when there was one,
+    over `window` seconds (None: not said).
 
     A pause's blackout is what the guest really had left when it stopped (the pass's
     unsent bytes and what it dirtied since the pass began) over `B`, plus the
@@ -252,6 +256,7 @@ def simulate(
         deadline_at=deadline_at,
         switchover=switchover,
         change_rate_before_start=measured,
+        change_rate_window=window,
     )
     state = _State(time=0.0, remaining=w.memory, budget=ctx.blackout_budget, slowdown=0.0)
     state.outside = w.outside_share()

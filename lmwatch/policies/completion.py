@@ -35,7 +35,10 @@ The rules, in order (DESIGN.md section 4):
    in the first pass, when the change rate measured before the start already
    outruns the link, hand over or pause if that fits now (a handover only with room
    for the link to slow, `first_pass_headroom` times over: it cannot be taken back,
-   and waiting for the pass to end leaves only what the guest rewrote); cancel when
+   and waiting for the pass to end leaves only what the guest rewrote), unless the
+   pass's end may leave less than half of what they would move now: then waiting
+   may shorten the degraded running or the pause by more than it delays the finish,
+   and lmwatch waits for the pass to end (`_first_pass_may_shrink`); cancel when
    even the first pass cannot end before the deadline and nothing else could finish it;
    otherwise continue;
 5b. every window seen (the passes, with the measurement before the start) filled the
@@ -507,19 +510,53 @@ def _early_finish(
         f"{rate_text(measured)}, the link moves {rate_text(rate)}"
     )
     headroom = settings.first_pass_headroom
-    finish = _finish_within(profile, a, ctx, head, prediction, settings, headroom=headroom)
-    if finish is not None or not a.fresh:
-        return finish
     copy = _copy_now(a)
-    if not handover_fits(profile, ctx, a, copy, settings):
+    shrink = _first_pass_may_shrink(a, ctx, copy)
+    if shrink is None:
+        finish = _finish_within(profile, a, ctx, head, prediction, settings, headroom=headroom)
+        if finish is not None or not a.fresh:
+            return finish
+    if handover_fits(profile, ctx, a, copy, settings):
+        move = f"a handover now would mean about {duration_text(copy)} of degraded running"
+    elif pause_fits(profile, a, copy + ctx.switchover, settings):
+        move = f"a pause now would stop the instance for about {duration_text(copy)}"
+    else:
         return None
+    why = (
+        f"within the {duration_text(profile.max_degraded)} limit but not {headroom:g} "
+        "times over, and it cannot be taken back if the link slows"
+        if shrink is None
+        else shrink
+    )
     return Decision(
         Action.CONTINUE,
-        f"{head}; a handover now would mean about {duration_text(copy)} of degraded "
-        f"running, within the {duration_text(profile.max_degraded)} limit but not "
-        f"{headroom:g} times over, and it cannot be taken back if the link slows: waiting "
-        "for the first pass to end, which leaves only what the guest rewrote",
+        f"{head}; {move}, {why}: waiting for the first pass to end, which leaves only "
+        "what the guest rewrote",
         prediction,
+    )
+
+
+def _first_pass_may_shrink(a: Analysis, ctx: MigrationContext, copy: float) -> str | None:
+    """Why the first pass's end may leave less than half of what a handover or pause
+    would move now (`copy` seconds of it), or None when it cannot.
+
+    What the pass leaves is what the guest wrote during it, at least as much as the
+    measurement before the start counted (the guest's count over a longer time is no
+    smaller; over a shorter one, no smaller than its share). When that least is half
+    or more of the move now, waiting delays the finish by at least as long as it
+    could shorten the degraded running or the pause, and may not shorten it at all.
+    """
+    measured, window, rate = ctx.change_rate_before_start, ctx.change_rate_window, a.transfer_rate
+    if not measured or not window or not rate:
+        return None
+    length = a.in_pass + a.remaining / rate  # the whole first pass
+    least = min(float(a.memory), measured * min(length, window)) / rate
+    if least >= copy / 2:
+        return None
+    return (
+        f"while the pass's end may leave as little as {duration_text(least)} of it "
+        f"(the guest changed {rate_text(measured)} over the {duration_text(window)} "
+        "measured before the start)"
     )
 
 

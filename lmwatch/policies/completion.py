@@ -511,27 +511,28 @@ def _early_finish(
     )
     headroom = settings.first_pass_headroom
     copy = _copy_now(a)
+    handover = f"a handover now would mean about {duration_text(copy)} of degraded running"
     shrink = _first_pass_may_shrink(a, ctx, copy)
     if shrink is None:
         finish = _finish_within(profile, a, ctx, head, prediction, settings, headroom=headroom)
         if finish is not None or not a.fresh:
             return finish
-    if handover_fits(profile, ctx, a, copy, settings):
-        move = f"a handover now would mean about {duration_text(copy)} of degraded running"
+        if not handover_fits(profile, ctx, a, copy, settings):
+            return None
+        why = (
+            f"{handover}, within the {duration_text(profile.max_degraded)} limit but not "
+            f"{headroom:g} times over, and it cannot be taken back if the link slows"
+        )
+    elif handover_fits(profile, ctx, a, copy, settings):
+        why = f"{handover}, {shrink}"
     elif pause_fits(profile, a, copy + ctx.switchover, settings):
-        move = f"a pause now would stop the instance for about {duration_text(copy)}"
+        why = f"a pause now would stop the instance for about {duration_text(copy)}, {shrink}"
     else:
         return None
-    why = (
-        f"within the {duration_text(profile.max_degraded)} limit but not {headroom:g} "
-        "times over, and it cannot be taken back if the link slows"
-        if shrink is None
-        else shrink
-    )
     return Decision(
         Action.CONTINUE,
-        f"{head}; {move}, {why}: waiting for the first pass to end, which leaves only "
-        "what the guest rewrote",
+        f"{head}; {why}: waiting for the first pass to end, which leaves only what the "
+        "guest rewrote",
         prediction,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.errors import Conflict, Invalid
 from lmwatch.metrics import Metrics
-from lmwatch.model import ChangeRate, Method, Phase, State
+from lmwatch.model import ChangeRate, JobResult, Method, Phase, Sample, State
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import SCHEMA_VERSION, MigrationRecord, Store, StoreError, is_database_url
 
@@ -1118,6 +1119,60 @@ async def test_a_link_that_stays_broken_ends_the_migration_failed_once_no_job_fi
     ended = [e for e in events if e.kind == "state" and e.state == State.FAILED.value]
     assert ended and "tried" in ended[-1].reason and "keeps running on a" in ended[-1].reason
     assert rig.driver.where("big") == "a"
+    await rig.engine.stop()
+
+
+class _SwitchComesLate(SimDriver):
+    """Takes a migration's first handover request without switching the hosts (the
+    switch comes some time after the request); its samples say handing over until
+    the job ends."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: set[str] = set()
+        self.waiting: set[str] = set()
+
+    async def handover(self, migration_id: str) -> None:
+        if migration_id in self.asked:
+            await super().handover(migration_id)
+            return
+        self.asked.add(migration_id)
+        self.waiting.add(migration_id)
+
+    async def sample(self, migration_id: str) -> Sample:
+        sample = await super().sample(migration_id)
+        if migration_id in self.waiting and sample.phase is Phase.COPYING:
+            return dataclasses.replace(sample, phase=Phase.HANDOVER)
+        return sample
+
+    async def result(self, migration_id: str) -> JobResult:
+        self.waiting.discard(migration_id)
+        return await super().result(migration_id)
+
+
+async def test_a_handover_the_failure_came_before_is_started_again(tmp_path: Path) -> None:
+    """The handover was asked, but the link broke before the hosts switched: the job
+    fails with the instance intact on the source. lmwatch starts again (before, the
+    asked handover counted as done, and the migration ended failed), and the new job
+    may hand over like any other."""
+    rig = Rig(tmp_path)
+    rig.driver = _SwitchComesLate(load_inventory_text(INVENTORY), rig.clock)
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    mid = await rig.migrate("busy-db")
+    assert await rig.clock.run_until(lambda: "handover" in rig.actions(mid), limit=120)
+    assert await rig.clock.run_until(lambda: rig.engine.get(mid).handed_over)  # asked
+    rig.driver.inject_fault("link_break", between=("a", "b"))
+    assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=120)
+    assert not rig.engine.get(mid).handed_over
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.outcome is not None and record.outcome.method == Method.HANDOVER.value
+    assert rig.driver.where("busy-db") == "b"
+    notes = [e.reason for e in rig.store.events(mid) if e.kind == "note"]
+    assert any("before the hosts switched: the instance still runs on a" in n for n in notes)
     await rig.engine.stop()
 
 

@@ -950,6 +950,22 @@ async def test_failure_keeps_the_error(
     assert "Lost connection to destination host" in (result.error or "")
 
 
+async def test_a_handover_asked_that_the_failure_came_before_is_not_handed_over(
+    cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
+) -> None:
+    """The handover was asked, but the link broke before the hosts switched: the job
+    fails with the instance running on the source. It was not handed over (so a new
+    job may start; before, the result said handed over and none did)."""
+    plan = StartPlan(arm_handover=True, arm_slow_down=False, blackout_budget=0.3)
+    await started(cloud, driver, plan)
+    await driver.handover("m1")
+    assert (await driver.sample("m1")).phase is Phase.HANDOVER  # asked
+    cloud.fail("vm1", "a", "operation failed: Lost connection to destination host")
+    result = await finished(driver, clock)
+    assert (result.phase, result.running_on) == (Phase.FAILED, "a")
+    assert not result.handed_over
+
+
 async def test_failed_pause_resumes_the_source(
     cloud: FakeCloud, driver: LibvirtDriver, clock: VirtualClock
 ) -> None:

@@ -242,8 +242,14 @@ def test_no_start_again_unless_the_instance_is_intact_on_the_source() -> None:
         replace(FAILED_ON_SOURCE, phase=Phase.CANCELLED),
     ):
         assert restart_after_failure(history, context(), ended, "a", 100.0, DEFAULT) is None
-    handed = context(handed_over=True)
-    assert restart_after_failure(history, handed, FAILED_ON_SOURCE, "a", 100.0, DEFAULT) is None
+
+
+def test_a_handover_asked_that_the_failure_came_before_starts_again() -> None:
+    """The handover was asked (`ctx.handed_over`), but the job failed before the hosts
+    switched: the instance runs on the source, intact, as after any failure."""
+    asked = context(handed_over=True)
+    decision = restart_after_failure(samples(60.0), asked, FAILED_ON_SOURCE, "a", 100.0, DEFAULT)
+    assert decision is not None and decision.rule is Rule.JOB_FAILED
 
 
 def test_no_second_start_again_after_a_failure() -> None:

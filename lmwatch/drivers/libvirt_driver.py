@@ -1290,7 +1290,10 @@ class LibvirtDriver:
             transferred=transferred_from(completed, {"memory_processed": job.transferred_seen}),
             passes=passes,
             paused=job.paused,
-            handed_over=job.handed_over or (dst_reason == lv.VIR_DOMAIN_RUNNING_POSTCOPY),
+            # switched: an instance running on the source again was never handed over,
+            # whatever was asked (the hosts switch some time after the request)
+            handed_over=(job.handed_over or dst_reason == lv.VIR_DOMAIN_RUNNING_POSTCOPY)
+            and outcome.running_on != job.source,
             slowdown=max(job.max_slowdown, slowdown_from(completed or {})),
             error=error,
             running_on=outcome.running_on,

@@ -562,6 +562,20 @@ class Effects:
         supervision.paused_at = None
         supervision.pause_by_operator = False
 
+    def handover_undone(self, supervision: Supervision) -> None:
+        """A handover was asked but the job failed before the hosts switched: the
+        instance runs on the source as before, and the migration is no longer handed
+        over (the new job may hand over, be cancelled or forced like any other)."""
+        record = supervision.record
+        self.update(
+            supervision,
+            "note",
+            "the handover was asked, but the job failed before the hosts switched: "
+            f"the instance still runs on {record.source}",
+            handed_over=False,
+        )
+        supervision.handed_over_at = None
+
     def stop_ended(self, supervision: Supervision, result: JobResult) -> None:
         """The failed job had stopped the instance for its final copy, and the migration
         starts again: record how long it was stopped and check that against the

@@ -542,6 +542,8 @@ class Supervisor:
         )
         if decision is None:
             return False
+        if record.handed_over:  # asked, but the hosts never switched (`ended` says so)
+            self.effects.handover_undone(supervision)
         intent = dataclasses.replace(
             record.restart or Restarts(),
             count=ctx.restarts + 1,

@@ -310,9 +310,11 @@ def restart_after_failure(
     or a destination that keeps refusing, is not waited out). The decision's
     `start_by` is the last clock time to try.
     """
+    # `ended.handed_over` says whether the hosts switched; a handover asked
+    # (`ctx.handed_over`) that the failure came before left the instance intact.
     if ended.phase is not Phase.FAILED or ended.running_on != source or ended.handed_over:
         return None
-    if ctx.handed_over or ctx.restarts >= settings.max_restarts:
+    if ctx.restarts >= settings.max_restarts:
         return None
     a = analyse(tracked(history, settings), ctx, settings)
     rate = a.transfer_rate

@@ -1100,6 +1100,57 @@ async def test_a_job_the_broken_link_fails_is_started_again_once_the_link_carrie
     assert again.at - restart.at >= 30.0  # not before the link came back
 
 
+async def test_a_job_that_failed_while_lmwatch_was_down_is_started_again(rig: Rig) -> None:
+    """The link breaks while no daemon watches and the job fails meanwhile, the
+    instance still on the source: the daemon started again finds the failed job and,
+    the deadline leaving time, starts a new one (from the last progress it stored),
+    as it would have had it watched; the migration completes."""
+    mid = await _break_while_copying(rig, "big")
+    await rig.engine.stop()
+    await rig.clock.advance(60.0)  # past the hypervisor's 30 s: the job fails
+    result = await rig.driver.result(mid)
+    assert result.phase is Phase.FAILED and result.running_on == "a", result
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is not None and record.restart.count == 1
+    assert rig.driver.where("big") == "b"
+    restart = next(e for e in rig.store.events(mid) if e.action == "restart")
+    assert restart.data["rule"] == "job-failed"
+    assert "the job failed" in restart.reason and "still runs on a" in restart.reason
+    await rig.engine.stop()
+
+
+async def test_a_job_lmwatch_asked_to_end_is_not_started_again_after_a_restart(
+    rig: Rig,
+) -> None:
+    """An operator's cancel was sent, but the job failed before it took (the link
+    broke) while no daemon watched: the daemon started again records the end, and
+    does not start a migration the operator cancelled again."""
+    mid = await _break_while_copying(rig, "big")
+
+    async def lost(migration_id: str) -> None:
+        """The hypervisor never gets the cancel."""
+
+    rig.driver.cancel = lost  # type: ignore[method-assign]
+    await rig.engine.cancel(mid)
+    await rig.engine.stop()
+    await rig.clock.advance(60.0)
+    assert (await rig.driver.result(mid)).phase is Phase.FAILED
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.FAILED and record.restart is None, record
+    assert rig.driver.where("big") == "a"
+    assert "restart" not in rig.actions(mid)
+    await rig.engine.stop()
+
+
 async def test_a_link_that_stays_broken_ends_the_migration_failed_once_no_job_fits(
     tmp_path: Path,
 ) -> None:

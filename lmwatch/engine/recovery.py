@@ -13,7 +13,7 @@ from lmwatch.drivers.base import DriverError
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.records import FORCE_PENDING, Supervision, log
 from lmwatch.engine.settings import EngineSettings
-from lmwatch.model import Action, JobResult, Phase, State
+from lmwatch.model import Action, JobResult, Phase, Sample, State
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import CorruptRecord, MigrationRecord, Store, UnreadableStore
 
@@ -84,6 +84,40 @@ def force_pending(store: Store, record: MigrationRecord) -> bool | None:
             value = data[FORCE_PENDING]
             pending = None if value is None else bool(value)
     return pending
+
+
+def end_asked(store: Store, record: MigrationRecord) -> bool:
+    """Whether lmwatch asked for the job's end (an operator's cancel or its own) before
+    it stopped: a job read back as failed may be that cancel's end."""
+    return any(
+        e.kind == "decision" and e.action == Action.CANCEL.value for e in store.events(record.id)
+    )
+
+
+def last_seen(record: MigrationRecord) -> list[Sample]:
+    """What lmwatch last saw of a migration's job, as evidence for a decision on a job
+    that ended while it was not watching: the progress it stored (at most a few seconds
+    older than its stop), or nothing."""
+    p = record.progress
+    if p is None:
+        return []
+    return [
+        Sample(
+            time=p.time,
+            memory_total=p.memory_total,
+            memory_remaining=p.memory_remaining,
+            memory_transferred=p.memory_transferred,
+            transfer_rate=p.transfer_rate,
+            change_rate=p.change_rate,
+            passes=p.passes,
+            phase=Phase.COPYING,
+            blackout_budget=p.blackout_budget,
+            slowdown=p.slowdown,
+            disk_total=p.disk_total,
+            disk_remaining=p.disk_remaining,
+            disk_rate=p.disk_rate,
+        )
+    ]
 
 
 async def keep_store(store: Store, clock: Clock, settings: EngineSettings) -> None:

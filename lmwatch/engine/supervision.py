@@ -35,7 +35,7 @@ from lmwatch.engine.records import (
     restart_pending,
     status_of,
 )
-from lmwatch.engine.recovery import Recovery
+from lmwatch.engine.recovery import Recovery, end_asked, last_seen
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.errors import Conflict
 from lmwatch.model import (
@@ -125,10 +125,7 @@ class Supervisor:
                 if restart_pending(supervision.record):
                     if not await self._resume_restart(supervision, result):
                         return
-                elif result is not None:
-                    await self.effects.finish(
-                        supervision, result, reason="ended while lmwatch was not watching"
-                    )
+                elif result is not None and not await self._ended_unwatched(supervision, result):
                     return
                 self.effects.event(supervision, "note", "supervision resumed after a restart")
             else:
@@ -528,6 +525,22 @@ class Supervisor:
         if record.paused:
             self.effects.pause_ended(supervision, ended)
         return await self._start_again(supervision)
+
+    async def _ended_unwatched(self, supervision: Supervision, ended: JobResult) -> bool:
+        """A job that ended while lmwatch was not watching: a failure that left the
+        instance on the source is started again as if it had been seen (judged on the
+        last progress stored), unless lmwatch had asked for the end; any other end is
+        recorded. True when a new job runs, False when the migration ended."""
+        record = supervision.record
+        if not end_asked(self.effects.store, record):
+            supervision.track = policies.tracked(last_seen(record), self.settings.policy)
+            if await self._restart_after_failure(supervision, ended):
+                return True
+        if not supervision.record.state.finished:
+            await self.effects.finish(
+                supervision, ended, reason="ended while lmwatch was not watching"
+            )
+        return False
 
     async def _restart_after_failure(self, supervision: Supervision, ended: JobResult) -> bool:
         """The job failed with the instance still on the source: start again when the

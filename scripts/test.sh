@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything the tests need, then the tests: Python packages, PostgreSQL's server and
-# the real two-host rig where this machine allows it (root on Debian with apt), and pytest.
+# the real two-host rig where this machine allows it (root on Debian with apt), and pytest
+# (with arguments: pytest with those; without: the tests outside the rig in parallel,
+# then the rig's).
 # Without the rig the real-hypervisor tests skip with the reason; with CI=true
 # such a skip fails the run.
 set -euo pipefail
@@ -27,4 +29,12 @@ fi
 cleanup() { if [ "$rig_started" = 1 ]; then bash rig/down.sh || true; fi; }
 trap cleanup EXIT
 
-python -m pytest "$@"
+if [ "$#" -gt 0 ]; then
+    python -m pytest "$@"  # what was asked, as asked
+else
+    # Everything outside the rig on one worker per core (pytest-xdist), then the rig's
+    # tests on their own: they share its two hosts, and their printed figures (start
+    # overhead, the simulator's fidelity) should not measure a machine busy with others.
+    python -m pytest -n auto --maxprocesses 8 --ignore=tests/rig
+    python -m pytest tests/rig
+fi

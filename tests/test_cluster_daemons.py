@@ -251,6 +251,11 @@ def test_a_daemon_cut_off_from_the_database_stops_acting_and_another_finishes(
         # The other takes its migrations over and finishes them; once back, the cut-off
         # one writes nothing for them (its claims are stale).
         wait_all_finished(other, ids, 240)
+        # The API shows an outcome as soon as it is decided; the lease goes with the
+        # outcome's write to the database, a moment later.
+        released_by = time.monotonic() + 10 * POLL + 5.0
+        while any(lease_holder(pg_url, i) for i in owned) and time.monotonic() < released_by:
+            time.sleep(POLL)
         for migration_id in owned:
             assert lease_holder(pg_url, migration_id) is None
         proxy.restore()

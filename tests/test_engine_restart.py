@@ -199,3 +199,39 @@ async def test_a_new_start_that_fails_ends_the_migration_failed_and_says_why(
     assert "keeps running on a" in ended.reason
     assert rig.driver.where("grower") == "a"
     await rig.engine.stop()
+
+
+STEADY = """
+hosts:
+  - {name: a, memory: 512GiB}
+  - {name: b, memory: 512GiB}
+links:
+  - {between: [a, b], bandwidth: 1GiB/s}
+default_bandwidth: 1GiB/s
+instances:
+  - {name: steady, host: a, memory: 8GiB, working_set: 256MiB, change_rate: 20MiB/s}
+"""
+
+
+async def test_a_job_that_failed_while_the_daemon_was_down_starts_again_beside_kept_hosts(
+    tmp_path: Path, store_location: str
+) -> None:
+    """The simulated hosts keep their world in the store: the link breaks, the daemon
+    stops, and the job fails while it is down (the hypervisor's 30 s); the daemon
+    opened again on the same store and world finds the instance on the source without
+    a job and starts a new one, which completes once the link is back."""
+    rig = EngineRig(tmp_path, STEADY, PROFILES, durable_world=True, store_location=store_location)
+    await rig.engine.start()
+    mid = await rig.migrate("steady")
+    assert await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+    await rig.clock.advance(6.0)  # a progress with the link's rate is stored (every 5 s)
+    rig.driver.inject_fault("link_break", between=("a", "b"))
+    await rig.restart(down_for=60.0)
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is not None and record.restart.count == 1
+    assert [e.data["rule"] for e in events(rig, mid, "decision", "restart")] == ["job-failed"]
+    assert len(started_again(rig, mid)) == 1
+    await rig.engine.stop()

@@ -1,5 +1,6 @@
 """Engine + store + simulator + real policies: a migration started again at a higher
-slow-down start level when the guest's writing outgrew the start plan."""
+slow-down start level when the guest's writing outgrew the start plan (also across a
+restart of the daemon), and a job that failed while no daemon watched started again."""
 
 from __future__ import annotations
 

@@ -1124,6 +1124,45 @@ async def test_a_job_that_failed_while_lmwatch_was_down_is_started_again(rig: Ri
     await rig.engine.stop()
 
 
+class _RateLaterAtStart(SimDriver):
+    """Reports no transfer rate in a job's first sample, as libvirt's statistics do
+    when copying has just begun."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sampled: set[str] = set()
+
+    async def sample(self, migration_id: str) -> Sample:
+        sample = await super().sample(migration_id)
+        if migration_id not in self.sampled:
+            self.sampled.add(migration_id)
+            return dataclasses.replace(sample, transfer_rate=0.0)
+        return sample
+
+
+async def test_the_first_progress_with_the_links_rate_is_stored_at_once(tmp_path: Path) -> None:
+    """The daemon dies 2 s into copying (before a progress would be stored again, every
+    5 s) and the job fails while it is down: the progress that showed the link's rate
+    was stored at once, so the daemon started again can still start a new job."""
+    rig = Rig(tmp_path)
+    rig.driver = _RateLaterAtStart(load_inventory_text(INVENTORY), rig.clock)
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    mid = await _break_while_copying(rig, "big")
+    stored = rig.store.get(mid).progress
+    assert stored is not None and stored.transfer_rate > 0, stored
+    await rig.engine.stop()
+    await rig.clock.advance(60.0)
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is not None and record.restart.count == 1
+    await rig.engine.stop()
+
+
 async def test_a_job_lmwatch_asked_to_end_is_not_started_again_after_a_restart(
     rig: Rig,
 ) -> None:

@@ -176,9 +176,13 @@ class Effects:
         )
         supervision.record = dataclasses.replace(supervision.record, progress=progress)
         self.hub.progress(supervision.record, sample.time)
-        # Progress is persisted at most every few seconds; it is cheap to lose.
-        if sample.time - supervision.progress_saved_at >= 5.0:
+        # Progress is persisted at most every few seconds; it is cheap to lose. But the
+        # first one that shows the link's rate is kept at once: a job that fails while
+        # no daemon watches is judged on it after a restart (`last_seen`).
+        first_rate = sample.transfer_rate > 0 and not supervision.rate_saved
+        if first_rate or sample.time - supervision.progress_saved_at >= 5.0:
             supervision.progress_saved_at = sample.time
+            supervision.rate_saved = supervision.rate_saved or sample.transfer_rate > 0
             self.update(supervision, None, "", progress=progress)
         gauges = supervision.gauges
         if gauges is None:

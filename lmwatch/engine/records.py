@@ -46,6 +46,7 @@ class Supervision:
     first_error_at: float | None = None  # start of the current run of driver errors
     failures: int = 0
     progress_saved_at: float = 0.0
+    rate_saved: bool = False  # a stored progress shows the rate the link carries
     # Clock time the hypervisor took a cancel (the operator's or the policy's): the
     # state machine then waits for the job to end and decides nothing more.
     cancel_sent_at: float | None = None

@@ -1100,14 +1100,12 @@ async def test_a_job_the_broken_link_fails_is_started_again_once_the_link_carrie
     assert again.at - restart.at >= 30.0  # not before the link came back
 
 
-async def test_a_job_that_failed_while_lmwatch_was_down_is_started_again(rig: Rig) -> None:
-    """The link breaks while no daemon watches and the job fails meanwhile, the
-    instance still on the source: the daemon started again finds the failed job and,
-    the deadline leaving time, starts a new one (from the last progress it stored),
-    as it would have had it watched; the migration completes."""
-    mid = await _break_while_copying(rig, "big")
+async def _fail_while_down_then_finish(rig: Rig, mid: str) -> None:
+    """The daemon stops with the link broken under `mid`'s job, which fails while it
+    is down (the hypervisor's 30 s) with the instance on a; the link comes back, a new
+    daemon starts: the migration completes after one restart."""
     await rig.engine.stop()
-    await rig.clock.advance(60.0)  # past the hypervisor's 30 s: the job fails
+    await rig.clock.advance(60.0)
     result = await rig.driver.result(mid)
     assert result.phase is Phase.FAILED and result.running_on == "a", result
     rig.driver.inject_fault("link_restore", between=("a", "b"))
@@ -1117,6 +1115,15 @@ async def test_a_job_that_failed_while_lmwatch_was_down_is_started_again(rig: Ri
     record = rig.engine.get(mid)
     assert record.state is State.COMPLETED, record.outcome
     assert record.restart is not None and record.restart.count == 1
+
+
+async def test_a_job_that_failed_while_lmwatch_was_down_is_started_again(rig: Rig) -> None:
+    """The link breaks while no daemon watches and the job fails meanwhile, the
+    instance still on the source: the daemon started again finds the failed job and,
+    the deadline leaving time, starts a new one (from the last progress it stored),
+    as it would have had it watched; the migration completes."""
+    mid = await _break_while_copying(rig, "big")
+    await _fail_while_down_then_finish(rig, mid)
     assert rig.driver.where("big") == "b"
     restart = next(e for e in rig.store.events(mid) if e.action == "restart")
     assert restart.data["rule"] == "job-failed"
@@ -1151,15 +1158,7 @@ async def test_the_first_progress_with_the_links_rate_is_stored_at_once(tmp_path
     mid = await _break_while_copying(rig, "big")
     stored = rig.store.get(mid).progress
     assert stored is not None and stored.transfer_rate > 0, stored
-    await rig.engine.stop()
-    await rig.clock.advance(60.0)
-    rig.driver.inject_fault("link_restore", between=("a", "b"))
-    rig.engine = rig.new_engine()
-    await rig.engine.start()
-    await rig.finish(mid)
-    record = rig.engine.get(mid)
-    assert record.state is State.COMPLETED, record.outcome
-    assert record.restart is not None and record.restart.count == 1
+    await _fail_while_down_then_finish(rig, mid)
     await rig.engine.stop()
 
 

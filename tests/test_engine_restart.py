@@ -225,7 +225,7 @@ async def test_a_job_that_failed_while_the_daemon_was_down_starts_again_beside_k
     await rig.engine.start()
     mid = await rig.migrate("steady")
     assert await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
-    await rig.clock.advance(6.0)  # a progress with the link's rate is stored (every 5 s)
+    await rig.clock.advance(6.0)  # well into the copy, its rate in a stored progress
     rig.driver.inject_fault("link_break", between=("a", "b"))
     await rig.restart(down_for=60.0)
     rig.driver.inject_fault("link_restore", between=("a", "b"))

@@ -36,7 +36,8 @@ JsonDict = dict[str, Any]
 
 QUIET = "jf-quiet"
 # 256 MiB, half of it rewritten at 8 MiB/s: a first pass of about 10 s over the 16 MiB/s
-# link, so that the daemon has stored a progress (every 5 s) while it copies
+# link, so that the daemon is killed while it copies, after it stored a progress that
+# shows the link's rate (libvirt's first statistics of a job show none)
 UNWATCHED = "jf-unwatched"
 
 PROFILES = """
@@ -96,7 +97,7 @@ def test_a_job_whose_link_breaks_is_started_again(daemon: Daemon, summary: Any) 
 
 
 def _stored_transfer_rate(daemon: Daemon, migration_id: str) -> float:
-    """The transfer rate in the progress the daemon last stored (every 5 s or so)."""
+    """The transfer rate in the progress the daemon last stored."""
     store = json.loads(daemon.config_path.read_text())["store_path"]
     with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5) as db:
         row = db.execute("SELECT progress FROM migrations WHERE id = ?", (migration_id,)).fetchone()

@@ -32,8 +32,11 @@ from lmwatch.bench.runner import (
     run_many,
     setting_for,
 )
-from lmwatch.drivers.inventory import ConstantRate, GrowingRate, PhasedRate
+from lmwatch.clock import VirtualClock
+from lmwatch.drivers.base import CHANGE_RATE_WINDOW
+from lmwatch.drivers.inventory import ConstantRate, GrowingRate, PhasedRate, load_inventory_text
 from lmwatch.drivers.inventory import Phase as RatePhase
+from lmwatch.drivers.sim import SimDriver
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.schema import Profile
 
@@ -257,6 +260,22 @@ def test_setting_hides_the_workload_but_measures_the_change_rate() -> None:
     assert setting.memory == 4 * GIB and setting.bandwidth == 10 * GBIT
     assert setting.switchover == 0.07 and setting.profile is LENIENT
     assert setting.change_rate is not None and 0 < setting.change_rate <= 100 * MIB
+
+
+async def test_the_bench_measures_the_change_rate_as_the_daemon_does() -> None:
+    """lmwatch decides on the change rate with the window it covers: the benchmark's
+    model of the daemon must see what the daemon's drivers measure, window and all."""
+    inventory = load_inventory_text("""
+hosts:
+  - {name: a, memory: 64GiB}
+instances:
+  - {name: r, host: a, memory: 4GiB, working_set: 1GiB, change_rate: 400MiB/s, writer: random}
+""")
+    measured = await SimDriver(inventory, VirtualClock()).measure_change_rate("r", "a")
+    setting = setting_for(workload(rate=400 * MIB), LENIENT)
+    assert measured is not None
+    assert setting.change_rate_window == measured.window == CHANGE_RATE_WINDOW
+    assert setting.change_rate == pytest.approx(measured.bytes_per_second)
 
 
 def test_a_converging_workload_completes_without_any_decision() -> None:

@@ -20,6 +20,7 @@ from lmwatch.clock import VirtualClock
 from lmwatch.config import Settings
 from lmwatch.drivers import libvirt_conn, libvirt_events
 from lmwatch.drivers.base import (
+    CHANGE_RATE_WINDOW,
     ActionRefused,
     AlreadyOnDestination,
     DriverError,
@@ -1068,6 +1069,25 @@ async def test_measure_change_rate(
     dom = cloud.hosts["a"].domains["vm1"]
     dom.dirty_readings = [10.0, 30.0]
     rate = await run(clock, driver.measure_change_rate("vm1", "a"))
+    # One reading over the window the simulator and the benchmark's model of the
+    # daemon measure over: the policy reads the figure with its window.
+    assert rate == ChangeRate(10.0 * MIB, float(CHANGE_RATE_WINDOW))
+    assert [c for c in dom.calls if c[0] == "startDirtyRateCalc"] == [
+        ("startDirtyRateCalc", CHANGE_RATE_WINDOW)
+    ]
+
+
+async def test_measure_change_rate_averages_several_readings(
+    cloud: FakeCloud, clock: VirtualClock
+) -> None:
+    hosts = {name: HostConfig(uri=host.uri) for name, host in cloud.hosts.items()}
+    driver = LibvirtDriver(hosts, clock, change_rate_readings=2, change_rate_period=1)
+    dom = cloud.hosts["a"].domains["vm1"]
+    dom.dirty_readings = [10.0, 30.0]
+    try:
+        rate = await run(clock, driver.measure_change_rate("vm1", "a"))
+    finally:
+        await driver.close()
     assert rate == ChangeRate(20.0 * MIB, 1.0)  # each reading covers one second
     assert [c for c in dom.calls if c[0] == "startDirtyRateCalc"] == [("startDirtyRateCalc", 1)] * 2
 

@@ -9,6 +9,7 @@ import pytest
 
 from lmwatch.clock import VirtualClock
 from lmwatch.drivers.base import (
+    CHANGE_RATE_WINDOW,
     ActionRefused,
     AlreadyOnDestination,
     Driver,
@@ -176,16 +177,17 @@ async def test_capabilities_and_arming(driver: SimDriver) -> None:
 
 
 async def test_measure_change_rate(driver: SimDriver) -> None:
-    # distinct bytes dirtied in the 10 s window: writing 2 GiB/s over a 1 GiB working
-    # set dirties all of it, no more (a sequential writer), so 1 GiB / 10 s
+    # distinct bytes dirtied in the window the real driver and the benchmark measure
+    # over: writing 2 GiB/s over a 1 GiB working set dirties all of it, no more (a
+    # sequential writer), so 1 GiB / 2 s
     busy = await driver.measure_change_rate("busy", "host-a")
-    assert busy is not None and busy.window == 10
-    assert busy.bytes_per_second == pytest.approx(GIB / 10)
-    # a burst of 110 MiB/s for 2 s in every 20 s, 10 MiB/s otherwise: mean 20 MiB/s
-    # over one whole period
+    assert busy is not None and busy.window == CHANGE_RATE_WINDOW == 2
+    assert busy.bytes_per_second == pytest.approx(GIB / 2)
+    # a burst of 110 MiB/s for 2 s in every 20 s, 10 MiB/s otherwise: the window sees
+    # the burst the pattern begins with
     bursty = await driver.measure_change_rate("bursty", "host-b")
-    assert bursty is not None and bursty.window == 20
-    assert bursty.bytes_per_second == pytest.approx(20 * MIB)
+    assert bursty is not None and bursty.window == CHANGE_RATE_WINDOW
+    assert bursty.bytes_per_second == pytest.approx(110 * MIB)
     with pytest.raises(NotOnSource):
         await driver.measure_change_rate("busy", "host-b")
 

@@ -33,13 +33,14 @@ from lmwatch.bench.controller import (
     Setting,
 )
 from lmwatch.bench.corpus import LinkEvent, Workload
-from lmwatch.drivers.base import ActionRefused
+from lmwatch.drivers.base import CHANGE_RATE_WINDOW, ActionRefused
 from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.loader import load_profiles, load_profiles_text
 from lmwatch.profiles.schema import Profile
 
-MEASURE_SECONDS = 2.0  # the change-rate measurement before start covers this long
+# The change-rate measurement before start covers as long as the daemon's does.
+MEASURE_SECONDS = float(CHANGE_RATE_WINDOW)
 NO_DEADLINE_LIMIT = 2 * 3600.0  # seconds a run may take when its profile has no deadline
 HARD_LIMIT = 4 * 3600.0  # seconds no run goes past, whatever the caller asks
 LIMIT_MARGIN = 1.1  # a run is stopped at its deadline plus 10 %

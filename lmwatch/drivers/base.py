@@ -24,6 +24,14 @@ from lmwatch.model import (
     StartPlan,
 )
 
+CHANGE_RATE_WINDOW = 2
+"""Seconds a change-rate measurement before start covers, on every driver and in the
+benchmark's model of the engine: the policy reads the figure with its window (a guest
+that rewrites a small working set saturates it, so a longer window reads lower), and
+what the benchmark shows of lmwatch's decisions holds only for the window the daemon
+measures. One reading of two seconds scatters no more than the mean of two one-second
+readings of a steadily writing guest, and takes no longer."""
+
 
 class DriverError(Exception):
     """The hypervisor failed, refused an action mid-way, or could not be reached."""
@@ -137,7 +145,8 @@ class Driver(Protocol):
     async def capabilities(self, source: str, destination: str) -> Capabilities: ...
 
     async def measure_change_rate(self, instance: str, host: str) -> ChangeRate | None:
-        """What the guest rewrites, measured before start; None when unsupported."""
+        """What the guest rewrites, measured before start over `CHANGE_RATE_WINDOW`
+        seconds; None when unsupported."""
         ...
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import (
+    CHANGE_RATE_WINDOW,
     ActionRefused,
     AlreadyOnDestination,
     DriverError,
@@ -254,8 +255,8 @@ class LibvirtDriver:
         clock: Clock,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
-        change_rate_readings: int = 2,
-        change_rate_period: int = 1,
+        change_rate_readings: int = 1,
+        change_rate_period: int = CHANGE_RATE_WINDOW,
     ) -> None:
         self._hosts = dict(hosts)
         self._clock = clock

@@ -20,6 +20,7 @@ from typing import Any
 
 from lmwatch.clock import Clock
 from lmwatch.drivers.base import (
+    CHANGE_RATE_WINDOW,
     ActionRefused,
     AlreadyOnDestination,
     DriverError,
@@ -33,7 +34,7 @@ from lmwatch.drivers.base import (
     UnknownInstance,
     destination_of,
 )
-from lmwatch.drivers.inventory import BurstyRate, Instance, Inventory
+from lmwatch.drivers.inventory import Instance, Inventory
 from lmwatch.drivers.preflight import identity_refusal, pinning_refusal
 from lmwatch.drivers.sim_world import (
     JobRow,
@@ -68,7 +69,6 @@ FAULTS = (
     "source_gone",
     "driver_error_on_sample",
 )
-_MEASURE_WINDOW = 10.0  # seconds a change-rate measurement before start covers
 _WAKE_MARGIN = 1e-3  # seconds past an expected event, so that it has happened
 _WORLD_VERSION = 1  # of what `_save` writes; another version is not read back
 _KEEP_ENDED = 24 * 3600.0  # seconds an ended job stays kept (a restart may ask its result)
@@ -610,10 +610,9 @@ class SimDriver:
             raise NotOnSource(f"instance {found.name!r} does not run on {host}")
         if self._active_job_of(found.name) is not None:
             raise DriverError(f"cannot measure {found.name!r} while it migrates")
-        pattern = found.change_rate
-        window = pattern.period if isinstance(pattern, BurstyRate) else _MEASURE_WINDOW
+        window = float(CHANGE_RATE_WINDOW)
         rate = measured_change_rate(
-            pattern, found.working_set, Writer(found.writer), window, start=0.0
+            found.change_rate, found.working_set, Writer(found.writer), window, start=0.0
         )
         return ChangeRate(rate, window)
 

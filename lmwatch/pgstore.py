@@ -35,7 +35,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
-from lmwatch.cluster.pg import Unreachable, connect
+from lmwatch.cluster.pg import LOCK_WAIT, Unreachable, connect
 from lmwatch.cluster.schema import ensure_schema
 from lmwatch.logs import get_logger
 from lmwatch.store import _EVENT_INSERT, _SCHEMA, StoreError, StoreUnwritable
@@ -234,6 +234,12 @@ class PostgresBackend:
             return str(error)
         if unreachable(error):
             return f"the database at {self.where} cannot be reached: {_words(error)}"
+        if isinstance(error, psycopg.errors.LockNotAvailable):
+            return (
+                f"the database at {self.where} cannot be written: another session holds "
+                f"what the write needs (pg_stat_activity shows which; waited "
+                f"{LOCK_WAIT:g}s): {_words(error)}"
+            )
         return f"the database at {self.where} cannot be written: {_words(error)}"
 
 

@@ -17,12 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from apitools import SMALL_PROFILES
 from enginerig import EngineRig
 from pgtools import PgCluster, TcpProxy
 from storetools import on_disk
 
+from lmwatch.cluster.pg import LOCK_WAIT, connect
 from lmwatch.config import ConfigError, load_settings
 from lmwatch.model import State
 from lmwatch.store import MigrationRecord, Store, StoreError, StoreUnwritable
@@ -164,6 +166,54 @@ def test_an_unreachable_database_keeps_the_writes_and_says_where(
     finally:
         store.close()
         proxy.close()
+
+
+# --- what other sessions hold ---------------------------------------------------------
+
+
+def test_a_write_another_session_holds_up_is_kept_and_written_once_it_lets_go(
+    pg_url: str,
+) -> None:
+    store = Store.open(pg_url)
+    try:
+        store.insert(_record(1), "accepted")
+        assert store.settle(5)
+        with psycopg.connect(pg_url, autocommit=True) as other:  # an operator's psql, say
+            other.execute("BEGIN")
+            other.execute("SELECT 1 FROM migrations WHERE id = 'm0001' FOR UPDATE")
+            copying = store.update(
+                _record(1), event=("state", "copying", None), at=2.0, state=State.COPYING
+            )
+            # The write gives up after LOCK_WAIT and is kept (unbounded, it waited as
+            # long as the other session held the row, and so did all that waits for it).
+            assert store.settle(LOCK_WAIT + 10) and store.failing()
+            problem = store.problem() or ""
+            assert "another session holds what the write needs" in problem, problem
+            assert store.get("m0001") == copying
+            other.execute("ROLLBACK")
+        store.retry(5.0)
+        assert store.settle(5) and not store.failing()
+        assert on_disk(pg_url, "SELECT id, state FROM migrations") == [("m0001", "copying")]
+    finally:
+        store.close()
+
+
+def test_a_session_of_lmwatch_frozen_inside_a_transaction_lets_go_of_its_locks(
+    pg_url: str,
+) -> None:
+    frozen = connect(pg_url, idle_in_transaction=1.0)  # a daemon stopped mid-transaction
+    try:
+        frozen.execute("BEGIN")
+        frozen.execute("SELECT pg_advisory_xact_lock(4242)")
+        with psycopg.connect(pg_url, autocommit=True) as member:
+            member.execute("SET lock_timeout = '8s'")  # the test's own bound
+            member.execute("BEGIN")
+            member.execute("SELECT pg_advisory_xact_lock(4242)")  # the server ended frozen's
+            member.execute("ROLLBACK")
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            frozen.execute("SELECT 1")
+    finally:
+        frozen.close()
 
 
 INVENTORY = """

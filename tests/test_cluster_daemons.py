@@ -268,7 +268,7 @@ def test_a_daemon_cut_off_from_the_database_stops_acting_and_another_finishes(
 def test_the_database_restarted_mid_run_loses_nothing(
     tmp_path: Path, pg_cluster: PgCluster, pg_url: str, daemons: Callable[..., Daemon]
 ) -> None:
-    (tmp_path / "inventory.yaml").write_text(inventory(4, 4, memory="2GiB", link="1Gbit/s"))
+    (tmp_path / "inventory.yaml").write_text(inventory(4, 4, memory="1GiB", link="1Gbit/s"))
     nodes = [daemons(m, pg_url) for m in ("m1", "m2")]
     ids = [
         submit(nodes[k % 2], f"vm-{k}-{i}", f"s{k}", f"d{k}") for k in range(4) for i in range(4)

@@ -1162,6 +1162,37 @@ async def test_the_first_progress_with_the_links_rate_is_stored_at_once(tmp_path
     await rig.engine.stop()
 
 
+async def test_a_start_the_daemon_did_not_live_to_make_is_made_after_a_restart(
+    rig: Rig,
+) -> None:
+    """The daemon stops after recording its start plan but before the hypervisor got
+    the start (the start call never returned): the daemon started again finds no job,
+    the instance still on its source, and starts the migration; it does not record it
+    failed as a job that ended unwatched."""
+    started = asyncio.Event()
+    real_start = rig.driver.start
+
+    async def never_returns(*args: Any, **kwargs: Any) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    rig.driver.start = never_returns  # type: ignore[method-assign]
+    mid = await rig.migrate("idle")
+    assert await rig.clock.run_until(started.is_set)
+    record = rig.engine.get(mid)
+    assert record.state is State.STARTING and record.plan is not None, record
+    await rig.engine.stop()
+    rig.driver.start = real_start  # type: ignore[method-assign]
+    rig.engine = rig.new_engine()
+    await rig.engine.start()
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, (record.outcome, rig.store.events(mid))
+    assert rig.driver.where("idle") == "b"
+    assert [e.action for e in rig.store.events(mid)].count("start") == 2
+    await rig.engine.stop()
+
+
 async def test_a_job_lmwatch_asked_to_end_is_not_started_again_after_a_restart(
     rig: Rig,
 ) -> None:

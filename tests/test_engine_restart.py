@@ -236,3 +236,34 @@ async def test_a_job_that_failed_while_the_daemon_was_down_starts_again_beside_k
     assert [e.data["rule"] for e in events(rig, mid, "decision", "restart")] == ["job-failed"]
     assert len(started_again(rig, mid)) == 1
     await rig.engine.stop()
+
+
+async def test_a_start_the_daemon_did_not_live_to_make_is_made_beside_kept_hosts(
+    tmp_path: Path, store_location: str
+) -> None:
+    """The daemon stops between recording its start plan and the hypervisor's start
+    (the call never returned): the daemon opened again on the same store and world
+    finds the instance on its source with no job and starts the migration, planned
+    afresh; it completes, with no restart counted and nothing recorded failed."""
+    rig = EngineRig(tmp_path, STEADY, PROFILES, durable_world=True, store_location=store_location)
+    reached = asyncio.Event()
+
+    async def never_returns(*args: Any, **kwargs: Any) -> None:
+        reached.set()
+        await asyncio.Event().wait()
+
+    rig.driver.start = never_returns  # type: ignore[method-assign]
+    await rig.engine.start()
+    mid = await rig.migrate("steady")
+    assert await rig.clock.run_until(reached.is_set)
+    assert rig.engine.get(mid).state is State.STARTING
+    await rig.restart(down_for=30.0)  # a new driver: its start reaches the hosts
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is None
+    assert rig.driver.where("steady") == "b"
+    assert len(events(rig, mid, "decision", "start")) == 2
+    note = next(e for e in events(rig, mid, "note") if "left no job" in e.reason)
+    assert "the instance runs on a" in note.reason
+    await rig.engine.stop()

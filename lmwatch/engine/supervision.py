@@ -530,8 +530,26 @@ class Supervisor:
         """A job that ended while lmwatch was not watching: a failure that left the
         instance on the source is started again as if it had been seen (judged on the
         last progress stored), unless lmwatch had asked for the end; any other end is
-        recorded. True when a new job runs, False when the migration ended."""
+        recorded. True when a new job runs, False when the migration ended.
+
+        A migration still recorded as starting had its plan written (intent before
+        action) but lmwatch may have stopped before the hypervisor got the start: with
+        no job to show and the instance on its source, it is started now, planned
+        afresh, not recorded as a failure of a job that never ran."""
         record = supervision.record
+        if (
+            record.state is State.STARTING
+            and ended.running_on == record.source
+            and not end_asked(self.effects.store, record)
+        ):
+            self.effects.event(
+                supervision,
+                "note",
+                f"the start lmwatch planned before it stopped left no job "
+                f"({ended.error or ended.phase.value}); the instance runs on "
+                f"{record.source}: starting it now",
+            )
+            return await self._start(supervision)
         if not end_asked(self.effects.store, record):
             supervision.track = policies.tracked(last_seen(record), self.settings.policy)
             if await self._restart_after_failure(supervision, ended):

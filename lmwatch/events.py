@@ -100,7 +100,8 @@ class Subscription:
         timeout, None once the hub is closed."""
         if not self.queue and not self.closed:
             try:
-                await asyncio.wait_for(self._ready.wait(), timeout)
+                async with asyncio.timeout(timeout):  # (asyncio.wait_for may eat a cancel)
+                    await self._ready.wait()
             except TimeoutError:
                 return []
         self._ready.clear()

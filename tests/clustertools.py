@@ -17,11 +17,14 @@ from lmwatch.cluster.membership import Membership
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
+from lmwatch.logs import get_logger
 from lmwatch.metrics import Metrics
 from lmwatch.model import MigrationRequest
 from lmwatch.policies.leases import LeaseTerms
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import Store
+
+log = get_logger("clustertools")
 
 PROFILES = """
 version: 1
@@ -92,11 +95,13 @@ class Node:
 
     async def kill(self) -> None:
         """As SIGKILL: nothing released, no outcome written; the lease runs out."""
+        started = time.monotonic()
         self.alive = False
         self.membership.keeper.stop()
         await self.engine.stop()
         self.store.close()
         self.membership.stop()
+        log.info("member-killed", member=self.name, seconds=round(time.monotonic() - started, 3))
 
     async def close(self) -> None:
         if self.alive:

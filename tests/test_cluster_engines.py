@@ -271,3 +271,31 @@ async def test_a_command_for_a_migration_another_member_supervises_is_refused_sa
                 await other.engine.force_complete(migration_id)
     finally:
         await cluster.close()
+
+
+async def test_an_engine_stopped_just_after_a_submission_woke_its_rounds_stops(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A submission wakes the ownership rounds (its source's holder supervises it) and
+    the engine is stopped in the same step, as a drain's next start and a member's
+    end can fall together: the rounds stop at once, not a poll (5 s here) later.
+    (asyncio.wait_for in Python 3.11 returns the wake-up and drops the cancel when
+    both come at once: the rounds ran on, and a killed member of a drain test went
+    on for most of a minute, its drains taken over and finished by the other.)"""
+    poll = 5.0
+    cluster = Cluster(tmp_path, pg_url, inventory(1, 1), lease=10.0, poll=poll)
+    try:
+        node = await cluster.add("a")
+        ownership = node.engine._ownership
+        assert ownership is not None
+        await cluster.wait(lambda: ownership.rounds >= 1, 10)
+        await asyncio.sleep(0.1)  # the rounds wait for their next poll
+        node.alive = False
+        ownership.wake()
+        stopping = asyncio.create_task(node.engine.stop())  # its first step is next
+        await asyncio.wait({stopping}, timeout=poll / 2)
+        assert stopping.done(), "the rounds did not stop"
+        node.store.close()
+        node.membership.stop()
+    finally:
+        await cluster.close()

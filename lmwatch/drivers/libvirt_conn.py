@@ -395,7 +395,8 @@ class HostLink:
                 ensure_event_loop(self._aio, loop)
             opening = self.executor.submit(self._open)
             try:
-                conn, ids = await asyncio.wait_for(asyncio.shield(opening), OPEN_TIMEOUT)
+                async with asyncio.timeout(OPEN_TIMEOUT):  # (wait_for may eat a cancel)
+                    conn, ids = await asyncio.shield(opening)
             except self._lv.libvirtError as error:
                 raw = _message(error)
                 self._failed(neutral_text(raw))
@@ -465,10 +466,8 @@ class HostLink:
         self._conn, self._callback_ids = None, []
         if conn is not None:
             try:
-                await asyncio.wait_for(
-                    in_daemon_thread(_close, conn, ids, self._lv, name="lmw-close"),
-                    CLOSE_TIMEOUT,
-                )
+                async with asyncio.timeout(CLOSE_TIMEOUT):  # (wait_for may eat a cancel)
+                    await in_daemon_thread(_close, conn, ids, self._lv, name="lmw-close")
             except TimeoutError:
                 log.warning("host-close-timed-out", host=self.name, after_s=CLOSE_TIMEOUT)
 

@@ -344,10 +344,8 @@ class LibvirtDriver:
     async def reachable(self) -> dict[str, bool]:
         async def one(host: str) -> bool:
             try:
-                await asyncio.wait_for(
-                    self._link(host).call(lambda c: c.getLibVersion(), what="version check"),
-                    REACHABLE_TIMEOUT,
-                )
+                async with asyncio.timeout(REACHABLE_TIMEOUT):  # (wait_for may eat a cancel)
+                    await self._link(host).call(lambda c: c.getLibVersion(), what="version check")
                 return True
             except (DriverError, TimeoutError):
                 return False

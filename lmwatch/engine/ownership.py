@@ -62,8 +62,8 @@ class Ownership:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # (gather: a cancel of the caller itself still reaches the caller)
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
     async def _run(self) -> None:
@@ -84,8 +84,11 @@ class Ownership:
                             log.error("ownership-round-failed", error=repr(error))
                     round_task = asyncio.create_task(self.round_once())
                 self._wake.clear()
+                # Not asyncio.wait_for: in Python 3.11 it returns a wake-up that comes
+                # with the task's cancel, so `stop` would wait another poll or more.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
+                    async with asyncio.timeout(interval):
+                        await self._wake.wait()
         finally:
             if round_task is not None:
                 round_task.cancel()

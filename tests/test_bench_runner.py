@@ -195,12 +195,16 @@ def test_lmwatch_decides_when_a_first_pass_shorter_than_a_poll_ends() -> None:
     poll's interval is over. With no sample of it, the pass the next sample showed had
     no known start, and lmwatch gathered evidence for two more passes before it handed
     over (at 1.9 s, 2.5 s in all). Sampled at the start, as the engine does, the first
-    pass is seen whole and the handover comes when it ends."""
+    pass is seen whole and the handover came when it ended (with the change rate
+    measured before the start). A pass this short is no longer worth a 2 s
+    measurement (`policies.measuring_pays`): the first pass, seen whole, and the
+    second show that the remainder settles, and the handover comes at 1.3 s."""
     latency_critical = next(p for p in bench_profiles() if p.name == "latency-critical")
     result = run(draw(7, 62), latency_critical, lmwatch_factory)
     assert result.outcome == "completed" and result.handed_over, result.actions
     ((at, action, _),) = result.actions
-    assert action == "handover" and at < 1.0, result.actions
+    assert action == "handover" and at < 1.5, result.actions
+    assert result.total_seconds < 2.0
     assert judge(result, latency_critical, draw(7, 62)).clean
 
 
@@ -276,6 +280,37 @@ instances:
     assert measured is not None
     assert setting.change_rate_window == measured.window == CHANGE_RATE_WINDOW
     assert setting.change_rate == pytest.approx(measured.bytes_per_second)
+
+
+def test_lmwatchs_time_counts_the_measurement_it_waits_for_before_the_start() -> None:
+    """The daemon measures the change rate before a start where that pays (one pass of
+    memory takes several windows): the job begins a window later, and the run's time
+    counts it. A guest whose pass is shorter starts at once, unmeasured."""
+    link = 10 * GBIT
+    window = float(CHANGE_RATE_WINDOW)
+    big = workload(rate=100 * MIB, memory=64 * GIB)  # a pass of ~55 s
+    small = workload(rate=100 * MIB, memory=1 * GIB)  # a pass of ~0.9 s
+    measured = lmwatch_factory(setting_for(big, LENIENT))
+    measured.start()
+    assert measured.started_at == window  # type: ignore[attr-defined]
+    unmeasured = lmwatch_factory(setting_for(small, LENIENT))
+    unmeasured.start()
+    assert unmeasured.started_at == 0.0  # type: ignore[attr-defined]
+    assert unmeasured.ctx.change_rate_before_start is None  # type: ignore[attr-defined]
+    slow = run(big, LENIENT, lmwatch_factory)
+    assert slow.outcome == "completed"
+    assert slow.total_seconds == pytest.approx(window + 64 * GIB / link, rel=0.1)
+    assert slow.total_seconds > run(big, LENIENT, Idle).total_seconds + window * 0.9
+    quick = run(small, LENIENT, lmwatch_factory)
+    assert quick.total_seconds == pytest.approx(1 * GIB / link, rel=0.2)
+
+
+def test_a_link_event_during_the_measurement_has_happened_when_the_job_begins() -> None:
+    halved = (LinkEvent(at=1.0, kind="bandwidth", value=0.5),)
+    sim = Simulation(workload(memory=64 * GIB, events=halved), PLAN, start=2.0)
+    assert sim.now == 2.0
+    assert sim.sample().passes == 1
+    assert sim.migration.link_bandwidth == pytest.approx(0.5 * 10 * GBIT)
 
 
 def test_a_converging_workload_completes_without_any_decision() -> None:
@@ -555,7 +590,9 @@ def test_no_handover_when_the_switch_alone_outlasts_the_allowed_blackout() -> No
     assert verdict.violations == () and verdict.cancelled, (verdict, result.actions)
     assert not result.handed_over and len(result.actions) == 1, result.actions
     at, action, why = result.actions[0]
-    assert at <= 1.0 and action == "cancel" and "took at least 298ms" in why
+    # (the job began after the measurement before it: a pass of 8.5 s is worth one)
+    assert at <= CHANGE_RATE_WINDOW + 1.0 and action == "cancel", result.actions
+    assert "took at least 298ms" in why
 
 
 def test_passes_begun_between_samples_count_as_passes_that_did_not_fit() -> None:
@@ -586,17 +623,22 @@ def test_passes_begun_between_samples_count_as_passes_that_did_not_fit() -> None
 
 
 def test_lmwatch_starts_again_when_the_link_slows_under_its_pause_and_finishes() -> None:
-    """A guest that never converges on batch: lmwatch pauses it after the first pass.
-    The link then falls to 5 % until 30 s: the pause would outlast `max_pause`, so the
-    job is stopped (the guest resumes on the source) and, the deadline being far,
-    started again; the new job finishes once the link is back. The first job's pause
-    is judged too."""
+    """A guest that never converges on batch: lmwatch pauses it after the first pass
+    (8 GiB: measured before the start, so the first pass's end shows it). The link
+    then falls to 5 % for 26 s: the pause would outlast `max_pause`, so the job is
+    stopped (the guest resumes on the source) and, the deadline being far, started
+    again; the new job finishes once the link is back. The first job's pause is
+    judged too."""
     batch = next(p for p in bench_profiles() if p.name == "batch")
+    first_pass_ends = CHANGE_RATE_WINDOW + 8 * GIB / (10 * GBIT)  # 8.9 s
     guest = workload(
         rate=4 * GIB,
-        memory=4 * GIB,
+        memory=8 * GIB,
         working_set=2 * GIB,
-        events=(LinkEvent(4.0, "bandwidth", 0.05), LinkEvent(30.0, "bandwidth", 1.0)),
+        events=(
+            LinkEvent(first_pass_ends + 0.6, "bandwidth", 0.05),
+            LinkEvent(first_pass_ends + 26.6, "bandwidth", 1.0),
+        ),
     )
     result = run(guest, batch, lmwatch_factory)
     actions = [action for _, action, _ in result.actions]

@@ -440,8 +440,10 @@ def test_3_a_hopeless_workload_is_paused_right_after_the_first_pass() -> None:
     assert result.outcome == "completed" and result.paused
     assert result.passes == 2  # paused during the second pass
     paused_at = _first_command_at(controllers[0], "pause")
-    # pass 1 ends once less than the budget's worth is left (at most max_blackout)
-    first_pass = workload.memory / workload.bandwidth - profile.max_blackout
+    # pass 1 ends once less than the budget's worth is left (at most max_blackout); the
+    # job began once the measurement before it was over
+    begun = controllers[0].started_at
+    first_pass = begun + workload.memory / workload.bandwidth - profile.max_blackout
     assert paused_at is not None and first_pass < paused_at <= first_pass + 2.0
     assert result.pause_seconds is not None and result.pause_seconds <= profile.max_pause
 

@@ -1,11 +1,17 @@
-"""plan_start() and deadline_at()."""
+"""plan_start(), measuring_pays() and deadline_at()."""
 
 from __future__ import annotations
 
 import pytest
 
 from lmwatch.model import GIB, MIB, Capabilities, InstanceInfo
-from lmwatch.policies import DEFAULT, deadline_at, learned_switchover, plan_start
+from lmwatch.policies import (
+    DEFAULT,
+    deadline_at,
+    learned_switchover,
+    measuring_pays,
+    plan_start,
+)
 from lmwatch.profiles.schema import Deadline, Profile
 
 INFO = InstanceInfo(name="vm1", uuid="u", host="a", memory_bytes=4 * GIB)
@@ -203,3 +209,17 @@ def test_no_first_pass_budget_when_the_plan_is_already_that_low() -> None:
     assert plan.first_pass_budget is None
     assert plan.starting_budget == pytest.approx(0.05)
     assert "first pass" not in plan.reason
+
+
+def test_the_change_rate_is_measured_before_a_start_only_where_the_first_pass_is_longer() -> None:
+    """A measurement delays the start by its window; a first pass of a few windows
+    tells as much, so only longer passes are worth it (and an unknown link is)."""
+    link = GIB  # bytes/s: a pass takes as many seconds as memory has GiB
+    window = 2.0
+    times = DEFAULT.measure_min_pass_windows
+    assert not measuring_pays(1 * GIB, link, window)
+    assert not measuring_pays(int((times * window - 1) * GIB), link, window)
+    assert measuring_pays(int(times * window * GIB), link, window)
+    assert measuring_pays(64 * GIB, link, window)
+    assert measuring_pays(1 * GIB, None, window)  # nothing says the pass is short
+    assert measuring_pays(1 * GIB, 0.0, window)

@@ -63,7 +63,8 @@ class CorpusError(ValueError):
 
 
 class LinkEvent(NamedTuple):
-    """Something that happens to the link `at` seconds after the migration started.
+    """Something that happens to the link `at` seconds after the run began (the job
+    begins then, or once lmwatch's measurement before the start is over).
 
     `bandwidth`: the link now carries `value` × its nominal bandwidth (a drop);
     `break`: the link stops carrying anything; `restore`: it carries again.

@@ -52,12 +52,23 @@ class LmwatchController:
         self.reasons: list[tuple[float, str, str]] = []
         self._pending: tuple[Command, MigrationContext] | None = None  # awaiting `applied`
         self._again: tuple[StartPlan, float] | None = None  # after a failed job: plan, start-by
+        self.started_at = 0.0  # when the job begins (after a measurement before it)
         self.retry_interval = self.settings.restart_retry_seconds
 
     def start(self) -> StartPlan:
+        """The start plan. The engine measures the change rate first where that pays
+        (`policies.measuring_pays`): the job then begins once the measurement's window
+        has passed (`started_at`), and the run's time counts the measurement."""
         s = self.setting
         info = InstanceInfo(name=s.workload, uuid=s.workload, host="a", memory_bytes=s.memory)
-        measured = s.change_rate  # the engine measures before start (or reuses a recent one)
+        window = s.change_rate_window
+        measures = (
+            s.change_rate is not None
+            and window is not None
+            and policies.measuring_pays(s.memory, s.bandwidth, window, self.settings)
+        )
+        measured = s.change_rate if measures else None
+        self.started_at = float(window or 0.0) if measures else 0.0
         capabilities = Capabilities(handover=True, slow_down=True, bandwidth=s.bandwidth)
         plan = policies.plan_start(
             s.profile,
@@ -69,15 +80,15 @@ class LmwatchController:
             switchover=s.switchover,
         )
         self.ctx = MigrationContext(
-            started_at=0.0,
+            started_at=self.started_at,
             memory_bytes=s.memory,
             plan=plan,
             blackout_budget=plan.starting_budget,
-            deadline_at=policies.deadline_at(s.profile, s.memory, 0.0),
+            deadline_at=policies.deadline_at(s.profile, s.memory, self.started_at),
             switchover=s.switchover,
             switchover_least=s.switchover if s.switchover_measured else None,
             change_rate_before_start=measured,
-            change_rate_window=s.change_rate_window,
+            change_rate_window=window if measures else None,
         )
         return plan
 

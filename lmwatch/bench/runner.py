@@ -78,6 +78,10 @@ def setting_for(workload: Workload, profile: Profile, switchover: float | None =
     has seen migrations before is known. By default the bench assumes every pair has
     (`switchover=None`: the workload's own cost); a number tells every controller that
     value instead, e.g. 50ms for pairs never seen.
+
+    The change rate is what a measurement over the run's first `MEASURE_SECONDS`
+    reports; a controller that uses it waits for it (its `started_at`: lmwatch's time
+    counts the measurement, as the daemon's start waits for it).
     """
     measured = measured_change_rate(
         workload.change_rate, workload.working_set, Writer(workload.writer), MEASURE_SECONDS
@@ -102,7 +106,9 @@ class Run:
     profile: str
     controller: str
     outcome: str  # completed | cancelled | failed | unfinished
-    total_seconds: float  # start to end (to the limit when unfinished)
+    # the run's beginning (a measurement before the start included) to its end (to the
+    # limit when unfinished)
+    total_seconds: float
     # measured final stop (also one that ended without completing: the guest was
     # stopped on the source until the job ended); a pause's length when paused
     blackout_seconds: float | None
@@ -152,7 +158,9 @@ class Run:
 class Simulation:
     """One workload's migration in virtual time, started with `plan`."""
 
-    def __init__(self, workload: Workload, plan: StartPlan) -> None:
+    def __init__(self, workload: Workload, plan: StartPlan, start: float = 0.0) -> None:
+        """`start`: seconds after the run began that the job begins (a controller that
+        measured the guest first); the link events due by then have happened."""
         self.workload = workload
         self.plan = plan
         self.migration = Migration(
@@ -165,6 +173,7 @@ class Simulation:
             writer=Writer(workload.writer),
             jitter=workload.jitter,
             jitter_seed=zlib.crc32(workload.name.encode()),
+            start=start,
         )
         self._events: tuple[LinkEvent, ...] = tuple(workload.link_events)
         self._next_event = 0
@@ -181,12 +190,14 @@ class Simulation:
         # when a controller that tried to start again after a failed job gave up: the
         # migration ends then (None: it ended with the job)
         self.gave_up_at: float | None = None
+        if start > 0:
+            self.advance_to(start)  # the link as it is when the job begins
 
     # -- state -------------------------------------------------------------------------
 
     @property
     def now(self) -> float:
-        """Seconds since the migration started."""
+        """Seconds since the run began (the job may have begun later: `start`)."""
         return self.migration.elapsed
 
     @property
@@ -227,7 +238,7 @@ class Simulation:
     # -- time ----------------------------------------------------------------------------
 
     def advance_to(self, t: float) -> None:
-        """Move to `t` seconds since start, applying link events due on the way."""
+        """Move to `t` seconds since the run began, applying link events due on the way."""
         migration = self.migration
         if self._next_event >= len(self._events):  # the common case: no event left
             if t > migration.elapsed:
@@ -245,7 +256,7 @@ class Simulation:
 
     @property
     def next_link_event_at(self) -> float | None:
-        """When the next link event is due (seconds since start), None when none is."""
+        """When the next link event is due (seconds since the run began), None when none is."""
         if self._next_event >= len(self._events):
             return None
         return self._events[self._next_event].at
@@ -482,7 +493,10 @@ def run(
     poll = float(controller.poll_interval)
     if not poll > 0:
         raise ValueError(f"controller {controller.name!r} has poll_interval {poll!r}")
-    simulation = Simulation(workload, controller.start())
+    plan = controller.start()
+    # A controller that measures the guest before the start (lmwatch, where that pays)
+    # begins the job that much later: its time counts the measurement.
+    simulation = Simulation(workload, plan, start=float(getattr(controller, "started_at", 0.0)))
     end = default_limit(profile, workload) if limit is None else limit
     decisions = 0
     first_pass_ended: float | None = None

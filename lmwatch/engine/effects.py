@@ -112,7 +112,15 @@ class Effects:
         self.store.add_event(supervision.record.id, now, kind, reason, action, data)
         self.hub.timeline(supervision.record, now, kind, reason, action, data)
         if kind in ("note", "error"):
-            log.info(kind, migration=supervision.record.id, reason=reason)
+            record = supervision.record
+            log.info(
+                kind,
+                migration=record.id,
+                instance=record.instance,
+                source=record.source,
+                destination=record.destination,
+                reason=reason,
+            )
 
     def accept_soon(self, record: MigrationRecord, reason: str) -> concurrent.futures.Future[None]:
         """Queue an accepted migration for the writer thread (behind what waits);

@@ -21,7 +21,7 @@ from typing import Any
 
 from lmwatch import policies
 from lmwatch.clock import Clock
-from lmwatch.drivers.base import ActionRefused, DriverError, Refused
+from lmwatch.drivers.base import CHANGE_RATE_WINDOW, ActionRefused, DriverError, Refused
 from lmwatch.engine import machine
 from lmwatch.engine.effects import Effects, NotOwner
 from lmwatch.engine.learned import Learned
@@ -53,6 +53,7 @@ from lmwatch.model import (
 from lmwatch.policies import sharing
 from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
 from lmwatch.records import Restarts
+from lmwatch.units import format_size
 
 # At most this many waits for a finishing move on the link before a start goes ahead
 # (each wait is as long as that finish should still take; a finish that overruns them
@@ -247,7 +248,8 @@ class Supervisor:
         It sets the first slow-down level, tells a saturated first pass from a steady
         writer, and shows whether the guest had quieter phases; but measuring takes
         seconds on real hosts, so one measurement serves an instance for a while
-        (a round trip does not measure twice).
+        (a round trip does not measure twice), and none is made where the first pass
+        tells as much in about the same time (`policies.measuring_pays`).
         """
         record = supervision.record
         if not (self.settings.measure_change_rate and capabilities.measure_change_rate):
@@ -257,6 +259,20 @@ class Supervisor:
         )
         if recent is not None:
             return recent
+        bandwidth = capabilities.bandwidth
+        if not policies.measuring_pays(
+            record.memory_bytes, bandwidth, CHANGE_RATE_WINDOW, self.settings.policy
+        ):
+            assert bandwidth is not None  # (an unknown one is measured)
+            self.effects.event(
+                supervision,
+                "note",
+                f"the change rate is not measured before the start: one pass of "
+                f"{format_size(record.memory_bytes)} takes about "
+                f"{policies.duration_text(record.memory_bytes / bandwidth)}, and the first "
+                "pass tells as much in about the time a measurement takes",
+            )
+            return None
         rate = await self.effects.measure_change_rate(supervision)
         if rate is not None:
             self.learned.remember_change_rate(record.instance, self.clock.now(), rate)

@@ -8,7 +8,7 @@ from lmwatch.policies.estimators import DEFAULT, PolicySettings, duration_text, 
 from lmwatch.policies.forcing import ForceRefused, force_complete
 from lmwatch.policies.restart import restart_after_failure, restart_plan
 from lmwatch.policies.review import review_profile_change
-from lmwatch.policies.start import deadline_at, plan_start
+from lmwatch.policies.start import deadline_at, measuring_pays, plan_start
 from lmwatch.policies.track import Track
 from lmwatch.policies.violations import (
     Finish,
@@ -32,6 +32,7 @@ __all__ = [
     "force_complete",
     "learned_switchover",
     "measured_switchover",
+    "measuring_pays",
     "plan_start",
     "restart_after_failure",
     "restart_plan",

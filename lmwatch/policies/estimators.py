@@ -75,6 +75,9 @@ class PolicySettings:
     first_pass_headroom: float = 1.5
     rate_variation_weight: float = 2.0
     switchover_seconds: float = 0.05  # assumed switchover cost when nothing was measured
+    # The change rate is measured before a start only when one pass of all memory over
+    # the link takes at least this many times the measurement's window (`measuring_pays`).
+    measure_min_pass_windows: float = 3.0
     budget_margin: float = 1.1  # a budget is set this much above the bare need
     plateau_ratio: float = 0.9  # a pass-start remainder above ratio * previous = no shrink
     slow_down_passes_per_step: int = 2  # the hypervisor raises the throttle this often

@@ -22,6 +22,23 @@ from lmwatch.profiles.schema import Profile
 from lmwatch.units import format_size
 
 
+def measuring_pays(
+    memory_bytes: int, bandwidth: float | None, window: float, settings: PolicySettings = DEFAULT
+) -> bool:
+    """Whether measuring the guest's change rate before the start is worth the `window`
+    seconds the start waits for it.
+
+    The measurement lets the start plan act before the first pass ends (hand over at
+    once, slow down from the start) where the guest writes faster than the link
+    carries. When one pass of all memory takes less than `measure_min_pass_windows`
+    windows, the first pass itself tells as much (and what it left) in about the
+    time the measurement would take, and the migration is under way meanwhile.
+    Unknown bandwidth: measure."""
+    if bandwidth is None or bandwidth <= 0:
+        return True
+    return memory_bytes / bandwidth >= settings.measure_min_pass_windows * window
+
+
 def deadline_at(
     profile: Profile, memory_bytes: int, started_at: float, disk_bytes: int = 0
 ) -> float | None:

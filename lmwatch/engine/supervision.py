@@ -553,11 +553,8 @@ class Supervisor:
         no job to show and the instance on its source, it is started now, planned
         afresh, not recorded as a failure of a job that never ran."""
         record = supervision.record
-        if (
-            record.state is State.STARTING
-            and ended.running_on == record.source
-            and not end_asked(self.effects.store, record)
-        ):
+        asked = end_asked(self.effects.store, record)  # (reads the timeline)
+        if record.state is State.STARTING and ended.running_on == record.source and not asked:
             self.effects.event(
                 supervision,
                 "note",
@@ -566,7 +563,7 @@ class Supervisor:
                 f"{record.source}: starting it now",
             )
             return await self._start(supervision)
-        if not end_asked(self.effects.store, record):
+        if not asked:
             supervision.track = policies.tracked(last_seen(record), self.settings.policy)
             if await self._restart_after_failure(supervision, ended):
                 return True

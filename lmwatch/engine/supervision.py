@@ -53,7 +53,6 @@ from lmwatch.model import (
 from lmwatch.policies import sharing
 from lmwatch.profiles import NoProfile, ProfileRegistry, UnknownProfile
 from lmwatch.records import Restarts
-from lmwatch.units import format_size
 
 # At most this many waits for a finishing move on the link before a start goes ahead
 # (each wait is as long as that finish should still take; a finish that overruns them
@@ -259,19 +258,11 @@ class Supervisor:
         )
         if recent is not None:
             return recent
-        bandwidth = capabilities.bandwidth
-        if not policies.measuring_pays(
-            record.memory_bytes, bandwidth, CHANGE_RATE_WINDOW, self.settings.policy
-        ):
-            assert bandwidth is not None  # (an unknown one is measured)
-            self.effects.event(
-                supervision,
-                "note",
-                f"the change rate is not measured before the start: one pass of "
-                f"{format_size(record.memory_bytes)} takes about "
-                f"{policies.duration_text(record.memory_bytes / bandwidth)}, and the first "
-                "pass tells as much in about the time a measurement takes",
-            )
+        skipped = policies.measurement_skipped(
+            record.memory_bytes, capabilities.bandwidth, CHANGE_RATE_WINDOW, self.settings.policy
+        )
+        if skipped is not None:
+            self.effects.event(supervision, "note", skipped)
             return None
         rate = await self.effects.measure_change_rate(supervision)
         if rate is not None:

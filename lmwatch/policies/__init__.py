@@ -8,7 +8,12 @@ from lmwatch.policies.estimators import DEFAULT, PolicySettings, duration_text, 
 from lmwatch.policies.forcing import ForceRefused, force_complete
 from lmwatch.policies.restart import restart_after_failure, restart_plan
 from lmwatch.policies.review import review_profile_change
-from lmwatch.policies.start import deadline_at, measuring_pays, plan_start
+from lmwatch.policies.start import (
+    deadline_at,
+    measurement_skipped,
+    measuring_pays,
+    plan_start,
+)
 from lmwatch.policies.track import Track
 from lmwatch.policies.violations import (
     Finish,
@@ -32,6 +37,7 @@ __all__ = [
     "force_complete",
     "learned_switchover",
     "measured_switchover",
+    "measurement_skipped",
     "measuring_pays",
     "plan_start",
     "restart_after_failure",

@@ -34,9 +34,24 @@ def measuring_pays(
     windows, the first pass itself tells as much (and what it left) in about the
     time the measurement would take, and the migration is under way meanwhile.
     Unknown bandwidth: measure."""
+    return measurement_skipped(memory_bytes, bandwidth, window, settings) is None
+
+
+def measurement_skipped(
+    memory_bytes: int, bandwidth: float | None, window: float, settings: PolicySettings = DEFAULT
+) -> str | None:
+    """Why the change rate is not measured before the start (`measuring_pays`), for
+    the timeline; None when it is measured."""
     if bandwidth is None or bandwidth <= 0:
-        return True
-    return memory_bytes / bandwidth >= settings.measure_min_pass_windows * window
+        return None
+    one_pass = memory_bytes / bandwidth
+    if one_pass >= settings.measure_min_pass_windows * window:
+        return None
+    return (
+        f"the change rate is not measured before the start: one pass of "
+        f"{format_size(memory_bytes)} takes about {duration_text(one_pass)}, and the "
+        "first pass tells as much in about the time a measurement takes"
+    )
 
 
 def deadline_at(

@@ -63,8 +63,10 @@ class Ownership:
         if self._task is not None:
             self._task.cancel()
             # (gather: a cancel of the caller itself still reaches the caller)
-            await asyncio.gather(self._task, return_exceptions=True)
+            (ended,) = await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+            if isinstance(ended, Exception):  # the rounds failed: raised, as before
+                raise ended
 
     async def _run(self) -> None:
         """Every poll: stop everything at once when the lease is running out (even

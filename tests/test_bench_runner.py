@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import ClassVar
 
 import pytest
+from samplingtools import page_sampling_spread
 
 from lmwatch.bench.controller import (
     Cancel,
@@ -37,6 +38,7 @@ from lmwatch.drivers.base import CHANGE_RATE_WINDOW
 from lmwatch.drivers.inventory import ConstantRate, GrowingRate, PhasedRate, load_inventory_text
 from lmwatch.drivers.inventory import Phase as RatePhase
 from lmwatch.drivers.sim import SimDriver
+from lmwatch.drivers.simphysics import Writer, grow_dirty
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.schema import Profile
 
@@ -263,7 +265,11 @@ def test_setting_hides_the_workload_but_measures_the_change_rate() -> None:
     setting = setting_for(workload(rate=100 * MIB), LENIENT, switchover=0.07)
     assert setting.memory == 4 * GIB and setting.bandwidth == 10 * GBIT
     assert setting.switchover == 0.07 and setting.profile is LENIENT
-    assert setting.change_rate is not None and 0 < setting.change_rate <= 100 * MIB
+    # as a page-sampling reading of 100 MiB/s in a 4 GiB guest reads it
+    assert setting.change_rate is not None
+    assert setting.change_rate == pytest.approx(
+        100 * MIB, abs=page_sampling_spread(100 * MIB, CHANGE_RATE_WINDOW, 4 * GIB)
+    )
 
 
 async def test_the_bench_measures_the_change_rate_as_the_daemon_does() -> None:
@@ -279,7 +285,12 @@ instances:
     setting = setting_for(workload(rate=400 * MIB), LENIENT)
     assert measured is not None
     assert setting.change_rate_window == measured.window == CHANGE_RATE_WINDOW
-    assert setting.change_rate == pytest.approx(measured.bytes_per_second)
+    # the same distinct rate, each reading with its own page-sampling scatter
+    written = 400 * MIB * CHANGE_RATE_WINDOW
+    distinct = grow_dirty(Writer.RANDOM, 0.0, written, GIB) / CHANGE_RATE_WINDOW
+    spread = page_sampling_spread(distinct, CHANGE_RATE_WINDOW, 4 * GIB)
+    assert setting.change_rate == pytest.approx(distinct, abs=spread)
+    assert measured.bytes_per_second == pytest.approx(distinct, abs=spread)
 
 
 def test_lmwatchs_time_counts_the_measurement_it_waits_for_before_the_start() -> None:

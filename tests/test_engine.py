@@ -712,8 +712,8 @@ async def test_change_rate_measured_once_and_reused_when_recent(
 ) -> None:
     """The measurement before start delays a migration by seconds on real hosts: one
     measurement serves an instance for a while, so a round trip measures once; and
-    none is made where one pass of memory takes less than a few measurements (`idle`:
-    4 GiB over 1 GiB/s), since the first pass tells as much as soon."""
+    none is made where one pass of memory takes less than a few measurements (`idle2`:
+    2 GiB over 1 GiB/s), since the first pass tells as much as soon."""
     measured: list[str] = []
     original = rig.driver.measure_change_rate
 
@@ -733,12 +733,12 @@ async def test_change_rate_measured_once_and_reused_when_recent(
     again = await rig.migrate("big")
     await rig.finish(again)
     assert measured == ["big", "big"]  # too old to reuse
-    other = await rig.migrate("idle")
+    other = await rig.migrate("idle2")
     await rig.finish(other)
     assert measured == ["big", "big"]
     assert rig.engine.get(other).state is State.COMPLETED
     note = next(e for e in rig.store.events(other) if "not measured" in e.reason)
-    assert "one pass of 4.0GiB takes about 4" in note.reason, note.reason
+    assert "one pass of 2.0GiB takes about 2" in note.reason, note.reason
 
 
 SLOW_SWITCH = INVENTORY.replace(

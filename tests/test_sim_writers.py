@@ -10,6 +10,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from samplingtools import page_sampling_spread
 
 from lmwatch.clock import VirtualClock
 from lmwatch.drivers.inventory import (
@@ -29,6 +30,7 @@ from lmwatch.drivers.simphysics import (
     Writer,
     grow_dirty,
     measured_change_rate,
+    page_sampled,
 )
 from lmwatch.model import GIB, MIB, MigrationRequest, StartPlan
 from lmwatch.model import Phase as JobPhase
@@ -477,11 +479,39 @@ instances:
     random_rate = await driver.measure_change_rate("r", "a")
     sequential_rate = await driver.measure_change_rate("s", "a")
     assert random_rate is not None and sequential_rate is not None
-    # Over the 2 s the real driver measures: 800 MiB written, all of it distinct for
-    # the sequential writer, fewer for the random one.
-    assert random_rate.window == sequential_rate.window == 2.0
-    assert random_rate.bytes_per_second == pytest.approx(saturating(400 * MIB, 2.0, GIB) / 2.0)
-    assert sequential_rate.bytes_per_second == pytest.approx(400 * MIB)
+    # Over the second the real driver measures: 400 MiB written, all of it distinct for
+    # the sequential writer, fewer for the random one (as page sampling reads them).
+    assert random_rate.window == sequential_rate.window == 1.0
+    distinct = saturating(400 * MIB, 1.0, GIB)
+    assert random_rate.bytes_per_second == pytest.approx(
+        distinct, abs=page_sampling_spread(distinct, 1.0, 4 * GIB)
+    )
+    assert sequential_rate.bytes_per_second == pytest.approx(
+        400 * MIB, abs=page_sampling_spread(400 * MIB, 1.0, 4 * GIB)
+    )
+
+
+def test_a_page_sampling_reading_scatters_as_the_pages_it_samples() -> None:
+    """The hypervisor hashes 512 random pages per GiB before and after the window, so a
+    reading is a binomial count: centred on the distinct rate, as wide as the count of
+    changed pages says, in whole MiB/s, fixed by its seed."""
+    memory, rate = 16 * GIB, 300 * MIB
+    readings = [page_sampled(rate, 1.0, memory, f"w:{i}") for i in range(400)]
+    assert all(reading % MIB == 0 for reading in readings)
+    assert page_sampled(rate, 1.0, memory, "w:7") == readings[7]
+    mean = sum(readings) / len(readings)
+    deviation = math.sqrt(sum((r - mean) ** 2 for r in readings) / (len(readings) - 1))
+    samples = 512 * 16
+    share = rate / memory
+    expected = math.sqrt(samples * share * (1 - share)) / samples * memory
+    assert mean == pytest.approx(rate, abs=4 * expected / math.sqrt(len(readings)) + MIB)
+    assert deviation == pytest.approx(expected, rel=0.2)
+    # a longer window finds more pages changed: relatively narrower
+    longer = [page_sampled(rate, 4.0, memory, f"w:{i}") for i in range(400)]
+    spread_longer = math.sqrt(sum((r - rate) ** 2 for r in longer) / len(longer))
+    assert spread_longer < 0.7 * deviation
+    assert page_sampled(0.0, 1.0, memory, "w") == 0.0
+    assert page_sampled(rate, 0.0, memory, "w") == 0.0
 
 
 # --------------------------------------------------------------- properties

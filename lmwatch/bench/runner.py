@@ -34,7 +34,14 @@ from lmwatch.bench.controller import (
 )
 from lmwatch.bench.corpus import LinkEvent, Workload
 from lmwatch.drivers.base import CHANGE_RATE_WINDOW, ActionRefused
-from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
+from lmwatch.drivers.simphysics import (
+    Migration,
+    Side,
+    Tuning,
+    Writer,
+    measured_change_rate,
+    page_sampled,
+)
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.loader import load_profiles, load_profiles_text
 from lmwatch.profiles.schema import Profile
@@ -83,8 +90,13 @@ def setting_for(workload: Workload, profile: Profile, switchover: float | None =
     reports; a controller that uses it waits for it (its `started_at`: lmwatch's time
     counts the measurement, as the daemon's start waits for it).
     """
-    measured = measured_change_rate(
-        workload.change_rate, workload.working_set, Writer(workload.writer), MEASURE_SECONDS
+    measured = page_sampled(
+        measured_change_rate(
+            workload.change_rate, workload.working_set, Writer(workload.writer), MEASURE_SECONDS
+        ),
+        MEASURE_SECONDS,
+        workload.memory,
+        seed=f"{workload.name}:measurement",
     )
     return Setting(
         workload=workload.name,

@@ -24,13 +24,16 @@ from lmwatch.model import (
     StartPlan,
 )
 
-CHANGE_RATE_WINDOW = 2
+CHANGE_RATE_WINDOW = 1
 """Seconds a change-rate measurement before start covers, on every driver and in the
 benchmark's model of the engine: the policy reads the figure with its window (a guest
 that rewrites a small working set saturates it, so a longer window reads lower), and
 what the benchmark shows of lmwatch's decisions holds only for the window the daemon
-measures. One reading of two seconds scatters no more than the mean of two one-second
-readings of a steadily writing guest, and takes no longer."""
+measures. The start waits for it, so it is the shortest the hypervisor offers (whole
+seconds). A longer window scatters less (the hypervisor samples as many pages and
+finds more of them changed) and shows more of a small working set's saturation, but
+each of its seconds is a second of every measured migration; the benchmark measured
+both (docs/benchmark.md, "What the measurement before the start costs")."""
 
 
 class DriverError(Exception):

@@ -44,7 +44,14 @@ from lmwatch.drivers.sim_world import (
     SharedWorld,
     WorldKeeper,
 )
-from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, measured_change_rate
+from lmwatch.drivers.simphysics import (
+    Migration,
+    Side,
+    Tuning,
+    Writer,
+    measured_change_rate,
+    page_sampled,
+)
 from lmwatch.logs import get_logger
 from lmwatch.model import (
     Capabilities,
@@ -133,6 +140,7 @@ class SimDriver:
         self.step = step
         self.tuning = tuning or Tuning(max_step=step)
         self._jobs: dict[str, _Job] = {}
+        self._measurements = 0  # change-rate readings taken (each draws its own scatter)
         self._where: dict[str, str | None] = {i.name: i.host for i in inventory.instances}
         self._free: dict[str, int] = {h.name: h.memory for h in inventory.hosts}
         # Local storage free for incoming disks; None: not modelled (any disk fits).
@@ -614,7 +622,9 @@ class SimDriver:
         rate = measured_change_rate(
             found.change_rate, found.working_set, Writer(found.writer), window, start=0.0
         )
-        return ChangeRate(rate, window)
+        self._measurements += 1
+        seed = f"{found.name}:measurement:{self._measurements}"
+        return ChangeRate(page_sampled(rate, window, found.memory, seed), window)
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
         earlier = self._jobs.get(migration_id)

@@ -57,6 +57,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+import numpy as np
+
 from lmwatch.drivers.base import ActionRefused, handover_broke_text
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 
@@ -113,6 +115,30 @@ def measured_change_rate(
         return 0.0
     written = pattern.amount(start, start + seconds)
     return grow_dirty(writer, 0.0, written, working_set) / seconds
+
+
+SAMPLE_PAGES_PER_GIB = 512
+"""Pages the hypervisor's page-sampling measurement checks per GiB of guest memory
+(its default, which the real driver does not change)."""
+
+
+def page_sampled(rate: float, seconds: float, memory: int, seed: str) -> float:
+    """What a page-sampling reading reports for a guest that dirties `rate` distinct
+    bytes per second over `seconds`: the share of sampled pages found changed, times
+    memory, over the window, in whole MiB/s (as the real driver receives it).
+
+    The hypervisor hashes `SAMPLE_PAGES_PER_GIB` random pages per GiB at the window's
+    start and again at its end, so the reading scatters as a binomial count: the
+    fewer pages a window finds changed (a short window, a small working set in a large
+    guest), the wider. The draw is fixed by `seed`, so every run of one workload reads
+    the same figure."""
+    if seconds <= 0 or memory <= 0 or rate <= 0:
+        return 0.0
+    samples = max(1, round(SAMPLE_PAGES_PER_GIB * memory / 2**30))
+    share = min(1.0, rate * seconds / memory)
+    generator = np.random.default_rng(zlib.crc32(seed.encode()))
+    changed = int(generator.binomial(samples, share))
+    return float(round(changed / samples * memory / seconds / 2**20) * 2**20)
 
 
 def jittered(base: int, memory: int, jitter: float, seed: int, number: int) -> int:

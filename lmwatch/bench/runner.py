@@ -34,14 +34,7 @@ from lmwatch.bench.controller import (
 )
 from lmwatch.bench.corpus import LinkEvent, Workload
 from lmwatch.drivers.base import CHANGE_RATE_WINDOW, ActionRefused
-from lmwatch.drivers.simphysics import (
-    Migration,
-    Side,
-    Tuning,
-    Writer,
-    measured_change_rate,
-    page_sampled,
-)
+from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, change_rate_reading
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.loader import load_profiles, load_profiles_text
 from lmwatch.profiles.schema import Profile
@@ -90,12 +83,12 @@ def setting_for(workload: Workload, profile: Profile, switchover: float | None =
     reports; a controller that uses it waits for it (its `started_at`: lmwatch's time
     counts the measurement, as the daemon's start waits for it).
     """
-    measured = page_sampled(
-        measured_change_rate(
-            workload.change_rate, workload.working_set, Writer(workload.writer), MEASURE_SECONDS
-        ),
-        MEASURE_SECONDS,
+    measured = change_rate_reading(
+        workload.change_rate,
+        workload.working_set,
+        Writer(workload.writer),
         workload.memory,
+        MEASURE_SECONDS,
         seed=f"{workload.name}:measurement",
     )
     return Setting(

@@ -44,14 +44,7 @@ from lmwatch.drivers.sim_world import (
     SharedWorld,
     WorldKeeper,
 )
-from lmwatch.drivers.simphysics import (
-    Migration,
-    Side,
-    Tuning,
-    Writer,
-    measured_change_rate,
-    page_sampled,
-)
+from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, change_rate_reading
 from lmwatch.logs import get_logger
 from lmwatch.model import (
     Capabilities,
@@ -619,12 +612,16 @@ class SimDriver:
         if self._active_job_of(found.name) is not None:
             raise DriverError(f"cannot measure {found.name!r} while it migrates")
         window = float(CHANGE_RATE_WINDOW)
-        rate = measured_change_rate(
-            found.change_rate, found.working_set, Writer(found.writer), window, start=0.0
-        )
         self._measurements += 1
-        seed = f"{found.name}:measurement:{self._measurements}"
-        return ChangeRate(page_sampled(rate, window, found.memory, seed), window)
+        rate = change_rate_reading(
+            found.change_rate,
+            found.working_set,
+            Writer(found.writer),
+            found.memory,
+            window,
+            seed=f"{found.name}:measurement:{self._measurements}",
+        )
+        return ChangeRate(rate, window)
 
     async def start(self, migration_id: str, request: MigrationRequest, plan: StartPlan) -> None:
         earlier = self._jobs.get(migration_id)

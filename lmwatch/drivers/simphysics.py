@@ -141,6 +141,22 @@ def page_sampled(rate: float, seconds: float, memory: int, seed: str) -> float:
     return float(round(changed / samples * memory / seconds / 2**20) * 2**20)
 
 
+def change_rate_reading(
+    pattern: RatePattern,
+    working_set: int,
+    writer: Writer,
+    memory: int,
+    seconds: float,
+    seed: str,
+    start: float = 0.0,
+) -> float:
+    """What a change-rate measurement over `seconds` from workload time `start`
+    reports: the distinct bytes dirtied in it over its length (`measured_change_rate`)
+    as the hypervisor's page sampling reads them (`page_sampled`, drawn by `seed`)."""
+    rate = measured_change_rate(pattern, working_set, writer, seconds, start=start)
+    return page_sampled(rate, seconds, memory, seed)
+
+
 def jittered(base: int, memory: int, jitter: float, seed: int, number: int) -> int:
     """The working set during pass `number`: `base` moved by up to ±`jitter` of it.
 

@@ -822,3 +822,40 @@ def test_a_cancel_says_why_a_handover_just_under_its_limit_does_not_fit() -> Non
     assert float(margin.group(1)) > copy * 1.01 and int(margin.group(2)) >= 3
     outcome, _ = cancelled_with(copy * 1.2)
     assert outcome == "handover"
+
+
+def test_a_first_pass_whose_link_carries_nothing_says_so_not_a_time_to_go() -> None:
+    """The hypervisor's transfer-rate reading keeps its last value while the link
+    carries nothing (`s1-0007`: 20 s of "about 123ms to go" during a break); the bytes
+    moved show it, and the first pass's sentence says so once they have not grown for
+    `STILL_SAYS_STALLED` seconds."""
+    w = workload(memory_mib=2048, change_mib=10, bandwidth_mib=100, ws_mib=256)
+    rate = 100 * MIB
+
+    def sample(t: float, moved_mib: float) -> Sample:
+        moved = int(moved_mib * MIB)
+        return Sample(
+            time=t,
+            memory_total=2048 * MIB,
+            memory_remaining=2048 * MIB - moved,
+            memory_transferred=moved,
+            transfer_rate=rate,
+            change_rate=0.0,
+            passes=1,
+            phase=Phase.COPYING,
+        )
+
+    moving = [sample(t, 100 * t) for t in (0.0, 1.0, 2.0, 3.0)]
+    ctx = context(w)
+    profile = Profile(name="p")
+    decision = decide(profile, moving, ctx, 3.0)
+    assert decision.rule is Rule.FIRST_PASS and "to go" in decision.reason
+    briefly = [*moving, sample(4.0, 300)]
+    assert "to go" in decide(profile, briefly, ctx, 4.0).reason  # one still second: a lull
+    stalled = [*briefly, sample(5.0, 300), sample(6.5, 300)]
+    decision = decide(profile, stalled, ctx, 6.5)
+    assert decision.rule is Rule.FIRST_PASS and decision.action is Action.CONTINUE
+    assert "nothing moved for 3.5s (the link may have stalled)" in decision.reason
+    assert "to go" not in decision.reason
+    assert analyse(stalled, ctx).still_for == pytest.approx(3.5)
+    assert analyse(moving, ctx).still_for == 0.0

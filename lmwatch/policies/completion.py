@@ -122,6 +122,11 @@ from lmwatch.policies.violations import stop_bound
 from lmwatch.profiles.schema import OnDeadline, Profile
 from lmwatch.units import format_size
 
+# Seconds without a byte moved after which the first pass's sentence says so instead of
+# a time to go: the transfer-rate reading keeps its last value while the link carries
+# nothing, and the time to go read from it stays the same for as long.
+STILL_SAYS_STALLED = 2.0
+
 
 def decide(
     profile: Profile,
@@ -406,7 +411,10 @@ def _gathering(a: Analysis) -> str:
     if a.passes <= 1:
         copied = 0.0 if a.memory <= 0 else 100.0 * (1 - a.remaining / a.memory)
         left = a.seconds_for(a.remaining)
-        tail = "" if left is None else f", about {duration_text(left)} to go"
+        if a.still_for >= STILL_SAYS_STALLED:
+            tail = f", nothing moved for {duration_text(a.still_for)} (the link may have stalled)"
+        else:
+            tail = "" if left is None else f", about {duration_text(left)} to go"
         return f"first pass, {copied:.0f}% copied{tail}; nothing to decide before it ends"
     return (
         f"pass {a.passes}: gathering evidence (a full pass must be seen from its start to "

@@ -363,6 +363,10 @@ class Analysis:
     # Clock time of the first sample of a pass after memory's first (None before): since
     # then the passes show the guest's rate pass by pass; the first pass averages it.
     passes_since: float | None = None
+    # Seconds the bytes moved have not grown, up to the latest sample (0 while they
+    # grow). The hypervisor's transfer-rate reading keeps its last value while the link
+    # carries nothing, so only the bytes moved show a stalled link.
+    still_for: float = 0.0
 
     def outside(self, model: DirtyModel) -> float:
         """Bytes of `remaining` outside `model`'s working set (never rewritten)."""
@@ -557,6 +561,20 @@ def _interval_rate(track: Track) -> float | None:
         return None
     moved = latest.memory_transferred - before.memory_transferred
     return moved / (latest.time - before.time) if moved >= 0 else None
+
+
+def _still_for(recent: Sequence[Sample]) -> float:
+    """Seconds the bytes moved have not grown, up to the latest of `recent` (0 while
+    they grow; counted from the earliest sample kept when none of them grew)."""
+    if not recent:
+        return 0.0
+    latest = recent[-1]
+    since = latest.time
+    for sample in reversed(recent):
+        if sample.memory_transferred != latest.memory_transferred:
+            break
+        since = sample.time
+    return latest.time - since
 
 
 def _moved_rate(track: Track) -> float | None:
@@ -1145,6 +1163,7 @@ def analyse(
         poll=poll,
         spread=min(spread, float(remaining)),
         passes_since=None if track.repeating is None else track.repeating.time,
+        still_for=_still_for(recent),
     )
     # "Converges" means on its own at the current slow-down; the ETA counts the
     # slow-down the hypervisor will add when it was armed at start.

@@ -33,7 +33,7 @@ measures. The start waits for it, so it is the shortest the hypervisor offers (w
 seconds). A longer window scatters less (the hypervisor samples as many pages and
 finds more of them changed) and shows more of a small working set's saturation, but
 each of its seconds is a second of every measured migration; the benchmark measured
-both (docs/benchmark.md, "What the measurement before the start costs")."""
+both (docs/benchmark.md, "The measurement's window")."""
 
 
 class DriverError(Exception):

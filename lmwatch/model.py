@@ -213,6 +213,7 @@ class Rule(StrEnum):
     DISKS_NEVER_SYNC = "disks-never-sync"
     DISKS_MISS_DEADLINE = "disks-miss-deadline"
     DISK_COPY = "disk-copy"
+    LINK_STILL = "link-still"
     OPERATOR_FINISH = "operator-finish"
     OPERATOR_CANCEL = "operator-cancel"
     BUDGET_OVER_LIMIT = "budget-over-limit"

@@ -827,8 +827,8 @@ def test_a_cancel_says_why_a_handover_just_under_its_limit_does_not_fit() -> Non
 def test_a_first_pass_whose_link_carries_nothing_says_so_not_a_time_to_go() -> None:
     """The hypervisor's transfer-rate reading keeps its last value while the link
     carries nothing (`s1-0007`: 20 s of "about 123ms to go" during a break); the bytes
-    moved show it, and the first pass's sentence says so once they have not grown for
-    `STILL_SAYS_STALLED` seconds."""
+    moved show it, and once they have not grown for `LINK_STILL_SECONDS` the decision
+    says so (rule 2a), with no time to go and the link carrying nothing."""
     w = workload(memory_mib=2048, change_mib=10, bandwidth_mib=100, ws_mib=256)
     rate = 100 * MIB
 
@@ -854,8 +854,77 @@ def test_a_first_pass_whose_link_carries_nothing_says_so_not_a_time_to_go() -> N
     assert "to go" in decide(profile, briefly, ctx, 4.0).reason  # one still second: a lull
     stalled = [*briefly, sample(5.0, 300), sample(6.5, 300)]
     decision = decide(profile, stalled, ctx, 6.5)
-    assert decision.rule is Rule.FIRST_PASS and decision.action is Action.CONTINUE
-    assert "nothing moved for 3.5s (the link may have stalled)" in decision.reason
-    assert "to go" not in decision.reason
+    assert decision.rule is Rule.LINK_STILL and decision.action is Action.CONTINUE
+    assert "nothing has moved for 3.5s" in decision.reason
+    assert "the link may have stalled" in decision.reason and "to go" not in decision.reason
+    assert decision.prediction is not None
+    assert decision.prediction.eta_seconds is None and decision.prediction.transfer_rate == 0
     assert analyse(stalled, ctx).still_for == pytest.approx(3.5)
     assert analyse(moving, ctx).still_for == 0.0
+
+
+def _stalled_at(samples: list[Sample], seconds: tuple[float, ...]) -> list[Sample]:
+    """`samples` and then the last one again `seconds` later each: the link carries
+    nothing, and the hypervisor's readings (the transfer rate among them) stay as they
+    were."""
+    last = samples[-1]
+    return [*samples, *(replace(last, time=last.time + t) for t in seconds)]
+
+
+def test_nothing_is_forced_on_a_link_that_has_carried_nothing_for_two_seconds() -> None:
+    """Rule 2a: the reading a pause (or a handover) is judged at keeps its last value
+    while the link carries nothing; a pause chosen then would stop the instance until
+    the link times out. Where the same samples with the link moving lead to a pause,
+    a still link leads to waiting, then to cancelling at the deadline."""
+    profile = Profile(name="p", may_pause=True, max_pause=15)
+    run = simulate(decide, profile, STUCK, plan())
+    assert run.outcome == "pause"
+    paused = run.decisions[-1][1]
+    assert paused.rule is Rule.FINISH_WITHIN_BOUNDS and run.samples[-1].passes >= 2
+    ctx = context(STUCK, plan())
+    # the link stops as that pass begins: one still second is a lull, and the same
+    # pause comes; after two, what the pause would move is as "known" as it was (the
+    # pass began moments ago, at the reading), but the link moves none of it
+    lull = _stalled_at(run.samples, (1.0,))
+    assert decide(profile, lull, ctx, lull[-1].time).action is Action.PAUSE
+    still = _stalled_at(run.samples, (1.0, 2.5))
+    decision = decide(profile, still, ctx, still[-1].time)
+    assert decision.action is Action.CONTINUE and decision.rule is Rule.LINK_STILL
+    assert "no handover, pause or new blackout budget" in decision.reason
+    # the same stall with a handover allowed and armed: no handover either
+    handing = Profile(name="p", handover="allowed", max_degraded=60)
+    armed = context(STUCK, plan(handover=True))
+    assert decide(handing, still, armed, still[-1].time).rule is Rule.LINK_STILL
+    # at the deadline nothing can finish it on that link: cancel (whatever on_deadline says)
+    due = replace(ctx, deadline_at=still[-1].time)
+    for on_deadline in (OnDeadline.COMPLETE, OnDeadline.CANCEL):
+        edited = profile.model_copy(update={"on_deadline": on_deadline})
+        decision = decide(edited, still, due, still[-1].time)
+        assert decision.action is Action.CANCEL and decision.rule is Rule.LINK_STILL
+        assert "deadline reached" in decision.reason and "stalled" in decision.reason
+
+
+def test_a_still_link_is_not_read_while_the_disks_are_copied() -> None:
+    """Memory does not move while the local disks are copied: a first pass of memory
+    that has just begun after a long disk copy is not a still link."""
+    w = workload(memory_mib=2048, change_mib=10, bandwidth_mib=100, ws_mib=256)
+
+    def sample(t: float, disk_left_mib: float) -> Sample:
+        return Sample(
+            time=t,
+            memory_total=2048 * MIB,
+            memory_remaining=2048 * MIB,
+            memory_transferred=0,
+            transfer_rate=100 * MIB,
+            change_rate=0.0,
+            passes=1,
+            phase=Phase.COPYING,
+            disk_total=4096 * MIB,
+            disk_remaining=int(disk_left_mib * MIB),
+            disk_rate=100 * MIB,
+        )
+
+    samples = [sample(float(t), 4096 - 100 * t) for t in range(41)] + [sample(41.0, 0)]
+    ctx = context(w)
+    assert analyse(samples, ctx).still_for == 0.0
+    assert decide(Profile(name="p"), samples, ctx, 41.0).rule is Rule.FIRST_PASS

@@ -94,6 +94,24 @@ def test_refuses_when_nothing_is_allowed() -> None:
     assert "strict" in refused.value.reason
 
 
+def test_refuses_while_the_link_carries_nothing_whatever_the_caller_accepts() -> None:
+    """Nothing has moved for two seconds: a handover or a pause judged at the last
+    transfer-rate reading would stop or strand the instance on a link that carries
+    nothing. The request is refused with the reason (409 at the API), even with a
+    pause accepted; one still second is a lull and the request is carried out."""
+    samples = history(STUCK, max_passes=3)
+    last = samples[-1]
+    profile = Profile(name="b", handover="allowed", max_degraded=30)
+    ctx = context(STUCK, plan(handover=True))
+    lull = [*samples, replace(last, time=last.time + 1.0)]
+    assert force_complete(profile, lull, ctx, lull[-1].time, True).action is Action.HANDOVER
+    still = [*lull, replace(last, time=last.time + 2.0)]
+    with pytest.raises(ForceRefused) as refused:
+        force_complete(profile, still, ctx, still[-1].time, True)
+    assert "nothing has moved for 2.0s" in refused.value.reason
+    assert "ask again once it moves" in refused.value.reason
+
+
 def test_pauses_when_the_operator_accepts_it() -> None:
     samples = history(STUCK, max_passes=3)
     decision = force_complete(Profile(name="strict"), samples, context(STUCK), 0.0, True)

@@ -23,6 +23,12 @@ The rules, in order (DESIGN.md section 4):
    says the copy never gets in sync (the guest writes its disks faster than the
    link copies) or cannot before the deadline, or when the deadline came; otherwise
    continue (an operator's request to finish waits for the sync);
+2a. nothing has moved for `LINK_STILL_SECONDS` (2 s) or more (the link may have
+   stalled; the hypervisor's transfer-rate reading keeps its last value) -> continue, with
+   no ETA: a handover, a pause or a new budget judged at a rate the link no longer
+   carries could stop or strand the instance on a link that moves nothing, and the
+   hypervisor ends the job if the link does not come back; at the deadline (not before:
+   nothing finishes on a still link) -> cancel, so that the instance runs on where it is;
 2b. an operator asked to finish now -> as force-complete, when the profile allows it;
 3. the budget is above what `max_blackout` leaves after the switchover -> lower it;
 3b. the first pass is over (or an operator asked to finish) and the hypervisor still
@@ -122,11 +128,6 @@ from lmwatch.policies.violations import stop_bound
 from lmwatch.profiles.schema import OnDeadline, Profile
 from lmwatch.units import format_size
 
-# Seconds without a byte moved after which the first pass's sentence says so instead of
-# a time to go: the transfer-rate reading keeps its last value while the link carries
-# nothing, and the time to go read from it stays the same for as long.
-STILL_SAYS_STALLED = 2.0
-
 
 def decide(
     profile: Profile,
@@ -147,7 +148,7 @@ def decide(
     over = latest is not None and latest.passes >= 2
     if (
         decision.action is not Action.CONTINUE
-        or decision.rule is Rule.PAST_COPYING
+        or decision.rule in (Rule.PAST_COPYING, Rule.LINK_STILL)
         or not (over or ctx.force)
     ):
         return decision
@@ -246,6 +247,9 @@ def _decide(
     if disks is not None:
         rule, action, why = _disk_phase(profile, disks, ctx, now)
         return Decision(action, why, prediction, rule=rule)
+
+    if a.link_still:
+        return replace(_link_still(a, ctx, now), rule=Rule.LINK_STILL)
 
     if ctx.force:
         try:
@@ -407,14 +411,37 @@ def _deadline_lead(
     return min(stop, longest) + 2 * max(poll, 0.0)
 
 
+def _link_still(a: Analysis, ctx: MigrationContext, now: float) -> Decision:
+    """Rule 2a: nothing has moved for a while. Wait for the link, or cancel at the
+    deadline; the prediction says the link carries nothing and gives no time to go."""
+    still = (
+        f"nothing has moved for {duration_text(a.still_for)} ({format_size(a.remaining)} "
+        f"left, pass {a.passes}): the link may have stalled"
+    )
+    prediction = replace(a.prediction(), transfer_rate=0.0, eta_seconds=None, blackout_seconds=None)
+    if ctx.deadline_at is not None and now >= ctx.deadline_at:
+        took = duration_text(max(0.0, now - ctx.started_at))
+        return Decision(
+            Action.CANCEL,
+            f"deadline reached after {took} and {still}; nothing can finish the migration "
+            "on a link that carries nothing; cancelling, so that the instance runs on "
+            "where it is",
+            prediction,
+        )
+    return Decision(
+        Action.CONTINUE,
+        f"{still}; no handover, pause or new blackout budget is judged on a link that "
+        "carries nothing: waiting for it to move again (the hypervisor ends the job if "
+        "it does not)",
+        prediction,
+    )
+
+
 def _gathering(a: Analysis) -> str:
     if a.passes <= 1:
         copied = 0.0 if a.memory <= 0 else 100.0 * (1 - a.remaining / a.memory)
         left = a.seconds_for(a.remaining)
-        if a.still_for >= STILL_SAYS_STALLED:
-            tail = f", nothing moved for {duration_text(a.still_for)} (the link may have stalled)"
-        else:
-            tail = "" if left is None else f", about {duration_text(left)} to go"
+        tail = "" if left is None else f", about {duration_text(left)} to go"
         return f"first pass, {copied:.0f}% copied{tail}; nothing to decide before it ends"
     return (
         f"pass {a.passes}: gathering evidence (a full pass must be seen from its start to "

@@ -145,6 +145,11 @@ def tracked(history: History, settings: PolicySettings = DEFAULT) -> Track:
     return Track.of(history, settings.kept_passes, settings.disk_window)
 
 
+# Seconds without a byte moved after which the link is taken to carry nothing: the
+# transfer-rate reading keeps its last value while it does, and everything read from it
+# (a time to go, a pause's or a handover's length) with it. One still second may be a
+# lull; two are not.
+LINK_STILL_SECONDS = 2.0
 _MAX_PROJECTED_PASSES = 400
 _NO_WRITES = 1e-3  # bytes/s of disk writes below which there are none
 
@@ -368,6 +373,12 @@ class Analysis:
     # carries nothing, so only the bytes moved show a stalled link.
     still_for: float = 0.0
 
+    @property
+    def link_still(self) -> bool:
+        """Nothing has moved for `LINK_STILL_SECONDS`: the link carries nothing, and what
+        is read from its last transfer-rate reading says nothing of now."""
+        return self.still_for >= LINK_STILL_SECONDS
+
     def outside(self, model: DirtyModel) -> float:
         """Bytes of `remaining` outside `model`'s working set (never rewritten)."""
         return model.outside(self.spread, self.memory)
@@ -565,13 +576,14 @@ def _interval_rate(track: Track) -> float | None:
 
 def _still_for(recent: Sequence[Sample]) -> float:
     """Seconds the bytes moved have not grown, up to the latest of `recent` (0 while
-    they grow; counted from the earliest sample kept when none of them grew)."""
+    they grow; counted from the earliest sample kept when none of them grew, and from
+    the first with the disks in sync: memory does not move while they are copied)."""
     if not recent:
         return 0.0
     latest = recent[-1]
     since = latest.time
     for sample in reversed(recent):
-        if sample.memory_transferred != latest.memory_transferred:
+        if sample.memory_transferred != latest.memory_transferred or not sample.disks_in_sync:
             break
         since = sample.time
     return latest.time - since

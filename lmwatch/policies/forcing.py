@@ -4,7 +4,9 @@ The least disruptive method the profile allows, in this order: a blackout that
 fits `max_blackout`; a handover that fits `max_degraded`; a pause that fits
 `max_pause`; then, because someone asked to finish now, a handover or a pause
 longer than the profile's bound (reported as such); then a pause the operator
-explicitly accepted. Otherwise `ForceRefused`.
+explicitly accepted. Otherwise `ForceRefused`; so too while nothing has moved for
+`LINK_STILL_SECONDS` (whatever the caller accepts: the link may have stalled, and a
+handover or a pause on it would stop or strand the instance).
 
 While the instance's local disks are not in sync nothing may stop or move the
 guest: a request to finish then is accepted and answered with `continue`, saying
@@ -291,6 +293,13 @@ def force_complete(
             Action.CONTINUE,
             f"nothing to force: {done}",
             analysis.prediction(),
+        )
+    if analysis.link_still:
+        raise ForceRefused(
+            f"nothing has moved for {duration_text(analysis.still_for)} "
+            f"({format_size(analysis.remaining)} left): the link may have stalled, and "
+            "a handover or a pause now would stop or strand the instance on a link that "
+            "carries nothing; ask again once it moves"
         )
     disks = disk_outlook(track, settings)
     if disks is not None:

@@ -28,7 +28,7 @@ from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.ownership import Ownership
-from lmwatch.engine.records import Cancel, Force, Supervision, log, post, status_of
+from lmwatch.engine.records import Cancel, Force, Supervision, log, log_context, post, status_of
 from lmwatch.engine.scheduler import HostLimits, Slot, startable_among
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.engine.supervision import Supervisor
@@ -198,7 +198,7 @@ class Engine:
             supervision.pause_by_operator = recovery.paused_by_operator(self.store, record)
         supervision.force_pending = recovery.force_pending(self.store, record)
         if record.state is not State.QUEUED:
-            log.info("reattaching", migration=record.id, instance=record.instance)
+            log.info("reattaching", **log_context(record))
             supervision.task = asyncio.create_task(self._run(supervision, reattach=True))
             self._book.start(record.id)
 

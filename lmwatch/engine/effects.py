@@ -20,6 +20,7 @@ from lmwatch.engine.learned import Learned
 from lmwatch.engine.records import (
     Supervision,
     log,
+    log_context,
     method_of,
     metric_labels,
     plan_from,
@@ -113,14 +114,7 @@ class Effects:
         self.hub.timeline(supervision.record, now, kind, reason, action, data)
         if kind in ("note", "error"):
             record = supervision.record
-            log.info(
-                kind,
-                migration=record.id,
-                instance=record.instance,
-                source=record.source,
-                destination=record.destination,
-                reason=reason,
-            )
+            log.info(kind, **log_context(record), reason=reason)
 
     def accept_soon(self, record: MigrationRecord, reason: str) -> concurrent.futures.Future[None]:
         """Queue an accepted migration for the writer thread (behind what waits);
@@ -143,14 +137,7 @@ class Effects:
     def announce(self, record: MigrationRecord, reason: str) -> None:
         """Tell the timeline and the log that a migration was accepted."""
         self.hub.timeline(record, record.created_at, "state", reason)
-        log.info(
-            "accepted",
-            migration=record.id,
-            instance=record.instance,
-            source=record.source,
-            destination=record.destination,
-            profile=record.profile_name,
-        )
+        log.info("accepted", **log_context(record), profile=record.profile_name)
 
     def refuse_unless_writable(self) -> None:
         """New work only while the store takes it (and its file is still there)."""
@@ -326,7 +313,7 @@ class Effects:
         """
         record = supervision.record
         action = decision.action
-        mlog = log.bind(migration=record.id, instance=record.instance, origin=origin)
+        mlog = log.bind(**log_context(record), origin=origin)
         self.metrics.decisions.labels(action.value).inc()
         if action is Action.CONTINUE:
             self._log_continue(supervision, decision)
@@ -401,8 +388,7 @@ class Effects:
         )
         log.info(
             "decision",
-            migration=record.id,
-            instance=record.instance,
+            **log_context(record),
             origin="policy",
             action=Action.RESTART.value,
             reason=decision.reason,
@@ -424,8 +410,7 @@ class Effects:
         )
         log.info(
             "started-again",
-            migration=record.id,
-            instance=record.instance,
+            **log_context(record),
             restarts=restart.count,
             slow_down_initial=plan.slow_down_initial,
         )
@@ -519,8 +504,7 @@ class Effects:
             self.metrics.blackout.labels(method.value).observe(result.blackout_seconds)
         log.info(
             "finished",
-            migration=record.id,
-            instance=record.instance,
+            **log_context(record),
             state=state.value,
             method=method.value,
             blackout=result.blackout_seconds,
@@ -619,10 +603,7 @@ class Effects:
             )
             log.warning(
                 "profile-violation",
-                migration=record.id,
-                instance=record.instance,
-                source=record.source,
-                destination=record.destination,
+                **log_context(record),
                 kind=violation.kind,
                 reason=violation.text,
             )

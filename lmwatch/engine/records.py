@@ -145,6 +145,16 @@ def metric_labels(record: MigrationRecord) -> tuple[str, str, str, str]:
     return (record.id, record.instance, record.source, record.destination)
 
 
+def log_context(record: MigrationRecord) -> dict[str, str]:
+    """The key=value context every log line about a migration carries."""
+    return {
+        "migration": record.id,
+        "instance": record.instance,
+        "source": record.source,
+        "destination": record.destination,
+    }
+
+
 def method_of(result: JobResult, record: MigrationRecord) -> Method:
     """How an ended migration finished, for its outcome and the metrics."""
     if result.phase is Phase.FAILED:

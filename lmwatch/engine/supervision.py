@@ -30,6 +30,7 @@ from lmwatch.engine.records import (
     Cancel,
     Supervision,
     log,
+    log_context,
     plan_from,
     request_of,
     restart_pending,
@@ -115,7 +116,7 @@ class Supervisor:
     async def run(self, supervision: Supervision, *, reattach: bool) -> None:
         """Supervise one migration to its end; a crash here is recorded as its failure."""
         record = supervision.record
-        mlog = log.bind(migration=record.id, instance=record.instance)
+        mlog = log.bind(**log_context(record))
         supervision.beat = self.clock.now()
         try:
             if reattach and record.plan is not None:
@@ -230,13 +231,7 @@ class Supervisor:
             wait = sharing.join_wait(samples, switchover)
             if wait <= 0:
                 return
-            log.info(
-                "link-join-wait",
-                migration=record.id,
-                source=record.source,
-                destination=record.destination,
-                seconds=round(wait, 3),
-            )
+            log.info("link-join-wait", **log_context(record), seconds=round(wait, 3))
             await _unless_mail(self.clock.sleep(wait), supervision.mail)
 
     async def _change_rate_for_start(
@@ -636,10 +631,7 @@ class Supervisor:
                     return False
                 log.info(
                     "start-again-refused",
-                    migration=record.id,
-                    instance=record.instance,
-                    source=record.source,
-                    destination=record.destination,
+                    **log_context(record),
                     attempt=attempts,
                     error=str(error),
                 )

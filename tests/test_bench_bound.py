@@ -9,7 +9,7 @@ import pytest
 
 from lmwatch.bench.baselines import BASELINES
 from lmwatch.bench.bound import BOUND, NO_CLEAN, bound_run, bound_runs, search, start_plans
-from lmwatch.bench.controller import Command, Handover, Pause, Setting
+from lmwatch.bench.controller import Command, ControllerBase, Handover, Pause, Setting
 from lmwatch.bench.corpus import Workload, generate, workload_from_mapping
 from lmwatch.bench.judge import judge
 from lmwatch.bench.runner import bench_profiles, run
@@ -84,7 +84,7 @@ def test_a_hopeless_workload_under_a_strict_profile_is_cancelled_at_once() -> No
     assert not verdict.clean and verdict.cancelled
 
 
-class PauseAfterFirstPass:
+class PauseAfterFirstPass(ControllerBase):
     """A simple controller: pause as soon as one full copy is done."""
 
     name = "pause-after-first-pass"

@@ -13,6 +13,7 @@ import pytest
 from neutral import HYPERVISOR_WORDS
 
 from lmwatch import cli
+from lmwatch.bench.controller import ControllerBase
 from lmwatch.bench.corpus import GBIT, GIB, HARSH_LINKS, Workload, generate, load_corpus, with_links
 from lmwatch.bench.report import (
     BOUND,
@@ -156,7 +157,7 @@ def test_files_are_written(tmp_path: Path) -> None:
 # -- the command ------------------------------------------------------------------------
 
 
-class _Idle:
+class _Idle(ControllerBase):
     name = "idle"
     poll_interval = 2.0
 

@@ -13,6 +13,7 @@ from samplingtools import page_sampling_spread
 from lmwatch.bench.controller import (
     Cancel,
     Command,
+    ControllerBase,
     Handover,
     Pause,
     Restart,
@@ -69,7 +70,7 @@ def workload(
     )
 
 
-class Idle:
+class Idle(ControllerBase):
     """Never acts."""
 
     name = "idle"

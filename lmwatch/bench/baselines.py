@@ -49,6 +49,7 @@ from lmwatch.bench.controller import (
     Cancel,
     Command,
     Controller,
+    ControllerBase,
     ControllerFactory,
     Handover,
     Pause,
@@ -67,7 +68,7 @@ SLOW_STEP = 0.1  # QEMU cpu-throttle-increment (10 %)
 _EPS = 1e-9
 
 
-class _Baseline:
+class _Baseline(ControllerBase):
     """What every baseline shares: the setting, a log of what it did, no learning."""
 
     name: str = "baseline"

@@ -6,10 +6,13 @@ with commands, which the runner applies to the simulated migration in order.
 Controllers never see the workload's hidden parameters (working set, writer kind,
 rate pattern, link events): only what a real system sees.
 
-Optional, looked up by the runner: `wake_on_pass` (sample each pass at its start, as
-the engine is woken by the driver's event), `applied(command, accepted)` (told after
-each command whether the migration took it, as the engine learns from the driver's
-answer) and `restarted(at)` (when a new job began).
+Besides `start`, `step` and `finished`, the runner reads what `ControllerBase` gives
+every controller a default for: `started_at` (when the job begins, after a measurement
+before it), `wake_on_pass` (sample each pass at its start, as the engine is woken by the
+driver's event), `applied(command, accepted)` (told after each command whether the
+migration took it, as the engine learns from the driver's answer), `after_failure` and
+`retry_interval` (a new job after a failed one), `restarted(at)` (when a new job began),
+and `predictions` and `reasons` (the ETAs made and the actions taken, for the report).
 """
 
 from __future__ import annotations
@@ -79,6 +82,19 @@ Command = SetBudget | SetCap | Pause | Handover | Cancel | Restart
 class Controller(Protocol):
     name: str
     poll_interval: float  # seconds of virtual time between samples
+    started_at: float  # seconds: the job begins then (a measurement before it counts)
+    wake_on_pass: bool  # sampled at each pass's start too, at most every `MIN_WAKE` s
+    retry_interval: float  # seconds between new jobs tried after a failed one
+
+    @property
+    def predictions(self) -> Sequence[tuple[float, float | None]]:
+        """(time, ETA seconds) of each prediction made."""
+        ...
+
+    @property
+    def reasons(self) -> Sequence[tuple[float, str, str]]:
+        """(time, action, why) of each action taken."""
+        ...
 
     def start(self) -> StartPlan:
         """How the migration starts (what is armed, the first blackout budget)."""
@@ -88,9 +104,46 @@ class Controller(Protocol):
         """Commands to apply now; `now` is seconds since the migration started."""
         ...
 
+    def applied(self, command: Command, accepted: bool) -> None:
+        """Whether the migration took `command` (a handover while the link is down is
+        refused)."""
+        ...
+
+    def after_failure(self, result: JobResult, now: float) -> Command | None:
+        """The job failed with the guest on the source: a new job to try now, or None."""
+        ...
+
+    def restarted(self, at: float) -> None:
+        """A new job began at `at`."""
+        ...
+
     def finished(self, result: JobResult) -> None:
         """The migration ended (controllers that learn across runs may keep something)."""
         ...
+
+
+class ControllerBase:
+    """Defaults for what a controller need not do: begin at once, sample every
+    `poll_interval` only, never start again after a failed job, predict nothing, keep
+    nothing across runs."""
+
+    started_at: float = 0.0
+    wake_on_pass: bool = False
+    retry_interval: float = 5.0
+    predictions: Sequence[tuple[float, float | None]] = ()
+    reasons: Sequence[tuple[float, str, str]] = ()
+
+    def applied(self, command: Command, accepted: bool) -> None:
+        return None
+
+    def after_failure(self, result: JobResult, now: float) -> Command | None:
+        return None
+
+    def restarted(self, at: float) -> None:
+        return None
+
+    def finished(self, result: JobResult) -> None:
+        return None
 
 
 ControllerFactory = Callable[[Setting], Controller]

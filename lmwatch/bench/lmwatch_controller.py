@@ -16,6 +16,7 @@ from lmwatch.bench.controller import (
     Cancel,
     Command,
     Controller,
+    ControllerBase,
     Handover,
     Pause,
     Restart,
@@ -36,7 +37,7 @@ from lmwatch.model import (
 SOURCE = "source"  # the simulated source host's name (`simphysics.Migration`)
 
 
-class LmwatchController:
+class LmwatchController(ControllerBase):
     """Plans with `policies.plan_start` and decides with `policies.decide`."""
 
     name = "lmwatch"
@@ -170,9 +171,6 @@ class LmwatchController:
         returned)."""
         assert self.ctx is not None
         self.ctx = replace(self.ctx, job_started_at=at)
-
-    def finished(self, result: JobResult) -> None:
-        return None
 
 
 def lmwatch_factory(setting: Setting) -> Controller:

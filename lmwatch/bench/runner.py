@@ -24,6 +24,7 @@ from typing import Any
 from lmwatch.bench.controller import (
     Cancel,
     Command,
+    Controller,
     ControllerFactory,
     Handover,
     Pause,
@@ -429,19 +430,18 @@ class Simulation:
         )
 
 
-def _after_failure(controller: object, simulation: Simulation, end: float) -> bool:
+def _after_failure(controller: Controller, simulation: Simulation, end: float) -> bool:
     """The job ended: a controller that starts again after a failed job
     (`after_failure(result, now) -> Restart | None`) tries a new job every
     `retry_interval` seconds, as the engine does, while it says so. True when a new
     job started."""
-    after = getattr(controller, "after_failure", None)
     migration = simulation.migration
-    if after is None or migration.phase is not Phase.FAILED:
+    if migration.phase is not Phase.FAILED:
         return False
-    retry = float(getattr(controller, "retry_interval", 5.0))
+    retry = float(controller.retry_interval)
     tried = False
     while True:
-        command = after(migration.result(), simulation.now)
+        command = controller.after_failure(migration.result(), simulation.now)
         if command is None:
             break
         if simulation.apply(command):
@@ -465,21 +465,21 @@ def _wake(migration: Migration, sampled: float, target: float) -> float:
     return min(target, max(migration.elapsed + upcoming + WAKE_MARGIN, sampled + MIN_WAKE))
 
 
-def _first_eta(controller: object, after: float | None) -> tuple[float, float] | None:
+def _first_eta(controller: Controller, after: float | None) -> tuple[float, float] | None:
     """The controller's first ETA made once the first pass had ended (if it predicts)."""
-    predictions = getattr(controller, "predictions", None)
-    if after is None or not predictions:
+    if after is None:
         return None
-    for at, seconds in predictions:
+    for at, seconds in controller.predictions:
         if at >= after - _EPS and seconds is not None:
             return float(at), float(seconds)
     return None
 
 
-def _actions(controller: object) -> tuple[tuple[float, str, str], ...]:
+def _actions(controller: Controller) -> tuple[tuple[float, str, str], ...]:
     """What the controller did and why, when it keeps a record (`reasons`)."""
-    reasons = getattr(controller, "reasons", None) or ()
-    return tuple((round(float(at), 3), str(action), str(why)) for at, action, why in reasons)
+    return tuple(
+        (round(float(at), 3), str(action), str(why)) for at, action, why in controller.reasons
+    )
 
 
 def run(
@@ -501,7 +501,7 @@ def run(
     plan = controller.start()
     # A controller that measures the guest before the start (lmwatch, where that pays)
     # begins the job that much later: its time counts the measurement.
-    simulation = Simulation(workload, plan, start=float(getattr(controller, "started_at", 0.0)))
+    simulation = Simulation(workload, plan, start=float(controller.started_at))
     end = default_limit(profile, workload) if limit is None else limit
     decisions = 0
     first_pass_ended: float | None = None
@@ -511,8 +511,7 @@ def run(
     # lmwatch's engine wakes early when the hypervisor reports a new pass (the driver's
     # `wait_event`), so it samples each pass at its start; a controller that says so
     # (`wake_on_pass`) is woken the same way, at most every `MIN_WAKE` seconds.
-    wake = bool(getattr(controller, "wake_on_pass", False))
-    applied = getattr(controller, "applied", None)
+    wake = bool(controller.wake_on_pass)
     # The first poll is at the start, as the engine's ("the first poll is now") and the
     # monitor loops of the systems the baselines re-implement: it shows the first pass
     # begun, so its end is known when the next sample shows the second.
@@ -546,14 +545,10 @@ def run(
                 first_pass_ended = now
             decisions += 1
             for command in step(sample, now):
-                accepted = apply(command)
-                if applied is not None:
-                    applied(command, accepted)
+                controller.applied(command, apply(command))
         if simulation.restarts != restarts:  # a new job: the controller learns when it began
             migration = simulation.migration
-            restarted = getattr(controller, "restarted", None)
-            if restarted is not None:
-                restarted(migration.started)
+            controller.restarted(migration.started)
     if simulation.finished:
         controller.finished(simulation.result())
     return simulation.record(

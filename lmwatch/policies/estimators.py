@@ -235,6 +235,12 @@ class Projection:
     # guest-seconds the slowing takes until the job completes (each pass's duration
     # times the level in force during it); what the guest pays for finishing this way
     slowed: float = 0.0
+    stop: float = 0.0  # seconds of the final stop (copy and switchover) when it converges
+
+    @property
+    def taken(self) -> float:
+        """Guest-seconds finishing this way takes: the slowing, then the final stop."""
+        return self.slowed + self.stop
 
 
 def project(
@@ -297,7 +303,8 @@ def project(
         left = model.next_count(rest, duration, level, outside)
         dirtied = left - rest
         if left <= capacity:
-            return Projection(True, seconds + left / bandwidth + switchover, 0.0, n, slowed)
+            stop = left / bandwidth + switchover
+            return Projection(True, seconds + stop, 0.0, n, slowed, stop)
         raised = False
         if slow_armed:
             period[2] += dirtied

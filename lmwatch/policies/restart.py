@@ -138,9 +138,9 @@ def restart_outlook(
         target = available
         slowed_now = current.slowed
     else:
-        # The lowest level that finishes within the share of what is left the start
-        # plan keeps (the guest may still be growing); none does: the highest, if it
-        # finishes.
+        # Of the levels that finish within the share of what is left the start plan
+        # keeps (the guest may still be growing), the one that takes the least of the
+        # guest's time; none does: the highest, if it finishes.
         available = left - cost
         target = available * settings.slowdown_deadline_share
         slowed_now = math.inf

@@ -6,6 +6,7 @@ whenever the profile allows them and the hosts can do them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lmwatch.model import Capabilities, InstanceInfo, StartPlan
@@ -166,33 +167,40 @@ def initial_slowdown(
 
     The level that barely brings the change rate under the link's is the least that
     can converge; but the hypervisor raises the level only every few passes, and a
-    pass over a large guest lasts minutes, so a level that converges slowly can run
-    into the deadline. So, with a deadline: the lowest level, from that one up to
-    `max_initial_slowdown` in steps of `slow_down_step`, whose projection (the guest
-    rewriting at the measured rate over all of its memory, the hypervisor's throttle
-    schedule, finishing by a pause where the profile allows one) finishes within
-    `slowdown_deadline_share` of what the deadline leaves after the local disks are
-    copied (at the link's bandwidth, before memory). None finishing: the highest.
+    pass over a large guest lasts minutes, so a level that converges slowly slows the
+    guest for longer, takes more of its time in all, and can run into the deadline.
+    So: of the levels from that one up to `max_initial_slowdown`, in steps of
+    `slow_down_step`, whose projection (the guest rewriting at the measured rate over
+    all of its memory, the hypervisor's throttle schedule, finishing by a pause where
+    the profile allows one) finishes within `slowdown_deadline_share` of what the
+    deadline leaves after the local disks are copied (at the link's bandwidth, before
+    memory), the one that takes the least of the guest's time (`choose_slowdown`).
+    None finishing: the highest.
     """
     base = least_slowdown(change_rate, bandwidth, settings)
     deadline = profile.deadline_seconds(memory + disk_bytes)
-    if deadline is None:
-        return base, ""
-    target = max(0.0, deadline - disk_bytes / bandwidth) * settings.slowdown_deadline_share
+    target = (
+        math.inf
+        if deadline is None
+        else max(0.0, deadline - disk_bytes / bandwidth) * settings.slowdown_deadline_share
+    )
     choice = choose_slowdown(
         profile, memory, change_rate, bandwidth, budget, switchover, target, settings
+    )
+    within = (
+        ""
+        if deadline is None
+        else f" within {duration_text(target)} (of the {duration_text(deadline)} deadline)"
     )
     if choice.fits:
         if choice.level <= base:
             return base, ""
         return choice.level, (
-            f"; a lower level would not finish within {duration_text(target)} "
-            f"(of the {duration_text(deadline)} deadline)"
+            f"; of the levels from {base:.0%} that finish{within}, it takes the least of the "
+            f"guest's time (about {duration_text(choice.taken)} slowed or stopped, finishing "
+            f"in about {duration_text(choice.seconds)})"
         )
-    return choice.level, (
-        f"; no level finishes within {duration_text(target)} "
-        f"(of the {duration_text(deadline)} deadline) on that measurement"
-    )
+    return choice.level, f"; no level finishes{within} on that measurement"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +211,7 @@ class SlowdownChoice:
     seconds: float | None  # from the start to the end of the job at that level; None: never
     fits: bool  # `seconds` is within the target the level was chosen for
     slowed: float = 0.0  # guest-seconds the slowing takes until then (`Projection.slowed`)
+    taken: float = 0.0  # the same and the final stop (`Projection.taken`)
 
 
 def least_slowdown(change_rate: float, bandwidth: float, settings: PolicySettings) -> float:
@@ -268,10 +277,18 @@ def choose_slowdown(
     *,
     working_set: float | None = None,
 ) -> SlowdownChoice:
-    """The lowest start level, from `least_slowdown` up to `max_initial_slowdown` in
-    steps of `slow_down_step`, whose `start_projection` finishes within `target`
-    seconds; none finishing: the highest, with `fits` false."""
+    """Of the start levels from `least_slowdown` up to `max_initial_slowdown`, in steps
+    of `slow_down_step`, whose `start_projection` finishes within `target` seconds,
+    the one that takes the least of the guest's time (`Projection.taken`: the slowing,
+    level x time, and the final stop); of equal ones the higher, which finishes
+    sooner. None finishing: the highest, with `fits` false.
+
+    The least level is not the least for the guest: the hypervisor raises the level
+    only every few passes, so a low one slows the guest through many more passes (and
+    on to the levels the schedule raises it to) than a higher one that converges at
+    once."""
     level = least_slowdown(change_rate, bandwidth, settings)
+    best: SlowdownChoice | None = None
     while True:
         projection = start_projection(
             profile,
@@ -285,8 +302,11 @@ def choose_slowdown(
             working_set=working_set,
         )
         seconds = projection.seconds
-        if seconds is not None and seconds <= target:
-            return SlowdownChoice(level, seconds, True, projection.slowed)
+        fits = seconds is not None and seconds <= target
+        if fits and (best is None or projection.taken <= best.taken):
+            best = SlowdownChoice(level, seconds, True, projection.slowed, projection.taken)
         if level >= settings.max_initial_slowdown - 1e-9:
-            return SlowdownChoice(level, seconds, False, projection.slowed)
+            if best is not None:
+                return best
+            return SlowdownChoice(level, seconds, False, projection.slowed, projection.taken)
         level = round(min(settings.max_initial_slowdown, level + settings.slow_down_step), 2)

@@ -283,10 +283,10 @@ def choose_slowdown(
     level x time, and the final stop); of equal ones the higher, which finishes
     sooner. None finishing: the highest, with `fits` false.
 
-    The least level is not the least for the guest: the hypervisor raises the level
-    only every few passes, so a low one slows the guest through many more passes (and
-    on to the levels the schedule raises it to) than a higher one that converges at
-    once."""
+    The least level is often not the least for the guest: the hypervisor raises the
+    level only every two passes that rewrite half of what they sent, so a low one that
+    converges slowly slows the guest through many more passes (and on to the levels
+    the schedule raises it to) than a higher one; where it converges quickly, it is."""
     level = least_slowdown(change_rate, bandwidth, settings)
     best: SlowdownChoice | None = None
     while True:

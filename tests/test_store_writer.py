@@ -115,7 +115,12 @@ async def test_a_write_on_the_loop_does_not_wait_for_a_slow_commit(store: Store)
         store.add_event(record.id, 3.0, "note", "a note")
     # Every call returned with no commit done: the disk is the writer thread's.
     assert disk.commits_done == 0
-    await asyncio.sleep(0.05)
+    # The writer thread gets to its first commit within moments (on a loaded machine,
+    # more than 50 ms: wait for it, well within the gate's two seconds).
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if disk.commits_started:
+            break
     assert disk.commits_started >= 1 and disk.commits_done == 0  # the writer is stuck in one
     assert ticks > 5  # and the loop ran on meanwhile
     # Read-your-writes while nothing is written yet.

@@ -113,6 +113,7 @@ from lmwatch.policies.forcing import (
     force_complete,
     handover_fits,
     handover_usable,
+    link_still_text,
     nothing_allowed,
     pause_fits,
     pause_outlasting,
@@ -414,10 +415,7 @@ def _deadline_lead(
 def _link_still(a: Analysis, ctx: MigrationContext, now: float) -> Decision:
     """Rule 2a: nothing has moved for a while. Wait for the link, or cancel at the
     deadline; the prediction says the link carries nothing and gives no time to go."""
-    still = (
-        f"nothing has moved for {duration_text(a.still_for)} ({format_size(a.remaining)} "
-        f"left, pass {a.passes}): the link may have stalled"
-    )
+    still = link_still_text(a)
     prediction = replace(a.prediction(), transfer_rate=0.0, eta_seconds=None, blackout_seconds=None)
     if ctx.deadline_at is not None and now >= ctx.deadline_at:
         took = duration_text(max(0.0, now - ctx.started_at))

@@ -92,6 +92,16 @@ def pause_fits(
     return stop * analysis.margin(settings.pause_safety, settings) <= profile.max_pause
 
 
+def link_still_text(analysis: Analysis) -> str:
+    """What an operator reads when nothing has moved for a while (`Analysis.link_still`):
+    the same words whether the policy waits or a request to finish is refused."""
+    return (
+        f"nothing has moved for {duration_text(analysis.still_for)} "
+        f"({format_size(analysis.remaining)} left, pass {analysis.passes}): the link may "
+        "have stalled"
+    )
+
+
 def already_finishing(history: History, ctx: MigrationContext) -> str | None:
     """Why there is nothing to do, when the migration is past copying."""
     if ctx.handed_over:
@@ -296,10 +306,8 @@ def force_complete(
         )
     if analysis.link_still:
         raise ForceRefused(
-            f"nothing has moved for {duration_text(analysis.still_for)} "
-            f"({format_size(analysis.remaining)} left): the link may have stalled, and "
-            "a handover or a pause now would stop or strand the instance on a link that "
-            "carries nothing; ask again once it moves"
+            f"{link_still_text(analysis)}, and a handover or a pause now would stop or "
+            "strand the instance on a link that carries nothing; ask again once it moves"
         )
     disks = disk_outlook(track, settings)
     if disks is not None:

@@ -16,7 +16,7 @@ from lmwatch.drivers.base import UnknownHost
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.engine.placing import DestinationDraining
 from lmwatch.errors import Conflict, Invalid, NotFound
-from lmwatch.model import GIB, MigrationRequest, StartPlan, State
+from lmwatch.model import GIB, ChangeRate, MigrationRequest, StartPlan, State
 from lmwatch.schemas import placement_out
 from lmwatch.store import DrainRecord, DrainState, ItemState
 
@@ -130,6 +130,34 @@ async def test_a_drain_empties_the_host_longest_first_within_the_host_limit(rig:
     # The store has it as it ended.
     stored = rig.store.get_drain(drain.id)
     assert stored is not None and stored.state is DrainState.COMPLETED
+
+
+async def test_a_drained_guest_is_measured_once_its_start_reuses_the_reading(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain measures every guest's change rate at submission (to order them); the
+    measurement before each start takes a window of seconds on real hosts, so a start
+    that follows soon after reuses the drain's reading instead of measuring again."""
+    measured: list[str] = []
+    original = rig.driver.measure_change_rate
+
+    async def counting(instance: str, host: str) -> ChangeRate | None:
+        measured.append(instance)
+        return await original(instance, host)
+
+    monkeypatch.setattr(rig.driver, "measure_change_rate", counting)
+    drain = await rig.engine.drains.submit("src")
+    assert sorted(measured) == ["q1", "q2", "q3", "q4", "q5"]
+    done = await rig.until_done(drain.id)
+    assert done.state is DrainState.COMPLETED, done
+    assert sorted(measured) == ["q1", "q2", "q3", "q4", "q5"]  # none measured twice
+    # The starts that plan with a change rate (a pass of 4 GiB or more over 1 GiB/s)
+    # planned with the drain's reading.
+    for item in done.items:
+        if item.instance in ("q4", "q2", "q3"):
+            assert item.migration_id is not None
+            start = next(e for e in rig.store.events(item.migration_id) if e.action == "start")
+            assert start.data["change_rate"] is not None, start
 
 
 TWO_DRAINED = """

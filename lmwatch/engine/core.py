@@ -36,6 +36,7 @@ from lmwatch.errors import Conflict, NotFound
 from lmwatch.events import EventHub
 from lmwatch.metrics import Metrics
 from lmwatch.model import (
+    ChangeRate,
     Decision,
     HostInfo,
     InstanceInfo,
@@ -347,6 +348,12 @@ class Engine:
     def switchover(self, source: str, destination: str) -> float:
         """Seconds of switchover to plan with between two hosts (learned, or the default)."""
         return self._learned.switchover(source, destination)
+
+    def remember_change_rate(self, instance: str, rate: ChangeRate) -> None:
+        """Keep a change rate measured before any start (a drain measures every guest
+        at submission): the instance's start reuses it while it is recent instead of
+        measuring again, a window of seconds on real hosts."""
+        self._learned.remember_change_rate(instance, self.clock.now(), rate)
 
     def elsewhere(self, migration_id: str) -> bool:
         """Whether an operator's command on this migration is for another daemon:

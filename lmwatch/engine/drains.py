@@ -409,7 +409,8 @@ class Drains:
     async def _change_rates(self, host: str, instances: Sequence[str]) -> dict[str, float]:
         """What each guest rewrites (bytes/s), measured at once for all of them where
         the host can tell within `MEASURE_TIMEOUT` (seconds on real hosts); the
-        ordering does without the others."""
+        ordering does without the others. Each start reuses its guest's reading while
+        it is recent (`EngineSettings.change_rate_max_age`)."""
         if not instances:
             return {}
 
@@ -418,7 +419,10 @@ class Drains:
                 rate = await self.engine.driver.measure_change_rate(name, host)
             except (DriverError, ProblemError):
                 return name, None
-            return name, None if rate is None else rate.bytes_per_second
+            if rate is None:
+                return name, None
+            self.engine.remember_change_rate(name, rate)  # its start reuses it
+            return name, rate.bytes_per_second
 
         try:
             async with asyncio.timeout(MEASURE_TIMEOUT):

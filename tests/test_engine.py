@@ -18,7 +18,7 @@ from lmwatch.drivers.sim import SimDriver
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.errors import Conflict, Invalid
 from lmwatch.metrics import Metrics
-from lmwatch.model import ChangeRate, JobResult, Method, Phase, Sample, State
+from lmwatch.model import Capabilities, ChangeRate, JobResult, Method, Phase, Sample, State
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import SCHEMA_VERSION, MigrationRecord, Store, StoreError, is_database_url
 
@@ -739,6 +739,43 @@ async def test_change_rate_measured_once_and_reused_when_recent(
     assert rig.engine.get(other).state is State.COMPLETED
     note = next(e for e in rig.store.events(other) if "not measured" in e.reason)
     assert "one pass of 2.0GiB takes about 2" in note.reason, note.reason
+
+
+async def test_the_link_rate_is_learned_where_the_hosts_do_not_give_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hosts whose configuration gives no bandwidth (libvirt's hosts without a cap):
+    the first migration between them measures its guest, as the link's speed is
+    unknown; once one has completed, the rate it moved at stands in for the link's, so
+    a small guest is not measured (its first pass tells as much as soon) and a guest
+    that writes faster than that link is slowed from the start."""
+    measured: list[str] = []
+    original_rate = rig.driver.measure_change_rate
+    original_capabilities = rig.driver.capabilities
+
+    async def counting(instance: str, host: str) -> ChangeRate | None:
+        measured.append(instance)
+        return await original_rate(instance, host)
+
+    async def unknown_bandwidth(source: str, destination: str) -> Capabilities:
+        found = await original_capabilities(source, destination)
+        return dataclasses.replace(found, bandwidth=None)
+
+    monkeypatch.setattr(rig.driver, "measure_change_rate", counting)
+    monkeypatch.setattr(rig.driver, "capabilities", unknown_bandwidth)
+    first = await rig.migrate("idle3")  # 2 GiB: measured, the link being unknown
+    await rig.finish(first)
+    assert rig.engine.get(first).state is State.COMPLETED
+    assert measured == ["idle3"]
+    small = await rig.migrate("idle2")
+    await rig.finish(small)
+    assert measured == ["idle3"]
+    note = next(e for e in rig.store.events(small) if "not measured" in e.reason)
+    assert "one pass of 2.0GiB takes about 2" in note.reason, note.reason
+    busy = await rig.migrate("busy-slow")
+    await rig.clock.run_until(lambda: rig.engine.get(busy).state is State.COPYING)
+    start = next(e for e in rig.store.events(busy) if e.action == "start")
+    assert "slow-down armed at" in start.reason and "from the start" in start.reason
 
 
 SLOW_SWITCH = INVENTORY.replace(

@@ -175,7 +175,7 @@ class Engine:
             recovery.keep_store(self.store, self.clock, self.settings)
         )
         for record in back.completed:
-            self._learned.learn_switchover(record)
+            self._learned.learn(record)
         if self._ownership is not None:
             # A member takes back only what it owns, round by round (ownership.py).
             self._ownership.start()

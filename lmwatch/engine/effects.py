@@ -497,7 +497,7 @@ class Effects:
             self.event(supervision, "note", result.note)
         self._check_profile(supervision, result, total, completed=state is State.COMPLETED)
         if state is State.COMPLETED:
-            self.learned.learn_switchover(supervision.record)
+            self.learned.learn(supervision.record)
         self.metrics.finished.labels(state.value, method.value).inc()
         self.metrics.duration.labels(method.value).observe(total)
         if result.blackout_seconds is not None:

@@ -1,4 +1,5 @@
-"""What earlier migrations taught: switchover costs per host pair, recent change rates.
+"""What earlier migrations taught: switchover costs and link rates per host pair, recent
+change rates.
 
 In memory only, no I/O: the switchover costs are learned again from the store's
 completed migrations at start.
@@ -6,6 +7,7 @@ completed migrations at start.
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 
 from lmwatch import policies
@@ -21,6 +23,8 @@ class Learned:
         self._burst = burst  # seconds the hypervisor sends between two counts
         # Switchover costs measured on completed migrations, per (source, destination).
         self._switchovers: dict[tuple[str, str], deque[float]] = {}
+        # Transfer rates completed migrations moved at, per (source, destination).
+        self._rates: dict[tuple[str, str], deque[float]] = {}
         # Change rates measured before start, per instance: (clock time, bytes/s).
         self._change_rates: dict[str, tuple[float, ChangeRate]] = {}
 
@@ -34,10 +38,27 @@ class Learned:
         measured = self._switchovers.get((source, destination))
         return min(measured) if measured else None
 
-    def learn_switchover(self, record: MigrationRecord) -> None:
-        """Learn from a completed migration how long its switchover took."""
+    def link_rate(self, source: str, destination: str) -> float | None:
+        """Bytes/s the link between two hosts carried for the migrations completed over
+        it (the median of the last few; None: none completed). Stands in where the
+        hosts' configuration does not give the link's bandwidth."""
+        rates = self._rates.get((source, destination))
+        return statistics.median(rates) if rates else None
+
+    def learn(self, record: MigrationRecord) -> None:
+        """Learn from a completed migration how long its switchover took and how fast
+        its link carried it."""
+        if record.state is not State.COMPLETED:
+            return
+        rate = (record.progress or Progress()).transfer_rate
+        if rate > 0:
+            key = (record.source, record.destination)
+            self._rates.setdefault(key, deque(maxlen=self._memory)).append(rate)
+        self._learn_switchover(record)
+
+    def _learn_switchover(self, record: MigrationRecord) -> None:
         outcome = record.outcome
-        if record.state is not State.COMPLETED or outcome is None:
+        if outcome is None:
             return
         blackout = outcome.blackout_seconds
         if blackout is None:

@@ -17,7 +17,7 @@ class EngineSettings:
     continue_log_interval: float = 30.0  # how often an unchanged "continue" is logged
     measure_change_rate: bool = True
     change_rate_max_age: float = 600.0  # seconds a pre-start measurement is reused for
-    switchover_memory: int = 20  # measured switchover costs kept per host pair
+    switchover_memory: int = 20  # measured switchover costs and link rates kept per host pair
     store_check_interval: float = 5.0  # seconds between checks that the store file is there
     store_retry: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)  # back-off of failed writes
     # Operator commands between daemons on one PostgreSQL store (engine/commands.py):

@@ -167,7 +167,10 @@ class Supervisor:
             # pre-flight's words, before the hypervisor is asked to move anything.
             info = await self.effects.preflight(request_of(record))
             capabilities = await self.effects.capabilities(supervision)
-            change_rate = await self._change_rate_for_start(supervision, capabilities)
+            bandwidth = capabilities.bandwidth or self.learned.link_rate(
+                record.source, record.destination
+            )
+            change_rate = await self._change_rate_for_start(supervision, capabilities, bandwidth)
             supervision.change_rate = change_rate
             await self._join_link(supervision)
             plan = policies.plan_start(
@@ -175,7 +178,7 @@ class Supervisor:
                 info,
                 capabilities,
                 None if change_rate is None else change_rate.bytes_per_second,
-                capabilities.bandwidth,
+                bandwidth,
                 self.settings.policy,
                 switchover=self.learned.switchover(record.source, record.destination),
             )
@@ -235,9 +238,10 @@ class Supervisor:
             await _unless_mail(self.clock.sleep(wait), supervision.mail)
 
     async def _change_rate_for_start(
-        self, supervision: Supervision, capabilities: Capabilities
+        self, supervision: Supervision, capabilities: Capabilities, bandwidth: float | None
     ) -> ChangeRate | None:
         """The change rate before start: reused when recent, measured otherwise.
+        `bandwidth`: the link's, configured or learned from completed migrations.
 
         It sets the first slow-down level, tells a saturated first pass from a steady
         writer, and shows whether the guest had quieter phases; but measuring takes
@@ -254,7 +258,7 @@ class Supervisor:
         if recent is not None:
             return recent
         skipped = policies.measurement_skipped(
-            record.memory_bytes, capabilities.bandwidth, CHANGE_RATE_WINDOW, self.settings.policy
+            record.memory_bytes, bandwidth, CHANGE_RATE_WINDOW, self.settings.policy
         )
         if skipped is not None:
             self.effects.event(supervision, "note", skipped)

@@ -165,6 +165,53 @@ def test_a_link_that_slows_is_believed_at_once_and_one_that_speeds_up_slowly() -
     assert w.bandwidth / 3 < rate < 0.6 * w.bandwidth
 
 
+def _link_readings(w: Workload, rates: list[float]) -> list[Sample]:
+    """Four samples of the first pass at the link's bandwidth, then one a second for each
+    of `rates` (bytes/s), the bytes moved keeping to the reading."""
+    samples = history(w, max_passes=1, polls_per_pass=6)[:4]
+    for rate in rates:
+        last = samples[-1]
+        samples.append(
+            replace(
+                last,
+                time=last.time + 1,
+                transfer_rate=rate,
+                memory_transferred=last.memory_transferred + round(rate),
+                memory_remaining=last.memory_remaining - round(rate),
+            )
+        )
+    return samples
+
+
+def test_a_link_that_stepped_down_is_read_at_its_new_level_and_judged_by_it() -> None:
+    """The link drops to a fifth and stays there. Its rate is the new level's, however
+    many readings later (an average over the readings before the step drifts down
+    slowly and, once the latest reading is no longer far below it, reads the link up
+    to a fifth faster than it is: pauses and stops predicted short). How much it
+    varies is judged from the readings since the step once three of them have held:
+    a link that slowed in one step and stays there is as steady as it has been since
+    (every pause and handover is held to a margin that grows with it)."""
+    w = workload(2048, 30, 100, 512)
+    low = w.bandwidth / 5
+    for held in range(1, 11):
+        a = analyse(_link_readings(w, [low] * held), context(w))
+        assert a.transfer_rate == pytest.approx(low), held
+        if held >= 3:
+            assert a.rate_variation == pytest.approx(0.0, abs=1e-9), held
+        else:  # not held long enough to be judged on its own: all readings count
+            assert a.rate_variation > 0.3, held
+
+
+def test_a_link_that_dipped_and_came_back_is_not_read_at_the_dip() -> None:
+    """One reading far below the rest, then the link back at its rate: no step (the
+    level did not hold), so the rate is the average of them all and the dip counts in
+    how much the link varies."""
+    w = workload(2048, 30, 100, 512)
+    a = analyse(_link_readings(w, [w.bandwidth / 5, w.bandwidth, w.bandwidth]), context(w))
+    assert a.transfer_rate is not None and a.transfer_rate > 0.75 * w.bandwidth
+    assert a.rate_variation > 0.2
+
+
 def _eta_case(change: float, writer: str, seen: int, tolerance: float):  # type: ignore[no-untyped-def]
     return pytest.param(change, writer, seen, tolerance, id=f"{writer}-{change}-pass{seen}")
 

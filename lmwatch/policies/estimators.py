@@ -555,12 +555,47 @@ def _variation(values: Sequence[float]) -> float:
     return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values)) / mean
 
 
+STEP_HELD = 3  # readings a link's new level must hold before it is judged on its own
+
+
+def _since_step(readings: Sequence[float], drop: float) -> int:
+    """Where the link's current level began: the index of the reading at which it
+    stepped down (more than `drop` below every reading since the step before) and
+    stayed down (every reading from there on as low, two at least: the latest reading
+    alone may be a dip, which `_transfer_rate` tells by the bytes moved), or 0."""
+    following = [0.0] * len(readings)  # the highest reading from each index on
+    highest = 0.0
+    for i in range(len(readings) - 1, -1, -1):
+        highest = max(highest, readings[i])
+        following[i] = highest
+    start = 0
+    lowest = readings[0] if readings else 0.0  # the lowest since `start`
+    for i in range(1, len(readings) - 1):
+        if following[i] < (1 - drop) * lowest:
+            start, lowest = i, readings[i]
+        else:
+            lowest = min(lowest, readings[i])
+    return start
+
+
+def _rate_variation(readings: Sequence[float], drop: float) -> float:
+    """How much the link's rate varies: since its last step down (`_since_step`) once
+    the new level has held for `STEP_HELD` readings, else over all of them. A link
+    that slowed in one step and stays there is as steady as it has been since."""
+    start = _since_step(readings, drop)
+    if start and len(readings) - start >= STEP_HELD:
+        return _variation(readings[start:])
+    return _variation(readings)
+
+
 def _transfer_rate(track: Track, alpha: float, drop: float) -> float | None:
-    """What the link carries now: the recent readings' average, or the latest one when
-    it lies more than `drop` below that average and the bytes moved since the sample
-    before say so too (the hypervisor's reading covers its last fraction of a second,
-    which a dirty-bitmap sync alone may have slowed)."""
+    """What the link carries now: the average of the recent readings since its last step
+    down (`_since_step`), or the latest one when it lies more than `drop` below that
+    average and the bytes moved since the sample before say so too (the hypervisor's
+    reading covers its last fraction of a second, which a dirty-bitmap sync alone may
+    have slowed)."""
     readings = [s.transfer_rate for s in track.recent if s.transfer_rate > 0]
+    readings = readings[_since_step(readings, drop) :]
     rate = _ewma(readings, alpha)
     if rate is None:
         return _moved_rate(track)
@@ -1178,7 +1213,9 @@ def analyse(
         fresh=fresh,
         switchover=ctx.switchover,
         in_pass=in_pass,
-        rate_variation=_variation([s.transfer_rate for s in recent if s.transfer_rate > 0]),
+        rate_variation=_rate_variation(
+            [s.transfer_rate for s in recent if s.transfer_rate > 0], settings.rate_drop
+        ),
         poll=poll,
         spread=min(spread, float(remaining)),
         passes_since=None if track.repeating is None else track.repeating.time,

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lmwatch.clock import VirtualClock
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
 from lmwatch.drivers.sim_world import SqliteWorld, WorldKeeper
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.metrics import Metrics
-from lmwatch.model import MigrationRequest
+from lmwatch.model import ChangeRate, MigrationRequest
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import Store, is_database_url
 
@@ -109,3 +111,15 @@ class EngineRig:
             for e in self.store.events(migration_id)
             if e.kind == "decision" and e.action not in (None, "continue", "start")
         ]
+
+    def count_measurements(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        """The instances whose change rate the driver measures from now on, in order."""
+        measured: list[str] = []
+        original = self.driver.measure_change_rate
+
+        async def counting(instance: str, host: str) -> ChangeRate | None:
+            measured.append(instance)
+            return await original(instance, host)
+
+        monkeypatch.setattr(self.driver, "measure_change_rate", counting)
+        return measured

@@ -714,14 +714,7 @@ async def test_change_rate_measured_once_and_reused_when_recent(
     measurement serves an instance for a while, so a round trip measures once; and
     none is made where one pass of memory takes less than a few measurements (`idle2`:
     2 GiB over 1 GiB/s), since the first pass tells as much as soon."""
-    measured: list[str] = []
-    original = rig.driver.measure_change_rate
-
-    async def counting(instance: str, host: str) -> ChangeRate | None:
-        measured.append(instance)
-        return await original(instance, host)
-
-    monkeypatch.setattr(rig.driver, "measure_change_rate", counting)
+    measured = rig.count_measurements(monkeypatch)
     there = await rig.migrate("big")  # 8 GiB: a pass of 8 s
     await rig.finish(there)
     assert measured == ["big"]
@@ -749,19 +742,13 @@ async def test_the_link_rate_is_learned_where_the_hosts_do_not_give_it(
     unknown; once one has completed, the rate it moved at stands in for the link's, so
     a small guest is not measured (its first pass tells as much as soon) and a guest
     that writes faster than that link is slowed from the start."""
-    measured: list[str] = []
-    original_rate = rig.driver.measure_change_rate
+    measured = rig.count_measurements(monkeypatch)
     original_capabilities = rig.driver.capabilities
-
-    async def counting(instance: str, host: str) -> ChangeRate | None:
-        measured.append(instance)
-        return await original_rate(instance, host)
 
     async def unknown_bandwidth(source: str, destination: str) -> Capabilities:
         found = await original_capabilities(source, destination)
         return dataclasses.replace(found, bandwidth=None)
 
-    monkeypatch.setattr(rig.driver, "measure_change_rate", counting)
     monkeypatch.setattr(rig.driver, "capabilities", unknown_bandwidth)
     first = await rig.migrate("idle3")  # 2 GiB: measured, the link being unknown
     await rig.finish(first)

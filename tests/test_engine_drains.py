@@ -16,7 +16,7 @@ from lmwatch.drivers.base import UnknownHost
 from lmwatch.engine import Engine, EngineSettings
 from lmwatch.engine.placing import DestinationDraining
 from lmwatch.errors import Conflict, Invalid, NotFound
-from lmwatch.model import GIB, ChangeRate, MigrationRequest, StartPlan, State
+from lmwatch.model import GIB, MigrationRequest, StartPlan, State
 from lmwatch.schemas import placement_out
 from lmwatch.store import DrainRecord, DrainState, ItemState
 
@@ -138,14 +138,8 @@ async def test_a_drained_guest_is_measured_once_its_start_reuses_the_reading(
     """A drain measures every guest's change rate at submission (to order them); the
     measurement before each start takes a window of seconds on real hosts, so a start
     that follows soon after reuses the drain's reading instead of measuring again."""
-    measured: list[str] = []
-    original = rig.driver.measure_change_rate
+    measured = rig.count_measurements(monkeypatch)
 
-    async def counting(instance: str, host: str) -> ChangeRate | None:
-        measured.append(instance)
-        return await original(instance, host)
-
-    monkeypatch.setattr(rig.driver, "measure_change_rate", counting)
     drain = await rig.engine.drains.submit("src")
     assert sorted(measured) == ["q1", "q2", "q3", "q4", "q5"]
     done = await rig.until_done(drain.id)

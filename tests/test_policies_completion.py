@@ -22,6 +22,7 @@ try:
         history,
         plan,
         simulate,
+        stalled_after,
         workload,
     )
 except ImportError:  # tests collected as a package
@@ -32,6 +33,7 @@ except ImportError:  # tests collected as a package
         history,
         plan,
         simulate,
+        stalled_after,
         workload,
     )
 
@@ -863,14 +865,6 @@ def test_a_first_pass_whose_link_carries_nothing_says_so_not_a_time_to_go() -> N
     assert analyse(moving, ctx).still_for == 0.0
 
 
-def _stalled_at(samples: list[Sample], seconds: tuple[float, ...]) -> list[Sample]:
-    """`samples` and then the last one again `seconds` later each: the link carries
-    nothing, and the hypervisor's readings (the transfer rate among them) stay as they
-    were."""
-    last = samples[-1]
-    return [*samples, *(replace(last, time=last.time + t) for t in seconds)]
-
-
 def test_nothing_is_forced_on_a_link_that_has_carried_nothing_for_two_seconds() -> None:
     """Rule 2a: the reading a pause (or a handover) is judged at keeps its last value
     while the link carries nothing; a pause chosen then would stop the instance until
@@ -885,9 +879,9 @@ def test_nothing_is_forced_on_a_link_that_has_carried_nothing_for_two_seconds() 
     # the link stops as that pass begins: one still second is a lull, and the same
     # pause comes; after two, what the pause would move is as "known" as it was (the
     # pass began moments ago, at the reading), but the link moves none of it
-    lull = _stalled_at(run.samples, (1.0,))
+    lull = stalled_after(run.samples, (1.0,))
     assert decide(profile, lull, ctx, lull[-1].time).action is Action.PAUSE
-    still = _stalled_at(run.samples, (1.0, 2.5))
+    still = stalled_after(run.samples, (1.0, 2.5))
     decision = decide(profile, still, ctx, still[-1].time)
     assert decision.action is Action.CONTINUE and decision.rule is Rule.LINK_STILL
     assert "no handover, pause or new blackout budget" in decision.reason

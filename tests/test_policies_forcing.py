@@ -14,13 +14,21 @@ from lmwatch.policies.forcing import pause_outlasting
 from lmwatch.profiles.schema import Profile
 
 try:
-    from test_policies_support import SWITCHOVER, context, history, plan, workload
+    from test_policies_support import (
+        SWITCHOVER,
+        context,
+        history,
+        plan,
+        stalled_after,
+        workload,
+    )
 except ImportError:  # tests collected as a package
     from tests.test_policies_support import (  # type: ignore[no-redef]
         SWITCHOVER,
         context,
         history,
         plan,
+        stalled_after,
         workload,
     )
 
@@ -100,12 +108,11 @@ def test_refuses_while_the_link_carries_nothing_whatever_the_caller_accepts() ->
     nothing. The request is refused with the reason (409 at the API), even with a
     pause accepted; one still second is a lull and the request is carried out."""
     samples = history(STUCK, max_passes=3)
-    last = samples[-1]
     profile = Profile(name="b", handover="allowed", max_degraded=30)
     ctx = context(STUCK, plan(handover=True))
-    lull = [*samples, replace(last, time=last.time + 1.0)]
+    lull = stalled_after(samples, (1.0,))
     assert force_complete(profile, lull, ctx, lull[-1].time, True).action is Action.HANDOVER
-    still = [*lull, replace(last, time=last.time + 2.0)]
+    still = stalled_after(samples, (1.0, 2.0))
     with pytest.raises(ForceRefused) as refused:
         force_complete(profile, still, ctx, still[-1].time, True)
     assert "nothing has moved for 2.0s" in refused.value.reason

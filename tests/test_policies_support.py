@@ -313,6 +313,14 @@ def simulate(
     return run
 
 
+def stalled_after(samples: list[Sample], seconds: tuple[float, ...]) -> list[Sample]:
+    """`samples` and then the last one again `seconds` later each: the link carries
+    nothing, and the hypervisor's readings (the transfer rate among them) stay as they
+    were."""
+    last = samples[-1]
+    return [*samples, *(replace(last, time=last.time + t) for t in seconds)]
+
+
 def workload(
     memory_mib: float,
     change_mib: float,

@@ -61,7 +61,10 @@ def test_a_handover_whose_link_breaks_ends_failed(daemon: Daemon, summary: Any) 
     mid = daemon.submit(BUSY, src, dst, profile="hb-handover")["id"]
     daemon.wait_until(mid, lambda m: m["state"] == "copying", 60, "copying")
     rigctl.hold_handover_transfer(src, BUSY, mib_per_second=2)
-    m = daemon.wait_until(mid, lambda m: "handover" in actions(m), 90, "a handover")
+    daemon.wait_until(mid, lambda m: "handover" in actions(m), 90, "a handover")
+    # The decision is recorded before it is carried out (intent before action); the
+    # state follows once the hypervisor took it and the next sample shows it.
+    m = daemon.wait_until(mid, lambda m: m["state"] == "handover", 10, "the handover begun")
     assert m["state"] == "handover", explain(m)
     # the switch has happened on the hosts (the source stopped for it), not only been asked
     deadline = time.monotonic() + 10

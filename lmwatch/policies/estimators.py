@@ -578,24 +578,23 @@ def _since_step(readings: Sequence[float], drop: float) -> int:
     return start
 
 
-def _rate_variation(readings: Sequence[float], drop: float) -> float:
-    """How much the link's rate varies: since its last step down (`_since_step`) once
-    the new level has held for `STEP_HELD` readings, else over all of them. A link
-    that slowed in one step and stays there is as steady as it has been since."""
-    start = _since_step(readings, drop)
-    if start and len(readings) - start >= STEP_HELD:
-        return _variation(readings[start:])
-    return _variation(readings)
+def _rate_variation(readings: Sequence[float], since: Sequence[float]) -> float:
+    """How much the link's rate varies: over `since` (the readings since its last step
+    down, `_since_step`) once the new level has held for `STEP_HELD` readings, else over
+    all of `readings`. A link that slowed in one step and stays there is as steady as
+    it has been since."""
+    held = STEP_HELD <= len(since) < len(readings)
+    return _variation(since if held else readings)
 
 
-def _transfer_rate(track: Track, alpha: float, drop: float) -> float | None:
-    """What the link carries now: the average of the recent readings since its last step
-    down (`_since_step`), or the latest one when it lies more than `drop` below that
-    average and the bytes moved since the sample before say so too (the hypervisor's
-    reading covers its last fraction of a second, which a dirty-bitmap sync alone may
-    have slowed)."""
-    readings = [s.transfer_rate for s in track.recent if s.transfer_rate > 0]
-    readings = readings[_since_step(readings, drop) :]
+def _transfer_rate(
+    track: Track, readings: Sequence[float], alpha: float, drop: float
+) -> float | None:
+    """What the link carries now: the average of `readings` (the recent ones since its
+    last step down, `_since_step`), or the latest one when it lies more than `drop`
+    below that average and the bytes moved since the sample before say so too (the
+    hypervisor's reading covers its last fraction of a second, which a dirty-bitmap
+    sync alone may have slowed)."""
     rate = _ewma(readings, alpha)
     if rate is None:
         return _moved_rate(track)
@@ -1118,7 +1117,10 @@ def analyse(
     memory = latest.memory_total if latest and latest.memory_total > 0 else ctx.memory_bytes
     remaining = latest.memory_remaining if latest else memory
     passes = latest.passes if latest else 0
-    rate = _transfer_rate(track, settings.ewma_alpha, settings.rate_drop)
+    # the link's transfer-rate readings, and those since its last step down
+    readings = [s.transfer_rate for s in recent if s.transfer_rate > 0]
+    since = readings[_since_step(readings, settings.rate_drop) :]
+    rate = _transfer_rate(track, since, settings.ewma_alpha, settings.rate_drop)
     key, records, pairs = _evidence(track, ctx, settings)
     last_pairs = pairs[-settings.fit_pairs :]
     telling = _telling(pairs, last_pairs)
@@ -1213,9 +1215,7 @@ def analyse(
         fresh=fresh,
         switchover=ctx.switchover,
         in_pass=in_pass,
-        rate_variation=_rate_variation(
-            [s.transfer_rate for s in recent if s.transfer_rate > 0], settings.rate_drop
-        ),
+        rate_variation=_rate_variation(readings, since),
         poll=poll,
         spread=min(spread, float(remaining)),
         passes_since=None if track.repeating is None else track.repeating.time,

@@ -700,3 +700,22 @@ def test_a_remainder_already_below_the_threshold_is_counted_at_the_next_check(
     assert projection.seconds == pytest.approx(wait + count / bandwidth)
     counted_now = model.next_count(unsent, in_pass)
     assert projection.seconds > counted_now / bandwidth + 0.9 * 50 * wait / 100
+
+
+def test_an_eta_from_one_pass_allows_for_a_working_set_the_pass_filled() -> None:
+    """One pass and no measurement: the fit reads the pass as a steady writer's, the most
+    hopeful reading, but the guest may as well have filled a small working set many
+    times over, which the next count holds again. Copying converges either way: the
+    ETA is the longer reading's, not the hopeful one's."""
+    w = workload(2048, 3000, 1000, 60, "random")  # 60 MiB rewritten at 3 GB/s
+    samples = _at_pass_start(history(w, max_passes=3, budget=0.05), 2)
+    rest = samples[-1].memory_remaining
+    assert 0.05 * w.bandwidth < rest < 0.3 * w.bandwidth  # the plan's budget stops it next
+    p = estimate(samples, context(w, budget=0.3, switchover=SWITCHOVER))
+    # what the hypervisor does: sends the rest, counts what the guest dirtied meanwhile
+    # (nearly all of its working set) and stops the guest to copy that
+    send = rest / w.bandwidth
+    count = w.working_set * -math.expm1(-w.change * send / w.working_set)
+    expected = send + count / w.bandwidth + SWITCHOVER
+    assert p.converges is True and p.eta_seconds is not None
+    assert p.eta_seconds == pytest.approx(expected, rel=0.25)

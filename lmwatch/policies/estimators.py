@@ -982,6 +982,16 @@ def filled(model: DirtyModel, seconds: float) -> bool:
     return w > 0 and model.dirtied(seconds) >= SATURATED * w
 
 
+def filling(point: Pair) -> DirtyModel:
+    """The reading of one window in which the guest filled a working set of what it
+    dirtied there: that working set, written `FASTER_READING` times as fast as the least
+    rate that fills it (`SATURATED`) in the window, as `filled` and rule 5b read a rate
+    bounded from below only."""
+    working_set = max(point.rewritten, 1.0)
+    least = -working_set * math.log1p(-SATURATED) / max(point.duration, 1e-9)
+    return DirtyModel(rate=least * FASTER_READING, working_set=working_set)
+
+
 def _pair_rates(pairs: Sequence[Pair], model: DirtyModel, memory: float) -> list[float]:
     """The write rate each pair implies, given the fitted working set."""
     w = model.working_set
@@ -1255,6 +1265,16 @@ def analyse(
                 # converging either way: finishing takes as long as the faster reading says
                 # (every pass then fills the working set, and only what lies outside it
                 # shrinks), or as the fitted rate says, whichever is longer
+                eta = max(eta or 0.0, worst.seconds)
+        elif len(points) == 1 and ctx.change_rate_before_start is None:
+            # One pass and no measurement: the fit reads the pass as a steady writer's
+            # (`_fit`, the most hopeful reading), but it may as well have filled a working
+            # set of its count, which every later pass fills again. Converging either way,
+            # finishing takes as long as the longer reading says, as above.
+            worst = analysis.project_with(
+                ctx, ctx.blackout_budget, settings, slowing=False, model=filling(points[0])
+            )
+            if worst is not None and worst.converges and worst.seconds is not None:
                 eta = max(eta or 0.0, worst.seconds)
     if not alone_converges and ctx.plan.arm_slow_down:
         slowed = analysis.project_with(ctx, ctx.blackout_budget, settings)

@@ -107,6 +107,7 @@ def test_summary_per_profile_and_controller() -> None:
     assert (lm.clean, lm.violations, lm.cancelled) == (100.0, 0, 0.0)
     assert lm.time_ratios == (1.0, 2.0, 3.0, 4.0)
     assert lm.eta_ratios == (1.25, 3.75, 6.25, 8.75)
+    assert lm.eta_within == 25.0  # only 1.25 lies within ±50 %
     assert (other.clean, other.violations, other.cancelled, other.unfinished) == (25.0, 2, 25.0, 1)
     assert other.time_ratios == (1.0,)  # only where both were clean
     assert other.violation_kinds == {"blackout over limit": 1, "did not finish": 1}
@@ -121,7 +122,8 @@ def test_summary_per_profile_and_controller() -> None:
     assert all(len(row) == len(HEADERS) for row in rows)
     assert rows[1][:7] == ["p", "lmwatch", "4", "100.0%", "0", "0.0%", "0.0%"]
     assert rows[1][7:9] == ["2.50", "3.70"]
-    assert rows[2][-2:] == ["-", "-"]  # no predictions from "other"
+    assert rows[1][-4:] == ["2.00", "5.00", "8.00", "25%"]
+    assert rows[2][-4:] == ["-", "-", "-", "-"]  # no predictions from "other"
 
 
 def test_gate() -> None:

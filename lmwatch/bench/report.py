@@ -25,6 +25,7 @@ from lmwatch.profiles.schema import Profile
 
 BOUND = "hindsight bound"
 LMWATCH = "lmwatch"
+ETA_TOLERANCE = 0.5  # an ETA the actual time came within this share of, either way
 HEADERS = (
     "profile",
     "controller",
@@ -37,8 +38,10 @@ HEADERS = (
     "p90",
     "blackout p50",
     "p90",
-    "ETA actual/predicted p50",
+    "ETA actual/predicted p10",
+    "p50",
     "p90",
+    "within ±50%",
 )
 OUTCOME_COLOURS = {
     "clean": "#3a923a",
@@ -84,6 +87,15 @@ class Row:
     violation_kinds: Mapping[str, int] = field(default_factory=dict)
 
     @property
+    def eta_within(self) -> float | None:
+        """Percent of the ETAs the actual time came within ±`ETA_TOLERANCE` of: "within
+        ±50 % at p90" read both ways (the ratio's p90 alone hides ETAs far too long)."""
+        if not self.eta_ratios:
+            return None
+        near = sum(abs(ratio - 1.0) <= ETA_TOLERANCE + 1e-12 for ratio in self.eta_ratios)
+        return 100.0 * near / len(self.eta_ratios)
+
+    @property
     def outcome_shares(self) -> dict[str, float]:
         """Exclusive shares in percent: clean, violation, cancelled, failed."""
         return {
@@ -108,9 +120,11 @@ class Row:
             "time_to_bound_count": len(self.time_ratios),
             "blackout_median_seconds": quantile(self.blackouts, 0.5),
             "blackout_p90_seconds": quantile(self.blackouts, 0.9),
+            "eta_ratio_p10": quantile(self.eta_ratios, 0.1),
             "eta_ratio_median": quantile(self.eta_ratios, 0.5),
             "eta_ratio_p90": quantile(self.eta_ratios, 0.9),
             "eta_count": len(self.eta_ratios),
+            "eta_within_percent": self.eta_within,
             "violation_kinds": dict(self.violation_kinds),
         }
 
@@ -218,8 +232,10 @@ def table_rows(summary: Summary) -> list[list[str]]:
                 _ratio(quantile(row.time_ratios, 0.9)),
                 _seconds(quantile(row.blackouts, 0.5)),
                 _seconds(quantile(row.blackouts, 0.9)),
+                _ratio(quantile(row.eta_ratios, 0.1)),
                 _ratio(quantile(row.eta_ratios, 0.5)),
                 _ratio(quantile(row.eta_ratios, 0.9)),
+                "-" if row.eta_within is None else f"{row.eta_within:.0f}%",
             ]
         )
     return rows

@@ -719,3 +719,20 @@ def test_an_eta_from_one_pass_allows_for_a_working_set_the_pass_filled() -> None
     expected = send + count / w.bandwidth + SWITCHOVER
     assert p.converges is True and p.eta_seconds is not None
     assert p.eta_seconds == pytest.approx(expected, rel=0.25)
+
+
+def test_one_pass_and_the_measurement_bound_what_writing_adds_within_a_pass() -> None:
+    """Told by two points of the curve, the first pass and the measurement before the
+    start, the working set bounds what the guest can add to the unsent rest while a pass
+    runs (it writes only there), as it does once two passes told it: a handover or a
+    pause decided within the pass is sized by it, not by twice the fastest rate seen."""
+    w = workload(4096, 3000, 500, 256, "random")  # fills its 256 MiB many times a second
+    samples = history(w, max_passes=3, budget=0.05, polls_per_pass=8)
+    second = [s for s in samples if s.passes == 2]
+    inside = samples[: samples.index(second[2]) + 1]  # 2 polls into the second pass
+    measured = w.working_set * -math.expm1(-w.change * 1.0 / w.working_set)  # 1 s window
+    ctx = context(w, change_rate_before_start=measured, change_rate_window=1.0)
+    a = analyse(inside, ctx)
+    assert a.model is not None and a.model.working_set == pytest.approx(w.working_set, rel=0.1)
+    assert a.in_pass > 0
+    assert a.finish_bound <= a.remaining + 1.1 * w.working_set

@@ -1134,6 +1134,7 @@ def analyse(
     key, records, pairs = _evidence(track, ctx, settings)
     last_pairs = pairs[-settings.fit_pairs :]
     telling = _telling(pairs, last_pairs)
+    points = fit_points(telling, ctx.change_rate_before_start, ctx.change_rate_window)
     model = fit_model(telling, memory, ctx.change_rate_before_start, ctx.change_rate_window)
     if model is not None and len(telling) > len(last_pairs):
         model = _rate_now(model, last_pairs, memory)
@@ -1174,10 +1175,13 @@ def analyse(
         ]
     )
     written = 2 * fastest * in_pass if latest is not None and current else 0.0
-    if model is not None and len(last_pairs) >= 2:
+    if model is not None and len(points) >= 2:
         # A fitted working set bounds it too: the guest writes only there, and a page
         # still unsent is counted once however often it is rewritten, so what writing
         # adds is at most the part of the working set the unsent rest does not hold.
+        # Fitted means told by two points of the curve at least: two passes, or one and
+        # the measurement before the start (one pass alone is read as a straight line
+        # over all of memory, `_fit`).
         written = min(written, model.working_set * (1.0 - model.overlap(remaining, outside)))
     bound = remaining + written
     if latest is not None and current is None:  # the pass's start was not seen
@@ -1247,7 +1251,6 @@ def analyse(
         # Every window seen filled the working set: the guest writes at least the fitted
         # rate, maybe far faster. When copying converges only at the least of those rates
         # and the current pass is short enough not to fill it, its count tells which.
-        points = fit_points(telling, ctx.change_rate_before_start, ctx.change_rate_window)
         if points and all(filled(model, p.duration) for p in points):
             faster = model.with_rate(model.rate * FASTER_READING)
             worst = analysis.project_with(

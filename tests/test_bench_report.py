@@ -122,7 +122,7 @@ def test_summary_per_profile_and_controller() -> None:
     assert all(len(row) == len(HEADERS) for row in rows)
     assert rows[1][:7] == ["p", "lmwatch", "4", "100.0%", "0", "0.0%", "0.0%"]
     assert rows[1][7:9] == ["2.50", "3.70"]
-    assert rows[1][-4:] == ["2.00", "5.00", "8.00", "25%"]
+    assert rows[1][-4:] == ["2.00", "5.00", "8.00", "25.0%"]
     assert rows[2][-4:] == ["-", "-", "-", "-"]  # no predictions from "other"
 
 

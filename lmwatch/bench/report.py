@@ -210,6 +210,11 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _share(percent: float | None) -> str:
+    """A share to a tenth of a point, rounded down: 89.97 % is no 90.0 % against a target."""
+    return "-" if percent is None else f"{math.floor(percent * 10 + 1e-9) / 10:.1f}%"
+
+
 def _seconds(value: float | None) -> str:
     if value is None:
         return "-"
@@ -235,7 +240,7 @@ def table_rows(summary: Summary) -> list[list[str]]:
                 _ratio(quantile(row.eta_ratios, 0.1)),
                 _ratio(quantile(row.eta_ratios, 0.5)),
                 _ratio(quantile(row.eta_ratios, 0.9)),
-                "-" if row.eta_within is None else f"{row.eta_within:.0f}%",
+                _share(row.eta_within),
             ]
         )
     return rows

@@ -18,6 +18,8 @@ from lmwatch.bench.corpus import GBIT, GIB, HARSH_LINKS, Workload, generate, loa
 from lmwatch.bench.report import (
     BOUND,
     HEADERS,
+    Row,
+    Summary,
     gate,
     quantile,
     summarize,
@@ -313,3 +315,10 @@ async def test_bench_command_links_redraws_the_link_events_and_writes_them(
     assert written == with_links(generate(5, 40), HARSH_LINKS)
     assert written != generate(5, 40)
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["links"] == "harsh"
+
+
+def test_the_eta_share_is_printed_rounded_down_so_it_never_reaches_a_target_it_missed() -> None:
+    near = (1.0,) * 278 + (2.0,) * 31  # 278 of 309 within ±50 %: 89.97 %
+    row = Row("p", "lmwatch", 309, 100.0, 0, 0.0, 0.0, 0, eta_ratios=near)
+    assert row.eta_within == pytest.approx(89.968, abs=1e-3)
+    assert table_rows(Summary((row,), (), ()))[0][-1] == "89.9%"

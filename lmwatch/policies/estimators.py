@@ -988,7 +988,7 @@ def filling(point: Pair) -> DirtyModel:
     rate that fills it (`SATURATED`) in the window, as `filled` and rule 5b read a rate
     bounded from below only."""
     working_set = max(point.rewritten, 1.0)
-    least = -working_set * math.log1p(-SATURATED) / max(point.duration, 1e-9)
+    least = _written(working_set, SATURATED * working_set) / max(point.duration, 1e-9)
     return DirtyModel(rate=least * FASTER_READING, working_set=working_set)
 
 

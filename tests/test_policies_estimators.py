@@ -335,17 +335,37 @@ def test_fit_recovers_a_random_writer_from_its_pass_remainders(
     assert model.working_set == pytest.approx(1024 * MIB, rel=0.02)
 
 
-def test_fit_of_one_pair_is_the_hopeful_straight_line_unless_measured_faster() -> None:
+def test_fit_of_one_pair_is_the_hopeful_curve_over_all_of_memory_unless_measured_faster() -> None:
+    """One pass and no measurement: the most hopeful reading is the least rate that
+    explains the count, writing over all of memory; it explains the pass it was read
+    from (the straight line through the count, taken as that rate, does not)."""
     (pair,) = _random_passes(300 * MIB, 1024 * MIB, 1)
     hopeful = fit_model([pair], 2048 * MIB)
     assert hopeful is not None
-    assert hopeful.rate == pytest.approx(
-        pair.rewritten / 20.48
-    )  # 50 MiB/s: looks like it converges
+    assert hopeful.working_set == 2048 * MIB
+    assert hopeful.dirtied(20.48) == pytest.approx(pair.rewritten)
+    assert hopeful.rate < 100 * MIB  # 69 MiB/s: looks like it converges
     measured = fit_model([pair], 2048 * MIB, measured_rate=300 * MIB)
     assert measured is not None
     assert measured.rate == pytest.approx(300 * MIB)
     assert measured.working_set == pytest.approx(1024 * MIB, rel=0.01)
+
+
+def test_a_first_pass_that_left_nearly_all_of_memory_dirty_is_not_read_as_converging() -> None:
+    """A random writer at 3 GB/s over nearly all of its 2 GiB, on a 1 GB/s link, no
+    measurement before the start (a pass of 2 s is too short for one to pay): the first
+    pass leaves 95 % of memory dirty. Its straight line, 945 MiB/s, is under the link's
+    rate, and read as the rate of a writer over all of memory it said "copying finishes
+    on its own" (the count such a writer leaves in that pass is 61 % of memory, not
+    95 %). The least rate that leaves 95 % is three times the link's."""
+    w = workload(2048, 3000, 1000, 2040, "random")
+    samples = _at_pass_start(history(w, max_passes=3, budget=0.05), 2)
+    count = samples[-1].memory_remaining
+    assert 0.93 * w.memory < count < w.memory
+    assert count / 2.048 < w.bandwidth  # the straight line through the count
+    p = estimate(samples, context(w, budget=0.3, switchover=SWITCHOVER))
+    assert p.converges is not True
+    assert p.eta_seconds is None
 
 
 @pytest.mark.parametrize("window", [0.5, 1.0, 2.0])  # longer windows saturate: W only

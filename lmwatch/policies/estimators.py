@@ -930,8 +930,11 @@ def _fit(
     bytes dirtied in its window, so it is `f(window) / window`, saturated like any
     pass; with its window known the two points fix both the rate and the working set.
     Without the window, the measurement is taken as the write rate when it exceeds the
-    straight line through the pair; without a measurement the straight line is taken,
-    the most hopeful reading, which the next pair corrects.
+    least rate that explains the pair; without a measurement that least rate is taken:
+    the curve through the pair's count with all of memory as the working set, the most
+    hopeful reading, which the next pair corrects. (Not the straight line through the
+    count: over all of memory the curve at that rate falls below the count itself, and
+    a first pass that left nearly all of memory dirty read as converging.)
     """
     if not pairs:
         return None
@@ -941,11 +944,12 @@ def _fit(
     cap = max(memory, max(p.rewritten for p in points) * 1.0001)
     if len(points) == 1:
         (point,) = points
-        linear = _distinct(point, _overlap(point, cap, memory)) / point.duration
-        if measured_rate is not None and measured_rate > linear * 1.2:
+        # the least rate that explains the pass: writing over all of memory
+        least = _written(cap, _distinct(point, _overlap(point, cap, memory))) / point.duration
+        if measured_rate is not None and measured_rate > least * 1.2:
             working_set = _solve_working_set(measured_rate, point, memory, cap)
             return DirtyModel(measured_rate, working_set)
-        return DirtyModel(linear, cap)
+        return DirtyModel(least, cap)
     low = max(p.rewritten for p in points) * 1.0005
     if cap <= low:
         found = _fit_at([cap], points, memory)
@@ -1184,8 +1188,8 @@ def analyse(
         # still unsent is counted once however often it is rewritten, so what writing
         # adds is at most the part of the working set the unsent rest does not hold.
         # Fitted means told by two points of the curve at least: two passes, or one and
-        # the measurement before the start (one pass alone is read as a straight line
-        # over all of memory, `_fit`).
+        # the measurement before the start (one pass alone is read as a writer over all
+        # of memory, `_fit`).
         written = min(written, model.working_set * (1.0 - model.overlap(remaining, outside)))
     bound = remaining + written
     if latest is not None and current is None:  # the pass's start was not seen
@@ -1274,8 +1278,8 @@ def analyse(
                 # shrinks), or as the fitted rate says, whichever is longer
                 eta = max(eta or 0.0, worst.seconds)
         elif len(points) == 1 and ctx.change_rate_before_start is None:
-            # One pass and no measurement: the fit reads the pass as a steady writer's
-            # (`_fit`, the most hopeful reading), but it may as well have filled a working
+            # One pass and no measurement: the fit reads the pass as a writer's over all
+            # of memory (`_fit`, the most hopeful reading), but it may as well have filled a working
             # set of its count, which every later pass fills again. Converging either way,
             # finishing takes as long as the longer reading says, as above.
             worst = analysis.project_with(

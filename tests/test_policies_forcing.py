@@ -323,3 +323,20 @@ def test_no_cancel_for_an_accepted_pause_a_finished_copy_or_one_sample() -> None
     assert pause_outlasting(PAUSING, _paused_history(200 * MIB, 0), _paused_context()) is None
     assert pause_outlasting(PAUSING, stalled[:2], _paused_context()) is None
     assert pause_outlasting(PAUSING, stalled, replace(_paused_context(), paused=False)) is None
+
+
+def test_once_paused_or_handed_over_the_eta_is_the_rest_at_the_links_rate() -> None:
+    """Paused or handed over, the guest writes nothing the source sends again: the ETA
+    an operator (and a host drain's ETA) reads is the rest at the link's rate, with the
+    switch for a pause; not the projection of passes over a guest still writing."""
+    history = _paused_history(100 * MIB, 100 * MIB)  # 100 MiB left at 100 MiB/s
+    paused = decide(PAUSING, history, _paused_context(), now=11.2)
+    assert paused.action is Action.CONTINUE and paused.rule is Rule.PAST_COPYING
+    assert paused.prediction is not None
+    assert paused.prediction.eta_seconds == pytest.approx(1.0 + SWITCHOVER)
+    assert paused.prediction.blackout_seconds == pytest.approx(1.0 + SWITCHOVER)
+    handed = replace(context(STUCK, plan(handover=True)), handed_over=True)
+    over = decide(Profile(name="p", handover="allowed"), history, handed, now=11.2)
+    assert over.rule is Rule.PAST_COPYING and over.prediction is not None
+    assert over.prediction.eta_seconds == pytest.approx(1.0)
+    assert over.prediction.converges is True

@@ -230,7 +230,10 @@ def _decide(
     done = already_finishing(history, ctx)
     if done is not None:
         return Decision(
-            Action.CONTINUE, f"nothing to do: {done}", prediction, rule=Rule.PAST_COPYING
+            Action.CONTINUE,
+            f"nothing to do: {done}",
+            _arriving(a, ctx, prediction),
+            rule=Rule.PAST_COPYING,
         )
 
     if not ctx.force and switch_outlasts_bound(profile, ctx):
@@ -888,6 +891,25 @@ def _finish_within(
             replace(prediction, eta_seconds=stop),
         )
     return None
+
+
+def _arriving(a: Analysis, ctx: MigrationContext, prediction: Prediction) -> Prediction:
+    """The prediction once we paused the guest or handed it over: nothing it writes
+    is sent from the source again, so what is left moves at the link's rate, and a pause
+    ends with the switch to the destination. The projection of passes over a writing
+    guest no longer applies (it said a paused guest had minutes to go, and a guest
+    handed over would never finish)."""
+    if not (ctx.paused or ctx.handed_over) or not a.transfer_rate:
+        return prediction
+    rest = a.remaining / a.transfer_rate
+    if ctx.handed_over:
+        return replace(
+            prediction, eta_seconds=rest, blackout_seconds=None, converges=True, floor_bytes=0
+        )
+    stop = rest + ctx.switchover
+    return replace(
+        prediction, eta_seconds=stop, blackout_seconds=stop, converges=True, floor_bytes=0
+    )
 
 
 def _copy_now(a: Analysis) -> float:

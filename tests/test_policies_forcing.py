@@ -326,7 +326,7 @@ def test_no_cancel_for_an_accepted_pause_a_finished_copy_or_one_sample() -> None
 
 
 def test_once_paused_or_handed_over_the_eta_is_the_rest_at_the_links_rate() -> None:
-    """Paused or handed over, the guest writes nothing the source sends again: the ETA
+    """Stopped or handed over, the guest writes nothing the source sends again: the ETA
     an operator (and a host drain's ETA) reads is the rest at the link's rate, with the
     switch for a pause; not the projection of passes over a guest still writing."""
     history = _paused_history(100 * MIB, 100 * MIB)  # 100 MiB left at 100 MiB/s
@@ -340,3 +340,7 @@ def test_once_paused_or_handed_over_the_eta_is_the_rest_at_the_links_rate() -> N
     assert over.rule is Rule.PAST_COPYING and over.prediction is not None
     assert over.prediction.eta_seconds == pytest.approx(1.0)
     assert over.prediction.converges is True
+    # the hypervisor's own final stop, not ours: the same rest, and the switch
+    final = decide(PAUSING, history, context(STUCK, plan()), now=11.2)
+    assert final.rule is Rule.PAST_COPYING and final.prediction is not None
+    assert final.prediction.eta_seconds == pytest.approx(1.0 + SWITCHOVER)

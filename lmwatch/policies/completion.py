@@ -89,7 +89,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lmwatch.model import Action, Decision, MigrationContext, Prediction, Rule
+from lmwatch.model import Action, Decision, MigrationContext, Phase, Prediction, Rule
 from lmwatch.policies.estimators import (
     DEFAULT,
     Analysis,
@@ -894,15 +894,18 @@ def _finish_within(
 
 
 def _arriving(a: Analysis, ctx: MigrationContext, prediction: Prediction) -> Prediction:
-    """The prediction once we paused the guest or handed it over: nothing it writes
-    is sent from the source again, so what is left moves at the link's rate, and a pause
-    ends with the switch to the destination. The projection of passes over a writing
-    guest no longer applies (it said a paused guest had minutes to go, and a guest
-    handed over would never finish)."""
-    if not (ctx.paused or ctx.handed_over) or not a.transfer_rate:
+    """The prediction once the guest is stopped (our pause, or the hypervisor's final
+    stop) or handed over: nothing it writes is sent from the source again, so what is
+    left moves at the link's rate, and a stop ends with the switch to the destination.
+    The projection of passes over a writing guest no longer applies (it said a paused
+    guest had minutes to go, and a guest handed over would never finish)."""
+    phase = a.latest.phase if a.latest is not None else Phase.COPYING
+    handed = ctx.handed_over or phase is Phase.HANDOVER
+    stopped = ctx.paused or phase is Phase.COMPLETING
+    if not (handed or stopped) or not a.transfer_rate:
         return prediction
     rest = a.remaining / a.transfer_rate
-    if ctx.handed_over:
+    if handed:
         return replace(
             prediction, eta_seconds=rest, blackout_seconds=None, converges=True, floor_bytes=0
         )

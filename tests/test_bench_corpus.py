@@ -99,6 +99,15 @@ def test_jitter_is_read_written_and_absent_by_default() -> None:
     assert "jitter" not in dump_corpus(generate(7, 24))
 
 
+def test_counting_is_read_written_and_the_union_by_default() -> None:
+    text = "workloads:\n  - {name: a, memory: 1GiB, bandwidth: 1GiB/s, counting: after-send}"
+    (after,) = load_corpus_text(text)
+    assert after.counting == "after-send"
+    assert "counting: after-send" in dump_corpus([after])
+    assert all(w.counting == "union" for w in generate(7, 24))
+    assert "counting" not in dump_corpus(generate(7, 24))
+
+
 def test_dump_and_load_round_trip(tmp_path: Path) -> None:
     workloads = load_corpus_text(EXAMPLE) + generate(7, 24)
     path = tmp_path / "corpus.yaml"
@@ -139,6 +148,7 @@ def test_dump_and_load_round_trip(tmp_path: Path) -> None:
         ),
         ("workloads:\n  - {name: a, memory: 1GiB, bandwidth: 1GiB/s, colour: red}", "colour"),
         ("workloads:\n  - {name: a, memory: 1GiB, bandwidth: 1GiB/s, jitter: 0.8}", "jitter"),
+        ("workloads:\n  - {name: a, memory: 1GiB, bandwidth: 1GiB/s, counting: kvm}", "counting"),
     ],
 )
 def test_bad_corpus_files_say_where(text: str, message: str) -> None:

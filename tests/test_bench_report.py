@@ -302,6 +302,27 @@ async def test_bench_command_jitter_reaches_the_runs_and_the_written_corpus(
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["jitter"] == 0.05
 
 
+async def test_bench_command_counting_reaches_the_runs_and_the_written_corpus(
+    tmp_path: Path,
+) -> None:
+    """`--counting after-send` counts every workload's passes as hosts that clear the
+    dirty log before sending do, says so, and the corpus written beside the results
+    carries it; a random writer over much of its memory then leaves less at its first
+    pass's end than counted the default way."""
+    argv = ["--seed", "1", "--count", "40", "--controllers", "lmwatch", "--processes", "1"]
+    default = tmp_path / "union"
+    status, _, err = await _cli("bench", *argv, "--out", str(default))
+    assert status == 0, err
+    after = tmp_path / "after"
+    status, out, err = await _cli("bench", *argv, "--counting", "after-send", "--out", str(after))
+    assert status == 0, err
+    assert "counting after-send" in out
+    assert "counting: after-send" in (after / "corpus.yaml").read_text()
+    assert json.loads((after / "results.json").read_text())["meta"]["counting"] == "after-send"
+    runs = [json.loads((d / "results.json").read_text())["runs"] for d in (default, after)]
+    assert runs[0] != runs[1]  # the counts moved what lmwatch saw and did
+
+
 async def test_bench_command_links_redraws_the_link_events_and_writes_them(
     tmp_path: Path,
 ) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lmwatch.drivers.base import ActionRefused
 from lmwatch.drivers.inventory import BurstyRate, ConstantRate, GrowingRate
-from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer
+from lmwatch.drivers.simphysics import Counting, Migration, Side, Tuning, Writer
 from lmwatch.model import GIB, MIB, Phase, StartPlan
 from lmwatch.policies.estimators import disk_sync_seconds
 
@@ -735,3 +735,74 @@ def test_jitter_must_be_a_share() -> None:
             plan=StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3),
             jitter=1.0,
         )
+
+
+# ------------------------------------------------------- what the count holds: after-send
+
+
+def _first_count(writer: Writer, counting: Counting, rate_mib: float) -> float:
+    """The count at the end of the first pass of 1 GiB (all of it the working set) over
+    100 MiB/s (10.24 s), the guest writing `rate_mib` MiB/s; the budget never stops it."""
+    plan = StartPlan(blackout_budget=0.001, arm_handover=False, arm_slow_down=False)
+    m = Migration(
+        memory=1024 * MIB,
+        working_set=1024 * MIB,
+        change_rate=ConstantRate(rate=rate_mib * MIB),
+        bandwidth=100 * MIB,
+        plan=plan,
+        writer=writer,
+        counting=counting,
+    )
+    while m.passes < 2:
+        m.advance(0.05)
+    return m.pass_remainders[1]
+
+
+@pytest.mark.parametrize("rate_mib", [60.0, 300.0])
+def test_after_send_counting_holds_only_pages_written_after_they_were_sent(
+    rate_mib: float,
+) -> None:
+    """Hosts that clear the guest's dirty log just before sending (KVM with manual
+    protection) count a page again only when written after it was sent. A random
+    writer (x = D·T/W writes per page over the pass) leaves W·(1 − (1 − e^−x)/x), where
+    counting everything written since the pass began leaves W·(1 − e^−x); a sequential
+    writer sweeping its working set every P = W/D seconds leaves every page sent more
+    than P before the end and a share of the rest: W·(T − P/2)/T once T ≥ P."""
+    w, t = 1024 * MIB, 10.24
+    x = rate_mib * MIB * t / w
+    random_union = _first_count(Writer.RANDOM, Counting.UNION, rate_mib)
+    random_after = _first_count(Writer.RANDOM, Counting.AFTER_SEND, rate_mib)
+    assert random_union == pytest.approx(w * -math.expm1(-x), rel=0.01)
+    assert random_after == pytest.approx(w * (1 + math.expm1(-x) / x), rel=0.01)
+    period = w / (rate_mib * MIB)
+    swept = w * (t - period / 2) / t if t >= period else w * t / (2 * period)
+    assert _first_count(Writer.SEQUENTIAL, Counting.AFTER_SEND, rate_mib) == pytest.approx(
+        swept, rel=0.01
+    )
+
+
+def test_after_send_counting_settles_a_sweeping_writer_below_its_working_set() -> None:
+    """A sequential writer rewriting all of 1 GiB at 150 MiB/s over 100 MiB/s (a sweep
+    every P = 6.8 s): counted as everything written since the pass began, every pass
+    leaves all of it. Counted after sending, a pass of T ≥ P seconds leaves what was not
+    in it (all rewritten) and what it sent, b·(T − P/2): the count settles where
+    c = (W − c) + c − b·P/2, at W − b·P/2."""
+    plan = StartPlan(blackout_budget=0.3, arm_handover=False, arm_slow_down=False)
+
+    def job(counting: Counting) -> Migration:
+        m = Migration(
+            memory=1024 * MIB,
+            working_set=1024 * MIB,
+            change_rate=ConstantRate(rate=150 * MIB),
+            bandwidth=100 * MIB,
+            plan=plan,
+            counting=counting,
+        )
+        m.advance(120.0)
+        return m
+
+    union, after = job(Counting.UNION), job(Counting.AFTER_SEND)
+    assert union.phase is Phase.COPYING and min(union.pass_remainders[1:]) >= 1023 * MIB
+    assert after.phase is Phase.COPYING
+    period = 1024 / 150
+    assert after.pass_remainders[-1] == pytest.approx((1024 - 100 * period / 2) * MIB, rel=0.02)

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="move each workload's working set by up to ± this share from pass to pass, "
         "as a real host's own writing does, and each transfer-rate reading by as much "
         "(e.g. 0.05; default: as the corpus says)",
+    )
+    source.add_argument(
+        "--counting",
+        choices=("union", "after-send"),
+        default=None,
+        help="which pages every workload's hypervisor counts at a pass's end besides the "
+        "unsent rest: 'union', all written since the pass began (as the rig counts), or "
+        "'after-send', only those written after they were sent (default: as the corpus "
+        "says)",
     )
     source.add_argument(
         "--links",
@@ -143,12 +153,13 @@ def _workloads(args: argparse.Namespace) -> tuple[list[Workload], dict[str, Any]
         origin = {**origin, "links": args.links}
     jitter = args.jitter
     if jitter is not None:
-        from dataclasses import replace
-
         if not 0.0 <= jitter <= MAX_JITTER:
             raise ValueError(f"--jitter must be between 0 and {MAX_JITTER:g}")
         workloads = [replace(w, jitter=jitter) for w in workloads]
         origin = {**origin, "jitter": jitter}
+    if args.counting is not None:
+        workloads = [replace(w, counting=args.counting) for w in workloads]
+        origin = {**origin, "counting": args.counting}
     names = [name.strip() for name in (args.workload or "").split(",") if name.strip()]
     if not names:
         return workloads, origin
@@ -225,6 +236,8 @@ def bench_command(out: Output, args: argparse.Namespace) -> int:
         )
     if "links" in origin:
         described += f", link events drawn anew ({origin['links']})"
+    if "counting" in origin:
+        described += f", counting {origin['counting']}"
     if "workloads" in origin:
         described += f", only {', '.join(origin['workloads'])}"
     out.line(
@@ -300,8 +313,6 @@ def bench_command(out: Output, args: argparse.Namespace) -> int:
 
 
 def _renamed(run: Run, controller: str) -> Run:
-    from dataclasses import replace
-
     return replace(run, controller=controller)
 
 

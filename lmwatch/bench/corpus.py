@@ -47,6 +47,7 @@ MIB = 1024**2
 GBIT = 125e6  # bytes/s in 1 Gbit/s
 
 WriterName = Literal["sequential", "random"]
+CountingName = Literal["union", "after-send"]
 EventKind = Literal["bandwidth", "break", "restore"]
 SHAPES = ("constant", "bursty", "phased", "growing")
 WRITERS: tuple[WriterName, WriterName] = ("sequential", "random")
@@ -91,6 +92,11 @@ class Workload:
     # (`simphysics.jittered`), and each transfer-rate reading as much
     # (`simphysics.read_rate`); 0 in generated corpora, `lmwatch bench --jitter` sets it
     jitter: float = 0.0
+    # which pages the hypervisor counts at a pass's end besides the unsent rest
+    # (`simphysics.Counting`): "union", every page written since the pass began (the
+    # default, as the rig counts); "after-send", only those written after they were sent
+    # (as hosts that clear the guest's dirty log just before sending it count)
+    counting: CountingName = "union"
 
     @property
     def first_pass(self) -> float:
@@ -134,6 +140,7 @@ class _WorkloadSpec(_Frozen):
     switchover: float = Field(default=0.05, ge=0)
     link_events: tuple[_EventSpec, ...] = ()
     jitter: float = Field(default=0.0, ge=0, le=MAX_JITTER)
+    counting: CountingName = "union"
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -208,6 +215,7 @@ def workload_from_mapping(data: Mapping[str, Any], *, where: str = "") -> Worklo
         switchover=spec.switchover,
         link_events=tuple(events),
         jitter=spec.jitter,
+        counting=spec.counting,
     )
 
 
@@ -339,6 +347,8 @@ def workload_to_mapping(workload: Workload) -> dict[str, Any]:
         data["link_events"] = events
     if workload.jitter:
         data["jitter"] = workload.jitter
+    if workload.counting != "union":
+        data["counting"] = workload.counting
     return data
 
 

@@ -35,7 +35,14 @@ from lmwatch.bench.controller import (
 )
 from lmwatch.bench.corpus import LinkEvent, Workload
 from lmwatch.drivers.base import CHANGE_RATE_WINDOW, ActionRefused
-from lmwatch.drivers.simphysics import Migration, Side, Tuning, Writer, change_rate_reading
+from lmwatch.drivers.simphysics import (
+    Counting,
+    Migration,
+    Side,
+    Tuning,
+    Writer,
+    change_rate_reading,
+)
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.loader import load_profiles, load_profiles_text
 from lmwatch.profiles.schema import Profile
@@ -180,6 +187,7 @@ class Simulation:
             jitter=workload.jitter,
             jitter_seed=zlib.crc32(workload.name.encode()),
             start=start,
+            counting=Counting(workload.counting),
         )
         self._events: tuple[LinkEvent, ...] = tuple(workload.link_events)
         self._next_event = 0

@@ -84,6 +84,39 @@ class Writer(StrEnum):
     RANDOM = "random"  # uniformly at random: distinct bytes saturate towards W
 
 
+class Counting(StrEnum):
+    """Which pages the count at a pass's end holds, besides the unsent rest.
+
+    UNION: every page written since the pass began (the hypervisor's own dirty log on
+    an emulating host, where the rig calibrated the simulator). AFTER_SEND: only pages
+    written after they were sent in this pass, and pages not in the pass written at any
+    time (a host whose kernel keeps the dirty log with manual protection has it cleared
+    for a chunk of memory just before the chunk is sent, so a write before that is sent
+    with the page and not counted again; modelled per page, not per chunk;
+    docs/benchmark.md, "What the counts assume")."""
+
+    UNION = "union"
+    AFTER_SEND = "after-send"
+
+
+_COUNT_STEPS = 32  # sub-steps of one step for the after-send count (the eligible pages grow)
+_SWEEP_BUCKETS = 64  # batches of eligible pages a sequential writer's sweep is followed in
+
+
+def grow_counted(
+    writer: Writer, counted: float, written: float, eligible: float, working_set: float
+) -> float:
+    """Pages counted after `written` more bytes, of `eligible` pages of the working set
+    whose writes count (`counted` of them already are), the writes spread over all of it."""
+    cap = max(0.0, float(working_set))
+    counted = min(max(0.0, counted), eligible)
+    if written <= 0 or cap <= 0 or eligible <= counted:
+        return counted
+    if writer is Writer.RANDOM:
+        return eligible - (eligible - counted) * math.exp(-written / cap)
+    return min(eligible, counted + min(written, cap) * (eligible - counted) / cap)
+
+
 def grow_dirty(writer: Writer, dirty: float, written: float, working_set: float) -> float:
     """Distinct bytes dirtied after `written` more bytes, starting from `dirty` distinct.
 
@@ -260,6 +293,11 @@ class Migration:
     jitter: float = 0.0
     jitter_seed: int = 0
     _base_working_set: int | None = None
+    counting: Counting = Counting.UNION
+    _eligible: float = 0.0
+    _counted: float = 0.0
+    _swept: float = 0.0
+    _counted_full: float = 0.0
 
     def __init__(
         self,
@@ -278,6 +316,7 @@ class Migration:
         start: float = 0.0,
         jitter: float = 0.0,
         jitter_seed: int = 0,
+        counting: Counting = Counting.UNION,
     ) -> None:
         if memory <= 0 or bandwidth <= 0:
             raise ValueError("memory and bandwidth must be positive")
@@ -302,6 +341,7 @@ class Migration:
         self.destination = destination
         self.tuning = tuning or Tuning()
         self.writer = Writer(writer)
+        self.counting = Counting(counting)
 
         self.link_bandwidth = float(bandwidth)
         self.cap: float | None = plan.bandwidth
@@ -318,6 +358,13 @@ class Migration:
 
         self._unsent = float(memory)  # bytes still to send in this pass
         self._dirty = 0.0  # distinct bytes dirtied since this pass began
+        # after-send counting: bytes of the working set whose writes count now (not in
+        # this pass, or sent in it already), and those counted
+        self._eligible = 0.0
+        self._counted = 0.0
+        self._swept = 0.0  # bytes a sequential writer wrote this pass
+        self._counted_full = 0.0  # of the batches below, those the sweep passed
+        self._batches: dict[int, list[float]] = {}  # eligible bytes, by when they joined
         self._sync_left = 0.0
         self._window = self._window_at(start)  # the last burst boundary whose check was made
         self._pass_started = start
@@ -391,6 +438,8 @@ class Migration:
         also hold pages outside the working set, carried over from pass 1.
         """
         memory = float(self.memory)
+        if self.counting is Counting.AFTER_SEND:
+            return min(memory, self._unsent + self._counted)
         if self.passes <= 1:
             share = min(self._unsent, memory) / memory
             return min(memory, self._unsent + self._dirty * (1.0 - share))
@@ -567,6 +616,7 @@ class Migration:
             start=max(at, self.elapsed),
             jitter=self.jitter,
             jitter_seed=self.jitter_seed,
+            counting=self.counting,
         )
         if not self.link_up:
             new.link_up = False
@@ -692,6 +742,7 @@ class Migration:
             self._disk_left = left
             return
         if self.phase is Phase.COPYING:
+            sent = 0.0
             if self._sync_left > 0:
                 self._sync_left = max(0.0, self._sync_left - h)
             else:
@@ -700,6 +751,8 @@ class Migration:
                 self.transferred += sent
             written = self.pattern.amount(start, self.elapsed) * (1.0 - self.slowdown)
             self._dirty = grow_dirty(self.writer, self._dirty, written, self.working_set)
+            if self.counting is Counting.AFTER_SEND:
+                self._count_after_send(sent, written)
         elif self.phase in (Phase.COMPLETING, Phase.HANDOVER):
             if self._left > _BYTE or self.phase is Phase.HANDOVER:
                 sent = min(self._left, rate * h)
@@ -707,6 +760,62 @@ class Migration:
                 self.transferred += sent
             else:
                 self._device_left = max(0.0, self._device_left - h)
+
+    def _count_after_send(self, sent: float, written: float) -> None:
+        """After-send counting over one step: the pages sent join those whose writes
+        count (in proportion to the working set's share of the pass), while the guest
+        writes (both spread over the step).
+
+        A random writer hits any page with the same chance: the counted share of the
+        eligible pages grows as `grow_counted` says. A sequential writer sweeps its
+        working set: a page is counted once the sweep, which was at a random place
+        relative to it when it was sent, has passed it, i.e. after the guest wrote
+        some amount uniform in [0, W) since: pages are kept in batches by how much
+        the guest had written this pass when they became eligible (`_batches`)."""
+        working_set = float(max(self.working_set, 1))
+        share = self._inside_share()
+        steps = _COUNT_STEPS if sent > 0 and written > 0 else 1
+        for _ in range(steps):
+            joined = max(0.0, min(working_set - self._eligible, sent * share / steps))
+            self._eligible += joined
+            if self.writer is Writer.RANDOM:
+                self._counted = grow_counted(
+                    self.writer, self._counted, written / steps, self._eligible, working_set
+                )
+            else:
+                self._batch(joined, working_set)
+                self._swept += written / steps
+        if self.writer is not Writer.RANDOM:
+            self._counted = self._swept_count(working_set)
+
+    def _batch(self, joined: float, working_set: float) -> None:
+        """Pages that became eligible when the sweep had written `_swept` this pass."""
+        if joined <= 0:
+            return
+        key = int(self._swept * _SWEEP_BUCKETS / working_set)
+        batch = self._batches.setdefault(key, [0.0, 0.0])
+        batch[0] += joined * self._swept
+        batch[1] += joined
+
+    def _swept_count(self, working_set: float) -> float:
+        """The pages the sweep has passed since they became eligible."""
+        total = self._counted_full
+        for key in list(self._batches):
+            weighted, amount = self._batches[key]
+            since = self._swept - weighted / amount
+            if since >= working_set:
+                self._counted_full += amount
+                total += amount
+                del self._batches[key]
+            else:
+                total += amount * max(0.0, since) / working_set
+        return min(total, self._eligible)
+
+    def _inside_share(self) -> float:
+        """Share of what this pass sends that lies in the working set."""
+        if self.passes <= 1:
+            return min(1.0, self.working_set / self.memory)
+        return 1.0 - self._outside
 
     def _settle(self) -> None:
         """Apply every discrete change that is due at the current elapsed time."""
@@ -828,6 +937,17 @@ class Migration:
             self.working_set = jittered(
                 self.base_working_set, self.memory, self.jitter, self.jitter_seed, self.passes
             )
+        # what the new pass sends of the working set is not eligible until sent
+        inside = merged * (1.0 - self._outside)
+        self._eligible = 0.0
+        self._counted = 0.0
+        self._swept = 0.0
+        self._counted_full = 0.0
+        self._batches = {}
+        if self.counting is Counting.AFTER_SEND:
+            self._eligible = max(0.0, float(self.working_set) - inside)
+            if self.writer is not Writer.RANDOM:
+                self._batch(self._eligible, float(max(self.working_set, 1)))
 
     @property
     def base_working_set(self) -> int:

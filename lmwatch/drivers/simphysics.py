@@ -103,18 +103,15 @@ _COUNT_STEPS = 32  # sub-steps of one step for the after-send count (the eligibl
 _SWEEP_BUCKETS = 64  # batches of eligible pages a sequential writer's sweep is followed in
 
 
-def grow_counted(
-    writer: Writer, counted: float, written: float, eligible: float, working_set: float
-) -> float:
-    """Pages counted after `written` more bytes, of `eligible` pages of the working set
-    whose writes count (`counted` of them already are), the writes spread over all of it."""
+def grow_counted(counted: float, written: float, eligible: float, working_set: float) -> float:
+    """A random writer's counted pages after `written` more bytes spread over its
+    `working_set`, of the `eligible` pages whose writes count (`counted` of them
+    already are): each is hit with the same chance."""
     cap = max(0.0, float(working_set))
     counted = min(max(0.0, counted), eligible)
     if written <= 0 or cap <= 0 or eligible <= counted:
         return counted
-    if writer is Writer.RANDOM:
-        return eligible - (eligible - counted) * math.exp(-written / cap)
-    return min(eligible, counted + min(written, cap) * (eligible - counted) / cap)
+    return eligible - (eligible - counted) * math.exp(-written / cap)
 
 
 def grow_dirty(writer: Writer, dirty: float, written: float, working_set: float) -> float:
@@ -766,12 +763,12 @@ class Migration:
         count (in proportion to the working set's share of the pass), while the guest
         writes (both spread over the step).
 
-        A random writer hits any page with the same chance: the counted share of the
-        eligible pages grows as `grow_counted` says. A sequential writer sweeps its
-        working set: a page is counted once the sweep, which was at a random place
-        relative to it when it was sent, has passed it, i.e. after the guest wrote
-        some amount uniform in [0, W) since: pages are kept in batches by how much
-        the guest had written this pass when they became eligible (`_batches`)."""
+        A random writer hits any page with the same chance (`grow_counted`). A
+        sequential writer sweeps its working set: a page is counted once the sweep,
+        which was at a random place relative to it when it was sent, has passed it,
+        i.e. after the guest wrote some amount uniform in [0, W) since: pages are kept
+        in batches by how much the guest had written this pass when they became
+        eligible (`_batches`)."""
         working_set = float(max(self.working_set, 1))
         share = self._inside_share()
         steps = _COUNT_STEPS if sent > 0 and written > 0 else 1
@@ -780,7 +777,7 @@ class Migration:
             self._eligible += joined
             if self.writer is Writer.RANDOM:
                 self._counted = grow_counted(
-                    self.writer, self._counted, written / steps, self._eligible, working_set
+                    self._counted, written / steps, self._eligible, working_set
                 )
             else:
                 self._batch(joined, working_set)

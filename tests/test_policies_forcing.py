@@ -344,3 +344,29 @@ def test_once_paused_or_handed_over_the_eta_is_the_rest_at_the_links_rate() -> N
     final = decide(PAUSING, history, context(STUCK, plan()), now=11.2)
     assert final.rule is Rule.PAST_COPYING and final.prediction is not None
     assert final.prediction.eta_seconds == pytest.approx(1.0 + SWITCHOVER)
+
+
+def test_no_eta_once_handed_over_while_the_link_moves_nothing() -> None:
+    """Handed over, with nothing moved for 2 s and more: the last transfer-rate reading
+    says nothing of when the rest arrives, so there is no ETA."""
+
+    def at(t: float, moved: int) -> Sample:
+        return Sample(
+            time=t,
+            memory_total=2048 * MIB,
+            memory_remaining=4000 * MIB - moved,
+            memory_transferred=moved,
+            transfer_rate=100 * MIB,
+            change_rate=150 * MIB,
+            passes=4,
+            phase=Phase.HANDOVER,
+        )
+
+    handed = replace(context(STUCK, plan(handover=True)), handed_over=True)
+    profile = Profile(name="p", handover="allowed")
+    moving = [at(9.0, 3000 * MIB), at(10.0, 3100 * MIB), at(11.0, 3200 * MIB)]
+    assert decide(profile, moving, handed, now=11.0).prediction.eta_seconds is not None
+    still = [at(9.0, 3000 * MIB), at(10.0, 3000 * MIB), at(11.5, 3000 * MIB)]
+    decision = decide(profile, still, handed, now=11.5)
+    assert decision.rule is Rule.PAST_COPYING
+    assert decision.prediction is not None and decision.prediction.eta_seconds is None

@@ -898,12 +898,16 @@ def _arriving(a: Analysis, ctx: MigrationContext, prediction: Prediction) -> Pre
     stop) or handed over: nothing it writes is sent from the source again, so what is
     left moves at the link's rate, and a stop ends with the switch to the destination.
     The projection of passes over a writing guest no longer applies (it said a paused
-    guest had minutes to go, and a guest handed over would never finish)."""
+    guest had minutes to go, and a guest handed over would never finish). On a link
+    that has moved nothing for a while there is no ETA (the hypervisor's transfer-rate
+    reading keeps its last value)."""
     phase = a.latest.phase if a.latest is not None else Phase.COPYING
     handed = ctx.handed_over or phase is Phase.HANDOVER
     stopped = ctx.paused or phase is Phase.COMPLETING
     if not (handed or stopped) or not a.transfer_rate:
         return prediction
+    if a.link_still:
+        return replace(prediction, eta_seconds=None)
     rest = a.remaining / a.transfer_rate
     if handed:
         return replace(

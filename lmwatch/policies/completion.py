@@ -904,11 +904,11 @@ def _arriving(a: Analysis, ctx: MigrationContext, prediction: Prediction) -> Pre
     phase = a.latest.phase if a.latest is not None else Phase.COPYING
     handed = ctx.handed_over or phase is Phase.HANDOVER
     stopped = ctx.paused or phase is Phase.COMPLETING
-    if not (handed or stopped) or not a.transfer_rate:
+    rest = a.seconds_for(a.remaining)
+    if not (handed or stopped) or rest is None:
         return prediction
     if a.link_still:
         return replace(prediction, eta_seconds=None)
-    rest = a.remaining / a.transfer_rate
     if handed:
         return replace(
             prediction, eta_seconds=rest, blackout_seconds=None, converges=True, floor_bytes=0

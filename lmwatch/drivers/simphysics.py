@@ -934,14 +934,14 @@ class Migration:
             self.working_set = jittered(
                 self.base_working_set, self.memory, self.jitter, self.jitter_seed, self.passes
             )
-        # what the new pass sends of the working set is not eligible until sent
-        inside = merged * (1.0 - self._outside)
         self._eligible = 0.0
         self._counted = 0.0
         self._swept = 0.0
         self._counted_full = 0.0
         self._batches = {}
         if self.counting is Counting.AFTER_SEND:
+            # what the new pass sends of the working set is not eligible until sent
+            inside = merged * (1.0 - self._outside)
             self._eligible = max(0.0, float(self.working_set) - inside)
             if self.writer is not Writer.RANDOM:
                 self._batch(self._eligible, float(max(self.working_set, 1)))

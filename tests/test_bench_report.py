@@ -94,6 +94,28 @@ def test_quantile_interpolates() -> None:
     assert quantile([float(i) for i in range(11)], 0.9) == pytest.approx(9.0)
 
 
+def test_degraded_running_is_read_over_completed_runs_with_none_where_not_handed_over() -> None:
+    handed = [
+        replace(BASE, workload=f"w{i}", handed_over=True, degraded_seconds=float(seconds))
+        for i, seconds in enumerate((2, 4, 30))
+    ]
+    plain = replace(BASE, workload="w3")
+    cancelled = replace(
+        BASE, workload="w3", controller="y", outcome="cancelled", blackout_seconds=None
+    )
+    summary = summarize([*handed, plain, cancelled], WORKLOADS, [PROFILE])
+    row = summary.row("p", "x")
+    assert row is not None
+    assert row.degraded == (2.0, 4.0, 30.0, 0.0)
+    assert (quantile(row.degraded, 0.5), quantile(row.degraded, 0.9)) == (3.0, pytest.approx(22.2))
+    data = row.as_dict()
+    assert (data["degraded_median_seconds"], data["handed_over_count"]) == (3.0, 3)
+    assert table_rows(summary)[0][11:13] == ["3.0s", "22.2s"]
+    other = summary.row("p", "y")
+    assert other is not None and other.degraded == ()  # a cancelled run ran nothing degraded
+    assert table_rows(summary)[1][11:13] == ["-", "-"]
+
+
 def test_violation_kinds_drop_the_numbers() -> None:
     assert violation_kind("blackout 0.31s over 300ms") == "blackout over limit"
     assert violation_kind("did not finish") == "did not finish"
@@ -124,6 +146,7 @@ def test_summary_per_profile_and_controller() -> None:
     assert all(len(row) == len(HEADERS) for row in rows)
     assert rows[1][:7] == ["p", "lmwatch", "4", "100.0%", "0", "0.0%", "0.0%"]
     assert rows[1][7:9] == ["2.50", "3.70"]
+    assert rows[1][11:13] == ["0ms", "0ms"]  # no handover, no degraded running
     assert rows[1][-4:] == ["2.00", "5.00", "8.00", "25.0%"]
     assert rows[2][-4:] == ["-", "-", "-", "-"]  # no predictions from "other"
 

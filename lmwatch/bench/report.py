@@ -3,7 +3,8 @@
 Per (profile, controller): how many runs were clean (completed within every promise
 of the profile), how many broke a promise, were cancelled or failed; total time as a
 ratio to the hindsight bound's, over the workloads both finished cleanly; the
-measured blackout; and, for controllers that predict, how the time to completion
+measured blackout; the degraded running a handover cost the instance; and, for
+controllers that predict, how the time to completion
 they predicted once the first pass had ended compares with what it took.
 """
 
@@ -37,6 +38,8 @@ HEADERS = (
     "time/bound p50",
     "p90",
     "blackout p50",
+    "p90",
+    "degraded p50",
     "p90",
     "ETA actual/predicted p10",
     "p50",
@@ -83,6 +86,8 @@ class Row:
     failed_quietly: int = 0  # failed runs without a violation
     time_ratios: tuple[float, ...] = field(default=(), repr=False)  # total / bound's
     blackouts: tuple[float, ...] = field(default=(), repr=False)  # completed runs
+    # completed runs: seconds the instance ran degraded after a handover (0 without one)
+    degraded: tuple[float, ...] = field(default=(), repr=False)
     eta_ratios: tuple[float, ...] = field(default=(), repr=False)  # actual / predicted
     violation_kinds: Mapping[str, int] = field(default_factory=dict)
 
@@ -120,6 +125,9 @@ class Row:
             "time_to_bound_count": len(self.time_ratios),
             "blackout_median_seconds": quantile(self.blackouts, 0.5),
             "blackout_p90_seconds": quantile(self.blackouts, 0.9),
+            "degraded_median_seconds": quantile(self.degraded, 0.5),
+            "degraded_p90_seconds": quantile(self.degraded, 0.9),
+            "handed_over_count": sum(seconds > 0 for seconds in self.degraded),
             "eta_ratio_p10": quantile(self.eta_ratios, 0.1),
             "eta_ratio_median": quantile(self.eta_ratios, 0.5),
             "eta_ratio_p90": quantile(self.eta_ratios, 0.9),
@@ -172,7 +180,7 @@ def summarize(
         pairs = groups[(profile, controller)]
         count = len(pairs)
         kinds: Counter[str] = Counter()
-        ratios, blackouts, etas = [], [], []
+        ratios, blackouts, degraded, etas = [], [], [], []
         for r, v in pairs:
             kinds.update(violation_kind(text) for text in v.violations)
             bound = bound_clean.get((profile, r.workload))
@@ -180,6 +188,8 @@ def summarize(
                 ratios.append(r.total_seconds / bound)
             if r.outcome == "completed" and r.blackout_seconds is not None:
                 blackouts.append(r.blackout_seconds)
+            if r.outcome == "completed":
+                degraded.append(r.degraded_seconds or 0.0)
             if r.eta_ratio is not None:
                 etas.append(r.eta_ratio)
         rows.append(
@@ -196,6 +206,7 @@ def summarize(
                 failed_quietly=sum(v.failed and not v.violations for _, v in pairs),
                 time_ratios=tuple(ratios),
                 blackouts=tuple(blackouts),
+                degraded=tuple(degraded),
                 eta_ratios=tuple(etas),
                 violation_kinds=dict(sorted(kinds.items())),
             )
@@ -237,6 +248,8 @@ def table_rows(summary: Summary) -> list[list[str]]:
                 _ratio(quantile(row.time_ratios, 0.9)),
                 _seconds(quantile(row.blackouts, 0.5)),
                 _seconds(quantile(row.blackouts, 0.9)),
+                _seconds(quantile(row.degraded, 0.5)),
+                _seconds(quantile(row.degraded, 0.9)),
                 _ratio(quantile(row.eta_ratios, 0.1)),
                 _ratio(quantile(row.eta_ratios, 0.5)),
                 _ratio(quantile(row.eta_ratios, 0.9)),

@@ -29,6 +29,20 @@ def actions(migration: JsonDict) -> list[str]:
     return [e["action"] for e in migration["timeline"] if e["kind"] == "decision"]
 
 
+CONVERGING = "copying finishes on its own"  # the policy's words for a guest converging
+
+
+def said_converging(migration: JsonDict) -> list[str]:
+    """The decisions that called copying converging (the issue's rig symptom for a guest
+    that never converges: "copying finishes on its own ... settling near 0B", one pass
+    before deciding the opposite)."""
+    return [
+        e["reason"]
+        for e in migration["timeline"]
+        if e["kind"] == "decision" and CONVERGING in e["reason"]
+    ]
+
+
 def assert_intact_on(name: str, host: str) -> None:
     """Runs on `host` only (shut off or gone on the other), its heartbeats go on and it
     lost no memory (bad=0)."""

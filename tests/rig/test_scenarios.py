@@ -29,7 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
-from rigchecks import actions, explain
+from rigchecks import actions, explain, said_converging
 
 pytestmark = pytest.mark.rig
 
@@ -219,6 +219,7 @@ def test_busy_guest_completes_by_pause(daemon: Daemon, summary: Any) -> None:
     assert m["state"] == "completed", explain(m)
     assert m["outcome"]["method"] == "paused", explain(m)
     assert "pause" in actions(m), explain(m)
+    assert not said_converging(m), explain(m)  # it never converges over the link
     blackout = m["outcome"]["blackout_seconds"]
     assert blackout is not None, explain(m)
     assert 0.3 < blackout <= PAUSE_LIMIT, explain(m)
@@ -238,6 +239,7 @@ def test_busy_guest_completes_by_handover(daemon: Daemon, summary: Any) -> None:
     assert m["state"] == "completed", explain(m)
     assert m["outcome"]["method"] == "handover", explain(m)
     assert "handover" in actions(m) and "pause" not in actions(m), explain(m)
+    assert not said_converging(m), explain(m)  # it never converges over the link
     blackout = m["outcome"]["blackout_seconds"]
     assert blackout is not None, explain(m)
     assert blackout < 0.1, explain(m)
@@ -264,6 +266,7 @@ def test_busy_guest_cancelled_early_when_nothing_allowed(daemon: Daemon, summary
     # second pass: about 47 s after an 8 s first pass), so waiting has stopped paying
     assert m["outcome"]["total_seconds"] < 60, explain(m)
     assert not {"pause", "handover"} & set(actions(m)), explain(m)
+    assert not said_converging(m), explain(m)  # it never converges over the link
     assert_intact_on(BUSY, src, dst)
 
 

@@ -82,6 +82,10 @@ async def test_a_never_converging_instance_ends_as_its_profile_says(
     assert report.outcome is not None
     assert report.outcome.method == method
     assert action in _actions(report)
+    # never called converging on the way (the issue's symptom: "copying finishes on
+    # its own ... settling near 0B", one pass before deciding the opposite)
+    said = [str(e["reason"]) for e in report.timeline if e["kind"] == "decision"]
+    assert said and not [reason for reason in said if "finishes on its own" in reason]
     if profile == "strict":
         # Nothing but a short blackout is allowed: it gives up once the steady rates
         # say waiting stopped paying and patience (a share of the hour) has run out,

@@ -88,6 +88,7 @@ class Row:
     blackouts: tuple[float, ...] = field(default=(), repr=False)  # completed runs
     # completed runs: seconds the instance ran degraded after a handover (0 without one)
     degraded: tuple[float, ...] = field(default=(), repr=False)
+    handed_over: int = 0  # completed runs that were handed over
     eta_ratios: tuple[float, ...] = field(default=(), repr=False)  # actual / predicted
     violation_kinds: Mapping[str, int] = field(default_factory=dict)
 
@@ -127,7 +128,7 @@ class Row:
             "blackout_p90_seconds": quantile(self.blackouts, 0.9),
             "degraded_median_seconds": quantile(self.degraded, 0.5),
             "degraded_p90_seconds": quantile(self.degraded, 0.9),
-            "handed_over_count": sum(seconds > 0 for seconds in self.degraded),
+            "handed_over_count": self.handed_over,
             "eta_ratio_p10": quantile(self.eta_ratios, 0.1),
             "eta_ratio_median": quantile(self.eta_ratios, 0.5),
             "eta_ratio_p90": quantile(self.eta_ratios, 0.9),
@@ -207,6 +208,7 @@ def summarize(
                 time_ratios=tuple(ratios),
                 blackouts=tuple(blackouts),
                 degraded=tuple(degraded),
+                handed_over=sum(r.outcome == "completed" and r.handed_over for r, _ in pairs),
                 eta_ratios=tuple(etas),
                 violation_kinds=dict(sorted(kinds.items())),
             )

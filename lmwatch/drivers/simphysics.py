@@ -810,9 +810,14 @@ class Migration:
 
     def _inside_share(self) -> float:
         """Share of what this pass sends that lies in the working set."""
+        return 1.0 - self._outside_share()
+
+    def _outside_share(self) -> float:
+        """Share of what this pass sends that lies outside the working set (pass 1's
+        rest lies all over memory; later passes carry what they were left of it)."""
         if self.passes <= 1:
-            return min(1.0, self.working_set / self.memory)
-        return 1.0 - self._outside
+            return 1.0 - min(self.working_set, self.memory) / self.memory
+        return self._outside
 
     def _settle(self) -> None:
         """Apply every discrete change that is due at the current elapsed time."""
@@ -896,10 +901,7 @@ class Migration:
 
     def _end_pass(self) -> None:
         merged = self._merged()
-        if self.passes <= 1:  # pass 1's rest lies all over memory
-            outside = self._unsent * (1.0 - min(self.working_set, self.memory) / self.memory)
-        else:
-            outside = self._unsent * self._outside
+        outside = self._unsent * self._outside_share()
         self._outside = min(1.0, outside / merged) if merged > 0 else 0.0
         self._period_dirty += max(0.0, merged - self._unsent)  # newly dirty at this sync
         period = self.elapsed - self._period_started

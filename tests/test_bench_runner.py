@@ -39,7 +39,7 @@ from lmwatch.drivers.base import CHANGE_RATE_WINDOW
 from lmwatch.drivers.inventory import ConstantRate, GrowingRate, PhasedRate, load_inventory_text
 from lmwatch.drivers.inventory import Phase as RatePhase
 from lmwatch.drivers.sim import SimDriver
-from lmwatch.drivers.simphysics import Writer, grow_dirty
+from lmwatch.drivers.simphysics import Tuning, Writer, grow_dirty
 from lmwatch.model import JobResult, Phase, Sample, StartPlan
 from lmwatch.profiles.schema import Profile
 
@@ -221,7 +221,7 @@ def test_refused_commands_are_counted_no_ops() -> None:
     assert sim.apply(Cancel()) is True
     assert sim.apply(Pause()) is False  # being cancelled
     assert (sim.commands, sim.refused) == (5, 2)
-    sim.advance_to(2.0)
+    sim.advance_to(1.0 + Tuning().cancel_delay + 0.01)
     assert sim.finished and sim.phase is Phase.CANCELLED
 
 
@@ -356,7 +356,8 @@ def test_commands_reach_the_migration_and_the_eta_is_recorded() -> None:
     refused = run(busy, LENIENT, scripted({12: [Handover()]}, arm=False), limit=20.0)
     assert refused.outcome == "unfinished" and refused.refused == 1
     cancelled = run(busy, LENIENT, scripted({5: [Cancel()]}))
-    assert cancelled.outcome == "cancelled" and cancelled.total_seconds < 6.0
+    assert cancelled.outcome == "cancelled"
+    assert cancelled.total_seconds == pytest.approx(5.0 + Tuning().cancel_delay, abs=0.01)
 
 
 def test_a_link_that_stays_broken_fails_the_run() -> None:

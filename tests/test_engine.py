@@ -19,6 +19,7 @@ from lmwatch.engine import Engine, EngineSettings
 from lmwatch.errors import Conflict, Invalid
 from lmwatch.metrics import Metrics
 from lmwatch.model import Capabilities, ChangeRate, JobResult, Method, Phase, Sample, State
+from lmwatch.policies import DEFAULT
 from lmwatch.profiles import ProfileRegistry
 from lmwatch.store import SCHEMA_VERSION, MigrationRecord, Store, StoreError, is_database_url
 
@@ -187,6 +188,51 @@ async def test_a_pause_whose_link_breaks_is_cancelled_within_max_pause(rig: Rig)
     ended = next(e for e in events if e.kind == "state" and e.state == State.CANCELLED.value)
     assert ended.at - paused.at <= 10.0
     assert rig.driver.where("busy-batch") == "a"
+
+
+WIDE = """
+  - name: wide-batch
+    host: a
+    memory: 32GiB
+    working_set: 8704MiB
+    change_rate: 3000MiB/s
+    labels: {tier: batch}
+"""
+
+
+async def test_a_pause_whose_link_breaks_near_its_end_is_stopped_at_its_last_look(
+    tmp_path: Path,
+) -> None:
+    """A pause of about 8.5 s (`max_pause` 10 s) on hosts where a stopped job resumes
+    the instance `cancel_resume` (2.5 s) later, the longest the policy allows for. The
+    last look that can keep the pause within 10 s is then at 7.5 s: the engine samples
+    the pause then, and half a second before, and the link breaks 7.1 s in, with 1.4
+    GiB still to copy: the job is stopped at 7.5 s on what that half second shows.
+    Sampled once a second only, the break would show at 8 s, and the instance would
+    run again past its bound. (The deadline being far, the migration starts again; the
+    new job fails on the broken link.)"""
+    rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
+    rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=DEFAULT.cancel_resume)
+    await rig.engine.start()
+    try:
+        mid = await rig.migrate("wide-batch")
+        assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
+        paused = next(e for e in rig.store.events(mid) if e.action == "pause")
+        assert "8.5s paused" in paused.reason or "8.6s paused" in paused.reason, paused.reason
+        last_look = 10.0 - DEFAULT.cancel_resume
+        await rig.clock.advance(paused.at + last_look - 0.4 - rig.clock.now())
+        rig.driver.inject_fault("link_break", between=("a", "b"))
+        await rig.finish(mid)
+        events = rig.store.events(mid)
+        stop = next(e for e in events if e.action in ("cancel", "restart"))
+        assert stop.data["rule"] == "pause-outlasts-bound", stop.reason
+        assert stop.at - paused.at == pytest.approx(last_look, abs=0.01)
+        ended = next(e for e in events if e.reason.startswith("the pause ended"))
+        assert ended.data["paused_seconds"] <= 10.0, ended.reason
+        assert not [e for e in events if e.kind == "violation"]
+        assert rig.driver.where("wide-batch") == "a"
+    finally:
+        await rig.engine.stop()
 
 
 async def test_a_pause_the_link_slows_is_ended_and_the_migration_started_again(rig: Rig) -> None:

@@ -82,6 +82,8 @@ def closed_loop(
         history.append(sample)
         if sample.phase.finished:
             break
+        if model.cancelling:
+            continue  # as in the engine: once a cancel was taken, nothing is decided
         ctx = MigrationContext(
             started_at=0.0,
             memory_bytes=memory,

@@ -9,8 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmwatch.model import MIB, Action, MigrationContext, Phase, Rule, Sample
-from lmwatch.policies import ForceRefused, decide, force_complete, restart_plan
-from lmwatch.policies.forcing import pause_outlasting
+from lmwatch.policies import (
+    DEFAULT,
+    ForceRefused,
+    PolicySettings,
+    decide,
+    force_complete,
+    restart_plan,
+)
+from lmwatch.policies.forcing import last_look, next_look_in, pause_outlasting
 from lmwatch.profiles.schema import Profile
 
 try:
@@ -245,6 +252,7 @@ def _paused_history(moved_last: int, left: int) -> list[Sample]:
 
 
 PAUSING = Profile(name="p", max_blackout=0.3, may_pause=True, max_pause=5.0)
+RESUME_2S = PolicySettings(cancel_resume=2.0)  # a stopped job resumes the instance 2 s later
 
 
 def _paused_context(**fields: object) -> MigrationContext:
@@ -315,6 +323,65 @@ def test_samples_closer_than_a_second_say_nothing_about_a_stall() -> None:
     history = _paused_history(0, 200 * MIB)
     close = [*history[:2], replace(history[2], time=history[1].time + 0.05)]
     assert pause_outlasting(PAUSING, close, _paused_context()) is None
+
+
+def test_a_pause_gets_a_look_when_a_stop_can_last_resume_it_within_its_bound() -> None:
+    """Stopping a job resumes the instance only `cancel_resume` later (here 2 s),
+    so the last look that can keep a pause within `max_pause` comes that long before its
+    end: paused at 10 s for at most 5 s, the last look is at 13 s, with one half a second
+    before it to read the rate over; the look due after 12.2 s comes at 12.5 s, then
+    13 s, instead of at 13.2 s."""
+    ctx = _paused_context()
+    assert last_look(PAUSING, ctx, RESUME_2S) == pytest.approx(13.0)
+    assert next_look_in(PAUSING, ctx, 12.2, 1.0, RESUME_2S) == pytest.approx(0.3)
+    assert next_look_in(PAUSING, ctx, 12.5, 1.0, RESUME_2S) == pytest.approx(0.5)
+    assert next_look_in(PAUSING, ctx, 11.2, 1.0, RESUME_2S) == 1.0  # next look at 12.2 anyway
+    assert next_look_in(PAUSING, ctx, 13.0, 1.0, RESUME_2S) == 1.0  # past it: nothing to keep
+    assert next_look_in(PAUSING, ctx, 12.97, 1.0, RESUME_2S) == 1.0  # never closer than 50 ms
+    for free in (replace(ctx, paused=False), replace(ctx, accept_pause=True)):
+        assert last_look(PAUSING, free, RESUME_2S) is None
+        assert next_look_in(PAUSING, free, 12.2, 1.0, RESUME_2S) == 1.0
+    # by default the policy allows a stop 2.5 s, more than the rig's 1.6-2.0 s
+    assert last_look(PAUSING, ctx) == pytest.approx(15.0 - DEFAULT.cancel_resume) == 12.5
+
+
+def test_at_its_last_look_a_pause_whose_link_failed_half_a_second_ago_is_stopped() -> None:
+    """Paused at 10 s (at most 5 s): at 13 s, its last look, nothing has moved since
+    12.5 s. Read over the last second the rest still arrives in time (50 MiB/s: 3 s +
+    1.2 s + the switchover), but no later look could stop the job in time: the rate is
+    read over the last half second, the link has stalled, and the job is stopped, so
+    that the instance runs again at 15 s, within its bound."""
+
+    def at(t: float, moved: int, left: int) -> Sample:
+        return Sample(
+            time=t,
+            memory_total=2048 * MIB,
+            memory_remaining=left,
+            memory_transferred=moved,
+            transfer_rate=100 * MIB,
+            change_rate=150 * MIB,
+            passes=4,
+            phase=Phase.COMPLETING,
+        )
+
+    paused = [
+        at(10.2, 3100 * MIB, 260 * MIB),
+        at(11.2, 3200 * MIB, 160 * MIB),
+        at(12.0, 3250 * MIB, 110 * MIB),
+        at(12.5, 3300 * MIB, 60 * MIB),
+    ]
+    ctx = _paused_context()
+    before_last = [*paused, at(12.9, 3300 * MIB, 60 * MIB)]  # not yet the last look
+    assert pause_outlasting(PAUSING, before_last, ctx, RESUME_2S) is None
+    last = [*paused, at(13.0, 3300 * MIB, 60 * MIB)]
+    stretched = pause_outlasting(PAUSING, last, ctx, RESUME_2S)
+    assert stretched is not None and stretched.rate == 0
+    assert "nothing has moved for 500ms" in stretched.why
+    decision = decide(PAUSING, last, ctx, now=13.0, settings=RESUME_2S)
+    assert decision.action is Action.CANCEL and decision.rule is Rule.PAUSE_OUTLASTS_BOUND
+    # the link still moving at the last look: the pause goes on
+    moving = [*paused, at(13.0, 3350 * MIB, 10 * MIB)]
+    assert pause_outlasting(PAUSING, moving, ctx, RESUME_2S) is None
 
 
 def test_no_cancel_for_an_accepted_pause_a_finished_copy_or_one_sample() -> None:

@@ -26,6 +26,7 @@ from lmwatch.drivers.base import (
 )
 from lmwatch.drivers.inventory import Inventory, default_inventory, load_inventory_text
 from lmwatch.drivers.sim import SimDriver
+from lmwatch.drivers.simphysics import Tuning
 from lmwatch.model import GIB, MIB, MigrationRequest, Phase, StartPlan
 
 INVENTORY = load_inventory_text("""
@@ -233,7 +234,7 @@ async def test_handover_and_cancel_rules(driver: SimDriver, clock: VirtualClock)
     with pytest.raises(ActionRefused, match="not armed"):
         await driver.handover("plain")
     await driver.cancel("plain")
-    await clock.advance(1)
+    await clock.advance(Tuning().cancel_delay + 0.1)
     assert (await driver.result("plain")).phase is Phase.CANCELLED
     assert driver.where("busy") == "host-a"
 
@@ -268,7 +269,7 @@ async def test_wait_event_wakes_at_the_next_pass(driver: SimDriver, clock: Virtu
     assert (await driver.sample("m")).passes == 2
     assert await wait(driver, clock, "m", 0.5) == pytest.approx(0.5)
     await driver.cancel("m")
-    assert await wait(driver, clock, "m", 60.0) == pytest.approx(0.2, abs=0.01)
+    assert await wait(driver, clock, "m", 60.0) == pytest.approx(Tuning().cancel_delay, abs=0.01)
     assert (await driver.sample("m")).phase is Phase.CANCELLED
 
 
@@ -567,7 +568,7 @@ async def test_disks_of_migrations_under_way_count_as_taken() -> None:
     with pytest.raises(InsufficientResources, match=r"20\.0GiB of local storage free"):
         await driver.preflight(request("files"))
     await driver.cancel("m1")
-    await clock.advance(1.0)
+    await clock.advance(Tuning().cancel_delay + 0.1)
     await driver.preflight(request("files"))  # the cancelled copy is discarded
 
 

@@ -328,9 +328,9 @@ def test_cancel_leaves_the_instance_on_the_source() -> None:
     run(model, 10)
     model.cancel()
     at = model.elapsed
-    run(model, 0.1, dt=0.05)
+    run(model, TUNING.cancel_delay - 0.1, dt=0.05)
     assert model.phase is Phase.COPYING
-    run(model, 1, dt=0.05)
+    run(model, 0.2, dt=0.05)
     assert model.phase is Phase.CANCELLED
     assert model.finished_at == pytest.approx(at + TUNING.cancel_delay)
     assert model.result().running_on == "host-a"
@@ -350,7 +350,7 @@ def test_a_cancel_is_refused_during_the_hypervisors_final_stop_but_not_our_pause
     paused.pause()
     assert paused.phase is Phase.COMPLETING and not paused.final_copy
     paused.cancel()
-    run(paused, 1, dt=0.05)
+    run(paused, TUNING.cancel_delay + 0.1, dt=0.05)
     assert paused.phase is Phase.CANCELLED
 
 
@@ -598,7 +598,7 @@ def test_cancel_during_the_disk_phase_leaves_the_instance_on_the_source() -> Non
     model = make_disk(disk=8 * GIB)
     run(model, 2.0)
     model.cancel()
-    run(model, 1.0, dt=0.1)
+    run(model, TUNING.cancel_delay + 0.1, dt=0.1)
     assert model.phase is Phase.CANCELLED
     assert model.running_on is Side.SOURCE
     assert model.result().running_on == "host-a"

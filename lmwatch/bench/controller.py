@@ -100,6 +100,11 @@ class Controller(Protocol):
         """How the migration starts (what is armed, the first blackout budget)."""
         ...
 
+    def next_poll(self, now: float) -> float:
+        """Seconds from the sample taken at `now` to the next one (`poll_interval`, or
+        sooner where the controller needs a look earlier)."""
+        ...
+
     def step(self, sample: Sample, now: float) -> Sequence[Command]:
         """Commands to apply now; `now` is seconds since the migration started."""
         ...
@@ -132,6 +137,11 @@ class ControllerBase:
     retry_interval: float = 5.0
     predictions: Sequence[tuple[float, float | None]] = ()
     reasons: Sequence[tuple[float, str, str]] = ()
+
+    poll_interval: float
+
+    def next_poll(self, now: float) -> float:
+        return self.poll_interval
 
     def applied(self, command: Command, accepted: bool) -> None:
         return None

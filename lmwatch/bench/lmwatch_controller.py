@@ -54,6 +54,7 @@ class LmwatchController(ControllerBase):
         self._pending: tuple[Command, MigrationContext] | None = None  # awaiting `applied`
         self._again: tuple[StartPlan, float] | None = None  # after a failed job: plan, start-by
         self.started_at = 0.0  # when the job begins (after a measurement before it)
+        self.cancelling = False  # a cancel was taken: like the engine, decide nothing more
         self.retry_interval = self.settings.restart_retry_seconds
 
     def start(self) -> StartPlan:
@@ -93,9 +94,20 @@ class LmwatchController(ControllerBase):
         )
         return plan
 
+    def next_poll(self, now: float) -> float:
+        """As the engine: the poll interval, or sooner for a pause's last look."""
+        assert self.ctx is not None, "start() first"
+        if not self.ctx.paused:
+            return self.poll_interval
+        return policies.next_look_in(
+            self.setting.profile, self.ctx, now, self.poll_interval, self.settings
+        )
+
     def step(self, sample: Sample, now: float) -> Sequence[Command]:
         assert self.ctx is not None, "start() first"
         self.track.add(sample)
+        if self.cancelling:
+            return []
         decision = policies.decide(self.setting.profile, self.track, self.ctx, now, self.settings)
         prediction = decision.prediction
         if prediction is not None and sample.passes >= 2:
@@ -161,10 +173,13 @@ class LmwatchController(ControllerBase):
     def applied(self, command: Command, accepted: bool) -> None:
         """Like the engine, record a new budget, a pause or a handover only once the
         migration took it: a refused one (a handover while the link is down) changes
-        nothing, and the policy decides again at the next sample."""
+        nothing, and the policy decides again at the next sample. Once a cancel was
+        taken, nothing more is decided: the job is ending."""
         pending, self._pending = self._pending, None
         if accepted and pending is not None and pending[0] is command:
             self.ctx = pending[1]
+        if accepted and isinstance(command, Cancel):
+            self.cancelling = True
 
     def restarted(self, at: float) -> None:
         """The runner started the new job at `at` (as the engine knows when its start

@@ -506,6 +506,7 @@ def run(
     poll = float(controller.poll_interval)
     if not poll > 0:
         raise ValueError(f"controller {controller.name!r} has poll_interval {poll!r}")
+    next_poll = controller.next_poll
     plan = controller.start()
     # A controller that measures the guest before the start (lmwatch, where that pays)
     # begins the job that much later: its time counts the measurement.
@@ -526,7 +527,7 @@ def run(
     first = True
     while True:
         sampled = migration.elapsed
-        target = sampled if first else min(sampled + poll, end)
+        target = sampled if first else min(sampled + next_poll(sampled), end)
         if wake and not first:
             target = _wake(migration, sampled, target)
             # A link event changes when the next pass or stop comes: the driver's event

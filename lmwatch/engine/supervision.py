@@ -305,7 +305,15 @@ class Supervisor:
                     case machine.Decide():
                         await self._decide(supervision, sample)
             # due one interval (the first time: the phase) after this poll began, however
-            # long the poll took
+            # long the poll took; sooner to give a pause of ours its last look
+            if supervision.record.paused:
+                wait = policies.next_look_in(
+                    supervision.profile,
+                    self.context(supervision),
+                    scheduled,
+                    wait,
+                    settings.policy,
+                )
             due = scheduled + wait
             if await self._wait(supervision, max(0.0, due - self.clock.now())):
                 self.effects.poll_lag(self.clock.now() - due)

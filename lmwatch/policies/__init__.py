@@ -5,7 +5,7 @@ No I/O, no clock, no randomness: every function depends only on its arguments.
 
 from lmwatch.policies.completion import decide
 from lmwatch.policies.estimators import DEFAULT, PolicySettings, duration_text, estimate, tracked
-from lmwatch.policies.forcing import ForceRefused, force_complete
+from lmwatch.policies.forcing import ForceRefused, force_complete, next_look_in
 from lmwatch.policies.restart import restart_after_failure, restart_plan
 from lmwatch.policies.review import review_profile_change
 from lmwatch.policies.start import (
@@ -39,6 +39,7 @@ __all__ = [
     "measured_switchover",
     "measurement_skipped",
     "measuring_pays",
+    "next_look_in",
     "plan_start",
     "restart_after_failure",
     "restart_plan",

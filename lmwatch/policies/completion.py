@@ -224,7 +224,7 @@ def _decide(
     disks = disk_outlook(history, settings)
     prediction = a.prediction() if disks is None else disk_prediction(a, disks, ctx)
 
-    stalled = pause_outlasting(profile, history, ctx)
+    stalled = pause_outlasting(profile, history, ctx, settings)
     if stalled is not None:
         return _pause_outlasts(stalled, a, ctx, now, prediction, settings)
     done = already_finishing(history, ctx)

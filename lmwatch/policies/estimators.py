@@ -75,6 +75,12 @@ class PolicySettings:
     first_pass_headroom: float = 1.5
     rate_variation_weight: float = 2.0
     switchover_seconds: float = 0.05  # assumed switchover cost when nothing was measured
+    # Seconds from stopping a job to the instance running on the source again: the
+    # hypervisor resumes it only once the destination has let go of its half (on the
+    # rig 1.6-2.0 s after the stop was asked, whatever the bandwidth; this leaves room).
+    # A pause of ours that may outlast its bound must be stopped this long before the
+    # bound's end.
+    cancel_resume: float = 2.5
     # The change rate is measured before a start only when one pass of all memory over
     # the link takes at least this many times the measurement's window (`measuring_pays`).
     measure_min_pass_windows: float = 3.0

@@ -35,6 +35,12 @@ from lmwatch.profiles.schema import Profile
 from lmwatch.units import format_size
 
 _RATE_WINDOW = PAUSE_WINDOW  # seconds: the shortest span a paused rate is measured over
+# At a pause's last look the rate is read over a shorter span, the shortest the
+# hypervisor's counters say something over (it sends in bursts), so that a link that
+# failed within the last second shows as such: no later look could still stop the job
+# in time.
+_LAST_LOOK_SPAN = 0.5
+MIN_LOOK = 0.05  # seconds: the nearest a look is brought forward to
 
 
 class ForceRefused(Exception):
@@ -122,8 +128,43 @@ class OutlastingPause:
     rate: float  # bytes/s the rest moves at now; 0 when the link stalled
 
 
+def last_look(
+    profile: Profile, ctx: MigrationContext, settings: PolicySettings = DEFAULT
+) -> float | None:
+    """The last clock time at which a look at our pause can still stop the job soon
+    enough for the instance to run again within the pause's bound: the bound's end less
+    `cancel_resume`. None when no pause of ours runs (or the operator accepted one
+    beyond the profile)."""
+    if not ctx.paused or ctx.handed_over or ctx.accept_pause or ctx.paused_at is None:
+        return None
+    return ctx.paused_at + pause_bound(profile) - settings.cancel_resume
+
+
+def next_look_in(
+    profile: Profile,
+    ctx: MigrationContext,
+    now: float,
+    interval: float,
+    settings: PolicySettings = DEFAULT,
+) -> float:
+    """Seconds until the migration is sampled again: `interval`, or sooner so that our
+    pause is sampled at its `last_look` (a look after it could no longer keep the pause
+    within its bound, whatever it saw) and half a second before it (the span its rate
+    is then read over)."""
+    last = last_look(profile, ctx, settings)
+    if last is None:
+        return interval
+    for look in (last - _LAST_LOOK_SPAN, last):
+        if now + MIN_LOOK <= look < now + interval:
+            return look - now
+    return interval
+
+
 def pause_outlasting(
-    profile: Profile, history: History, ctx: MigrationContext
+    profile: Profile,
+    history: History,
+    ctx: MigrationContext,
+    settings: PolicySettings = DEFAULT,
 ) -> OutlastingPause | None:
     """Why our pause will outlast its bound at the rate the rest now moves, or None.
 
@@ -132,7 +173,9 @@ def pause_outlasting(
     The bound is `max_pause` (`max_blackout` when the profile does not allow pausing:
     such a pause came from finishing within the profile). Not for a pause the operator
     accepted beyond the profile. The rate is measured over the last second or more of
-    the pause (samples taken closer together say nothing about a stall).
+    the pause (samples taken closer together say little about a stall), and from the
+    pause's last look on (`last_look`) over its last half second or more: no later look
+    could stop the job in time, so a link that failed within the last second must show.
     """
     if not ctx.paused or ctx.handed_over or ctx.accept_pause:
         return None
@@ -142,7 +185,9 @@ def pause_outlasting(
         return None
     start = ctx.paused_at if ctx.paused_at is not None else track.first_stopped.time
     last = stopped[-1]
-    before = next((s for s in reversed(stopped) if s.time <= last.time - _RATE_WINDOW), None)
+    final = last_look(profile, ctx, settings)
+    span = _LAST_LOOK_SPAN if final is not None and last.time >= final - MIN_LOOK else _RATE_WINDOW
+    before = next((s for s in reversed(stopped) if s.time <= last.time - span), None)
     if before is None:
         return None
     interval = last.time - before.time

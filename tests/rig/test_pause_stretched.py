@@ -9,17 +9,22 @@ lmwatch stops the job, so the instance runs on the source again, and, the deadli
 being far, starts the migration again; the new job gets the link's full bandwidth
 (its plan sets it) and finishes. Checked: the restart's reason, the pause's end on
 the timeline within max_pause, no violation, the guest intact on the destination,
-one restart.
+one restart, and that the instance ran again within the policy's `cancel_resume`
+of the decision to stop the job (the time the policy allows a stop to take when it
+decides a pause's last look; printed).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from lmwatch.policies import DEFAULT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
@@ -87,4 +92,14 @@ def test_a_pause_the_link_stretches_starts_the_migration_again(
     assert not [e for e in timeline if e["kind"] == "violation"], explain(m)
     assert m["state"] == "completed" and m["restarts"] == 1, explain(m)
     assert_intact_on(BUSY, dst)
-    summary.note(name, f"first pause ended after {stopped:.2f}s: {reason[:90]}")
+    resumed_after = _at(ended[0]) - _at(restarts[0])
+    assert 0 < resumed_after <= DEFAULT.cancel_resume, explain(m)
+    summary.note(
+        name,
+        f"first pause ended after {stopped:.2f}s, {resumed_after:.2f}s after the decision "
+        f"to stop the job (the policy allows {DEFAULT.cancel_resume:.1f}s): {reason[:90]}",
+    )
+
+
+def _at(entry: JsonDict) -> float:
+    return dt.datetime.fromisoformat(entry["at"].replace("Z", "+00:00")).timestamp()

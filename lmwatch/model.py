@@ -270,6 +270,9 @@ class MigrationContext:
     switchover: float = 0.05
     # The shortest switchover measured on this host pair (None: none measured yet).
     switchover_least: float | None = None
+    # The longest a stopped job took to end on this host pair, lately (None: none
+    # measured yet): the instance runs on the source again only then.
+    cancel_resume: float | None = None
     change_rate_before_start: float | None = None  # bytes/s, measured before start
     change_rate_window: float | None = None  # seconds that measurement covered, when known
     restarts: int = 0  # times this migration was started again (`Action.RESTART`)

@@ -235,6 +235,43 @@ async def test_a_pause_whose_link_breaks_near_its_end_is_stopped_at_its_last_loo
         await rig.engine.stop()
 
 
+async def test_a_stop_measured_slower_than_allowed_brings_the_next_last_look_forward(
+    tmp_path: Path,
+) -> None:
+    """Between hosts where a stopped job ends 4 s after the stop was asked (longer than
+    the 2.5 s the policy allows by default), the first pause's link breaks at once and
+    the job is cancelled: lmwatch learns the 4 s. The next pause on these hosts gets its
+    last look 4 s before its bound ends, at 6 s, and half a second before: its link,
+    breaking at 5.77 s, is caught there, and the instance runs again within the 10 s.
+    (Read over the second before 6 s, as at any other look, the rest would still arrive
+    in time; 2.5 s before the bound, at 7.5 s, a stop would end the pause at 11.5 s.)"""
+    rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
+    rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=4.0)
+    await rig.engine.start()
+    try:
+        first = await rig.migrate("wide-batch")
+        assert await rig.clock.run_until(lambda: "pause" in rig.actions(first), limit=3600)
+        rig.driver.inject_fault("link_break", between=("a", "b"))
+        await rig.finish(first)
+        assert rig.engine.get(first).state is State.CANCELLED
+        rig.driver.inject_fault("link_restore", between=("a", "b"))
+        second = await rig.migrate("wide-batch")
+        assert await rig.clock.run_until(lambda: "pause" in rig.actions(second), limit=3600)
+        paused = next(e for e in rig.store.events(second) if e.action == "pause")
+        await rig.clock.advance(paused.at + 5.77 - rig.clock.now())
+        rig.driver.inject_fault("link_break", between=("a", "b"))
+        await rig.finish(second)
+        events = rig.store.events(second)
+        stop = next(e for e in events if e.action in ("cancel", "restart"))
+        assert stop.at - paused.at == pytest.approx(6.0, abs=0.01), stop.reason
+        ended = next(e for e in events if e.reason.startswith("the pause ended"))
+        assert ended.data["paused_seconds"] <= 10.0 + 1e-6, ended.reason
+        assert "4.00s after the job was stopped" in ended.reason
+        assert not [e for e in events if e.kind == "violation"]
+    finally:
+        await rig.engine.stop()
+
+
 async def test_a_pause_the_link_slows_is_ended_and_the_migration_started_again(rig: Rig) -> None:
     """The link falls to 5 % right after lmwatch paused the guest: the pause would
     outlast `max_pause` (10s), so the job is stopped and the instance runs on the

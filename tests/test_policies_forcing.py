@@ -341,6 +341,10 @@ def test_a_pause_gets_a_look_when_a_stop_can_last_resume_it_within_its_bound() -
     for free in (replace(ctx, paused=False), replace(ctx, accept_pause=True)):
         assert last_look(PAUSING, free, RESUME_2S) is None
         assert next_look_in(PAUSING, free, 12.2, 1.0, RESUME_2S) == 1.0
+    # stops measured longer between these hosts bring it forward; shorter ones do not
+    # move it later than the allowance
+    assert last_look(PAUSING, replace(ctx, cancel_resume=3.0), RESUME_2S) == pytest.approx(12.0)
+    assert last_look(PAUSING, replace(ctx, cancel_resume=1.0), RESUME_2S) == pytest.approx(13.0)
     # by default the policy allows a stop 2.5 s, more than the rig's 1.6-2.0 s
     assert last_look(PAUSING, ctx) == pytest.approx(15.0 - DEFAULT.cancel_resume) == 12.5
 

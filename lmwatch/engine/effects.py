@@ -457,6 +457,8 @@ class Effects:
             Phase.COMPLETED: State.COMPLETED,
             Phase.CANCELLED: State.CANCELLED,
         }.get(result.phase, State.FAILED)
+        if state is State.CANCELLED:
+            self._learn_stop(supervision)
         started = record.started_at or record.created_at
         total = now - started
         outcome = Outcome(
@@ -545,18 +547,32 @@ class Effects:
         if stopped is None and supervision.paused_at is not None:
             stopped = max(0.0, self.clock.now() - supervision.paused_at)
         length = "for an unknown time" if stopped is None else f"for {stopped:.2f}s"
+        took = self._learn_stop(supervision)
+        after = "" if took is None else f", {took:.2f}s after the job was stopped"
         self.update(
             supervision,
             "note",
-            f"the pause ended: the instance was stopped {length} and runs on {record.source} again",
+            f"the pause ended: the instance was stopped {length} and runs on "
+            f"{record.source} again{after}",
             paused=False,
-            data={"paused_seconds": stopped},
+            data={"paused_seconds": stopped, "stop_seconds": took},
         )
         self._record_violations(
             supervision, policies.Finish(blackout=stopped, paused=True, completed=False)
         )
         supervision.paused_at = None
         supervision.pause_by_operator = False
+
+    def _learn_stop(self, supervision: Supervision) -> float | None:
+        """Seconds from the stop asked of this job to its end, learned for the host pair
+        (the instance runs on the source again only then); None when none was asked."""
+        asked = supervision.cancel_sent_at
+        if asked is None:
+            return None
+        seconds = max(0.0, self.clock.now() - asked)
+        record = supervision.record
+        self.learned.remember_stop(record.source, record.destination, seconds)
+        return seconds
 
     def handover_undone(self, supervision: Supervision) -> None:
         """A handover was asked but the job failed before the hosts switched: the

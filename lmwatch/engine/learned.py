@@ -1,8 +1,8 @@
-"""What earlier migrations taught: switchover costs and link rates per host pair, recent
-change rates.
+"""What earlier migrations taught: switchover costs, link rates and how long a stopped
+job takes to end, per host pair; recent change rates.
 
 In memory only, no I/O: the switchover costs are learned again from the store's
-completed migrations at start.
+completed migrations at start (the other figures since the daemon started).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ class Learned:
         self._switchovers: dict[tuple[str, str], deque[float]] = {}
         # Transfer rates completed migrations moved at, per (source, destination).
         self._rates: dict[tuple[str, str], deque[float]] = {}
+        # Seconds from a stop lmwatch or an operator asked to the job's end, per
+        # (source, destination): the instance runs on the source again only then.
+        self._stops: dict[tuple[str, str], deque[float]] = {}
         # Change rates measured before start, per instance: (clock time, bytes/s).
         self._change_rates: dict[str, tuple[float, ChangeRate]] = {}
 
@@ -37,6 +40,19 @@ class Learned:
         """The shortest switchover measured between two hosts (None: none measured)."""
         measured = self._switchovers.get((source, destination))
         return min(measured) if measured else None
+
+    def cancel_resume(self, source: str, destination: str) -> float | None:
+        """The longest a stopped job took to end between two hosts, of the last few
+        (None: none measured)."""
+        measured = self._stops.get((source, destination))
+        return max(measured) if measured else None
+
+    def remember_stop(self, source: str, destination: str, seconds: float) -> None:
+        """A job stopped between two hosts ended `seconds` after the stop was asked."""
+        if seconds >= 0:
+            self._stops.setdefault((source, destination), deque(maxlen=self._memory)).append(
+                seconds
+            )
 
     def link_rate(self, source: str, destination: str) -> float | None:
         """Bytes/s the link between two hosts carried for the migrations completed over

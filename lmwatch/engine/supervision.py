@@ -786,6 +786,7 @@ class Supervisor:
             handed_over=record.handed_over,
             switchover=self.learned.switchover(record.source, record.destination),
             switchover_least=self.learned.switchover_least(record.source, record.destination),
+            cancel_resume=self.learned.cancel_resume(record.source, record.destination),
             change_rate_before_start=rate,
             change_rate_window=window,
             restarts=restart.count,

@@ -133,11 +133,13 @@ def last_look(
 ) -> float | None:
     """The last clock time at which a look at our pause can still stop the job soon
     enough for the instance to run again within the pause's bound: the bound's end less
-    `cancel_resume`. None when no pause of ours runs (or the operator accepted one
-    beyond the profile)."""
+    the time a stop takes (`cancel_resume`, or longer where stops between these hosts
+    were measured to take longer). None when no pause of ours runs (or the operator
+    accepted one beyond the profile)."""
     if not ctx.paused or ctx.handed_over or ctx.accept_pause or ctx.paused_at is None:
         return None
-    return ctx.paused_at + pause_bound(profile) - settings.cancel_resume
+    stop_takes = max(settings.cancel_resume, ctx.cancel_resume or 0.0)
+    return ctx.paused_at + pause_bound(profile) - stop_takes
 
 
 def next_look_in(

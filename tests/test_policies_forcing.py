@@ -228,26 +228,27 @@ def test_force_never_exceeds_the_profile_silently(  # type: ignore[no-untyped-de
 # -- a pause that would outlast its bound --------------------------------------------------
 
 
+def _sample_at(t: float, moved: int, remaining: int, phase: Phase = Phase.COMPLETING) -> Sample:
+    """A sample of a 2 GiB guest's fourth pass (paused: `Phase.COMPLETING`)."""
+    return Sample(
+        time=t,
+        memory_total=2048 * MIB,
+        memory_remaining=remaining,
+        memory_transferred=moved,
+        transfer_rate=100 * MIB,
+        change_rate=150 * MIB,
+        passes=4,
+        phase=phase,
+    )
+
+
 def _paused_history(moved_last: int, left: int) -> list[Sample]:
     """Copying, then paused at t=10 with 200MiB left; one second later `moved_last`
     bytes more have arrived and `left` remain."""
-
-    def at(t: float, moved: int, remaining: int, phase: Phase) -> Sample:
-        return Sample(
-            time=t,
-            memory_total=2048 * MIB,
-            memory_remaining=remaining,
-            memory_transferred=moved,
-            transfer_rate=100 * MIB,
-            change_rate=150 * MIB,
-            passes=4,
-            phase=phase,
-        )
-
     return [
-        at(9.0, 3000 * MIB, 300 * MIB, Phase.COPYING),
-        at(10.2, 3100 * MIB, 200 * MIB, Phase.COMPLETING),
-        at(11.2, 3100 * MIB + moved_last, left, Phase.COMPLETING),
+        _sample_at(9.0, 3000 * MIB, 300 * MIB, Phase.COPYING),
+        _sample_at(10.2, 3100 * MIB, 200 * MIB, Phase.COMPLETING),
+        _sample_at(11.2, 3100 * MIB + moved_last, left, Phase.COMPLETING),
     ]
 
 
@@ -355,36 +356,23 @@ def test_at_its_last_look_a_pause_whose_link_failed_half_a_second_ago_is_stopped
     1.2 s + the switchover), but no later look could stop the job in time: the rate is
     read over the last half second, the link has stalled, and the job is stopped, so
     that the instance runs again at 15 s, within its bound."""
-
-    def at(t: float, moved: int, left: int) -> Sample:
-        return Sample(
-            time=t,
-            memory_total=2048 * MIB,
-            memory_remaining=left,
-            memory_transferred=moved,
-            transfer_rate=100 * MIB,
-            change_rate=150 * MIB,
-            passes=4,
-            phase=Phase.COMPLETING,
-        )
-
     paused = [
-        at(10.2, 3100 * MIB, 260 * MIB),
-        at(11.2, 3200 * MIB, 160 * MIB),
-        at(12.0, 3250 * MIB, 110 * MIB),
-        at(12.5, 3300 * MIB, 60 * MIB),
+        _sample_at(10.2, 3100 * MIB, 260 * MIB),
+        _sample_at(11.2, 3200 * MIB, 160 * MIB),
+        _sample_at(12.0, 3250 * MIB, 110 * MIB),
+        _sample_at(12.5, 3300 * MIB, 60 * MIB),
     ]
     ctx = _paused_context()
-    before_last = [*paused, at(12.9, 3300 * MIB, 60 * MIB)]  # not yet the last look
+    before_last = [*paused, _sample_at(12.9, 3300 * MIB, 60 * MIB)]  # not yet the last look
     assert pause_outlasting(PAUSING, before_last, ctx, RESUME_2S) is None
-    last = [*paused, at(13.0, 3300 * MIB, 60 * MIB)]
+    last = [*paused, _sample_at(13.0, 3300 * MIB, 60 * MIB)]
     stretched = pause_outlasting(PAUSING, last, ctx, RESUME_2S)
     assert stretched is not None and stretched.rate == 0
     assert "nothing has moved for 500ms" in stretched.why
     decision = decide(PAUSING, last, ctx, now=13.0, settings=RESUME_2S)
     assert decision.action is Action.CANCEL and decision.rule is Rule.PAUSE_OUTLASTS_BOUND
     # the link still moving at the last look: the pause goes on
-    moving = [*paused, at(13.0, 3350 * MIB, 10 * MIB)]
+    moving = [*paused, _sample_at(13.0, 3350 * MIB, 10 * MIB)]
     assert pause_outlasting(PAUSING, moving, ctx, RESUME_2S) is None
 
 

@@ -235,6 +235,35 @@ async def test_a_pause_whose_link_breaks_near_its_end_is_stopped_at_its_last_loo
         await rig.engine.stop()
 
 
+async def test_a_pause_keeps_its_last_look_across_a_restart_of_lmwatch(tmp_path: Path) -> None:
+    """lmwatch restarts 1 s into a pause of about 8.5 s (`max_pause` 10 s). The new daemon
+    reads when the pause began from the timeline, so the pause keeps its last look at
+    7.5 s (stops take 2.5 s here, the policy's allowance) and its bound: the link
+    breaks at 7.1 s and the job is stopped at 7.5 s. Counted from the first sample the
+    new daemon took, the pause would have looked 1.5 s too young."""
+    rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
+    rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=DEFAULT.cancel_resume)
+    await rig.engine.start()
+    mid = await rig.migrate("wide-batch")
+    assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
+    paused = next(e for e in rig.store.events(mid) if e.action == "pause")
+    await rig.clock.advance(paused.at + 1.0 - rig.clock.now())
+    await rig.restart(down_for=0.5)
+    try:
+        last_look = 10.0 - DEFAULT.cancel_resume
+        await rig.clock.advance(paused.at + last_look - 0.4 - rig.clock.now())
+        rig.driver.inject_fault("link_break", between=("a", "b"))
+        await rig.finish(mid)
+        events = rig.store.events(mid)
+        assert [e for e in events if e.reason == "supervision resumed after a restart"]
+        stop = next(e for e in events if e.action in ("cancel", "restart"))
+        assert stop.data["rule"] == "pause-outlasts-bound", stop.reason
+        assert stop.at - paused.at == pytest.approx(last_look, abs=0.01), stop.reason
+        assert not [e for e in events if e.kind == "violation"]
+    finally:
+        await rig.engine.stop()
+
+
 async def test_a_stop_measured_slower_than_allowed_brings_the_next_last_look_forward(
     tmp_path: Path,
 ) -> None:

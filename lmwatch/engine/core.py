@@ -195,8 +195,10 @@ class Engine:
         before any forcing decision: recovery.py), or queued."""
         supervision = self._track(record, profile)
         supervision.generation = -1  # the file may have changed while we were away
-        if record.paused:
-            supervision.pause_by_operator = recovery.paused_by_operator(self.store, record)
+        if record.paused:  # when, and whose: the pause is held to its bound from then
+            supervision.paused_at, supervision.pause_by_operator = recovery.pause_of(
+                self.store, record
+            )
         supervision.force_pending = recovery.force_pending(self.store, record)
         if record.state is not State.QUEUED:
             log.info("reattaching", **log_context(record))

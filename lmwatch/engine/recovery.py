@@ -60,12 +60,18 @@ def read_back(store: Store) -> ReadBack:
     return ReadBack(taken, [r for r in records if r.state is State.COMPLETED])
 
 
-def paused_by_operator(store: Store, record: MigrationRecord) -> bool:
-    """Whether the pause of a paused migration was an operator's force-complete."""
-    return record.paused and any(
-        e.action == Action.PAUSE.value and (e.data or {}).get("origin") == "operator"
-        for e in store.events(record.id)
-    )
+def pause_of(store: Store, record: MigrationRecord) -> tuple[float | None, bool]:
+    """When the pause of a paused migration was decided (the last pause on its
+    timeline: the pause came right after, so its bound's end and its last look read
+    from this time are early rather than late) and whether it was an operator's
+    force-complete; (None, False) when it is not paused."""
+    if not record.paused:
+        return None, False
+    pauses = [e for e in store.events(record.id) if e.action == Action.PAUSE.value]
+    if not pauses:
+        return None, False
+    last = pauses[-1]
+    return last.at, any((e.data or {}).get("origin") == "operator" for e in pauses)
 
 
 def force_pending(store: Store, record: MigrationRecord) -> bool | None:

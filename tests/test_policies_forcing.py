@@ -376,6 +376,31 @@ def test_at_its_last_look_a_pause_whose_link_failed_half_a_second_ago_is_stopped
     assert pause_outlasting(PAUSING, moving, ctx, RESUME_2S) is None
 
 
+def test_a_pause_whose_link_slowed_then_stopped_is_cancelled_not_started_again() -> None:
+    """Paused at 10 s (at most 5 s; stops take 1.5 s, so the last look is at 13.5 s and
+    the look before it at 13 s). Over the second before 13 s the rest moved slowly
+    enough to outlast the bound, but all of that before 12.2 s: nothing has moved for
+    the last 0.8 s. The pause is ended either way; a link that has stopped cannot carry
+    a new job, so the migration is cancelled rather than started again."""
+    ctx = _paused_context()
+    resume = PolicySettings(cancel_resume=1.5)
+    history = [
+        _sample_at(10.2, 3100 * MIB, 200 * MIB),
+        _sample_at(11.2, 3120 * MIB, 180 * MIB),
+        _sample_at(12.2, 3130 * MIB, 170 * MIB),
+        _sample_at(13.0, 3130 * MIB, 170 * MIB),
+    ]
+    assert next_look_in(PAUSING, ctx, 12.2, 1.0, resume) == pytest.approx(0.8)
+    stretched = pause_outlasting(PAUSING, history, ctx, resume)
+    assert stretched is not None and stretched.rate == 0
+    assert "nothing has moved for 800ms" in stretched.why
+    decision = decide(PAUSING, history, ctx, now=13.0, settings=resume)
+    assert decision.action is Action.CANCEL and decision.rule is Rule.PAUSE_OUTLASTS_BOUND
+    # still moving, slowly: started again (no deadline)
+    slow = [*history[:3], _sample_at(13.0, 3136 * MIB, 164 * MIB)]
+    assert decide(PAUSING, slow, ctx, now=13.0, settings=resume).action is Action.RESTART
+
+
 def test_no_cancel_for_an_accepted_pause_a_finished_copy_or_one_sample() -> None:
     stalled = _paused_history(0, 200 * MIB)
     assert pause_outlasting(PAUSING, stalled, _paused_context(accept_pause=True)) is None

@@ -15,9 +15,10 @@ that it applies once the disks are in sync (the engine keeps it until then).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from lmwatch.model import Action, Decision, MigrationContext, Phase, Prediction
+from lmwatch.model import Action, Decision, MigrationContext, Phase, Prediction, Sample
 from lmwatch.policies.estimators import (
     DEFAULT,
     Analysis,
@@ -178,6 +179,8 @@ def pause_outlasting(
     the pause (samples taken closer together say little about a stall), and from the
     pause's last look on (`last_look`) over its last half second or more: no later look
     could stop the job in time, so a link that failed within the last second must show.
+    A pause that outlasts its bound on a link that has moved nothing for the last half
+    second or more is reported stalled (rate 0: no new job is started on it).
     """
     if not ctx.paused or ctx.handed_over or ctx.accept_pause:
         return None
@@ -199,23 +202,44 @@ def pause_outlasting(
     bound = pause_bound(profile)
     moved = max(0, last.memory_transferred - before.memory_transferred)
     so_far = max(0.0, last.time - start)
-    if moved == 0:
+
+    def stalled(still: float) -> OutlastingPause:
         return OutlastingPause(
             f"paused {duration_text(so_far)} ago and nothing has moved for "
-            f"{duration_text(interval)} ({format_size(left)} left): the link has stalled, "
-            f"and waiting would keep the instance stopped past {duration_text(bound)}",
+            f"{duration_text(still)} ({format_size(left)} left): the link has stalled, and "
+            f"waiting would keep the instance stopped past {duration_text(bound)}",
             0.0,
         )
+
+    if moved == 0:
+        return stalled(interval)
     rate = moved / interval
     total = so_far + left / rate + ctx.switchover
     if total <= bound:
         return None
+    # The pause outlasts its bound either way; whether the link still moves decides
+    # between starting again and cancelling: read from the last half second or more, so
+    # that a link that broke within the span above is not taken for a slow one.
+    still = _still_for(stopped)
+    if still >= _LAST_LOOK_SPAN:
+        return stalled(still)
     return OutlastingPause(
         f"paused {duration_text(so_far)} ago; the rest ({format_size(left)}) now moves at "
         f"{format_size(rate)}/s, so the pause would last about {duration_text(total)} "
         f"(limit {duration_text(bound)})",
         rate,
     )
+
+
+def _still_for(stopped: Sequence[Sample]) -> float:
+    """Seconds over which the latest stopped samples moved nothing."""
+    last = stopped[-1]
+    since = last.time
+    for sample in reversed(stopped):
+        if sample.memory_transferred != last.memory_transferred:
+            break
+        since = sample.time
+    return last.time - since
 
 
 def finish_now(

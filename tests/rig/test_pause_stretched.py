@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from lmwatch.drivers.simphysics import Tuning
 from lmwatch.policies import DEFAULT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
@@ -97,7 +98,8 @@ def test_a_pause_the_link_stretches_starts_the_migration_again(
     summary.note(
         name,
         f"first pause ended after {stopped:.2f}s, {resumed_after:.2f}s after the decision "
-        f"to stop the job (the policy allows {DEFAULT.cancel_resume:.1f}s): {reason[:90]}",
+        f"to stop the job (the policy allows {DEFAULT.cancel_resume:.1f}s, the simulator "
+        f"takes {Tuning().cancel_delay:.1f}s): {reason[:90]}",
     )
 
 

@@ -204,12 +204,13 @@ async def test_a_pause_whose_link_breaks_near_its_end_is_stopped_at_its_last_loo
     tmp_path: Path,
 ) -> None:
     """A pause of about 8.5 s (`max_pause` 10 s) on hosts where a stopped job resumes
-    the instance `cancel_resume` (2.5 s) later, the longest the policy allows for. The
-    last look that can keep the pause within 10 s is then at 7.5 s: the engine samples
-    the pause then, and half a second before, and the link breaks 7.1 s in, with 1.4
-    GiB still to copy: the job is stopped at 7.5 s on what that half second shows.
-    Sampled once a second only, the break would show at 8 s, and the instance would
-    run again past its bound. (The deadline being far, the migration starts again; the
+    the instance `cancel_resume` (3 s) later, the longest the policy allows for. The
+    last look that can keep the pause within 10 s is then at 7 s: the engine samples
+    the pause then, and half a second before, and the link breaks 6.7 s in, with 1.8
+    GiB still to copy: the job is stopped at 7 s on what that half second shows.
+    Sampled once a second only, the second before 7 s would still say the rest arrives
+    in time, the break would show at 8 s, and the instance would run again past its
+    bound. (The deadline being far, the migration starts again; the
     new job fails on the broken link.)"""
     rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
     rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=DEFAULT.cancel_resume)
@@ -220,7 +221,7 @@ async def test_a_pause_whose_link_breaks_near_its_end_is_stopped_at_its_last_loo
         paused = next(e for e in rig.store.events(mid) if e.action == "pause")
         assert "8.5s paused" in paused.reason or "8.6s paused" in paused.reason, paused.reason
         last_look = 10.0 - DEFAULT.cancel_resume
-        await rig.clock.advance(paused.at + last_look - 0.4 - rig.clock.now())
+        await rig.clock.advance(paused.at + last_look - 0.3 - rig.clock.now())
         rig.driver.inject_fault("link_break", between=("a", "b"))
         await rig.finish(mid)
         events = rig.store.events(mid)
@@ -238,9 +239,9 @@ async def test_a_pause_whose_link_breaks_near_its_end_is_stopped_at_its_last_loo
 async def test_a_pause_keeps_its_last_look_across_a_restart_of_lmwatch(tmp_path: Path) -> None:
     """lmwatch restarts 1 s into a pause of about 8.5 s (`max_pause` 10 s). The new daemon
     reads when the pause began from the timeline, so the pause keeps its last look at
-    7.5 s (stops take 2.5 s here, the policy's allowance) and its bound: the link
-    breaks at 7.1 s and the job is stopped at 7.5 s. Counted from the first sample the
-    new daemon took, the pause would have looked 1.5 s too young."""
+    7 s (stops take 3 s here, the policy's allowance) and its bound: the link breaks at
+    6.7 s and the job is stopped at 7 s. Counted from the first sample the new daemon
+    took, the pause would have looked 1.5 s too young."""
     rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
     rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=DEFAULT.cancel_resume)
     await rig.engine.start()
@@ -251,7 +252,7 @@ async def test_a_pause_keeps_its_last_look_across_a_restart_of_lmwatch(tmp_path:
     await rig.restart(down_for=0.5)
     try:
         last_look = 10.0 - DEFAULT.cancel_resume
-        await rig.clock.advance(paused.at + last_look - 0.4 - rig.clock.now())
+        await rig.clock.advance(paused.at + last_look - 0.3 - rig.clock.now())
         rig.driver.inject_fault("link_break", between=("a", "b"))
         await rig.finish(mid)
         events = rig.store.events(mid)
@@ -268,12 +269,13 @@ async def test_a_stop_measured_slower_than_allowed_brings_the_next_last_look_for
     tmp_path: Path,
 ) -> None:
     """Between hosts where a stopped job ends 4 s after the stop was asked (longer than
-    the 2.5 s the policy allows by default), the first pause's link breaks at once and
+    the 3 s the policy allows by default), the first pause's link breaks at once and
     the job is cancelled: lmwatch learns the 4 s. The next pause on these hosts gets its
     last look 4 s before its bound ends, at 6 s, and half a second before: its link,
     breaking at 5.77 s, is caught there, and the instance runs again within the 10 s.
     (Read over the second before 6 s, as at any other look, the rest would still arrive
-    in time; 2.5 s before the bound, at 7.5 s, a stop would end the pause at 11.5 s.)"""
+    in time; 3 s before the bound, half a second before 7 s, a stop would end the pause
+    at 10.5 s.)"""
     rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
     rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=4.0)
     await rig.engine.start()

@@ -346,8 +346,8 @@ def test_a_pause_gets_a_look_when_a_stop_can_last_resume_it_within_its_bound() -
     # move it later than the allowance
     assert last_look(PAUSING, replace(ctx, cancel_resume=3.0), RESUME_2S) == pytest.approx(12.0)
     assert last_look(PAUSING, replace(ctx, cancel_resume=1.0), RESUME_2S) == pytest.approx(13.0)
-    # by default the policy allows a stop 2.5 s, more than the rig's 1.6-2.0 s
-    assert last_look(PAUSING, ctx) == pytest.approx(15.0 - DEFAULT.cancel_resume) == 12.5
+    # by default the policy allows a stop 3 s, more than the rig's 1.5-2.1 s
+    assert last_look(PAUSING, ctx) == pytest.approx(15.0 - DEFAULT.cancel_resume) == 12.0
 
 
 def test_at_its_last_look_a_pause_whose_link_failed_half_a_second_ago_is_stopped() -> None:

@@ -200,6 +200,22 @@ WIDE = """
 """
 
 
+async def wide_rig(tmp_path: Path, cancel_delay: float) -> Rig:
+    """A started engine on the inventory with `wide-batch`, on hosts where a stopped job
+    ends `cancel_delay` seconds after the stop was asked."""
+    rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
+    rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=cancel_delay)
+    await rig.engine.start()
+    return rig
+
+
+async def paused_wide_batch(rig: Rig) -> tuple[str, Any]:
+    """`wide-batch` migrated until lmwatch pauses it: its id and the pause's decision."""
+    mid = await rig.migrate("wide-batch")
+    assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
+    return mid, next(e for e in rig.store.events(mid) if e.action == "pause")
+
+
 async def test_a_pause_whose_link_breaks_near_its_end_is_stopped_at_its_last_look(
     tmp_path: Path,
 ) -> None:
@@ -212,13 +228,9 @@ async def test_a_pause_whose_link_breaks_near_its_end_is_stopped_at_its_last_loo
     in time, the break would show at 8 s, and the instance would run again past its
     bound. (The deadline being far, the migration starts again; the
     new job fails on the broken link.)"""
-    rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
-    rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=DEFAULT.cancel_resume)
-    await rig.engine.start()
+    rig = await wide_rig(tmp_path, DEFAULT.cancel_resume)
     try:
-        mid = await rig.migrate("wide-batch")
-        assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
-        paused = next(e for e in rig.store.events(mid) if e.action == "pause")
+        mid, paused = await paused_wide_batch(rig)
         assert "8.5s paused" in paused.reason or "8.6s paused" in paused.reason, paused.reason
         last_look = 10.0 - DEFAULT.cancel_resume
         await rig.clock.advance(paused.at + last_look - 0.3 - rig.clock.now())
@@ -242,12 +254,8 @@ async def test_a_pause_keeps_its_last_look_across_a_restart_of_lmwatch(tmp_path:
     7 s (stops take 3 s here, the policy's allowance) and its bound: the link breaks at
     6.7 s and the job is stopped at 7 s. Counted from the first sample the new daemon
     took, the pause would have looked 1.5 s too young."""
-    rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
-    rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=DEFAULT.cancel_resume)
-    await rig.engine.start()
-    mid = await rig.migrate("wide-batch")
-    assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
-    paused = next(e for e in rig.store.events(mid) if e.action == "pause")
+    rig = await wide_rig(tmp_path, DEFAULT.cancel_resume)
+    mid, paused = await paused_wide_batch(rig)
     await rig.clock.advance(paused.at + 1.0 - rig.clock.now())
     await rig.restart(down_for=0.5)
     try:
@@ -276,19 +284,14 @@ async def test_a_stop_measured_slower_than_allowed_brings_the_next_last_look_for
     (Read over the second before 6 s, as at any other look, the rest would still arrive
     in time; 3 s before the bound, half a second before 7 s, a stop would end the pause
     at 10.5 s.)"""
-    rig = Rig(tmp_path, inventory=INVENTORY + WIDE)
-    rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=4.0)
-    await rig.engine.start()
+    rig = await wide_rig(tmp_path, 4.0)
     try:
-        first = await rig.migrate("wide-batch")
-        assert await rig.clock.run_until(lambda: "pause" in rig.actions(first), limit=3600)
+        first, _ = await paused_wide_batch(rig)
         rig.driver.inject_fault("link_break", between=("a", "b"))
         await rig.finish(first)
         assert rig.engine.get(first).state is State.CANCELLED
         rig.driver.inject_fault("link_restore", between=("a", "b"))
-        second = await rig.migrate("wide-batch")
-        assert await rig.clock.run_until(lambda: "pause" in rig.actions(second), limit=3600)
-        paused = next(e for e in rig.store.events(second) if e.action == "pause")
+        second, paused = await paused_wide_batch(rig)
         await rig.clock.advance(paused.at + 5.77 - rig.clock.now())
         rig.driver.inject_fault("link_break", between=("a", "b"))
         await rig.finish(second)

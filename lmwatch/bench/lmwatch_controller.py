@@ -97,8 +97,6 @@ class LmwatchController(ControllerBase):
     def next_poll(self, now: float) -> float:
         """As the engine: the poll interval, or sooner for a pause's last look."""
         assert self.ctx is not None, "start() first"
-        if not self.ctx.paused:
-            return self.poll_interval
         return policies.next_look_in(
             self.setting.profile, self.ctx, now, self.poll_interval, self.settings
         )

@@ -237,9 +237,9 @@ class Tuning:
     recount_interval: float = 0.1
     rate_period: float = 1.0  # the reported change rate and the slow-down use periods this long
     # Seconds from a cancel to the instance running alone again on the source: the
-    # hypervisor lets the destination go first. The rig took 1.6-2.0 s from the abort to
-    # the end of the job, at 2 to 50 MiB/s, the guest paused or not (1.7 s through the
-    # daemon, from its decision to the guest running again).
+    # hypervisor lets the destination go first. The rig took 1.65-2.04 s from the abort
+    # to the end of the job, at 2 to 50 MiB/s, the guest paused or not (1.51-2.11 s
+    # through the daemon, from its decision to the guest running again).
     cancel_delay: float = 1.8
     link_timeout: float = 30.0  # seconds a broken link stalls before the job fails
     source_grace: float = 30.0  # seconds a vanished source host keeps migrating

@@ -77,9 +77,9 @@ class PolicySettings:
     switchover_seconds: float = 0.05  # assumed switchover cost when nothing was measured
     # Seconds from stopping a job to the instance running on the source again: the
     # hypervisor resumes it only once the destination has let go of its half (on the
-    # rig 1.5-2.1 s after the stop was asked, whatever the bandwidth, the longest with
-    # the host loaded; this leaves room). A pause of ours that may outlast its bound
-    # must be stopped this long before the bound's end.
+    # rig 1.5-2.1 s after the stop was asked, whatever the bandwidth and the guest's size
+    # (128 MiB to 6 GiB), the longest with the host loaded; this leaves room). A pause
+    # of ours that may outlast its bound must be stopped this long before the bound's end.
     cancel_resume: float = 3.0
     # The change rate is measured before a start only when one pass of all memory over
     # the link takes at least this many times the measurement's window (`measuring_pays`).

@@ -5,6 +5,7 @@ restart of the daemon), and a job that failed while no daemon watched started ag
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,27 @@ async def test_a_growing_writer_is_started_again_once_and_completes(tmp_path: Pa
         assert reopened.get(mid) == record
     finally:
         reopened.close()
+
+
+async def test_the_time_a_job_stopped_to_start_again_took_to_end_is_learned(
+    tmp_path: Path,
+) -> None:
+    """Between hosts where a stopped job ends 4 s after the stop was asked, the job
+    stopped to start again at a higher slow-down level (the guest was never paused)
+    teaches the host pair's stop time, as a stopped pause or a cancel does: the next
+    pause between them gets its last look that long before its bound."""
+    rig = rig_for(tmp_path)
+    rig.driver.tuning = dataclasses.replace(rig.driver.tuning, cancel_delay=4.0)
+    await rig.engine.start()
+    try:
+        assert rig.engine.stop_time("a", "b") is None
+        mid = await rig.migrate("grower")
+        assert await rig.clock.run_until(lambda: bool(started_again(rig, mid)), limit=3600)
+        assert not events(rig, mid, "decision", "pause")
+        stopped = rig.engine.stop_time("a", "b")
+        assert stopped is not None and 4.0 <= stopped <= 5.0, stopped
+    finally:
+        await rig.engine.stop()
 
 
 async def test_a_crash_between_the_cancel_and_the_new_start_starts_it_again(

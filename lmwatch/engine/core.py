@@ -351,6 +351,11 @@ class Engine:
         """Seconds of switchover to plan with between two hosts (learned, or the default)."""
         return self._learned.switchover(source, destination)
 
+    def stop_time(self, source: str, destination: str) -> float | None:
+        """The longest a job stopped between two hosts lately took to end (None: none
+        seen since the daemon started): a pause's last look allows at least that."""
+        return self._learned.cancel_resume(source, destination)
+
     def remember_change_rate(self, instance: str, rate: ChangeRate) -> None:
         """Keep a change rate measured before any start (a drain measures every guest
         at submission): the instance's start reuses it while it is recent instead of

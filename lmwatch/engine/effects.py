@@ -458,7 +458,7 @@ class Effects:
             Phase.CANCELLED: State.CANCELLED,
         }.get(result.phase, State.FAILED)
         if state is State.CANCELLED:
-            self._learn_stop(supervision)
+            self.learn_stop(supervision)
         started = record.started_at or record.created_at
         total = now - started
         outcome = Outcome(
@@ -537,17 +537,20 @@ class Effects:
         )
         self._record_violations(supervision, finish)
 
-    def pause_ended(self, supervision: Supervision, result: JobResult | None) -> None:
+    def pause_ended(
+        self, supervision: Supervision, result: JobResult | None, took: float | None
+    ) -> None:
         """The job of a paused migration ended without completing and the migration
         starts again: the instance runs on the source again. Record how long it was
         stopped, check that against the profile now (the new job is judged on its
-        own), and forget the pause. `result`: the ended job's, when it could be read."""
+        own), and forget the pause. `result`: the ended job's, when it could be read;
+        `took`: seconds from the stop lmwatch asked to the job's end (`learn_stop`),
+        None when the job ended without one."""
         record = supervision.record
         stopped = None if result is None else result.blackout_seconds
         if stopped is None and supervision.paused_at is not None:
             stopped = max(0.0, self.clock.now() - supervision.paused_at)
         length = "for an unknown time" if stopped is None else f"for {stopped:.2f}s"
-        took = self._learn_stop(supervision)
         after = "" if took is None else f", {took:.2f}s after the job was stopped"
         self.update(
             supervision,
@@ -563,7 +566,7 @@ class Effects:
         supervision.paused_at = None
         supervision.pause_by_operator = False
 
-    def _learn_stop(self, supervision: Supervision) -> float | None:
+    def learn_stop(self, supervision: Supervision) -> float | None:
         """Seconds from the stop asked of this job to its end, learned for the host pair
         (the instance runs on the source again only then); None when none was asked."""
         asked = supervision.cancel_sent_at

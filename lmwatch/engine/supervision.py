@@ -536,8 +536,9 @@ class Supervisor:
         ):
             await self.effects.finish(supervision, ended)
             return False
+        took = self.effects.learn_stop(supervision)  # every job stopped to start again
         if record.paused:
-            self.effects.pause_ended(supervision, ended)
+            self.effects.pause_ended(supervision, ended, took)
         return await self._start_again(supervision)
 
     async def _ended_unwatched(self, supervision: Supervision, ended: JobResult) -> bool:
@@ -596,7 +597,7 @@ class Supervisor:
         )
         self.effects.intend_restart(supervision, decision, intent)
         if record.paused:
-            self.effects.pause_ended(supervision, ended)
+            self.effects.pause_ended(supervision, ended, None)  # failed: nobody stopped it
         else:
             self.effects.stop_ended(supervision, ended)
         return await self._start_again(supervision)

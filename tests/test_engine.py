@@ -306,6 +306,28 @@ async def test_a_stop_measured_slower_than_allowed_brings_the_next_last_look_for
         await rig.engine.stop()
 
 
+async def test_the_stop_times_learned_are_learned_again_after_a_restart_of_lmwatch(
+    tmp_path: Path,
+) -> None:
+    """Between hosts where a stopped job ends 4 s after the stop was asked, an
+    operator's cancel teaches the 4 s (the cancelled end on the timeline says so); the
+    daemon restarted reads it back, so its first pause between these hosts gets its
+    last look 4 s before the bound, not the 3 s allowed by default."""
+    rig = await wide_rig(tmp_path, 4.0)
+    try:
+        mid = await rig.migrate("big")
+        await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.COPYING)
+        await rig.engine.cancel(mid)
+        await rig.finish(mid)
+        ended = rig.store.events(mid)[-1]
+        assert ended.state == State.CANCELLED.value
+        assert ended.data["stop_seconds"] == pytest.approx(4.0, abs=1.0)
+        await rig.restart()
+        assert rig.engine.stop_time("a", "b") == pytest.approx(ended.data["stop_seconds"])
+    finally:
+        await rig.engine.stop()
+
+
 async def test_a_pause_the_link_slows_is_ended_and_the_migration_started_again(rig: Rig) -> None:
     """The link falls to 5 % right after lmwatch paused the guest: the pause would
     outlast `max_pause` (10s), so the job is stopped and the instance runs on the

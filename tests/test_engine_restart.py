@@ -134,6 +134,8 @@ async def test_the_time_a_job_stopped_to_start_again_took_to_end_is_learned(
         assert not events(rig, mid, "decision", "pause")
         stopped = rig.engine.stop_time("a", "b")
         assert stopped is not None and 4.0 <= stopped <= 5.0, stopped
+        # on the timeline too, where a restarted daemon reads it back
+        assert started_again(rig, mid)[0].data["stop_seconds"] == stopped
     finally:
         await rig.engine.stop()
 

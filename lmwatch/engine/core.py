@@ -176,6 +176,9 @@ class Engine:
         )
         for record in back.completed:
             self._learned.learn(record)
+        memory = self.settings.switchover_memory
+        for source, destination, seconds in recovery.stop_times(self.store, back.stopped, memory):
+            self._learned.remember_stop(source, destination, seconds)
         if self._ownership is not None:
             # A member takes back only what it owns, round by round (ownership.py).
             self._ownership.start()
@@ -353,7 +356,7 @@ class Engine:
 
     def stop_time(self, source: str, destination: str) -> float | None:
         """The longest a job stopped between two hosts lately took to end (None: none
-        seen since the daemon started): a pause's last look allows at least that."""
+        on record): a pause's last look allows at least that."""
         return self._learned.cancel_resume(source, destination)
 
     def remember_change_rate(self, instance: str, rate: ChangeRate) -> None:

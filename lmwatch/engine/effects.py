@@ -18,6 +18,7 @@ from lmwatch.clock import Clock, outside
 from lmwatch.drivers.base import ActionRefused, Driver, DriverError
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.records import (
+    STOP_SECONDS,
     Supervision,
     log,
     log_context,
@@ -394,8 +395,15 @@ class Effects:
             reason=decision.reason,
         )
 
-    def started_again(self, supervision: Supervision, plan: StartPlan, restart: Restarts) -> None:
-        """The new job of a restart started: its plan is the migration's plan now."""
+    def started_again(
+        self,
+        supervision: Supervision,
+        plan: StartPlan,
+        restart: Restarts,
+        stopped: float | None = None,
+    ) -> None:
+        """The new job of a restart started: its plan is the migration's plan now.
+        `stopped`: seconds the stopped job took to end (`learn_stop`), when it was ours."""
         record = supervision.record
         self.metrics.restarts.labels(record.profile_name).inc()
         self.update(
@@ -406,7 +414,8 @@ class Effects:
             plan=plan,
             blackout_budget=plan.starting_budget,
             restart=restart,
-            data={"restarts": restart.count},
+            data={"restarts": restart.count}
+            | ({STOP_SECONDS: stopped} if stopped is not None else {}),
         )
         log.info(
             "started-again",
@@ -457,8 +466,8 @@ class Effects:
             Phase.COMPLETED: State.COMPLETED,
             Phase.CANCELLED: State.CANCELLED,
         }.get(result.phase, State.FAILED)
-        if state is State.CANCELLED:
-            self.learn_stop(supervision)
+        # A stop's time is on the timeline too, so that a restarted daemon learns it again.
+        took = self.learn_stop(supervision) if state is State.CANCELLED else None
         started = record.started_at or record.created_at
         total = now - started
         outcome = Outcome(
@@ -493,7 +502,7 @@ class Effects:
             finished_at=now,
             outcome=outcome,
             progress=progress,
-            data=outcome_json(outcome),
+            data=outcome_json(outcome) | ({STOP_SECONDS: took} if took is not None else {}),
         )
         if result.note:
             self.event(supervision, "note", result.note)
@@ -558,7 +567,7 @@ class Effects:
             f"the pause ended: the instance was stopped {length} and runs on "
             f"{record.source} again{after}",
             paused=False,
-            data={"paused_seconds": stopped, "stop_seconds": took},
+            data={"paused_seconds": stopped, STOP_SECONDS: took},
         )
         self._record_violations(
             supervision, policies.Finish(blackout=stopped, paused=True, completed=False)

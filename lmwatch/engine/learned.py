@@ -2,7 +2,8 @@
 job takes to end, per host pair; recent change rates.
 
 In memory only, no I/O: the switchover costs are learned again from the store's
-completed migrations at start (the other figures since the daemon started).
+completed migrations at start, and the stop times from the timelines of its cancelled
+and restarted ones (`recovery.stop_times`); the other figures since the daemon started.
 """
 
 from __future__ import annotations

@@ -84,6 +84,9 @@ def restart_pending(record: MigrationRecord) -> bool:
 
 
 FORCE_PENDING = "force_pending"  # timeline data key: a pending force-complete, or None
+# Timeline data key: seconds a job lmwatch or an operator stopped took to end (on the
+# pause's end, the new job's start, or the cancelled end), read back at start.
+STOP_SECONDS = "stop_seconds"
 
 
 @dataclass(frozen=True, slots=True)

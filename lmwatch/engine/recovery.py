@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from lmwatch.clock import Clock, outside
 from lmwatch.drivers.base import DriverError
 from lmwatch.engine.effects import Effects
-from lmwatch.engine.records import FORCE_PENDING, Supervision, log
+from lmwatch.engine.records import FORCE_PENDING, STOP_SECONDS, Supervision, log
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.model import Action, JobResult, Phase, Sample, State
 from lmwatch.profiles.schema import Profile
@@ -32,6 +32,9 @@ class ReadBack:
 
     unfinished: list[tuple[MigrationRecord, Profile]]  # with their profiles
     completed: list[MigrationRecord]  # what switchover times are learned from
+    # Those whose timeline may tell how long a stopped job took to end (cancelled or
+    # started again), newest first: what stop times are learned from (`stop_times`).
+    stopped: list[MigrationRecord]
 
 
 def read_back(store: Store) -> ReadBack:
@@ -57,7 +60,36 @@ def read_back(store: Store) -> ReadBack:
             problems.append(CorruptRecord(record.id, f"column profile: {first_problem(error)}"))
     if problems:
         raise UnreadableStore(store.path, problems)
-    return ReadBack(taken, [r for r in records if r.state is State.COMPLETED])
+    stopped = [
+        r
+        for r in records
+        if r.state is State.CANCELLED or (r.restart is not None and r.restart.count > 0)
+    ]
+    stopped.sort(key=lambda r: r.finished_at or r.started_at or r.created_at, reverse=True)
+    return ReadBack(taken, [r for r in records if r.state is State.COMPLETED], stopped)
+
+
+def stop_times(
+    store: Store, stopped: list[MigrationRecord], per_pair: int
+) -> list[tuple[str, str, float]]:
+    """(source, destination, seconds) of the last `per_pair` stops the timelines of
+    `stopped` (newest first) tell per host pair, oldest first: how long a job lmwatch or
+    an operator stopped took to end, as noted when it did (`STOP_SECONDS`). Reads the
+    timelines of at most four times as many migrations per pair (a cancel while queued
+    stopped no job)."""
+    found: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    read: dict[tuple[str, str], int] = {}
+    for record in stopped:
+        pair = (record.source, record.destination)
+        if read.get(pair, 0) >= 4 * per_pair or len(found.get(pair, ())) >= per_pair:
+            continue
+        read[pair] = read.get(pair, 0) + 1
+        for event in reversed(store.events(record.id)):
+            seconds = (event.data or {}).get(STOP_SECONDS)
+            if isinstance(seconds, int | float) and len(found.setdefault(pair, [])) < per_pair:
+                found[pair].append((event.at, float(seconds)))
+    stops = [(at, pair, seconds) for pair, seen in found.items() for at, seconds in seen]
+    return [(pair[0], pair[1], seconds) for _, pair, seconds in sorted(stops)]
 
 
 def pause_of(store: Store, record: MigrationRecord) -> tuple[float | None, bool]:

@@ -539,7 +539,7 @@ class Supervisor:
         took = self.effects.learn_stop(supervision)  # every job stopped to start again
         if record.paused:
             self.effects.pause_ended(supervision, ended, took)
-        return await self._start_again(supervision)
+        return await self._start_again(supervision, stopped=None if record.paused else took)
 
     async def _ended_unwatched(self, supervision: Supervision, ended: JobResult) -> bool:
         """A job that ended while lmwatch was not watching: a failure that left the
@@ -602,9 +602,11 @@ class Supervisor:
             self.effects.stop_ended(supervision, ended)
         return await self._start_again(supervision)
 
-    async def _start_again(self, supervision: Supervision) -> bool:
+    async def _start_again(self, supervision: Supervision, stopped: float | None = None) -> bool:
         """Start the new job with the plan the intent recorded; False when it cannot
         start (then the migration ends failed, the instance still on the source).
+        `stopped`: seconds the stopped job took to end, for the timeline (a pause's
+        end already noted it).
 
         After a failed job the start is tried again every `restart_retry_seconds` until
         the intent's `start_by` (the link may be down a while); an operator's cancel
@@ -660,7 +662,7 @@ class Supervisor:
         supervision.track = policies.tracked((), self.settings.policy)  # a new job
         supervision.cancel_sent_at = None
         restart = dataclasses.replace(restart, pending=False, job_started_at=self.clock.now())
-        self.effects.started_again(supervision, plan, restart)
+        self.effects.started_again(supervision, plan, restart, stopped)
         return True
 
     async def _wait_to_retry(self, supervision: Supervision, seconds: float) -> bool:

@@ -222,6 +222,7 @@ class Rule(StrEnum):
     NO_PROGRESS_YET = "no-progress-yet"
     FIRST_PASS = "first-pass"
     WINDOWS_FILLED = "windows-filled"
+    ONE_PASS_EITHER_WAY = "one-pass-either-way"
     CONVERGES = "converges"
     PAUSE_CHEAPER_THAN_SLOWING = "pause-cheaper-than-slowing"
     RAISE_BUDGET = "raise-budget"

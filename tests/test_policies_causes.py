@@ -183,6 +183,62 @@ def test_1_windows_that_all_filled_the_working_set_give_no_eta_until_one_does_no
     assert (third.prediction.eta_seconds is not None) is converges
 
 
+@pytest.mark.parametrize(
+    ("write_rate", "converges"),
+    [
+        pytest.param(20 * GIB, False, id="fills-its-working-set-every-pass"),
+        pytest.param(1 * GIB, True, id="a-steady-writer-over-memory"),
+    ],
+)
+def test_1_one_unmeasured_pass_is_not_called_converging_when_it_may_have_filled_a_working_set(
+    write_rate: float, converges: bool
+) -> None:
+    """Nothing measured before the start (a pass of about 2 s: measuring would cost as
+    long), and the first pass counted about 2.5 GiB of 6 GiB, for a guest rewriting
+    2 GiB at 20 GiB/s as for one writing 1 GiB/s all over its memory. Read as a
+    steady writer over all of memory, copying converges; read as one that filled a
+    working set of that count, every pass leaves it again and it never does.
+    The policy said "copying finishes on its own" with an ETA on the hopeful reading,
+    and a pass later the opposite (`s1-0184`: 32.8 GB/s over 3.9 GiB). Now it says
+    that one pass cannot tell, with no ETA, until the second pass (shorter than what
+    fills the working set) has been counted: then each guest gets its verdict."""
+    bandwidth = 2.5 * GIB
+    plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+    migration = Migration(
+        memory=6 * GIB,
+        working_set=2 * GIB if not converges else 6 * GIB,
+        change_rate=ConstantRate(rate=write_rate),
+        bandwidth=bandwidth,
+        plan=plan,
+        writer=Writer.SEQUENTIAL,
+    )
+    ctx = MigrationContext(
+        started_at=0.0,
+        memory_bytes=6 * GIB,
+        plan=plan,
+        blackout_budget=0.3,
+        deadline_at=600.0,
+        switchover=0.05,
+    )
+    samples = _samples_of(migration, until=6.0, poll=0.1)
+
+    def decided_at_start_of(n: int) -> Decision:
+        start = next(i for i, s in enumerate(samples) if s.passes == n)
+        return policies.decide(STRICT, samples[: start + 1], ctx, samples[start].time)
+
+    second = decided_at_start_of(2)
+    counted = samples[next(i for i, s in enumerate(samples) if s.passes == 2)].memory_remaining
+    assert 2.3 * GIB < counted < 2.8 * GIB  # what the first pass left, alike for both
+    assert second.rule is Rule.ONE_PASS_EITHER_WAY and second.action is Action.CONTINUE
+    assert second.prediction is not None
+    assert second.prediction.converges is None and second.prediction.eta_seconds is None
+    assert "finishes on its own" not in second.reason
+    assert "one pass cannot tell" in second.reason
+    third = decided_at_start_of(3)  # the second pass was counted: it tells
+    assert third.prediction is not None and third.prediction.converges is converges
+    assert (third.prediction.eta_seconds is not None) is converges
+
+
 @pytest.mark.parametrize("working_set", ["100MiB", "120MiB", "127MiB"])
 @pytest.mark.parametrize("write_rate", ["1500MiB/s", "2530MiB/s", "5000MiB/s"])
 @pytest.mark.parametrize("writer", ["sequential", "random"])

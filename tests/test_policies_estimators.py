@@ -219,7 +219,10 @@ def _eta_case(change: float, writer: str, seen: int, tolerance: float):  # type:
 @pytest.mark.parametrize(
     ("change_mib", "writer", "seen", "tolerance"),
     [
-        # Finishing at the end of pass 2: one pass of evidence is enough.
+        # Finishing at the end of pass 2: one pass of evidence is enough, with the
+        # measurement before the start that a first pass this long (20 s) is given;
+        # without it, one pass cannot tell a steady writer from a filled working set
+        # (`test_one_unmeasured_pass_gives_no_eta_when_it_may_have_filled_a_working_set`).
         _eta_case(10, "sequential", 2, 0.2),
         _eta_case(10, "random", 2, 0.2),
         # Longer: after two passes the model knows how saturated the writing is. The
@@ -239,10 +242,32 @@ def test_eta_matches_when_the_model_completes(
     finished = samples[-1].time + samples[-1].memory_remaining / w.bandwidth
     start = next(i for i, s in enumerate(samples) if s.passes == seen)
     assert samples[start].phase.value == "copying"
-    p = estimate(samples[: start + 1], context(w, switchover=SWITCHOVER))
+    measured = w.dirtied(1.0) if seen == 2 else None  # over a 1 s window
+    ctx = context(w, switchover=SWITCHOVER, change_rate_before_start=measured)
+    ctx = replace(ctx, change_rate_window=1.0 if measured else None)
+    p = estimate(samples[: start + 1], ctx)
     assert p.converges is True and p.eta_seconds is not None
     expected = finished - samples[start].time + SWITCHOVER
     assert p.eta_seconds == pytest.approx(expected, rel=tolerance, abs=0.2)
+
+
+@pytest.mark.parametrize("writer", ["sequential", "random"])
+def test_one_unmeasured_pass_gives_no_eta_when_it_may_have_filled_a_working_set(
+    writer: str,
+) -> None:
+    """The same guests with nothing measured before the start: the first pass counted
+    about 200 MiB, which a steady 10 MiB/s writer leaves, and so does one that filled a
+    working set of about that, which every later pass would leave again (seconds of
+    blackout).
+    One pass cannot tell: no verdict and no ETA until the second is counted."""
+    w = workload(2048, 10, 100, 1024, writer)
+    samples = history(w, max_passes=40)
+    start = next(i for i, s in enumerate(samples) if s.passes == 2)
+    p = estimate(samples[: start + 1], context(w, switchover=SWITCHOVER))
+    assert p.converges is None and p.eta_seconds is None
+    # the filled working set's reading: what every pass leaves would stop the guest
+    # for seconds (the plan's budget is 300 ms)
+    assert p.blackout_seconds is not None and p.blackout_seconds > 1.0
 
 
 def test_confidence_grows_with_passes_and_drops_with_unsteady_rates() -> None:

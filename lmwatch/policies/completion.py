@@ -52,6 +52,11 @@ The rules, in order (DESIGN.md section 4):
    converges at that least rate but not at a faster one, and the current pass is too
    short to fill the working set -> continue, with no ETA: its count tells which
    (converging at both, the ETA is the longer of the two readings');
+5c. one pass seen and nothing measured before the start: read as a writer over all of
+   memory copying converges, read as one that filled a working set of the pass's
+   count it does not -> continue, with no ETA: the current pass's count tells which
+   (it is shorter than the first, so a writer over all of memory leaves less);
+   converging both ways, the ETA is the longer reading's;
 6. copying converges on its own (at the current slow-down) within the blackout
    budget -> continue; but when the guest is being slowed and, near the start of a
    pass, a pause that fits `max_pause` takes less of the guest's time than the
@@ -299,6 +304,8 @@ def _decide(
 
     if a.saturated:
         return Decision(Action.CONTINUE, _saturated(a), prediction, rule=Rule.WINDOWS_FILLED)
+    if a.either_way:
+        return Decision(Action.CONTINUE, _either_way(a), prediction, rule=Rule.ONE_PASS_EITHER_WAY)
 
     if a.converges:
         cheaper = _pause_cheaper_than_slowing(profile, a, ctx, prediction, settings)
@@ -469,6 +476,18 @@ def _saturated(a: Analysis) -> str:
         f"while faster writing leaves about {format_size(a.floor)} at every count; this "
         f"pass (about {duration_text(this_pass)}) is too short to fill the working set, "
         "so its count tells which"
+    )
+
+
+def _either_way(a: Analysis) -> str:
+    assert a.model is not None and a.floor is not None and a.transfer_rate
+    this_pass = a.in_pass + a.remaining / a.transfer_rate
+    return (
+        f"after one pass copying would converge if the guest writes steadily over all of "
+        f"its memory (about {rate_text(a.model.rate)}), but not if the pass filled a "
+        f"working set of what it left, which every pass would leave again (about "
+        f"{format_size(a.floor)}); one pass cannot tell which, the next (about "
+        f"{duration_text(this_pass)}) decides"
     )
 
 

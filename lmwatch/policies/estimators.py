@@ -382,6 +382,10 @@ class Analysis:
     # below; copying converges at that least rate, not at a faster one, and the current
     # pass will tell (`converges` is then None).
     saturated: bool = False
+    # One pass seen and no measurement before the start: read as a writer over all of
+    # memory copying converges, read as one that filled a working set of the pass's
+    # count it does not; the current pass will tell (`converges` is then None).
+    either_way: bool = False
     # Clock time of the first sample of a pass after memory's first (None before): since
     # then the passes show the guest's rate pass by pass; the first pass averages it.
     passes_since: float | None = None
@@ -1285,12 +1289,21 @@ def analyse(
                 eta = max(eta or 0.0, worst.seconds)
         elif len(points) == 1 and ctx.change_rate_before_start is None:
             # One pass and no measurement: the fit reads the pass as a writer's over all
-            # of memory (`_fit`, the most hopeful reading), but it may as well have filled a working
-            # set of its count, which every later pass fills again. Converging either way,
-            # finishing takes as long as the longer reading says, as above.
+            # of memory (`_fit`, the most hopeful reading), but it may as well have filled
+            # a working set of its count, which every later pass fills again. Converging
+            # either way, finishing takes as long as the longer reading says, as above.
+            reading = filling(points[0])
             worst = analysis.project_with(
-                ctx, ctx.blackout_budget, settings, slowing=False, model=filling(points[0])
+                ctx, ctx.blackout_budget, settings, slowing=False, model=reading
             )
+            if worst is not None and not worst.converges:
+                # Not converging so read. The current pass tells which: as short as the
+                # first pass's count takes to send, it leaves less than that count (in
+                # the share count / memory) if the guest writes over all of memory, and
+                # that count again if it filled a working set of it (rule 5c).
+                return replace(
+                    analysis, converges=None, floor=int(worst.floor), eta=None, either_way=True
+                )
             if worst is not None and worst.converges and worst.seconds is not None:
                 eta = max(eta or 0.0, worst.seconds)
     if not alone_converges and ctx.plan.arm_slow_down:

@@ -32,7 +32,7 @@ from lmwatch.bench.corpus import Workload, workload_from_mapping
 from lmwatch.bench.judge import judge
 from lmwatch.bench.lmwatch_controller import LmwatchController, lmwatch_factory
 from lmwatch.bench.runner import Run, Simulation, run, setting_for
-from lmwatch.drivers.inventory import ConstantRate
+from lmwatch.drivers.inventory import ConstantRate, GrowingRate
 from lmwatch.drivers.simphysics import Migration, Writer, measured_change_rate
 from lmwatch.model import (
     GIB,
@@ -237,6 +237,69 @@ def test_1_one_unmeasured_pass_is_not_called_converging_when_it_may_have_filled_
     third = decided_at_start_of(3)  # the second pass was counted: it tells
     assert third.prediction is not None and third.prediction.converges is converges
     assert (third.prediction.eta_seconds is not None) is converges
+
+
+@pytest.mark.parametrize(
+    ("pattern", "rose"),
+    [
+        pytest.param(
+            GrowingRate(pattern="growing", start=100 * MIB, per_minute=120 * MIB),
+            True,
+            id="growing",
+        ),
+        pytest.param(ConstantRate(rate=100 * MIB), False, id="steady"),
+    ],
+)
+def test_1_a_first_pass_that_dirtied_faster_than_the_measurement_allows_gives_no_verdict(
+    pattern: GrowingRate | ConstantRate, rose: bool
+) -> None:
+    """A guest of 64 GiB writing at random over 32 GiB, measured at 100 MiB/s before the
+    start, over a 500 MiB/s link (a first pass of 131 s). Growing by 120 MiB/s a minute,
+    it dirtied about 230 MiB/s on average over the pass: more than any steady writer
+    measured at 100 MiB/s can (the distinct pages of a longer window grow ever more
+    slowly), beyond the measurement's page-sampling scatter. The fit of the two said
+    copying finishes on its own within a minute, and the next pass the opposite (the
+    guest then wrote 1.3 GiB/s: `s1-0291` in the benchmark). Now lmwatch says the
+    writing changed and gives no verdict until the second pass is counted. The steady
+    guest, measured alike, gets its verdict at once."""
+    plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+    working_set = 32 * GIB
+    migration = Migration(
+        memory=64 * GIB,
+        working_set=working_set,
+        change_rate=pattern,
+        bandwidth=500 * MIB,
+        plan=plan,
+        writer=Writer.RANDOM,
+    )
+    measured = measured_change_rate(pattern, working_set, Writer.RANDOM, 1.0)
+    ctx = MigrationContext(
+        started_at=0.0,
+        memory_bytes=64 * GIB,
+        plan=plan,
+        blackout_budget=0.3,
+        deadline_at=3600.0,
+        switchover=0.05,
+        change_rate_before_start=measured,
+        change_rate_window=1.0,
+    )
+    samples = _samples_of(migration, until=200.0)
+
+    def decided_in(n: int) -> Decision:  # a sample into pass n (its start is then known)
+        at = next(i for i, s in enumerate(samples) if s.passes == n) + 1
+        return policies.decide(STRICT, samples[: at + 1], ctx, samples[at].time)
+
+    second = decided_in(2)
+    assert second.prediction is not None
+    if rose:
+        assert second.rule is Rule.ONE_PASS_EITHER_WAY, second.reason
+        assert second.prediction.converges is None and second.prediction.eta_seconds is None
+        assert "its writing changed" in second.reason
+        third = decided_in(3)
+        assert third.prediction is not None and third.prediction.converges is False
+    else:
+        assert second.rule is not Rule.ONE_PASS_EITHER_WAY, second.reason
+        assert second.prediction.converges is not None
 
 
 @pytest.mark.parametrize("working_set", ["100MiB", "120MiB", "127MiB"])

@@ -56,7 +56,10 @@ The rules, in order (DESIGN.md section 4):
    memory copying converges, read as one that filled a working set of the pass's
    count it does not -> continue, with no ETA: the current pass's count tells which
    (it is shorter than the first, so a writer over all of memory leaves less);
-   converging both ways, the ETA is the longer reading's;
+   converging both ways, the ETA is the longer reading's. Likewise, measured before
+   the start, when copying converges at the fit of the two but the pass dirtied more
+   per second than any steady writer so measured could (its writing changed:
+   `rose_during_pass`) -> continue, with no ETA, until the next pass is counted;
 6. copying converges on its own (at the current slow-down) within the blackout
    budget -> continue; but when the guest is being slowed and, near the start of a
    pass, a pause that fits `max_pause` takes less of the guest's time than the
@@ -305,7 +308,9 @@ def _decide(
     if a.saturated:
         return Decision(Action.CONTINUE, _saturated(a), prediction, rule=Rule.WINDOWS_FILLED)
     if a.either_way:
-        return Decision(Action.CONTINUE, _either_way(a), prediction, rule=Rule.ONE_PASS_EITHER_WAY)
+        return Decision(
+            Action.CONTINUE, _either_way(a, ctx), prediction, rule=Rule.ONE_PASS_EITHER_WAY
+        )
 
     if a.converges:
         cheaper = _pause_cheaper_than_slowing(profile, a, ctx, prediction, settings)
@@ -479,9 +484,17 @@ def _saturated(a: Analysis) -> str:
     )
 
 
-def _either_way(a: Analysis) -> str:
+def _either_way(a: Analysis, ctx: MigrationContext) -> str:
     assert a.model is not None and a.floor is not None and a.transfer_rate
     this_pass = a.in_pass + a.remaining / a.transfer_rate
+    if a.rose_to is not None and ctx.change_rate_before_start:
+        return (
+            f"after one pass copying would converge at the rate fitted to it, but the guest "
+            f"dirtied {rate_text(a.rose_to)} on average during the pass, more than any "
+            f"steady writer measured at {rate_text(ctx.change_rate_before_start)} before "
+            "the start could: its writing changed, and one pass cannot tell how fast it "
+            f"writes now; the next (about {duration_text(this_pass)}) decides"
+        )
     return (
         f"after one pass copying would converge if the guest writes steadily over all of "
         f"its memory (about {rate_text(a.model.rate)}), but not if the pass filled a "

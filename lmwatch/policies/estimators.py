@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lmwatch.model import MigrationContext, Phase, Prediction, Sample
+from lmwatch.model import GIB, MigrationContext, Phase, Prediction, Sample
 from lmwatch.policies.track import KEPT_PASSES, RECENT, Pair, PassSeen, Track
 from lmwatch.units import format_duration, format_size
 
@@ -84,6 +84,9 @@ class PolicySettings:
     # The change rate is measured before a start only when one pass of all memory over
     # the link takes at least this many times the measurement's window (`measuring_pays`).
     measure_min_pass_windows: float = 3.0
+    # Pages the hypervisor's page-sampling measurement hashes per GiB of guest memory
+    # (the hypervisor's default, which the driver keeps): how far one reading scatters.
+    measure_pages_per_gib: int = 512
     budget_margin: float = 1.1  # a budget is set this much above the bare need
     plateau_ratio: float = 0.9  # a pass-start remainder above ratio * previous = no shrink
     slow_down_passes_per_step: int = 2  # the hypervisor raises the throttle this often
@@ -386,6 +389,10 @@ class Analysis:
     # memory copying converges, read as one that filled a working set of the pass's
     # count it does not; the current pass will tell (`converges` is then None).
     either_way: bool = False
+    # With `either_way` after a measured first pass: bytes/s the guest dirtied on
+    # average over that pass, more than the measurement before the start (its rate then)
+    # allows for any steady writer (`rose_during_pass`): its writing changed.
+    rose_to: float | None = None
     # Clock time of the first sample of a pass after memory's first (None before): since
     # then the passes show the guest's rate pass by pass; the first pass averages it.
     passes_since: float | None = None
@@ -1000,6 +1007,32 @@ def filled(model: DirtyModel, seconds: float) -> bool:
     return w > 0 and model.dirtied(seconds) >= SATURATED * w
 
 
+def rose_during_pass(
+    telling: Sequence[Pair], ctx: MigrationContext, memory: float, settings: PolicySettings
+) -> float | None:
+    """The rate the guest dirtied pages at on average over its one pass seen, when that
+    is more than the measurement before the start allows for a guest that writes
+    steadily (None otherwise, or without both).
+
+    For any steady writer the distinct bytes dirtied in `t` seconds, `f(t)`, grow ever
+    more slowly (each write can only land on a page already dirty or a new one), so a
+    pass longer than the measurement's window dirties at most the measured rate per
+    second on average. More than that, beyond three standard deviations of the
+    measurement's page sampling, means the writing changed during the pass."""
+    measured, window = ctx.change_rate_before_start, ctx.change_rate_window
+    if len(telling) != 1 or not measured or not window or memory <= 0:
+        return None
+    first = telling[0]
+    writing = first.duration * (1.0 - first.slowdown)
+    if first.duration <= window or writing <= 0:
+        return None
+    average = first.rewritten / writing
+    pages = settings.measure_pages_per_gib * memory / GIB
+    share = min(1.0, measured * window / memory)
+    scatter = math.sqrt((1.0 - share) / (pages * share)) if 0 < share < 1 else 0.0
+    return average if average > measured * (1.0 + 3.0 * scatter) else None
+
+
 def filling(point: Pair) -> DirtyModel:
     """The reading of one window in which the guest filled a working set of what it
     dirtied there: that working set, written `FASTER_READING` times as fast as the least
@@ -1287,6 +1320,18 @@ def analyse(
                 # (every pass then fills the working set, and only what lies outside it
                 # shrinks), or as the fitted rate says, whichever is longer
                 eta = max(eta or 0.0, worst.seconds)
+        elif (rose := rose_during_pass(telling, ctx, memory, settings)) is not None:
+            # The pass's count says the guest wrote faster than the measurement before the
+            # start allows for a steady writer: its rate changed (it grows, or a burst), so
+            # the fit of the two says little of the rate now; the next pass tells (5c).
+            return replace(
+                analysis,
+                converges=None,
+                floor=int(settles),
+                eta=None,
+                either_way=True,
+                rose_to=rose,
+            )
         elif len(points) == 1 and ctx.change_rate_before_start is None:
             # One pass and no measurement: the fit reads the pass as a writer's over all
             # of memory (`_fit`, the most hopeful reading), but it may as well have filled

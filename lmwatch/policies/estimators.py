@@ -385,9 +385,11 @@ class Analysis:
     # below; copying converges at that least rate, not at a faster one, and the current
     # pass will tell (`converges` is then None).
     saturated: bool = False
-    # One pass seen and no measurement before the start: read as a writer over all of
-    # memory copying converges, read as one that filled a working set of the pass's
-    # count it does not; the current pass will tell (`converges` is then None).
+    # One pass seen, and it cannot tell whether copying converges: with no measurement
+    # before the start, read as a writer over all of memory it does, read as one that
+    # filled a working set of the pass's count it does not; or the pass shows that the
+    # guest's writing changed (`rose_to`). The current pass will tell (`converges` is
+    # then None).
     either_way: bool = False
     # With `either_way` after a measured first pass: bytes/s the guest dirtied on
     # average over that pass, more than the measurement before the start (its rate then)

@@ -65,6 +65,14 @@ def _samples_of(migration: Migration, until: float, poll: float = 1.0) -> list[S
     return samples
 
 
+def _decided_in_pass(
+    profile: Profile, samples: list[Sample], ctx: MigrationContext, n: int, after: int = 0
+) -> Decision:
+    """The decision at the first sample of pass `n`, or `after` samples later."""
+    at = next(i for i, s in enumerate(samples) if s.passes == n) + after
+    return policies.decide(profile, samples[: at + 1], ctx, samples[at].time)
+
+
 def _first_command_at(controller: LmwatchController, action: str) -> float | None:
     return next((t for t, a, _ in controller.reasons if a == action), None)
 
@@ -170,8 +178,7 @@ def test_1_windows_that_all_filled_the_working_set_give_no_eta_until_one_does_no
     samples = _samples_of(migration, until=8.0, poll=0.1)
 
     def decided_at_start_of(n: int) -> Decision:
-        start = next(i for i, s in enumerate(samples) if s.passes == n)
-        return policies.decide(strict, samples[: start + 1], ctx, samples[start].time)
+        return _decided_in_pass(strict, samples, ctx, n)
 
     second = decided_at_start_of(2)
     assert second.rule is Rule.WINDOWS_FILLED and second.action is Action.CONTINUE
@@ -223,8 +230,7 @@ def test_1_one_unmeasured_pass_is_not_called_converging_when_it_may_have_filled_
     samples = _samples_of(migration, until=6.0, poll=0.1)
 
     def decided_at_start_of(n: int) -> Decision:
-        start = next(i for i, s in enumerate(samples) if s.passes == n)
-        return policies.decide(STRICT, samples[: start + 1], ctx, samples[start].time)
+        return _decided_in_pass(STRICT, samples, ctx, n)
 
     second = decided_at_start_of(2)
     counted = samples[next(i for i, s in enumerate(samples) if s.passes == 2)].memory_remaining
@@ -286,8 +292,7 @@ def test_1_a_first_pass_that_dirtied_faster_than_the_measurement_allows_gives_no
     samples = _samples_of(migration, until=200.0)
 
     def decided_in(n: int) -> Decision:  # a sample into pass n (its start is then known)
-        at = next(i for i, s in enumerate(samples) if s.passes == n) + 1
-        return policies.decide(STRICT, samples[: at + 1], ctx, samples[at].time)
+        return _decided_in_pass(STRICT, samples, ctx, n, after=1)
 
     second = decided_in(2)
     assert second.prediction is not None

@@ -59,7 +59,11 @@ The rules, in order (DESIGN.md section 4):
    converging both ways, the ETA is the longer reading's. Likewise, measured before
    the start, when copying converges at the fit of the two but the pass dirtied more
    per second than any steady writer so measured could (its writing changed:
-   `rose_during_pass`) -> continue, with no ETA, until the next pass is counted;
+   `rose_during_pass`) -> continue, with no ETA, until the next pass is counted; and
+   when the one pass filled the working set, so that its count cannot show whether the
+   guest still writes as measured, and copying converges at the measured rate but not
+   at `FASTER_READING` times it (`filled_after_measurement`) -> continue, with no ETA,
+   until the next pass, too short to fill the working set, is counted;
 6. copying converges on its own (at the current slow-down) within the blackout
    budget -> continue; but when the guest is being slowed and, near the start of a
    pass, a pause that fits `max_pause` takes less of the guest's time than the
@@ -100,6 +104,7 @@ from dataclasses import replace
 from lmwatch.model import Action, Decision, MigrationContext, Phase, Prediction, Rule
 from lmwatch.policies.estimators import (
     DEFAULT,
+    FASTER_READING,
     Analysis,
     DirtyModel,
     DiskOutlook,
@@ -487,11 +492,25 @@ def _saturated(a: Analysis) -> str:
 def _either_way(a: Analysis, ctx: MigrationContext) -> str:
     assert a.model is not None and a.floor is not None and a.transfer_rate
     this_pass = a.in_pass + a.remaining / a.transfer_rate
-    if a.rose_to is not None and ctx.change_rate_before_start:
+    measured = ctx.change_rate_before_start
+    if a.pass_filled and measured:
+        first = next((r.duration for r in a.records if r.number == 1), None)
+        return (
+            f"after one pass copying would converge at the {rate_text(measured)} measured "
+            "before the start, but the pass "
+            + (f"(about {duration_text(first)}) " if first else "")
+            + f"filled the working set of about {format_size(a.model.working_set)}, so "
+            "its count cannot show whether the guest still writes that fast (a growing "
+            f"guest counts the same); writing {FASTER_READING:g} times as fast it would "
+            "leave about "
+            f"{format_size(a.floor)} at every count; the next pass (about "
+            f"{duration_text(this_pass)}) is too short to fill it and decides"
+        )
+    if a.rose_to is not None and measured:
         return (
             f"after one pass copying would converge at the rate fitted to it, but the guest "
             f"dirtied {rate_text(a.rose_to)} on average during the pass, more than any "
-            f"steady writer measured at {rate_text(ctx.change_rate_before_start)} before "
+            f"steady writer measured at {rate_text(measured)} before "
             "the start could: its writing changed, and one pass cannot tell how fast it "
             f"writes now; the next (about {duration_text(this_pass)}) decides"
         )

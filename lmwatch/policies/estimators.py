@@ -395,6 +395,10 @@ class Analysis:
     # average over that pass, more than the measurement before the start (its rate then)
     # allows for any steady writer (`rose_during_pass`): its writing changed.
     rose_to: float | None = None
+    # With `either_way` after a measured first pass that filled the working set
+    # (`filled_after_measurement`): its count cannot show whether the guest still writes
+    # as measured; at `FASTER_READING` times that rate copying would not converge.
+    pass_filled: bool = False
     # Clock time of the first sample of a pass after memory's first (None before): since
     # then the passes show the guest's rate pass by pass; the first pass averages it.
     passes_since: float | None = None
@@ -1009,6 +1013,19 @@ def filled(model: DirtyModel, seconds: float) -> bool:
     return w > 0 and model.dirtied(seconds) >= SATURATED * w
 
 
+def filled_after_measurement(
+    telling: Sequence[Pair], ctx: MigrationContext, model: DirtyModel
+) -> bool:
+    """One pass seen and a measurement before the start, and the pass filled the working
+    set while the measurement's window did not: the model fits both exactly, but only
+    the measurement says how fast the guest writes, and it was taken before the pass."""
+    measured, window = ctx.change_rate_before_start, ctx.change_rate_window
+    if len(telling) != 1 or not measured or not window:
+        return False
+    first = telling[0]
+    return filled(model, first.duration * (1.0 - first.slowdown)) and not filled(model, window)
+
+
 def rose_during_pass(
     telling: Sequence[Pair], ctx: MigrationContext, memory: float, settings: PolicySettings
 ) -> float | None:
@@ -1322,6 +1339,28 @@ def analyse(
                 # (every pass then fills the working set, and only what lies outside it
                 # shrinks), or as the fitted rate says, whichever is longer
                 eta = max(eta or 0.0, worst.seconds)
+        elif filled_after_measurement(telling, ctx, model):
+            # The one pass filled the working set: its count cannot show whether the
+            # guest still writes as measured before the start, a whole pass ago (a
+            # growing guest looks the same). Converging at the measured rate but not at
+            # a far faster one, the current pass, too short to fill, tells which (5c).
+            faster = model.with_rate(model.rate * FASTER_READING)
+            worst = analysis.project_with(
+                ctx, ctx.blackout_budget, settings, slowing=False, model=faster
+            )
+            if (
+                worst is not None
+                and not worst.converges
+                and not filled(model, in_pass + remaining / rate)
+            ):
+                return replace(
+                    analysis,
+                    converges=None,
+                    floor=int(worst.floor),
+                    eta=None,
+                    either_way=True,
+                    pass_filled=True,
+                )
         elif (rose := rose_during_pass(telling, ctx, memory, settings)) is not None:
             # The pass's count says the guest wrote faster than the measurement before the
             # start allows for a steady writer: its rate changed (it grows, or a burst), so

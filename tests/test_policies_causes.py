@@ -326,10 +326,10 @@ def test_1_a_first_pass_that_filled_the_working_set_gives_no_verdict_on_the_meas
     over a 500 MiB/s link: the first pass (131 s) fills the working set whether the
     guest kept writing 100 MiB/s or grew to 1.4 GiB/s meanwhile, so its count says
     nothing of the rate now, and on the measurement alone the fit said "finishes on its
-    own in a few seconds" for both; the growing guest then never converged (`s2-0011`,
-    `s43-0123` in the benchmark: predicted 2 minutes, took 22). Now neither gets a
-    verdict until the second pass, 8 s and too short to fill the working set, is
-    counted; then each gets its own."""
+    own in a few seconds" for both; the growing guest then never converged (growing
+    guests in the benchmark: `s2-0259` on batch, "finishes in 45 s", took 5.4 min;
+    `s43-0215`, 32 s and 4.1 min). Now neither gets a verdict until the second pass,
+    8 s and too short to fill the working set, is counted; then each gets its own."""
     plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
     working_set = 4 * GIB
     migration = Migration(

@@ -245,6 +245,36 @@ def test_1_one_unmeasured_pass_is_not_called_converging_when_it_may_have_filled_
     assert (third.prediction.eta_seconds is not None) is converges
 
 
+def _measured_64_gib_guest(
+    pattern: GrowingRate | ConstantRate, working_set: int, writer: Writer, until: float
+) -> Callable[[int], Decision]:
+    """A guest of 64 GiB writing over `working_set`, measured for 1 s before the start
+    as the daemon measures it, over a 500 MiB/s link, strict (0.3 s budget, nothing
+    armed, an hour's deadline): the decision a sample into pass n (its start is then
+    known), sampled every second up to `until`."""
+    plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
+    migration = Migration(
+        memory=64 * GIB,
+        working_set=working_set,
+        change_rate=pattern,
+        bandwidth=500 * MIB,
+        plan=plan,
+        writer=writer,
+    )
+    ctx = MigrationContext(
+        started_at=0.0,
+        memory_bytes=64 * GIB,
+        plan=plan,
+        blackout_budget=0.3,
+        deadline_at=3600.0,
+        switchover=0.05,
+        change_rate_before_start=measured_change_rate(pattern, working_set, writer, 1.0),
+        change_rate_window=1.0,
+    )
+    samples = _samples_of(migration, until=until)
+    return lambda n: _decided_in_pass(STRICT, samples, ctx, n, after=1)
+
+
 @pytest.mark.parametrize(
     ("pattern", "rose"),
     [
@@ -268,31 +298,7 @@ def test_1_a_first_pass_that_dirtied_faster_than_the_measurement_allows_gives_no
     guest then wrote 1.3 GiB/s: `s1-0291` in the benchmark). Now lmwatch says the
     writing changed and gives no verdict until the second pass is counted. The steady
     guest, measured alike, gets its verdict at once."""
-    plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
-    working_set = 32 * GIB
-    migration = Migration(
-        memory=64 * GIB,
-        working_set=working_set,
-        change_rate=pattern,
-        bandwidth=500 * MIB,
-        plan=plan,
-        writer=Writer.RANDOM,
-    )
-    measured = measured_change_rate(pattern, working_set, Writer.RANDOM, 1.0)
-    ctx = MigrationContext(
-        started_at=0.0,
-        memory_bytes=64 * GIB,
-        plan=plan,
-        blackout_budget=0.3,
-        deadline_at=3600.0,
-        switchover=0.05,
-        change_rate_before_start=measured,
-        change_rate_window=1.0,
-    )
-    samples = _samples_of(migration, until=200.0)
-
-    def decided_in(n: int) -> Decision:  # a sample into pass n (its start is then known)
-        return _decided_in_pass(STRICT, samples, ctx, n, after=1)
+    decided_in = _measured_64_gib_guest(pattern, 32 * GIB, Writer.RANDOM, until=200.0)
 
     second = decided_in(2)
     assert second.prediction is not None
@@ -330,31 +336,7 @@ def test_1_a_first_pass_that_filled_the_working_set_gives_no_verdict_on_the_meas
     guests in the benchmark: `s2-0259` on batch, "finishes in 45 s", took 5.4 min;
     `s43-0215`, 32 s and 4.1 min). Now neither gets a verdict until the second pass,
     8 s and too short to fill the working set, is counted; then each gets its own."""
-    plan = StartPlan(arm_handover=False, arm_slow_down=False, blackout_budget=0.3)
-    working_set = 4 * GIB
-    migration = Migration(
-        memory=64 * GIB,
-        working_set=working_set,
-        change_rate=pattern,
-        bandwidth=500 * MIB,
-        plan=plan,
-        writer=writer,
-    )
-    measured = measured_change_rate(pattern, working_set, writer, 1.0)
-    ctx = MigrationContext(
-        started_at=0.0,
-        memory_bytes=64 * GIB,
-        plan=plan,
-        blackout_budget=0.3,
-        deadline_at=3600.0,
-        switchover=0.05,
-        change_rate_before_start=measured,
-        change_rate_window=1.0,
-    )
-    samples = _samples_of(migration, until=160.0)
-
-    def decided_in(n: int) -> Decision:  # a sample into pass n (its start is then known)
-        return _decided_in_pass(STRICT, samples, ctx, n, after=1)
+    decided_in = _measured_64_gib_guest(pattern, 4 * GIB, writer, until=160.0)
 
     second = decided_in(2)
     assert second.rule is Rule.ONE_PASS_EITHER_WAY, second.reason

@@ -1318,19 +1318,13 @@ def analyse(
         if above is not None:
             alone_converges, settles, eta = False, max(above, rate * ctx.blackout_budget), None
     if alone_converges and model is not None and rate and current is not None:
+        this_pass_tells = not filled(model, in_pass + remaining / rate)
         # Every window seen filled the working set: the guest writes at least the fitted
         # rate, maybe far faster. When copying converges only at the least of those rates
         # and the current pass is short enough not to fill it, its count tells which.
         if points and all(filled(model, p.duration) for p in points):
-            faster = model.with_rate(model.rate * FASTER_READING)
-            worst = analysis.project_with(
-                ctx, ctx.blackout_budget, settings, slowing=False, model=faster
-            )
-            if (
-                worst is not None
-                and not worst.converges
-                and not filled(model, in_pass + remaining / rate)
-            ):
+            worst = _at_faster_reading(analysis, ctx, settings, model)
+            if worst is not None and not worst.converges and this_pass_tells:
                 return replace(
                     analysis, converges=None, floor=int(worst.floor), eta=None, saturated=True
                 )
@@ -1344,15 +1338,8 @@ def analyse(
             # guest still writes as measured before the start, a whole pass ago (a
             # growing guest looks the same). Converging at the measured rate but not at
             # a far faster one, the current pass, too short to fill, tells which (5c).
-            faster = model.with_rate(model.rate * FASTER_READING)
-            worst = analysis.project_with(
-                ctx, ctx.blackout_budget, settings, slowing=False, model=faster
-            )
-            if (
-                worst is not None
-                and not worst.converges
-                and not filled(model, in_pass + remaining / rate)
-            ):
+            worst = _at_faster_reading(analysis, ctx, settings, model)
+            if worst is not None and not worst.converges and this_pass_tells:
                 return replace(
                     analysis,
                     converges=None,
@@ -1396,6 +1383,16 @@ def analyse(
         slowed = analysis.project_with(ctx, ctx.blackout_budget, settings)
         eta = None if slowed is None else slowed.seconds
     return replace(analysis, converges=alone_converges, floor=int(settles), eta=eta)
+
+
+def _at_faster_reading(
+    analysis: Analysis, ctx: MigrationContext, settings: PolicySettings, model: DirtyModel
+) -> Projection | None:
+    """Copying from now on at the current budget, the guest writing `FASTER_READING`
+    times as fast as `model` says (unslowed from here): the other reading of windows
+    that say only "at least", or of a measurement a pass may have outlived."""
+    faster = model.with_rate(model.rate * FASTER_READING)
+    return analysis.project_with(ctx, ctx.blackout_budget, settings, slowing=False, model=faster)
 
 
 def plateau_above(

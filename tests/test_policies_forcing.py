@@ -320,6 +320,38 @@ def test_a_slowed_pause_is_cancelled_only_when_it_would_outlast_max_pause(
         assert "would last about" in stretched.why and "limit 5.0s" in stretched.why
 
 
+@pytest.mark.parametrize(("stop", "stopped"), [(3.0, False), (1.0, True)])
+def test_a_pause_past_its_bound_that_finishes_before_a_stop_would_resume_it_is_let_finish(
+    stop: float, stopped: bool
+) -> None:
+    """Paused at 10 s for at most 5 s, the link fell to 20 MiB/s after the last look:
+    at 14.2 s, 20 MiB left, the pause ends about 1.05 s later (5.25 s, over its bound
+    either way). A stop takes 3 s to let the instance run again on the source: stopping
+    would keep it stopped longer and throw the copy away, so the pause is let finish
+    (`s1-0226` in the benchmark, under jitter: stopped at 7 s of a 7.5 s pause, the
+    instance ran again 1.8 s later instead of 1.6 s, and the migration started over).
+    A stop of 1 s would end it sooner: then the job is stopped, as before."""
+    history = [
+        _sample_at(9.0, 3000 * MIB, 300 * MIB, Phase.COPYING),
+        _sample_at(10.2, 3100 * MIB, 200 * MIB),
+        _sample_at(13.2, 3260 * MIB, 40 * MIB),
+        _sample_at(14.2, 3280 * MIB, 20 * MIB),
+    ]
+    settings = PolicySettings(cancel_resume=stop)
+    ctx = _paused_context()
+    stretched = pause_outlasting(PAUSING, history, ctx, settings)
+    assert stretched is not None and stretched.rate == pytest.approx(20 * MIB)
+    assert "would last about 5.2s" in stretched.why
+    decision = decide(PAUSING, history, ctx, now=14.2, settings=settings)
+    assert decision.rule is Rule.PAUSE_OUTLASTS_BOUND
+    if stopped:
+        assert decision.action in (Action.RESTART, Action.CANCEL), decision.reason
+    else:
+        assert decision.action is Action.CONTINUE, decision.reason
+        assert "letting it finish" in decision.reason and "about 3.0s" in decision.reason
+        assert "finishing takes about 1.1s" in decision.reason
+
+
 def test_samples_closer_than_a_second_say_nothing_about_a_stall() -> None:
     history = _paused_history(0, 200 * MIB)
     close = [*history[:2], replace(history[2], time=history[1].time + 0.05)]

@@ -8,8 +8,10 @@ The rules, in order (DESIGN.md section 4):
    stopping the guest to the end of the final copy): start again with the same plan
    when the link still moves, the migration may still start again (`max_restarts`)
    and the deadline leaves time for a new job to copy memory once at the rate the
-   link gives now, else cancel; otherwise, past copying
-   (paused, handed over, completing, ended) -> continue;
+   link gives now, else cancel; but when finishing at that rate takes no longer than
+   a stop takes to let the instance run again (`stop_takes`), stopping would keep it
+   stopped as long and lose the copy -> continue (the pause is recorded as over its
+   bound); otherwise, past copying (paused, handed over, completing, ended) -> continue;
 1b. the switch alone (stop, device state, resume) took longer than any stop the
    profile allows every time it was measured on this host pair -> cancel at once,
    unless an operator asked to finish: no completion, by a final stop, a pause or a
@@ -130,6 +132,7 @@ from lmwatch.policies.forcing import (
     nothing_allowed,
     pause_fits,
     pause_outlasting,
+    stop_takes,
     switch_outlasts_bound,
 )
 from lmwatch.policies.restart import (
@@ -196,8 +199,19 @@ def _pause_outlasts(
     settings: PolicySettings,
 ) -> Decision:
     """Rule 1: our pause outlasts its bound; start again when that can still finish in
-    time, else cancel. Either way the job is stopped and the instance resumes."""
+    time, else cancel. Either way the job is stopped and the instance resumes; unless
+    finishing takes no longer than that stop would (`OutlastingPause.finish_in`)."""
     why = stretched.why
+    if stretched.finish_in is not None:
+        return Decision(
+            Action.CONTINUE,
+            f"{why}; finishing takes about {duration_text(stretched.finish_in)}, no longer "
+            f"than a stop takes to let the instance run again on the source (about "
+            f"{duration_text(stop_takes(ctx, settings))}): letting it finish, which stopping "
+            "would only delay (the pause is recorded as over its bound)",
+            prediction,
+            rule=Rule.PAUSE_OUTLASTS_BOUND,
+        )
     again = restart_after_pause(a, ctx, stretched.rate, now, settings)
     if again is None:
         return Decision(

@@ -127,6 +127,11 @@ class OutlastingPause:
 
     why: str  # as an operator reads it
     rate: float  # bytes/s the rest moves at now; 0 when the link stalled
+    # Seconds finishing takes at that rate (the rest and the switch), when that is no
+    # longer than a stop takes (`stop_takes`): stopping the job would keep the instance
+    # stopped as long or longer and lose the copy, so the pause is let finish. None
+    # when stopping ends the pause sooner.
+    finish_in: float | None = None
 
 
 def last_look(
@@ -139,8 +144,14 @@ def last_look(
     accepted one beyond the profile)."""
     if not ctx.paused or ctx.handed_over or ctx.accept_pause or ctx.paused_at is None:
         return None
-    stop_takes = max(settings.cancel_resume, ctx.cancel_resume or 0.0)
-    return ctx.paused_at + pause_bound(profile) - stop_takes
+    return ctx.paused_at + pause_bound(profile) - stop_takes(ctx, settings)
+
+
+def stop_takes(ctx: MigrationContext, settings: PolicySettings = DEFAULT) -> float:
+    """Seconds from stopping a job to the instance running on the source again:
+    `cancel_resume`, or longer where stops between these hosts were measured to take
+    longer."""
+    return max(settings.cancel_resume, ctx.cancel_resume or 0.0)
 
 
 def next_look_in(
@@ -180,7 +191,9 @@ def pause_outlasting(
     pause's last look on (`last_look`) over its last half second or more: no later look
     could stop the job in time, so a link that failed within the last second must show.
     A pause that outlasts its bound on a link that has moved nothing for the last half
-    second or more is reported stalled (rate 0: no new job is started on it).
+    second or more is reported stalled (rate 0: no new job is started on it). One that
+    finishes, at the rate the rest moves now, no later than a stop would let the
+    instance run again carries `finish_in`: stopping would not shorten it.
     """
     if not ctx.paused or ctx.handed_over or ctx.accept_pause:
         return None
@@ -223,11 +236,13 @@ def pause_outlasting(
     still = _still_for(stopped)
     if still >= _LAST_LOOK_SPAN:
         return stalled(still)
+    finish_in = left / rate + ctx.switchover
     return OutlastingPause(
         f"paused {duration_text(so_far)} ago; the rest ({format_size(left)}) now moves at "
         f"{format_size(rate)}/s, so the pause would last about {duration_text(total)} "
         f"(limit {duration_text(bound)})",
         rate,
+        finish_in if finish_in <= stop_takes(ctx, settings) else None,
     )
 
 

@@ -350,6 +350,8 @@ def test_a_pause_past_its_bound_that_finishes_before_a_stop_would_resume_it_is_l
         assert decision.action is Action.CONTINUE, decision.reason
         assert "letting it finish" in decision.reason and "about 3.0s" in decision.reason
         assert "finishing takes about 1.1s" in decision.reason
+        assert decision.prediction is not None
+        assert decision.prediction.eta_seconds == pytest.approx(1.0 + ctx.switchover)
 
 
 def test_samples_closer_than_a_second_say_nothing_about_a_stall() -> None:

@@ -209,7 +209,12 @@ def _pause_outlasts(
             f"than a stop takes to let the instance run again on the source (about "
             f"{duration_text(stop_takes(ctx, settings))}): letting it finish, which stopping "
             "would only delay (the pause is recorded as over its bound)",
-            prediction,
+            # as `_arriving` predicts a stop, at the rate the rest moves now
+            replace(
+                _arriving(a, ctx, prediction),
+                eta_seconds=stretched.finish_in,
+                blackout_seconds=stretched.finish_in,
+            ),
             rule=Rule.PAUSE_OUTLASTS_BOUND,
         )
     again = restart_after_pause(a, ctx, stretched.rate, now, settings)

@@ -7,12 +7,17 @@ RPC client updates its socket watch and keepalive timer from the calling thread
 loop with `call_soon_threadsafe` and never waits for the loop (waiting could
 deadlock against a loop callback that needs the same connection lock); ids are
 allocated at once so the caller gets its answer immediately.
+
+libvirt's callbacks run with Python's cyclic garbage collector paused
+(`_outside_collection`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+from collections.abc import Callable
 from typing import Any
 
 _registered: dict[str, Any] = {}
@@ -27,6 +32,30 @@ def ensure_event_loop(libvirtaio: Any, loop: asyncio.AbstractEventLoop) -> Any:
     libvirtaio._current_impl = impl  # what libvirtaio.getCurrentImpl() reports
     _registered["impl"] = impl
     return impl
+
+
+def _outside_collection(cb: Callable[..., Any]) -> Callable[..., Any]:
+    """`cb` (libvirt's dispatch of a handle or timeout event), run with Python's cyclic
+    garbage collector paused.
+
+    libvirt runs its event callbacks holding locks of its own (a connection's client
+    lock while it reads the socket and updates the socket's watch). A collection
+    triggered by any allocation in between may finalize a libvirt object left in a
+    reference cycle, whose `__del__` (`virDomainFree`) waits for the same lock: the
+    loop's thread then waits on itself for ever (seen once in CI, `virDomainFree` under
+    `_eventInvokeHandleCallback`). Paused, the collector runs after the callback
+    returns, outside libvirt's locks."""
+
+    def call(*args: Any) -> Any:
+        if not gc.isenabled():
+            return cb(*args)
+        gc.disable()
+        try:
+            return cb(*args)
+        finally:
+            gc.enable()
+
+    return call
 
 
 def _make_impl(libvirtaio: Any, loop: asyncio.AbstractEventLoop) -> Any:
@@ -67,7 +96,7 @@ def _make_impl(libvirtaio: Any, loop: asyncio.AbstractEventLoop) -> Any:
 
         def _do_add_handle(self, iden: int, fd: int, event: int, cb: Any, opaque: Any) -> None:
             callback = libvirtaio.FDCallback(
-                self, cb, opaque, descriptor=self.descriptors[fd], event=event
+                self, _outside_collection(cb), opaque, descriptor=self.descriptors[fd], event=event
             )
             callback.iden = iden
             self.callbacks[iden] = callback
@@ -89,7 +118,7 @@ def _make_impl(libvirtaio: Any, loop: asyncio.AbstractEventLoop) -> Any:
             return iden
 
         def _do_add_timeout(self, iden: int, timeout: int, cb: Any, opaque: Any) -> None:
-            callback = libvirtaio.TimeoutCallback(self, cb, opaque)
+            callback = libvirtaio.TimeoutCallback(self, _outside_collection(cb), opaque)
             callback.iden = iden
             self.callbacks[iden] = callback
             callback.update(timeout=timeout)

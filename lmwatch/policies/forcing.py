@@ -227,7 +227,8 @@ def pause_outlasting(
     if moved == 0:
         return stalled(interval)
     rate = moved / interval
-    total = so_far + left / rate + ctx.switchover
+    finish_in = left / rate + ctx.switchover  # the rest and the switch, at that rate
+    total = so_far + finish_in
     if total <= bound:
         return None
     # The pause outlasts its bound either way; whether the link still moves decides
@@ -236,7 +237,6 @@ def pause_outlasting(
     still = _still_for(stopped)
     if still >= _LAST_LOOK_SPAN:
         return stalled(still)
-    finish_in = left / rate + ctx.switchover
     return OutlastingPause(
         f"paused {duration_text(so_far)} ago; the rest ({format_size(left)}) now moves at "
         f"{format_size(rate)}/s, so the pause would last about {duration_text(total)} "

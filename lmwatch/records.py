@@ -79,7 +79,8 @@ class Restarts:
     plan: StartPlan | None = None
     planned_rate: float | None = None  # bytes/s of writing the new plan was made for
     job_started_at: float | None = None  # clock time the current job began
-    # after a failed job: the last clock time the new job may start (tried until then)
+    # the last clock time the new job may start (tried until then): after a failed job,
+    # or a pause stopped because the link slowed or stalled under it
     start_by: float | None = None
 
 
@@ -160,7 +161,7 @@ def restarts_json(restarts: Restarts) -> dict[str, Any]:
         "plan": None if restarts.plan is None else plan_json(restarts.plan),
         "planned_rate": restarts.planned_rate,
     }
-    if restarts.start_by is not None:  # only after a failed job: older rows read the same
+    if restarts.start_by is not None:  # only when set: older rows read the same
         data["start_by"] = restarts.start_by
     return data
 

@@ -666,6 +666,56 @@ def test_lmwatch_starts_again_when_the_link_slows_under_its_pause_and_finishes()
     assert not over.clean and over.violations == (f"pause {batch.max_pause + 1:.1f}s over 8s",)
 
 
+def test_lmwatch_starts_again_once_the_link_that_broke_under_its_pause_is_back() -> None:
+    """As above, but the link breaks 0.6 s into the pause and is back 40 s later:
+    nothing moves, so the job is stopped (the guest resumes on the source within
+    `max_pause`) and a new job is tried every 5 s, refused while the link is down; the
+    one started once it is back completes. It used to end the migration cancelled."""
+    batch = next(p for p in bench_profiles() if p.name == "batch")
+    first_pass_ends = CHANGE_RATE_WINDOW + 8 * GIB / (10 * GBIT)  # 8.9 s
+    back = first_pass_ends + 40.6
+    guest = workload(
+        rate=4 * GIB,
+        memory=8 * GIB,
+        working_set=2 * GIB,
+        events=(LinkEvent(first_pass_ends + 0.6, "break"), LinkEvent(back, "restore")),
+    )
+    result = run(guest, batch, lmwatch_factory)
+    actions = [action for _, action, _ in result.actions]
+    assert actions[:2] == ["pause", "restart"], result.actions
+    _, _, reason = result.actions[1]
+    assert "nothing has moved" in reason and "starting again once the link carries" in reason
+    assert result.restarts == 1 and result.outcome == "completed", result.actions
+    assert result.refused >= 4  # tried every 5 s while the link was down
+    assert result.earlier_pause_seconds is not None
+    assert 0 < result.earlier_pause_seconds <= batch.max_pause
+    assert result.total_seconds > back
+    assert judge(result, batch, guest).clean
+
+
+def test_a_job_stopped_to_start_again_on_a_broken_link_waits_for_it() -> None:
+    """The link is down when the stopped job ends: no new job starts (the hypervisor's
+    start would fail), the pause ends with the job, and a start is refused until the
+    link is back. Given up meanwhile, the run ends failed, the instance on the source,
+    its pause judged once."""
+    simulation = Simulation(
+        workload(rate=4 * GIB, working_set=2 * GIB, events=(LinkEvent(5.5, "break"),)), PLAN
+    )
+    simulation.advance_to(5.0)
+    assert simulation.apply(Pause())
+    simulation.advance_to(6.0)
+    assert simulation.apply(Restart(PLAN))
+    assert simulation.finished and simulation.to_start_again and simulation.restarts == 0
+    assert not simulation.apply(Restart(PLAN))  # the link is still down
+    simulation.gave_up_at = simulation.now + 30.0
+    record = simulation.record(profile="batch", controller="x")
+    assert record.outcome == "failed" and not record.lost
+    assert not record.paused and record.pause_seconds is None
+    ended = simulation.ended_at  # the pause ends with the job, not when the run gives up
+    assert ended is not None and ended < simulation.gave_up_at
+    assert record.earlier_pause_seconds == pytest.approx(ended - 5.0)
+
+
 def test_a_paused_job_started_again_keeps_its_pause_for_the_judge() -> None:
     simulation = Simulation(workload(rate=4 * GIB, working_set=2 * GIB), PLAN)
     simulation.advance_to(5.0)

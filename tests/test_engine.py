@@ -171,23 +171,31 @@ async def test_never_converging_batch_is_paused_within_max_pause(rig: Rig) -> No
     assert "handover" not in rig.actions(mid)
 
 
-async def test_a_pause_whose_link_breaks_is_cancelled_within_max_pause(rig: Rig) -> None:
-    """The link breaks right after lmwatch paused the guest: waiting would keep it
-    stopped until the link times out (30s, over `max_pause` of 10s). lmwatch cancels
-    instead, and the instance runs on the source again well within the bound."""
+async def test_a_pause_whose_link_breaks_for_good_is_ended_within_max_pause(rig: Rig) -> None:
+    """The link breaks right after lmwatch paused the guest and never comes back:
+    waiting would keep it stopped until the link times out (30s, over `max_pause` of
+    10s). lmwatch stops the job instead, and the instance runs on the source again well
+    within the bound; a new job is tried for `restart_wait_seconds` (10 minutes), and
+    the migration ends failed with the instance still on the source."""
     mid = await rig.migrate("busy-batch")
     assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
     rig.driver.inject_fault("link_break", between=("a", "b"))
     await rig.finish(mid)
     record = rig.engine.get(mid)
-    assert record.state is State.CANCELLED, record.outcome
+    assert record.state is State.FAILED, record.outcome
+    assert record.outcome is not None and record.outcome.running_on == "a"
     events = rig.store.events(mid)
     paused = next(e for e in events if e.action == "pause")
-    cancel = next(e for e in events if e.action == "cancel")
-    assert "nothing has moved" in cancel.reason and "resumes on the source" in cancel.reason
-    ended = next(e for e in events if e.kind == "state" and e.state == State.CANCELLED.value)
-    assert ended.at - paused.at <= 10.0
+    restart = next(e for e in events if e.action == "restart")
+    assert "nothing has moved" in restart.reason and "resumes on the source" in restart.reason
+    ended = next(e for e in events if e.reason.startswith("the pause ended"))
+    assert ended.at - paused.at <= 10.0 and ended.data["paused_seconds"] <= 10.0
+    failed = next(e for e in events if e.kind == "state" and e.state == State.FAILED.value)
+    assert "was stopped to start again, but the new start failed (tried" in failed.reason
+    wait = DEFAULT.restart_wait_seconds
+    assert wait - 5.0 <= failed.at - restart.at <= wait + 5.0
     assert rig.driver.where("busy-batch") == "a"
+    assert not [e for e in events if e.kind == "violation"]
 
 
 WIDE = """
@@ -278,9 +286,11 @@ async def test_a_stop_measured_slower_than_allowed_brings_the_next_last_look_for
 ) -> None:
     """Between hosts where a stopped job ends 4 s after the stop was asked (longer than
     the 3 s the policy allows by default), the first pause's link breaks at once and
-    the job is cancelled: lmwatch learns the 4 s. The next pause on these hosts gets its
-    last look 4 s before its bound ends, at 6 s, and half a second before: its link,
-    breaking at 5.77 s, is caught there, and the instance runs again within the 10 s.
+    the job is stopped (the link stays down: no new job starts, and the migration ends
+    failed, the instance on the source): lmwatch learns the 4 s. The next pause on these
+    hosts gets its last look 4 s before its bound ends, at 6 s, and half a second
+    before: its link, breaking at 5.77 s, is caught there, and the instance runs again
+    within the 10 s.
     (Read over the second before 6 s, as at any other look, the rest would still arrive
     in time; 3 s before the bound, half a second before 7 s, a stop would end the pause
     at 10.5 s.)"""
@@ -289,7 +299,8 @@ async def test_a_stop_measured_slower_than_allowed_brings_the_next_last_look_for
         first, _ = await paused_wide_batch(rig)
         rig.driver.inject_fault("link_break", between=("a", "b"))
         await rig.finish(first)
-        assert rig.engine.get(first).state is State.CANCELLED
+        assert rig.engine.get(first).state is State.FAILED
+        assert rig.driver.where("wide-batch") == "a"
         rig.driver.inject_fault("link_restore", between=("a", "b"))
         second, paused = await paused_wide_batch(rig)
         await rig.clock.advance(paused.at + 5.77 - rig.clock.now())
@@ -356,6 +367,43 @@ async def test_a_pause_the_link_slows_is_ended_and_the_migration_started_again(r
     # the new job was free to pause again; its pause is the one the outcome shows
     assert record.outcome is not None
     assert record.paused is (record.outcome.method == Method.PAUSED.value)
+
+
+async def test_a_pause_whose_link_breaks_is_ended_and_started_again_once_the_link_carries(
+    rig: Rig,
+) -> None:
+    """The link breaks right after lmwatch paused the guest: nothing moves, so the
+    pause would last as long as the link stays down. The job is stopped and the
+    instance runs on the source again within `max_pause` (10 s); a new job is tried
+    every 5 s and starts once the link is back (it used to end the migration
+    cancelled, as if a link down for a while were down for good)."""
+    mid = await rig.migrate("busy-batch")
+    assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
+    rig.driver.inject_fault("link_break", between=("a", "b"))
+    assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=600)
+    await rig.clock.advance(40.0)
+    record = rig.engine.get(mid)
+    assert not record.state.finished, record.outcome  # waiting for the link
+    assert record.restart is not None and record.restart.pending
+    assert rig.driver.where("busy-batch") == "a"
+    rig.driver.inject_fault("link_restore", between=("a", "b"))
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is not None and record.restart.count == 1
+    assert rig.driver.where("busy-batch") == "b"
+    events = rig.store.events(mid)
+    restart = next(e for e in events if e.action == "restart")
+    assert restart.data["rule"] == "pause-outlasts-bound"
+    assert "nothing has moved" in restart.reason
+    assert "starting again once the link carries" in restart.reason
+    ended = next(e for e in events if e.reason.startswith("the pause ended"))
+    waiting = next(e for e in events if e.reason.startswith("could not start again yet"))
+    again = next(e for e in events if e.reason.startswith("copying started again"))
+    assert restart.at <= ended.at <= waiting.at < again.at
+    assert again.at - restart.at >= 40.0  # not before the link came back
+    assert ended.data["paused_seconds"] <= 10.0 and "runs on a again" in ended.reason
+    assert not [e for e in events if e.kind == "violation"]
 
 
 async def test_a_restart_of_lmwatch_while_the_paused_job_stops_still_ends_the_pause_first(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmwatch.model import MIB, Action, MigrationContext, Phase, Rule, Sample
+from lmwatch.model import GIB, MIB, Action, MigrationContext, Phase, Rule, Sample
 from lmwatch.policies import (
     DEFAULT,
     ForceRefused,
@@ -17,6 +17,7 @@ from lmwatch.policies import (
     force_complete,
     restart_plan,
 )
+from lmwatch.policies.estimators import analyse, rate_text
 from lmwatch.policies.forcing import last_look, next_look_in, pause_outlasting
 from lmwatch.profiles.schema import Profile
 
@@ -260,16 +261,41 @@ def _paused_context(**fields: object) -> MigrationContext:
     return replace(context(STUCK, plan()), paused=True, paused_at=10.0, **fields)  # type: ignore[arg-type]
 
 
-def test_a_stalled_pause_is_cancelled_so_the_instance_resumes() -> None:
-    """A link that carries nothing cannot carry a new job either, and when it comes
-    back is unknown: the migration ends cancelled, even with no deadline."""
+def test_a_stalled_pause_is_stopped_and_started_again_once_the_link_carries() -> None:
+    """A link that carries nothing cannot finish the pause: the job is stopped so that
+    the instance resumes on the source. As after a job the broken link failed, a new
+    job is started once the link carries again, judged at the rate it carried before
+    and tried until the deadline no longer leaves time for it (for 10 minutes at most);
+    it used to end the migration cancelled, even with hours left."""
     history = _paused_history(0, 200 * MIB)
     stretched = pause_outlasting(PAUSING, history, _paused_context())
     assert stretched is not None and stretched.rate == 0
     assert "nothing has moved" in stretched.why and "5.0s" in stretched.why
+    before = analyse(history, _paused_context()).transfer_rate
+    assert before is not None and before > 0  # the hypervisor's last reading
+    # no deadline: tried for `restart_wait_seconds`
     decision = decide(PAUSING, history, _paused_context(), now=11.2)
-    assert decision.action is Action.CANCEL
-    assert decision.reason == f"{stretched.why}; cancelling, so that it resumes on the source"
+    assert decision.action is Action.RESTART and decision.rule is Rule.PAUSE_OUTLASTS_BOUND
+    assert decision.start_by == pytest.approx(11.2 + DEFAULT.restart_wait_seconds)
+    assert decision.reason.startswith(
+        f"{stretched.why}; stopping the job, so that the instance resumes on the source, "
+        "and starting again once the link carries, trying every 5.0s (for 10.0m): "
+        "no deadline, time for about 10.0s to start again, at least "
+    )
+    assert f"to copy memory at {rate_text(before)}" in decision.reason
+    again = restart_plan(_paused_context(), decision)
+    assert "pause outlasted" in again.reason
+    # a deadline: tried while a new job still fits before it
+    least = DEFAULT.restart_seconds + 2 * GIB / before
+    ctx = _paused_context(deadline_at=11.2 + least + 60.0)
+    timed = decide(PAUSING, history, ctx, now=11.2)
+    assert timed.action is Action.RESTART
+    assert timed.start_by == pytest.approx(11.2 + 60.0)
+    # no time left for a new job, or started again already: cancelled, as before
+    for ended in (_paused_context(deadline_at=11.2 + least - 1.0), _paused_context(restarts=1)):
+        cancel = decide(PAUSING, history, ended, now=11.2)
+        assert cancel.action is Action.CANCEL and cancel.rule is Rule.PAUSE_OUTLASTS_BOUND
+        assert cancel.reason == f"{stretched.why}; cancelling, so that it resumes on the source"
 
 
 def test_a_slowed_pause_far_from_the_deadline_starts_again_with_the_same_plan() -> None:
@@ -404,18 +430,19 @@ def test_at_its_last_look_a_pause_whose_link_failed_half_a_second_ago_is_stopped
     assert stretched is not None and stretched.rate == 0
     assert "nothing has moved for 500ms" in stretched.why
     decision = decide(PAUSING, last, ctx, now=13.0, settings=RESUME_2S)
-    assert decision.action is Action.CANCEL and decision.rule is Rule.PAUSE_OUTLASTS_BOUND
+    assert decision.action is Action.RESTART and decision.rule is Rule.PAUSE_OUTLASTS_BOUND
+    assert "once the link carries" in decision.reason
     # the link still moving at the last look: the pause goes on
     moving = [*paused, _sample_at(13.0, 3350 * MIB, 10 * MIB)]
     assert pause_outlasting(PAUSING, moving, ctx, RESUME_2S) is None
 
 
-def test_a_pause_whose_link_slowed_then_stopped_is_cancelled_not_started_again() -> None:
+def test_a_pause_whose_link_slowed_then_stopped_starts_again_once_the_link_carries() -> None:
     """Paused at 10 s (at most 5 s; stops take 1.5 s, so the last look is at 13.5 s and
     the look before it at 13 s). Over the second before 13 s the rest moved slowly
     enough to outlast the bound, but all of that before 12.2 s: nothing has moved for
     the last 0.8 s. The pause is ended either way; a link that has stopped cannot carry
-    a new job, so the migration is cancelled rather than started again."""
+    a new job now, so the new job waits until it carries again."""
     ctx = _paused_context()
     resume = PolicySettings(cancel_resume=1.5)
     history = [
@@ -429,10 +456,16 @@ def test_a_pause_whose_link_slowed_then_stopped_is_cancelled_not_started_again()
     assert stretched is not None and stretched.rate == 0
     assert "nothing has moved for 800ms" in stretched.why
     decision = decide(PAUSING, history, ctx, now=13.0, settings=resume)
-    assert decision.action is Action.CANCEL and decision.rule is Rule.PAUSE_OUTLASTS_BOUND
-    # still moving, slowly: started again (no deadline)
+    assert decision.action is Action.RESTART and decision.rule is Rule.PAUSE_OUTLASTS_BOUND
+    assert "starting again once the link carries" in decision.reason
+    # still moving, slowly: started again at once (no deadline)
     slow = [*history[:3], _sample_at(13.0, 3136 * MIB, 164 * MIB)]
-    assert decide(PAUSING, slow, ctx, now=13.0, settings=resume).action is Action.RESTART
+    moving = decide(PAUSING, slow, ctx, now=13.0, settings=resume)
+    assert moving.action is Action.RESTART and "once the link carries" not in moving.reason
+    assert (
+        "; stopping the job, so that the instance resumes on the source, and starting "
+        "again: no deadline" in moving.reason
+    )
 
 
 def test_no_cancel_for_an_accepted_pause_a_finished_copy_or_one_sample() -> None:

@@ -52,7 +52,9 @@ class LmwatchController(ControllerBase):
         self.predictions: list[tuple[float, float | None]] = []
         self.reasons: list[tuple[float, str, str]] = []
         self._pending: tuple[Command, MigrationContext] | None = None  # awaiting `applied`
-        self._again: tuple[StartPlan, float] | None = None  # after a failed job: plan, start-by
+        # a new job to try until it starts (after a failed job, or a pause stopped on a
+        # link that slowed or stalled): plan, start-by
+        self._again: tuple[StartPlan, float] | None = None
         self.started_at = 0.0  # when the job begins (after a measurement before it)
         self.cancelling = False  # a cancel was taken: like the engine, decide nothing more
         self.retry_interval = self.settings.restart_retry_seconds
@@ -124,7 +126,10 @@ class LmwatchController(ControllerBase):
         if action is Action.CANCEL:
             return [Cancel()]
         if action is Action.RESTART:
-            return [Restart(self._restarting(decision, now))]
+            plan = self._restarting(decision, now)
+            if decision.start_by is not None:  # tried until then if it cannot start now
+                self._again = (plan, decision.start_by)
+            return [Restart(plan)]
         return []
 
     def _restarting(self, decision: Decision, now: float) -> StartPlan:
@@ -184,6 +189,7 @@ class LmwatchController(ControllerBase):
         returned)."""
         assert self.ctx is not None
         self.ctx = replace(self.ctx, job_started_at=at)
+        self._again = None  # started: a later failure is judged afresh, as the engine does
 
 
 def lmwatch_factory(setting: Setting) -> Controller:

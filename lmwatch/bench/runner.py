@@ -204,6 +204,10 @@ class Simulation:
         # when a controller that tried to start again after a failed job gave up: the
         # migration ends then (None: it ended with the job)
         self.gave_up_at: float | None = None
+        # A job stopped to start again (`Restart`) ended while the link was down: the new
+        # one waits until the link carries, tried like one after a failed job.
+        self.to_start_again = False
+        self._kept = False  # what the ended job did is kept for the judge already
         if start > 0:
             self.advance_to(start)  # the link as it is when the job begins
 
@@ -334,13 +338,21 @@ class Simulation:
             self.advance_to(migration.elapsed + (0.1 if step is None else max(step, 1e-3)))
         if migration.phase is not Phase.CANCELLED:
             return  # it ended otherwise meanwhile (failed): nothing to start again
+        if not migration.link_up:
+            # the hypervisor's start would fail: tried again as after a failed job
+            self._keep_ended_job()
+            self.to_start_again = True
+            return
         self._new_job(plan, migration.elapsed + RESTART_GAP)
 
     def _start_again(self, plan: StartPlan) -> None:
         """Start a new job with `plan` now, after the job failed with the instance still
-        on the source; refused while the link is down (the hypervisor's start fails)."""
+        on the source, or was stopped to start again while the link was down; refused
+        while the link is down (the hypervisor's start fails)."""
         migration = self.migration
-        if migration.phase is not Phase.FAILED or migration.running_on is not Side.SOURCE:
+        if not (migration.phase is Phase.FAILED or self.to_start_again) or (
+            migration.running_on is not Side.SOURCE
+        ):
             raise ActionRefused("the job did not fail with the instance on the source")
         if not migration.link_up:
             raise ActionRefused("the link to the destination is down")
@@ -348,6 +360,21 @@ class Simulation:
 
     def _new_job(self, plan: StartPlan, at: float) -> None:
         """Keep what the ended job did for the judge, and start the next one at `at`."""
+        self._keep_ended_job()
+        self.plan = plan
+        self.migration = self.migration.again(plan, at)
+        self._kept = False
+        self.to_start_again = False
+        self.restarts += 1
+        self.advance_to(at)  # the link events due by the new start
+
+    def _keep_ended_job(self) -> None:
+        """Keep what the ended job did for the judge, once: its slow-down, its passes,
+        and how long it stopped the instance (a pause ends with the job: the instance
+        resumes on the source)."""
+        if self._kept:
+            return
+        self._kept = True
         migration = self.migration
         self._earlier_slowdown = max(self._earlier_slowdown, migration.max_slowdown)
         self._earlier_passes += migration.passes
@@ -357,10 +384,6 @@ class Simulation:
             self.paused_at = None
         elif migration.stopped_seconds is not None:
             self._earlier_stop = max(self._earlier_stop or 0.0, migration.stopped_seconds)
-        self.plan = plan
-        self.migration = migration.again(plan, at)
-        self.restarts += 1
-        self.advance_to(at)  # the link events due by the new start
 
     # -- branching -------------------------------------------------------------------------
 
@@ -395,12 +418,19 @@ class Simulation:
         if finished and self.gave_up_at is not None:
             end = max(end, self.gave_up_at)
         outcome = migration.phase.value if finished else UNFINISHED
+        # The job was stopped to start again and no new job started: what it did is kept
+        # already (its pause in `earlier_pause_seconds`), and the migration ends failed,
+        # the instance on the source, as the engine's does.
+        kept = self._kept
+        if finished and self.to_start_again:
+            outcome = Phase.FAILED.value
+        paused = migration.paused and not kept
         completed = migration.phase is Phase.COMPLETED
         blackout = migration.blackout if completed else None
-        if not completed and not migration.paused:
+        if not completed and not migration.paused and not kept:
             blackout = migration.stopped_seconds  # a final copy that failed: stopped until then
         pause_seconds: float | None = None
-        if migration.paused:
+        if paused:
             if completed and blackout is not None:
                 pause_seconds = blackout
             elif self.paused_at is not None:
@@ -417,12 +447,12 @@ class Simulation:
             outcome=outcome,
             total_seconds=end,
             blackout_seconds=blackout,
-            paused=migration.paused,
+            paused=paused,
             pause_seconds=pause_seconds,
             handed_over=migration.handed_over,
             degraded_seconds=degraded,
             max_slowdown=self.max_slowdown,
-            passes=self._earlier_passes + migration.passes,
+            passes=self._earlier_passes + (0 if kept else migration.passes),
             decisions=decisions,
             commands=self.commands,
             refused=self.refused,
@@ -439,12 +469,13 @@ class Simulation:
 
 
 def _after_failure(controller: Controller, simulation: Simulation, end: float) -> bool:
-    """The job ended: a controller that starts again after a failed job
+    """The job ended: a controller that starts again after a failed job, or after one
+    it stopped to start again while the link was down (`Simulation.to_start_again`),
     (`after_failure(result, now) -> Restart | None`) tries a new job every
     `retry_interval` seconds, as the engine does, while it says so. True when a new
     job started."""
     migration = simulation.migration
-    if migration.phase is not Phase.FAILED:
+    if migration.phase is not Phase.FAILED and not simulation.to_start_again:
         return False
     retry = float(controller.retry_interval)
     tried = False

@@ -477,6 +477,7 @@ class Supervisor:
             pending=True,
             plan=plan,
             planned_rate=decision.planned_rate,
+            start_by=decision.start_by,  # the link may be down a while (a stalled pause)
         )
         self.effects.intend_restart(supervision, decision, intent)
         try:
@@ -608,9 +609,10 @@ class Supervisor:
         `stopped`: seconds the stopped job took to end, for the timeline (a pause's
         end already noted it).
 
-        After a failed job the start is tried again every `restart_retry_seconds` until
-        the intent's `start_by` (the link may be down a while); an operator's cancel
-        meanwhile ends the migration cancelled."""
+        With a `start_by` in the intent (after a failed job, or a pause the link slowed
+        or stalled under) the start is tried again every `restart_retry_seconds` until
+        then (the link may be down a while); an operator's cancel meanwhile ends the
+        migration cancelled."""
         record = supervision.record
         restart = record.restart
         assert restart is not None and restart.plan is not None  # pending: it has one
@@ -634,7 +636,8 @@ class Supervisor:
                     or self.clock.now() + retry > start_by
                 ):
                     tried = "" if attempts == 1 else f" (tried {attempts} times)"
-                    before = "failed" if start_by is not None else "was stopped to start again"
+                    stopped_by_us = supervision.cancel_sent_at is not None
+                    before = "was stopped to start again" if stopped_by_us else "failed"
                     await self.effects.finish(
                         supervision,
                         JobResult(phase=Phase.FAILED, error=str(error), running_on=record.source),

@@ -6,9 +6,10 @@ The rules, in order (DESIGN.md section 4):
    bound (the link stalled or slowed) -> stop the job, so the instance resumes on
    the source (not for the hypervisor's own final stop: it serves no command from
    stopping the guest to the end of the final copy): start again with the same plan
-   when the link still moves, the migration may still start again (`max_restarts`)
-   and the deadline leaves time for a new job to copy memory once at the rate the
-   link gives now, else cancel; but when finishing at that rate takes no longer than
+   when the migration may still start again (`max_restarts`) and the deadline leaves
+   time for a new job to copy memory once at the rate the link gives now (a stalled
+   link: the rate it gave before; the new job is tried until the link carries again,
+   as after a failed job), else cancel; but when finishing at that rate takes no longer than
    a stop takes to let the instance run again (`stop_takes`), stopping would keep it
    stopped as long and lose the copy -> continue (the pause is recorded as over its
    bound); otherwise, past copying (paused, handed over, completing, ended) -> continue;
@@ -225,12 +226,16 @@ def _pause_outlasts(
             prediction,
             rule=Rule.PAUSE_OUTLASTS_BOUND,
         )
+    stalled = stretched.rate <= 0
     return Decision(
         Action.RESTART,
-        f"{why}; {pause_restart_reason(again)}",
+        f"{why}; {pause_restart_reason(again, stalled, now, settings)}",
         prediction,
         # the new job's evidence starts afresh: what its first decisions assume
         planned_rate=ctx.change_rate_before_start if a.model is None else a.model.rate,
+        # the link may be down a while: the new job is tried until then, as after a
+        # failed job
+        start_by=again.try_until(now, settings),
         rule=Rule.PAUSE_OUTLASTS_BOUND,
     )
 

@@ -14,13 +14,14 @@ projection counts all of it from now.
 decision all read its figures.
 
 A migration also starts again, with the same plan, when a pause of ours outlasts its
-bound because the link slowed under it (`restart_after_pause`): the job is stopped
-either way so that the instance resumes on the source, and ending the migration there
-would give up while the deadline may leave time for a new job. And when its job failed
-while the instance kept running on the source (the link broke for longer than the
-hypervisor waits, say: `restart_after_failure`): the new job is started as soon as the
-hosts take it, tried again every `restart_retry_seconds` until the deadline no longer
-leaves time for it (`NewJob.start_by`), for `restart_wait_seconds` at most.
+bound because the link slowed or stalled under it (`restart_after_pause`): the job is
+stopped either way so that the instance resumes on the source, and ending the migration
+there would give up while the deadline may leave time for a new job. And when its job
+failed while the instance kept running on the source (the link broke for longer than
+the hypervisor waits, say: `restart_after_failure`). In both, the new job is started as
+soon as the hosts take it, tried again every `restart_retry_seconds` until the deadline
+no longer leaves time for it (`NewJob.try_until`), for `restart_wait_seconds` at most:
+a link down now may be back in a minute.
 """
 
 from __future__ import annotations
@@ -239,22 +240,33 @@ class NewJob:
         without one)."""
         return now + self.left - self.seconds
 
+    def try_until(self, now: float, settings: PolicySettings) -> float:
+        """The last clock time to try starting the new job: while it still fits before
+        the deadline, and for `restart_wait_seconds` at most (a link down that long, or
+        a destination that keeps refusing, is not waited out)."""
+        return now + min(self.start_by(now) - now, settings.restart_wait_seconds)
+
 
 def restart_after_pause(
     a: Analysis, ctx: MigrationContext, rate: float, now: float, settings: PolicySettings
 ) -> NewJob | None:
     """The case for starting again once our pause outlasts its bound, or None.
 
-    `rate`: bytes/s the pause's copy moves at now. There is a case when the link
-    still moves (a stalled one cannot carry a new job, and when it comes back is
-    unknown: the migration ends cancelled), this migration may still start again
-    (`max_restarts`), and the deadline leaves time for the least a new job takes at
-    that rate: starting again, the local disks' copy again and one copy of memory.
+    `rate`: bytes/s the pause's copy moves at now; 0 when the link stalled, and then
+    the new job is judged at the rate the link carried before (the hypervisor's last
+    transfer-rate reading, as after a failed job: `restart_after_failure`) and started
+    once the link carries again. There is a case when this migration may still start
+    again (`max_restarts`) and the deadline leaves time for the least a new job takes
+    at that rate: starting again, the local disks' copy again and one copy of memory.
     The new job is judged from its first pass on like any other; a link that comes
     back to speed makes it quicker than that.
     """
-    if rate <= 0 or ctx.restarts >= settings.max_restarts:
+    if ctx.restarts >= settings.max_restarts:
         return None
+    if rate <= 0:
+        rate = a.transfer_rate or 0.0
+        if rate <= 0:
+            return None  # the link never moved anything: nothing says a new job could
     outlook = new_job(a, ctx, rate, now, settings)
     return outlook if outlook.fits else None
 
@@ -273,12 +285,20 @@ def new_job(
     )
 
 
-def pause_restart_reason(outlook: NewJob) -> str:
+def pause_restart_reason(
+    outlook: NewJob, stalled: bool, now: float, settings: PolicySettings
+) -> str:
     """What an operator reads after the evidence that the pause outlasts its bound."""
-    return (
-        "stopping the job, so that the instance resumes on the source, and starting "
-        f"again: {_room(outlook)}"
-    )
+    if not stalled:
+        when = "starting again"
+    else:
+        wait = outlook.try_until(now, settings) - now
+        when = (
+            "starting again once the link carries, trying every "
+            f"{duration_text(settings.restart_retry_seconds)} (for {duration_text(wait)})"
+        )
+    resumes = "stopping the job, so that the instance resumes on the source"
+    return f"{resumes}, and {when}: {_room(outlook)}"
 
 
 def _room(outlook: NewJob) -> str:
@@ -323,9 +343,8 @@ def restart_after_failure(
     outlook = new_job(a, ctx, rate, now, settings)
     if not outlook.fits:
         return None
-    wait = min(outlook.start_by(now) - now, settings.restart_wait_seconds)
-    start_by = now + wait
-    until = f"trying for {duration_text(wait)}"
+    start_by = outlook.try_until(now, settings)
+    until = f"trying for {duration_text(start_by - now)}"
     failed = ended.error or "no cause given"
     return Decision(
         Action.RESTART,
@@ -349,7 +368,7 @@ def restart_plan(ctx: MigrationContext, decision: Decision) -> StartPlan:
         if decision.rule is Rule.PAUSE_OUTLASTS_BOUND:
             why = (
                 "the job before was stopped when its pause outlasted the profile's bound "
-                "(the link slowed under it)"
+                "(the link slowed or stalled under it)"
             )
         elif decision.rule is Rule.JOB_FAILED:
             why = "the job before failed with the instance still on the source"

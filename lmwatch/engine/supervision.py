@@ -60,7 +60,7 @@ from lmwatch.records import Restarts
 # all is stuck, and the start is not held back by it for ever).
 _JOIN_CHECKS = 8
 _WAITING_TO_START = (
-    "the job failed and the migration waits to start again; nothing runs to finish yet"
+    "the job ended and the migration waits to start again; nothing runs to finish yet"
 )
 _STOPPING = "lmwatch is stopping; the command was not carried out: send it again once it is back"
 

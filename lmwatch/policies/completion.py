@@ -9,10 +9,11 @@ The rules, in order (DESIGN.md section 4):
    when the migration may still start again (`max_restarts`) and the deadline leaves
    time for a new job to copy memory once at the rate the link gives now (a stalled
    link: the rate it gave before; the new job is tried until the link carries again,
-   as after a failed job), else cancel; but when finishing at that rate takes no longer than
-   a stop takes to let the instance run again (`stop_takes`), stopping would keep it
-   stopped as long and lose the copy -> continue (the pause is recorded as over its
-   bound); otherwise, past copying (paused, handed over, completing, ended) -> continue;
+   as after a failed job), else cancel; but when finishing at that rate takes no
+   longer than a stop takes to let the instance run again (`stop_takes`), stopping
+   would keep it stopped as long and lose the copy -> continue (the pause is recorded
+   as over its bound); otherwise, past copying (paused, handed over, completing,
+   ended) -> continue;
 1b. the switch alone (stop, device state, resume) took longer than any stop the
    profile allows every time it was measured on this host pair -> cancel at once,
    unless an operator asked to finish: no completion, by a final stop, a pause or a

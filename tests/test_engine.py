@@ -339,6 +339,17 @@ async def test_the_stop_times_learned_are_learned_again_after_a_restart_of_lmwat
         await rig.engine.stop()
 
 
+async def _completed_after_one_restart(rig: Rig, mid: str) -> tuple[MigrationRecord, list[Any]]:
+    """Run `mid` (busy-batch) to its end: it completed on b after one restart. Its
+    record and timeline."""
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert record.restart is not None and record.restart.count == 1
+    assert rig.driver.where("busy-batch") == "b"
+    return record, rig.store.events(mid)
+
+
 async def test_a_pause_the_link_slows_is_ended_and_the_migration_started_again(rig: Rig) -> None:
     """The link falls to 5 % right after lmwatch paused the guest: the pause would
     outlast `max_pause` (10s), so the job is stopped and the instance runs on the
@@ -349,12 +360,7 @@ async def test_a_pause_the_link_slows_is_ended_and_the_migration_started_again(r
     rig.driver.inject_fault("link_slow", between=("a", "b"), share=0.05)
     assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=600)
     rig.driver.inject_fault("link_restore", between=("a", "b"))
-    await rig.finish(mid)
-    record = rig.engine.get(mid)
-    assert record.state is State.COMPLETED, record.outcome
-    assert record.restart is not None and record.restart.count == 1
-    assert rig.driver.where("busy-batch") == "b"
-    events = rig.store.events(mid)
+    record, events = await _completed_after_one_restart(rig, mid)
     paused = next(e for e in events if e.action == "pause")
     restart = next(e for e in events if e.action == "restart")
     assert restart.data["rule"] == "pause-outlasts-bound"
@@ -387,12 +393,7 @@ async def test_a_pause_whose_link_breaks_is_ended_and_started_again_once_the_lin
     assert record.restart is not None and record.restart.pending
     assert rig.driver.where("busy-batch") == "a"
     rig.driver.inject_fault("link_restore", between=("a", "b"))
-    await rig.finish(mid)
-    record = rig.engine.get(mid)
-    assert record.state is State.COMPLETED, record.outcome
-    assert record.restart is not None and record.restart.count == 1
-    assert rig.driver.where("busy-batch") == "b"
-    events = rig.store.events(mid)
+    _, events = await _completed_after_one_restart(rig, mid)
     restart = next(e for e in events if e.action == "restart")
     assert restart.data["rule"] == "pause-outlasts-bound"
     assert "nothing has moved" in restart.reason

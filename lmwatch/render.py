@@ -293,6 +293,8 @@ def migration_detail(migration: Json) -> list[str]:
     for field in ("created_at", "started_at", "finished_at", "deadline_at"):
         if migration.get(field):
             lines.append(f"{field.removesuffix('_at'):<10} {migration[field]}")
+    if migration.get("starting_again_by") and not _finished(migration):
+        lines.append(f"waiting    to start again, trying until {migration['starting_again_by']}")
     if migration.get("progress") and not _finished(migration):
         lines.append(f"progress   {progress_line(migration)}")
     disk = _progress(migration).get("disk")

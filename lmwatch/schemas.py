@@ -269,6 +269,14 @@ class MigrationSummary(_Response):
         "after a pause the link stretched beyond its bound, or after a job that failed with "
         "the instance still on the source (the timeline says why).",
     )
+    starting_again_by: Timestamp | None = Field(
+        default=None,
+        description="While copying waits to start again (the job ended: it failed with the "
+        "instance still on the source, or lmwatch stopped it after a pause the link slowed "
+        "or stalled under, and the hosts have not taken a new job yet): the last time a "
+        "new job is tried, every few seconds until then; the migration ends failed, the "
+        "instance on the source, if none starts. Null otherwise.",
+    )
 
 
 class Migration(MigrationSummary):
@@ -671,7 +679,15 @@ def _summary_fields(record: MigrationRecord) -> dict[str, Any]:
         "outcome": _outcome(record.outcome),
         "placement": _placement(record.placement),
         "restarts": 0 if record.restart is None else record.restart.count,
+        "starting_again_by": timestamp(_starting_again_by(record.restart)),
     }
+
+
+def _starting_again_by(restart: records.Restarts | None) -> float | None:
+    """The last time a new job is tried, while one is awaited (the intent pending)."""
+    if restart is None or not restart.pending:
+        return None
+    return restart.start_by
 
 
 def _placement(placed: records.Placed | None) -> PlacementApplied | None:

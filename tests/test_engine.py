@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from enginerig import EngineRig
 from storetools import on_disk, run_sql
 
+from lmwatch import render, schemas
 from lmwatch.drivers.base import ActionRefused
 from lmwatch.drivers.inventory import load_inventory_text
 from lmwatch.drivers.sim import SimDriver
@@ -391,9 +393,18 @@ async def test_a_pause_whose_link_breaks_is_ended_and_started_again_once_the_lin
     record = rig.engine.get(mid)
     assert not record.state.finished, record.outcome  # waiting for the link
     assert record.restart is not None and record.restart.pending
+    assert record.restart.start_by is not None
     assert rig.driver.where("busy-batch") == "a"
+    # the view says so, and until when (the API's body and `lmwatch show`)
+    view = schemas.migration(record, rig.store.events(mid)).model_dump(mode="json")
+    by = datetime.fromtimestamp(record.restart.start_by, UTC)
+    assert datetime.fromisoformat(view["starting_again_by"]) == by
+    assert f"waiting    to start again, trying until {view['starting_again_by']}" in (
+        render.migration_detail(view)
+    )
     rig.driver.inject_fault("link_restore", between=("a", "b"))
-    _, events = await _completed_after_one_restart(rig, mid)
+    record, events = await _completed_after_one_restart(rig, mid)
+    assert schemas.migration_summary(record).starting_again_by is None
     restart = next(e for e in events if e.action == "restart")
     assert restart.data["rule"] == "pause-outlasts-bound"
     assert "nothing has moved" in restart.reason

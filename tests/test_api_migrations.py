@@ -38,6 +38,7 @@ MIGRATION_FIELDS = {
     "timeline",
     "outcome",
     "restarts",
+    "starting_again_by",
 }
 
 
@@ -590,6 +591,7 @@ _FINISHED_BODY = {
     },
     "placement": {"how": "named", "reason": "b: named by the request"},
     "restarts": 1,
+    "starting_again_by": None,  # added since: null for every migration not waiting to start
     "timeline": [
         {
             "at": "2027-01-15T08:00:31.500Z",

@@ -205,9 +205,9 @@ class Simulation:
         # migration ends then (None: it ended with the job)
         self.gave_up_at: float | None = None
         # A job stopped to start again (`Restart`) ended while the link was down: the new
-        # one waits until the link carries, tried like one after a failed job.
+        # one waits until the link carries, tried like one after a failed job. What the
+        # ended job did is kept for the judge already (`_keep_ended_job`).
         self.to_start_again = False
-        self._kept = False  # what the ended job did is kept for the judge already
         if start > 0:
             self.advance_to(start)  # the link as it is when the job begins
 
@@ -360,21 +360,18 @@ class Simulation:
 
     def _new_job(self, plan: StartPlan, at: float) -> None:
         """Keep what the ended job did for the judge, and start the next one at `at`."""
-        self._keep_ended_job()
+        if not self.to_start_again:  # kept when it ended
+            self._keep_ended_job()
         self.plan = plan
         self.migration = self.migration.again(plan, at)
-        self._kept = False
         self.to_start_again = False
         self.restarts += 1
         self.advance_to(at)  # the link events due by the new start
 
     def _keep_ended_job(self) -> None:
-        """Keep what the ended job did for the judge, once: its slow-down, its passes,
-        and how long it stopped the instance (a pause ends with the job: the instance
-        resumes on the source)."""
-        if self._kept:
-            return
-        self._kept = True
+        """Keep what the ended job did for the judge: its slow-down, its passes, and how
+        long it stopped the instance (a pause ends with the job: the instance resumes on
+        the source)."""
         migration = self.migration
         self._earlier_slowdown = max(self._earlier_slowdown, migration.max_slowdown)
         self._earlier_passes += migration.passes
@@ -421,8 +418,8 @@ class Simulation:
         # The job was stopped to start again and no new job started: what it did is kept
         # already (its pause in `earlier_pause_seconds`), and the migration ends failed,
         # the instance on the source, as the engine's does.
-        kept = self._kept
-        if finished and self.to_start_again:
+        kept = self.to_start_again
+        if finished and kept:
             outcome = Phase.FAILED.value
         paused = migration.paused and not kept
         completed = migration.phase is Phase.COMPLETED

@@ -227,16 +227,16 @@ def _pause_outlasts(
             prediction,
             rule=Rule.PAUSE_OUTLASTS_BOUND,
         )
-    stalled = stretched.rate <= 0
+    # the link may be down a while: the new job is tried until then, as after a failed job
+    start_by = again.try_until(now, settings)
+    stalled_for = start_by - now if stretched.rate <= 0 else None
     return Decision(
         Action.RESTART,
-        f"{why}; {pause_restart_reason(again, stalled, now, settings)}",
+        f"{why}; {pause_restart_reason(again, stalled_for, settings)}",
         prediction,
         # the new job's evidence starts afresh: what its first decisions assume
         planned_rate=ctx.change_rate_before_start if a.model is None else a.model.rate,
-        # the link may be down a while: the new job is tried until then, as after a
-        # failed job
-        start_by=again.try_until(now, settings),
+        start_by=start_by,
         rule=Rule.PAUSE_OUTLASTS_BOUND,
     )
 

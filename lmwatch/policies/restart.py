@@ -285,17 +285,16 @@ def new_job(
     )
 
 
-def pause_restart_reason(
-    outlook: NewJob, stalled: bool, now: float, settings: PolicySettings
-) -> str:
-    """What an operator reads after the evidence that the pause outlasts its bound."""
-    if not stalled:
+def pause_restart_reason(outlook: NewJob, waiting: float | None, settings: PolicySettings) -> str:
+    """What an operator reads after the evidence that the pause outlasts its bound.
+    `waiting`: on a stalled link, seconds the new job is tried for (None: it starts at
+    once)."""
+    if waiting is None:
         when = "starting again"
     else:
-        wait = outlook.try_until(now, settings) - now
         when = (
             "starting again once the link carries, trying every "
-            f"{duration_text(settings.restart_retry_seconds)} (for {duration_text(wait)})"
+            f"{duration_text(settings.restart_retry_seconds)} (for {duration_text(waiting)})"
         )
     resumes = "stopping the job, so that the instance resumes on the source"
     return f"{resumes}, and {when}: {_room(outlook)}"

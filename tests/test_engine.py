@@ -391,10 +391,14 @@ async def test_a_pause_whose_link_breaks_is_ended_and_started_again_once_the_lin
     assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=600)
     await rig.clock.advance(40.0)
     record = rig.engine.get(mid)
-    assert not record.state.finished, record.outcome  # waiting for the link
+    # waiting for the link: no job runs, the instance on the source (it said
+    # "completing", the state of the job it paused, until a new job started)
+    assert record.state is State.STARTING, record.outcome
     assert record.restart is not None and record.restart.pending
     assert record.restart.start_by is not None
     assert rig.driver.where("busy-batch") == "a"
+    with pytest.raises(Conflict, match="waits to start again"):
+        await rig.engine.force_complete(mid)
     # the view says so, and until when (the API's body and `lmwatch show`)
     view = schemas.migration(record, rig.store.events(mid)).model_dump(mode="json")
     by = datetime.fromtimestamp(record.restart.start_by, UTC)
@@ -1310,7 +1314,7 @@ async def test_a_job_the_broken_link_fails_is_started_again_once_the_link_carrie
     mid = await _break_while_copying(rig, "big")
     assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=120)
     await rig.clock.advance(30.0)
-    assert rig.engine.get(mid).state is not State.FAILED  # waiting for the link
+    assert rig.engine.get(mid).state is State.STARTING  # no job: waiting for the link
     rig.driver.inject_fault("link_restore", between=("a", "b"))
     await rig.finish(mid)
     record = rig.engine.get(mid)
@@ -1546,7 +1550,7 @@ async def test_a_restart_of_lmwatch_while_waiting_for_the_link_keeps_waiting(
     mid = await _break_while_copying(rig, "big")
     assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=120)
     await rig.restart(down_for=5.0)
-    assert rig.engine.get(mid).state is not State.FAILED
+    assert rig.engine.get(mid).state is State.STARTING  # still waiting, still no job
     rig.driver.inject_fault("link_restore", between=("a", "b"))
     await rig.finish(mid)
     record = rig.engine.get(mid)

@@ -28,7 +28,17 @@ from lmwatch.engine.drains import Drains
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.ownership import Ownership
-from lmwatch.engine.records import Cancel, Force, Supervision, log, log_context, post, status_of
+from lmwatch.engine.records import (
+    WAITING_TO_START,
+    Cancel,
+    Force,
+    Supervision,
+    log,
+    log_context,
+    post,
+    restart_pending,
+    status_of,
+)
 from lmwatch.engine.scheduler import HostLimits, Slot, startable_among
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.engine.supervision import Supervisor
@@ -677,6 +687,8 @@ class Engine:
         self._refuse_elsewhere(record, supervision)
         if record.state.finished or supervision is None:
             raise Conflict(f"cannot {what}: migration {migration_id} has {record.state.value}")
+        if restart_pending(record):
+            raise Conflict(f"cannot {what}: {WAITING_TO_START}")
         if record.state in (State.QUEUED, State.STARTING):
             raise Conflict(f"cannot {what}: migration {migration_id} has not started copying yet")
         return supervision

@@ -83,6 +83,11 @@ def restart_pending(record: MigrationRecord) -> bool:
     return record.restart is not None and record.restart.pending
 
 
+# The answer to a command that needs a running job, while the migration starts again.
+WAITING_TO_START = (
+    "the migration waits to start again (its job has ended or is being stopped); "
+    "nothing runs to finish yet"
+)
 FORCE_PENDING = "force_pending"  # timeline data key: a pending force-complete, or None
 # Timeline data key: seconds a job lmwatch or an operator stopped took to end (on the
 # pause's end, the new job's start, or the cancelled end), read back at start.

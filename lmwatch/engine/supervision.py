@@ -27,6 +27,7 @@ from lmwatch.engine.effects import Effects, NotOwner
 from lmwatch.engine.learned import Learned
 from lmwatch.engine.records import (
     FORCE_PENDING,
+    WAITING_TO_START,
     Cancel,
     Supervision,
     log,
@@ -59,9 +60,6 @@ from lmwatch.records import Restarts
 # (each wait is as long as that finish should still take; a finish that overruns them
 # all is stuck, and the start is not held back by it for ever).
 _JOIN_CHECKS = 8
-_WAITING_TO_START = (
-    "the job ended and the migration waits to start again; nothing runs to finish yet"
-)
 _STOPPING = "lmwatch is stopping; the command was not carried out: send it again once it is back"
 
 
@@ -653,12 +651,13 @@ class Supervisor:
                     attempt=attempts,
                     error=str(error),
                 )
-                if attempts == 1:
-                    self.effects.event(
+                if attempts == 1:  # no job runs until one starts: the migration is starting
+                    self.effects.update(
                         supervision,
                         "note",
                         f"could not start again yet: {error}; trying every "
                         f"{policies.duration_text(retry)}",
+                        state=State.STARTING,
                     )
             if not await self._wait_to_retry(supervision, retry):
                 return False
@@ -681,7 +680,7 @@ class Supervisor:
             while supervision.inbox:
                 command = supervision.inbox.popleft()
                 if not isinstance(command.what, Cancel):
-                    command.fail(Conflict(_WAITING_TO_START))
+                    command.fail(Conflict(WAITING_TO_START))
                     continue
                 source = supervision.record.source
                 self.effects.end(

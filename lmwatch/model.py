@@ -246,7 +246,8 @@ class Decision:
     blackout_budget: float | None = None  # for RAISE_BLACKOUT: the new budget, seconds
     slow_down_initial: float | None = None  # for RESTART: the new start's slow-down level
     planned_rate: float | None = None  # for RESTART: the write rate (bytes/s) it is planned for
-    # for RESTART after a failed job: the last clock time a new job may start
+    # for RESTART: the last clock time to try starting the new job while the hosts
+    # refuse it (None: one try)
     start_by: float | None = None
     note: str | None = None  # e.g. a profile edit that cannot apply to this migration
     rule: Rule | None = None  # which rule decided (None: made outside `decide`)

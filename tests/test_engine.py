@@ -1550,7 +1550,10 @@ async def test_a_restart_of_lmwatch_while_waiting_for_the_link_keeps_waiting(
     mid = await _break_while_copying(rig, "big")
     assert await rig.clock.run_until(lambda: "restart" in rig.actions(mid), limit=120)
     await rig.restart(down_for=5.0)
-    assert rig.engine.get(mid).state is State.STARTING  # still waiting, still no job
+    # the new daemon tries, is refused, and waits on: no job runs
+    assert await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.STARTING)
+    await rig.clock.advance(10.0)
+    assert rig.engine.get(mid).state is State.STARTING
     rig.driver.inject_fault("link_restore", between=("a", "b"))
     await rig.finish(mid)
     record = rig.engine.get(mid)

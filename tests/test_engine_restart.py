@@ -199,28 +199,71 @@ async def test_a_crash_after_the_intent_and_before_the_cancel_cancels_and_starts
     await rig.engine.stop()
 
 
-async def test_a_new_start_that_fails_ends_the_migration_failed_and_says_why(
-    tmp_path: Path,
-) -> None:
-    rig = rig_for(tmp_path)
+def refusing_starts(rig: EngineRig, refusals: int) -> list[float]:
+    """Make the hosts refuse the `refusals` starts after the first (the clock times of
+    the refused ones are returned, as they come)."""
     start = rig.driver.start
+    refused: list[float] = []
     calls = 0
 
-    async def second_start_fails(*args: Any) -> None:
+    async def refuse_after_the_first(*args: Any) -> None:
         nonlocal calls
         calls += 1
-        if calls > 1:
+        if 1 < calls <= 1 + refusals:
+            refused.append(rig.clock.now())
             raise DriverError("b refused the incoming instance")
         await start(*args)
 
-    rig.driver.start = second_start_fails  # type: ignore[method-assign]
+    rig.driver.start = refuse_after_the_first  # type: ignore[method-assign]
+    return refused
+
+
+async def test_a_new_start_the_hosts_refuse_for_a_while_is_tried_again(
+    tmp_path: Path,
+) -> None:
+    """The job stopped to start again at a higher level; the hosts refuse the new job
+    twice (a destination's daemon restarting, say): it is tried again every 5 s and
+    the migration completes. It used to end failed at the first refusal."""
+    rig = rig_for(tmp_path)
+    refused = refusing_starts(rig, 2)
+    await rig.engine.start()
+    mid = await rig.migrate("grower")
+    assert await rig.clock.run_until(lambda: bool(refused), limit=3600)
+    record = rig.engine.get(mid)
+    assert record.state is State.STARTING  # no job runs meanwhile
+    assert record.restart is not None and record.restart.start_by is not None
+    # while the new job still finishes before the deadline, 10 minutes at most
+    assert record.restart.start_by <= refused[0] + rig.settings.policy.restart_wait_seconds
+    await rig.finish(mid)
+    record = rig.engine.get(mid)
+    assert record.state is State.COMPLETED, record.outcome
+    assert len(refused) == 2 and refused[1] - refused[0] >= 5.0
+    assert record.plan is not None and record.plan.slow_down_initial == 0.8
+    assert len(started_again(rig, mid)) == 1
+    waiting = [e for e in events(rig, mid, "note") if "could not start again yet" in e.reason]
+    assert len(waiting) == 1 and "b refused the incoming instance" in waiting[0].reason
+    await rig.engine.stop()
+
+
+async def test_a_new_start_the_hosts_keep_refusing_ends_the_migration_failed_and_says_why(
+    tmp_path: Path,
+) -> None:
+    rig = rig_for(tmp_path)
+    refused = refusing_starts(rig, 10_000)
     await rig.engine.start()
     mid = await rig.migrate("grower")
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.state is State.FAILED
+    restart = events(rig, mid, "decision", "restart")[0]
+    assert restart.data["rule"] == "start-again"
+    assert record.restart is not None and record.restart.start_by is not None
+    assert refused[-1] <= record.restart.start_by < refused[-1] + 5.0  # tried until then
+    assert len(refused) > 1
     ended = events(rig, mid, "state")[-1]
-    assert "new start failed: b refused the incoming instance" in ended.reason
+    assert f"new start failed (tried {len(refused)} times): b refused the incoming" in (
+        ended.reason
+    )
     assert "keeps running on a" in ended.reason
     assert rig.driver.where("grower") == "a"
     await rig.engine.stop()

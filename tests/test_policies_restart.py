@@ -103,6 +103,11 @@ def test_a_slowed_guest_that_outgrew_its_plan_is_started_again_at_a_higher_level
     # ...where the current job at the hypervisor's schedule would not finish in time.
     assert outlook.current is None or now + outlook.current > DEADLINE
     assert "starting again" in decision.reason
+    # Should the hosts refuse the new job, it is tried while it still finishes before
+    # the deadline (10 minutes at most).
+    assert decision.start_by == now + min(
+        DEADLINE - now - outlook.seconds, DEFAULT.restart_wait_seconds
+    )
     # The plan it starts again with: the new level, the budget in force.
     plan = restart_plan(context(blackout_budget=0.6), decision)
     assert plan.slow_down_initial == decision.slow_down_initial
@@ -167,6 +172,8 @@ def test_a_schedule_that_finishes_in_time_but_slowly_is_started_again_for_speed(
         assert decision.slow_down_initial == outlook.level
         assert decision.prediction is not None
         assert decision.prediction.eta_seconds == outlook.seconds
+        assert decision.start_by == outlook.try_until(now, DEFAULT)
+        assert now < decision.start_by <= now + DEFAULT.restart_wait_seconds
         # the reason carries both projections' figures: time and the guest's share
         for figure in (outlook.current, outlook.slowed_now, outlook.seconds, outlook.slowed):
             assert duration_text(figure) in decision.reason

@@ -475,7 +475,7 @@ class Supervisor:
             pending=True,
             plan=plan,
             planned_rate=decision.planned_rate,
-            start_by=decision.start_by,  # the link may be down a while (a stalled pause)
+            start_by=decision.start_by,  # the hosts may refuse the new job a while
         )
         self.effects.intend_restart(supervision, decision, intent)
         try:
@@ -607,10 +607,10 @@ class Supervisor:
         `stopped`: seconds the stopped job took to end, for the timeline (a pause's
         end already noted it).
 
-        With a `start_by` in the intent (after a failed job, or a pause the link slowed
-        or stalled under) the start is tried again every `restart_retry_seconds` until
-        then (the link may be down a while); an operator's cancel meanwhile ends the
-        migration cancelled."""
+        With a `start_by` in the intent (the policy's restarts carry one; an intent
+        recorded by an earlier version may not) the start is tried again every
+        `restart_retry_seconds` until then (the link may be down a while); an
+        operator's cancel meanwhile ends the migration cancelled."""
         record = supervision.record
         restart = record.restart
         assert restart is not None and restart.plan is not None  # pending: it has one

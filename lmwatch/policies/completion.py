@@ -1022,6 +1022,7 @@ def _beyond_blackout(
             replace(prediction, eta_seconds=again.seconds),
             slow_down_initial=again.level,
             planned_rate=again.rate,
+            start_by=again.try_until(now, settings),  # the hosts may refuse it a while
             rule=Rule.START_AGAIN,
         )
     slowing = _slowing(profile, a, ctx, now, settings)

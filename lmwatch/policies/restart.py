@@ -18,10 +18,10 @@ bound because the link slowed or stalled under it (`restart_after_pause`): the j
 stopped either way so that the instance resumes on the source, and ending the migration
 there would give up while the deadline may leave time for a new job. And when its job
 failed while the instance kept running on the source (the link broke for longer than
-the hypervisor waits, say: `restart_after_failure`). In both, the new job is started as
-soon as the hosts take it, tried again every `restart_retry_seconds` until the deadline
-no longer leaves time for it (`NewJob.try_until`), for `restart_wait_seconds` at most:
-a link down now may be back in a minute.
+the hypervisor waits, say: `restart_after_failure`). In every case the new job is
+started as soon as the hosts take it, tried again every `restart_retry_seconds` until
+the deadline no longer leaves time for it (`try_until`), for `restart_wait_seconds` at
+most: a link down now may be back in a minute.
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ class RestartOutlook:
     def in_time(self) -> bool:
         """The current job finishes before the deadline: starting again is for speed."""
         return self.current is not None and self.current <= self.left
+
+    def try_until(self, now: float, settings: PolicySettings) -> float:
+        """The last clock time to try starting the new job, should the hosts refuse it:
+        while it still finishes before the deadline, `restart_wait_seconds` at most."""
+        return _try_until(now, self.left, self.seconds, settings)
 
 
 def restart_outlook(
@@ -235,16 +240,17 @@ class NewJob:
     def fits(self) -> bool:
         return self.seconds <= self.left
 
-    def start_by(self, now: float) -> float:
-        """The last clock time a new job still fits before the deadline (infinite
-        without one)."""
-        return now + self.left - self.seconds
-
     def try_until(self, now: float, settings: PolicySettings) -> float:
         """The last clock time to try starting the new job: while it still fits before
         the deadline, and for `restart_wait_seconds` at most (a link down that long, or
         a destination that keeps refusing, is not waited out)."""
-        return now + min(self.start_by(now) - now, settings.restart_wait_seconds)
+        return _try_until(now, self.left, self.seconds, settings)
+
+
+def _try_until(now: float, left: float, seconds: float, settings: PolicySettings) -> float:
+    """The last clock time to try starting a new job that takes `seconds`, with the
+    deadline `left` seconds away: while it still fits, `restart_wait_seconds` at most."""
+    return now + max(0.0, min(left - seconds, settings.restart_wait_seconds))
 
 
 def restart_after_pause(

@@ -152,6 +152,39 @@ def break_migration_streams() -> int:
     return len([line for line in done.stdout.splitlines() if line.strip()])
 
 
+STALL_TABLE = "lmwatch_rig_stall"  # the nftables table `stall_migration_streams` adds
+
+
+def stall_migration_streams() -> None:
+    """Drop every packet to or from the hosts' migration ports (nftables, both
+    directions): what a link that stalls under a migration looks like to QEMU. Nothing
+    moves and nothing fails at once (TCP retransmits into the void, for minutes), unlike
+    `break_migration_streams`. `unstall_migration_streams` lets packets through again."""
+    low, high = MIGRATION_PORTS
+    ruleset = (
+        f"table inet {STALL_TABLE} {{\n"
+        "  chain out {\n"
+        "    type filter hook output priority 0; policy accept;\n"
+        f"    tcp dport {low}-{high} drop\n"
+        f"    tcp sport {low}-{high} drop\n"
+        "  }\n"
+        "}\n"
+    )
+    done = subprocess.run(
+        ["nft", "-f", "-"], input=ruleset, capture_output=True, text=True, timeout=10
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"nft failed ({done.returncode}): {done.stderr.strip()}")
+
+
+def unstall_migration_streams() -> bool:
+    """Remove what `stall_migration_streams` added; True when it was there."""
+    done = subprocess.run(
+        ["nft", "delete", "table", "inet", STALL_TABLE], capture_output=True, text=True, timeout=10
+    )
+    return done.returncode == 0
+
+
 def rig_available() -> tuple[bool, str]:
     """(True, "") when tests can use the rig, else (False, why) — for pytest.skip."""
     if libvirt is None:

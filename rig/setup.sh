@@ -10,7 +10,8 @@ step() { local now; now=$(date +%s.%N); printf '[setup %6.1fs] %s\n' "$(awk -v a
 
 export DEBIAN_FRONTEND=noninteractive
 BPO_PKGS=(qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-storage libvirt-dev libvirt-clients pkg-config)
-BASE_PKGS=(busybox-static cpio gcc libc6-dev gzip util-linux iproute2)  # iproute2: `ss -K` breaks migration streams
+# iproute2: `ss -K` breaks migration streams; nftables: `nft` stalls them
+BASE_PKGS=(busybox-static cpio gcc libc6-dev gzip util-linux iproute2 nftables)
 
 # 1. bookworm-backports in the Suites: line of the main archive entry
 SRC=/etc/apt/sources.list.d/debian.sources

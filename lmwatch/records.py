@@ -79,8 +79,8 @@ class Restarts:
     plan: StartPlan | None = None
     planned_rate: float | None = None  # bytes/s of writing the new plan was made for
     job_started_at: float | None = None  # clock time the current job began
-    # the last clock time the new job may start (tried until then): after a failed job,
-    # or a pause stopped because the link slowed or stalled under it
+    # the last clock time to try starting the new job while the hosts refuse it (None:
+    # one try; intents recorded before every restart carried one)
     start_by: float | None = None
 
 

@@ -173,15 +173,23 @@ async def test_never_converging_batch_is_paused_within_max_pause(rig: Rig) -> No
     assert "handover" not in rig.actions(mid)
 
 
-async def test_a_pause_whose_link_breaks_for_good_is_ended_within_max_pause(rig: Rig) -> None:
+@pytest.mark.parametrize("restarted_while_waiting", [False, True])
+async def test_a_pause_whose_link_breaks_for_good_is_ended_within_max_pause(
+    rig: Rig, restarted_while_waiting: bool
+) -> None:
     """The link breaks right after lmwatch paused the guest and never comes back:
     waiting would keep it stopped until the link times out (30s, over `max_pause` of
     10s). lmwatch stops the job instead, and the instance runs on the source again well
     within the bound; a new job is tried for `restart_wait_seconds` (10 minutes), and
-    the migration ends failed with the instance still on the source."""
+    the migration ends failed with the instance still on the source. Its end says the
+    job was stopped to start again, also when another daemon took over the waiting
+    (which did not see the stop: it said the job failed)."""
     mid = await rig.migrate("busy-batch")
     assert await rig.clock.run_until(lambda: "pause" in rig.actions(mid), limit=3600)
     rig.driver.inject_fault("link_break", between=("a", "b"))
+    if restarted_while_waiting:
+        assert await rig.clock.run_until(lambda: rig.engine.get(mid).state is State.STARTING)
+        await rig.restart(down_for=5.0)
     await rig.finish(mid)
     record = rig.engine.get(mid)
     assert record.state is State.FAILED, record.outcome

@@ -13,7 +13,7 @@ from lmwatch.drivers.base import DriverError
 from lmwatch.engine.effects import Effects
 from lmwatch.engine.records import FORCE_PENDING, STOP_SECONDS, Supervision, log
 from lmwatch.engine.settings import EngineSettings
-from lmwatch.model import Action, JobResult, Phase, Sample, State
+from lmwatch.model import Action, JobResult, Phase, Rule, Sample, State
 from lmwatch.profiles.schema import Profile
 from lmwatch.store import CorruptRecord, MigrationRecord, Store, UnreadableStore
 
@@ -130,6 +130,16 @@ def end_asked(store: Store, record: MigrationRecord) -> bool:
     return any(
         e.kind == "decision" and e.action == Action.CANCEL.value for e in store.events(record.id)
     )
+
+
+def restarted_after_failure(store: Store, record: MigrationRecord) -> bool:
+    """Whether the last decision to start again followed a failed job (rather than a job
+    lmwatch stopped to start again): the timeline says, also to a daemon that re-attached
+    after the decision (a stopped job may read back as failed then)."""
+    for e in reversed(store.events(record.id)):
+        if e.kind == "decision" and e.action == Action.RESTART.value:
+            return (e.data or {}).get("rule") == Rule.JOB_FAILED.value
+    return False
 
 
 def last_seen(record: MigrationRecord) -> list[Sample]:

@@ -37,7 +37,7 @@ from lmwatch.engine.records import (
     restart_pending,
     status_of,
 )
-from lmwatch.engine.recovery import Recovery, end_asked, last_seen
+from lmwatch.engine.recovery import Recovery, end_asked, last_seen, restarted_after_failure
 from lmwatch.engine.settings import EngineSettings
 from lmwatch.errors import Conflict
 from lmwatch.model import (
@@ -634,8 +634,8 @@ class Supervisor:
                     or self.clock.now() + retry > start_by
                 ):
                     tried = "" if attempts == 1 else f" (tried {attempts} times)"
-                    stopped_by_us = supervision.cancel_sent_at is not None
-                    before = "was stopped to start again" if stopped_by_us else "failed"
+                    failed = restarted_after_failure(self.effects.store, record)
+                    before = "failed" if failed else "was stopped to start again"
                     await self.effects.finish(
                         supervision,
                         JobResult(phase=Phase.FAILED, error=str(error), running_on=record.source),

@@ -407,6 +407,12 @@ async def test_a_pause_whose_link_breaks_is_ended_and_started_again_once_the_lin
     assert rig.driver.where("busy-batch") == "a"
     with pytest.raises(Conflict, match="waits to start again"):
         await rig.engine.force_complete(mid)
+    # the stopped job's progress, its ETA and its gauges are gone: they said it would
+    # finish soon (a pause of a few seconds)
+    assert record.progress is None
+    rendered = rig.engine.metrics.render().decode()
+    assert "lmwatch_migration_eta_seconds{" not in rendered
+    assert "lmwatch_migration_remaining_bytes{" not in rendered
     # the view says so, and until when (the API's body and `lmwatch show`)
     view = schemas.migration(record, rig.store.events(mid)).model_dump(mode="json")
     by = datetime.fromtimestamp(record.restart.start_by, UTC)
@@ -415,6 +421,9 @@ async def test_a_pause_whose_link_breaks_is_ended_and_started_again_once_the_lin
         render.migration_detail(view)
     )
     rig.driver.inject_fault("link_restore", between=("a", "b"))
+    assert await rig.clock.run_until(
+        lambda: "lmwatch_migration_eta_seconds{" in rig.engine.metrics.render().decode()
+    )  # the new job's, once it runs
     record, events = await _completed_after_one_restart(rig, mid)
     assert schemas.migration_summary(record).starting_again_by is None
     restart = next(e for e in events if e.action == "restart")

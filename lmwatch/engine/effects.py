@@ -424,6 +424,16 @@ class Effects:
             slow_down_initial=plan.slow_down_initial,
         )
 
+    def waiting_to_start(self, supervision: Supervision, reason: str) -> None:
+        """The hosts refused the new job of a restart, and it is tried again later: no
+        job runs meanwhile, so the migration is starting again, and the ended job's
+        progress (its rates, its ETA) and gauges go, as they would not say what
+        happens now."""
+        self.update(supervision, "note", reason, state=State.STARTING, progress=None)
+        supervision.rate_saved = False  # the new job's first rate is stored at once
+        self.forget(supervision.record)
+        supervision.gauges = None  # made again at the new job's first sample
+
     def _log_continue(self, supervision: Supervision, decision: Decision) -> None:
         """Record 'continue' when the rule behind it changes, or every so often."""
         now = self.clock.now()

@@ -651,13 +651,11 @@ class Supervisor:
                     attempt=attempts,
                     error=str(error),
                 )
-                if attempts == 1:  # no job runs until one starts: the migration is starting
-                    self.effects.update(
+                if attempts == 1:
+                    self.effects.waiting_to_start(
                         supervision,
-                        "note",
                         f"could not start again yet: {error}; trying every "
                         f"{policies.duration_text(retry)}",
-                        state=State.STARTING,
                     )
             if not await self._wait_to_retry(supervision, retry):
                 return False

@@ -152,7 +152,7 @@ def break_migration_streams() -> int:
     return len([line for line in done.stdout.splitlines() if line.strip()])
 
 
-STALL_TABLE = "lmwatch_rig_stall"  # the nftables table `stall_migration_streams` adds
+STALL_TABLE = "lmwatch_rig_stall"  # `stall_migration_streams` adds it; rig/up.sh drops a leftover
 
 
 def stall_migration_streams() -> None:

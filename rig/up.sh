@@ -21,6 +21,12 @@ done
 for h in "${started[@]}"; do wait_host "$h" 90; done
 for h in "${started[@]}"; do save_caps "$h"; done
 for h in "${HOSTS[@]}"; do ensure_pool "$h" || { echo "host $h: storage pool $POOL did not start" >&2; exit 1; }; done
+# Migration ports stalled by a test that did not live to let them through again
+# (tests/rig/test_pause_stalled.py; rigctl.STALL_TABLE): every migration would stall
+if command -v nft >/dev/null && nft list table inet lmwatch_rig_stall >/dev/null 2>&1; then
+    nft delete table inet lmwatch_rig_stall
+    echo "rig: migration ports were stalled (nft table lmwatch_rig_stall): let through again" >&2
+fi
 {
     echo "LMWATCH_RIG_DIR=$BASE"
     echo "LMWATCH_RIG_URI_A=$(host_uri a)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -78,3 +79,45 @@ def module_guest(name: str, host: str = "a", **guest: Any) -> Any:
         rigctl.destroy_everywhere(name)
 
     return defined
+
+
+def pause_profile(name: str, max_pause: float, deadline: str) -> str:
+    """A profiles file of one profile, `name`, that may pause a guest for up to
+    `max_pause` seconds and allows nothing else but a short final stop (no handover,
+    no slowing), cancelled at `deadline`."""
+    return f"""
+version: 1
+profiles:
+  - name: {name}
+    description: may pause for a few seconds; never handed over, never slowed
+    max_blackout: 300ms
+    may_slow_down: false
+    handover: forbidden
+    may_pause: true
+    max_pause: {max_pause * 1000:.0f}ms
+    deadline: {deadline}
+    on_deadline: cancel
+"""
+
+
+def assert_started_again_after_a_pause(
+    migration: JsonDict, name: str, destination: str, max_pause: float
+) -> tuple[JsonDict, JsonDict, float]:
+    """A migration whose pause lmwatch stopped, started again once and completed: one
+    restart, one end of the pause within `max_pause`, no violation, `name` intact on
+    `destination`. Returns the restart's and the pause end's timeline entries and how
+    long the instance was stopped (seconds)."""
+    m = migration
+    timeline = m["timeline"]
+    restarts = [e for e in timeline if e["action"] == "restart"]
+    assert len(restarts) == 1, explain(m)
+    ended = [e for e in timeline if e["reason"].startswith("the pause ended")]
+    assert len(ended) == 1, explain(m)
+    length = re.search(r"stopped for ([0-9.]+)s", ended[0]["reason"])
+    assert length is not None, explain(m)
+    stopped = float(length.group(1))
+    assert stopped <= max_pause, explain(m)
+    assert not [e for e in timeline if e["kind"] == "violation"], explain(m)
+    assert m["state"] == "completed" and m["restarts"] == 1, explain(m)
+    assert_intact_on(name, destination)
+    return restarts[0], ended[0], stopped

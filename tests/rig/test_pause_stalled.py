@@ -9,7 +9,8 @@ nothing fails, nothing moves). Nothing moving, the pause would last as long as t
 link stays still: lmwatch stops the job within `max_pause`, so the instance runs on
 the source again, and, the deadline being far, starts the migration again once the
 link carries (the test lets packets through again 10 s after the decision). Checked:
-the restart's reason (nothing moved), the pause's end within `max_pause`, no
+the restart's reason (nothing moved, or, read over a second that began before the
+stall, a link slowed to a crawl), the pause's end within `max_pause`, no
 violation, one restart, the guest intact on the destination. The simulator's model of
 a stall (`tests/test_engine.py`) is what the policy was built on; this is the real
 stack's answer: the stop is served while the guest is paused and the stream stalled
@@ -18,7 +19,6 @@ stack's answer: the stop is served while the guest is paused and the stream stal
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -29,7 +29,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
-from rigchecks import actions, assert_intact_on, explain, module_daemon, module_guest
+from rigchecks import (
+    actions,
+    assert_started_again_after_a_pause,
+    explain,
+    module_daemon,
+    module_guest,
+    pause_profile,
+)
 
 pytestmark = pytest.mark.rig
 
@@ -39,19 +46,7 @@ BUSY = "pst-busy"
 MAX_PAUSE = 5.0  # seconds
 STALLED_FOR = 10.0  # seconds the link stays still after lmwatch decided to start again
 
-PROFILES = f"""
-version: 1
-profiles:
-  - name: pst-pause
-    description: may pause for a few seconds; never handed over, never slowed
-    max_blackout: 300ms
-    may_slow_down: false
-    handover: forbidden
-    may_pause: true
-    max_pause: {MAX_PAUSE * 1000:.0f}ms
-    deadline: 5m
-    on_deadline: cancel
-"""
+PROFILES = pause_profile("pst-pause", MAX_PAUSE, deadline="5m")
 
 
 daemon = module_daemon(PROFILES)
@@ -98,24 +93,18 @@ def test_a_pause_whose_link_stalls_starts_the_migration_again_once_it_carries(
     rigctl.unstall_migration_streams()
     m = daemon.wait_finished(mid, 240)
     summary.outcome(name, m)
-    timeline = m["timeline"]
-    restarts = [e for e in timeline if e["action"] == "restart"]
-    assert len(restarts) == 1, explain(m)
-    reason = restarts[0]["reason"]
-    assert "nothing has moved" in reason, explain(m)
-    assert "starting again once the link carries" in reason, explain(m)
-    ended = [e for e in timeline if e["reason"].startswith("the pause ended")]
-    assert len(ended) == 1, explain(m)
-    length = re.search(r"stopped for ([0-9.]+)s", ended[0]["reason"])
-    assert length is not None, explain(m)
-    stopped = float(length.group(1))
-    assert stopped <= MAX_PAUSE, explain(m)
-    assert not [e for e in timeline if e["kind"] == "violation"], explain(m)
-    assert m["state"] == "completed" and m["restarts"] == 1, explain(m)
-    assert_intact_on(BUSY, dst)
+    restart, _, stopped = assert_started_again_after_a_pause(m, BUSY, dst, MAX_PAUSE)
+    reason = restart["reason"]
+    # Read over the last second of the pause, the stall shows as nothing moved, or (the
+    # bytes sent just before it still in that second) as a link that slowed to a crawl:
+    # either way the job is stopped and a new one tried until the link carries.
+    stalled = "nothing has moved" in reason and "starting again once the link carries" in reason
+    slowed = "now moves at" in reason and "starting again" in reason
+    assert stalled or slowed, explain(m)
     summary.note(
         name,
         f"the pause ended after {stopped:.2f}s (limit {MAX_PAUSE:.0f}s), the stop decided "
-        f"{decided_after:.1f}s into the stall; {STALLED_FOR:.0f}s after it the migration "
+        f"{decided_after:.1f}s into the stall (read as {'stalled' if stalled else 'slowed'}); "
+        f"{STALLED_FOR:.0f}s after it the migration "
         f"was {shown['state']} (starting again by {shown['starting_again_by']})",
     )

@@ -17,7 +17,6 @@ decides a pause's last look; printed).
 from __future__ import annotations
 
 import datetime as dt
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,14 @@ from lmwatch.policies import DEFAULT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
-from rigchecks import actions, assert_intact_on, explain, module_daemon, module_guest
+from rigchecks import (
+    actions,
+    assert_started_again_after_a_pause,
+    explain,
+    module_daemon,
+    module_guest,
+    pause_profile,
+)
 
 pytestmark = pytest.mark.rig
 
@@ -40,19 +46,7 @@ BUSY = "ps-busy"
 MAX_PAUSE = 5.0  # seconds
 SLOWED_MIB = 4  # MiB/s the link carries once it slowed under the pause
 
-PROFILES = f"""
-version: 1
-profiles:
-  - name: ps-pause
-    description: may pause for a few seconds; never handed over, never slowed
-    max_blackout: 300ms
-    may_slow_down: false
-    handover: forbidden
-    may_pause: true
-    max_pause: {MAX_PAUSE * 1000:.0f}ms
-    deadline: 5m
-    on_deadline: cancel
-"""
+PROFILES = pause_profile("ps-pause", MAX_PAUSE, deadline="5m")
 
 
 daemon = module_daemon(PROFILES)
@@ -78,22 +72,11 @@ def test_a_pause_the_link_stretches_starts_the_migration_again(
         dom.connect().close()
     m = daemon.wait_finished(mid, 240)
     summary.outcome(name, m)
-    timeline = m["timeline"]
-    restarts = [e for e in timeline if e["action"] == "restart"]
-    assert len(restarts) == 1, explain(m)
-    reason = restarts[0]["reason"]
+    restart, ended, stopped = assert_started_again_after_a_pause(m, BUSY, dst, MAX_PAUSE)
+    reason = restart["reason"]
     assert reason.startswith("paused ") and "now moves at" in reason, explain(m)
     assert "starting again" in reason, explain(m)
-    ended = [e for e in timeline if e["reason"].startswith("the pause ended")]
-    assert len(ended) == 1, explain(m)
-    length = re.search(r"stopped for ([0-9.]+)s", ended[0]["reason"])
-    assert length is not None, explain(m)
-    stopped = float(length.group(1))
-    assert stopped <= MAX_PAUSE, explain(m)
-    assert not [e for e in timeline if e["kind"] == "violation"], explain(m)
-    assert m["state"] == "completed" and m["restarts"] == 1, explain(m)
-    assert_intact_on(BUSY, dst)
-    resumed_after = _at(ended[0]) - _at(restarts[0])
+    resumed_after = _at(ended) - _at(restart)
     assert 0 < resumed_after <= DEFAULT.cancel_resume, explain(m)
     summary.note(
         name,

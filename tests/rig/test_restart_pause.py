@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "rig"))
 import rigctl
-from rigchecks import assert_intact_on, explain, module_daemon, module_guest
+from rigchecks import assert_intact_on, explain, module_daemon, module_guest, pause_profile
 
 pytestmark = pytest.mark.rig
 
@@ -41,19 +41,7 @@ BUSY_WRITE = (32, 40)  # MiB rewritten, MiB/s: never converges over the 16 MiB/s
 MAX_PAUSE = 1.2  # seconds
 RESTARTED = "supervision resumed after a restart"
 
-PROFILES = f"""
-version: 1
-profiles:
-  - name: rp-pause
-    description: may pause briefly; never handed over, never slowed
-    max_blackout: 300ms
-    may_slow_down: false
-    handover: forbidden
-    may_pause: true
-    max_pause: {MAX_PAUSE * 1000:.0f}ms
-    deadline: 60s
-    on_deadline: cancel
-"""
+PROFILES = pause_profile("rp-pause", MAX_PAUSE, deadline="60s")
 
 
 daemon = module_daemon(PROFILES)

@@ -272,10 +272,11 @@ class MigrationSummary(_Response):
     starting_again_by: Timestamp | None = Field(
         default=None,
         description="While copying waits to start again (the job ended: it failed with the "
-        "instance still on the source, or lmwatch stopped it after a pause the link slowed "
-        "or stalled under, and the hosts have not taken a new job yet): the last time a "
-        "new job is tried, every few seconds until then; the migration ends failed, the "
-        "instance on the source, if none starts. Null otherwise.",
+        "instance still on the source, or lmwatch stopped it to start again, after a pause "
+        "the link slowed or stalled under or at a higher slow-down level, and the hosts "
+        "have not taken a new job yet; the state is `starting` once they refused one): "
+        "the last time a new job is tried, every few seconds until then; the migration "
+        "ends failed, the instance on the source, if none starts. Null otherwise.",
     )
 
 

@@ -156,17 +156,19 @@ STALL_TABLE = "lmwatch_rig_stall"  # `stall_migration_streams` adds it; rig/up.s
 
 
 def stall_migration_streams() -> None:
-    """Drop every packet to or from the hosts' migration ports (nftables, both
-    directions): what a link that stalls under a migration looks like to QEMU. Nothing
-    moves and nothing fails at once (TCP retransmits into the void, for minutes), unlike
-    `break_migration_streams`. `unstall_migration_streams` lets packets through again."""
+    """Drop every packet of the connections made to the hosts' migration ports
+    (nftables, both directions, by the connection's original destination port: a
+    client whose own ephemeral port falls in that range, such as a test's request to
+    the daemon, is not touched): what a link that stalls under a migration looks like
+    to QEMU. Nothing moves and nothing fails at once (TCP retransmits into the void, for
+    minutes), unlike `break_migration_streams`. `unstall_migration_streams` lets
+    packets through again."""
     low, high = MIGRATION_PORTS
     ruleset = (
         f"table inet {STALL_TABLE} {{\n"
         "  chain out {\n"
         "    type filter hook output priority 0; policy accept;\n"
-        f"    tcp dport {low}-{high} drop\n"
-        f"    tcp sport {low}-{high} drop\n"
+        f"    meta l4proto tcp ct original proto-dst {low}-{high} drop\n"
         "  }\n"
         "}\n"
     )

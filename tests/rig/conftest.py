@@ -192,9 +192,15 @@ class ApiError(AssertionError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port for a daemon, outside the hosts' migration ports (which
+    `rigctl.stall_migration_streams` stalls, and QEMU listens on)."""
+    low, high = rigctl.MIGRATION_PORTS
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not low <= port <= high:
+            return port
 
 
 class Daemon:

@@ -89,7 +89,7 @@ def pause_profile(name: str, max_pause: float, deadline: str) -> str:
 version: 1
 profiles:
   - name: {name}
-    description: may pause for a few seconds; never handed over, never slowed
+    description: may pause; never handed over, never slowed
     max_blackout: 300ms
     may_slow_down: false
     handover: forbidden

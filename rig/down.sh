@@ -25,4 +25,4 @@ for h in "${HOSTS[@]}"; do
     find "$BASE/$h" -mindepth 1 -maxdepth 1 ! -name log -exec rm -rf {} +
 done
 rm -f "$BASE/env"
-echo "rig down" >&2
+echo "$RIG_NAME down" >&2

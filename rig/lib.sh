@@ -7,14 +7,29 @@
 #   cache/ bind-mounted over /var/cache/libvirt (QEMU capabilities cache)
 #   sock/  unix_sock_dir: libvirt-sock lives here, outside every bind mount
 #   libvirtd.pid
+# Several rigs may run side by side, one per slot (LMWATCH_RIG_SLOT, 0 by default; the
+# tests run one pytest worker per slot): slot s keeps its state in $BASE (with "-s"
+# appended for s > 0) and its migration ports 128*s above slot 0's. Hosts "a" and "b"
+# of one slot never talk to another slot's.
+SLOT="${LMWATCH_RIG_SLOT:-0}"
+[[ $SLOT =~ ^[0-3]$ ]] || { echo "LMWATCH_RIG_SLOT must be 0-3, not '$SLOT'" >&2; exit 2; }
 BASE="${LMWATCH_RIG_DIR:-/run/lmwatch-rig}"
+[[ $SLOT == 0 ]] || BASE="$BASE-$SLOT"
 CACHE="${LMWATCH_RIG_CACHE:-/var/cache/lmwatch-rig}"
 HOSTS=(a b)
+# nftables table rigctl.stall_migration_streams adds (rigctl.STALL_TABLE)
+STALL_TABLE=lmwatch_rig_stall
+[[ $SLOT == 0 ]] || STALL_TABLE="${STALL_TABLE}_$SLOT"
+RIG_NAME=rig  # in what the scripts print
+[[ $SLOT == 0 ]] || RIG_NAME="rig slot $SLOT"
 
 host_dir() { echo "$BASE/$1"; }
 host_uri() { echo "qemu+unix:///system?socket=$BASE/$1/sock/libvirt-sock"; }
 host_uuid() { case $1 in a) echo 6c6d7761-7463-4800-8000-00000000000a;; b) echo 6c6d7761-7463-4800-8000-00000000000b;; esac; }
-host_ports() { case $1 in a) echo "49152 49215";; b) echo "49216 49279";; esac; }
+host_ports() {  # migration_port_min and _max of host $1 (rigctl.migration_ports)
+    local low=$((49152 + 128 * SLOT))
+    case $1 in a) echo "$low $((low + 63))";; b) echo "$((low + 64)) $((low + 127))";; esac
+}
 
 host_pid() {  # pid of the host's libvirtd, or nothing
     local f="$BASE/$1/libvirtd.pid" pid

@@ -40,7 +40,13 @@ except ImportError:  # pragma: no cover - reported by rig_available()
     libvirt = None  # type: ignore
 
 HOSTS: tuple[str, str] = ("a", "b")
-RIG_DIR = os.environ.get("LMWATCH_RIG_DIR", "/run/lmwatch-rig")
+# Which of the rigs that may run side by side (rig/lib.sh): its state directory and
+# migration ports. Read once, at import (tests set it per pytest worker before).
+SLOTS = 4  # LMWATCH_RIG_SLOT 0-3
+SLOT = int(os.environ.get("LMWATCH_RIG_SLOT", "0"))
+if not 0 <= SLOT < SLOTS:
+    raise ValueError(f"LMWATCH_RIG_SLOT must be 0-{SLOTS - 1}, not {SLOT}")
+RIG_DIR = os.environ.get("LMWATCH_RIG_DIR", "/run/lmwatch-rig") + (f"-{SLOT}" if SLOT else "")
 CACHE_DIR = os.environ.get("LMWATCH_RIG_CACHE", "/var/cache/lmwatch-rig")
 GUEST_DIR = os.path.join(CACHE_DIR, "current")
 KERNEL = os.path.join(GUEST_DIR, "vmlinuz")
@@ -137,7 +143,9 @@ def hold_handover_transfer(host: str, name: str, mib_per_second: int) -> None:
         conn.close()
 
 
-MIGRATION_PORTS = (49152, 49279)  # both hosts' migration_port_min..max (lib.sh)
+# both hosts' migration_port_min..max (lib.sh: host_ports): this slot's, and every slot's
+MIGRATION_PORTS = (49152 + 128 * SLOT, 49279 + 128 * SLOT)
+ALL_MIGRATION_PORTS = (49152, 49151 + 128 * SLOTS)
 
 
 def break_migration_streams() -> int:
@@ -152,7 +160,8 @@ def break_migration_streams() -> int:
     return len([line for line in done.stdout.splitlines() if line.strip()])
 
 
-STALL_TABLE = "lmwatch_rig_stall"  # `stall_migration_streams` adds it; rig/up.sh drops a leftover
+# `stall_migration_streams` adds it; rig/up.sh drops a leftover (lib.sh: STALL_TABLE)
+STALL_TABLE = "lmwatch_rig_stall" + (f"_{SLOT}" if SLOT else "")
 
 
 def stall_migration_streams() -> None:
@@ -197,7 +206,8 @@ def rig_available() -> tuple[bool, str]:
         return False, f"rig guest not built ({GUEST_DIR}; run rig/setup.sh)"
     for h in HOSTS:
         if not os.path.exists(host_socket(h)):
-            return False, f"rig host {h} is not up (run rig/up.sh)"
+            up = f"LMWATCH_RIG_SLOT={SLOT} rig/up.sh" if SLOT else "rig/up.sh"
+            return False, f"rig host {h} is not up (run {up})"
         try:
             c = libvirt.open(host_uri(h))
             c.getLibVersion()

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Start the two libvirt hosts "a" and "b" of the rig (idempotent) and print their URIs.
+# Start the two libvirt hosts "a" and "b" of the rig (idempotent) and print their URIs
+# (of slot $LMWATCH_RIG_SLOT, 0 by default; lib.sh).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 . "$HERE/lib.sh"
@@ -23,9 +24,9 @@ for h in "${started[@]}"; do save_caps "$h"; done
 for h in "${HOSTS[@]}"; do ensure_pool "$h" || { echo "host $h: storage pool $POOL did not start" >&2; exit 1; }; done
 # Migration ports stalled by a test that did not live to let them through again
 # (tests/rig/test_pause_stalled.py; rigctl.STALL_TABLE): every migration would stall
-if command -v nft >/dev/null && nft list table inet lmwatch_rig_stall >/dev/null 2>&1; then
-    nft delete table inet lmwatch_rig_stall
-    echo "rig: migration ports were stalled (nft table lmwatch_rig_stall): let through again" >&2
+if command -v nft >/dev/null && nft list table inet "$STALL_TABLE" >/dev/null 2>&1; then
+    nft delete table inet "$STALL_TABLE"
+    echo "$RIG_NAME: migration ports were stalled (nft table $STALL_TABLE): let through again" >&2
 fi
 {
     echo "LMWATCH_RIG_DIR=$BASE"
@@ -33,8 +34,8 @@ fi
     echo "LMWATCH_RIG_URI_B=$(host_uri b)"
 } >"$BASE/env"
 if [[ ${#started[@]} -gt 0 ]]; then
-    printf 'rig up (started: %s) in %.1fs\n' "${started[*]}" "$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{print a-b}')" >&2
+    printf '%s up (started: %s) in %.1fs\n' "$RIG_NAME" "${started[*]}" "$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{print a-b}')" >&2
 else
-    echo "rig already up" >&2
+    echo "$RIG_NAME already up" >&2
 fi
 for h in "${HOSTS[@]}"; do echo "$h $(host_uri "$h")"; done

@@ -32,6 +32,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "rig"))
+# One rig per pytest-xdist worker (gw0 uses slot 0, gw1 slot 1: rig/lib.sh), unless
+# LMWATCH_RIG_SLOT says which; rigctl reads it once, on import.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw") and "LMWATCH_RIG_SLOT" not in os.environ:
+    os.environ["LMWATCH_RIG_SLOT"] = _WORKER.removeprefix("gw")
 import rigctl  # noqa: E402
 from rigchecks import timeline_text  # noqa: E402
 
@@ -111,14 +116,32 @@ def _rig_gate(request: pytest.FixtureRequest) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """What the test gave the summary travels with its report: under pytest-xdist the
+    test runs in a worker and the summary is printed by the controller."""
     report = yield
     setattr(item, f"rep_{report.when}", report)
+    if _PENDING:
+        report.user_properties.append((SUMMARY_PROPERTY, list(_PENDING)))
+        _PENDING.clear()
     if report.when == "call" or (report.when == "setup" and not report.passed):
         scenario = item.get_closest_marker("scenario")
         if scenario is not None:
             verdict = "passed" if report.passed else ("skipped" if report.skipped else "FAILED")
-            _row(str(scenario.args[0])).verdict = verdict
+            report.user_properties.append((VERDICT_PROPERTY, (str(scenario.args[0]), verdict)))
     return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == SUMMARY_PROPERTY:
+            for scenario, text in value:  # type: ignore[attr-defined]
+                if scenario is None:
+                    FIGURES.append(text)
+                else:
+                    _row(scenario).outcomes.append(text)
+        elif name == VERDICT_PROPERTY:
+            scenario, verdict = value  # type: ignore[misc]
+            _row(scenario).verdict = verdict
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -135,7 +158,13 @@ class Row:
     verdict: str = "not run"
 
 
-SUMMARY: dict[str, Row] = {}
+SUMMARY: dict[str, Row] = {}  # the controller's (or the only process's)
+FIGURES: list[str] = []  # tables of figures, printed whole after the summary
+# what this process's tests gave the summary and have not yet sent with a report:
+# (scenario, line), or (None, a table of figures)
+_PENDING: list[tuple[str | None, str]] = []
+SUMMARY_PROPERTY = "rig-summary"
+VERDICT_PROPERTY = "rig-verdict"
 
 
 def _row(scenario: str) -> Row:
@@ -159,11 +188,15 @@ class Summary:
             f"passes {outcome.get('passes', '-')}",
         ]
         text = ", ".join(parts)
-        _row(scenario).outcomes.append(f"{note}: {text}" if note else text)
+        _PENDING.append((scenario, f"{note}: {text}" if note else text))
         print(f"\n[{scenario}] {note} {text}\n{timeline_text(migration)}")
 
     def note(self, scenario: str, note: str) -> None:
-        _row(scenario).outcomes.append(note)
+        _PENDING.append((scenario, note))
+
+    def figures(self, text: str) -> None:
+        """A table of figures, printed whole at the end of the session."""
+        _PENDING.append((None, text))
 
 
 @pytest.fixture(scope="session")
@@ -172,9 +205,13 @@ def summary() -> Summary:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    tr = terminalreporter
+    if FIGURES:
+        tr.section("rig figures")
+        for text in FIGURES:
+            tr.write_line(text)
     if not SUMMARY:
         return
-    tr = terminalreporter
     tr.section("rig scenarios")
     width = max(len(r.scenario) for r in SUMMARY.values())
     for row in SUMMARY.values():
@@ -192,9 +229,9 @@ class ApiError(AssertionError):
 
 
 def free_port() -> int:
-    """A free port for a daemon, outside the hosts' migration ports (which
+    """A free port for a daemon, outside every rig's migration ports (which
     `rigctl.stall_migration_streams` stalls, and QEMU listens on)."""
-    low, high = rigctl.MIGRATION_PORTS
+    low, high = rigctl.ALL_MIGRATION_PORTS
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -449,7 +449,7 @@ def observed(guests: None) -> dict[str, Observed]:
     return results
 
 
-def _run(kind: str, observed: dict[str, Observed], capsys: Any, summary: Any) -> list[Check]:
+def _run(kind: str, observed: dict[str, Observed], summary: Any) -> list[Check]:
     obs = observed[kind]
     idle = observed["idle"]
     assert idle.blackout is not None, "the idle migration did not complete"
@@ -474,8 +474,7 @@ def _run(kind: str, observed: dict[str, Observed], capsys: Any, summary: Any) ->
     literal = simulate(memory=obs.memory_total, **common)  # type: ignore[arg-type]
     checks = compare(obs, sim)
     text = table(obs, sim, literal, checks)
-    with capsys.disabled():
-        print("\n" + text, file=sys.stderr)
+    summary.figures(text)
     for c in checks:
         if c.checked:
             err = "-" if c.error is None else f"{c.error * 100:+.0f}%"
@@ -503,31 +502,27 @@ def _assert_agrees(checks: list[Check], obs: Observed) -> None:
 
 
 @pytest.mark.scenario("fidelity idle")
-def test_idle_guest_matches_the_simulator(
-    observed: dict[str, Observed], capsys: Any, summary: Any
-) -> None:
+def test_idle_guest_matches_the_simulator(observed: dict[str, Observed], summary: Any) -> None:
     obs = observed["idle"]
-    checks = _run("idle", observed, capsys, summary)
+    checks = _run("idle", observed, summary)
     assert obs.converged
     _assert_agrees(checks, obs)
 
 
 @pytest.mark.scenario("fidelity sequential")
 def test_sequential_writer_matches_the_simulator(
-    observed: dict[str, Observed], capsys: Any, summary: Any
+    observed: dict[str, Observed], summary: Any
 ) -> None:
     obs = observed["sequential"]
-    checks = _run("sequential", observed, capsys, summary)
+    checks = _run("sequential", observed, summary)
     assert obs.converged, "the sequential writer should converge over the capped link"
     assert math.isclose(obs.write_rate, SEQUENTIAL.rate_mib * MIB, rel_tol=0.5)
     _assert_agrees(checks, obs)
 
 
 @pytest.mark.scenario("fidelity random")
-def test_random_writer_matches_the_simulator(
-    observed: dict[str, Observed], capsys: Any, summary: Any
-) -> None:
+def test_random_writer_matches_the_simulator(observed: dict[str, Observed], summary: Any) -> None:
     obs = observed["random"]
-    checks = _run("random", observed, capsys, summary)
+    checks = _run("random", observed, summary)
     assert not obs.converged, "the random writer should not converge over the capped link"
     _assert_agrees(checks, obs)

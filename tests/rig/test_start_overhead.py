@@ -178,7 +178,7 @@ def source_stop_lines(spans: list[tuple[str, str, float, float]]) -> list[str]:
 
 
 @pytest.mark.scenario("start overhead")
-def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summary: Any) -> None:
+def test_start_overhead_against_direct_libvirt(daemon: Daemon, summary: Any) -> None:
     rigctl.libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     rigctl.wait_heartbeat(GUEST, 90, 2)
     assert rigctl.where_running(GUEST) == ["a"]
@@ -276,8 +276,7 @@ def test_start_overhead_against_direct_libvirt(daemon: Daemon, capsys: Any, summ
             headline,
         ]
     )
-    with capsys.disabled():
-        print("\n" + text, file=sys.stderr)
+    summary.figures(text)
     summary.note("start overhead", headline)
     summary.note(
         "start overhead",

@@ -26,7 +26,7 @@ RIG_NAME=rig  # in what the scripts print
 host_dir() { echo "$BASE/$1"; }
 host_uri() { echo "qemu+unix:///system?socket=$BASE/$1/sock/libvirt-sock"; }
 host_uuid() { case $1 in a) echo 6c6d7761-7463-4800-8000-00000000000a;; b) echo 6c6d7761-7463-4800-8000-00000000000b;; esac; }
-host_ports() {  # migration_port_min and _max of host $1 (rigctl.migration_ports)
+host_ports() {  # migration_port_min and _max of host $1 (rigctl.MIGRATION_PORTS)
     local low=$((49152 + 128 * SLOT))
     case $1 in a) echo "$low $((low + 63))";; b) echo "$((low + 64)) $((low + 127))";; esac
 }

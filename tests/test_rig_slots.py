@@ -16,12 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RIG = ROOT / "rig"
 
 
+def in_slot(slot: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """`argv` run with LMWATCH_RIG_SLOT=slot (and a state directory of the test's own)."""
+    env = {**os.environ, "LMWATCH_RIG_SLOT": slot, "LMWATCH_RIG_DIR": "/run/rigs"}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
 def from_lib_sh(slot: str) -> subprocess.CompletedProcess[str]:
     script = f'. "{RIG}/lib.sh"; host_ports a; host_ports b; echo "$BASE"; echo "$STALL_TABLE"'
-    env = {**os.environ, "LMWATCH_RIG_SLOT": slot, "LMWATCH_RIG_DIR": "/run/rigs"}
-    return subprocess.run(
-        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=False
-    )
+    return in_slot(slot, ["bash", "-c", script])
 
 
 def from_rigctl(slot: str) -> subprocess.CompletedProcess[str]:
@@ -30,15 +33,7 @@ def from_rigctl(slot: str) -> subprocess.CompletedProcess[str]:
         "print(json.dumps([rigctl.MIGRATION_PORTS, rigctl.ALL_MIGRATION_PORTS, "
         "rigctl.RIG_DIR, rigctl.STALL_TABLE]))"
     )
-    env = {**os.environ, "LMWATCH_RIG_SLOT": slot, "LMWATCH_RIG_DIR": "/run/rigs"}
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return in_slot(slot, [sys.executable, "-c", code])
 
 
 @pytest.mark.parametrize("slot", [0, 1, 2, 3])
